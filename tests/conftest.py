@@ -1,0 +1,59 @@
+"""Fixtures over the test bed (tests/testbed): servers and models are built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('WANDB_MODE', 'disabled')
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testbed.corpus import build_corpus  # noqa: E402
+from testbed.http_server import ImageServer  # noqa: E402
+from testbed.models import build_tiny_sd  # noqa: E402
+from testbed.s3 import S3Server  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def root() -> Path:
+    """The repository root, where the scripts live."""
+    return ROOT
+
+
+@pytest.fixture(scope='session')
+def corpus():
+    return build_corpus()
+
+
+@pytest.fixture(scope='session')
+def image_server(corpus):
+    with ImageServer(corpus) as server:
+        yield server
+
+
+@pytest.fixture(scope='session')
+def s3_server():
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The S3 server, up, with a fresh bucket in `s3.bucket` for this test."""
+    s3_server.start()
+    s3_server.bucket = s3_server.new_bucket()
+    yield s3_server
+    s3_server.start()
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tmp_path_factory) -> Path:
+    """A folder with vae/, text_encoder/, tokenizer/ in the SD-2 layout."""
+    return build_tiny_sd(tmp_path_factory.mktemp('tiny-sd'))

@@ -1,0 +1,120 @@
+"""The test bed itself, where a mistake would hide bugs in every other test."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import botocore.exceptions
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from streaming import MDSWriter
+from testbed.corpus import BUCKET_EDGES, bucket_of, build_corpus
+from testbed.i2d_shards import DOWNLOAD_ARGS, i2d_schema, write_i2d_output
+from testbed.laion_meta import entries_for, write_metadata
+from testbed.readback import read_mds
+
+CAPTIONS = [
+    'a photo of a cat',
+    # No '!': SD-2's tokenizer uses '!' as its pad token, so transformers splits it out as id 0
+    # where open_clip would merge it ('!!' -> 748): a quirk of the real SD-2 tokenizer we keep.
+    'A Painting of   the Eiffel Tower at night, trending on ArtStation??',
+    "Café crème & croissants — 100% délicieux :)",
+    'word ' * 120,  # longer than 77 tokens: truncation
+    '',
+]
+
+
+def test_corpus_covers_every_bucket_and_format(corpus):
+    names = {it.name for it in corpus}
+    buckets = {bucket_of(it.min_side) for it in corpus if it.decodable}
+    assert len(buckets) == len(BUCKET_EDGES) - 1
+    assert {'alpha.png', 'gray.jpg', 'cmyk.jpg', 'exif_rotated.jpg', 'image.webp'} <= names
+    modes = {it.name: Image.open(io.BytesIO(it.data)).mode
+             for it in corpus if it.decodable}
+    assert modes['alpha.png'] == 'RGBA' and modes['gray.jpg'] == 'L' and modes['cmyk.jpg'] == 'CMYK'
+    for it in corpus:
+        if it.decodable:
+            assert Image.open(io.BytesIO(it.data)).size == (it.width, it.height)
+    assert build_corpus() == corpus  # deterministic
+
+
+def test_tokenizer_ids_equal_reference_clip(tiny_model):
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    ours = CLIPTokenizer.from_pretrained(tiny_model, subfolder='tokenizer')
+    ref = SimpleTokenizer(context_length=77)
+    got = ours(CAPTIONS, padding='max_length', max_length=77, truncation=True,
+               return_tensors='pt').input_ids
+    want = ref(CAPTIONS)
+    assert got.shape == want.shape == (len(CAPTIONS), 77)
+    assert torch.equal(got, want)
+    assert got[3, -1] == 49407 and got[4, 2] == 0  # truncated ends in EOT; padding is id 0
+
+
+def test_tiny_models_have_sd2_shapes(tiny_model):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder='vae').eval()
+    te = CLIPTextModel.from_pretrained(tiny_model, subfolder='text_encoder').eval()
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
+    with torch.inference_mode():
+        lat = vae.encode(torch.zeros(1, 3, 256, 256)).latent_dist.mean
+        hid = te(torch.zeros(2, 77, dtype=torch.long)).last_hidden_state
+    assert lat.shape == (1, 4, 32, 32)
+    assert hid.shape == (2, 77, 1024)
+
+
+def test_mds_round_trips_through_s3(s3, tmp_path):
+    remote = f's3://{s3.bucket}/roundtrip'
+    samples = [{'x': i, 'blob': np.random.default_rng(i).bytes(1000)} for i in range(50)]
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.env.items():
+            mp.setenv(k, v)
+        with MDSWriter(out=(str(tmp_path / 'cache'), remote), columns={'x': 'int', 'blob': 'bytes'},
+                       size_limit=10_000) as w:
+            for s in samples:
+                w.write(s)
+    assert 'roundtrip/index.json' in s3.list_keys(s3.bucket)
+    back = read_mds(remote, env=s3.env)
+    assert [(b['x'], b['blob']) for b in back] == [(s['x'], s['blob']) for s in samples]
+
+
+def test_s3_server_can_go_down_and_come_back(s3):
+    s3.client().put_object(Bucket=s3.bucket, Key='k', Body=b'v')
+    s3.stop()
+    with pytest.raises(botocore.exceptions.EndpointConnectionError):
+        s3.client().get_object(Bucket=s3.bucket, Key='k')
+    s3.start()
+    assert s3.client().get_object(Bucket=s3.bucket, Key='k')['Body'].read() == b'v'
+
+
+I2D_SCRIPT = '''
+import sys
+from img2dataset import download
+if __name__ == '__main__':
+    download(url_list=sys.argv[1], output_folder=sys.argv[2], input_format='parquet',
+             output_format='parquet', processes_count=1, thread_count=8, resize_mode='no',
+             disable_all_reencoding=True, number_sample_per_shard=100, timeout=5,
+             enable_wandb=False, **{args})
+'''
+
+
+@pytest.mark.parametrize('flavour', ['full', 'aesthetic'])
+def test_i2d_builder_schema_equals_real_img2dataset(flavour, image_server, tmp_path):
+    write_metadata(tmp_path / 'in', entries_for(image_server), flavour)
+    script = tmp_path / 'run.py'
+    script.write_text(I2D_SCRIPT.replace('{args}', repr(DOWNLOAD_ARGS[flavour])))
+    subprocess.run([sys.executable, str(script), str(tmp_path / 'in'), str(tmp_path / 'out')],
+                   check=True, capture_output=True, timeout=300)
+    real = pq.read_schema(tmp_path / 'out' / '00000.parquet')
+    write_i2d_output(tmp_path / 'built', 1, flavour=flavour)
+    built = pq.read_schema(tmp_path / 'built' / '00000.parquet')
+    assert real.remove_metadata() == built.remove_metadata() == i2d_schema(flavour)
+    assert (tmp_path / 'out' / '00000_stats.json').exists()

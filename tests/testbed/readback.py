@@ -1,0 +1,43 @@
+"""Read any MDS output back the way a user does: with streaming's StreamingDataset."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+
+from streaming import StreamingDataset
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str] | None):
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def read_mds(path: str, env: dict[str, str] | None = None) -> list[dict]:
+    """All samples of the MDS dataset at `path` (a folder or a remote like s3://bucket/prefix), in
+    index order. `env` is applied while reading (e.g. S3Server.env)."""
+    with _environ(env):
+        if '://' in str(path):
+            cache = tempfile.mkdtemp(prefix='readback-')
+            ds = StreamingDataset(remote=str(path), local=cache, shuffle=False, batch_size=1)
+        else:
+            ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+        try:
+            return [ds[i] for i in range(ds.num_samples)]
+        finally:
+            del ds
+
+
+def unique_name() -> str:
+    return uuid.uuid4().hex[:10]
