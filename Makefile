@@ -32,4 +32,4 @@ bench: $(STAMP)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 demo: $(STAMP)
-	$(PY) demo/run_demo.py
+	$(PY) tests/demo.py

@@ -1,0 +1,111 @@
+"""The platform job files: valid for mosaicml-cli, valid bash, and every command line of our
+scripts inside them accepted by that script's own argument parser (a renamed flag breaks this)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = sorted((ROOT / 'mcloud').glob('*.yaml'))
+SCRIPTS = {'laion_cloudwriter.py', 'precompute_latents.py', 'convert_coco.py'}
+SHELL_SCRIPTS = {'laion_download_all.sh', 'laion_download_aesthetic.sh'}
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """$VAR, ${VAR} and ${VAR:-default}, from the job's env_variables (else the default)."""
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1) or m.group(3), m.group(2)
+        return env.get(name, default if default is not None else f'<{name}>')
+    return re.sub(r'\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)', sub, text)
+
+
+def script_invocations(job: dict) -> list[tuple[str, list[str]]]:
+    """(script, argv) for every line of the job's command that runs one of our scripts."""
+    command = job['command'].replace('\\\n', ' ')
+    found = []
+    for line in command.splitlines():
+        tokens = shlex.split(_expand(line, job.get('env_variables', {})), comments=True)
+        tokens = [t for t in tokens if t not in ('&', '&&')]
+        for i, tok in enumerate(tokens):
+            if tok in SCRIPTS | SHELL_SCRIPTS:
+                found.append((tok, tokens[i + 1:]))
+    return found
+
+
+def parse_with_script(script: str, argv: list[str]):
+    """Run the script's own parse_args() on argv (SystemExit on a bad flag)."""
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old = sys.argv
+    sys.argv = [script, *argv]
+    try:
+        return module.parse_args()
+    finally:
+        sys.argv = old
+
+
+def test_there_are_both_jobs():
+    assert {p.name for p in JOBS} == {'laion2b-en-interactive.yaml', 'precompute-latents.yaml'}
+
+
+@pytest.mark.parametrize('path', JOBS, ids=lambda p: p.name)
+def test_job_validates_with_mcli_offline(path):
+    from mcli.models.run_config import FinalRunConfig, RunConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # unknown fields are only warnings in mcli: make them fail
+        final = FinalRunConfig.finalize_config(RunConfig.from_file(path))
+    api = final.to_create_run_api_input()['runInput']
+    assert api['command'].strip() and api['image']
+    text = path.read_text()
+    assert 'CHANGE-ME' in text  # placeholders are marked
+    assert not re.search(r'(?i)(aws_secret_access_key|aws_access_key_id)\s*:', text)  # no credentials
+
+
+@pytest.mark.parametrize('path', JOBS, ids=lambda p: p.name)
+def test_job_command_is_valid_bash(path):
+    job = yaml.safe_load(path.read_text())
+    subprocess.run(['bash', '-n'], input=job['command'], text=True, check=True)
+
+
+@pytest.mark.parametrize('path', JOBS, ids=lambda p: p.name)
+def test_every_script_line_is_accepted_by_its_parser(path):
+    job = yaml.safe_load(path.read_text())
+    calls = script_invocations(job)
+    assert calls, 'the job runs none of our scripts'
+    for script, argv in calls:
+        assert (ROOT / script).exists(), script
+        if script.endswith('.py'):
+            parse_with_script(script, argv)  # raises SystemExit(2) on an unknown or bad flag
+
+
+def test_parser_check_catches_a_renamed_flag():
+    with pytest.raises(SystemExit):
+        parse_with_script('laion_cloudwriter.py', ['--local', '/tmp/x', '--remote', '/tmp/y',
+                                                   '--no_such_flag'])
+
+
+def test_download_job_runs_both_steps_and_fails_if_either_fails():
+    job = yaml.safe_load((ROOT / 'mcloud' / 'laion2b-en-interactive.yaml').read_text())
+    scripts = [s for s, _ in script_invocations(job)]
+    assert 'laion_cloudwriter.py' in scripts
+    assert SHELL_SCRIPTS & set(scripts)
+    assert 'set -euo pipefail' in job['command'] and 'wait' in job['command']
+    assert not job['compute'].get('gpus')
+
+
+def test_latents_job_uses_torchrun_on_8_gpus():
+    job = yaml.safe_load((ROOT / 'mcloud' / 'precompute-latents.yaml').read_text())
+    assert job['compute']['gpus'] == 8
+    assert re.search(r'torchrun .*--nproc_per_node 8', job['command'].replace('\\\n', ' '))
+    assert '-- precompute_latents.py' in job['command']
