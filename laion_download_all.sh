@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# laion_download_all.sh - download LAION-2B-en images with img2dataset into parquet shards, bytes
+# exactly as the servers sent them (no resize, no re-encode), resumable, with a `done` file at the end.
+#
+# Example:
+#   URL_LIST=/tmp/laion2b-raw OUTPUT_FOLDER=/tmp/laion2b-processed PROCESSES_COUNT=8 ./laion_download_all.sh
+#
+# Reads:  the metadata parquet files in URL_LIST (LAION-2B-en: url, caption, similarity, punsafe,
+#         pwatermark, hash, md5); ~2.3 billion rows in 128 files for the whole set.
+# Writes: OUTPUT_FOLDER/NNNNN.parquet, one shard per NUMBER_SAMPLE_PER_SHARD metadata rows, with the
+#         columns punsafe, pwatermark, similarity, hash, caption, md5, url, key, status, error_message,
+#         width, height, original_width, original_height (all four null: nothing is decoded), exif, jpg
+#         (the downloaded bytes; null unless status is 'success'); then NNNNN_stats.json, which marks
+#         the shard finished (laion_cloudwriter.py converts finished shards while this runs); and
+#         `done` once every shard is finished. Read a shard with pyarrow.parquet.read_table.
+# Resume: run the same command again. Shards with a _stats.json are not downloaded again; a shard cut
+#         off mid-way is downloaded again from its start. `done` is removed when a run starts.
+# Exit:   0 and `done` only when img2dataset finished every shard; otherwise non-zero and no `done`.
+#         2: bad settings or metadata (one line says which); 130: interrupted.
+# At the end: a one-screen summary from the _stats.json files, where images that downloaded but do not
+#         decode (img2dataset marks them 'success', as it decodes nothing here) are counted as corrupt.
+#
+# Knobs: environment variables named as the img2dataset flag they set (upper case), with defaults.
+# Any arguments are passed on to img2dataset (e.g. --min_image_size=64 or --user_agent_token=me);
+# set the flags below through their variable, not as arguments.
+#   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
+#   OUTPUT_FOLDER            local folder for the shards                /tmp/laion2b-processed
+#   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
+#   THREAD_COUNT             download threads per process               64
+#   DISTRIBUTOR              multiprocessing, or pyspark / ray for many machines (needs that package)
+#   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
+#                            beforehand; never prompts                  False
+#   NUMBER_SAMPLE_PER_SHARD  rows per shard (keep it between runs into one folder)   10000
+#   TIMEOUT                  seconds per image request                 10
+#   RETRIES                  extra attempts per failed image           0
+#   URL_COL, CAPTION_COL     metadata columns of the URL and caption   url, caption
+#   SAVE_ADDITIONAL_COLUMNS  metadata columns kept, comma-separated    punsafe,pwatermark,similarity,hash
+#   VERIFY_HASH              metadata column with each image's md5, checked against the downloaded
+#                            bytes (mismatches fail as 'hash mismatch'); empty or False: do not check.
+#                            Files without that column are not checked.      md5
+#   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files  True
+#   PYTHON                   (ours) the interpreter with pyarrow and pillow for the checks  python3
+# laion_download_aesthetic.sh runs this script with the aesthetic 4.5+ subset's defaults.
+set -euo pipefail
+
+PROG=laion_download
+cores=$(nproc 2>/dev/null || echo 2)
+URL_LIST=${URL_LIST:-/tmp/laion2b-raw}
+OUTPUT_FOLDER=${OUTPUT_FOLDER:-/tmp/laion2b-processed}
+PROCESSES_COUNT=${PROCESSES_COUNT:-$(( cores / 2 > 1 ? cores / 2 : 1 ))}
+THREAD_COUNT=${THREAD_COUNT:-64}
+DISTRIBUTOR=${DISTRIBUTOR:-multiprocessing}
+ENABLE_WANDB=${ENABLE_WANDB:-False}
+NUMBER_SAMPLE_PER_SHARD=${NUMBER_SAMPLE_PER_SHARD:-10000}
+TIMEOUT=${TIMEOUT:-10}
+RETRIES=${RETRIES:-0}
+URL_COL=${URL_COL:-url}
+CAPTION_COL=${CAPTION_COL:-caption}
+SAVE_ADDITIONAL_COLUMNS=${SAVE_ADDITIONAL_COLUMNS-punsafe,pwatermark,similarity,hash}
+VERIFY_HASH=${VERIFY_HASH-md5}
+CHECK_IMAGES=${CHECK_IMAGES:-True}
+PYTHON=${PYTHON:-python3}
+export NO_ALBUMENTATIONS_UPDATE=${NO_ALBUMENTATIONS_UPDATE:-1}  # no update check in every process
+# Flags this script sets itself: they come from the variables above or are fixed.
+OWN_FLAGS='url_list output_folder processes_count thread_count distributor enable_wandb
+  number_sample_per_shard timeout retries url_col caption_col save_additional_columns verify_hash
+  compute_hash input_format output_format resize_mode disable_all_reencoding incremental_mode'
+
+die() { echo "$PROG: error: $*" >&2; exit 2; }
+
+# True for True/true/1/yes/on, false for False/false/0/no/off/empty; anything else is an error.
+truthy() {
+  case "${2,,}" in
+    true | 1 | yes | on) return 0 ;;
+    false | 0 | no | off | '') return 1 ;;
+    *) die "$1=$2: expected True or False" ;;
+  esac
+}
+
+# Settings: numbers, the distributor, wandb credentials and pass-through arguments.
+check_settings() {
+  local var arg flag
+  for var in PROCESSES_COUNT THREAD_COUNT NUMBER_SAMPLE_PER_SHARD TIMEOUT; do
+    [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var}: expected a positive whole number"
+  done
+  [[ $RETRIES =~ ^[0-9]+$ ]] || die "RETRIES=$RETRIES: expected a whole number"
+  case "$DISTRIBUTOR" in
+    multiprocessing) ;;
+    pyspark | ray) "$PYTHON" -c "import $DISTRIBUTOR" 2>/dev/null ||
+      die "DISTRIBUTOR=$DISTRIBUTOR needs the $DISTRIBUTOR package installed (pip install $DISTRIBUTOR)" ;;
+    *) die "DISTRIBUTOR=$DISTRIBUTOR: expected multiprocessing, pyspark or ray" ;;
+  esac
+  if truthy ENABLE_WANDB "$ENABLE_WANDB"; then
+    ENABLE_WANDB=True
+    [[ -n ${WANDB_API_KEY:-} || ${WANDB_MODE:-} =~ ^(offline|disabled|dryrun)$ ]] ||
+      grep -qs api.wandb.ai "${NETRC:-$HOME/.netrc}" ||
+      die "ENABLE_WANDB=True but wandb has no credentials: set WANDB_API_KEY (or WANDB_MODE=offline)"
+  else
+    ENABLE_WANDB=False
+  fi
+  [[ $OUTPUT_FOLDER != *://* ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: expected a local folder"
+  command -v img2dataset >/dev/null || die 'img2dataset is not on PATH (pip install -r requirements.txt)'
+  for arg in "$@"; do
+    for flag in $OWN_FLAGS; do
+      [[ ${arg//-/_} == "__$flag" || ${arg//-/_} == "__$flag="* ]] &&
+        die "argument $arg: this script sets --$flag itself (set ${flag^^} instead, where it is a knob)"
+    done
+  done
+  return 0
+}
+
+# Reads only the parquet footers: fails with one line on a missing/empty folder or a missing column;
+# prints "<md5 column to verify, or -> <expected shards> <rows>".
+preflight() {
+  "$PYTHON" - <<'EOF'
+import math
+import os
+import sys
+
+import fsspec
+import pyarrow.parquet as pq
+
+env = os.environ
+url_list, per_shard = env['URL_LIST'], int(env['NUMBER_SAMPLE_PER_SHARD'])
+verify = '' if env['VERIFY_HASH'].lower() in ('', '0', 'false', 'no', 'off', 'none') else env['VERIFY_HASH']
+wanted = {'URL_COL': env['URL_COL'], 'CAPTION_COL': env['CAPTION_COL']}
+wanted.update({f'SAVE_ADDITIONAL_COLUMNS {c}': c for c in env['SAVE_ADDITIONAL_COLUMNS'].split(',') if c})
+
+
+def fail(msg: str) -> None:
+    sys.exit(f'laion_download: error: {msg}')
+
+
+fs, path = fsspec.core.url_to_fs(url_list)
+if not fs.exists(path):
+    fail(f'URL_LIST={url_list}: no such folder or file')
+files = sorted(fs.glob(path.rstrip('/') + '/*.parquet')) if fs.isdir(path) else [path]
+if not files:
+    fail(f'URL_LIST={url_list}: the folder holds no *.parquet metadata files')
+rows = shards = 0
+unhashed = []
+for f in files:
+    try:
+        with fs.open(f, 'rb') as fh:
+            meta = pq.ParquetFile(fh)
+            names, n = meta.schema_arrow.names, meta.metadata.num_rows
+    except Exception as err:  # any reason a footer does not read: name the file, not the traceback
+        fail(f'{f}: not a readable parquet file ({type(err).__name__}: {err})')
+    for knob, col in wanted.items():
+        if col not in names:
+            fail(f"{f}: no column '{col}' ({knob.split()[0]}); its columns: {', '.join(names)}")
+    if verify and verify not in names:
+        unhashed.append(f)
+    rows += n
+    shards += math.ceil(n / per_shard)
+if verify and unhashed:
+    print(f'laion_download: note: {len(unhashed)} of {len(files)} metadata files have no column '
+          f"'{verify}' (VERIFY_HASH): md5 is computed but not verified", file=sys.stderr)
+    verify = ''
+print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
+      + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
+print(verify or '-', shards, rows)
+EOF
+}
+
+# The one-screen summary over every *_stats.json, counting images that do not decode as corrupt
+# (checked once per shard; results kept in OUTPUT_FOLDER/.image_check.tsv). Exits 1 when a shard
+# img2dataset started has no _stats.json (it failed), 0 otherwise.
+summarize() {
+  "$PYTHON" - <<'EOF'
+import glob
+import io
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+env = os.environ
+out, expected, start = env['OUTPUT_FOLDER'], int(env['EXPECTED_SHARDS']), float(env['RUN_START'])
+check = env['CHECK_IMAGES'].lower() in ('true', '1', 'yes', 'on')
+CACHE = os.path.join(out, '.image_check.tsv')  # shard, its stats' end_time, images checked, corrupt
+Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
+
+
+def decodes(data: bytes) -> bool:
+    """True when PIL decodes the whole file (JPEG at 1/8 scale: every byte is still read)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft('RGB', (64, 64))
+            if im.format == 'JPEG' or im.width * im.height <= 50_000_000:
+                im.load()
+        return True
+    except Exception:
+        return False
+
+
+def check_shard(path: str) -> tuple[int, int]:
+    """(images checked, corrupt) among a shard's 'success' rows."""
+    checked = corrupt = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=['status', 'jpg']):
+        for status, data in zip(batch.column('status').to_pylist(), batch.column('jpg').to_pylist()):
+            if status == 'success':
+                checked += 1
+                corrupt += not decodes(data or b'')
+    return checked, corrupt
+
+
+stats = {}
+for path in sorted(glob.glob(os.path.join(out, '*_stats.json'))):
+    shard = os.path.basename(path).split('_')[0]
+    with open(path) as f:
+        stats[shard] = json.load(f)
+cache = {}
+if os.path.exists(CACHE):
+    for line in open(CACHE):
+        shard, end, checked, corrupt = line.split()
+        cache[(shard, end)] = (int(checked), int(corrupt))
+todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache
+        and os.path.exists(os.path.join(out, s + '.parquet'))] if check else []
+if todo:
+    workers = min(len(todo), int(env['PROCESSES_COUNT']))
+    print(f'laion_download: checking that the images of {len(todo)} new shards decode ...', flush=True)
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(check_shard, [os.path.join(out, s + '.parquet') for s in todo]))
+    with open(CACHE, 'a') as f:
+        for s, (checked, corrupt) in zip(todo, results):
+            cache[(s, repr(stats[s]['end_time']))] = (checked, corrupt)
+            f.write(f"{s}\t{stats[s]['end_time']!r}\t{checked}\t{corrupt}\n")
+
+reasons: dict[str, int] = {}
+count = successes = corrupt = unchecked = 0
+for s, st in stats.items():
+    count += st['count']
+    successes += st['successes']
+    for reason, n in st['status_dict'].items():
+        if reason != 'success':
+            reasons[reason] = reasons.get(reason, 0) + n
+    got = cache.get((s, repr(st['end_time'])))
+    corrupt += got[1] if got else 0
+    unchecked += 0 if got else st['successes']
+if corrupt:
+    reasons['corrupt: downloaded but does not decode'] = corrupt
+parquets = {os.path.basename(p)[:-len('.parquet')] for p in glob.glob(os.path.join(out, '*.parquet'))}
+unfinished = sorted(parquets - set(stats))
+size = sum(os.path.getsize(os.path.join(out, s + '.parquet')) for s in parquets & set(stats))
+new = [st for st in stats.values() if st['end_time'] >= start]
+
+print(f'\n== laion_download summary: {out}')
+print(f'  shards finished     {len(stats):>10,}  of {expected:,} expected'
+      + (f'  ({expected - len(stats) - len(unfinished):,} not on disk: converted and removed by the '
+         'cloudwriter, or not downloaded)' if len(stats) + len(unfinished) < expected else ''))
+if unfinished:
+    print(f'  shards unfinished   {len(unfinished):>10,}  (a parquet without _stats.json: '
+          f"{', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''})")
+print(f'  rows                {count:>10,}')
+print(f'  images ok           {successes - corrupt:>10,}'
+      + (f'  ({unchecked:,} not checked for corruption)' if unchecked else ''))
+print(f'  failures            {count - successes + corrupt:>10,}')
+for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
+    print(f'    {n:>10,}  {reason[:90]}')
+if len(reasons) > 8:
+    print(f'    {sum(sorted(reasons.values())[:-8]):>10,}  ({len(reasons) - 8} other reasons)')
+print(f'  bytes               {size:>10,}  ({size / 2**20:,.1f} MiB of finished shards on disk)')
+if new:
+    secs = max(st['end_time'] for st in new) - min(st['start_time'] for st in new)
+    n_new = sum(st['count'] for st in new)
+    print(f'  this run            {n_new:>10,}  rows in {len(new)} shards, {secs:.1f} s, '
+          f'{n_new / max(secs, 1e-9):,.0f} rows/s')
+raise SystemExit(1 if unfinished else 0)
+EOF
+}
+
+main() {
+  check_settings "$@"
+  local plan verify expected rows rc=0 complete=0
+  plan=$(URL_LIST=$URL_LIST NUMBER_SAMPLE_PER_SHARD=$NUMBER_SAMPLE_PER_SHARD VERIFY_HASH=$VERIFY_HASH \
+    URL_COL=$URL_COL CAPTION_COL=$CAPTION_COL SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS preflight) ||
+    exit 2
+  read -r verify expected rows <<<"$plan"
+  mkdir -p "$OUTPUT_FOLDER"
+  rm -f "$OUTPUT_FOLDER/done"
+  LOG=$(mktemp)
+  trap 'rm -f "$LOG"' EXIT
+  trap 'echo "$PROG: interrupted: no done file; run the same command again to resume" >&2; exit 130' INT
+
+  local args=(
+    --url_list="$URL_LIST" --output_folder="$OUTPUT_FOLDER"
+    --input_format=parquet --output_format=parquet
+    --url_col="$URL_COL" --caption_col="$CAPTION_COL" --compute_hash=md5
+    --resize_mode=no --disable_all_reencoding=True
+    --processes_count="$PROCESSES_COUNT" --thread_count="$THREAD_COUNT" --distributor="$DISTRIBUTOR"
+    --enable_wandb="$ENABLE_WANDB" --number_sample_per_shard="$NUMBER_SAMPLE_PER_SHARD"
+    --timeout="$TIMEOUT" --retries="$RETRIES"
+  )
+  [[ -n $SAVE_ADDITIONAL_COLUMNS ]] &&
+    args+=(--save_additional_columns="[\"${SAVE_ADDITIONAL_COLUMNS//,/\",\"}\"]")
+  [[ $verify != - ]] && args+=(--verify_hash="[\"$verify\",\"md5\"]")
+
+  local run_start
+  run_start=$(date +%s)
+  # stdin from /dev/null: nothing (wandb included) can wait for an answer in an unattended job.
+  PYTHONUNBUFFERED=1 img2dataset "${args[@]}" "$@" </dev/null 2>&1 | tee "$LOG" || rc=${PIPESTATUS[0]}
+  # img2dataset exits 0 even when shards failed after their retries: it says so in its output.
+  if [[ $rc == 0 ]] && grep -q 'shards still failed' "$LOG"; then
+    echo "$PROG: img2dataset reported shards that failed after retries" >&2
+    rc=1
+  fi
+  OUTPUT_FOLDER=$OUTPUT_FOLDER EXPECTED_SHARDS=$expected RUN_START=$run_start CHECK_IMAGES=$CHECK_IMAGES \
+    PROCESSES_COUNT=$PROCESSES_COUNT summarize || complete=1
+  if [[ $rc != 0 || $complete != 0 ]]; then
+    echo "$PROG: download incomplete (img2dataset exit code $rc): no done file;" \
+      'run the same command again to resume' >&2
+    exit $(( rc != 0 ? rc : 1 ))
+  fi
+  touch "$OUTPUT_FOLDER/done"
+  echo "$PROG: done: $OUTPUT_FOLDER/done ($rows metadata rows)"
+}
+
+main "$@"

@@ -1,0 +1,242 @@
+"""laion_download_all.sh and laion_download_aesthetic.sh, run as a user would against the loopback server.
+
+Each img2dataset run costs ~20-40 s here (every process imports img2dataset), so the full-set download
+is one module fixture that several tests read, and the kill/resume test compares against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from testbed.corpus import good_items
+from testbed.i2d_shards import i2d_schema
+from testbed.laion_meta import entries_for, full_table, write_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {'full': ROOT / 'laion_download_all.sh', 'aesthetic': ROOT / 'laion_download_aesthetic.sh'}
+PER_SHARD = 5
+CORRUPT = 'corrupt: downloaded but does not decode'
+REASONS = {'404': 'HTTP Error 404: Not Found', '500': 'HTTP Error 500: Internal Server Error',
+           'decode': CORRUPT, 'mismatch': 'hash mismatch'}
+
+
+def script_env(meta: Path, out: Path, **knobs: str) -> dict[str, str]:
+    """The environment a user sets: the venv's bin on PATH (img2dataset, python3) and the knobs."""
+    path = f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'
+    return dict(os.environ, PATH=path, URL_LIST=str(meta), OUTPUT_FOLDER=str(out), PROCESSES_COUNT='1',
+                THREAD_COUNT='8', NUMBER_SAMPLE_PER_SHARD=str(PER_SHARD), TIMEOUT='10', **knobs)
+
+
+def run(flavour: str, meta: Path, out: Path, *args: str, **knobs: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPTS[flavour]), *args], env=script_env(meta, out, **knobs),
+                          capture_output=True, text=True, timeout=300)
+
+
+def summary(stdout: str) -> dict[str, int]:
+    """The counts of the end-of-run summary: its labelled lines and one entry per failure reason."""
+    counts = {}
+    text = stdout.split('== laion_download summary')[1]
+    for label in ('shards finished', 'rows', 'images ok', 'failures'):
+        counts[label] = int(re.search(rf'^  {label} +([\d,]+)', text, re.M).group(1).replace(',', ''))
+    for n, reason in re.findall(r'^    +([\d,]+)  (.+)$', text, re.M):
+        counts[reason] = int(n.replace(',', ''))
+    return counts
+
+
+def read_output(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob('*.parquet'))])
+
+
+def full_entries(server) -> tuple[list, pa.Table]:
+    """Every corpus file, a 404, a 500, a redirect and, last in a shard of its own, a slow URL; one row
+    carries a wrong md5. Returns the entries (expect 'mismatch' for that row) and the metadata."""
+    entries = entries_for(server, slow=True)
+    table = full_table(entries)
+    wrong = next(i for i, e in enumerate(entries) if e.item is not None and e.item.name == 'gray.jpg')
+    md5 = table.column('md5').to_pylist()
+    md5[wrong] = hashlib.md5(b'not these bytes').hexdigest()
+    table = table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5, pa.string()))
+    expect = [e.expect for e in entries]
+    expect[wrong] = 'mismatch'
+    assert len(entries) % PER_SHARD == 1  # the slow URL is alone in the last shard
+    return list(zip(entries, expect, strict=True)), table
+
+
+@pytest.fixture(scope='module')
+def full_meta(image_server, tmp_path_factory):
+    entries, table = full_entries(image_server)
+    meta = tmp_path_factory.mktemp('laion2b-raw')
+    pq.write_table(table, meta / 'part-00000.parquet')
+    return meta, entries
+
+
+@pytest.fixture(scope='module')
+def full_download(full_meta, tmp_path_factory):
+    meta, entries = full_meta
+    out = tmp_path_factory.mktemp('dl') / 'laion2b-processed'
+    proc = run('full', meta, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc, entries
+
+
+def check_rows(table: pa.Table, entries: list, extra: list[str]) -> None:
+    """Every metadata row once; success rows hold exactly the server's bytes and their md5."""
+    by_url = {e.url: (e, exp) for e, exp in entries}
+    rows = table.to_pylist()
+    assert sorted(r['url'] for r in rows) == sorted(by_url)
+    for r in rows:
+        entry, expect = by_url[r['url']]
+        assert r['caption'] == entry.caption
+        if expect in ('success', 'decode'):  # img2dataset decodes nothing: corrupt files download fine
+            assert r['status'] == 'success', r
+            assert r['jpg'] == entry.item.data, entry.url
+            assert r['md5'] == hashlib.md5(entry.item.data).hexdigest()
+            assert r['width'] is None  # no decode, no size: the cloudwriter reads it from the header
+        else:
+            assert r['status'] == 'failed_to_download' and r['jpg'] is None
+            assert r['error_message'] == REASONS[expect]
+        assert all(c in r for c in extra)
+
+
+def expected_summary(entries: list) -> dict[str, int]:
+    want = {'rows': len(entries)}
+    for _, expect in entries:
+        if expect != 'success':
+            want[REASONS[expect]] = want.get(REASONS[expect], 0) + 1
+    want['failures'] = sum(v for k, v in want.items() if k != 'rows')
+    want['images ok'] = len(entries) - want['failures']
+    return want
+
+
+def test_full_set_downloads_exact_bytes_and_counts_failures(full_download):
+    out, proc, entries = full_download
+    assert (out / 'done').exists()
+    shards = -(-len(entries) // PER_SHARD)
+    assert sorted(p.name for p in out.glob('*_stats.json')) == [f'{s:05d}_stats.json' for s in range(shards)]
+    assert pq.read_schema(out / '00000.parquet').remove_metadata() == i2d_schema('full')
+    table = read_output(out)
+    check_rows(table, entries, ['punsafe', 'pwatermark', 'similarity', 'hash'])
+    assert len(set(table.column('key').to_pylist())) == len(entries)
+    got = summary(proc.stdout)
+    assert got.pop('shards finished') == shards
+    assert got == expected_summary(entries)
+
+
+def test_aesthetic_set_downloads_exact_bytes_with_its_columns(image_server, tmp_path):
+    entries = [(e, e.expect) for e in entries_for(image_server)]
+    write_metadata(tmp_path / 'laion2b-4.5-raw', [e for e, _ in entries], 'aesthetic', files=2)
+    out = tmp_path / 'laion2b-processed'
+    proc = run('aesthetic', tmp_path / 'laion2b-4.5-raw', out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / 'done').exists()
+    assert pq.read_schema(out / '00000.parquet').remove_metadata() == i2d_schema('aesthetic')
+    table = read_output(out)
+    check_rows(table, entries, ['AESTHETIC_SCORE', 'punsafe', 'hash'])
+    scores = {r['url']: r['AESTHETIC_SCORE'] for r in table.select(['url', 'AESTHETIC_SCORE']).to_pylist()}
+    meta = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / 'laion2b-4.5-raw').glob('*'))])
+    assert scores == dict(zip(meta.column('URL').to_pylist(), meta.column('AESTHETIC_SCORE').to_pylist()))
+    got = summary(proc.stdout)
+    got.pop('shards finished')
+    assert got == expected_summary(entries)
+
+
+def test_killed_download_resumes_without_downloading_finished_shards(full_download, full_meta,
+                                                                     image_server, tmp_path):
+    meta, entries = full_meta
+    out = tmp_path / 'laion2b-processed'
+    last = f'{len(entries) // PER_SHARD - 1:05d}_stats.json'  # the shard before the slow one
+    proc = subprocess.Popen([str(SCRIPTS['full'])], env=script_env(meta, out), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / last).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-way through the slow shard
+    assert proc.wait(timeout=30) != 0
+    assert (out / last).exists() and not (out / 'done').exists()
+    stats = sorted(out.glob('*_stats.json'))
+    assert len(stats) == len(entries) // PER_SHARD
+    finished = pa.concat_tables([pq.read_table(out / f"{p.name.split('_')[0]}.parquet") for p in stats])
+    paths = {urlparse(u).path for u in finished.column('url').to_pylist()}
+    assert len(finished) == len(entries) - 1
+    before = dict(image_server.hits)
+
+    again = run('full', meta, out)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (out / 'done').exists()
+    assert {p: image_server.hits[p] - before.get(p, 0) for p in paths} == dict.fromkeys(paths, 0)
+    assert image_server.hits[urlparse(entries[-1][0].url).path] > before.get(
+        urlparse(entries[-1][0].url).path, 0)  # the cut-off shard was downloaded again
+    resumed, reference = read_output(out), read_output(full_download[0])
+    keys = resumed.column('key').to_pylist()
+    assert len(keys) == len(set(keys)) == len(entries)
+
+    def successes(t: pa.Table) -> set:
+        return {(r['key'], r['url'], r['md5']) for r in t.to_pylist() if r['status'] == 'success'}
+
+    assert successes(resumed) == successes(reference)
+
+
+def test_failed_shard_leaves_no_done_and_exits_nonzero(image_server, tmp_path):
+    # A shard img2dataset cannot write (as on a full disk): it retries, gives up and still exits 0.
+    entries = entries_for(image_server, good_items()[:3], failures=False, redirect=False)
+    write_metadata(tmp_path / 'raw', entries, 'full')
+    out = tmp_path / 'out'
+    (out / '00000.parquet').mkdir(parents=True)
+    proc = run('full', tmp_path / 'raw', out)
+    assert proc.returncode != 0
+    assert not (out / 'done').exists()
+    assert 'no done file' in proc.stderr
+
+
+def bad_inputs(tmp_path: Path, server) -> dict[str, tuple]:
+    """name -> (script, URL_LIST, extra args, the message expected)."""
+    entries = entries_for(server, good_items()[:2], failures=False, redirect=False)
+    write_metadata(tmp_path / 'full', entries, 'full')
+    write_metadata(tmp_path / 'aesthetic', entries, 'aesthetic')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'nocaption').mkdir()
+    pq.write_table(full_table(entries).drop_columns(['caption']), tmp_path / 'nocaption' / 'a.parquet')
+    (tmp_path / 'garbage').mkdir()
+    (tmp_path / 'garbage' / 'a.parquet').write_bytes(b'this is not parquet')
+    return {
+        'missing folder': ('full', tmp_path / 'nowhere', [], 'nowhere: no such folder or file'),
+        'empty folder': ('full', tmp_path / 'empty', [], 'holds no *.parquet metadata files'),
+        'no caption': ('full', tmp_path / 'nocaption', [],
+                       "a.parquet: no column 'caption' (CAPTION_COL); its columns: url, similarity"),
+        'full metadata, aesthetic script': ('aesthetic', tmp_path / 'full', [],
+                                            "part-00000.parquet: no column 'URL' (URL_COL); its columns: u"),
+        'aesthetic metadata, full script': ('full', tmp_path / 'aesthetic', [], "no column 'url' (URL_COL)"),
+        'not parquet': ('full', tmp_path / 'garbage', [], 'a.parquet: not a readable parquet file'),
+        'flag the script sets': ('full', tmp_path / 'full', ['--resize_mode=border'],
+                                 'this script sets --resize_mode itself'),
+        'bad number': ('full', tmp_path / 'full', [], 'PROCESSES_COUNT=two: expected a positive'),
+    }
+
+
+BAD = ['missing folder', 'empty folder', 'no caption', 'full metadata, aesthetic script',
+       'aesthetic metadata, full script', 'not parquet', 'flag the script sets', 'bad number']
+
+
+@pytest.mark.parametrize('case', BAD)
+def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_path):
+    flavour, meta, args, message = bad_inputs(tmp_path, image_server)[case]
+    out = tmp_path / 'out'
+    knobs = {'PROCESSES_COUNT': 'two'} if case == 'bad number' else {}
+    proc = subprocess.run([str(SCRIPTS[flavour]), *args], env={**script_env(meta, out), **knobs},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith('laion_download: error: '), proc.stderr
+    assert message in errors[0]
+    assert not out.exists()  # nothing started
