@@ -1,0 +1,235 @@
+"""convert_coco.py: a user turns a COCO-shaped val2014 folder and captions JSON into an MDS dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streaming import MDSWriter
+from testbed.coco import normalize_caption, write_coco_sample
+from testbed.readback import read_mds
+
+N_IMAGES = 24
+
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory) -> tuple[Path, Path]:
+    """(data_path, annotation_path) of a 24-image COCO-shaped sample; tests must not change it."""
+    return write_coco_sample(tmp_path_factory.mktemp('coco'), N_IMAGES, seed=0)
+
+
+@pytest.fixture
+def coco_copy(coco, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the sample that a test may damage."""
+    data, ann = tmp_path / 'in' / 'val2014', tmp_path / 'in' / 'captions_val2014.json'
+    shutil.copytree(coco[0], data)
+    shutil.copy(coco[1], ann)
+    return data, ann
+
+
+def run(root: Path, data: Path, ann: Path, remote: str, *extra: str,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(root / 'convert_coco.py'), '--data_path', str(data),
+           '--annotation_path', str(ann), '--remote', remote, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def summary(stdout: str) -> dict[str, int]:
+    """The counts of the end-of-run summary, by label."""
+    return {m[1]: int(m[2].replace(',', '')) for m in re.finditer(r'^  (\S.*?)\s+([\d,]+)$', stdout, re.M)}
+
+
+def annotation(ann: Path) -> tuple[list[int], dict[int, list[str]], dict[int, str]]:
+    """What the JSON says, read independently of the script: captioned ids in first-appearance order,
+    normalized captions per id, file name per id."""
+    doc = json.loads(ann.read_text())
+    order, captions = [], {}
+    for a in doc['annotations']:
+        if a['image_id'] not in captions:
+            order.append(a['image_id'])
+            captions[a['image_id']] = []
+        captions[a['image_id']].append(normalize_caption(a['caption']))
+    return order, captions, {im['id']: im['file_name'] for im in doc['images']}
+
+
+def published_choice(ids: list[int], n: int, seed: int = 0) -> list[int]:
+    np.random.seed(seed)
+    return [int(i) for i in np.random.choice(ids, n, replace=False)]
+
+
+def shard_blob(folder: Path) -> bytes:
+    return b''.join(p.read_bytes() for p in sorted(folder.glob('shard.*.mds')))
+
+
+def check_samples(samples: list[dict], ids: list[int], data: Path, ann: Path, blob: bytes) -> None:
+    """Samples are `ids` in order, with grouped clean captions and the files' exact bytes."""
+    _, captions, names = annotation(ann)
+    assert [int(s['image_id']) for s in samples] == ids
+    for s in samples:
+        original = (data / names[int(s['image_id'])]).read_bytes()
+        assert s['file_name'] == names[int(s['image_id'])]
+        assert s['captions'] == captions[int(s['image_id'])]
+        assert all(c == c.strip() and '\n' not in c and '  ' not in c for c in s['captions'])
+        assert isinstance(s['image'], Image.Image) and s['image'].format == 'JPEG'
+        assert original in blob  # stored byte for byte, never re-encoded
+        want = Image.open(io.BytesIO(original))
+        assert (s['width'], s['height']) == want.size and s['width'].dtype == np.int32
+        assert s['image_id'].dtype == np.int64
+        assert np.array_equal(np.asarray(s['image']), np.asarray(want))
+
+
+def test_subset_is_the_published_choice_with_exact_bytes_and_is_reproducible(root, coco, tmp_path):
+    data, ann = coco
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    result = ok(run(root, data, ann, str(first), '--num_samples', '10', '--size_limit', '20kb'))
+    ok(run(root, data, ann, str(second), '--num_samples', '10', '--size_limit', '20kb'))
+
+    ids = published_choice(annotation(ann)[0], 10)
+    check_samples(read_mds(str(first)), ids, data, ann, shard_blob(first))
+    shards = sorted(p.name for p in first.glob('shard.*.mds'))
+    assert len(shards) > 1
+    assert sorted(p.name for p in first.iterdir()) == ['index.json'] + shards  # no staging left
+    # same arguments, same samples in the same order: identical files
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == \
+        {p.name: p.read_bytes() for p in second.iterdir()}
+    counts = summary(result.stdout)
+    assert counts['files on disk without annotation (ignored)'] == 1
+    assert counts['samples written'] == 10 and counts['shards'] == len(shards)
+
+
+def test_all_images_to_s3_and_a_failed_rerun_leaves_no_index(root, coco_copy, s3):
+    data, ann = coco_copy
+    remote = f's3://{s3.bucket}/coco/val'
+    ok(run(root, data, ann, remote, '--num_samples', '0', '--size_limit', '20kb', env=s3.child_env()))
+    keys = s3.list_keys(s3.bucket, 'coco/val/')
+    assert 'coco/val/index.json' in keys and len(keys) > 2
+    order = annotation(ann)[0]
+    samples = read_mds(remote, env=s3.env)
+    check_samples(samples, order, data, ann, b''.join(
+        s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read() for k in keys))
+    assert sorted({s['image'].mode for s in samples}) == ['L', 'RGB']  # COCO's grayscale JPEGs
+
+    # A later file turns out not to be a JPEG: the run stops, and the old index is gone, so no
+    # reader takes the remote (old and new shards mixed) for a whole dataset.
+    _, _, names = annotation(ann)
+    bad = data / names[order[-3]]
+    good = bad.read_bytes()
+    Image.new('RGB', (32, 32)).save(bad, format='PNG')
+    result = run(root, data, ann, remote, '--num_samples', '0', '--size_limit', '20kb',
+                 env=s3.child_env())
+    assert result.returncode != 0
+    assert f'{bad} is not a JPEG' in result.stderr and 'Traceback' not in result.stderr
+    assert 'coco/val/index.json' not in s3.list_keys(s3.bucket, 'coco/val/')
+
+    bad.write_bytes(good)
+    ok(run(root, data, ann, remote, '--num_samples', '0', '--size_limit', '20kb', env=s3.child_env()))
+    assert [int(s['image_id']) for s in read_mds(remote, env=s3.env)] == order
+
+
+def test_interrupted_local_run_never_looks_complete_and_rerun_finishes(root, coco_copy, tmp_path):
+    data, ann = coco_copy
+    remote = tmp_path / 'out'
+    with MDSWriter(out=str(remote), columns={'x': 'int'}) as old:  # an earlier, different dataset
+        for i in range(3):
+            old.write({'x': i})
+    order, _, names = annotation(ann)
+    bad = data / names[order[-2]]
+    good = bad.read_bytes()
+    bad.write_bytes(b'GIF89a not a jpeg at all')
+    result = run(root, data, ann, str(remote), '--num_samples', '0', '--size_limit', '20kb')
+    assert result.returncode != 0 and 'is not a JPEG' in result.stderr
+    assert not (remote / 'index.json').exists()
+    assert [p.name for p in remote.iterdir() if not p.name.startswith('shard.')] == []
+
+    bad.write_bytes(good)
+    ok(run(root, data, ann, str(remote), '--num_samples', '0', '--size_limit', '20kb'))
+    check_samples(read_mds(str(remote)), order, data, ann, shard_blob(remote))
+
+
+def test_skip_missing_skips_and_counts_keeping_the_choice(root, coco_copy, tmp_path):
+    data, ann = coco_copy
+    ids = published_choice(annotation(ann)[0], 12, seed=7)
+    names = annotation(ann)[2]
+    for gone in (ids[0], ids[5]):
+        (data / names[gone]).unlink()
+    result = ok(run(root, data, ann, str(tmp_path / 'out'), '--num_samples', '12', '--seed', '7',
+                    '--skip_missing'))
+    kept = [i for i in ids if i not in (ids[0], ids[5])]
+    assert [int(s['image_id']) for s in read_mds(str(tmp_path / 'out'))] == kept
+    counts = summary(result.stdout)
+    assert counts['missing on disk (skipped)'] == 2 and counts['samples written'] == 10
+
+
+def _truncate(data: Path, ann: Path) -> str:
+    ann.write_text(ann.read_text()[:5000])
+    return f'{ann} is not valid JSON: '
+
+
+def _no_images(data: Path, ann: Path) -> str:
+    ann.write_text(json.dumps({'annotations': []}))
+    return f'{ann} has no "images" list'
+
+
+def _unknown_image(data: Path, ann: Path) -> str:
+    doc = json.loads(ann.read_text())
+    doc['annotations'][3]['image_id'] = 999_999_999
+    ann.write_text(json.dumps(doc))
+    return f'{ann}: annotations[3]: image_id 999999999 is not in the "images" list'
+
+
+def _caption_not_text(data: Path, ann: Path) -> str:
+    doc = json.loads(ann.read_text())
+    doc['annotations'][0]['caption'] = None
+    ann.write_text(json.dumps(doc))
+    return f'{ann}: annotations[0]: "caption" should be str, got None'
+
+
+def _missing_files(data: Path, ann: Path) -> str:
+    for p in sorted(data.iterdir())[:7]:
+        p.unlink()
+    return 'annotated images are missing in'
+
+
+def _no_data_path(data: Path, ann: Path) -> str:
+    shutil.rmtree(data)
+    return f'image folder not found: {data}'
+
+
+def _no_annotation(data: Path, ann: Path) -> str:
+    ann.unlink()
+    return f'annotation file not found: {ann}'
+
+
+@pytest.mark.parametrize('damage', [_truncate, _no_images, _unknown_image, _caption_not_text,
+                                    _missing_files, _no_data_path, _no_annotation])
+def test_bad_input_gives_one_clear_line_and_writes_nothing(root, coco_copy, tmp_path, damage):
+    data, ann = coco_copy
+    message = damage(data, ann)
+    result = run(root, data, ann, str(tmp_path / 'out'), '--num_samples', '0')
+    assert result.returncode != 0
+    assert message in result.stderr and 'Traceback' not in result.stderr
+    assert not (tmp_path / 'out').exists()
+    if damage is _missing_files:  # lists the first few, says how many more (and the way out)
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.count('COCO_val2014_') == 5 and 'and ' in line and '--skip_missing' in line
+
+
+def test_asking_for_more_images_than_exist_fails_instead_of_changing_the_set(root, coco, tmp_path):
+    data, ann = coco
+    result = run(root, data, ann, str(tmp_path / 'out'))  # default: the 10,000-image subset
+    assert result.returncode != 0
+    assert f'--num_samples 10000 asks for more images than the annotation has captioned images ' \
+           f'({N_IMAGES})' in result.stderr
