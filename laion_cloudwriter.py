@@ -642,9 +642,10 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 records[sid] = rec
                 run_stats['shards'] += 1
+                run_stats['samples'] += sum(rec['samples'].values())
+                run_stats['bytes'] += rec['bytes']
                 bar.update(1)
             el = max(time.time() - start, 1e-9)
-            run_stats['samples'], run_stats['bytes'] = progress[0], progress[1]
             bar.set_postfix_str(f'{progress[0] / el:,.0f} samples/s, {progress[1] / el / 1e6:,.1f} MB/s')
             if wb is not None:
                 wb.log({'samples': progress[0], 'bytes': progress[1], 'shards': len(records)})

@@ -1,0 +1,279 @@
+"""laion_cloudwriter.py as its users run it: img2dataset shards in, bucketed MDS out, read back with
+StreamingDataset; polling beside a download, kill -9 and rerun, a remote that goes down, bad input,
+and many machines merged into one dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from testbed.corpus import BUCKET_EDGES, bucket_of, build_corpus, good_items
+from testbed.i2d_shards import shard_rows, write_shard, write_stats
+from testbed.readback import read_mds
+
+BUCKETS = [f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:])]
+ALL = f'{BUCKET_EDGES[0]}-{BUCKET_EDGES[-1]}'
+FLOATS = ('punsafe', 'pwatermark', 'similarity')
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception:
+        return None
+
+
+def make_input(folder: Path, shards, items=None, flavour: str = 'full', sizes: bool = False,
+               done: bool = True, key_offset: int = 0) -> dict[str, dict]:
+    """Write img2dataset shards; return the rows a user expects out, by key (success + header)."""
+    items = list(build_corpus() if items is None else items)
+    want = {}
+    for s in shards:
+        rows = shard_rows(s + key_offset, items, failures=1, sizes=sizes, flavour=flavour)
+        write_shard(folder, s, rows, flavour)
+        for r in rows:
+            if r['status'] == 'success' and header_size(r['jpg']) is not None:
+                want[r['key']] = dict(r, shard=s)
+    if done:
+        (folder / 'done').touch()
+    return want
+
+
+def cloudwriter(root: Path, *args: str, env=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(root / 'laion_cloudwriter.py'), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start(root: Path, *args: str, env=None) -> subprocess.Popen:
+    """Start a run in its own process group, so a kill takes it down like a dying machine."""
+    cmd = [sys.executable, str(root / 'laion_cloudwriter.py'), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def wait_for(cond, timeout: float = 120, what: str = '') -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.01)
+
+
+def read_buckets(remote: str, buckets, env=None) -> dict[str, list[dict]]:
+    out = {}
+    for b in buckets:
+        path = f'{remote}/{b}'
+        exists = Path(path, 'index.json').exists() if '://' not in remote else True
+        if exists:
+            out[b] = read_mds(path, env=env)
+    return out
+
+
+def assert_dataset(got: dict[str, list[dict]], want: dict[str, dict], bucketed: bool = True,
+                   flavour: str = 'full') -> None:
+    """Each expected row exactly once, in its bucket, with its bytes and metadata; nothing else."""
+    keys = [s['key'] for rows in got.values() for s in rows]
+    assert len(keys) == len(set(keys)), 'a sample appears twice'
+    assert set(keys) == set(want)
+    for bucket, rows in got.items():
+        for s in rows:
+            r = want[s['key']]
+            w, h = header_size(r['jpg']) if r['width'] is None else (r['width'], r['height'])
+            assert bucket == (bucket_of(min(w, h)) if bucketed else ALL)
+            assert s['jpg'] == r['jpg']
+            assert (s['width'], s['height'], s['original_width'], s['original_height']) == (w, h, w, h)
+            assert isinstance(s['width'], np.int32) and isinstance(s['hash'], np.int64)
+            assert (s['caption'], s['url'], s['status'], s['error_message'], s['exif']) == \
+                   (r['caption'], r['url'], 'success', '', '{}')
+            assert s['hash'] == r['hash']
+            for c in FLOATS:
+                assert isinstance(s[c], np.float64) and s[c] == pytest.approx(r[c], rel=1e-6)
+            if flavour == 'aesthetic':
+                assert s['aesthetic_score'] == pytest.approx(r['AESTHETIC_SCORE'], rel=1e-6)
+            else:
+                assert np.isnan(s['aesthetic_score'])
+
+
+def records(remote: Path, sub: str = '') -> set[str]:
+    folder = remote / '_cloudwriter' / sub
+    return {p.stem for p in folder.glob('*.record')} if folder.is_dir() else set()
+
+
+def test_local_bucketed_download_with_broken_files_and_a_corrupt_shard(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, range(3))  # the whole corpus: broken images included, sizes null
+    (local / '00003.parquet').write_bytes(np.random.default_rng(0).bytes(3000))
+    write_stats(local, 3, [])
+
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--bucketed',
+                    '--processes', '2')
+
+    assert r.returncode == 1, r.stderr  # a shard was unreadable: named, kept, non-zero exit
+    assert '00003.parquet' in r.stdout and 'Traceback' not in r.stderr
+    assert (local / '00003.parquet').exists() and (local / '00003_stats.json').exists()
+    assert not list(local.glob('0000[012]*')), 'converted shards are deleted'
+    got = read_buckets(str(remote), BUCKETS)
+    assert set(got) == set(BUCKETS)  # the corpus has an image in every bucket
+    assert_dataset(got, want)
+    summary = json.loads((local / 'cloudwriter_summary.json').read_text())
+    assert summary['shards_done'] == 3 and summary['samples'] == len(want)
+    assert summary['samples_per_bucket'] == {b: len(rows) for b, rows in got.items()}
+    # random bytes and an empty file say success but have no header; the truncated JPEG is kept
+    assert summary['skipped_by_reason'] == {'HTTP Error 404: Not Found': 3,
+                                            'success but no readable image header': 6}
+    assert any('truncated' in s['url'] for rows in got.values() for s in rows)
+    assert summary['unreadable_parquet'] and summary['exit_code'] == 1
+
+
+def test_s3_unbucketed_aesthetic_keeps_parquet_and_trusts_parquet_sizes(root, tmp_path, s3):
+    local = tmp_path / 'parquet'
+    want = make_input(local, range(2), items=good_items(), flavour='aesthetic', sizes=True)
+    remote = f's3://{s3.bucket}/laion'
+
+    r = cloudwriter(root, '--local', str(local), '--remote', remote, '--keep_parquet',
+                    '--processes', '2', env=s3.child_env())
+
+    assert r.returncode == 0, r.stderr
+    assert len(list(local.glob('*.parquet'))) == 2 and len(list(local.glob('*_stats.json'))) == 2
+    assert_dataset(read_buckets(remote, [ALL], env=s3.env), want, bucketed=False, flavour='aesthetic')
+    keys = s3.list_keys(s3.bucket, 'laion/')
+    assert f'laion/{ALL}/index.json' in keys
+    assert {'laion/_cloudwriter/00000.record', 'laion/_cloudwriter/00001.record'} <= set(keys)
+    # A rerun finds both shards done at the remote and converts nothing again.
+    r = cloudwriter(root, '--local', str(local), '--remote', remote, '--keep_parquet',
+                    env=s3.child_env())
+    assert r.returncode == 0, r.stderr
+    assert '(0 this run)' in r.stdout
+    assert len(read_mds(f'{remote}/{ALL}', env=s3.env)) == len(want)
+
+
+def test_shards_appearing_over_time_then_done_end_the_run(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, [0], items=good_items(), done=False)
+    proc = start(root, '--local', str(local), '--remote', str(remote), '--bucketed',
+                 '--poll_interval', '0.3', '--processes', '1')
+    try:
+        wait_for(lambda: records(remote) == {'00000'}, what='shard 0')
+        # img2dataset writes the parquet first and its _stats.json when the shard is finished.
+        rows = shard_rows(1, good_items())
+        write_shard(local, 1, rows, stats=False)
+        time.sleep(1.5)
+        assert records(remote) == {'00000'} and (local / '00001.parquet').exists()
+        write_stats(local, 1, rows)
+        want.update({r['key']: r for r in rows if r['status'] == 'success'})
+        wait_for(lambda: records(remote) == {'00000', '00001'}, what='shard 1')
+        assert proc.poll() is None, 'no done file yet: the run keeps polling'
+        (local / 'done').touch()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert_dataset(read_buckets(str(remote), BUCKETS), want)
+
+
+def test_kill9_at_several_points_then_rerun_equals_an_uninterrupted_run(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, range(10), items=good_items())
+    args = ('--local', str(local), '--remote', str(remote), '--bucketed', '--processes', '2',
+            '--merge_interval', '0')  # merge after every shard, so a reader sees every state
+    by_part = {}  # (shard, bucket) -> keys
+    for k, r in want.items():
+        by_part.setdefault((r['shard'], bucket_of(min(header_size(r['jpg'])))), set()).add(k)
+    parts_written = lambda: any(remote.glob('*/0000?/shard.00000.mds'))  # noqa: E731
+    for trigger in (parts_written, lambda: len(records(remote)) >= 3, lambda: len(records(remote)) >= 6):
+        proc = start(root, *args)
+        wait_for(lambda: trigger() or proc.poll() is not None, what='the kill point')  # noqa: B023
+        kill9(proc)
+        done = records(remote)
+        assert len(done) < 10, 'killed too late to test anything'
+        for s in range(10):  # a parquet is never gone before its shard is recorded at the remote
+            assert (local / f'{s:05d}.parquet').exists() or f'{s:05d}' in done
+        # A reader of a bucket sees whole shards only: each shard's samples all in, or none.
+        seen = {(b, s['key']) for b, rows in read_buckets(str(remote), BUCKETS).items() for s in rows}
+        for (s, b), keys in by_part.items():
+            found = {k for k in keys if (b, k) in seen}
+            assert found in (set(), keys), f'shard {s} partly visible in {b}'
+    r = cloudwriter(root, *args)
+    assert r.returncode == 0, r.stderr
+    assert_dataset(read_buckets(str(remote), BUCKETS), want)
+    assert not list(local.glob('*.parquet'))
+
+
+def test_s3_down_mid_run_stops_clearly_deletes_nothing_and_rerun_completes(root, tmp_path, s3):
+    local = tmp_path / 'parquet'
+    want = make_input(local, range(12), items=good_items())
+    remote = f's3://{s3.bucket}/laion'
+    args = ('--local', str(local), '--remote', remote, '--bucketed', '--processes', '1')
+    proc = start(root, *args, env=s3.child_env())
+    try:
+        wait_for(lambda: any(k.endswith('.record') for k in s3.list_keys(s3.bucket)), what='a record')
+        s3.stop()
+        t0 = time.time()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 2 and time.time() - t0 < 120
+    assert err.strip().splitlines()[-1].startswith('error:') and remote in err
+    s3.start()
+    done = {Path(k).stem for k in s3.list_keys(s3.bucket, 'laion/_cloudwriter/')}
+    assert 1 <= len(done) < 12
+    for s in range(12):
+        assert (local / f'{s:05d}.parquet').exists() == (f'{s:05d}' not in done)
+
+    r = cloudwriter(root, *args, '--processes', '2', env=s3.child_env())
+    assert r.returncode == 0, r.stderr
+    assert_dataset(read_buckets(remote, BUCKETS, env=s3.env), want)
+    assert not list(local.glob('*.parquet'))
+
+
+def test_missing_required_column_stops_with_one_line(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    make_input(local, [0], items=good_items()[:3])
+    table = pq.read_table(local / '00000.parquet').drop_columns(['jpg'])
+    pq.write_table(table, local / '00000.parquet')
+
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote))
+
+    assert r.returncode == 2
+    assert 'Traceback' not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"error: {local / '00000.parquet'}: missing required column 'jpg'"
+    assert (local / '00000.parquet').exists()
+
+
+def test_many_machines_write_subfolders_and_merge_into_one_dataset(root, tmp_path, s3):
+    remote = f's3://{s3.bucket}/laion'
+    want = {}
+    for i, sub in enumerate(('machine-a', 'machine-b')):
+        local = tmp_path / sub
+        # Both machines number their shards from 0; their rows differ.
+        part = make_input(local, range(2), items=good_items(), key_offset=100 * i)
+        want[sub] = part
+        r = cloudwriter(root, '--local', str(local), '--remote', remote, '--bucketed', '--subfolder', sub,
+                        '--processes', '2', env=s3.child_env())
+        assert r.returncode == 0, r.stderr
+
+    r = cloudwriter(root, '--remote', remote, '--merge_only', env=s3.child_env())
+
+    assert r.returncode == 0, r.stderr
+    assert_dataset(read_buckets(remote, BUCKETS, env=s3.env), want['machine-a'] | want['machine-b'])
+    # Each machine's own dataset stays readable on its own.
+    a = read_mds(f'{remote}/256-512/machine-a', env=s3.env)
+    assert {s['key'] for s in a} == {k for k, r in want['machine-a'].items()
+                                     if 256 <= min(header_size(r['jpg'])) < 512}
