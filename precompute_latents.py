@@ -1,0 +1,953 @@
+"""Attach Stable Diffusion VAE latents and CLIP caption latents to an MDS dataset, once.
+
+Training a latent diffusion model for many epochs would otherwise re-encode every image and caption
+every epoch. This script streams one resolution bucket of the dataset that `laion_cloudwriter.py`
+wrote (local or remote), encodes each image with the VAE and each caption with the CLIP text encoder of
+a diffusers model, and writes a new MDS dataset with every input column plus the latents.
+
+Example (one GPU, or `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for eight):
+
+    python precompute_latents.py --remote_download s3://my-bucket/laion/mds --bucket 3 \\
+        --local /tmp/mds-cache --remote_upload s3://my-bucket/laion/latents \\
+        --model_name stabilityai/stable-diffusion-2-base --batch-size 64
+
+Reads `<remote_download>/<bucket name>[/<subfolder>]`, where `--bucket` is an index into the bucket
+list of laion_cloudwriter.py (0 '0-64', 1 '64-128', 2 '128-256', 3 '256-512', 4 '512-768',
+5 '768-1024', 6 '1024-1048576') or a bucket name itself; without `--remote_download` the dataset is
+read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name>[/<subfolder>]`:
+
+- every input column, unchanged;
+- `caption_latents`: float16 bytes of shape (77, hidden size), the text encoder's last hidden state
+  of the caption tokenized to 77 tokens (padded, truncated);
+- `latents_<res>` for each `--resolutions` entry (default 256 512): float16 bytes of shape
+  (4, res/8, res/8); the image's largest centered square resized to res x res (bilinear), scaled to
+  [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with `--latent_mode mean`)
+  times `vae.config.scaling_factor`; `b''` when the image's shorter side is below res.
+
+Read it back as training code does:
+    np.frombuffer(sample['caption_latents'], np.float16).reshape(77, 1024)
+    np.frombuffer(sample['latents_256'], np.float16).reshape(4, 32, 32)
+
+Images are decoded once per sample in DataLoader workers: EXIF orientation applied, grayscale and
+CMYK converted to RGB, transparency composited over white; JPEGs are decoded at the smallest DCT
+scale (1/2, 1/4, 1/8) that keeps the shorter side at least the largest resolution used. An image that
+does not decode is skipped, counted and named in the summary.
+
+Work is split into parts of whole input shards (`--part_size` samples or more) independent of the
+number of processes; rank r of N takes every N-th unfinished part and writes `<out>/<part>/`, which
+gets a `_done` marker once all of its files are written. Rank 0 merges one `index.json` at `<out>`
+after all ranks finish. A rerun (with any number of processes) skips finished parts, and sample mode
+seeds each sample's noise from `--seed` and its index in the input, so a resumed run writes exactly
+what an uninterrupted run writes. Ends with a summary, printed and written as JSON (`--summary`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import dataclasses
+import fcntl
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+# Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
+BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
+BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
+REQUIRED_COLUMNS = ('jpg', 'caption')
+CAPTION_COLUMN = 'caption_latents'
+LATENT_COLUMN = 'latents_{res}'  # one per resolution
+DONE_MARKER = '_done'  # per part; not *.json, so streaming's merge_index never mistakes it for an index
+INDEX = 'index.json'
+WHITE = (255, 255, 255)
+
+
+class UserError(Exception):
+    """A problem with the command line, the input or the environment: reported in one line."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; the original script's flags keep their names and meaning."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--local', default='/tmp/precompute-latents',
+                   help='local cache folder: input shards are downloaded to <local>/<bucket name>; '
+                        'without --remote_download the input is read from there directly')
+    p.add_argument('--remote_download', default='',
+                   help='remote (or local) root of the input MDS datasets, one per bucket')
+    p.add_argument('--remote_upload', default='',
+                   help='remote (or local) root to write the output datasets to (required)')
+    p.add_argument('--bucket', default='',
+                   help="bucket subfolder: an index into the bucket list (0 '0-64' ... 3 '256-512' ... "
+                        "6 '1024-1048576') or a name such as '256-512'; empty: the roots are datasets")
+    p.add_argument('--subfolder', default='',
+                   help='subfolder below the bucket folder, as laion_cloudwriter.py --subfolder writes')
+    p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
+                   help='diffusers model (hub name or folder) with vae/, text_encoder/ and tokenizer/')
+    p.add_argument('--batch-size', dest='batch_size', type=int, default=64,
+                   help='samples per batch on each process')
+    p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512],
+                   help='image resolutions to encode, multiples of 8; one latents_<res> column each')
+    p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
+                   help='store a sample of the latent distribution (seeded per sample) or its mean')
+    p.add_argument('--seed', type=int, default=0, help='seed of the per-sample noise in sample mode')
+    p.add_argument('--caption_drop_prob', type=float, default=0.0,
+                   help="fraction of captions encoded as '' (the original baked in 0.1; keep 0 and "
+                        'drop captions at training time)')
+    p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
+                   help='where to run the models; auto: cuda:<LOCAL_RANK> when available')
+    p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
+                   help='model dtype; auto: float16 on GPU, float32 on CPU (latents are stored float16)')
+    p.add_argument('--num_workers', type=int, default=-1,
+                   help='DataLoader worker processes that read and decode; -1: cores per process - 1')
+    p.add_argument('--prefetch_factor', type=int, default=4, help='batches each worker prepares ahead')
+    p.add_argument('--part_size', type=int, default=5000,
+                   help='samples per unit of work and of resume (whole input shards, at least this '
+                        'many); keep it the same across reruns of one output')
+    p.add_argument('--size_limit', default='256mb', help='output shard size limit')
+    p.add_argument('--compression', default='', help='output shard compression, e.g. zstd; empty: none')
+    p.add_argument('--download_timeout', type=float, default=300, help='seconds per file download')
+    p.add_argument('--download_retry', type=int, default=2, help='retries per file download')
+    p.add_argument('--dist_timeout', type=float, default=7 * 24 * 3600,
+                   help='seconds ranks wait for each other at the final barrier')
+    p.add_argument('--summary', default='',
+                   help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
+    p.add_argument('--wandb', action='store_true', help='log progress to Weights & Biases (if installed)')
+    p.add_argument('--wandb_disabled', action='store_true', help='never log to wandb (the default)')
+    p.add_argument('--wandb_name', default='baseline', help='wandb run name')
+    p.add_argument('--wandb_project', default='laion-latents', help='wandb project')
+    p.add_argument('--wandb_entity', default='mosaic-ml', help='wandb entity')
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths, remotes and the work plan
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
+
+    name: str
+    shards: tuple[int, ...]
+    first: int
+    last: int
+
+
+def bucket_name(bucket: str) -> str:
+    """`--bucket` as a folder name: an index into BUCKET_NAMES, a bucket name, or '' for none."""
+    if bucket == '':
+        return ''
+    if bucket.isdigit():
+        if int(bucket) >= len(BUCKET_NAMES):
+            raise UserError(f'--bucket {bucket}: the bucket index must be 0..{len(BUCKET_NAMES) - 1} '
+                            f'({", ".join(BUCKET_NAMES)})')
+        return BUCKET_NAMES[int(bucket)]
+    return bucket
+
+
+def is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(path).scheme not in ('', 'file')
+
+
+def join(root: str, *names: str) -> str:
+    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
+    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
+    return '/'.join(parts)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else text
+
+
+def fetch(url: str, dest: str, timeout: float) -> None:
+    """Download one file from a remote (or copy a local one) to `dest`, atomically."""
+    from streaming.base.storage.download import CloudDownloader
+
+    if not is_remote(url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f'{url} does not exist')
+        tmp = f'{dest}.tmp{os.getpid()}'
+        shutil.copyfile(url, tmp)
+        os.replace(tmp, dest)
+        return
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
+    try:
+        tmp = os.path.join(tmp_dir, 'f')
+        CloudDownloader.direct_download(url, tmp, timeout)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def read_json(url: str, timeout: float) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'f')
+        fetch(url, path, timeout)
+        with open(path) as f:
+            return json.load(f)
+
+
+def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
+    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
+    from streaming.base.storage.upload import CloudUploader
+
+    if not is_remote(out_root):
+        path = os.path.join(out_root, relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)
+        return
+    folder, name = os.path.split(relpath)
+    local_dir = tempfile.mkdtemp(dir=staging)
+    with open(os.path.join(local_dir, name), 'w') as f:
+        f.write(text)
+    CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
+    """The shard list of the input dataset at `src` (a copy is kept in `cache`)."""
+    url = join(src, INDEX)
+    os.makedirs(cache, exist_ok=True)
+    local = os.path.join(cache, INDEX)
+    try:
+        if url != local:
+            fetch(url, local, timeout)
+        with open(local) as f:
+            obj = json.load(f)
+    except Exception as err:  # unreachable remote, missing dataset, corrupt index
+        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
+    shards = obj.get('shards', [])
+    for shard in shards:
+        if shard.get('format') != 'mds':
+            raise UserError(f'{url}: only MDS shards are supported, found {shard.get("format")!r}')
+    return shards
+
+
+def input_columns(shards: list[dict], src: str) -> dict[str, str]:
+    """{column name: MDS encoding} of the input, checked for the columns the script needs."""
+    if not shards:
+        return {}
+    columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings']))
+    for shard in shards[1:]:
+        if dict(zip(shard['column_names'], shard['column_encodings'])) != columns:
+            raise UserError(f'{src}: shards disagree on their columns')
+    for name in REQUIRED_COLUMNS:
+        if name not in columns:
+            raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)})')
+    return columns
+
+
+def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
+    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
+    parts: list[Part] = []
+    group: list[int] = []
+    first = count = 0
+    for i, shard in enumerate(shards):
+        group.append(i)
+        count += shard['samples']
+        if count >= part_size or i == len(shards) - 1:
+            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
+            first += count
+            group, count = [], 0
+    return parts
+
+
+def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
+    """{part name: marker contents} for the parts of `out_root` that a previous run finished."""
+    from streaming.base.storage.upload import CloudUploader
+
+    if not is_remote(out_root):
+        markers = {}
+        for part in parts:
+            path = os.path.join(out_root, part.name, DONE_MARKER)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    markers[part.name] = json.load(f)
+        return markers
+    prefix = urllib.parse.urlparse(out_root).path.strip('/')
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            uploader = CloudUploader.get((tmp, out_root), exist_ok=True)
+            try:
+                keys = set(uploader.list_objects() or [])
+                listed = {p.name for p in parts if f'{prefix}/{p.name}/{DONE_MARKER}'.lstrip('/') in keys}
+            except NotImplementedError:
+                listed = {p.name for p in parts}  # this store cannot list: probe every part
+    except Exception as err:
+        raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
+    markers = {}
+    for name in sorted(listed):
+        with contextlib.suppress(FileNotFoundError, Exception):
+            markers[name] = read_json(join(out_root, name, DONE_MARKER), timeout)
+    return markers
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and decoding (runs in DataLoader workers)
+# ----------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list[int]]:
+    """Decode an image once; returns (RGB image, the resolutions its shorter side reaches).
+
+    JPEGs decode at the smallest DCT scale whose shorter side still reaches the largest of those
+    resolutions (at 1/8 when none does: only check that it decodes). EXIF orientation is applied;
+    transparency goes over white; grayscale, CMYK and palettes become RGB.
+    """
+    img = Image.open(io.BytesIO(data))
+    usable = [r for r in resolutions if r <= min(img.size)]
+    if img.format == 'JPEG':
+        need = max(usable, default=1)
+        img.draft(img.mode, (need, need))
+    img.load()
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
+        ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
+    if img.mode != 'RGB':
+        img = img.convert('RGB')
+    return img, usable
+
+
+def center_square(img: Image.Image, res: int) -> np.ndarray:
+    """The largest centered square of `img` resized to res x res (bilinear): uint8 (res, res, 3)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    out = img.resize((res, res), Image.Resampling.BILINEAR, box=(left, top, left + s, top + s))
+    return np.asarray(out)
+
+
+def skip_reason(err: Exception) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return 'not an image format PIL can read'
+    return f'{type(err).__name__}: {first_line(err)}'
+
+
+def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise for one sample and resolution, the same on every run and machine."""
+    return np.random.default_rng([seed, sample_id, res]).standard_normal(shape, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One batch: global sample ids [start, stop) of one part."""
+
+    part: str
+    start: int
+    stop: int
+    first: bool
+    last: bool
+
+
+def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
+    """Batches that never cross a part, so a part's batches are the same in every run."""
+    jobs = []
+    for part in parts:
+        starts = list(range(part.first, part.last, batch_size)) or [part.first]
+        for i, start in enumerate(starts):
+            jobs.append(Job(part.name, start, min(start + batch_size, part.last), i == 0,
+                            i == len(starts) - 1))
+    return jobs
+
+
+class ShardCache:
+    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
+
+    def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
+        from streaming.base.format import reader_from_json
+
+        self.readers = [reader_from_json(local, None, s) for s in shards]
+        self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
+        self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
+        self._stream = None
+        self._stream_pid = -1
+        self._ready: set[int] = set()
+
+    def _get_stream(self):
+        from streaming import Stream
+
+        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
+            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
+                                  download_timeout=self.timeout, keep_zip=False)
+            self._stream_pid = os.getpid()
+            self._ready = set()
+        return self._stream
+
+    def ensure(self, shard: int) -> None:
+        """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
+        if shard in self._ready and self._stream_pid == os.getpid():
+            return
+        stream = self._get_stream()
+        reader = self.readers[shard]
+        lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
+        with open(lock_path, 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stream.prepare_shard(reader)
+        self._ready.add(shard)
+
+    def evict(self, shard: int) -> None:
+        """Delete a shard's local files (only ever called for a downloaded copy)."""
+        for raw, zipped in self.readers[shard].file_pairs:
+            for info in (raw, zipped):
+                if info is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.local, info.basename))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
+
+    def get(self, sample_id: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self.offsets, sample_id) - 1
+        self.ensure(shard)
+        return self.readers[shard].get_item(sample_id - self.offsets[shard])
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Item i = job i read, decoded, preprocessed and tokenized: everything the models need."""
+
+    def __init__(self, jobs: list[Job], cache: ShardCache, tokenizer, resolutions: list[int],
+                 latent_shape: tuple[int, int], latent_mode: str, seed: int, caption_drop_prob: float):
+        self.jobs, self.cache, self.tokenizer = jobs, cache, tokenizer
+        self.resolutions = sorted(resolutions)
+        self.channels, self.factor = latent_shape
+        self.latent_mode, self.seed, self.caption_drop_prob = latent_mode, seed, caption_drop_prob
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def caption(self, sample_id: int, text: str) -> str:
+        if self.caption_drop_prob and np.random.default_rng([self.seed, sample_id, 0]).random() < \
+                self.caption_drop_prob:
+            return ''
+        return text
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        job = self.jobs[index]
+        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': []}
+        pixels: dict[int, list] = {r: [] for r in self.resolutions}
+        rows: dict[int, list] = {r: [] for r in self.resolutions}
+        noise: dict[int, list] = {r: [] for r in self.resolutions}
+        for sample_id in range(job.start, job.stop):
+            sample = self.cache.get(sample_id)
+            try:
+                img, usable = decode_image(sample['jpg'], self.resolutions)
+            except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
+                batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
+                                         'reason': skip_reason(err)})
+                continue
+            row = len(batch['samples'])
+            for r in usable:
+                pixels[r].append(center_square(img, r))
+                rows[r].append(row)
+                if self.latent_mode == 'sample':
+                    shape = (self.channels, r // self.factor, r // self.factor)
+                    noise[r].append(sample_noise(self.seed, sample_id, r, shape))
+            batch['ids'].append(sample_id)
+            batch['samples'].append(sample)
+        captions = [self.caption(i, s['caption']) for i, s in zip(batch['ids'], batch['samples'])]
+        batch['tokens'] = self.tokenizer(captions, padding='max_length', truncation=True,
+                                         max_length=self.tokenizer.model_max_length,
+                                         return_tensors='pt').input_ids if captions else None
+        for r in self.resolutions:
+            batch[f'pixels_{r}'] = torch.from_numpy(np.stack(pixels[r])) if pixels[r] else None
+            batch[f'rows_{r}'] = rows[r]
+            batch[f'noise_{r}'] = torch.from_numpy(np.stack(noise[r])) if noise[r] else None
+        return batch
+
+
+def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+def check_model_folder(model_name: str) -> None:
+    """A local model folder must have vae/ and text_encoder/ (hub names are checked when loading)."""
+    if os.path.isdir(model_name):
+        for sub in ('vae', 'text_encoder', 'tokenizer'):
+            if not os.path.isdir(os.path.join(model_name, sub)):
+                raise UserError(f'model folder {model_name} has no {sub}/ (expected the Stable '
+                                'Diffusion layout: vae/, text_encoder/, tokenizer/)')
+    elif model_name.startswith(('.', '/', '~')):
+        raise UserError(f'model folder {model_name} does not exist')
+
+
+def load_tokenizer(model_name: str):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(model_name, subfolder='tokenizer')
+    except Exception as err:
+        raise UserError(f'cannot load the tokenizer of {model_name}: {first_line(err)}') from None
+
+
+def load_models(model_name: str, device: torch.device, dtype: torch.dtype):
+    """(vae, text_encoder) on `device` in `dtype`, in eval mode."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    check_model_folder(model_name)
+    try:
+        vae = AutoencoderKL.from_pretrained(model_name, subfolder='vae', torch_dtype=dtype,
+                                            low_cpu_mem_usage=False)
+    except Exception as err:
+        raise UserError(f'cannot load the VAE (vae/) of {model_name}: {first_line(err)}') from None
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(model_name, subfolder='text_encoder', dtype=dtype)
+    except Exception as err:
+        raise UserError(f'cannot load the text encoder (text_encoder/) of {model_name}: '
+                        f'{first_line(err)}') from None
+    vae = vae.to(device).eval()
+    if device.type == 'cuda':
+        vae = vae.to(memory_format=torch.channels_last)
+    return vae, text_encoder.to(device).eval()
+
+
+def latent_shape(vae) -> tuple[int, int]:
+    """(latent channels, downsampling factor) of a diffusers AutoencoderKL."""
+    return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.inference_mode()
+def encode_batch(batch: dict[str, Any], vae, text_encoder, resolutions: list[int], device: torch.device,
+                 dtype: torch.dtype, latent_mode: str) -> dict[str, torch.Tensor]:
+    """float16 latents on the CPU (copies may still be in flight on a GPU: sync before reading)."""
+    out: dict[str, torch.Tensor] = {}
+    if batch['tokens'] is not None:
+        tokens = batch['tokens'].to(device, non_blocking=True)
+        hidden = text_encoder(tokens).last_hidden_state
+        out[CAPTION_COLUMN] = hidden.to(torch.float16).to('cpu', non_blocking=True)
+    for r in resolutions:
+        px = batch[f'pixels_{r}']
+        if px is None:
+            continue
+        x = px.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
+        dist_ = vae.encode(x).latent_dist
+        z = dist_.mean.float()
+        if latent_mode == 'sample':
+            z = z + dist_.std.float() * batch[f'noise_{r}'].to(device, non_blocking=True)
+        z = z * vae.config.scaling_factor
+        out[LATENT_COLUMN.format(res=r)] = z.to(torch.float16).to('cpu', non_blocking=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: one MDSWriter per part, in a background thread so the models never wait for the disk
+# ----------------------------------------------------------------------------------------------
+
+class PartWriter(threading.Thread):
+    """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
+
+    def __init__(self, out_root: str, staging: str, columns: dict[str, str], resolutions: list[int],
+                 settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args):
+        super().__init__(daemon=True)
+        self.out_root, self.staging, self.columns = out_root, staging, columns
+        self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
+        self.evict, self.args = evict, args
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.finished_parts: list[str] = []
+        self.done_event = threading.Condition()
+        self.writer = None
+        self.stats: dict[str, Any] = {}
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=1)
+                return
+            except queue.Full:
+                continue
+
+    def open_part(self, part: Part) -> None:
+        from streaming import MDSWriter
+
+        local = os.path.join(self.staging, part.name) if is_remote(self.out_root) else None
+        target = join(self.out_root, part.name)
+        out = (local, target) if local else target
+        self.writer = MDSWriter(out=out, columns=self.columns, compression=self.args.compression or None,
+                                size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
+        self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
+                      'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
+                      'rank': int(os.environ.get('RANK', 0)), 'started': time.time()}
+
+    def write_batch(self, batch: dict[str, Any], latents: dict[str, np.ndarray]) -> None:
+        per_res = {r: dict(zip(batch[f'rows_{r}'], latents.get(LATENT_COLUMN.format(res=r), [])))
+                   for r in self.resolutions}
+        for row, sample in enumerate(batch['samples']):
+            out = dict(sample)
+            out[CAPTION_COLUMN] = latents[CAPTION_COLUMN][row].tobytes()
+            for r in self.resolutions:
+                lat = per_res[r].get(row)
+                out[LATENT_COLUMN.format(res=r)] = b'' if lat is None else lat.tobytes()
+                self.stats['encoded'][str(r)] += lat is not None
+            self.writer.write(out)
+        self.stats['written'] += len(batch['samples'])
+        self.stats['skipped'] += batch['skipped']
+
+    def close_part(self, part: Part) -> None:
+        try:
+            self.writer.finish()
+        except Exception as err:
+            raise UserError(f'writing part {part.name} to {self.out_root} failed ({first_line(err)}); '
+                            'rerun the same command to resume') from None
+        self.stats['seconds'] = round(time.time() - self.stats.pop('started'), 3)
+        self.stats['settings'] = self.settings
+        try:
+            put_text(self.out_root, self.staging, f'{part.name}/{DONE_MARKER}', json.dumps(self.stats))
+        except Exception as err:
+            raise UserError(f'marking part {part.name} done at {self.out_root} failed '
+                            f'({first_line(err)}); rerun the same command to resume') from None
+        if self.evict:
+            for shard in part.shards:
+                self.cache.evict(shard)
+        with self.done_event:
+            self.finished_parts.append(part.name)
+            self.done_event.notify_all()
+
+    def run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                batch, latents, event = item
+                if event is not None:
+                    event.synchronize()
+                latents = {k: v.numpy() for k, v in latents.items()}
+                part = self.parts[batch['job'].part]
+                if batch['job'].first:
+                    self.open_part(part)
+                self.write_batch(batch, latents)
+                if batch['job'].last:
+                    self.close_part(part)
+        except BaseException as err:  # handed to the main thread, which reports it
+            self.error = err
+            with self.done_event:
+                self.done_event.notify_all()
+
+
+class Prefetcher(threading.Thread):
+    """Downloads the shards of the next few parts while the current one is encoded."""
+
+    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
+        super().__init__(daemon=True)
+        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for k, part in enumerate(self.parts):
+                with self.writer.done_event:
+                    self.writer.done_event.wait_for(
+                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
+                        or self.writer.error is not None)
+                if self.writer.error is not None:
+                    return
+                for shard in part.shards:
+                    self.cache.ensure(shard)
+        except BaseException as err:  # the workers will hit (and report) the same problem
+            self.error = err
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    """What rank 0 found and every rank needs."""
+
+    src: str
+    cache_dir: str
+    out_root: str
+    shards: list[dict]
+    columns: dict[str, str]
+    parts: list[Part]
+    pending: list[Part]
+    settings: dict
+
+
+def check_args(args: argparse.Namespace) -> None:
+    bad = [r for r in args.resolutions if r <= 0 or r % 8]
+    if bad:
+        raise UserError(f'--resolutions {" ".join(map(str, bad))}: each resolution must be a positive '
+                        'multiple of 8 (the VAE downsamples 8x)')
+    if not args.remote_upload:
+        raise UserError('--remote_upload is required: where to write the output dataset')
+    if args.batch_size < 1 or args.part_size < 1:
+        raise UserError('--batch-size and --part_size must be positive')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: no GPU is visible to torch')
+
+
+def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    if args.dtype == 'auto':
+        return torch.float16 if device.type == 'cuda' else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
+    """Rank 0: find the input, check it and the model, and list the parts still to do."""
+    check_args(args)
+    check_model_folder(args.model_name)
+    name = bucket_name(args.bucket)
+    cache_dir = join(args.local, name, args.subfolder)
+    src = join(args.remote_download, name, args.subfolder) if args.remote_download else cache_dir
+    out_root = join(args.remote_upload, name, args.subfolder)
+    shards = read_input_index(src, cache_dir, args.download_timeout)
+    columns = input_columns(shards, src)
+    new_columns = [CAPTION_COLUMN] + [LATENT_COLUMN.format(res=r) for r in args.resolutions]
+    clash = [c for c in new_columns if c in columns]
+    if clash:
+        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
+    columns.update({c: 'bytes' for c in new_columns})
+    load_tokenizer(args.model_name)
+    parts = plan_parts(shards, args.part_size)
+    settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
+                'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
+                'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
+                'input_samples': parts[-1].last if parts else 0}
+    markers = done_markers(out_root, parts, args.download_timeout)
+    for part_name, marker in markers.items():
+        differ = {k: (marker.get('settings', {}).get(k), v) for k, v in settings.items()
+                  if marker.get('settings', {}).get(k) != v}
+        if differ:
+            k, (old, new) = next(iter(differ.items()))
+            raise UserError(f'{out_root}/{part_name} was written with {k}={old!r}, this run has {new!r}: '
+                            'rerun with the same flags or write to a new --remote_upload')
+    pending = [p for p in parts if p.name not in markers]
+    return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device('cuda', local_rank)
+    return torch.device('cpu')
+
+
+def share_plan(args: argparse.Namespace, dtype: torch.dtype, rank: int) -> Plan:
+    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = make_plan(args, dtype)
+        except UserError as err:
+            result[0] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
+def default_workers(args: argparse.Namespace) -> int:
+    if args.num_workers >= 0:
+        return args.num_workers
+    per_process = (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return max(1, per_process - 1)
+
+
+def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: torch.dtype,
+             rank: int, world: int) -> dict[str, Any]:
+    """Encode this rank's share of the unfinished parts; returns this rank's counters."""
+    mine = plan.pending[rank::world]
+    vae, text_encoder = load_models(args.model_name, device, dtype)
+    tokenizer = load_tokenizer(args.model_name)
+    remote = plan.src if plan.src != plan.cache_dir else None
+    cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
+    jobs = make_jobs(mine, args.batch_size)
+    reader = BatchReader(jobs, cache, tokenizer, args.resolutions, latent_shape(vae), args.latent_mode,
+                         args.seed, args.caption_drop_prob)
+    workers = default_workers(args)
+    loader = torch.utils.data.DataLoader(
+        reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
+        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None)
+    staging = os.path.join(args.local, '.staging', f'rank{rank}')
+    os.makedirs(staging, exist_ok=True)
+    writer = PartWriter(plan.out_root, staging, plan.columns, sorted(args.resolutions), plan.settings,
+                        cache, {p.name: p for p in mine}, evict=remote is not None, args=args)
+    prefetcher = Prefetcher(mine, cache, writer)
+    batches = iter(loader)  # fork the workers before any thread of ours runs
+    writer.start()
+    prefetcher.start()
+    wandb_run = start_wandb(args, rank)
+    total = sum(p.last - p.first for p in mine)
+    start, seen = time.time(), 0
+    bar = tqdm(total=total, unit='sample', disable=rank != 0, dynamic_ncols=True,
+               desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
+    try:
+        for batch in batches:
+            latents = encode_batch(batch, vae, text_encoder, sorted(args.resolutions), device, dtype,
+                                   args.latent_mode)
+            event = None
+            if device.type == 'cuda':
+                event = torch.cuda.Event()
+                event.record()
+            writer.put((batch, latents, event))
+            n = batch['job'].stop - batch['job'].start
+            seen += n
+            bar.update(n)
+            if wandb_run is not None:
+                wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
+        writer.put(None)
+        writer.join()
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f'reading or encoding failed: {first_line(err)}; rerun the same command to '
+                        'resume') from None
+    finally:
+        bar.close()
+    if writer.error is not None:
+        raise writer.error if isinstance(writer.error, UserError) else UserError(
+            f'writing failed: {first_line(writer.error)}; rerun the same command to resume')
+    elapsed = time.time() - start
+    return {'samples': seen, 'seconds': elapsed, 'parts': len(mine)}
+
+
+def start_wandb(args: argparse.Namespace, rank: int):
+    """A wandb run on rank 0 when asked for with --wandb and wandb is installed; else None."""
+    if not args.wandb or args.wandb_disabled or rank != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print('warning: --wandb given but wandb is not installed; not logging', file=sys.stderr)
+        return None
+    return wandb.init(name=args.wandb_name, project=args.wandb_project, entity=args.wandb_entity)
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """streaming's merge_index logs a warning per call about its temporary folder: hide it."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def merge_parts(plan: Plan, staging: str) -> None:
+    """Rank 0: one index.json at the output root over every part, in part order."""
+    from streaming.base.util import merge_index
+
+    urls = [join(plan.out_root, p.name, INDEX) for p in plan.parts]
+    if is_remote(plan.out_root):
+        out = (os.path.join(staging, 'merged'), plan.out_root)
+    else:
+        out = plan.out_root
+        with contextlib.suppress(FileNotFoundError):  # merge_index will not overwrite it
+            os.remove(os.path.join(plan.out_root, INDEX))
+    if not urls:  # an empty input still gets a readable, empty output
+        put_text(plan.out_root, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
+        return
+    try:
+        with quiet_logging():
+            merge_index(urls, out, keep_local=not is_remote(plan.out_root))
+    except Exception as err:
+        raise UserError(f'merging the index at {plan.out_root} failed: {first_line(err)}') from None
+
+
+def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
+    """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
+    markers = done_markers(plan.out_root, plan.parts, args.download_timeout)
+    missing = [p.name for p in plan.parts if p.name not in markers]
+    skipped = [s for m in markers.values() for s in m['skipped']]
+    encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
+    return {
+        'input': plan.src, 'output': plan.out_root, 'input_samples': plan.settings['input_samples'],
+        'written': sum(m['written'] for m in markers.values()), 'skipped': len(skipped),
+        'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
+        'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
+        'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
+        'seconds_rank0': round(run_stats['seconds'], 3),
+        'samples_per_s_rank0': round(run_stats['samples'] / max(run_stats['seconds'], 1e-9), 2),
+        'settings': plan.settings,
+    }
+
+
+def report(summary: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(summary, f, indent=2)
+    lines = [
+        f'input   {summary["input"]}: {summary["input_samples"]} samples',
+        f'output  {summary["output"]}: {summary["written"]} samples written, {summary["skipped"]} skipped',
+        'latents ' + ', '.join(f'{r}px: {n}' for r, n in summary['encoded'].items()),
+        f'parts   {summary["parts"]} ({summary["parts_this_run"]} this run, {summary["parts_before"]} '
+        f'done before), world size {summary["world_size"]}',
+        f'speed   rank 0: {summary["samples_this_run_rank0"]} samples in {summary["seconds_rank0"]:.1f} s '
+        f'({summary["samples_per_s_rank0"]:.1f} samples/s)',
+    ]
+    for s in summary['skipped_samples'][:10]:
+        lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')
+    if summary['skipped'] > 10:
+        lines.append(f'... and {summary["skipped"] - 10} more skipped (see the JSON)')
+    lines.append(f'summary {path}')
+    print('\n'.join(lines), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    try:
+        if world > 1:
+            dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
+        check_args(args)
+        device = pick_device(args)
+        dtype = resolve_dtype(args, device)
+        plan = share_plan(args, dtype, rank)
+        stats = run_rank(args, plan, device, dtype, rank, world)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            staging = os.path.join(args.local, '.staging', 'merge')
+            os.makedirs(staging, exist_ok=True)
+            merge_parts(plan, staging)
+            summary = summarize(args, plan, stats, world)
+            name = bucket_name(args.bucket) or 'dataset'
+            report(summary, args.summary or os.path.join(args.local, f'latents_summary_{name}.json'))
+            shutil.rmtree(os.path.join(args.local, '.staging'), ignore_errors=True)
+            if summary['parts_missing']:
+                raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
+                                'rerun the same command')
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted; rerun the same command to resume', file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

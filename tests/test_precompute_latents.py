@@ -1,0 +1,308 @@
+"""precompute_latents.py as a user runs it: MDS in (as laion_cloudwriter.py writes it), MDS with latents out.
+
+Inputs are built with streaming's MDSWriter from the test bed corpus (tests/testbed/mds_input.py); the
+output is read back with StreamingDataset and checked against direct calls of the same tiny models.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from testbed.corpus import build_corpus, encode, make_jpeg, photo_like
+from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
+from testbed.readback import read_mds
+
+HIDDEN = 1024
+BROKEN = {'truncated.jpg', 'random.bin', 'empty.jpg'}
+
+
+def run(root: Path, *args, env: dict | None = None, timeout: float = 300,
+        torchrun: int = 0) -> subprocess.CompletedProcess:
+    """The script's command line (optionally under torchrun), as a user types it."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                '--nproc_per_node', str(torchrun), '--'] if torchrun else [sys.executable]
+    cmd = launcher + [str(root / 'precompute_latents.py'), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The error a user sees: exit code 2, one `error:` line, no traceback."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
+    assert len(errors) >= 1, proc.stderr[-3000:]
+    return errors[-1]
+
+
+# ---- an independent reading of the documented preprocessing -------------------------------------
+
+def reference_pixels(data: bytes, res: int, resolutions: list[int]) -> torch.Tensor:
+    """Decode (JPEG at the DCT scale the largest usable resolution allows), apply EXIF orientation,
+    alpha over white, RGB, the largest centered square resized bilinear to res x res, to [-1, 1]."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == 'JPEG':
+        need = max(r for r in resolutions if r <= min(img.size))
+        img.draft(img.mode, (need, need))
+    img = ImageOps.exif_transpose(img)
+    if img.mode == 'RGBA':
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    img = img.convert('RGB')
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    img = img.resize((res, res), Image.Resampling.BILINEAR, box=box)  # the square region, resized
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()
+    return (x / 127.5 - 1).unsqueeze(0)
+
+
+def shorter_side(data: bytes) -> int:
+    return min(Image.open(io.BytesIO(data)).size)
+
+
+@pytest.fixture(scope='module')
+def models(tiny_model):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder='vae', low_cpu_mem_usage=False).eval()
+    te = CLIPTextModel.from_pretrained(tiny_model, subfolder='text_encoder').eval()
+    tok = CLIPTokenizer.from_pretrained(tiny_model, subfolder='tokenizer')
+    return vae, te, tok
+
+
+# ---- the main story -----------------------------------------------------------------------------
+
+def test_mean_mode_output_is_the_input_plus_latents_training_can_read(root, corpus, tiny_model, models,
+                                                                       tmp_path):
+    rows = rows_for(list(corpus))
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 18)
+    summary_path = tmp_path / 'summary.json'
+    proc = ok(run(root, '--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED,
+                  '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'latents',
+                  '--model_name', tiny_model, '--latent_mode', 'mean', '--batch-size', 4,
+                  '--part_size', 8, '--num_workers', 2, '--summary', summary_path))
+    out = read_mds(str(tmp_path / 'latents' / UNBUCKETED))
+
+    # Every decodable sample exactly once, in input order, every input column unchanged.
+    names = [it.name for it in corpus]
+    good = [r for r, name in zip(rows, names) if name not in BROKEN]
+    assert [o['key'] for o in out] == [r['key'] for r in good]
+    for o, r in zip(out, good):
+        for col in COLUMNS:
+            assert o[col] == r[col], col
+
+    # The broken images are counted and named.
+    summary = json.loads(summary_path.read_text())
+    broken_keys = {r['key'] for r, name in zip(rows, names) if name in BROKEN}
+    assert summary['skipped'] == 3 and summary['written'] == len(good)
+    assert {s['key'] for s in summary['skipped_samples']} == broken_keys
+    assert all(k in proc.stdout for k in broken_keys)
+
+    # Read as training code does; b'' below each resolution.
+    vae, te, tok = models
+    by_name = dict(zip([n for n in names if n not in BROKEN], out))
+    for name, o in by_name.items():
+        assert np.frombuffer(o['caption_latents'], np.float16).reshape(77, HIDDEN).shape == (77, HIDDEN)
+        short = shorter_side(o['jpg'])
+        for res in (256, 512):
+            blob = o[f'latents_{res}']
+            if short < res:
+                assert blob == b'', (name, res)
+            else:
+                lat = np.frombuffer(blob, np.float16).reshape(4, res // 8, res // 8)
+                assert np.isfinite(lat).all() and lat.std() > 0
+    assert summary['encoded'] == {'256': sum(shorter_side(o['jpg']) >= 256 for o in out),
+                                  '512': sum(shorter_side(o['jpg']) >= 512 for o in out)}
+
+    # Latents equal a direct encode of the documented preprocessing (awkward formats included);
+    # caption latents equal a direct text-encoder call.
+    check = ['exif_rotated.jpg', 'cmyk.jpg', 'gray.jpg', 'alpha.png', 'image.webp',
+             'portrait_300_progressive.jpg', 'landscape_600_baseline.jpg', 'portrait_1030_baseline.jpg']
+    with torch.inference_mode():
+        for name in check:
+            o = by_name[name]
+            for res in [r for r in (256, 512) if r <= shorter_side(o['jpg'])]:
+                x = reference_pixels(o['jpg'], res, [256, 512])
+                want = vae.encode(x).latent_dist.mean[0].numpy() * vae.config.scaling_factor
+                got = np.frombuffer(o[f'latents_{res}'], np.float16).reshape(want.shape).astype(np.float32)
+                np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3, err_msg=f'{name} {res}')
+            ids = tok(o['caption'], padding='max_length', max_length=77, truncation=True,
+                      return_tensors='pt').input_ids
+            want = te(ids).last_hidden_state[0].numpy()
+            got = np.frombuffer(o['caption_latents'], np.float16).reshape(77, HIDDEN).astype(np.float32)
+            np.testing.assert_allclose(got, want, atol=2e-2, rtol=1e-2, err_msg=name)
+
+    # Orientation matters: the rotated image's latents are not those of its stored pixels.
+    o = by_name['exif_rotated.jpg']
+    with torch.inference_mode():
+        raw = Image.open(io.BytesIO(o['jpg'])).convert('RGB')  # no EXIF transpose
+        x = torch.from_numpy(np.asarray(raw.crop((50, 0, 350, 300)).resize((256, 256),
+                                                                       Image.Resampling.BILINEAR)).copy())
+        unrotated = vae.encode(x.permute(2, 0, 1).float().unsqueeze(0) / 127.5 - 1).latent_dist.mean[0]
+    got = np.frombuffer(o['latents_256'], np.float16).reshape(4, 32, 32).astype(np.float32)
+    assert np.abs(got - unrotated.numpy() * vae.config.scaling_factor).max() > 0.05
+
+
+# ---- resume and torchrun ------------------------------------------------------------------------
+
+def small_rows(n: int = 30) -> list[dict]:
+    """Small photo-like JPEGs (shorter sides 40-150 px: some below 64 and 128) and one bad file."""
+    rows = []
+    for i in range(n):
+        s = (40, 70, 100, 130, 150)[i % 5]
+        data = make_jpeg(s + 10 * (i % 3), s, seed=1000 + i) if i % 2 else make_jpeg(s, s + 17, seed=1000 + i)
+        rows.append(make_row(i, data, f'small_{i}.jpg', caption=f'small photo {i}' + ' word' * (i % 4)))
+    rows[7] = make_row(7, b'\xff\xd8\xff\xe0 not really a jpeg', 'broken_7.jpg')
+    return rows
+
+
+def markers(out: Path) -> list[str]:
+    return sorted(glob.glob(str(out / '*' / '_done')))
+
+
+def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_model, tmp_path):
+    rows = small_rows()
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 14)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # bitwise-equal float math in every process
+    common = ['--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--model_name', tiny_model,
+              '--resolutions', 64, 128, '--latent_mode', 'sample', '--batch-size', 2, '--part_size', 3,
+              '--num_workers', 1, '--seed', 7]
+
+    ok(run(root, *common, '--local', tmp_path / 'c1', '--remote_upload', tmp_path / 'ref', env=env))
+    ref_out = tmp_path / 'ref' / UNBUCKETED
+    total_parts = len(glob.glob(str(ref_out / '0*')))
+    assert total_parts >= 6
+
+    # Kill -9 once the first parts are finished, then resume with two ranks.
+    out = tmp_path / 'out' / UNBUCKETED
+    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, common),
+           '--local', str(tmp_path / 'c2'), '--remote_upload', str(tmp_path / 'out')]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not markers(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(markers(out))
+    assert 1 <= done_before < total_parts, done_before
+    assert not (out / 'index.json').exists()
+
+    res = ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
+                 '--summary', tmp_path / 's.json', env=env, torchrun=2))
+    summary = json.loads((tmp_path / 's.json').read_text())
+    assert summary['parts_before'] == done_before and summary['world_size'] == 2, res.stdout
+    ranks = {json.loads(Path(m).read_text())['rank'] for m in markers(out)}
+    assert ranks == {0, 1}  # both ranks took parts
+
+    ref, got = read_mds(str(ref_out)), read_mds(str(out))
+    keys = [o['key'] for o in got]
+    assert len(keys) == len(set(keys))  # no duplicates
+    assert keys == [r['key'] for r in rows if r['key'] != '000000007']  # union equals the input
+    for a, b in zip(ref, got):
+        assert a == b  # same columns, same bytes: same latents, noise included
+    assert summary['skipped'] == 1 and summary['skipped_samples'][0]['key'] == '000000007'
+    sample = got[0]
+    assert sample['latents_64'] == b'' and len(sample['latents_128']) == 0  # 40 px: below both
+    big = next(o for o in got if shorter_side(o['jpg']) >= 128)
+    assert np.frombuffer(big['latents_128'], np.float16).reshape(4, 16, 16).std() > 0
+
+
+# ---- S3 ----------------------------------------------------------------------------------------
+
+def test_s3_in_and_out_by_bucket_index_and_unreachable_remote(root, s3, corpus, tiny_model, tmp_path):
+    rows = rows_for(list(corpus))
+    buckets = write_mds_input(f's3://{s3.bucket}/mds', rows, env=s3.env, cache=str(tmp_path / 'w'),
+                              size_limit=1 << 18)
+    env = s3.child_env()
+    cache = tmp_path / 'cache'
+    ok(run(root, '--remote_download', f's3://{s3.bucket}/mds', '--bucket', 3, '--local', cache,
+           '--remote_upload', f's3://{s3.bucket}/latents', '--model_name', tiny_model,
+           '--resolutions', 256, '--batch-size', 4, '--num_workers', 1, '--part_size', 4, env=env))
+
+    # --bucket 3 is '256-512': its decodable samples, once each, with 256 px latents.
+    want = [r for r in buckets['256-512'] if r['key'] not in
+            {rows[i]['key'] for i, it in enumerate(corpus) if not it.decodable}]
+    got = read_mds(f's3://{s3.bucket}/latents/256-512', env=s3.env)
+    assert [o['key'] for o in got] == [r['key'] for r in want] and len(want) >= 6
+    for o in got:
+        assert np.frombuffer(o['latents_256'], np.float16).reshape(4, 32, 32).std() > 0
+        assert np.frombuffer(o['caption_latents'], np.float16).reshape(77, HIDDEN).std() > 0
+    keys = s3.list_keys(s3.bucket, 'latents/')
+    assert 'latents/256-512/index.json' in keys and 'latents/256-512/00000/_done' in keys
+    assert not glob.glob(str(cache / '**' / '*.mds'), recursive=True)  # downloaded shards evicted
+
+    # The remote goes down: one clear line and a non-zero exit.
+    s3.stop()
+    proc = run(root, '--remote_download', f's3://{s3.bucket}/mds', '--bucket', 3,
+               '--local', tmp_path / 'cache2', '--remote_upload', f's3://{s3.bucket}/latents2',
+               '--model_name', tiny_model, env=env)
+    assert 'cannot read the input dataset index' in one_line_error(proc)
+
+
+# ---- clear errors -------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_input(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp('tiny-input')
+    rows = [make_row(i, encode(photo_like(80, 70, i), 'JPEG'), f'{i}.jpg') for i in range(2)]
+    write_mds_input(str(folder / 'ok'), rows, bucketed=False)
+    for missing in ('jpg', 'caption'):
+        cols = {k: v for k, v in COLUMNS.items() if k != missing}
+        write_mds_input(str(folder / f'no_{missing}'), rows, bucketed=False, columns=cols)
+    return folder
+
+
+def partial_model(tiny_model: Path, tmp_path: Path, without: str) -> Path:
+    folder = tmp_path / f'model-without-{without}'
+    folder.mkdir()
+    for sub in ('vae', 'text_encoder', 'tokenizer'):
+        if sub != without:
+            (folder / sub).symlink_to(tiny_model / sub)
+    return folder
+
+
+@pytest.mark.parametrize('case, phrase', [
+    ('resolution', 'multiple of 8'),
+    ('no_vae', 'has no vae/'),
+    ('no_text_encoder', 'has no text_encoder/'),
+    ('no_jpg', 'no `jpg` column'),
+    ('no_caption', 'no `caption` column'),
+])
+def test_clear_one_line_errors(case, phrase, root, tiny_model, tiny_input, tmp_path):
+    data, model, extra = 'ok', tiny_model, []
+    if case == 'resolution':
+        extra = ['--resolutions', 256, 100]
+    elif case.startswith('no_') and case[3:] in ('vae', 'text_encoder'):
+        model = partial_model(tiny_model, tmp_path, case[3:])
+    else:
+        data = case
+    proc = run(root, '--remote_download', tiny_input / data, '--bucket', UNBUCKETED,
+               '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'out',
+               '--model_name', model, *extra)
+    assert phrase in one_line_error(proc)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_corpus_helpers_are_what_the_tests_assume(corpus):
+    """Guards the assumptions above: three broken files, and the awkward formats present."""
+    assert {it.name for it in corpus if not it.decodable} == BROKEN
+    assert build_corpus() == corpus
