@@ -159,15 +159,6 @@ def join(*parts: str) -> str:
     return '/'.join(p.strip('/') if i else p.rstrip('/') for i, p in enumerate(parts) if p)
 
 
-def dataset_path(remote: str, bucket: str, subfolder: str) -> str:
-    """Where the dataset of one bucket lives."""
-    return join(remote, bucket, subfolder)
-
-
-def record_dir(remote: str, subfolder: str) -> str:
-    return join(remote, RECORDS, subfolder)
-
-
 def fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -201,18 +192,15 @@ def uploader(staging: str, remote: str, retry: int, cache: bool = False):
     return up
 
 
-def put_bytes(remote_file: str, data: bytes, staging: str, retry: int) -> None:
-    """Write one small file to the remote (atomically: rename locally, one PUT in the cloud)."""
-    if not is_cloud(remote_file):
-        write_local_atomic(remote_file, data)
+def put_bytes(remote: str, rel: str, data: bytes, staging: str, retry: int) -> None:
+    """Write one small file at `remote`/`rel`, whole or not at all (a rename, or one PUT)."""
+    if not is_cloud(remote):
+        write_local_atomic(os.path.join(remote, rel), data)
         return
-    parent, name = remote_file.rsplit('/', 1)
-    tmp = tempfile.mkdtemp(dir=staging)
-    try:
-        Path(tmp, name).write_bytes(data)
-        uploader(tmp, parent, retry).upload_file(name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    root = os.path.join(staging, f'publish{os.getpid()}')
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+    Path(root, rel).write_bytes(data)
+    uploader(root, remote, retry, cache=True).upload_file(rel)  # removes the local copy
 
 
 def list_records(remote: str, prefix: str) -> list[str]:
@@ -433,16 +421,10 @@ def upload_parts(record: dict, staging: str, args: argparse.Namespace) -> None:
         raise RuntimeError(f'uploaded but not listed at the remote: {missing[:3]}')
 
 
-def write_record(record: dict, out_root: str, args: argparse.Namespace) -> None:
+def write_record(record: dict, args: argparse.Namespace) -> None:
     """The shard's record at the remote: written last, it is what makes the shard done."""
     rel = join(RECORDS, args.subfolder, f"{record['shard']}.record")
-    data = json.dumps(record).encode()
-    if not is_cloud(args.remote):
-        write_local_atomic(os.path.join(args.remote, rel), data)
-        return
-    os.makedirs(os.path.dirname(os.path.join(out_root, rel)), exist_ok=True)
-    Path(out_root, rel).write_bytes(data)
-    uploader(out_root, args.remote, args.retry, cache=True).upload_file(rel)
+    put_bytes(args.remote, rel, json.dumps(record).encode(), args.staging, args.retry)
 
 
 def convert_shard(parquet: str) -> dict[str, Any]:
@@ -460,7 +442,7 @@ def convert_shard(parquet: str) -> dict[str, Any]:
                 part = Path(out_root, bucket, args.subfolder, sid)
                 for f in part.iterdir():
                     fsync_file(str(f))
-        write_record(record, out_root, args)
+        write_record(record, args)
     except ShardError:
         raise
     except Exception as e:
@@ -491,8 +473,10 @@ def merge_parts(parts: dict[str, dict], out: str) -> str:
     return os.path.join(out, 'index.json')
 
 
-def publish_index(merged: str, dataset: str, staging: str, retry: int) -> None:
-    put_bytes(join(dataset, 'index.json'), Path(merged).read_bytes(), staging, retry)
+def publish_index(merged: str, args: argparse.Namespace, bucket: str, subfolder: str) -> None:
+    """Replace the dataset's index.json with the merged one."""
+    rel = join(bucket, subfolder, 'index.json')
+    put_bytes(args.remote, rel, Path(merged).read_bytes(), args.staging, args.retry)
 
 
 def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
@@ -501,8 +485,7 @@ def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
         parts = {sid: r['index'][bucket] for sid, r in records.items() if bucket in r['index']}
         with tempfile.TemporaryDirectory(dir=args.staging) as tmp:
             merged = merge_parts(parts, tmp)
-            publish_index(merged, dataset_path(args.remote, bucket, args.subfolder), args.staging,
-                          args.retry)
+            publish_index(merged, args, bucket, args.subfolder)
 
 
 def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
@@ -520,14 +503,14 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
                     continue
                 if sub:
                     merged = merge_parts(parts, os.path.join(tmp, 'subs', sub))
-                    publish_index(merged, dataset_path(args.remote, bucket, sub), args.staging, args.retry)
+                    publish_index(merged, args, bucket, sub)
                     tops[sub] = json.loads(Path(merged).read_text())
                 else:
                     tops.update(parts)
                 totals[bucket] = totals.get(bucket, 0) + sum(r['samples'].get(bucket, 0)
                                                             for r in recs.values())
             merged = merge_parts(tops, os.path.join(tmp, 'top'))
-            publish_index(merged, dataset_path(args.remote, bucket, ''), args.staging, args.retry)
+            publish_index(merged, args, bucket, '')
     return totals
 
 
@@ -681,7 +664,8 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     path = args.summary or os.path.join(args.local, name)
     Path(path).write_text(json.dumps(summary, indent=2))
     print_summary(summary, path)
-    shutil.rmtree(os.path.join(args.staging, 'parts'), ignore_errors=True)
+    for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:
+        shutil.rmtree(scratch, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(args.staging)
     return code
