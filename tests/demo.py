@@ -1,0 +1,132 @@
+"""`make demo`: the whole pipeline on a small offline sample, run exactly as a user runs it.
+
+1. Generates a few hundred images of many sizes, serves them from an HTTP server on 127.0.0.1 and
+   writes LAION-2B-en-shaped metadata pointing at it.
+2. laion_download_all.sh downloads them with img2dataset into parquet shards.
+3. laion_cloudwriter.py converts the shards to resolution-bucketed MDS datasets.
+4. precompute_latents.py attaches VAE/CLIP latents to one bucket (a tiny SD-2-shaped model, CPU).
+5. convert_coco.py converts a small COCO-shaped sample.
+Then it reads every output back with StreamingDataset and prints one table.
+
+Usage: .venv/bin/python tests/demo.py [--out demo-output] [--images 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testbed.coco import write_coco_sample  # noqa: E402
+from testbed.corpus import BUCKET_EDGES, CorpusItem, make_jpeg  # noqa: E402
+from testbed.http_server import ImageServer  # noqa: E402
+from testbed.laion_meta import entries_for, write_metadata  # noqa: E402
+from testbed.models import build_tiny_sd  # noqa: E402
+from testbed.readback import read_mds  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LATENT_BUCKET = 3  # index of 256-512 in BUCKET_EDGES: the bucket the demo attaches latents to
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default=str(ROOT / 'demo-output'), help='Folder for every output (wiped).')
+    p.add_argument('--images', type=int, default=300, help='How many images the sample holds.')
+    p.add_argument('--coco_images', type=int, default=40, help='Images in the COCO-shaped sample.')
+    return p.parse_args(argv)
+
+
+def sample_images(n: int, seed: int = 0) -> list[CorpusItem]:
+    """n JPEGs whose shorter sides spread over the buckets up to 768 px (small, so the demo is fast)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        short = int(rng.choice([48, 96, 180, 260, 300, 380, 520]))
+        long = int(short * rng.uniform(1.0, 1.6))
+        w, h = (long, short) if i % 2 else (short, long)
+        items.append(CorpusItem(f'demo_{i:05d}.jpg', make_jpeg(w, h, seed=i, quality=85), w, h))
+    return items
+
+
+def run(step: str, cmd: list[str], env: dict[str, str], timings: dict[str, float]) -> None:
+    """Run one pipeline step as a user would; stop the demo if it fails."""
+    print(f'\n=== {step}: {" ".join(cmd)}', flush=True)
+    t = time.time()
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    timings[step] = time.time() - t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, 'PATH': f'{bindir}:{os.environ["PATH"]}', 'NO_ALBUMENTATIONS_UPDATE': '1',
+           'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'disabled'}
+    timings: dict[str, float] = {}
+    py = sys.executable
+
+    items = sample_images(args.images)
+    model = build_tiny_sd(out / 'tiny-sd')
+    coco_data, coco_ann = write_coco_sample(out / 'coco', args.coco_images, seed=0)
+    with ImageServer(items) as server:
+        write_metadata(out / 'metadata', entries_for(server, items), 'full', files=2)
+        run('download', ['bash', 'laion_download_all.sh'],
+            {**env, 'URL_LIST': str(out / 'metadata'), 'OUTPUT_FOLDER': str(out / 'parquet'),
+             'PROCESSES_COUNT': '1', 'THREAD_COUNT': '16', 'NUMBER_SAMPLE_PER_SHARD': '100'}, timings)
+    run('cloudwriter', [py, 'laion_cloudwriter.py', '--local', str(out / 'parquet'),
+                        '--remote', str(out / 'mds'), '--bucketed', '--keep_parquet',
+                        '--poll_interval', '1'], env, timings)
+    bucket = f'{BUCKET_EDGES[LATENT_BUCKET]}-{BUCKET_EDGES[LATENT_BUCKET + 1]}'
+    run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'mds'),
+                    '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
+                    '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
+                    '--num_workers', '1'], env, timings)
+    run('coco', [py, 'convert_coco.py', '--data_path', str(coco_data), '--annotation_path',
+                 str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'], env, timings)
+    return report(out, bucket, timings, args.images)
+
+
+def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: int) -> dict:
+    """Read every output back with StreamingDataset and print one table."""
+    counts = {}
+    for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]):
+        if (out / 'mds' / f'{lo}-{hi}' / 'index.json').exists():
+            counts[f'{lo}-{hi}'] = len(read_mds(str(out / 'mds' / f'{lo}-{hi}')))
+    latents = read_mds(str(out / 'latents' / latent_bucket))
+    shapes = {}
+    for col, res in (('latents_256', 256), ('latents_512', 512)):
+        encoded = [np.frombuffer(s[col], np.float16).reshape(4, res // 8, res // 8)
+                   for s in latents if s[col]]
+        shapes[col] = (f'{len(encoded)} x (4, {res // 8}, {res // 8}) fp16, '
+                       f"{len(latents) - len(encoded)} b'' (shorter side < {res})")
+    captions = [np.frombuffer(s['caption_latents'], np.float16).reshape(77, -1) for s in latents]
+    caption_shape = f'{len(captions)} x {captions[0].shape} fp16' if captions else '0'
+
+    coco = read_mds(str(out / 'coco-mds'))
+    rows = [('metadata rows (images + 404 + 500 + redirect)', str(n_images + 3))]
+    rows += [(f'bucket {name}', f'{n} samples') for name, n in counts.items()]
+    rows += [('samples in all buckets', str(sum(counts.values())))]
+    rows += [(f'latents {latent_bucket}: caption_latents', caption_shape)]
+    rows += [(f'latents {latent_bucket}: {col}', v) for col, v in shapes.items()]
+    rows += [('coco samples', f'{len(coco)} ({sum(len(s["captions"]) for s in coco)} captions)')]
+    rows += [(f'seconds: {step}', f'{t:.1f}') for step, t in timings.items()]
+    width = max(len(k) for k, _ in rows)
+    print('\n' + '=' * (width + 30))
+    for k, v in rows:
+        print(f'{k:<{width}}  {v}')
+    print('=' * (width + 30))
+    return {'buckets': counts, 'latents': len(latents), 'coco': len(coco), 'timings': timings}
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,20 @@
+"""`make demo` runs the same pipeline as this test: download -> cloudwriter -> latents -> coco."""
+
+from __future__ import annotations
+
+import collections
+
+import demo
+from testbed.corpus import bucket_of
+
+
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
+    result = demo.main(['--out', str(tmp_path / 'demo'), '--images', '40', '--coco_images', '8'])
+    images = demo.sample_images(40)
+    want = collections.Counter(bucket_of(min(it.width, it.height)) for it in images)
+    want[bucket_of(min(images[0].width, images[0].height))] += 1  # the metadata's redirect row
+    assert result['buckets'] == dict(want)  # every downloaded image once, in its bucket
+    assert result['latents'] == want['256-512']
+    assert result['coco'] == 8
+    table = capsys.readouterr().out
+    assert 'caption_latents' in table and '(4, 32, 32)' in table and 'seconds: latents' in table
