@@ -45,6 +45,7 @@ def parse_with_script(script: str, argv: list[str]):
     """Run the script's own parse_args() on argv (SystemExit on a bad flag)."""
     spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
     spec.loader.exec_module(module)
     old = sys.argv
     sys.argv = [script, *argv]
