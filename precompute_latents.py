@@ -181,8 +181,6 @@ def first_line(err: BaseException) -> str:
 
 def fetch(url: str, dest: str, timeout: float) -> None:
     """Download one file from a remote (or copy a local one) to `dest`, atomically."""
-    from streaming.base.storage.download import CloudDownloader
-
     if not is_remote(url):
         if not os.path.isfile(url):
             raise FileNotFoundError(f'{url} does not exist')
@@ -190,6 +188,8 @@ def fetch(url: str, dest: str, timeout: float) -> None:
         shutil.copyfile(url, tmp)
         os.replace(tmp, dest)
         return
+    from streaming.base.storage.download import CloudDownloader
+
     tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
     try:
         tmp = os.path.join(tmp_dir, 'f')
@@ -209,8 +209,6 @@ def read_json(url: str, timeout: float) -> Any:
 
 def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
     """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
-    from streaming.base.storage.upload import CloudUploader
-
     if not is_remote(out_root):
         path = os.path.join(out_root, relpath)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -218,6 +216,8 @@ def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
             f.write(text)
         os.replace(path + '.tmp', path)
         return
+    from streaming.base.storage.upload import CloudUploader
+
     folder, name = os.path.split(relpath)
     local_dir = tempfile.mkdtemp(dir=staging)
     with open(os.path.join(local_dir, name), 'w') as f:
@@ -276,8 +276,6 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
 
 def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
     """{part name: marker contents} for the parts of `out_root` that a previous run finished."""
-    from streaming.base.storage.upload import CloudUploader
-
     if not is_remote(out_root):
         markers = {}
         for part in parts:
@@ -286,6 +284,8 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
                 with open(path) as f:
                     markers[part.name] = json.load(f)
         return markers
+    from streaming.base.storage.upload import CloudUploader
+
     prefix = urllib.parse.urlparse(out_root).path.strip('/')
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -799,6 +799,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     wandb_run = start_wandb(args, rank)
     total = sum(p.last - p.first for p in mine)
     start, seen = time.time(), 0
+    first_batch: tuple[float, int] | None = None  # (time, samples) once the first batch is encoded
     bar = tqdm(total=total, unit='sample', disable=rank != 0, dynamic_ncols=True,
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
@@ -813,6 +814,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             n = batch['job'].stop - batch['job'].start
             seen += n
             bar.update(n)
+            first_batch = first_batch or (time.time(), seen)
             if wandb_run is not None:
                 wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
         writer.put(None)
@@ -827,8 +829,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     if writer.error is not None:
         raise writer.error if isinstance(writer.error, UserError) else UserError(
             f'writing failed: {first_line(writer.error)}; rerun the same command to resume')
-    elapsed = time.time() - start
-    return {'samples': seen, 'seconds': elapsed, 'parts': len(mine)}
+    end = time.time()
+    steady = (seen - first_batch[1]) / max(end - first_batch[0], 1e-9) if first_batch else 0.0
+    return {'samples': seen, 'seconds': end - start, 'steady': steady, 'parts': len(mine)}
 
 
 def start_wandb(args: argparse.Namespace, rank: int):
@@ -889,6 +892,7 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
         'seconds_rank0': round(run_stats['seconds'], 3),
         'samples_per_s_rank0': round(run_stats['samples'] / max(run_stats['seconds'], 1e-9), 2),
+        'steady_samples_per_s_rank0': round(run_stats['steady'], 2),
         'settings': plan.settings,
     }
 
@@ -904,7 +908,8 @@ def report(summary: dict, path: str) -> None:
         f'parts   {summary["parts"]} ({summary["parts_this_run"]} this run, {summary["parts_before"]} '
         f'done before), world size {summary["world_size"]}',
         f'speed   rank 0: {summary["samples_this_run_rank0"]} samples in {summary["seconds_rank0"]:.1f} s '
-        f'({summary["samples_per_s_rank0"]:.1f} samples/s)',
+        f'({summary["samples_per_s_rank0"]:.1f} samples/s; {summary["steady_samples_per_s_rank0"]:.1f} after '
+        'the first batch)',
     ]
     for s in summary['skipped_samples'][:10]:
         lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')

@@ -1,0 +1,337 @@
+"""Benchmark precompute_latents.py: loader alone, model alone, end to end, and the loader per core.
+
+Input: an MDS dataset of photo-like JPEGs (testbed.corpus.make_jpeg) of 300-900 px, quality tuned to
+~100 KB each, as laion_cloudwriter.py would write it. Measured in one run, samples/s:
+
+- loader per core: one process, one thread, over the same JPEGs: the script's decode (once per sample,
+  every resolution from that decode) beside the published preprocessing (decode once per resolution,
+  resize + center crop + ToTensor + Normalize to 256 and 512 for every image); goal >= 1.5x;
+- loader alone: the script's DataLoader (read MDS, decode, tokenize) with --workers workers, no model;
+- model alone: the script's encode step on batches the loader made beforehand (held in memory);
+- end to end: the script run as a user runs it (its rate excludes start-up); goal >= 0.9 x the slower
+  of loader alone and model alone.
+
+Default (CPU, the test bed's tiny model, ~2-3 min):
+    .venv/bin/python benchmarks/bench_precompute_latents.py
+On a GPU host, full-size randomly initialised SD-2 VAE + ViT-H text encoder in fp16, with MFU:
+    python benchmarks/bench_precompute_latents.py --device cuda --full_size --bucket 256-512 \\
+        --samples 20000 --batch_size 128 --workers 15
+    python benchmarks/bench_precompute_latents.py --device cuda --full_size --bucket 512+ ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'tests'))
+sys.path.insert(0, str(ROOT))
+
+from testbed.corpus import make_jpeg  # noqa: E402
+from testbed.mds_input import UNBUCKETED, make_row, write_mds_input  # noqa: E402
+from testbed.models import build_tiny_sd, write_clip_tokenizer  # noqa: E402
+
+import precompute_latents as pl  # noqa: E402
+
+# Shorter-side ranges of the generated images per --bucket (the longer side is up to 4/3 of it).
+SIDES = {'mixed': (300, 900), '256-512': (256, 511), '512+': (512, 900)}
+# Dense fp16/bf16 tensor-core peak, FLOP/s, for the MFU column.
+PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu', help='where the models run')
+    p.add_argument('--full_size', action='store_true',
+                   help='randomly initialised full-size SD-2 VAE + ViT-H text encoder (else the tiny one)')
+    p.add_argument('--bucket', choices=tuple(SIDES), default='mixed',
+                   help="image sizes: 'mixed' 300-900 px, '256-512' (256 px latents only), '512+' (both)")
+    p.add_argument('--samples', type=int, default=32, help='samples in the dataset for loader/model/e2e')
+    p.add_argument('--distinct', type=int, default=32, help='distinct JPEGs (the dataset repeats them)')
+    p.add_argument('--per_core_images', type=int, default=60, help='JPEGs for the per-core comparison')
+    p.add_argument('--target_kb', type=float, default=100, help='mean JPEG size to tune quality for')
+    p.add_argument('--batch_size', type=int, default=8, help='samples per batch')
+    p.add_argument('--workers', type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help='DataLoader workers for loader alone and end to end')
+    p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512], help='resolutions')
+    p.add_argument('--peak_tflops', type=float, default=0, help='peak for MFU; 0: from the GPU name')
+    p.add_argument('--work_dir', default='', help='where inputs and outputs go (default: a temp dir)')
+    return p.parse_args()
+
+
+# ---- input -------------------------------------------------------------------------------------
+
+def image_sizes(n: int, bucket: str, seed: int = 0) -> list[tuple[int, int]]:
+    lo, hi = SIDES[bucket]
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for _ in range(n):
+        short = int(rng.integers(lo, hi + 1))
+        long = int(short * rng.uniform(1.0, 4 / 3))
+        sizes.append((long, short) if rng.random() < 0.5 else (short, long))
+    return sizes
+
+
+def tuned_quality(sizes: list[tuple[int, int]], target_kb: float) -> int:
+    """The JPEG quality whose mean size over a few of `sizes` is closest to target_kb."""
+    probe = sizes[:8]
+    best = (float('inf'), 90)
+    for q in (97, 95, 92, 90, 87, 85, 80, 75, 70, 60, 50):
+        kb = np.mean([len(make_jpeg(w, h, seed=i, quality=q)) for i, (w, h) in enumerate(probe)]) / 1e3
+        best = min(best, (abs(kb - target_kb), q))
+    return best[1]
+
+
+def make_images(n: int, bucket: str, target_kb: float) -> list[bytes]:
+    sizes = image_sizes(n, bucket)
+    q = tuned_quality(sizes, target_kb)
+    return [make_jpeg(w, h, seed=i, quality=q) for i, (w, h) in enumerate(sizes)]
+
+
+def build_input(folder: Path, images: list[bytes], samples: int) -> Path:
+    rows = [make_row(i, images[i % len(images)], f'bench_{i}.jpg',
+                     caption=f'a photo-like picture number {i} of smooth colours and some noise')
+            for i in range(samples)]
+    write_mds_input(str(folder), rows, bucketed=False, size_limit=1 << 27)
+    return folder
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def build_full_size_sd2(folder: Path) -> Path:
+    """SD-2's VAE and OpenCLIP ViT-H text encoder configs, randomly initialised, saved in fp16."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=768,
+                        down_block_types=('DownEncoderBlock2D',) * 4,
+                        up_block_types=('UpDecoderBlock2D',) * 4, scaling_factor=0.18215)
+    vae.half().save_pretrained(folder / 'vae')
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act='gelu',
+                         projection_dim=1024, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    CLIPTextModel(cfg).half().save_pretrained(folder / 'text_encoder')
+    write_clip_tokenizer(folder / 'tokenizer')
+    return folder
+
+
+def flops_per_sample(vae, text_encoder, device: torch.device, dtype: torch.dtype,
+                     shares: dict[int, float]) -> float:
+    """Forward FLOPs per sample: the text encoder, plus the VAE encoder at each resolution weighted
+    by the share of samples whose shorter side reaches it (torch's FLOP counter, batch of 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0.0
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            text_encoder(torch.zeros(1, 77, dtype=torch.long, device=device))
+        total += counter.get_total_flops()
+        for res, share in shares.items():
+            if share:
+                with FlopCounterMode(display=False) as counter:
+                    vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=dtype))
+                total += share * counter.get_total_flops()
+    return total
+
+
+# ---- measurements ------------------------------------------------------------------------------
+
+def published_preprocess(data: bytes) -> list[torch.Tensor]:
+    """What the published script does per sample: one decode per resolution, resize + crop each."""
+    from PIL import Image
+    from torchvision import transforms
+
+    out = []
+    for res in (256, 512):
+        img = Image.open(io.BytesIO(data))
+        if img.mode != 'RGB':
+            img = img.convert('RGB')
+        img = transforms.functional.resize(img, res, antialias=True)
+        img = transforms.functional.center_crop(img, res)
+        out.append(transforms.functional.normalize(transforms.functional.to_tensor(img), [0.5] * 3,
+                                                   [0.5] * 3))
+    return out
+
+
+def published_item(reader: pl.BatchReader, sample_id: int) -> None:
+    """The published dataset's __getitem__: read the sample, tokenize its caption alone, preprocess."""
+    sample = reader.cache.get(sample_id)
+    torch.tensor(reader.tokenizer(sample['caption'], padding='max_length', truncation=True,
+                                  max_length=reader.tokenizer.model_max_length)['input_ids'])
+    published_preprocess(sample['jpg'])
+
+
+def ours_preprocess(data: bytes) -> list[np.ndarray]:
+    img, usable = pl.decode_image(data, [256, 512])
+    return [pl.center_square(img, r) for r in usable]
+
+
+def interleaved_rates(fns: dict, items: list, count, rounds: int = 2) -> dict[str, float]:
+    """samples/s of each fn over `items`, one thread, the fns taking turns item by item so that
+    load from other processes hits all of them alike. `count(item)` is the samples in an item."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for fn in fns.values():  # warm-up: imports, caches
+        fn(items[0])
+    spent = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for item in items:
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                fn(item)
+                spent[name] += time.perf_counter() - t
+    torch.set_num_threads(threads)
+    n = rounds * sum(count(item) for item in items)
+    return {name: n / spent[name] for name in fns}
+
+
+def make_reader(mds: Path, model: Path, args, vae) -> pl.BatchReader:
+    shards = pl.read_input_index(str(mds), str(mds), 60)
+    parts = pl.plan_parts(shards, 10**9)
+    cache = pl.ShardCache(shards, None, str(mds), 60, 1)
+    return pl.BatchReader(pl.make_jobs(parts, args.batch_size), cache, pl.load_tokenizer(str(model)),
+                          args.resolutions, pl.latent_shape(vae), 'sample', 0, 0.0)
+
+
+def loader_alone(reader: pl.BatchReader, workers: int) -> tuple[float, list[dict]]:
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
+                                         collate_fn=pl.no_collate, prefetch_factor=4 if workers else None)
+    t = time.perf_counter()
+    it = iter(loader)
+    first = next(it)  # worker start-up is not the loader's rate: time from the first batch on
+    t1 = time.perf_counter()
+    batches = [first] + list(it)
+    n = sum(len(b['samples']) for b in batches[1:])
+    rate = n / (time.perf_counter() - t1) if n else len(batches[0]['samples']) / (t1 - t)
+    return rate, batches
+
+
+def model_alone(batches: list[dict], vae, te, device, dtype, resolutions, min_seconds: float = 5.0) -> float:
+    """Encode pre-made batches (pinned on a GPU) until min_seconds have passed; samples/s."""
+    if device.type == 'cuda':
+        batches = [{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                   for b in batches]
+    pl.encode_batch(batches[0], vae, te, resolutions, device, dtype, 'sample')  # warm-up
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    n, t = 0, time.perf_counter()
+    while True:
+        for b in batches:
+            pl.encode_batch(b, vae, te, resolutions, device, dtype, 'sample')
+            n += len(b['samples'])
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        if time.perf_counter() - t >= min_seconds:
+            return n / (time.perf_counter() - t)
+
+
+def end_to_end(mds: Path, model: Path, work: Path, args) -> dict:
+    """The script as a user runs it; its own rate excludes start-up (model loading, workers)."""
+    summary = work / 'e2e_summary.json'
+    cmd = [sys.executable, str(ROOT / 'precompute_latents.py'), '--remote_download', str(mds.parent),
+           '--bucket', mds.name, '--local', str(work / 'e2e_cache'), '--remote_upload', str(work / 'e2e_out'),
+           '--model_name', str(model), '--batch-size', str(args.batch_size), '--device', args.device,
+           '--num_workers', str(args.workers), '--resolutions', *map(str, args.resolutions),
+           '--summary', str(summary)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f'end-to-end run failed:\n{proc.stderr[-3000:]}')
+    out = json.loads(summary.read_text())
+    out['wall'] = wall
+    return out
+
+
+def peak_flops(args, device: torch.device) -> float:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type != 'cuda':
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK.items() if k in name), 0.0)
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.update({'NO_ALBUMENTATIONS_UPDATE': '1', 'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'disabled'})
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix='bench-latents-'))
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device('cuda' if args.device == 'cuda' else 'cpu')
+    dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    load0 = os.getloadavg()[0]
+
+    print(f'building {args.distinct} JPEGs ({args.bucket}) and a {args.samples}-sample MDS input ...',
+          flush=True)
+    images = make_images(max(args.distinct, args.per_core_images), args.bucket, args.target_kb)
+    mean_kb = np.mean([len(d) for d in images]) / 1e3
+    mds = build_input(work / 'mds', images[:args.distinct], args.samples) / UNBUCKETED
+    if args.full_size:
+        model = build_full_size_sd2(work / 'sd2-random')
+    else:
+        model = build_tiny_sd(work / 'tiny-sd')
+    vae, te = pl.load_models(str(model), device, dtype)
+
+    image_rates = interleaved_rates({'ours': ours_preprocess, 'published': published_preprocess},
+                                    images[:args.per_core_images], count=lambda _: 1)
+    ours, published = image_rates['ours'], image_rates['published']
+    reader = make_reader(mds, model, args, vae)
+    jobs = reader.jobs
+    item_rates = interleaved_rates(
+        {'ours': lambda j: reader[j],
+         'published': lambda j: [published_item(reader, i) for i in range(jobs[j].start, jobs[j].stop)]},
+        list(range(len(jobs))), count=lambda j: jobs[j].stop - jobs[j].start, rounds=1)
+    ours_item, pub_item = item_rates['ours'], item_rates['published']
+    loader_rate, batches = loader_alone(reader, args.workers)
+    model_rate = model_alone(batches, vae, te, device, dtype, args.resolutions)
+    e2e = end_to_end(mds, model, work, args)
+    e2e_rate = e2e['steady_samples_per_s_rank0']
+
+    n = sum(len(b['samples']) for b in batches)
+    shares = {r: sum(len(b[f'rows_{r}']) for b in batches) / max(n, 1) for r in args.resolutions}
+    flops = flops_per_sample(vae, te, device, dtype, shares)
+    peak = peak_flops(args, device)
+    device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU x{os.cpu_count()}'
+
+    slower = min(loader_rate, model_rate)
+    rows = [
+        ('per core: published image preprocessing', published, 'decode + resize + crop per resolution'),
+        ('per core: ours image preprocessing', ours, f'{ours / published:.2f}x published (goal >= 1.5x)'),
+        ('per core: published item (MDS, tokens, images)', pub_item, ''),
+        ('per core: ours item (MDS, tokens, images, noise)', ours_item,
+         f'{ours_item / pub_item:.2f}x published'),
+        (f'loader alone ({args.workers} workers)', loader_rate, ''),
+        ('model alone (pre-decoded batches)', model_rate, ''),
+        ('end to end (script, after its first batch)', e2e_rate,
+         f'{e2e_rate / slower:.2f}x the slower of the two (goal >= 0.9x)'),
+    ]
+    model_kind = 'full-size SD-2 (random init)' if args.full_size else 'tiny test bed'
+    print(f'\ndevice {device_name}, model {model_kind}, '
+          f'dtype {str(dtype).replace("torch.", "")}, batch {args.batch_size}, bucket {args.bucket}, '
+          f'{args.samples} samples, JPEGs {mean_kb:.0f} KB mean')
+    print('latent share per resolution: ' + ', '.join(f'{r}px {s:.2f}' for r, s in shares.items()))
+    print(f'{"measurement":<48} {"samples/s":>10}  note')
+    for name, rate, note in rows:
+        print(f'{name:<48} {rate:>10.1f}  {note}')
+    mfu = f'{flops * e2e_rate / peak:.1%}' if peak else 'n/a (no peak known; --peak_tflops)'
+    print(f'FLOPs per sample {flops / 1e9:.1f} GFLOP; end-to-end {flops * e2e_rate / 1e12:.2f} TFLOP/s; '
+          f'MFU {mfu}')
+    print(f'end-to-end wall incl. start-up {e2e["wall"]:.1f} s; load average {load0:.2f} -> '
+          f'{os.getloadavg()[0]:.2f} (uptime)')
+
+
+if __name__ == '__main__':
+    main()
