@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
                    help='where the dataset goes: a local folder or a remote like s3://bucket/prefix')
     p.add_argument('--local', type=str, default='',
                    help='local staging folder for shards before they reach `remote` (its shard files '
-                        'and index are replaced); default: a hidden folder inside a local remote, '
+                        'and index are replaced); empty: a hidden folder inside a local remote, '
                         'else a temporary folder')
     p.add_argument('--num_samples', type=int, default=DEFAULT_NUM_SAMPLES,
                    help='images to keep, chosen by np.random.choice with `seed`; 0 keeps all')
@@ -96,7 +96,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--size_limit', type=str, default='64mb',
                    help='shard size limit before a new shard starts (bytes, or like 64mb)')
     p.add_argument('--compression', type=str, default=None,
-                   help='shard compression such as zstd (JPEG bytes gain little); default: none')
+                   help='shard compression such as zstd (JPEG bytes gain little)')
     p.add_argument('--workers', type=int, default=16, help='threads reading image files in parallel')
     p.add_argument('--upload_workers', type=int, default=4,
                    help='threads moving or uploading finished shards to `remote`')
