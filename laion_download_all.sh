@@ -197,27 +197,43 @@ def decodes(data: bytes) -> bool:
         return False
 
 
-def check_shard(path: str) -> tuple[int, int]:
-    """(images checked, corrupt) among a shard's 'success' rows."""
+def check_shard(path: str) -> tuple[int, int] | None:
+    """(images checked, corrupt) among a shard's 'success' rows; None when the shard is gone (the
+    cloudwriter converted and removed it) or does not read."""
     checked = corrupt = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=['status', 'jpg']):
-        for status, data in zip(batch.column('status').to_pylist(), batch.column('jpg').to_pylist()):
-            if status == 'success':
-                checked += 1
-                corrupt += not decodes(data or b'')
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=['status', 'jpg']):
+            for status, data in zip(batch.column('status').to_pylist(), batch.column('jpg').to_pylist()):
+                if status == 'success':
+                    checked += 1
+                    corrupt += not decodes(data or b'')
+    except Exception:
+        return None
     return checked, corrupt
 
 
+def size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+# Stats before parquets: laion_cloudwriter.py, running beside, deletes a parquet and then its stats,
+# so a parquet seen after its stats were missed is a shard img2dataset did not finish.
 stats = {}
 for path in sorted(glob.glob(os.path.join(out, '*_stats.json'))):
-    shard = os.path.basename(path).split('_')[0]
-    with open(path) as f:
-        stats[shard] = json.load(f)
+    try:
+        with open(path) as f:
+            stats[os.path.basename(path).split('_')[0]] = json.load(f)
+    except FileNotFoundError:
+        pass
 cache = {}
 if os.path.exists(CACHE):
     for line in open(CACHE):
-        shard, end, checked, corrupt = line.split()
-        cache[(shard, end)] = (int(checked), int(corrupt))
+        fields = line.split()
+        if len(fields) == 4 and line.endswith('\n'):  # a line cut off by a kill is checked again
+            cache[(fields[0], fields[1])] = (int(fields[2]), int(fields[3]))
 todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache
         and os.path.exists(os.path.join(out, s + '.parquet'))] if check else []
 if todo:
@@ -226,9 +242,10 @@ if todo:
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(check_shard, [os.path.join(out, s + '.parquet') for s in todo]))
     with open(CACHE, 'a') as f:
-        for s, (checked, corrupt) in zip(todo, results):
-            cache[(s, repr(stats[s]['end_time']))] = (checked, corrupt)
-            f.write(f"{s}\t{stats[s]['end_time']!r}\t{checked}\t{corrupt}\n")
+        for s, result in zip(todo, results):
+            if result is not None:
+                cache[(s, repr(stats[s]['end_time']))] = result
+                f.write(f"{s}\t{stats[s]['end_time']!r}\t{result[0]}\t{result[1]}\n")
 
 reasons: dict[str, int] = {}
 count = successes = corrupt = unchecked = 0
@@ -245,7 +262,7 @@ if corrupt:
     reasons['corrupt: downloaded but does not decode'] = corrupt
 parquets = {os.path.basename(p)[:-len('.parquet')] for p in glob.glob(os.path.join(out, '*.parquet'))}
 unfinished = sorted(parquets - set(stats))
-size = sum(os.path.getsize(os.path.join(out, s + '.parquet')) for s in parquets & set(stats))
+nbytes = sum(size(os.path.join(out, s + '.parquet')) for s in parquets & set(stats))
 new = [st for st in stats.values() if st['end_time'] >= start]
 
 print(f'\n== laion_download summary: {out}')
@@ -260,10 +277,10 @@ print(f'  images ok           {successes - corrupt:>10,}'
       + (f'  ({unchecked:,} not checked for corruption)' if unchecked else ''))
 print(f'  failures            {count - successes + corrupt:>10,}')
 for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
-    print(f'    {n:>10,}  {reason[:90]}')
+    print(f"    {n:>10,}  {' '.join(reason.split())[:90]}")
 if len(reasons) > 8:
     print(f'    {sum(sorted(reasons.values())[:-8]):>10,}  ({len(reasons) - 8} other reasons)')
-print(f'  bytes               {size:>10,}  ({size / 2**20:,.1f} MiB of finished shards on disk)')
+print(f'  bytes               {nbytes:>10,}  ({nbytes / 2**20:,.1f} MiB of finished shards on disk)')
 if new:
     secs = max(st['end_time'] for st in new) - min(st['start_time'] for st in new)
     n_new = sum(st['count'] for st in new)
