@@ -172,7 +172,6 @@ import glob
 import io
 import json
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pyarrow.parquet as pq

@@ -188,15 +188,25 @@ def test_killed_download_resumes_without_downloading_finished_shards(full_downlo
 
 
 def test_failed_shard_leaves_no_done_and_exits_nonzero(image_server, tmp_path):
-    # A shard img2dataset cannot write (as on a full disk): it retries, gives up and still exits 0.
-    entries = entries_for(image_server, good_items()[:3], failures=False, redirect=False)
-    write_metadata(tmp_path / 'raw', entries, 'full')
+    # Shard 0 cannot be written (as on a full disk): img2dataset retries it, gives up and exits 0 all
+    # the same. Shard 1 holds a row whose md5 disagrees with its bytes, kept with VERIFY_HASH=False.
+    items = good_items()[:PER_SHARD + 1]
+    entries = entries_for(image_server, items, failures=False, redirect=False)
+    table = full_table(entries)
+    md5 = table.column('md5').to_pylist()
+    md5[-1] = hashlib.md5(b'not these bytes').hexdigest()
+    (tmp_path / 'raw').mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5)),
+                   tmp_path / 'raw' / 'part-00000.parquet')
     out = tmp_path / 'out'
     (out / '00000.parquet').mkdir(parents=True)
-    proc = run('full', tmp_path / 'raw', out)
+    proc = run('full', tmp_path / 'raw', out, VERIFY_HASH='False')
     assert proc.returncode != 0
     assert not (out / 'done').exists()
     assert 'no done file' in proc.stderr
+    assert re.search(r'shards unfinished +1 .*00000', proc.stdout)
+    row = pq.read_table(out / '00001.parquet').to_pylist()[0]
+    assert row['status'] == 'success' and row['jpg'] == items[-1].data
 
 
 def bad_inputs(tmp_path: Path, server) -> dict[str, tuple]:
