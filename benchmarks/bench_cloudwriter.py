@@ -1,0 +1,234 @@
+"""Benchmark laion_cloudwriter.py against the I/O limit and the simplest converter.
+
+    .venv/bin/python benchmarks/bench_cloudwriter.py                # 8 and 16 shards x 2,000 rows
+    .venv/bin/python benchmarks/bench_cloudwriter.py --shards 16 --rows 4000
+
+Input: img2dataset-shaped parquet shards (full schema, sizes null as our downloads write them) of
+~100 KB photo-like JPEGs (a pool of distinct images at 300-900 px reused across rows), cached in
+--cache. Each method runs on N and 2N shards into a local --remote folder, in a subprocess whose
+whole process tree is sampled for peak RSS:
+  cp+sync     `cp -r` of the parquet files, then `sync`: the I/O limit;
+  naive       one process: pyarrow batches -> one MDSWriter per bucket, then `sync`;
+  cloudwriter laion_cloudwriter.py --bucketed --keep_parquet (fsyncs its output itself).
+Marginal rates use (2N run) - (N run), so interpreter start-up and imports do not hide the rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'tests'))
+
+POOL_SIZE = 64          # distinct JPEGs reused across rows
+JPEG_QUALITY = 73       # with 300-900 px sides gives a ~100 KB mean
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--shards', type=int, default=8, help='N: shards of the small run (2N for the big).')
+    p.add_argument('--rows', type=int, default=2000, help='Rows per shard.')
+    p.add_argument('--processes', type=int, default=os.cpu_count() or 1,
+                   help='--processes for laion_cloudwriter.py.')
+    p.add_argument('--cache', type=str, default='/tmp/bench_cloudwriter_input',
+                   help='Where the generated input is kept between runs.')
+    p.add_argument('--work', type=str, default='/tmp/bench_cloudwriter_work',
+                   help='Scratch folder for the outputs (emptied after each run).')
+    p.add_argument('--naive_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
+                   help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ---- input -------------------------------------------------------------------------------------
+
+def make_input(folder: Path, shards: int, rows: int) -> int:
+    """Write `shards` img2dataset shards of `rows` rows (cached); returns the parquet bytes."""
+    import numpy as np
+    from testbed.corpus import CorpusItem, make_jpeg
+    from testbed.i2d_shards import shard_rows, write_shard
+
+    stamp = folder / f'.complete-{shards}x{rows}'
+    if not stamp.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        rng = np.random.default_rng(0)
+        pool = []
+        for i in range(POOL_SIZE):
+            w, h = (int(x) for x in rng.integers(300, 900, 2))
+            pool.append(CorpusItem(f'img{i}.jpg', make_jpeg(w, h, seed=i, quality=JPEG_QUALITY), w, h))
+        for s in range(shards):
+            items = [pool[(s * 7 + i) % POOL_SIZE] for i in range(rows - 1)]
+            write_shard(folder, s, shard_rows(s, items, failures=1), row_group_size=100)
+        (folder / 'done').touch()
+        stamp.touch()
+    return sum(p.stat().st_size for p in folder.glob('*.parquet'))
+
+
+def subset(src: Path, dst: Path, shards: int) -> int:
+    """A folder holding the first `shards` shards of `src` (hard links); returns JPEG bytes."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    total = 0
+    for s in range(shards):
+        for name in (f'{s:05d}.parquet', f'{s:05d}_stats.json'):
+            os.link(src / name, dst / name)
+        for batch in pq.ParquetFile(dst / f'{s:05d}.parquet').iter_batches(columns=['jpg']):
+            total += pc.sum(pc.binary_length(batch.column(0))).as_py() or 0
+    (dst / 'done').touch()
+    return total
+
+
+# ---- the simplest converter ----------------------------------------------------------------------
+
+def naive(local: str, remote: str) -> None:
+    """pyarrow batches into one MDSWriter per bucket; sizes from the header; no parallelism."""
+    import bisect
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from streaming import MDSWriter
+    edges = (0, 64, 128, 256, 512, 768, 1024, 2**20)
+    cols = {'punsafe': 'float64', 'pwatermark': 'float64', 'similarity': 'float64',
+            'aesthetic_score': 'float64', 'caption': 'str', 'url': 'str', 'key': 'str', 'status': 'str',
+            'error_message': 'str', 'exif': 'str', 'width': 'int32', 'height': 'int32',
+            'original_width': 'int32', 'original_height': 'int32', 'jpg': 'bytes', 'hash': 'int64'}
+    writers = {}
+    for path in sorted(Path(local).glob('*.parquet')):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for r in batch.to_pylist():
+                if r['status'] != 'success':
+                    continue
+                w, h = Image.open(io.BytesIO(r['jpg'])).size
+                i = bisect.bisect_right(edges, min(w, h)) - 1
+                b = f'{edges[i]}-{edges[i + 1]}'
+                if b not in writers:
+                    writers[b] = MDSWriter(out=os.path.join(remote, b), columns=cols)
+                writers[b].write({'punsafe': r['punsafe'] or 0.0, 'pwatermark': r['pwatermark'] or 0.0,
+                                  'similarity': r['similarity'] or 0.0, 'aesthetic_score': float('nan'),
+                                  'caption': r['caption'] or '', 'url': r['url'] or '', 'key': r['key'],
+                                  'status': r['status'], 'error_message': r['error_message'] or '',
+                                  'exif': r['exif'] or '', 'width': w, 'height': h, 'original_width': w,
+                                  'original_height': h, 'jpg': r['jpg'], 'hash': r['hash'] or 0})
+    for w in writers.values():
+        w.finish()
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes summed over a process and all its descendants. RSS counts pages shared by
+    forked workers once per process; PSS splits them, so it is the tree's real footprint."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir('/proc'):
+        if d.isdigit():
+            try:
+                stat = Path(f'/proc/{d}/stat').read_text()
+                children.setdefault(int(stat[stat.rindex(')') + 2:].split()[1]), []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    rss = pss = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f'/proc/{p}/smaps_rollup').read_text().splitlines():
+                if line.startswith('Rss:'):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith('Pss:'):
+                    pss += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            continue
+    return rss, pss
+
+
+def timed(cmd: list[str] | str, env: dict | None = None) -> tuple[float, int, int]:
+    """Run a command (then `sync`); returns (seconds, peak RSS, peak PSS of its process tree)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, shell=isinstance(cmd, str), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    peak = [0, 0]
+
+    def sample():
+        while proc.poll() is None:
+            rss, pss = tree_memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.1)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    t.join()
+    if proc.returncode not in (0,):
+        raise SystemExit(f'{cmd} failed ({proc.returncode}): {err[-2000:]}')
+    subprocess.run(['sync'], check=True)
+    return time.time() - t0, peak[0], peak[1]
+
+
+def methods(args: argparse.Namespace, local: Path, out: Path) -> dict[str, list[str] | str]:
+    py = sys.executable
+    return {
+        'cp+sync': f'cp -r {local} {out}',
+        'naive': [py, __file__, '--naive_worker', str(local), str(out)],
+        'cloudwriter': [py, str(ROOT / 'laion_cloudwriter.py'), '--local', str(local), '--remote', str(out),
+                        '--bucketed', '--keep_parquet', '--processes', str(args.processes),
+                        '--summary', str(out.parent / 'summary.json')],
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.naive_worker:
+        naive(*args.naive_worker)
+        return
+    os.environ.update(NO_ALBUMENTATIONS_UPDATE='1', HF_HUB_OFFLINE='1', WANDB_MODE='disabled')
+    cache, work = Path(args.cache), Path(args.work)
+    t = time.time()
+    make_input(cache, 2 * args.shards, args.rows)
+    print(f'input: {2 * args.shards} shards x {args.rows} rows in {cache} ({time.time() - t:.0f} s)')
+    results: dict[tuple[str, int], tuple[float, int, int, int]] = {}
+    for n in (args.shards, 2 * args.shards):
+        jpg_bytes = subset(cache, work / 'in', n)
+        for name in ('cp+sync', 'naive', 'cloudwriter'):
+            out = work / 'out'
+            shutil.rmtree(out, ignore_errors=True)
+            secs, rss, pss = timed(methods(args, work / 'in', out)[name])
+            results[name, n] = (secs, rss, pss, jpg_bytes)
+            shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    n1, n2 = args.shards, 2 * args.shards
+    rows1, rows2 = n1 * (args.rows - 1), n2 * (args.rows - 1)
+    load = os.getloadavg()
+    print(f'\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores; '
+          f'mean JPEG {results["cp+sync", n1][3] / rows1 / 1e3:.0f} KB; MB are JPEG bytes')
+    head = (f'{"method":<12} {"s@N":>6} {"s@2N":>6} {"MB/s@2N":>8} {"marg MB/s":>10} {"marg smp/s":>10} '
+            f'{"x cp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
+    print(head)
+    print('-' * len(head))
+    table = {}
+    for name in ('cp+sync', 'naive', 'cloudwriter'):
+        (s1, r1, p1, b1), (s2, r2, p2, b2) = results[name, n1], results[name, n2]
+        dt = max(s2 - s1, 1e-9)
+        table[name] = dict(s_n=s1, s_2n=s2, mb_s_2n=b2 / s2 / 1e6, marginal_mb_s=(b2 - b1) / dt / 1e6,
+                           marginal_samples_s=(rows2 - rows1) / dt, rss_n_gb=r1 / 1e9, rss_2n_gb=r2 / 1e9,
+                           pss_n_gb=p1 / 1e9, pss_2n_gb=p2 / 1e9)
+    for name, r in table.items():
+        ratio = r['marginal_mb_s'] / table['cp+sync']['marginal_mb_s']
+        print(f'{name:<12} {r["s_n"]:>6.1f} {r["s_2n"]:>6.1f} {r["mb_s_2n"]:>8.0f} '
+              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {ratio:>5.2f} '
+              + ' '.join(f'{r[k]:>5.2f}G' for k in ('rss_n_gb', 'rss_2n_gb', 'pss_n_gb', 'pss_2n_gb')))
+    print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table}))
+
+
+if __name__ == '__main__':
+    main()
