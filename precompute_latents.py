@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -297,11 +298,14 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
                 listed = {p.name for p in parts}  # this store cannot list: probe every part
     except Exception as err:
         raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
-    markers = {}
-    for name in sorted(listed):
-        with contextlib.suppress(FileNotFoundError, Exception):
-            markers[name] = read_json(join(out_root, name, DONE_MARKER), timeout)
-    return markers
+    def read_marker(name: str) -> tuple[str, dict | None]:
+        try:
+            return name, read_json(join(out_root, name, DONE_MARKER), timeout)
+        except Exception:  # absent or unreadable: the part is simply done again
+            return name, None
+
+    with ThreadPoolExecutor(16) as pool:
+        return {name: m for name, m in pool.map(read_marker, sorted(listed)) if m is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,6 +528,7 @@ def load_models(model_name: str, device: torch.device, dtype: torch.dtype):
     vae = vae.to(device).eval()
     if device.type == 'cuda':
         vae = vae.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
     return vae, text_encoder.to(device).eval()
 
 
