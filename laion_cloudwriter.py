@@ -666,7 +666,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
             el = max(time.time() - start, 1e-9)
             bar.set_postfix_str(f'{progress[0] / el:,.0f} samples/s, {progress[1] / el / 1e6:,.1f} MB/s')
-            if wb is not None:
+            if wb is not None and finished:
                 wb.log({'samples': progress[0], 'bytes': progress[1], 'shards': len(records)})
             if len(records) > merged_n and time.time() - last_merge > args.merge_interval:
                 merge_run(records, args)
