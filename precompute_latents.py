@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='model dtype; auto: float16 on GPU, float32 on CPU (latents are stored float16)')
     p.add_argument('--num_workers', type=int, default=-1,
                    help='DataLoader worker processes that read and decode; -1: cores per process - 1')
+    p.add_argument('--threads', type=int, default=0,
+                   help='torch threads of each process on CPU; 0: cores per process minus --num_workers '
+                        '(at least 1), so workers and model do not fight over cores')
     p.add_argument('--prefetch_factor', type=int, default=4, help='batches each worker prepares ahead')
     p.add_argument('--part_size', type=int, default=5000,
                    help='samples per unit of work and of resume (whole input shards, at least this '
@@ -771,11 +774,17 @@ def share_plan(args: argparse.Namespace, dtype: torch.dtype, rank: int) -> Plan:
     return result[0]
 
 
+def cores_per_process() -> int:
+    return max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+
 def default_workers(args: argparse.Namespace) -> int:
-    if args.num_workers >= 0:
-        return args.num_workers
-    per_process = (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    return max(1, per_process - 1)
+    return args.num_workers if args.num_workers >= 0 else max(1, cores_per_process() - 1)
+
+
+def cpu_threads(args: argparse.Namespace, workers: int) -> int:
+    """Model threads on CPU: oversubscribed cores make torch's thread barriers crawl."""
+    return args.threads if args.threads > 0 else max(1, cores_per_process() - workers)
 
 
 def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: torch.dtype,
@@ -786,10 +795,16 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     tokenizer = load_tokenizer(args.model_name)
     remote = plan.src if plan.src != plan.cache_dir else None
     cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
+    if remote is not None and int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        for part in set(plan.parts) - set(plan.pending):  # a kill may have left their shards behind
+            for shard in part.shards:
+                cache.evict(shard)
     jobs = make_jobs(mine, args.batch_size)
     reader = BatchReader(jobs, cache, tokenizer, args.resolutions, latent_shape(vae), args.latent_mode,
                          args.seed, args.caption_drop_prob)
     workers = default_workers(args)
+    if device.type == 'cpu':
+        torch.set_num_threads(cpu_threads(args, workers))
     loader = torch.utils.data.DataLoader(
         reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
         pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None)

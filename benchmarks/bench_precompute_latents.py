@@ -296,6 +296,8 @@ def main() -> None:
         list(range(len(jobs))), count=lambda j: jobs[j].stop - jobs[j].start, rounds=1)
     ours_item, pub_item = item_rates['ours'], item_rates['published']
     loader_rate, batches = loader_alone(reader, args.workers)
+    if device.type == 'cpu':  # the threads the script gives its model beside --workers workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
     model_before = model_alone(batches, vae, te, device, dtype, args.resolutions)
     if device.type == 'cuda':
         torch.cuda.empty_cache()  # leave the GPU's memory to the script's own process
