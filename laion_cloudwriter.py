@@ -21,7 +21,8 @@ Buckets are on min(width, height) with edges 0, 64, 128, 256, 512, 768, 1024, 2*
 otherwise from the image header (never decoded). Only `success` rows are written; the others, and
 success rows whose bytes have no readable image header, are counted by reason.
 
-Resume: a shard is done when its `.record` exists at the remote; the merged `index.json` lists
+Resume: a shard is done when its `.record` exists at the remote; the merged `index.json` of each
+bucket (rewritten every `--merge_interval` seconds and at the end, each bucket on its own) lists
 only done shards, so a reader sees all of a shard or none of it. After any crash, rerun the same
 command (on any machine): done shards are skipped, the others redone, their parts overwritten.
 Without `--keep_parquet`, a parquet and its `_stats.json` are deleted only after the record is up.
@@ -101,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--local', type=str, default='',
                    help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json).')
-    p.add_argument('--remote', type=str, required=True,
-                   help='Where the MDS datasets go: a folder, s3://bucket/path, gs://..., oci://...')
+    p.add_argument('--remote', type=str, default='',
+                   help='Where the MDS datasets go: a folder, s3://bucket/path, gs://..., oci://... '
+                        '(required)')
     p.add_argument('--subfolder', type=str, default='',
                    help='Write <remote>/<bucket>/<subfolder>: one per machine, joined by --merge_only.')
     p.add_argument('--bucketed', action='store_true',
@@ -139,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if '/' in args.subfolder.strip('/'):
         p.error('--subfolder must be one folder name (no "/")')
+    if not args.remote:
+        p.error('--remote is required')
     args.subfolder = args.subfolder.strip('/')
     args.remote = args.remote.rstrip('/')
     if not args.merge_only and not args.local:
@@ -432,8 +436,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace)
         for w in writers.values():
             w.finish()
     index = {b: json.loads(Path(out_root, b, sub, sid, 'index.json').read_text()) for b in writers}
-    return {'shard': sid, 'parquet': os.path.basename(parquet), 'samples': counts, 'skipped': skipped,
-            'bytes': nbytes, 'index': index}
+    return {'shard': sid, 'parquet': os.path.basename(parquet), 'bucketed': args.bucketed,
+            'samples': counts, 'skipped': skipped, 'bytes': nbytes, 'index': index}
 
 
 def upload_parts(record: dict, staging: str, args: argparse.Namespace) -> None:
@@ -617,6 +621,12 @@ def terminate(executor: ProcessPoolExecutor) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.time()
     records = read_records(args.remote, args.subfolder).get(args.subfolder, {})
+    mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
+    if mixed:
+        print(f'error: {args.remote} holds shards written {"without" if args.bucketed else "with"} '
+              f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder',
+              file=sys.stderr)
+        return EXIT_FATAL
     if not args.keep_parquet:
         for sid, parquet in finished_shards(args.local).items():
             if sid in records:
