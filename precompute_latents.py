@@ -320,7 +320,7 @@ def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list
 
     JPEGs decode at the smallest DCT scale whose shorter side still reaches the largest of those
     resolutions (at 1/8 when none does: only check that it decodes). EXIF orientation is applied;
-    transparency goes over white; grayscale, CMYK and palettes become RGB.
+    transparency goes over white; grayscale (8 or 16 bit), CMYK and palettes become RGB.
     """
     img = Image.open(io.BytesIO(data))
     usable = [r for r in resolutions if r <= min(img.size)]
@@ -330,6 +330,9 @@ def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
         ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
         rgba = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
