@@ -236,6 +236,10 @@ def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_
     for a, b in zip(ref, got):
         assert a == b  # same columns, same bytes: same latents, noise included
     assert summary['skipped'] == 1 and summary['skipped_samples'][0]['key'] == '000000007'
+    # Resuming into that output with other settings would mix two kinds of latents: refused.
+    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
+                '--latent_mode', 'mean', env=env)
+    assert 'latent_mode' in one_line_error(mixed)
     sample = got[0]
     assert sample['latents_64'] == b'' and len(sample['latents_128']) == 0  # 40 px: below both
     big = next(o for o in got if shorter_side(o['jpg']) >= 128)
