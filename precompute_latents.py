@@ -931,8 +931,9 @@ def report(summary: dict, path: str) -> None:
         f'parts   {summary["parts"]} ({summary["parts_this_run"]} this run, {summary["parts_before"]} '
         f'done before), world size {summary["world_size"]}',
         f'speed   rank 0: {summary["samples_this_run_rank0"]} samples in {summary["seconds_rank0"]:.1f} s '
-        f'({summary["samples_per_s_rank0"]:.1f} samples/s; {summary["steady_samples_per_s_rank0"]:.1f} after '
-        'the first batch)',
+        f'({summary["samples_per_s_rank0"]:.1f} samples/s'
+        + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
+           if summary['steady_samples_per_s_rank0'] else ')'),
     ]
     for s in summary['skipped_samples'][:10]:
         lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')
