@@ -229,14 +229,16 @@ def read_remote(remote_file: str) -> bytes:
 
 def read_records(remote: str, subfolder: str | None) -> dict[str, dict[str, dict]]:
     """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one."""
-    prefix = join(RECORDS, subfolder or '')
-    out: dict[str, dict[str, dict]] = {}
-    for rel in list_records(remote, prefix):
+    wanted = []
+    for rel in list_records(remote, join(RECORDS, subfolder or '')):
         sub = os.path.dirname(rel)[len(RECORDS):].strip('/')
-        if subfolder is not None and sub != subfolder:
-            continue  # a record of another subfolder below ours
-        rec = json.loads(read_remote(join(remote, rel)))
-        out.setdefault(sub, {})[rec['shard']] = rec
+        if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
+            wanted.append((sub, join(remote, rel)))
+    out: dict[str, dict[str, dict]] = {}
+    with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
+        for (sub, _), data in zip(wanted, pool.map(read_remote, [url for _, url in wanted])):
+            rec = json.loads(data)
+            out.setdefault(sub, {})[rec['shard']] = rec
     return out
 
 
@@ -628,9 +630,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FATAL
     if not args.keep_parquet:
-        for sid, parquet in finished_shards(args.local).items():
-            if sid in records:
-                delete_input(parquet)  # recorded, but the run died before deleting it
+        for sid in records:  # recorded, but a run died before deleting its input
+            delete_input(os.path.join(args.local, f'{sid}.parquet'))
     run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': []}
     progress = mp.get_context('fork').Array('q', 2)
     executor = ProcessPoolExecutor(args.processes, mp_context=mp.get_context('fork'),
