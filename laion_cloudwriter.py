@@ -26,6 +26,9 @@ bucket (rewritten every `--merge_interval` seconds and at the end, each bucket o
 only done shards, so a reader sees all of a shard or none of it. After any crash, rerun the same
 command (on any machine): done shards are skipped, the others redone, their parts overwritten.
 Without `--keep_parquet`, a parquet and its `_stats.json` are deleted only after the record is up.
+Parts are written locally (`--staging`) and uploaded by the worker itself with streaming's
+CloudUploader (MDSWriter's own upload threads only log failures): a failing upload is retried
+`--retry` times, then the run stops all workers and exits 2, deleting nothing.
 
 Many machines: give each run its own `--subfolder`, then join them once all are finished with
 
