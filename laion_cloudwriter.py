@@ -25,7 +25,8 @@ Resume: a shard is done when its `.record` exists at the remote; the merged `ind
 bucket (rewritten every `--merge_interval` seconds and at the end, each bucket on its own) lists
 only done shards, so a reader sees all of a shard or none of it. After any crash, rerun the same
 command (on any machine): done shards are skipped, the others redone, their parts overwritten.
-Without `--keep_parquet`, a parquet and its `_stats.json` are deleted only after the record is up.
+Without `--keep_parquet`, a parquet is deleted only after the record is up, and its `_stats.json`
+becomes `NNNNN_converted.json` (so a resumed img2dataset still counts the shard as finished).
 Parts are written locally (`--staging`) and uploaded by the worker itself with streaming's
 CloudUploader (MDSWriter's own upload threads only log failures): a failing upload is retried
 `--retry` times, then the run stops all workers and exits 2, deleting nothing.
@@ -41,7 +42,7 @@ most one open MDS shard (`--size_limit`) per bucket, so memory is about
 processes x (batch + buckets x size_limit) whatever the number or size of the input shards.
 Missing optional columns (and nulls) become: NaN for floats, '' for strings, 0 for `hash`.
 At the end a summary is printed and written as JSON to `--summary` (default
-`<local>/cloudwriter_summary[_<subfolder>].json`). Exit code: 0 ok, 1 some parquet unreadable
+`<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some parquet unreadable
 (skipped, kept, named), 2 fatal (remote failing, missing required column).
 """
 
@@ -95,6 +96,8 @@ REQUIRED = ('jpg', 'caption', 'width', 'height', 'status')
 ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE')}
 
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
+# Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
+SUMMARY_DIR = '_cloudwriter'
 UNREADABLE_HEADER = 'success but no readable image header'
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2
 
@@ -136,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--staging', type=str, default='',
                    help='Local scratch for parts before upload (default <local>/_cloudwriter_staging).')
     p.add_argument('--summary', type=str, default='',
-                   help='Summary JSON path (default <local>/cloudwriter_summary[_<subfolder>].json).')
+                   help='Summary JSON path (default <local>/_cloudwriter/summary[_<subfolder>].json).')
     p.add_argument('--merge_only', action='store_true',
                    help='Only write <remote>/<bucket>/index.json over every subfolder\'s done shards.')
     p.add_argument('--wandb_project', type=str, default='',
@@ -261,10 +264,15 @@ def finished_shards(local: str) -> dict[str, str]:
 
 
 def delete_input(parquet: str) -> None:
-    """Remove a converted shard's parquet, then its _stats.json."""
+    """Remove a converted shard's parquet, then turn its _stats.json into `NNNNN_converted.json`.
+
+    img2dataset takes every `NNNNN_*.json` in its output folder for a finished shard, so a download
+    resumed beside us does not fetch converted shards again; we only look at `*_stats.json`.
+    """
     p = Path(parquet)
     p.unlink(missing_ok=True)
-    p.with_name(f'{p.stem}_stats.json').unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(p.with_name(f'{p.stem}_stats.json'), p.with_name(f'{p.stem}_converted.json'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,9 +718,10 @@ def run(args: argparse.Namespace) -> int:
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
     summary = summarize(records, run_stats, time.time() - start)
     summary['exit_code'] = code
-    name = f'cloudwriter_summary_{args.subfolder}.json' if args.subfolder else 'cloudwriter_summary.json'
-    path = args.summary or os.path.join(args.local, name)
-    Path(path).write_text(json.dumps(summary, indent=2))
+    name = f'summary_{args.subfolder}.json' if args.subfolder else 'summary.json'
+    path = Path(args.summary or os.path.join(args.local or '.', SUMMARY_DIR, name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
     print_summary(summary, path)
     for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:
         shutil.rmtree(scratch, ignore_errors=True)

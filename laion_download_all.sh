@@ -218,10 +218,12 @@ def size(path: str) -> int:
         return 0
 
 
-# Stats before parquets: laion_cloudwriter.py, running beside, deletes a parquet and then its stats,
-# so a parquet seen after its stats were missed is a shard img2dataset did not finish.
+# Stats before parquets: laion_cloudwriter.py, running beside, deletes a parquet and then renames its
+# stats to NNNNN_converted.json (same content), so a parquet seen after its stats were missed is a
+# shard img2dataset did not finish. Converted after stats: a rename between the two globs is caught.
 stats = {}
-for path in sorted(glob.glob(os.path.join(out, '*_stats.json'))):
+for path in (sorted(glob.glob(os.path.join(out, '*_stats.json')))
+             + sorted(glob.glob(os.path.join(out, '*_converted.json')))):
     try:
         with open(path) as f:
             stats[os.path.basename(path).split('_')[0]] = json.load(f)

@@ -125,11 +125,15 @@ def test_local_bucketed_download_with_broken_files_and_a_corrupt_shard(root, tmp
     assert r.returncode == 1, r.stderr  # a shard was unreadable: named, kept, non-zero exit
     assert '00003.parquet' in r.stdout and 'Traceback' not in r.stderr
     assert (local / '00003.parquet').exists() and (local / '00003_stats.json').exists()
-    assert not list(local.glob('0000[012]*')), 'converted shards are deleted'
+    # converted shards are deleted; their stats become NNNNN_converted.json, which img2dataset still
+    # counts as a finished shard, and no other *.json is left where img2dataset would parse it
+    assert sorted(p.name for p in local.glob('0000[012]*')) == [f'0000{i}_converted.json' for i in range(3)]
+    assert sorted(p.name for p in local.glob('*.json')) == [
+        '00000_converted.json', '00001_converted.json', '00002_converted.json', '00003_stats.json']
     got = read_buckets(str(remote), BUCKETS)
     assert set(got) == set(BUCKETS)  # the corpus has an image in every bucket
     assert_dataset(got, want)
-    summary = json.loads((local / 'cloudwriter_summary.json').read_text())
+    summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
     assert summary['shards_done'] == 3 and summary['samples'] == len(want)
     assert summary['samples_per_bucket'] == {b: len(rows) for b, rows in got.items()}
     # random bytes and an empty file say success but have no header; the truncated JPEG is kept
