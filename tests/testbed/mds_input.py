@@ -11,7 +11,6 @@ readable header get 300x300, so they land in '256-512' too.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 
@@ -19,6 +18,7 @@ from PIL import Image
 from streaming import MDSWriter
 
 from .corpus import CorpusItem, bucket_of
+from .readback import environ
 
 COLUMNS = {
     'punsafe': 'float64', 'pwatermark': 'float64', 'similarity': 'float64', 'aesthetic_score': 'float64',
@@ -58,20 +58,6 @@ def rows_for(items: list[CorpusItem], repeat: int = 1) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def _environ(env: dict[str, str] | None):
-    old = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def write_mds_input(root: str, rows: list[dict], bucketed: bool = True, subfolder: str = '',
                     size_limit: int = 1 << 16, columns: dict[str, str] | None = None,
                     env: dict[str, str] | None = None, cache: str | None = None) -> dict[str, list[dict]]:
@@ -82,7 +68,7 @@ def write_mds_input(root: str, rows: list[dict], bucketed: bool = True, subfolde
     for row in rows:
         name = bucket_of(min(row['width'], row['height'])) if bucketed else UNBUCKETED
         buckets.setdefault(name, []).append(row)
-    with _environ(env):
+    with environ(env):
         for name, bucket_rows in buckets.items():
             target = '/'.join(p for p in (root.rstrip('/'), name, subfolder) if p)
             out = (os.path.join(cache, name), target) if cache else target

@@ -11,7 +11,8 @@ from streaming import StreamingDataset
 
 
 @contextlib.contextmanager
-def _environ(env: dict[str, str] | None):
+def environ(env: dict[str, str] | None):
+    """Set `env` in os.environ for the duration of a with-block, then restore what was there."""
     old = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
@@ -27,7 +28,7 @@ def _environ(env: dict[str, str] | None):
 def read_mds(path: str, env: dict[str, str] | None = None) -> list[dict]:
     """All samples of the MDS dataset at `path` (a folder or a remote like s3://bucket/prefix), in
     index order. `env` is applied while reading (e.g. S3Server.env)."""
-    with _environ(env):
+    with environ(env):
         if '://' in str(path):
             cache = tempfile.mkdtemp(prefix='readback-')
             ds = StreamingDataset(remote=str(path), local=cache, shuffle=False, batch_size=1)
