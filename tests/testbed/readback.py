@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import uuid
 
 from streaming import StreamingDataset
 
@@ -39,6 +38,3 @@ def read_mds(path: str, env: dict[str, str] | None = None) -> list[dict]:
         finally:
             del ds
 
-
-def unique_name() -> str:
-    return uuid.uuid4().hex[:10]
