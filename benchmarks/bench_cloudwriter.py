@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 
-POOL_SIZE = 64          # distinct JPEGs reused across rows
+POOL_SIZE = 64          # distinct pictures, each row's bytes made unique (see unique())
 JPEG_QUALITY = 73       # with 300-900 px sides gives a ~100 KB mean
 
 
@@ -67,8 +67,17 @@ def make_input(folder: Path, shards: int, rows: int) -> None:
         w, h = (int(x) for x in rng.integers(300, 900, 2))
         pool.append(CorpusItem(f'img{i}.jpg', make_jpeg(w, h, seed=i, quality=JPEG_QUALITY), w, h))
     for s in missing:
-        items = [pool[(s * 7 + i) % POOL_SIZE] for i in range(rows - 1)]
+        items = [unique(pool[(s * 7 + i) % POOL_SIZE], rng) for i in range(rows - 1)]
         write_shard(folder, s, shard_rows(s, items, failures=1), row_group_size=100)
+
+
+def unique(item, rng):
+    """The item's JPEG with a 64-byte random comment segment after SOI: every row's bytes differ,
+    as in a real download, so parquet stores them plainly (a reused image would be
+    dictionary-encoded, making the file smaller than the JPEG bytes and `cp` look faster)."""
+    from dataclasses import replace
+    comment = b'\xff\xfe' + (66).to_bytes(2, 'big') + rng.bytes(64)
+    return replace(item, data=item.data[:2] + comment + item.data[2:])
 
 
 def subset(src: Path, dst: Path, shards: int) -> int:
@@ -191,7 +200,7 @@ def main() -> None:
         naive(*args.naive_worker)
         return
     os.environ.update(NO_ALBUMENTATIONS_UPDATE='1', HF_HUB_OFFLINE='1', WANDB_MODE='disabled')
-    cache, work = Path(args.cache) / f'rows{args.rows}', Path(args.work)
+    cache, work = Path(args.cache) / f'unique-rows{args.rows}', Path(args.work)
     t = time.time()
     make_input(cache, 2 * args.shards, args.rows)
     print(f'input: {2 * args.shards} shards x {args.rows} rows in {cache} ({time.time() - t:.0f} s)')
