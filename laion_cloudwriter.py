@@ -27,9 +27,13 @@ only done shards, so a reader sees all of a shard or none of it. After any crash
 command (on any machine): done shards are skipped, the others redone, their parts overwritten.
 Without `--keep_parquet`, a parquet is deleted only after the record is up, and its `_stats.json`
 becomes `NNNNN_converted.json` (so a resumed img2dataset still counts the shard as finished).
-Parts are written locally (`--staging`) and uploaded by the worker itself with streaming's
-CloudUploader (MDSWriter's own upload threads only log failures): a failing upload is retried
+Each MDS file is fsynced (folder remote) or written to `--staging` and uploaded with streaming's
+CloudUploader by a thread of its worker as soon as it is complete; a failing upload is retried
 `--retry` times, then the run stops all workers and exits 2, deleting nothing.
+
+Speed: the MDS files are written here, not by streaming's MDSWriter (same bytes, same index.json;
+the tests compare them): arrow kernels encode every column but the image per row batch, and each
+image is copied once, from the parquet's buffer into the MDS shard being filled.
 
 Many machines: give each run its own `--subfolder`, then join them once all are finished with
 
@@ -49,13 +53,13 @@ At the end a summary is printed and written as JSON to `--summary` (default
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import ctypes
 import io
 import json
 import logging
 import math
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -63,19 +67,17 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from streaming import MDSWriter
-from streaming.base.storage.download import CloudDownloader
-from streaming.base.storage.upload import CloudUploader
-from streaming.base.util import merge_index
 from tqdm import tqdm
 
 Image.MAX_IMAGE_PIXELS = None  # only headers are read: no decompression bomb to fear
@@ -92,6 +94,10 @@ SIZE_COLUMNS = ('width', 'height', 'original_width', 'original_height')
 COLUMNS = {**{c: 'float64' for c in FLOAT_COLUMNS}, **{c: 'str' for c in STR_COLUMNS},
            **{c: 'int32' for c in SIZE_COLUMNS}, 'jpg': 'bytes', 'hash': 'int64'}
 REQUIRED = ('jpg', 'caption', 'width', 'height', 'status')
+MDS_COLUMNS = sorted(COLUMNS)  # MDS stores a sample's columns in name order
+FIXED_DTYPES = {'float64': '<f8', 'int32': '<i4', 'int64': '<i8'}
+MDS_SIZES = {'float64': 8, 'int32': 4, 'int64': 8, 'str': None, 'bytes': None}
+VAR_COLUMNS = [c for c in MDS_COLUMNS if MDS_SIZES[COLUMNS[c]] is None]
 # Input names that differ from the output name (the aesthetic set's metadata is upper case).
 ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE')}
 
@@ -102,6 +108,17 @@ UNREADABLE_HEADER = 'success but no readable image header'
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2
 
 log = logging.getLogger('laion_cloudwriter')
+
+
+def parse_size(text: str) -> int:
+    """'67108864', '64mb', '512kb', '1gb' (binary units, as streaming's size_limit) -> bytes."""
+    text = text.strip().lower()
+    for suffix, scale in (('kb', 2**10), ('mb', 2**20), ('gb', 2**30), ('b', 1), ('', 1)):
+        if text.endswith(suffix) and text[:len(text) - len(suffix)].strip().isdigit():
+            size = int(text[:len(text) - len(suffix)]) * scale
+            if 0 < size < 2**32:
+                return size
+    raise argparse.ArgumentTypeError(f'{text!r}: give bytes or a size like 64mb, between 1b and 4gb')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,10 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--merge_interval', type=float, default=300.0,
                    help='Seconds between rewrites of the merged index.json while running '
                         '(it is always written at the end).')
-    p.add_argument('--size_limit', type=str, default='64mb',
-                   help='MDS shard size limit (streaming size_limit); bounds memory per bucket.')
-    p.add_argument('--compression', type=str, default='',
-                   help="MDS shard compression (streaming's, e.g. zstd); default none (JPEGs).")
+    p.add_argument('--size_limit', type=parse_size, default='64mb',
+                   help='MDS shard size limit, bytes or e.g. 16mb (streaming size_limit); bounds memory '
+                        'per bucket.')
     p.add_argument('--batch_size', type=int, default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
     p.add_argument('--upload_threads', type=int, default=8,
@@ -196,6 +212,7 @@ def uploader(staging: str, remote: str, retry: int, cache: bool = False):
     if (staging, remote) in _UPLOADERS:
         return _UPLOADERS[staging, remote]
     os.makedirs(staging, exist_ok=True)
+    from streaming.base.storage.upload import CloudUploader  # imports torch: only for a cloud remote
     up = CloudUploader.get((staging, remote), keep_local=False, retry=retry, exist_ok=True)
     if cache:
         _UPLOADERS[staging, remote] = up
@@ -218,6 +235,7 @@ def list_records(remote: str, prefix: str) -> list[str]:
     if not is_cloud(remote):
         base = Path(remote, prefix)
         return sorted(str(p.relative_to(remote)) for p in base.rglob('*.record')) if base.is_dir() else []
+    from streaming.base.storage.upload import CloudUploader
     with tempfile.TemporaryDirectory() as tmp:
         keys = CloudUploader.get((tmp, remote), exist_ok=True).list_objects(prefix.strip('/') + '/') or []
     root = urlparse(remote).path.strip('/')
@@ -227,6 +245,7 @@ def list_records(remote: str, prefix: str) -> list[str]:
 def read_remote(remote_file: str) -> bytes:
     if not is_cloud(remote_file):
         return Path(remote_file).read_bytes()
+    from streaming.base.storage.download import CloudDownloader
     with tempfile.TemporaryDirectory() as tmp:
         dest = os.path.join(tmp, 'f')
         CloudDownloader.direct_download(remote_file, dest)
@@ -301,26 +320,6 @@ def input_columns(names: list[str], parquet: str) -> dict[str, str]:
     return found
 
 
-def column_lists(batch: pa.RecordBatch, found: dict[str, str]) -> dict[str, list]:
-    """Each output column of a batch as a Python list, nulls replaced by the defaults."""
-    n = batch.num_rows
-    out: dict[str, list] = {}
-    for col, enc in COLUMNS.items():
-        if col not in found:
-            default = math.nan if enc == 'float64' else '' if enc == 'str' else 0
-            out[col] = [None if col in SIZE_COLUMNS or col == 'jpg' else default] * n
-            continue
-        arr = batch.column(found[col])
-        if enc == 'float64':
-            arr = pc.fill_null(arr.cast(pa.float64()), math.nan)
-        elif enc == 'str':
-            arr = pc.fill_null(arr.cast(pa.string()), '')
-        elif col == 'hash':
-            arr = pc.fill_null(arr.cast(pa.int64()), 0)
-        out[col] = arr.to_pylist()
-    return out
-
-
 # JPEG start-of-frame markers (they hold the size); C4, C8 and CC are other segments.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -357,38 +356,183 @@ def header_size(data: memoryview | bytes) -> tuple[int, int] | None:
         return None
 
 
-def bucket_of(width: int, height: int, bucketed: bool) -> str:
-    if not bucketed:
-        return UNBUCKETED
-    i = bisect.bisect_right(BUCKET_EDGES, min(width, height)) - 1
-    return BUCKETS[min(max(i, 0), len(BUCKETS) - 1)]
+def binary_buffers(arr: pa.Array) -> tuple[list[int], memoryview]:
+    """(offsets, data) of a binary array's rows, without copying the data."""
+    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        arr = arr.cast(pa.binary())
+    _, offsets, data = arr.buffers()
+    dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype)[arr.offset: arr.offset + len(arr) + 1]
+    return offsets.tolist(), memoryview(data if data is not None else b'')
 
 
-def samples(cols: dict[str, list], skipped: dict[str, int], bucketed: bool):
-    """(bucket, sample) for each success row with a known size; counts the rest in `skipped`."""
-    for i, status in enumerate(cols['status']):
-        if status != 'success':
-            reason = cols['error_message'][i] or status or 'no status'
-            skipped[reason] = skipped.get(reason, 0) + 1
+def as_binary(values: np.ndarray) -> pa.Array:
+    """A binary array whose row i holds the little-endian bytes of `values[i]` (no copy)."""
+    values = np.ascontiguousarray(values)
+    n = len(values)
+    width = values.nbytes // n
+    offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+
+
+def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
+                   skipped: dict[str, int]) -> None:
+    """Count non-success rows by reason: the error message, else the status."""
+    if not len(rows):
+        return
+    take = pa.array(rows)
+    messages = error.take(take).to_pylist() if error is not None else [None] * len(rows)
+    for message, state in zip(messages, status.take(take).to_pylist()):
+        reason = message or state or 'no status'
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+
+def image_sizes(batch: pa.RecordBatch, found: dict[str, str], ok: np.ndarray,
+                jpg: tuple[list[int], memoryview],
+                skipped: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The four size columns, from the parquet or else from the image header, and the rows of `ok`
+    that have a size (the others are counted in `skipped`)."""
+    n = batch.num_rows
+    sizes = {c: (pc.fill_null(batch.column(found[c]).cast(pa.int64()), -1).to_numpy() if c in found
+                 else np.full(n, -1, np.int64)) for c in SIZE_COLUMNS}
+    width, height = sizes['width'].copy(), sizes['height'].copy()
+    offsets, data = jpg
+    known = ok.copy()
+    for i in np.flatnonzero(ok & ((width < 0) | (height < 0))).tolist():
+        size = header_size(data[offsets[i]:offsets[i + 1]])
+        if size is None:
+            known[i] = False
+            skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + 1
+        else:
+            width[i], height[i] = size
+    unknown_original = (sizes['original_width'] < 0) | (sizes['original_height'] < 0)
+    return {'width': width, 'height': height,
+            'original_width': np.where(unknown_original, width, sizes['original_width']),
+            'original_height': np.where(unknown_original, height, sizes['original_height'])}, known
+
+
+def mds_pieces(batch: pa.RecordBatch, found: dict[str, str], sizes: dict[str, np.ndarray],
+               jpg_offsets: list[int]) -> tuple[pa.Array, pa.Array]:
+    """Per row, the MDS encoding of the sample before its jpg bytes and after them.
+
+    An MDS sample is the u32 sizes of its variable-size columns, then every column in name order;
+    here all but the jpg are joined per row by arrow kernels, the jpg is added by the writer.
+    """
+    n = batch.num_rows
+    cols: dict[str, pa.Array] = {}
+    for col in MDS_COLUMNS:
+        enc = COLUMNS[col]
+        arr = batch.column(found[col]) if col in found else None
+        if col == 'jpg':
             continue
-        data = cols['jpg'][i] or b''
-        w, h = cols['width'][i], cols['height'][i]
-        if w is None or h is None:
-            size = header_size(data)
-            if size is None:
-                skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + 1
-                continue
-            w, h = size
-        sample = {c: v[i] for c, v in cols.items()}
-        sample.update(jpg=data, width=w, height=h)
-        if sample['original_width'] is None or sample['original_height'] is None:
-            sample['original_width'], sample['original_height'] = w, h
-        yield bucket_of(w, h, bucketed), sample
+        if col in SIZE_COLUMNS:
+            cols[col] = as_binary(sizes[col].astype('<i4'))
+        elif enc == 'str':
+            cols[col] = (pc.fill_null(arr.cast(pa.string()), '').cast(pa.binary()) if arr is not None
+                         else pa.array([b''] * n, pa.binary()))
+        else:
+            default, arrow_type = (math.nan, pa.float64()) if enc == 'float64' else (0, pa.int64())
+            values = (pc.fill_null(arr.cast(arrow_type), default).to_numpy() if arr is not None
+                      else np.full(n, default))
+            cols[col] = as_binary(values.astype(FIXED_DTYPES[enc]))
+    lengths = [np.diff(jpg_offsets) if col == 'jpg' else pc.binary_length(cols[col]).to_numpy()
+               for col in VAR_COLUMNS]
+    head = as_binary(np.stack(lengths, axis=1).astype('<u4'))
+    at = MDS_COLUMNS.index('jpg')
+    before = pc.binary_join_element_wise(head, *(cols[c] for c in MDS_COLUMNS[:at]), b'')
+    after = pc.binary_join_element_wise(*(cols[c] for c in MDS_COLUMNS[at + 1:]), b'')
+    return before, after
+
+
+def encode_batch(batch: pa.RecordBatch, found: dict[str, str], skipped: dict[str, int], bucketed: bool):
+    """(bucket, pieces) for each success row with a known size, in row order: the pieces'
+    concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`."""
+    status = pc.fill_null(batch.column(found['status']).cast(pa.string()), '')
+    ok = pc.equal(status, 'success').to_numpy(zero_copy_only=False)
+    error = batch.column(found['error_message']) if 'error_message' in found else None
+    count_failures(status, error, np.flatnonzero(~ok), skipped)
+    jpg_col = batch.column(found['jpg'])
+    jpg = binary_buffers(jpg_col)
+    if jpg_col.null_count:  # success with no bytes: nothing to write
+        no_bytes = ok & ~jpg_col.is_valid().to_numpy(zero_copy_only=False)
+        skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + int(no_bytes.sum())
+        ok &= ~no_bytes
+    sizes, ok = image_sizes(batch, found, ok, jpg, skipped)
+    rows = np.flatnonzero(ok)
+    if not len(rows):
+        return
+    if bucketed:
+        shorter = np.minimum(sizes['width'], sizes['height'])
+        which = np.clip(np.searchsorted(BUCKET_EDGES, shorter, side='right') - 1, 0, len(BUCKETS) - 1)
+        names = [BUCKETS[b] for b in which.tolist()]
+    else:
+        names = [UNBUCKETED] * batch.num_rows
+    before, after = mds_pieces(batch, found, sizes, jpg[0])
+    (bo, bv), (jo, jv), (ao, av) = binary_buffers(before), jpg, binary_buffers(after)
+    for i in rows.tolist():
+        yield names[i], (bv[bo[i]:bo[i + 1]], jv[jo[i]:jo[i + 1]], av[ao[i]:ao[i + 1]])
 
 
 # ---------------------------------------------------------------------------------------------
 # Write: one worker converts one shard into one MDS part per bucket, uploads, then records it.
 # ---------------------------------------------------------------------------------------------
+
+class PartWriter:
+    """One bucket's part of one input shard: an MDS dataset with the files and index.json that
+    streaming's MDSWriter writes for the same samples (tested), but each sample is copied once,
+    from arrow's buffers into a reused buffer holding the MDS shard being filled (MDSWriter makes
+    Python objects and copies every image several times). `land(path)` is called on each file
+    once written (fsync or upload, in the background)."""
+
+    def __init__(self, folder: str, size_limit: int, buffer: mmap.mmap, land: Callable[[str], Any]):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.limit, self.buffer, self.land = folder, size_limit, buffer, land
+        self.config = {'column_encodings': [COLUMNS[c] for c in MDS_COLUMNS], 'column_names': MDS_COLUMNS,
+                       'column_sizes': [MDS_SIZES[COLUMNS[c]] for c in MDS_COLUMNS], 'compression': None,
+                       'format': 'mds', 'hashes': [], 'size_limit': size_limit, 'version': 2}
+        self.config_data = json.dumps(self.config, sort_keys=True).encode()
+        self.sizes: list[int] = []
+        self.used = 0
+        self.shards: list[dict] = []
+
+    def write(self, pieces: tuple[memoryview, ...]) -> None:
+        size = sum(map(len, pieces))
+        # MDSWriter's rule: the shard with this sample (and 4 bytes of offset each) would pass the limit
+        if self.sizes and 8 + len(self.config_data) + self.used + 4 * len(self.sizes) + size + 4 > self.limit:
+            self.flush()
+        if self.used + size > len(self.buffer):  # one sample larger than --size_limit
+            bigger = mmap.mmap(-1, self.used + size)
+            bigger[:self.used] = self.buffer[:self.used]
+            self.buffer = bigger
+        for piece in pieces:
+            self.buffer[self.used:self.used + len(piece)] = piece
+            self.used += len(piece)
+        self.sizes.append(size)
+
+    def flush(self) -> None:
+        n = len(self.sizes)
+        offsets = np.cumsum([0] + self.sizes) + 4 + 4 * (n + 1) + len(self.config_data)
+        name = f'shard.{len(self.shards):05}.mds'
+        path = os.path.join(self.folder, name)
+        with open(path, 'wb') as f:
+            f.write(np.uint32(n).tobytes() + offsets.astype('<u4').tobytes() + self.config_data)
+            f.write(memoryview(self.buffer)[:self.used])
+        nbytes = 4 + 4 * (n + 1) + len(self.config_data) + self.used
+        self.shards.append({**self.config, 'samples': n, 'zip_data': None,
+                            'raw_data': {'basename': name, 'bytes': nbytes, 'hashes': {}}})
+        self.land(path)
+        self.sizes, self.used = [], 0
+
+    def finish(self) -> dict:
+        """Write the last shard and index.json; returns the index."""
+        if self.sizes:
+            self.flush()
+        index = {'shards': self.shards, 'version': 2}
+        path = os.path.join(self.folder, 'index.json')
+        Path(path).write_text(json.dumps(index, sort_keys=True))
+        self.land(path)
+        return index
+
 
 _WORKER: dict[str, Any] = {}
 
@@ -398,7 +542,16 @@ def init_worker(progress: Any, args: argparse.Namespace) -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER.update(progress=progress, args=args)
+    _WORKER.update(progress=progress, args=args, buffers={})
+
+
+def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
+    """The worker's buffer for one bucket's open MDS shard, reused from input shard to shard
+    (anonymous memory: pages are only taken once written)."""
+    buffers = _WORKER.setdefault('buffers', {})
+    if bucket not in buffers or len(buffers[bucket]) < size_limit:
+        buffers[bucket] = mmap.mmap(-1, size_limit)
+    return buffers[bucket]
 
 
 def read_batches(pf: pq.ParquetFile, parquet: str, columns: list[str], batch_size: int):
@@ -414,7 +567,8 @@ def read_batches(pf: pq.ParquetFile, parquet: str, columns: list[str], batch_siz
         yield batch
 
 
-def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace) -> dict[str, Any]:
+def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
+                land: Callable[[str], Any]) -> dict[str, Any]:
     """Read one parquet in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`."""
     sid = Path(parquet).stem
     try:
@@ -422,52 +576,42 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace)
     except Exception as e:
         raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
     found = input_columns(pf.schema_arrow.names, parquet)
-    writers: dict[str, Any] = {}
+    for bucket in BUCKETS + [UNBUCKETED]:  # what a killed run left of this shard
+        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
+    limit = args.size_limit
+    writers: dict[str, PartWriter] = {}
     counts: dict[str, int] = {}
     skipped: dict[str, int] = {}
     nbytes = 0
     progress = _WORKER.get('progress')
-    try:
-        for batch in read_batches(pf, parquet, sorted(set(found.values())), args.batch_size):
-            cols = column_lists(batch, found)
-            n0, b0 = sum(counts.values()), nbytes
-            for bucket, sample in samples(cols, skipped, args.bucketed):
-                w = writers.get(bucket)
-                if w is None:
-                    part = join(out_root, bucket, sub, sid)
-                    shutil.rmtree(part, ignore_errors=True)
-                    w = writers[bucket] = MDSWriter(out=part, columns=COLUMNS, size_limit=args.size_limit,
-                                                    compression=args.compression or None)
-                w.write(sample)
-                counts[bucket] = counts.get(bucket, 0) + 1
-                nbytes += len(sample['jpg'])
-            if progress is not None:
-                with progress.get_lock():
-                    progress[0] += sum(counts.values()) - n0
-                    progress[1] += nbytes - b0
-    finally:
-        for w in writers.values():
-            w.finish()
-    index = {b: json.loads(Path(out_root, b, sub, sid, 'index.json').read_text()) for b in writers}
+    for batch in read_batches(pf, parquet, sorted(set(found.values())), args.batch_size):
+        n0, b0 = sum(counts.values()), nbytes
+        for bucket, pieces in encode_batch(batch, found, skipped, args.bucketed):
+            w = writers.get(bucket)
+            if w is None:
+                w = writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit,
+                                                 shard_buffer(bucket, limit), land)
+            w.write(pieces)
+            counts[bucket] = counts.get(bucket, 0) + 1
+            nbytes += len(pieces[1])
+        if progress is not None:
+            with progress.get_lock():
+                progress[0] += sum(counts.values()) - n0
+                progress[1] += nbytes - b0
+    index = {bucket: w.finish() for bucket, w in writers.items()}
     return {'shard': sid, 'parquet': os.path.basename(parquet), 'bucketed': args.bucketed,
             'samples': counts, 'skipped': skipped, 'bytes': nbytes, 'index': index}
 
 
-def upload_parts(record: dict, staging: str, args: argparse.Namespace) -> None:
-    """Upload every file of a shard's parts, then check each is listed at the remote."""
+def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
+    """Check that every file of a shard's parts is listed at the remote."""
     sid, sub = record['shard'], args.subfolder
-    files = []
+    files, listed = [], set()
+    up = uploader(staging, args.remote, args.retry, cache=True)
     for bucket, index in record['index'].items():
         rel = join(bucket, sub, sid)
-        names = [s[k]['basename'] for s in index['shards'] for k in ('raw_data', 'zip_data')
-                 if s.get(k)]
-        files += [join(rel, name) for name in names] + [join(rel, 'index.json')]
-    up = uploader(staging, args.remote, args.retry, cache=True)
-    with ThreadPoolExecutor(args.upload_threads) as pool:
-        list(pool.map(up.upload_file, files))
-    listed = set()
-    for bucket in record['index']:
-        listed.update(up.list_objects(join(bucket, sub, sid) + '/') or [])
+        files += [join(rel, s['raw_data']['basename']) for s in index['shards']] + [join(rel, 'index.json')]
+        listed.update(up.list_objects(rel + '/') or [])
     root = urlparse(args.remote).path.strip('/')
     missing = [f for f in files if join(root, f).strip('/') not in listed]
     if missing:
@@ -481,20 +625,33 @@ def write_record(record: dict, args: argparse.Namespace) -> None:
 
 
 def convert_shard(parquet: str) -> dict[str, Any]:
-    """Convert one shard; returns its record once it is written at the remote."""
+    """Convert one shard; returns its record once it is written at the remote.
+
+    Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
+    as it is written, beside the conversion of the rest; the record waits for all of them.
+    """
     args = _WORKER['args']
     sid = Path(parquet).stem
     cloud = is_cloud(args.remote)
     out_root = os.path.join(args.staging, 'parts') if cloud else args.remote
+    io_threads = _WORKER.get('io') or _WORKER.setdefault('io', ThreadPoolExecutor(args.upload_threads))
+    landing: list[Future] = []
+    if cloud:
+        up = uploader(out_root, args.remote, args.retry, cache=True)
+        land = lambda path: landing.append(io_threads.submit(up.upload_file, os.path.relpath(path, out_root)))  # noqa: E731
+    else:
+        land = lambda path: landing.append(io_threads.submit(fsync_file, path))  # noqa: E731
     try:
-        record = write_parts(parquet, out_root, args.subfolder, args)
+        record = write_parts(parquet, out_root, args.subfolder, args, land)
+        for fut in landing:
+            fut.result()
         if cloud:
-            upload_parts(record, os.path.join(args.staging, 'parts'), args)
-        else:
+            check_listed(record, out_root, args)
+        else:  # the new folders' entries too
             for bucket in record['index']:
                 part = Path(out_root, bucket, args.subfolder, sid)
-                for f in part.iterdir():
-                    fsync_file(str(f))
+                fsync_file(str(part))
+                fsync_file(str(part.parent))
         write_record(record, args)
     except ShardError:
         raise
@@ -502,6 +659,9 @@ def convert_shard(parquet: str) -> dict[str, Any]:
         raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
                          fatal=True) from e
     finally:
+        for fut in landing:
+            fut.cancel()
+        wait(landing)  # nothing still reads the files removed below
         if cloud:
             for bucket in BUCKETS + [UNBUCKETED]:
                 shutil.rmtree(Path(out_root, bucket, args.subfolder, sid), ignore_errors=True)
@@ -511,34 +671,34 @@ def convert_shard(parquet: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Merge: one index.json per bucket over done shards only, with streaming's merge_index.
+# Merge: one index.json per bucket over done shards only.
 # ---------------------------------------------------------------------------------------------
 
-def merge_parts(parts: dict[str, dict], out: str) -> str:
-    """Write each part's index into `out/<name>/index.json`, merge them into `out/index.json`."""
-    paths = []
+def merged_index(parts: dict[str, dict]) -> dict:
+    """One index over the parts (name -> index of the dataset in folder `name`), as streaming's
+    merge_index writes it: every part's shards, their files named relative to the merged folder."""
+    shards = []
     for name, index in sorted(parts.items()):
-        path = Path(out, name, 'index.json')
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(index))
-        paths.append(str(path))
-    merge_index(paths, out)
-    return os.path.join(out, 'index.json')
+        for shard in index['shards']:
+            shard = dict(shard)
+            for key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
+                if shard.get(key):
+                    shard[key] = {**shard[key], 'basename': f"{name}/{shard[key]['basename']}"}
+            shards.append(shard)
+    return {'version': 2, 'shards': shards}
 
 
-def publish_index(merged: str, args: argparse.Namespace, bucket: str, subfolder: str) -> None:
-    """Replace the dataset's index.json with the merged one."""
+def publish_index(index: dict, args: argparse.Namespace, bucket: str, subfolder: str) -> None:
+    """Replace the dataset's index.json (one rename or one PUT: readers see the old or the new)."""
     rel = join(bucket, subfolder, 'index.json')
-    put_bytes(args.remote, rel, Path(merged).read_bytes(), args.staging, args.retry)
+    put_bytes(args.remote, rel, json.dumps(index).encode(), args.staging, args.retry)
 
 
 def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
     """index.json of each bucket of this run's (sub)folder, over its done shards."""
     for bucket in sorted({b for r in records.values() for b in r['index']}):
         parts = {sid: r['index'][bucket] for sid, r in records.items() if bucket in r['index']}
-        with tempfile.TemporaryDirectory(dir=args.staging) as tmp:
-            merged = merge_parts(parts, tmp)
-            publish_index(merged, args, bucket, args.subfolder)
+        publish_index(merged_index(parts), args, bucket, args.subfolder)
 
 
 def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
@@ -548,22 +708,18 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
     totals: dict[str, int] = {}
     buckets = sorted({b for recs in by_sub.values() for r in recs.values() for b in r['index']})
     for bucket in buckets:
-        with tempfile.TemporaryDirectory(dir=args.staging) as tmp:
-            tops: dict[str, dict] = {}
-            for sub, recs in sorted(by_sub.items()):
-                parts = {sid: r['index'][bucket] for sid, r in recs.items() if bucket in r['index']}
-                if not parts:
-                    continue
-                if sub:
-                    merged = merge_parts(parts, os.path.join(tmp, 'subs', sub))
-                    publish_index(merged, args, bucket, sub)
-                    tops[sub] = json.loads(Path(merged).read_text())
-                else:
-                    tops.update(parts)
-                totals[bucket] = totals.get(bucket, 0) + sum(r['samples'].get(bucket, 0)
-                                                            for r in recs.values())
-            merged = merge_parts(tops, os.path.join(tmp, 'top'))
-            publish_index(merged, args, bucket, '')
+        tops: dict[str, dict] = {}
+        for sub, recs in sorted(by_sub.items()):
+            parts = {sid: r['index'][bucket] for sid, r in recs.items() if bucket in r['index']}
+            if not parts:
+                continue
+            if sub:
+                tops[sub] = merged_index(parts)
+                publish_index(tops[sub], args, bucket, sub)
+            else:
+                tops.update(parts)
+            totals[bucket] = totals.get(bucket, 0) + sum(r['samples'].get(bucket, 0) for r in recs.values())
+        publish_index(merged_index(tops), args, bucket, '')
     return totals
 
 
@@ -733,7 +889,6 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
-    logging.getLogger().setLevel(logging.ERROR)  # merge_index warns about its temp folder
     args.staging = args.staging or os.path.join(args.local or tempfile.gettempdir(), '_cloudwriter_staging')
     os.makedirs(args.staging, exist_ok=True)
     if args.merge_only:

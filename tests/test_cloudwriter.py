@@ -4,6 +4,7 @@ and many machines merged into one dataset."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from streaming import MDSWriter
+from streaming.base.util import merge_index
 from testbed.corpus import BUCKET_EDGES, bucket_of, build_corpus, good_items
 from testbed.i2d_shards import shard_rows, write_shard, write_stats
 from testbed.readback import read_mds
@@ -275,3 +278,65 @@ def test_many_machines_write_subfolders_and_merge_into_one_dataset(root, tmp_pat
     a = read_mds(f'{remote}/256-512/machine-a')
     assert {s['key'] for s in a} == {k for k, r in want['machine-a'].items()
                                      if 256 <= min(header_size(r['jpg'])) < 512}
+
+
+def load_script(root: Path):
+    spec = importlib.util.spec_from_file_location('laion_cloudwriter', root / 'laion_cloudwriter.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mds_files_are_byte_equal_to_streamings_mdswriter(root, tmp_path):
+    """The script writes MDS files and merges indexes itself (for speed); for the same rows they
+    must be what streaming's MDSWriter and merge_index write: shards byte for byte, their
+    boundaries, index.json."""
+    cw = load_script(root)
+    want = make_input(tmp_path / 'in', [0], items=list(build_corpus()) * 3)
+    parquet = tmp_path / 'in' / '00000.parquet'
+    limit = 2 * max(len(r['jpg']) for r in want.values()) + 4096  # no sample alone over the limit
+    args = cw.parse_args(['--local', str(tmp_path / 'in'), '--remote', str(tmp_path / 'out'), '--bucketed',
+                          '--size_limit', str(limit)])
+    record = cw.write_parts(str(parquet), str(tmp_path / 'out'), '', args, land=lambda path: None)
+
+    writers = {}
+    for r in pq.read_table(parquet).to_pylist():
+        if r['key'] not in want:
+            continue
+        w, h = header_size(r['jpg'])
+        sample = {c: r[c] for c in ('punsafe', 'pwatermark', 'similarity', 'caption', 'url', 'key', 'status',
+                                    'jpg', 'hash')}
+        sample.update(aesthetic_score=float('nan'), error_message=r['error_message'] or '',
+                      exif=r['exif'] or '', width=w, height=h, original_width=w, original_height=h)
+        bucket = bucket_of(min(w, h))
+        if bucket not in writers:
+            writers[bucket] = MDSWriter(out=str(tmp_path / 'ref' / bucket), columns=cw.COLUMNS,
+                                        size_limit=limit)
+        writers[bucket].write(sample)
+    for writer in writers.values():
+        writer.finish()
+
+    assert set(record['index']) == set(writers)
+    assert max(len(index['shards']) for index in record['index'].values()) >= 3
+    for bucket in writers:
+        ours, ref = tmp_path / 'out' / bucket / '00000', tmp_path / 'ref' / bucket
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in ref.iterdir())
+        for f in ref.iterdir():
+            assert (ours / f.name).read_bytes() == f.read_bytes(), f'{bucket}/{f.name} differs'
+        assert json.loads((ours / 'index.json').read_text()) == record['index'][bucket]
+        merge_index([str(ours / 'index.json')], str(tmp_path / 'merged' / bucket))
+        assert cw.merged_index({'00000': record['index'][bucket]}) == \
+            json.loads((tmp_path / 'merged' / bucket / 'index.json').read_text())
+
+
+def test_a_sample_over_the_size_limit_gets_a_shard_of_its_own(root, tmp_path):
+    cw = load_script(root)
+    want = make_input(tmp_path / 'in', [0])
+    args = cw.parse_args(['--local', str(tmp_path / 'in'), '--remote', str(tmp_path / 'out'),
+                          '--size_limit', '1kb'])
+    record = cw.write_parts(str(tmp_path / 'in' / '00000.parquet'), str(tmp_path / 'out'), '', args,
+                            land=lambda path: None)
+    assert [s['samples'] for s in record['index'][ALL]['shards']] == [1] * len(want)
+    got = read_mds(str(tmp_path / 'out' / ALL / '00000'))
+    assert [s['jpg'] for s in got] == [want[s['key']]['jpg'] for s in got]
+    assert {s['key'] for s in got} == set(want)
