@@ -363,7 +363,7 @@ def binary_buffers(arr: pa.Array) -> tuple[list[int], memoryview]:
     _, offsets, data = arr.buffers()
     dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     offsets = np.frombuffer(offsets, dtype)[arr.offset: arr.offset + len(arr) + 1]
-    return offsets.tolist(), memoryview(data if data is not None else b'')
+    return offsets.tolist(), memoryview(data if data is not None else b'').cast('B')  # arrow's are signed
 
 
 def as_binary(values: np.ndarray) -> pa.Array:

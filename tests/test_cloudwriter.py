@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -340,3 +341,14 @@ def test_a_sample_over_the_size_limit_gets_a_shard_of_its_own(root, tmp_path):
     got = read_mds(str(tmp_path / 'out' / ALL / '00000'))
     assert [s['jpg'] for s in got] == [want[s['key']]['jpg'] for s in got]
     assert {s['key'] for s in got} == set(want)
+
+
+def test_jpeg_sizes_are_read_from_arrow_buffers_without_pil(root):
+    """The fast header reader must work on the views the converter hands it (arrow's buffers are
+    signed bytes); PIL would give the same answer, so only this test sees a fallback."""
+    cw = load_script(root)
+    jpegs = [it for it in good_items() if it.data[:2] == b'\xff\xd8']
+    offsets, data = cw.binary_buffers(pa.array([it.data for it in jpegs]))
+    assert len(jpegs) >= 10
+    for i, it in enumerate(jpegs):
+        assert cw.jpeg_size(data[offsets[i]:offsets[i + 1]]) == (it.width, it.height), it.name
