@@ -43,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--cache', type=str, default='/tmp/bench_cloudwriter_input',
                    help='Where the generated input is kept between runs.')
     p.add_argument('--work', type=str, default='/tmp/bench_cloudwriter_work',
-                   help='Scratch folder for the outputs (emptied after each run).')
+                   help='Scratch folder for input and outputs (emptied after each run); on /dev/shm, '
+                        'no disk is involved and the table shows the CPU limit.')
     p.add_argument('--naive_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
                    help=argparse.SUPPRESS)
     return p.parse_args()
@@ -89,7 +90,10 @@ def subset(src: Path, dst: Path, shards: int) -> int:
     total = 0
     for s in range(shards):
         for name in (f'{s:05d}.parquet', f'{s:05d}_stats.json'):
-            os.link(src / name, dst / name)
+            try:
+                os.link(src / name, dst / name)
+            except OSError:  # --work on another file system (e.g. /dev/shm)
+                shutil.copyfile(src / name, dst / name)
         for batch in pq.ParquetFile(dst / f'{s:05d}.parquet').iter_batches(columns=['jpg']):
             total += pc.sum(pc.binary_length(batch.column(0))).as_py() or 0
     (dst / 'done').touch()
