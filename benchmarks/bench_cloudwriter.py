@@ -1,7 +1,7 @@
 """Benchmark laion_cloudwriter.py against the I/O limit and the simplest converter.
 
-    .venv/bin/python benchmarks/bench_cloudwriter.py               # 4 and 8 shards x 2,000 rows (~3 min)
-    .venv/bin/python benchmarks/bench_cloudwriter.py --shards 8    # 8 and 16 shards (1.6 / 3.2 GB)
+    .venv/bin/python benchmarks/bench_cloudwriter.py               # 8 and 16 shards x 2,000 rows (~3 min)
+    .venv/bin/python benchmarks/bench_cloudwriter.py --work /dev/shm/bcw  # no disk: the CPU limit
 
 Input: img2dataset-shaped parquet shards (full schema, sizes null as our downloads write them) of
 ~100 KB photo-like JPEGs (a pool of distinct images at 300-900 px reused across rows), cached in
@@ -34,7 +34,7 @@ JPEG_QUALITY = 73       # with 300-900 px sides gives a ~100 KB mean
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--shards', type=int, default=4, help='N: shards of the small run (2N for the big).')
+    p.add_argument('--shards', type=int, default=8, help='N: shards of the small run (2N for the big).')
     p.add_argument('--rows', type=int, default=2000, help='Rows per shard.')
     p.add_argument('--repeat', type=int, default=2,
                    help='Runs of each (method, size), interleaved; the fastest counts (shared machine).')
