@@ -421,10 +421,10 @@ def mds_pieces(batch: pa.RecordBatch, found: dict[str, str], sizes: dict[str, np
     n = batch.num_rows
     cols: dict[str, pa.Array] = {}
     for col in MDS_COLUMNS:
-        enc = COLUMNS[col]
-        arr = batch.column(found[col]) if col in found else None
         if col == 'jpg':
             continue
+        enc = COLUMNS[col]
+        arr = batch.column(found[col]) if col in found else None
         if col in SIZE_COLUMNS:
             cols[col] = as_binary(sizes[col].astype('<i4'))
         elif enc == 'str':
@@ -511,15 +511,15 @@ class PartWriter:
 
     def flush(self) -> None:
         n = len(self.sizes)
-        offsets = np.cumsum([0] + self.sizes) + 4 + 4 * (n + 1) + len(self.config_data)
+        head = 4 + 4 * (n + 1) + len(self.config_data)  # sample count, offsets, config
+        offsets = np.cumsum([0] + self.sizes) + head
         name = f'shard.{len(self.shards):05}.mds'
         path = os.path.join(self.folder, name)
         with open(path, 'wb') as f:
             f.write(np.uint32(n).tobytes() + offsets.astype('<u4').tobytes() + self.config_data)
             f.write(memoryview(self.buffer)[:self.used])
-        nbytes = 4 + 4 * (n + 1) + len(self.config_data) + self.used
         self.shards.append({**self.config, 'samples': n, 'zip_data': None,
-                            'raw_data': {'basename': name, 'bytes': nbytes, 'hashes': {}}})
+                            'raw_data': {'basename': name, 'bytes': head + self.used, 'hashes': {}}})
         self.land(path)
         self.sizes, self.used = [], 0
 
@@ -542,7 +542,7 @@ def init_worker(progress: Any, args: argparse.Namespace) -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER.update(progress=progress, args=args, buffers={})
+    _WORKER.update(progress=progress, args=args)
 
 
 def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
@@ -552,6 +552,12 @@ def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
     if bucket not in buffers or len(buffers[bucket]) < size_limit:
         buffers[bucket] = mmap.mmap(-1, size_limit)
     return buffers[bucket]
+
+
+def remove_parts(out_root: str, sub: str, sid: str) -> None:
+    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
+    for bucket in BUCKETS + [UNBUCKETED]:
+        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
 
 
 def read_batches(pf: pq.ParquetFile, parquet: str, columns: list[str], batch_size: int):
@@ -576,8 +582,7 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     except Exception as e:
         raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
     found = input_columns(pf.schema_arrow.names, parquet)
-    for bucket in BUCKETS + [UNBUCKETED]:  # what a killed run left of this shard
-        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
+    remove_parts(out_root, sub, sid)  # what a killed run left of this shard
     limit = args.size_limit
     writers: dict[str, PartWriter] = {}
     counts: dict[str, int] = {}
@@ -634,7 +639,9 @@ def convert_shard(parquet: str) -> dict[str, Any]:
     sid = Path(parquet).stem
     cloud = is_cloud(args.remote)
     out_root = os.path.join(args.staging, 'parts') if cloud else args.remote
-    io_threads = _WORKER.get('io') or _WORKER.setdefault('io', ThreadPoolExecutor(args.upload_threads))
+    if 'io' not in _WORKER:
+        _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
+    io_threads = _WORKER['io']
     landing: list[Future] = []
     if cloud:
         up = uploader(out_root, args.remote, args.retry, cache=True)
@@ -663,8 +670,7 @@ def convert_shard(parquet: str) -> dict[str, Any]:
             fut.cancel()
         wait(landing)  # nothing still reads the files removed below
         if cloud:
-            for bucket in BUCKETS + [UNBUCKETED]:
-                shutil.rmtree(Path(out_root, bucket, args.subfolder, sid), ignore_errors=True)
+            remove_parts(out_root, args.subfolder, sid)
     if not args.keep_parquet:
         delete_input(parquet)
     return record

@@ -4,7 +4,6 @@ and many machines merged into one dataset."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -24,6 +23,7 @@ from streaming.base.util import merge_index
 from testbed.corpus import BUCKET_EDGES, bucket_of, build_corpus, good_items
 from testbed.i2d_shards import shard_rows, write_shard, write_stats
 from testbed.readback import read_mds
+from testbed.scripts import load_script
 
 BUCKETS = [f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:])]
 ALL = f'{BUCKET_EDGES[0]}-{BUCKET_EDGES[-1]}'
@@ -281,18 +281,11 @@ def test_many_machines_write_subfolders_and_merge_into_one_dataset(root, tmp_pat
                                      if 256 <= min(header_size(r['jpg'])) < 512}
 
 
-def load_script(root: Path):
-    spec = importlib.util.spec_from_file_location('laion_cloudwriter', root / 'laion_cloudwriter.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_mds_files_are_byte_equal_to_streamings_mdswriter(root, tmp_path):
+def test_mds_files_are_byte_equal_to_streamings_mdswriter(tmp_path):
     """The script writes MDS files and merges indexes itself (for speed); for the same rows they
     must be what streaming's MDSWriter and merge_index write: shards byte for byte, their
     boundaries, index.json."""
-    cw = load_script(root)
+    cw = load_script('laion_cloudwriter.py')
     want = make_input(tmp_path / 'in', [0], items=list(build_corpus()) * 3)
     parquet = tmp_path / 'in' / '00000.parquet'
     limit = 2 * max(len(r['jpg']) for r in want.values()) + 4096  # no sample alone over the limit
@@ -330,8 +323,8 @@ def test_mds_files_are_byte_equal_to_streamings_mdswriter(root, tmp_path):
             json.loads((tmp_path / 'merged' / bucket / 'index.json').read_text())
 
 
-def test_a_sample_over_the_size_limit_gets_a_shard_of_its_own(root, tmp_path):
-    cw = load_script(root)
+def test_a_sample_over_the_size_limit_gets_a_shard_of_its_own(tmp_path):
+    cw = load_script('laion_cloudwriter.py')
     want = make_input(tmp_path / 'in', [0])
     args = cw.parse_args(['--local', str(tmp_path / 'in'), '--remote', str(tmp_path / 'out'),
                           '--size_limit', '1kb'])
@@ -343,10 +336,10 @@ def test_a_sample_over_the_size_limit_gets_a_shard_of_its_own(root, tmp_path):
     assert {s['key'] for s in got} == set(want)
 
 
-def test_jpeg_sizes_are_read_from_arrow_buffers_without_pil(root):
+def test_jpeg_sizes_are_read_from_arrow_buffers_without_pil():
     """The fast header reader must work on the views the converter hands it (arrow's buffers are
     signed bytes); PIL would give the same answer, so only this test sees a fallback."""
-    cw = load_script(root)
+    cw = load_script('laion_cloudwriter.py')
     jpegs = [it for it in good_items() if it.data[:2] == b'\xff\xd8']
     offsets, data = cw.binary_buffers(pa.array([it.data for it in jpegs]))
     assert len(jpegs) >= 10

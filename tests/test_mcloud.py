@@ -3,7 +3,6 @@ scripts inside them accepted by that script's own argument parser (a renamed fla
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testbed.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / 'mcloud').glob('*.yaml'))
@@ -43,10 +43,7 @@ def script_invocations(job: dict) -> list[tuple[str, list[str]]]:
 
 def parse_with_script(script: str, argv: list[str]):
     """Run the script's own parse_args() on argv (SystemExit on a bad flag)."""
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
-    spec.loader.exec_module(module)
+    module = load_script(script)
     old = sys.argv
     sys.argv = [script, *argv]
     try:
