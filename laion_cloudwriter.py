@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import io
 import json
 import logging
@@ -62,11 +63,15 @@ import math
 import mmap
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -101,11 +106,23 @@ VAR_COLUMNS = [c for c in MDS_COLUMNS if MDS_SIZES[COLUMNS[c]] is None]
 # Input names that differ from the output name (the aesthetic set's metadata is upper case).
 ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE')}
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the platform's stop, Ctrl-C
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
 SUMMARY_DIR = '_cloudwriter'
 UNREADABLE_HEADER = 'success but no readable image header'
-EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2
+EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2  # a signal ends a run with 128 + its number (SIGTERM: 143)
+SUBFOLDER_RE = re.compile(r'(?!\.{1,2}$)(?!\d+$)[A-Za-z0-9._-]+')  # not a shard id: those are digits
+
+# One run at a time per --local (a flock: the kernel drops it when the run dies, it never goes stale)
+# and per <remote>[/<subfolder>] (a lease the run refreshes; another run refuses while it is fresh).
+LOCK = 'lock'  # <local>/_cloudwriter/lock, and <staging>/lock for a --staging of its own
+LEASE = 'run.lease'  # <remote>/_cloudwriter[/<subfolder>]/run.lease
+LEASE_HEARTBEAT_S = 10.0
+LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if it ran on this host)
+HOST = socket.gethostname()
+# Input columns are cast to these before encoding; a value that does not cast skips its shard.
+ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
 
 log = logging.getLogger('laion_cloudwriter')
 
@@ -121,37 +138,71 @@ def parse_size(text: str) -> int:
     raise argparse.ArgumentTypeError(f'{text!r}: give bytes or a size like 64mb, between 1b and 4gb')
 
 
+def at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number >= `low` (> `low` when `strict`)."""
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f'{text!r}: give a{"n integer" if kind is int else " number"} '
+                                             f'{">" if strict else ">="} {low}')
+        return value
+    return check
+
+
+def subfolder_name(text: str) -> str:
+    """A plain folder name: letters, digits, '.', '_', '-', not '.', '..' nor only digits."""
+    if text and not SUBFOLDER_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f'{text!r}: give one plain folder name (letters, digits, ".", "_", '
+                                         '"-"; not "..", not only digits, no "/")')
+    return text
+
+
+def plain_remote(text: str) -> str:
+    """`file:///path` -> `/path` (a folder, like the other scripts take it); other remotes unchanged."""
+    url = urlparse(text)
+    if url.scheme != 'file':
+        return text.rstrip('/') or text
+    if url.netloc not in ('', 'localhost') or not url.path:
+        raise argparse.ArgumentTypeError(f'{text!r}: a file:// remote is file:///absolute/path')
+    return url.path.rstrip('/') or '/'
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--local', type=str, default='',
-                   help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json).')
-    p.add_argument('--remote', type=str, default='',
-                   help='Where the MDS datasets go: a folder, s3://bucket/path, gs://..., oci://... '
-                        '(required)')
-    p.add_argument('--subfolder', type=str, default='',
+                   help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json); it must '
+                        'exist once --wait_before_start has passed.')
+    p.add_argument('--remote', type=plain_remote, default='',
+                   help='Where the MDS datasets go: a folder (or file:///folder), s3://bucket/path, '
+                        'gs://..., oci://... (required)')
+    p.add_argument('--subfolder', type=subfolder_name, default='',
                    help='Write <remote>/<bucket>/<subfolder>: one per machine, joined by --merge_only.')
     p.add_argument('--bucketed', action='store_true',
                    help='One dataset per shorter-side bucket (else one dataset 0-1048576).')
     p.add_argument('--keep_parquet', action='store_true',
                    help='Keep parquet shards and their _stats.json after conversion.')
-    p.add_argument('--processes', type=int, default=os.cpu_count() or 1,
+    p.add_argument('--processes', type=at_least(int, 1), default=os.cpu_count() or 1,
                    help='Worker processes, each converting one parquet shard at a time.')
-    p.add_argument('--poll_interval', type=float, default=10.0,
+    p.add_argument('--poll_interval', type=at_least(float, 0, strict=True), default=10.0,
                    help='Seconds between looks at --local for newly finished shards.')
-    p.add_argument('--wait_before_start', type=float, default=0.0,
-                   help='Seconds to sleep before starting (e.g. while the download starts).')
-    p.add_argument('--merge_interval', type=float, default=300.0,
+    p.add_argument('--wait_before_start', type=at_least(float, 0), default=0.0,
+                   help='Seconds to sleep before starting (e.g. while the download creates --local).')
+    p.add_argument('--merge_interval', type=at_least(float, 0), default=300.0,
                    help='Seconds between rewrites of the merged index.json while running '
                         '(it is always written at the end).')
     p.add_argument('--size_limit', type=parse_size, default='64mb',
                    help='MDS shard size limit, bytes or e.g. 16mb (streaming size_limit); bounds memory '
                         'per bucket.')
-    p.add_argument('--batch_size', type=int, default=256,
+    p.add_argument('--batch_size', type=at_least(int, 1), default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
-    p.add_argument('--upload_threads', type=int, default=8,
+    p.add_argument('--upload_threads', type=at_least(int, 1), default=8,
                    help='Parallel uploads per worker for a cloud remote.')
-    p.add_argument('--retry', type=int, default=2,
-                   help="Attempts per upload (streaming's uploader retry) before the run stops.")
+    p.add_argument('--retry', type=at_least(int, 1), default=2,
+                   help="Attempts per upload (streaming's uploader retry; 1: no second try) before the run "
+                        'stops.')
     p.add_argument('--staging', type=str, default='',
                    help='Local scratch for parts before upload (default <local>/_cloudwriter_staging).')
     p.add_argument('--summary', type=str, default='',
@@ -161,12 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--wandb_project', type=str, default='',
                    help='Log progress to this wandb project (only if wandb is installed).')
     args = p.parse_args(argv)
-    if '/' in args.subfolder.strip('/'):
-        p.error('--subfolder must be one folder name (no "/")')
     if not args.remote:
         p.error('--remote is required')
-    args.subfolder = args.subfolder.strip('/')
-    args.remote = args.remote.rstrip('/')
     if not args.merge_only and not args.local:
         p.error('--local is required (unless --merge_only)')
     return args
@@ -248,7 +295,12 @@ def read_remote(remote_file: str) -> bytes:
     from streaming.base.storage.download import CloudDownloader
     with tempfile.TemporaryDirectory() as tmp:
         dest = os.path.join(tmp, 'f')
-        CloudDownloader.direct_download(remote_file, dest)
+        try:
+            CloudDownloader.direct_download(remote_file, dest)
+        except Exception as e:  # streaming raises a missing S3 object as it is (a 404 ClientError)
+            if getattr(e, 'response', {}).get('Error', {}).get('Code') in ('404', 'NoSuchKey'):
+                raise FileNotFoundError(remote_file) from e
+            raise
         return Path(dest).read_bytes()
 
 
@@ -265,6 +317,132 @@ def read_records(remote: str, subfolder: str | None) -> dict[str, dict[str, dict
             rec = json.loads(data)
             out.setdefault(sub, {})[rec['shard']] = rec
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One run at a time: a flock on --local (this machine), a lease at the remote (any machine).
+# ---------------------------------------------------------------------------------------------
+
+class RunError(Exception):
+    """A reason not to start: printed as one `error:` line, exit 2."""
+
+
+def check_local(local: str) -> None:
+    """--local must be an existing folder (the download's output)."""
+    if not os.path.exists(local):
+        raise RunError(f'--local {local} does not exist; give the download\'s output folder (with '
+                       '--wait_before_start if the download creates it)')
+    if not os.path.isdir(local):
+        raise RunError(f'--local {local} is a file; give the folder of img2dataset parquet shards')
+
+
+def lock_folder(folder: str, flag: str) -> int:
+    """Hold an exclusive flock on `folder`/lock until this process ends (the kernel drops it even
+    after kill -9, so it never goes stale); refuse if another run holds it. Returns the fd."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f'{flag} {folder}: cannot be used ({e})') from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors='replace').strip() or '?'
+        os.close(fd)
+        raise RunError(f'{flag} {folder} is in use by another laion_cloudwriter run (pid {owner}); wait for '
+                       'it to end (the lock ends with that process)') from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def proc_start(pid: int) -> str | None:
+    """When process `pid` of this machine started (tells it from a later one with its pid); None if
+    there is none."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):  # no such process (or no /proc: then only the lease's age counts)
+        return None
+
+
+class Lease:
+    """This run's claim on `<remote>/_cloudwriter[/<subfolder>]/run.lease`: taken at start, refreshed
+    every LEASE_HEARTBEAT_S by a thread, released at the end. It is stale once its run is gone (same
+    host: at once; another host: LEASE_STALE_S after its last refresh), and then taken over."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rel = join(RECORDS, args.subfolder, LEASE)
+        self.url = join(args.remote, self.rel)
+        self.mine = {'token': uuid.uuid4().hex, 'host': HOST, 'pid': os.getpid(),
+                     'start': proc_start(os.getpid()), 'local': os.path.abspath(args.local)}
+        self.lost = ''  # why this run no longer holds the lease (another took it over)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(read_remote(self.url))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return {}
+
+    def write(self, released: bool = False) -> None:
+        lease = {**self.mine, 'seen': time.time(), 'released': released}
+        put_bytes(self.args.remote, self.rel, json.dumps(lease).encode(), self.args.staging, self.args.retry)
+
+    def held_by_other(self, lease: dict | None) -> str:
+        """'' if `lease` is ours, absent, released or stale; else a line saying who holds it."""
+        if not lease or lease.get('released') or lease.get('token') == self.mine['token']:
+            return ''
+        age = time.time() - lease.get('seen', 0)
+        gone = lease.get('host') == HOST and proc_start(lease.get('pid', 0)) != lease.get('start')
+        if gone or age > LEASE_STALE_S:
+            return ''
+        who = f"host {lease.get('host')}, pid {lease.get('pid')}, --local {lease.get('local')}"
+        return (f'{self.args.remote} (--subfolder {self.args.subfolder or "none"}) is being written by '
+                f'another laion_cloudwriter run ({who}, seen {age:.0f} s ago); wait for it to end or use '
+                f'another --subfolder; its lease goes stale {LEASE_STALE_S:.0f} s after that run dies, or '
+                f'delete {self.url} if you know it is dead')
+
+    def acquire(self) -> None:
+        """Take the lease or refuse. Written, then read back after a while longer than a write: of
+        two runs starting at once, the earlier writer sees the later one's lease and refuses."""
+        other = self.held_by_other(self.read())
+        if other:
+            raise RunError(other)
+        t0 = time.time()
+        self.write()
+        time.sleep(min(max(10 * (time.time() - t0), 0.2), 5.0))
+        other = self.held_by_other(self.read())
+        if other:
+            raise RunError(other)
+        self.thread = threading.Thread(target=self._refresh, daemon=True, name='lease')
+
+    def start_refreshing(self) -> None:
+        if self.thread is not None and not self.thread.is_alive():
+            self.thread.start()
+
+    def _refresh(self) -> None:
+        while not self.stop.wait(LEASE_HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a failing remote stops the run through its writes
+                current = self.read()
+                if current and current.get('token') != self.mine['token']:
+                    self.lost = (f'{self.url}: another run took over this remote (host '
+                                 f'{current.get("host")}, pid {current.get("pid")}); this run stops, '
+                                 'nothing unrecorded was deleted')
+                    return
+                self.write()
+
+    def release(self) -> None:
+        """Mark the lease released (when it is still ours): the next run starts at once."""
+        self.stop.set()
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join()
+        with contextlib.suppress(Exception):
+            if not self.lost and self.read().get('token') == self.mine['token']:
+                self.write(released=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +553,35 @@ def as_binary(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
 
 
+def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
+                  first_row: int) -> dict[str, pa.Array]:
+    """Every input column present, by output name, cast to its output type (jpg: kept binary). A
+    value that does not cast (a caption of invalid UTF-8, a float column of text, ...) is bad input:
+    a skippable ShardError naming the file, row and column."""
+    out = {}
+    for col, name in found.items():
+        arr = batch.column(name)
+        if col == 'jpg' and (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+            out[col] = arr
+            continue
+        to = pa.binary() if col == 'jpg' else ARROW_TYPES[COLUMNS[col]]
+        try:
+            out[col] = arr.cast(to)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            row = next((i for i in range(len(arr)) if not _casts(arr.slice(i, 1), to)), 0)
+            raise ShardError(f'{parquet}: bad value in column {name!r} at row {first_row + row}, not '
+                             f'{to} ({e})', fatal=False) from e
+    return out
+
+
+def _casts(arr: pa.Array, to: pa.DataType) -> bool:
+    try:
+        arr.cast(to)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+
+
 def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
                    skipped: dict[str, int]) -> None:
     """Count non-success rows by reason: the error message, else the status."""
@@ -387,13 +594,11 @@ def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
         skipped[reason] = skipped.get(reason, 0) + 1
 
 
-def image_sizes(batch: pa.RecordBatch, found: dict[str, str], ok: np.ndarray,
-                jpg: tuple[list[int], memoryview],
+def image_sizes(cols: dict[str, pa.Array], n: int, ok: np.ndarray, jpg: tuple[list[int], memoryview],
                 skipped: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The four size columns, from the parquet or else from the image header, and the rows of `ok`
     that have a size (the others are counted in `skipped`)."""
-    n = batch.num_rows
-    sizes = {c: (pc.fill_null(batch.column(found[c]).cast(pa.int64()), -1).to_numpy() if c in found
+    sizes = {c: (pc.fill_null(cols[c].cast(pa.int64()), -1).to_numpy() if c in cols
                  else np.full(n, -1, np.int64)) for c in SIZE_COLUMNS}
     width, height = sizes['width'].copy(), sizes['height'].copy()
     offsets, data = jpg
@@ -411,29 +616,27 @@ def image_sizes(batch: pa.RecordBatch, found: dict[str, str], ok: np.ndarray,
             'original_height': np.where(unknown_original, height, sizes['original_height'])}, known
 
 
-def mds_pieces(batch: pa.RecordBatch, found: dict[str, str], sizes: dict[str, np.ndarray],
+def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
                jpg_offsets: list[int]) -> tuple[pa.Array, pa.Array]:
     """Per row, the MDS encoding of the sample before its jpg bytes and after them.
 
     An MDS sample is the u32 sizes of its variable-size columns, then every column in name order;
     here all but the jpg are joined per row by arrow kernels, the jpg is added by the writer.
     """
-    n = batch.num_rows
     cols: dict[str, pa.Array] = {}
     for col in MDS_COLUMNS:
         if col == 'jpg':
             continue
         enc = COLUMNS[col]
-        arr = batch.column(found[col]) if col in found else None
+        arr = typed.get(col)
         if col in SIZE_COLUMNS:
             cols[col] = as_binary(sizes[col].astype('<i4'))
         elif enc == 'str':
-            cols[col] = (pc.fill_null(arr.cast(pa.string()), '').cast(pa.binary()) if arr is not None
+            cols[col] = (pc.fill_null(arr, '').cast(pa.binary()) if arr is not None
                          else pa.array([b''] * n, pa.binary()))
         else:
-            default, arrow_type = (math.nan, pa.float64()) if enc == 'float64' else (0, pa.int64())
-            values = (pc.fill_null(arr.cast(arrow_type), default).to_numpy() if arr is not None
-                      else np.full(n, default))
+            default = math.nan if enc == 'float64' else 0
+            values = pc.fill_null(arr, default).to_numpy() if arr is not None else np.full(n, default)
             cols[col] = as_binary(values.astype(FIXED_DTYPES[enc]))
     lengths = [np.diff(jpg_offsets) if col == 'jpg' else pc.binary_length(cols[col]).to_numpy()
                for col in VAR_COLUMNS]
@@ -444,33 +647,33 @@ def mds_pieces(batch: pa.RecordBatch, found: dict[str, str], sizes: dict[str, np
     return before, after
 
 
-def encode_batch(batch: pa.RecordBatch, found: dict[str, str], skipped: dict[str, int], bucketed: bool):
+def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
+                 bucketed: bool) -> list[tuple[str, tuple[memoryview, ...]]]:
     """(bucket, pieces) for each success row with a known size, in row order: the pieces'
     concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`."""
-    status = pc.fill_null(batch.column(found['status']).cast(pa.string()), '')
+    status = pc.fill_null(typed['status'], '')
     ok = pc.equal(status, 'success').to_numpy(zero_copy_only=False)
-    error = batch.column(found['error_message']) if 'error_message' in found else None
-    count_failures(status, error, np.flatnonzero(~ok), skipped)
-    jpg_col = batch.column(found['jpg'])
+    count_failures(status, typed.get('error_message'), np.flatnonzero(~ok), skipped)
+    jpg_col = typed['jpg']
     jpg = binary_buffers(jpg_col)
     if jpg_col.null_count:  # success with no bytes: nothing to write
         no_bytes = ok & ~jpg_col.is_valid().to_numpy(zero_copy_only=False)
         skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + int(no_bytes.sum())
         ok &= ~no_bytes
-    sizes, ok = image_sizes(batch, found, ok, jpg, skipped)
+    sizes, ok = image_sizes(typed, n, ok, jpg, skipped)
     rows = np.flatnonzero(ok)
     if not len(rows):
-        return
+        return []
     if bucketed:
         shorter = np.minimum(sizes['width'], sizes['height'])
         which = np.clip(np.searchsorted(BUCKET_EDGES, shorter, side='right') - 1, 0, len(BUCKETS) - 1)
         names = [BUCKETS[b] for b in which.tolist()]
     else:
-        names = [UNBUCKETED] * batch.num_rows
-    before, after = mds_pieces(batch, found, sizes, jpg[0])
+        names = [UNBUCKETED] * n
+    before, after = mds_pieces(typed, n, sizes, jpg[0])
     (bo, bv), (jo, jv), (ao, av) = binary_buffers(before), jpg, binary_buffers(after)
-    for i in rows.tolist():
-        yield names[i], (bv[bo[i]:bo[i + 1]], jv[jo[i]:jo[i + 1]], av[ao[i]:ao[i + 1]])
+    return [(names[i], (bv[bo[i]:bo[i + 1]], jv[jo[i]:jo[i + 1]], av[ao[i]:ao[i + 1]]))
+            for i in rows.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +744,8 @@ def init_worker(progress: Any, args: argparse.Namespace) -> None:
     """Per-process state; workers die with the parent (a killed run leaves no writer behind)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:  # the main process decides what a signal stops
+        signal.signal(sig, signal.SIG_IGN)
     _WORKER.update(progress=progress, args=args)
 
 
@@ -573,6 +777,20 @@ def read_batches(pf: pq.ParquetFile, parquet: str, columns: list[str], batch_siz
         yield batch
 
 
+def encode_input(batch: pa.RecordBatch, found: dict[str, str], parquet: str, first_row: int,
+                 skipped: dict[str, int], bucketed: bool) -> list[tuple[str, tuple[memoryview, ...]]]:
+    """encode_batch on one row batch; whatever fails here is the input's fault: a skippable
+    ShardError (the shard is kept on disk), never a remote error."""
+    try:
+        typed = typed_columns(batch, found, parquet, first_row)
+        return encode_batch(typed, batch.num_rows, skipped, bucketed)
+    except ShardError:
+        raise
+    except Exception as e:
+        raise ShardError(f'{parquet}: rows {first_row}-{first_row + batch.num_rows - 1} cannot be converted '
+                         f'({type(e).__name__}: {e})', fatal=False) from e
+
+
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
                 land: Callable[[str], Any]) -> dict[str, Any]:
     """Read one parquet in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`."""
@@ -589,9 +807,12 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     skipped: dict[str, int] = {}
     nbytes = 0
     progress = _WORKER.get('progress')
+    first_row = 0
     for batch in read_batches(pf, parquet, sorted(set(found.values())), args.batch_size):
         n0, b0 = sum(counts.values()), nbytes
-        for bucket, pieces in encode_batch(batch, found, skipped, args.bucketed):
+        encoded = encode_input(batch, found, parquet, first_row, skipped, args.bucketed)
+        first_row += batch.num_rows
+        for bucket, pieces in encoded:
             w = writers.get(bucket)
             if w is None:
                 w = writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit,
@@ -643,13 +864,20 @@ def convert_shard(parquet: str) -> dict[str, Any]:
         _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
     io_threads = _WORKER['io']
     landing: list[Future] = []
+    bad_input = False
     if cloud:
         up = uploader(out_root, args.remote, args.retry, cache=True)
         land = lambda path: landing.append(io_threads.submit(up.upload_file, os.path.relpath(path, out_root)))  # noqa: E731
     else:
         land = lambda path: landing.append(io_threads.submit(fsync_file, path))  # noqa: E731
     try:
-        record = write_parts(parquet, out_root, args.subfolder, args, land)
+        try:
+            record = write_parts(parquet, out_root, args.subfolder, args, land)
+        except ShardError:
+            raise
+        except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
+            raise ShardError(f'{parquet}: writing to {out_root} failed ({type(e).__name__}: {e})',
+                             fatal=True) from e
         for fut in landing:
             fut.result()
         if cloud:
@@ -660,7 +888,8 @@ def convert_shard(parquet: str) -> dict[str, Any]:
                 fsync_file(str(part))
                 fsync_file(str(part.parent))
         write_record(record, args)
-    except ShardError:
+    except ShardError as e:
+        bad_input = not e.fatal
         raise
     except Exception as e:
         raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
@@ -669,7 +898,7 @@ def convert_shard(parquet: str) -> dict[str, Any]:
         for fut in landing:
             fut.cancel()
         wait(landing)  # nothing still reads the files removed below
-        if cloud:
+        if cloud or bad_input:  # staging, or the unindexed start of a skipped shard
             remove_parts(out_root, args.subfolder, sid)
     if not args.keep_parquet:
         delete_input(parquet)
@@ -747,7 +976,7 @@ def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> 
             'samples': sum(per_bucket.values()), 'skipped_by_reason': skipped,
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
-            'unreadable_parquet': run['bad'], 'errors': run['errors'],
+            'skipped_shards': run['bad'], 'errors': run['errors'],
             'elapsed_s': round(elapsed, 2),
             'samples_per_s': round(run['samples'] / max(elapsed, 1e-9), 1),
             'mb_per_s': round(mb / max(elapsed, 1e-9), 1)}
@@ -762,10 +991,13 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     if summary['skipped_by_reason']:
         lines.append('skipped:')
         lines += [f'  {n:>8}  {k}' for k, n in sorted(summary['skipped_by_reason'].items())]
-    for bad in summary['unreadable_parquet']:
-        lines.append(f'UNREADABLE (kept): {bad}')
+    for bad in summary['skipped_shards']:
+        lines.append(f'SKIPPED (parquet kept): {bad}')
     for err in summary['errors']:
         lines.append(f'ERROR: {err}')
+    if summary.get('interrupted'):
+        lines.append(f"INTERRUPTED by {summary['interrupted']}: the index covers the "
+                     f"{summary['shards_done']} recorded shards; rerun the same command to resume")
     lines.append(f'summary JSON: {path}')
     print('\n'.join(lines), flush=True)
 
@@ -793,7 +1025,32 @@ def terminate(executor: ProcessPoolExecutor) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
 
 
-def run(args: argparse.Namespace) -> int:
+_STOP = {'signal': 0}  # set by on_signal; the main loop then takes no new shard
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    if not _STOP['signal']:
+        _STOP['signal'] = signum
+        print(f'{signal.Signals(signum).name}: stopping; shards in flight are abandoned (rerun redoes them), '
+              'the index of the recorded ones is published', file=sys.stderr, flush=True)
+
+
+def sleep_unless_stopped(seconds: float) -> None:
+    end = time.time() + seconds
+    while not _STOP['signal'] and time.time() < end:
+        time.sleep(min(0.2, max(end - time.time(), 0)))
+
+
+def recorded_meanwhile(sids: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Records that abandoned shards' workers wrote before they were stopped."""
+    out = {}
+    for sid in sids:
+        with contextlib.suppress(FileNotFoundError):
+            out[sid] = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, f'{sid}.record')))
+    return out
+
+
+def run(args: argparse.Namespace, lease: Lease) -> int:
     start = time.time()
     records = read_records(args.remote, args.subfolder).get(args.subfolder, {})
     mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
@@ -809,13 +1066,24 @@ def run(args: argparse.Namespace) -> int:
     progress = mp.get_context('fork').Array('q', 2)
     executor = ProcessPoolExecutor(args.processes, mp_context=mp.get_context('fork'),
                                    initializer=init_worker, initargs=(progress, args))
+    executor.submit(int).result()  # forks every worker now, before the lease thread starts
+    lease.start_refreshing()
     wb = wandb_run(args)
     bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
     futures: dict[Future, str] = {}
     bad: set[str] = set()
     last_merge, merged_n, last_scan = time.time(), len(records), -math.inf
+
+    def add(rec: dict) -> None:
+        records[rec['shard']] = rec
+        run_stats['shards'] += 1
+        run_stats['samples'] += sum(rec['samples'].values())
+        run_stats['bytes'] += rec['bytes']
+
     try:
-        while True:
+        while not _STOP['signal']:
+            if lease.lost:
+                raise ShardError(lease.lost, fatal=True)
             if not futures or time.time() - last_scan >= args.poll_interval:
                 last_scan = time.time()
                 done_flag = Path(args.local, 'done').exists()  # before the scan: no shard missed
@@ -828,7 +1096,7 @@ def run(args: argparse.Namespace) -> int:
                 if not futures:
                     if done_flag:
                         break
-                    time.sleep(args.poll_interval)
+                    sleep_unless_stopped(args.poll_interval)
                     continue
             finished, _ = wait(list(futures), timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -841,12 +1109,9 @@ def run(args: argparse.Namespace) -> int:
                         raise
                     bad.add(sid)
                     run_stats['bad'].append(e.message)
-                    tqdm.write(f'skipped: {e.message}', file=sys.stderr)
+                    tqdm.write(f'skipped, parquet kept: {e.message}', file=sys.stderr)
                     continue
-                records[sid] = rec
-                run_stats['shards'] += 1
-                run_stats['samples'] += sum(rec['samples'].values())
-                run_stats['bytes'] += rec['bytes']
+                add(rec)
                 bar.update(1)
             el = max(time.time() - start, 1e-9)
             bar.set_postfix_str(f'{progress[0] / el:,.0f} samples/s, {progress[1] / el / 1e6:,.1f} MB/s')
@@ -863,7 +1128,12 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         terminate(executor)
         raise
-    executor.shutdown()
+    if _STOP['signal']:
+        terminate(executor)
+        for rec in recorded_meanwhile(list(futures.values()), args).values():
+            add(rec)
+    else:
+        executor.shutdown()
     bar.close()
     try:
         merge_run(records, args)
@@ -874,12 +1144,16 @@ def run(args: argparse.Namespace) -> int:
         return finish(records, run_stats, start, args, EXIT_FATAL)
     if wb is not None:
         wb.finish()
+    if _STOP['signal']:
+        return finish(records, run_stats, start, args, 128 + _STOP['signal'])
     return finish(records, run_stats, start, args, EXIT_BAD_INPUT if run_stats['bad'] else EXIT_OK)
 
 
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
     summary = summarize(records, run_stats, time.time() - start)
     summary['exit_code'] = code
+    if _STOP['signal']:
+        summary['interrupted'] = signal.Signals(_STOP['signal']).name
     name = f'summary_{args.subfolder}.json' if args.subfolder else 'summary.json'
     path = Path(args.summary or os.path.join(args.local or '.', SUMMARY_DIR, name))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -892,32 +1166,62 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     return code
 
 
+def merge_only(args: argparse.Namespace) -> int:
+    """--merge_only: join every subfolder's done shards; nothing recorded there is an error."""
+    try:
+        totals = merge_subfolders(args)
+    except Exception as e:
+        print(f'error: merging at {args.remote} failed ({type(e).__name__}: {e})', file=sys.stderr)
+        return EXIT_FATAL
+    if not totals:
+        print(f'error: {args.remote}: no converted shards recorded under {join(args.remote, RECORDS)}; '
+              'give the --remote the cloudwriter runs wrote to', file=sys.stderr)
+        return EXIT_FATAL
+    print(json.dumps({'merged_samples_per_bucket': totals}))
+    return EXIT_OK
+
+
+def take_ownership(args: argparse.Namespace) -> Lease:
+    """Check --local, lock it (and an own --staging) for this process, take the remote's lease."""
+    check_local(args.local)
+    lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
+    if args.staging:
+        lock_folder(args.staging, '--staging')
+    args.staging = args.staging or os.path.join(args.local, '_cloudwriter_staging')
+    os.makedirs(args.staging, exist_ok=True)
+    lease = Lease(args)
+    try:
+        lease.acquire()
+    except RunError:
+        raise
+    except Exception as e:  # e.g. a bucket that does not exist, no credentials
+        raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
+    return lease
+
+
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
-    args.staging = args.staging or os.path.join(args.local or tempfile.gettempdir(), '_cloudwriter_staging')
-    os.makedirs(args.staging, exist_ok=True)
     if args.merge_only:
-        try:
-            totals = merge_subfolders(args)
-        except Exception as e:
-            print(f'error: merging at {args.remote} failed ({type(e).__name__}: {e})', file=sys.stderr)
-            return EXIT_FATAL
-        print(json.dumps({'merged_samples_per_bucket': totals}))
-        return EXIT_OK
-    if args.wait_before_start > 0:
-        time.sleep(args.wait_before_start)
-    if not Path(args.local).is_dir():
-        print(f'error: --local {args.local} is not a folder', file=sys.stderr)
+        args.staging = args.staging or tempfile.mkdtemp(prefix='cloudwriter-merge-')
+        return merge_only(args)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    sleep_unless_stopped(args.wait_before_start)
+    if _STOP['signal']:
+        return 128 + _STOP['signal']
+    try:
+        lease = take_ownership(args)
+    except RunError as e:
+        print(f'error: {e}', file=sys.stderr)
         return EXIT_FATAL
     try:
-        return run(args)
-    except KeyboardInterrupt:
-        print('interrupted; rerun the same command to resume', file=sys.stderr)
-        return 130
+        return run(args, lease)
     except Exception as e:  # e.g. the remote is unreachable when reading the records
-        print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+        print(f'error: {args.remote}: {type(e).__name__}: {e}', file=sys.stderr)
         return EXIT_FATAL
+    finally:
+        lease.release()
 
 
 if __name__ == '__main__':

@@ -144,7 +144,7 @@ def test_local_bucketed_download_with_broken_files_and_a_corrupt_shard(root, tmp
     assert summary['skipped_by_reason'] == {'HTTP Error 404: Not Found': 3,
                                             'success but no readable image header': 6}
     assert any('truncated' in s['url'] for rows in got.values() for s in rows)
-    assert summary['unreadable_parquet'] and summary['exit_code'] == 1
+    assert summary["skipped_shards"] and summary['exit_code'] == 1
 
 
 def test_s3_unbucketed_aesthetic_keeps_parquet_and_trusts_parquet_sizes(root, tmp_path, s3):
