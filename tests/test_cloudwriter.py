@@ -345,3 +345,160 @@ def test_jpeg_sizes_are_read_from_arrow_buffers_without_pil():
     assert len(jpegs) >= 10
     for i, it in enumerate(jpegs):
         assert cw.jpeg_size(data[offsets[i]:offsets[i + 1]]) == (it.width, it.height), it.name
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, range(3), items=good_items()[:4], done=False)
+    other = tmp_path / 'other-machine'  # a second machine's download, pointed at the same remote
+    make_input(other, range(2), items=good_items()[:2], key_offset=50)
+    args = ('--remote', str(remote), '--bucketed', '--poll_interval', '0.3', '--processes', '1')
+    first = start(root, '--local', str(local), *args)
+    try:
+        wait_for(lambda: records(remote) == {'00000', '00001', '00002'} or first.poll() is not None,
+                 what='the first run to convert its shards')
+        assert first.poll() is None, 'no done file: the first run keeps polling'
+
+        same_local = cloudwriter(root, '--local', str(local), *args)
+        same_remote = cloudwriter(root, '--local', str(other), *args)
+
+        assert same_local.returncode == 2 and same_remote.returncode == 2
+        assert last_line(same_local.stderr) == (
+            f'error: --local {local}/_cloudwriter is in use by another laion_cloudwriter run '
+            f'(pid {first.pid}); wait for it to end (the lock ends with that process)')
+        line = last_line(same_remote.stderr)
+        assert line.startswith(f'error: {remote} (--subfolder none) is being written by another '
+                               f'laion_cloudwriter run (') and f'pid {first.pid}, --local {local}' in line
+        assert f'delete {remote}/_cloudwriter/run.lease if you know it is dead' in line
+        assert 'Traceback' not in same_local.stderr + same_remote.stderr
+        assert sorted(p.name for p in other.glob('*.parquet')) == ['00000.parquet', '00001.parquet']
+        (local / 'done').touch()
+        first.wait(60)
+    finally:
+        if first.poll() is None:
+            kill9(first)
+    assert first.returncode == 0, first.stderr.read()
+    assert_dataset(read_buckets(str(remote), BUCKETS), want)
+    assert 'UNREADABLE' not in first.stdout.read()
+
+    # A lease left by a run on another machine blocks while fresh; once stale it is taken over.
+    lease = remote / '_cloudwriter' / 'm2' / 'run.lease'
+    lease.parent.mkdir(parents=True)
+    for age, code in ((5, 2), (61, 0)):
+        lease.write_text(json.dumps({'token': 'x', 'host': 'elsewhere', 'pid': 1, 'seen': time.time() - age}))
+        r = cloudwriter(root, '--local', str(other), *args, '--subfolder', 'm2')
+        assert r.returncode == code, r.stderr
+        assert ('(host elsewhere, pid 1,' in r.stderr) == (code == 2)
+    assert records(remote, 'm2') == {'00000', '00001'}
+
+
+@pytest.mark.parametrize('flags, says', [
+    (['--batch_size', '0'], "argument --batch_size: '0': give an integer >= 1"),
+    (['--retry', '0'], "argument --retry: '0': give an integer >= 1"),
+    (['--processes', '-1'], "argument --processes: '-1': give an integer >= 1"),
+    (['--poll_interval', '0'], "argument --poll_interval: '0': give a number > 0"),
+    (['--size_limit', 'banana'], "argument --size_limit: 'banana': give bytes or a size like 64mb"),
+    (['--subfolder', '..'], "argument --subfolder: '..': give one plain folder name"),
+    (['--subfolder', '/abs'], "argument --subfolder: '/abs': give one plain folder name"),
+    (['--subfolder', 'a//b'], "argument --subfolder: 'a//b': give one plain folder name"),
+    (['--local', '{missing}'], 'error: --local {missing} does not exist; give the download'),
+    (['--local', '{file}'], 'error: --local {file} is a file; give the folder of img2dataset parquet shards'),
+])
+def test_bad_flags_and_a_missing_local_refuse_in_one_line(root, tmp_path, flags, says):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    make_input(local, [0], items=good_items()[:2])
+    (tmp_path / 'a-file').write_text('not a folder')
+    paths = {'missing': str(tmp_path / 'no-such-folder'), 'file': str(tmp_path / 'a-file')}
+    flags = [f.format(**paths) for f in flags]
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), *flags, timeout=60)
+    assert r.returncode == 2
+    assert says.format(**paths) in last_line(r.stderr) and 'Traceback' not in r.stderr
+    assert not remote.exists() and not (tmp_path / 'no-such-folder').exists()
+    assert (local / '00000.parquet').exists()
+
+
+def test_a_bad_value_in_one_shard_skips_that_shard_and_the_others_go_on(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, range(4), items=good_items()[:4])
+    # shard 1: its caption column is binary, one caption not UTF-8; shard 2: a float column of text
+    t = pq.read_table(local / '00001.parquet')
+    captions = [c.encode() for c in t['caption'].to_pylist()]
+    captions[2] = b'caf\xe9 \xff'
+    pq.write_table(t.set_column(t.schema.get_field_index('caption'), 'caption', pa.array(captions)),
+                   local / '00001.parquet')
+    t = pq.read_table(local / '00002.parquet')
+    punsafe = [str(v) for v in t['punsafe'].to_pylist()]
+    punsafe[3] = 'n/a'
+    pq.write_table(t.set_column(t.schema.get_field_index('punsafe'), 'punsafe', pa.array(punsafe)),
+                   local / '00002.parquet')
+    bad = {'00001', '00002'}
+
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--processes', '2')
+
+    assert r.returncode == 1, r.stderr  # input skipped, kept, named: not a remote failure
+    assert 'writing to' not in r.stderr + r.stdout and 'Traceback' not in r.stderr
+    summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
+    caption, punsafe = sorted(summary['skipped_shards'])
+    assert caption.startswith(f"{local}/00001.parquet: bad value in column 'caption' at row 2, not string (")
+    assert punsafe.startswith(f"{local}/00002.parquet: bad value in column 'punsafe' at row 3, not double (")
+    assert 'UTF8' in caption and "'n/a'" in punsafe  # arrow's reason
+    assert f"SKIPPED (parquet kept): {local / '00001.parquet'}: bad value in column 'caption'" in r.stdout
+    for s in bad:
+        assert (local / f'{s}.parquet').exists() and (local / f'{s}_stats.json').exists()
+        assert not list(remote.glob(f'*/{s}'))  # no half-written part left at the remote
+    assert_dataset(read_buckets(str(remote), [ALL]), {k: v for k, v in want.items()
+                                                      if f"{v['shard']:05d}" not in bad}, bucketed=False)
+
+
+def test_sigterm_publishes_the_recorded_shards_then_a_rerun_completes(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, range(12), items=good_items())
+    args = ('--local', str(local), '--remote', str(remote), '--processes', '1', '--merge_interval', '3600')
+    proc = start(root, *args)
+    try:
+        wait_for(lambda: len(records(remote)) >= 2 or proc.poll() is not None, what='two records')
+        os.killpg(proc.pid, signal.SIGTERM)  # the platform's stop, to the whole process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 143, err
+    assert 'SIGTERM: stopping' in err and 'Traceback' not in err
+    done = records(remote)
+    assert 2 <= len(done) < 12, 'stopped too late to test anything'
+    assert f'INTERRUPTED by SIGTERM: the index covers the {len(done)} recorded shards' in out
+    # The published index holds exactly the recorded shards, whole; the others' parquets are kept.
+    got = read_buckets(str(remote), [ALL])
+    assert_dataset(got, {k: v for k, v in want.items() if f"{v['shard']:05d}" in done}, bucketed=False)
+    for s in range(12):
+        assert (local / f'{s:05d}.parquet').exists() == (f'{s:05d}' not in done)
+    assert json.loads((local / '_cloudwriter' / 'summary.json').read_text())['interrupted'] == 'SIGTERM'
+
+    r = cloudwriter(root, *args)
+    assert r.returncode == 0, r.stderr
+    assert_dataset(read_buckets(str(remote), [ALL]), want, bucketed=False)
+
+
+def test_remote_mistakes_refuse_naming_the_remote_and_file_urls_are_folders(root, tmp_path, s3):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, [0], items=good_items()[:3])
+
+    typo = tmp_path / 'mdss'
+    r = cloudwriter(root, '--remote', str(typo), '--merge_only')
+    assert r.returncode == 2 and r.stdout == ''
+    assert last_line(r.stderr) == (f'error: {typo}: no converted shards recorded under {typo}/_cloudwriter; '
+                                   'give the --remote the cloudwriter runs wrote to')
+
+    missing = 's3://no-such-bucket-here/laion'
+    r = cloudwriter(root, '--local', str(local), '--remote', missing, env=s3.child_env())
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert last_line(r.stderr).startswith(f'error: {missing}: cannot be read or written (')
+    assert 'no-such-bucket-here' in last_line(r.stderr) and (local / '00000.parquet').exists()
+
+    r = cloudwriter(root, '--local', str(local), '--remote', f'file://{remote}')
+    assert r.returncode == 0, r.stderr
+    assert_dataset(read_buckets(str(remote), [ALL]), want, bucketed=False)
