@@ -45,9 +45,19 @@ Scale: a LAION-2B shard of 10,000 rows is ~1 GB; each worker holds one parquet r
 most one open MDS shard (`--size_limit`) per bucket, so memory is about
 processes x (batch + buckets x size_limit) whatever the number or size of the input shards.
 Missing optional columns (and nulls) become: NaN for floats, '' for strings, 0 for `hash`.
+A shard whose parquet is unreadable, or with a value that does not cast to its column (a caption
+that is not UTF-8, text in a float column), is skipped whole: its parquet is kept and the summary
+names the file, row and column; the other shards go on.
+
+One run at a time: a flock on `<local>/_cloudwriter/lock` (gone when the run dies, never stale) and
+a lease at `<remote>/_cloudwriter[/<subfolder>]/run.lease` (refreshed every 10 s; stale once its run
+is gone: at once on the same host, else after 60 s) make a second run refuse in one line.
+SIGTERM/SIGINT: no new shard, the shards in flight are abandoned (a rerun redoes them), the index of
+every recorded shard is published, then the summary (marked interrupted) and exit 128 + signal.
+
 At the end a summary is printed and written as JSON to `--summary` (default
-`<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some parquet unreadable
-(skipped, kept, named), 2 fatal (remote failing, missing required column).
+`<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some shards skipped as bad
+input (kept, named), 2 fatal (remote failing, missing required column, refused to start), 143 SIGTERM.
 """
 
 from __future__ import annotations
