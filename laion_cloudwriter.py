@@ -445,9 +445,13 @@ class Lease:
                     return
                 self.write()
 
-    def release(self) -> None:
-        """Mark the lease released (when it is still ours): the next run starts at once."""
+    def release(self, remote_ok: bool = True) -> None:
+        """Mark the lease released (when it is still ours): the next run starts at once. After a
+        remote failure nothing is written (it would only retry against the failing remote): the lease
+        goes stale on its own, at once for a rerun on this host."""
         self.stop.set()
+        if not remote_ok:
+            return
         if self.thread is not None and self.thread.is_alive():
             self.thread.join()
         with contextlib.suppress(Exception):
@@ -1225,13 +1229,14 @@ def main() -> int:
     except RunError as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_FATAL
+    code = EXIT_FATAL
     try:
-        return run(args, lease)
+        code = run(args, lease)
     except Exception as e:  # e.g. the remote is unreachable when reading the records
         print(f'error: {args.remote}: {type(e).__name__}: {e}', file=sys.stderr)
-        return EXIT_FATAL
     finally:
-        lease.release()
+        lease.release(remote_ok=code != EXIT_FATAL)
+    return code
 
 
 if __name__ == '__main__':
