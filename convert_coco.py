@@ -28,7 +28,7 @@ The script writes only where it is sure to destroy nothing. `--remote` must be n
 script's own output, which it marks with `convert_coco.json` before the first shard; anything else,
 such as another dataset, is refused in one line. A rerun replaces its own output and removes the
 earlier run's shards that the new index does not list. In `--local` it touches only its staging
-subfolder. Output folders that are, hold or lie inside an input are refused (real paths compared, so
+subfolder. A local remote that is, holds or lies inside an input is refused (real paths compared, so
 symlinks and other spellings of a path count).
 Exit: 0 written; 2 refused or failed (one `error:` line says why); 1 interrupted.
 
@@ -80,7 +80,7 @@ DEFAULT_SIZE_LIMIT = '16mb'
 JPEG_MAGIC = b'\xff\xd8\xff'
 INDEX = 'index.json'
 MARKER = 'convert_coco.json'  # "written by convert_coco.py": a rerun may replace what sits beside it
-STAGING = '.convert_coco.partial'  # the default staging folder inside a local remote
+STAGING = '.convert_coco.partial'  # the staging folder, inside --local or else a local remote
 # What this script leaves in a folder it writes: shards (compressed too), the index, the marker, its
 # staging folder, and the hidden `.<name>.partial` of a move that was cut off.
 OURS = re.compile(r'\.?(shard\.\d{5}\.mds(\.\w+)?|index\.json|convert_coco\.json)(\.partial)?|'
@@ -268,23 +268,21 @@ def local_path(remote: str) -> Path:
     return Path(urllib.parse.urlparse(remote).path if remote.startswith('file://') else remote)
 
 
-def check_apart(inputs: dict[str, Path], outputs: dict[str, Path]) -> None:
-    """Refuse an output folder that is, holds or lies inside an input or another output.
+def check_apart(inputs: dict[str, Path], remote: Path) -> None:
+    """Refuse a local remote that is, holds or lies inside an input.
 
     Real paths are compared, so a symlink, `./` or a relative spelling of the same folder counts.
     """
-    outs = list(outputs.items())
-    pairs = [(o, i) for o in outs for i in inputs.items()] + \
-            [(a, b) for n, a in enumerate(outs) for b in outs[n + 1:]]
-    for (oflag, out), (iflag, other) in pairs:
-        o, i = out.resolve(), other.resolve()
-        if o == i or o.is_relative_to(i) or i.is_relative_to(o):
-            raise ConvertError(f'{oflag} {out} and {iflag} {other} are the same place or one holds the '
-                               f'other ({o} vs {i}); write the output to a folder of its own')
+    out = remote.resolve()
+    for flag, path in inputs.items():
+        real = path.resolve()
+        if out == real or out.is_relative_to(real) or real.is_relative_to(out):
+            raise ConvertError(f'--remote {remote} and {flag} {path} are the same place or one holds the '
+                               f'other ({out} vs {real}); write the output to a folder of its own')
 
 
-def claim(names: list[str], flag: str, where: str) -> list[str]:
-    """Our earlier files at `where` (a folder's entries, `names`), or a ConvertError if any is not ours.
+def claim(names: list[str], remote: str) -> list[str]:
+    """`names` (what the remote holds) if all are this script's earlier output, else a ConvertError.
 
     Empty or missing is new. Files are ours only beside MARKER and only of the kinds OURS names:
     an index.json without our marker is some other dataset's.
@@ -292,9 +290,9 @@ def claim(names: list[str], flag: str, where: str) -> list[str]:
     foreign = [n for n in names if not OURS.fullmatch(n)] if MARKER in names else list(names)
     if foreign:
         more = f' and {len(foreign) - SHOW_FIRST} more' if len(foreign) > SHOW_FIRST else ''
-        raise ConvertError(f'{flag} {where} holds files this script did not write '
+        raise ConvertError(f'--remote {remote} holds files this script did not write '
                            f'({", ".join(sorted(foreign)[:SHOW_FIRST])}{more}), perhaps another dataset; '
-                           f'pass a new or empty {flag}, or remove those files yourself')
+                           'pass a new or empty --remote, or remove those files yourself')
     return names
 
 
@@ -373,7 +371,11 @@ class Publisher:
         prefix = urllib.parse.urlparse(self.remote).path.strip('/')
         try:
             keys = self.uploader.list_objects() or []
-        except Exception as e:  # listing not supported for this scheme, no permission, ...
+        except NotImplementedError:  # streaming lists s3, gs and oci only
+            raise ConvertError(f'cannot list --remote {self.remote} to check that it holds no other '
+                               'dataset; write to a local folder, s3://, gs:// or oci:// and copy it '
+                               'there') from None
+        except Exception as e:  # no permission, network, ...
             raise ConvertError(f'cannot list --remote {self.remote} to check that it holds no other '
                                f'dataset ({type(e).__name__}: {e})') from None
         return [k[len(prefix):].lstrip('/') for k in keys]
@@ -516,14 +518,13 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     chosen_ids = select_image_ids(captioned, args.num_samples, args.seed)
     chosen = [images[i] for i in chosen_ids]
     present, missing, unannotated = find_files(data_path, chosen, images, args.skip_missing)
-    outputs = {'--remote': local_path(remote)} if is_local(remote) else {}
-    outputs.update({'--local': Path(args.local)} if args.local else {})
-    check_apart({'--data_path': data_path, '--annotation_path': ann_path}, outputs)
+    if is_local(remote):
+        check_apart({'--data_path': data_path, '--annotation_path': ann_path}, local_path(remote))
     staging = staging_folder(args.local, remote)
     publisher = None
     try:
         publisher = Publisher(staging, remote, args.upload_workers)
-        publisher.start(claim(publisher.names(), '--remote', remote))
+        publisher.start(claim(publisher.names(), remote))
         prepare_staging(staging)
         counts = write_dataset(read_in_order(data_path, present, args.workers), staging, publisher,
                                args, len(present))

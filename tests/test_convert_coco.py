@@ -203,6 +203,11 @@ def test_another_dataset_at_remote_or_local_is_refused_and_left_intact(root, coc
     refused(run(root, *coco, str(tmp_path / 'other'), '--num_samples', '3'),
             f'--remote {tmp_path / "other"} holds files this script did not write (index.json, shard.')
     assert snapshot(tmp_path / 'other') == other
+    # our marker does not make other files ours
+    (tmp_path / 'mine' / 'photos').mkdir(parents=True)
+    (tmp_path / 'mine' / 'convert_coco.json').write_text('{}')
+    refused(run(root, *coco, str(tmp_path / 'mine'), '--num_samples', '3'), 'did not write (photos)')
+    assert sorted(os.listdir(tmp_path / 'mine')) == ['convert_coco.json', 'photos']
     # as the staging folder it is left alone: only a subfolder of ours is used there, then removed
     ok(run(root, *coco, str(tmp_path / 'new'), '--local', str(tmp_path / 'other'), '--num_samples', '3'))
     assert snapshot(tmp_path / 'other') == other and sorted(os.listdir(tmp_path / 'other')) == sorted(other)
@@ -256,49 +261,42 @@ def test_rerun_over_its_own_output_replaces_it_leaving_no_stale_shard(root, coco
     assert [int(s['image_id']) for s in read_mds(remote, env=s3.env)] == want
 
 
-def _symlink_to_images(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
+Case = tuple[str, list[str], tuple[str, ...]]  # --remote, more flags, words of the error line
+
+
+def _symlink_to_images(tmp: Path, data: Path, ann: Path) -> Case:
     (tmp / 'link').symlink_to(data)
-    return ['--remote', str(tmp / 'link')], ('--remote', '--data_path', 'same place or one holds the other')
+    return str(tmp / 'link'), [], ('--remote', '--data_path', 'same place or one holds the other')
 
 
-def _inside_images(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
-    return ['--remote', f'{data}/../{data.name}/./mds'], ('--remote', '--data_path')
+def _inside_images(tmp: Path, data: Path, ann: Path) -> Case:
+    return f'{data}/../{data.name}/./mds', [], ('--remote', '--data_path')
 
 
-def _annotation_folder(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
+def _annotation_folder(tmp: Path, data: Path, ann: Path) -> Case:
     copy = tmp / 'annotations' / 'captions.json'
     copy.parent.mkdir()
     shutil.copy(ann, copy)
-    flags = ['--remote', f'file://{copy.parent}', '--annotation_path', str(copy)]
-    return flags, ('--remote', '--annotation_path')
+    return f'file://{copy.parent}', ['--annotation_path', str(copy)], ('--remote', '--annotation_path')
 
 
-def _staging_in_images(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
-    return ['--remote', str(tmp / 'out'), '--local', str(data)], ('--local', '--data_path')
-
-
-def _staging_is_remote(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
-    return ['--remote', str(tmp / 'out'), '--local', str(tmp / 'out' / 'stage')], ('--remote', '--local')
-
-
-def _remote_is_a_file(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
+def _remote_is_a_file(tmp: Path, data: Path, ann: Path) -> Case:
     (tmp / 'out').write_text('my notes')
-    return ['--remote', str(tmp / 'out')], (f'--remote {tmp / "out"} is a file, not a folder',)
+    return str(tmp / 'out'), [], (f'--remote {tmp / "out"} is a file, not a folder',)
 
 
-def _remote_under_a_file(tmp: Path, data: Path, ann: Path) -> tuple[list[str], tuple[str, ...]]:
+def _remote_under_a_file(tmp: Path, data: Path, ann: Path) -> Case:
     (tmp / 'notes').write_text('my notes')
-    return ['--remote', str(tmp / 'notes' / 'out')], (f'cannot create --remote {tmp / "notes" / "out"}',)
+    return str(tmp / 'notes' / 'out'), [], (f'cannot create --remote {tmp / "notes" / "out"}',)
 
 
-@pytest.mark.parametrize('case', [_symlink_to_images, _inside_images, _annotation_folder, _staging_in_images,
-                                  _staging_is_remote, _remote_is_a_file, _remote_under_a_file])
-def test_output_that_overlaps_the_input_or_is_a_file_is_refused(root, coco_copy, tmp_path, case):
+@pytest.mark.parametrize('case', [_symlink_to_images, _inside_images, _annotation_folder, _remote_is_a_file,
+                                  _remote_under_a_file])
+def test_remote_that_overlaps_the_input_or_is_a_file_is_refused(root, coco_copy, tmp_path, case):
     data, ann = coco_copy
     before = snapshot(tmp_path)
-    flags, words = case(tmp_path, data, ann)
-    result = run(root, data, ann, *flags[1:2], '--num_samples', '3', *flags[2:])
-    refused(result, *words)
+    remote, flags, words = case(tmp_path, data, ann)
+    refused(run(root, data, ann, remote, '--num_samples', '3', *flags), *words)
     assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before  # the input is intact
     assert not (tmp_path / 'out').is_dir() and not (data / 'mds').exists()
     assert not [p for p in tmp_path.rglob('*') if p.name in ('convert_coco.json', '.convert_coco.partial')]
