@@ -24,7 +24,7 @@
 # Any arguments are passed on to img2dataset (e.g. --min_image_size=64 or --user_agent_token=me);
 # set the flags below through their variable, not as arguments.
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
-#   OUTPUT_FOLDER            local folder for the shards                /tmp/laion2b-processed
+#   OUTPUT_FOLDER            local folder for the shards, not URL_LIST  /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
 #   DISTRIBUTOR              multiprocessing, or pyspark / ray for many machines (needs that package)
