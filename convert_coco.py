@@ -24,6 +24,14 @@ Shards are written to a staging folder (`--local`) and moved or uploaded as they
 goes to the remote last, after every shard arrived, and a stale one is removed first. So an
 interrupted run never leaves an index a reader would take for the whole set; rerun to finish it.
 
+The script writes only where it is sure to destroy nothing. `--remote` must be new, empty, or this
+script's own output, which it marks with `convert_coco.json` before the first shard; anything else,
+such as another dataset, is refused in one line. A rerun replaces its own output and removes the
+earlier run's shards that the new index does not list. In `--local` it touches only its staging
+subfolder. A local remote that is, holds or lies inside an input is refused (real paths compared, so
+symlinks and other spellings of a path count).
+Exit: 0 written; 2 refused or failed (one `error:` line says why); 1 interrupted.
+
 Read back:
     from streaming import StreamingDataset
     ds = StreamingDataset(remote='s3://my-bucket/coco2014-val', local='/tmp/coco', shuffle=False)
@@ -36,6 +44,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,6 +79,12 @@ DEFAULT_NUM_SAMPLES = 10_000  # the evaluation subset of the published pipeline
 DEFAULT_SIZE_LIMIT = '16mb'
 JPEG_MAGIC = b'\xff\xd8\xff'
 INDEX = 'index.json'
+MARKER = 'convert_coco.json'  # "written by convert_coco.py": a rerun may replace what sits beside it
+STAGING = '.convert_coco.partial'  # the staging folder, inside --local or else a local remote
+# What this script leaves in a folder it writes: shards (compressed too), the index, the marker, its
+# staging folder, and the hidden `.<name>.partial` of a move that was cut off.
+OURS = re.compile(r'\.?(shard\.\d{5}\.mds(\.\w+)?|index\.json|convert_coco\.json)(\.partial)?|'
+                  + re.escape(STAGING))
 SHOW_FIRST = 5  # how many missing files an error lists
 
 
@@ -86,11 +101,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--annotation_path', type=str, default='annotations/captions_val2014.json',
                    help='the COCO captions JSON (captions_val2014.json)')
     p.add_argument('--remote', type=str, default='coco2014-val-mds',
-                   help='where the dataset goes: a local folder or a remote like s3://bucket/prefix')
+                   help='where the dataset goes: a local folder or a remote like s3://bucket/prefix; '
+                        f'new, empty, or an earlier output of this script (marked by {MARKER})')
     p.add_argument('--local', type=str, default='',
-                   help='local staging folder for shards before they reach `remote` (its shard files '
-                        'and index are replaced); empty: a hidden folder inside a local remote, '
-                        'else a temporary folder')
+                   help=f'local folder in which shards wait before they reach `remote`, in a subfolder '
+                        f'{STAGING} that is cleared and removed (nothing else is touched); empty: that '
+                        'subfolder inside a local remote, else a temporary folder')
     p.add_argument('--num_samples', type=int, default=DEFAULT_NUM_SAMPLES,
                    help='images to keep, chosen by np.random.choice with `seed`; 0 keeps all')
     p.add_argument('--seed', type=int, default=0, help='np.random.seed for choosing the images')
@@ -242,7 +258,7 @@ def read_in_order(data_path: Path, chosen: list[CocoImage],
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# ---- write: staging shards, then the remote, index last ---------------------------------------
+# ---- write: claim the output, staging shards, then the remote, index last ---------------------
 
 def is_local(remote: str) -> bool:
     return urllib.parse.urlparse(remote).scheme in ('', 'file')
@@ -252,59 +268,149 @@ def local_path(remote: str) -> Path:
     return Path(urllib.parse.urlparse(remote).path if remote.startswith('file://') else remote)
 
 
-def prepare_staging(local: str, remote: str) -> tuple[Path, bool]:
-    """The staging folder (and whether we made it up), cleared of a previous run's shards."""
+def check_apart(inputs: dict[str, Path], remote: Path) -> None:
+    """Refuse a local remote that is, holds or lies inside an input.
+
+    Real paths are compared, so a symlink, `./` or a relative spelling of the same folder counts.
+    """
+    out = remote.resolve()
+    for flag, path in inputs.items():
+        real = path.resolve()
+        if out == real or out.is_relative_to(real) or real.is_relative_to(out):
+            raise ConvertError(f'--remote {remote} and {flag} {path} are the same place or one holds the '
+                               f'other ({out} vs {real}); write the output to a folder of its own')
+
+
+def claim(names: list[str], remote: str) -> list[str]:
+    """`names` (what the remote holds) if all are this script's earlier output, else a ConvertError.
+
+    Empty or missing is new. Files are ours only beside MARKER and only of the kinds OURS names:
+    an index.json without our marker is some other dataset's.
+    """
+    foreign = [n for n in names if not OURS.fullmatch(n)] if MARKER in names else list(names)
+    if foreign:
+        more = f' and {len(foreign) - SHOW_FIRST} more' if len(foreign) > SHOW_FIRST else ''
+        raise ConvertError(f'--remote {remote} holds files this script did not write '
+                           f'({", ".join(sorted(foreign)[:SHOW_FIRST])}{more}), perhaps another dataset; '
+                           'pass a new or empty --remote, or remove those files yourself')
+    return names
+
+
+def folder_names(path: Path, flag: str) -> list[str]:
+    """The entries of a local folder ([] when it does not exist), or a ConvertError naming `flag`."""
+    if not path.exists():
+        return []
+    if not path.is_dir():
+        raise ConvertError(f'{flag} {path} is a file, not a folder; pass a folder')
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        raise ConvertError(f'cannot read {flag} {path}: {e.strerror}') from None
+
+
+def make_folder(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f'cannot create {flag} {path}: {e.strerror}') from None
+
+
+def write_marker(folder: Path) -> None:
+    """MARKER in `folder`: the claim that lets a rerun replace what this script wrote there."""
+    doc = {'written_by': 'convert_coco.py', 'columns': COLUMNS,
+           'note': 'a rerun of convert_coco.py replaces the index and shards beside this file'}
+    (folder / MARKER).write_text(json.dumps(doc, indent=1) + '\n')
+
+
+def staging_folder(local: str, remote: str) -> Path:
+    """The staging folder, ours alone: STAGING inside `--local` or a local remote, else a temporary one.
+
+    Only this subfolder is cleared and removed, so `--local` may be any folder.
+    """
     if local:
-        staging, own = Path(local), False
-    elif is_local(remote):
-        staging, own = local_path(remote) / '.convert_coco.partial', True
-    else:
-        staging, own = Path(tempfile.mkdtemp(prefix='convert_coco-')), True
-    staging.mkdir(parents=True, exist_ok=True)
-    for f in staging.iterdir():
-        if f.is_file() and (f.name == INDEX or f.name.startswith('shard.')):
-            f.unlink()
-    if any(staging.iterdir()):
-        raise ConvertError(f'--local {staging} holds other files; pass an empty or new folder')
-    return staging, own
+        return Path(local) / STAGING
+    if is_local(remote):
+        return local_path(remote) / STAGING
+    return Path(tempfile.mkdtemp(prefix='convert_coco-'))
+
+
+def prepare_staging(staging: Path) -> None:
+    """An empty staging folder (a run killed earlier may have left shards in it)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    make_folder(staging, '--local')
 
 
 class Publisher:
     """Moves (local remote) or uploads (cloud remote) finished files from staging in the background.
 
-    `finish()` waits for every shard, then puts `index.json` last, so the remote never has an index
-    whose shards are not all there.
+    `names()` lists the remote, `start()` marks it as ours and removes its old index, `finish()` waits
+    for every shard, removes the earlier run's files that the new index does not list, then puts
+    `index.json` last, so the remote never has an index whose shards are not all there.
     """
 
     def __init__(self, staging: Path, remote: str, workers: int) -> None:
         self.staging, self.remote = staging, remote
         self.uploader = None
-        if is_local(remote):
-            local_path(remote).mkdir(parents=True, exist_ok=True)
-        else:
+        if not is_local(remote):
             from streaming.base.storage.upload import CloudUploader
 
+            make_folder(staging, '--local')
             try:
                 self.uploader = CloudUploader.get((str(staging), remote), exist_ok=True)
             except Exception as e:  # bad scheme, missing bucket, no credentials
                 raise ConvertError(f'cannot use remote {remote}: {e}') from None
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix='upload')
         self.futures: list[Future] = []
+        self.sent: set[str] = set()  # shards of this run
+        self.earlier: list[str] = []  # files of an earlier run that this one may replace
 
-    def remove_stale_index(self) -> None:
-        """Delete an index.json left at the remote by an earlier run, before any shard changes."""
+    def names(self) -> list[str]:
+        """What the remote holds now, as names relative to it (a subfolder's files keep their '/')."""
         if self.uploader is None:
-            (local_path(self.remote) / INDEX).unlink(missing_ok=True)
+            return folder_names(local_path(self.remote), '--remote')
+        prefix = urllib.parse.urlparse(self.remote).path.strip('/')
+        try:
+            keys = self.uploader.list_objects() or []
+        except NotImplementedError:  # streaming lists s3, gs and oci only
+            raise ConvertError(f'cannot list --remote {self.remote} to check that it holds no other '
+                               'dataset; write to a local folder, s3://, gs:// or oci:// and copy it '
+                               'there') from None
+        except Exception as e:  # no permission, network, ...
+            raise ConvertError(f'cannot list --remote {self.remote} to check that it holds no other '
+                               f'dataset ({type(e).__name__}: {e})') from None
+        return [k[len(prefix):].lstrip('/') for k in keys]
+
+    def start(self, old: list[str]) -> None:
+        """Claim the remote with MARKER and remove the index of an earlier run (`old`: its files)."""
+        if self.uploader is None:
+            make_folder(local_path(self.remote), '--remote')
+            write_marker(local_path(self.remote))
+        else:
+            write_marker(self.staging)
+            self.uploader.upload_file(MARKER)
+        self.earlier = [n for n in old if n not in (MARKER, INDEX, STAGING)]
+        if INDEX in old:
+            self.delete([INDEX])
+
+    def delete(self, names: list[str]) -> None:
+        """Remove these files of an earlier run from the remote (local folder and S3; else warn)."""
+        if not names:
+            return
+        if self.uploader is None:
+            for name in names:
+                (local_path(self.remote) / name).unlink(missing_ok=True)
         elif hasattr(self.uploader, 's3'):
             url = urllib.parse.urlparse(self.remote)
-            key = f'{url.path.strip("/")}/{INDEX}'.lstrip('/')
-            try:
-                self.uploader.s3.delete_object(Bucket=url.netloc, Key=key)
-            except Exception as e:
-                raise ConvertError(f'cannot remove the old {INDEX} at {self.remote}: {e}') from None
+            for name in names:
+                key = f'{url.path.strip("/")}/{name}'.lstrip('/')
+                try:
+                    self.uploader.s3.delete_object(Bucket=url.netloc, Key=key)
+                except Exception as e:
+                    raise ConvertError(f'cannot remove the old {name} at {self.remote}: {e}') from None
         else:
-            print(f'warning: cannot delete an old {INDEX} at {self.remote}; until this run replaces '
-                  'it, readers may see the previous dataset', file=sys.stderr)
+            print(f'warning: cannot delete at {self.remote}: remove {", ".join(names[:SHOW_FIRST])}'
+                  f'{" ..." if len(names) > SHOW_FIRST else ""} ({len(names)} files of an earlier run) '
+                  'yourself; readers of the new index never see them', file=sys.stderr)
 
     def _put(self, basename: str) -> None:
         if self.uploader is None:
@@ -319,6 +425,7 @@ class Publisher:
         """Queue a finished shard; stop early if an earlier one failed."""
         if any(f.done() and f.exception() for f in self.futures[-8:]):
             self.finish()  # raises the failure
+        self.sent.add(basename)
         self.futures.append(self.pool.submit(self._put, basename))
 
     def close(self) -> None:
@@ -326,11 +433,15 @@ class Publisher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def finish(self) -> None:
-        """Wait for all shards (raising the first failure), then put the index."""
+        """Wait for all shards (raising the first failure), remove the earlier run's files that this
+        run did not replace (shards past the new last one, cut-off moves), then put the index."""
         try:
             for f in self.futures:
                 f.result()
+            self.delete([n for n in self.earlier if n not in self.sent])
             self._put(INDEX)
+        except ConvertError:
+            raise
         except Exception as e:  # an upload that failed after the uploader's retries
             raise ConvertError(f'writing to {self.remote} failed ({type(e).__name__}: {e}); '
                                f'it has no {INDEX}, rerun to finish') from None
@@ -402,23 +513,25 @@ def print_summary(stats: dict[str, Any]) -> None:
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Find the chosen images, read them in parallel and write them to the remote, index last."""
-    data_path, remote = Path(args.data_path), args.remote
-    images, captioned = load_annotations(Path(args.annotation_path))
+    data_path, ann_path, remote = Path(args.data_path), Path(args.annotation_path), args.remote
+    images, captioned = load_annotations(ann_path)
     chosen_ids = select_image_ids(captioned, args.num_samples, args.seed)
     chosen = [images[i] for i in chosen_ids]
     present, missing, unannotated = find_files(data_path, chosen, images, args.skip_missing)
-    staging, own_staging = prepare_staging(args.local, remote)
+    if is_local(remote):
+        check_apart({'--data_path': data_path, '--annotation_path': ann_path}, local_path(remote))
+    staging = staging_folder(args.local, remote)
     publisher = None
     try:
         publisher = Publisher(staging, remote, args.upload_workers)
-        publisher.remove_stale_index()
+        publisher.start(claim(publisher.names(), remote))
+        prepare_staging(staging)
         counts = write_dataset(read_in_order(data_path, present, args.workers), staging, publisher,
                                args, len(present))
     finally:
         if publisher is not None:
             publisher.close()
-        if own_staging:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return {'captioned': len(captioned), 'chosen': len(chosen), 'missing': len(missing),
             'unannotated': unannotated, 'uncaptioned': len(images) - len(captioned),
             'remote': remote, **counts}
@@ -429,7 +542,8 @@ def main() -> None:
     try:
         stats = convert(args)
     except ConvertError as e:
-        sys.exit(f'error: {e}')
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(f'interrupted: {args.remote} has no new {INDEX}; rerun to write the full dataset')
     print_summary(stats)

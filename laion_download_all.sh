@@ -24,7 +24,7 @@
 # Any arguments are passed on to img2dataset (e.g. --min_image_size=64 or --user_agent_token=me);
 # set the flags below through their variable, not as arguments.
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
-#   OUTPUT_FOLDER            local folder for the shards                /tmp/laion2b-processed
+#   OUTPUT_FOLDER            local folder for the shards, not URL_LIST  /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
 #   DISTRIBUTOR              multiprocessing, or pyspark / ray for many machines (needs that package)
@@ -98,7 +98,7 @@ check_settings() {
   else
     ENABLE_WANDB=False
   fi
-  [[ $OUTPUT_FOLDER != *://* ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: expected a local folder"
+  check_output_folder
   command -v img2dataset >/dev/null || die 'img2dataset is not on PATH (pip install -r requirements.txt)'
   for arg in "$@"; do
     for flag in $OWN_FLAGS; do
@@ -107,6 +107,35 @@ check_settings() {
     done
   done
   return 0
+}
+
+# OUTPUT_FOLDER: a local folder (new or existing, in a folder we can write to), not a file or under
+# one, and not the metadata's own folder
+# (the shards, named NNNNN.parquet like many metadata files, would mix with and could overwrite the
+# metadata, and a rerun would read them as metadata). Paths are compared after resolving symlinks.
+check_output_folder() {
+  local meta_dir there=$OUTPUT_FOLDER
+  [[ $OUTPUT_FOLDER != *://* ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: expected a local folder"
+  while [[ ! -e $there && $there != "$(dirname -- "$there")" ]]; do there=$(dirname -- "$there"); done
+  [[ -d $there ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: $there exists and is not a folder;" \
+    'point OUTPUT_FOLDER at a folder (new or existing)'
+  [[ -w $there ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: $there is not writable by $(id -un);" \
+    'pick a folder you can write to'
+  if [[ $URL_LIST != *://* ]]; then
+    meta_dir=$URL_LIST
+    [[ -d $URL_LIST ]] || meta_dir=$(dirname -- "$URL_LIST")
+    [[ $(realpath -m -- "$OUTPUT_FOLDER") != "$(realpath -m -- "$meta_dir")" ]] ||
+      die "OUTPUT_FOLDER=$OUTPUT_FOLDER is the metadata folder of URL_LIST=$URL_LIST; the shards" \
+        'would mix with the metadata files: pick another OUTPUT_FOLDER'
+  fi
+  return 0
+}
+
+# Creates OUTPUT_FOLDER (after the checks, so a refused run leaves nothing behind).
+make_output_folder() {
+  local err
+  err=$(mkdir -p -- "$OUTPUT_FOLDER" 2>&1) ||
+    die "OUTPUT_FOLDER=$OUTPUT_FOLDER: cannot create it (${err##*: }); pick a folder you can write to"
 }
 
 # Reads only the parquet footers: fails with one line on a missing/empty folder or a missing column;
@@ -298,7 +327,7 @@ main() {
     URL_COL=$URL_COL CAPTION_COL=$CAPTION_COL SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS preflight) ||
     exit 2
   read -r verify expected rows <<<"$plan"
-  mkdir -p "$OUTPUT_FOLDER"
+  make_output_folder
   rm -f "$OUTPUT_FOLDER/done"
   LOG=$(mktemp)
   trap 'rm -f "$LOG"' EXIT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -76,6 +77,19 @@ def objects(s3, keys: list[str]) -> dict[str, bytes]:
     return {k: s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read() for k in keys}
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: what must stay as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def refused(result: subprocess.CompletedProcess, *words: str) -> None:
+    """The run refused with exit 2 and one `error:` line holding `words`."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    assert all(w in lines[0] for w in words), (lines[0], words)
+
+
 def shard_blob(folder: Path) -> bytes:
     return b''.join(p.read_bytes() for p in sorted(folder.glob('shard.*.mds')))
 
@@ -111,7 +125,7 @@ def test_subset_is_the_published_choice_with_exact_bytes_skipping_missing(root, 
     check_samples(read_mds(str(out)), kept, data, ann, shard_blob(out))
     shards = sorted(p.name for p in out.glob('shard.*.mds'))
     assert len(shards) > 1
-    assert sorted(p.name for p in out.iterdir()) == ['index.json'] + shards  # no staging left
+    assert sorted(p.name for p in out.iterdir()) == ['convert_coco.json', 'index.json'] + shards  # no staging
     counts = summary(result.stdout)
     assert counts['missing on disk (skipped)'] == 2 and counts['samples written'] == 10
     assert counts['files on disk without annotation (ignored)'] == 1
@@ -175,22 +189,117 @@ def test_unreachable_remote_is_one_clear_line(root, coco, s3, tmp_path):
     assert 'Traceback' not in result.stderr
 
 
-def test_failed_local_run_never_looks_complete(root, coco_copy, tmp_path):
-    data, ann = coco_copy
-    remote = tmp_path / 'out'
-    with MDSWriter(out=str(remote), columns={'x': 'int'}) as old:  # an earlier, different dataset
-        for i in range(3):
+def other_dataset(folder: Path) -> Path:
+    """Somebody else's MDS dataset (3 shards) in `folder`."""
+    with MDSWriter(out=str(folder), columns={'x': 'int'}, size_limit=100) as old:
+        for i in range(30):
             old.write({'x': i})
-    order, _, names = annotation(ann)
-    bad = data / names[order[-2]]
-    bad.write_bytes(b'GIF89a not a jpeg at all')
-    result = run(root, data, ann, str(remote), '--num_samples', '0', '--size_limit', '20kb')
-    assert result.returncode != 0 and 'is not a JPEG' in result.stderr
-    assert not (remote / 'index.json').exists()
-    assert [p.name for p in remote.iterdir() if not p.name.startswith('shard.')] == []
-    with pytest.raises(Exception):  # noqa: B017 (whatever streaming raises: there is no dataset)
-        read_mds(str(remote))
-    # (the S3 test shows that a rerun then writes the whole dataset)
+    return folder
+
+
+def test_another_dataset_at_remote_or_local_is_refused_and_left_intact(root, coco, s3, tmp_path):
+    other = snapshot(other_dataset(tmp_path / 'other'))
+    assert 'index.json' in other and len(other) > 3
+    refused(run(root, *coco, str(tmp_path / 'other'), '--num_samples', '3'),
+            f'--remote {tmp_path / "other"} holds files this script did not write (index.json, shard.')
+    assert snapshot(tmp_path / 'other') == other
+    # our marker does not make other files ours
+    (tmp_path / 'mine' / 'photos').mkdir(parents=True)
+    (tmp_path / 'mine' / 'convert_coco.json').write_text('{}')
+    refused(run(root, *coco, str(tmp_path / 'mine'), '--num_samples', '3'), 'did not write (photos)')
+    assert sorted(os.listdir(tmp_path / 'mine')) == ['convert_coco.json', 'photos']
+    # as the staging folder it is left alone: only a subfolder of ours is used there, then removed
+    ok(run(root, *coco, str(tmp_path / 'new'), '--local', str(tmp_path / 'other'), '--num_samples', '3'))
+    assert snapshot(tmp_path / 'other') == other and sorted(os.listdir(tmp_path / 'other')) == sorted(other)
+    assert len(read_mds(str(tmp_path / 'new'))) == 3
+    # the same dataset in a bucket, with an object that has nothing to do with MDS beside it
+    for name, data in [*other.items(), ('notes.txt', b'keep me')]:
+        s3.client().put_object(Bucket=s3.bucket, Key=f'eval/{name}', Body=data)
+    refused(run(root, *coco, f's3://{s3.bucket}/eval', '--num_samples', '3', env=s3.child_env()),
+            f'--remote s3://{s3.bucket}/eval holds files', 'notes.txt')
+    keys = s3.list_keys(s3.bucket, 'eval/')
+    assert {k[len('eval/'):]: v for k, v in objects(s3, keys).items()} == {**other, 'notes.txt': b'keep me'}
+
+
+@pytest.mark.parametrize('kind', ['folder', 's3'])
+def test_rerun_over_its_own_output_replaces_it_leaving_no_stale_shard(root, coco_copy, s3, tmp_path, kind):
+    data, ann = coco_copy
+    if kind == 'folder':
+        remote, env = str(tmp_path / 'out'), None
+
+        def listing() -> list[str]:
+            return sorted(os.listdir(remote))
+    else:
+        remote, env = f's3://{s3.bucket}/coco', s3.child_env()
+
+        def listing() -> list[str]:
+            return [k[len('coco/'):] for k in s3.list_keys(s3.bucket, 'coco/')]
+    ok(run(root, data, ann, remote, '--num_samples', '0', '--size_limit', '20kb', env=env))
+    assert len([n for n in listing() if n.startswith('shard.')]) > 3
+
+    if kind == 'folder':  # a rerun that fails mid-way never looks complete, and is rerun later
+        order, _, names = annotation(ann)
+        bad = data / names[order[-2]]
+        good = bad.read_bytes()
+        bad.write_bytes(b'GIF89a not a jpeg at all')
+        result = run(root, data, ann, remote, '--num_samples', '0', '--size_limit', '20kb')
+        assert result.returncode == 2 and f'{bad} is not a JPEG' in result.stderr
+        assert [n for n in listing() if not n.startswith('shard.')] == ['convert_coco.json']  # no index
+        with pytest.raises(Exception):  # noqa: B017 (whatever streaming raises: there is no dataset)
+            read_mds(remote)
+        bad.write_bytes(good)
+        (tmp_path / 'out' / '.shard.00002.mds.partial').write_bytes(b'half a shard')  # from a kill -9
+
+    ok(run(root, data, ann, remote, '--num_samples', '5', '--compression', 'zstd', env=env))
+    if kind == 'folder':
+        index = json.loads((tmp_path / 'out' / 'index.json').read_text())
+    else:
+        index = json.loads(objects(s3, ['coco/index.json'])['coco/index.json'])
+    shards = [s['zip_data']['basename'] for s in index['shards']]
+    assert listing() == sorted(['convert_coco.json', 'index.json', *shards])  # nothing else is left
+    want = published_choice(annotation(ann)[0], 5)
+    assert [int(s['image_id']) for s in read_mds(remote, env=s3.env)] == want
+
+
+Case = tuple[str, list[str], tuple[str, ...]]  # --remote, more flags, words of the error line
+
+
+def _symlink_to_images(tmp: Path, data: Path, ann: Path) -> Case:
+    (tmp / 'link').symlink_to(data)
+    return str(tmp / 'link'), [], ('--remote', '--data_path', 'same place or one holds the other')
+
+
+def _inside_images(tmp: Path, data: Path, ann: Path) -> Case:
+    return f'{data}/../{data.name}/./mds', [], ('--remote', '--data_path')
+
+
+def _annotation_folder(tmp: Path, data: Path, ann: Path) -> Case:
+    copy = tmp / 'annotations' / 'captions.json'
+    copy.parent.mkdir()
+    shutil.copy(ann, copy)
+    return f'file://{copy.parent}', ['--annotation_path', str(copy)], ('--remote', '--annotation_path')
+
+
+def _remote_is_a_file(tmp: Path, data: Path, ann: Path) -> Case:
+    (tmp / 'out').write_text('my notes')
+    return str(tmp / 'out'), [], (f'--remote {tmp / "out"} is a file, not a folder',)
+
+
+def _remote_under_a_file(tmp: Path, data: Path, ann: Path) -> Case:
+    (tmp / 'notes').write_text('my notes')
+    return str(tmp / 'notes' / 'out'), [], (f'cannot create --remote {tmp / "notes" / "out"}',)
+
+
+@pytest.mark.parametrize('case', [_symlink_to_images, _inside_images, _annotation_folder, _remote_is_a_file,
+                                  _remote_under_a_file])
+def test_remote_that_overlaps_the_input_or_is_a_file_is_refused(root, coco_copy, tmp_path, case):
+    data, ann = coco_copy
+    before = snapshot(tmp_path)
+    remote, flags, words = case(tmp_path, data, ann)
+    refused(run(root, data, ann, remote, '--num_samples', '3', *flags), *words)
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before  # the input is intact
+    assert not (tmp_path / 'out').is_dir() and not (data / 'mds').exists()
+    assert not [p for p in tmp_path.rglob('*') if p.name in ('convert_coco.json', '.convert_coco.partial')]
 
 
 def _truncate(data: Path, ann: Path) -> str:

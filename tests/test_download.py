@@ -210,7 +210,7 @@ def test_failed_shard_leaves_no_done_and_exits_nonzero(image_server, tmp_path):
 
 
 def bad_inputs(tmp_path: Path, server) -> dict[str, tuple]:
-    """name -> (script, URL_LIST, extra args, the message expected)."""
+    """name -> (script, URL_LIST, extra args, the message expected[, OUTPUT_FOLDER])."""
     entries = entries_for(server, good_items()[:2], failures=False, redirect=False)
     write_metadata(tmp_path / 'full', entries, 'full')
     write_metadata(tmp_path / 'aesthetic', entries, 'aesthetic')
@@ -231,17 +231,32 @@ def bad_inputs(tmp_path: Path, server) -> dict[str, tuple]:
         'flag the script sets': ('full', tmp_path / 'full', ['--resize_mode=border'],
                                  'this script sets --resize_mode itself'),
         'bad number': ('full', tmp_path / 'full', [], 'PROCESSES_COUNT=two: expected a positive'),
+        'output is a file': ('full', tmp_path / 'full', [], 'out.txt exists and is not a folder',
+                             tmp_path / 'out.txt'),
+        'output under a file': ('full', tmp_path / 'full', [], 'out.txt exists and is not a folder',
+                                tmp_path / 'out.txt' / 'shards'),
+        # the metadata folder under another spelling: the shards would mix with the metadata files
+        'output is the metadata folder': ('aesthetic', tmp_path / 'aesthetic', [], 'is the metadata folder',
+                                          f'{tmp_path}/link/./aesthetic/'),
     }
 
 
 BAD = ['missing folder', 'empty folder', 'no caption', 'full metadata, aesthetic script',
-       'aesthetic metadata, full script', 'not parquet', 'flag the script sets', 'bad number']
+       'aesthetic metadata, full script', 'not parquet', 'flag the script sets', 'bad number',
+       'output is a file', 'output under a file', 'output is the metadata folder']
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
 @pytest.mark.parametrize('case', BAD)
 def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_path):
-    flavour, meta, args, message = bad_inputs(tmp_path, image_server)[case]
-    out = tmp_path / 'out'
+    flavour, meta, args, message, *output = bad_inputs(tmp_path, image_server)[case]
+    out = output[0] if output else tmp_path / 'out'
+    (tmp_path / 'out.txt').write_text('my notes')
+    (tmp_path / 'link').symlink_to(tmp_path)
+    before = snapshot(tmp_path)
     knobs = {'PROCESSES_COUNT': 'two'} if case == 'bad number' else {}
     proc = subprocess.run([str(SCRIPTS[flavour]), *args], env={**script_env(meta, out), **knobs},
                           capture_output=True, text=True, timeout=60)
@@ -249,4 +264,5 @@ def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith('laion_download: error: '), proc.stderr
     assert message in errors[0]
-    assert not out.exists()  # nothing started
+    assert snapshot(tmp_path) == before  # nothing started, nothing written, the metadata intact
+    assert not (tmp_path / 'out').exists()

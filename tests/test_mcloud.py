@@ -3,6 +3,7 @@ scripts inside them accepted by that script's own argument parser (a renamed fla
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shlex
 import subprocess
@@ -12,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from testbed.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / 'mcloud').glob('*.yaml'))
 SCRIPTS = {'laion_cloudwriter.py', 'precompute_latents.py', 'convert_coco.py'}
 SHELL_SCRIPTS = {'laion_download_all.sh', 'laion_download_aesthetic.sh'}
+# The torchvision release built for each torch release a job image may ship.
+TORCHVISION_FOR = {'2.5.1': '0.20.1', '2.6.0': '0.21.0', '2.7.0': '0.22.0', '2.7.1': '0.22.1'}
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
@@ -107,3 +113,66 @@ def test_latents_job_uses_torchrun_on_8_gpus():
     assert job['compute']['gpus'] == 8
     assert re.search(r'torchrun .*--nproc_per_node 8', job['command'].replace('\\\n', ' '))
     assert '-- precompute_latents.py' in job['command']
+
+
+def image_torch(job: dict) -> tuple[str, str]:
+    """(torch, python) versions of the job's mosaicml/pytorch image, read from its tag."""
+    m = re.fullmatch(r'mosaicml/pytorch:(\d+\.\d+\.\d+)_cu\d+-python(3\.\d+)-ubuntu\d+\.\d+', job['image'])
+    assert m, f'not a mosaicml/pytorch image tag: {job["image"]}'
+    return m[1], m[2]
+
+
+def torch_requirements(python: str) -> list[tuple[str, Requirement]]:
+    """Every torch/torchvision requirement of the pinned packages (other than those two) and of
+    everything they depend on, as installed here, with markers evaluated for `python`. A package's
+    `torch` extra counts (diffusers and transformers state their torch minimum only there); what it
+    adds beyond torch, and is not installed here, is not followed."""
+    env = {**default_environment(), 'python_version': python, 'python_full_version': f'{python}.0'}
+    pins = [Requirement(line).name for line in (ROOT / 'requirements.txt').read_text().splitlines()
+            if line.strip() and not line.startswith('#')]
+    todo = [p for p in pins if p not in ('torch', 'torchvision')]
+    seen, found = set(), []
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            assert name not in map(canonicalize_name, pins), f'{name} is pinned but not installed'
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker and not any(req.marker.evaluate({**env, 'extra': e}) for e in ('', 'torch')):
+                continue
+            if canonicalize_name(req.name) in ('torch', 'torchvision'):
+                found.append((name, req))
+            else:
+                todo.append(req.name)
+    return found
+
+
+@pytest.mark.parametrize('path', JOBS, ids=lambda p: p.name)
+def test_job_keeps_the_image_torch_which_every_other_pin_accepts(path, tmp_path):
+    job = yaml.safe_load(path.read_text())
+    torch, python = image_torch(job)
+    assert f'# The job uses the image\'s torch: {torch}' in path.read_text()  # the file says why
+    # The job's own line that drops the torch pins from requirements.txt, run on a copy of it.
+    drop = next(line for line in job['command'].splitlines() if 'requirements.txt' in line and 'grep' in line)
+    (tmp_path / 'requirements.txt').write_text((ROOT / 'requirements.txt').read_text())
+    subprocess.run(['bash', '-c', drop.replace('/tmp/', f'{tmp_path}/')], cwd=tmp_path, check=True)
+    kept = (tmp_path / 'requirements-job.txt').read_text().splitlines()
+    pins = (ROOT / 'requirements.txt').read_text().splitlines()
+    assert kept == [p for p in pins if not re.match(r'(torch|torchvision)\b', p)]
+    # pip installs the rest with torch and torchvision held at what the image has
+    assert re.search(r'^  pip install --quiet -r /tmp/requirements-job\.txt -c /tmp/image-torch\.txt$',
+                     path.read_text(), re.M)
+    assert not re.search(r'pip install[^\n]* -r requirements\.txt', job['command'])
+    assert 'import torch, torchvision' in job['command'] and '> /tmp/image-torch.txt' in job['command']
+    versions = {'torch': torch, 'torchvision': TORCHVISION_FOR[torch]}
+    needs = torch_requirements(python)
+    assert {n for n, _ in needs} >= {'mosaicml-streaming', 'diffusers', 'transformers'}  # it sees them
+    for name, req in needs:
+        assert req.specifier.contains(versions[canonicalize_name(req.name)], prereleases=True), \
+            f'{name} needs {req}, the image has {req.name} {versions[canonicalize_name(req.name)]}'
