@@ -36,9 +36,16 @@ does not decode is skipped, counted and named in the summary.
 Work is split into parts of whole input shards (`--part_size` samples or more) independent of the
 number of processes; rank r of N takes every N-th unfinished part and writes `<out>/<part>/`, which
 gets a `_done` marker once all of its files are written. Rank 0 merges one `index.json` at `<out>`
-after all ranks finish. A rerun (with any number of processes) skips finished parts, and sample mode
-seeds each sample's noise from `--seed` and its index in the input, so a resumed run writes exactly
-what an uninterrupted run writes. Ends with a summary, printed and written as JSON (`--summary`).
+after all ranks finish. A rerun (with any number of processes) skips finished parts. Each marker
+records the settings that shape the part's bytes (model, resolutions, mode, seed, dtype, caption
+dropout, part size, batch size, the input's index); a rerun with other settings or another input is
+refused. Batches never cross a part and sample mode seeds each sample's noise from `--seed` and its
+index in the input, so a resumed part is computed from the same samples in the same batches as in an
+uninterrupted run: the bytes are equal where the kernels are deterministic (on CPU with the same
+thread count), while on GPU float16 latents may differ in the last bits between any two runs (cuDNN
+picks kernels per run). SIGTERM or SIGINT stops a run: finished parts are kept, the summary says it
+was interrupted, exit code 128 + the signal. Input, cache and output must be separate places (checked
+under any spelling). Ends with a summary, printed and written as JSON (`--summary`).
 """
 
 from __future__ import annotations
@@ -46,14 +53,18 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
+import functools
+import hashlib
 import io
 import json
 import logging
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -84,13 +95,25 @@ class UserError(Exception):
     """A problem with the command line, the input or the environment: reported in one line."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the main process: stop, keep finished parts, report (not an Exception,
+    so no `except Exception` turns it into a failure)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.stats: dict[str, Any] | None = None  # this rank's counters so far, when it got that far
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the original script's flags keep their names and meaning."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--local', default='/tmp/precompute-latents',
-                   help='local cache folder: input shards are downloaded to <local>/<bucket name>; '
-                        'without --remote_download the input is read from there directly')
+                   help='local cache folder: input shards are downloaded to <local>/<bucket name>/'
+                        'download-<id of input and output>/ (emptied at each start: a run reads only '
+                        'shards it downloaded); without --remote_download the input is read from '
+                        '<local>/<bucket name> in place')
     p.add_argument('--remote_download', default='',
                    help='remote (or local) root of the input MDS datasets, one per bucket')
     p.add_argument('--remote_upload', default='',
@@ -177,6 +200,71 @@ def join(root: str, *names: str) -> str:
     return '/'.join(parts)
 
 
+def address(path: str) -> tuple[str, ...]:
+    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
+    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
+    url = urllib.parse.urlparse(path)
+    if url.scheme in ('', 'file'):
+        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
+        return ('',) + tuple(p for p in real.split('/') if p)
+    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
+
+
+def digest(*paths: str) -> str:
+    """A short name for a combination of places (same places, any spelling: same name)."""
+    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Places:
+    """Where a run reads, caches, stages and writes."""
+
+    src: str  # the input dataset
+    cache: str  # downloaded input shards; == src when the input is read in place (no --remote_download)
+    out: str  # the output dataset
+    staging: str  # local copies of output files on their way to a remote; deleted at the end
+
+
+def places(args: argparse.Namespace) -> Places:
+    """The run's places. A download cache belongs to one input and one output, so a run on another
+    dataset (or into another output) never meets its shards."""
+    name = bucket_name(args.bucket)
+    out = join(args.remote_upload, name, args.subfolder)
+    src = cache = join(args.local, name, args.subfolder)
+    if args.remote_download:
+        src = join(args.remote_download, name, args.subfolder)
+        cache = join(args.local, name, args.subfolder, f'download-{digest(src, out)}')
+    return Places(src, cache, out, join(args.local, '.staging', digest(out)))
+
+
+def check_places(args: argparse.Namespace) -> None:
+    """Refuse a run whose input, download cache, staging folder and output overlap (the same place
+    under any spelling, or one inside another): cache eviction, the staging clean-up or the output's
+    index would delete or overwrite the other's files."""
+    pl = places(args)
+    roles = [('the output', pl.out, '--remote_upload'),
+             ('the input', pl.src, '--remote_download' if args.remote_download else '--local')]
+    if pl.cache != pl.src:
+        roles.append(('the download cache', pl.cache, '--local'))
+    roles.append(('the staging folder', pl.staging, '--local'))
+    for i, (what_a, a, flag_a) in enumerate(roles):
+        for what_b, b, flag_b in roles[i + 1:]:
+            x, y = address(a), address(b)
+            relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
+                        else 'holds' if y[:len(x)] == x else '')
+            if relation:
+                raise UserError(f'{what_a} {shown(a)} ({flag_a}) {relation} {what_b} {shown(b)} ({flag_b}): '
+                                'the run would delete or overwrite its files; give --remote_download, '
+                                '--local and --remote_upload places of their own')
+
+
+def shown(path: str) -> str:
+    """`path`, and what it resolves to when that differs (a symlink, a relative path)."""
+    where = address(path)
+    real = '/' + '/'.join(where[1:]) if where[0] == '' else where[0] + '/' + '/'.join(where[1:])
+    return path if real.rstrip('/') == path.rstrip('/') else f'{path} (= {real})'
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -247,6 +335,11 @@ def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
         if shard.get('format') != 'mds':
             raise UserError(f'{url}: only MDS shards are supported, found {shard.get("format")!r}')
     return shards
+
+
+def index_digest(shards: list[dict]) -> str:
+    """The input's identity as its index states it (shard names, sizes, counts, columns)."""
+    return hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def input_columns(shards: list[dict], src: str) -> dict[str, str]:
@@ -383,6 +476,38 @@ def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
     return jobs
 
 
+def empty_cache(cache_dir: str) -> None:
+    """Delete what an earlier run left in this run's download folder, except the input's index: a
+    shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
+    hashes), so every shard a run reads is one it downloaded itself."""
+    if not os.path.isdir(cache_dir):
+        return
+    for entry in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, entry)
+        if entry == INDEX:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader worker start: get SIGKILL when the main process dies (kill -9, OOM killer, a lost
+    node) instead of blocking forever on a queue nobody reads. SIGTERM ends a worker as usual (the
+    main process's handler is not for workers); SIGINT is left to the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
 class ShardCache:
     """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
 
@@ -503,7 +628,45 @@ def check_model_folder(model_name: str) -> None:
                 raise UserError(f'model folder {model_name} has no {sub}/ (expected the Stable '
                                 'Diffusion layout: vae/, text_encoder/, tokenizer/)')
     elif model_name.startswith(('.', '/', '~')):
-        raise UserError(f'model folder {model_name} does not exist')
+        raise UserError(f'--model_name {model_name}: no such folder')
+
+
+HUB_TIMEOUT = 10  # seconds for the one request that asks the hub whether --model_name exists
+
+
+def check_model_name(model_name: str) -> None:
+    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
+    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
+    if os.path.isdir(model_name):
+        return
+    from huggingface_hub import HfApi, constants, utils
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        utils.validate_repo_id(model_name)
+    except utils.HFValidationError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
+                        '(owner/name); pass a model folder or a hub name such as '
+                        'stabilityai/stable-diffusion-2-base') from None
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
+    if os.path.isdir(os.path.join(cached, 'snapshots')):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
+                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
+                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
+    try:
+        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
+    except utils.GatedRepoError:
+        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
+                        'HF_TOKEN') from None
+    except utils.RepositoryNotFoundError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
+                        'model needs HF_TOKEN)') from None
+    except Exception as err:
+        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
+                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
+                        'folder') from None
 
 
 def load_tokenizer(model_name: str):
@@ -585,6 +748,14 @@ class PartWriter(threading.Thread):
         self.done_event = threading.Condition()
         self.writer = None
         self.stats: dict[str, Any] = {}
+        self.stopping = False
+
+    def abandon(self, timeout: float = 60) -> None:
+        """Stop after the batch in hand: a part being closed is finished, an open one is left to a rerun."""
+        self.stopping = True
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+        self.join(timeout)
 
     def put(self, item) -> None:
         while True:
@@ -644,7 +815,7 @@ class PartWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            while (item := self.queue.get()) is not None:
+            while (item := self.queue.get()) is not None and not self.stopping:
                 batch, latents, event = item
                 if event is not None:
                     event.synchronize()
@@ -702,15 +873,57 @@ class Plan:
     settings: dict
 
 
+# (flag, attribute, accepted, what it must be): every number flag, checked before anything loads
+NUMBER_FLAGS = (
+    ('--batch-size', 'batch_size', lambda v: v >= 1, 'a positive number of samples'),
+    ('--part_size', 'part_size', lambda v: v >= 1, 'a positive number of samples'),
+    ('--caption_drop_prob', 'caption_drop_prob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('--seed', 'seed', lambda v: v >= 0, 'a non-negative integer'),
+    ('--num_workers', 'num_workers', lambda v: v >= -1, '-1 (one per free core), 0 (no workers) or more'),
+    ('--threads', 'threads', lambda v: v >= 0, '0 (automatic) or more'),
+    ('--prefetch_factor', 'prefetch_factor', lambda v: v >= 1, 'at least 1'),
+    ('--download_timeout', 'download_timeout', lambda v: v > 0, 'positive seconds'),
+    ('--download_retry', 'download_retry', lambda v: v >= 0, '0 or more'),
+    ('--dist_timeout', 'dist_timeout', lambda v: v > 0, 'positive seconds'),
+)
+
+
+def check_output_format(size_limit: str, compression: str) -> None:
+    """--size_limit and --compression as streaming's MDSWriter reads them."""
+    from streaming.base.compression import get_compressions, is_compression
+    from streaming.base.util import bytes_to_int
+
+    try:
+        size = bytes_to_int(size_limit)
+    except (ValueError, AttributeError):
+        size = -1
+    if not 0 < size < 2**32:
+        raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
+                        '256mb or 67108864')
+    if compression and not is_compression(compression):
+        names = sorted({c.split(':')[0] for c in get_compressions()})
+        raise UserError(f'--compression {compression}: streaming knows {", ".join(names)} (with an '
+                        'optional level, e.g. zstd:7); leave it empty for none')
+
+
 def check_args(args: argparse.Namespace) -> None:
+    """Every flag that can be checked without the input or the models; raises UserError."""
     bad = [r for r in args.resolutions if r <= 0 or r % 8]
     if bad:
         raise UserError(f'--resolutions {" ".join(map(str, bad))}: each resolution must be a positive '
                         'multiple of 8 (the VAE downsamples 8x)')
+    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
+    if twice:
+        raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
+                        'list each resolution once (each makes one latents_<res> column)')
     if not args.remote_upload:
         raise UserError('--remote_upload is required: where to write the output dataset')
-    if args.batch_size < 1 or args.part_size < 1:
-        raise UserError('--batch-size and --part_size must be positive')
+    for flag, attr, accepted, must in NUMBER_FLAGS:
+        if not accepted(getattr(args, attr)):
+            raise UserError(f'{flag} {getattr(args, attr)}: must be {must}')
+    check_output_format(args.size_limit, args.compression)
+    bucket_name(args.bucket)
+    check_places(args)
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no GPU is visible to torch')
 
@@ -725,10 +938,9 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_args(args)
     check_model_folder(args.model_name)
-    name = bucket_name(args.bucket)
-    cache_dir = join(args.local, name, args.subfolder)
-    src = join(args.remote_download, name, args.subfolder) if args.remote_download else cache_dir
-    out_root = join(args.remote_upload, name, args.subfolder)
+    check_model_name(args.model_name)
+    pl = places(args)
+    src, cache_dir, out_root = pl.src, pl.cache, pl.out
     shards = read_input_index(src, cache_dir, args.download_timeout)
     columns = input_columns(shards, src)
     new_columns = [CAPTION_COLUMN] + [LATENT_COLUMN.format(res=r) for r in args.resolutions]
@@ -741,7 +953,8 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
                 'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
                 'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
-                'input_samples': parts[-1].last if parts else 0}
+                'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
+                'input_index': index_digest(shards)}
     markers = done_markers(out_root, parts, args.download_timeout)
     for part_name, marker in markers.items():
         differ = {k: (marker.get('settings', {}).get(k), v) for k, v in settings.items()
@@ -798,10 +1011,11 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     tokenizer = load_tokenizer(args.model_name)
     remote = plan.src if plan.src != plan.cache_dir else None
     cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
-    if remote is not None and int(os.environ.get('LOCAL_RANK', 0)) == 0:
-        for part in set(plan.parts) - set(plan.pending):  # a kill may have left their shards behind
-            for shard in part.shards:
-                cache.evict(shard)
+    if remote is not None:
+        if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+            empty_cache(plan.cache_dir)
+        if dist.is_initialized():
+            dist.barrier()  # no rank downloads before its machine's cache is emptied
     jobs = make_jobs(mine, args.batch_size)
     reader = BatchReader(jobs, cache, tokenizer, args.resolutions, latent_shape(vae), args.latent_mode,
                          args.seed, args.caption_drop_prob)
@@ -810,8 +1024,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
         torch.set_num_threads(cpu_threads(args, workers))
     loader = torch.utils.data.DataLoader(
         reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
-        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None)
-    staging = os.path.join(args.local, '.staging', f'rank{rank}')
+        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+    staging = os.path.join(places(args).staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
     writer = PartWriter(plan.out_root, staging, plan.columns, sorted(args.resolutions), plan.settings,
                         cache, {p.name: p for p in mine}, evict=remote is not None, args=args)
@@ -842,6 +1057,10 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
                 wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
         writer.put(None)
         writer.join()
+    except Interrupted as stop:
+        writer.abandon()
+        stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0, 'parts': len(mine)}
+        raise
     except UserError:
         raise
     except Exception as err:
@@ -939,13 +1158,43 @@ def report(summary: dict, path: str) -> None:
         lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')
     if summary['skipped'] > 10:
         lines.append(f'... and {summary["skipped"] - 10} more skipped (see the JSON)')
+    if summary.get('interrupted'):
+        lines.append(f'stopped by {summary["interrupted"]}: {len(summary["parts_missing"])} parts left, '
+                     'no index.json yet; rerun the same command to resume')
     lines.append(f'summary {path}')
     print('\n'.join(lines), flush=True)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted in the main thread; a second
+    one of the same kind ends the process at once."""
+    def handler(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+def summary_path(args: argparse.Namespace) -> str:
+    name = bucket_name(args.bucket) or 'dataset'
+    return args.summary or os.path.join(args.local, f'latents_summary_{name}.json')
+
+
+def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, world: int) -> None:
+    """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
+    stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0, 'parts': 0}
+    try:
+        report({**summarize(args, plan, stats, world), 'interrupted': str(stop)}, summary_path(args))
+    except Exception as err:  # an unreachable output must not hide the interruption
+        print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
 
 def main() -> None:
     args = parse_args()
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    stop_on_signals()
+    plan = None
     try:
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
@@ -957,22 +1206,24 @@ def main() -> None:
         if world > 1:
             dist.barrier()
         if rank == 0:
-            staging = os.path.join(args.local, '.staging', 'merge')
+            staging = os.path.join(places(args).staging, 'merge')
             os.makedirs(staging, exist_ok=True)
             merge_parts(plan, staging)
-            summary = summarize(args, plan, stats, world)
-            name = bucket_name(args.bucket) or 'dataset'
-            report(summary, args.summary or os.path.join(args.local, f'latents_summary_{name}.json'))
-            shutil.rmtree(os.path.join(args.local, '.staging'), ignore_errors=True)
+            summary = {**summarize(args, plan, stats, world), 'interrupted': None}
+            report(summary, summary_path(args))
+            shutil.rmtree(places(args).staging, ignore_errors=True)
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print('interrupted; rerun the same command to resume', file=sys.stderr)
-        sys.exit(130)
+    except Interrupted as stop:
+        if rank == 0 and plan is not None:
+            report_interrupted(args, plan, stop, world)
+        print(f'error: stopped by {stop}: finished parts are kept, the part in progress is not; rerun the '
+              'same command to resume', file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

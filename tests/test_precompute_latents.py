@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,16 @@ def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_
     mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
                 '--latent_mode', 'mean', env=env)
     assert 'latent_mode' in one_line_error(mixed)
+    # So would another --batch-size (float results depend on it) or another input dataset.
+    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
+                '--batch-size', 3, env=env)
+    assert 'written with batch_size=2, this run has 3' in one_line_error(mixed)
+    other = tmp_path / 'other'
+    write_mds_input(str(other), [{**rows[0], 'caption': 'another caption'}] + rows[1:], bucketed=False,
+                    size_limit=1 << 14)
+    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
+                '--remote_download', other, env=env)
+    assert 'written with input_index=' in one_line_error(mixed)
     sample = got[0]
     assert sample['latents_64'] == b'' and len(sample['latents_128']) == 0  # 40 px: below both
     big = next(o for o in got if shorter_side(o['jpg']) >= 128)
@@ -326,3 +337,196 @@ def test_corpus_helpers_are_what_the_tests_assume(corpus):
     """Guards the assumptions above: three broken files, and the awkward formats present."""
     assert {it.name for it in corpus if not it.decodable} == BROKEN
     assert build_corpus() == corpus
+
+
+# ---- ordinary mistakes: places that coincide, stale caches, signals, bad flags ------------------
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: to show an input is intact."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def group_alive(pgid: int) -> set[int]:
+    """Live (not zombie) processes of process group `pgid`, read from /proc."""
+    alive = set()
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(stat).read_text().rsplit(')', 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != 'Z':
+                alive.add(int(stat.split('/')[2]))
+    return alive
+
+
+def start(root: Path, *args, env: dict | None = None) -> subprocess.Popen:
+    """The script in its own process group (so its workers can be found), output to files."""
+    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert condition(), f'never happened; exit {proc.poll()}'
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize('case', [
+    'issue example: --local is --remote_upload', 'output is the input through a symlink',
+    '--local is the input folder', 'remote output is the remote input'])
+def test_input_cache_and_output_in_one_place_are_refused(case, root, tiny_model, tiny_input, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_input / 'ok', data)
+    (tmp_path / 'link').symlink_to(data)
+    before = tree(data)
+    flags = {
+        'issue example: --local is --remote_upload':
+            ['--remote_download', data, '--local', tmp_path / 'x', '--remote_upload', tmp_path / 'x/'],
+        'output is the input through a symlink':
+            ['--remote_download', data, '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'link'],
+        '--local is the input folder':
+            ['--remote_download', data, '--local', './link/.', '--remote_upload', tmp_path / 'out'],
+        'remote output is the remote input':
+            ['--remote_download', 's3://bucket/laion', '--local', tmp_path / 'cache',
+             '--remote_upload', 's3://bucket//laion/'],
+    }[case]
+    proc = subprocess.run([sys.executable, str(root / 'precompute_latents.py'), *map(str, flags),
+                           '--bucket', UNBUCKETED, '--model_name', tiny_model],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    line = one_line_error(proc)
+    assert 'places of their own' in line and ('same place' in line or 'inside' in line or 'holds' in line)
+    assert tree(data) == before  # nothing deleted, nothing added
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'x').exists()
+
+
+def twin_rows(prefix: str, first: int) -> list[dict]:
+    """30 rows whose MDS shards have the same names and sizes for every `prefix` of one length."""
+    rows = small_rows()
+    return [make_row(first + i, r['jpg'], f'small_{i}.jpg', caption=f'{prefix} {r["caption"][6:]}')
+            for i, r in enumerate(rows)]
+
+
+def test_a_cache_left_by_another_dataset_or_an_earlier_input_is_never_reused(root, tiny_model, tmp_path):
+    rows_a, rows_b = twin_rows('AAAAA', 100), twin_rows('BBBBB', 500)
+    write_mds_input(str(tmp_path / 'a'), rows_a, bucketed=False, size_limit=1 << 14)
+    write_mds_input(str(tmp_path / 'b'), rows_b, bucketed=False, size_limit=1 << 14)
+    shards_a, shards_b = (json.loads((tmp_path / d / UNBUCKETED / 'index.json').read_text())['shards']
+                          for d in 'ab')
+    assert [(s['raw_data']['basename'], s['raw_data']['bytes']) for s in shards_a] == \
+        [(s['raw_data']['basename'], s['raw_data']['bytes']) for s in shards_b]  # same names and sizes
+    common = ['--bucket', UNBUCKETED, '--model_name', tiny_model, '--resolutions', 64, '--batch-size', 2,
+              '--part_size', 3, '--num_workers', 1, '--local', tmp_path / 'cache']
+    want_b = [r['key'] for r in rows_b if r['key'] != '000000507']
+
+    # A run on A is killed once its first part is done: A's shards stay in the cache.
+    out_a = tmp_path / 'out_a' / UNBUCKETED
+    proc = start(root, *common, '--remote_download', tmp_path / 'a', '--remote_upload', tmp_path / 'out_a')
+    try:
+        wait_for(lambda: markers(out_a), proc)
+    finally:
+        kill_group(proc.pid)
+        proc.wait()
+    assert glob.glob(str(tmp_path / 'cache' / '**' / 'shard.*.mds'), recursive=True)
+
+    # B, with the same --local: B's samples only.
+    ok(run(root, *common, '--remote_download', tmp_path / 'b', '--remote_upload', tmp_path / 'out_b'))
+    got = read_mds(str(tmp_path / 'out_b' / UNBUCKETED))
+    assert [o['key'] for o in got] == want_b and all(o['caption'].startswith('BBBBB') for o in got)
+
+    # A's folder rewritten with B's data (same shard names and sizes), A's output deleted, A's command
+    # run again: again B's samples only, though A's shards are still in A's cache.
+    for name in os.listdir(tmp_path / 'b' / UNBUCKETED):
+        (tmp_path / 'a' / UNBUCKETED / name).write_bytes((tmp_path / 'b' / UNBUCKETED / name).read_bytes())
+    subprocess.run(['rm', '-r', str(out_a)], check=True)
+    ok(run(root, *common, '--remote_download', tmp_path / 'a', '--remote_upload', tmp_path / 'out_a'))
+    got = read_mds(str(out_a))
+    assert [o['key'] for o in got] == want_b and all(o['caption'].startswith('BBBBB') for o in got)
+
+
+def test_workers_die_with_the_main_process(root, tiny_model, tmp_path):
+    write_mds_input(str(tmp_path / 'mds'), small_rows(), bucketed=False, size_limit=1 << 14)
+    proc = start(root, '--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local',
+                 tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', tiny_model,
+                 '--resolutions', 64, 128, '--batch-size', 2, '--part_size', 3, '--num_workers', 2)
+    try:
+        wait_for(lambda: markers(tmp_path / 'out' / UNBUCKETED) and len(group_alive(proc.pid)) >= 3, proc)
+        workers = group_alive(proc.pid) - {proc.pid}
+        os.kill(proc.pid, signal.SIGKILL)  # a preempted node: no clean-up in the main process
+        proc.wait()
+        deadline = time.time() + 2  # torch's own check would take up to 5 s, or forever when blocked
+        while group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(proc.pid), f'workers {workers} outlived the main process'
+    finally:
+        kill_group(proc.pid)
+
+
+def test_sigterm_stops_with_a_summary_and_the_rerun_completes(root, tiny_model, tmp_path):
+    # The input is read in place from <local>/<bucket> (no --remote_download), the output elsewhere.
+    rows = small_rows()
+    write_mds_input(str(tmp_path / 'local'), rows, bucketed=False, size_limit=1 << 14)
+    before = tree(tmp_path / 'local' / UNBUCKETED)
+    out = tmp_path / 'out' / UNBUCKETED
+    flags = ['--bucket', UNBUCKETED, '--local', tmp_path / 'local', '--remote_upload', tmp_path / 'out',
+             '--model_name', tiny_model, '--resolutions', 64, '--batch-size', 2, '--part_size', 3,
+             '--num_workers', 1, '--summary', tmp_path / 's.json']
+    proc = start(root, *flags)
+    try:
+        wait_for(lambda: markers(out), proc)
+        os.kill(proc.pid, signal.SIGTERM)  # how a platform stops a job
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc.pid)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert 'Traceback' not in stderr
+    assert [ln for ln in stderr.splitlines() if ln.startswith('error:')] == [
+        'error: stopped by SIGTERM: finished parts are kept, the part in progress is not; rerun the same '
+        'command to resume']
+    summary = json.loads((tmp_path / 's.json').read_text())
+    assert summary['interrupted'] == 'SIGTERM' and summary['parts_missing']
+    assert not (out / 'index.json').exists()  # no index a reader would take for the whole set
+    time.sleep(0.5)
+    assert not group_alive(proc.pid)  # no worker left behind
+
+    ok(run(root, *flags))
+    got = read_mds(str(out))
+    assert [o['key'] for o in got] == [r['key'] for r in rows if r['key'] != '000000007']
+    summary = json.loads((tmp_path / 's.json').read_text())
+    assert summary['interrupted'] is None and summary['parts_before'] >= 1
+    assert before.items() <= tree(tmp_path / 'local' / UNBUCKETED).items()  # every input file intact
+
+
+@pytest.mark.parametrize('flags, phrase', [
+    (['--size_limit', 'banana'], '--size_limit banana: must be a shard size'),
+    (['--compression', 'foo'], '--compression foo: streaming knows'),
+    (['--resolutions', 256, 256], '256 is given twice'),
+    (['--caption_drop_prob', 1.5], '--caption_drop_prob 1.5: must be a probability in [0, 1]'),
+])
+def test_bad_flags_are_refused_before_anything_loads(flags, phrase, root, tiny_input, tmp_path):
+    model = tmp_path / 'model'  # a model that cannot load: the flag must be reported first
+    for sub in ('vae', 'text_encoder', 'tokenizer'):
+        (model / sub).mkdir(parents=True)
+    proc = run(root, '--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
+               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', model, *flags)
+    assert phrase in one_line_error(proc)
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()
+
+
+@pytest.mark.parametrize('name, env, phrase', [
+    ('not a/model name', {}, 'not a hub model name'),
+    ('someone/sd-2-typo', {'HF_HUB_OFFLINE': '1'}, 'HF_HUB_OFFLINE is set but the hub cache'),
+    ('someone/sd-2-typo', {'HF_HUB_OFFLINE': '0', 'HF_ENDPOINT': 'http://127.0.0.1:9'}, 'cannot be reached'),
+])
+def test_a_model_name_that_cannot_load_fails_fast(name, env, phrase, root, tiny_input, tmp_path):
+    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env}
+    began = time.time()
+    proc = run(root, '--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
+               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', name, env=env)
+    assert phrase in one_line_error(proc)
+    assert time.time() - began < 120  # no minutes of hub retries
+    assert not (tmp_path / 'out').exists()
