@@ -84,13 +84,15 @@ class _Proxy:
             except OSError:
                 client.close()
                 continue
+            pair = [client, upstream]
             with self._lock:
-                self._conns += [client, upstream]
+                self._conns += pair
+            left = [2]  # pipes still using the pair: the last one to end closes both sockets
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, pair, left), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, pair: list[socket.socket],
+              left: list[int]) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
@@ -102,6 +104,12 @@ class _Proxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            with self._lock:  # without this, every connection ever made keeps two descriptors open
+                left[0] -= 1
+                if left[0] == 0:
+                    for s in pair:
+                        s.close()
+                    self._conns = [c for c in self._conns if c not in pair]
 
 
 class S3Server:
@@ -111,6 +119,7 @@ class S3Server:
         self._moto_port = _free_port()
         self._moto: subprocess.Popen | None = None
         self._proxy = _Proxy(self._moto_port)
+        self._client = None
 
     @property
     def endpoint(self) -> str:
@@ -128,8 +137,11 @@ class S3Server:
         return {**os.environ, **self.env, **extra}
 
     def client(self):
-        return boto3.client('s3', endpoint_url=self.endpoint, aws_access_key_id='testing',
-                            aws_secret_access_key='testing', region_name='us-east-1')
+        """One boto3 client for the test process (a new one per call leaks its connection pool)."""
+        if self._client is None:
+            self._client = boto3.client('s3', endpoint_url=self.endpoint, aws_access_key_id='testing',
+                                        aws_secret_access_key='testing', region_name='us-east-1')
+        return self._client
 
     def new_bucket(self) -> str:
         """Create a fresh bucket; returns its name."""
