@@ -26,7 +26,8 @@ from .models import write_clip_tokenizer
 
 CLIP_L = dict(hidden_size=32, projection_dim=24, intermediate_size=37, num_attention_heads=4)
 CLIP_G = dict(hidden_size=40, projection_dim=36, intermediate_size=45, num_attention_heads=4)
-T5 = dict(d_model=48, d_kv=12, d_ff=64, num_heads=4, num_layers=2, feed_forward_proj='gated-gelu')
+# T5 wider than CLIP-L + CLIP-G, as in SD3 (4096 > 768 + 1280): SD3 pads the CLIP states to T5's width.
+T5 = dict(d_model=80, d_kv=20, d_ff=64, num_heads=4, num_layers=2, feed_forward_proj='gated-gelu')
 VAES = {'sdxl': (4, 0.13025, None), 'sd3': (16, 1.5305, 0.0609), 'flux': (16, 0.3611, 0.1159)}
 PIPELINES = {'sdxl': 'StableDiffusionXLPipeline', 'sd3': 'StableDiffusion3Pipeline', 'flux': 'FluxPipeline'}
 WORDS = ('a photo of the small red cat dog house tree sky sunset on beach with people street night '
@@ -78,7 +79,8 @@ def write_t5_tokenizer(folder: Path, vocab_size: int = 160) -> int:
 def write_t5(folder: Path, vocab_size: int) -> None:
     from transformers import T5Config, T5EncoderModel
 
-    T5EncoderModel(T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **T5)).save_pretrained(folder)
+    cfg = T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **T5)
+    T5EncoderModel(cfg).save_pretrained(folder)
 
 
 def build_tiny_family(folder: Path, family: str, seed: int = 0) -> Path:
@@ -126,4 +128,5 @@ def pipeline_of(folder: Path, family: str):
             tokenizer_3=load('T5TokenizerFast', 'tokenizer_3'))
     return diffusers.FluxPipeline(
         **parts, transformer=None, text_encoder=load('CLIPTextModel', 'text_encoder'),
-        text_encoder_2=load('T5EncoderModel', 'text_encoder_2'), tokenizer_2=load('T5TokenizerFast', 'tokenizer_2'))
+        text_encoder_2=load('T5EncoderModel', 'text_encoder_2'),
+        tokenizer_2=load('T5TokenizerFast', 'tokenizer_2'))
