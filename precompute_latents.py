@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import copy
 import dataclasses
 import fcntl
 import io
@@ -776,31 +775,34 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
     }
 
 
-def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
-    """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
+def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """One model of the pipeline (the VAE or a text encoder) on `device` in `dtype`, in eval mode."""
     import transformers
     from diffusers import AutoencoderKL
 
-    check_model_folder(model_name, family)
     try:
-        vae = AutoencoderKL.from_pretrained(model_name, subfolder='vae', torch_dtype=dtype,
-                                            low_cpu_mem_usage=False)
+        if class_name == 'AutoencoderKL':
+            model = AutoencoderKL.from_pretrained(model_name, subfolder=subfolder, torch_dtype=dtype,
+                                                  low_cpu_mem_usage=False)
+        else:
+            model = getattr(transformers, class_name).from_pretrained(model_name, subfolder=subfolder,
+                                                                      dtype=dtype)
     except Exception as err:
-        raise UserError(f'cannot load the VAE (vae/) of {model_name}: {first_line(err)}') from None
-    encoders = []
-    for enc in family.encoders:
-        try:
-            model = getattr(transformers, enc.model_class).from_pretrained(
-                model_name, subfolder=enc.subfolder, dtype=dtype)
-        except Exception as err:
-            raise UserError(f'cannot load the text encoder ({enc.subfolder}/) of {model_name} as '
-                            f'{enc.model_class}: {first_line(err)}') from None
-        encoders.append(model.to(device).eval())
-    vae = vae.to(device).eval()
-    if device.type == 'cuda':
-        vae = vae.to(memory_format=torch.channels_last)
+        raise UserError(f'cannot load {subfolder}/ of {model_name} as {class_name}: '
+                        f'{first_line(err)}') from None
+    model = model.to(device).eval()
+    if device.type == 'cuda' and class_name == 'AutoencoderKL':
+        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    return vae, encoders
+    return model
+
+
+def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
+    """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
+    check_model_folder(model_name, family)
+    vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
+    return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
 
 
 def latent_shape(vae) -> tuple[int, int]:
@@ -810,10 +812,12 @@ def latent_shape(vae) -> tuple[int, int]:
 
 class Fallback:
     """Runs a model; when a reduced-precision model gives NaN or inf, reruns that batch on a float32
-    copy (made once) and counts it. An SDXL VAE in float16 is the known case."""
+    copy of it (loaded from the folder once) and counts it. An SDXL VAE in float16 is the known case."""
 
-    def __init__(self):
-        self.copies: dict[int, torch.nn.Module] = {}
+    def __init__(self, model_name: str, family: Family, device: torch.device):
+        self.classes = {'vae': 'AutoencoderKL', **{e.subfolder: e.model_class for e in family.encoders}}
+        self.model_name, self.device = model_name, device
+        self.copies: dict[str, torch.nn.Module] = {}
 
     def __call__(self, name: str, model: torch.nn.Module, fn, used: list[str]):
         out = fn(model)
@@ -821,10 +825,11 @@ class Fallback:
             return out
         if next(model.parameters()).dtype == torch.float32:
             raise UserError(f'{name} gives NaN or inf even in float32: the model weights are broken')
-        if id(model) not in self.copies:
-            self.copies[id(model)] = copy.deepcopy(model).float()
+        if name not in self.copies:
+            self.copies[name] = load_module(self.model_name, name, self.classes[name], self.device,
+                                            torch.float32)
         used.append(name)
-        return fn(self.copies[id(model)])
+        return fn(self.copies[name])
 
 
 def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor:
@@ -1160,7 +1165,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     tokenizers = load_tokenizers(args.model_name, family)
     text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
                     for c in family.columns]
-    storage, fallback = STORAGE_DTYPES[convention['storage_dtype']], Fallback()
+    storage, fallback = STORAGE_DTYPES[convention['storage_dtype']], Fallback(args.model_name, family, device)
     remote = plan.src if plan.src != plan.cache_dir else None
     cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
     if remote is not None and int(os.environ.get('LOCAL_RANK', 0)) == 0:

@@ -253,3 +253,27 @@ def test_family_errors_are_one_line(case, phrase, root, folders, family_input, t
     proc = run(root, *args_for(family_input, model, tmp_path / 'out', tmp_path, *extra))
     assert phrase in one_line_error(proc)
     assert not (tmp_path / 'out').exists()
+
+
+def test_vae_overflowing_in_float16_falls_back_to_float32_and_is_counted(root, folders, family_input,
+                                                                         tmp_path):
+    """An SDXL VAE gives NaN in float16; here one whose first convolution overflows float16 stands in."""
+    from diffusers import AutoencoderKL
+
+    model = linked(folders['sdxl'], tmp_path / 'm', {'vae'})
+    vae = AutoencoderKL.from_pretrained(folders['sdxl'], subfolder='vae').eval()
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e6)  # weights beyond float16's range: inf, then NaN
+    vae.save_pretrained(model / 'vae')
+    proc = ok(run(root, *args_for(family_input, model, tmp_path / 'out', tmp_path, '--dtype', 'float16',
+                                  '--device', 'cpu', '--latent_mode', 'mean')))
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    # Two parts of one batch each, both with 64 and 128 px images: four VAE batches, all re-encoded.
+    assert summary['fp32_fallback_batches'] == {'vae': 4} and 'float32 vae' in proc.stdout
+    got = read_mds(str(tmp_path / 'out' / UNBUCKETED))
+    with torch.inference_mode(), one_thread():
+        for s in got:
+            x = reference_pixels(s['jpg'], 64, [64, 128])
+            want = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].numpy()
+            lat = np.frombuffer(s['latents_64'], np.float16).reshape(want.shape).astype(np.float32)
+            np.testing.assert_allclose(lat, want, atol=1e-2, rtol=1e-2)
