@@ -1,9 +1,10 @@
-"""Attach Stable Diffusion VAE latents and CLIP caption latents to an MDS dataset, once.
+"""Attach VAE image latents and text-encoder caption latents of a diffusion model to an MDS dataset, once.
 
 Training a latent diffusion model for many epochs would otherwise re-encode every image and caption
 every epoch. This script streams one resolution bucket of the dataset that `laion_cloudwriter.py`
-wrote (local or remote), encodes each image with the VAE and each caption with the CLIP text encoder of
-a diffusers model, and writes a new MDS dataset with every input column plus the latents.
+wrote (local or remote), encodes each image with the VAE and each caption with the text encoders of
+a diffusers pipeline, exactly as that pipeline's `encode_prompt` does, and writes a new MDS dataset
+with every input column plus the latents.
 
 Example (one GPU, or `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for eight):
 
@@ -17,16 +18,29 @@ list of laion_cloudwriter.py (0 '0-64', 1 '64-128', 2 '128-256', 3 '256-512', 4 
 read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name>[/<subfolder>]`:
 
 - every input column, unchanged;
-- `caption_latents`: float16 bytes of shape (77, hidden size), the text encoder's last hidden state
-  of the caption tokenized to 77 tokens (padded, truncated);
-- `latents_<res>` for each `--resolutions` entry (default 256 512): float16 bytes of shape
-  (4, res/8, res/8); the image's largest centered square resized to res x res (bilinear), scaled to
-  [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with `--latent_mode mean`)
-  times `vae.config.scaling_factor`; `b''` when the image's shorter side is below res.
+- the text columns of the model's family (FAMILIES below; the family comes from the folder's
+  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16):
+    sd       caption_latents (77, 768|1024): last hidden state (SD 1/2, byte-identical to before)
+    sdxl     caption_latents (77, 2048): penultimate CLIP-L + CLIP-G; caption_pooled (1280)
+    sd3      caption_clip_latents (77, 2048), caption_t5_latents (256, 4096), caption_pooled (2048);
+             prompt_embeds = cat([pad(clip, (0, 4096 - 2048)), t5], dim=-2)
+    flux     caption_t5_latents (512, 4096), caption_pooled (768)
+    mosaicml caption_T5_LATENTS (512, 4096), caption_T5_ATTENTION_MASK (512) bool, caption_CLIP_LATENTS
+             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float16
+  With `--t5_storage trimmed` a T5 column keeps only the caption's n tokens (n in `caption_t5_length`);
+- `latents_<res>` for each `--resolutions` entry (default 256 512): shape (C, res/8, res/8), C the
+  VAE's 4 or 16 latent channels; the image's largest centered square resized to res x res (bilinear),
+  scaled to [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with
+  `--latent_mode mean`), then `(z - shift_factor) * scaling_factor` from the VAE config; `b''` when the
+  image's shorter side is below res;
+- `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
+  scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
 
-Read it back as training code does:
+Read it back as training code does (bfloat16 is stored as raw 16 bits: widen with `<< 16`):
     np.frombuffer(sample['caption_latents'], np.float16).reshape(77, 1024)
     np.frombuffer(sample['latents_256'], np.float16).reshape(4, 32, 32)
+    t5 = np.frombuffer(sample['caption_t5_latents'], np.float16).reshape(-1, 4096)   # trimmed: n rows
+    t5 = np.pad(t5, ((0, 512 - len(t5)), (0, 0)))                                     # padded again
 
 Images are decoded once per sample in DataLoader workers: EXIF orientation applied, grayscale and
 CMYK converted to RGB, transparency composited over white; JPEGs are decoded at the smallest DCT

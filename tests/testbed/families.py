@@ -24,33 +24,52 @@ import torch
 
 from .models import write_clip_tokenizer
 
-CLIP_L = dict(hidden_size=32, projection_dim=24, intermediate_size=37, num_attention_heads=4)
-CLIP_G = dict(hidden_size=40, projection_dim=36, intermediate_size=45, num_attention_heads=4)
+CLIP_L = dict(hidden_size=32, projection_dim=24, intermediate_size=37, num_attention_heads=4,
+              num_hidden_layers=2)
+CLIP_G = dict(hidden_size=40, projection_dim=36, intermediate_size=45, num_attention_heads=4,
+              num_hidden_layers=2)
 # T5 wider than CLIP-L + CLIP-G, as in SD3 (4096 > 768 + 1280): SD3 pads the CLIP states to T5's width.
 T5 = dict(d_model=80, d_kv=20, d_ff=64, num_heads=4, num_layers=2, feed_forward_proj='gated-gelu')
+VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
+# Full size (benchmarks/bench_precompute_latents.py --full_size, random weights): OpenAI CLIP ViT-L/14,
+# OpenCLIP ViT-bigG/14, T5 v1.1 XXL (4.7B parameters), the SD/SDXL/SD3/FLUX VAE encoder widths.
+FULL = {
+    'clip_l': dict(hidden_size=768, projection_dim=768, intermediate_size=3072, num_attention_heads=12,
+                   num_hidden_layers=12),
+    'clip_g': dict(hidden_size=1280, projection_dim=1280, intermediate_size=5120, num_attention_heads=20,
+                   num_hidden_layers=32),
+    't5': dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=24,
+               feed_forward_proj='gated-gelu'),
+    'vae': dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+}
 VAES = {'sdxl': (4, 0.13025, None), 'sd3': (16, 1.5305, 0.0609), 'flux': (16, 0.3611, 0.1159)}
 PIPELINES = {'sdxl': 'StableDiffusionXLPipeline', 'sd3': 'StableDiffusion3Pipeline', 'flux': 'FluxPipeline'}
 WORDS = ('a photo of the small red cat dog house tree sky sunset on beach with people street night '
          'painting portrait landscape city car blue green yellow number named word big old new').split()
 
 
-def write_vae(folder: Path, channels: int, scaling: float, shift: float | None) -> None:
+def save(model: torch.nn.Module, folder: Path, half: bool) -> None:
+    """save_pretrained, in float16 when `half` (full size: a T5-XXL is 19 GB in float32)."""
+    (model.half() if half else model).save_pretrained(folder)
+
+
+def write_vae(folder: Path, channels: int, scaling: float, shift: float | None, dims: dict = VAE,
+              half: bool = False) -> None:
     from diffusers import AutoencoderKL
 
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=channels, sample_size=256, layers_per_block=1,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, scaling_factor=scaling, shift_factor=shift,
-        use_quant_conv=channels == 4, use_post_quant_conv=channels == 4,
-        down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-    ).save_pretrained(folder)
+    save(AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=channels, sample_size=256, scaling_factor=scaling,
+        shift_factor=shift, use_quant_conv=channels == 4, use_post_quant_conv=channels == 4,
+        down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4, **dims,
+    ), folder, half)
 
 
-def write_clip(folder: Path, dims: dict, projection: bool) -> None:
+def write_clip(folder: Path, dims: dict, projection: bool, half: bool = False) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=49408, num_hidden_layers=2, max_position_embeddings=77,
+    cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                          hidden_act='gelu', bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **dims)
-    (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).save_pretrained(folder)
+    save((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), folder, half)
 
 
 def write_t5_tokenizer(folder: Path, vocab_size: int = 160) -> int:
@@ -76,28 +95,34 @@ def write_t5_tokenizer(folder: Path, vocab_size: int = 160) -> int:
     return len(fast)
 
 
-def write_t5(folder: Path, vocab_size: int) -> None:
+def write_t5(folder: Path, vocab_size: int, dims: dict = T5, half: bool = False) -> None:
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **T5)
-    T5EncoderModel(cfg).save_pretrained(folder)
+    cfg = T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **dims)
+    save(T5EncoderModel(cfg), folder, half)
 
 
-def build_tiny_family(folder: Path, family: str, seed: int = 0) -> Path:
-    """A pipeline folder of `family` ('sdxl', 'sd3' or 'flux') under `folder` (deterministic for a seed)."""
+def build_tiny_family(folder: Path, family: str, seed: int = 0, full_size: bool = False) -> Path:
+    """A pipeline folder of `family` ('sdxl', 'sd3' or 'flux') under `folder` (deterministic for a seed);
+    `full_size`: the real models' shapes with random weights, saved in float16 (GPU benchmarks)."""
     folder = Path(folder)
     torch.manual_seed(seed)
-    write_vae(folder / 'vae', *VAES[family])
+    clip_l, clip_g, t5, vae = (FULL['clip_l'], FULL['clip_g'], FULL['t5'], FULL['vae']) if full_size \
+        else (CLIP_L, CLIP_G, T5, VAE)
+    t5_vocab = 32128 if full_size else 0  # T5 v1.1's embedding rows; tiny: the tokenizer's size
+    write_vae(folder / 'vae', *VAES[family], dims=vae, half=full_size)
     write_clip_tokenizer(folder / 'tokenizer', pad_token='<|endoftext|>' if family != 'sd3' else '!')
     if family == 'flux':
-        write_clip(folder / 'text_encoder', CLIP_L, projection=False)
-        write_t5(folder / 'text_encoder_2', write_t5_tokenizer(folder / 'tokenizer_2'))
+        write_clip(folder / 'text_encoder', clip_l, projection=False, half=full_size)
+        t5_vocab = max(t5_vocab, write_t5_tokenizer(folder / 'tokenizer_2'))
+        write_t5(folder / 'text_encoder_2', t5_vocab, t5, full_size)
     else:
-        write_clip(folder / 'text_encoder', CLIP_L, projection=family == 'sd3')
-        write_clip(folder / 'text_encoder_2', CLIP_G, projection=True)
+        write_clip(folder / 'text_encoder', clip_l, projection=family == 'sd3', half=full_size)
+        write_clip(folder / 'text_encoder_2', clip_g, projection=True, half=full_size)
         write_clip_tokenizer(folder / 'tokenizer_2', pad_token='!')
     if family == 'sd3':
-        write_t5(folder / 'text_encoder_3', write_t5_tokenizer(folder / 'tokenizer_3'))
+        t5_vocab = max(t5_vocab, write_t5_tokenizer(folder / 'tokenizer_3'))
+        write_t5(folder / 'text_encoder_3', t5_vocab, t5, full_size)
     (folder / 'model_index.json').write_text(json.dumps({'_class_name': PIPELINES[family],
                                                          '_diffusers_version': '0.39.0'}))
     return folder
