@@ -616,14 +616,15 @@ CONVENTION = 'convention.json'  # beside index.json: how every column was made a
 
 
 def read_model_index(model_name: str) -> dict | None:
-    """model_index.json of a pipeline folder or hub name; None when it has none."""
+    """model_index.json of a pipeline folder or hub name; None for a folder without one."""
     path = os.path.join(model_name, 'model_index.json')
     if not os.path.isdir(model_name):
         try:
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(model_name, 'model_index.json')
-        except Exception:
-            return None
+        except Exception as err:  # guessing the family of a hub model would be a silent mistake
+            raise UserError(f'cannot read model_index.json of {model_name} ({first_line(err)}): check '
+                            f'the name and the network, or pass --family') from None
     if not os.path.isfile(path):
         return None
     try:
@@ -768,6 +769,8 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
     if family.storage and args.storage_dtype != family.storage:
         raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
                         f'{family.storage} by its consumer; drop the flag')
+    if args.t5_max_length < 0 or args.text_batch_size < 0:
+        raise UserError('--t5_max_length and --text_batch_size must be 0 (the default) or positive')
     if args.t5_storage == 'trimmed' and family.name == 'mosaicml':
         raise UserError('--t5_storage trimmed: the mosaicml layout stays padded, as its consumer expects')
     vae = vae_convention(args.model_name)
@@ -1112,8 +1115,8 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     for part_name, marker in markers.items():
         differ = first_difference(marker.get('settings', {}), settings)
         if differ:
-            k, old, new = differ
-            raise UserError(f'{out_root}/{part_name} was written with {k}={old!r}, this run has {new!r}: '
+            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
+            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
     return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
