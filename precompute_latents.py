@@ -1,9 +1,10 @@
-"""Attach Stable Diffusion VAE latents and CLIP caption latents to an MDS dataset, once.
+"""Attach VAE image latents and text-encoder caption latents of a diffusion model to an MDS dataset, once.
 
 Training a latent diffusion model for many epochs would otherwise re-encode every image and caption
 every epoch. This script streams one resolution bucket of the dataset that `laion_cloudwriter.py`
-wrote (local or remote), encodes each image with the VAE and each caption with the CLIP text encoder of
-a diffusers model, and writes a new MDS dataset with every input column plus the latents.
+wrote (local or remote), encodes each image with the VAE and each caption with the text encoders of
+a diffusers pipeline, exactly as that pipeline's `encode_prompt` does, and writes a new MDS dataset
+with every input column plus the latents.
 
 Example (one GPU, or `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for eight):
 
@@ -17,16 +18,29 @@ list of laion_cloudwriter.py (0 '0-64', 1 '64-128', 2 '128-256', 3 '256-512', 4 
 read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name>[/<subfolder>]`:
 
 - every input column, unchanged;
-- `caption_latents`: float16 bytes of shape (77, hidden size), the text encoder's last hidden state
-  of the caption tokenized to 77 tokens (padded, truncated);
-- `latents_<res>` for each `--resolutions` entry (default 256 512): float16 bytes of shape
-  (4, res/8, res/8); the image's largest centered square resized to res x res (bilinear), scaled to
-  [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with `--latent_mode mean`)
-  times `vae.config.scaling_factor`; `b''` when the image's shorter side is below res.
+- the text columns of the model's family (FAMILIES below; the family comes from the folder's
+  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16):
+    sd       caption_latents (77, 768|1024): last hidden state (SD 1/2, byte-identical to before)
+    sdxl     caption_latents (77, 2048): penultimate CLIP-L + CLIP-G; caption_pooled (1280)
+    sd3      caption_clip_latents (77, 2048), caption_t5_latents (256, 4096), caption_pooled (2048);
+             prompt_embeds = cat([pad(clip, (0, 4096 - 2048)), t5], dim=-2)
+    flux     caption_t5_latents (512, 4096), caption_pooled (768)
+    mosaicml caption_T5_LATENTS (512, 4096), caption_T5_ATTENTION_MASK (512) bool, caption_CLIP_LATENTS
+             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float16
+  With `--t5_storage trimmed` a T5 column keeps only the caption's n tokens (n in `caption_t5_length`);
+- `latents_<res>` for each `--resolutions` entry (default 256 512): shape (C, res/8, res/8), C the
+  VAE's 4 or 16 latent channels; the image's largest centered square resized to res x res (bilinear),
+  scaled to [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with
+  `--latent_mode mean`), then `(z - shift_factor) * scaling_factor` from the VAE config; `b''` when the
+  image's shorter side is below res;
+- `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
+  scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
 
-Read it back as training code does:
+Read it back as training code does (bfloat16 is stored as raw 16 bits: widen with `<< 16`):
     np.frombuffer(sample['caption_latents'], np.float16).reshape(77, 1024)
     np.frombuffer(sample['latents_256'], np.float16).reshape(4, 32, 32)
+    t5 = np.frombuffer(sample['caption_t5_latents'], np.float16).reshape(-1, 4096)   # trimmed: n rows
+    t5 = np.pad(t5, ((0, 512 - len(t5)), (0, 0)))                                     # padded again
 
 Images are decoded once per sample in DataLoader workers: EXIF orientation applied, grayscale and
 CMYK converted to RGB, transparency composited over white; JPEGs are decoded at the smallest DCT
@@ -124,7 +138,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--subfolder', default='',
                    help='subfolder below the bucket folder, as laion_cloudwriter.py --subfolder writes')
     p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
-                   help='diffusers model (hub name or folder) with vae/, text_encoder/ and tokenizer/')
+                   help='diffusers pipeline (hub name or folder) of a known family: vae/ and its text '
+                        'encoder and tokenizer subfolders')
+    p.add_argument('--family', default='auto',
+                   help='model family: auto (from model_index.json; sd for a folder without one), sd, '
+                        'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
+                        'FLUX-layout folder)')
+    p.add_argument('--storage_dtype', choices=tuple(STORAGE_DTYPES), default='float16',
+                   help='dtype of the stored latents (bfloat16 is stored as its raw 16 bits); the model '
+                        'dtype is --dtype')
+    p.add_argument('--t5_max_length', type=int, default=0,
+                   help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
+    p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
+                   help='trimmed: store T5 states only up to the caption token count (incl. </s>), plus '
+                        'a <column>_length column; readers pad with zeros (not for mosaicml)')
+    p.add_argument('--text_batch_size', type=int, default=0,
+                   help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
     p.add_argument('--batch-size', dest='batch_size', type=int, default=64,
                    help='samples per batch on each process')
     p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512],
@@ -562,9 +591,10 @@ class ShardCache:
 class BatchReader(torch.utils.data.Dataset):
     """Item i = job i read, decoded, preprocessed and tokenized: everything the models need."""
 
-    def __init__(self, jobs: list[Job], cache: ShardCache, tokenizer, resolutions: list[int],
-                 latent_shape: tuple[int, int], latent_mode: str, seed: int, caption_drop_prob: float):
-        self.jobs, self.cache, self.tokenizer = jobs, cache, tokenizer
+    def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
+                 resolutions: list[int], latent_shape: tuple[int, int], latent_mode: str, seed: int,
+                 caption_drop_prob: float):
+        self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
         self.resolutions = sorted(resolutions)
         self.channels, self.factor = latent_shape
         self.latent_mode, self.seed, self.caption_drop_prob = latent_mode, seed, caption_drop_prob
@@ -602,9 +632,8 @@ class BatchReader(torch.utils.data.Dataset):
             batch['ids'].append(sample_id)
             batch['samples'].append(sample)
         captions = [self.caption(i, s['caption']) for i, s in zip(batch['ids'], batch['samples'])]
-        batch['tokens'] = self.tokenizer(captions, padding='max_length', truncation=True,
-                                         max_length=self.tokenizer.model_max_length,
-                                         return_tensors='pt').input_ids if captions else None
+        batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
+            if captions else None
         for r in self.resolutions:
             batch[f'pixels_{r}'] = torch.from_numpy(np.stack(pixels[r])) if pixels[r] else None
             batch[f'rows_{r}'] = rows[r]
@@ -612,21 +641,152 @@ class BatchReader(torch.utils.data.Dataset):
         return batch
 
 
+def tokenize(tokenizer, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) padded and truncated to `length`, as every family's encode_prompt does."""
+    out = tokenizer(captions, padding='max_length', truncation=True, max_length=length, return_tensors='pt')
+    return out.input_ids, out.attention_mask
+
+
 def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
 # ----------------------------------------------------------------------------------------------
-# Models
+# Model families: each one is a row of data; the functions below run any row
 # ----------------------------------------------------------------------------------------------
 
-def check_model_folder(model_name: str) -> None:
-    """A local model folder must have vae/ and text_encoder/ (hub names are checked when loading)."""
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family, and what that family's pipeline takes from it."""
+
+    subfolder: str  # text_encoder, text_encoder_2, ...
+    tokenizer: str  # the subfolder of its tokenizer
+    model_class: str  # a transformers class
+    tokenizer_class: str
+    max_length: int  # tokens after padding and truncation; 0: the tokenizer's model_max_length
+    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]) or '' (not used)
+    pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
+    mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
+    t5: bool = False  # --t5_max_length and --t5_storage apply
+
+
+@dataclasses.dataclass(frozen=True)
+class TextColumn:
+    """A stored text column: output `what` ('hidden', 'pooled' or 'mask') of the listed encoders,
+    concatenated on the last axis."""
+
+    name: str
+    what: str
+    encoders: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its pipeline classes, text encoders, text columns, and how to read them."""
+
+    name: str
+    pipelines: tuple[str, ...]  # model_index.json `_class_name` values that mean this family
+    encoders: tuple[TextEncoder, ...]
+    columns: tuple[TextColumn, ...]
+    prompt_embeds: str  # the pipeline's encode_prompt outputs in terms of the columns
+    storage: str = ''  # a storage dtype the family's consumer requires ('' : --storage_dtype)
+
+
+def _clip(sub: str, tok: str, cls: str, hidden: str, pooled: str, mask: str = 'no') -> TextEncoder:
+    return TextEncoder(sub, tok, cls, 'CLIPTokenizer', 0, hidden, pooled, mask)
+
+
+def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
+    return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
+
+
+MM = 'caption_'  # the mosaicml consumer's columns are `<caption key>_<name>`
+PROJ = 'CLIPTextModelWithProjection'
+FAMILIES = {f.name: f for f in (
+    Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
+           (TextColumn(CAPTION_COLUMN, 'hidden', (0,)),),
+           'prompt_embeds = caption_latents'),
+    Family('sdxl', ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline'),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', ''),
+            _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds')),
+           (TextColumn(CAPTION_COLUMN, 'hidden', (0, 1)), TextColumn('caption_pooled', 'pooled', (1,))),
+           'prompt_embeds = caption_latents; pooled_prompt_embeds = caption_pooled'),
+    Family('sd3', ('StableDiffusion3Pipeline',),
+           (_clip('text_encoder', 'tokenizer', PROJ, 'penultimate', 'text_embeds'),
+            _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds'),
+            _t5('text_encoder_3', 'tokenizer_3', 256)),
+           (TextColumn('caption_clip_latents', 'hidden', (0, 1)),
+            TextColumn('caption_t5_latents', 'hidden', (2,)),
+            TextColumn('caption_pooled', 'pooled', (0, 1))),
+           'prompt_embeds = cat([pad(caption_clip_latents, (0, t5 width - clip width)), caption_t5_latents], '
+           'dim=-2); pooled_prompt_embeds = caption_pooled'),
+    Family('flux', ('FluxPipeline',),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', '', 'pooler_output'),
+            _t5('text_encoder_2', 'tokenizer_2', 512)),
+           (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
+           'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
+    Family('mosaicml', (),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
+            _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
+           (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
+            TextColumn(MM + 'T5_ATTENTION_MASK', 'mask', (1,)),
+            TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
+            TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
+            TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
+           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns", storage='float16'),
+)}
+STORAGE_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float32': torch.float32}
+CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
+
+
+def read_model_index(model_name: str) -> dict | None:
+    """model_index.json of a pipeline folder or hub name; None for a folder without one."""
+    path = os.path.join(model_name, 'model_index.json')
+    if not os.path.isdir(model_name):
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(model_name, 'model_index.json')
+        except Exception as err:  # guessing the family of a hub model would be a silent mistake
+            raise UserError(f'cannot read model_index.json of {model_name} ({first_line(err)}): check '
+                            f'the name and the network, or pass --family') from None
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise UserError(f'{path} is not valid JSON ({first_line(err)})') from None
+
+
+def pick_family(model_name: str, flag: str) -> Family:
+    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one)."""
+    if flag != 'auto':
+        if flag not in FAMILIES:
+            raise UserError(f'--family {flag}: unknown family; known: auto, {", ".join(FAMILIES)}')
+        return FAMILIES[flag]
+    index = read_model_index(model_name)
+    if index is None:
+        if os.path.isdir(os.path.join(model_name, 'text_encoder_2')):
+            raise UserError(f'{model_name} has no model_index.json to tell its family: pass --family '
+                            f'({", ".join(FAMILIES)})')
+        return FAMILIES['sd']
+    name = index.get('_class_name', '')
+    for family in FAMILIES.values():
+        if name in family.pipelines:
+            return family
+    raise UserError(f'{model_name}/model_index.json names {name!r}, not a pipeline this script knows '
+                    f'({", ".join(p for f in FAMILIES.values() for p in f.pipelines)}); pass --family')
+
+
+def check_model_folder(model_name: str, family: Family) -> None:
+    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family."""
     if os.path.isdir(model_name):
-        for sub in ('vae', 'text_encoder', 'tokenizer'):
+        subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
+        for sub in subs:
             if not os.path.isdir(os.path.join(model_name, sub)):
-                raise UserError(f'model folder {model_name} has no {sub}/ (expected the Stable '
-                                'Diffusion layout: vae/, text_encoder/, tokenizer/)')
+                raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
+                                f'{"/, ".join(subs)}/)')
     elif model_name.startswith(('.', '/', '~')):
         raise UserError(f'--model_name {model_name}: no such folder')
 
@@ -669,36 +829,160 @@ def check_model_name(model_name: str) -> None:
                         'folder') from None
 
 
-def load_tokenizer(model_name: str):
-    from transformers import CLIPTokenizer
+def load_tokenizers(model_name: str, family: Family) -> list:
+    import transformers
 
-    try:
-        return CLIPTokenizer.from_pretrained(model_name, subfolder='tokenizer')
-    except Exception as err:
-        raise UserError(f'cannot load the tokenizer of {model_name}: {first_line(err)}') from None
+    tokenizers = []
+    for enc in family.encoders:
+        try:
+            cls = getattr(transformers, enc.tokenizer_class)
+            tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
+        except Exception as err:
+            raise UserError(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
+                            f'{enc.tokenizer_class}: {first_line(err)}') from None
+    return tokenizers
 
 
-def load_models(model_name: str, device: torch.device, dtype: torch.dtype):
-    """(vae, text_encoder) on `device` in `dtype`, in eval mode."""
+def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[int]:
+    """Tokens per caption for each encoder, as the family's pipeline pads and truncates."""
+    return [(t5_max_length or enc.max_length) if enc.t5 else (enc.max_length or tok.model_max_length)
+            for enc, tok in zip(family.encoders, tokenizers)]
+
+
+def encoder_configs(model_name: str, family: Family) -> list:
+    from transformers import AutoConfig
+
+    configs = []
+    for enc in family.encoders:
+        try:
+            configs.append(AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder))
+        except Exception as err:
+            raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
+                            f'{first_line(err)}') from None
+    return configs
+
+
+def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: list[int]) -> None:
+    """Each tokenizer must fit its encoder: ids inside the embedding table, lengths inside the positions."""
+    for enc, tok, cfg, length in zip(family.encoders, tokenizers, configs, lengths):
+        if len(tok) > cfg.vocab_size:
+            raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
+                            f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
+        positions = getattr(cfg, 'max_position_embeddings', None)
+        if positions is not None and length > positions:
+            raise UserError(f'{enc.tokenizer}/ pads to {length} tokens but {enc.subfolder}/ has only '
+                            f'{positions} positions: the tokenizer does not belong to that text encoder')
+
+
+def width(cfg, what: str) -> int:
+    """Feature size of an encoder's hidden states or pooled vector ('text_embeds' is projected)."""
+    if what == 'text_embeds':
+        return cfg.projection_dim
+    return getattr(cfg, 'hidden_size', None) or cfg.d_model
+
+
+def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
+                      t5_storage: str) -> dict[str, dict]:
+    """{column: its record in the convention}: dtype, shape, and what it holds."""
+    specs: dict[str, dict] = {}
+    for col in family.columns:
+        encs = [family.encoders[i] for i in col.encoders]
+        length = lengths[col.encoders[0]]
+        if col.what == 'mask':
+            specs[col.name] = {'dtype': 'bool', 'shape': [length],
+                               'what': f'{encs[0].tokenizer} attention mask'}
+            continue
+        dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
+                  for i in col.encoders)
+        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
+        spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
+        if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
+            spec.update(shape=['n', dim], length_column=trim_column(col.name),
+                        what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
+        specs[col.name] = spec
+        if 'length_column' in spec:
+            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {col.name}'}
+    return specs
+
+
+def trim_column(name: str) -> str:
+    return name.removesuffix('_latents') + '_length'
+
+
+def vae_convention(model_name: str) -> dict:
+    """The VAE config's latent convention: channels, downsampling, scaling and shift."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
 
-    check_model_folder(model_name)
     try:
-        vae = AutoencoderKL.from_pretrained(model_name, subfolder='vae', torch_dtype=dtype,
-                                            low_cpu_mem_usage=False)
+        cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
     except Exception as err:
-        raise UserError(f'cannot load the VAE (vae/) of {model_name}: {first_line(err)}') from None
+        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {first_line(err)}') from None
+    return {'latent_channels': cfg.get('latent_channels', 4),
+            'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
+            'scaling_factor': cfg.get('scaling_factor', 0.18215),
+            'shift_factor': cfg.get('shift_factor') or 0.0}
+
+
+def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) -> dict:
+    """Everything a consumer needs to read the output without guessing (written as convention.json)."""
+    configs = encoder_configs(args.model_name, family)
+    lengths = token_lengths(family, tokenizers, args.t5_max_length)
+    check_tokenizers(family, tokenizers, configs, lengths)
+    storage = family.storage or args.storage_dtype
+    if family.storage and args.storage_dtype != family.storage:
+        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
+                        f'{family.storage} by its consumer; drop the flag')
+    if args.t5_max_length < 0 or args.text_batch_size < 0:
+        raise UserError('--t5_max_length and --text_batch_size must be 0 (the default) or positive')
+    if args.t5_storage == 'trimmed' and family.name == 'mosaicml':
+        raise UserError('--t5_storage trimmed: the mosaicml layout stays padded, as its consumer expects')
+    vae = vae_convention(args.model_name)
+    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    for r in sorted(args.resolutions):
+        side = r // vae['downsampling']
+        columns[LATENT_COLUMN.format(res=r)] = {
+            'dtype': storage, 'shape': [vae['latent_channels'], side, side],
+            'what': f"(vae {args.latent_mode} - shift_factor) * scaling_factor of the {r}px center square; "
+                    f"b'' when the shorter side is below {r}"}
+    return {
+        'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
+        'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
+                           'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
+                               e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
+                          for e, n, c in zip(family.encoders, lengths, configs)],
+        'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
+        'storage_dtype': storage, 't5_storage': args.t5_storage, 'columns': columns,
+    }
+
+
+def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """One model of the pipeline (the VAE or a text encoder) on `device` in `dtype`, in eval mode."""
+    import transformers
+    from diffusers import AutoencoderKL
+
     try:
-        text_encoder = CLIPTextModel.from_pretrained(model_name, subfolder='text_encoder', dtype=dtype)
+        if class_name == 'AutoencoderKL':
+            model = AutoencoderKL.from_pretrained(model_name, subfolder=subfolder, torch_dtype=dtype,
+                                                  low_cpu_mem_usage=False)
+        else:
+            model = getattr(transformers, class_name).from_pretrained(model_name, subfolder=subfolder,
+                                                                      dtype=dtype)
     except Exception as err:
-        raise UserError(f'cannot load the text encoder (text_encoder/) of {model_name}: '
+        raise UserError(f'cannot load {subfolder}/ of {model_name} as {class_name}: '
                         f'{first_line(err)}') from None
-    vae = vae.to(device).eval()
-    if device.type == 'cuda':
-        vae = vae.to(memory_format=torch.channels_last)
+    model = model.to(device).eval()
+    if device.type == 'cuda' and class_name == 'AutoencoderKL':
+        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    return vae, text_encoder.to(device).eval()
+    return model
+
+
+def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
+    """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
+    check_model_folder(model_name, family)
+    vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
+    return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
 
 
 def latent_shape(vae) -> tuple[int, int]:
@@ -706,26 +990,97 @@ def latent_shape(vae) -> tuple[int, int]:
     return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+class Fallback:
+    """Runs a model; when a reduced-precision model gives NaN or inf, reruns that batch on a float32
+    copy of it (loaded from the folder once) and counts it. An SDXL VAE in float16 is the known case."""
+
+    def __init__(self, model_name: str, family: Family, device: torch.device):
+        self.classes = {'vae': 'AutoencoderKL', **{e.subfolder: e.model_class for e in family.encoders}}
+        self.model_name, self.device = model_name, device
+        self.copies: dict[str, torch.nn.Module] = {}
+
+    def __call__(self, name: str, model: torch.nn.Module, fn, used: list[str]):
+        out = fn(model)
+        if all(bool(torch.isfinite(t).all()) for t in out if t is not None):
+            return out
+        if next(model.parameters()).dtype == torch.float32:
+            raise UserError(f'{name} gives NaN or inf even in float32: the model weights are broken')
+        if name not in self.copies:
+            self.copies[name] = load_module(self.model_name, name, self.classes[name], self.device,
+                                            torch.float32)
+        used.append(name)
+        return fn(self.copies[name])
+
+
+def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor:
+    """`t` in the storage dtype, ready to leave the GPU (bfloat16 travels as its raw 16 bits)."""
+    out = t.to(storage)
+    if storage == torch.float16 and not bool(torch.isfinite(out).all()):
+        raise UserError(f'{name} overflows float16 storage: rerun with --storage_dtype bfloat16 or float32')
+    return out.view(torch.int16) if storage == torch.bfloat16 else out
+
+
 @torch.inference_mode()
-def encode_batch(batch: dict[str, Any], vae, text_encoder, resolutions: list[int], device: torch.device,
-                 dtype: torch.dtype, latent_mode: str) -> dict[str, torch.Tensor]:
-    """float16 latents on the CPU (copies may still be in flight on a GPU: sync before reading)."""
-    out: dict[str, torch.Tensor] = {}
+def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
+                device: torch.device, chunk: int, fallback: Fallback,
+                used: list[str]) -> dict[str, torch.Tensor]:
+    """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions)."""
+    outputs = []
+    for enc, model, (ids, mask) in zip(family.encoders, encoders, tokens):
+        use_mask = enc.mask == 'yes' or (
+            enc.mask == 'config' and getattr(model.config, 'use_attention_mask', False))
+
+        def run(m, enc=enc, use_mask=use_mask, ids=ids, mask=mask):
+            parts = []
+            for s in range(0, len(ids), chunk):
+                i, a = ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)
+                res = m(i, attention_mask=a if use_mask else None,
+                        output_hidden_states=enc.hidden == 'penultimate')
+                hidden = (res.last_hidden_state if enc.hidden == 'last' else
+                          res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
+                parts.append((hidden, getattr(res, enc.pooled) if enc.pooled else None))
+            return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
+
+        hidden, pooled = fallback(enc.subfolder, model, run, used)
+        outputs.append({'hidden': hidden, 'pooled': pooled, 'mask': mask.to(device).bool()})
+    return {col.name: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
+            for col in family.columns}
+
+
+@torch.inference_mode()
+def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
+                 device: torch.device, storage: torch.dtype, latent_mode: str, text_chunk: int,
+                 fallback: Fallback) -> dict[str, Any]:
+    """Stored columns on the CPU (copies may still be in flight on a GPU: sync before reading), plus
+    `_fallback`: the models that needed a float32 rerun for this batch."""
+    vae, encoders = models
+    used: list[str] = []
+    out: dict[str, Any] = {}
     if batch['tokens'] is not None:
-        tokens = batch['tokens'].to(device, non_blocking=True)
-        hidden = text_encoder(tokens).last_hidden_state
-        out[CAPTION_COLUMN] = hidden.to(torch.float16).to('cpu', non_blocking=True)
+        text = encode_text(batch['tokens'], family, encoders, device, text_chunk, fallback, used)
+        for name, t in text.items():
+            t = t if t.dtype == torch.bool else to_storage(t, storage, name)
+            out[name] = t.to('cpu', non_blocking=True)
+        out['_lengths'] = [m.sum(1) for _, m in batch['tokens']]
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     for r in resolutions:
         px = batch[f'pixels_{r}']
         if px is None:
             continue
-        x = px.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
-        dist_ = vae.encode(x).latent_dist
-        z = dist_.mean.float()
+
+        def run(m, px=px, r=r):
+            x = px.to(device, non_blocking=True).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1
+            d = m.encode(x).latent_dist
+            return d.mean.float(), d.std.float()
+
+        mean, std = fallback('vae', vae, run, used)
+        z = mean
         if latent_mode == 'sample':
-            z = z + dist_.std.float() * batch[f'noise_{r}'].to(device, non_blocking=True)
-        z = z * vae.config.scaling_factor
-        out[LATENT_COLUMN.format(res=r)] = z.to(torch.float16).to('cpu', non_blocking=True)
+            z = z + std * batch[f'noise_{r}'].to(device, non_blocking=True)
+        z = (z - shift) * scale if shift else z * scale
+        name = LATENT_COLUMN.format(res=r)
+        out[name] = to_storage(z, storage, name).to('cpu', non_blocking=True)
+    out['_fallback'] = used
     return out
 
 
@@ -737,8 +1092,10 @@ class PartWriter(threading.Thread):
     """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
 
     def __init__(self, out_root: str, staging: str, columns: dict[str, str], resolutions: list[int],
-                 settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args):
+                 settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
+                 text_columns: list[tuple[str, str, int]]):
         super().__init__(daemon=True)
+        self.text_columns = text_columns  # (column, its length column or '' when padded, encoder index)
         self.out_root, self.staging, self.columns = out_root, staging, columns
         self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
         self.evict, self.args = evict, args
@@ -777,21 +1134,31 @@ class PartWriter(threading.Thread):
                                 size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
-                      'rank': int(os.environ.get('RANK', 0)), 'started': time.time()}
+                      'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
+                      'started': time.time()}
 
     def write_batch(self, batch: dict[str, Any], latents: dict[str, np.ndarray]) -> None:
         per_res = {r: dict(zip(batch[f'rows_{r}'], latents.get(LATENT_COLUMN.format(res=r), [])))
                    for r in self.resolutions}
         for row, sample in enumerate(batch['samples']):
             out = dict(sample)
-            out[CAPTION_COLUMN] = latents[CAPTION_COLUMN][row].tobytes()
+            for name, length_column, enc in self.text_columns:
+                value = latents[name][row]
+                if length_column:  # store the first n token states only
+                    n = int(latents['_lengths'][enc][row])
+                    out[length_column], value = n, value[:n]
+                out[name] = value.tobytes()
             for r in self.resolutions:
                 lat = per_res[r].get(row)
                 out[LATENT_COLUMN.format(res=r)] = b'' if lat is None else lat.tobytes()
                 self.stats['encoded'][str(r)] += lat is not None
             self.writer.write(out)
+            self.stats['latent_bytes'] += sum(len(v) if isinstance(v, bytes) else 4
+                                              for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
         self.stats['skipped'] += batch['skipped']
+        for name in latents['_fallback']:
+            self.stats['fp32_fallback'][name] = self.stats['fp32_fallback'].get(name, 0) + 1
 
     def close_part(self, part: Part) -> None:
         try:
@@ -819,7 +1186,7 @@ class PartWriter(threading.Thread):
                 batch, latents, event = item
                 if event is not None:
                     event.synchronize()
-                latents = {k: v.numpy() for k, v in latents.items()}
+                latents = {k: v if k.startswith('_') else v.numpy() for k, v in latents.items()}
                 part = self.parts[batch['job'].part]
                 if batch['job'].first:
                     self.open_part(part)
@@ -937,34 +1304,49 @@ def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype
 def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_args(args)
-    check_model_folder(args.model_name)
     check_model_name(args.model_name)
+    family = pick_family(args.model_name, args.family)
+    check_model_folder(args.model_name, family)
     pl = places(args)
     src, cache_dir, out_root = pl.src, pl.cache, pl.out
     shards = read_input_index(src, cache_dir, args.download_timeout)
     columns = input_columns(shards, src)
-    new_columns = [CAPTION_COLUMN] + [LATENT_COLUMN.format(res=r) for r in args.resolutions]
+    convention = make_convention(args, family, load_tokenizers(args.model_name, family))
+    new_columns = convention['columns']
     clash = [c for c in new_columns if c in columns]
     if clash:
         raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
-    columns.update({c: 'bytes' for c in new_columns})
-    load_tokenizer(args.model_name)
+    columns.update({c: 'int32' if s['dtype'] == 'int32' else 'bytes' for c, s in new_columns.items()})
     parts = plan_parts(shards, args.part_size)
     settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
                 'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
                 'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
                 'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
                 'input_index': index_digest(shards)}
+    settings['convention'] = convention  # last: a flag that differs is named before the record it changes
     markers = done_markers(out_root, parts, args.download_timeout)
     for part_name, marker in markers.items():
-        differ = {k: (marker.get('settings', {}).get(k), v) for k, v in settings.items()
-                  if marker.get('settings', {}).get(k) != v}
+        differ = first_difference(marker.get('settings', {}), settings)
         if differ:
-            k, (old, new) = next(iter(differ.items()))
-            raise UserError(f'{out_root}/{part_name} was written with {k}={old!r}, this run has {new!r}: '
+            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
+            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
     return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
+
+
+def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first leaf where two settings records differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k, v in new.items():
+            found = first_difference(old.get(k), v, f'{path}.{k}' if path else k)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
+        return next(first_difference(a, b, f'{path}[{i}]')
+                    for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    return None if old == new else (path, old, new)
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
@@ -1007,8 +1389,13 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
-    vae, text_encoder = load_models(args.model_name, device, dtype)
-    tokenizer = load_tokenizer(args.model_name)
+    convention = plan.settings['convention']
+    family = FAMILIES[convention['family']]
+    models = load_models(args.model_name, family, device, dtype)
+    tokenizers = load_tokenizers(args.model_name, family)
+    text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
+                    for c in family.columns]
+    storage, fallback = STORAGE_DTYPES[convention['storage_dtype']], Fallback(args.model_name, family, device)
     remote = plan.src if plan.src != plan.cache_dir else None
     cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
     if remote is not None:
@@ -1017,8 +1404,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
         if dist.is_initialized():
             dist.barrier()  # no rank downloads before its machine's cache is emptied
     jobs = make_jobs(mine, args.batch_size)
-    reader = BatchReader(jobs, cache, tokenizer, args.resolutions, latent_shape(vae), args.latent_mode,
-                         args.seed, args.caption_drop_prob)
+    reader = BatchReader(jobs, cache, tokenizers, [e['tokens'] for e in convention['text_encoders']],
+                         args.resolutions, latent_shape(models[0]), args.latent_mode, args.seed,
+                         args.caption_drop_prob)
     workers = default_workers(args)
     if device.type == 'cpu':
         torch.set_num_threads(cpu_threads(args, workers))
@@ -1029,7 +1417,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     staging = os.path.join(places(args).staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
     writer = PartWriter(plan.out_root, staging, plan.columns, sorted(args.resolutions), plan.settings,
-                        cache, {p.name: p for p in mine}, evict=remote is not None, args=args)
+                        cache, {p.name: p for p in mine}, evict=remote is not None, args=args,
+                        text_columns=text_columns)
     prefetcher = Prefetcher(mine, cache, writer)
     batches = iter(loader)  # fork the workers before any thread of ours runs
     writer.start()
@@ -1042,8 +1431,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
         for batch in batches:
-            latents = encode_batch(batch, vae, text_encoder, sorted(args.resolutions), device, dtype,
-                                   args.latent_mode)
+            latents = encode_batch(batch, models, family, sorted(args.resolutions), device, storage,
+                                   args.latent_mode, args.text_batch_size or args.batch_size, fallback)
             event = None
             if device.type == 'cuda':
                 event = torch.cuda.Event()
@@ -1100,9 +1489,10 @@ def quiet_logging():
 
 
 def merge_parts(plan: Plan, staging: str) -> None:
-    """Rank 0: one index.json at the output root over every part, in part order."""
+    """Rank 0: convention.json, then one index.json at the output root over every part, in part order."""
     from streaming.base.util import merge_index
 
+    put_text(plan.out_root, staging, CONVENTION, json.dumps(plan.settings['convention'], indent=1))
     urls = [join(plan.out_root, p.name, INDEX) for p in plan.parts]
     if is_remote(plan.out_root):
         out = (os.path.join(staging, 'merged'), plan.out_root)
@@ -1126,9 +1516,17 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
+    written = sum(m['written'] for m in markers.values())
+    fallback: dict[str, int] = {}
+    for m in markers.values():
+        for name, n in m.get('fp32_fallback', {}).items():
+            fallback[name] = fallback.get(name, 0) + n
     return {
         'input': plan.src, 'output': plan.out_root, 'input_samples': plan.settings['input_samples'],
-        'written': sum(m['written'] for m in markers.values()), 'skipped': len(skipped),
+        'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
+        'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
+                                         / max(written, 1), 1),
+        'fp32_fallback_batches': fallback,
         'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
         'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
@@ -1146,7 +1544,8 @@ def report(summary: dict, path: str) -> None:
     lines = [
         f'input   {summary["input"]}: {summary["input_samples"]} samples',
         f'output  {summary["output"]}: {summary["written"]} samples written, {summary["skipped"]} skipped',
-        'latents ' + ', '.join(f'{r}px: {n}' for r, n in summary['encoded'].items()),
+        'latents ' + ', '.join(f'{r}px: {n}' for r, n in summary['encoded'].items())
+        + f'; family {summary["family"]}, {summary["latent_bytes_per_sample"]:.0f} bytes/sample added',
         f'parts   {summary["parts"]} ({summary["parts_this_run"]} this run, {summary["parts_before"]} '
         f'done before), world size {summary["world_size"]}',
         f'speed   rank 0: {summary["samples_this_run_rank0"]} samples in {summary["seconds_rank0"]:.1f} s '
@@ -1154,6 +1553,9 @@ def report(summary: dict, path: str) -> None:
         + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
            if summary['steady_samples_per_s_rank0'] else ')'),
     ]
+    for name, n in summary['fp32_fallback_batches'].items():
+        lines.append(f'float32 {name} gave NaN/inf in {summary["settings"]["dtype"]} for {n} batch(es): '
+                     'those batches were re-encoded in float32')
     for s in summary['skipped_samples'][:10]:
         lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')
     if summary['skipped'] > 10:

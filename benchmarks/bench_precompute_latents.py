@@ -39,10 +39,13 @@ sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
 
 from testbed.corpus import make_jpeg  # noqa: E402
+from testbed.families import build_tiny_family  # noqa: E402
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input  # noqa: E402
 from testbed.models import build_tiny_sd, write_clip_tokenizer  # noqa: E402
 
 import precompute_latents as pl  # noqa: E402
+
+SD = pl.FAMILIES['sd']
 
 # Shorter-side ranges of the generated images per --bucket (the longer side is up to 4/3 of it).
 SIDES = {'mixed': (300, 900), '256-512': (256, 511), '512+': (512, 900)}
@@ -67,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512], help='resolutions')
     p.add_argument('--peak_tflops', type=float, default=0, help='peak for MFU; 0: from the GPU name')
     p.add_argument('--work_dir', default='', help='where inputs and outputs go (default: a temp dir)')
+    p.add_argument('--families', nargs='*', default=None,
+                   help="per family end to end instead of the SD-2 breakdown: e.g. 'sd sdxl sd3 flux "
+                        "mosaicml', or none listed for all")
     return p.parse_args()
 
 
@@ -169,8 +175,9 @@ def published_preprocess(data: bytes) -> list[torch.Tensor]:
 def published_item(reader: pl.BatchReader, sample_id: int) -> None:
     """The published dataset's __getitem__: read the sample, tokenize its caption alone, preprocess."""
     sample = reader.cache.get(sample_id)
-    torch.tensor(reader.tokenizer(sample['caption'], padding='max_length', truncation=True,
-                                  max_length=reader.tokenizer.model_max_length)['input_ids'])
+    tokenizer = reader.tokenizers[0]
+    torch.tensor(tokenizer(sample['caption'], padding='max_length', truncation=True,
+                           max_length=tokenizer.model_max_length)['input_ids'])
     published_preprocess(sample['jpg'])
 
 
@@ -202,8 +209,10 @@ def make_reader(mds: Path, model: Path, args, vae) -> pl.BatchReader:
     shards = pl.read_input_index(str(mds), str(mds), 60)
     parts = pl.plan_parts(shards, 10**9)
     cache = pl.ShardCache(shards, None, str(mds), 60, 1)
-    return pl.BatchReader(pl.make_jobs(parts, args.batch_size), cache, pl.load_tokenizer(str(model)),
-                          args.resolutions, pl.latent_shape(vae), 'sample', 0, 0.0)
+    tokenizers = pl.load_tokenizers(str(model), SD)
+    return pl.BatchReader(pl.make_jobs(parts, args.batch_size), cache, tokenizers,
+                          pl.token_lengths(SD, tokenizers, 0), args.resolutions, pl.latent_shape(vae),
+                          'sample', 0, 0.0)
 
 
 def loader_alone(reader: pl.BatchReader, workers: int, keep: int = 64) -> tuple[float, list[dict]]:
@@ -227,13 +236,19 @@ def model_alone(batches: list[dict], vae, te, device, dtype, resolutions, min_se
     if device.type == 'cuda':
         batches = [{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
                    for b in batches]
-    pl.encode_batch(batches[0], vae, te, resolutions, device, dtype, 'sample')  # warm-up
+    fallback = pl.Fallback('', SD, device)
+
+    def encode(b: dict) -> None:
+        pl.encode_batch(b, (vae, [te]), SD, resolutions, device, torch.float16, 'sample', len(b['samples']),
+                        fallback)
+
+    encode(batches[0])  # warm-up
     if device.type == 'cuda':
         torch.cuda.synchronize()
     n, t = 0, time.perf_counter()
     while True:
         for b in batches:
-            pl.encode_batch(b, vae, te, resolutions, device, dtype, 'sample')
+            encode(b)
             n += len(b['samples'])
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -241,14 +256,14 @@ def model_alone(batches: list[dict], vae, te, device, dtype, resolutions, min_se
             return n / (time.perf_counter() - t)
 
 
-def end_to_end(mds: Path, model: Path, work: Path, args) -> dict:
+def end_to_end(mds: Path, model: Path, work: Path, args, *extra: str) -> dict:
     """The script as a user runs it; its own rate excludes start-up (model loading, workers)."""
     summary = work / 'e2e_summary.json'
     cmd = [sys.executable, str(ROOT / 'precompute_latents.py'), '--remote_download', str(mds.parent),
            '--bucket', mds.name, '--local', str(work / 'e2e_cache'), '--remote_upload', str(work / 'e2e_out'),
            '--model_name', str(model), '--batch-size', str(args.batch_size), '--device', args.device,
            '--num_workers', str(args.workers), '--resolutions', *map(str, args.resolutions),
-           '--summary', str(summary)]
+           '--summary', str(summary), *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -268,6 +283,56 @@ def peak_flops(args, device: torch.device) -> float:
     return next((v for k, v in PEAK.items() if k in name), 0.0)
 
 
+def family_model(work: Path, family: str, full_size: bool) -> Path:
+    """A model folder of the family: the test bed's tiny one, or full-size shapes with random weights."""
+    if family == 'sd':
+        return build_full_size_sd2(work / 'sd-model') if full_size else build_tiny_sd(work / 'sd-model')
+    layout = 'flux' if family == 'mosaicml' else family  # the mosaicml recipe reads a FLUX-layout folder
+    return build_tiny_family(work / f'{family}-model', layout, full_size=full_size)
+
+
+def family_flops(model: Path, family: pl.Family, device: torch.device, dtype: torch.dtype,
+                 shares: dict[int, float]) -> float:
+    """Forward FLOPs per sample of every text encoder at its token length, plus the VAE encoder at each
+    resolution weighted by the share of samples that reach it (torch's FLOP counter, batch of 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae, encoders = pl.load_models(str(model), family, device, dtype)
+    lengths = pl.token_lengths(family, pl.load_tokenizers(str(model), family), 0)
+    total = 0.0
+    with torch.inference_mode():
+        for enc, n in zip(encoders, lengths):
+            with FlopCounterMode(display=False) as counter:
+                enc(torch.zeros(1, n, dtype=torch.long, device=device))
+            total += counter.get_total_flops()
+        for res, share in shares.items():
+            if share:
+                with FlopCounterMode(display=False) as counter:
+                    vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=dtype))
+                total += share * counter.get_total_flops()
+    return total
+
+
+def bench_families(args, work: Path, mds: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """End to end per family: samples/s after the first batch, bytes stored per sample, MFU on a GPU."""
+    names = args.families or list(pl.FAMILIES)
+    peak = peak_flops(args, device)
+    print(f'{"family":<10} {"samples/s":>10} {"bytes/sample":>13} {"GFLOP/sample":>13} {"MFU":>7}  wall')
+    for name in names:
+        model = family_model(work, name, args.full_size)
+        run_dir = work / f'run-{name}'
+        run_dir.mkdir(exist_ok=True)
+        e2e = end_to_end(mds, model, run_dir, args, '--family', name)
+        rate = e2e['steady_samples_per_s_rank0'] or e2e['samples_per_s_rank0']
+        shares = {int(r): n / max(e2e['written'], 1) for r, n in e2e['encoded'].items()}
+        flops = family_flops(model, pl.FAMILIES[name], device, dtype, shares)
+        mfu = f'{flops * rate / peak:.1%}' if peak else 'n/a'
+        print(f'{name:<10} {rate:>10.1f} {e2e["latent_bytes_per_sample"]:>13.0f} {flops / 1e9:>13.1f} '
+              f'{mfu:>7}  {e2e["wall"]:.0f} s', flush=True)
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     args = parse_args()
     os.environ.update({'NO_ALBUMENTATIONS_UPDATE': '1', 'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'disabled'})
@@ -282,11 +347,16 @@ def main() -> None:
     images = make_images(max(args.distinct, args.per_core_images), args.bucket, args.target_kb)
     mean_kb = np.mean([len(d) for d in images]) / 1e3
     mds = build_input(work / 'mds', images[:args.distinct], args.samples) / UNBUCKETED
+    if args.families is not None:
+        print(f'device {device}, {"full-size random" if args.full_size else "tiny test bed"} models, '
+              f'batch {args.batch_size}, {args.samples} samples, resolutions {args.resolutions}')
+        bench_families(args, work, mds, device, dtype)
+        return
     if args.full_size:
         model = build_full_size_sd2(work / 'sd2-random')
     else:
         model = build_tiny_sd(work / 'tiny-sd')
-    vae, te = pl.load_models(str(model), device, dtype)
+    vae, (te,) = pl.load_models(str(model), SD, device, dtype)
 
     image_rates = interleaved_rates({'ours': ours_preprocess, 'published': published_preprocess},
                                     images[:args.per_core_images], count=lambda _: 1)

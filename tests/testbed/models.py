@@ -40,7 +40,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_clip_tokenizer(folder: Path) -> Path:
+def write_clip_tokenizer(folder: Path, pad_token: str = '!') -> Path:
     """vocab.json + merges.txt + configs for transformers' CLIPTokenizer, from open_clip's BPE file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def write_clip_tokenizer(folder: Path) -> Path:
     (folder / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
     from transformers import CLIPTokenizer
-    tok = CLIPTokenizer(str(folder / 'vocab.json'), str(folder / 'merges.txt'), pad_token='!',
+    tok = CLIPTokenizer(str(folder / 'vocab.json'), str(folder / 'merges.txt'), pad_token=pad_token,
                         model_max_length=MAX_LENGTH)
     tok.save_pretrained(folder)
     return folder

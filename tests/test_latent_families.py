@@ -1,0 +1,279 @@
+"""precompute_latents.py for each model family: the stored columns equal what diffusers' own pipeline of
+that family computes (`encode_prompt`, and the VAE with its scaling and shift), the output says how it
+was made (convention.json), and resuming, torchrun and bad input behave as for SD-2.
+
+Model folders are tiny but real (tests/testbed/families.py), built once for this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_precompute_latents import markers, ok, one_line_error, one_thread, reference_pixels, run
+from testbed.corpus import make_jpeg
+from testbed.families import build_tiny_family, pipeline_of, write_t5
+from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
+from testbed.readback import read_mds
+
+CAPTIONS = ['a photo of a red cat', '', 'big old house on the beach at sunset with people ' * 12,
+            'painting of a city street at night', 'a dog', 'tree 42']
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp('families')
+    return {f: build_tiny_family(root / f, f, seed=i) for i, f in enumerate(('sdxl', 'sd3', 'flux'))}
+
+
+def family_rows(n: int = 6) -> list[dict]:
+    """Photo-like JPEGs with shorter sides 64-140 px (some below 128), captions long, short and empty."""
+    rows = []
+    for i in range(n):
+        s = (64, 100, 140)[i % 3]
+        rows.append(make_row(i, make_jpeg(s + 9 * i, s, seed=50 + i), f'f{i}.jpg', caption=CAPTIONS[i % 6]))
+    return rows
+
+
+@pytest.fixture(scope='module')
+def family_input(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp('family-input')
+    write_mds_input(str(folder), family_rows(), bucketed=False, size_limit=1 << 14)
+    return folder
+
+
+def args_for(data: Path, model: Path, out: Path | None, tmp: Path, *extra) -> list:
+    """The command line of one run (without --local and --remote_upload when `out` is None)."""
+    where = ['--local', tmp / 'cache', '--remote_upload', out] if out else []
+    return ['--remote_download', data, '--bucket', UNBUCKETED, *where, '--model_name', model,
+            '--resolutions', 64, 128, '--batch-size', 4, '--part_size', 3, '--num_workers', 1,
+            '--summary', tmp / 'summary.json', *extra]
+
+
+def read_back(blob: bytes, spec: dict) -> np.ndarray:
+    """A column as the README's read-back snippet reads it (bfloat16: raw 16 bits, widened)."""
+    if spec['dtype'] == 'bfloat16':
+        arr = (np.frombuffer(blob, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        arr = np.frombuffer(blob, np.dtype(spec['dtype']))
+    return arr.reshape([-1 if d == 'n' else d for d in spec['shape']]).astype(np.float32)
+
+
+def pipeline_text(folder: Path, family: str, captions: list[str]) -> dict[str, np.ndarray]:
+    """prompt_embeds and pooled_prompt_embeds from diffusers' pipeline of the family."""
+    pipe = pipeline_of(folder, family)
+    with torch.inference_mode(), one_thread():
+        if family == 'flux':
+            embeds, pooled, _ = pipe.encode_prompt(captions, device='cpu')
+        else:
+            extra = [None] if family == 'sd3' else []
+            out = pipe.encode_prompt(captions, None, *extra, device='cpu', do_classifier_free_guidance=False)
+            embeds, pooled = out[0], out[2]
+    return {'prompt_embeds': embeds.numpy(), 'pooled_prompt_embeds': pooled.numpy()}
+
+
+def assemble(sample: dict, columns: dict, family: str) -> dict[str, np.ndarray]:
+    """The pipeline's outputs from the stored columns, as the README documents for each family."""
+    col = {k: read_back(sample[k], s) for k, s in columns.items() if s['dtype'] != 'int32' and sample[k]}
+    if family == 'sd3':
+        clip, t5 = col['caption_clip_latents'], col['caption_t5_latents']
+        clip = np.pad(clip, ((0, 0), (0, t5.shape[1] - clip.shape[1])))
+        return {'prompt_embeds': np.concatenate([clip, t5]), 'pooled_prompt_embeds': col['caption_pooled']}
+    key = 'caption_latents' if family == 'sdxl' else 'caption_t5_latents'
+    return {'prompt_embeds': col[key], 'pooled_prompt_embeds': col['caption_pooled']}
+
+
+@pytest.mark.parametrize('family', ['sdxl', 'sd3', 'flux'])
+def test_stored_columns_equal_the_family_pipeline(family, root, folders, family_input, tmp_path):
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / 'out'
+    ok(run(root, *args_for(family_input, folders[family], out, tmp_path, '--latent_mode', 'mean',
+                           '--storage_dtype', 'float32', '--dtype', 'float32', '--text_batch_size', 3)))
+    got = read_mds(str(out / UNBUCKETED))
+    convention = json.loads((out / UNBUCKETED / 'convention.json').read_text())
+    assert convention['family'] == family and convention['storage_dtype'] == 'float32'
+    columns = convention['columns']
+
+    # Text: what diffusers' own encode_prompt computes for the same captions.
+    want = pipeline_text(folders[family], family, [s['caption'] for s in got])
+    for i, sample in enumerate(got):
+        mine = assemble(sample, columns, family)
+        for k in want:
+            np.testing.assert_allclose(mine[k], want[k][i], atol=1e-5, rtol=1e-5, err_msg=f'{family} {k} {i}')
+
+    # Image latents: (mean - shift) * scale of the VAE, with 16 channels where the family has them; b''
+    # below a resolution.
+    vae = AutoencoderKL.from_pretrained(folders[family], subfolder='vae').eval()
+    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    image = convention['image_latents']
+    assert (image['scaling_factor'], image['shift_factor']) == (scale, shift)
+    assert image['latent_mode'] == 'mean' and image['scaled']
+    assert columns['latents_64']['shape'] == [16 if family != 'sdxl' else 4, 8, 8]
+    with torch.inference_mode(), one_thread():
+        for sample in got:
+            short = min(sample['width'], sample['height'])
+            assert (sample['latents_128'] == b'') == (short < 128)
+            for res in [r for r in (64, 128) if r <= short]:
+                x = reference_pixels(sample['jpg'], res, [64, 128])
+                ref = ((vae.encode(x).latent_dist.mean - shift) * scale)[0].numpy()
+                lat = read_back(sample[f'latents_{res}'], columns[f'latents_{res}'])
+                np.testing.assert_allclose(lat, ref, atol=1e-4, rtol=1e-4)
+
+    # The summary states the bytes each sample gained, which the convention's shapes predict.
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    per_sample = sum(len(s[c]) for s in got for c in columns) / len(got)
+    assert summary['family'] == family and summary['latent_bytes_per_sample'] == round(per_sample, 1)
+
+
+def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input, tmp_path):
+    """mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads `<caption key>_T5_LATENTS` and
+    `_CLIP_LATENTS` as float16 (seq, width), `_T5_ATTENTION_MASK` and `_CLIP_ATTENTION_MASK` as numpy
+    bools, `_CLIP_POOLED_TEXT` as float16 (width,): the T5 encoder run with its mask, CLIP-L's penultimate
+    hidden state and pooled output run with its mask, all padded to the tokenizer's length."""
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    flux = folders['flux']
+    out = tmp_path / 'out'
+    ok(run(root, *args_for(family_input, flux, out, tmp_path, '--family', 'mosaicml', '--dtype', 'float32')))
+    got = read_mds(str(out / UNBUCKETED))
+    clip = CLIPTextModel.from_pretrained(flux, subfolder='text_encoder').eval()
+    clip_tok = CLIPTokenizer.from_pretrained(flux, subfolder='tokenizer')
+    t5 = T5EncoderModel.from_pretrained(flux, subfolder='text_encoder_2').eval()
+    t5_tok = T5TokenizerFast.from_pretrained(flux, subfolder='tokenizer_2')
+    with torch.inference_mode(), one_thread():
+        for s in got:
+            t5_in = t5_tok(s['caption'], padding='max_length', max_length=512, truncation=True,
+                           return_tensors='pt')
+            clip_in = clip_tok(s['caption'], padding='max_length', max_length=77, truncation=True,
+                               return_tensors='pt')
+            t5_mask = np.frombuffer(s['caption_T5_ATTENTION_MASK'], dtype=np.bool_)
+            clip_mask = np.frombuffer(s['caption_CLIP_ATTENTION_MASK'], dtype=np.bool_)
+            assert (t5_mask == t5_in.attention_mask[0].bool().numpy()).all() and t5_mask.shape == (512,)
+            assert (clip_mask == clip_in.attention_mask[0].bool().numpy()).all() and clip_mask.shape == (77,)
+            t5_lat = np.frombuffer(s['caption_T5_LATENTS'], dtype=np.float16).reshape(512, t5.config.d_model)
+            want = t5(t5_in.input_ids, attention_mask=t5_in.attention_mask)[0][0].numpy()
+            np.testing.assert_allclose(t5_lat.astype(np.float32), want, atol=2e-3, rtol=2e-3)
+            res = clip(clip_in.input_ids, attention_mask=clip_in.attention_mask, output_hidden_states=True)
+            clip_lat = np.frombuffer(s['caption_CLIP_LATENTS'], dtype=np.float16).reshape(77, 32)
+            np.testing.assert_allclose(clip_lat.astype(np.float32), res.hidden_states[-2][0].numpy(),
+                                       atol=2e-3, rtol=2e-3)
+            pooled = np.frombuffer(s['caption_CLIP_POOLED_TEXT'], dtype=np.float16).reshape(32)
+            np.testing.assert_allclose(pooled.astype(np.float32), res.pooler_output[0].numpy(),
+                                       atol=2e-3, rtol=2e-3)
+    # Its consumer reads float16: another storage dtype is refused.
+    proc = run(root, *args_for(family_input, flux, tmp_path / 'o2', tmp_path, '--family', 'mosaicml',
+                               '--storage_dtype', 'float32'))
+    assert 'mosaicml layout is read as float16' in one_line_error(proc)
+
+
+def test_trimmed_t5_killed_and_resumed_on_two_ranks_equals_an_uninterrupted_run(root, folders, tmp_path):
+    rows = family_rows(18)
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 13)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    common = args_for(tmp_path / 'mds', folders['flux'], None, tmp_path, '--t5_storage', 'trimmed',
+                      '--storage_dtype', 'bfloat16', '--seed', 3, '--batch-size', 2)
+    ok(run(root, *common, '--local', tmp_path / 'c1', '--remote_upload', tmp_path / 'ref', env=env))
+
+    out = tmp_path / 'out' / UNBUCKETED
+    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, common),
+           '--local', str(tmp_path / 'c2'), '--remote_upload', str(tmp_path / 'out')]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not markers(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(markers(out)) < 6
+    ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out', env=env,
+           torchrun=2))
+    ref, got = read_mds(str(tmp_path / 'ref' / UNBUCKETED)), read_mds(str(out))
+    assert [s['key'] for s in got] == [r['key'] for r in rows]  # each sample once, in order
+    assert ref == got
+    assert {json.loads(Path(m).read_text())['rank'] for m in markers(out)} == {0, 1}
+
+    # Trimmed T5 rows: n = the caption's tokens (with </s>); padded again with zeros on read-back, the
+    # first n rows are the pipeline's.
+    columns = json.loads((out / 'convention.json').read_text())['columns']
+    assert columns['caption_t5_latents']['shape'][0] == 'n'
+    want = pipeline_text(folders['flux'], 'flux', [s['caption'] for s in got])
+    for i, s in enumerate(got):
+        n = s['caption_t5_length']
+        t5 = read_back(s['caption_t5_latents'], columns['caption_t5_latents'])
+        assert t5.shape[0] == n < 512 and n >= 1
+        padded = np.zeros((512, t5.shape[1]), np.float32)
+        padded[:n] = t5
+        np.testing.assert_allclose(padded[:n], want['prompt_embeds'][i][:n], atol=3e-2, rtol=1e-2)
+    assert len(got[1]['caption_t5_latents']) < len(got[2]['caption_t5_latents'])  # '' vs a long caption
+
+    # Resuming into it with another convention is refused in one line.
+    proc = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
+               '--storage_dtype', 'float16', env=env)
+    assert 'storage_dtype' in one_line_error(proc)
+
+
+def linked(src: Path, dst: Path, skip: set[str]) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name not in skip:
+            (dst / p.name).symlink_to(p)
+    return dst
+
+
+@pytest.mark.parametrize('case, phrase', [
+    ('unknown_family', '--family sd4: unknown family'),
+    ('no_text_encoder_2', 'has no text_encoder_2/'),
+    ('no_model_index', 'pass --family'),
+    ('unknown_pipeline', "names 'KandinskyPipeline'"),
+    ('tokenizer_mismatch', 'does not belong to that text encoder'),
+])
+def test_family_errors_are_one_line(case, phrase, root, folders, family_input, tmp_path):
+    flux, extra = folders['flux'], []
+    if case == 'unknown_family':
+        model, extra = flux, ['--family', 'sd4']
+    elif case == 'no_text_encoder_2':
+        model = linked(flux, tmp_path / 'm', {'text_encoder_2'})
+    elif case == 'no_model_index':
+        model = linked(flux, tmp_path / 'm', {'model_index.json'})
+    elif case == 'unknown_pipeline':
+        model = linked(flux, tmp_path / 'm', {'model_index.json'})
+        (model / 'model_index.json').write_text(json.dumps({'_class_name': 'KandinskyPipeline'}))
+    else:  # a T5 whose embedding table is smaller than its tokenizer's vocabulary
+        model = linked(flux, tmp_path / 'm', {'text_encoder_2'})
+        write_t5(model / 'text_encoder_2', 50)
+    proc = run(root, *args_for(family_input, model, tmp_path / 'out', tmp_path, *extra))
+    assert phrase in one_line_error(proc)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_vae_overflowing_in_float16_falls_back_to_float32_and_is_counted(root, folders, family_input,
+                                                                         tmp_path):
+    """An SDXL VAE gives NaN in float16; here one whose first convolution overflows float16 stands in."""
+    from diffusers import AutoencoderKL
+
+    model = linked(folders['sdxl'], tmp_path / 'm', {'vae'})
+    vae = AutoencoderKL.from_pretrained(folders['sdxl'], subfolder='vae').eval()
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e6)  # weights beyond float16's range: inf, then NaN
+    vae.save_pretrained(model / 'vae')
+    proc = ok(run(root, *args_for(family_input, model, tmp_path / 'out', tmp_path, '--dtype', 'float16',
+                                  '--device', 'cpu', '--latent_mode', 'mean')))
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    # Two parts of one batch each, both with 64 and 128 px images: four VAE batches, all re-encoded.
+    assert summary['fp32_fallback_batches'] == {'vae': 4} and 'float32 vae' in proc.stdout
+    got = read_mds(str(tmp_path / 'out' / UNBUCKETED))
+    with torch.inference_mode(), one_thread():
+        for s in got:
+            x = reference_pixels(s['jpg'], 64, [64, 128])
+            want = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].numpy()
+            lat = np.frombuffer(s['latents_64'], np.float16).reshape(want.shape).astype(np.float32)
+            np.testing.assert_allclose(lat, want, atol=1e-2, rtol=1e-2)
