@@ -15,6 +15,7 @@ Writes to `--remote` (a folder or any remote streaming uploads to: s3://, gs://,
     <remote>/<lo>-<hi>[/<subfolder>]/index.json          one StreamingDataset per bucket
     <remote>/<lo>-<hi>[/<subfolder>]/<NNNNN>/...         the part written from input shard NNNNN
     <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of NNNNN are up
+    <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview  with --preview: NNNNN's preview candidates
 
 Buckets are on min(width, height) with edges 0, 64, 128, 256, 512, 768, 1024, 2**20 (one dataset
 `0-1048576` without `--bucketed`). Sizes come from the parquet where img2dataset filled them and
@@ -58,6 +59,15 @@ every recorded shard is published, then the summary (marked interrupted) and exi
 At the end a summary is printed and written as JSON to `--summary` (default
 `<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some shards skipped as bad
 input (kept, named), 2 fatal (remote failing, missing required column, refused to start), 143 SIGTERM.
+
+Preview (`--preview N`): a contact sheet per bucket, `preview[_<subfolder>]_<bucket>.png` beside the
+summary: N thumbnails with size, key and caption. The task converting a shard also writes its first
+8 samples of each bucket (128 px JPEG thumbnails, ~3 KB each) to `<NNNNN>.preview`, before its record;
+at the end the run draws one sample from each of N shards spread evenly over the sorted shard ids
+(with fewer shards than N: each shard's first, then second, ...), reading only those files, never an
+MDS shard. The choice depends only on which shards are recorded, so it is the same on every rerun,
+and a resumed run draws from earlier runs' candidates too (shards converted without --preview have
+none and are left out). Without --preview nothing of this is computed or written.
 """
 
 from __future__ import annotations
