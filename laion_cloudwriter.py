@@ -62,7 +62,7 @@ input (kept, named), 2 fatal (remote failing, missing required column, refused t
 
 Preview (`--preview N`): a contact sheet per bucket, `preview[_<subfolder>]_<bucket>.png` beside the
 summary: N thumbnails with size, key and caption. The task converting a shard also writes its first
-8 samples of each bucket (128 px JPEG thumbnails, ~3 KB each) to `<NNNNN>.preview`, before its record;
+4 samples of each bucket (128 px JPEG thumbnails, ~5 KB each) to `<NNNNN>.preview`, before its record;
 at the end the run draws one sample from each of N shards spread evenly over the sorted shard ids
 (with fewer shards than N: each shard's first, then second, ...), reading only those files, never an
 MDS shard. The choice depends only on which shards are recorded, so it is the same on every rerun,
@@ -146,9 +146,12 @@ HOST = socket.gethostname()
 ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
 
 # --preview: each converted shard keeps its first PREVIEW_PER_SHARD samples of each bucket as small
-# JPEG thumbnails in `<remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview` (~3 KB a sample); the run
+# JPEG thumbnails in `<remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview` (~5 KB a sample); the run
 # then draws a sheet per bucket from the candidates of shards spread evenly over the shard ids.
-PREVIEW_PER_SHARD = 8  # the first samples of a shard's bucket; more tiles than shards x this stay empty
+# Candidates per bucket and shard: each costs a thumbnail decode in the worker (~2.5 ms for a 100 KB
+# JPEG at 1/8 scale), so at most 7 x 4 x 2.5 ms = 0.07 s per shard. At scale one per shard is drawn;
+# more only fill a sheet from fewer shards than N (its other cells stay empty).
+PREVIEW_PER_SHARD = 4
 PREVIEW_THUMB = 128  # px, longer side of a thumbnail (its grid cell is square)
 PREVIEW_LINES = 3  # text lines under a tile: size + key, then the caption's start
 

@@ -475,6 +475,7 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
 @pytest.mark.parametrize('flags, says', [
     (['--batch_size', '0'], "argument --batch_size: '0': give an integer >= 1"),
     (['--retry', '0'], "argument --retry: '0': give an integer >= 1"),
+    (['--preview', '-1'], "argument --preview: '-1': give an integer >= 0"),
     (['--processes', '-1'], "argument --processes: '-1': give an integer >= 1"),
     (['--poll_interval', '0'], "argument --poll_interval: '0': give a number > 0"),
     (['--size_limit', 'banana'], "argument --size_limit: 'banana': give bytes or a size like 64mb"),
