@@ -15,6 +15,7 @@ Writes to `--remote` (a folder or any remote streaming uploads to: s3://, gs://,
     <remote>/<lo>-<hi>[/<subfolder>]/index.json          one StreamingDataset per bucket
     <remote>/<lo>-<hi>[/<subfolder>]/<NNNNN>/...         the part written from input shard NNNNN
     <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of NNNNN are up
+    <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview  with --preview: NNNNN's preview candidates
 
 Buckets are on min(width, height) with edges 0, 64, 128, 256, 512, 768, 1024, 2**20 (one dataset
 `0-1048576` without `--bucketed`). Sizes come from the parquet where img2dataset filled them and
@@ -58,11 +59,21 @@ every recorded shard is published, then the summary (marked interrupted) and exi
 At the end a summary is printed and written as JSON to `--summary` (default
 `<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some shards skipped as bad
 input (kept, named), 2 fatal (remote failing, missing required column, refused to start), 143 SIGTERM.
+
+Preview (`--preview N`): a contact sheet per bucket, `preview[_<subfolder>]_<bucket>.png` beside the
+summary: N thumbnails with size, key and caption. The task converting a shard also writes its first
+4 samples of each bucket (128 px JPEG thumbnails, ~5 KB each) to `<NNNNN>.preview`, before its record;
+at the end the run draws one sample from each of N shards spread evenly over the sorted shard ids
+(with fewer shards than N: each shard's first, then second, ...), reading only those files, never an
+MDS shard. The choice depends only on which shards are recorded, so it is the same on every rerun,
+and a resumed run draws from earlier runs' candidates too (shards converted without --preview have
+none and are left out). Without --preview nothing of this is computed or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -92,7 +103,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 Image.MAX_IMAGE_PIXELS = None  # only headers are read: no decompression bomb to fear
@@ -133,6 +144,16 @@ LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if
 HOST = socket.gethostname()
 # Input columns are cast to these before encoding; a value that does not cast skips its shard.
 ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
+
+# --preview: each converted shard keeps its first PREVIEW_PER_SHARD samples of each bucket as small
+# JPEG thumbnails in `<remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview` (~5 KB a sample); the run
+# then draws a sheet per bucket from the candidates of shards spread evenly over the shard ids.
+# Candidates per bucket and shard: each costs a thumbnail decode in the worker (~2.5 ms for a 100 KB
+# JPEG at 1/8 scale), so at most 7 x 4 x 2.5 ms = 0.07 s per shard. At scale one per shard is drawn;
+# more only fill a sheet from fewer shards than N (its other cells stay empty).
+PREVIEW_PER_SHARD = 4
+PREVIEW_THUMB = 128  # px, longer side of a thumbnail (its grid cell is square)
+PREVIEW_LINES = 3  # text lines under a tile: size + key, then the caption's start
 
 log = logging.getLogger('laion_cloudwriter')
 
@@ -219,6 +240,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='Summary JSON path (default <local>/_cloudwriter/summary[_<subfolder>].json).')
     p.add_argument('--merge_only', action='store_true',
                    help='Only write <remote>/<bucket>/index.json over every subfolder\'s done shards.')
+    p.add_argument('--preview', type=at_least(int, 0), default=0,
+                   help='Draw N samples of each bucket into preview[_<subfolder>]_<bucket>.png next to the '
+                        'summary (0: off, nothing extra is read or written).')
     p.add_argument('--wandb_project', type=str, default='',
                    help='Log progress to this wandb project (only if wandb is installed).')
     args = p.parse_args(argv)
@@ -806,8 +830,9 @@ def encode_input(batch: pa.RecordBatch, found: dict[str, str], parquet: str, fir
 
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
-                land: Callable[[str], Any]) -> dict[str, Any]:
-    """Read one parquet in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`."""
+                land: Callable[[str], Any], preview: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """Read one parquet in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`; with a
+    `preview` dict, also keep the first samples of each bucket there as candidates."""
     sid = Path(parquet).stem
     try:
         pf = pq.ParquetFile(parquet, memory_map=True)
@@ -832,6 +857,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
                 w = writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit,
                                                  shard_buffer(bucket, limit), land)
             w.write(pieces)
+            if preview is not None:
+                keep_candidate(preview, bucket, counts.get(bucket, 0), pieces)
             counts[bucket] = counts.get(bucket, 0) + 1
             nbytes += len(pieces[1])
         if progress is not None:
@@ -879,6 +906,7 @@ def convert_shard(parquet: str) -> dict[str, Any]:
     io_threads = _WORKER['io']
     landing: list[Future] = []
     bad_input = False
+    preview: dict[str, list[dict]] | None = {} if args.preview else None
     if cloud:
         up = uploader(out_root, args.remote, args.retry, cache=True)
         land = lambda path: landing.append(io_threads.submit(up.upload_file, os.path.relpath(path, out_root)))  # noqa: E731
@@ -886,7 +914,7 @@ def convert_shard(parquet: str) -> dict[str, Any]:
         land = lambda path: landing.append(io_threads.submit(fsync_file, path))  # noqa: E731
     try:
         try:
-            record = write_parts(parquet, out_root, args.subfolder, args, land)
+            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
         except ShardError:
             raise
         except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
@@ -901,6 +929,8 @@ def convert_shard(parquet: str) -> dict[str, Any]:
                 part = Path(out_root, bucket, args.subfolder, sid)
                 fsync_file(str(part))
                 fsync_file(str(part.parent))
+        if preview is not None:  # before the record: a recorded shard has its candidates
+            record['preview'] = write_candidates(preview, sid, args)
         write_record(record, args)
     except ShardError as e:
         bad_input = not e.fatal
@@ -917,6 +947,151 @@ def convert_shard(parquet: str) -> dict[str, Any]:
     if not args.keep_parquet:
         delete_input(parquet)
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview (--preview N): workers keep candidates per shard, the main process draws one sheet per
+# bucket from N of them, spread over the shards; it reads only the candidate files it draws from.
+# ---------------------------------------------------------------------------------------------
+
+def mds_sample(data: bytes) -> dict[str, Any]:
+    """The columns of one encoded MDS sample (what a reader gets back)."""
+    n_var = len(VAR_COLUMNS)
+    var_sizes = dict(zip(VAR_COLUMNS, np.frombuffer(data, '<u4', n_var).tolist()))
+    out, pos = {}, 4 * n_var
+    for col in MDS_COLUMNS:
+        enc = COLUMNS[col]
+        size = MDS_SIZES[enc] or var_sizes[col]
+        raw = data[pos:pos + size]
+        pos += size
+        out[col] = (raw.decode() if enc == 'str' else raw if enc == 'bytes'
+                    else np.frombuffer(raw, FIXED_DTYPES[enc])[0].item())
+    return out
+
+
+def thumbnail(data: bytes) -> bytes:
+    """A JPEG of the image at most PREVIEW_THUMB px on its longer side; b'' if it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft('RGB', (PREVIEW_THUMB, PREVIEW_THUMB))  # JPEG: decode at 1/2..1/8 scale
+            im = im.convert('RGB')
+            im.thumbnail((PREVIEW_THUMB, PREVIEW_THUMB), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, 'JPEG', quality=90)
+            return buf.getvalue()
+    except Exception:  # e.g. a truncated file: its tile says so
+        return b''
+
+
+def keep_candidate(preview: dict[str, list[dict]], bucket: str, index: int,
+                   pieces: tuple[memoryview, ...]) -> None:
+    """Keep sample `index` of this shard's `bucket` part if it is one of its first PREVIEW_PER_SHARD."""
+    kept = preview.setdefault(bucket, [])
+    if len(kept) >= PREVIEW_PER_SHARD:
+        return
+    s = mds_sample(b''.join(pieces))
+    kept.append({'index': index, 'key': s['key'], 'caption': s['caption'], 'width': s['width'],
+                 'height': s['height'], 'thumb': base64.b64encode(thumbnail(s['jpg'])).decode()})
+
+
+def write_candidates(preview: dict[str, list[dict]], sid: str, args: argparse.Namespace) -> dict[str, int]:
+    """Write the shard's candidates to `<remote>/_cloudwriter[/<sub>]/<sid>.preview`; returns how many
+    each bucket has (kept in the shard's record, so the main process never lists these files)."""
+    rel = join(RECORDS, args.subfolder, f'{sid}.preview')
+    put_bytes(args.remote, rel, json.dumps({'shard': sid, 'buckets': preview}).encode(), args.staging,
+              args.retry)
+    return {bucket: len(kept) for bucket, kept in preview.items()}
+
+
+def spread_picks(available: dict[str, int], n: int) -> list[tuple[str, int]]:
+    """n (shard, rank) pairs, in order: one candidate each of n shards spread evenly over the sorted
+    shard ids; with fewer shards than n, each shard's first, then second, ... candidate."""
+    sids = sorted(sid for sid, k in available.items() if k)
+    if len(sids) >= n:
+        return [(sids[(2 * i + 1) * len(sids) // (2 * n)], 0) for i in range(n)]
+    picks = [(sid, rank) for rank in range(PREVIEW_PER_SHARD) for sid in sids if rank < available[sid]]
+    return sorted(picks[:n])
+
+
+def fit_lines(paragraphs: list[str], font: Any, width: int, lines: int) -> list[str]:
+    """The paragraphs wrapped (at spaces where possible) into at most `lines` lines no wider than
+    `width` px, each paragraph on a new line; text that does not fit ends the last line with '…'."""
+    out: list[str] = []
+    for text in paragraphs:
+        text = ''.join(c if c.isprintable() else ' ' for c in text).strip()
+        while text and len(out) < lines:
+            k = len(text)
+            while k > 1 and font.getlength(text[:k]) > width:
+                k -= 1
+            if k < len(text) and ' ' in text[1:k]:
+                k = text.rindex(' ', 1, k)
+            out.append(text[:k])
+            text = text[k:].lstrip()
+        if text and out:  # cut short
+            while len(out[-1]) > 1 and font.getlength(out[-1] + '…') > width:
+                out[-1] = out[-1][:-1]
+            out[-1] += '…'
+            break
+    return out
+
+
+def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]], slots: int,
+                  cell: tuple[int, int], lines: int) -> Image.Image:
+    """A grid of `slots` cells (ceil(sqrt(slots)) columns) under a one-line title: tile i's image
+    centred in a `cell` (w, h) box (a grey box when None) above its text paragraphs (`lines` lines).
+    Size: (columns x (cell_w + 8), 20 + rows x (cell_h + 8 + 12 x lines)). Pillow only."""
+    pad, line_h, title_h = 4, 12, 20
+    font = ImageFont.load_default(size=10)
+    cols = max(1, math.ceil(math.sqrt(slots)))
+    rows = max(1, math.ceil(slots / cols))
+    tile_w, tile_h = cell[0] + 2 * pad, cell[1] + 2 * pad + line_h * lines
+    sheet = Image.new('RGB', (cols * tile_w, title_h + rows * tile_h), 'white')
+    draw = ImageDraw.Draw(sheet)
+    for line in fit_lines([title], font, sheet.width - 2 * pad, 1):
+        draw.text((pad, 4), line, 'black', font)
+    for i, (img, text) in enumerate(tiles[:slots]):
+        x, y = (i % cols) * tile_w + pad, title_h + (i // cols) * tile_h + pad
+        if img is None:
+            draw.rectangle((x, y, x + cell[0] - 1, y + cell[1] - 1), fill=(200, 200, 200))
+        else:
+            sheet.paste(img, (x + (cell[0] - img.width) // 2, y + (cell[1] - img.height) // 2))
+        for j, line in enumerate(fit_lines(text, font, cell[0], lines)):
+            draw.text((x, y + cell[1] + 1 + j * line_h), line, 'black', font)
+    return sheet
+
+
+def read_candidates(sids: set[str], args: argparse.Namespace) -> dict[str, dict]:
+    """The candidate files of these shards (in parallel: one small GET each)."""
+    urls = [join(args.remote, RECORDS, args.subfolder, f'{sid}.preview') for sid in sorted(sids)]
+    with ThreadPoolExecutor(16) as pool:
+        return {sid: json.loads(data) for sid, data in zip(sorted(sids), pool.map(read_remote, urls))}
+
+
+def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: Path,
+                   prefix: str) -> dict[str, dict]:
+    """`<folder>/<prefix><bucket>.png` for each bucket: --preview samples spread over the recorded
+    shards that have candidates. Returns, by bucket, the PNG's path and the keys drawn (in order)."""
+    samples: dict[str, int] = {}
+    for r in records.values():
+        for bucket, k in r['samples'].items():
+            samples[bucket] = samples.get(bucket, 0) + k
+    picks = {bucket: spread_picks({sid: r.get('preview', {}).get(bucket, 0) for sid, r in records.items()},
+                                  args.preview) for bucket in sorted(samples)}
+    candidates = read_candidates({sid for p in picks.values() for sid, _ in p}, args)
+    out = {}
+    for bucket, chosen in picks.items():
+        if not chosen:  # its shards were converted without --preview
+            continue
+        shown = [candidates[sid]['buckets'][bucket][rank] for sid, rank in chosen]
+        tiles = [(Image.open(io.BytesIO(base64.b64decode(c['thumb']))) if c['thumb'] else None,
+                  [f"{c['width']}x{c['height']}  {c['key']}", c['caption']]) for c in shown]
+        shards = len({sid for sid, r in records.items() if r.get('preview', {}).get(bucket)})
+        title = (f'bucket {bucket} (shorter side): {len(shown)} of {samples[bucket]:,} samples, '
+                 f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
+        path = folder / f'{prefix}{bucket}.png'
+        contact_sheet(title, tiles, args.preview, (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES).save(path)
+        out[bucket] = {'png': str(path), 'keys': [c['key'] for c in shown]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1012,6 +1187,9 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     if summary.get('interrupted'):
         lines.append(f"INTERRUPTED by {summary['interrupted']}: the index covers the "
                      f"{summary['shards_done']} recorded shards; rerun the same command to resume")
+    lines += [f"preview {b}: {p['png']}" for b, p in summary.get('preview', {}).items()]
+    if summary.get('preview_error'):
+        lines.append(f"WARNING: no preview drawn ({summary['preview_error']}); rerun the same command")
     lines.append(f'summary JSON: {path}')
     print('\n'.join(lines), flush=True)
 
@@ -1171,6 +1349,12 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     name = f'summary_{args.subfolder}.json' if args.subfolder else 'summary.json'
     path = Path(args.summary or os.path.join(args.local or '.', SUMMARY_DIR, name))
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.preview and code in (EXIT_OK, EXIT_BAD_INPUT):
+        prefix = f'preview_{args.subfolder}_' if args.subfolder else 'preview_'
+        try:
+            summary['preview'] = write_previews(records, args, path.parent, prefix)
+        except Exception as e:  # the dataset is complete; only its picture is missing
+            summary['preview_error'] = f'{type(e).__name__}: {e}'
     path.write_text(json.dumps(summary, indent=2))
     print_summary(summary, path)
     for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:

@@ -3,7 +3,8 @@
 1. Generates a few hundred images of many sizes, serves them from an HTTP server on 127.0.0.1 and
    writes LAION-2B-en-shaped metadata pointing at it.
 2. laion_download_all.sh downloads them with img2dataset into parquet shards.
-3. laion_cloudwriter.py converts the shards to resolution-bucketed MDS datasets.
+3. laion_cloudwriter.py converts the shards to resolution-bucketed MDS datasets, with a contact
+   sheet of PREVIEW samples per bucket (--preview).
 4. precompute_latents.py attaches VAE/CLIP latents to one bucket (a tiny SD-2-shaped model, CPU).
 5. convert_coco.py converts a small COCO-shaped sample.
 Then it reads every output back with StreamingDataset and prints one table.
@@ -14,6 +15,7 @@ Usage: .venv/bin/python tests/demo.py [--out demo-output] [--images 300]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +36,7 @@ from testbed.readback import read_mds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENT_BUCKET = 3  # index of 256-512 in BUCKET_EDGES: the bucket the demo attaches latents to
+PREVIEW = 6  # samples per bucket on the cloudwriter's contact sheets (3 x 2; the PNG stays < 200 KB)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
              'PROCESSES_COUNT': '1', 'THREAD_COUNT': '16', 'NUMBER_SAMPLE_PER_SHARD': '100'}, timings)
     run('cloudwriter', [py, 'laion_cloudwriter.py', '--local', str(out / 'parquet'),
                         '--remote', str(out / 'mds'), '--bucketed', '--keep_parquet',
-                        '--poll_interval', '1'], env, timings)
+                        '--poll_interval', '1', '--preview', str(PREVIEW)], env, timings)
     bucket = f'{BUCKET_EDGES[LATENT_BUCKET]}-{BUCKET_EDGES[LATENT_BUCKET + 1]}'
     run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'mds'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
@@ -119,13 +122,17 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     rows += [(f'latents {latent_bucket}: caption_latents', caption_shape)]
     rows += [(f'latents {latent_bucket}: {col}', v) for col, v in shapes.items()]
     rows += [('coco samples', f'{len(coco)} ({sum(len(s["captions"]) for s in coco)} captions)')]
+    summary = json.loads((out / 'parquet' / '_cloudwriter' / 'summary.json').read_text())
+    previews = {bucket: p['png'] for bucket, p in summary['preview'].items()}
+    rows += [(f'preview {bucket}', png) for bucket, png in previews.items()]
     rows += [(f'seconds: {step}', f'{t:.1f}') for step, t in timings.items()]
     width = max(len(k) for k, _ in rows)
     print('\n' + '=' * (width + 30))
     for k, v in rows:
         print(f'{k:<{width}}  {v}')
     print('=' * (width + 30))
-    return {'buckets': counts, 'latents': len(latents), 'coco': len(coco), 'timings': timings}
+    return {'buckets': counts, 'latents': len(latents), 'coco': len(coco), 'previews': previews,
+            'timings': timings}
 
 
 if __name__ == '__main__':

@@ -145,6 +145,8 @@ def test_local_bucketed_download_with_broken_files_and_a_corrupt_shard(root, tmp
                                             'success but no readable image header': 6}
     assert any('truncated' in s['url'] for rows in got.values() for s in rows)
     assert summary["skipped_shards"] and summary['exit_code'] == 1
+    # without --preview nothing of it is written anywhere
+    assert 'preview' not in summary and not [p for p in tmp_path.rglob('*preview*')]
 
 
 def test_s3_unbucketed_aesthetic_keeps_parquet_and_trusts_parquet_sizes(root, tmp_path, s3):
@@ -153,7 +155,7 @@ def test_s3_unbucketed_aesthetic_keeps_parquet_and_trusts_parquet_sizes(root, tm
     remote = f's3://{s3.bucket}/laion'
 
     r = cloudwriter(root, '--local', str(local), '--remote', remote, '--keep_parquet',
-                    '--processes', '2', env=s3.child_env())
+                    '--processes', '2', '--preview', '2', env=s3.child_env())
 
     assert r.returncode == 0, r.stderr
     assert len(list(local.glob('*.parquet'))) == 2 and len(list(local.glob('*_stats.json'))) == 2
@@ -161,6 +163,12 @@ def test_s3_unbucketed_aesthetic_keeps_parquet_and_trusts_parquet_sizes(root, tm
     keys = s3.list_keys(s3.bucket, 'laion/')
     assert f'laion/{ALL}/index.json' in keys
     assert {'laion/_cloudwriter/00000.record', 'laion/_cloudwriter/00001.record'} <= set(keys)
+    # the preview's candidates went to the remote beside the records; one sample of each shard is drawn
+    assert {'laion/_cloudwriter/00000.preview', 'laion/_cloudwriter/00001.preview'} <= set(keys)
+    preview = json.loads((local / '_cloudwriter' / 'summary.json').read_text())['preview']
+    assert preview == {ALL: {'png': str(local / '_cloudwriter' / f'preview_{ALL}.png'),
+                             'keys': ['000000000', '000010000']}}
+    assert_tiles(Path(preview[ALL]['png']), 2, [good_items()[0]] * 2, good_items())
 
 
 def test_shards_appearing_over_time_then_done_end_the_run(root, tmp_path):
@@ -281,6 +289,74 @@ def test_many_machines_write_subfolders_and_merge_into_one_dataset(root, tmp_pat
                                      if 256 <= min(header_size(r['jpg'])) < 512}
 
 
+def thumb(item) -> np.ndarray:
+    """The item's image as the preview shows it: RGB, at most 128 px on its longer side."""
+    im = Image.open(io.BytesIO(item.data)).convert('RGB')
+    im.thumbnail((128, 128), Image.Resampling.LANCZOS)
+    return np.asarray(im, np.float32)
+
+
+def assert_tiles(png: Path, n: int, shown: list, others: list) -> None:
+    """`png` is a valid PNG grid of n tiles whose i-th image is `shown[i]`: closer to it, pixel by
+    pixel, than to any other image of `others`."""
+    cw = load_script('laion_cloudwriter.py')
+    cell, lines = cw.PREVIEW_THUMB, cw.PREVIEW_LINES
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    with Image.open(png) as im:
+        im.verify()
+    sheet = Image.open(png)
+    assert sheet.format == 'PNG'
+    assert sheet.size == (cols * (cell + 8), 20 + rows * (cell + 8 + 12 * lines))
+    pixels = np.asarray(sheet.convert('RGB'), np.float32)
+    for i, item in enumerate(shown):
+        want = thumb(item)
+        h, w = want.shape[:2]
+        x = (i % cols) * (cell + 8) + 4 + (cell - w) // 2
+        y = 20 + (i // cols) * (cell + 8 + 12 * lines) + 4 + (cell - h) // 2
+        tile = pixels[y:y + h, x:x + w]
+        diff = {o.name: np.abs(tile - thumb(o)).mean() for o in others if thumb(o).shape == want.shape}
+        assert diff[item.name] < 8, f'tile {i} is not {item.name}: mean difference {diff[item.name]:.1f}'
+        assert min(diff, key=diff.get) == item.name
+
+
+def test_preview_draws_samples_spread_over_the_shards_and_a_rerun_reuses_earlier_candidates(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    by_name = {it.name: it for it in good_items()}
+    small = [by_name['landscape_40_baseline.jpg'], by_name['portrait_40_baseline.jpg']]  # bucket 0-64
+    mid = [by_name['landscape_100_progressive.jpg'], by_name['portrait_100_progressive.jpg']]  # 64-128
+    args = ('--local', str(local), '--remote', str(remote), '--bucketed', '--processes', '2',
+            '--preview', '3')
+    summary = local / '_cloudwriter' / 'summary.json'
+    # shards 0-4 each hold both 0-64 images; only shards 1 and 3 hold the 64-128 ones (keys: shard, row)
+    make_input(local, [0, 2], items=small)
+    make_input(local, [1], items=small + mid)
+
+    r = cloudwriter(root, *args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(summary.read_text())['preview']['0-64']['keys'] == ['000000000', '000010000',
+                                                                         '000020000']
+    make_input(local, [4], items=small)
+    make_input(local, [3], items=small + mid)
+
+    r = cloudwriter(root, *args)  # resumes: converts 3 and 4; 0-2 are gone from --local
+
+    assert r.returncode == 0, r.stderr
+    assert not list(local.glob('*.parquet'))
+    preview = json.loads(summary.read_text())['preview']
+    assert set(preview) == {'0-64', '64-128'}
+    for bucket, p in preview.items():
+        assert p['png'] == str(local / '_cloudwriter' / f'preview_{bucket}.png')
+        assert f"preview {bucket}: {p['png']}" in r.stdout
+    # 5 shards, 3 tiles: the first, middle and last shard; 2 shards, 3 tiles: two of one, one of the other
+    assert preview['0-64']['keys'] == ['000000000', '000020000', '000040000']
+    assert preview['64-128']['keys'] == ['000010002', '000010003', '000030002']
+    assert_tiles(Path(preview['0-64']['png']), 3, [small[0]] * 3, small + mid)
+    assert_tiles(Path(preview['64-128']['png']), 3, [mid[0], mid[1], mid[0]], small + mid)
+    assert sorted(p.name for p in (remote / '_cloudwriter').glob('*.preview')) == [
+        f'0000{s}.preview' for s in range(5)]
+
+
 def test_mds_files_are_byte_equal_to_streamings_mdswriter(tmp_path):
     """The script writes MDS files and merges indexes itself (for speed); for the same rows they
     must be what streaming's MDSWriter and merge_index write: shards byte for byte, their
@@ -399,6 +475,7 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
 @pytest.mark.parametrize('flags, says', [
     (['--batch_size', '0'], "argument --batch_size: '0': give an integer >= 1"),
     (['--retry', '0'], "argument --retry: '0': give an integer >= 1"),
+    (['--preview', '-1'], "argument --preview: '-1': give an integer >= 0"),
     (['--processes', '-1'], "argument --processes: '-1': give an integer >= 1"),
     (['--poll_interval', '0'], "argument --poll_interval: '0': give a number > 0"),
     (['--size_limit', 'banana'], "argument --size_limit: 'banana': give bytes or a size like 64mb"),

@@ -16,5 +16,10 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert result['buckets'] == dict(want)  # every downloaded image once, in its bucket
     assert result['latents'] == want['256-512']
     assert result['coco'] == 8
+    assert set(result['previews']) == set(want)  # a contact sheet per bucket, each a PNG
+    for png in result['previews'].values():
+        assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
     table = capsys.readouterr().out
     assert 'caption_latents' in table and '(4, 32, 32)' in table and 'seconds: latents' in table
+    assert any(line.startswith('preview 256-512 ') and line.endswith(result['previews']['256-512'])
+               for line in table.splitlines())
