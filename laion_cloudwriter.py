@@ -694,8 +694,8 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
     count_failures(status, typed.get('error_message'), np.flatnonzero(~ok), skipped)
     jpg_col = typed['jpg']
     jpg = binary_buffers(jpg_col)
-    if jpg_col.null_count:  # success with no bytes: nothing to write
-        no_bytes = ok & ~jpg_col.is_valid().to_numpy(zero_copy_only=False)
+    no_bytes = ok & ~jpg_col.is_valid().to_numpy(zero_copy_only=False) if jpg_col.null_count else None
+    if no_bytes is not None and no_bytes.any():  # success with no bytes: nothing to write
         skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + int(no_bytes.sum())
         ok &= ~no_bytes
     sizes, ok = image_sizes(typed, n, ok, jpg, skipped)
