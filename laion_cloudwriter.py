@@ -1150,7 +1150,8 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
     `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
     Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
     from pyspark.sql import SparkSession
-    sc = SparkSession.builder.appName('laion_cloudwriter').getOrCreate().sparkContext
+    sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
+        .getOrCreate().sparkContext
     sc.setLogLevel('ERROR')
     task = functools.partial(in_worker, Path(__file__).read_text(), args)
     jobs = ThreadPoolExecutor(sc.defaultParallelism, thread_name_prefix='spark-job')
