@@ -5,7 +5,8 @@ Example (beside a running download, or after it):
     python laion_cloudwriter.py --local /data/laion/parquet --remote s3://my-bucket/laion \\
         --bucketed --subfolder machine-00 --processes 16
 
-Reads `--local`: img2dataset's `NNNNN.parquet` shards (with `output_format parquet`, no re-encoding).
+Reads `--local`: img2dataset's `NNNNN.parquet` shards (with `output_format parquet`, no re-encoding),
+in a folder or in object storage (s3://, gs://, hdfs://...: pyarrow's filesystems, else fsspec's).
 A shard is finished once its `NNNNN_stats.json` exists; the run ends once a `done` file is in
 `--local` and every finished shard is converted (so on a finished download it converts and exits,
 beside a running one it keeps polling every `--poll_interval` seconds).
@@ -35,7 +36,11 @@ Speed: the MDS files are written here, not by streaming's MDSWriter (same bytes,
 the tests compare them): arrow kernels encode every column but the image per row batch, and each
 image is copied once, from the parquet's buffer into the MDS shard being filled.
 
-Many machines: give each run its own `--subfolder`, then join them once all are finished with
+Many machines: `--distributor pyspark` (the session spark-submit configures) or `ray` (the cluster
+ray.init finds, e.g. RAY_ADDRESS) runs one task per shard on the cluster, with --local in object
+storage; the workers need requirements.txt, not this file (it travels with the tasks). A task run
+twice (an engine's retry) rewrites the same parts under the shard's id and returns one record. Or
+give each independent run its own `--subfolder`, then join them once all are finished with
 
     python laion_cloudwriter.py --remote s3://my-bucket/laion --merge_only
 
@@ -49,7 +54,7 @@ A shard whose parquet is unreadable, or with a value that does not cast to its c
 that is not UTF-8, text in a float column), is skipped whole: its parquet is kept and the summary
 names the file, row and column; the other shards go on.
 
-One run at a time: a flock on `<local>/_cloudwriter/lock` (gone when the run dies, never stale) and
+One run at a time: a flock on `<local>/_cloudwriter/lock` (a folder --local; gone when the run dies) and
 a lease at `<remote>/_cloudwriter[/<subfolder>]/run.lease` (refreshed every 10 s; stale once its run
 is gone: at once on the same host, else after 60 s) make a second run refuse in one line.
 SIGTERM/SIGINT: no new shard, the shards in flight are abandoned (a rerun redoes them), the index of
