@@ -211,3 +211,13 @@ def test_distributor_without_its_package_refuses_in_one_line(root, tmp_path):
         'error: --distributor ray: the ray package is not installed; pip install ray (on every machine of '
         'the cluster)')
     assert (local / '00000.parquet').exists() and not (tmp_path / 'mds').exists()
+
+
+def test_a_remote_local_that_does_not_exist_refuses_in_one_line(root, tmp_path, s3):
+    local = f's3://{s3.bucket}/not-downloaded-yet'
+    r = cloudwriter(root, '--local', local, '--remote', str(tmp_path / 'mds'), env=s3.child_env(), timeout=60)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: --local {local} does not exist; give the download's output folder (with "
+        '--wait_before_start if the download creates it)')
+    assert not (tmp_path / 'mds').exists()
