@@ -5,7 +5,8 @@ Example (beside a running download, or after it):
     python laion_cloudwriter.py --local /data/laion/parquet --remote s3://my-bucket/laion \\
         --bucketed --subfolder machine-00 --processes 16
 
-Reads `--local`: img2dataset's `NNNNN.parquet` shards (with `output_format parquet`, no re-encoding).
+Reads `--local`: img2dataset's `NNNNN.parquet` shards (with `output_format parquet`, no re-encoding),
+in a folder or in object storage (s3://, gs://, hdfs://...: pyarrow's filesystems, else fsspec's).
 A shard is finished once its `NNNNN_stats.json` exists; the run ends once a `done` file is in
 `--local` and every finished shard is converted (so on a finished download it converts and exits,
 beside a running one it keeps polling every `--poll_interval` seconds).
@@ -36,7 +37,11 @@ Speed: the MDS files are written here, not by streaming's MDSWriter (same bytes,
 the tests compare them): arrow kernels encode every column but the image per row batch, and each
 image is copied once, from the parquet's buffer into the MDS shard being filled.
 
-Many machines: give each run its own `--subfolder`, then join them once all are finished with
+Many machines: `--distributor pyspark` (the session spark-submit configures) or `ray` (the cluster
+ray.init finds, e.g. RAY_ADDRESS) runs one task per shard on the cluster, with --local in object
+storage; the workers need requirements.txt, not this file (it travels with the tasks). A task run
+twice (an engine's retry) rewrites the same parts under the shard's id and returns one record. Or
+give each independent run its own `--subfolder`, then join them once all are finished with
 
     python laion_cloudwriter.py --remote s3://my-bucket/laion --merge_only
 
@@ -50,7 +55,7 @@ A shard whose parquet is unreadable, or with a value that does not cast to its c
 that is not UTF-8, text in a float column), is skipped whole: its parquet is kept and the summary
 names the file, row and column; the other shards go on.
 
-One run at a time: a flock on `<local>/_cloudwriter/lock` (gone when the run dies, never stale) and
+One run at a time: a flock on `<local>/_cloudwriter/lock` (a folder --local; gone when the run dies) and
 a lease at `<remote>/_cloudwriter[/<subfolder>]/run.lease` (refreshed every 10 s; stale once its run
 is gone: at once on the same host, else after 60 s) make a second run refuse in one line.
 SIGTERM/SIGINT: no new shard, the shards in flight are abandoned (a rerun redoes them), the index of
@@ -77,6 +82,8 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import functools
+import importlib.util
 import io
 import json
 import logging
@@ -95,6 +102,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -102,6 +110,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -204,8 +213,9 @@ def plain_remote(text: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--local', type=str, default='',
-                   help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json); it must '
-                        'exist once --wait_before_start has passed.')
+                   help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json), or the '
+                        'same at s3://, gs://, hdfs://... (pyarrow, else fsspec); it must exist once '
+                        '--wait_before_start has passed.')
     p.add_argument('--remote', type=plain_remote, default='',
                    help='Where the MDS datasets go: a folder (or file:///folder), s3://bucket/path, '
                         'gs://..., oci://... (required)')
@@ -215,8 +225,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='One dataset per shorter-side bucket (else one dataset 0-1048576).')
     p.add_argument('--keep_parquet', action='store_true',
                    help='Keep parquet shards and their _stats.json after conversion.')
+    p.add_argument('--distributor', choices=sorted(ENGINES), default='multiprocessing',
+                   help='Where the shard tasks run: multiprocessing (--processes on this machine), pyspark '
+                        'or ray (the cluster that spark-submit / RAY_ADDRESS gives, else this machine).')
     p.add_argument('--processes', type=at_least(int, 1), default=os.cpu_count() or 1,
-                   help='Worker processes, each converting one parquet shard at a time.')
+                   help='Worker processes, each converting one parquet shard at a time (multiprocessing; '
+                        'pyspark and ray use the cluster\'s cores).')
     p.add_argument('--poll_interval', type=at_least(float, 0, strict=True), default=10.0,
                    help='Seconds between looks at --local for newly finished shards.')
     p.add_argument('--wait_before_start', type=at_least(float, 0), default=0.0,
@@ -235,9 +249,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Attempts per upload (streaming's uploader retry; 1: no second try) before the run "
                         'stops.')
     p.add_argument('--staging', type=str, default='',
-                   help='Local scratch for parts before upload (default <local>/_cloudwriter_staging).')
+                   help='Local scratch for parts before upload (default <local>/_cloudwriter_staging, or a '
+                        'temporary folder when --local is remote).')
     p.add_argument('--summary', type=str, default='',
-                   help='Summary JSON path (default <local>/_cloudwriter/summary[_<subfolder>].json).')
+                   help='Summary JSON path or URL (default <local>/_cloudwriter/summary[_<subfolder>].json).')
     p.add_argument('--merge_only', action='store_true',
                    help='Only write <remote>/<bucket>/index.json over every subfolder\'s done shards.')
     p.add_argument('--preview', type=at_least(int, 0), default=0,
@@ -250,6 +265,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error('--remote is required')
     if not args.merge_only and not args.local:
         p.error('--local is required (unless --merge_only)')
+    if args.distributor != 'multiprocessing' and importlib.util.find_spec(args.distributor) is None:
+        p.error(f'--distributor {args.distributor}: the {args.distributor} package is not installed; '
+                f'pip install {args.distributor} (on every machine of the cluster)')
+    if args.local and not is_cloud(args.local):
+        args.local = os.path.abspath(args.local)  # engine workers do not share our working directory
     return args
 
 
@@ -362,11 +382,16 @@ class RunError(Exception):
 
 
 def check_local(local: str) -> None:
-    """--local must be an existing folder (the download's output)."""
-    if not os.path.exists(local):
+    """--local must be an existing folder (the download's output), here or remote."""
+    try:
+        fs, root = input_fs(local)
+        kind = fs.get_file_info(root).type
+    except Exception as e:  # a bucket that does not exist, no credentials, a scheme nothing reads
+        raise RunError(f'--local {local}: cannot be read ({type(e).__name__}: {first_line(e)})') from None
+    if kind == pafs.FileType.NotFound:
         raise RunError(f'--local {local} does not exist; give the download\'s output folder (with '
                        '--wait_before_start if the download creates it)')
-    if not os.path.isdir(local):
+    if kind != pafs.FileType.Directory:
         raise RunError(f'--local {local} is a file; give the folder of img2dataset parquet shards')
 
 
@@ -409,7 +434,7 @@ class Lease:
         self.rel = join(RECORDS, args.subfolder, LEASE)
         self.url = join(args.remote, self.rel)
         self.mine = {'token': uuid.uuid4().hex, 'host': HOST, 'pid': os.getpid(),
-                     'start': proc_start(os.getpid()), 'local': os.path.abspath(args.local)}
+                     'start': proc_start(os.getpid()), 'local': args.local}
         self.lost = ''  # why this run no longer holds the lease (another took it over)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -484,30 +509,67 @@ class Lease:
 
 
 # ---------------------------------------------------------------------------------------------
-# Find work: finished shards in --local.
+# Find work: finished shards in --local, a folder or any filesystem pyarrow (else fsspec) reaches.
 # ---------------------------------------------------------------------------------------------
 
-def finished_shards(local: str) -> dict[str, str]:
-    """Shard id -> parquet path, for every shard whose _stats.json exists."""
-    out = {}
-    for stats in Path(local).glob('*_stats.json'):
-        sid = stats.name[: -len('_stats.json')]
-        parquet = stats.with_name(f'{sid}.parquet')
-        if parquet.exists():
-            out[sid] = str(parquet)
-    return dict(sorted(out.items()))
+def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
+    path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
+    takes it, for S3-compatible stores); any other scheme through fsspec."""
+    if not is_cloud(url):
+        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
+    parsed = urlparse(url)
+    endpoint = os.environ.get('S3_ENDPOINT_URL')
+    if parsed.scheme == 's3' and endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=urlparse(endpoint).netloc or endpoint,
+                               scheme=urlparse(endpoint).scheme or 'https')
+        return fs, (parsed.netloc + parsed.path).rstrip('/')
+    try:
+        return pafs.FileSystem.from_uri(url)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec  # not a pyarrow scheme: fsspec's (its package for the scheme must be installed)
+        fs, path = fsspec.core.url_to_fs(url)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip('/')
 
 
-def delete_input(parquet: str) -> None:
+def write_file(url: str, data: bytes) -> None:
+    """`data` to a local path or a URL on --local's kind of filesystem (summary, preview sheets)."""
+    fs, where = input_fs(url)
+    fs.create_dir(os.path.dirname(where), recursive=True)
+    with fs.open_output_stream(where) as f:
+        f.write(data)
+
+
+def shard_path(local: str, sid: str, suffix: str = '.parquet') -> str:
+    """How messages name a shard's file: `--local` as given (a folder is made absolute) + its name."""
+    return join(local, f'{sid}{suffix}')
+
+
+def list_input(fs: pafs.FileSystem, root: str) -> set[str]:
+    """Names of the files directly in --local (one listing)."""
+    return {info.base_name for info in fs.get_file_info(pafs.FileSelector(root))}
+
+
+def finished_shards(names: set[str]) -> list[str]:
+    """Ids of the shards whose parquet and _stats.json are both there, in order."""
+    return sorted(n[:-len('_stats.json')] for n in names
+                  if n.endswith('_stats.json') and f"{n[:-len('_stats.json')]}.parquet" in names)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
     """Remove a converted shard's parquet, then turn its _stats.json into `NNNNN_converted.json`.
 
     img2dataset takes every `NNNNN_*.json` in its output folder for a finished shard, so a download
     resumed beside us does not fetch converted shards again; we only look at `*_stats.json`.
     """
-    p = Path(parquet)
-    p.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        os.replace(p.with_name(f'{p.stem}_stats.json'), p.with_name(f'{p.stem}_converted.json'))
+        fs.delete_file(join(root, f'{sid}.parquet'))
+    with contextlib.suppress(FileNotFoundError):
+        fs.move(join(root, f'{sid}_stats.json'), join(root, f'{sid}_converted.json'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,11 +893,12 @@ def encode_input(batch: pa.RecordBatch, found: dict[str, str], parquet: str, fir
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
                 land: Callable[[str], Any], preview: dict[str, list[dict]] | None = None) -> dict[str, Any]:
-    """Read one parquet in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`; with a
-    `preview` dict, also keep the first samples of each bucket there as candidates."""
+    """Read one parquet (a path or URL) in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`;
+    with a `preview` dict, also keep the first samples of each bucket there as candidates."""
     sid = Path(parquet).stem
     try:
-        pf = pq.ParquetFile(parquet, memory_map=True)
+        fs, path = input_fs(parquet)
+        pf = pq.ParquetFile(path, filesystem=fs)
     except Exception as e:
         raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
     found = input_columns(pf.schema_arrow.names, parquet)
@@ -891,16 +954,18 @@ def write_record(record: dict, args: argparse.Namespace) -> None:
     put_bytes(args.remote, rel, json.dumps(record).encode(), args.staging, args.retry)
 
 
-def convert_shard(parquet: str) -> dict[str, Any]:
+def convert_shard(sid: str) -> dict[str, Any]:
     """Convert one shard; returns its record once it is written at the remote.
 
     Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
     as it is written, beside the conversion of the rest; the record waits for all of them.
     """
     args = _WORKER['args']
-    sid = Path(parquet).stem
+    parquet = shard_path(args.local, sid)
     cloud = is_cloud(args.remote)
-    out_root = os.path.join(args.staging, 'parts') if cloud else args.remote
+    # staging of this process: two runs of one shard (an engine's retry beside a slow first try) never
+    # share files; at a folder remote both write the same bytes under the shard's id
+    out_root = os.path.join(args.staging, 'parts', str(os.getpid())) if cloud else args.remote
     if 'io' not in _WORKER:
         _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
     io_threads = _WORKER['io']
@@ -945,8 +1010,52 @@ def convert_shard(parquet: str) -> dict[str, Any]:
         if cloud or bad_input:  # staging, or the unindexed start of a skipped shard
             remove_parts(out_root, args.subfolder, sid)
     if not args.keep_parquet:
-        delete_input(parquet)
+        delete_input(*input_fs(args.local), sid)
     return record
+
+
+def convert_task(sid: str) -> dict[str, Any]:
+    """One input shard as a task of any engine: its record, or {'error': line, 'fatal': bool} (a
+    result, not an exception: an engine retries exceptions, and bad input would fail the same way).
+
+    Idempotent: a shard already recorded (an engine runs a task again after its worker died past
+    the record) returns that record, so the driver counts it once and no part is written twice.
+    """
+    args = _WORKER['args']
+    try:
+        record = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, f'{sid}.record')))
+    except FileNotFoundError:
+        record = None
+    except Exception as e:
+        return {'error': f'{shard_path(args.local, sid)}: reading its record at {args.remote} failed '
+                         f'({type(e).__name__}: {e})', 'fatal': True}
+    try:
+        if record is None:
+            return convert_shard(sid)
+        if not args.keep_parquet:
+            delete_input(*input_fs(args.local), sid)
+        return record
+    except ShardError as e:
+        return {'error': e.message, 'fatal': e.fatal}
+
+
+def in_worker(source: str, args: argparse.Namespace, sid: str) -> dict[str, Any]:
+    """convert_task in a pyspark or ray worker process. This script travels with the task as `source`
+    and is loaded once per worker process (kept with its buffers for the next task): the workers need
+    requirements.txt installed, not this file."""
+    import hashlib
+    import sys
+    import types
+    name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        sys.modules[name] = module  # dataclasses look their module up here
+        exec(compile(source, 'laion_cloudwriter.py', 'exec'), module.__dict__)
+    state = sys.modules[name]._WORKER
+    if state.get('args') != args:
+        state.clear()
+        state['args'] = args
+    return sys.modules[name].convert_task(sid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1067,7 +1176,7 @@ def read_candidates(sids: set[str], args: argparse.Namespace) -> dict[str, dict]
         return {sid: json.loads(data) for sid, data in zip(sorted(sids), pool.map(read_remote, urls))}
 
 
-def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: Path,
+def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: str,
                    prefix: str) -> dict[str, dict]:
     """`<folder>/<prefix><bucket>.png` for each bucket: --preview samples spread over the recorded
     shards that have candidates. Returns, by bucket, the PNG's path and the keys drawn (in order)."""
@@ -1088,9 +1197,12 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: P
         shards = len({sid for sid, r in records.items() if r.get('preview', {}).get(bucket)})
         title = (f'bucket {bucket} (shorter side): {len(shown)} of {samples[bucket]:,} samples, '
                  f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
-        path = folder / f'{prefix}{bucket}.png'
-        contact_sheet(title, tiles, args.preview, (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES).save(path)
-        out[bucket] = {'png': str(path), 'keys': [c['key'] for c in shown]}
+        path = join(folder, f'{prefix}{bucket}.png')
+        png = io.BytesIO()
+        sheet = contact_sheet(title, tiles, args.preview, (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
+        sheet.save(png, 'PNG')
+        write_file(path, png.getvalue())
+        out[bucket] = {'png': path, 'keys': [c['key'] for c in shown]}
     return out
 
 
@@ -1195,6 +1307,96 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Engines (--distributor): where the shards' tasks run. One function per engine with the same
+# signature, picked by name (img2dataset's distributor.py); the driver loop never asks which.
+# A task converts, uploads and records one shard (convert_task); the driver merges the records.
+# ---------------------------------------------------------------------------------------------
+
+RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
+
+
+@dataclass(frozen=True)
+class Engine:
+    submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
+    slots: int  # tasks it runs at once; the driver keeps at most 2 x slots submitted
+    stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
+    progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
+
+
+def multiprocessing_engine(args: argparse.Namespace) -> Engine:
+    """--processes forked workers on this machine."""
+    ctx = mp.get_context('fork')
+    progress = ctx.Array('q', 2)
+    executor = ProcessPoolExecutor(args.processes, mp_context=ctx, initializer=init_worker,
+                                   initargs=(progress, args))
+    executor.submit(int).result()  # forks every worker now, before the lease thread starts
+
+    def stop(now: bool) -> None:
+        for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
+            with contextlib.suppress(Exception):  # a failing remote must not keep them busy
+                proc.kill()
+        executor.shutdown(wait=not now, cancel_futures=True)
+    return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
+
+
+def pyspark_engine(args: argparse.Namespace) -> Engine:
+    """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
+    `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
+    Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
+    from pyspark.sql import SparkSession
+    sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
+        .getOrCreate().sparkContext
+    sc.setLogLevel('ERROR')
+    task = functools.partial(in_worker, Path(__file__).read_text(), args)
+    jobs = ThreadPoolExecutor(sc.defaultParallelism, thread_name_prefix='spark-job')
+
+    def stop(now: bool) -> None:
+        if now:
+            sc.cancelAllJobs()
+        jobs.shutdown(wait=not now, cancel_futures=True)
+    return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
+                  sc.defaultParallelism, stop)
+
+
+def ray_engine(args: argparse.Namespace) -> Engine:
+    """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
+    `ray start` began on this machine), else a new one on this machine."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    source = ray.put(Path(__file__).read_text())
+    task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
+
+    def stop(now: bool) -> None:
+        if now:  # ends this job: the cluster kills its tasks
+            ray.shutdown()
+    return Engine(lambda sid: task.remote(source, args, sid).future(),
+                  max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
+
+
+ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a Spark job's: its Java exception's, which says why)."""
+    text = str(getattr(e, 'java_exception', None) or e).strip()
+    return text.splitlines()[0][:300] if text else ''
+
+
+def task_result(fut: Future, sid: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A finished task's record; its ShardError raised here. A task the engine gave up on (its worker
+    died more often than the engine retries) stops the run: nothing unrecorded was deleted."""
+    try:
+        out = fut.result()
+    except Exception as e:
+        raise ShardError(f'{shard_path(args.local, sid)}: its {args.distributor} task failed '
+                         f'({type(e).__name__}: {first_line(e)}); rerun to resume', fatal=True) from e
+    if 'error' in out:
+        raise ShardError(out['error'], out['fatal'])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Main loop: poll --local, convert finished shards in parallel, merge, clean up.
 # ---------------------------------------------------------------------------------------------
 
@@ -1207,14 +1409,6 @@ def wandb_run(args: argparse.Namespace):
         log.warning('wandb is not installed; not logging to wandb')
         return None
     return wandb.init(project=args.wandb_project, config=vars(args))
-
-
-def terminate(executor: ProcessPoolExecutor) -> None:
-    """Stop the workers now (a failing remote must not keep them busy)."""
-    for proc in list(getattr(executor, '_processes', {}).values()):
-        with contextlib.suppress(Exception):
-            proc.kill()
-    executor.shutdown(wait=False, cancel_futures=True)
 
 
 _STOP = {'signal': 0}  # set by on_signal; the main loop then takes no new shard
@@ -1251,18 +1445,24 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
               f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder',
               file=sys.stderr)
         return EXIT_FATAL
-    if not args.keep_parquet:
-        for sid in records:  # recorded, but a run died before deleting its input
-            delete_input(os.path.join(args.local, f'{sid}.parquet'))
+    fs, root = input_fs(args.local)
+    if not args.keep_parquet:  # recorded, but a run died before deleting its input
+        names = list_input(fs, root)
+        for sid in records:
+            if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
+                delete_input(fs, root, sid)
     run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': []}
-    progress = mp.get_context('fork').Array('q', 2)
-    executor = ProcessPoolExecutor(args.processes, mp_context=mp.get_context('fork'),
-                                   initializer=init_worker, initargs=(progress, args))
-    executor.submit(int).result()  # forks every worker now, before the lease thread starts
+    try:
+        engine = ENGINES[args.distributor](args)
+    except Exception as e:
+        print(f'error: --distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
+              f'{first_line(e)})', file=sys.stderr, flush=True)
+        return EXIT_FATAL
     lease.start_refreshing()
     wb = wandb_run(args)
     bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
     futures: dict[Future, str] = {}
+    todo: list[str] = []  # finished at the last look, not yet submitted
     bad: set[str] = set()
     last_merge, merged_n, last_scan = time.time(), len(records), -math.inf
 
@@ -1276,25 +1476,26 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
         while not _STOP['signal']:
             if lease.lost:
                 raise ShardError(lease.lost, fatal=True)
-            if not futures or time.time() - last_scan >= args.poll_interval:
+            if not todo and (not futures or time.time() - last_scan >= args.poll_interval):
                 last_scan = time.time()
-                done_flag = Path(args.local, 'done').exists()  # before the scan: no shard missed
+                done_flag = exists(fs, join(root, 'done'))  # before the listing: no shard missed
                 busy = set(futures.values())
-                for sid, parquet in finished_shards(args.local).items():
-                    if sid not in records and sid not in bad and sid not in busy:
-                        futures[executor.submit(convert_shard, parquet)] = sid
-                bar.total = len(records) + len(futures)
-                bar.refresh()
-                if not futures:
+                todo = [sid for sid in finished_shards(list_input(fs, root))
+                        if sid not in records and sid not in bad and sid not in busy]
+                if not futures and not todo:
                     if done_flag:
                         break
                     sleep_unless_stopped(args.poll_interval)
                     continue
+            while todo and len(futures) < 2 * engine.slots:  # the engine's queue stays short
+                sid = todo.pop(0)
+                futures[engine.submit(sid)] = sid
+            bar.total = len(records) + len(futures) + len(todo)
             finished, _ = wait(list(futures), timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in finished:
                 sid = futures.pop(fut)
                 try:
-                    rec = fut.result()
+                    rec = task_result(fut, sid, args)
                 except ShardError as e:
                     if e.fatal:
                         run_stats['errors'].append(e.message)
@@ -1306,26 +1507,27 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
                 add(rec)
                 bar.update(1)
             el = max(time.time() - start, 1e-9)
-            bar.set_postfix_str(f'{progress[0] / el:,.0f} samples/s, {progress[1] / el / 1e6:,.1f} MB/s')
+            samples, nbytes = engine.progress or (run_stats['samples'], run_stats['bytes'])
+            bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
-                wb.log({'samples': progress[0], 'bytes': progress[1], 'shards': len(records)})
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(records)})
             if len(records) > merged_n and time.time() - last_merge > args.merge_interval:
                 merge_run(records, args)
                 last_merge, merged_n = time.time(), len(records)
     except ShardError as e:
-        terminate(executor)
+        engine.stop(True)
         bar.close()
         print(f'error: {e.message}', file=sys.stderr, flush=True)
         return finish(records, run_stats, start, args, EXIT_FATAL)
     except BaseException:
-        terminate(executor)
+        engine.stop(True)
         raise
     if _STOP['signal']:
-        terminate(executor)
+        engine.stop(True)
         for rec in recorded_meanwhile(list(futures.values()), args).values():
             add(rec)
     else:
-        executor.shutdown()
+        engine.stop(False)
     bar.close()
     try:
         merge_run(records, args)
@@ -1347,15 +1549,18 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     if _STOP['signal']:
         summary['interrupted'] = signal.Signals(_STOP['signal']).name
     name = f'summary_{args.subfolder}.json' if args.subfolder else 'summary.json'
-    path = Path(args.summary or os.path.join(args.local or '.', SUMMARY_DIR, name))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = args.summary or join(args.local, SUMMARY_DIR, name)
     if args.preview and code in (EXIT_OK, EXIT_BAD_INPUT):
         prefix = f'preview_{args.subfolder}_' if args.subfolder else 'preview_'
         try:
-            summary['preview'] = write_previews(records, args, path.parent, prefix)
+            summary['preview'] = write_previews(records, args, os.path.dirname(path) or '.', prefix)
         except Exception as e:  # the dataset is complete; only its picture is missing
             summary['preview_error'] = f'{type(e).__name__}: {e}'
-    path.write_text(json.dumps(summary, indent=2))
+    try:
+        write_file(path, json.dumps(summary, indent=2).encode())
+    except Exception as e:  # the summary is also printed: not a reason to lose the exit code
+        print(f'error: writing the summary to {path} failed ({type(e).__name__}: {first_line(e)})',
+              file=sys.stderr)
     print_summary(summary, path)
     for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -1380,12 +1585,17 @@ def merge_only(args: argparse.Namespace) -> int:
 
 
 def take_ownership(args: argparse.Namespace) -> Lease:
-    """Check --local, lock it (and an own --staging) for this process, take the remote's lease."""
+    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
+    --staging for this process, take the remote's lease."""
     check_local(args.local)
-    lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
+    if not is_cloud(args.local):
+        lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
     if args.staging:
         lock_folder(args.staging, '--staging')
-    args.staging = args.staging or os.path.join(args.local, '_cloudwriter_staging')
+    elif is_cloud(args.local):  # scratch of this run alone, removed at its end
+        args.staging = tempfile.mkdtemp(prefix='cloudwriter-staging-')
+    else:
+        args.staging = os.path.join(args.local, '_cloudwriter_staging')
     os.makedirs(args.staging, exist_ok=True)
     lease = Lease(args)
     try:

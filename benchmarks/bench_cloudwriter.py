@@ -1,6 +1,6 @@
 """Benchmark laion_cloudwriter.py against the I/O limit and the simplest converter.
 
-    .venv/bin/python benchmarks/bench_cloudwriter.py               # 8 and 16 shards x 2,000 rows (~3 min)
+    .venv/bin/python benchmarks/bench_cloudwriter.py               # 8 and 16 shards x 2,000 rows (~8 min)
     .venv/bin/python benchmarks/bench_cloudwriter.py --work /dev/shm/bcw  # no disk: the CPU limit
 
 Input: img2dataset-shaped parquet shards (full schema, sizes null as our downloads write them) of
@@ -9,13 +9,17 @@ Input: img2dataset-shaped parquet shards (full schema, sizes null as our downloa
 whole process tree is sampled for peak RSS:
   cp+sync     `cp -r` of the parquet files, then `sync`: the I/O limit;
   naive       one process: pyarrow batches -> one MDSWriter per bucket, then `sync`;
-  cloudwriter laion_cloudwriter.py --bucketed --keep_parquet (fsyncs its output itself).
-Marginal rates use (2N run) - (N run), so interpreter start-up and imports do not hide the rate.
+  cloudwriter laion_cloudwriter.py --bucketed --keep_parquet (fsyncs its output itself), once per
+              --distributor: multiprocessing, pyspark (local[P]), ray (a local node of P CPUs,
+              started once by this script and joined through RAY_ADDRESS, as a cluster is).
+Marginal rates use (2N run) - (N run), so interpreter, JVM and engine start-up do not hide the rate;
+`x mp` is an engine's marginal rate over multiprocessing's (the goal: >= 0.85).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +44,9 @@ def parse_args() -> argparse.Namespace:
                    help='Runs of each (method, size), interleaved; the fastest counts (shared machine).')
     p.add_argument('--processes', type=int, default=os.cpu_count() or 1,
                    help='--processes for laion_cloudwriter.py.')
+    p.add_argument('--engines', type=str, default=','.join(ENGINES),
+                   help='Comma-separated --distributor values to measure (those whose package is missing '
+                        'are left out).')
     p.add_argument('--cache', type=str, default='/tmp/bench_cloudwriter_input',
                    help='Where the generated input is kept between runs.')
     p.add_argument('--work', type=str, default='/tmp/bench_cloudwriter_work',
@@ -187,15 +194,35 @@ def timed(cmd: list[str] | str, env: dict | None = None) -> tuple[float, int, in
     return time.time() - t0, peak[0], peak[1]
 
 
-def methods(args: argparse.Namespace, local: Path, out: Path) -> dict[str, list[str] | str]:
+ENGINES = ('multiprocessing', 'pyspark', 'ray')
+LOOPBACK = {  # engines on this machine only
+    'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable, 'RAY_USAGE_STATS_ENABLED': '0',
+    'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}
+
+
+def methods(args: argparse.Namespace, local: Path, out: Path) -> dict[str, tuple[list[str] | str, dict]]:
+    """Method name -> (command, environment)."""
     py = sys.executable
-    return {
-        'cp+sync': f'cp -r {local} {out}',
-        'naive': [py, __file__, '--naive_worker', str(local), str(out)],
-        'cloudwriter': [py, str(ROOT / 'laion_cloudwriter.py'), '--local', str(local), '--remote', str(out),
-                        '--bucketed', '--keep_parquet', '--processes', str(args.processes),
-                        '--summary', str(out.parent / 'summary.json')],
-    }
+    spark = {'PYSPARK_SUBMIT_ARGS': f'--master local[{args.processes}] --conf spark.driver.host=127.0.0.1 '
+                                    '--conf spark.driver.bindAddress=127.0.0.1 --conf spark.ui.enabled=false '
+                                    'pyspark-shell'}
+    out_methods = {'cp+sync': (f'cp -r {local} {out}', None),
+                   'naive': ([py, __file__, '--naive_worker', str(local), str(out)], None)}
+    for engine in args.engines:
+        env = {**os.environ, **LOOPBACK, **(spark if engine == 'pyspark' else {})}
+        out_methods[engine] = ([py, str(ROOT / 'laion_cloudwriter.py'), '--local', str(local), '--remote',
+                                str(out), '--bucketed', '--keep_parquet', '--processes', str(args.processes),
+                                '--distributor', engine, '--summary', str(out.parent / 'summary.json')], env)
+    return out_methods
+
+
+def start_ray(processes: int) -> str:
+    """A Ray node of `processes` CPUs on loopback for the whole benchmark; its address."""
+    os.environ.update(LOOPBACK)
+    import ray
+    ctx = ray.init(num_cpus=processes, _node_ip_address='127.0.0.1', include_dashboard=False,
+                   logging_level='ERROR')
+    return ctx.address_info['gcs_address']
 
 
 def main() -> None:
@@ -204,6 +231,10 @@ def main() -> None:
         naive(*args.naive_worker)
         return
     os.environ.update(NO_ALBUMENTATIONS_UPDATE='1', HF_HUB_OFFLINE='1', WANDB_MODE='disabled')
+    args.engines = [e for e in args.engines.split(',')
+                    if e == 'multiprocessing' or importlib.util.find_spec(e) is not None]
+    if 'ray' in args.engines:
+        os.environ['RAY_ADDRESS'] = start_ray(args.processes)
     cache, work = Path(args.cache) / f'unique-rows{args.rows}', Path(args.work)
     t = time.time()
     make_input(cache, 2 * args.shards, args.rows)
@@ -212,10 +243,10 @@ def main() -> None:
     for _ in range(args.repeat):
         for n in (args.shards, 2 * args.shards):
             jpg_bytes = subset(cache, work / 'in', n)
-            for name in ('cp+sync', 'naive', 'cloudwriter'):
+            for name, (cmd, env) in methods(args, work / 'in', work / 'out').items():
                 out = work / 'out'
                 shutil.rmtree(out, ignore_errors=True)
-                secs, rss, pss = timed(methods(args, work / 'in', out)[name])
+                secs, rss, pss = timed(cmd, env)
                 best = results.get((name, n))
                 if best is None or secs < best[0]:
                     results[name, n] = (secs, rss, pss, jpg_bytes)
@@ -227,12 +258,12 @@ def main() -> None:
     load = os.getloadavg()
     print(f'\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores; '
           f'mean JPEG {results["cp+sync", n1][3] / rows1 / 1e3:.0f} KB; MB are JPEG bytes')
-    head = (f'{"method":<12} {"s@N":>6} {"s@2N":>6} {"MB/s@2N":>8} {"marg MB/s":>10} {"marg smp/s":>10} '
-            f'{"x cp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
+    head = (f'{"method":<16} {"s@N":>6} {"s@2N":>6} {"MB/s@2N":>8} {"marg MB/s":>10} {"marg smp/s":>10} '
+            f'{"x cp":>5} {"x mp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
     print(head)
     print('-' * len(head))
     table = {}
-    for name in ('cp+sync', 'naive', 'cloudwriter'):
+    for name in ('cp+sync', 'naive', *args.engines):
         (s1, r1, p1, b1), (s2, r2, p2, b2) = results[name, n1], results[name, n2]
         dt = max(s2 - s1, 1e-9)
         table[name] = dict(s_n=s1, s_2n=s2, mb_s_2n=b2 / s2 / 1e6, marginal_mb_s=(b2 - b1) / dt / 1e6,
@@ -240,8 +271,10 @@ def main() -> None:
                            pss_n_gb=p1 / 1e9, pss_2n_gb=p2 / 1e9)
     for name, r in table.items():
         ratio = r['marginal_mb_s'] / table['cp+sync']['marginal_mb_s']
-        print(f'{name:<12} {r["s_n"]:>6.1f} {r["s_2n"]:>6.1f} {r["mb_s_2n"]:>8.0f} '
-              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {ratio:>5.2f} '
+        mp_ratio = (f'{r["marginal_mb_s"] / table["multiprocessing"]["marginal_mb_s"]:>5.2f}'
+                    if name in ENGINES and 'multiprocessing' in table else f'{"":>5}')
+        print(f'{name:<16} {r["s_n"]:>6.1f} {r["s_2n"]:>6.1f} {r["mb_s_2n"]:>8.0f} '
+              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {ratio:>5.2f} {mp_ratio} '
               + ' '.join(f'{r[k]:>5.2f}G' for k in ('rss_n_gb', 'rss_2n_gb', 'pss_n_gb', 'pss_2n_gb')))
     print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table}))
 
