@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'disabled')
+# Engines stay on loopback in every test process and its children: Ray otherwise takes the machine's
+# own non-loopback address even when told 127.0.0.1; Spark binds where SPARK_LOCAL_IP says.
+os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+os.environ.setdefault('SPARK_LOCAL_IP', '127.0.0.1')
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
