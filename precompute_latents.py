@@ -60,6 +60,11 @@ thread count), while on GPU float16 latents may differ in the last bits between 
 picks kernels per run). SIGTERM or SIGINT stops a run: finished parts are kept, the summary says it
 was interrupted, exit code 128 + the signal. Input, cache and output must be separate places (checked
 under any spelling). Ends with a summary, printed and written as JSON (`--summary`).
+
+`--preview N`: at the end rank 0 reads N samples spread over the finished output back from its shards
+and writes a PNG beside the summary: per stored resolution, the image's documented crop beside the
+stored latent decoded through convention.json (z = stored / scaling_factor + shift_factor, then
+vae.decode), and the caption. `--preview N --preview_only` does only that, on an existing output.
 """
 
 from __future__ import annotations
@@ -1714,7 +1719,7 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         decoded = decode_latent(vae, unscale(stored_latent(sample, column, convention),
                                              convention['image_latents']), device)
         tiles += [as_tile(source_crop(img, *decoded.size)), as_tile(decoded)]
-    return tiles, f'#{sample_id} {sample.get("key", "")}: {sample["caption"]}'
+    return tiles, f'#{sample_id} (key {sample.get("key", "")}): {sample["caption"]}'
 
 
 def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:
