@@ -155,8 +155,9 @@ def test_a_wrong_scaling_factor_in_the_convention_shows_in_the_preview(root, fin
 @pytest.mark.parametrize('flags, phrase', [
     (['--preview', 3], 'cannot read convention.json and index.json of the output'),
     ([], '--preview_only: give --preview N'),
+    (['--preview', -1], '--preview -1: must be 0 (no preview) or a number of samples'),
 ])
-def test_preview_only_refusals(flags, phrase, root, tiny_model, tmp_path):
+def test_preview_flag_refusals(flags, phrase, root, tiny_model, tmp_path):
     proc = run(root, '--remote_upload', tmp_path / 'nothing', '--bucket', UNBUCKETED, '--local',
                tmp_path / 'cache', '--model_name', tiny_model, '--preview_only', *flags)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
