@@ -60,6 +60,11 @@ thread count), while on GPU float16 latents may differ in the last bits between 
 picks kernels per run). SIGTERM or SIGINT stops a run: finished parts are kept, the summary says it
 was interrupted, exit code 128 + the signal. Input, cache and output must be separate places (checked
 under any spelling). Ends with a summary, printed and written as JSON (`--summary`).
+
+`--preview N`: at the end rank 0 reads N samples spread over the finished output back from its shards
+and writes a PNG beside the summary: per stored resolution, the image's documented crop beside the
+stored latent decoded through convention.json (z = stored / scaling_factor + shift_factor, then
+vae.decode), and the caption. `--preview N --preview_only` does only that, on an existing output.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -91,7 +97,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 # Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
@@ -185,6 +191,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='seconds ranks wait for each other at the final barrier')
     p.add_argument('--summary', default='',
                    help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
+    p.add_argument('--preview', type=int, default=0,
+                   help='at the end, rank 0 writes a PNG of this many samples spread over the output: each '
+                        'source crop beside its stored latents decoded by the VAE; 0: none')
+    p.add_argument('--preview_path', default='',
+                   help='where to write the preview PNG; empty: beside the summary, <summary>_preview.png')
+    p.add_argument('--preview_only', action='store_true',
+                   help='only write the --preview of the finished output at --remote_upload (loads the '
+                        'VAE alone, encodes nothing, reads no input)')
     p.add_argument('--wandb', action='store_true', help='log progress to Weights & Biases (if installed)')
     p.add_argument('--wandb_disabled', action='store_true', help='never log to wandb (the default)')
     p.add_argument('--wandb_name', default='baseline', help='wandb run name')
@@ -1252,6 +1266,7 @@ NUMBER_FLAGS = (
     ('--download_timeout', 'download_timeout', lambda v: v > 0, 'positive seconds'),
     ('--download_retry', 'download_retry', lambda v: v >= 0, '0 or more'),
     ('--dist_timeout', 'dist_timeout', lambda v: v > 0, 'positive seconds'),
+    ('--preview', 'preview', lambda v: v >= 0, '0 (no preview) or a number of samples'),
 )
 
 
@@ -1592,6 +1607,161 @@ def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, 
         print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------------------------
+# Preview (--preview N): the stored latents decoded back into pictures, beside the crops they came from
+# ----------------------------------------------------------------------------------------------
+
+PREVIEW_TILE = 128  # px: the longer side of every tile (crops and decodes are resized to it, bilinear)
+PREVIEW_GAP = 4  # px between tiles and around the grid
+PREVIEW_LINE = 14  # px per line of text (Pillow's default font): one header line, two caption lines
+PREVIEW_CAPTION_LINES = 2
+GREY, BLACK = (128, 128, 128), (0, 0, 0)
+
+
+def preview_ids(total: int, n: int) -> list[int]:
+    """n sample ids spread evenly over [0, total), the first and the last included (all when n >= total)."""
+    if total <= 0 or n <= 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, total - 1, min(n, total)).round()})
+
+
+def stored_latent(sample: dict[str, Any], column: str, convention: dict) -> np.ndarray:
+    """A stored latent as float32, read as its convention record says: dtype, and the shape (C, h, w)
+    as recorded, never assumed square (a dimension that is not a number is inferred, at most one)."""
+    spec, blob = convention['columns'][column], sample[column]
+    if spec['dtype'] == 'bfloat16':  # stored as its raw 16 bits
+        arr = (np.frombuffer(blob, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        arr = np.frombuffer(blob, np.dtype(spec['dtype'])).astype(np.float32)
+    return arr.reshape([d if isinstance(d, int) else -1 for d in spec['shape']])
+
+
+def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
+    """What the VAE decodes: z = stored / scaling_factor + shift_factor, when the record says `scaled`."""
+    if not image_latents['scaled']:
+        return latent
+    return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
+
+
+@torch.inference_mode()
+def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
+    """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
+    x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
+    px = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(px)
+
+
+def source_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """The image's largest centered box of aspect width:height, resized to width x height (bilinear):
+    the documented crop, computed here apart from the encoder's, so that a wrong crop there shows."""
+    w, h = img.size
+    cw, ch = min(w, round(h * width / height)), min(h, round(w * height / width))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+
+
+def as_tile(img: Image.Image) -> Image.Image:
+    """`img` resized (bilinear) so that its longer side is PREVIEW_TILE."""
+    scale = PREVIEW_TILE / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR)
+
+
+def tile_origin(row: int, col: int) -> tuple[int, int]:
+    """Top-left pixel of tile (row, col) in the preview grid."""
+    row_height = PREVIEW_TILE + PREVIEW_GAP + PREVIEW_CAPTION_LINES * PREVIEW_LINE + PREVIEW_GAP
+    return (PREVIEW_GAP + col * (PREVIEW_TILE + PREVIEW_GAP),
+            PREVIEW_GAP + PREVIEW_LINE + PREVIEW_GAP + row * row_height)
+
+
+def wrap(text: str, font, width: int, lines: int) -> list[str]:
+    """`text` in at most `lines` lines of at most `width` px ('...' ends a cut text)."""
+    out: list[str] = []
+    for word in text.split():
+        if out and font.getlength(f'{out[-1]} {word}') <= width:
+            out[-1] = f'{out[-1]} {word}'
+        else:
+            out.append(word)
+    return out if len(out) <= lines else out[:lines - 1] + [out[lines - 1] + ' ...']
+
+
+def draw_grid(header: list[str], rows: list[tuple[list[Image.Image | str], str]]) -> Image.Image:
+    """Column labels on top, then per row its tiles (a str: a grey tile with that label) and its text."""
+    font = ImageFont.load_default()
+    width = tile_origin(0, len(header))[0]
+    grid = Image.new('RGB', (width, tile_origin(len(rows), 0)[1]), WHITE)
+    draw = ImageDraw.Draw(grid)
+    for col, label in enumerate(header):
+        draw.text((tile_origin(0, col)[0], PREVIEW_GAP), label, fill=BLACK, font=font)
+    for row, (tiles, text) in enumerate(rows):
+        for col, t in enumerate(tiles):
+            x, y = tile_origin(row, col)
+            if isinstance(t, str):
+                draw.rectangle((x, y, x + PREVIEW_TILE - 1, y + PREVIEW_TILE - 1), fill=GREY)
+                draw.text((x + PREVIEW_GAP, y + PREVIEW_GAP), t, fill=WHITE, font=font)
+            else:
+                grid.paste(t, (x, y))
+        y = tile_origin(row, 0)[1] + PREVIEW_TILE + PREVIEW_GAP
+        for i, line in enumerate(wrap(text, font, width - 2 * PREVIEW_GAP, PREVIEW_CAPTION_LINES)):
+            draw.text((PREVIEW_GAP, y + i * PREVIEW_LINE), line, fill=BLACK, font=font)
+    return grid
+
+
+def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int, str]], convention: dict,
+                vae, device: torch.device) -> tuple[list[Image.Image | str], str]:
+    """One sample's tiles (per stored resolution: source crop, decoded latent) and its text."""
+    img, _ = decode_image(sample['jpg'], [res for res, _ in columns])
+    tiles: list[Image.Image | str] = []
+    for res, column in columns:
+        if not sample[column]:
+            tiles += [f"b'' (< {res} px)"] * 2
+            continue
+        decoded = decode_latent(vae, unscale(stored_latent(sample, column, convention),
+                                             convention['image_latents']), device)
+        tiles += [as_tile(source_crop(img, *decoded.size)), as_tile(decoded)]
+    return tiles, f'#{sample_id} (key {sample.get("key", "")}): {sample["caption"]}'
+
+
+def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:
+    """Read a finished output back (its index.json, convention.json and the shards of the chosen
+    samples, copied to a temporary folder) and write the preview PNG to `path`; returns the sample ids."""
+    try:
+        convention = read_json(join(out_root, CONVENTION), args.download_timeout)
+        shards = read_json(join(out_root, INDEX), args.download_timeout)['shards']
+    except Exception as err:
+        raise UserError(f'--preview: cannot read {CONVENTION} and {INDEX} of the output {out_root} '
+                        f'({first_line(err)}); finish the run first (rerun without --preview_only)') from None
+    pattern = re.escape(LATENT_COLUMN).replace(re.escape('{res}'), r'(\d+)')
+    columns = sorted((int(m[1]), c) for c in convention['columns'] if (m := re.fullmatch(pattern, c)))
+    if convention['model'] != args.model_name:
+        print(f'warning: --preview decodes with the VAE of {args.model_name}; the output was written with '
+              f'{convention["model"]}', file=sys.stderr)
+    vae = load_module(args.model_name, 'vae', 'AutoencoderKL', device, torch.float32)
+    ids = preview_ids(sum(s['samples'] for s in shards), args.preview)
+    os.makedirs(args.local, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.local, prefix='preview-') as tmp:
+        cache = ShardCache(shards, out_root, tmp, args.download_timeout, args.download_retry)
+        rows = [preview_row(i, cache.get(i), columns, convention, vae, device) for i in ids]
+    header = [label for res, c in columns for label in (f'source {res} px', f'decoded {c}')]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    draw_grid(header, rows).save(path)
+    return ids
+
+
+def preview(args: argparse.Namespace, out_root: str, device: torch.device, summary: str | None) -> None:
+    """--preview: write the PNG, print its path, and record it in the summary JSON (when given)."""
+    if args.preview < 1:
+        raise UserError('--preview_only: give --preview N, the number of samples to show')
+    path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
+    ids = write_preview(args, out_root, device, path)
+    if summary is not None:
+        with open(summary) as f:
+            record = json.load(f)
+        with open(summary, 'w') as f:
+            json.dump({**record, 'preview': {'path': path, 'samples': ids}}, f, indent=2)
+    print(f'preview {path} (samples {", ".join(map(str, ids))})', flush=True)
+
+
 def main() -> None:
     args = parse_args()
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
@@ -1602,6 +1772,10 @@ def main() -> None:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
         check_args(args)
         device = pick_device(args)
+        if args.preview_only:
+            if rank == 0:
+                preview(args, places(args).out, device, None)
+            return
         dtype = resolve_dtype(args, device)
         plan = share_plan(args, dtype, rank)
         stats = run_rank(args, plan, device, dtype, rank, world)
@@ -1617,6 +1791,8 @@ def main() -> None:
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
+            if args.preview:
+                preview(args, plan.out_root, device, summary_path(args))
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)

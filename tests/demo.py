@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'mds'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
                     '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
-                    '--num_workers', '1'], env, timings)
+                    '--num_workers', '1', '--preview', '4'], env, timings)
     run('coco', [py, 'convert_coco.py', '--data_path', str(coco_data), '--annotation_path',
                  str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'], env, timings)
     return report(out, bucket, timings, args.images)
@@ -121,6 +121,7 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     rows += [('samples in all buckets', str(sum(counts.values())))]
     rows += [(f'latents {latent_bucket}: caption_latents', caption_shape)]
     rows += [(f'latents {latent_bucket}: {col}', v) for col, v in shapes.items()]
+    rows += [('latents preview', str(out / 'latents-cache' / f'latents_summary_{latent_bucket}_preview.png'))]
     rows += [('coco samples', f'{len(coco)} ({sum(len(s["captions"]) for s in coco)} captions)')]
     summary = json.loads((out / 'parquet' / '_cloudwriter' / 'summary.json').read_text())
     previews = {bucket: p['png'] for bucket, p in summary['preview'].items()}
