@@ -295,6 +295,8 @@ def check_places(args: argparse.Namespace) -> None:
             x, y = address(a), address(b)
             relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
                         else 'holds' if y[:len(x)] == x else '')
+            if relation == 'holds' and (what_a, what_b) == ('the input', 'the staging folder'):
+                continue  # an input read in place from --local: the staging clean-up deletes only itself
             if relation:
                 raise UserError(f'{what_a} {shown(a)} ({flag_a}) {relation} {what_b} {shown(b)} ({flag_b}): '
                                 'the run would delete or overwrite its files; give --remote_download, '

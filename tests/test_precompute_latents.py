@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from testbed.corpus import build_corpus, encode, make_jpeg, photo_like
 from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
 from testbed.readback import read_mds
+from testbed.scripts import load_script
 
 HIDDEN = 1024
 BROKEN = {'truncated.jpg', 'random.bin', 'empty.jpg'}
@@ -530,3 +531,13 @@ def test_a_model_name_that_cannot_load_fails_fast(name, env, phrase, root, tiny_
     assert phrase in one_line_error(proc)
     assert time.time() - began < 120  # no minutes of hub retries
     assert not (tmp_path / 'out').exists()
+
+
+def test_input_read_in_place_from_local_is_not_taken_for_an_overlap(tmp_path):
+    """Without --bucket and --remote_download the dataset at --local is the input, read in place, and
+    the run's own staging folder below it is harmless; an output inside it is still refused."""
+    script = load_script('precompute_latents.py')
+    local, out = tmp_path / 'mds', tmp_path / 'out'
+    script.check_places(script.parse_args(['--local', str(local), '--remote_upload', str(out)]))
+    with pytest.raises(script.UserError, match=r'the output .* is inside the input'):
+        script.check_places(script.parse_args(['--local', str(local), '--remote_upload', str(local / 'out')]))
