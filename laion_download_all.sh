@@ -178,13 +178,17 @@ def fail(msg: str) -> None:
     sys.exit(f'laion_download: error: {msg}')
 
 
+def unreachable(knob: str, err: Exception) -> None:
+    fail(f"{knob}={env[knob]}: cannot reach it ({type(err).__name__}: {' '.join(str(err).split())[:300]})")
+
+
 def filesystem(knob: str) -> tuple:
     """(fsspec filesystem, path, whether it exists) of a knob's URL; one line when out of reach."""
     try:
         fs, path = fsspec.core.url_to_fs(env[knob])
         return fs, path, fs.exists(path)
-    except Exception as err:  # a missing s3fs, bad credentials, no such bucket: name the knob
-        fail(f"{knob}={env[knob]}: cannot reach it ({type(err).__name__}: {' '.join(str(err).split())})")
+    except Exception as err:  # no filesystem for it (s3fs missing), no credentials
+        unreachable(knob, err)
 
 
 out_fs, out, _ = filesystem('OUTPUT_FOLDER')
@@ -216,9 +220,13 @@ if verify and unhashed:
     verify = ''
 print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
       + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
-out_fs.makedirs(out, exist_ok=True)
-if out_fs.exists(out + '/done'):
-    out_fs.rm(out + '/done')
+try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
+    out_fs.makedirs(out, exist_ok=True)
+    if out_fs.exists(out + '/done'):
+        out_fs.rm(out + '/done')
+    out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes at the end\n')
+except Exception as err:
+    unreachable('OUTPUT_FOLDER', err)
 print(verify or '-', shards, rows)
 EOF
 }
