@@ -107,6 +107,14 @@ def peak_rss_mb() -> float:
 def phase(name: str, remote: str) -> dict:
     """Run one phase here; returns its figures."""
     cw = cloudwriter()
+    if name == 'open':
+        from streaming import StreamingDataset
+        bucket = json.loads(Path(remote, 'biggest').read_text())
+        rss0 = peak_rss_mb()
+        t0 = time.perf_counter()
+        ds = StreamingDataset(local=os.path.join(remote, bucket), shuffle=False, batch_size=1)
+        return {'open_s': time.perf_counter() - t0, 'open_samples': ds.num_samples,
+                'open_shards': len(ds.shards), 'open_rss_mb': peak_rss_mb() - rss0}
     t0 = time.perf_counter()
     records = cw.read_records(remote, '').get('', {})
     out = {'read_s': time.perf_counter() - t0, 'read_rss_mb': peak_rss_mb()}
@@ -122,15 +130,6 @@ def phase(name: str, remote: str) -> dict:
                                     'mb': os.path.getsize(os.path.join(remote, bucket, 'index.json')) / 1e6,
                                     'shards': sum(len(p['shards']) for p in parts.values())}
         out['merge_rss_mb'] = peak_rss_mb()
-    if name == 'open':
-        del records
-        from streaming import StreamingDataset
-        bucket = json.loads(Path(remote, 'biggest').read_text())
-        rss0 = peak_rss_mb()
-        t0 = time.perf_counter()
-        ds = StreamingDataset(local=os.path.join(remote, bucket), shuffle=False, batch_size=1)
-        out.update(open_s=time.perf_counter() - t0, open_samples=ds.num_samples, open_shards=len(ds.shards),
-                   open_rss_mb=peak_rss_mb() - rss0)
     return out
 
 
