@@ -115,7 +115,9 @@ truthy() {
 }
 
 # True when PYTHON can import the module $1 (found, not imported: quick).
-has_module() { "$PYTHON" -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('$1'))" 2>/dev/null; }
+has_module() {
+  "$PYTHON" -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('$1'))" 2>/dev/null
+}
 
 # Settings: numbers, the distributor, wandb credentials and pass-through arguments.
 check_settings() {
@@ -224,7 +226,7 @@ try:  # the first write: an endpoint, a bucket or credentials that do not work s
     out_fs.makedirs(out, exist_ok=True)
     if out_fs.exists(out + '/done'):
         out_fs.rm(out + '/done')
-    out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes at the end\n')
+    out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes last\n')
 except Exception as err:
     unreachable('OUTPUT_FOLDER', err)
 print(verify or '-', shards, rows)
@@ -351,7 +353,7 @@ for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
     lines.append(f"    {n:>10,}  {' '.join(reason.split())[:90]}")
 if len(reasons) > 8:
     lines.append(f'    {sum(sorted(reasons.values())[:-8]):>10,}  ({len(reasons) - 8} other reasons)')
-lines.append(f'  bytes               {nbytes:>10,}  ({nbytes / 2**20:,.1f} MiB of finished shards still here)')
+lines.append(f'  bytes               {nbytes:>10,}  ({nbytes / 2**20:,.1f} MiB of finished shards here)')
 if new:
     secs = max(st['end_time'] for st in new) - min(st['start_time'] for st in new)
     n_new = sum(st['count'] for st in new)

@@ -1,7 +1,8 @@
 """laion_download_all.sh on Spark and Ray, and into S3, as a user with a cluster runs it.
 
-Spark runs in local mode on 127.0.0.1 (SPARK_MASTER=local[2]); Ray is one node on 127.0.0.1 that this
-module starts once and every run joins through RAY_ADDRESS, as it would join a cluster (Ray takes the
+Spark is a standalone master and one worker on 127.0.0.1, started once here, that each run joins through
+SPARK_MASTER; Ray is one node on 127.0.0.1 that this module starts once and every run joins through
+RAY_ADDRESS: the way each joins a cluster (Ray takes the
 machine's own address even when given 127.0.0.1, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 says this
 is a one-machine Ray, as on a laptop). S3 is the
 test bed's moto server. Each run costs ~30-60 s (a JVM or a Ray driver, then img2dataset).
@@ -12,8 +13,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -38,10 +43,49 @@ ray = pytest.importorskip('ray')
 pytest.importorskip('pyspark')
 
 SPARK_ENV = {
-    'SPARK_MASTER': 'local[2]', 'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable,
+    'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable,
+    'SPARK_MASTER_OPTS': '-Dspark.master.rest.enabled=false',
     'PYSPARK_SUBMIT_ARGS': '--conf spark.driver.host=127.0.0.1 --conf spark.driver.bindAddress=127.0.0.1 '
-                           '--conf spark.ui.enabled=false pyspark-shell',
+                           '--conf spark.ui.enabled=false --conf spark.executor.memory=512m pyspark-shell',
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def spark_master(tmp_path_factory):
+    """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
+    on a cluster; yields the master URL."""
+    import pyspark
+    spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
+    logs = tmp_path_factory.mktemp('spark')
+    env = {**os.environ, **SPARK_ENV, 'SPARK_HOME': str(spark_class.parent.parent)}
+    port = free_port()
+    url = f'spark://127.0.0.1:{port}'
+    daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
+                           '--port', str(port), '--webui-port', str(free_port())]),
+               ('worker', ['org.apache.spark.deploy.worker.Worker', '--host', '127.0.0.1', '--cores', '2',
+                           '--memory', '1g', '--webui-port', str(free_port()), '--work-dir', str(logs), url])]
+    procs = []
+    try:
+        for name, args in daemons:
+            with open(logs / f'{name}.log', 'w') as log:
+                procs.append(subprocess.Popen([str(spark_class), *args], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 120
+        while 'Registering worker' not in (logs / 'master.log').read_text():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), (
+                (logs / 'master.log').read_text()[-2000:] + (logs / 'worker.log').read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
 
 
 @pytest.fixture(scope='module')
@@ -61,10 +105,12 @@ def ray_address(s3_server):
 
 
 @pytest.fixture
-def engine_env(request, ray_address):
-    """The knobs that pick the engine named by the test's `engine` parameter."""
+def engine_env(request):
+    """The knobs that pick the engine named by the test's parameter, joined to its cluster."""
     if request.param == 'pyspark':
-        return {'DISTRIBUTOR': 'pyspark', **SPARK_ENV}
+        return {'DISTRIBUTOR': 'pyspark', 'SPARK_MASTER': request.getfixturevalue('spark_master'),
+                **SPARK_ENV}
+    ray_address = request.getfixturevalue('ray_address')
     return {'DISTRIBUTOR': 'ray', 'RAY_ADDRESS': ray_address, **RAY_ENV}
 
 
@@ -93,8 +139,9 @@ def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, 
     assert 'no done file' in first.stderr and not (out / 'done').exists()
     assert re.search(r'shards unfinished +1 +\(no _stats.json: 00001;', first.stdout)
     assert (out / 'download_summary.txt').read_text() in first.stdout
-    engine_line = {'pyspark': 'spark master local[2]', 'ray': f"ray at {engine_env.get('RAY_ADDRESS')}"}
-    assert engine_line[engine_env['DISTRIBUTOR']] in first.stdout  # the engine we named, not a new one
+    engine_line = {'pyspark': f"spark master {engine_env.get('SPARK_MASTER')}",
+                   'ray': f"ray at {engine_env.get('RAY_ADDRESS')}"}
+    assert engine_line[engine_env['DISTRIBUTOR']] in first.stdout  # the cluster we named, not a new one
 
     (out / '00001.parquet').rmdir()
     before = dict(image_server.hits)
