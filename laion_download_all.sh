@@ -4,6 +4,11 @@
 #
 # Example:
 #   URL_LIST=/tmp/laion2b-raw OUTPUT_FOLDER=/tmp/laion2b-processed PROCESSES_COUNT=8 ./laion_download_all.sh
+# On a cluster (every node reaches the bucket; pip install pyspark or ray, and s3fs, on every node):
+#   DISTRIBUTOR=pyspark SPARK_MASTER=spark://head:7077 URL_LIST=s3://b/laion2b-raw \
+#     OUTPUT_FOLDER=s3://b/laion2b-processed ./laion_download_all.sh
+#   DISTRIBUTOR=ray RAY_ADDRESS=head:6379 URL_LIST=s3://b/laion2b-raw OUTPUT_FOLDER=s3://b/laion2b-processed \
+#     ./laion_download_all.sh
 #
 # Reads:  the metadata parquet files in URL_LIST (LAION-2B-en: url, caption, similarity, punsafe,
 #         pwatermark, hash, md5); ~2.3 billion rows in 128 files for the whole set.
@@ -17,17 +22,29 @@
 #         off mid-way is downloaded again from its start. `done` is removed when a run starts.
 # Exit:   0 and `done` only when img2dataset finished every shard; otherwise non-zero and no `done`.
 #         2: bad settings or metadata (one line says which); 130: interrupted.
-# At the end: a one-screen summary from the _stats.json files, where images that downloaded but do not
-#         decode (img2dataset marks them 'success', as it decodes nothing here) are counted as corrupt.
+#         `done` needs a _stats.json for every shard the metadata makes: ray drops a failed shard without
+#         a word, and img2dataset exits 0 after failed shards on every distributor.
+# At the end: a one-screen summary from the _stats.json files, also written to
+#         OUTPUT_FOLDER/download_summary.txt. With CHECK_IMAGES (on by default only for multiprocessing
+#         into a local folder) images that downloaded but do not decode (img2dataset marks them
+#         'success', as it decodes nothing here) are counted as corrupt; otherwise they count as ok here
+#         and laion_cloudwriter.py counts those whose header does not read, where it reads them anyway.
 #
 # Knobs: environment variables named as the img2dataset flag they set (upper case), with defaults.
 # Any arguments are passed on to img2dataset (e.g. --min_image_size=64 or --user_agent_token=me);
 # set the flags below through their variable, not as arguments.
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
-#   OUTPUT_FOLDER            local folder for the shards, not URL_LIST  /tmp/laion2b-processed
+#   OUTPUT_FOLDER            folder for the shards, not URL_LIST's: local, or s3://… (any fsspec URL;
+#                            needs s3fs, credentials and endpoint as boto reads them, e.g.
+#                            AWS_ENDPOINT_URL). For pyspark/ray on many machines, storage every node
+#                            reaches.                                   /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
 #   DISTRIBUTOR              multiprocessing, or pyspark / ray for many machines (needs that package)
+#   SPARK_MASTER             (pyspark) the master to run on, e.g. spark://head:7077 or yarn; other Spark
+#                            settings through PYSPARK_SUBMIT_ARGS      local[PROCESSES_COUNT,3]
+#   RAY_ADDRESS              (ray) the cluster to join, e.g. head:6379; empty: a one-machine Ray with
+#                            PROCESSES_COUNT CPUs                       (empty)
 #   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
 #                            beforehand; never prompts                  False
 #   NUMBER_SAMPLE_PER_SHARD  rows per shard (keep it between runs into one folder)   10000
@@ -38,8 +55,11 @@
 #   VERIFY_HASH              metadata column with each image's md5, checked against the downloaded
 #                            bytes (mismatches fail as 'hash mismatch'); empty or False: do not check.
 #                            Files without that column are not checked.      md5
-#   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files  True
-#   PYTHON                   (ours) the interpreter with pyarrow and pillow for the checks  python3
+#   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files, read
+#                            back through this machine: a local OUTPUT_FOLDER only
+#                            True for multiprocessing into a local folder, else False
+#   PYTHON                   (ours) the interpreter with img2dataset (and pyspark or ray) that runs the
+#                            download and the checks                   python3
 # laion_download_aesthetic.sh runs this script with the aesthetic 4.5+ subset's defaults.
 set -euo pipefail
 
@@ -58,13 +78,30 @@ URL_COL=${URL_COL:-url}
 CAPTION_COL=${CAPTION_COL:-caption}
 SAVE_ADDITIONAL_COLUMNS=${SAVE_ADDITIONAL_COLUMNS-punsafe,pwatermark,similarity,hash}
 VERIFY_HASH=${VERIFY_HASH-md5}
-CHECK_IMAGES=${CHECK_IMAGES:-True}
+SPARK_MASTER=${SPARK_MASTER:-local[$PROCESSES_COUNT,3]}  # 3: a task whose worker dies runs again
+RAY_ADDRESS=${RAY_ADDRESS:-}
+[[ $DISTRIBUTOR == multiprocessing && $OUTPUT_FOLDER != *://* ]] && check_default=True || check_default=False
+CHECK_IMAGES=${CHECK_IMAGES:-$check_default}
 PYTHON=${PYTHON:-python3}
 export NO_ALBUMENTATIONS_UPDATE=${NO_ALBUMENTATIONS_UPDATE:-1}  # no update check in every process
 # Flags this script sets itself: they come from the variables above or are fixed.
 OWN_FLAGS='url_list output_folder processes_count thread_count distributor enable_wandb
   number_sample_per_shard timeout retries url_col caption_col save_additional_columns verify_hash
   compute_hash input_format output_format resize_mode disable_all_reencoding incremental_mode'
+
+# How each DISTRIBUTOR starts: python run before img2dataset's own command line, in the same process.
+# img2dataset uses the Spark session that exists instead of making its own local[N] one, and joins the
+# Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS).
+declare -A ENGINE_START=(
+  [multiprocessing]=''
+  [pyspark]='from pyspark.sql import SparkSession
+spark = SparkSession.builder.master(os.environ["SPARK_MASTER"]).appName("laion_download").getOrCreate()
+print(f"laion_download: spark master {spark.sparkContext.master}", file=sys.stderr)'
+  [ray]='import ray
+address = os.environ["RAY_ADDRESS"] or None
+ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]))
+print(f"laion_download: ray at {ray.get_runtime_context().gcs_address}", file=sys.stderr)'
+)
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
 
@@ -77,6 +114,11 @@ truthy() {
   esac
 }
 
+# True when PYTHON can import the module $1 (found, not imported: quick).
+has_module() {
+  "$PYTHON" -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('$1'))" 2>/dev/null
+}
+
 # Settings: numbers, the distributor, wandb credentials and pass-through arguments.
 check_settings() {
   local var arg flag
@@ -86,8 +128,8 @@ check_settings() {
   [[ $RETRIES =~ ^[0-9]+$ ]] || die "RETRIES=$RETRIES: expected a whole number"
   case "$DISTRIBUTOR" in
     multiprocessing) ;;
-    pyspark | ray) "$PYTHON" -c "import $DISTRIBUTOR" 2>/dev/null ||
-      die "DISTRIBUTOR=$DISTRIBUTOR needs the $DISTRIBUTOR package installed (pip install $DISTRIBUTOR)" ;;
+    pyspark | ray) has_module "$DISTRIBUTOR" ||
+      die "DISTRIBUTOR=$DISTRIBUTOR needs the $DISTRIBUTOR package (pip install $DISTRIBUTOR)" ;;
     *) die "DISTRIBUTOR=$DISTRIBUTOR: expected multiprocessing, pyspark or ray" ;;
   esac
   if truthy ENABLE_WANDB "$ENABLE_WANDB"; then
@@ -99,7 +141,14 @@ check_settings() {
     ENABLE_WANDB=False
   fi
   check_output_folder
-  command -v img2dataset >/dev/null || die 'img2dataset is not on PATH (pip install -r requirements.txt)'
+  if truthy CHECK_IMAGES "$CHECK_IMAGES"; then
+    CHECK_IMAGES=True
+    [[ $OUTPUT_FOLDER != *://* ]] || die "CHECK_IMAGES=True reads every image back through this machine:" \
+      "only for a local OUTPUT_FOLDER, not $OUTPUT_FOLDER (laion_cloudwriter.py counts unreadable images)"
+  else
+    CHECK_IMAGES=False
+  fi
+  has_module img2dataset || die "PYTHON=$PYTHON has no img2dataset (pip install -r requirements.txt)"
   for arg in "$@"; do
     for flag in $OWN_FLAGS; do
       [[ ${arg//-/_} == "__$flag" || ${arg//-/_} == "__$flag="* ]] &&
@@ -109,13 +158,13 @@ check_settings() {
   return 0
 }
 
-# OUTPUT_FOLDER: a local folder (new or existing, in a folder we can write to), not a file or under
-# one, and not the metadata's own folder
+# A local OUTPUT_FOLDER: new or existing, in a folder we can write to, not a file or under one, and
+# not the metadata's own folder
 # (the shards, named NNNNN.parquet like many metadata files, would mix with and could overwrite the
 # metadata, and a rerun would read them as metadata). Paths are compared after resolving symlinks.
 check_output_folder() {
   local meta_dir there=$OUTPUT_FOLDER
-  [[ $OUTPUT_FOLDER != *://* ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: expected a local folder"
+  [[ $OUTPUT_FOLDER != *://* ]] || return 0  # a URL: the preflight checks it can be reached
   while [[ ! -e $there && $there != "$(dirname -- "$there")" ]]; do there=$(dirname -- "$there"); done
   [[ -d $there ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: $there exists and is not a folder;" \
     'point OUTPUT_FOLDER at a folder (new or existing)'
@@ -131,15 +180,9 @@ check_output_folder() {
   return 0
 }
 
-# Creates OUTPUT_FOLDER (after the checks, so a refused run leaves nothing behind).
-make_output_folder() {
-  local err
-  err=$(mkdir -p -- "$OUTPUT_FOLDER" 2>&1) ||
-    die "OUTPUT_FOLDER=$OUTPUT_FOLDER: cannot create it (${err##*: }); pick a folder you can write to"
-}
-
-# Reads only the parquet footers: fails with one line on a missing/empty folder or a missing column;
-# prints "<md5 column to verify, or -> <expected shards> <rows>".
+# Reads only the parquet footers: fails with one line on a missing/empty folder, a missing column or
+# an OUTPUT_FOLDER out of reach (no fsspec filesystem for it, no credentials). Then makes OUTPUT_FOLDER,
+# removes its `done`, and prints "<md5 column to verify, or -> <expected shards> <rows>".
 preflight() {
   "$PYTHON" - <<'EOF'
 import math
@@ -160,8 +203,22 @@ def fail(msg: str) -> None:
     sys.exit(f'laion_download: error: {msg}')
 
 
-fs, path = fsspec.core.url_to_fs(url_list)
-if not fs.exists(path):
+def unreachable(knob: str, err: Exception) -> None:
+    fail(f"{knob}={env[knob]}: cannot reach it ({type(err).__name__}: {' '.join(str(err).split())[:300]})")
+
+
+def filesystem(knob: str) -> tuple:
+    """(fsspec filesystem, path, whether it exists) of a knob's URL; one line when out of reach."""
+    try:
+        fs, path = fsspec.core.url_to_fs(env[knob])
+        return fs, path, fs.exists(path)
+    except Exception as err:  # no filesystem for it (s3fs missing), no credentials
+        unreachable(knob, err)
+
+
+out_fs, out, _ = filesystem('OUTPUT_FOLDER')
+fs, path, exists = filesystem('URL_LIST')
+if not exists:
     fail(f'URL_LIST={url_list}: no such folder or file')
 files = sorted(fs.glob(path.rstrip('/') + '/*.parquet')) if fs.isdir(path) else [path]
 if not files:
@@ -188,28 +245,39 @@ if verify and unhashed:
     verify = ''
 print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
       + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
+try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
+    out_fs.makedirs(out, exist_ok=True)
+    if out_fs.exists(out + '/done'):
+        out_fs.rm(out + '/done')
+    out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes last\n')
+except Exception as err:
+    unreachable('OUTPUT_FOLDER', err)
 print(verify or '-', shards, rows)
 EOF
 }
 
-# The one-screen summary over every *_stats.json, counting images that do not decode as corrupt
-# (checked once per shard; results kept in OUTPUT_FOLDER/.image_check.tsv). Exits 1 when a shard
-# img2dataset started has no _stats.json (it failed), 0 otherwise.
+# The one-screen summary over every *_stats.json, printed and written to OUTPUT_FOLDER/download_summary.txt;
+# with CHECK_IMAGES, images that do not decode count as corrupt (checked once per shard; results kept in
+# OUTPUT_FOLDER/.image_check.tsv). Writes `done` when img2dataset exited 0 (IMG2DATASET_RC) and every
+# expected shard has its _stats.json, and exits 0; exits 1 otherwise.
 summarize() {
   "$PYTHON" - <<'EOF'
-import glob
 import io
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+import fsspec
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 env = os.environ
-out, expected, start = env['OUTPUT_FOLDER'], int(env['EXPECTED_SHARDS']), float(env['RUN_START'])
-check = env['CHECK_IMAGES'].lower() in ('true', '1', 'yes', 'on')
+fs, out = fsspec.core.url_to_fs(env['OUTPUT_FOLDER'])
+expected, start = int(env['EXPECTED_SHARDS']), float(env['RUN_START'])
+check = env['CHECK_IMAGES'] == 'True'  # a local OUTPUT_FOLDER only: paths below are then os paths
 CACHE = os.path.join(out, '.image_check.tsv')  # shard, its stats' end_time, images checked, corrupt
+READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
 Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
 
 
@@ -240,32 +308,29 @@ def check_shard(path: str) -> tuple[int, int] | None:
     return checked, corrupt
 
 
-def size(path: str) -> int:
+def read_stats(path: str) -> tuple[str, dict] | None:
+    """(shard name, its stats); None when the file went away (renamed by the cloudwriter)."""
     try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
+        return path.rsplit('/', 1)[-1].split('_')[0], json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
 
 
 # Stats before parquets: laion_cloudwriter.py, running beside, deletes a parquet and then renames its
 # stats to NNNNN_converted.json (same content), so a parquet seen after its stats were missed is a
-# shard img2dataset did not finish. Converted after stats: a rename between the two globs is caught.
-stats = {}
-for path in (sorted(glob.glob(os.path.join(out, '*_stats.json')))
-             + sorted(glob.glob(os.path.join(out, '*_converted.json')))):
-    try:
-        with open(path) as f:
-            stats[os.path.basename(path).split('_')[0]] = json.load(f)
-    except FileNotFoundError:
-        pass
+# shard img2dataset did not finish. Converted after stats: a rename between the two listings is caught.
+paths = sorted(fs.glob(out + '/*_stats.json')) + sorted(fs.glob(out + '/*_converted.json'))
+with ThreadPoolExecutor(READERS) as pool:
+    stats = dict(got for got in pool.map(read_stats, paths) if got is not None)
+sizes = {f['name'].rsplit('/', 1)[-1][:-len('.parquet')]: f['size']
+         for f in fs.ls(out, detail=True) if f['name'].endswith('.parquet')}
 cache = {}
-if os.path.exists(CACHE):
+if check and os.path.exists(CACHE):
     for line in open(CACHE):
         fields = line.split()
         if len(fields) == 4 and line.endswith('\n'):  # a line cut off by a kill is checked again
             cache[(fields[0], fields[1])] = (int(fields[2]), int(fields[3]))
-todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache
-        and os.path.exists(os.path.join(out, s + '.parquet'))] if check else []
+todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache and s in sizes] if check else []
 if todo:
     workers = min(len(todo), int(env['PROCESSES_COUNT']))
     print(f'laion_download: checking that the images of {len(todo)} new shards decode ...', flush=True)
@@ -290,47 +355,51 @@ for s, st in stats.items():
     unchecked += 0 if got else st['successes']
 if corrupt:
     reasons['corrupt: downloaded but does not decode'] = corrupt
-parquets = {os.path.basename(p)[:-len('.parquet')] for p in glob.glob(os.path.join(out, '*.parquet'))}
-unfinished = sorted(parquets - set(stats))
-nbytes = sum(size(os.path.join(out, s + '.parquet')) for s in parquets & set(stats))
+finished = {int(s) for s in stats}
+missing = [f'{i:05d}' for i in range(expected) if i not in finished]
+partial = sum(s in sizes for s in missing)
+nbytes = sum(n for s, n in sizes.items() if s in stats)
 new = [st for st in stats.values() if st['end_time'] >= start]
+complete = not missing and env['IMG2DATASET_RC'] == '0'
 
-print(f'\n== laion_download summary: {out}')
-print(f'  shards finished     {len(stats):>10,}  of {expected:,} expected'
-      + (f'  ({expected - len(stats) - len(unfinished):,} not on disk: converted and removed by the '
-         'cloudwriter, or not downloaded)' if len(stats) + len(unfinished) < expected else ''))
-if unfinished:
-    print(f'  shards unfinished   {len(unfinished):>10,}  (a parquet without _stats.json: '
-          f"{', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''})")
-print(f'  rows                {count:>10,}')
-print(f'  images ok           {successes - corrupt:>10,}'
-      + (f'  ({unchecked:,} not checked for corruption)' if unchecked else ''))
-print(f'  failures            {count - successes + corrupt:>10,}')
+lines = [f"== laion_download summary: {env['OUTPUT_FOLDER']}",
+         f'  shards finished     {len(stats):>10,}  of {expected:,} expected']
+if missing:
+    lines.append(f"  shards unfinished   {len(missing):>10,}  (no _stats.json: {', '.join(missing[:5])}"
+                 f"{' ...' if len(missing) > 5 else ''}; {partial:,} of them left a parquet)")
+lines.append(f'  rows                {count:>10,}')
+lines.append(f'  images ok           {successes - corrupt:>10,}' + (
+    f'  ({unchecked:,} not checked for corruption)' if check and unchecked else '' if check else
+    '  (not decoded: laion_cloudwriter.py counts those whose header does not read)'))
+lines.append(f'  failures            {count - successes + corrupt:>10,}')
 for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
-    print(f"    {n:>10,}  {' '.join(reason.split())[:90]}")
+    lines.append(f"    {n:>10,}  {' '.join(reason.split())[:90]}")
 if len(reasons) > 8:
-    print(f'    {sum(sorted(reasons.values())[:-8]):>10,}  ({len(reasons) - 8} other reasons)')
-print(f'  bytes               {nbytes:>10,}  ({nbytes / 2**20:,.1f} MiB of finished shards on disk)')
+    lines.append(f'    {sum(sorted(reasons.values())[:-8]):>10,}  ({len(reasons) - 8} other reasons)')
+lines.append(f'  bytes               {nbytes:>10,}  ({nbytes / 2**20:,.1f} MiB of finished shards here)')
 if new:
     secs = max(st['end_time'] for st in new) - min(st['start_time'] for st in new)
     n_new = sum(st['count'] for st in new)
-    print(f'  this run            {n_new:>10,}  rows in {len(new)} shards, {secs:.1f} s, '
-          f'{n_new / max(secs, 1e-9):,.0f} rows/s')
-raise SystemExit(1 if unfinished else 0)
+    lines.append(f'  this run            {n_new:>10,}  rows in {len(new)} shards, {secs:.1f} s, '
+                 f'{n_new / max(secs, 1e-9):,.0f} rows/s')
+text = '\n'.join(lines) + '\n'
+print('\n' + text, end='', flush=True)
+fs.pipe_file(out + '/download_summary.txt', text.encode())
+if complete:
+    if not isinstance(fs, LocalFileSystem) and fs.exists(out + '/_tmp'):
+        fs.rm(out + '/_tmp', recursive=True)  # img2dataset's shard inputs: it removes them only locally
+    fs.touch(out + '/done')
+raise SystemExit(0 if complete else 1)
 EOF
 }
 
 main() {
   check_settings "$@"
-  local plan verify expected rows rc=0 complete=0
-  plan=$(URL_LIST=$URL_LIST NUMBER_SAMPLE_PER_SHARD=$NUMBER_SAMPLE_PER_SHARD VERIFY_HASH=$VERIFY_HASH \
-    URL_COL=$URL_COL CAPTION_COL=$CAPTION_COL SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS preflight) ||
-    exit 2
+  local plan verify expected rows rc=0
+  plan=$(URL_LIST=$URL_LIST OUTPUT_FOLDER=$OUTPUT_FOLDER NUMBER_SAMPLE_PER_SHARD=$NUMBER_SAMPLE_PER_SHARD \
+    VERIFY_HASH=$VERIFY_HASH URL_COL=$URL_COL CAPTION_COL=$CAPTION_COL \
+    SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS preflight) || exit 2
   read -r verify expected rows <<<"$plan"
-  make_output_folder
-  rm -f "$OUTPUT_FOLDER/done"
-  LOG=$(mktemp)
-  trap 'rm -f "$LOG"' EXIT
   trap 'echo "$PROG: interrupted: no done file; run the same command again to resume" >&2; exit 130' INT
 
   local args=(
@@ -348,21 +417,20 @@ main() {
 
   local run_start
   run_start=$(date +%s)
+  # The engine starts first in the same python process (ENGINE_START), then img2dataset's command line.
   # stdin from /dev/null: nothing (wandb included) can wait for an answer in an unattended job.
-  PYTHONUNBUFFERED=1 img2dataset "${args[@]}" "$@" </dev/null 2>&1 | tee "$LOG" || rc=${PIPESTATUS[0]}
-  # img2dataset exits 0 even when shards failed after their retries: it says so in its output.
-  if [[ $rc == 0 ]] && grep -q 'shards still failed' "$LOG"; then
-    echo "$PROG: img2dataset reported shards that failed after retries" >&2
-    rc=1
-  fi
-  OUTPUT_FOLDER=$OUTPUT_FOLDER EXPECTED_SHARDS=$expected RUN_START=$run_start CHECK_IMAGES=$CHECK_IMAGES \
-    PROCESSES_COUNT=$PROCESSES_COUNT summarize || complete=1
-  if [[ $rc != 0 || $complete != 0 ]]; then
+  SPARK_MASTER=$SPARK_MASTER RAY_ADDRESS=$RAY_ADDRESS PROCESSES_COUNT=$PROCESSES_COUNT PYTHONUNBUFFERED=1 \
+    "$PYTHON" -c "import os, sys
+${ENGINE_START[$DISTRIBUTOR]}
+from img2dataset import main
+main()" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
+  # img2dataset exits 0 even after failed shards (ray does not even retry them): summarize decides.
+  if ! OUTPUT_FOLDER=$OUTPUT_FOLDER EXPECTED_SHARDS=$expected RUN_START=$run_start IMG2DATASET_RC=$rc \
+    CHECK_IMAGES=$CHECK_IMAGES PROCESSES_COUNT=$PROCESSES_COUNT summarize; then
     echo "$PROG: download incomplete (img2dataset exit code $rc): no done file;" \
       'run the same command again to resume' >&2
     exit $(( rc != 0 ? rc : 1 ))
   fi
-  touch "$OUTPUT_FOLDER/done"
   echo "$PROG: done: $OUTPUT_FOLDER/done ($rows metadata rows)"
 }
 

@@ -1,0 +1,222 @@
+"""laion_download_all.sh on Spark and Ray, and into S3, as a user with a cluster runs it.
+
+Spark is a standalone master and one worker on 127.0.0.1, started once here, that each run joins through
+SPARK_MASTER; Ray is one node on 127.0.0.1 that this module starts once and every run joins through
+RAY_ADDRESS: the way each joins a cluster (Ray takes the
+machine's own address even when given 127.0.0.1, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 says this
+is a one-machine Ray, as on a laptop). S3 is the
+test bed's moto server. Each run costs ~30-60 s (a JVM or a Ray driver, then img2dataset).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_download import (
+    PER_SHARD,
+    SCRIPTS,
+    check_rows,
+    expected_summary,
+    full_entries,
+    read_output,
+    script_env,
+    summary,
+)
+
+# No usage stats, loopback only, no token (a cluster on loopback has nothing to keep out).
+RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
+           'RAY_AUTH_MODE': 'disabled'}
+os.environ.update(RAY_ENV)  # read when ray is imported
+ray = pytest.importorskip('ray')
+pytest.importorskip('pyspark')
+
+SPARK_ENV = {
+    'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable,
+    'SPARK_MASTER_OPTS': '-Dspark.master.rest.enabled=false',
+    'PYSPARK_SUBMIT_ARGS': '--conf spark.driver.host=127.0.0.1 --conf spark.driver.bindAddress=127.0.0.1 '
+                           '--conf spark.ui.enabled=false --conf spark.executor.memory=512m pyspark-shell',
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def spark_master(tmp_path_factory):
+    """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
+    on a cluster; yields the master URL."""
+    import pyspark
+    spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
+    logs = tmp_path_factory.mktemp('spark')
+    env = {**os.environ, **SPARK_ENV, 'SPARK_HOME': str(spark_class.parent.parent)}
+    port = free_port()
+    url = f'spark://127.0.0.1:{port}'
+    daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
+                           '--port', str(port), '--webui-port', str(free_port())]),
+               ('worker', ['org.apache.spark.deploy.worker.Worker', '--host', '127.0.0.1', '--cores', '2',
+                           '--memory', '1g', '--webui-port', str(free_port()), '--work-dir', str(logs), url])]
+    procs = []
+    try:
+        for name, args in daemons:
+            with open(logs / f'{name}.log', 'w') as log:
+                procs.append(subprocess.Popen([str(spark_class), *args], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 120
+        while 'Registering worker' not in (logs / 'master.log').read_text():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), (
+                (logs / 'master.log').read_text()[-2000:] + (logs / 'worker.log').read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+
+
+@pytest.fixture(scope='module')
+def ray_address(s3_server):
+    """One Ray node on 127.0.0.1, started here; its workers see the S3 server's credentials and
+    endpoint, as a cluster's nodes would see their own."""
+    saved = dict(os.environ)
+    os.environ.update(s3_server.env, AWS_ENDPOINT_URL=s3_server.endpoint, **RAY_ENV)
+    try:
+        ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert ctx.address_info['gcs_address'].startswith('127.0.0.1:')
+    yield ctx.address_info['gcs_address']
+    ray.shutdown()
+
+
+@pytest.fixture
+def engine_env(request):
+    """The knobs that pick the engine named by the test's parameter, joined to its cluster."""
+    if request.param == 'pyspark':
+        return {'DISTRIBUTOR': 'pyspark', 'SPARK_MASTER': request.getfixturevalue('spark_master'),
+                **SPARK_ENV}
+    ray_address = request.getfixturevalue('ray_address')
+    return {'DISTRIBUTOR': 'ray', 'RAY_ADDRESS': ray_address, **RAY_ENV}
+
+
+def run(meta: str, out: str, **knobs: str) -> subprocess.CompletedProcess:
+    env = script_env(meta, out, **knobs)
+    return subprocess.run([str(SCRIPTS['full'])], env=env, capture_output=True, text=True, timeout=400)
+
+
+def shard_paths(entries: list) -> list[set[str]]:
+    """The server paths each shard requests."""
+    paths = [urlparse(e.url).path for e, _ in entries]
+    return [set(paths[i:i + PER_SHARD]) for i in range(0, len(paths), PER_SHARD)]
+
+
+@pytest.mark.parametrize('engine_env', ['pyspark', 'ray'], indirect=True)
+def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, image_server, tmp_path):
+    # Shard 1 cannot be written (its file name is taken by a folder, as on a full disk): img2dataset
+    # on Spark retries it and gives up, on Ray drops it without a word; both exit 0.
+    entries, table = full_entries(image_server)
+    (tmp_path / 'raw').mkdir()
+    pq.write_table(table, tmp_path / 'raw' / 'part-00000.parquet')
+    out = tmp_path / 'out'
+    (out / '00001.parquet').mkdir(parents=True)
+    first = run(tmp_path / 'raw', out, CHECK_IMAGES='True', **engine_env)
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    assert 'no done file' in first.stderr and not (out / 'done').exists()
+    assert re.search(r'shards unfinished +1 +\(no _stats.json: 00001;', first.stdout)
+    assert (out / 'download_summary.txt').read_text() in first.stdout
+    engine_line = {'pyspark': f"spark master {engine_env.get('SPARK_MASTER')}",
+                   'ray': f"ray at {engine_env.get('RAY_ADDRESS')}"}
+    assert engine_line[engine_env['DISTRIBUTOR']] in first.stdout  # the cluster we named, not a new one
+
+    (out / '00001.parquet').rmdir()
+    before = dict(image_server.hits)
+    again = run(tmp_path / 'raw', out, CHECK_IMAGES='True', **engine_env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (out / 'done').exists()
+    per_shard = shard_paths(entries)
+    others = set().union(*per_shard[:1], *per_shard[2:]) - per_shard[1]
+    fetched = {p: image_server.hits[p] - before.get(p, 0) for p in set().union(*per_shard)}
+    assert {p: fetched[p] for p in others} == dict.fromkeys(others, 0)
+    assert all(fetched[p] > 0 for p in per_shard[1] - others)
+    shards = len(per_shard)
+    assert sorted(p.name for p in out.glob('*_stats.json')) == [f'{s:05d}_stats.json' for s in range(shards)]
+    check_rows(read_output(out), entries, ['punsafe', 'pwatermark', 'similarity', 'hash'])
+    got = summary(again.stdout)
+    assert got.pop('shards finished') == shards
+    assert got == expected_summary(entries)  # corrupt files counted: CHECK_IMAGES on a local folder
+
+
+def test_s3_in_and_out_on_ray(ray_address, image_server, s3, tmp_path):
+    # The metadata and the shards both in the bucket, the download on the Ray node: what a cluster does.
+    entries, table = full_entries(image_server)
+    client = s3.client()
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    client.put_object(Bucket=s3.bucket, Key='laion2b-raw/part-00000.parquet', Body=buf.getvalue())
+    url_list, out = f's3://{s3.bucket}/laion2b-raw', f's3://{s3.bucket}/laion2b-processed'
+    knobs = dict(s3.env, AWS_ENDPOINT_URL=s3.endpoint, DISTRIBUTOR='ray', RAY_ADDRESS=ray_address, **RAY_ENV)
+    proc = run(url_list, out, **knobs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = -(-len(entries) // PER_SHARD)
+    keys = s3.list_keys(s3.bucket, 'laion2b-processed/')
+    names = [f'{s:05d}{suffix}' for s in range(shards) for suffix in ('.parquet', '_stats.json')]
+    assert sorted(k.split('/', 1)[1] for k in keys) == sorted(names + ['done', 'download_summary.txt'])
+
+    def read(key: str) -> bytes:
+        return client.get_object(Bucket=s3.bucket, Key=f'laion2b-processed/{key}')['Body'].read()
+
+    table = pa.concat_tables([pq.read_table(io.BytesIO(read(f'{s:05d}.parquet'))) for s in range(shards)])
+    # Corrupt files are not decoded back through this machine: they count as downloaded, which they are.
+    check_rows(table, entries, ['punsafe', 'pwatermark', 'similarity', 'hash'])
+    want = expected_summary([(e, 'success' if x == 'decode' else x) for e, x in entries])
+    got = summary(proc.stdout)
+    assert got.pop('shards finished') == shards
+    assert got == want
+    assert 'not decoded: laion_cloudwriter.py counts those whose header does not read' in proc.stdout
+    assert read('download_summary.txt').decode() in proc.stdout
+
+    before = dict(image_server.hits)
+    again = run(url_list, out, **knobs)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert dict(image_server.hits) == before  # every shard was finished: nothing fetched again
+    assert 'done' in [k.rsplit('/', 1)[1] for k in s3.list_keys(s3.bucket, 'laion2b-processed/')]
+
+
+def test_decode_check_on_remote_output_is_refused(s3, tmp_path):
+    proc = subprocess.run([str(SCRIPTS['full'])], env=script_env(tmp_path, f's3://{s3.bucket}/out',
+                                                                 CHECK_IMAGES='True'),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f'laion_download: error: CHECK_IMAGES=True reads every image back through this machine: only for a '
+        f'local OUTPUT_FOLDER, not s3://{s3.bucket}/out (laion_cloudwriter.py counts unreadable images)']
+
+
+def test_unreachable_output_gets_one_line(image_server, tmp_path):
+    # No endpoint answers (a closed port on loopback): the run stops at its first write, before any
+    # download. (PYTHONWARNINGS: the test pins an old s3fs, which fsspec warns about.)
+    (tmp_path / 'raw').mkdir()
+    pq.write_table(full_entries(image_server)[1], tmp_path / 'raw' / 'part-00000.parquet')
+    env = script_env(tmp_path / 'raw', 's3://nobucket/out', AWS_ENDPOINT_URL='http://127.0.0.1:9',
+                     AWS_ACCESS_KEY_ID='x', AWS_SECRET_ACCESS_KEY='x', AWS_DEFAULT_REGION='us-east-1',
+                     AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1', PYTHONWARNINGS='ignore')
+    proc = subprocess.run([str(SCRIPTS['full'])], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if 'error' in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        'laion_download: error: OUTPUT_FOLDER=s3://nobucket/out: cannot reach it'), proc.stderr
