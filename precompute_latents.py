@@ -33,6 +33,13 @@ read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name
   scaled to [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with
   `--latent_mode mean`), then `(z - shift_factor) * scaling_factor` from the VAE config; `b''` when the
   image's shorter side is below res;
+- with `--crop aspect`: `latents_<res>` of shape (C, H/8, W/8), W x H the bucket nearest the image's
+  aspect ratio in the resolution's table (area ~res x res, sides multiples of the VAE factor x 8, from
+  1:--max_aspect to --max_aspect:1), the image resized to cover it and cropped (centred, or
+  --random_crop); `aspect_bucket_<res>` (int32, -1 for b''); `add_time_ids_<res>` (6 x int32: SDXL's
+  original (h, w), crop top-left (top, left), target (h, w)); samples go to one dataset per bucket
+  group, `<out>/<group>/`, listed in `aspect_groups.json` (read them with one Stream each and
+  batching_method='per_stream' for same-shaped batches); `--flip` adds `<column>_flipped`;
 - `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
   scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
 
