@@ -33,6 +33,13 @@ read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name
   scaled to [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with
   `--latent_mode mean`), then `(z - shift_factor) * scaling_factor` from the VAE config; `b''` when the
   image's shorter side is below res;
+- with `--crop aspect`: `latents_<res>` of shape (C, H/8, W/8), W x H the bucket nearest the image's
+  aspect ratio in the resolution's table (area ~res x res, sides multiples of the VAE factor x 8, from
+  1:--max_aspect to --max_aspect:1), the image resized to cover it and cropped (centred, or
+  --random_crop); `aspect_bucket_<res>` (int32, -1 for b''); `add_time_ids_<res>` (6 x int32: SDXL's
+  original (h, w), crop top-left (top, left), target (h, w)); samples go to one dataset per bucket
+  group, `<out>/<group>/`, listed in `aspect_groups.json` (read them with one Stream each and
+  batching_method='per_stream' for same-shaped batches); `--flip` adds `<column>_flipped`;
 - `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
   scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
 
@@ -80,6 +87,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -97,7 +105,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 # Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
@@ -109,6 +117,13 @@ LATENT_COLUMN = 'latents_{res}'  # one per resolution
 DONE_MARKER = '_done'  # per part; not *.json, so streaming's merge_index never mistakes it for an index
 INDEX = 'index.json'
 WHITE = (255, 255, 255)
+# --crop aspect: per-sample columns beside latents_<res> (one set per resolution)
+BUCKET_COLUMN = 'aspect_bucket_{res}'  # int32: index into the resolution's bucket table; -1 when b''
+TIME_IDS_COLUMN = 'add_time_ids_{res}'  # int32 x 6, SDXL's add_time_ids: original (h, w), crop (top, left),
+#                                         target (h, w) = the bucket
+FLIPPED = '{column}_flipped'  # --flip: the same for the horizontally mirrored crop
+GROUPS = 'aspect_groups.json'  # beside index.json: the per-bucket datasets <out>/<group>/ and their sizes
+ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 
 
 class UserError(Exception):
@@ -164,6 +179,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='samples per batch on each process')
     p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512],
                    help='image resolutions to encode, multiples of 8; one latents_<res> column each')
+    p.add_argument('--crop', choices=('center', 'aspect'), default='center',
+                   help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
+                        'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
+                        'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
+    p.add_argument('--max_aspect', type=float, default=4.0,
+                   help='--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide)')
+    p.add_argument('--random_crop', action='store_true',
+                   help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
+                        "sample's index, so a rerun is identical) instead of centred")
+    p.add_argument('--flip', action='store_true',
+                   help='also store latents_<res>_flipped: the latent of the horizontally mirrored crop')
     p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
                    help='store a sample of the latent distribution (seeded per sample) or its mean')
     p.add_argument('--seed', type=int, default=0, help='seed of the per-sample noise in sample mode')
@@ -465,6 +491,11 @@ def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list
     if img.format == 'JPEG':
         need = max(usable, default=1)
         img.draft(img.mode, (need, need))
+    return to_rgb(img), usable
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
         ImageOps.exif_transpose(img, in_place=True)
@@ -476,7 +507,7 @@ def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
     if img.mode != 'RGB':
         img = img.convert('RGB')
-    return img, usable
+    return img
 
 
 def center_square(img: Image.Image, res: int) -> np.ndarray:
@@ -488,15 +519,115 @@ def center_square(img: Image.Image, res: int) -> np.ndarray:
     return np.asarray(out)
 
 
+# ---- --crop aspect: bucket tables, the bucket of an image, and its crop ------------------------
+
+def bucket_table(res: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    """The (width, height) buckets of resolution `res`, sorted by aspect ratio (tall first).
+
+    For each shorter side s = step, 2 step, ... <= res, the longer side is the largest multiple of
+    `step` with s x long <= res x res (area close to, never above, the square's); kept while
+    long / s <= max_aspect, in both orientations. `step` is the VAE factor x 8 (64 for every family
+    here), so a latent side is a multiple of 8. E.g. 128 (step 64): 64x256, 128x128, 256x64.
+    """
+    pairs = set()
+    for s in range(step, res + 1, step):
+        long = res * res // s // step * step
+        if long <= max_aspect * s:
+            pairs |= {(long, s), (s, long)}
+    return tuple(sorted(pairs, key=lambda p: p[0] / p[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one image goes at one resolution: its bucket, the size it is resized to (covering the
+    bucket, aspect ratio kept), and the crop's top-left in those resized pixels."""
+
+    bucket: int  # index into the resolution's bucket table
+    width: int  # the bucket
+    height: int
+    resized_width: int
+    resized_height: int
+    left: int
+    top: int
+
+    def time_ids(self, original: tuple[int, int], flipped: bool = False) -> list[int]:
+        """SDXL's add_time_ids: original_size (h, w) + crops_coords_top_left (top, left) + target_size
+        (h, w); for the mirrored crop, the left edge in the mirrored resized image."""
+        left = self.resized_width - self.left - self.width if flipped else self.left
+        return [original[1], original[0], self.top, left, self.height, self.width]
+
+
+def nearest_bucket(size: tuple[int, int], table: tuple[tuple[int, int], ...]) -> int:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale; the first on a tie)."""
+    aspect = math.log(size[0] / size[1])
+    return min(range(len(table)), key=lambda i: abs(math.log(table[i][0] / table[i][1]) - aspect))
+
+
+def place(size: tuple[int, int], table: tuple[tuple[int, int], ...],
+          rng: np.random.Generator | None) -> Placement | None:
+    """The image's bucket, resize and crop (centred, or at an offset drawn from `rng`); None when
+    covering the bucket would enlarge the image (too small for this resolution: b'')."""
+    w, h = size
+    i = nearest_bucket(size, table)
+    bw, bh = table[i]
+    scale = max(bw / w, bh / h)
+    if scale > 1:
+        return None
+    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if rng is None:
+        left, top = (rw - bw) // 2, (rh - bh) // 2
+    else:
+        left, top = int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1))
+    return Placement(i, bw, bh, rw, rh, left, top)
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened, not yet decoded image as shown: EXIF orientation applied."""
+    w, h = img.size
+    with contextlib.suppress(Exception):  # as in to_rgb: a broken EXIF block means no turn
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in ORIENTATION_SWAPS:
+            return h, w
+    return w, h
+
+
+def decode_for_buckets(data: bytes, tables: dict[int, tuple], rngs: dict[int, np.random.Generator | None]
+                       ) -> tuple[Image.Image, tuple[int, int], dict[int, Placement]]:
+    """Decode an image once for --crop aspect: (RGB image, original displayed size, {res: placement}
+    for the resolutions it is large enough for). A JPEG decodes at the smallest DCT scale that still
+    covers every placement's resized size."""
+    img = Image.open(io.BytesIO(data))
+    size = displayed_size(img)
+    full = img.size
+    if img.format == 'JPEG':
+        scale = max((max(p.resized_width / size[0], p.resized_height / size[1])
+                     for p in (place(size, t, None) for t in tables.values()) if p), default=0.0)
+        need = (max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale)))
+        img.draft(img.mode, need)
+    scaled = img.size != full
+    img = to_rgb(img)
+    if not scaled:  # decoded at full size: its own size is the truth (EXIF read after the pixels too)
+        size = img.size
+    return img, size, {r: p for r, t in tables.items() if (p := place(size, t, rngs[r])) is not None}
+
+
+def cover_crop(img: Image.Image, p: Placement) -> np.ndarray:
+    """`img` resized to the placement's size (bilinear) and cropped to its bucket: uint8 (h, w, 3)."""
+    resized = img.resize((p.resized_width, p.resized_height), Image.Resampling.BILINEAR)
+    return np.asarray(resized)[p.top:p.top + p.height, p.left:p.left + p.width]
+
+
 def skip_reason(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):
         return 'not an image format PIL can read'
     return f'{type(err).__name__}: {first_line(err)}'
 
 
-def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal noise for one sample and resolution, the same on every run and machine."""
-    return np.random.default_rng([seed, sample_id, res]).standard_normal(shape, dtype=np.float32)
+def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...],
+                 flipped: bool = False) -> np.ndarray:
+    """Standard normal noise for one sample and resolution (and its mirrored crop: other noise), the
+    same on every run and machine."""
+    key = [seed, sample_id, res, 1] if flipped else [seed, sample_id, res]
+    return np.random.default_rng(key).standard_normal(shape, dtype=np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -604,16 +735,37 @@ class ShardCache:
         return self.readers[shard].get_item(sample_id - self.offsets[shard])
 
 
+@dataclasses.dataclass(frozen=True)
+class AspectCrop:
+    """--crop aspect: each resolution's bucket table, and whether the crop is placed at random."""
+
+    tables: dict[int, tuple[tuple[int, int], ...]]
+    random: bool
+
+
+def group_name(placements: dict[int, Placement], resolutions: list[int]) -> str:
+    """The per-bucket dataset a sample goes to: its bucket at every resolution, e.g. '320x192_640x384'
+    ('none' where it is too small), so every latent column of one group has one shape."""
+    return '_'.join(f'{p.width}x{p.height}' if (p := placements.get(r)) else 'none' for r in resolutions)
+
+
 class BatchReader(torch.utils.data.Dataset):
-    """Item i = job i read, decoded, preprocessed and tokenized: everything the models need."""
+    """Item i = job i read, decoded, preprocessed and tokenized: everything the models need.
+
+    Per resolution r: `pixels_r` (uint8, N x r x r x 3; with --crop aspect a list of such stacks, one
+    per bucket shape), `rows_r` (the batch row of each image, in that order), `noise_r` (like
+    pixels_r; sample mode), `flip_noise_r` (--flip, sample mode), and with --crop aspect `place_r`
+    ({row: Placement}) and `group` (per row, see group_name) and `original` (per row, (w, h)).
+    """
 
     def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
                  resolutions: list[int], latent_shape: tuple[int, int], latent_mode: str, seed: int,
-                 caption_drop_prob: float):
+                 caption_drop_prob: float, aspect: AspectCrop | None = None, flip: bool = False):
         self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
         self.resolutions = sorted(resolutions)
         self.channels, self.factor = latent_shape
         self.latent_mode, self.seed, self.caption_drop_prob = latent_mode, seed, caption_drop_prob
+        self.aspect, self.flip = aspect, flip
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -624,36 +776,61 @@ class BatchReader(torch.utils.data.Dataset):
             return ''
         return text
 
+    def images(self, sample_id: int, data: bytes) -> tuple[dict[int, np.ndarray], dict, Any]:
+        """Decode once: ({res: uint8 pixels}, then with --crop aspect {res: Placement} and the original
+        (w, h); center: {} and None)."""
+        if self.aspect is None:
+            img, usable = decode_image(data, self.resolutions)
+            return {r: center_square(img, r) for r in usable}, {}, None
+        rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.aspect.random else None
+                for r in self.resolutions}
+        img, size, placed = decode_for_buckets(data, self.aspect.tables, rngs)
+        return {r: cover_crop(img, p) for r, p in sorted(placed.items())}, placed, size
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
-        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': []}
-        pixels: dict[int, list] = {r: [] for r in self.resolutions}
-        rows: dict[int, list] = {r: [] for r in self.resolutions}
-        noise: dict[int, list] = {r: [] for r in self.resolutions}
+        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
+                                 'original': []}
+        # per resolution: {(height, width): {'pixels': [], 'rows': [], 'noise': [], 'flip_noise': []}}
+        shapes: dict[int, dict] = {r: {} for r in self.resolutions}
+        for r in self.resolutions:
+            batch[f'place_{r}'] = {}
         for sample_id in range(job.start, job.stop):
             sample = self.cache.get(sample_id)
             try:
-                img, usable = decode_image(sample['jpg'], self.resolutions)
+                pixels, placed, original = self.images(sample_id, sample['jpg'])
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
                                          'reason': skip_reason(err)})
                 continue
             row = len(batch['samples'])
-            for r in usable:
-                pixels[r].append(center_square(img, r))
-                rows[r].append(row)
+            for r, px in pixels.items():
+                group = shapes[r].setdefault(px.shape[:2], {'pixels': [], 'rows': [], 'noise': [],
+                                                           'flip_noise': []})
+                group['pixels'].append(px)
+                group['rows'].append(row)
                 if self.latent_mode == 'sample':
-                    shape = (self.channels, r // self.factor, r // self.factor)
-                    noise[r].append(sample_noise(self.seed, sample_id, r, shape))
+                    shape = (self.channels, px.shape[0] // self.factor, px.shape[1] // self.factor)
+                    group['noise'].append(sample_noise(self.seed, sample_id, r, shape))
+                    if self.flip:
+                        group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
+                if r in placed:
+                    batch[f'place_{r}'][row] = placed[r]
             batch['ids'].append(sample_id)
             batch['samples'].append(sample)
+            batch['original'].append(original)
+            batch['group'].append(group_name(placed, self.resolutions) if self.aspect else '')
         captions = [self.caption(i, s['caption']) for i, s in zip(batch['ids'], batch['samples'])]
         batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
             if captions else None
         for r in self.resolutions:
-            batch[f'pixels_{r}'] = torch.from_numpy(np.stack(pixels[r])) if pixels[r] else None
-            batch[f'rows_{r}'] = rows[r]
-            batch[f'noise_{r}'] = torch.from_numpy(np.stack(noise[r])) if noise[r] else None
+            groups = list(shapes[r].values())
+            batch[f'rows_{r}'] = [row for g in groups for row in g['rows']]
+            for key in ('pixels', 'noise', 'flip_noise'):
+                stacks = [torch.from_numpy(np.stack(g[key])) for g in groups if g[key]]
+                batch[f'{key}_{r}'] = stacks if self.aspect else stacks[0] if stacks else None
+            if self.aspect and not groups:
+                batch[f'pixels_{r}'] = None
         return batch
 
 
@@ -954,13 +1131,20 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
         raise UserError('--t5_storage trimmed: the mosaicml layout stays padded, as its consumer expects')
     vae = vae_convention(args.model_name)
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    crop = aspect_convention(args, vae['downsampling']) if args.crop == 'aspect' else {}
     for r in sorted(args.resolutions):
         side = r // vae['downsampling']
         columns[LATENT_COLUMN.format(res=r)] = {
             'dtype': storage, 'shape': [vae['latent_channels'], side, side],
             'what': f"(vae {args.latent_mode} - shift_factor) * scaling_factor of the {r}px center square; "
                     f"b'' when the shorter side is below {r}"}
-    return {
+        if crop:
+            columns.update(aspect_column_specs(r, vae, storage, args.latent_mode))
+        if args.flip:
+            for name in [LATENT_COLUMN.format(res=r)] + ([TIME_IDS_COLUMN.format(res=r)] if crop else []):
+                columns[FLIPPED.format(column=name)] = {
+                    **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
+    return {**({'crop': crop} if crop else {}),
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
                            'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
@@ -969,6 +1153,54 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
         'storage_dtype': storage, 't5_storage': args.t5_storage, 'columns': columns,
     }
+
+
+def aspect_convention(args: argparse.Namespace, downsampling: int) -> dict:
+    """The --crop aspect record: the bucket table of every resolution and how crops are placed."""
+    step = downsampling * 8
+    tables = {str(r): [list(b) for b in bucket_table(r, step, args.max_aspect)]
+              for r in sorted(args.resolutions)}
+    small = [r for r, t in tables.items() if not t]
+    if small:
+        raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
+                        f'factor {downsampling} x 8); use resolutions of at least {step}')
+    return {'mode': 'aspect', 'step': step, 'max_aspect': args.max_aspect, 'buckets': tables,
+            'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a tie); '
+                      'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped',
+            'position': f'random (numpy default_rng([{args.seed}, sample index, res, 2]))'
+                        if args.random_crop else 'centred (offset (resized - bucket) // 2)',
+            'seed': args.seed, 'flip': args.flip,
+            'too_small': "b'' (bucket -1) when covering the bucket would enlarge the image",
+            'groups': f'one dataset per bucket group at <out>/<group>/ (see {GROUPS}); '
+                      '<out>/index.json holds them all'}
+
+
+def aspect_column_specs(res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
+    """The convention records of one resolution's columns under --crop aspect (shapes vary per sample)."""
+    name = LATENT_COLUMN.format(res=res)
+    f = vae['downsampling']
+    return {
+        name: {'dtype': storage, 'shape': [vae['latent_channels'], f'H/{f}', f'W/{f}'],
+               'shape_varies': f'per sample: W x H = the bucket (aspect_bucket_{res}; '
+                               f'{TIME_IDS_COLUMN.format(res=res)}[4:6] is H, W)',
+               'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the image resized to cover "
+                       f"its {res}px bucket and cropped to it; b'' when too small"},
+        BUCKET_COLUMN.format(res=res): {'dtype': 'int32', 'shape': [],
+                                        'what': f'index into crop.buckets["{res}"]; -1 when too small'},
+        TIME_IDS_COLUMN.format(res=res): {
+            'dtype': 'int32', 'shape': [6],
+            'what': 'SDXL add_time_ids: original_size (h, w) + crops_coords_top_left (top, left, in resized '
+                    "pixels) + target_size (h, w) = the bucket; b'' when too small"},
+    }
+
+
+def aspect_crop(convention: dict) -> AspectCrop | None:
+    """The reader's view of the convention's crop record (None for center squares)."""
+    crop = convention.get('crop')
+    if not crop:
+        return None
+    return AspectCrop({int(r): tuple(map(tuple, t)) for r, t in crop['buckets'].items()},
+                      crop['position'].startswith('random'))
 
 
 def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
@@ -1066,7 +1298,7 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
 @torch.inference_mode()
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
                  device: torch.device, storage: torch.dtype, latent_mode: str, text_chunk: int,
-                 fallback: Fallback) -> dict[str, Any]:
+                 fallback: Fallback, flip: bool = False) -> dict[str, Any]:
     """Stored columns on the CPU (copies may still be in flight on a GPU: sync before reading), plus
     `_fallback`: the models that needed a float32 rerun for this batch."""
     vae, encoders = models
@@ -1078,26 +1310,44 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
             t = t if t.dtype == torch.bool else to_storage(t, storage, name)
             out[name] = t.to('cpu', non_blocking=True)
         out['_lengths'] = [m.sum(1) for _, m in batch['tokens']]
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     for r in resolutions:
         px = batch[f'pixels_{r}']
         if px is None:
             continue
-
-        def run(m, px=px, r=r):
-            x = px.to(device, non_blocking=True).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1
-            d = m.encode(x).latent_dist
-            return d.mean.float(), d.std.float()
-
-        mean, std = fallback('vae', vae, run, used)
-        z = mean
-        if latent_mode == 'sample':
-            z = z + std * batch[f'noise_{r}'].to(device, non_blocking=True)
-        z = (z - shift) * scale if shift else z * scale
         name = LATENT_COLUMN.format(res=r)
-        out[name] = to_storage(z, storage, name).to('cpu', non_blocking=True)
+        # one VAE call per image shape: one for center squares, one per bucket with --crop aspect
+        stacks = px if isinstance(px, list) else [px]
+        noise = batch[f'noise_{r}'] if latent_mode == 'sample' else [None] * len(stacks)
+        noise = noise if isinstance(noise, list) else [noise]
+        latents = [encode_pixels(vae, p, n, device, storage, name, fallback, used)
+                   for p, n in zip(stacks, noise)]
+        out[name] = latents if isinstance(px, list) else latents[0]
+        if flip:
+            flip_noise = batch[f'flip_noise_{r}'] if latent_mode == 'sample' else [None] * len(stacks)
+            flip_noise = flip_noise if isinstance(flip_noise, list) else [flip_noise]
+            latents = [encode_pixels(vae, p.flip(2), n, device, storage, name, fallback, used)
+                       for p, n in zip(stacks, flip_noise)]
+            out[FLIPPED.format(column=name)] = latents if isinstance(px, list) else latents[0]
     out['_fallback'] = used
     return out
+
+
+def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: torch.device,
+                  storage: torch.dtype, name: str, fallback: Fallback, used: list[str]) -> torch.Tensor:
+    """Stored latents of a stack of uint8 images (N, H, W, 3): the VAE's mean (plus std x `noise` in
+    sample mode), shifted and scaled as its config says; on the CPU (the copy may be in flight)."""
+    def run(m):
+        x = px.to(device, non_blocking=True).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1
+        d = m.encode(x).latent_dist
+        return d.mean.float(), d.std.float()
+
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    mean, std = fallback('vae', vae, run, used)
+    z = mean
+    if noise is not None:
+        z = z + std * noise.to(device, non_blocking=True)
+    z = (z - shift) * scale if shift else z * scale
+    return to_storage(z, storage, name).to('cpu', non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1111,6 +1361,7 @@ class PartWriter(threading.Thread):
                  settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
                  text_columns: list[tuple[str, str, int]]):
         super().__init__(daemon=True)
+        self.aspect, self.flip = args.crop == 'aspect', args.flip
         self.text_columns = text_columns  # (column, its length column or '' when padded, encoder index)
         self.out_root, self.staging, self.columns = out_root, staging, columns
         self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
@@ -1120,6 +1371,8 @@ class PartWriter(threading.Thread):
         self.finished_parts: list[str] = []
         self.done_event = threading.Condition()
         self.writer = None
+        self.group_writers: dict[str, Any] = {}  # --crop aspect: one MDSWriter per bucket group
+        self.part: Part | None = None
         self.stats: dict[str, Any] = {}
         self.stopping = False
 
@@ -1140,14 +1393,27 @@ class PartWriter(threading.Thread):
             except queue.Full:
                 continue
 
-    def open_part(self, part: Part) -> None:
+    def new_writer(self, folder: str):
+        """An MDSWriter for `<out>/<folder>` (through the staging folder for a remote)."""
         from streaming import MDSWriter
 
-        local = os.path.join(self.staging, part.name) if is_remote(self.out_root) else None
-        target = join(self.out_root, part.name)
+        local = os.path.join(self.staging, folder) if is_remote(self.out_root) else None
+        target = join(self.out_root, folder)
         out = (local, target) if local else target
-        self.writer = MDSWriter(out=out, columns=self.columns, compression=self.args.compression or None,
-                                size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
+        return MDSWriter(out=out, columns=self.columns, compression=self.args.compression or None,
+                         size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
+
+    def writer_for(self, group: str):
+        """The part's writer; with --crop aspect the one of the sample's group, at <out>/<group>/<part>."""
+        if not self.aspect:
+            return self.writer
+        if group not in self.group_writers:
+            self.group_writers[group] = self.new_writer(f'{group}/{self.part.name}')
+        return self.group_writers[group]
+
+    def open_part(self, part: Part) -> None:
+        self.part, self.group_writers = part, {}
+        self.writer = None if self.aspect else self.new_writer(part.name)
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
                       'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
@@ -1156,6 +1422,8 @@ class PartWriter(threading.Thread):
     def write_batch(self, batch: dict[str, Any], latents: dict[str, np.ndarray]) -> None:
         per_res = {r: dict(zip(batch[f'rows_{r}'], latents.get(LATENT_COLUMN.format(res=r), [])))
                    for r in self.resolutions}
+        mirrored = {r: FLIPPED.format(column=LATENT_COLUMN.format(res=r)) for r in self.resolutions}
+        flipped = {r: dict(zip(batch[f'rows_{r}'], latents.get(mirrored[r], []))) for r in self.resolutions}
         for row, sample in enumerate(batch['samples']):
             out = dict(sample)
             for name, length_column, enc in self.text_columns:
@@ -1168,7 +1436,16 @@ class PartWriter(threading.Thread):
                 lat = per_res[r].get(row)
                 out[LATENT_COLUMN.format(res=r)] = b'' if lat is None else lat.tobytes()
                 self.stats['encoded'][str(r)] += lat is not None
-            self.writer.write(out)
+                if self.flip:
+                    lat = flipped[r].get(row)
+                    out[mirrored[r]] = b'' if lat is None else lat.tobytes()
+                if self.aspect:
+                    placed = batch[f'place_{r}'].get(row)
+                    out.update(conditioning(placed, batch['original'][row], r, self.flip))
+            self.writer_for(batch['group'][row]).write(out)
+            if self.aspect:
+                groups = self.stats.setdefault('groups', {})
+                groups[batch['group'][row]] = groups.get(batch['group'][row], 0) + 1
             self.stats['latent_bytes'] += sum(len(v) if isinstance(v, bytes) else 4
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
@@ -1178,7 +1455,9 @@ class PartWriter(threading.Thread):
 
     def close_part(self, part: Part) -> None:
         try:
-            self.writer.finish()
+            writers = [self.writer] if self.writer else [w for _, w in sorted(self.group_writers.items())]
+            for writer in writers:
+                writer.finish()
         except Exception as err:
             raise UserError(f'writing part {part.name} to {self.out_root} failed ({first_line(err)}); '
                             'rerun the same command to resume') from None
@@ -1202,7 +1481,7 @@ class PartWriter(threading.Thread):
                 batch, latents, event = item
                 if event is not None:
                     event.synchronize()
-                latents = {k: v if k.startswith('_') else v.numpy() for k, v in latents.items()}
+                latents = {k: v if k.startswith('_') else to_numpy(v) for k, v in latents.items()}
                 part = self.parts[batch['job'].part]
                 if batch['job'].first:
                     self.open_part(part)
@@ -1213,6 +1492,25 @@ class PartWriter(threading.Thread):
             self.error = err
             with self.done_event:
                 self.done_event.notify_all()
+
+
+def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
+    """A batch's column as numpy: rows of one array, or (one stack per bucket shape) a list of rows."""
+    if isinstance(value, list):
+        return [row for t in value for row in t.numpy()]
+    return value.numpy()
+
+
+def conditioning(p: Placement | None, original: tuple[int, int], res: int, flip: bool) -> dict[str, Any]:
+    """--crop aspect columns of one sample at one resolution: its bucket index and SDXL add_time_ids
+    (int32 bytes); -1 and b'' when the image is too small for the resolution."""
+    names = [(TIME_IDS_COLUMN.format(res=res), False)]
+    if flip:
+        names.append((FLIPPED.format(column=TIME_IDS_COLUMN.format(res=res)), True))
+    out: dict[str, Any] = {BUCKET_COLUMN.format(res=res): -1 if p is None else p.bucket}
+    for name, mirrored in names:
+        out[name] = b'' if p is None else np.array(p.time_ids(original, mirrored), np.int32).tobytes()
+    return out
 
 
 class Prefetcher(threading.Thread):
@@ -1306,6 +1604,10 @@ def check_args(args: argparse.Namespace) -> None:
         if not accepted(getattr(args, attr)):
             raise UserError(f'{flag} {getattr(args, attr)}: must be {must}')
     check_output_format(args.size_limit, args.compression)
+    if args.random_crop and args.crop != 'aspect':
+        raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
+    if args.max_aspect < 1:
+        raise UserError(f'--max_aspect {args.max_aspect}: must be at least 1 (buckets span 1:max to max:1)')
     bucket_name(args.bucket)
     check_places(args)
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -1333,13 +1635,16 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     clash = [c for c in new_columns if c in columns]
     if clash:
         raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
-    columns.update({c: 'int32' if s['dtype'] == 'int32' else 'bytes' for c, s in new_columns.items()})
+    columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
+                    for c, s in new_columns.items()})
     parts = plan_parts(shards, args.part_size)
     settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
                 'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
                 'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
                 'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
                 'input_index': index_digest(shards)}
+    if args.crop != 'center':  # center outputs keep the record they always had
+        settings['crop'] = args.crop
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
     markers = done_markers(out_root, parts, args.download_timeout)
     for part_name, marker in markers.items():
@@ -1355,8 +1660,8 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
 def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
     """(dotted key, old value, new value) of the first leaf where two settings records differ."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for k, v in new.items():
-            found = first_difference(old.get(k), v, f'{path}.{k}' if path else k)
+        for k in [k for k in old if k not in new] + list(new):
+            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
             if found:
                 return found
         return None
@@ -1423,7 +1728,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     jobs = make_jobs(mine, args.batch_size)
     reader = BatchReader(jobs, cache, tokenizers, [e['tokens'] for e in convention['text_encoders']],
                          args.resolutions, latent_shape(models[0]), args.latent_mode, args.seed,
-                         args.caption_drop_prob)
+                         args.caption_drop_prob, aspect_crop(convention), args.flip)
     workers = default_workers(args)
     if device.type == 'cpu':
         torch.set_num_threads(cpu_threads(args, workers))
@@ -1449,7 +1754,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     try:
         for batch in batches:
             latents = encode_batch(batch, models, family, sorted(args.resolutions), device, storage,
-                                   args.latent_mode, args.text_batch_size or args.batch_size, fallback)
+                                   args.latent_mode, args.text_batch_size or args.batch_size, fallback,
+                                   args.flip)
             event = None
             if device.type == 'cuda':
                 event = torch.cuda.Event()
@@ -1510,6 +1816,9 @@ def merge_parts(plan: Plan, staging: str) -> None:
     from streaming.base.util import merge_index
 
     put_text(plan.out_root, staging, CONVENTION, json.dumps(plan.settings['convention'], indent=1))
+    if plan.settings['convention'].get('crop'):
+        merge_groups(plan, staging)
+        return
     urls = [join(plan.out_root, p.name, INDEX) for p in plan.parts]
     if is_remote(plan.out_root):
         out = (os.path.join(staging, 'merged'), plan.out_root)
@@ -1525,6 +1834,45 @@ def merge_parts(plan: Plan, staging: str) -> None:
             merge_index(urls, out, keep_local=not is_remote(plan.out_root))
     except Exception as err:
         raise UserError(f'merging the index at {plan.out_root} failed: {first_line(err)}') from None
+
+
+def merge_groups(plan: Plan, staging: str) -> None:
+    """Rank 0, --crop aspect: `<out>/<group>/index.json` per bucket group over its parts (a dataset of
+    one image shape per resolution), `<out>/index.json` over all of them, and GROUPS listing the groups."""
+    timeout = 60
+    markers = done_markers(plan.out_root, plan.parts, timeout)
+    whole: list[dict] = []
+    groups: dict[str, list[dict]] = {}
+    for part in plan.parts:
+        for group in sorted(markers.get(part.name, {}).get('groups', {})):
+            url = join(plan.out_root, group, part.name, INDEX)
+            try:
+                shards = read_json(url, timeout)['shards']
+            except Exception as err:
+                raise UserError(f'reading {url} failed: {first_line(err)}; rerun the same command') from None
+            groups.setdefault(group, []).extend(prefixed(shards, part.name))
+            whole.extend(prefixed(shards, f'{group}/{part.name}'))
+    resolutions = plan.settings['resolutions']
+    listing = {}
+    for group, shards in sorted(groups.items()):
+        put_text(plan.out_root, staging, f'{group}/{INDEX}', json.dumps({'version': 2, 'shards': shards}))
+        sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
+        listing[group] = {'samples': sum(s['samples'] for s in shards),
+                          'buckets': dict(zip(map(str, resolutions), sizes))}
+    put_text(plan.out_root, staging, GROUPS, json.dumps(listing, indent=1))
+    put_text(plan.out_root, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
+
+
+def prefixed(shards: list[dict], folder: str) -> list[dict]:
+    """Shard records of an index, their file names made relative to `folder`'s parent."""
+    out = []
+    for shard in shards:
+        shard = dict(shard)
+        for key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
+            if shard.get(key):
+                shard[key] = {**shard[key], 'basename': f'{folder}/{shard[key]["basename"]}'}
+        out.append(shard)
+    return out
 
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
@@ -1627,15 +1975,29 @@ def preview_ids(total: int, n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, total - 1, min(n, total)).round()})
 
 
-def stored_latent(sample: dict[str, Any], column: str, convention: dict) -> np.ndarray:
+def stored_latent(sample: dict[str, Any], column: str, convention: dict,
+                  size: tuple[int, int] | None = None) -> np.ndarray:
     """A stored latent as float32, read as its convention record says: dtype, and the shape (C, h, w)
-    as recorded, never assumed square (a dimension that is not a number is inferred, at most one)."""
+    as recorded, never assumed square. A shape that varies per sample (--crop aspect: [C, 'H/8',
+    'W/8']) is the sample's bucket `size` (height, width) divided as the record says."""
     spec, blob = convention['columns'][column], sample[column]
     if spec['dtype'] == 'bfloat16':  # stored as its raw 16 bits
         arr = (np.frombuffer(blob, np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         arr = np.frombuffer(blob, np.dtype(spec['dtype'])).astype(np.float32)
-    return arr.reshape([d if isinstance(d, int) else -1 for d in spec['shape']])
+    shape = spec['shape']
+    if size is not None and not isinstance(shape[1], int):
+        shape = [shape[0]] + [side // int(str(d).split('/')[1]) for side, d in zip(size, shape[1:])]
+    return arr.reshape([d if isinstance(d, int) else -1 for d in shape])
+
+
+def recorded_crop(img: Image.Image, time_ids: np.ndarray) -> Image.Image:
+    """--crop aspect: the crop that the stored add_time_ids state (original (h, w), top-left in the
+    resized image, target (h, w)), redone from the image: resized to cover the target, then cropped."""
+    oh, ow, top, left, th, tw = (int(v) for v in time_ids)
+    scale = max(tw / ow, th / oh)
+    resized = img.resize((max(tw, round(ow * scale)), max(th, round(oh * scale))), Image.Resampling.BILINEAR)
+    return resized.crop((left, top, left + tw, top + th))
 
 
 def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
@@ -1718,9 +2080,13 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         if not sample[column]:
             tiles += [f"b'' (< {res} px)"] * 2
             continue
-        decoded = decode_latent(vae, unscale(stored_latent(sample, column, convention),
-                                             convention['image_latents']), device)
-        tiles += [as_tile(source_crop(img, *decoded.size)), as_tile(decoded)]
+        time_ids = sample.get(TIME_IDS_COLUMN.format(res=res))  # --crop aspect: the recorded crop
+        ids = None if time_ids is None else np.frombuffer(time_ids, np.int32) if isinstance(
+            time_ids, bytes) else np.asarray(time_ids)
+        latent = stored_latent(sample, column, convention, None if ids is None else (ids[4], ids[5]))
+        decoded = decode_latent(vae, unscale(latent, convention['image_latents']), device)
+        source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
+        tiles += [as_tile(source), as_tile(decoded)]
     return tiles, f'#{sample_id} (key {sample.get("key", "")}): {sample["caption"]}'
 
 

@@ -5,7 +5,8 @@ Input: an MDS dataset of photo-like JPEGs (testbed.corpus.make_jpeg) of 300-900 
 
 - loader per core: one process, one thread, over the same JPEGs: the script's decode (once per sample,
   every resolution from that decode) beside the published preprocessing (decode once per resolution,
-  resize + center crop + ToTensor + Normalize to 256 and 512 for every image); goal >= 1.5x;
+  resize + center crop + ToTensor + Normalize to 256 and 512 for every image); goal >= 1.5x; and the
+  script's --crop aspect preprocessing (nearest bucket, resize to cover, crop) beside center; goal >= 0.9x;
 - loader alone: the script's DataLoader (read MDS, decode, tokenize) with --workers workers, no model;
 - model alone: the script's encode step on batches the loader made beforehand (held in memory);
 - end to end: the script run as a user runs it (its rate excludes start-up); goal >= 0.9 x the slower
@@ -186,6 +187,15 @@ def ours_preprocess(data: bytes) -> list[np.ndarray]:
     return [pl.center_square(img, r) for r in usable]
 
 
+ASPECT = pl.AspectCrop({r: pl.bucket_table(r, 64, 4.0) for r in (256, 512)}, random=False)
+
+
+def ours_aspect_preprocess(data: bytes) -> list[np.ndarray]:
+    """--crop aspect: decode once, nearest bucket per resolution, resize to cover once, crop."""
+    img, _, placed = pl.decode_for_buckets(data, ASPECT.tables, dict.fromkeys(ASPECT.tables))
+    return [pl.cover_crop(img, p) for p in placed.values()]
+
+
 def interleaved_rates(fns: dict, items: list, count, rounds: int = 2) -> dict[str, float]:
     """samples/s of each fn over `items`, one thread, the fns taking turns item by item so that
     load from other processes hits all of them alike. `count(item)` is the samples in an item."""
@@ -205,14 +215,14 @@ def interleaved_rates(fns: dict, items: list, count, rounds: int = 2) -> dict[st
     return {name: n / spent[name] for name in fns}
 
 
-def make_reader(mds: Path, model: Path, args, vae) -> pl.BatchReader:
+def make_reader(mds: Path, model: Path, args, vae, aspect: pl.AspectCrop | None = None) -> pl.BatchReader:
     shards = pl.read_input_index(str(mds), str(mds), 60)
     parts = pl.plan_parts(shards, 10**9)
     cache = pl.ShardCache(shards, None, str(mds), 60, 1)
     tokenizers = pl.load_tokenizers(str(model), SD)
     return pl.BatchReader(pl.make_jobs(parts, args.batch_size), cache, tokenizers,
                           pl.token_lengths(SD, tokenizers, 0), args.resolutions, pl.latent_shape(vae),
-                          'sample', 0, 0.0)
+                          'sample', 0, 0.0, aspect)
 
 
 def loader_alone(reader: pl.BatchReader, workers: int, keep: int = 64) -> tuple[float, list[dict]]:
@@ -358,17 +368,21 @@ def main() -> None:
         model = build_tiny_sd(work / 'tiny-sd')
     vae, (te,) = pl.load_models(str(model), SD, device, dtype)
 
-    image_rates = interleaved_rates({'ours': ours_preprocess, 'published': published_preprocess},
+    image_rates = interleaved_rates({'ours': ours_preprocess, 'published': published_preprocess,
+                                     'aspect': ours_aspect_preprocess},
                                     images[:args.per_core_images], count=lambda _: 1)
-    ours, published = image_rates['ours'], image_rates['published']
+    ours, published, aspect = image_rates['ours'], image_rates['published'], image_rates['aspect']
     reader = make_reader(mds, model, args, vae)
+    tables = {r: pl.bucket_table(r, 64, 4.0) for r in args.resolutions}
+    aspect_reader = make_reader(mds, model, args, vae, pl.AspectCrop(tables, False))
     jobs = reader.jobs
     item_rates = interleaved_rates(
         {'ours': lambda j: reader[j],
-         'published': lambda j: [published_item(reader, i) for i in range(jobs[j].start, jobs[j].stop)]},
+         'published': lambda j: [published_item(reader, i) for i in range(jobs[j].start, jobs[j].stop)],
+         'aspect': lambda j: aspect_reader[j]},
         list(range(min(len(jobs), max(1, 128 // args.batch_size)))),  # <= ~128 samples: one core is slow
         count=lambda j: jobs[j].stop - jobs[j].start, rounds=1)
-    ours_item, pub_item = item_rates['ours'], item_rates['published']
+    ours_item, pub_item, aspect_item = item_rates['ours'], item_rates['published'], item_rates['aspect']
     loader_rate, batches = loader_alone(reader, args.workers)
     if device.type == 'cpu':  # the threads the script gives its model beside --workers workers
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
@@ -389,9 +403,13 @@ def main() -> None:
     rows = [
         ('per core: published image preprocessing', published, 'decode + resize + crop per resolution'),
         ('per core: ours image preprocessing', ours, f'{ours / published:.2f}x published (goal >= 1.5x)'),
+        ('per core: ours image preprocessing, --crop aspect', aspect,
+         f'{aspect / ours:.2f}x center (goal >= 0.9x)'),
         ('per core: published item (MDS, tokens, images)', pub_item, ''),
         ('per core: ours item (MDS, tokens, images, noise)', ours_item,
          f'{ours_item / pub_item:.2f}x published'),
+        ('per core: ours item, --crop aspect', aspect_item,
+         f'{aspect_item / ours_item:.2f}x center (goal >= 0.9x)'),
         (f'loader alone ({args.workers} workers)', loader_rate, ''),
         ('model alone (pre-decoded batches)', model_rate, 'mean of a run before and one after e2e'),
         ('end to end (script, after its first batch)', e2e_rate,
