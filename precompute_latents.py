@@ -2080,9 +2080,8 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         if not sample[column]:
             tiles += [f"b'' (< {res} px)"] * 2
             continue
-        time_ids = sample.get(TIME_IDS_COLUMN.format(res=res))  # --crop aspect: the recorded crop
-        ids = None if time_ids is None else np.frombuffer(time_ids, np.int32) if isinstance(
-            time_ids, bytes) else np.asarray(time_ids)
+        raw = sample.get(TIME_IDS_COLUMN.format(res=res))  # --crop aspect: the recorded crop
+        ids = np.frombuffer(raw, np.int32).tolist() if raw else None
         latent = stored_latent(sample, column, convention, None if ids is None else (ids[4], ids[5]))
         decoded = decode_latent(vae, unscale(latent, convention['image_latents']), device)
         source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
@@ -2121,7 +2120,14 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
     if args.preview < 1:
         raise UserError('--preview_only: give --preview N, the number of samples to show')
     path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
-    ids = write_preview(args, out_root, device, path)
+    try:
+        ids = write_preview(args, out_root, device, path)
+    except UserError:
+        raise
+    except Exception as err:  # the dataset is complete; only its picture is missing
+        print(f'warning: no preview drawn ({type(err).__name__}: {first_line(err)}); rerun with '
+              '--preview_only', file=sys.stderr, flush=True)
+        return
     if summary is not None:
         with open(summary) as f:
             record = json.load(f)

@@ -114,8 +114,18 @@ def aspect_out(tmp_path_factory, root, corpus, tiny_model):
     ok(run(root, '--remote_download', tmp / 'mds', '--bucket', UNBUCKETED, '--local', tmp / 'cache',
            '--remote_upload', tmp / 'out', '--model_name', tiny_model, '--crop', 'aspect', '--flip',
            '--resolutions', 64, 128, 256, '--latent_mode', 'mean', '--batch-size', 6, '--part_size', 12,
-           '--num_workers', 1, '--summary', tmp / 'summary.json'))
+           '--num_workers', 1, '--summary', tmp / 'summary.json', '--preview', 8))
     return tmp / 'out' / UNBUCKETED, {r['key']: it for r, it in zip(rows, items)}, tmp
+
+
+def test_the_preview_decodes_aspect_latents_at_their_bucket_shapes(aspect_out):
+    """--preview on an aspect output: every latent is read at its sample's recorded bucket shape (a
+    square reading would fail and leave the summary without a preview)."""
+    out, _, tmp = aspect_out
+    drawn = json.loads((tmp / 'summary.json').read_text())['preview']
+    assert len(drawn['samples']) == 8
+    with Image.open(drawn['path']) as png:
+        assert png.format == 'PNG' and png.width > png.height / 8 > 0
 
 
 def test_every_image_gets_its_nearest_bucket_with_sdxl_conditioning_and_matching_latents(aspect_out,

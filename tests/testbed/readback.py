@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import tempfile
 
 from streaming import StreamingDataset
+from streaming.base.shared import memory
 
 
 @contextlib.contextmanager
@@ -24,10 +26,32 @@ def environ(env: dict[str, str] | None):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def released_shared_memory():
+    """StreamingDataset's shared-memory blocks are closed only at exit (atexit), ~600 descriptors per
+    dataset read: a test process that reads hundreds of datasets runs out of them. Close the blocks
+    opened inside the with-block when it ends."""
+    opened = []
+    init = memory.SharedMemory.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    memory.SharedMemory.__init__ = tracked
+    try:
+        yield
+    finally:
+        memory.SharedMemory.__init__ = init
+        for shm in opened:
+            shm.cleanup()
+            atexit.unregister(shm.cleanup)
+
+
 def read_mds(path: str, env: dict[str, str] | None = None) -> list[dict]:
     """All samples of the MDS dataset at `path` (a folder or a remote like s3://bucket/prefix), in
     index order. `env` is applied while reading (e.g. S3Server.env)."""
-    with environ(env):
+    with environ(env), released_shared_memory():
         if '://' in str(path):
             cache = tempfile.mkdtemp(prefix='readback-')
             ds = StreamingDataset(remote=str(path), local=cache, shuffle=False, batch_size=1)
