@@ -136,6 +136,10 @@ VAR_COLUMNS = [c for c in MDS_COLUMNS if MDS_SIZES[COLUMNS[c]] is None]
 # Input names that differ from the output name (the aesthetic set's metadata is upper case).
 ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE')}
 
+# While it runs, the driver rewrites every bucket's index.json (so readers can start early) at most
+# every --merge_interval s, and spends at most this share of its time on it: a merge of t seconds
+# (~25 s at 230k input shards, growing with them) is followed by at least t / MERGE_SHARE without one.
+MERGE_SHARE = 0.1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the platform's stop, Ctrl-C
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
@@ -1538,6 +1542,7 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     todo: list[str] = []  # finished at the last look, not yet submitted
     bad: set[str] = set()
     last_merge, merged_n, last_scan = time.time(), len(records), -math.inf
+    merge_s = 0.0  # how long the last merge took
 
     def add(rec: dict) -> None:
         records[rec['shard']] = shared_config(rec)
@@ -1584,9 +1589,12 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
             bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
                 wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(records)})
-            if len(records) > merged_n and time.time() - last_merge > args.merge_interval:
+            if len(records) > merged_n and \
+                    time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
+                merge_s = time.time()
                 merge_run(records, args)
                 last_merge, merged_n = time.time(), len(records)
+                merge_s = last_merge - merge_s
     except ShardError as e:
         engine.stop(True)
         bar.close()
