@@ -1,8 +1,8 @@
 """Scale on paper: what laion_cloudwriter.py's records and merged index.json cost at 1k-230k input shards.
 
-    .venv/bin/python benchmarks/bench_scale.py                          # 1k and 10k input shards (~2 min)
-    .venv/bin/python benchmarks/bench_scale.py --shards 1000 10000 100000  # 100k needs ~20 GB of RAM
-    .venv/bin/python benchmarks/bench_scale.py --size_limit 256mb       # the same with bigger MDS shards
+    .venv/bin/python benchmarks/bench_scale.py                          # 1k and 10k input shards (~1 min)
+    .venv/bin/python benchmarks/bench_scale.py --shards 1000 10000 100000  # 100k: ~4 GB of RAM (the reader)
+    .venv/bin/python benchmarks/bench_scale.py --size_limit 256mb       # the cloudwriter's default size
 
 For N input shards it writes what the cloudwriter leaves at a folder remote after converting them:
 one `_cloudwriter/NNNNN.record` per input shard, built by the cloudwriter's own shard_record() and
