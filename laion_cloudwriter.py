@@ -24,8 +24,8 @@ otherwise from the image header (never decoded). Only `success` rows are written
 success rows whose bytes have no readable image header, are counted by reason.
 
 Resume: a shard is done when its `.record` exists at the remote; the merged `index.json` of each
-bucket (rewritten every `--merge_interval` seconds and at the end, each bucket on its own) lists
-only done shards, so a reader sees all of a shard or none of it. After any crash, rerun the same
+bucket (rewritten at most every `--merge_interval` s while running and at the end, each bucket on its
+own) lists only done shards, so a reader sees all of a shard or none of it. After any crash, rerun the same
 command (on any machine): done shards are skipped, the others redone, their parts overwritten.
 Without `--keep_parquet`, a parquet is deleted only after the record is up, and its `_stats.json`
 becomes `NNNNN_converted.json` (so a resumed img2dataset still counts the shard as finished).
@@ -49,7 +49,9 @@ which writes `<remote>/<lo>-<hi>/index.json` over every subfolder's done shards.
 
 Scale: a LAION-2B shard of 10,000 rows is ~1 GB; each worker holds one parquet row batch plus at
 most one open MDS shard (`--size_limit`) per bucket, so memory is about
-processes x (batch + buckets x size_limit) whatever the number or size of the input shards.
+processes x (batch + buckets x size_limit) whatever the number or size of the input shards. The
+driver holds every record (compact: ~1.4 KB per input shard, ~2 GB and ~20 s to read at LAION-2B's
+230k) and streams each index.json out of them (benchmarks/bench_scale.py; README, Running at scale).
 Missing optional columns (and nulls) become: NaN for floats, '' for strings, 0 for `hash`.
 A shard whose parquet is unreadable, or with a value that does not cast to its column (a caption
 that is not UTF-8, text in a float column), is skipped whole: its parquet is kept and the summary
@@ -100,7 +102,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +138,10 @@ VAR_COLUMNS = [c for c in MDS_COLUMNS if MDS_SIZES[COLUMNS[c]] is None]
 # Input names that differ from the output name (the aesthetic set's metadata is upper case).
 ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE')}
 
+# While it runs, the driver rewrites every bucket's index.json (so readers can start early) at most
+# every --merge_interval s, and spends at most this share of its time on it: a merge of t seconds
+# (~25 s at 230k input shards, growing with them) is followed by at least t / MERGE_SHARE without one.
+MERGE_SHARE = 0.1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the platform's stop, Ctrl-C
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
@@ -235,12 +241,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='Seconds between looks at --local for newly finished shards.')
     p.add_argument('--wait_before_start', type=at_least(float, 0), default=0.0,
                    help='Seconds to sleep before starting (e.g. while the download creates --local).')
-    p.add_argument('--merge_interval', type=at_least(float, 0), default=300.0,
-                   help='Seconds between rewrites of the merged index.json while running '
-                        '(it is always written at the end).')
-    p.add_argument('--size_limit', type=parse_size, default='64mb',
-                   help='MDS shard size limit, bytes or e.g. 16mb (streaming size_limit); bounds memory '
-                        'per bucket.')
+    p.add_argument('--merge_interval', type=at_least(float, 0), default=600.0,
+                   help='Least seconds between rewrites of every bucket\'s index.json while running, so '
+                        'readers can start early (it is always written at the end). A merge also waits 10x '
+                        'as long as the last one took: at 230k input shards one takes ~25 s and writes '
+                        '1.3-3.4 GB, so the driver never spends more than a tenth of its time merging.')
+    p.add_argument('--size_limit', type=parse_size, default='256mb',
+                   help='MDS shard size limit, bytes or e.g. 64mb (streaming size_limit). Each worker holds '
+                        'one open shard per bucket: at most 7 x size_limit (1.8 GB at 256mb, ~1 GB for '
+                        'LAION\'s mix); give 64mb when RAM < 2 GB x --processes. Readers pay for the shard '
+                        'count: at LAION-2B scale and 64mb every reader rank parses a 1.1 GB index.json '
+                        '(~3 min, ~9 GB), at 256mb 314 MB (~3 GB).')
     p.add_argument('--batch_size', type=at_least(int, 1), default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
     p.add_argument('--upload_threads', type=at_least(int, 1), default=8,
@@ -294,12 +305,12 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def write_local_atomic(path: str, data: bytes) -> None:
+def write_local_atomic(path: str, chunks: Iterable[bytes]) -> None:
     """Write a file so that it exists whole or not at all, and is on disk."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'wb') as f:
-        f.write(data)
+        f.writelines(chunks)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -320,14 +331,17 @@ def uploader(staging: str, remote: str, retry: int, cache: bool = False):
     return up
 
 
-def put_bytes(remote: str, rel: str, data: bytes, staging: str, retry: int) -> None:
-    """Write one small file at `remote`/`rel`, whole or not at all (a rename, or one PUT)."""
+def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str, retry: int) -> None:
+    """Write one file at `remote`/`rel`, whole or not at all (a rename, or one PUT), from its bytes or
+    from chunks of them (never all in memory at once)."""
+    chunks = [data] if isinstance(data, bytes) else data
     if not is_cloud(remote):
-        write_local_atomic(os.path.join(remote, rel), data)
+        write_local_atomic(os.path.join(remote, rel), chunks)
         return
     root = os.path.join(staging, f'publish{os.getpid()}')
     os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
-    Path(root, rel).write_bytes(data)
+    with open(os.path.join(root, rel), 'wb') as f:
+        f.writelines(chunks)
     uploader(root, remote, retry, cache=True).upload_file(rel)  # removes the local copy
 
 
@@ -367,8 +381,8 @@ def read_records(remote: str, subfolder: str | None) -> dict[str, dict[str, dict
             wanted.append((sub, join(remote, rel)))
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
-        for (sub, _), data in zip(wanted, pool.map(read_remote, [url for _, url in wanted])):
-            rec = json.loads(data)
+        for (sub, url), data in zip(wanted, pool.map(read_remote, [url for _, url in wanted])):
+            rec = load_record(data, url)
             out.setdefault(sub, {})[rec['shard']] = rec
     return out
 
@@ -780,6 +794,14 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
 # Write: one worker converts one shard into one MDS part per bucket, uploads, then records it.
 # ---------------------------------------------------------------------------------------------
 
+def mds_config(size_limit: int) -> dict:
+    """What every MDS shard entry of an index.json of ours holds besides its own facts (samples and
+    file), in the order MDSWriter writes it; also the config in each shard file's header."""
+    return {'column_encodings': [COLUMNS[c] for c in MDS_COLUMNS], 'column_names': MDS_COLUMNS,
+            'column_sizes': [MDS_SIZES[COLUMNS[c]] for c in MDS_COLUMNS], 'compression': None,
+            'format': 'mds', 'hashes': [], 'size_limit': size_limit, 'version': 2}
+
+
 class PartWriter:
     """One bucket's part of one input shard: an MDS dataset with the files and index.json that
     streaming's MDSWriter writes for the same samples (tested), but each sample is copied once,
@@ -790,9 +812,7 @@ class PartWriter:
     def __init__(self, folder: str, size_limit: int, buffer: mmap.mmap, land: Callable[[str], Any]):
         os.makedirs(folder, exist_ok=True)
         self.folder, self.limit, self.buffer, self.land = folder, size_limit, buffer, land
-        self.config = {'column_encodings': [COLUMNS[c] for c in MDS_COLUMNS], 'column_names': MDS_COLUMNS,
-                       'column_sizes': [MDS_SIZES[COLUMNS[c]] for c in MDS_COLUMNS], 'compression': None,
-                       'format': 'mds', 'hashes': [], 'size_limit': size_limit, 'version': 2}
+        self.config = mds_config(size_limit)
         self.config_data = json.dumps(self.config, sort_keys=True).encode()
         self.sizes: list[int] = []
         self.used = 0
@@ -827,14 +847,14 @@ class PartWriter:
         self.sizes, self.used = [], 0
 
     def finish(self) -> dict:
-        """Write the last shard and index.json; returns the index."""
+        """Write the last shard and index.json; returns the part as its record keeps it."""
         if self.sizes:
             self.flush()
-        index = {'shards': self.shards, 'version': 2}
         path = os.path.join(self.folder, 'index.json')
-        Path(path).write_text(json.dumps(index, sort_keys=True))
+        Path(path).write_text(json.dumps({'shards': self.shards, 'version': 2}, sort_keys=True))
         self.land(path)
-        return index
+        return {'bytes': [s['raw_data']['bytes'] for s in self.shards],
+                'samples': [s['samples'] for s in self.shards]}
 
 
 _WORKER: dict[str, Any] = {}
@@ -928,9 +948,57 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
             with progress.get_lock():
                 progress[0] += sum(counts.values()) - n0
                 progress[1] += nbytes - b0
-    index = {bucket: w.finish() for bucket, w in writers.items()}
-    return {'shard': sid, 'parquet': os.path.basename(parquet), 'bucketed': args.bucketed,
-            'samples': counts, 'skipped': skipped, 'bytes': nbytes, 'index': index}
+    parts = {bucket: w.finish() for bucket, w in writers.items()}
+    return shard_record(sid, os.path.basename(parquet), args.bucketed, counts, skipped, nbytes,
+                        mds_config(limit), parts)
+
+
+# A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (JSON; its existence makes the shard
+# done), holds what the summary and the merge need: its counts, and per bucket the MDS shards of its
+# part. Their index.json entries differ only in `samples` and `raw_data.bytes` (the files are
+# shard.00000.mds, shard.00001.mds, ... in order; no zip, no hashes), so the rest, the same for all,
+# is kept once as `config` (~550 B an entry otherwise: 230k input shards x ~22 MDS shards at 64 MB
+# made 3.5 GB of records and ~20 GB in the driver). Records of earlier versions, with the part's
+# full index as `index`, are read too (load_record), so a run resumes over an older output.
+
+def shard_record(sid: str, parquet: str, bucketed: bool, samples: dict[str, int], skipped: dict[str, int],
+                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
+    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'samples': samples, 'skipped': skipped,
+            'bytes': nbytes, 'config': config, 'parts': parts}
+
+
+def mds_name(i: int) -> str:
+    """The file of MDS shard `i` of a part (PartWriter's and MDSWriter's naming)."""
+    return f'shard.{i:05}.mds'
+
+
+_CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver holds 230k records
+
+
+def load_record(data: bytes, where: str) -> dict[str, Any]:
+    """A record as written (either version), in the current form, its config shared with the others."""
+    rec = json.loads(data)
+    if 'index' in rec:  # written before records were compact: each part's index.json in full
+        rec['config'], rec['parts'] = {}, {}
+        for bucket, index in rec.pop('index').items():
+            part = rec['parts'][bucket] = {'bytes': [], 'samples': []}
+            for i, shard in enumerate(index['shards']):
+                config = {k: v for k, v in shard.items() if k not in ('samples', 'zip_data', 'raw_data')}
+                raw = shard['raw_data']
+                if (rec['config'] and config != rec['config']) or shard['zip_data'] is not None or \
+                        raw['basename'] != mds_name(i) or raw['hashes']:
+                    raise ValueError(f'{where}: shard {i} of bucket {bucket} is not one this script writes')
+                rec['config'] = config
+                part['bytes'].append(raw['bytes'])
+                part['samples'].append(shard['samples'])
+    return shared_config(rec)
+
+
+def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with its config replaced by the equal one other records hold (memory, at 230k records)."""
+    rec['config'] = _CONFIGS.setdefault(json.dumps(rec['config']), rec['config'])
+    return rec
 
 
 def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
@@ -938,9 +1006,9 @@ def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
     sid, sub = record['shard'], args.subfolder
     files, listed = [], set()
     up = uploader(staging, args.remote, args.retry, cache=True)
-    for bucket, index in record['index'].items():
+    for bucket, part in record['parts'].items():
         rel = join(bucket, sub, sid)
-        files += [join(rel, s['raw_data']['basename']) for s in index['shards']] + [join(rel, 'index.json')]
+        files += [join(rel, mds_name(i)) for i in range(len(part['bytes']))] + [join(rel, 'index.json')]
         listed.update(up.list_objects(rel + '/') or [])
     root = urlparse(args.remote).path.strip('/')
     missing = [f for f in files if join(root, f).strip('/') not in listed]
@@ -990,7 +1058,7 @@ def convert_shard(sid: str) -> dict[str, Any]:
         if cloud:
             check_listed(record, out_root, args)
         else:  # the new folders' entries too
-            for bucket in record['index']:
+            for bucket in record['parts']:
                 part = Path(out_root, bucket, args.subfolder, sid)
                 fsync_file(str(part))
                 fsync_file(str(part.parent))
@@ -1022,8 +1090,9 @@ def convert_task(sid: str) -> dict[str, Any]:
     the record) returns that record, so the driver counts it once and no part is written twice.
     """
     args = _WORKER['args']
+    url = join(args.remote, RECORDS, args.subfolder, f'{sid}.record')
     try:
-        record = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, f'{sid}.record')))
+        record = load_record(read_remote(url), url)
     except FileNotFoundError:
         record = None
     except Exception as e:
@@ -1210,31 +1279,44 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
 # Merge: one index.json per bucket over done shards only.
 # ---------------------------------------------------------------------------------------------
 
-def merged_index(parts: dict[str, dict]) -> dict:
-    """One index over the parts (name -> index of the dataset in folder `name`), as streaming's
-    merge_index writes it: every part's shards, their files named relative to the merged folder."""
-    shards = []
-    for name, index in sorted(parts.items()):
-        for shard in index['shards']:
-            shard = dict(shard)
-            for key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
-                if shard.get(key):
-                    shard[key] = {**shard[key], 'basename': f"{name}/{shard[key]['basename']}"}
-            shards.append(shard)
-    return {'version': 2, 'shards': shards}
+def index_chunks(parts: list[tuple[str, dict, dict[str, list[int]]]]) -> Iterator[bytes]:
+    """The merged index.json over `parts` ((folder relative to the index, config, part) in order), byte
+    for byte as json.dumps writes the index streaming's merge_index makes of the parts' own index.json
+    (tested), built one MDS shard entry at a time: never the whole index in memory (1.1 GB of text
+    for the biggest bucket at 230k input shards and 64 MB)."""
+    yield b'{"version": 2, "shards": ['
+    heads: dict[int, str] = {}  # an entry's text before its samples, by config
+    sep = ''
+    for name, config, part in parts:
+        if id(config) not in heads:
+            heads[id(config)] = json.dumps(config)[:-1] + (', ' if config else '')
+        head, where = heads[id(config)], json.dumps(f'{name}/')[:-1]
+        entries = [f'{sep if i == 0 else ", "}{head}"samples": {n}, "zip_data": null, "raw_data": '
+                   f'{{"basename": {where}{mds_name(i)}", "bytes": {b}, "hashes": {{}}}}}}'
+                   for i, (b, n) in enumerate(zip(part['bytes'], part['samples']))]
+        if entries:
+            sep = ', '
+            yield ''.join(entries).encode()
+    yield b']}'
 
 
-def publish_index(index: dict, args: argparse.Namespace, bucket: str, subfolder: str) -> None:
+def bucket_parts(records: dict[str, dict], bucket: str, prefix: str = '') -> list[tuple[str, dict, dict]]:
+    """index_chunks' parts for `bucket` of these records, in shard order, their folders below `prefix`."""
+    return [(join(prefix, sid), r['config'], r['parts'][bucket]) for sid, r in sorted(records.items())
+            if bucket in r['parts']]
+
+
+def publish_index(parts: list[tuple[str, dict, dict]], args: argparse.Namespace, bucket: str,
+                  subfolder: str) -> None:
     """Replace the dataset's index.json (one rename or one PUT: readers see the old or the new)."""
     rel = join(bucket, subfolder, 'index.json')
-    put_bytes(args.remote, rel, json.dumps(index).encode(), args.staging, args.retry)
+    put_bytes(args.remote, rel, index_chunks(parts), args.staging, args.retry)
 
 
 def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
     """index.json of each bucket of this run's (sub)folder, over its done shards."""
-    for bucket in sorted({b for r in records.values() for b in r['index']}):
-        parts = {sid: r['index'][bucket] for sid, r in records.items() if bucket in r['index']}
-        publish_index(merged_index(parts), args, bucket, args.subfolder)
+    for bucket in sorted({b for r in records.values() for b in r['parts']}):
+        publish_index(bucket_parts(records, bucket), args, bucket, args.subfolder)
 
 
 def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
@@ -1242,20 +1324,21 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
     subfolder's own index.json rewritten too). Returns samples per bucket."""
     by_sub = read_records(args.remote, None)
     totals: dict[str, int] = {}
-    buckets = sorted({b for recs in by_sub.values() for r in recs.values() for b in r['index']})
+    buckets = sorted({b for recs in by_sub.values() for r in recs.values() for b in r['parts']})
     for bucket in buckets:
-        tops: dict[str, dict] = {}
+        tops: list[tuple[str, list]] = []  # (name below <bucket>, its parts), sorted as merge_index does
         for sub, recs in sorted(by_sub.items()):
-            parts = {sid: r['index'][bucket] for sid, r in recs.items() if bucket in r['index']}
+            parts = bucket_parts(recs, bucket, sub)
             if not parts:
                 continue
             if sub:
-                tops[sub] = merged_index(parts)
-                publish_index(tops[sub], args, bucket, sub)
+                publish_index(bucket_parts(recs, bucket), args, bucket, sub)
+                tops.append((sub, parts))
             else:
-                tops.update(parts)
+                tops += [(part[0], [part]) for part in parts]
             totals[bucket] = totals.get(bucket, 0) + sum(r['samples'].get(bucket, 0) for r in recs.values())
-        publish_index(merged_index(tops), args, bucket, '')
+        tops.sort(key=lambda top: top[0])
+        publish_index([part for _, parts in tops for part in parts], args, bucket, '')
     return totals
 
 
@@ -1431,8 +1514,9 @@ def recorded_meanwhile(sids: list[str], args: argparse.Namespace) -> dict[str, d
     """Records that abandoned shards' workers wrote before they were stopped."""
     out = {}
     for sid in sids:
+        url = join(args.remote, RECORDS, args.subfolder, f'{sid}.record')
         with contextlib.suppress(FileNotFoundError):
-            out[sid] = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, f'{sid}.record')))
+            out[sid] = load_record(read_remote(url), url)
     return out
 
 
@@ -1465,9 +1549,10 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     todo: list[str] = []  # finished at the last look, not yet submitted
     bad: set[str] = set()
     last_merge, merged_n, last_scan = time.time(), len(records), -math.inf
+    merge_s = 0.0  # how long the last merge took
 
     def add(rec: dict) -> None:
-        records[rec['shard']] = rec
+        records[rec['shard']] = shared_config(rec)
         run_stats['shards'] += 1
         run_stats['samples'] += sum(rec['samples'].values())
         run_stats['bytes'] += rec['bytes']
@@ -1511,9 +1596,12 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
             bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
                 wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(records)})
-            if len(records) > merged_n and time.time() - last_merge > args.merge_interval:
+            if len(records) > merged_n and \
+                    time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
+                merge_s = time.time()
                 merge_run(records, args)
                 last_merge, merged_n = time.time(), len(records)
+                merge_s = last_merge - merge_s
     except ShardError as e:
         engine.stop(True)
         bar.close()

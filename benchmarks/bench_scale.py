@@ -1,16 +1,16 @@
 """Scale on paper: what laion_cloudwriter.py's records and merged index.json cost at 1k-230k input shards.
 
-    .venv/bin/python benchmarks/bench_scale.py                          # 1k and 10k input shards (~2 min)
-    .venv/bin/python benchmarks/bench_scale.py --shards 1000 10000 100000  # 100k needs ~20 GB of RAM
-    .venv/bin/python benchmarks/bench_scale.py --size_limit 256mb       # the same with bigger MDS shards
+    .venv/bin/python benchmarks/bench_scale.py                          # 1k and 10k input shards (~1 min)
+    .venv/bin/python benchmarks/bench_scale.py --shards 1000 10000 100000  # 100k: ~4 GB of RAM (the reader)
+    .venv/bin/python benchmarks/bench_scale.py --size_limit 256mb       # the cloudwriter's default size
 
 For N input shards it writes what the cloudwriter leaves at a folder remote after converting them:
-one `_cloudwriter/NNNNN.record` per input shard, built as write_parts() builds it (the shard entries
-of PartWriter's config), each input shard a LAION-2B-like mix (SHARD_MIX below: 10,000 rows, ~8,000
-images, ~1.1 GB). Then, each in a fresh process whose peak RSS is reported, it times the cloudwriter's
-own functions:
+one `_cloudwriter/NNNNN.record` per input shard, built by the cloudwriter's own shard_record() and
+mds_config() (as write_parts() builds it once PartWriter has written the parts), each input shard a
+LAION-2B-like mix (SHARD_MIX below: 10,000 rows, ~8,000 images, ~1.1 GB). Then, each in a fresh
+process whose peak RSS is reported, it times the cloudwriter's own functions:
   read   read_records(): what the driver does at start-up (and holds for the rest of the run);
-  merge  merged_index() + publish_index() for every bucket, as merge_run() does at each
+  merge  bucket_parts() + publish_index() for every bucket, as merge_run() does at each
          --merge_interval and at the end; the biggest bucket's index.json size and time are shown;
   open   streaming's StreamingDataset(local=<biggest bucket>): what every reader rank does first
          (the index only: the shard files are not there, and nothing asks for them).
@@ -66,23 +66,19 @@ def cloudwriter():
 
 # ---- the synthetic remote ------------------------------------------------------------------------
 
-def part_index(cw, config: dict, samples: int, nbytes: int, size_limit: int) -> dict:
-    """The index PartWriter.finish() returns for one bucket's part of `samples` images of `nbytes`:
-    full shards of `size_limit`, then the rest, with the entries PartWriter.flush() writes."""
+def part(samples: int, nbytes: int, size_limit: int) -> dict[str, list[int]]:
+    """What PartWriter.finish() returns for one bucket's part of `samples` images of `nbytes`: full
+    shards of `size_limit`, then the rest."""
     n_shards = max(1, -(-nbytes // size_limit))
     per = np.diff(np.linspace(0, samples, n_shards + 1).round().astype(int))
     size = np.diff(np.linspace(0, nbytes, n_shards + 1).round().astype(int))
-    return {'version': 2, 'shards': [
-        {**config, 'samples': int(n), 'zip_data': None,
-         'raw_data': {'basename': f'shard.{i:05}.mds', 'bytes': int(b), 'hashes': {}}}
-        for i, (n, b) in enumerate(zip(per, size))]}
+    return {'bytes': size.tolist(), 'samples': per.tolist()}
 
 
 def build_remote(cw, remote: Path, n: int, size_limit: int) -> int:
-    """`n` records at `remote`/_cloudwriter in the format write_parts() + write_record() give; returns
+    """`n` records at `remote`/_cloudwriter as write_parts() + write_record() leave them; returns
     their total size in bytes."""
-    config = cw.PartWriter(str(remote / 'scratch'), size_limit, bytearray(0), lambda _: None).config
-    shutil.rmtree(remote / 'scratch')
+    config = cw.mds_config(size_limit)
     rng = np.random.default_rng(0)
     total = 0
     (remote / cw.RECORDS).mkdir(parents=True)
@@ -91,9 +87,9 @@ def build_remote(cw, remote: Path, n: int, size_limit: int) -> int:
         counts = dict(zip(SHARD_MIX, rng.multinomial(images, [f for f, _ in SHARD_MIX.values()]).tolist()))
         nbytes = {b: int(counts[b] * mean * rng.uniform(0.8, 1.2)) for b, (_, mean) in SHARD_MIX.items()}
         sid = f'{s:05d}'
-        record = {'shard': sid, 'parquet': f'{sid}.parquet', 'bucketed': True, 'samples': counts,
-                  'skipped': {'failed_to_download': ROWS - images}, 'bytes': sum(nbytes.values()),
-                  'index': {b: part_index(cw, config, counts[b], nbytes[b], size_limit) for b in SHARD_MIX}}
+        record = cw.shard_record(sid, f'{sid}.parquet', True, counts, {'failed_to_download': ROWS - images},
+                                 sum(nbytes.values()), config,
+                                 {b: part(counts[b], nbytes[b], size_limit) for b in SHARD_MIX})
         total += (remote / cw.RECORDS / f'{sid}.record').write_text(json.dumps(record))  # no fsync: set-up
     return total
 
@@ -124,11 +120,11 @@ def phase(name: str, remote: str) -> dict:
         out['merge'] = {}
         for bucket in SHARD_MIX:
             t0 = time.perf_counter()
-            parts = {sid: r['index'][bucket] for sid, r in records.items() if bucket in r['index']}
-            cw.publish_index(cw.merged_index(parts), args, bucket, '')
+            parts = cw.bucket_parts(records, bucket)
+            cw.publish_index(parts, args, bucket, '')
             out['merge'][bucket] = {'s': time.perf_counter() - t0,
                                     'mb': os.path.getsize(os.path.join(remote, bucket, 'index.json')) / 1e6,
-                                    'shards': sum(len(p['shards']) for p in parts.values())}
+                                    'shards': sum(len(p['samples']) for _, _, p in parts)}
         out['merge_rss_mb'] = peak_rss_mb()
     return out
 
