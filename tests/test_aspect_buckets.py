@@ -13,10 +13,6 @@ import io
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from test_precompute_latents import (
+    kill9_after_first_part,
     markers,
     models,  # noqa: F401 (a fixture: the tiny model's VAE, text encoder)
     ok,
@@ -262,15 +259,7 @@ def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_ru
     ref_out = tmp_path / 'ref' / UNBUCKETED
 
     out = tmp_path / 'out' / UNBUCKETED
-    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, common),
-           '--local', str(tmp_path / 'c2'), '--remote_upload', str(tmp_path / 'out')]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not markers(out) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9_after_first_part(root, common, tmp_path / 'c2', tmp_path / 'out', out, env)
     done_before = len(markers(out))
     assert 1 <= done_before < len(markers(ref_out))
     ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_precompute_latents import markers, ok, one_line_error, one_thread, reference_pixels, run
+from test_precompute_latents import (
+    kill9_after_first_part,
+    markers,
+    ok,
+    one_line_error,
+    one_thread,
+    reference_pixels,
+    run,
+)
 from testbed.corpus import make_jpeg
 from testbed.families import build_tiny_family, pipeline_of, write_t5
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
@@ -184,15 +188,7 @@ def test_trimmed_t5_killed_and_resumed_on_two_ranks_equals_an_uninterrupted_run(
     ok(run(root, *common, '--local', tmp_path / 'c1', '--remote_upload', tmp_path / 'ref', env=env))
 
     out = tmp_path / 'out' / UNBUCKETED
-    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, common),
-           '--local', str(tmp_path / 'c2'), '--remote_upload', str(tmp_path / 'out')]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not markers(out) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9_after_first_part(root, common, tmp_path / 'c2', tmp_path / 'out', out, env)
     assert 1 <= len(markers(out)) < 6
     ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out', env=env,
            torchrun=2))

@@ -196,6 +196,21 @@ def markers(out: Path) -> list[str]:
     return sorted(glob.glob(str(out / '*' / '_done')))
 
 
+def kill9_after_first_part(root: Path, common: list, local: Path, upload: Path, out: Path,
+                           env: dict) -> None:
+    """Run the script with `common` flags into `upload`; kill -9 its process group as soon as the
+    first part of `out` has its _done marker (or the run ends)."""
+    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, common),
+           '--local', str(local), '--remote_upload', str(upload)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not markers(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_model, tmp_path):
     rows = small_rows()
     write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 14)
@@ -211,15 +226,7 @@ def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_
 
     # Kill -9 once the first parts are finished, then resume with two ranks.
     out = tmp_path / 'out' / UNBUCKETED
-    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, common),
-           '--local', str(tmp_path / 'c2'), '--remote_upload', str(tmp_path / 'out')]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not markers(out) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9_after_first_part(root, common, tmp_path / 'c2', tmp_path / 'out', out, env)
     done_before = len(markers(out))
     assert 1 <= done_before < total_parts, done_before
     assert not (out / 'index.json').exists()
