@@ -138,6 +138,20 @@ def test_stored_columns_equal_the_family_pipeline(family, root, folders, family_
     assert summary['family'] == family and summary['latent_bytes_per_sample'] == round(per_sample, 1)
 
 
+def test_sd2_caption_latents_equal_stable_diffusion_pipeline(root, tiny_model, family_input, tmp_path):
+    """The SD-2 layout (float16 caption_latents, read as training code reads them) is what
+    StableDiffusionPipeline.encode_prompt computes for the same captions, to float16 precision."""
+    out = tmp_path / 'out'
+    ok(run(root, *args_for(family_input, tiny_model, out, tmp_path, '--dtype', 'float32')))
+    got = read_mds(str(out / UNBUCKETED))
+    pipe = pipeline_of(tiny_model, 'sd')
+    with torch.inference_mode(), one_thread():
+        want, _ = pipe.encode_prompt([s['caption'] for s in got], 'cpu', 1, False)
+    for i, sample in enumerate(got):
+        mine = np.frombuffer(sample['caption_latents'], np.float16).reshape(77, 1024).astype(np.float32)
+        np.testing.assert_allclose(mine, want[i].numpy(), atol=2e-3, rtol=2e-3, err_msg=f'caption {i}')
+
+
 def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input, tmp_path):
     """mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads `<caption key>_T5_LATENTS` and
     `_CLIP_LATENTS` as float16 (seq, width), `_T5_ATTENTION_MASK` and `_CLIP_ATTENTION_MASK` as numpy

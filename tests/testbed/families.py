@@ -139,6 +139,10 @@ def pipeline_of(folder: Path, family: str):
 
     parts = {'vae': diffusers.AutoencoderKL.from_pretrained(folder, subfolder='vae'),
              'tokenizer': load('CLIPTokenizer', 'tokenizer'), 'scheduler': None}
+    if family == 'sd':
+        return diffusers.StableDiffusionPipeline(
+            **parts, text_encoder=load('CLIPTextModel', 'text_encoder'), unet=None, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     if family == 'sdxl':
         return diffusers.StableDiffusionXLPipeline(
             **parts, text_encoder=load('CLIPTextModel', 'text_encoder'), unet=None, add_watermarker=False,
