@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,6 @@ from test_cloudwriter import (
     wait_for,
 )
 from testbed.corpus import good_items
-
-pytestmark = pytest.mark.skipif(not (find_spec('pyspark') and find_spec('ray')),
-                                reason='pyspark and ray are test dependencies (requirements-dev.txt)')
 
 # Spark in local mode on loopback; local[2,4] lets a task fail 3 times before the job fails.
 SPARK_ENV = {

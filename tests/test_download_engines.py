@@ -39,8 +39,8 @@ from test_download import (
 RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
            'RAY_AUTH_MODE': 'disabled'}
 os.environ.update(RAY_ENV)  # read when ray is imported
-ray = pytest.importorskip('ray')
-pytest.importorskip('pyspark')
+import pyspark  # noqa: E402  (test dependencies, requirements-dev.txt: a missing one fails, not skips)
+import ray  # noqa: E402
 
 SPARK_ENV = {
     'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable,
@@ -60,7 +60,6 @@ def free_port() -> int:
 def spark_master(tmp_path_factory):
     """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
     on a cluster; yields the master URL."""
-    import pyspark
     spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
     logs = tmp_path_factory.mktemp('spark')
     env = {**os.environ, **SPARK_ENV, 'SPARK_HOME': str(spark_class.parent.parent)}
