@@ -135,23 +135,29 @@ def build_full_size_sd2(folder: Path) -> Path:
     return folder
 
 
-def flops_per_sample(vae, text_encoder, device: torch.device, dtype: torch.dtype,
-                     shares: dict[int, float]) -> float:
-    """Forward FLOPs per sample: the text encoder, plus the VAE encoder at each resolution weighted
-    by the share of samples whose shorter side reaches it (torch's FLOP counter, batch of 1)."""
+def forward_flops(text_calls, vae, device: torch.device, dtype: torch.dtype,
+                  shares: dict[int, float]) -> float:
+    """Forward FLOPs per sample: each (text encoder, token length) in `text_calls`, plus the VAE encoder
+    at each resolution weighted by the share of samples whose shorter side reaches it (torch's FLOP
+    counter, batch of 1)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    total = 0.0
-    with torch.inference_mode():
+    def counted(fn, x: torch.Tensor) -> float:
         with FlopCounterMode(display=False) as counter:
-            text_encoder(torch.zeros(1, 77, dtype=torch.long, device=device))
-        total += counter.get_total_flops()
-        for res, share in shares.items():
-            if share:
-                with FlopCounterMode(display=False) as counter:
-                    vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=dtype))
-                total += share * counter.get_total_flops()
+            fn(x)
+        return counter.get_total_flops()
+
+    with torch.inference_mode():
+        total = sum(counted(enc, torch.zeros(1, n, dtype=torch.long, device=device)) for enc, n in text_calls)
+        total += sum(share * counted(vae.encode, torch.zeros(1, 3, res, res, device=device, dtype=dtype))
+                     for res, share in shares.items() if share)
     return total
+
+
+def flops_per_sample(vae, text_encoder, device: torch.device, dtype: torch.dtype,
+                     shares: dict[int, float]) -> float:
+    """Forward FLOPs per sample of SD-2: the text encoder at 77 tokens and the VAE encoder."""
+    return forward_flops([(text_encoder, 77)], vae, device, dtype, shares)
 
 
 # ---- measurements ------------------------------------------------------------------------------
@@ -303,24 +309,10 @@ def family_model(work: Path, family: str, full_size: bool) -> Path:
 
 def family_flops(model: Path, family: pl.Family, device: torch.device, dtype: torch.dtype,
                  shares: dict[int, float]) -> float:
-    """Forward FLOPs per sample of every text encoder at its token length, plus the VAE encoder at each
-    resolution weighted by the share of samples that reach it (torch's FLOP counter, batch of 1)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Forward FLOPs per sample of every text encoder at its token length, plus the VAE encoder."""
     vae, encoders = pl.load_models(str(model), family, device, dtype)
     lengths = pl.token_lengths(family, pl.load_tokenizers(str(model), family), 0)
-    total = 0.0
-    with torch.inference_mode():
-        for enc, n in zip(encoders, lengths):
-            with FlopCounterMode(display=False) as counter:
-                enc(torch.zeros(1, n, dtype=torch.long, device=device))
-            total += counter.get_total_flops()
-        for res, share in shares.items():
-            if share:
-                with FlopCounterMode(display=False) as counter:
-                    vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=dtype))
-                total += share * counter.get_total_flops()
-    return total
+    return forward_flops(zip(encoders, lengths), vae, device, dtype, shares)
 
 
 def bench_families(args, work: Path, mds: Path, device: torch.device, dtype: torch.dtype) -> None:
