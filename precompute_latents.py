@@ -611,9 +611,14 @@ def decode_for_buckets(data: bytes, tables: dict[int, tuple], rngs: dict[int, np
 
 
 def cover_crop(img: Image.Image, p: Placement) -> np.ndarray:
-    """`img` resized to the placement's size (bilinear) and cropped to its bucket: uint8 (h, w, 3)."""
-    resized = img.resize((p.resized_width, p.resized_height), Image.Resampling.BILINEAR)
-    return np.asarray(resized)[p.top:p.top + p.height, p.left:p.left + p.width]
+    """`img` resized to cover the placement's bucket and cropped to it (bilinear): uint8 (h, w, 3).
+
+    One resize of the crop's box mapped back into `img` (PIL's `box`): the same sample positions as
+    resizing the whole image to (resized_width, resized_height) and cropping (up to PIL's rounding,
+    at most 1 level), at the cost of the bucket's pixels only, as center mode's square."""
+    sx, sy = img.width / p.resized_width, img.height / p.resized_height
+    box = (p.left * sx, p.top * sy, (p.left + p.width) * sx, (p.top + p.height) * sy)
+    return np.asarray(img.resize((p.width, p.height), Image.Resampling.BILINEAR, box=box))
 
 
 def skip_reason(err: Exception) -> str:
@@ -1166,7 +1171,9 @@ def aspect_convention(args: argparse.Namespace, downsampling: int) -> dict:
                         f'factor {downsampling} x 8); use resolutions of at least {step}')
     return {'mode': 'aspect', 'step': step, 'max_aspect': args.max_aspect, 'buckets': tables,
             'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a tie); '
-                      'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped',
+                      'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped; '
+                      'computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, top + H) x '
+                      'decoded size / resized size) of the decoded image',
             'position': f'random (numpy default_rng([{args.seed}, sample index, res, 2]))'
                         if args.random_crop else 'centred (offset (resized - bucket) // 2)',
             'seed': args.seed, 'flip': args.flip,
@@ -1993,11 +2000,14 @@ def stored_latent(sample: dict[str, Any], column: str, convention: dict,
 
 def recorded_crop(img: Image.Image, time_ids: np.ndarray) -> Image.Image:
     """--crop aspect: the crop that the stored add_time_ids state (original (h, w), top-left in the
-    resized image, target (h, w)), redone from the image: resized to cover the target, then cropped."""
+    resized image, target (h, w)), redone from the image: the crop's box in the image, resized to
+    the target (the documented rule, apart from the encoder's code)."""
     oh, ow, top, left, th, tw = (int(v) for v in time_ids)
     scale = max(tw / ow, th / oh)
-    resized = img.resize((max(tw, round(ow * scale)), max(th, round(oh * scale))), Image.Resampling.BILINEAR)
-    return resized.crop((left, top, left + tw, top + th))
+    rw, rh = max(tw, round(ow * scale)), max(th, round(oh * scale))
+    sx, sy = img.width / rw, img.height / rh
+    return img.resize((tw, th), Image.Resampling.BILINEAR,
+                      box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
 
 
 def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
