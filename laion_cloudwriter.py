@@ -1431,7 +1431,9 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
         .getOrCreate().sparkContext
     sc.setLogLevel('ERROR')
     task = functools.partial(in_worker, Path(__file__).read_text(), args)
-    jobs = ThreadPoolExecutor(sc.defaultParallelism, thread_name_prefix='spark-job')
+    # every task the driver keeps submitted (2 x slots) is a job in flight: a slot that frees takes
+    # the next queued task at once, instead of idling while its job returns and the next is built
+    jobs = ThreadPoolExecutor(2 * sc.defaultParallelism, thread_name_prefix='spark-job')
 
     def stop(now: bool) -> None:
         if now:
