@@ -14,6 +14,15 @@ whole process tree is sampled for peak RSS:
               started once by this script and joined through RAY_ADDRESS, as a cluster is).
 Marginal rates use (2N run) - (N run), so interpreter, JVM and engine start-up do not hide the rate;
 `x mp` is an engine's marginal rate over multiprocessing's (the goal: >= 0.85).
+
+Memory state (--hold): every method should write into the page cache as a long run does, recycling
+pages the kernel evicts. On a VM whose host backs guest memory lazily and takes freed pages back
+(free page reporting: this machine), a write into never-used or recently freed memory costs ~7 s of
+system time per GB instead of ~0.2 s, and which method meets such pages depends on its start-up
+time (a JVM's 10 s lets the previous run's freed pages go back to the host). So by default the
+benchmark holds all but --headroom GB of memory in a child process, fills what is free with a clean,
+evictable file, deletes each output only two runs later (its pages then evicted, not freed), and tops
+the file up before each run: every method starts with no free memory and recycles the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +61,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--work', type=str, default='/tmp/bench_cloudwriter_work',
                    help='Scratch folder for input and outputs (emptied after each run); on /dev/shm, '
                         'no disk is involved and the table shows the CPU limit.')
+    p.add_argument('--hold', type=float, default=None,
+                   help='GB of memory to hold during the runs (default: all but --headroom; 0: none, and '
+                        'no filler file).')
+    p.add_argument('--headroom', type=float, default=8.0,
+                   help='GB left to the runs beside the input of 2N shards (processes, JVM, output cache).')
     p.add_argument('--naive_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
                    help=argparse.SUPPRESS)
     return p.parse_args()
@@ -194,6 +208,44 @@ def timed(cmd: list[str] | str, env: dict | None = None) -> tuple[float, int, in
     return time.time() - t0, peak[0], peak[1]
 
 
+def meminfo(key: str) -> int:
+    """A /proc/meminfo figure in bytes."""
+    for line in Path('/proc/meminfo').read_text().splitlines():
+        if line.startswith(key + ':'):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def hold_memory(nbytes: int) -> subprocess.Popen:
+    """A child process that touches `nbytes` of memory and keeps it until killed."""
+    code = ('import mmap, sys\n'
+            f'm = mmap.mmap(-1, {nbytes})\n'
+            'for i in range(0, len(m), 1 << 24):\n'
+            '    m[i:i + (1 << 24)] = bytes(min(1 << 24, len(m) - i))\n'
+            'print("ready", flush=True)\n'
+            'sys.stdin.read()\n')
+    proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    if proc.stdout.readline().strip() != 'ready':
+        raise SystemExit('could not hold memory (--hold 0 to run without)')
+    return proc
+
+
+def top_up(filler: Path, keep_free: int = 1 << 30) -> int:
+    """Append to `filler` until little memory is free, so writes recycle evicted cache pages; the file
+    is synced (clean, evictable). Returns the bytes added."""
+    add = meminfo('MemFree') - keep_free
+    if add <= 64 << 20:
+        return 0
+    chunk = bytes(1 << 24)
+    with open(filler, 'ab') as f:
+        for _ in range(add // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return add // len(chunk) * len(chunk)
+
+
 ENGINES = ('multiprocessing', 'pyspark', 'ray')
 LOOPBACK = {  # engines on this machine only
     'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable, 'RAY_USAGE_STATS_ENABLED': '0',
@@ -240,23 +292,45 @@ def main() -> None:
     make_input(cache, 2 * args.shards, args.rows)
     print(f'input: {2 * args.shards} shards x {args.rows} rows in {cache} ({time.time() - t:.0f} s)')
     results: dict[tuple[str, int], tuple[float, int, int, int]] = {}
-    for _ in range(args.repeat):
-        for n in (args.shards, 2 * args.shards):
-            jpg_bytes = subset(cache, work / 'in', n)
-            for name, (cmd, env) in methods(args, work / 'in', work / 'out').items():
-                out = work / 'out'
-                shutil.rmtree(out, ignore_errors=True)
-                secs, rss, pss = timed(cmd, env)
-                best = results.get((name, n))
-                if best is None or secs < best[0]:
-                    results[name, n] = (secs, rss, pss, jpg_bytes)
-                shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    holder, filler, memory_note = None, work / 'filler', 'memory: not held (--hold 0)'
+    if args.hold != 0:
+        t = time.time()
+        size = subset(cache, work / 'in', 2 * args.shards) * 1.1  # parquet ~ JPEG bytes
+        hold = args.hold * 1e9 if args.hold else meminfo('MemAvailable') - size - args.headroom * 1e9
+        holder = hold_memory(int(max(hold, 0)))
+        filled = top_up(filler)
+        memory_note = (f'memory: {max(hold, 0) / 1e9:.1f} GB held, {filled / 1e9:.1f} GB filler file, '
+                       f'{args.headroom:.0f} GB + input left ({time.time() - t:.0f} s to set up)')
+        print(memory_note, flush=True)
+    outs: list[Path] = []
+    runs = 0
+    try:
+        for _ in range(args.repeat):
+            for n in (args.shards, 2 * args.shards):
+                jpg_bytes = subset(cache, work / 'in', n)
+                for name in methods(args, work / 'in', work / 'out'):
+                    runs += 1
+                    outs.append(work / f'out{runs}')
+                    while len(outs) > 3:  # two runs later: its pages are evicted by now, not freed
+                        shutil.rmtree(outs.pop(0), ignore_errors=True)
+                    if holder is not None:
+                        top_up(filler)
+                    secs, rss, pss = timed(*methods(args, work / 'in', outs[-1])[name])
+                    best = results.get((name, n))
+                    if best is None or secs < best[0]:
+                        results[name, n] = (secs, rss, pss, jpg_bytes)
+    finally:
+        if holder is not None:
+            holder.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
     n1, n2 = args.shards, 2 * args.shards
     rows1, rows2 = n1 * (args.rows - 1), n2 * (args.rows - 1)
     load = os.getloadavg()
-    print(f'\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores; '
+    print(f'\n{memory_note}')
+    print(f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores; '
           f'mean JPEG {results["cp+sync", n1][3] / rows1 / 1e3:.0f} KB; MB are JPEG bytes')
     head = (f'{"method":<16} {"s@N":>6} {"s@2N":>6} {"MB/s@2N":>8} {"marg MB/s":>10} {"marg smp/s":>10} '
             f'{"x cp":>5} {"x mp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
