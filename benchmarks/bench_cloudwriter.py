@@ -8,12 +8,16 @@ Input: img2dataset-shaped parquet shards (full schema, sizes null as our downloa
 --cache. Each method runs on N and 2N shards into a local --remote folder, in a subprocess whose
 whole process tree is sampled for peak RSS:
   cp+sync     `cp -r` of the parquet files, then `sync`: the I/O limit;
+  read+write  --processes workers: pyarrow reads each shard's `jpg` column and writes its bytes to one
+              file, then `sync`: the least any converter of these shards does (the CPU limit, where
+              the disk outruns a parquet decode, as this VM's does);
   naive       one process: pyarrow batches -> one MDSWriter per bucket, then `sync`;
   cloudwriter laion_cloudwriter.py --bucketed --keep_parquet (fsyncs its output itself), once per
               --distributor: multiprocessing, pyspark (local[P]), ray (a local node of P CPUs,
               started once by this script and joined through RAY_ADDRESS, as a cluster is).
 Marginal rates use (2N run) - (N run), so interpreter, JVM and engine start-up do not hide the rate;
-`x mp` is an engine's marginal rate over multiprocessing's (the goal: >= 0.85).
+`x cp`, `x r+w` and `x mp` are a method's marginal rate over cp+sync's, read+write's and
+multiprocessing's (the goals: an engine >= 0.85 x mp; the cloudwriter >= 0.6 x the limit).
 
 Memory state (--hold): every method should write into the page cache as a long run does, recycling
 pages the kernel evicts. On a VM whose host backs guest memory lazily and takes freed pages back
@@ -68,6 +72,8 @@ def parse_args() -> argparse.Namespace:
                    help='GB left to the runs beside the input of 2N shards (processes, JVM, output cache).')
     p.add_argument('--naive_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
                    help=argparse.SUPPRESS)
+    p.add_argument('--read_write_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
+                   help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -119,6 +125,29 @@ def subset(src: Path, dst: Path, shards: int) -> int:
             total += pc.sum(pc.binary_length(batch.column(0))).as_py() or 0
     (dst / 'done').touch()
     return total
+
+
+# ---- the least a converter does ------------------------------------------------------------------
+
+def read_write_one(paths: tuple[Path, Path]) -> None:
+    """One shard's `jpg` column read by pyarrow and its value bytes written to one file."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    src, dst = paths
+    with open(dst, 'wb') as f:
+        for chunk in pq.read_table(src, columns=['jpg']).column('jpg').chunks:
+            _, offsets, data = chunk.buffers()  # validity, value offsets, the values back to back
+            ends = np.frombuffer(offsets, np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+            f.write(memoryview(data)[ends[0]:ends[-1]])
+
+
+def read_write(local: str, remote: str, processes: int) -> None:
+    """read_write_one over every shard, on `processes` forked workers."""
+    import multiprocessing as mp
+    Path(remote).mkdir(parents=True)
+    jobs = [(p, Path(remote) / f'{p.stem}.jpgs') for p in sorted(Path(local).glob('*.parquet'))]
+    with mp.get_context('fork').Pool(processes) as pool:
+        pool.map(read_write_one, jobs, chunksize=1)
 
 
 # ---- the simplest converter ----------------------------------------------------------------------
@@ -259,6 +288,8 @@ def methods(args: argparse.Namespace, local: Path, out: Path) -> dict[str, tuple
                                     '--conf spark.driver.bindAddress=127.0.0.1 --conf spark.ui.enabled=false '
                                     'pyspark-shell'}
     out_methods = {'cp+sync': (f'cp -r {local} {out}', None),
+                   'read+write': ([py, __file__, '--read_write_worker', str(local), str(out), '--processes',
+                                   str(args.processes)], None),
                    'naive': ([py, __file__, '--naive_worker', str(local), str(out)], None)}
     for engine in args.engines:
         env = {**os.environ, **LOOPBACK, **(spark if engine == 'pyspark' else {})}
@@ -281,6 +312,9 @@ def main() -> None:
     args = parse_args()
     if args.naive_worker:
         naive(*args.naive_worker)
+        return
+    if args.read_write_worker:
+        read_write(*args.read_write_worker, args.processes)
         return
     os.environ.update(NO_ALBUMENTATIONS_UPDATE='1', HF_HUB_OFFLINE='1', WANDB_MODE='disabled')
     args.engines = [e for e in args.engines.split(',')
@@ -333,11 +367,11 @@ def main() -> None:
     print(f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores; '
           f'mean JPEG {results["cp+sync", n1][3] / rows1 / 1e3:.0f} KB; MB are JPEG bytes')
     head = (f'{"method":<16} {"s@N":>6} {"s@2N":>6} {"MB/s@2N":>8} {"marg MB/s":>10} {"marg smp/s":>10} '
-            f'{"x cp":>5} {"x mp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
+            f'{"x cp":>5} {"x r+w":>5} {"x mp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
     print(head)
     print('-' * len(head))
     table = {}
-    for name in ('cp+sync', 'naive', *args.engines):
+    for name in ('cp+sync', 'read+write', 'naive', *args.engines):
         (s1, r1, p1, b1), (s2, r2, p2, b2) = results[name, n1], results[name, n2]
         dt = max(s2 - s1, 1e-9)
         table[name] = dict(s_n=s1, s_2n=s2, mb_s_2n=b2 / s2 / 1e6, marginal_mb_s=(b2 - b1) / dt / 1e6,
@@ -345,10 +379,12 @@ def main() -> None:
                            pss_n_gb=p1 / 1e9, pss_2n_gb=p2 / 1e9)
     for name, r in table.items():
         ratio = r['marginal_mb_s'] / table['cp+sync']['marginal_mb_s']
+        rw_ratio = r['marginal_mb_s'] / table['read+write']['marginal_mb_s']
         mp_ratio = (f'{r["marginal_mb_s"] / table["multiprocessing"]["marginal_mb_s"]:>5.2f}'
                     if name in ENGINES and 'multiprocessing' in table else f'{"":>5}')
         print(f'{name:<16} {r["s_n"]:>6.1f} {r["s_2n"]:>6.1f} {r["mb_s_2n"]:>8.0f} '
-              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {ratio:>5.2f} {mp_ratio} '
+              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {ratio:>5.2f} {rw_ratio:>5.2f} '
+              f'{mp_ratio} '
               + ' '.join(f'{r[k]:>5.2f}G' for k in ('rss_n_gb', 'rss_2n_gb', 'pss_n_gb', 'pss_2n_gb')))
     print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table}))
 
