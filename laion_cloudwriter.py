@@ -1396,12 +1396,13 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
+QUEUED_PER_SLOT = 2  # the driver keeps this many tasks submitted per engine slot: the queue stays short
 
 
 @dataclass(frozen=True)
 class Engine:
     submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
-    slots: int  # tasks it runs at once; the driver keeps at most 2 x slots submitted
+    slots: int  # tasks it runs at once; the driver keeps at most QUEUED_PER_SLOT x slots submitted
     stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
     progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
 
@@ -1431,9 +1432,9 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
         .getOrCreate().sparkContext
     sc.setLogLevel('ERROR')
     task = functools.partial(in_worker, Path(__file__).read_text(), args)
-    # every task the driver keeps submitted (2 x slots) is a job in flight: a slot that frees takes
-    # the next queued task at once, instead of idling while its job returns and the next is built
-    jobs = ThreadPoolExecutor(2 * sc.defaultParallelism, thread_name_prefix='spark-job')
+    # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
+    # queued task at once, instead of idling while its job returns and the next is built
+    jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
 
     def stop(now: bool) -> None:
         if now:
@@ -1574,7 +1575,7 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
                         break
                     sleep_unless_stopped(args.poll_interval)
                     continue
-            while todo and len(futures) < 2 * engine.slots:  # the engine's queue stays short
+            while todo and len(futures) < QUEUED_PER_SLOT * engine.slots:
                 sid = todo.pop(0)
                 futures[engine.submit(sid)] = sid
             bar.total = len(records) + len(futures) + len(todo)

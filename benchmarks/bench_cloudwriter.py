@@ -338,13 +338,14 @@ def main() -> None:
         memory_note = (f'memory: {max(hold, 0) / 1e9:.1f} GB held, {filled / 1e9:.1f} GB filler file, '
                        f'{args.headroom:.0f} GB + input left ({time.time() - t:.0f} s to set up)')
         print(memory_note, flush=True)
+    names = list(methods(args, work / 'in', work / 'out'))
     outs: list[Path] = []
     runs = 0
     try:
         for _ in range(args.repeat):
             for n in (args.shards, 2 * args.shards):
                 jpg_bytes = subset(cache, work / 'in', n)
-                for name in methods(args, work / 'in', work / 'out'):
+                for name in names:
                     runs += 1
                     outs.append(work / f'out{runs}')
                     while len(outs) > 3:  # two runs later: its pages are evicted by now, not freed
@@ -371,7 +372,7 @@ def main() -> None:
     print(head)
     print('-' * len(head))
     table = {}
-    for name in ('cp+sync', 'read+write', 'naive', *args.engines):
+    for name in names:
         (s1, r1, p1, b1), (s2, r2, p2, b2) = results[name, n1], results[name, n2]
         dt = max(s2 - s1, 1e-9)
         table[name] = dict(s_n=s1, s_2n=s2, mb_s_2n=b2 / s2 / 1e6, marginal_mb_s=(b2 - b1) / dt / 1e6,
