@@ -100,6 +100,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from traceback import walk_tb
 from typing import Any
 
 import numpy as np
@@ -683,10 +684,22 @@ def die_with_parent(parent: int, worker_id: int) -> None:
     main process's handler is not for workers); SIGINT is left to the main process."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = functools.partial(skip_lost_handoffs, sys.excepthook)
     if sys.platform.startswith('linux'):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if os.getppid() != parent:  # the main process died before prctl took effect
         os._exit(1)
+
+
+def skip_lost_handoffs(hook, exc_type, exc, tb) -> None:
+    """A worker's sys.excepthook. multiprocessing's resource sharer, which hands a batch's tensors to
+    the main process, prints a traceback when the main process drops the connection mid-handoff, as it
+    does when a signal stops it: that is the stop, not an error (a main process that goes on raises
+    its own). Everything else goes to `hook`."""
+    lost = issubclass(exc_type, (EOFError, OSError)) and any(
+        frame.f_code.co_filename.endswith('resource_sharer.py') for frame, _ in walk_tb(tb))
+    if not lost:
+        hook(exc_type, exc, tb)
 
 
 class ShardCache:
