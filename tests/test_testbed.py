@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import botocore.exceptions
 import numpy as np
@@ -118,3 +120,19 @@ def test_i2d_builder_schema_equals_real_img2dataset(flavour, image_server, tmp_p
     built = pq.read_schema(tmp_path / 'built' / '00000.parquet')
     assert real.remove_metadata() == built.remove_metadata() == i2d_schema(flavour)
     assert (tmp_path / 'out' / '00000_stats.json').exists()
+
+
+def script_constant(script: str, name: str):
+    """The value of a top-level `name = <expression>` in one of the scripts, read without running it."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / script).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, 'id', None) for t in node.targets] == [name]:
+            return eval(compile(ast.Expression(node.value), script, 'eval'), {})
+    raise AssertionError(f'{script} has no top-level {name}')
+
+
+def test_bucket_edges_agree_across_the_scripts_and_the_test_bed():
+    # The cloudwriter names its output folders by these edges, precompute_latents' --bucket names one of them,
+    # and the test bed decides from them which bucket each corpus image must land in.
+    for script in ('laion_cloudwriter.py', 'precompute_latents.py'):
+        assert script_constant(script, 'BUCKET_EDGES') == BUCKET_EDGES, script
