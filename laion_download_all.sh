@@ -35,8 +35,9 @@
 # set the flags below through their variable, not as arguments.
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
 #   OUTPUT_FOLDER            folder for the shards, not URL_LIST's: local, or s3://… (any fsspec URL;
-#                            needs s3fs, credentials and endpoint as boto reads them, e.g.
-#                            AWS_ENDPOINT_URL). For pyspark/ray on many machines, storage every node
+#                            needs s3fs, credentials as boto reads them; an S3-compatible endpoint in
+#                            FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL or S3_ENDPOINT_URL, first set
+#                            wins). For pyspark/ray on many machines, storage every node
 #                            reaches.                                   /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
@@ -84,6 +85,10 @@ RAY_ADDRESS=${RAY_ADDRESS:-}
 CHECK_IMAGES=${CHECK_IMAGES:-$check_default}
 PYTHON=${PYTHON:-python3}
 export NO_ALBUMENTATIONS_UPDATE=${NO_ALBUMENTATIONS_UPDATE:-1}  # no update check in every process
+# An S3-compatible endpoint: s3fs takes fsspec's FSSPEC_S3_ENDPOINT_URL, else botocore's AWS_ENDPOINT_URL;
+# streaming (laion_cloudwriter.py) reads S3_ENDPOINT_URL, which counts here too when neither is set.
+[[ -n ${S3_ENDPOINT_URL:-} && -z ${FSSPEC_S3_ENDPOINT_URL:-}${AWS_ENDPOINT_URL:-} ]] &&
+  export FSSPEC_S3_ENDPOINT_URL=$S3_ENDPOINT_URL
 # Flags this script sets itself: they come from the variables above or are fixed.
 OWN_FLAGS='url_list output_folder processes_count thread_count distributor enable_wandb
   number_sample_per_shard timeout retries url_col caption_col save_additional_columns verify_hash

@@ -34,6 +34,8 @@ from test_download import (
     script_env,
     summary,
 )
+from testbed.corpus import good_items
+from testbed.laion_meta import entries_for, full_table
 
 # No usage stats, loopback only, no token (a cluster on loopback has nothing to keep out).
 RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
@@ -208,14 +210,45 @@ def test_decode_check_on_remote_output_is_refused(s3, tmp_path):
 
 def test_unreachable_output_gets_one_line(image_server, tmp_path):
     # No endpoint answers (a closed port on loopback): the run stops at its first write, before any
-    # download. (PYTHONWARNINGS: the test pins an old s3fs, which fsspec warns about.)
+    # download.
     (tmp_path / 'raw').mkdir()
     pq.write_table(full_entries(image_server)[1], tmp_path / 'raw' / 'part-00000.parquet')
     env = script_env(tmp_path / 'raw', 's3://nobucket/out', AWS_ENDPOINT_URL='http://127.0.0.1:9',
                      AWS_ACCESS_KEY_ID='x', AWS_SECRET_ACCESS_KEY='x', AWS_DEFAULT_REGION='us-east-1',
-                     AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1', PYTHONWARNINGS='ignore')
+                     AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1')
     proc = subprocess.run([str(SCRIPTS['full'])], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if 'error' in line]
     assert len(errors) == 1 and errors[0].startswith(
         'laion_download: error: OUTPUT_FOLDER=s3://nobucket/out: cannot reach it'), proc.stderr
+
+
+def put_metadata(s3, entries: list, key: str = 'raw/part-00000.parquet') -> str:
+    """Writes the entries as full-set metadata into the test's bucket; returns the URL_LIST."""
+    buf = io.BytesIO()
+    pq.write_table(full_table(entries), buf)
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=buf.getvalue())
+    return f's3://{s3.bucket}/{key.rsplit("/", 1)[0]}'
+
+
+def bucket_rows(s3, prefix: str) -> pa.Table:
+    """Every shard under s3://<bucket>/<prefix>, read back with pyarrow."""
+    keys = [k for k in s3.list_keys(s3.bucket, prefix) if k.endswith('.parquet')]
+    return pa.concat_tables([pq.read_table(io.BytesIO(
+        s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read())) for k in keys])
+
+
+# The documented ways of naming an S3-compatible endpoint, one at a time (README, Object storage).
+ENDPOINT_VARIABLES = ['FSSPEC_S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL']
+
+
+@pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
+def test_each_endpoint_variable_reaches_the_bucket(variable, image_server, s3, tmp_path):
+    # Only this one variable names the endpoint: without it boto would go to AWS, which is not there.
+    entries = entries_for(image_server, good_items()[:2], failures=False, redirect=False)
+    url_list = put_metadata(s3, entries)
+    storage = {k: v for k, v in s3.env.items() if k != 'S3_ENDPOINT_URL'}
+    proc = run(url_list, f's3://{s3.bucket}/out', **storage, **{variable: s3.endpoint}, AWS_MAX_ATTEMPTS='1')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
+    check_rows(bucket_rows(s3, 'out/'), [(e, e.expect) for e in entries], ['punsafe'])
