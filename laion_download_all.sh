@@ -46,6 +46,9 @@
 #                            settings through PYSPARK_SUBMIT_ARGS      local[PROCESSES_COUNT,3]
 #   RAY_ADDRESS              (ray) the cluster to join, e.g. head:6379; empty: a one-machine Ray with
 #                            PROCESSES_COUNT CPUs                       (empty)
+#   FORWARD_STORAGE_ENV      (ours; pyspark, ray) carry this process's storage settings (AWS_*, FSSPEC_*,
+#                            S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) to every task; their names
+#                            are printed, never their values. False: the nodes' own settings  True
 #   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
 #                            beforehand; never prompts                  False
 #   NUMBER_SAMPLE_PER_SHARD  rows per shard (keep it between runs into one folder)   10000
@@ -81,6 +84,7 @@ SAVE_ADDITIONAL_COLUMNS=${SAVE_ADDITIONAL_COLUMNS-punsafe,pwatermark,similarity,
 VERIFY_HASH=${VERIFY_HASH-md5}
 SPARK_MASTER=${SPARK_MASTER:-local[$PROCESSES_COUNT,3]}  # 3: a task whose worker dies runs again
 RAY_ADDRESS=${RAY_ADDRESS:-}
+FORWARD_STORAGE_ENV=${FORWARD_STORAGE_ENV:-True}
 [[ $DISTRIBUTOR == multiprocessing && $OUTPUT_FOLDER != *://* ]] && check_default=True || check_default=False
 CHECK_IMAGES=${CHECK_IMAGES:-$check_default}
 PYTHON=${PYTHON:-python3}
@@ -96,17 +100,31 @@ OWN_FLAGS='url_list output_folder processes_count thread_count distributor enabl
 
 # How each DISTRIBUTOR starts: python run before img2dataset's own command line, in the same process.
 # img2dataset uses the Spark session that exists instead of making its own local[N] one, and joins the
-# Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS).
+# Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS). `storage` is the driver's storage settings
+# (STORAGE_ENV), which every task gets: a cluster's workers run with the environment it started with.
 declare -A ENGINE_START=(
   [multiprocessing]=''
   [pyspark]='from pyspark.sql import SparkSession
-spark = SparkSession.builder.master(os.environ["SPARK_MASTER"]).appName("laion_download").getOrCreate()
+builder = SparkSession.builder.master(os.environ["SPARK_MASTER"]).appName("laion_download")
+for name, value in storage.items():
+    builder = builder.config(f"spark.executorEnv.{name}", value)
+spark = builder.getOrCreate()
 print(f"laion_download: spark master {spark.sparkContext.master}", file=sys.stderr)'
   [ray]='import ray
 address = os.environ["RAY_ADDRESS"] or None
-ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]))
+ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]),
+         runtime_env={"env_vars": storage})
 print(f"laion_download: ray at {ray.get_runtime_context().gcs_address}", file=sys.stderr)'
 )
+# The storage settings carried to the tasks of pyspark and ray: variables with these names or name
+# prefixes (boto's and s3fs's endpoint, region, profile, config files, credentials; gcsfs's key file).
+# FORWARD_STORAGE_ENV=False carries none (instance roles, or settings the cluster has itself).
+STORAGE_ENV='AWS_ FSSPEC_ S3_ENDPOINT_URL GOOGLE_APPLICATION_CREDENTIALS'
+STORAGE_PY='prefixes = tuple(os.environ["STORAGE_ENV"].split())
+storage = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+storage = storage if os.environ["FORWARD_STORAGE_ENV"] == "True" else {}
+names = ", ".join(sorted(storage)) or "no storage settings"
+print(f"laion_download: carrying to every task: {names} (values not shown)", file=sys.stderr)'
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
 
@@ -145,6 +163,7 @@ check_settings() {
   else
     ENABLE_WANDB=False
   fi
+  truthy FORWARD_STORAGE_ENV "$FORWARD_STORAGE_ENV" && FORWARD_STORAGE_ENV=True || FORWARD_STORAGE_ENV=False
   check_output_folder
   if truthy CHECK_IMAGES "$CHECK_IMAGES"; then
     CHECK_IMAGES=True
@@ -424,9 +443,12 @@ main() {
   run_start=$(date +%s)
   # The engine starts first in the same python process (ENGINE_START), then img2dataset's command line.
   # stdin from /dev/null: nothing (wandb included) can wait for an answer in an unattended job.
+  local start=${ENGINE_START[$DISTRIBUTOR]}
   SPARK_MASTER=$SPARK_MASTER RAY_ADDRESS=$RAY_ADDRESS PROCESSES_COUNT=$PROCESSES_COUNT PYTHONUNBUFFERED=1 \
+    FORWARD_STORAGE_ENV=$FORWARD_STORAGE_ENV STORAGE_ENV=$STORAGE_ENV \
     "$PYTHON" -c "import os, sys
-${ENGINE_START[$DISTRIBUTOR]}
+${start:+$STORAGE_PY
+$start}
 from img2dataset import main
 main()" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
   # img2dataset exits 0 even after failed shards (ray does not even retry them): summarize decides.

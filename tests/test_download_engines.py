@@ -51,6 +51,9 @@ SPARK_ENV = {
                            '--conf spark.ui.enabled=false --conf spark.executor.memory=512m pyspark-shell',
 }
 
+# The names of storage settings (laion_download_all.sh's STORAGE_ENV): no engine starts with them.
+STORAGE = ('AWS_', 'FSSPEC_', 'S3_ENDPOINT_URL', 'GOOGLE_APPLICATION_CREDENTIALS')
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -61,10 +64,11 @@ def free_port() -> int:
 @pytest.fixture(scope='module')
 def spark_master(tmp_path_factory):
     """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
-    on a cluster; yields the master URL."""
+    on a cluster (without any storage settings); yields the master URL."""
     spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
     logs = tmp_path_factory.mktemp('spark')
-    env = {**os.environ, **SPARK_ENV, 'SPARK_HOME': str(spark_class.parent.parent)}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(STORAGE)}, **SPARK_ENV,
+           'SPARK_HOME': str(spark_class.parent.parent)}
     port = free_port()
     url = f'spark://127.0.0.1:{port}'
     daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
@@ -90,15 +94,13 @@ def spark_master(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def ray_address(s3_server):
-    """One Ray node on 127.0.0.1, started here; its workers see the S3 server's credentials and
-    endpoint, as a cluster's nodes would see their own."""
-    saved = dict(os.environ)
-    os.environ.update(s3_server.env, AWS_ENDPOINT_URL=s3_server.endpoint, **RAY_ENV)
+def ray_address():
+    """One Ray node on 127.0.0.1, started here before any job and without any storage settings, as a
+    cluster is started: what a task needs to reach the bucket comes with the job."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(STORAGE)}
     try:
         ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     finally:
-        os.environ.clear()
         os.environ.update(saved)
     assert ctx.address_info['gcs_address'].startswith('127.0.0.1:')
     yield ctx.address_info['gcs_address']
@@ -162,17 +164,24 @@ def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, 
     assert got == expected_summary(entries)  # corrupt files counted: CHECK_IMAGES on a local folder
 
 
-def test_s3_in_and_out_on_ray(ray_address, image_server, s3, tmp_path):
-    # The metadata and the shards both in the bucket, the download on the Ray node: what a cluster does.
+@pytest.mark.parametrize('engine_env', ['pyspark', 'ray'], indirect=True)
+def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env, image_server, s3):
+    # The metadata and the shards both in the bucket, the download on the cluster's workers, which were
+    # started without the endpoint or credentials: the job carries them (and never shows the secret).
     entries, table = full_entries(image_server)
     client = s3.client()
     buf = io.BytesIO()
     pq.write_table(table, buf)
     client.put_object(Bucket=s3.bucket, Key='laion2b-raw/part-00000.parquet', Body=buf.getvalue())
     url_list, out = f's3://{s3.bucket}/laion2b-raw', f's3://{s3.bucket}/laion2b-processed'
-    knobs = dict(s3.env, AWS_ENDPOINT_URL=s3.endpoint, DISTRIBUTOR='ray', RAY_ADDRESS=ray_address, **RAY_ENV)
+    secret = f'secret-{s3.bucket}'  # moto takes any key: this one must appear nowhere but in the tasks
+    knobs = dict(s3.env, AWS_SECRET_ACCESS_KEY=secret, **engine_env)
     proc = run(url_list, out, **knobs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    carried = re.search(r'carrying to every task: (.*) \(values not shown\)', proc.stdout).group(1)
+    assert {'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_DEFAULT_REGION', 'FSSPEC_S3_ENDPOINT_URL',
+            'S3_ENDPOINT_URL'} <= set(carried.split(', '))
+    assert secret not in proc.stdout + proc.stderr
     shards = -(-len(entries) // PER_SHARD)
     keys = s3.list_keys(s3.bucket, 'laion2b-processed/')
     names = [f'{s:05d}{suffix}' for s in range(shards) for suffix in ('.parquet', '_stats.json')]
@@ -196,6 +205,8 @@ def test_s3_in_and_out_on_ray(ray_address, image_server, s3, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert dict(image_server.hits) == before  # every shard was finished: nothing fetched again
     assert 'done' in [k.rsplit('/', 1)[1] for k in s3.list_keys(s3.bucket, 'laion2b-processed/')]
+    assert not [k for k in s3.list_keys(s3.bucket) if secret.encode() in client.get_object(
+        Bucket=s3.bucket, Key=k)['Body'].read()]
 
 
 def test_decode_check_on_remote_output_is_refused(s3, tmp_path):
