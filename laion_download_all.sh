@@ -102,6 +102,8 @@ OWN_FLAGS='url_list output_folder processes_count thread_count distributor enabl
 # img2dataset uses the Spark session that exists instead of making its own local[N] one, and joins the
 # Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS). `storage` is the driver's storage settings
 # (STORAGE_ENV), which every task gets: a cluster's workers run with the environment it started with.
+# Spark hides the values of secrets (spark.redaction.regex) in its UI and logs; Ray gets them inside a
+# function its workers run as they start, which it keeps in its store, as it keeps task arguments.
 declare -A ENGINE_START=(
   [multiprocessing]=''
   [pyspark]='from pyspark.sql import SparkSession
@@ -112,8 +114,12 @@ spark = builder.getOrCreate()
 print(f"laion_download: spark master {spark.sparkContext.master}", file=sys.stderr)'
   [ray]='import ray
 address = os.environ["RAY_ADDRESS"] or None
+def set_storage_env(storage=storage):  # as the worker starts: not env_vars, which Ray logs in clear
+    os.environ.update(storage)
+    import fsspec.config  # fsspec read FSSPEC_* when imported
+    fsspec.config.set_conf_env(fsspec.config.conf)
 ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]),
-         runtime_env={"env_vars": storage})
+         runtime_env={"worker_process_setup_hook": set_storage_env} if storage else None)
 print(f"laion_download: ray at {ray.get_runtime_context().gcs_address}", file=sys.stderr)'
 )
 # The storage settings carried to the tasks of pyspark and ray: variables with these names or name

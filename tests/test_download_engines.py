@@ -51,6 +51,8 @@ SPARK_ENV = {
                            '--conf spark.ui.enabled=false --conf spark.executor.memory=512m pyspark-shell',
 }
 
+# Each engine's own logs, filled in by its fixture: no secret may be written there.
+LOGS: dict[str, Path] = {}
 # The names of storage settings (laion_download_all.sh's STORAGE_ENV): no engine starts with them.
 STORAGE = ('AWS_', 'FSSPEC_', 'S3_ENDPOINT_URL', 'GOOGLE_APPLICATION_CREDENTIALS')
 
@@ -66,7 +68,7 @@ def spark_master(tmp_path_factory):
     """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
     on a cluster (without any storage settings); yields the master URL."""
     spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
-    logs = tmp_path_factory.mktemp('spark')
+    logs = LOGS['pyspark'] = tmp_path_factory.mktemp('spark')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(STORAGE)}, **SPARK_ENV,
            'SPARK_HOME': str(spark_class.parent.parent)}
     port = free_port()
@@ -103,6 +105,7 @@ def ray_address():
     finally:
         os.environ.update(saved)
     assert ctx.address_info['gcs_address'].startswith('127.0.0.1:')
+    LOGS['ray'] = Path(ctx.address_info['session_dir'])
     yield ctx.address_info['gcs_address']
     ray.shutdown()
 
@@ -207,6 +210,8 @@ def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env,
     assert 'done' in [k.rsplit('/', 1)[1] for k in s3.list_keys(s3.bucket, 'laion2b-processed/')]
     assert not [k for k in s3.list_keys(s3.bucket) if secret.encode() in client.get_object(
         Bucket=s3.bucket, Key=k)['Body'].read()]
+    logs = LOGS[engine_env['DISTRIBUTOR']]
+    assert not [p for p in logs.rglob('*') if p.is_file() and secret.encode() in p.read_bytes()]
 
 
 def test_decode_check_on_remote_output_is_refused(s3, tmp_path):
