@@ -20,6 +20,9 @@
 #         `done` once every shard is finished. Read a shard with pyarrow.parquet.read_table.
 # Resume: run the same command again. Shards with a _stats.json are not downloaded again; a shard cut
 #         off mid-way is downloaded again from its start. `done` is removed when a run starts.
+#         OUTPUT_FOLDER/download_settings.txt records what decides which rows land in which shard
+#         (NUMBER_SAMPLE_PER_SHARD, the metadata files and their rows, the columns): a rerun with other
+#         values is refused (exit 2) before anything is touched.
 # Exit:   0 and `done` only when img2dataset finished every shard; otherwise non-zero and no `done`.
 #         2: bad settings or metadata (one line says which); 130: interrupted.
 #         `done` needs a _stats.json for every shard the metadata makes: ray drops a failed shard without
@@ -51,7 +54,7 @@
 #                            are printed, never their values. False: the nodes' own settings  True
 #   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
 #                            beforehand; never prompts                  False
-#   NUMBER_SAMPLE_PER_SHARD  rows per shard (keep it between runs into one folder)   10000
+#   NUMBER_SAMPLE_PER_SHARD  rows per shard                             10000
 #   TIMEOUT                  seconds per image request                 10
 #   RETRIES                  extra attempts per failed image           0
 #   URL_COL, CAPTION_COL     metadata columns of the URL and caption   url, caption
@@ -210,11 +213,13 @@ check_output_folder() {
   return 0
 }
 
-# Reads only the parquet footers: fails with one line on a missing/empty folder, a missing column or
-# an OUTPUT_FOLDER out of reach (no fsspec filesystem for it, no credentials). Then makes OUTPUT_FOLDER,
+# Reads only the parquet footers: fails with one line on a missing/empty folder, a missing column,
+# settings other than those OUTPUT_FOLDER/download_settings.txt records, or an OUTPUT_FOLDER out of
+# reach (no fsspec filesystem for it, no credentials). Then makes OUTPUT_FOLDER, writes that record,
 # removes its `done`, and prints "<md5 column to verify, or -> <expected shards> <rows>".
 preflight() {
   "$PYTHON" - <<'EOF'
+import hashlib
 import math
 import os
 import sys
@@ -255,6 +260,7 @@ if not files:
     fail(f'URL_LIST={url_list}: the folder holds no *.parquet metadata files')
 rows = shards = 0
 unhashed = []
+sizes = hashlib.sha256()  # which files, in which order, with how many rows: what the shard ids follow
 for f in files:
     try:
         with fs.open(f, 'rb') as fh:
@@ -269,6 +275,26 @@ for f in files:
         unhashed.append(f)
     rows += n
     shards += math.ceil(n / per_shard)
+    sizes.update(f"{f.rsplit('/', 1)[-1]}\t{n}\n".encode())
+# What decides which metadata rows land in which shard id, and the shards' columns: a rerun into this
+# OUTPUT_FOLDER with other values would repeat or drop rows beside the finished shards. Add a setting
+# that does the same (a filter of the rows) as one more entry here.
+settings = {
+    'NUMBER_SAMPLE_PER_SHARD': str(per_shard),
+    'metadata': f'{len(files)} files, {rows} rows, sha256 {sizes.hexdigest()[:16]}',
+    'URL_COL': env['URL_COL'],
+    'CAPTION_COL': env['CAPTION_COL'],
+    'SAVE_ADDITIONAL_COLUMNS': env['SAVE_ADDITIONAL_COLUMNS'],
+}
+record = out + '/download_settings.txt'
+try:
+    lines = out_fs.cat_file(record).decode().splitlines() if out_fs.exists(record) else []
+except Exception as err:
+    unreachable('OUTPUT_FOLDER', err)
+recorded = dict(line.split('=', 1) for line in lines if '=' in line and not line.startswith('#'))
+for key in (k for k in settings if k in recorded and recorded[k] != settings[k]):
+    fail(f"OUTPUT_FOLDER={env['OUTPUT_FOLDER']} holds shards made with {key}={recorded[key]}, not "
+         f'{settings[key]} (download_settings.txt): rerun with those settings, or pick a new OUTPUT_FOLDER')
 if verify and unhashed:
     print(f'laion_download: note: {len(unhashed)} of {len(files)} metadata files have no column '
           f"'{verify}' (VERIFY_HASH): md5 is computed but not verified", file=sys.stderr)
@@ -277,6 +303,9 @@ print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} sha
       + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
 try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
     out_fs.makedirs(out, exist_ok=True)
+    head = '# laion_download_all.sh: a rerun into this folder must have these settings\n'
+    body = ''.join(f'{k}={v}\n' for k, v in {**recorded, **settings}.items())
+    out_fs.pipe_file(record, (head + body).encode())
     if out_fs.exists(out + '/done'):
         out_fs.rm(out + '/done')
     out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes last\n')

@@ -188,7 +188,8 @@ def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env,
     shards = -(-len(entries) // PER_SHARD)
     keys = s3.list_keys(s3.bucket, 'laion2b-processed/')
     names = [f'{s:05d}{suffix}' for s in range(shards) for suffix in ('.parquet', '_stats.json')]
-    assert sorted(k.split('/', 1)[1] for k in keys) == sorted(names + ['done', 'download_summary.txt'])
+    assert sorted(k.split('/', 1)[1] for k in keys) == sorted(
+        names + ['done', 'download_summary.txt', 'download_settings.txt'])
 
     def read(key: str) -> bytes:
         return client.get_object(Bucket=s3.bucket, Key=f'laion2b-processed/{key}')['Body'].read()
@@ -268,3 +269,8 @@ def test_each_endpoint_variable_reaches_the_bucket(variable, image_server, s3, t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
     check_rows(bucket_rows(s3, 'out/'), [(e, e.expect) for e in entries], ['punsafe'])
+    # The bucket keeps the settings record: a rerun with other rows per shard is refused there too.
+    again = run(url_list, f's3://{s3.bucket}/out', **storage, **{variable: s3.endpoint},
+                NUMBER_SAMPLE_PER_SHARD='1')
+    assert again.returncode == 2 and 'holds shards made with NUMBER_SAMPLE_PER_SHARD=5, not 1' in again.stderr
+    assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
