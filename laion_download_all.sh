@@ -21,8 +21,8 @@
 # Resume: run the same command again. Shards with a _stats.json are not downloaded again; a shard cut
 #         off mid-way is downloaded again from its start. `done` is removed when a run starts.
 #         OUTPUT_FOLDER/download_settings.txt records what decides which rows land in which shard
-#         (NUMBER_SAMPLE_PER_SHARD, the metadata files and their rows, the columns): a rerun with other
-#         values is refused (exit 2) before anything is touched.
+#         (NUMBER_SAMPLE_PER_SHARD, the metadata files with their rows and sizes, the columns): a
+#         rerun with other values is refused (exit 2) before anything is touched.
 # Exit:   0 and `done` only when img2dataset finished every shard; otherwise non-zero and no `done`.
 #         2: bad settings or metadata (one line says which); 130: interrupted.
 #         `done` needs a _stats.json for every shard the metadata makes: ray drops a failed shard without
@@ -260,12 +260,13 @@ if not files:
     fail(f'URL_LIST={url_list}: the folder holds no *.parquet metadata files')
 rows = shards = 0
 unhashed = []
-sizes = hashlib.sha256()  # which files, in which order, with how many rows: what the shard ids follow
+layout = hashlib.sha256()  # the files in order, with their rows (and bytes): what the shard ids follow
 for f in files:
     try:
         with fs.open(f, 'rb') as fh:
             meta = pq.ParquetFile(fh)
             names, n = meta.schema_arrow.names, meta.metadata.num_rows
+        size = fs.size(f)
     except Exception as err:  # any reason a footer does not read: name the file, not the traceback
         fail(f'{f}: not a readable parquet file ({type(err).__name__}: {err})')
     for knob, col in wanted.items():
@@ -275,13 +276,13 @@ for f in files:
         unhashed.append(f)
     rows += n
     shards += math.ceil(n / per_shard)
-    sizes.update(f"{f.rsplit('/', 1)[-1]}\t{n}\n".encode())
+    layout.update(f"{f.rsplit('/', 1)[-1]}\t{n}\t{size}\n".encode())
 # What decides which metadata rows land in which shard id, and the shards' columns: a rerun into this
 # OUTPUT_FOLDER with other values would repeat or drop rows beside the finished shards. Add a setting
 # that does the same (a filter of the rows) as one more entry here.
 settings = {
     'NUMBER_SAMPLE_PER_SHARD': str(per_shard),
-    'metadata': f'{len(files)} files, {rows} rows, sha256 {sizes.hexdigest()[:16]}',
+    'metadata': f'{len(files)} files, {rows} rows, sha256 {layout.hexdigest()[:16]}',
     'URL_COL': env['URL_COL'],
     'CAPTION_COL': env['CAPTION_COL'],
     'SAVE_ADDITIONAL_COLUMNS': env['SAVE_ADDITIONAL_COLUMNS'],

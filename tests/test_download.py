@@ -274,6 +274,7 @@ def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_pat
 CHANGED = {
     'rows per shard': ({'NUMBER_SAMPLE_PER_SHARD': '3'}, None, 'NUMBER_SAMPLE_PER_SHARD=5, not 3'),
     'a metadata file added': ({}, 'add', 'metadata=1 files, 7 rows, sha256 '),
+    'a metadata file replaced': ({}, 'replace', 'metadata=1 files, 7 rows, sha256 '),
     'kept columns': ({'SAVE_ADDITIONAL_COLUMNS': 'punsafe'}, None,
                      'SAVE_ADDITIONAL_COLUMNS=punsafe,pwatermark,similarity,hash, not punsafe'),
 }
@@ -295,10 +296,11 @@ def test_rerun_with_other_shard_settings_is_refused_touching_nothing(case, seven
                                                                       tmp_path):
     knobs, meta_change, message = CHANGED[case]
     meta, out, entries = seven_rows
-    if meta_change == 'add':
-        meta = tmp_path / 'raw'
-        write_metadata(meta, entries + entries_for(image_server, good_items()[7:9], failures=False,
-                                                    redirect=False), 'full', files=2)
+    if meta_change:  # a second file beside the first, or the same name and rows with other images
+        meta, others = tmp_path / 'raw', entries_for(image_server, good_items()[7:14], failures=False,
+                                                      redirect=False)
+        write_metadata(meta, entries + others[:2] if meta_change == 'add' else others, 'full',
+                       files=2 if meta_change == 'add' else 1)
     before = snapshot(out)
     proc = subprocess.run([str(SCRIPTS['full'])], env=script_env(meta, out, **knobs),
                           capture_output=True, text=True, timeout=60)
