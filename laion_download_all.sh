@@ -318,13 +318,16 @@ EOF
 
 # The one-screen summary over every *_stats.json, printed and written to OUTPUT_FOLDER/download_summary.txt;
 # with CHECK_IMAGES, images that do not decode count as corrupt (checked once per shard; results kept in
-# OUTPUT_FOLDER/.image_check.tsv). Writes `done` when img2dataset exited 0 (IMG2DATASET_RC) and every
-# expected shard has its _stats.json, and exits 0; exits 1 otherwise.
+# OUTPUT_FOLDER/.image_check.tsv). Writes `done` when img2dataset exited 0 and every expected shard has
+# its _stats.json, and exits 0; exits 1 otherwise.
+# Arguments: OUTPUT_FOLDER, expected shards, the run's start (epoch s), img2dataset's exit code,
+# CHECK_IMAGES, PROCESSES_COUNT.
 summarize() {
-  "$PYTHON" - <<'EOF'
+  "$PYTHON" - "$@" <<'EOF'
 import io
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import fsspec
@@ -332,10 +335,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-env = os.environ
-fs, out = fsspec.core.url_to_fs(env['OUTPUT_FOLDER'])
-expected, start = int(env['EXPECTED_SHARDS']), float(env['RUN_START'])
-check = env['CHECK_IMAGES'] == 'True'  # a local OUTPUT_FOLDER only: paths below are then os paths
+output_folder, expected, start, img2dataset_rc, check, processes = sys.argv[1:]
+fs, out = fsspec.core.url_to_fs(output_folder)
+expected, start = int(expected), float(start)
+check = check == 'True'  # a local OUTPUT_FOLDER only: paths below are then os paths
 CACHE = os.path.join(out, '.image_check.tsv')  # shard, its stats' end_time, images checked, corrupt
 READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
 Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
@@ -392,7 +395,7 @@ if check and os.path.exists(CACHE):
             cache[(fields[0], fields[1])] = (int(fields[2]), int(fields[3]))
 todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache and s in sizes] if check else []
 if todo:
-    workers = min(len(todo), int(env['PROCESSES_COUNT']))
+    workers = min(len(todo), int(processes))
     print(f'laion_download: checking that the images of {len(todo)} new shards decode ...', flush=True)
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(check_shard, [os.path.join(out, s + '.parquet') for s in todo]))
@@ -420,9 +423,9 @@ missing = [f'{i:05d}' for i in range(expected) if i not in finished]
 partial = sum(s in sizes for s in missing)
 nbytes = sum(n for s, n in sizes.items() if s in stats)
 new = [st for st in stats.values() if st['end_time'] >= start]
-complete = not missing and env['IMG2DATASET_RC'] == '0'
+complete = not missing and img2dataset_rc == '0'
 
-lines = [f"== laion_download summary: {env['OUTPUT_FOLDER']}",
+lines = [f'== laion_download summary: {output_folder}',
          f'  shards finished     {len(stats):>10,}  of {expected:,} expected']
 if missing:
     lines.append(f"  shards unfinished   {len(missing):>10,}  (no _stats.json: {', '.join(missing[:5])}"
@@ -488,8 +491,7 @@ $start}
 from img2dataset import main
 main()" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
   # img2dataset exits 0 even after failed shards (ray does not even retry them): summarize decides.
-  if ! OUTPUT_FOLDER=$OUTPUT_FOLDER EXPECTED_SHARDS=$expected RUN_START=$run_start IMG2DATASET_RC=$rc \
-    CHECK_IMAGES=$CHECK_IMAGES PROCESSES_COUNT=$PROCESSES_COUNT summarize; then
+  if ! summarize "$OUTPUT_FOLDER" "$expected" "$run_start" "$rc" "$CHECK_IMAGES" "$PROCESSES_COUNT"; then
     echo "$PROG: download incomplete (img2dataset exit code $rc): no done file;" \
       'run the same command again to resume' >&2
     exit $(( rc != 0 ? rc : 1 ))
