@@ -20,6 +20,9 @@
 #         `done` once every shard is finished. Read a shard with pyarrow.parquet.read_table.
 # Resume: run the same command again. Shards with a _stats.json are not downloaded again; a shard cut
 #         off mid-way is downloaded again from its start. `done` is removed when a run starts.
+#         OUTPUT_FOLDER/download_settings.txt records what decides which rows land in which shard
+#         (NUMBER_SAMPLE_PER_SHARD, the metadata files with their rows and sizes, the columns): a
+#         rerun with other values is refused (exit 2) before anything is touched.
 # Exit:   0 and `done` only when img2dataset finished every shard; otherwise non-zero and no `done`.
 #         2: bad settings or metadata (one line says which); 130: interrupted.
 #         `done` needs a _stats.json for every shard the metadata makes: ray drops a failed shard without
@@ -35,8 +38,9 @@
 # set the flags below through their variable, not as arguments.
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
 #   OUTPUT_FOLDER            folder for the shards, not URL_LIST's: local, or s3://… (any fsspec URL;
-#                            needs s3fs, credentials and endpoint as boto reads them, e.g.
-#                            AWS_ENDPOINT_URL). For pyspark/ray on many machines, storage every node
+#                            needs s3fs, credentials as boto reads them; an S3-compatible endpoint in
+#                            FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL or S3_ENDPOINT_URL, first set
+#                            wins). For pyspark/ray on many machines, storage every node
 #                            reaches.                                   /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
@@ -45,9 +49,12 @@
 #                            settings through PYSPARK_SUBMIT_ARGS      local[PROCESSES_COUNT,3]
 #   RAY_ADDRESS              (ray) the cluster to join, e.g. head:6379; empty: a one-machine Ray with
 #                            PROCESSES_COUNT CPUs                       (empty)
+#   FORWARD_STORAGE_ENV      (ours; pyspark, ray) carry this process's storage settings (AWS_*, FSSPEC_*,
+#                            S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) to every task; their names
+#                            are printed, never their values. False: the nodes' own settings  True
 #   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
 #                            beforehand; never prompts                  False
-#   NUMBER_SAMPLE_PER_SHARD  rows per shard (keep it between runs into one folder)   10000
+#   NUMBER_SAMPLE_PER_SHARD  rows per shard                             10000
 #   TIMEOUT                  seconds per image request                 10
 #   RETRIES                  extra attempts per failed image           0
 #   URL_COL, CAPTION_COL     metadata columns of the URL and caption   url, caption
@@ -80,10 +87,15 @@ SAVE_ADDITIONAL_COLUMNS=${SAVE_ADDITIONAL_COLUMNS-punsafe,pwatermark,similarity,
 VERIFY_HASH=${VERIFY_HASH-md5}
 SPARK_MASTER=${SPARK_MASTER:-local[$PROCESSES_COUNT,3]}  # 3: a task whose worker dies runs again
 RAY_ADDRESS=${RAY_ADDRESS:-}
+FORWARD_STORAGE_ENV=${FORWARD_STORAGE_ENV:-True}
 [[ $DISTRIBUTOR == multiprocessing && $OUTPUT_FOLDER != *://* ]] && check_default=True || check_default=False
 CHECK_IMAGES=${CHECK_IMAGES:-$check_default}
 PYTHON=${PYTHON:-python3}
 export NO_ALBUMENTATIONS_UPDATE=${NO_ALBUMENTATIONS_UPDATE:-1}  # no update check in every process
+# An S3-compatible endpoint: s3fs takes fsspec's FSSPEC_S3_ENDPOINT_URL, else botocore's AWS_ENDPOINT_URL;
+# streaming (laion_cloudwriter.py) reads S3_ENDPOINT_URL, which counts here too when neither is set.
+[[ -n ${S3_ENDPOINT_URL:-} && -z ${FSSPEC_S3_ENDPOINT_URL:-}${AWS_ENDPOINT_URL:-} ]] &&
+  export FSSPEC_S3_ENDPOINT_URL=$S3_ENDPOINT_URL
 # Flags this script sets itself: they come from the variables above or are fixed.
 OWN_FLAGS='url_list output_folder processes_count thread_count distributor enable_wandb
   number_sample_per_shard timeout retries url_col caption_col save_additional_columns verify_hash
@@ -91,17 +103,37 @@ OWN_FLAGS='url_list output_folder processes_count thread_count distributor enabl
 
 # How each DISTRIBUTOR starts: python run before img2dataset's own command line, in the same process.
 # img2dataset uses the Spark session that exists instead of making its own local[N] one, and joins the
-# Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS).
+# Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS). `storage` is the driver's storage settings
+# (STORAGE_ENV), which every task gets: a cluster's workers run with the environment it started with.
+# Spark hides the values of secrets (spark.redaction.regex) in its UI and logs; Ray gets them inside a
+# function its workers run as they start, which it keeps in its store, as it keeps task arguments.
 declare -A ENGINE_START=(
   [multiprocessing]=''
   [pyspark]='from pyspark.sql import SparkSession
-spark = SparkSession.builder.master(os.environ["SPARK_MASTER"]).appName("laion_download").getOrCreate()
+builder = SparkSession.builder.master(os.environ["SPARK_MASTER"]).appName("laion_download")
+for name, value in storage.items():
+    builder = builder.config(f"spark.executorEnv.{name}", value)
+spark = builder.getOrCreate()
 print(f"laion_download: spark master {spark.sparkContext.master}", file=sys.stderr)'
   [ray]='import ray
 address = os.environ["RAY_ADDRESS"] or None
-ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]))
+def set_storage_env(storage=storage):  # as the worker starts: not env_vars, which Ray logs in clear
+    os.environ.update(storage)
+    import fsspec.config  # fsspec read FSSPEC_* when imported
+    fsspec.config.set_conf_env(fsspec.config.conf)
+ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]),
+         runtime_env={"worker_process_setup_hook": set_storage_env} if storage else None)
 print(f"laion_download: ray at {ray.get_runtime_context().gcs_address}", file=sys.stderr)'
 )
+# The storage settings carried to the tasks of pyspark and ray: variables with these names or name
+# prefixes (boto's and s3fs's endpoint, region, profile, config files, credentials; gcsfs's key file).
+# FORWARD_STORAGE_ENV=False carries none (instance roles, or settings the cluster has itself).
+STORAGE_ENV='AWS_ FSSPEC_ S3_ENDPOINT_URL GOOGLE_APPLICATION_CREDENTIALS'
+STORAGE_PY='prefixes = tuple(os.environ["STORAGE_ENV"].split())
+storage = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+storage = storage if os.environ["FORWARD_STORAGE_ENV"] == "True" else {}
+names = ", ".join(sorted(storage)) or "no storage settings"
+print(f"laion_download: carrying to every task: {names} (values not shown)", file=sys.stderr)'
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
 
@@ -140,6 +172,7 @@ check_settings() {
   else
     ENABLE_WANDB=False
   fi
+  truthy FORWARD_STORAGE_ENV "$FORWARD_STORAGE_ENV" && FORWARD_STORAGE_ENV=True || FORWARD_STORAGE_ENV=False
   check_output_folder
   if truthy CHECK_IMAGES "$CHECK_IMAGES"; then
     CHECK_IMAGES=True
@@ -180,11 +213,13 @@ check_output_folder() {
   return 0
 }
 
-# Reads only the parquet footers: fails with one line on a missing/empty folder, a missing column or
-# an OUTPUT_FOLDER out of reach (no fsspec filesystem for it, no credentials). Then makes OUTPUT_FOLDER,
+# Reads only the parquet footers: fails with one line on a missing/empty folder, a missing column,
+# settings other than those OUTPUT_FOLDER/download_settings.txt records, or an OUTPUT_FOLDER out of
+# reach (no fsspec filesystem for it, no credentials). Then makes OUTPUT_FOLDER, writes that record,
 # removes its `done`, and prints "<md5 column to verify, or -> <expected shards> <rows>".
 preflight() {
   "$PYTHON" - <<'EOF'
+import hashlib
 import math
 import os
 import sys
@@ -225,11 +260,13 @@ if not files:
     fail(f'URL_LIST={url_list}: the folder holds no *.parquet metadata files')
 rows = shards = 0
 unhashed = []
+layout = hashlib.sha256()  # the files in order, with their rows (and bytes): what the shard ids follow
 for f in files:
     try:
         with fs.open(f, 'rb') as fh:
             meta = pq.ParquetFile(fh)
             names, n = meta.schema_arrow.names, meta.metadata.num_rows
+        size = fs.size(f)
     except Exception as err:  # any reason a footer does not read: name the file, not the traceback
         fail(f'{f}: not a readable parquet file ({type(err).__name__}: {err})')
     for knob, col in wanted.items():
@@ -239,6 +276,26 @@ for f in files:
         unhashed.append(f)
     rows += n
     shards += math.ceil(n / per_shard)
+    layout.update(f"{f.rsplit('/', 1)[-1]}\t{n}\t{size}\n".encode())
+# What decides which metadata rows land in which shard id, and the shards' columns: a rerun into this
+# OUTPUT_FOLDER with other values would repeat or drop rows beside the finished shards. Add a setting
+# that does the same (a filter of the rows) as one more entry here.
+settings = {
+    'NUMBER_SAMPLE_PER_SHARD': str(per_shard),
+    'metadata': f'{len(files)} files, {rows} rows, sha256 {layout.hexdigest()[:16]}',
+    'URL_COL': env['URL_COL'],
+    'CAPTION_COL': env['CAPTION_COL'],
+    'SAVE_ADDITIONAL_COLUMNS': env['SAVE_ADDITIONAL_COLUMNS'],
+}
+record = out + '/download_settings.txt'
+try:
+    lines = out_fs.cat_file(record).decode().splitlines() if out_fs.exists(record) else []
+except Exception as err:
+    unreachable('OUTPUT_FOLDER', err)
+recorded = dict(line.split('=', 1) for line in lines if '=' in line and not line.startswith('#'))
+for key in (k for k in settings if k in recorded and recorded[k] != settings[k]):
+    fail(f"OUTPUT_FOLDER={env['OUTPUT_FOLDER']} holds shards made with {key}={recorded[key]}, not "
+         f'{settings[key]} (download_settings.txt): rerun with those settings, or pick a new OUTPUT_FOLDER')
 if verify and unhashed:
     print(f'laion_download: note: {len(unhashed)} of {len(files)} metadata files have no column '
           f"'{verify}' (VERIFY_HASH): md5 is computed but not verified", file=sys.stderr)
@@ -247,6 +304,9 @@ print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} sha
       + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
 try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
     out_fs.makedirs(out, exist_ok=True)
+    head = '# laion_download_all.sh: a rerun into this folder must have these settings\n'
+    body = ''.join(f'{k}={v}\n' for k, v in {**recorded, **settings}.items())
+    out_fs.pipe_file(record, (head + body).encode())
     if out_fs.exists(out + '/done'):
         out_fs.rm(out + '/done')
     out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes last\n')
@@ -258,13 +318,16 @@ EOF
 
 # The one-screen summary over every *_stats.json, printed and written to OUTPUT_FOLDER/download_summary.txt;
 # with CHECK_IMAGES, images that do not decode count as corrupt (checked once per shard; results kept in
-# OUTPUT_FOLDER/.image_check.tsv). Writes `done` when img2dataset exited 0 (IMG2DATASET_RC) and every
-# expected shard has its _stats.json, and exits 0; exits 1 otherwise.
+# OUTPUT_FOLDER/.image_check.tsv). Writes `done` when img2dataset exited 0 and every expected shard has
+# its _stats.json, and exits 0; exits 1 otherwise.
+# Arguments: OUTPUT_FOLDER, expected shards, the run's start (epoch s), img2dataset's exit code,
+# CHECK_IMAGES, PROCESSES_COUNT.
 summarize() {
-  "$PYTHON" - <<'EOF'
+  "$PYTHON" - "$@" <<'EOF'
 import io
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import fsspec
@@ -272,10 +335,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-env = os.environ
-fs, out = fsspec.core.url_to_fs(env['OUTPUT_FOLDER'])
-expected, start = int(env['EXPECTED_SHARDS']), float(env['RUN_START'])
-check = env['CHECK_IMAGES'] == 'True'  # a local OUTPUT_FOLDER only: paths below are then os paths
+output_folder, expected, start, img2dataset_rc, check, processes = sys.argv[1:]
+fs, out = fsspec.core.url_to_fs(output_folder)
+expected, start = int(expected), float(start)
+check = check == 'True'  # a local OUTPUT_FOLDER only: paths below are then os paths
 CACHE = os.path.join(out, '.image_check.tsv')  # shard, its stats' end_time, images checked, corrupt
 READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
 Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
@@ -332,7 +395,7 @@ if check and os.path.exists(CACHE):
             cache[(fields[0], fields[1])] = (int(fields[2]), int(fields[3]))
 todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache and s in sizes] if check else []
 if todo:
-    workers = min(len(todo), int(env['PROCESSES_COUNT']))
+    workers = min(len(todo), int(processes))
     print(f'laion_download: checking that the images of {len(todo)} new shards decode ...', flush=True)
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(check_shard, [os.path.join(out, s + '.parquet') for s in todo]))
@@ -360,9 +423,9 @@ missing = [f'{i:05d}' for i in range(expected) if i not in finished]
 partial = sum(s in sizes for s in missing)
 nbytes = sum(n for s, n in sizes.items() if s in stats)
 new = [st for st in stats.values() if st['end_time'] >= start]
-complete = not missing and env['IMG2DATASET_RC'] == '0'
+complete = not missing and img2dataset_rc == '0'
 
-lines = [f"== laion_download summary: {env['OUTPUT_FOLDER']}",
+lines = [f'== laion_download summary: {output_folder}',
          f'  shards finished     {len(stats):>10,}  of {expected:,} expected']
 if missing:
     lines.append(f"  shards unfinished   {len(missing):>10,}  (no _stats.json: {', '.join(missing[:5])}"
@@ -419,14 +482,16 @@ main() {
   run_start=$(date +%s)
   # The engine starts first in the same python process (ENGINE_START), then img2dataset's command line.
   # stdin from /dev/null: nothing (wandb included) can wait for an answer in an unattended job.
+  local start=${ENGINE_START[$DISTRIBUTOR]}
   SPARK_MASTER=$SPARK_MASTER RAY_ADDRESS=$RAY_ADDRESS PROCESSES_COUNT=$PROCESSES_COUNT PYTHONUNBUFFERED=1 \
+    FORWARD_STORAGE_ENV=$FORWARD_STORAGE_ENV STORAGE_ENV=$STORAGE_ENV \
     "$PYTHON" -c "import os, sys
-${ENGINE_START[$DISTRIBUTOR]}
+${start:+$STORAGE_PY
+$start}
 from img2dataset import main
 main()" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
   # img2dataset exits 0 even after failed shards (ray does not even retry them): summarize decides.
-  if ! OUTPUT_FOLDER=$OUTPUT_FOLDER EXPECTED_SHARDS=$expected RUN_START=$run_start IMG2DATASET_RC=$rc \
-    CHECK_IMAGES=$CHECK_IMAGES PROCESSES_COUNT=$PROCESSES_COUNT summarize; then
+  if ! summarize "$OUTPUT_FOLDER" "$expected" "$run_start" "$rc" "$CHECK_IMAGES" "$PROCESSES_COUNT"; then
     echo "$PROG: download incomplete (img2dataset exit code $rc): no done file;" \
       'run the same command again to resume' >&2
     exit $(( rc != 0 ? rc : 1 ))

@@ -34,8 +34,9 @@ REASONS = {'404': 'HTTP Error 404: Not Found', '500': 'HTTP Error 500: Internal 
 def script_env(meta: Path, out: Path, **knobs: str) -> dict[str, str]:
     """The environment a user sets: the venv's bin on PATH (img2dataset, python3) and the knobs."""
     path = f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'
-    return dict(os.environ, PATH=path, URL_LIST=str(meta), OUTPUT_FOLDER=str(out), PROCESSES_COUNT='1',
-                THREAD_COUNT='8', NUMBER_SAMPLE_PER_SHARD=str(PER_SHARD), TIMEOUT='10', **knobs)
+    return {**os.environ, 'PATH': path, 'URL_LIST': str(meta), 'OUTPUT_FOLDER': str(out),
+            'PROCESSES_COUNT': '1', 'THREAD_COUNT': '8', 'NUMBER_SAMPLE_PER_SHARD': str(PER_SHARD),
+            'TIMEOUT': '10', **knobs}
 
 
 def run(flavour: str, meta: Path, out: Path, *args: str, **knobs: str) -> subprocess.CompletedProcess:
@@ -266,3 +267,49 @@ def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_pat
     assert message in errors[0]
     assert snapshot(tmp_path) == before  # nothing started, nothing written, the metadata intact
     assert not (tmp_path / 'out').exists()
+
+
+# A rerun into a folder that holds shards, with a setting that moves rows between shard ids or changes
+# the shards' columns: (knobs, a change to the metadata folder, the setting the refusal names).
+CHANGED = {
+    'rows per shard': ({'NUMBER_SAMPLE_PER_SHARD': '3'}, None, 'NUMBER_SAMPLE_PER_SHARD=5, not 3'),
+    'a metadata file added': ({}, 'add', 'metadata=1 files, 7 rows, sha256 '),
+    'a metadata file replaced': ({}, 'replace', 'metadata=1 files, 7 rows, sha256 '),
+    'kept columns': ({'SAVE_ADDITIONAL_COLUMNS': 'punsafe'}, None,
+                     'SAVE_ADDITIONAL_COLUMNS=punsafe,pwatermark,similarity,hash, not punsafe'),
+}
+
+
+@pytest.fixture(scope='module')
+def seven_rows(image_server, tmp_path_factory):
+    """Seven good rows downloaded in shards of PER_SHARD: (metadata folder, output folder, entries)."""
+    entries = entries_for(image_server, good_items()[:7], failures=False, redirect=False)
+    meta, out = tmp_path_factory.mktemp('raw'), tmp_path_factory.mktemp('dl') / 'out'
+    write_metadata(meta, entries, 'full')
+    proc = run('full', meta, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return meta, out, entries
+
+
+@pytest.mark.parametrize('case', CHANGED)
+def test_rerun_with_other_shard_settings_is_refused_touching_nothing(case, seven_rows, image_server,
+                                                                      tmp_path):
+    knobs, meta_change, message = CHANGED[case]
+    meta, out, entries = seven_rows
+    if meta_change:  # a second file beside the first, or the same name and rows with other images
+        meta, others = tmp_path / 'raw', entries_for(image_server, good_items()[7:14], failures=False,
+                                                      redirect=False)
+        write_metadata(meta, entries + others[:2] if meta_change == 'add' else others, 'full',
+                       files=2 if meta_change == 'add' else 1)
+    before = snapshot(out)
+    proc = subprocess.run([str(SCRIPTS['full'])], env=script_env(meta, out, **knobs),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if 'error' in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        f'laion_download: error: OUTPUT_FOLDER={out} holds shards made with '), proc.stderr
+    assert message in errors[0]
+    assert errors[0].endswith('rerun with those settings, or pick a new OUTPUT_FOLDER')
+    assert snapshot(out) == before  # `done` still there, nothing downloaded
+    assert (out / 'done').exists()
+    check_rows(read_output(out), [(e, e.expect) for e in entries], ['punsafe'])

@@ -34,6 +34,8 @@ from test_download import (
     script_env,
     summary,
 )
+from testbed.corpus import good_items
+from testbed.laion_meta import entries_for, full_table
 
 # No usage stats, loopback only, no token (a cluster on loopback has nothing to keep out).
 RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
@@ -49,6 +51,11 @@ SPARK_ENV = {
                            '--conf spark.ui.enabled=false --conf spark.executor.memory=512m pyspark-shell',
 }
 
+# Each engine's own logs, filled in by its fixture: no secret may be written there.
+LOGS: dict[str, Path] = {}
+# The names of storage settings (laion_download_all.sh's STORAGE_ENV): no engine starts with them.
+STORAGE = ('AWS_', 'FSSPEC_', 'S3_ENDPOINT_URL', 'GOOGLE_APPLICATION_CREDENTIALS')
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,10 +66,11 @@ def free_port() -> int:
 @pytest.fixture(scope='module')
 def spark_master(tmp_path_factory):
     """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
-    on a cluster; yields the master URL."""
+    on a cluster (without any storage settings); yields the master URL."""
     spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
-    logs = tmp_path_factory.mktemp('spark')
-    env = {**os.environ, **SPARK_ENV, 'SPARK_HOME': str(spark_class.parent.parent)}
+    logs = LOGS['pyspark'] = tmp_path_factory.mktemp('spark')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(STORAGE)}, **SPARK_ENV,
+           'SPARK_HOME': str(spark_class.parent.parent)}
     port = free_port()
     url = f'spark://127.0.0.1:{port}'
     daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
@@ -88,17 +96,16 @@ def spark_master(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def ray_address(s3_server):
-    """One Ray node on 127.0.0.1, started here; its workers see the S3 server's credentials and
-    endpoint, as a cluster's nodes would see their own."""
-    saved = dict(os.environ)
-    os.environ.update(s3_server.env, AWS_ENDPOINT_URL=s3_server.endpoint, **RAY_ENV)
+def ray_address():
+    """One Ray node on 127.0.0.1, started here before any job and without any storage settings, as a
+    cluster is started: what a task needs to reach the bucket comes with the job."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(STORAGE)}
     try:
         ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     finally:
-        os.environ.clear()
         os.environ.update(saved)
     assert ctx.address_info['gcs_address'].startswith('127.0.0.1:')
+    LOGS['ray'] = Path(ctx.address_info['session_dir'])
     yield ctx.address_info['gcs_address']
     ray.shutdown()
 
@@ -160,21 +167,29 @@ def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, 
     assert got == expected_summary(entries)  # corrupt files counted: CHECK_IMAGES on a local folder
 
 
-def test_s3_in_and_out_on_ray(ray_address, image_server, s3, tmp_path):
-    # The metadata and the shards both in the bucket, the download on the Ray node: what a cluster does.
+@pytest.mark.parametrize('engine_env', ['pyspark', 'ray'], indirect=True)
+def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env, image_server, s3):
+    # The metadata and the shards both in the bucket, the download on the cluster's workers, which were
+    # started without the endpoint or credentials: the job carries them (and never shows the secret).
     entries, table = full_entries(image_server)
     client = s3.client()
     buf = io.BytesIO()
     pq.write_table(table, buf)
     client.put_object(Bucket=s3.bucket, Key='laion2b-raw/part-00000.parquet', Body=buf.getvalue())
     url_list, out = f's3://{s3.bucket}/laion2b-raw', f's3://{s3.bucket}/laion2b-processed'
-    knobs = dict(s3.env, AWS_ENDPOINT_URL=s3.endpoint, DISTRIBUTOR='ray', RAY_ADDRESS=ray_address, **RAY_ENV)
+    secret = f'secret-{s3.bucket}'  # moto takes any key: this one must appear nowhere but in the tasks
+    knobs = dict(s3.env, AWS_SECRET_ACCESS_KEY=secret, **engine_env)
     proc = run(url_list, out, **knobs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    carried = re.search(r'carrying to every task: (.*) \(values not shown\)', proc.stdout).group(1)
+    assert {'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_DEFAULT_REGION', 'FSSPEC_S3_ENDPOINT_URL',
+            'S3_ENDPOINT_URL'} <= set(carried.split(', '))
+    assert secret not in proc.stdout + proc.stderr
     shards = -(-len(entries) // PER_SHARD)
     keys = s3.list_keys(s3.bucket, 'laion2b-processed/')
     names = [f'{s:05d}{suffix}' for s in range(shards) for suffix in ('.parquet', '_stats.json')]
-    assert sorted(k.split('/', 1)[1] for k in keys) == sorted(names + ['done', 'download_summary.txt'])
+    assert sorted(k.split('/', 1)[1] for k in keys) == sorted(
+        names + ['done', 'download_summary.txt', 'download_settings.txt'])
 
     def read(key: str) -> bytes:
         return client.get_object(Bucket=s3.bucket, Key=f'laion2b-processed/{key}')['Body'].read()
@@ -194,6 +209,10 @@ def test_s3_in_and_out_on_ray(ray_address, image_server, s3, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert dict(image_server.hits) == before  # every shard was finished: nothing fetched again
     assert 'done' in [k.rsplit('/', 1)[1] for k in s3.list_keys(s3.bucket, 'laion2b-processed/')]
+    assert not [k for k in s3.list_keys(s3.bucket) if secret.encode() in client.get_object(
+        Bucket=s3.bucket, Key=k)['Body'].read()]
+    logs = LOGS[engine_env['DISTRIBUTOR']]
+    assert not [p for p in logs.rglob('*') if p.is_file() and secret.encode() in p.read_bytes()]
 
 
 def test_decode_check_on_remote_output_is_refused(s3, tmp_path):
@@ -208,14 +227,50 @@ def test_decode_check_on_remote_output_is_refused(s3, tmp_path):
 
 def test_unreachable_output_gets_one_line(image_server, tmp_path):
     # No endpoint answers (a closed port on loopback): the run stops at its first write, before any
-    # download. (PYTHONWARNINGS: the test pins an old s3fs, which fsspec warns about.)
+    # download.
     (tmp_path / 'raw').mkdir()
     pq.write_table(full_entries(image_server)[1], tmp_path / 'raw' / 'part-00000.parquet')
     env = script_env(tmp_path / 'raw', 's3://nobucket/out', AWS_ENDPOINT_URL='http://127.0.0.1:9',
                      AWS_ACCESS_KEY_ID='x', AWS_SECRET_ACCESS_KEY='x', AWS_DEFAULT_REGION='us-east-1',
-                     AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1', PYTHONWARNINGS='ignore')
+                     AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1')
     proc = subprocess.run([str(SCRIPTS['full'])], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if 'error' in line]
     assert len(errors) == 1 and errors[0].startswith(
         'laion_download: error: OUTPUT_FOLDER=s3://nobucket/out: cannot reach it'), proc.stderr
+
+
+def put_metadata(s3, entries: list, key: str = 'raw/part-00000.parquet') -> str:
+    """Writes the entries as full-set metadata into the test's bucket; returns the URL_LIST."""
+    buf = io.BytesIO()
+    pq.write_table(full_table(entries), buf)
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=buf.getvalue())
+    return f's3://{s3.bucket}/{key.rsplit("/", 1)[0]}'
+
+
+def bucket_rows(s3, prefix: str) -> pa.Table:
+    """Every shard under s3://<bucket>/<prefix>, read back with pyarrow."""
+    keys = [k for k in s3.list_keys(s3.bucket, prefix) if k.endswith('.parquet')]
+    return pa.concat_tables([pq.read_table(io.BytesIO(
+        s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read())) for k in keys])
+
+
+# The documented ways of naming an S3-compatible endpoint, one at a time (README, Object storage).
+ENDPOINT_VARIABLES = ['FSSPEC_S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL']
+
+
+@pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
+def test_each_endpoint_variable_reaches_the_bucket(variable, image_server, s3, tmp_path):
+    # Only this one variable names the endpoint: without it boto would go to AWS, which is not there.
+    entries = entries_for(image_server, good_items()[:2], failures=False, redirect=False)
+    url_list = put_metadata(s3, entries)
+    storage = {k: v for k, v in s3.env.items() if k != 'S3_ENDPOINT_URL'}
+    proc = run(url_list, f's3://{s3.bucket}/out', **storage, **{variable: s3.endpoint}, AWS_MAX_ATTEMPTS='1')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
+    check_rows(bucket_rows(s3, 'out/'), [(e, e.expect) for e in entries], ['punsafe'])
+    # The bucket keeps the settings record: a rerun with other rows per shard is refused there too.
+    again = run(url_list, f's3://{s3.bucket}/out', **storage, **{variable: s3.endpoint},
+                NUMBER_SAMPLE_PER_SHARD='1')
+    assert again.returncode == 2 and 'holds shards made with NUMBER_SAMPLE_PER_SHARD=5, not 1' in again.stderr
+    assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
