@@ -196,7 +196,8 @@ class Seen:
             new &= run[pos] != uniq
         keep = np.zeros(len(hashes), bool)
         keep[first[new]] = True
-        self.runs.append(uniq[new])
+        if new.any():
+            self.runs.append(uniq[new])
         while len(self.runs) > 1 and len(self.runs[-2]) < 2 * len(self.runs[-1]):
             last = self.runs.pop()
             self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]))
@@ -350,10 +351,15 @@ def run(args: argparse.Namespace) -> str:
     if check_rerun(out_fs, meta, out, want, args.output_folder):
         note(f'reusing the filtered metadata in {folder} (same settings)')
         return folder
+    made_out = not out_fs.exists(out)
     if out_fs.exists(meta):  # a run cut off before its record: nothing in it is trusted
         out_fs.rm(meta, recursive=True)
     out_fs.makedirs(meta, exist_ok=True)
-    summary = filter_files(args, fs, files, out_fs, meta, clauses, labels, blocked, schema)
+    try:
+        summary = filter_files(args, fs, files, out_fs, meta, clauses, labels, blocked, schema)
+    except SystemExit:  # no row left: leave the output as it was
+        out_fs.rm(out if made_out else meta, recursive=True)
+        raise
     out_fs.pipe_file(f'{meta}/{SUMMARY}', summary.encode())
     print(summary, end='', file=sys.stderr, flush=True)
     out_fs.pipe_file(f'{meta}/{RECORD}', want.encode())  # last: the filtered metadata is complete
@@ -410,7 +416,6 @@ def filter_files(args: argparse.Namespace, fs, files: list[str], out_fs, meta: s
             writer.close()
             sink.close()
     if n_out == 0:
-        out_fs.rm(meta, recursive=True)
         fail(f'no metadata row is left of {n_in:,} (FILTER={args.filter!r}'
              f'{", BLOCKLIST" if blocked else ""}{", DEDUP" if seen else ""}): nothing to download; '
              'loosen the filter')
