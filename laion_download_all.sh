@@ -66,7 +66,8 @@
 #   VERIFY_HASH              metadata column with each image's md5, checked against the downloaded
 #                            bytes (mismatches fail as 'hash mismatch'); empty or False: do not check.
 #                            Files without that column are not checked.      md5
-#   VERIFY_HASH_TYPE         the hash VERIFY_HASH holds: md5, sha256 or sha512     md5
+#   VERIFY_HASH_TYPE         the hash VERIFY_HASH holds: md5, sha256 or sha512; img2dataset computes
+#                            it into a column of that name (md5 but for DATASET=datacomp)   md5
 #   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files, read
 #                            back through this machine: a local OUTPUT_FOLDER only
 #                            True for multiprocessing into a local folder, else False
@@ -285,7 +286,7 @@ if verify and unhashed:
           f"'{verify}' (VERIFY_HASH): md5 is computed but not verified", file=sys.stderr)
     verify = ''
 print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
-      + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
+      + (f", hash verified against column '{verify}'" if verify else ''), file=sys.stderr)
 try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
     out_fs.makedirs(out, exist_ok=True)
     if out_fs.exists(out + '/done'):
@@ -458,7 +459,7 @@ main() {
   local args=(
     --url_list="$URL_LIST" --output_folder="$OUTPUT_FOLDER"
     --input_format=parquet --output_format=parquet
-    --url_col="$URL_COL" --caption_col="$CAPTION_COL" --compute_hash=md5
+    --url_col="$URL_COL" --caption_col="$CAPTION_COL" --compute_hash="$VERIFY_HASH_TYPE"
     --resize_mode=no --disable_all_reencoding=True
     --processes_count="$PROCESSES_COUNT" --thread_count="$THREAD_COUNT" --distributor="$DISTRIBUTOR"
     --enable_wandb="$ENABLE_WANDB" --number_sample_per_shard="$NUMBER_SAMPLE_PER_SHARD"
