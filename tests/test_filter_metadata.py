@@ -20,6 +20,7 @@ from PIL import Image
 from testbed.corpus import good_items
 from testbed.laion_meta import entries_for
 from testbed.presets import PRESET_TABLES, preset_table
+from testbed.readback import read_mds
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / 'laion_download_all.sh'
@@ -27,6 +28,10 @@ FILTER_PY = ROOT / 'filter_metadata.py'
 PER_SHARD = 4
 I2D_OWN = {'key', 'status', 'error_message', 'width', 'height', 'original_width', 'original_height', 'exif',
            'md5', 'jpg'}
+# Preset columns laion_cloudwriter.py's ALIASES map to its own names (MDS column -> metadata column).
+MDS_NAMES = {'laion-aesthetics': {'aesthetic_score': 'AESTHETIC_SCORE', 'similarity': 'similarity'},
+             'datacomp': {'similarity': 'clip_b32_similarity_score'},
+             'coyo': {'similarity': 'clip_similarity_vitb32', 'aesthetic_score': 'aesthetic_score_laion_v2'}}
 FILTER = 'punsafe < 0.065 AND pwatermark < 0.35 AND similarity >= 0.255'  # no value sits on a bound
 
 
@@ -152,6 +157,16 @@ def test_each_preset_downloads_its_columns_and_exact_bytes(preset, entries, tmp_
         else:
             assert r['status'] == 'success' and r['jpg'] == e.item.data
     assert not (out / '_metadata').exists()  # no filter asked: img2dataset read URL_LIST itself
+    if preset in MDS_NAMES:  # the cloudwriter's MDS keeps them under its one spelling
+        proc = subprocess.run([sys.executable, str(ROOT / 'laion_cloudwriter.py'), '--local', str(out),
+                               '--remote', str(tmp_path / 'mds'), '--keep_parquet', '--processes', '1'],
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        samples = read_mds(str(tmp_path / 'mds' / '0-1048576'))  # unbucketed: the one dataset
+        assert len(samples) == sum(r['status'] == 'success' for r in by_url.values())
+        for sample in samples:
+            for name, col in MDS_NAMES[preset].items():
+                assert sample[name] == pytest.approx(meta[sample['url']][col]), (name, col)
 
 
 def test_filtered_download_killed_then_rerun_gives_the_same_shards(entries, image_server, tmp_path):
