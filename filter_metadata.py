@@ -353,6 +353,7 @@ def run(args: argparse.Namespace) -> str:
         return folder
     made_out = not out_fs.exists(out)
     if out_fs.exists(meta):  # a run cut off before its record: nothing in it is trusted
+        note(f'{folder} has no {RECORD} record (a run cut off while filtering): filtering again')
         out_fs.rm(meta, recursive=True)
     out_fs.makedirs(meta, exist_ok=True)
     try:

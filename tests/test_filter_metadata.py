@@ -248,3 +248,65 @@ def test_bad_filter_settings_get_one_line_and_nothing_is_downloaded(case, entrie
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert message in lines[0] and ': error: ' in lines[0]
     assert not out.exists() and sum(image_server.hits.values()) == hits
+
+
+def many_files(folder: Path, files: int, rows: int) -> pa.Table:
+    """`files` metadata files of `rows` rows each (LAION-2B-en columns, no server behind the URLs)."""
+    folder.mkdir(parents=True)
+    parts = []
+    for f in range(files):
+        t = pa.table({'url': [f'http://127.0.0.1:9/{f}/{i}.jpg' for i in range(rows)],
+                      'caption': [f'photo {f} {i}' for i in range(rows)],
+                      'punsafe': pa.array([(i % 10) / 10 for i in range(rows)], pa.float32())})
+        pq.write_table(t, folder / f'part-{f:05d}.parquet')
+        parts.append(t)
+    return pa.concat_tables(parts)
+
+
+def read_filtered(meta: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(meta.glob('*.parquet'))])
+
+
+def test_filter_killed_while_writing_is_not_trusted_by_the_rerun(tmp_path):
+    table = many_files(tmp_path / 'raw', 60, 400)
+    args = ['--url_list', str(tmp_path / 'raw'), '--output_folder', str(tmp_path / 'out'),
+            '--filter', 'punsafe < 0.35', '--batch_rows', '5', '--no_plot']
+    meta = tmp_path / 'out' / '_metadata'
+    proc = subprocess.Popen([sys.executable, str(FILTER_PY), *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (meta / 'part-00002.parquet').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (meta / 'part-00002.parquet').exists() and not (meta / 'settings').exists()  # cut off mid-way
+
+    again = filter_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert 'filtering again' in again.stderr
+    assert read_filtered(meta) == table.filter(pc.less(table['punsafe'], 0.35))
+
+
+def test_filter_reads_and_writes_object_storage(s3, tmp_path):
+    table = many_files(tmp_path / 'raw', 2, 50)
+    for p in sorted((tmp_path / 'raw').iterdir()):
+        s3.client().upload_file(str(p), s3.bucket, f'raw/{p.name}')
+    env = s3.child_env(AWS_ENDPOINT_URL=s3.endpoint)  # botocore's endpoint variable, which s3fs reads
+    args = [sys.executable, str(FILTER_PY), '--url_list', f's3://{s3.bucket}/raw',
+            '--output_folder', f's3://{s3.bucket}/out', '--filter', 'punsafe >= 0.5']
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f's3://{s3.bucket}/out/_metadata'
+    keys = s3.list_keys(s3.bucket, 'out/')
+    assert keys == [f'out/_metadata/{n}' for n in ('filter_histograms.png', 'filter_summary.txt',
+                                                   'part-00000.parquet', 'part-00001.parquet', 'settings')]
+    got = []
+    for k in keys[2:4]:
+        s3.client().download_file(s3.bucket, k, str(tmp_path / 'got.parquet'))
+        got.append(pq.read_table(tmp_path / 'got.parquet'))
+    assert pa.concat_tables(got) == table.filter(pc.greater_equal(table['punsafe'], 0.5))
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and 'reusing the filtered metadata' in rerun.stderr
+    other = subprocess.run(args[:-1] + ['punsafe >= 0.6'], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 2 and 'shard ids would mean other rows' in other.stderr
