@@ -389,20 +389,24 @@ def filter_files(args: argparse.Namespace, fs, files: list[str], out_fs, meta: s
             for batch in pf.iter_batches(batch_size=args.batch_rows):
                 df = pl.from_arrow(pa.Table.from_batches([batch]))
                 n_in += df.height
-                before = df
-                for k, clause in enumerate(clauses):  # a NULL result drops the row, as TRUE keeps it
-                    kept = df.filter(clause)
-                    removed[k] += df.height - kept.height
-                    df = kept
+                alive = np.ones(df.height, bool)
+                if clauses:  # one pass: each clause's mask, then who fails first where (NULL fails)
+                    masks = df.select([c.fill_null(False).alias(str(k)) for k, c in enumerate(clauses)])
+                    for k in range(len(clauses)):
+                        ok = masks.to_series(k).to_numpy()
+                        removed[k] += int(np.count_nonzero(alive & ~ok))
+                        alive &= ok
                 if blocked:
-                    kept = df.filter(~pl.col(block_col).cast(pl.String).is_in(listed).fill_null(False))
-                    n_blocked += df.height - kept.height
-                    df = kept
+                    listed_here = df.select(pl.col(block_col).cast(pl.String).is_in(listed).fill_null(False))
+                    hit = listed_here.to_series().to_numpy()
+                    n_blocked += int(np.count_nonzero(alive & hit))
+                    alive &= ~hit
                 if seen is not None:
-                    hashes = df.get_column(args.url_col).hash(seed=0).to_numpy()
-                    kept = df.filter(pl.Series(seen.first_time(hashes)))
-                    n_dup += df.height - kept.height
-                    df = kept
+                    idx = np.flatnonzero(alive)
+                    first = seen.first_time(df.get_column(args.url_col).hash(seed=0).to_numpy()[idx])
+                    n_dup += len(idx) - int(np.count_nonzero(first))
+                    alive[idx[~first]] = False
+                before, df = df, df.filter(pl.Series(alive))
                 for _, expr, span, b, a in hists:
                     add_counts(b, before.select(expr).to_series().to_numpy().astype(float), span)
                     add_counts(a, df.select(expr).to_series().to_numpy().astype(float), span)
