@@ -11,7 +11,8 @@
 #     ./laion_download_all.sh
 #
 # Reads:  the metadata parquet files in URL_LIST (LAION-2B-en: url, caption, similarity, punsafe,
-#         pwatermark, hash, md5); ~2.3 billion rows in 128 files for the whole set.
+#         pwatermark, hash, md5); ~2.3 billion rows in 128 files for the whole set. Other sets' metadata
+#         (Re-LAION, aesthetics, DataComp, COYO, CC12M, PD12M): set DATASET (the PRESETS table below).
 # Writes: OUTPUT_FOLDER/NNNNN.parquet, one shard per NUMBER_SAMPLE_PER_SHARD metadata rows, with the
 #         columns punsafe, pwatermark, similarity, hash, caption, md5, url, key, status, error_message,
 #         width, height, original_width, original_height (all four null: nothing is decoded), exif, jpg
@@ -162,7 +163,8 @@ check_settings() {
   done
   [[ $RETRIES =~ ^[0-9]+$ ]] || die "RETRIES=$RETRIES: expected a whole number"
   [[ -v PRESETS[$DATASET] ]] || die "DATASET=$DATASET: expected one of ${!PRESETS[*]}"
-  [[ $VERIFY_HASH_TYPE =~ ^(md5|sha256|sha512)$ ]] || die "VERIFY_HASH_TYPE=$VERIFY_HASH_TYPE: expected md5, sha256 or sha512"
+  [[ $VERIFY_HASH_TYPE =~ ^(md5|sha256|sha512)$ ]] ||
+    die "VERIFY_HASH_TYPE=$VERIFY_HASH_TYPE: expected md5, sha256 or sha512"
   for var in key status width height original_width original_height exif error_message md5; do
     [[ ,$SAVE_ADDITIONAL_COLUMNS, != *,$var,* ]] || die "SAVE_ADDITIONAL_COLUMNS names '$var': img2dataset" \
       "writes that column itself for the image it downloads; drop it (FILTER can still use it)"
@@ -283,7 +285,7 @@ for f in files:
     shards += math.ceil(n / per_shard)
 if verify and unhashed:
     print(f'laion_download: note: {len(unhashed)} of {len(files)} metadata files have no column '
-          f"'{verify}' (VERIFY_HASH): md5 is computed but not verified", file=sys.stderr)
+          f"'{verify}' (VERIFY_HASH): the hash is computed but not verified", file=sys.stderr)
     verify = ''
 print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
       + (f", hash verified against column '{verify}'" if verify else ''), file=sys.stderr)
