@@ -294,9 +294,13 @@ def read_schemas(fs, files: list[str], needed: dict[str, str]) -> pa.Schema:
     return first
 
 
-def record_text(args: argparse.Namespace, files: list[str], stamps: list[str]) -> str:
-    """The settings that decide which rows the filtered metadata holds, as KEY=value lines."""
-    lines = {'URL_LIST': args.url_list, 'FILES': str(len(files)), 'FILTER': args.filter,
+def record_text(args: argparse.Namespace, fs, files: list[str], stamps: list[str]) -> str:
+    """The settings that decide which rows the filtered metadata holds, as KEY=value lines; FILES
+    names the input files by count and a digest of their names and sizes (a changed input is refused)."""
+    listing = ''.join(f'{f.rsplit("/", 1)[-1]} {fs.size(f)}\n' for f in files)
+    lines = {'URL_LIST': args.url_list,
+             'FILES': f'{len(files)} sha256:{hashlib.sha256(listing.encode()).hexdigest()}',
+             'FILTER': args.filter,
              'BLOCKLIST': ' '.join(stamps), 'BLOCKLIST_COLUMN': args.blocklist_column,
              'DEDUP': str(args.dedup), 'URL_COL': args.url_col}
     return ''.join(f'{k}={" ".join(v.split())}\n' for k, v in lines.items())
@@ -318,13 +322,16 @@ def check_rerun(fs, meta: str, out: str, want: str | None, output_folder: str) -
         return False
     if have == want:
         return True
-    def settings(text: str | None) -> str:
-        rows = dict(line.split('=', 1) for line in (text or '').splitlines() if '=' in line)
-        return '; '.join(f'{k}={rows.get(k, "")!r}' for k in ('FILTER', 'BLOCKLIST', 'DEDUP')
-                         if rows.get(k, 'False') != 'False')
-    fail(f'OUTPUT_FOLDER={output_folder} was filtered with {settings(have) or "other settings"}, this run '
-         f'asks {settings(want) or "no filter"}: shard ids would mean other rows; use the same settings '
-         'or a new OUTPUT_FOLDER')
+    old, new = parse_record(have), parse_record(want or '')
+    changed = [k for k in old if old[k] != new.get(k, '')] if want else ['FILTER', 'BLOCKLIST', 'DEDUP']
+    what = '; '.join(f'{k} {old.get(k, "")!r} -> {new.get(k, "")!r}' for k in changed
+                     if old.get(k, '') not in ('', 'False') or new.get(k, '') not in ('', 'False'))
+    fail(f'OUTPUT_FOLDER={output_folder} was filtered with other settings ({what}): shard ids would mean '
+         'other rows; rerun with the same settings or use a new OUTPUT_FOLDER')
+
+
+def parse_record(text: str) -> dict[str, str]:
+    return dict(line.split('=', 1) for line in text.splitlines() if '=' in line)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -346,7 +353,7 @@ def run(args: argparse.Namespace) -> str:
     clauses, labels = compile_filter(args.filter, schema, files[0]) if args.filter else ([], [])
     blocked, stamps = read_blocklist([p for p in args.blocklist.split(',') if p], block_col) \
         if args.blocklist else (set(), [])
-    want = record_text(args, files, stamps)
+    want = record_text(args, fs, files, stamps)
     folder = out_fs.unstrip_protocol(meta) if '://' in args.output_folder else meta
     if check_rerun(out_fs, meta, out, want, args.output_folder):
         note(f'reusing the filtered metadata in {folder} (same settings)')

@@ -285,6 +285,9 @@ def test_filter_killed_while_writing_is_not_trusted_by_the_rerun(tmp_path):
     assert again.returncode == 0, again.stderr
     assert 'filtering again' in again.stderr
     assert read_filtered(meta) == table.filter(pc.less(table['punsafe'], 0.35))
+    pq.write_table(table.slice(0, 10), tmp_path / 'raw' / 'part-99999.parquet')  # the input changed
+    changed = filter_cli(*args)
+    assert changed.returncode == 2 and "other settings (FILES '60 sha256:" in changed.stderr
 
 
 def test_filter_reads_and_writes_object_storage(s3, tmp_path):
