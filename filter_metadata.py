@@ -127,18 +127,19 @@ def clause_labels(text: str, clauses: list) -> list[str]:
     return [str(c) for c in clauses]
 
 
-def compile_filter(text: str, schema: pa.Schema, where: str) -> tuple[list, list[str]]:
-    """(clauses, labels) of --filter; one line and exit 2 when it does not parse, names a column the
-    metadata lacks, or does not evaluate on its types (checked on no rows)."""
+def parse_filter(text: str):
+    """The Polars expression of --filter; one line and exit 2 when it does not parse."""
     import polars as pl
     try:
-        expr = pl.sql_expr(text)
+        return pl.sql_expr(text)
     except Exception as err:
         fail(f'FILTER={text!r} does not parse as a Polars SQL condition: {one_line(err)}')
-    missing = [c for c in expr.meta.root_names() if c not in schema.names]
-    if missing:
-        fail(f"FILTER={text!r}: {where} has no column {', '.join(map(repr, missing))}; "
-             f"its columns: {', '.join(schema.names)}")
+
+
+def compile_filter(text: str, expr, schema: pa.Schema, where: str) -> tuple[list, list[str]]:
+    """(clauses, labels) of the parsed --filter; one line and exit 2 when it does not evaluate on the
+    metadata's column types (checked on no rows)."""
+    import polars as pl
     try:
         pl.from_arrow(schema.empty_table()).filter(expr)
     except Exception as err:
@@ -349,8 +350,11 @@ def run(args: argparse.Namespace) -> str:
     needed.update({c: 'needed by the download' for c in args.require.split(',') if c})
     if args.blocklist:
         needed[block_col] = 'BLOCKLIST_COLUMN'
+    expr = parse_filter(args.filter) if args.filter else None
+    if expr is not None:
+        needed.update({c: 'FILTER' for c in expr.meta.root_names() if c not in needed})
     schema = read_schemas(fs, files, needed)
-    clauses, labels = compile_filter(args.filter, schema, files[0]) if args.filter else ([], [])
+    clauses, labels = compile_filter(args.filter, expr, schema, files[0]) if expr is not None else ([], [])
     blocked, stamps = read_blocklist([p for p in args.blocklist.split(',') if p], block_col) \
         if args.blocklist else (set(), [])
     want = record_text(args, fs, files, stamps)
@@ -374,13 +378,64 @@ def run(args: argparse.Namespace) -> str:
     return folder
 
 
+def keep_mask(df, clauses: list, listed, block_col: str, seen: Seen | None, url_col: str,
+              counts: dict) -> np.ndarray:
+    """The rows of one batch to keep: each clause in order (a NULL fails it), then the blocklist (`listed`,
+    None for none), then the dedup; adds the rows each removes to `counts`."""
+    import polars as pl
+    alive = np.ones(df.height, bool)
+    if clauses:  # every clause's mask in one select
+        masks = df.select([c.fill_null(False).alias(str(k)) for k, c in enumerate(clauses)])
+        for k in range(len(clauses)):
+            ok = masks.to_series(k).to_numpy()
+            counts['clauses'][k] += int(np.count_nonzero(alive & ~ok))
+            alive &= ok
+    if listed is not None:
+        hit = df.select(pl.col(block_col).cast(pl.String).is_in(listed).fill_null(False))
+        hit = hit.to_series().to_numpy()
+        counts['blocked'] += int(np.count_nonzero(alive & hit))
+        alive &= ~hit
+    if seen is not None:
+        idx = np.flatnonzero(alive)
+        first = seen.first_time(df.get_column(url_col).hash(seed=0).to_numpy()[idx])
+        counts['dup'] += len(idx) - int(np.count_nonzero(first))
+        alive[idx[~first]] = False
+    return alive
+
+
+def filter_file(fs, path: str, out_fs, part: str, batch_rows: int, keep, hists: list) -> tuple[int, int]:
+    """Streams one metadata file through `keep` (a batch -> mask of its rows to keep) into `part`, written
+    only when a row is kept (all columns, the input's types); adds to the histograms. Returns (rows in,
+    rows out)."""
+    import polars as pl
+    writer = sink = None
+    rows_in = rows_out = 0
+    with fs.open(path, 'rb') as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
+            df = pl.from_arrow(pa.Table.from_batches([batch]))
+            kept = df.filter(pl.Series(keep(df)))
+            for _, expr, span, before, after in hists:
+                add_counts(before, df.select(expr).to_series().to_numpy().astype(float), span)
+                add_counts(after, kept.select(expr).to_series().to_numpy().astype(float), span)
+            if kept.height:
+                if writer is None:
+                    sink = out_fs.open(part, 'wb')
+                    writer = pq.ParquetWriter(sink, batch.schema)
+                writer.write_table(kept.to_arrow().cast(batch.schema))
+            rows_in, rows_out = rows_in + df.height, rows_out + kept.height
+    if writer is not None:
+        writer.close()
+        sink.close()
+    return rows_in, rows_out
+
+
 def filter_files(args: argparse.Namespace, fs, files: list[str], out_fs, meta: str, clauses: list,
                  labels: list[str], blocked: set[str], schema: pa.Schema) -> str:
     """Streams every file through the clauses, the blocklist and the dedup into meta/part-NNNNN.parquet;
     returns the summary text. Exits 2 (removing what it wrote) when no row is left."""
     import polars as pl
-    removed = [0] * len(clauses)
-    n_in = n_out = n_blocked = n_dup = 0
+    counts = {'clauses': [0] * len(clauses), 'blocked': 0, 'dup': 0}
+    n_in = n_out = 0
     seen = Seen() if args.dedup else None
     block_col = args.blocklist_column or args.url_col
     hists = [(t, e, s, np.zeros(BINS, np.int64), np.zeros(BINS, np.int64))
@@ -388,45 +443,17 @@ def filter_files(args: argparse.Namespace, fs, files: list[str], out_fs, meta: s
     listed = pl.Series(sorted(blocked), dtype=pl.String).implode()
     start = time.time()
     nbytes = 0
+
+    def keep(df) -> np.ndarray:
+        return keep_mask(df, clauses, listed if blocked else None, block_col, seen, args.url_col, counts)
+
     for i, f in enumerate(files):
-        writer = None
-        with fs.open(f, 'rb') as fh:
-            pf = pq.ParquetFile(fh)
-            nbytes += fs.size(f)
-            for batch in pf.iter_batches(batch_size=args.batch_rows):
-                df = pl.from_arrow(pa.Table.from_batches([batch]))
-                n_in += df.height
-                alive = np.ones(df.height, bool)
-                if clauses:  # one pass: each clause's mask, then who fails first where (NULL fails)
-                    masks = df.select([c.fill_null(False).alias(str(k)) for k, c in enumerate(clauses)])
-                    for k in range(len(clauses)):
-                        ok = masks.to_series(k).to_numpy()
-                        removed[k] += int(np.count_nonzero(alive & ~ok))
-                        alive &= ok
-                if blocked:
-                    listed_here = df.select(pl.col(block_col).cast(pl.String).is_in(listed).fill_null(False))
-                    hit = listed_here.to_series().to_numpy()
-                    n_blocked += int(np.count_nonzero(alive & hit))
-                    alive &= ~hit
-                if seen is not None:
-                    idx = np.flatnonzero(alive)
-                    first = seen.first_time(df.get_column(args.url_col).hash(seed=0).to_numpy()[idx])
-                    n_dup += len(idx) - int(np.count_nonzero(first))
-                    alive[idx[~first]] = False
-                before, df = df, df.filter(pl.Series(alive))
-                for _, expr, span, b, a in hists:
-                    add_counts(b, before.select(expr).to_series().to_numpy().astype(float), span)
-                    add_counts(a, df.select(expr).to_series().to_numpy().astype(float), span)
-                if df.height:
-                    table = df.to_arrow().cast(batch.schema)
-                    if writer is None:
-                        sink = out_fs.open(f'{meta}/part-{i:05d}.parquet', 'wb')
-                        writer = pq.ParquetWriter(sink, batch.schema)
-                    writer.write_table(table)
-                    n_out += df.height
-        if writer is not None:
-            writer.close()
-            sink.close()
+        try:
+            rows_in, rows_out = filter_file(fs, f, out_fs, f'{meta}/part-{i:05d}.parquet', args.batch_rows,
+                                            keep, hists)
+        except Exception as err:  # a file whose types differ, a batch that does not read
+            fail(f'{f}: cannot filter it ({type(err).__name__}: {one_line(err)})')
+        n_in, n_out, nbytes = n_in + rows_in, n_out + rows_out, nbytes + fs.size(f)
     if n_out == 0:
         fail(f'no metadata row is left of {n_in:,} (FILTER={args.filter!r}'
              f'{", BLOCKLIST" if blocked else ""}{", DEDUP" if seen else ""}): nothing to download; '
@@ -436,11 +463,12 @@ def filter_files(args: argparse.Namespace, fs, files: list[str], out_fs, meta: s
              f'  rows in             {n_in:>14,}  ({len(files)} files, {nbytes / 2**20:,.1f} MiB, '
              f'{secs:.1f} s, {n_in / max(secs, 1e-9):,.0f} rows/s)',
              f'  rows out            {n_out:>14,}  ({n_out / n_in:.1%})']
-    lines += [f'  removed by clause   {n:>14,}  {label}' for n, label in zip(removed, labels)]
+    lines += [f'  removed by clause   {n:>14,}  {label}' for n, label in zip(counts['clauses'], labels)]
     if blocked:
-        lines.append(f'  removed by blocklist{n_blocked:>14,}  ({len(blocked):,} values in {block_col})')
+        lines.append(f'  removed by blocklist{counts["blocked"]:>14,}  '
+                     f'({len(blocked):,} values in {block_col})')
     if seen is not None:
-        lines.append(f'  removed as repeated {n_dup:>14,}  (same {args.url_col} as an earlier row)')
+        lines.append(f'  removed as repeated {counts["dup"]:>14,}  (same {args.url_col} as an earlier row)')
     if hists and not args.no_plot and draw(hists, f'{meta}/{PLOT}', out_fs):
         lines.append(f'  histograms          {PLOT} ({", ".join(h[0] for h in hists)})')
     return '\n'.join(lines) + '\n'

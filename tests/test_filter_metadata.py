@@ -224,7 +224,7 @@ def test_filtering_into_shards_made_without_a_filter_is_refused(tmp_path):
 
 
 BAD = {
-    'unknown column': ({'FILTER': 'nsfw < 0.1'}, "has no column 'nsfw'"),
+    'unknown column': ({'FILTER': 'nsfw < 0.1'}, "no column 'nsfw' (FILTER); its columns: url, caption"),
     'does not parse': ({'FILTER': 'punsafe <<< 0.1 AND'}, 'does not parse as a Polars SQL condition'),
     'wrong type': ({'FILTER': "caption > 3"}, 'does not evaluate on the columns'),
     'empty result': ({'FILTER': 'punsafe > 5'}, 'no metadata row is left of'),
@@ -288,6 +288,19 @@ def test_filter_killed_while_writing_is_not_trusted_by_the_rerun(tmp_path):
     pq.write_table(table.slice(0, 10), tmp_path / 'raw' / 'part-99999.parquet')  # the input changed
     changed = filter_cli(*args)
     assert changed.returncode == 2 and "other settings (FILES '60 sha256:" in changed.stderr
+
+
+def test_a_file_whose_column_types_differ_gets_one_line_and_leaves_no_output(tmp_path):
+    many_files(tmp_path / 'raw', 2, 20)
+    pq.write_table(pa.table({'url': ['http://127.0.0.1:9/x.jpg'], 'caption': ['x'], 'punsafe': ['low']}),
+                   tmp_path / 'raw' / 'part-00002.parquet')
+    proc = filter_cli('--url_list', str(tmp_path / 'raw'), '--output_folder', str(tmp_path / 'out'),
+                      '--filter', 'punsafe < 0.5')
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith('filter_metadata: error: ')
+    assert 'part-00002.parquet: cannot filter it' in lines[0]
+    assert not (tmp_path / 'out').exists()
 
 
 def test_filter_reads_and_writes_object_storage(s3, tmp_path):
