@@ -22,7 +22,8 @@ Blocklist: text files (one URL or hash per line; blank lines and lines starting 
   --blocklist_column value, as text, is listed is dropped. The list is held in memory (a removal list of
   10M URLs: ~1 GB).
 Dedup: the first row of each URL is kept, in file order; holds 8 bytes per distinct URL (a 64-bit hash;
-  2.3B URLs: ~19 GB; two distinct URLs sharing a hash, about 1 in 7 at 2.3B rows, drop one of them).
+  2.3B URLs: ~19 GB, twice that while runs merge; two distinct URLs sharing a hash, about 1 in 7 at
+  2.3B rows, drop one of them).
 Resume: a rerun with the same settings reuses the filtered metadata (img2dataset's shard ids keep meaning
   the same rows); other settings, or filtering into an output that already has shards made from the
   unfiltered metadata, are refused. A run killed before `settings` was written leaves nothing a rerun
