@@ -135,8 +135,11 @@ MDS_COLUMNS = sorted(COLUMNS)  # MDS stores a sample's columns in name order
 FIXED_DTYPES = {'float64': '<f8', 'int32': '<i4', 'int64': '<i8'}
 MDS_SIZES = {'float64': 8, 'int32': 4, 'int64': 8, 'str': None, 'bytes': None}
 VAR_COLUMNS = [c for c in MDS_COLUMNS if MDS_SIZES[COLUMNS[c]] is None]
-# Input names that differ from the output name (the aesthetic set's metadata is upper case).
-ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE')}
+# Input names that differ from the output name, tried in order (laion_download_all.sh's DATASET presets:
+# the aesthetic set's metadata is upper case; COYO and DataComp name their CLIP ViT-B/32 similarity and
+# COYO its LAION aesthetic v2 score their own way).
+ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE', 'aesthetic_score_laion_v2'),
+           'similarity': ('similarity', 'clip_b32_similarity_score', 'clip_similarity_vitb32')}
 
 # While it runs, the driver rewrites every bucket's index.json (so readers can start early) at most
 # every --merge_interval s, and spends at most this share of its time on it: a merge of t seconds

@@ -11,7 +11,8 @@
 #     ./laion_download_all.sh
 #
 # Reads:  the metadata parquet files in URL_LIST (LAION-2B-en: url, caption, similarity, punsafe,
-#         pwatermark, hash, md5); ~2.3 billion rows in 128 files for the whole set.
+#         pwatermark, hash, md5); ~2.3 billion rows in 128 files for the whole set. Other sets' metadata
+#         (Re-LAION, aesthetics, DataComp, COYO, CC12M, PD12M): set DATASET (the PRESETS table below).
 # Writes: OUTPUT_FOLDER/NNNNN.parquet, one shard per NUMBER_SAMPLE_PER_SHARD metadata rows, with the
 #         columns punsafe, pwatermark, similarity, hash, caption, md5, url, key, status, error_message,
 #         width, height, original_width, original_height (all four null: nothing is decoded), exif, jpg
@@ -57,11 +58,24 @@
 #   NUMBER_SAMPLE_PER_SHARD  rows per shard                             10000
 #   TIMEOUT                  seconds per image request                 10
 #   RETRIES                  extra attempts per failed image           0
+#   DATASET                  (ours) the metadata's preset: the defaults of URL_COL, CAPTION_COL,
+#                            SAVE_ADDITIONAL_COLUMNS, VERIFY_HASH(_TYPE); see PRESETS    laion2b-en
+#   FILTER                   (ours) Polars SQL condition rows must meet to be downloaded, e.g.
+#                            'punsafe < 0.1 AND similarity >= 0.28'; NULL drops the row   (empty)
+#   BLOCKLIST                (ours) comma-separated files (text, one value a line, or parquet) of
+#                            BLOCKLIST_COLUMN values whose rows are dropped               (empty)
+#   BLOCKLIST_COLUMN         (ours) the metadata column BLOCKLIST lists                   URL_COL
+#   DEDUP                    (ours) keep only the first row of each URL                   False
+#                            FILTER/BLOCKLIST/DEDUP: filter_metadata.py writes the rows kept to
+#                            OUTPUT_FOLDER/_metadata once (summary, histograms, settings record);
+#                            a rerun with other settings into the same OUTPUT_FOLDER is refused.
 #   URL_COL, CAPTION_COL     metadata columns of the URL and caption   url, caption
 #   SAVE_ADDITIONAL_COLUMNS  metadata columns kept, comma-separated    punsafe,pwatermark,similarity,hash
 #   VERIFY_HASH              metadata column with each image's md5, checked against the downloaded
 #                            bytes (mismatches fail as 'hash mismatch'); empty or False: do not check.
 #                            Files without that column are not checked.      md5
+#   VERIFY_HASH_TYPE         the hash VERIFY_HASH holds: md5, sha256 or sha512; img2dataset computes
+#                            it into a column of that name (md5 but for DATASET=datacomp)   md5
 #   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files, read
 #                            back through this machine: a local OUTPUT_FOLDER only
 #                            True for multiprocessing into a local folder, else False
@@ -81,10 +95,32 @@ ENABLE_WANDB=${ENABLE_WANDB:-False}
 NUMBER_SAMPLE_PER_SHARD=${NUMBER_SAMPLE_PER_SHARD:-10000}
 TIMEOUT=${TIMEOUT:-10}
 RETRIES=${RETRIES:-0}
-URL_COL=${URL_COL:-url}
-CAPTION_COL=${CAPTION_COL:-caption}
-SAVE_ADDITIONAL_COLUMNS=${SAVE_ADDITIONAL_COLUMNS-punsafe,pwatermark,similarity,hash}
-VERIFY_HASH=${VERIFY_HASH-md5}
+# DATASET presets: URL column, caption column, metadata columns kept (SAVE_ADDITIONAL_COLUMNS), the column
+# with each image's hash (VERIFY_HASH; - for none) and that hash (VERIFY_HASH_TYPE). Where and how big each
+# set is: README "Datasets". Columns img2dataset writes itself (key status width height original_width
+# original_height exif error_message md5) are never kept from the metadata: it records them for the file
+# it downloads; FILTER can still use them.
+declare -A PRESETS=(
+  [laion2b-en]='url caption punsafe,pwatermark,similarity,hash md5 md5'
+  [relaion2b-en-research]='url caption punsafe,pwatermark,similarity,hash - md5'
+  [relaion2b-en-research-safe]='url caption punsafe,pwatermark,similarity,hash - md5'
+  [laion-aesthetics]='URL TEXT punsafe,pwatermark,similarity,hash,AESTHETIC_SCORE - md5'
+  [datacomp]='url text uid,clip_b32_similarity_score,clip_l14_similarity_score sha256 sha256'
+  [coyo]='url text id,clip_similarity_vitb32,clip_similarity_vitl14,watermark_score,aesthetic_score_laion_v2,nsfw_score_opennsfw2 - md5'
+  [cc12m]='url caption - - md5'
+  [pd12m]='url caption id,license,source hash md5'
+)
+DATASET=${DATASET:-laion2b-en}
+read -r p_url p_caption p_keep p_verify p_type <<<"${PRESETS[$DATASET]:-url caption - - md5}"
+URL_COL=${URL_COL:-$p_url}
+CAPTION_COL=${CAPTION_COL:-$p_caption}
+SAVE_ADDITIONAL_COLUMNS=${SAVE_ADDITIONAL_COLUMNS-${p_keep#-}}
+VERIFY_HASH=${VERIFY_HASH-${p_verify#-}}
+VERIFY_HASH_TYPE=${VERIFY_HASH_TYPE:-$p_type}
+FILTER=${FILTER:-}
+BLOCKLIST=${BLOCKLIST:-}
+BLOCKLIST_COLUMN=${BLOCKLIST_COLUMN:-$URL_COL}
+DEDUP=${DEDUP:-False}
 SPARK_MASTER=${SPARK_MASTER:-local[$PROCESSES_COUNT,3]}  # 3: a task whose worker dies runs again
 RAY_ADDRESS=${RAY_ADDRESS:-}
 FORWARD_STORAGE_ENV=${FORWARD_STORAGE_ENV:-True}
@@ -158,6 +194,14 @@ check_settings() {
     [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var}: expected a positive whole number"
   done
   [[ $RETRIES =~ ^[0-9]+$ ]] || die "RETRIES=$RETRIES: expected a whole number"
+  [[ -v PRESETS[$DATASET] ]] || die "DATASET=$DATASET: expected one of ${!PRESETS[*]}"
+  [[ $VERIFY_HASH_TYPE =~ ^(md5|sha256|sha512)$ ]] ||
+    die "VERIFY_HASH_TYPE=$VERIFY_HASH_TYPE: expected md5, sha256 or sha512"
+  for var in key status width height original_width original_height exif error_message md5; do
+    [[ ,$SAVE_ADDITIONAL_COLUMNS, != *,$var,* ]] || die "SAVE_ADDITIONAL_COLUMNS names '$var': img2dataset" \
+      "writes that column itself for the image it downloads; drop it (FILTER can still use it)"
+  done
+  truthy DEDUP "$DEDUP" && DEDUP=True || DEDUP=False
   case "$DISTRIBUTOR" in
     multiprocessing) ;;
     pyspark | ray) has_module "$DISTRIBUTOR" ||
@@ -298,10 +342,10 @@ for key in (k for k in settings if k in recorded and recorded[k] != settings[k])
          f'{settings[key]} (download_settings.txt): rerun with those settings, or pick a new OUTPUT_FOLDER')
 if verify and unhashed:
     print(f'laion_download: note: {len(unhashed)} of {len(files)} metadata files have no column '
-          f"'{verify}' (VERIFY_HASH): md5 is computed but not verified", file=sys.stderr)
+          f"'{verify}' (VERIFY_HASH): the hash is computed but not verified", file=sys.stderr)
     verify = ''
 print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
-      + (f", md5 verified against column '{verify}'" if verify else ''), file=sys.stderr)
+      + (f", hash verified against column '{verify}'" if verify else ''), file=sys.stderr)
 try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
     out_fs.makedirs(out, exist_ok=True)
     head = '# laion_download_all.sh: a rerun into this folder must have these settings\n'
@@ -456,9 +500,21 @@ raise SystemExit(0 if complete else 1)
 EOF
 }
 
+# The metadata img2dataset reads: URL_LIST itself, or with FILTER/BLOCKLIST/DEDUP the rows they keep, written
+# once to OUTPUT_FOLDER/_metadata by filter_metadata.py (reused by a rerun with the same settings; other
+# settings are refused there). Prints the folder to read.
+filter_step() {
+  local flags=(--url_list="$URL_LIST" --output_folder="$OUTPUT_FOLDER" --filter="$FILTER"
+    --blocklist="$BLOCKLIST" --blocklist_column="$BLOCKLIST_COLUMN" --url_col="$URL_COL"
+    --caption_col="$CAPTION_COL" --require="$SAVE_ADDITIONAL_COLUMNS")
+  [[ $DEDUP == True ]] && flags+=(--dedup)
+  "$PYTHON" "$(dirname -- "${BASH_SOURCE[0]}")/filter_metadata.py" "${flags[@]}"
+}
+
 main() {
   check_settings "$@"
   local plan verify expected rows rc=0
+  URL_LIST=$(filter_step) || exit 2
   plan=$(URL_LIST=$URL_LIST OUTPUT_FOLDER=$OUTPUT_FOLDER NUMBER_SAMPLE_PER_SHARD=$NUMBER_SAMPLE_PER_SHARD \
     VERIFY_HASH=$VERIFY_HASH URL_COL=$URL_COL CAPTION_COL=$CAPTION_COL \
     SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS preflight) || exit 2
@@ -468,7 +524,7 @@ main() {
   local args=(
     --url_list="$URL_LIST" --output_folder="$OUTPUT_FOLDER"
     --input_format=parquet --output_format=parquet
-    --url_col="$URL_COL" --caption_col="$CAPTION_COL" --compute_hash=md5
+    --url_col="$URL_COL" --caption_col="$CAPTION_COL" --compute_hash="$VERIFY_HASH_TYPE"
     --resize_mode=no --disable_all_reencoding=True
     --processes_count="$PROCESSES_COUNT" --thread_count="$THREAD_COUNT" --distributor="$DISTRIBUTOR"
     --enable_wandb="$ENABLE_WANDB" --number_sample_per_shard="$NUMBER_SAMPLE_PER_SHARD"
@@ -476,7 +532,7 @@ main() {
   )
   [[ -n $SAVE_ADDITIONAL_COLUMNS ]] &&
     args+=(--save_additional_columns="[\"${SAVE_ADDITIONAL_COLUMNS//,/\",\"}\"]")
-  [[ $verify != - ]] && args+=(--verify_hash="[\"$verify\",\"md5\"]")
+  [[ $verify != - ]] && args+=(--verify_hash="[\"$verify\",\"$VERIFY_HASH_TYPE\"]")
 
   local run_start
   run_start=$(date +%s)
