@@ -19,14 +19,16 @@ read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name
 
 - every input column, unchanged;
 - the text columns of the model's family (FAMILIES below; the family comes from the folder's
-  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16):
+  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16, or
+  the one dtype the family's consumer reads):
     sd       caption_latents (77, 768|1024): last hidden state (SD 1/2, byte-identical to before)
     sdxl     caption_latents (77, 2048): penultimate CLIP-L + CLIP-G; caption_pooled (1280)
     sd3      caption_clip_latents (77, 2048), caption_t5_latents (256, 4096), caption_pooled (2048);
              prompt_embeds = cat([pad(clip, (0, 4096 - 2048)), t5], dim=-2)
     flux     caption_t5_latents (512, 4096), caption_pooled (768)
     mosaicml caption_T5_LATENTS (512, 4096), caption_T5_ATTENTION_MASK (512) bool, caption_CLIP_LATENTS
-             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float16
+             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float32,
+             as its reader (StreamingImageCaptionLatentsDataset) does np.frombuffer(..., np.float32)
   With `--t5_storage trimmed` a T5 column keeps only the caption's n tokens (n in `caption_t5_length`);
 - `latents_<res>` for each `--resolutions` entry (default 256 512): shape (C, res/8, res/8), C the
   VAE's 4 or 16 latent channels; the image's largest centered square resized to res x res (bilinear),
@@ -124,6 +126,7 @@ TIME_IDS_COLUMN = 'add_time_ids_{res}'  # int32 x 6, SDXL's add_time_ids: origin
 #                                         target (h, w) = the bucket
 FLIPPED = '{column}_flipped'  # --flip: the same for the horizontally mirrored crop
 GROUPS = 'aspect_groups.json'  # beside index.json: the per-bucket datasets <out>/<group>/ and their sizes
+MAX_ASPECT = 4.0  # --crop aspect: the default widest bucket, 4:1 (and 1:4)
 ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 
 
@@ -166,9 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='model family: auto (from model_index.json; sd for a folder without one), sd, '
                         'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
                         'FLUX-layout folder)')
-    p.add_argument('--storage_dtype', choices=tuple(STORAGE_DTYPES), default='float16',
-                   help='dtype of the stored latents (bfloat16 is stored as its raw 16 bits); the model '
-                        'dtype is --dtype')
+    p.add_argument('--storage_dtype', choices=tuple(STORAGE_DTYPES), default=None,
+                   help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
+                        "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
+                        'the model dtype is --dtype')
     p.add_argument('--t5_max_length', type=int, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
@@ -184,8 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
                         'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
                         'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
-    p.add_argument('--max_aspect', type=float, default=4.0,
-                   help='--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide)')
+    p.add_argument('--max_aspect', type=float, default=None,
+                   help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
+                        f'default {MAX_ASPECT}')
     p.add_argument('--random_crop', action='store_true',
                    help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
                         "sample's index, so a rerun is identical) instead of centred")
@@ -900,7 +905,8 @@ class Family:
     encoders: tuple[TextEncoder, ...]
     columns: tuple[TextColumn, ...]
     prompt_embeds: str  # the pipeline's encode_prompt outputs in terms of the columns
-    storage: str = ''  # a storage dtype the family's consumer requires ('' : --storage_dtype)
+    storage: str = ''  # the one storage dtype the family's consumer reads ('': any --storage_dtype)
+    trimmable: bool = True  # --t5_storage trimmed applies (False: the consumer reads padded T5 states)
 
 
 def _clip(sub: str, tok: str, cls: str, hidden: str, pooled: str, mask: str = 'no') -> TextEncoder:
@@ -937,7 +943,7 @@ FAMILIES = {f.name: f for f in (
             _t5('text_encoder_2', 'tokenizer_2', 512)),
            (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
            'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
-    Family('mosaicml', (),
+    Family('mosaicml', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
             _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
            (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
@@ -945,7 +951,10 @@ FAMILIES = {f.name: f for f in (
             TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
             TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
             TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
-           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns", storage='float16'),
+           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns",
+           # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
+           # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
+           storage='float32', trimmable=False),
 )}
 STORAGE_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float32': torch.float32}
 CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
@@ -971,33 +980,55 @@ def read_model_index(model_name: str) -> dict | None:
 
 
 def pick_family(model_name: str, flag: str) -> Family:
-    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one)."""
+    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one);
+    a `--family` whose pipelines do not include the folder's `_class_name` is refused, naming both."""
+    index = read_model_index(model_name)
+    name = (index or {}).get('_class_name', '')
     if flag != 'auto':
         if flag not in FAMILIES:
             raise UserError(f'--family {flag}: unknown family; known: auto, {", ".join(FAMILIES)}')
-        return FAMILIES[flag]
-    index = read_model_index(model_name)
+        family = FAMILIES[flag]
+        if name and name not in family.pipelines:
+            raise UserError(f'--family {flag}: {model_name}/model_index.json names {name}, but the {flag} '
+                            f'layout is that of {" or ".join(family.pipelines)}; pass the family of that '
+                            'folder (or --family auto)')
+        return family
     if index is None:
         if os.path.isdir(os.path.join(model_name, 'text_encoder_2')):
             raise UserError(f'{model_name} has no model_index.json to tell its family: pass --family '
                             f'({", ".join(FAMILIES)})')
         return FAMILIES['sd']
-    name = index.get('_class_name', '')
-    for family in FAMILIES.values():
+    for family in FAMILIES.values():  # the first family that lists the pipeline (FluxPipeline: flux)
         if name in family.pipelines:
             return family
+    known = sorted({p for f in FAMILIES.values() for p in f.pipelines})
     raise UserError(f'{model_name}/model_index.json names {name!r}, not a pipeline this script knows '
-                    f'({", ".join(p for f in FAMILIES.values() for p in f.pipelines)}); pass --family')
+                    f'({", ".join(known)}); pass --family')
+
+
+def layout(family: Family) -> str:
+    """The folder layout a family reads, for messages: 'vae/, text_encoder/ (CLIPTextModel), ...'."""
+    encoders = [f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/' for e in family.encoders]
+    return ', '.join(['vae/', *encoders])
 
 
 def check_model_folder(model_name: str, family: Family) -> None:
-    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family."""
+    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
+    each encoder of the class the family reads (as its config.json `architectures` names it)."""
     if os.path.isdir(model_name):
         subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
         for sub in subs:
             if not os.path.isdir(os.path.join(model_name, sub)):
                 raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                                f'{"/, ".join(subs)}/)')
+                                f'{layout(family)})')
+        for enc in family.encoders:
+            with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
+                with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+                    found = json.load(f).get('architectures') or []
+                if found and enc.model_class not in found:
+                    raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
+                                    f'{family.name} layout expects {enc.model_class} there '
+                                    f'({layout(family)}); pass the family of that folder')
     elif model_name.startswith(('.', '/', '~')):
         raise UserError(f'--model_name {model_name}: no such folder')
 
@@ -1134,19 +1165,31 @@ def vae_convention(model_name: str) -> dict:
             'shift_factor': cfg.get('shift_factor') or 0.0}
 
 
+def check_family_flags(args: argparse.Namespace, family: Family) -> None:
+    """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
+    t5 = any(e.t5 for e in family.encoders)
+    if family.storage and args.storage_dtype not in (None, family.storage):
+        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
+                        f'{family.storage} by its consumer; drop the flag')
+    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
+        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
+        raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
+    if args.t5_max_length and not t5:
+        raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
+                        'drop the flag')
+
+
+def storage_dtype(args: argparse.Namespace, family: Family) -> str:
+    """The dtype written: --storage_dtype, else the one its consumer reads, else float16."""
+    return args.storage_dtype or family.storage or 'float16'
+
+
 def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
     configs = encoder_configs(args.model_name, family)
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
     check_tokenizers(family, tokenizers, configs, lengths)
-    storage = family.storage or args.storage_dtype
-    if family.storage and args.storage_dtype != family.storage:
-        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
-                        f'{family.storage} by its consumer; drop the flag')
-    if args.t5_max_length < 0 or args.text_batch_size < 0:
-        raise UserError('--t5_max_length and --text_batch_size must be 0 (the default) or positive')
-    if args.t5_storage == 'trimmed' and family.name == 'mosaicml':
-        raise UserError('--t5_storage trimmed: the mosaicml layout stays padded, as its consumer expects')
+    storage = storage_dtype(args, family)
     vae = vae_convention(args.model_name)
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
     crop = aspect_convention(args, vae['downsampling']) if args.crop == 'aspect' else {}
@@ -1173,16 +1216,20 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
     }
 
 
+def max_aspect(args: argparse.Namespace) -> float:
+    return MAX_ASPECT if args.max_aspect is None else args.max_aspect
+
+
 def aspect_convention(args: argparse.Namespace, downsampling: int) -> dict:
     """The --crop aspect record: the bucket table of every resolution and how crops are placed."""
     step = downsampling * 8
-    tables = {str(r): [list(b) for b in bucket_table(r, step, args.max_aspect)]
+    tables = {str(r): [list(b) for b in bucket_table(r, step, max_aspect(args))]
               for r in sorted(args.resolutions)}
     small = [r for r, t in tables.items() if not t]
     if small:
         raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
                         f'factor {downsampling} x 8); use resolutions of at least {step}')
-    return {'mode': 'aspect', 'step': step, 'max_aspect': args.max_aspect, 'buckets': tables,
+    return {'mode': 'aspect', 'step': step, 'max_aspect': max_aspect(args), 'buckets': tables,
             'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a tie); '
                       'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped; '
                       'computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, top + H) x '
@@ -1587,6 +1634,8 @@ NUMBER_FLAGS = (
     ('--download_retry', 'download_retry', lambda v: v >= 0, '0 or more'),
     ('--dist_timeout', 'dist_timeout', lambda v: v > 0, 'positive seconds'),
     ('--preview', 'preview', lambda v: v >= 0, '0 (no preview) or a number of samples'),
+    ('--t5_max_length', 't5_max_length', lambda v: v >= 0, "0 (the family's) or a number of tokens"),
+    ('--text_batch_size', 'text_batch_size', lambda v: v >= 0, '0 (--batch-size) or a number of captions'),
 )
 
 
@@ -1626,7 +1675,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_format(args.size_limit, args.compression)
     if args.random_crop and args.crop != 'aspect':
         raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
-    if args.max_aspect < 1:
+    if args.max_aspect is not None and args.crop != 'aspect':
+        raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
+    if max_aspect(args) < 1:
         raise UserError(f'--max_aspect {args.max_aspect}: must be at least 1 (buckets span 1:max to max:1)')
     bucket_name(args.bucket)
     check_places(args)
@@ -1645,6 +1696,7 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     check_args(args)
     check_model_name(args.model_name)
     family = pick_family(args.model_name, args.family)
+    check_family_flags(args, family)
     check_model_folder(args.model_name, family)
     pl = places(args)
     src, cache_dir, out_root = pl.src, pl.cache, pl.out
