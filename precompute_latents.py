@@ -124,6 +124,7 @@ WHITE = (255, 255, 255)
 BUCKET_COLUMN = 'aspect_bucket_{res}'  # int32: index into the resolution's bucket table; -1 when b''
 TIME_IDS_COLUMN = 'add_time_ids_{res}'  # int32 x 6, SDXL's add_time_ids: original (h, w), crop (top, left),
 #                                         target (h, w) = the bucket
+DROPPED_COLUMN = 'caption_dropped'  # --caption_drop_prob > 0: int32 1 where the caption latents encode ''
 FLIPPED = '{column}_flipped'  # --flip: the same for the horizontally mirrored crop
 GROUPS = 'aspect_groups.json'  # beside index.json: the per-bucket datasets <out>/<group>/ and their sizes
 MAX_ASPECT = 4.0  # --crop aspect: the default widest bucket, 4:1 (and 1:4)
@@ -448,29 +449,42 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
     return parts
 
 
-def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
-    """{part name: marker contents} for the parts of `out_root` that a previous run finished."""
+def output_names(out_root: str) -> list[str] | None:
+    """Every file below `out_root`, as paths relative to it ([] when there is none; None when the
+    store cannot list)."""
     if not is_remote(out_root):
-        markers = {}
-        for part in parts:
-            path = os.path.join(out_root, part.name, DONE_MARKER)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    markers[part.name] = json.load(f)
-        return markers
+        return [os.path.relpath(os.path.join(folder, f), out_root)
+                for folder, _, files in os.walk(out_root) for f in files]
     from streaming.base.storage.upload import CloudUploader
 
     prefix = urllib.parse.urlparse(out_root).path.strip('/')
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            uploader = CloudUploader.get((tmp, out_root), exist_ok=True)
-            try:
-                keys = set(uploader.list_objects() or [])
-                listed = {p.name for p in parts if f'{prefix}/{p.name}/{DONE_MARKER}'.lstrip('/') in keys}
-            except NotImplementedError:
-                listed = {p.name for p in parts}  # this store cannot list: probe every part
+            keys = CloudUploader.get((tmp, out_root), exist_ok=True).list_objects() or []
+    except NotImplementedError:
+        return None
     except Exception as err:
         raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
+    return [k[len(prefix):].lstrip('/') if prefix else k for k in keys]
+
+
+def check_output_is_ours(out_root: str, names: list[str] | None) -> None:
+    """Refuse an output place that holds files, none of them the mark of this script's output (its
+    convention.json, written before the first part, or a part's _done marker): another dataset, which
+    the parts and the merged index would overwrite."""
+    if not names or CONVENTION in names or any(n.endswith(f'/{DONE_MARKER}') for n in names):
+        return
+    shown_names = ', '.join(sorted(names)[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+    raise UserError(f'--remote_upload {out_root} holds files this script did not write ({shown_names}), '
+                    'perhaps another dataset; pass a new or empty --remote_upload, or remove those files')
+
+
+def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
+                 timeout: float) -> dict[str, dict]:
+    """{part name: marker contents} for the parts of `out_root` that a previous run finished (`names`:
+    the output's files; None: probe every part)."""
+    listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
+
     def read_marker(name: str) -> tuple[str, dict | None]:
         try:
             return name, read_json(join(out_root, name, DONE_MARKER), timeout)
@@ -478,7 +492,7 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
             return name, None
 
     with ThreadPoolExecutor(16) as pool:
-        return {name: m for name, m in pool.map(read_marker, sorted(listed)) if m is not None}
+        return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -793,11 +807,10 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def caption(self, sample_id: int, text: str) -> str:
-        if self.caption_drop_prob and np.random.default_rng([self.seed, sample_id, 0]).random() < \
-                self.caption_drop_prob:
-            return ''
-        return text
+    def dropped(self, sample_id: int) -> bool:
+        """Whether this sample's caption is encoded as '' (--caption_drop_prob; the same in every run)."""
+        return bool(self.caption_drop_prob) and \
+            np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
 
     def images(self, sample_id: int, data: bytes) -> tuple[dict[int, np.ndarray], dict, Any]:
         """Decode once: ({res: uint8 pixels}, then with --crop aspect {res: Placement} and the original
@@ -843,7 +856,10 @@ class BatchReader(torch.utils.data.Dataset):
             batch['samples'].append(sample)
             batch['original'].append(original)
             batch['group'].append(group_name(placed, self.resolutions) if self.aspect else '')
-        captions = [self.caption(i, s['caption']) for i, s in zip(batch['ids'], batch['samples'])]
+        dropped = [self.dropped(i) for i in batch['ids']]
+        if self.caption_drop_prob:  # the writer stores it per sample
+            batch['dropped'] = dropped
+        captions = ['' if d else s['caption'] for d, s in zip(dropped, batch['samples'])]
         batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
             if captions else None
         for r in self.resolutions:
@@ -1192,6 +1208,11 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
     storage = storage_dtype(args, family)
     vae = vae_convention(args.model_name)
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    if args.caption_drop_prob:
+        columns[DROPPED_COLUMN] = {
+            'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
+            'caption_drop_prob, drawn from numpy default_rng([seed, sample index, 0])); `caption` keeps the '
+            'text; 0: they encode `caption`'}
     crop = aspect_convention(args, vae['downsampling']) if args.crop == 'aspect' else {}
     for r in sorted(args.resolutions):
         side = r // vae['downsampling']
@@ -1212,7 +1233,8 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
                                e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
                           for e, n, c in zip(family.encoders, lengths, configs)],
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
-        'storage_dtype': storage, 't5_storage': args.t5_storage, 'columns': columns,
+        'storage_dtype': storage, 't5_storage': args.t5_storage,
+        'caption_drop_prob': args.caption_drop_prob, 'columns': columns,
     }
 
 
@@ -1493,6 +1515,8 @@ class PartWriter(threading.Thread):
         flipped = {r: dict(zip(batch[f'rows_{r}'], latents.get(mirrored[r], []))) for r in self.resolutions}
         for row, sample in enumerate(batch['samples']):
             out = dict(sample)
+            if 'dropped' in batch:
+                out[DROPPED_COLUMN] = int(batch['dropped'][row])
             for name, length_column, enc in self.text_columns:
                 value = latents[name][row]
                 if length_column:  # store the first n token states only
@@ -1718,7 +1742,9 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
-    markers = done_markers(out_root, parts, args.download_timeout)
+    names = output_names(out_root)
+    check_output_is_ours(out_root, names)
+    markers = done_markers(out_root, parts, names, args.download_timeout)
     for part_name, marker in markers.items():
         differ = first_difference(marker.get('settings', {}), settings)
         if differ:
@@ -1726,6 +1752,8 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
             raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
+    os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
+    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
     return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
 
 
@@ -1912,7 +1940,7 @@ def merge_groups(plan: Plan, staging: str) -> None:
     """Rank 0, --crop aspect: `<out>/<group>/index.json` per bucket group over its parts (a dataset of
     one image shape per resolution), `<out>/index.json` over all of them, and GROUPS listing the groups."""
     timeout = 60
-    markers = done_markers(plan.out_root, plan.parts, timeout)
+    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), timeout)
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
@@ -1949,7 +1977,7 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
     """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
-    markers = done_markers(plan.out_root, plan.parts, args.download_timeout)
+    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -2199,9 +2227,13 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
         ids = write_preview(args, out_root, device, path)
     except UserError:
         raise
-    except Exception as err:  # the dataset is complete; only its picture is missing
-        print(f'warning: no preview drawn ({type(err).__name__}: {first_line(err)}); rerun with '
-              '--preview_only', file=sys.stderr, flush=True)
+    except Exception as err:
+        why = f'no preview drawn ({type(err).__name__}: {first_line(err)})'
+        if args.preview_only:  # the one step asked for did not happen
+            raise UserError(f'--preview_only: {why}; is --model_name the model that wrote the '
+                            'output?') from None
+        print(f'warning: {why}; the dataset is complete: rerun with --preview_only', file=sys.stderr,
+              flush=True)
         return
     if summary is not None:
         with open(summary) as f:

@@ -268,11 +268,30 @@ def linked(src: Path, dst: Path, skip: set[str]) -> Path:
     ('no_model_index', 'pass --family'),
     ('unknown_pipeline', "names 'KandinskyPipeline'"),
     ('tokenizer_mismatch', 'does not belong to that text encoder'),
+    # a flag that contradicts the folder, or that the family cannot apply, is refused, not ignored
+    ('sd_on_sdxl', '--family sd: ' + '{sdxl}/model_index.json names StableDiffusionXLPipeline, but the sd '
+                   'layout is that of StableDiffusionPipeline'),
+    ('flux_on_sdxl_folder', 'text_encoder_2/ holds CLIPTextModelWithProjection, but the flux layout expects '
+                            'T5EncoderModel there'),
+    ('trimmed_without_t5', '--t5_storage trimmed: the sdxl layout has no T5 encoder'),
+    ('trimmed_mosaicml', '--t5_storage trimmed: the mosaicml layout stays padded'),
+    ('t5_max_length_without_t5', '--t5_max_length 64: the sdxl layout has no T5 encoder'),
 ])
 def test_family_errors_are_one_line(case, phrase, root, folders, family_input, tmp_path):
-    flux, extra = folders['flux'], []
+    flux, sdxl, extra = folders['flux'], folders['sdxl'], []
+    phrase = phrase.format(sdxl=sdxl)
     if case == 'unknown_family':
         model, extra = flux, ['--family', 'sd4']
+    elif case == 'sd_on_sdxl':
+        model, extra = sdxl, ['--family', 'sd']
+    elif case == 'flux_on_sdxl_folder':  # no model_index.json to contradict: the encoders' classes do
+        model, extra = linked(sdxl, tmp_path / 'm', {'model_index.json'}), ['--family', 'flux']
+    elif case == 'trimmed_without_t5':
+        model, extra = sdxl, ['--t5_storage', 'trimmed']
+    elif case == 'trimmed_mosaicml':
+        model, extra = flux, ['--family', 'mosaicml', '--t5_storage', 'trimmed']
+    elif case == 't5_max_length_without_t5':
+        model, extra = sdxl, ['--t5_max_length', 64]
     elif case == 'no_text_encoder_2':
         model = linked(flux, tmp_path / 'm', {'text_encoder_2'})
     elif case == 'no_model_index':

@@ -412,6 +412,49 @@ def test_input_cache_and_output_in_one_place_are_refused(case, root, tiny_model,
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'x').exists()
 
 
+@pytest.mark.parametrize('bucket', [UNBUCKETED, ''])
+def test_an_output_place_holding_another_dataset_is_refused_and_left_alone(bucket, root, tiny_model,
+                                                                            tiny_input, tmp_path):
+    """The issue's victim: a copy of a dataset (by bucket, or the root itself with --bucket '') given as
+    --remote_upload is refused in one line, every file as it was; this script's own output is not."""
+    data = tiny_input / 'ok' / (UNBUCKETED if not bucket else '')  # --bucket '': the root is a dataset
+    victim = tmp_path / 'victim'
+    shutil.copytree(data, victim)
+    before = tree(victim)
+    flags = ['--remote_download', data, '--local', tmp_path / 'cache', '--bucket', bucket,
+             '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0]
+    proc = run(root, *flags, '--remote_upload', victim)
+    assert '--remote_upload' in one_line_error(proc) and 'did not write' in one_line_error(proc)
+    assert tree(victim) == before  # nothing replaced, nothing added
+    if bucket:  # its own output, finished, is rerun (resumed) without a word
+        ok(run(root, *flags, '--remote_upload', tmp_path / 'mine'))
+        ok(run(root, *flags, '--remote_upload', tmp_path / 'mine'))
+
+
+def test_caption_dropout_is_recorded_in_the_convention_and_per_sample(root, tiny_model, tmp_path):
+    """--caption_drop_prob: convention.json states the probability, and `caption_dropped` says which
+    samples' caption latents encode '' (what the pipeline computes for ''), while `caption` keeps its text."""
+    from testbed.families import pipeline_of
+
+    rows = small_rows(12)
+    del rows[7]  # no broken file here
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False)
+    ok(run(root, '--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local', tmp_path / 'c',
+           '--remote_upload', tmp_path / 'out', '--model_name', tiny_model, '--resolutions', 64,
+           '--num_workers', 0, '--dtype', 'float32', '--caption_drop_prob', 0.5))
+    convention = json.loads((tmp_path / 'out' / UNBUCKETED / 'convention.json').read_text())
+    assert convention['caption_drop_prob'] == 0.5
+    assert convention['columns']['caption_dropped']['dtype'] == 'int32'
+    got = read_mds(str(tmp_path / 'out' / UNBUCKETED))
+    assert [s['caption'] for s in got] == [r['caption'] for r in rows]  # the text stays
+    assert {s['caption_dropped'] for s in got} == {0, 1}
+    with torch.inference_mode():
+        empty = pipeline_of(tiny_model, 'sd').encode_prompt([''], 'cpu', 1, False)[0][0].numpy()
+    for s in got:
+        stored = np.frombuffer(s['caption_latents'], np.float16).reshape(empty.shape).astype(np.float32)
+        assert np.allclose(stored, empty, atol=2e-3) == bool(s['caption_dropped']), s['key']
+
+
 def twin_rows(prefix: str, first: int) -> list[dict]:
     """30 rows whose MDS shards have the same names and sizes for every `prefix` of one length."""
     rows = small_rows()
