@@ -184,7 +184,13 @@ def test_every_image_gets_its_nearest_bucket_with_sdxl_conditioning_and_matching
                     continue
                 (rw, rh), left, top = crop
                 ids = time_ids(o[f'add_time_ids_{r}'])
-                assert ids == [size[1], size[0], top, left, bucket[1], bucket[0]], (name, r)
+                # SDXL's reader: diffusers' StableDiffusionXLPipeline._get_add_time_ids (pipelines/
+                # stable_diffusion_xl/pipeline_stable_diffusion_xl.py) is
+                # list(original_size + crops_coords_top_left + target_size), each (h, w) / (top, left),
+                # as its training script (examples/text_to_image/train_text_to_image_sdxl.py) fills them.
+                original_size, crops_coords_top_left = (size[1], size[0]), (top, left)
+                target_size = (bucket[1], bucket[0])
+                assert ids == list(original_size + crops_coords_top_left + target_size), (name, r)
                 mirrored_left = rw - left - bucket[0]
                 assert time_ids(o[f'add_time_ids_{r}_flipped']) == [*ids[:3], mirrored_left, *ids[4:]]
                 assert table[o[f'aspect_bucket_{r}']] == bucket, (name, r)

@@ -23,7 +23,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from testbed.corpus import build_corpus, encode, make_jpeg, photo_like
-from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
+from testbed.mds_input import (
+    COLUMNS,
+    ENDPOINT_VARIABLES,
+    UNBUCKETED,
+    endpoint_only_in,
+    make_row,
+    rows_for,
+    write_mds_input,
+)
 from testbed.readback import read_mds
 from testbed.scripts import load_script
 
@@ -295,6 +303,21 @@ def test_s3_in_and_out_by_bucket_index_and_unreachable_remote(root, s3, corpus, 
                '--local', tmp_path / 'cache2', '--remote_upload', f's3://{s3.bucket}/latents2',
                '--model_name', tiny_model, env=env)
     assert 'cannot read the input dataset index' in one_line_error(proc)
+
+
+@pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
+def test_an_s3_compatible_endpoint_named_by_either_variable_is_read_and_written(variable, root, s3,
+                                                                                 tiny_model, tmp_path):
+    """The endpoint in streaming's S3_ENDPOINT_URL or in botocore's AWS_ENDPOINT_URL alone: the input
+    is read from it, and the output (its listing, parts, markers, index) written to it."""
+    rows = [make_row(i, encode(photo_like(80, 70, i), 'JPEG'), f'{i}.jpg') for i in range(3)]
+    src, out = f's3://{s3.bucket}/in', f's3://{s3.bucket}/out'
+    write_mds_input(src, rows, bucketed=False, env=s3.env, cache=str(tmp_path / 'w'))
+    ok(run(root, '--remote_download', src, '--bucket', UNBUCKETED, '--local', tmp_path / 'c',
+           '--remote_upload', out, '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0,
+           env=endpoint_only_in(s3, variable)))
+    got = read_mds(f'{out}/{UNBUCKETED}', env=s3.env)
+    assert [o['key'] for o in got] == [r['key'] for r in rows] and all(o['latents_64'] for o in got)
 
 
 # ---- clear errors -------------------------------------------------------------------------------
