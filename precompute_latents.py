@@ -103,11 +103,13 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from traceback import walk_tb
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported by import_torch() once the flags are checked (it takes seconds)
+    import torch
+    import torch.distributed as dist
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -170,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='model family: auto (from model_index.json; sd for a folder without one), sd, '
                         'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
                         'FLUX-layout folder)')
-    p.add_argument('--storage_dtype', choices=tuple(STORAGE_DTYPES), default=None,
+    p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
                    help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
                         "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
                         'the model dtype is --dtype')
@@ -786,7 +788,7 @@ def group_name(placements: dict[int, Placement], resolutions: list[int]) -> str:
     return '_'.join(f'{p.width}x{p.height}' if (p := placements.get(r)) else 'none' for r in resolutions)
 
 
-class BatchReader(torch.utils.data.Dataset):
+class BatchReader:
     """Item i = job i read, decoded, preprocessed and tokenized: everything the models need.
 
     Per resolution r: `pixels_r` (uint8, N x r x r x 3; with --crop aspect a list of such stacks, one
@@ -887,6 +889,15 @@ def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
 # Model families: each one is a row of data; the functions below run any row
 # ----------------------------------------------------------------------------------------------
 
+def inference_mode(fn):
+    """`@torch.inference_mode()` for a function defined before torch is imported."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+    return run
+
+
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
     """One text encoder of a family, and what that family's pipeline takes from it."""
@@ -972,7 +983,7 @@ FAMILIES = {f.name: f for f in (
            # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
            storage='float32', trimmable=False),
 )}
-STORAGE_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float32': torch.float32}
+STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
 CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
 
 
@@ -1357,7 +1368,7 @@ def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor
     return out.view(torch.int16) if storage == torch.bfloat16 else out
 
 
-@torch.inference_mode()
+@inference_mode
 def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
                 device: torch.device, chunk: int, fallback: Fallback,
                 used: list[str]) -> dict[str, torch.Tensor]:
@@ -1384,7 +1395,7 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
             for col in family.columns}
 
 
-@torch.inference_mode()
+@inference_mode
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
                  device: torch.device, storage: torch.dtype, latent_mode: str, text_chunk: int,
                  fallback: Fallback, flip: bool = False) -> dict[str, Any]:
@@ -1682,7 +1693,8 @@ def check_output_format(size_limit: str, compression: str) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every flag that can be checked without the input or the models; raises UserError."""
+    """Every flag that can be checked without torch, streaming, the input or the models; raises
+    UserError."""
     bad = [r for r in args.resolutions if r <= 0 or r % 8]
     if bad:
         raise UserError(f'--resolutions {" ".join(map(str, bad))}: each resolution must be a positive '
@@ -1696,7 +1708,6 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, attr, accepted, must in NUMBER_FLAGS:
         if not accepted(getattr(args, attr)):
             raise UserError(f'{flag} {getattr(args, attr)}: must be {must}')
-    check_output_format(args.size_limit, args.compression)
     if args.random_crop and args.crop != 'aspect':
         raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
     if args.max_aspect is not None and args.crop != 'aspect':
@@ -1705,8 +1716,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f'--max_aspect {args.max_aspect}: must be at least 1 (buckets span 1:max to max:1)')
     bucket_name(args.bucket)
     check_places(args)
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda: no GPU is visible to torch')
 
 
 def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
@@ -1717,7 +1726,7 @@ def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype
 
 def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
-    check_args(args)
+    check_output_format(args.size_limit, args.compression)
     check_model_name(args.model_name)
     family = pick_family(args.model_name, args.family)
     check_family_flags(args, family)
@@ -1772,6 +1781,8 @@ def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any]
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: no GPU is visible to torch')
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
@@ -1817,7 +1828,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     tokenizers = load_tokenizers(args.model_name, family)
     text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
                     for c in family.columns]
-    storage, fallback = STORAGE_DTYPES[convention['storage_dtype']], Fallback(args.model_name, family, device)
+    storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
     remote = plan.src if plan.src != plan.cache_dir else None
     cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
     if remote is not None:
@@ -2110,7 +2121,7 @@ def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
     return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
 
 
-@torch.inference_mode()
+@inference_mode
 def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
     """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
     x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
@@ -2243,15 +2254,28 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
     print(f'preview {path} (samples {", ".join(map(str, ids))})', flush=True)
 
 
-def main() -> None:
-    args = parse_args()
+def import_torch() -> None:
+    """torch into this module's namespace. The script does it after checking its flags (importing
+    torch takes seconds: a mistyped flag fails at once); importing the module does it at once."""
+    global torch, dist
+    import torch
+    import torch.distributed as dist
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    import_torch()
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     stop_on_signals()
     plan = None
     try:
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
-        check_args(args)
         device = pick_device(args)
         if args.preview_only:
             if rank == 0:
@@ -2290,3 +2314,5 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+else:  # imported (benchmarks, tests): its functions need torch now
+    import_torch()

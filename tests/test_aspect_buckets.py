@@ -26,6 +26,7 @@ from test_precompute_latents import (
     ok,
     one_line_error,
     one_thread,
+    refused,
     run,
 )
 from testbed.aspect import aspect_items
@@ -339,7 +340,7 @@ def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_ru
 ])
 def test_aspect_flags_are_refused_in_one_line(flags, phrase, root, tiny_model, tmp_path):
     write_mds_input(str(tmp_path / 'mds'), aspect_rows(2), bucketed=False)
-    proc = run(root, '--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', tiny_model, *flags)
-    assert phrase in one_line_error(proc)
+    assert phrase in refused('--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local',
+                             tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name',
+                             tiny_model, *flags)
     assert not glob.glob(str(tmp_path / 'out' / '**' / '*.mds'), recursive=True)

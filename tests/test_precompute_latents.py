@@ -53,6 +53,25 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def refused(*args) -> str:
+    """The error line of a command line the script refuses, run through its main() in this process
+    (no interpreter and torch start-up per case): exit 2, one `error:` line, no traceback."""
+    script = load_script('precompute_latents.py')
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                pytest.raises(SystemExit) as stop:
+            script.main([str(a) for a in args])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert stop.value.code == 2 and 'Traceback' not in err.getvalue(), err.getvalue()[-3000:]
+    errors = [ln for ln in err.getvalue().splitlines() if ln.startswith('error:')]
+    assert len(errors) == 1, err.getvalue()[-3000:]
+    return errors[0]
+
+
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     """The error a user sees: exit code 2, one `error:` line, no traceback."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -357,10 +376,9 @@ def test_clear_one_line_errors(case, phrase, root, tiny_model, tiny_input, tmp_p
         model = partial_model(tiny_model, tmp_path, case[3:])
     else:
         data = case
-    proc = run(root, '--remote_download', tiny_input / data, '--bucket', UNBUCKETED,
-               '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'out',
-               '--model_name', model, *extra)
-    assert phrase in one_line_error(proc)
+    assert phrase in refused('--remote_download', tiny_input / data, '--bucket', UNBUCKETED,
+                             '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'out',
+                             '--model_name', model, *extra)
     assert not (tmp_path / 'out').exists()
 
 
@@ -614,10 +632,24 @@ def test_bad_flags_are_refused_before_anything_loads(flags, phrase, root, tiny_i
     model = tmp_path / 'model'  # a model that cannot load: the flag must be reported first
     for sub in ('vae', 'text_encoder', 'tokenizer'):
         (model / sub).mkdir(parents=True)
-    proc = run(root, '--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', model, *flags)
-    assert phrase in one_line_error(proc)
+    assert phrase in refused('--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
+                             tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', model,
+                             *flags)
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()
+
+
+def test_a_bad_flag_fails_before_torch_is_imported(root, tmp_path):
+    """The user's typo is reported by the command line before the seconds torch takes to import."""
+    code = ('import runpy, sys\n'
+            f'sys.argv = ["precompute_latents.py", "--remote_upload", {str(tmp_path / "out")!r}, '
+            '"--resolutions", "100"]\n'
+            'try:\n'
+            f'    runpy.run_path({str(root / "precompute_latents.py")!r}, run_name="__main__")\n'
+            'except SystemExit as stop:\n'
+            '    print("exit", stop.code, "torch" in sys.modules)\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ['exit', '2', 'False'], proc.stdout + proc.stderr[-3000:]
+    assert proc.stderr.startswith('error: --resolutions 100: each resolution must be a positive multiple')
 
 
 @pytest.mark.parametrize('name, env, phrase', [
