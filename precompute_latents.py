@@ -42,6 +42,7 @@ read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name
   original (h, w), crop top-left (top, left), target (h, w)); samples go to one dataset per bucket
   group, `<out>/<group>/`, listed in `aspect_groups.json` (read them with one Stream each and
   batching_method='per_stream' for same-shaped batches); `--flip` adds `<column>_flipped`;
+- with `--caption_drop_prob` > 0: `caption_dropped` (int32, 1 where the text columns encode '');
 - `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
   scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
 
@@ -68,7 +69,8 @@ uninterrupted run: the bytes are equal where the kernels are deterministic (on C
 thread count), while on GPU float16 latents may differ in the last bits between any two runs (cuDNN
 picks kernels per run). SIGTERM or SIGINT stops a run: finished parts are kept, the summary says it
 was interrupted, exit code 128 + the signal. Input, cache and output must be separate places (checked
-under any spelling). Ends with a summary, printed and written as JSON (`--summary`).
+under any spelling), and the output new, empty or this script's own (marked by convention.json).
+Ends with a summary, printed and written as JSON (`--summary`).
 
 `--preview N`: at the end rank 0 reads N samples spread over the finished output back from its shards
 and writes a PNG beside the summary: per stored resolution, the image's documented crop beside the
