@@ -19,14 +19,16 @@ read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name
 
 - every input column, unchanged;
 - the text columns of the model's family (FAMILIES below; the family comes from the folder's
-  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16):
+  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16, or
+  the one dtype the family's consumer reads):
     sd       caption_latents (77, 768|1024): last hidden state (SD 1/2, byte-identical to before)
     sdxl     caption_latents (77, 2048): penultimate CLIP-L + CLIP-G; caption_pooled (1280)
     sd3      caption_clip_latents (77, 2048), caption_t5_latents (256, 4096), caption_pooled (2048);
              prompt_embeds = cat([pad(clip, (0, 4096 - 2048)), t5], dim=-2)
     flux     caption_t5_latents (512, 4096), caption_pooled (768)
     mosaicml caption_T5_LATENTS (512, 4096), caption_T5_ATTENTION_MASK (512) bool, caption_CLIP_LATENTS
-             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float16
+             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float32,
+             as its reader (StreamingImageCaptionLatentsDataset) does np.frombuffer(..., np.float32)
   With `--t5_storage trimmed` a T5 column keeps only the caption's n tokens (n in `caption_t5_length`);
 - `latents_<res>` for each `--resolutions` entry (default 256 512): shape (C, res/8, res/8), C the
   VAE's 4 or 16 latent channels; the image's largest centered square resized to res x res (bilinear),
@@ -40,6 +42,7 @@ read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name
   original (h, w), crop top-left (top, left), target (h, w)); samples go to one dataset per bucket
   group, `<out>/<group>/`, listed in `aspect_groups.json` (read them with one Stream each and
   batching_method='per_stream' for same-shaped batches); `--flip` adds `<column>_flipped`;
+- with `--caption_drop_prob` > 0: `caption_dropped` (int32, 1 where the text columns encode '');
 - `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
   scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
 
@@ -66,7 +69,8 @@ uninterrupted run: the bytes are equal where the kernels are deterministic (on C
 thread count), while on GPU float16 latents may differ in the last bits between any two runs (cuDNN
 picks kernels per run). SIGTERM or SIGINT stops a run: finished parts are kept, the summary says it
 was interrupted, exit code 128 + the signal. Input, cache and output must be separate places (checked
-under any spelling). Ends with a summary, printed and written as JSON (`--summary`).
+under any spelling), and the output new, empty or this script's own (marked by convention.json).
+Ends with a summary, printed and written as JSON (`--summary`).
 
 `--preview N`: at the end rank 0 reads N samples spread over the finished output back from its shards
 and writes a PNG beside the summary: per stored resolution, the image's documented crop beside the
@@ -101,11 +105,13 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from traceback import walk_tb
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported by import_torch() once the flags are checked (it takes seconds)
+    import torch
+    import torch.distributed as dist
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -122,8 +128,10 @@ WHITE = (255, 255, 255)
 BUCKET_COLUMN = 'aspect_bucket_{res}'  # int32: index into the resolution's bucket table; -1 when b''
 TIME_IDS_COLUMN = 'add_time_ids_{res}'  # int32 x 6, SDXL's add_time_ids: original (h, w), crop (top, left),
 #                                         target (h, w) = the bucket
+DROPPED_COLUMN = 'caption_dropped'  # --caption_drop_prob > 0: int32 1 where the caption latents encode ''
 FLIPPED = '{column}_flipped'  # --flip: the same for the horizontally mirrored crop
 GROUPS = 'aspect_groups.json'  # beside index.json: the per-bucket datasets <out>/<group>/ and their sizes
+MAX_ASPECT = 4.0  # --crop aspect: the default widest bucket, 4:1 (and 1:4)
 ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 
 
@@ -166,9 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='model family: auto (from model_index.json; sd for a folder without one), sd, '
                         'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
                         'FLUX-layout folder)')
-    p.add_argument('--storage_dtype', choices=tuple(STORAGE_DTYPES), default='float16',
-                   help='dtype of the stored latents (bfloat16 is stored as its raw 16 bits); the model '
-                        'dtype is --dtype')
+    p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
+                   help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
+                        "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
+                        'the model dtype is --dtype')
     p.add_argument('--t5_max_length', type=int, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
@@ -184,8 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
                         'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
                         'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
-    p.add_argument('--max_aspect', type=float, default=4.0,
-                   help='--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide)')
+    p.add_argument('--max_aspect', type=float, default=None,
+                   help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
+                        f'default {MAX_ASPECT}')
     p.add_argument('--random_crop', action='store_true',
                    help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
                         "sample's index, so a rerun is identical) instead of centred")
@@ -443,29 +453,42 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
     return parts
 
 
-def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
-    """{part name: marker contents} for the parts of `out_root` that a previous run finished."""
+def output_names(out_root: str) -> list[str] | None:
+    """Every file below `out_root`, as paths relative to it ([] when there is none; None when the
+    store cannot list)."""
     if not is_remote(out_root):
-        markers = {}
-        for part in parts:
-            path = os.path.join(out_root, part.name, DONE_MARKER)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    markers[part.name] = json.load(f)
-        return markers
+        return [os.path.relpath(os.path.join(folder, f), out_root)
+                for folder, _, files in os.walk(out_root) for f in files]
     from streaming.base.storage.upload import CloudUploader
 
     prefix = urllib.parse.urlparse(out_root).path.strip('/')
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            uploader = CloudUploader.get((tmp, out_root), exist_ok=True)
-            try:
-                keys = set(uploader.list_objects() or [])
-                listed = {p.name for p in parts if f'{prefix}/{p.name}/{DONE_MARKER}'.lstrip('/') in keys}
-            except NotImplementedError:
-                listed = {p.name for p in parts}  # this store cannot list: probe every part
+            keys = CloudUploader.get((tmp, out_root), exist_ok=True).list_objects() or []
+    except NotImplementedError:
+        return None
     except Exception as err:
         raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
+    return [k[len(prefix):].lstrip('/') if prefix else k for k in keys]
+
+
+def check_output_is_ours(out_root: str, names: list[str] | None) -> None:
+    """Refuse an output place that holds files, none of them the mark of this script's output (its
+    convention.json, written before the first part, or a part's _done marker): another dataset, which
+    the parts and the merged index would overwrite."""
+    if not names or CONVENTION in names or any(n.endswith(f'/{DONE_MARKER}') for n in names):
+        return
+    shown_names = ', '.join(sorted(names)[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+    raise UserError(f'--remote_upload {out_root} holds files this script did not write ({shown_names}), '
+                    'perhaps another dataset; pass a new or empty --remote_upload, or remove those files')
+
+
+def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
+                 timeout: float) -> dict[str, dict]:
+    """{part name: marker contents} for the parts of `out_root` that a previous run finished (`names`:
+    the output's files; None: probe every part)."""
+    listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
+
     def read_marker(name: str) -> tuple[str, dict | None]:
         try:
             return name, read_json(join(out_root, name, DONE_MARKER), timeout)
@@ -473,7 +496,7 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
             return name, None
 
     with ThreadPoolExecutor(16) as pool:
-        return {name: m for name, m in pool.map(read_marker, sorted(listed)) if m is not None}
+        return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,7 +790,7 @@ def group_name(placements: dict[int, Placement], resolutions: list[int]) -> str:
     return '_'.join(f'{p.width}x{p.height}' if (p := placements.get(r)) else 'none' for r in resolutions)
 
 
-class BatchReader(torch.utils.data.Dataset):
+class BatchReader:
     """Item i = job i read, decoded, preprocessed and tokenized: everything the models need.
 
     Per resolution r: `pixels_r` (uint8, N x r x r x 3; with --crop aspect a list of such stacks, one
@@ -788,11 +811,10 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def caption(self, sample_id: int, text: str) -> str:
-        if self.caption_drop_prob and np.random.default_rng([self.seed, sample_id, 0]).random() < \
-                self.caption_drop_prob:
-            return ''
-        return text
+    def dropped(self, sample_id: int) -> bool:
+        """Whether this sample's caption is encoded as '' (--caption_drop_prob; the same in every run)."""
+        return bool(self.caption_drop_prob) and \
+            np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
 
     def images(self, sample_id: int, data: bytes) -> tuple[dict[int, np.ndarray], dict, Any]:
         """Decode once: ({res: uint8 pixels}, then with --crop aspect {res: Placement} and the original
@@ -838,7 +860,10 @@ class BatchReader(torch.utils.data.Dataset):
             batch['samples'].append(sample)
             batch['original'].append(original)
             batch['group'].append(group_name(placed, self.resolutions) if self.aspect else '')
-        captions = [self.caption(i, s['caption']) for i, s in zip(batch['ids'], batch['samples'])]
+        dropped = [self.dropped(i) for i in batch['ids']]
+        if self.caption_drop_prob:  # the writer stores it per sample
+            batch['dropped'] = dropped
+        captions = ['' if d else s['caption'] for d, s in zip(dropped, batch['samples'])]
         batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
             if captions else None
         for r in self.resolutions:
@@ -865,6 +890,15 @@ def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Model families: each one is a row of data; the functions below run any row
 # ----------------------------------------------------------------------------------------------
+
+def inference_mode(fn):
+    """`@torch.inference_mode()` for a function defined before torch is imported."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+    return run
+
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
@@ -900,7 +934,8 @@ class Family:
     encoders: tuple[TextEncoder, ...]
     columns: tuple[TextColumn, ...]
     prompt_embeds: str  # the pipeline's encode_prompt outputs in terms of the columns
-    storage: str = ''  # a storage dtype the family's consumer requires ('' : --storage_dtype)
+    storage: str = ''  # the one storage dtype the family's consumer reads ('': any --storage_dtype)
+    trimmable: bool = True  # --t5_storage trimmed applies (False: the consumer reads padded T5 states)
 
 
 def _clip(sub: str, tok: str, cls: str, hidden: str, pooled: str, mask: str = 'no') -> TextEncoder:
@@ -937,7 +972,7 @@ FAMILIES = {f.name: f for f in (
             _t5('text_encoder_2', 'tokenizer_2', 512)),
            (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
            'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
-    Family('mosaicml', (),
+    Family('mosaicml', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
             _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
            (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
@@ -945,9 +980,12 @@ FAMILIES = {f.name: f for f in (
             TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
             TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
             TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
-           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns", storage='float16'),
+           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns",
+           # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
+           # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
+           storage='float32', trimmable=False),
 )}
-STORAGE_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float32': torch.float32}
+STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
 CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
 
 
@@ -971,33 +1009,55 @@ def read_model_index(model_name: str) -> dict | None:
 
 
 def pick_family(model_name: str, flag: str) -> Family:
-    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one)."""
+    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one);
+    a `--family` whose pipelines do not include the folder's `_class_name` is refused, naming both."""
+    index = read_model_index(model_name)
+    name = (index or {}).get('_class_name', '')
     if flag != 'auto':
         if flag not in FAMILIES:
             raise UserError(f'--family {flag}: unknown family; known: auto, {", ".join(FAMILIES)}')
-        return FAMILIES[flag]
-    index = read_model_index(model_name)
+        family = FAMILIES[flag]
+        if name and name not in family.pipelines:
+            raise UserError(f'--family {flag}: {model_name}/model_index.json names {name}, but the {flag} '
+                            f'layout is that of {" or ".join(family.pipelines)}; pass the family of that '
+                            'folder (or --family auto)')
+        return family
     if index is None:
         if os.path.isdir(os.path.join(model_name, 'text_encoder_2')):
             raise UserError(f'{model_name} has no model_index.json to tell its family: pass --family '
                             f'({", ".join(FAMILIES)})')
         return FAMILIES['sd']
-    name = index.get('_class_name', '')
-    for family in FAMILIES.values():
+    for family in FAMILIES.values():  # the first family that lists the pipeline (FluxPipeline: flux)
         if name in family.pipelines:
             return family
+    known = sorted({p for f in FAMILIES.values() for p in f.pipelines})
     raise UserError(f'{model_name}/model_index.json names {name!r}, not a pipeline this script knows '
-                    f'({", ".join(p for f in FAMILIES.values() for p in f.pipelines)}); pass --family')
+                    f'({", ".join(known)}); pass --family')
+
+
+def layout(family: Family) -> str:
+    """The folder layout a family reads, for messages: 'vae/, text_encoder/ (CLIPTextModel), ...'."""
+    encoders = [f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/' for e in family.encoders]
+    return ', '.join(['vae/', *encoders])
 
 
 def check_model_folder(model_name: str, family: Family) -> None:
-    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family."""
+    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
+    each encoder of the class the family reads (as its config.json `architectures` names it)."""
     if os.path.isdir(model_name):
         subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
         for sub in subs:
             if not os.path.isdir(os.path.join(model_name, sub)):
                 raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                                f'{"/, ".join(subs)}/)')
+                                f'{layout(family)})')
+        for enc in family.encoders:
+            with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
+                with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+                    found = json.load(f).get('architectures') or []
+                if found and enc.model_class not in found:
+                    raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
+                                    f'{family.name} layout expects {enc.model_class} there '
+                                    f'({layout(family)}); pass the family of that folder')
     elif model_name.startswith(('.', '/', '~')):
         raise UserError(f'--model_name {model_name}: no such folder')
 
@@ -1134,21 +1194,38 @@ def vae_convention(model_name: str) -> dict:
             'shift_factor': cfg.get('shift_factor') or 0.0}
 
 
+def check_family_flags(args: argparse.Namespace, family: Family) -> None:
+    """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
+    t5 = any(e.t5 for e in family.encoders)
+    if family.storage and args.storage_dtype not in (None, family.storage):
+        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
+                        f'{family.storage} by its consumer; drop the flag')
+    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
+        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
+        raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
+    if args.t5_max_length and not t5:
+        raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
+                        'drop the flag')
+
+
+def storage_dtype(args: argparse.Namespace, family: Family) -> str:
+    """The dtype written: --storage_dtype, else the one its consumer reads, else float16."""
+    return args.storage_dtype or family.storage or 'float16'
+
+
 def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
     configs = encoder_configs(args.model_name, family)
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
     check_tokenizers(family, tokenizers, configs, lengths)
-    storage = family.storage or args.storage_dtype
-    if family.storage and args.storage_dtype != family.storage:
-        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
-                        f'{family.storage} by its consumer; drop the flag')
-    if args.t5_max_length < 0 or args.text_batch_size < 0:
-        raise UserError('--t5_max_length and --text_batch_size must be 0 (the default) or positive')
-    if args.t5_storage == 'trimmed' and family.name == 'mosaicml':
-        raise UserError('--t5_storage trimmed: the mosaicml layout stays padded, as its consumer expects')
+    storage = storage_dtype(args, family)
     vae = vae_convention(args.model_name)
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    if args.caption_drop_prob:
+        columns[DROPPED_COLUMN] = {
+            'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
+            'caption_drop_prob, drawn from numpy default_rng([seed, sample index, 0])); `caption` keeps the '
+            'text; 0: they encode `caption`'}
     crop = aspect_convention(args, vae['downsampling']) if args.crop == 'aspect' else {}
     for r in sorted(args.resolutions):
         side = r // vae['downsampling']
@@ -1169,20 +1246,25 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
                                e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
                           for e, n, c in zip(family.encoders, lengths, configs)],
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
-        'storage_dtype': storage, 't5_storage': args.t5_storage, 'columns': columns,
+        'storage_dtype': storage, 't5_storage': args.t5_storage,
+        'caption_drop_prob': args.caption_drop_prob, 'columns': columns,
     }
+
+
+def max_aspect(args: argparse.Namespace) -> float:
+    return MAX_ASPECT if args.max_aspect is None else args.max_aspect
 
 
 def aspect_convention(args: argparse.Namespace, downsampling: int) -> dict:
     """The --crop aspect record: the bucket table of every resolution and how crops are placed."""
     step = downsampling * 8
-    tables = {str(r): [list(b) for b in bucket_table(r, step, args.max_aspect)]
+    tables = {str(r): [list(b) for b in bucket_table(r, step, max_aspect(args))]
               for r in sorted(args.resolutions)}
     small = [r for r, t in tables.items() if not t]
     if small:
         raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
                         f'factor {downsampling} x 8); use resolutions of at least {step}')
-    return {'mode': 'aspect', 'step': step, 'max_aspect': args.max_aspect, 'buckets': tables,
+    return {'mode': 'aspect', 'step': step, 'max_aspect': max_aspect(args), 'buckets': tables,
             'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a tie); '
                       'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped; '
                       'computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, top + H) x '
@@ -1288,7 +1370,7 @@ def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor
     return out.view(torch.int16) if storage == torch.bfloat16 else out
 
 
-@torch.inference_mode()
+@inference_mode
 def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
                 device: torch.device, chunk: int, fallback: Fallback,
                 used: list[str]) -> dict[str, torch.Tensor]:
@@ -1315,7 +1397,7 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
             for col in family.columns}
 
 
-@torch.inference_mode()
+@inference_mode
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
                  device: torch.device, storage: torch.dtype, latent_mode: str, text_chunk: int,
                  fallback: Fallback, flip: bool = False) -> dict[str, Any]:
@@ -1446,6 +1528,8 @@ class PartWriter(threading.Thread):
         flipped = {r: dict(zip(batch[f'rows_{r}'], latents.get(mirrored[r], []))) for r in self.resolutions}
         for row, sample in enumerate(batch['samples']):
             out = dict(sample)
+            if 'dropped' in batch:
+                out[DROPPED_COLUMN] = int(batch['dropped'][row])
             for name, length_column, enc in self.text_columns:
                 value = latents[name][row]
                 if length_column:  # store the first n token states only
@@ -1587,6 +1671,8 @@ NUMBER_FLAGS = (
     ('--download_retry', 'download_retry', lambda v: v >= 0, '0 or more'),
     ('--dist_timeout', 'dist_timeout', lambda v: v > 0, 'positive seconds'),
     ('--preview', 'preview', lambda v: v >= 0, '0 (no preview) or a number of samples'),
+    ('--t5_max_length', 't5_max_length', lambda v: v >= 0, "0 (the family's) or a number of tokens"),
+    ('--text_batch_size', 'text_batch_size', lambda v: v >= 0, '0 (--batch-size) or a number of captions'),
 )
 
 
@@ -1609,7 +1695,8 @@ def check_output_format(size_limit: str, compression: str) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every flag that can be checked without the input or the models; raises UserError."""
+    """Every flag that can be checked without torch, streaming, the input or the models; raises
+    UserError."""
     bad = [r for r in args.resolutions if r <= 0 or r % 8]
     if bad:
         raise UserError(f'--resolutions {" ".join(map(str, bad))}: each resolution must be a positive '
@@ -1623,15 +1710,14 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, attr, accepted, must in NUMBER_FLAGS:
         if not accepted(getattr(args, attr)):
             raise UserError(f'{flag} {getattr(args, attr)}: must be {must}')
-    check_output_format(args.size_limit, args.compression)
     if args.random_crop and args.crop != 'aspect':
         raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
-    if args.max_aspect < 1:
+    if args.max_aspect is not None and args.crop != 'aspect':
+        raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
+    if max_aspect(args) < 1:
         raise UserError(f'--max_aspect {args.max_aspect}: must be at least 1 (buckets span 1:max to max:1)')
     bucket_name(args.bucket)
     check_places(args)
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda: no GPU is visible to torch')
 
 
 def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
@@ -1642,9 +1728,10 @@ def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype
 
 def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
-    check_args(args)
+    check_output_format(args.size_limit, args.compression)
     check_model_name(args.model_name)
     family = pick_family(args.model_name, args.family)
+    check_family_flags(args, family)
     check_model_folder(args.model_name, family)
     pl = places(args)
     src, cache_dir, out_root = pl.src, pl.cache, pl.out
@@ -1666,7 +1753,9 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
-    markers = done_markers(out_root, parts, args.download_timeout)
+    names = output_names(out_root)
+    check_output_is_ours(out_root, names)
+    markers = done_markers(out_root, parts, names, args.download_timeout)
     for part_name, marker in markers.items():
         differ = first_difference(marker.get('settings', {}), settings)
         if differ:
@@ -1674,6 +1763,8 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
             raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
+    os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
+    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
     return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
 
 
@@ -1692,6 +1783,8 @@ def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any]
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: no GPU is visible to torch')
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
@@ -1737,7 +1830,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     tokenizers = load_tokenizers(args.model_name, family)
     text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
                     for c in family.columns]
-    storage, fallback = STORAGE_DTYPES[convention['storage_dtype']], Fallback(args.model_name, family, device)
+    storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
     remote = plan.src if plan.src != plan.cache_dir else None
     cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
     if remote is not None:
@@ -1860,7 +1953,7 @@ def merge_groups(plan: Plan, staging: str) -> None:
     """Rank 0, --crop aspect: `<out>/<group>/index.json` per bucket group over its parts (a dataset of
     one image shape per resolution), `<out>/index.json` over all of them, and GROUPS listing the groups."""
     timeout = 60
-    markers = done_markers(plan.out_root, plan.parts, timeout)
+    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), timeout)
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
@@ -1897,7 +1990,7 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
     """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
-    markers = done_markers(plan.out_root, plan.parts, args.download_timeout)
+    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -2030,7 +2123,7 @@ def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
     return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
 
 
-@torch.inference_mode()
+@inference_mode
 def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
     """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
     x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
@@ -2147,9 +2240,13 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
         ids = write_preview(args, out_root, device, path)
     except UserError:
         raise
-    except Exception as err:  # the dataset is complete; only its picture is missing
-        print(f'warning: no preview drawn ({type(err).__name__}: {first_line(err)}); rerun with '
-              '--preview_only', file=sys.stderr, flush=True)
+    except Exception as err:
+        why = f'no preview drawn ({type(err).__name__}: {first_line(err)})'
+        if args.preview_only:  # the one step asked for did not happen
+            raise UserError(f'--preview_only: {why}; is --model_name the model that wrote the '
+                            'output?') from None
+        print(f'warning: {why}; the dataset is complete: rerun with --preview_only', file=sys.stderr,
+              flush=True)
         return
     if summary is not None:
         with open(summary) as f:
@@ -2159,15 +2256,28 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
     print(f'preview {path} (samples {", ".join(map(str, ids))})', flush=True)
 
 
-def main() -> None:
-    args = parse_args()
+def import_torch() -> None:
+    """torch into this module's namespace. The script does it after checking its flags (importing
+    torch takes seconds: a mistyped flag fails at once); importing the module does it at once."""
+    global torch, dist
+    import torch
+    import torch.distributed as dist
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    import_torch()
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     stop_on_signals()
     plan = None
     try:
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
-        check_args(args)
         device = pick_device(args)
         if args.preview_only:
             if rank == 0:
@@ -2206,3 +2316,5 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+else:  # imported (benchmarks, tests): its functions need torch now
+    import_torch()

@@ -26,6 +26,7 @@ from test_precompute_latents import (
     ok,
     one_line_error,
     one_thread,
+    refused,
     run,
 )
 from testbed.aspect import aspect_items
@@ -184,7 +185,13 @@ def test_every_image_gets_its_nearest_bucket_with_sdxl_conditioning_and_matching
                     continue
                 (rw, rh), left, top = crop
                 ids = time_ids(o[f'add_time_ids_{r}'])
-                assert ids == [size[1], size[0], top, left, bucket[1], bucket[0]], (name, r)
+                # SDXL's reader: diffusers' StableDiffusionXLPipeline._get_add_time_ids (pipelines/
+                # stable_diffusion_xl/pipeline_stable_diffusion_xl.py) is
+                # list(original_size + crops_coords_top_left + target_size), each (h, w) / (top, left),
+                # as its training script (examples/text_to_image/train_text_to_image_sdxl.py) fills them.
+                original_size, crops_coords_top_left = (size[1], size[0]), (top, left)
+                target_size = (bucket[1], bucket[0])
+                assert ids == list(original_size + crops_coords_top_left + target_size), (name, r)
                 mirrored_left = rw - left - bucket[0]
                 assert time_ids(o[f'add_time_ids_{r}_flipped']) == [*ids[:3], mirrored_left, *ids[4:]]
                 assert table[o[f'aspect_bucket_{r}']] == bucket, (name, r)
@@ -327,12 +334,13 @@ def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_ru
 
 @pytest.mark.parametrize('flags, phrase', [
     (['--random_crop'], '--random_crop: only with --crop aspect'),
+    (['--max_aspect', 2], '--max_aspect: only with --crop aspect'),
     (['--crop', 'aspect', '--max_aspect', 0.5], '--max_aspect 0.5: must be at least 1'),
     (['--crop', 'aspect', '--resolutions', 32], '--crop aspect --resolutions 32: below the bucket step 64'),
 ])
 def test_aspect_flags_are_refused_in_one_line(flags, phrase, root, tiny_model, tmp_path):
     write_mds_input(str(tmp_path / 'mds'), aspect_rows(2), bucketed=False)
-    proc = run(root, '--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', tiny_model, *flags)
-    assert phrase in one_line_error(proc)
+    assert phrase in refused('--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local',
+                             tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name',
+                             tiny_model, *flags)
     assert not glob.glob(str(tmp_path / 'out' / '**' / '*.mds'), recursive=True)

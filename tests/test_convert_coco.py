@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from streaming import MDSWriter
 from testbed.coco import normalize_caption, write_coco_sample
+from testbed.mds_input import ENDPOINT_VARIABLES, endpoint_only_in
 from testbed.readback import read_mds
 
 N_IMAGES = 24
@@ -109,6 +110,11 @@ def check_samples(samples: list[dict], ids: list[int], data: Path, ann: Path, bl
         assert (s['width'], s['height']) == want.size and s['width'].dtype == np.int32
         assert s['image_id'].dtype == np.int64
         assert np.array_equal(np.asarray(s['image']), np.asarray(want))
+        # What its reader does with a sample: mosaicml/diffusion's StreamingCOCOCaption.__getitem__
+        # (diffusion/datasets/coco/coco_captions.py, commit c44b512) converts sample['image'] to RGB
+        # when its mode differs and tokenizes sample['captions'][0] (caption_selection 'first').
+        image = s['image'] if s['image'].mode == 'RGB' else s['image'].convert('RGB')
+        assert image.size == want.size and isinstance(s['captions'][0], str)
 
 
 def test_subset_is_the_published_choice_with_exact_bytes_skipping_missing(root, coco_copy, tmp_path):
@@ -160,6 +166,16 @@ def test_all_images_to_s3_and_a_failed_rerun_leaves_no_index(root, coco_copy, s3
     ok(run(root, data, ann, remote, '--num_samples', '0', '--size_limit', '20kb', env=s3.child_env()))
     assert [int(s['image_id']) for s in read_mds(remote, env=s3.env)] == order
     assert objects(s3, s3.list_keys(s3.bucket, 'coco/val/')) == first  # same arguments, same bytes
+
+
+@pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
+def test_an_s3_compatible_endpoint_named_by_either_variable_is_written(variable, root, coco, s3):
+    """The endpoint in streaming's S3_ENDPOINT_URL or in botocore's AWS_ENDPOINT_URL alone: the remote
+    is listed (the claim check), written, and reads back whole."""
+    data, ann = coco
+    remote = f's3://{s3.bucket}/coco'
+    ok(run(root, data, ann, remote, '--num_samples', '5', env=endpoint_only_in(s3, variable)))
+    assert len(read_mds(remote, env=s3.env)) == 5
 
 
 def test_ctrl_c_mid_run_leaves_no_index(root, tmp_path):

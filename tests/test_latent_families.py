@@ -21,6 +21,7 @@ from test_precompute_latents import (
     one_line_error,
     one_thread,
     reference_pixels,
+    refused,
     run,
 )
 from testbed.corpus import make_jpeg
@@ -152,11 +153,37 @@ def test_sd2_caption_latents_equal_stable_diffusion_pipeline(root, tiny_model, f
         np.testing.assert_allclose(mine, want[i].numpy(), atol=2e-3, rtol=2e-3, err_msg=f'caption {i}')
 
 
+def consumer_reads(sample: dict, caption_key: str = 'caption',
+                   text_latent_keys: tuple[str, ...] = ('T5_LATENTS', 'CLIP_LATENTS'),
+                   text_latent_shapes: tuple[tuple[int, int], ...] = ((512, 4096), (77, 768)),
+                   attention_mask_keys: tuple[str, ...] = ('T5_ATTENTION_MASK', 'CLIP_ATTENTION_MASK'),
+                   ) -> dict[str, torch.Tensor]:
+    """mosaicml/diffusion's StreamingImageCaptionLatentsDataset.__getitem__ on the text columns, as its
+    code does it (diffusion/datasets/image_caption_latents.py in mosaicml/diffusion, commit 49282fd; its
+    writer, scripts/t5_precompute.py, stores `.cpu().float().numpy().tobytes()`): for each latent key,
+    `np.frombuffer(sample[f'{caption_key}_{key}'], dtype=np.float32)` reshaped to its (seq, width), the
+    mask `np.frombuffer(..., dtype=np.bool_)` as float reshaped to (-1,), and with the CLIP latents
+    `<caption_key>_CLIP_POOLED_TEXT` as float32 reshaped to (width,). Its keyword defaults are kept; the
+    test passes the tiny models' shapes."""
+    out = {}
+    for i in range(len(text_latent_keys)):
+        latent_key = f'{caption_key}_{text_latent_keys[i]}'
+        latent_shape = text_latent_shapes[i]
+        attention_key = f'{caption_key}_{attention_mask_keys[i]}'
+        text_latent = np.frombuffer(sample[latent_key], dtype=np.float32).copy()
+        out[text_latent_keys[i]] = torch.from_numpy(text_latent).reshape(latent_shape)
+        attention_mask = np.frombuffer(sample[attention_key], dtype=np.bool_).copy()
+        out[attention_mask_keys[i]] = torch.from_numpy(attention_mask).to(dtype=torch.float).reshape(-1)
+        if 'CLIP_LATENTS' in latent_key:
+            clip_pooled = np.frombuffer(sample[f'{caption_key}_CLIP_POOLED_TEXT'], dtype=np.float32).copy()
+            out['CLIP_POOLED'] = torch.from_numpy(clip_pooled).reshape(latent_shape[1])
+    return out
+
+
 def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input, tmp_path):
-    """mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads `<caption key>_T5_LATENTS` and
-    `_CLIP_LATENTS` as float16 (seq, width), `_T5_ATTENTION_MASK` and `_CLIP_ATTENTION_MASK` as numpy
-    bools, `_CLIP_POOLED_TEXT` as float16 (width,): the T5 encoder run with its mask, CLIP-L's penultimate
-    hidden state and pooled output run with its mask, all padded to the tokenizer's length."""
+    """The default mosaicml output, read by its consumer's own steps (consumer_reads), is the T5 encoder
+    run with its mask, CLIP-L's penultimate hidden state and pooled output run with its mask, all padded
+    to the tokenizer's length; a --storage_dtype the consumer cannot read is refused in one line."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     flux = folders['flux']
@@ -167,30 +194,27 @@ def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input,
     clip_tok = CLIPTokenizer.from_pretrained(flux, subfolder='tokenizer')
     t5 = T5EncoderModel.from_pretrained(flux, subfolder='text_encoder_2').eval()
     t5_tok = T5TokenizerFast.from_pretrained(flux, subfolder='tokenizer_2')
+    shapes = ((512, t5.config.d_model), (77, clip.config.hidden_size))
     with torch.inference_mode(), one_thread():
         for s in got:
+            read = consumer_reads(s, text_latent_shapes=shapes)
             t5_in = t5_tok(s['caption'], padding='max_length', max_length=512, truncation=True,
                            return_tensors='pt')
             clip_in = clip_tok(s['caption'], padding='max_length', max_length=77, truncation=True,
                                return_tensors='pt')
-            t5_mask = np.frombuffer(s['caption_T5_ATTENTION_MASK'], dtype=np.bool_)
-            clip_mask = np.frombuffer(s['caption_CLIP_ATTENTION_MASK'], dtype=np.bool_)
-            assert (t5_mask == t5_in.attention_mask[0].bool().numpy()).all() and t5_mask.shape == (512,)
-            assert (clip_mask == clip_in.attention_mask[0].bool().numpy()).all() and clip_mask.shape == (77,)
-            t5_lat = np.frombuffer(s['caption_T5_LATENTS'], dtype=np.float16).reshape(512, t5.config.d_model)
-            want = t5(t5_in.input_ids, attention_mask=t5_in.attention_mask)[0][0].numpy()
-            np.testing.assert_allclose(t5_lat.astype(np.float32), want, atol=2e-3, rtol=2e-3)
+            assert torch.equal(read['T5_ATTENTION_MASK'], t5_in.attention_mask[0].float())
+            assert torch.equal(read['CLIP_ATTENTION_MASK'], clip_in.attention_mask[0].float())
+            want = t5(t5_in.input_ids, attention_mask=t5_in.attention_mask)[0][0]
+            torch.testing.assert_close(read['T5_LATENTS'], want, atol=1e-5, rtol=1e-5)
             res = clip(clip_in.input_ids, attention_mask=clip_in.attention_mask, output_hidden_states=True)
-            clip_lat = np.frombuffer(s['caption_CLIP_LATENTS'], dtype=np.float16).reshape(77, 32)
-            np.testing.assert_allclose(clip_lat.astype(np.float32), res.hidden_states[-2][0].numpy(),
-                                       atol=2e-3, rtol=2e-3)
-            pooled = np.frombuffer(s['caption_CLIP_POOLED_TEXT'], dtype=np.float16).reshape(32)
-            np.testing.assert_allclose(pooled.astype(np.float32), res.pooler_output[0].numpy(),
-                                       atol=2e-3, rtol=2e-3)
-    # Its consumer reads float16: another storage dtype is refused.
+            torch.testing.assert_close(read['CLIP_LATENTS'], res.hidden_states[-2][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(read['CLIP_POOLED'], res.pooler_output[0], atol=1e-5, rtol=1e-5)
+    assert json.loads((out / UNBUCKETED / 'convention.json').read_text())['storage_dtype'] == 'float32'
+    # A dtype its consumer cannot read is refused before anything is written.
     proc = run(root, *args_for(family_input, flux, tmp_path / 'o2', tmp_path, '--family', 'mosaicml',
-                               '--storage_dtype', 'float32'))
-    assert 'mosaicml layout is read as float16' in one_line_error(proc)
+                               '--storage_dtype', 'float16'))
+    assert 'mosaicml layout is read as float32' in one_line_error(proc)
+    assert not (tmp_path / 'o2').exists()
 
 
 def test_trimmed_t5_killed_and_resumed_on_two_ranks_equals_an_uninterrupted_run(root, folders, tmp_path):
@@ -245,11 +269,30 @@ def linked(src: Path, dst: Path, skip: set[str]) -> Path:
     ('no_model_index', 'pass --family'),
     ('unknown_pipeline', "names 'KandinskyPipeline'"),
     ('tokenizer_mismatch', 'does not belong to that text encoder'),
+    # a flag that contradicts the folder, or that the family cannot apply, is refused, not ignored
+    ('sd_on_sdxl', '--family sd: ' + '{sdxl}/model_index.json names StableDiffusionXLPipeline, but the sd '
+                   'layout is that of StableDiffusionPipeline'),
+    ('flux_on_sdxl_folder', 'text_encoder_2/ holds CLIPTextModelWithProjection, but the flux layout expects '
+                            'T5EncoderModel there'),
+    ('trimmed_without_t5', '--t5_storage trimmed: the sdxl layout has no T5 encoder'),
+    ('trimmed_mosaicml', '--t5_storage trimmed: the mosaicml layout stays padded'),
+    ('t5_max_length_without_t5', '--t5_max_length 64: the sdxl layout has no T5 encoder'),
 ])
 def test_family_errors_are_one_line(case, phrase, root, folders, family_input, tmp_path):
-    flux, extra = folders['flux'], []
+    flux, sdxl, extra = folders['flux'], folders['sdxl'], []
+    phrase = phrase.format(sdxl=sdxl)
     if case == 'unknown_family':
         model, extra = flux, ['--family', 'sd4']
+    elif case == 'sd_on_sdxl':
+        model, extra = sdxl, ['--family', 'sd']
+    elif case == 'flux_on_sdxl_folder':  # no model_index.json to contradict: the encoders' classes do
+        model, extra = linked(sdxl, tmp_path / 'm', {'model_index.json'}), ['--family', 'flux']
+    elif case == 'trimmed_without_t5':
+        model, extra = sdxl, ['--t5_storage', 'trimmed']
+    elif case == 'trimmed_mosaicml':
+        model, extra = flux, ['--family', 'mosaicml', '--t5_storage', 'trimmed']
+    elif case == 't5_max_length_without_t5':
+        model, extra = sdxl, ['--t5_max_length', 64]
     elif case == 'no_text_encoder_2':
         model = linked(flux, tmp_path / 'm', {'text_encoder_2'})
     elif case == 'no_model_index':
@@ -260,8 +303,7 @@ def test_family_errors_are_one_line(case, phrase, root, folders, family_input, t
     else:  # a T5 whose embedding table is smaller than its tokenizer's vocabulary
         model = linked(flux, tmp_path / 'm', {'text_encoder_2'})
         write_t5(model / 'text_encoder_2', 50)
-    proc = run(root, *args_for(family_input, model, tmp_path / 'out', tmp_path, *extra))
-    assert phrase in one_line_error(proc)
+    assert phrase in refused(*args_for(family_input, model, tmp_path / 'out', tmp_path, *extra))
     assert not (tmp_path / 'out').exists()
 
 

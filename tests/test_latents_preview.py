@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from test_precompute_latents import refused
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
 from testbed.readback import read_mds
@@ -152,13 +153,28 @@ def test_a_wrong_scaling_factor_in_the_convention_shows_in_the_preview(root, fin
         assert np.abs(tile(good, row, 2 * k + 1) - tile(bad, row, 2 * k + 1)).mean() > 15  # ~26 measured
 
 
+def test_preview_only_that_cannot_decode_exits_non_zero(root, finished, tiny_model, tmp_path):
+    """--preview_only with a VAE that cannot decode the stored latents (16 channels for 4) draws nothing
+    and says so with exit 2: the step asked for did not happen."""
+    from testbed.families import write_vae
+
+    model = tmp_path / 'wrong-model'
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns('vae'))
+    write_vae(model / 'vae', 16, 0.3611, 0.1159)
+    png = tmp_path / 'p.png'
+    proc = run(root, '--remote_upload', finished['tmp'] / 'latents', '--bucket', UNBUCKETED, '--local',
+               tmp_path / 'cache', '--model_name', model, '--preview', N, '--preview_only',
+               '--preview_path', png)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
+    assert errors and '--preview_only: no preview drawn' in errors[-1] and not png.exists()
+
+
 @pytest.mark.parametrize('flags, phrase', [
     (['--preview', 3], 'cannot read convention.json and index.json of the output'),
     ([], '--preview_only: give --preview N'),
     (['--preview', -1], '--preview -1: must be 0 (no preview) or a number of samples'),
 ])
 def test_preview_flag_refusals(flags, phrase, root, tiny_model, tmp_path):
-    proc = run(root, '--remote_upload', tmp_path / 'nothing', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--model_name', tiny_model, '--preview_only', *flags)
-    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    assert phrase in [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')][-1]
+    assert phrase in refused('--remote_upload', tmp_path / 'nothing', '--bucket', UNBUCKETED, '--local',
+                             tmp_path / 'cache', '--model_name', tiny_model, '--preview_only', *flags)

@@ -23,7 +23,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from testbed.corpus import build_corpus, encode, make_jpeg, photo_like
-from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
+from testbed.mds_input import (
+    COLUMNS,
+    ENDPOINT_VARIABLES,
+    UNBUCKETED,
+    endpoint_only_in,
+    make_row,
+    rows_for,
+    write_mds_input,
+)
 from testbed.readback import read_mds
 from testbed.scripts import load_script
 
@@ -43,6 +51,25 @@ def run(root: Path, *args, env: dict | None = None, timeout: float = 300,
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def refused(*args) -> str:
+    """The error line of a command line the script refuses, run through its main() in this process
+    (no interpreter and torch start-up per case): exit 2, one `error:` line, no traceback."""
+    script = load_script('precompute_latents.py')
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                pytest.raises(SystemExit) as stop:
+            script.main([str(a) for a in args])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert stop.value.code == 2 and 'Traceback' not in err.getvalue(), err.getvalue()[-3000:]
+    errors = [ln for ln in err.getvalue().splitlines() if ln.startswith('error:')]
+    assert len(errors) == 1, err.getvalue()[-3000:]
+    return errors[0]
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -297,6 +324,21 @@ def test_s3_in_and_out_by_bucket_index_and_unreachable_remote(root, s3, corpus, 
     assert 'cannot read the input dataset index' in one_line_error(proc)
 
 
+@pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
+def test_an_s3_compatible_endpoint_named_by_either_variable_is_read_and_written(variable, root, s3,
+                                                                                 tiny_model, tmp_path):
+    """The endpoint in streaming's S3_ENDPOINT_URL or in botocore's AWS_ENDPOINT_URL alone: the input
+    is read from it, and the output (its listing, parts, markers, index) written to it."""
+    rows = [make_row(i, encode(photo_like(80, 70, i), 'JPEG'), f'{i}.jpg') for i in range(3)]
+    src, out = f's3://{s3.bucket}/in', f's3://{s3.bucket}/out'
+    write_mds_input(src, rows, bucketed=False, env=s3.env, cache=str(tmp_path / 'w'))
+    ok(run(root, '--remote_download', src, '--bucket', UNBUCKETED, '--local', tmp_path / 'c',
+           '--remote_upload', out, '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0,
+           env=endpoint_only_in(s3, variable)))
+    got = read_mds(f'{out}/{UNBUCKETED}', env=s3.env)
+    assert [o['key'] for o in got] == [r['key'] for r in rows] and all(o['latents_64'] for o in got)
+
+
 # ---- clear errors -------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -334,10 +376,9 @@ def test_clear_one_line_errors(case, phrase, root, tiny_model, tiny_input, tmp_p
         model = partial_model(tiny_model, tmp_path, case[3:])
     else:
         data = case
-    proc = run(root, '--remote_download', tiny_input / data, '--bucket', UNBUCKETED,
-               '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'out',
-               '--model_name', model, *extra)
-    assert phrase in one_line_error(proc)
+    assert phrase in refused('--remote_download', tiny_input / data, '--bucket', UNBUCKETED,
+                             '--local', tmp_path / 'cache', '--remote_upload', tmp_path / 'out',
+                             '--model_name', model, *extra)
     assert not (tmp_path / 'out').exists()
 
 
@@ -410,6 +451,49 @@ def test_input_cache_and_output_in_one_place_are_refused(case, root, tiny_model,
     assert 'places of their own' in line and ('same place' in line or 'inside' in line or 'holds' in line)
     assert tree(data) == before  # nothing deleted, nothing added
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'x').exists()
+
+
+@pytest.mark.parametrize('bucket', [UNBUCKETED, ''])
+def test_an_output_place_holding_another_dataset_is_refused_and_left_alone(bucket, root, tiny_model,
+                                                                            tiny_input, tmp_path):
+    """The issue's victim: a copy of a dataset (by bucket, or the root itself with --bucket '') given as
+    --remote_upload is refused in one line, every file as it was; this script's own output is not."""
+    data = tiny_input / 'ok' / (UNBUCKETED if not bucket else '')  # --bucket '': the root is a dataset
+    victim = tmp_path / 'victim'
+    shutil.copytree(data, victim)
+    before = tree(victim)
+    flags = ['--remote_download', data, '--local', tmp_path / 'cache', '--bucket', bucket,
+             '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0]
+    proc = run(root, *flags, '--remote_upload', victim)
+    assert '--remote_upload' in one_line_error(proc) and 'did not write' in one_line_error(proc)
+    assert tree(victim) == before  # nothing replaced, nothing added
+    if bucket:  # its own output, finished, is rerun (resumed) without a word
+        ok(run(root, *flags, '--remote_upload', tmp_path / 'mine'))
+        ok(run(root, *flags, '--remote_upload', tmp_path / 'mine'))
+
+
+def test_caption_dropout_is_recorded_in_the_convention_and_per_sample(root, tiny_model, tmp_path):
+    """--caption_drop_prob: convention.json states the probability, and `caption_dropped` says which
+    samples' caption latents encode '' (what the pipeline computes for ''), while `caption` keeps its text."""
+    from testbed.families import pipeline_of
+
+    rows = small_rows(12)
+    del rows[7]  # no broken file here
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False)
+    ok(run(root, '--remote_download', tmp_path / 'mds', '--bucket', UNBUCKETED, '--local', tmp_path / 'c',
+           '--remote_upload', tmp_path / 'out', '--model_name', tiny_model, '--resolutions', 64,
+           '--num_workers', 0, '--dtype', 'float32', '--caption_drop_prob', 0.5))
+    convention = json.loads((tmp_path / 'out' / UNBUCKETED / 'convention.json').read_text())
+    assert convention['caption_drop_prob'] == 0.5
+    assert convention['columns']['caption_dropped']['dtype'] == 'int32'
+    got = read_mds(str(tmp_path / 'out' / UNBUCKETED))
+    assert [s['caption'] for s in got] == [r['caption'] for r in rows]  # the text stays
+    assert {s['caption_dropped'] for s in got} == {0, 1}
+    with torch.inference_mode():
+        empty = pipeline_of(tiny_model, 'sd').encode_prompt([''], 'cpu', 1, False)[0][0].numpy()
+    for s in got:
+        stored = np.frombuffer(s['caption_latents'], np.float16).reshape(empty.shape).astype(np.float32)
+        assert np.allclose(stored, empty, atol=2e-3) == bool(s['caption_dropped']), s['key']
 
 
 def twin_rows(prefix: str, first: int) -> list[dict]:
@@ -548,10 +632,24 @@ def test_bad_flags_are_refused_before_anything_loads(flags, phrase, root, tiny_i
     model = tmp_path / 'model'  # a model that cannot load: the flag must be reported first
     for sub in ('vae', 'text_encoder', 'tokenizer'):
         (model / sub).mkdir(parents=True)
-    proc = run(root, '--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', model, *flags)
-    assert phrase in one_line_error(proc)
+    assert phrase in refused('--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
+                             tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', model,
+                             *flags)
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()
+
+
+def test_a_bad_flag_fails_before_torch_is_imported(root, tmp_path):
+    """The user's typo is reported by the command line before the seconds torch takes to import."""
+    code = ('import runpy, sys\n'
+            f'sys.argv = ["precompute_latents.py", "--remote_upload", {str(tmp_path / "out")!r}, '
+            '"--resolutions", "100"]\n'
+            'try:\n'
+            f'    runpy.run_path({str(root / "precompute_latents.py")!r}, run_name="__main__")\n'
+            'except SystemExit as stop:\n'
+            '    print("exit", stop.code, "torch" in sys.modules)\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ['exit', '2', 'False'], proc.stdout + proc.stderr[-3000:]
+    assert proc.stderr.startswith('error: --resolutions 100: each resolution must be a positive multiple')
 
 
 @pytest.mark.parametrize('name, env, phrase', [

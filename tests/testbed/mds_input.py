@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 
 from PIL import Image
 from streaming import MDSWriter
@@ -76,3 +77,19 @@ def write_mds_input(root: str, rows: list[dict], bucketed: bool = True, subfolde
                 for row in bucket_rows:
                     writer.write({k: row[k] for k in columns})
     return buckets
+
+
+# The documented ways to name an S3-compatible endpoint (MinIO, R2, on-prem) that the scripts honour:
+# streaming's own variable, and botocore's (boto3 >= 1.28 reads it when no endpoint_url is passed).
+ENDPOINT_VARIABLES = ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL')
+
+
+def endpoint_only_in(s3, variable: str) -> dict[str, str]:
+    """A child environment for the moto server `s3` that names its endpoint in `variable` alone. Any
+    request that ignored it would go to AWS through HTTPS_PROXY, a dead port on 127.0.0.1: it fails
+    at once and never leaves the machine."""
+    env = {k: v for k, v in s3.child_env().items() if k not in ENDPOINT_VARIABLES}
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        dead = f'http://127.0.0.1:{s.getsockname()[1]}'
+    return {**env, variable: s3.endpoint, 'HTTPS_PROXY': dead, 'HTTP_PROXY': dead, 'NO_PROXY': '127.0.0.1'}
