@@ -157,6 +157,10 @@ LEASE = 'run.lease'  # <remote>/_cloudwriter[/<subfolder>]/run.lease
 LEASE_HEARTBEAT_S = 10.0
 LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if it ran on this host)
 HOST = socket.gethostname()
+# Storage settings the driver's environment holds, carried to every pyspark / ray task (unless
+# --storage_env cluster): a cluster's workers run with the environment their cluster started with.
+# Names that start with one of these (values, secrets included, are never printed or recorded).
+STORAGE_ENV = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
 # Input columns are cast to these before encoding; a value that does not cast skips its shard.
 ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
 
@@ -234,6 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--distributor', choices=sorted(ENGINES), default='multiprocessing',
                    help='Where the shard tasks run: multiprocessing (--processes on this machine), pyspark '
                         'or ray (the cluster that spark-submit / RAY_ADDRESS gives, else this machine).')
+    p.add_argument('--storage_env', choices=('forward', 'cluster'), default='forward',
+                   help='forward: carry this shell\'s storage settings (S3_*, AWS_*, FSSPEC_*, GCS_*, '
+                        'GOOGLE_APPLICATION_CREDENTIALS, OCI_*, AZURE_*) to every pyspark / ray task; '
+                        'cluster: the workers use their own (instance roles, cluster-wide settings).')
+    p.add_argument('--connect_timeout', type=at_least(float, 0, strict=True), default=10.0,
+                   help='Seconds to wait for the cluster (RAY_ADDRESS, a spark:// master) to answer before '
+                        'the run stops in one line.')
     p.add_argument('--processes', type=at_least(int, 1), default=os.cpu_count() or 1,
                    help='Worker processes, each converting one parquet shard at a time (multiprocessing; '
                         'pyspark and ray use the cluster\'s cores).')
@@ -1108,13 +1119,23 @@ def convert_task(sid: str) -> dict[str, Any]:
         return {'error': e.message, 'fatal': e.fatal}
 
 
-def in_worker(source: str, args: argparse.Namespace, sid: str) -> dict[str, Any]:
-    """convert_task in a pyspark or ray worker process. This script travels with the task as `source`
-    and is loaded once per worker process (kept with its buffers for the next task): the workers need
-    requirements.txt installed, not this file."""
+def storage_env(args: argparse.Namespace) -> dict[str, str]:
+    """The driver's storage settings that its engine tasks take over (none with --storage_env cluster)."""
+    if args.storage_env == 'cluster':
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+
+
+def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
+    """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
+    first. This script travels with the task as `source` and is loaded once per worker process (kept
+    with its buffers for the next task): the workers need requirements.txt installed, not this file.
+    `env` travels inside the task's arguments, not the engine's configuration (Ray's runtime_env and
+    Spark's executorEnv are shown in their dashboards, and an existing SparkContext ignores the latter)."""
     import hashlib
     import sys
     import types
+    os.environ.update(env)
     name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
     if name not in sys.modules:
         module = types.ModuleType(name)
@@ -1427,18 +1448,26 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
     """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
     `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
     Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
+    if SparkContext._active_spark_context is None:  # a new session: its master must answer first
+        SparkContext._ensure_initialized()  # the JVM that spark-submit (or PYSPARK_SUBMIT_ARGS) set up
+        master = SparkConf().get('spark.master', '')
+        if master.startswith('spark://'):  # standalone (a dead one: ~60 s of retries, then a stack)
+            for address in master[len('spark://'):].split(','):
+                reachable(address, f'Spark master {master}', args.connect_timeout)
     sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
         .getOrCreate().sparkContext
     sc.setLogLevel('ERROR')
-    task = functools.partial(in_worker, Path(__file__).read_text(), args)
+    task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
     # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
     # queued task at once, instead of idling while its job returns and the next is built
     jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
 
     def stop(now: bool) -> None:
         if now:
-            sc.cancelAllJobs()
+            with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
+                sc.cancelAllJobs()
         jobs.shutdown(wait=not now, cancel_futures=True)
     return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
                   sc.defaultParallelism, stop)
@@ -1448,16 +1477,31 @@ def ray_engine(args: argparse.Namespace) -> Engine:
     """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
     `ray start` began on this machine), else a new one on this machine."""
     import ray
+    address = os.environ.get('RAY_ADDRESS', '')
+    if address not in ('', 'auto', 'local') and not ray.is_initialized():  # a dead one: minutes of retries
+        reachable(address.split('://')[-1], 'RAY_ADDRESS', args.connect_timeout)
     if not ray.is_initialized():
         ray.init(logging_level=logging.ERROR, log_to_driver=False)
-    source = ray.put(Path(__file__).read_text())
+    source, env = ray.put(Path(__file__).read_text()), ray.put(storage_env(args))
     task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
 
     def stop(now: bool) -> None:
         if now:  # ends this job: the cluster kills its tasks
-            ray.shutdown()
-    return Engine(lambda sid: task.remote(source, args, sid).future(),
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
                   max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
+
+
+def reachable(address: str, what: str, timeout: float) -> None:
+    """Raise RunError unless something listens at `address` (host:port) within `timeout` s."""
+    host, _, port = address.rpartition(':')
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RunError(f'{what} {address}: nothing answers there within {timeout:g} s '
+                       f'({type(e).__name__}: {e}); start the cluster or fix the address '
+                       '(--connect_timeout waits longer)') from None
 
 
 ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
@@ -1541,10 +1585,15 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': []}
     try:
         engine = ENGINES[args.distributor](args)
+    except RunError as e:
+        print(f'error: --distributor {args.distributor}: {e}', file=sys.stderr, flush=True)
+        return EXIT_FATAL
     except Exception as e:
         print(f'error: --distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
               f'{first_line(e)})', file=sys.stderr, flush=True)
         return EXIT_FATAL
+    for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
+        signal.signal(sig, on_signal)
     lease.start_refreshing()
     wb = wandb_run(args)
     bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
@@ -1580,6 +1629,8 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
                 futures[engine.submit(sid)] = sid
             bar.total = len(records) + len(futures) + len(todo)
             finished, _ = wait(list(futures), timeout=0.5, return_when=FIRST_COMPLETED)
+            if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
+                break
             for fut in finished:
                 sid = futures.pop(fut)
                 try:
