@@ -1459,6 +1459,9 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
     sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
         .getOrCreate().sparkContext
     sc.setLogLevel('ERROR')
+    server = getattr(sc, '_accumulatorServer', None)  # we use no accumulators; a SIGTERM to our process
+    if server is not None:  # group ends the JVM too, and socketserver prints the broken link's traceback
+        server.handle_error = lambda request, client_address: None
     task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
     # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
     # queued task at once, instead of idling while its job returns and the next is built
