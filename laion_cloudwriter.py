@@ -39,13 +39,18 @@ image is copied once, from the parquet's buffer into the MDS shard being filled.
 
 Many machines: `--distributor pyspark` (the session spark-submit configures) or `ray` (the cluster
 ray.init finds, e.g. RAY_ADDRESS) runs one task per shard on the cluster, with --local in object
-storage; the workers need requirements.txt, not this file (it travels with the tasks). A task run
-twice (an engine's retry) rewrites the same parts under the shard's id and returns one record. Or
-give each independent run its own `--subfolder`, then join them once all are finished with
+storage; the workers need requirements.txt, not this file (it travels with the tasks, and so do the
+driver's storage settings: S3_*, AWS_*, FSSPEC_*, GCS_*, OCI_*, AZURE_* variables; `--storage_env
+cluster` leaves the workers' own). A cluster that does not answer within `--connect_timeout` s stops
+the run in one line. A task run twice (an engine's retry) rewrites the same parts under the shard's
+id and returns one record. Or give each independent run its own `--subfolder`, then join them once
+all are finished with
 
     python laion_cloudwriter.py --remote s3://my-bucket/laion --merge_only
 
-which writes `<remote>/<lo>-<hi>/index.json` over every subfolder's done shards.
+which writes `<remote>/<lo>-<hi>/index.json` over every subfolder's done shards (it refuses while a
+live run.lease says a subfolder is still being written; a run without --subfolder on that --remote
+refuses too, as its index would replace the merged one).
 
 Scale: a LAION-2B shard of 10,000 rows is ~1 GB; each worker holds one parquet row batch plus at
 most one open MDS shard (`--size_limit`) per bucket, so memory is about
@@ -65,7 +70,8 @@ every recorded shard is published, then the summary (marked interrupted) and exi
 
 At the end a summary is printed and written as JSON to `--summary` (default
 `<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some shards skipped as bad
-input (kept, named), 2 fatal (remote failing, missing required column, refused to start), 143 SIGTERM.
+input (kept, named) or parquet files without a _stats.json left unconverted (named), 2 fatal (remote
+failing, missing required column, refused to start), 143 SIGTERM, 130 SIGINT.
 
 Preview (`--preview N`): a contact sheet per bucket, `preview[_<subfolder>]_<bucket>.png` beside the
 summary: N thumbnails with size, key and caption. The task converting a shard also writes its first
@@ -356,16 +362,16 @@ def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str
     uploader(root, remote, retry, cache=True).upload_file(rel)  # removes the local copy
 
 
-def list_records(remote: str, prefix: str) -> list[str]:
-    """Paths (relative to `remote`) of every *.record below `remote`/`prefix`."""
+def list_records(remote: str, prefix: str, suffix: str = '.record') -> list[str]:
+    """Paths (relative to `remote`) of every *.record (or other `suffix`) below `remote`/`prefix`."""
     if not is_cloud(remote):
         base = Path(remote, prefix)
-        return sorted(str(p.relative_to(remote)) for p in base.rglob('*.record')) if base.is_dir() else []
+        return sorted(str(p.relative_to(remote)) for p in base.rglob(f'*{suffix}')) if base.is_dir() else []
     from streaming.base.storage.upload import CloudUploader
     with tempfile.TemporaryDirectory() as tmp:
         keys = CloudUploader.get((tmp, remote), exist_ok=True).list_objects(prefix.strip('/') + '/') or []
     root = urlparse(remote).path.strip('/')
-    return sorted(k[len(root):].strip('/') if root else k for k in keys if k.endswith('.record'))
+    return sorted(k[len(root):].strip('/') if root else k for k in keys if k.endswith(suffix))
 
 
 def read_remote(remote_file: str) -> bytes:
@@ -383,13 +389,22 @@ def read_remote(remote_file: str) -> bytes:
         return Path(dest).read_bytes()
 
 
-def read_records(remote: str, subfolder: str | None) -> dict[str, dict[str, dict]]:
-    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one."""
+def record_subfolder(rel: str) -> str:
+    """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
+    return os.path.dirname(rel)[len(RECORDS):].strip('/')
+
+
+def read_records(remote: str, subfolder: str | None,
+                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
+    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
+    The other subfolders with records that the listing saw are added to `others`."""
     wanted = []
     for rel in list_records(remote, join(RECORDS, subfolder or '')):
-        sub = os.path.dirname(rel)[len(RECORDS):].strip('/')
+        sub = record_subfolder(rel)
         if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
             wanted.append((sub, join(remote, rel)))
+        elif others is not None:
+            others.add(sub)
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
         for (sub, url), data in zip(wanted, pool.map(read_remote, [url for _, url in wanted])):
@@ -454,9 +469,10 @@ class Lease:
     every LEASE_HEARTBEAT_S by a thread, released at the end. It is stale once its run is gone (same
     host: at once; another host: LEASE_STALE_S after its last refresh), and then taken over."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, subfolder: str | None = None):
         self.args = args
-        self.rel = join(RECORDS, args.subfolder, LEASE)
+        self.subfolder = args.subfolder if subfolder is None else subfolder
+        self.rel = join(RECORDS, self.subfolder, LEASE)
         self.url = join(args.remote, self.rel)
         self.mine = {'token': uuid.uuid4().hex, 'host': HOST, 'pid': os.getpid(),
                      'start': proc_start(os.getpid()), 'local': args.local}
@@ -476,7 +492,8 @@ class Lease:
         lease = {**self.mine, 'seen': time.time(), 'released': released}
         put_bytes(self.args.remote, self.rel, json.dumps(lease).encode(), self.args.staging, self.args.retry)
 
-    def held_by_other(self, lease: dict | None) -> str:
+    def held_by_other(self, lease: dict | None,
+                      advice: str = 'wait for it to end or use another --subfolder') -> str:
         """'' if `lease` is ours, absent, released or stale; else a line saying who holds it."""
         if not lease or lease.get('released') or lease.get('token') == self.mine['token']:
             return ''
@@ -485,10 +502,10 @@ class Lease:
         if gone or age > LEASE_STALE_S:
             return ''
         who = f"host {lease.get('host')}, pid {lease.get('pid')}, --local {lease.get('local')}"
-        return (f'{self.args.remote} (--subfolder {self.args.subfolder or "none"}) is being written by '
-                f'another laion_cloudwriter run ({who}, seen {age:.0f} s ago); wait for it to end or use '
-                f'another --subfolder; its lease goes stale {LEASE_STALE_S:.0f} s after that run dies, or '
-                f'delete {self.url} if you know it is dead')
+        return (f'{self.args.remote} (--subfolder {self.subfolder or "none"}) is being written by '
+                f'another laion_cloudwriter run ({who}, seen {age:.0f} s ago); {advice}; its lease goes '
+                f'stale {LEASE_STALE_S:.0f} s after that run dies, or delete {self.url} if you know it is '
+                'dead')
 
     def acquire(self) -> None:
         """Take the lease or refuse. Written, then read back after a while longer than a write: of
@@ -579,6 +596,13 @@ def finished_shards(names: set[str]) -> list[str]:
     """Ids of the shards whose parquet and _stats.json are both there, in order."""
     return sorted(n[:-len('_stats.json')] for n in names
                   if n.endswith('_stats.json') and f"{n[:-len('_stats.json')]}.parquet" in names)
+
+
+def unfinished_shards(names: set[str], records: dict[str, dict]) -> list[str]:
+    """Ids of the parquet files without a _stats.json (img2dataset writes it once a shard is finished)
+    that are not converted either: what a finished run leaves unconverted."""
+    sids = (n[:-len('.parquet')] for n in names if n.endswith('.parquet'))
+    return sorted(sid for sid in sids if f'{sid}_stats.json' not in names and sid not in records)
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -1289,7 +1313,7 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
                  f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
         path = join(folder, f'{prefix}{bucket}.png')
         png = io.BytesIO()
-        sheet = contact_sheet(title, tiles, args.preview, (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
+        sheet = contact_sheet(title, tiles, len(tiles), (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
         sheet.save(png, 'PNG')
         write_file(path, png.getvalue())
         out[bucket] = {'png': path, 'keys': [c['key'] for c in shown]}
@@ -1381,7 +1405,7 @@ def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> 
             'samples': sum(per_bucket.values()), 'skipped_by_reason': skipped,
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
-            'skipped_shards': run['bad'], 'errors': run['errors'],
+            'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
             'elapsed_s': round(elapsed, 2),
             'samples_per_s': round(run['samples'] / max(elapsed, 1e-9), 1),
             'mb_per_s': round(mb / max(elapsed, 1e-9), 1)}
@@ -1398,6 +1422,12 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
         lines += [f'  {n:>8}  {k}' for k, n in sorted(summary['skipped_by_reason'].items())]
     for bad in summary['skipped_shards']:
         lines.append(f'SKIPPED (parquet kept): {bad}')
+    ignored = summary['ignored_parquet']
+    if ignored:
+        shown = ', '.join(ignored[:3]) + (', ...' if len(ignored) > 3 else '')
+        lines.append(f'IGNORED (not converted): {len(ignored)} parquet file(s) without the _stats.json '
+                     f'img2dataset writes once a shard is finished: {shown}; finish them (rerun the '
+                     'download) or give each its NNNNN_stats.json if it is whole, then rerun')
     for err in summary['errors']:
         lines.append(f'ERROR: {err}')
     if summary.get('interrupted'):
@@ -1572,7 +1602,13 @@ def recorded_meanwhile(sids: list[str], args: argparse.Namespace) -> dict[str, d
 
 def run(args: argparse.Namespace, lease: Lease) -> int:
     start = time.time()
-    records = read_records(args.remote, args.subfolder).get(args.subfolder, {})
+    others: set[str] = set()
+    records = read_records(args.remote, args.subfolder, others).get(args.subfolder, {})
+    if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
+        print(f'error: {args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
+              'without --subfolder would replace <remote>/<bucket>/index.json with its own shards only; '
+              'give this run its own --subfolder, then --merge_only', file=sys.stderr)
+        return EXIT_FATAL
     mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
     if mixed:
         print(f'error: {args.remote} holds shards written {"without" if args.bucketed else "with"} '
@@ -1585,7 +1621,8 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
         for sid in records:
             if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
                 delete_input(fs, root, sid)
-    run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': []}
+    run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [],
+                                 'ignored': []}
     try:
         engine = ENGINES[args.distributor](args)
     except RunError as e:
@@ -1673,6 +1710,8 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
             add(rec)
     else:
         engine.stop(False)
+        run_stats['ignored'] = [shard_path(args.local, sid) for sid in unfinished_shards(list_input(fs, root),
+                                                                                        records)]
     bar.close()
     try:
         merge_run(records, args)
@@ -1685,7 +1724,8 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
         wb.finish()
     if _STOP['signal']:
         return finish(records, run_stats, start, args, 128 + _STOP['signal'])
-    return finish(records, run_stats, start, args, EXIT_BAD_INPUT if run_stats['bad'] else EXIT_OK)
+    failed = run_stats['bad'] or run_stats['ignored']
+    return finish(records, run_stats, start, args, EXIT_BAD_INPUT if failed else EXIT_OK)
 
 
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
@@ -1715,8 +1755,15 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
 
 
 def merge_only(args: argparse.Namespace) -> int:
-    """--merge_only: join every subfolder's done shards; nothing recorded there is an error."""
+    """--merge_only: join every subfolder's done shards; nothing recorded there is an error, and so is
+    a subfolder that a live run still writes (its index would miss what that run records next)."""
     try:
+        for rel in list_records(args.remote, RECORDS, LEASE):
+            lease = Lease(args, record_subfolder(rel))
+            busy = lease.held_by_other(lease.read(), 'run --merge_only once it has ended')
+            if busy:
+                print(f'error: --merge_only: {busy}', file=sys.stderr)
+                return EXIT_FATAL
         totals = merge_subfolders(args)
     except Exception as e:
         print(f'error: merging at {args.remote} failed ({type(e).__name__}: {e})', file=sys.stderr)
