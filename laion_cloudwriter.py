@@ -163,6 +163,10 @@ LEASE = 'run.lease'  # <remote>/_cloudwriter[/<subfolder>]/run.lease
 LEASE_HEARTBEAT_S = 10.0
 LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if it ran on this host)
 HOST = socket.gethostname()
+# An S3-compatible endpoint (MinIO, R2, on-prem) may be given under any of these names, the first set
+# wins: streaming's, botocore's (service-specific, then global), fsspec's. It becomes S3_ENDPOINT_URL
+# at start-up, so that reads (pyarrow), writes (streaming) and every engine task use the same one.
+S3_ENDPOINT_VARS = ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'FSSPEC_S3_ENDPOINT_URL')
 # Storage settings the driver's environment holds, carried to every pyspark / ray task (unless
 # --storage_env cluster): a cluster's workers run with the environment their cluster started with.
 # Names that start with one of these (values, secrets included, are never printed or recorded).
@@ -557,7 +561,8 @@ class Lease:
 def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
     path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
-    takes it, for S3-compatible stores); any other scheme through fsspec."""
+    takes it and main() sets it from S3_ENDPOINT_VARS, for S3-compatible stores); any other scheme
+    through fsspec."""
     if not is_cloud(url):
         return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
     parsed = urlparse(url)
@@ -1801,6 +1806,9 @@ def take_ownership(args: argparse.Namespace) -> Lease:
 
 def main() -> int:
     args = parse_args()
+    endpoint = next((os.environ[k] for k in S3_ENDPOINT_VARS if os.environ.get(k)), '')
+    if endpoint:
+        os.environ['S3_ENDPOINT_URL'] = endpoint
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
     if args.merge_only:
         args.staging = args.staging or tempfile.mkdtemp(prefix='cloudwriter-merge-')

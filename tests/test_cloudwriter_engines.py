@@ -367,3 +367,21 @@ def test_a_cluster_address_where_nothing_listens_fails_in_one_line_within_the_ti
         '(ConnectionRefusedError: ')
     assert took < 40, took  # interpreter, the JVM and the probe; not Spark's ~60 s or Ray's minutes
     assert (local / '00000.parquet').exists() and not (tmp_path / 'mds' / '0-1048576').exists()
+
+
+@pytest.mark.parametrize('name', ['S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3',
+                                  'FSSPEC_S3_ENDPOINT_URL'])
+def test_each_documented_s3_endpoint_variable_points_reads_and_writes_at_the_store(root, tmp_path, s3, name):
+    """streaming's S3_ENDPOINT_URL, botocore's AWS_ENDPOINT_URL[_S3], fsspec's FSSPEC_S3_ENDPOINT_URL:
+    whichever a user sets, --local is read from and --remote written to that store (only there)."""
+    want = make_input(tmp_path / 'download', range(2), items=good_items()[:4])
+    s3_input(s3, tmp_path / 'download', 'download')
+    local, remote = f's3://{s3.bucket}/download', f's3://{s3.bucket}/laion'
+    env = {k: v for k, v in s3.child_env().items() if k not in ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL')}
+
+    r = cloudwriter(root, '--local', local, '--remote', remote, '--summary', str(tmp_path / 'summary.json'),
+                    env={**env, name: s3.endpoint}, timeout=120)
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_dataset(read_buckets(remote, [ALL], env=s3.env), want, bucketed=False)
+    assert 'download/00000_converted.json' in s3.list_keys(s3.bucket, 'download/')
