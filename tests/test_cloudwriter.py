@@ -413,6 +413,26 @@ def test_a_done_download_with_parquet_files_lacking_stats_names_them_and_exits_1
     assert (local / '00001.parquet').exists() and (local / '00002.parquet').exists()
 
 
+def test_the_output_reads_as_mosaicml_diffusions_streaming_laion_dataset_reads_it(root, tmp_path):
+    """The contract of StreamingLAIONDataset.__getitem__, restated from mosaicml/diffusion's
+    diffusion/datasets/laion/laion.py at 8d89acef209fdf7d574996ad71bcc240965175e2: a StreamingDataset
+    sample; `Image.open(BytesIO(sample['jpg']))`, `.convert('RGB')` unless mode is RGB; `sample['caption']`
+    handed to a CLIP tokenizer as text. (Its `caption_latents` / `latents_256|512` are precompute's.)"""
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, [0], items=good_items())
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--bucketed')
+    assert r.returncode == 0, r.stderr
+    got = [s for b in BUCKETS if (remote / b / 'index.json').exists() for s in read_mds(str(remote / b))]
+    assert {s['key'] for s in got} == set(want)
+    for sample in got:
+        img = Image.open(io.BytesIO(sample['jpg']))
+        if img.mode != 'RGB':
+            img = img.convert('RGB')
+        img.load()  # what its transform (crop, ToTensor) forces
+        assert img.mode == 'RGB' and img.size == (sample['width'], sample['height'])
+        assert type(sample['caption']) is str and sample['caption'] == want[sample['key']]['caption']
+
+
 def test_mds_files_are_byte_equal_to_streamings_mdswriter(tmp_path):
     """The script writes MDS files and merges indexes itself (for speed); for the same rows they
     must be what streaming's MDSWriter and merge_index write: shards byte for byte, their
