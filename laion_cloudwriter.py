@@ -1605,132 +1605,179 @@ def recorded_meanwhile(sids: list[str], args: argparse.Namespace) -> dict[str, d
     return out
 
 
-def run(args: argparse.Namespace, lease: Lease) -> int:
-    start = time.time()
+def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
+    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
+    the input of shards recorded by a run that died before deleting it."""
     others: set[str] = set()
     records = read_records(args.remote, args.subfolder, others).get(args.subfolder, {})
     if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
-        print(f'error: {args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
-              'without --subfolder would replace <remote>/<bucket>/index.json with its own shards only; '
-              'give this run its own --subfolder, then --merge_only', file=sys.stderr)
-        return EXIT_FATAL
+        raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
+                       'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
+                       'only; give this run its own --subfolder, then --merge_only')
     mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
     if mixed:
-        print(f'error: {args.remote} holds shards written {"without" if args.bucketed else "with"} '
-              f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder',
-              file=sys.stderr)
-        return EXIT_FATAL
-    fs, root = input_fs(args.local)
-    if not args.keep_parquet:  # recorded, but a run died before deleting its input
+        raise RunError(f'{args.remote} holds shards written {"without" if args.bucketed else "with"} '
+                       f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
+    if not args.keep_parquet:
         names = list_input(fs, root)
         for sid in records:
             if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
                 delete_input(fs, root, sid)
-    run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [],
-                                 'ignored': []}
+    return records
+
+
+def start_engine(args: argparse.Namespace) -> Engine:
+    """The --distributor's engine, with our stop-signal handlers back; RunError if it does not start."""
     try:
         engine = ENGINES[args.distributor](args)
     except RunError as e:
-        print(f'error: --distributor {args.distributor}: {e}', file=sys.stderr, flush=True)
-        return EXIT_FATAL
+        raise RunError(f'--distributor {args.distributor}: {e}') from None
     except Exception as e:
-        print(f'error: --distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
-              f'{first_line(e)})', file=sys.stderr, flush=True)
-        return EXIT_FATAL
+        raise RunError(f'--distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
+                       f'{first_line(e)})') from None
     for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
         signal.signal(sig, on_signal)
-    lease.start_refreshing()
+    return engine
+
+
+@dataclass
+class Work:
+    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
+    fs: pafs.FileSystem
+    root: str
+    records: dict[str, dict]
+    stats: dict[str, Any]
+    futures: dict[Future, str]
+    todo: list[str]  # finished at the last look, not yet submitted
+    bad: set[str]
+    last_scan: float = -math.inf
+
+    def add(self, rec: dict) -> None:
+        self.records[rec['shard']] = shared_config(rec)
+        self.stats['shards'] += 1
+        self.stats['samples'] += sum(rec['samples'].values())
+        self.stats['bytes'] += rec['bytes']
+
+
+def scan(work: Work, args: argparse.Namespace) -> bool:
+    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
+    while tasks run); True if it looked and `done` was there."""
+    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
+        return False
+    work.last_scan = time.time()
+    done_flag = exists(work.fs, join(work.root, 'done'))  # before the listing: no shard missed
+    busy = set(work.futures.values())
+    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
+                 if sid not in work.records and sid not in work.bad and sid not in busy]
+    return done_flag
+
+
+def submit(work: Work, engine: Engine) -> None:
+    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
+    while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
+        sid = work.todo.pop(0)
+        work.futures[engine.submit(sid)] = sid
+
+
+def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
+    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises."""
+    for fut in finished:
+        sid = work.futures.pop(fut)
+        try:
+            rec = task_result(fut, sid, args)
+        except ShardError as e:
+            if e.fatal:
+                work.stats['errors'].append(e.message)
+                raise
+            work.bad.add(sid)
+            work.stats['bad'].append(e.message)
+            tqdm.write(f'skipped, parquet kept: {e.message}', file=sys.stderr)
+            continue
+        work.add(rec)
+        bar.update(1)
+
+
+def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> None:
+    """The driver loop: scan, submit, collect, and merge while running (at most every
+    --merge_interval, and never more than MERGE_SHARE of the time), until done or a stop signal."""
     wb = wandb_run(args)
     bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
-    futures: dict[Future, str] = {}
-    todo: list[str] = []  # finished at the last look, not yet submitted
-    bad: set[str] = set()
-    last_merge, merged_n, last_scan = time.time(), len(records), -math.inf
-    merge_s = 0.0  # how long the last merge took
-
-    def add(rec: dict) -> None:
-        records[rec['shard']] = shared_config(rec)
-        run_stats['shards'] += 1
-        run_stats['samples'] += sum(rec['samples'].values())
-        run_stats['bytes'] += rec['bytes']
-
+    last_merge, merged_n, merge_s = time.time(), len(work.records), 0.0
     try:
         while not _STOP['signal']:
             if lease.lost:
                 raise ShardError(lease.lost, fatal=True)
-            if not todo and (not futures or time.time() - last_scan >= args.poll_interval):
-                last_scan = time.time()
-                done_flag = exists(fs, join(root, 'done'))  # before the listing: no shard missed
-                busy = set(futures.values())
-                todo = [sid for sid in finished_shards(list_input(fs, root))
-                        if sid not in records and sid not in bad and sid not in busy]
-                if not futures and not todo:
-                    if done_flag:
-                        break
-                    sleep_unless_stopped(args.poll_interval)
-                    continue
-            while todo and len(futures) < QUEUED_PER_SLOT * engine.slots:
-                sid = todo.pop(0)
-                futures[engine.submit(sid)] = sid
-            bar.total = len(records) + len(futures) + len(todo)
-            finished, _ = wait(list(futures), timeout=0.5, return_when=FIRST_COMPLETED)
+            done = scan(work, args)
+            if not work.futures and not work.todo:
+                if done:
+                    break
+                sleep_unless_stopped(args.poll_interval)
+                continue
+            submit(work, engine)
+            bar.total = len(work.records) + len(work.futures) + len(work.todo)
+            finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
             if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
                 break
-            for fut in finished:
-                sid = futures.pop(fut)
-                try:
-                    rec = task_result(fut, sid, args)
-                except ShardError as e:
-                    if e.fatal:
-                        run_stats['errors'].append(e.message)
-                        raise
-                    bad.add(sid)
-                    run_stats['bad'].append(e.message)
-                    tqdm.write(f'skipped, parquet kept: {e.message}', file=sys.stderr)
-                    continue
-                add(rec)
-                bar.update(1)
+            collect(work, finished, args, bar)
             el = max(time.time() - start, 1e-9)
-            samples, nbytes = engine.progress or (run_stats['samples'], run_stats['bytes'])
+            samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
             bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
-                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(records)})
-            if len(records) > merged_n and \
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
+            if len(work.records) > merged_n and \
                     time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
                 merge_s = time.time()
-                merge_run(records, args)
-                last_merge, merged_n = time.time(), len(records)
+                merge_run(work.records, args)
+                last_merge, merged_n = time.time(), len(work.records)
                 merge_s = last_merge - merge_s
-    except ShardError as e:
-        engine.stop(True)
+    finally:
         bar.close()
-        print(f'error: {e.message}', file=sys.stderr, flush=True)
-        return finish(records, run_stats, start, args, EXIT_FATAL)
+        if wb is not None:
+            wb.finish()
+
+
+def run(args: argparse.Namespace, lease: Lease) -> int:
+    """Convert every finished shard of --local, publish each bucket's index, write the summary."""
+    start = time.time()
+    fs, root = input_fs(args.local)
+    stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [], 'ignored': []}
+    try:
+        work = Work(fs, root, prior_records(args, fs, root), stats, {}, [], set())
+        engine = start_engine(args)
+    except RunError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return EXIT_FATAL
+    lease.start_refreshing()
+    fatal = ''
+    try:
+        convert(work, engine, args, lease, start)
+    except ShardError as e:
+        fatal = e.message
+        print(f'error: {fatal}', file=sys.stderr, flush=True)
     except BaseException:
         engine.stop(True)
         raise
-    if _STOP['signal']:
-        engine.stop(True)
-        for rec in recorded_meanwhile(list(futures.values()), args).values():
-            add(rec)
+    engine.stop(bool(_STOP['signal'] or fatal))
+    if not fatal:  # after a fatal error nothing more is asked of the remote
+        if _STOP['signal']:
+            for rec in recorded_meanwhile(list(work.futures.values()), args).values():
+                work.add(rec)
+        else:
+            work.stats['ignored'] = [shard_path(args.local, sid)
+                                     for sid in unfinished_shards(list_input(fs, root), work.records)]
+        try:
+            merge_run(work.records, args)
+        except Exception as e:
+            fatal = f'writing the merged index.json to {args.remote} failed ({type(e).__name__}: {e})'
+            work.stats['errors'].append(fatal)
+            print(f'error: {fatal}', file=sys.stderr, flush=True)
+    if fatal:
+        code = EXIT_FATAL
+    elif _STOP['signal']:
+        code = 128 + _STOP['signal']
     else:
-        engine.stop(False)
-        run_stats['ignored'] = [shard_path(args.local, sid) for sid in unfinished_shards(list_input(fs, root),
-                                                                                        records)]
-    bar.close()
-    try:
-        merge_run(records, args)
-    except Exception as e:
-        msg = f'writing the merged index.json to {args.remote} failed ({type(e).__name__}: {e})'
-        run_stats['errors'].append(msg)
-        print(f'error: {msg}', file=sys.stderr, flush=True)
-        return finish(records, run_stats, start, args, EXIT_FATAL)
-    if wb is not None:
-        wb.finish()
-    if _STOP['signal']:
-        return finish(records, run_stats, start, args, 128 + _STOP['signal'])
-    failed = run_stats['bad'] or run_stats['ignored']
-    return finish(records, run_stats, start, args, EXIT_BAD_INPUT if failed else EXIT_OK)
+        code = EXIT_BAD_INPUT if work.stats['bad'] or work.stats['ignored'] else EXIT_OK
+    return finish(work.records, work.stats, start, args, code)
 
 
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
