@@ -162,6 +162,10 @@ LOCK = 'lock'  # <local>/_cloudwriter/lock, and <staging>/lock for a --staging o
 LEASE = 'run.lease'  # <remote>/_cloudwriter[/<subfolder>]/run.lease
 LEASE_HEARTBEAT_S = 10.0
 LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if it ran on this host)
+# A stopping run marks its lease `stopping`; a task still running on a cluster's executor (a signal
+# to the driver does not reach it) then records nothing. The driver waits this long for a record
+# written just before the mark, then publishes the index of every recorded shard.
+STOP_GRACE_S = 2.0
 HOST = socket.gethostname()
 # An S3-compatible endpoint (MinIO, R2, on-prem) may be given under any of these names, the first set
 # wins: streaming's, botocore's (service-specific, then global), fsspec's. It becomes S3_ENDPOINT_URL
@@ -481,6 +485,7 @@ class Lease:
         self.mine = {'token': uuid.uuid4().hex, 'host': HOST, 'pid': os.getpid(),
                      'start': proc_start(os.getpid()), 'local': args.local}
         self.lost = ''  # why this run no longer holds the lease (another took it over)
+        self.stopping = False  # set by halt_tasks: its tasks record nothing more
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -493,7 +498,7 @@ class Lease:
             return {}
 
     def write(self, released: bool = False) -> None:
-        lease = {**self.mine, 'seen': time.time(), 'released': released}
+        lease = {**self.mine, 'seen': time.time(), 'released': released, 'stopping': self.stopping}
         put_bytes(self.args.remote, self.rel, json.dumps(lease).encode(), self.args.staging, self.args.retry)
 
     def held_by_other(self, lease: dict | None,
@@ -539,6 +544,13 @@ class Lease:
                                  'nothing unrecorded was deleted')
                     return
                 self.write()
+
+    def halt_tasks(self) -> None:
+        """Mark the lease `stopping` (this run still holds it): a task that has not recorded its shard
+        yet abandons it (see still_ours)."""
+        self.stopping = True
+        with contextlib.suppress(Exception):
+            self.write()
 
     def release(self, remote_ok: bool = True) -> None:
         """Mark the lease released (when it is still ours): the next run starts at once. After a
@@ -1056,6 +1068,16 @@ def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
         raise RuntimeError(f'uploaded but not listed at the remote: {missing[:3]}')
 
 
+def still_ours(args: argparse.Namespace) -> bool:
+    """Whether the run that gave this task is still running on (its lease neither stopping nor taken
+    over); a task asks this before it records its shard."""
+    try:
+        lease = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, LEASE)))
+    except FileNotFoundError:
+        return True
+    return lease.get('token') == args.run_token and not lease.get('stopping')
+
+
 def write_record(record: dict, args: argparse.Namespace) -> None:
     """The shard's record at the remote: written last, it is what makes the shard done."""
     rel = join(RECORDS, args.subfolder, f"{record['shard']}.record")
@@ -1104,6 +1126,8 @@ def convert_shard(sid: str) -> dict[str, Any]:
                 fsync_file(str(part.parent))
         if preview is not None:  # before the record: a recorded shard has its candidates
             record['preview'] = write_candidates(preview, sid, args)
+        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
+            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
         write_record(record, args)
     except ShardError as e:
         bad_input = not e.fatal
@@ -1757,9 +1781,12 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     except BaseException:
         engine.stop(True)
         raise
+    if _STOP['signal'] and not fatal:
+        lease.halt_tasks()
     engine.stop(bool(_STOP['signal'] or fatal))
     if not fatal:  # after a fatal error nothing more is asked of the remote
         if _STOP['signal']:
+            time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
             for rec in recorded_meanwhile(list(work.futures.values()), args).values():
                 work.add(rec)
         else:
@@ -1848,6 +1875,7 @@ def take_ownership(args: argparse.Namespace) -> Lease:
         raise
     except Exception as e:  # e.g. a bucket that does not exist, no credentials
         raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
+    args.run_token = lease.mine['token']  # the tasks' way to tell that this run still runs
     return lease
 
 
