@@ -356,13 +356,11 @@ def uploader(staging: str, remote: str, retry: int, cache: bool = False):
     return up
 
 
-def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str, retry: int) -> None:
-    """Write one file at `remote`/`rel`, whole or not at all (a rename, or one PUT), from its bytes or
-    from chunks of them (never all in memory at once)."""
-    chunks = [data] if isinstance(data, bytes) else data
-    if not is_cloud(remote):
-        write_local_atomic(os.path.join(remote, rel), chunks)
-        return
+def put_folder(remote: str, rel: str, chunks: Iterable[bytes], staging: str, retry: int) -> None:
+    write_local_atomic(os.path.join(remote, rel), chunks)
+
+
+def put_cloud(remote: str, rel: str, chunks: Iterable[bytes], staging: str, retry: int) -> None:
     root = os.path.join(staging, f'publish{os.getpid()}')
     os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
     with open(os.path.join(root, rel), 'wb') as f:
@@ -370,11 +368,12 @@ def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str
     uploader(root, remote, retry, cache=True).upload_file(rel)  # removes the local copy
 
 
-def list_records(remote: str, prefix: str, suffix: str = '.record') -> list[str]:
-    """Paths (relative to `remote`) of every *.record (or other `suffix`) below `remote`/`prefix`."""
-    if not is_cloud(remote):
-        base = Path(remote, prefix)
-        return sorted(str(p.relative_to(remote)) for p in base.rglob(f'*{suffix}')) if base.is_dir() else []
+def list_folder(remote: str, prefix: str, suffix: str) -> list[str]:
+    base = Path(remote, prefix)
+    return sorted(str(p.relative_to(remote)) for p in base.rglob(f'*{suffix}')) if base.is_dir() else []
+
+
+def list_cloud(remote: str, prefix: str, suffix: str) -> list[str]:
     from streaming.base.storage.upload import CloudUploader
     with tempfile.TemporaryDirectory() as tmp:
         keys = CloudUploader.get((tmp, remote), exist_ok=True).list_objects(prefix.strip('/') + '/') or []
@@ -382,19 +381,94 @@ def list_records(remote: str, prefix: str, suffix: str = '.record') -> list[str]
     return sorted(k[len(root):].strip('/') if root else k for k in keys if k.endswith(suffix))
 
 
-def read_remote(remote_file: str) -> bytes:
-    if not is_cloud(remote_file):
-        return Path(remote_file).read_bytes()
+def read_folder(url: str) -> bytes:
+    return Path(url).read_bytes()
+
+
+def read_cloud(url: str) -> bytes:
     from streaming.base.storage.download import CloudDownloader
     with tempfile.TemporaryDirectory() as tmp:
         dest = os.path.join(tmp, 'f')
         try:
-            CloudDownloader.direct_download(remote_file, dest)
+            CloudDownloader.direct_download(url, dest)
         except Exception as e:  # streaming raises a missing S3 object as it is (a 404 ClientError)
             if getattr(e, 'response', {}).get('Error', {}).get('Code') in ('404', 'NoSuchKey'):
-                raise FileNotFoundError(remote_file) from e
+                raise FileNotFoundError(url) from e
             raise
         return Path(dest).read_bytes()
+
+
+def settle_folder(record: dict, parts: str, args: argparse.Namespace) -> None:
+    """Every file is fsynced as it lands; then the new folders' entries too."""
+    for bucket in record['parts']:
+        part = Path(parts, bucket, args.subfolder, record['shard'])
+        fsync_file(str(part))
+        fsync_file(str(part.parent))
+
+
+def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
+    """Check that every file of a shard's parts is listed at the remote."""
+    sid, sub = record['shard'], args.subfolder
+    files, listed = [], set()
+    up = uploader(staging, args.remote, args.retry, cache=True)
+    for bucket, part in record['parts'].items():
+        rel = join(bucket, sub, sid)
+        files += [join(rel, mds_name(i)) for i in range(len(part['bytes']))] + [join(rel, 'index.json')]
+        listed.update(up.list_objects(rel + '/') or [])
+    root = urlparse(args.remote).path.strip('/')
+    missing = [f for f in files if join(root, f).strip('/') not in listed]
+    if missing:
+        raise RuntimeError(f'uploaded but not listed at the remote: {missing[:3]}')
+
+
+def land_cloud(parts: str, args: argparse.Namespace) -> Callable[[str], Any]:
+    up = uploader(parts, args.remote, args.retry, cache=True)
+    return lambda path: up.upload_file(os.path.relpath(path, parts))
+
+
+@dataclass(frozen=True)
+class RemoteKind:
+    """One kind of --remote: how a file is put (whole or not at all), read and listed there, and how
+    a worker lands a shard's parts, each MDS file as soon as it is written."""
+    put: Callable[[str, str, Iterable[bytes], str, int], None]  # (remote, rel, chunks, staging, retry)
+    read: Callable[[str], bytes]  # a file's URL -> its bytes; FileNotFoundError if there is none
+    list: Callable[[str, str, str], list[str]]  # (remote, prefix, suffix) -> keys relative to remote
+    parts: Callable[[argparse.Namespace], str]  # the root this worker writes a shard's parts below
+    land: Callable[[str, argparse.Namespace], Callable[[str], Any]]  # (parts, args) -> land(file)
+    settle: Callable[[dict, str, argparse.Namespace], None]  # (record, parts, args): all files landed
+    staged: bool  # the parts are a local copy (removed once up); else they are the remote's own files
+
+
+REMOTES = {
+    # written in place: fsync + rename; a task run twice writes the same bytes under the shard's id
+    'folder': RemoteKind(put_folder, read_folder, list_folder, lambda args: args.remote,
+                         lambda parts, args: fsync_file, settle_folder, staged=False),
+    # streaming's CloudUploader / CloudDownloader; parts staged per process, so two runs of one
+    # shard (an engine's retry beside a slow first try) never share files
+    'cloud': RemoteKind(put_cloud, read_cloud, list_cloud,
+                        lambda args: os.path.join(args.staging, 'parts', str(os.getpid())),
+                        land_cloud, check_listed, staged=True),
+}
+
+
+def remote_kind(url: str) -> RemoteKind:
+    """The row for a --remote (or a file at one): a folder, or anything with a scheme."""
+    return REMOTES['cloud' if is_cloud(url) else 'folder']
+
+
+def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str, retry: int) -> None:
+    """Write one file at `remote`/`rel`, whole or not at all (a rename, or one PUT), from its bytes or
+    from chunks of them (never all in memory at once)."""
+    remote_kind(remote).put(remote, rel, [data] if isinstance(data, bytes) else data, staging, retry)
+
+
+def list_records(remote: str, prefix: str, suffix: str = '.record') -> list[str]:
+    """Paths (relative to `remote`) of every *.record (or other `suffix`) below `remote`/`prefix`."""
+    return remote_kind(remote).list(remote, prefix, suffix)
+
+
+def read_remote(remote_file: str) -> bytes:
+    return remote_kind(remote_file).read(remote_file)
 
 
 def record_subfolder(rel: str) -> str:
@@ -1053,21 +1127,6 @@ def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
-    """Check that every file of a shard's parts is listed at the remote."""
-    sid, sub = record['shard'], args.subfolder
-    files, listed = [], set()
-    up = uploader(staging, args.remote, args.retry, cache=True)
-    for bucket, part in record['parts'].items():
-        rel = join(bucket, sub, sid)
-        files += [join(rel, mds_name(i)) for i in range(len(part['bytes']))] + [join(rel, 'index.json')]
-        listed.update(up.list_objects(rel + '/') or [])
-    root = urlparse(args.remote).path.strip('/')
-    missing = [f for f in files if join(root, f).strip('/') not in listed]
-    if missing:
-        raise RuntimeError(f'uploaded but not listed at the remote: {missing[:3]}')
-
-
 def still_ours(args: argparse.Namespace) -> bool:
     """Whether the run that gave this task is still running on (its lease neither stopping nor taken
     over); a task asks this before it records its shard."""
@@ -1092,21 +1151,16 @@ def convert_shard(sid: str) -> dict[str, Any]:
     """
     args = _WORKER['args']
     parquet = shard_path(args.local, sid)
-    cloud = is_cloud(args.remote)
-    # staging of this process: two runs of one shard (an engine's retry beside a slow first try) never
-    # share files; at a folder remote both write the same bytes under the shard's id
-    out_root = os.path.join(args.staging, 'parts', str(os.getpid())) if cloud else args.remote
+    kind = remote_kind(args.remote)
+    out_root = kind.parts(args)
     if 'io' not in _WORKER:
         _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
     io_threads = _WORKER['io']
     landing: list[Future] = []
     bad_input = False
     preview: dict[str, list[dict]] | None = {} if args.preview else None
-    if cloud:
-        up = uploader(out_root, args.remote, args.retry, cache=True)
-        land = lambda path: landing.append(io_threads.submit(up.upload_file, os.path.relpath(path, out_root)))  # noqa: E731
-    else:
-        land = lambda path: landing.append(io_threads.submit(fsync_file, path))  # noqa: E731
+    land_file = kind.land(out_root, args)
+    land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
     try:
         try:
             record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
@@ -1117,13 +1171,7 @@ def convert_shard(sid: str) -> dict[str, Any]:
                              fatal=True) from e
         for fut in landing:
             fut.result()
-        if cloud:
-            check_listed(record, out_root, args)
-        else:  # the new folders' entries too
-            for bucket in record['parts']:
-                part = Path(out_root, bucket, args.subfolder, sid)
-                fsync_file(str(part))
-                fsync_file(str(part.parent))
+        kind.settle(record, out_root, args)
         if preview is not None:  # before the record: a recorded shard has its candidates
             record['preview'] = write_candidates(preview, sid, args)
         if not still_ours(args):  # its parts are removed below; a rerun converts the shard
@@ -1139,7 +1187,7 @@ def convert_shard(sid: str) -> dict[str, Any]:
         for fut in landing:
             fut.cancel()
         wait(landing)  # nothing still reads the files removed below
-        if cloud or bad_input:  # staging, or the unindexed start of a skipped shard
+        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
             remove_parts(out_root, args.subfolder, sid)
     if not args.keep_parquet:
         delete_input(*input_fs(args.local), sid)
