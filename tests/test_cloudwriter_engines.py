@@ -318,6 +318,21 @@ def test_the_drivers_storage_settings_reach_a_cluster_started_without_them(root,
         assert secret not in text
 
 
+def test_storage_env_cluster_leaves_the_workers_their_own_settings(root, tmp_path, s3, ray_cluster):
+    make_input(tmp_path / 'download', range(1), items=good_items()[:2])
+    s3_input(s3, tmp_path / 'download', 'download')
+    local, remote = f's3://{s3.bucket}/download', f's3://{s3.bucket}/laion'
+
+    r = cloudwriter(root, '--local', local, '--remote', remote, '--distributor', 'ray',
+                    '--storage_env', 'cluster', env=engine_env('ray', ray_cluster, s3.env), timeout=180)
+
+    # the cluster's own endpoint (a dead loopback port, no credentials) is what its tasks use
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f'error: {local}/00000.parquet: reading its record at {remote} failed (')
+    assert not [k for k in s3.list_keys(s3.bucket, 'laion/') if k.endswith('.record')]
+
+
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_a_stop_signal_publishes_the_recorded_shards_then_a_rerun_completes(root, tmp_path, cluster_env, sig):
     distributor, env_for = cluster_env
