@@ -39,13 +39,18 @@ image is copied once, from the parquet's buffer into the MDS shard being filled.
 
 Many machines: `--distributor pyspark` (the session spark-submit configures) or `ray` (the cluster
 ray.init finds, e.g. RAY_ADDRESS) runs one task per shard on the cluster, with --local in object
-storage; the workers need requirements.txt, not this file (it travels with the tasks). A task run
-twice (an engine's retry) rewrites the same parts under the shard's id and returns one record. Or
-give each independent run its own `--subfolder`, then join them once all are finished with
+storage; the workers need requirements.txt, not this file (it travels with the tasks, and so do the
+driver's storage settings: S3_*, AWS_*, FSSPEC_*, GCS_*, OCI_*, AZURE_* variables; `--storage_env
+cluster` leaves the workers' own). A cluster that does not answer within `--connect_timeout` s stops
+the run in one line. A task run twice (an engine's retry) rewrites the same parts under the shard's
+id and returns one record. Or give each independent run its own `--subfolder`, then join them once
+all are finished with
 
     python laion_cloudwriter.py --remote s3://my-bucket/laion --merge_only
 
-which writes `<remote>/<lo>-<hi>/index.json` over every subfolder's done shards.
+which writes `<remote>/<lo>-<hi>/index.json` over every subfolder's done shards (it refuses while a
+live run.lease says a subfolder is still being written; a run without --subfolder on that --remote
+refuses too, as its index would replace the merged one).
 
 Scale: a LAION-2B shard of 10,000 rows is ~1 GB; each worker holds one parquet row batch plus at
 most one open MDS shard (`--size_limit`) per bucket, so memory is about
@@ -65,7 +70,8 @@ every recorded shard is published, then the summary (marked interrupted) and exi
 
 At the end a summary is printed and written as JSON to `--summary` (default
 `<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some shards skipped as bad
-input (kept, named), 2 fatal (remote failing, missing required column, refused to start), 143 SIGTERM.
+input (kept, named) or parquet files without a _stats.json left unconverted (named), 2 fatal (remote
+failing, missing required column, refused to start), 143 SIGTERM, 130 SIGINT.
 
 Preview (`--preview N`): a contact sheet per bucket, `preview[_<subfolder>]_<bucket>.png` beside the
 summary: N thumbnails with size, key and caption. The task converting a shard also writes its first
@@ -159,7 +165,19 @@ LOCK = 'lock'  # <local>/_cloudwriter/lock, and <staging>/lock for a --staging o
 LEASE = 'run.lease'  # <remote>/_cloudwriter[/<subfolder>]/run.lease
 LEASE_HEARTBEAT_S = 10.0
 LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if it ran on this host)
+# A stopping run marks its lease `stopping`; a task still running on a cluster's executor (a signal
+# to the driver does not reach it) then records nothing. The driver waits this long for a record
+# written just before the mark, then publishes the index of every recorded shard.
+STOP_GRACE_S = 2.0
 HOST = socket.gethostname()
+# An S3-compatible endpoint (MinIO, R2, on-prem) may be given under any of these names, the first set
+# wins: streaming's, botocore's (service-specific, then global), fsspec's. It becomes S3_ENDPOINT_URL
+# at start-up, so that reads (pyarrow), writes (streaming) and every engine task use the same one.
+S3_ENDPOINT_VARS = ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'FSSPEC_S3_ENDPOINT_URL')
+# Storage settings the driver's environment holds, carried to every pyspark / ray task (unless
+# --storage_env cluster): a cluster's workers run with the environment their cluster started with.
+# Names that start with one of these (values, secrets included, are never printed or recorded).
+STORAGE_ENV = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
 # Input columns are cast to these before encoding; a value that does not cast skips its shard.
 ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
 
@@ -237,6 +255,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--distributor', choices=sorted(ENGINES), default='multiprocessing',
                    help='Where the shard tasks run: multiprocessing (--processes on this machine), pyspark '
                         'or ray (the cluster that spark-submit / RAY_ADDRESS gives, else this machine).')
+    p.add_argument('--storage_env', choices=('forward', 'cluster'), default='forward',
+                   help='forward: carry this shell\'s storage settings (S3_*, AWS_*, FSSPEC_*, GCS_*, '
+                        'GOOGLE_APPLICATION_CREDENTIALS, OCI_*, AZURE_*) to every pyspark / ray task; '
+                        'cluster: the workers use their own (instance roles, cluster-wide settings).')
+    p.add_argument('--connect_timeout', type=at_least(float, 0, strict=True), default=10.0,
+                   help='Seconds to wait for the cluster (RAY_ADDRESS, a spark:// master) to answer before '
+                        'the run stops in one line.')
     p.add_argument('--processes', type=at_least(int, 1), default=os.cpu_count() or 1,
                    help='Worker processes, each converting one parquet shard at a time (multiprocessing; '
                         'pyspark and ray use the cluster\'s cores).')
@@ -334,13 +359,11 @@ def uploader(staging: str, remote: str, retry: int, cache: bool = False):
     return up
 
 
-def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str, retry: int) -> None:
-    """Write one file at `remote`/`rel`, whole or not at all (a rename, or one PUT), from its bytes or
-    from chunks of them (never all in memory at once)."""
-    chunks = [data] if isinstance(data, bytes) else data
-    if not is_cloud(remote):
-        write_local_atomic(os.path.join(remote, rel), chunks)
-        return
+def put_folder(remote: str, rel: str, chunks: Iterable[bytes], staging: str, retry: int) -> None:
+    write_local_atomic(os.path.join(remote, rel), chunks)
+
+
+def put_cloud(remote: str, rel: str, chunks: Iterable[bytes], staging: str, retry: int) -> None:
     root = os.path.join(staging, f'publish{os.getpid()}')
     os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
     with open(os.path.join(root, rel), 'wb') as f:
@@ -348,40 +371,125 @@ def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str
     uploader(root, remote, retry, cache=True).upload_file(rel)  # removes the local copy
 
 
-def list_records(remote: str, prefix: str) -> list[str]:
-    """Paths (relative to `remote`) of every *.record below `remote`/`prefix`."""
-    if not is_cloud(remote):
-        base = Path(remote, prefix)
-        return sorted(str(p.relative_to(remote)) for p in base.rglob('*.record')) if base.is_dir() else []
+def list_folder(remote: str, prefix: str, suffix: str) -> list[str]:
+    base = Path(remote, prefix)
+    return sorted(str(p.relative_to(remote)) for p in base.rglob(f'*{suffix}')) if base.is_dir() else []
+
+
+def list_cloud(remote: str, prefix: str, suffix: str) -> list[str]:
     from streaming.base.storage.upload import CloudUploader
     with tempfile.TemporaryDirectory() as tmp:
         keys = CloudUploader.get((tmp, remote), exist_ok=True).list_objects(prefix.strip('/') + '/') or []
     root = urlparse(remote).path.strip('/')
-    return sorted(k[len(root):].strip('/') if root else k for k in keys if k.endswith('.record'))
+    return sorted(k[len(root):].strip('/') if root else k for k in keys if k.endswith(suffix))
 
 
-def read_remote(remote_file: str) -> bytes:
-    if not is_cloud(remote_file):
-        return Path(remote_file).read_bytes()
+def read_folder(url: str) -> bytes:
+    return Path(url).read_bytes()
+
+
+def read_cloud(url: str) -> bytes:
     from streaming.base.storage.download import CloudDownloader
     with tempfile.TemporaryDirectory() as tmp:
         dest = os.path.join(tmp, 'f')
         try:
-            CloudDownloader.direct_download(remote_file, dest)
+            CloudDownloader.direct_download(url, dest)
         except Exception as e:  # streaming raises a missing S3 object as it is (a 404 ClientError)
             if getattr(e, 'response', {}).get('Error', {}).get('Code') in ('404', 'NoSuchKey'):
-                raise FileNotFoundError(remote_file) from e
+                raise FileNotFoundError(url) from e
             raise
         return Path(dest).read_bytes()
 
 
-def read_records(remote: str, subfolder: str | None) -> dict[str, dict[str, dict]]:
-    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one."""
+def settle_folder(record: dict, parts: str, args: argparse.Namespace) -> None:
+    """Every file is fsynced as it lands; then the new folders' entries too."""
+    for bucket in record['parts']:
+        part = Path(parts, bucket, args.subfolder, record['shard'])
+        fsync_file(str(part))
+        fsync_file(str(part.parent))
+
+
+def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
+    """Check that every file of a shard's parts is listed at the remote."""
+    sid, sub = record['shard'], args.subfolder
+    files, listed = [], set()
+    up = uploader(staging, args.remote, args.retry, cache=True)
+    for bucket, part in record['parts'].items():
+        rel = join(bucket, sub, sid)
+        files += [join(rel, mds_name(i)) for i in range(len(part['bytes']))] + [join(rel, 'index.json')]
+        listed.update(up.list_objects(rel + '/') or [])
+    root = urlparse(args.remote).path.strip('/')
+    missing = [f for f in files if join(root, f).strip('/') not in listed]
+    if missing:
+        raise RuntimeError(f'uploaded but not listed at the remote: {missing[:3]}')
+
+
+def land_cloud(parts: str, args: argparse.Namespace) -> Callable[[str], Any]:
+    up = uploader(parts, args.remote, args.retry, cache=True)
+    return lambda path: up.upload_file(os.path.relpath(path, parts))
+
+
+@dataclass(frozen=True)
+class RemoteKind:
+    """One kind of --remote: how a file is put (whole or not at all), read and listed there, and how
+    a worker lands a shard's parts, each MDS file as soon as it is written."""
+    put: Callable[[str, str, Iterable[bytes], str, int], None]  # (remote, rel, chunks, staging, retry)
+    read: Callable[[str], bytes]  # a file's URL -> its bytes; FileNotFoundError if there is none
+    list: Callable[[str, str, str], list[str]]  # (remote, prefix, suffix) -> keys relative to remote
+    parts: Callable[[argparse.Namespace], str]  # the root this worker writes a shard's parts below
+    land: Callable[[str, argparse.Namespace], Callable[[str], Any]]  # (parts, args) -> land(file)
+    settle: Callable[[dict, str, argparse.Namespace], None]  # (record, parts, args): all files landed
+    staged: bool  # the parts are a local copy (removed once up); else they are the remote's own files
+
+
+REMOTES = {
+    # written in place: fsync + rename; a task run twice writes the same bytes under the shard's id
+    'folder': RemoteKind(put_folder, read_folder, list_folder, lambda args: args.remote,
+                         lambda parts, args: fsync_file, settle_folder, staged=False),
+    # streaming's CloudUploader / CloudDownloader; parts staged per process, so two runs of one
+    # shard (an engine's retry beside a slow first try) never share files
+    'cloud': RemoteKind(put_cloud, read_cloud, list_cloud,
+                        lambda args: os.path.join(args.staging, 'parts', str(os.getpid())),
+                        land_cloud, check_listed, staged=True),
+}
+
+
+def remote_kind(url: str) -> RemoteKind:
+    """The row for a --remote (or a file at one): a folder, or anything with a scheme."""
+    return REMOTES['cloud' if is_cloud(url) else 'folder']
+
+
+def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str, retry: int) -> None:
+    """Write one file at `remote`/`rel`, whole or not at all (a rename, or one PUT), from its bytes or
+    from chunks of them (never all in memory at once)."""
+    remote_kind(remote).put(remote, rel, [data] if isinstance(data, bytes) else data, staging, retry)
+
+
+def list_records(remote: str, prefix: str, suffix: str = '.record') -> list[str]:
+    """Paths (relative to `remote`) of every *.record (or other `suffix`) below `remote`/`prefix`."""
+    return remote_kind(remote).list(remote, prefix, suffix)
+
+
+def read_remote(remote_file: str) -> bytes:
+    return remote_kind(remote_file).read(remote_file)
+
+
+def record_subfolder(rel: str) -> str:
+    """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
+    return os.path.dirname(rel)[len(RECORDS):].strip('/')
+
+
+def read_records(remote: str, subfolder: str | None,
+                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
+    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
+    The other subfolders with records that the listing saw are added to `others`."""
     wanted = []
     for rel in list_records(remote, join(RECORDS, subfolder or '')):
-        sub = os.path.dirname(rel)[len(RECORDS):].strip('/')
+        sub = record_subfolder(rel)
         if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
             wanted.append((sub, join(remote, rel)))
+        elif others is not None:
+            others.add(sub)
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
         for (sub, url), data in zip(wanted, pool.map(read_remote, [url for _, url in wanted])):
@@ -446,13 +554,15 @@ class Lease:
     every LEASE_HEARTBEAT_S by a thread, released at the end. It is stale once its run is gone (same
     host: at once; another host: LEASE_STALE_S after its last refresh), and then taken over."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, subfolder: str | None = None):
         self.args = args
-        self.rel = join(RECORDS, args.subfolder, LEASE)
+        self.subfolder = args.subfolder if subfolder is None else subfolder
+        self.rel = join(RECORDS, self.subfolder, LEASE)
         self.url = join(args.remote, self.rel)
         self.mine = {'token': uuid.uuid4().hex, 'host': HOST, 'pid': os.getpid(),
                      'start': proc_start(os.getpid()), 'local': args.local}
         self.lost = ''  # why this run no longer holds the lease (another took it over)
+        self.stopping = False  # set by halt_tasks: its tasks record nothing more
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -465,10 +575,11 @@ class Lease:
             return {}
 
     def write(self, released: bool = False) -> None:
-        lease = {**self.mine, 'seen': time.time(), 'released': released}
+        lease = {**self.mine, 'seen': time.time(), 'released': released, 'stopping': self.stopping}
         put_bytes(self.args.remote, self.rel, json.dumps(lease).encode(), self.args.staging, self.args.retry)
 
-    def held_by_other(self, lease: dict | None) -> str:
+    def held_by_other(self, lease: dict | None,
+                      advice: str = 'wait for it to end or use another --subfolder') -> str:
         """'' if `lease` is ours, absent, released or stale; else a line saying who holds it."""
         if not lease or lease.get('released') or lease.get('token') == self.mine['token']:
             return ''
@@ -477,10 +588,10 @@ class Lease:
         if gone or age > LEASE_STALE_S:
             return ''
         who = f"host {lease.get('host')}, pid {lease.get('pid')}, --local {lease.get('local')}"
-        return (f'{self.args.remote} (--subfolder {self.args.subfolder or "none"}) is being written by '
-                f'another laion_cloudwriter run ({who}, seen {age:.0f} s ago); wait for it to end or use '
-                f'another --subfolder; its lease goes stale {LEASE_STALE_S:.0f} s after that run dies, or '
-                f'delete {self.url} if you know it is dead')
+        return (f'{self.args.remote} (--subfolder {self.subfolder or "none"}) is being written by '
+                f'another laion_cloudwriter run ({who}, seen {age:.0f} s ago); {advice}; its lease goes '
+                f'stale {LEASE_STALE_S:.0f} s after that run dies, or delete {self.url} if you know it is '
+                'dead')
 
     def acquire(self) -> None:
         """Take the lease or refuse. Written, then read back after a while longer than a write: of
@@ -511,6 +622,13 @@ class Lease:
                     return
                 self.write()
 
+    def halt_tasks(self) -> None:
+        """Mark the lease `stopping` (this run still holds it): a task that has not recorded its shard
+        yet abandons it (see still_ours)."""
+        self.stopping = True
+        with contextlib.suppress(Exception):
+            self.write()
+
     def release(self, remote_ok: bool = True) -> None:
         """Mark the lease released (when it is still ours): the next run starts at once. After a
         remote failure nothing is written (it would only retry against the failing remote): the lease
@@ -532,7 +650,8 @@ class Lease:
 def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
     path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
-    takes it, for S3-compatible stores); any other scheme through fsspec."""
+    takes it and main() sets it from S3_ENDPOINT_VARS, for S3-compatible stores); any other scheme
+    through fsspec."""
     if not is_cloud(url):
         return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
     parsed = urlparse(url)
@@ -571,6 +690,13 @@ def finished_shards(names: set[str]) -> list[str]:
     """Ids of the shards whose parquet and _stats.json are both there, in order."""
     return sorted(n[:-len('_stats.json')] for n in names
                   if n.endswith('_stats.json') and f"{n[:-len('_stats.json')]}.parquet" in names)
+
+
+def unfinished_shards(names: set[str], records: dict[str, dict]) -> list[str]:
+    """Ids of the parquet files without a _stats.json (img2dataset writes it once a shard is finished)
+    that are not converted either: what a finished run leaves unconverted."""
+    sids = (n[:-len('.parquet')] for n in names if n.endswith('.parquet'))
+    return sorted(sid for sid in sids if f'{sid}_stats.json' not in names and sid not in records)
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -1004,19 +1130,14 @@ def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
-    """Check that every file of a shard's parts is listed at the remote."""
-    sid, sub = record['shard'], args.subfolder
-    files, listed = [], set()
-    up = uploader(staging, args.remote, args.retry, cache=True)
-    for bucket, part in record['parts'].items():
-        rel = join(bucket, sub, sid)
-        files += [join(rel, mds_name(i)) for i in range(len(part['bytes']))] + [join(rel, 'index.json')]
-        listed.update(up.list_objects(rel + '/') or [])
-    root = urlparse(args.remote).path.strip('/')
-    missing = [f for f in files if join(root, f).strip('/') not in listed]
-    if missing:
-        raise RuntimeError(f'uploaded but not listed at the remote: {missing[:3]}')
+def still_ours(args: argparse.Namespace) -> bool:
+    """Whether the run that gave this task is still running on (its lease neither stopping nor taken
+    over); a task asks this before it records its shard."""
+    try:
+        lease = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, LEASE)))
+    except FileNotFoundError:
+        return True
+    return lease.get('token') == args.run_token and not lease.get('stopping')
 
 
 def write_record(record: dict, args: argparse.Namespace) -> None:
@@ -1033,21 +1154,16 @@ def convert_shard(sid: str) -> dict[str, Any]:
     """
     args = _WORKER['args']
     parquet = shard_path(args.local, sid)
-    cloud = is_cloud(args.remote)
-    # staging of this process: two runs of one shard (an engine's retry beside a slow first try) never
-    # share files; at a folder remote both write the same bytes under the shard's id
-    out_root = os.path.join(args.staging, 'parts', str(os.getpid())) if cloud else args.remote
+    kind = remote_kind(args.remote)
+    out_root = kind.parts(args)
     if 'io' not in _WORKER:
         _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
     io_threads = _WORKER['io']
     landing: list[Future] = []
     bad_input = False
     preview: dict[str, list[dict]] | None = {} if args.preview else None
-    if cloud:
-        up = uploader(out_root, args.remote, args.retry, cache=True)
-        land = lambda path: landing.append(io_threads.submit(up.upload_file, os.path.relpath(path, out_root)))  # noqa: E731
-    else:
-        land = lambda path: landing.append(io_threads.submit(fsync_file, path))  # noqa: E731
+    land_file = kind.land(out_root, args)
+    land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
     try:
         try:
             record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
@@ -1058,15 +1174,11 @@ def convert_shard(sid: str) -> dict[str, Any]:
                              fatal=True) from e
         for fut in landing:
             fut.result()
-        if cloud:
-            check_listed(record, out_root, args)
-        else:  # the new folders' entries too
-            for bucket in record['parts']:
-                part = Path(out_root, bucket, args.subfolder, sid)
-                fsync_file(str(part))
-                fsync_file(str(part.parent))
+        kind.settle(record, out_root, args)
         if preview is not None:  # before the record: a recorded shard has its candidates
             record['preview'] = write_candidates(preview, sid, args)
+        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
+            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
         write_record(record, args)
     except ShardError as e:
         bad_input = not e.fatal
@@ -1078,7 +1190,7 @@ def convert_shard(sid: str) -> dict[str, Any]:
         for fut in landing:
             fut.cancel()
         wait(landing)  # nothing still reads the files removed below
-        if cloud or bad_input:  # staging, or the unindexed start of a skipped shard
+        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
             remove_parts(out_root, args.subfolder, sid)
     if not args.keep_parquet:
         delete_input(*input_fs(args.local), sid)
@@ -1111,13 +1223,23 @@ def convert_task(sid: str) -> dict[str, Any]:
         return {'error': e.message, 'fatal': e.fatal}
 
 
-def in_worker(source: str, args: argparse.Namespace, sid: str) -> dict[str, Any]:
-    """convert_task in a pyspark or ray worker process. This script travels with the task as `source`
-    and is loaded once per worker process (kept with its buffers for the next task): the workers need
-    requirements.txt installed, not this file."""
+def storage_env(args: argparse.Namespace) -> dict[str, str]:
+    """The driver's storage settings that its engine tasks take over (none with --storage_env cluster)."""
+    if args.storage_env == 'cluster':
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+
+
+def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
+    """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
+    first. This script travels with the task as `source` and is loaded once per worker process (kept
+    with its buffers for the next task): the workers need requirements.txt installed, not this file.
+    `env` travels inside the task's arguments, not the engine's configuration (Ray's runtime_env and
+    Spark's executorEnv are shown in their dashboards, and an existing SparkContext ignores the latter)."""
     import hashlib
     import sys
     import types
+    os.environ.update(env)
     name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
     if name not in sys.modules:
         module = types.ModuleType(name)
@@ -1271,7 +1393,7 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
                  f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
         path = join(folder, f'{prefix}{bucket}.png')
         png = io.BytesIO()
-        sheet = contact_sheet(title, tiles, args.preview, (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
+        sheet = contact_sheet(title, tiles, len(tiles), (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
         sheet.save(png, 'PNG')
         write_file(path, png.getvalue())
         out[bucket] = {'png': path, 'keys': [c['key'] for c in shown]}
@@ -1363,7 +1485,7 @@ def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> 
             'samples': sum(per_bucket.values()), 'skipped_by_reason': skipped,
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
-            'skipped_shards': run['bad'], 'errors': run['errors'],
+            'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
             'elapsed_s': round(elapsed, 2),
             'samples_per_s': round(run['samples'] / max(elapsed, 1e-9), 1),
             'mb_per_s': round(mb / max(elapsed, 1e-9), 1)}
@@ -1380,6 +1502,12 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
         lines += [f'  {n:>8}  {k}' for k, n in sorted(summary['skipped_by_reason'].items())]
     for bad in summary['skipped_shards']:
         lines.append(f'SKIPPED (parquet kept): {bad}')
+    ignored = summary['ignored_parquet']
+    if ignored:
+        shown = ', '.join(ignored[:3]) + (', ...' if len(ignored) > 3 else '')
+        lines.append(f'IGNORED (not converted): {len(ignored)} parquet file(s) without the _stats.json '
+                     f'img2dataset writes once a shard is finished: {shown}; finish them (rerun the '
+                     'download) or give each its NNNNN_stats.json if it is whole, then rerun')
     for err in summary['errors']:
         lines.append(f'ERROR: {err}')
     if summary.get('interrupted'):
@@ -1430,18 +1558,29 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
     """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
     `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
     Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
+    if SparkContext._active_spark_context is None:  # a new session: its master must answer first
+        SparkContext._ensure_initialized()  # the JVM that spark-submit (or PYSPARK_SUBMIT_ARGS) set up
+        master = SparkConf().get('spark.master', '')
+        if master.startswith('spark://'):  # standalone (a dead one: ~60 s of retries, then a stack)
+            for address in master[len('spark://'):].split(','):
+                reachable(address, f'Spark master {master}', args.connect_timeout)
     sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
         .getOrCreate().sparkContext
     sc.setLogLevel('ERROR')
-    task = functools.partial(in_worker, Path(__file__).read_text(), args)
+    server = getattr(sc, '_accumulatorServer', None)  # we use no accumulators; a SIGTERM to our process
+    if server is not None:  # group ends the JVM too, and socketserver prints the broken link's traceback
+        server.handle_error = lambda request, client_address: None
+    task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
     # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
     # queued task at once, instead of idling while its job returns and the next is built
     jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
 
     def stop(now: bool) -> None:
         if now:
-            sc.cancelAllJobs()
+            with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
+                sc.cancelAllJobs()
         jobs.shutdown(wait=not now, cancel_futures=True)
     return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
                   sc.defaultParallelism, stop)
@@ -1451,16 +1590,31 @@ def ray_engine(args: argparse.Namespace) -> Engine:
     """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
     `ray start` began on this machine), else a new one on this machine."""
     import ray
+    address = os.environ.get('RAY_ADDRESS', '')
+    if address not in ('', 'auto', 'local') and not ray.is_initialized():  # a dead one: minutes of retries
+        reachable(address.split('://')[-1], 'RAY_ADDRESS', args.connect_timeout)
     if not ray.is_initialized():
         ray.init(logging_level=logging.ERROR, log_to_driver=False)
-    source = ray.put(Path(__file__).read_text())
+    source, env = ray.put(Path(__file__).read_text()), ray.put(storage_env(args))
     task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
 
     def stop(now: bool) -> None:
         if now:  # ends this job: the cluster kills its tasks
-            ray.shutdown()
-    return Engine(lambda sid: task.remote(source, args, sid).future(),
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
                   max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
+
+
+def reachable(address: str, what: str, timeout: float) -> None:
+    """Raise RunError unless something listens at `address` (host:port) within `timeout` s."""
+    host, _, port = address.rpartition(':')
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RunError(f'{what} {address}: nothing answers there within {timeout:g} s '
+                       f'({type(e).__name__}: {e}); start the cluster or fix the address '
+                       '(--connect_timeout waits longer)') from None
 
 
 ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
@@ -1526,115 +1680,182 @@ def recorded_meanwhile(sids: list[str], args: argparse.Namespace) -> dict[str, d
     return out
 
 
-def run(args: argparse.Namespace, lease: Lease) -> int:
-    start = time.time()
-    records = read_records(args.remote, args.subfolder).get(args.subfolder, {})
+def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
+    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
+    the input of shards recorded by a run that died before deleting it."""
+    others: set[str] = set()
+    records = read_records(args.remote, args.subfolder, others).get(args.subfolder, {})
+    if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
+        raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
+                       'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
+                       'only; give this run its own --subfolder, then --merge_only')
     mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
     if mixed:
-        print(f'error: {args.remote} holds shards written {"without" if args.bucketed else "with"} '
-              f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder',
-              file=sys.stderr)
-        return EXIT_FATAL
-    fs, root = input_fs(args.local)
-    if not args.keep_parquet:  # recorded, but a run died before deleting its input
+        raise RunError(f'{args.remote} holds shards written {"without" if args.bucketed else "with"} '
+                       f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
+    if not args.keep_parquet:
         names = list_input(fs, root)
         for sid in records:
             if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
                 delete_input(fs, root, sid)
-    run_stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': []}
+    return records
+
+
+def start_engine(args: argparse.Namespace) -> Engine:
+    """The --distributor's engine, with our stop-signal handlers back; RunError if it does not start."""
     try:
         engine = ENGINES[args.distributor](args)
+    except RunError as e:
+        raise RunError(f'--distributor {args.distributor}: {e}') from None
     except Exception as e:
-        print(f'error: --distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
-              f'{first_line(e)})', file=sys.stderr, flush=True)
-        return EXIT_FATAL
-    lease.start_refreshing()
+        raise RunError(f'--distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
+                       f'{first_line(e)})') from None
+    for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
+        signal.signal(sig, on_signal)
+    return engine
+
+
+@dataclass
+class Work:
+    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
+    fs: pafs.FileSystem
+    root: str
+    records: dict[str, dict]
+    stats: dict[str, Any]
+    futures: dict[Future, str]
+    todo: list[str]  # finished at the last look, not yet submitted
+    bad: set[str]
+    last_scan: float = -math.inf
+
+    def add(self, rec: dict) -> None:
+        self.records[rec['shard']] = shared_config(rec)
+        self.stats['shards'] += 1
+        self.stats['samples'] += sum(rec['samples'].values())
+        self.stats['bytes'] += rec['bytes']
+
+
+def scan(work: Work, args: argparse.Namespace) -> bool:
+    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
+    while tasks run); True if it looked and `done` was there."""
+    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
+        return False
+    work.last_scan = time.time()
+    done_flag = exists(work.fs, join(work.root, 'done'))  # before the listing: no shard missed
+    busy = set(work.futures.values())
+    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
+                 if sid not in work.records and sid not in work.bad and sid not in busy]
+    return done_flag
+
+
+def submit(work: Work, engine: Engine) -> None:
+    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
+    while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
+        sid = work.todo.pop(0)
+        work.futures[engine.submit(sid)] = sid
+
+
+def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
+    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises."""
+    for fut in finished:
+        sid = work.futures.pop(fut)
+        try:
+            rec = task_result(fut, sid, args)
+        except ShardError as e:
+            if e.fatal:
+                work.stats['errors'].append(e.message)
+                raise
+            work.bad.add(sid)
+            work.stats['bad'].append(e.message)
+            tqdm.write(f'skipped, parquet kept: {e.message}', file=sys.stderr)
+            continue
+        work.add(rec)
+        bar.update(1)
+
+
+def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> None:
+    """The driver loop: scan, submit, collect, and merge while running (at most every
+    --merge_interval, and never more than MERGE_SHARE of the time), until done or a stop signal."""
     wb = wandb_run(args)
     bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
-    futures: dict[Future, str] = {}
-    todo: list[str] = []  # finished at the last look, not yet submitted
-    bad: set[str] = set()
-    last_merge, merged_n, last_scan = time.time(), len(records), -math.inf
-    merge_s = 0.0  # how long the last merge took
-
-    def add(rec: dict) -> None:
-        records[rec['shard']] = shared_config(rec)
-        run_stats['shards'] += 1
-        run_stats['samples'] += sum(rec['samples'].values())
-        run_stats['bytes'] += rec['bytes']
-
+    last_merge, merged_n, merge_s = time.time(), len(work.records), 0.0
     try:
         while not _STOP['signal']:
             if lease.lost:
                 raise ShardError(lease.lost, fatal=True)
-            if not todo and (not futures or time.time() - last_scan >= args.poll_interval):
-                last_scan = time.time()
-                done_flag = exists(fs, join(root, 'done'))  # before the listing: no shard missed
-                busy = set(futures.values())
-                todo = [sid for sid in finished_shards(list_input(fs, root))
-                        if sid not in records and sid not in bad and sid not in busy]
-                if not futures and not todo:
-                    if done_flag:
-                        break
-                    sleep_unless_stopped(args.poll_interval)
-                    continue
-            while todo and len(futures) < QUEUED_PER_SLOT * engine.slots:
-                sid = todo.pop(0)
-                futures[engine.submit(sid)] = sid
-            bar.total = len(records) + len(futures) + len(todo)
-            finished, _ = wait(list(futures), timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                sid = futures.pop(fut)
-                try:
-                    rec = task_result(fut, sid, args)
-                except ShardError as e:
-                    if e.fatal:
-                        run_stats['errors'].append(e.message)
-                        raise
-                    bad.add(sid)
-                    run_stats['bad'].append(e.message)
-                    tqdm.write(f'skipped, parquet kept: {e.message}', file=sys.stderr)
-                    continue
-                add(rec)
-                bar.update(1)
+            done = scan(work, args)
+            if not work.futures and not work.todo:
+                if done:
+                    break
+                sleep_unless_stopped(args.poll_interval)
+                continue
+            submit(work, engine)
+            bar.total = len(work.records) + len(work.futures) + len(work.todo)
+            finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
+            if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
+                break
+            collect(work, finished, args, bar)
             el = max(time.time() - start, 1e-9)
-            samples, nbytes = engine.progress or (run_stats['samples'], run_stats['bytes'])
+            samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
             bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
-                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(records)})
-            if len(records) > merged_n and \
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
+            if len(work.records) > merged_n and \
                     time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
                 merge_s = time.time()
-                merge_run(records, args)
-                last_merge, merged_n = time.time(), len(records)
+                merge_run(work.records, args)
+                last_merge, merged_n = time.time(), len(work.records)
                 merge_s = last_merge - merge_s
-    except ShardError as e:
-        engine.stop(True)
+    finally:
         bar.close()
-        print(f'error: {e.message}', file=sys.stderr, flush=True)
-        return finish(records, run_stats, start, args, EXIT_FATAL)
+        if wb is not None:
+            wb.finish()
+
+
+def run(args: argparse.Namespace, lease: Lease) -> int:
+    """Convert every finished shard of --local, publish each bucket's index, write the summary."""
+    start = time.time()
+    fs, root = input_fs(args.local)
+    stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [], 'ignored': []}
+    try:
+        work = Work(fs, root, prior_records(args, fs, root), stats, {}, [], set())
+        engine = start_engine(args)
+    except RunError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return EXIT_FATAL
+    lease.start_refreshing()
+    fatal = ''
+    try:
+        convert(work, engine, args, lease, start)
+    except ShardError as e:
+        fatal = e.message
+        print(f'error: {fatal}', file=sys.stderr, flush=True)
     except BaseException:
         engine.stop(True)
         raise
-    if _STOP['signal']:
-        engine.stop(True)
-        for rec in recorded_meanwhile(list(futures.values()), args).values():
-            add(rec)
+    if _STOP['signal'] and not fatal:
+        lease.halt_tasks()
+    engine.stop(bool(_STOP['signal'] or fatal))
+    if not fatal:  # after a fatal error nothing more is asked of the remote
+        if _STOP['signal']:
+            time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
+            for rec in recorded_meanwhile(list(work.futures.values()), args).values():
+                work.add(rec)
+        else:
+            work.stats['ignored'] = [shard_path(args.local, sid)
+                                     for sid in unfinished_shards(list_input(fs, root), work.records)]
+        try:
+            merge_run(work.records, args)
+        except Exception as e:
+            fatal = f'writing the merged index.json to {args.remote} failed ({type(e).__name__}: {e})'
+            work.stats['errors'].append(fatal)
+            print(f'error: {fatal}', file=sys.stderr, flush=True)
+    if fatal:
+        code = EXIT_FATAL
+    elif _STOP['signal']:
+        code = 128 + _STOP['signal']
     else:
-        engine.stop(False)
-    bar.close()
-    try:
-        merge_run(records, args)
-    except Exception as e:
-        msg = f'writing the merged index.json to {args.remote} failed ({type(e).__name__}: {e})'
-        run_stats['errors'].append(msg)
-        print(f'error: {msg}', file=sys.stderr, flush=True)
-        return finish(records, run_stats, start, args, EXIT_FATAL)
-    if wb is not None:
-        wb.finish()
-    if _STOP['signal']:
-        return finish(records, run_stats, start, args, 128 + _STOP['signal'])
-    return finish(records, run_stats, start, args, EXIT_BAD_INPUT if run_stats['bad'] else EXIT_OK)
+        code = EXIT_BAD_INPUT if work.stats['bad'] or work.stats['ignored'] else EXIT_OK
+    return finish(work.records, work.stats, start, args, code)
 
 
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
@@ -1664,8 +1885,15 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
 
 
 def merge_only(args: argparse.Namespace) -> int:
-    """--merge_only: join every subfolder's done shards; nothing recorded there is an error."""
+    """--merge_only: join every subfolder's done shards; nothing recorded there is an error, and so is
+    a subfolder that a live run still writes (its index would miss what that run records next)."""
     try:
+        for rel in list_records(args.remote, RECORDS, LEASE):
+            lease = Lease(args, record_subfolder(rel))
+            busy = lease.held_by_other(lease.read(), 'run --merge_only once it has ended')
+            if busy:
+                print(f'error: --merge_only: {busy}', file=sys.stderr)
+                return EXIT_FATAL
         totals = merge_subfolders(args)
     except Exception as e:
         print(f'error: merging at {args.remote} failed ({type(e).__name__}: {e})', file=sys.stderr)
@@ -1698,11 +1926,15 @@ def take_ownership(args: argparse.Namespace) -> Lease:
         raise
     except Exception as e:  # e.g. a bucket that does not exist, no credentials
         raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
+    args.run_token = lease.mine['token']  # the tasks' way to tell that this run still runs
     return lease
 
 
 def main() -> int:
     args = parse_args()
+    endpoint = next((os.environ[k] for k in S3_ENDPOINT_VARS if os.environ.get(k)), '')
+    if endpoint:
+        os.environ['S3_ENDPOINT_URL'] = endpoint
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
     if args.merge_only:
         args.staging = args.staging or tempfile.mkdtemp(prefix='cloudwriter-merge-')

@@ -288,6 +288,29 @@ def test_many_machines_write_subfolders_and_merge_into_one_dataset(root, tmp_pat
     assert {s['key'] for s in a} == {k for k, r in want['machine-a'].items()
                                      if 256 <= min(header_size(r['jpg'])) < 512}
 
+    # The published index never loses what it listed: a later run without --subfolder on this remote
+    # (its index.json would hold its own shards only) refuses, and so does --merge_only while a live
+    # run.lease says a subfolder is still being written; neither touches an index.
+    published = {p: p.read_bytes() for p in Path(remote).rglob('index.json')}
+    later = tmp_path / 'later'
+    make_input(later, range(1), items=good_items(), key_offset=300)
+    r = cloudwriter(root, '--local', str(later), '--remote', remote, '--bucketed')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert last_line(r.stderr) == (
+        f'error: {remote} holds the runs of --subfolder machine-a, machine-b: a run without --subfolder '
+        'would replace <remote>/<bucket>/index.json with its own shards only; give this run its own '
+        '--subfolder, then --merge_only')
+    assert (later / '00000.parquet').exists()
+    lease = Path(remote, '_cloudwriter', 'machine-b', 'run.lease')
+    lease.write_text(json.dumps({'token': 'x', 'host': 'elsewhere', 'pid': 1, 'seen': time.time()}))
+    r = cloudwriter(root, '--remote', remote, '--merge_only')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    line = last_line(r.stderr)
+    assert line.startswith(f'error: --merge_only: {remote} (--subfolder machine-b) is being written by '
+                           'another laion_cloudwriter run (host elsewhere, pid 1,')
+    assert 'run --merge_only once it has ended' in line
+    assert {p: p.read_bytes() for p in Path(remote).rglob('index.json')} == published
+
 
 def thumb(item) -> np.ndarray:
     """The item's image as the preview shows it: RGB, at most 128 px on its longer side."""
@@ -355,6 +378,59 @@ def test_preview_draws_samples_spread_over_the_shards_and_a_rerun_reuses_earlier
     assert_tiles(Path(preview['64-128']['png']), 3, [mid[0], mid[1], mid[0]], small + mid)
     assert sorted(p.name for p in (remote / '_cloudwriter').glob('*.preview')) == [
         f'0000{s}.preview' for s in range(5)]
+
+
+def test_preview_larger_than_the_candidates_draws_a_sheet_of_the_candidates(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    by_name = {it.name: it for it in good_items()}
+    small = [by_name['landscape_40_baseline.jpg'], by_name['portrait_40_baseline.jpg']]  # bucket 0-64
+    make_input(local, [0, 1], items=small)
+
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--preview', '3000')
+
+    assert r.returncode == 0, r.stderr  # 4 candidates: a sheet of 4 tiles, not of 3000 empty cells
+    preview = json.loads((local / '_cloudwriter' / 'summary.json').read_text())['preview']
+    assert preview[ALL]['keys'] == ['000000000', '000000001', '000010000', '000010001']
+    assert_tiles(Path(preview[ALL]['png']), 4, [small[0], small[1]] * 2, small)
+
+
+def test_a_done_download_with_parquet_files_lacking_stats_names_them_and_exits_1(root, tmp_path):
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, [0], items=good_items()[:3])
+    for s in (1, 2):  # a shard img2dataset never finished, a parquet from elsewhere: no _stats.json
+        write_shard(local, s, shard_rows(s, good_items()[:3], failures=0), stats=False)
+
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote))
+
+    assert r.returncode == 1, r.stderr
+    ignored = [str(local / '00001.parquet'), str(local / '00002.parquet')]
+    assert ('IGNORED (not converted): 2 parquet file(s) without the _stats.json img2dataset writes once a '
+            f'shard is finished: {ignored[0]}, {ignored[1]}; finish them') in r.stdout
+    summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
+    assert summary['ignored_parquet'] == ignored
+    assert summary['exit_code'] == 1 and summary['shards_done'] == 1
+    assert_dataset(read_buckets(str(remote), [ALL]), want, bucketed=False)
+    assert (local / '00001.parquet').exists() and (local / '00002.parquet').exists()
+
+
+def test_the_output_reads_as_mosaicml_diffusions_streaming_laion_dataset_reads_it(root, tmp_path):
+    """The contract of StreamingLAIONDataset.__getitem__, restated from mosaicml/diffusion's
+    diffusion/datasets/laion/laion.py at 8d89acef209fdf7d574996ad71bcc240965175e2: a StreamingDataset
+    sample; `Image.open(BytesIO(sample['jpg']))`, `.convert('RGB')` unless mode is RGB; `sample['caption']`
+    handed to a CLIP tokenizer as text. (Its `caption_latents` / `latents_256|512` are precompute's.)"""
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, [0], items=good_items())
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--bucketed')
+    assert r.returncode == 0, r.stderr
+    got = [s for b in BUCKETS if (remote / b / 'index.json').exists() for s in read_mds(str(remote / b))]
+    assert {s['key'] for s in got} == set(want)
+    for sample in got:
+        img = Image.open(io.BytesIO(sample['jpg']))
+        if img.mode != 'RGB':
+            img = img.convert('RGB')
+        img.load()  # what its transform (crop, ToTensor) forces
+        assert img.mode == 'RGB' and img.size == (sample['width'], sample['height'])
+        assert type(sample['caption']) is str and sample['caption'] == want[sample['key']]['caption']
 
 
 def test_mds_files_are_byte_equal_to_streamings_mdswriter(tmp_path):

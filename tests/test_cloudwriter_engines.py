@@ -1,15 +1,22 @@
 """laion_cloudwriter.py on many machines' engines, as a user switches to them: --distributor pyspark
-(Spark local mode, local[2,4]: 2 cores, a task tried up to 4 times) and ray (one local node shared
-by this module, joined through RAY_ADDRESS as a cluster is), and --local in object storage (the test
-bed's S3). Everything stays on 127.0.0.1. Each engine must write what multiprocessing writes, survive
-its driver's kill -9 and a worker killed mid-task, and never duplicate a sample."""
+(Spark local mode, local[2,4]: 2 cores, a task tried up to 4 times; and a standalone master + worker
+started once for the module, as a cluster is) and ray (one local node shared by this module, joined
+through RAY_ADDRESS as a cluster is), and --local in object storage (the test bed's S3). Both clusters
+start before any job and without the driver's storage settings (their own point at a dead loopback
+port): what a task needs of them it gets from the driver. Everything stays on 127.0.0.1. Each engine
+must write what multiprocessing writes, survive its driver's kill -9, SIGTERM and SIGINT, and a
+worker killed mid-task, and never duplicate a sample."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,23 +40,94 @@ SPARK_ENV = {
     'PYSPARK_SUBMIT_ARGS': '--master local[2,4] --conf spark.driver.host=127.0.0.1 --conf '
                            'spark.driver.bindAddress=127.0.0.1 --conf spark.ui.enabled=false pyspark-shell',
 }
-# Ray keeps to loopback only when it believes it runs no cluster (else it takes the host's address).
-RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}
+# Ray keeps to loopback only when it believes it runs no cluster (else it takes the host's address);
+# no token (a cluster on loopback has nothing to keep out).
+RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
+           'RAY_AUTH_MODE': 'disabled'}
+STORAGE_PREFIXES = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def cluster_environ() -> dict[str, str]:
+    """The environment a cluster is started with: none of the driver's storage settings; its own
+    endpoint is a loopback port where nothing listens (a task that uses it fails, never leaves
+    127.0.0.1), and no instance metadata to ask for credentials."""
+    dead = f'http://127.0.0.1:{free_port()}'
+    env = {k: v for k, v in os.environ.items() if not k.startswith(STORAGE_PREFIXES)}
+    return {**env, 'S3_ENDPOINT_URL': dead, 'AWS_ENDPOINT_URL': dead, 'AWS_EC2_METADATA_DISABLED': 'true'}
 
 
 @pytest.fixture(scope='module')
-def ray_cluster(s3_server):
-    """One Ray node of 2 CPUs on 127.0.0.1 for the module; its address, as RAY_ADDRESS gives it. Its
-    workers reach the test bed's S3 as a cluster's nodes reach storage: from their own environment."""
+def ray_cluster():
+    """One Ray node of 2 CPUs on 127.0.0.1 for the module, started before any job with
+    cluster_environ(); its address, as RAY_ADDRESS gives it."""
     saved = dict(os.environ)
-    os.environ.update(RAY_ENV, **s3_server.env)
+    os.environ.clear()
+    os.environ.update(cluster_environ(), **RAY_ENV)
     import ray
-    ctx = ray.init(num_cpus=2, _node_ip_address='127.0.0.1', include_dashboard=False,
-                   logging_level='ERROR')
+    try:
+        ctx = ray.init(num_cpus=2, _node_ip_address='127.0.0.1', include_dashboard=False,
+                       logging_level='ERROR')
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     yield ctx.address_info['gcs_address']
     ray.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+
+
+@pytest.fixture(scope='module')
+def spark_master(tmp_path_factory):
+    """A Spark standalone master and one 2-core worker on 127.0.0.1, started as `spark-class` starts
+    them on a cluster, with cluster_environ(); yields the master URL."""
+    import pyspark
+    spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
+    logs = tmp_path_factory.mktemp('spark')
+    env = {**cluster_environ(), 'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable,
+           'SPARK_MASTER_OPTS': '-Dspark.master.rest.enabled=false',
+           'SPARK_HOME': str(spark_class.parent.parent)}
+    url = f'spark://127.0.0.1:{free_port()}'
+    daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
+                           '--port', url.rsplit(':', 1)[1], '--webui-port', str(free_port())]),
+               ('worker', ['org.apache.spark.deploy.worker.Worker', '--host', '127.0.0.1', '--cores', '2',
+                           '--memory', '1g', '--webui-port', str(free_port()), '--work-dir', str(logs), url])]
+    procs = []
+    try:
+        for name, args in daemons:
+            with open(logs / f'{name}.log', 'w') as log:
+                procs.append(subprocess.Popen([str(spark_class), *args], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 120
+        while 'Registering worker' not in (logs / 'master.log').read_text():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), (
+                (logs / 'master.log').read_text()[-2000:] + (logs / 'worker.log').read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+
+
+def standalone_env(master: str, extra: dict | None = None) -> dict[str, str]:
+    """A driver's environment joining the standalone `master` (as spark-submit --master does)."""
+    return {**os.environ, **(extra or {}), **SPARK_ENV, 'PYSPARK_SUBMIT_ARGS': (
+        f'--master {master} --conf spark.driver.host=127.0.0.1 --conf spark.driver.bindAddress=127.0.0.1 '
+        '--conf spark.ui.enabled=false --conf spark.executor.memory=512m pyspark-shell')}
+
+
+@pytest.fixture(params=['pyspark', 'ray'])
+def cluster_env(request):
+    """(distributor, a function extra-env -> the driver's environment joining that engine's cluster)."""
+    if request.param == 'pyspark':
+        master = request.getfixturevalue('spark_master')
+        return 'pyspark', lambda extra=None: standalone_env(master, extra)
+    address = request.getfixturevalue('ray_cluster')
+    return 'ray', lambda extra=None: engine_env('ray', address, extra)
 
 
 def engine_env(distributor: str, ray_address: str = '', extra: dict | None = None) -> dict[str, str]:
@@ -217,3 +295,108 @@ def test_a_remote_local_that_does_not_exist_refuses_in_one_line(root, tmp_path, 
         f"error: --local {local} does not exist; give the download's output folder (with "
         '--wait_before_start if the download creates it)')
     assert not (tmp_path / 'mds').exists()
+
+
+def test_the_drivers_storage_settings_reach_a_cluster_started_without_them(root, tmp_path, s3, cluster_env):
+    distributor, env_for = cluster_env
+    want = make_input(tmp_path / 'download', range(3), items=good_items())
+    s3_input(s3, tmp_path / 'download', 'download')
+    local, remote = f's3://{s3.bucket}/download', f's3://{s3.bucket}/laion'
+    secret = f'secret-{uuid.uuid4().hex}'  # moto takes any credentials; this one must show up nowhere
+    env = env_for({**s3.env, 'AWS_SECRET_ACCESS_KEY': secret})
+
+    r = cloudwriter(root, '--local', local, '--remote', remote, '--distributor', distributor,
+                    '--summary', str(tmp_path / 'summary.json'), env=env)
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_dataset(read_buckets(remote, [ALL], env=s3.env), want, bucketed=False)
+    client = s3.client()
+    written = [client.get_object(Bucket=s3.bucket, Key=k)['Body'].read()
+               for k in s3.list_keys(s3.bucket, 'laion/_cloudwriter/')]
+    assert len(written) == 4  # 3 records and the lease
+    for text in [r.stdout, r.stderr, (tmp_path / 'summary.json').read_text(), *map(bytes.decode, written)]:
+        assert secret not in text
+
+
+def test_storage_env_cluster_leaves_the_workers_their_own_settings(root, tmp_path, s3, ray_cluster):
+    make_input(tmp_path / 'download', range(1), items=good_items()[:2])
+    s3_input(s3, tmp_path / 'download', 'download')
+    local, remote = f's3://{s3.bucket}/download', f's3://{s3.bucket}/laion'
+
+    r = cloudwriter(root, '--local', local, '--remote', remote, '--distributor', 'ray',
+                    '--storage_env', 'cluster', env=engine_env('ray', ray_cluster, s3.env), timeout=180)
+
+    # the cluster's own endpoint (a dead loopback port, no credentials) is what its tasks use
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f'error: {local}/00000.parquet: reading its record at {remote} failed (')
+    assert not [k for k in s3.list_keys(s3.bucket, 'laion/') if k.endswith('.record')]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_stop_signal_publishes_the_recorded_shards_then_a_rerun_completes(root, tmp_path, cluster_env, sig):
+    distributor, env_for = cluster_env
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds'
+    want = make_input(local, range(24), items=good_items())
+    args = ('--local', str(local), '--remote', str(remote), '--merge_interval', '3600',
+            '--distributor', distributor)
+    proc = start(root, *args, env=env_for())
+    try:
+        wait_for(lambda: len(records(remote)) >= 2 or proc.poll() is not None, what='two records')
+        os.killpg(proc.pid, sig)  # SIGTERM: the platform's stop; SIGINT: Ctrl-C (both to the group)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert f'{name}: stopping' in err and 'Traceback' not in err and 'KeyboardInterrupt' not in err
+    done = records(remote)
+    assert 2 <= len(done) < 24, 'stopped too late to test anything'
+    assert f'INTERRUPTED by {name}: the index covers the {len(done)} recorded shards' in out
+    got = read_buckets(str(remote), [ALL])  # every recorded shard, whole; nothing else
+    assert_dataset(got, {k: v for k, v in want.items() if f"{v['shard']:05d}" in done}, bucketed=False)
+    assert json.loads((local / '_cloudwriter' / 'summary.json').read_text())['interrupted'] == name
+    assert json.loads((remote / '_cloudwriter' / 'run.lease').read_text())['released'] is True
+
+    r = cloudwriter(root, *args, env=env_for())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_dataset(read_buckets(str(remote), [ALL]), want, bucketed=False)
+
+
+@pytest.mark.parametrize('distributor', ['pyspark', 'ray'])
+def test_a_cluster_address_where_nothing_listens_fails_in_one_line_within_the_timeout(root, tmp_path,
+                                                                                   distributor):
+    local = tmp_path / 'parquet'
+    make_input(local, [0], items=good_items()[:2])
+    address = f'127.0.0.1:{free_port()}'
+    env = standalone_env(f'spark://{address}') if distributor == 'pyspark' else engine_env('ray', address)
+    t0 = time.time()
+    r = cloudwriter(root, '--local', str(local), '--remote', str(tmp_path / 'mds'), '--connect_timeout', '3',
+                    '--distributor', distributor, env=env, timeout=120)
+    took = time.time() - t0
+    what = f'Spark master spark://{address}' if distributor == 'pyspark' else 'RAY_ADDRESS'
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f'error: --distributor {distributor}: {what} {address}: nothing answers there within 3 s '
+        '(ConnectionRefusedError: ')
+    assert took < 40, took  # interpreter, the JVM and the probe; not Spark's ~60 s or Ray's minutes
+    assert (local / '00000.parquet').exists() and not (tmp_path / 'mds' / '0-1048576').exists()
+
+
+@pytest.mark.parametrize('name', ['S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3',
+                                  'FSSPEC_S3_ENDPOINT_URL'])
+def test_each_documented_s3_endpoint_variable_points_reads_and_writes_at_the_store(root, tmp_path, s3, name):
+    """streaming's S3_ENDPOINT_URL, botocore's AWS_ENDPOINT_URL[_S3], fsspec's FSSPEC_S3_ENDPOINT_URL:
+    whichever a user sets, --local is read from and --remote written to that store (only there)."""
+    want = make_input(tmp_path / 'download', range(2), items=good_items()[:4])
+    s3_input(s3, tmp_path / 'download', 'download')
+    local, remote = f's3://{s3.bucket}/download', f's3://{s3.bucket}/laion'
+    env = {k: v for k, v in s3.child_env().items() if k not in ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL')}
+
+    r = cloudwriter(root, '--local', local, '--remote', remote, '--summary', str(tmp_path / 'summary.json'),
+                    env={**env, name: s3.endpoint}, timeout=120)
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_dataset(read_buckets(remote, [ALL], env=s3.env), want, bucketed=False)
+    assert 'download/00000_converted.json' in s3.list_keys(s3.bucket, 'download/')
