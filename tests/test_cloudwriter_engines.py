@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +31,7 @@ from test_cloudwriter import (
     wait_for,
 )
 from testbed.corpus import good_items
+from testbed.engines import free_port, spark_standalone
 
 # Spark in local mode on loopback; local[2,4] lets a task fail 3 times before the job fails.
 SPARK_ENV = {
@@ -45,12 +44,6 @@ SPARK_ENV = {
 RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
            'RAY_AUTH_MODE': 'disabled'}
 STORAGE_PREFIXES = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def cluster_environ() -> dict[str, str]:
@@ -82,35 +75,9 @@ def ray_cluster():
 
 @pytest.fixture(scope='module')
 def spark_master(tmp_path_factory):
-    """A Spark standalone master and one 2-core worker on 127.0.0.1, started as `spark-class` starts
-    them on a cluster, with cluster_environ(); yields the master URL."""
-    import pyspark
-    spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
-    logs = tmp_path_factory.mktemp('spark')
-    env = {**cluster_environ(), 'SPARK_LOCAL_IP': '127.0.0.1', 'PYSPARK_PYTHON': sys.executable,
-           'SPARK_MASTER_OPTS': '-Dspark.master.rest.enabled=false',
-           'SPARK_HOME': str(spark_class.parent.parent)}
-    url = f'spark://127.0.0.1:{free_port()}'
-    daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
-                           '--port', url.rsplit(':', 1)[1], '--webui-port', str(free_port())]),
-               ('worker', ['org.apache.spark.deploy.worker.Worker', '--host', '127.0.0.1', '--cores', '2',
-                           '--memory', '1g', '--webui-port', str(free_port()), '--work-dir', str(logs), url])]
-    procs = []
-    try:
-        for name, args in daemons:
-            with open(logs / f'{name}.log', 'w') as log:
-                procs.append(subprocess.Popen([str(spark_class), *args], env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.time() + 120
-        while 'Registering worker' not in (logs / 'master.log').read_text():
-            assert time.time() < deadline and all(p.poll() is None for p in procs), (
-                (logs / 'master.log').read_text()[-2000:] + (logs / 'worker.log').read_text()[-2000:])
-            time.sleep(0.5)
+    """A standalone Spark master and worker on 127.0.0.1, started with cluster_environ(); its URL."""
+    with spark_standalone(tmp_path_factory.mktemp('spark'), cluster_environ()) as url:
         yield url
-    finally:
-        for proc in reversed(procs):
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
 
 
 def standalone_env(master: str, extra: dict | None = None) -> dict[str, str]:

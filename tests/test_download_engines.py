@@ -13,11 +13,8 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,13 +32,14 @@ from test_download import (
     summary,
 )
 from testbed.corpus import good_items
+from testbed.engines import spark_standalone
 from testbed.laion_meta import entries_for, full_table
 
 # No usage stats, loopback only, no token (a cluster on loopback has nothing to keep out).
 RAY_ENV = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',
            'RAY_AUTH_MODE': 'disabled'}
 os.environ.update(RAY_ENV)  # read when ray is imported
-import pyspark  # noqa: E402  (test dependencies, requirements-dev.txt: a missing one fails, not skips)
+import pyspark  # noqa: E402, F401  (test dependencies, requirements-dev.txt: a missing one fails, not skips)
 import ray  # noqa: E402
 
 SPARK_ENV = {
@@ -57,42 +55,13 @@ LOGS: dict[str, Path] = {}
 STORAGE = ('AWS_', 'FSSPEC_', 'S3_ENDPOINT_URL', 'GOOGLE_APPLICATION_CREDENTIALS')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def spark_master(tmp_path_factory):
-    """A Spark standalone master and one 2-core worker on 127.0.0.1, as `spark-class` starts them
-    on a cluster (without any storage settings); yields the master URL."""
-    spark_class = Path(pyspark.__file__).parent / 'bin' / 'spark-class'
+    """A standalone Spark master and worker on 127.0.0.1, started (as on a cluster) without any storage
+    settings; its URL."""
     logs = LOGS['pyspark'] = tmp_path_factory.mktemp('spark')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(STORAGE)}, **SPARK_ENV,
-           'SPARK_HOME': str(spark_class.parent.parent)}
-    port = free_port()
-    url = f'spark://127.0.0.1:{port}'
-    daemons = [('master', ['org.apache.spark.deploy.master.Master', '--host', '127.0.0.1',
-                           '--port', str(port), '--webui-port', str(free_port())]),
-               ('worker', ['org.apache.spark.deploy.worker.Worker', '--host', '127.0.0.1', '--cores', '2',
-                           '--memory', '1g', '--webui-port', str(free_port()), '--work-dir', str(logs), url])]
-    procs = []
-    try:
-        for name, args in daemons:
-            with open(logs / f'{name}.log', 'w') as log:
-                procs.append(subprocess.Popen([str(spark_class), *args], env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.time() + 120
-        while 'Registering worker' not in (logs / 'master.log').read_text():
-            assert time.time() < deadline and all(p.poll() is None for p in procs), (
-                (logs / 'master.log').read_text()[-2000:] + (logs / 'worker.log').read_text()[-2000:])
-            time.sleep(0.5)
+    with spark_standalone(logs, {k: v for k, v in os.environ.items() if not k.startswith(STORAGE)}) as url:
         yield url
-    finally:
-        for proc in reversed(procs):
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
 
 
 @pytest.fixture(scope='module')
