@@ -5,82 +5,32 @@ Example (beside a running download, or after it):
     python laion_cloudwriter.py --local /data/laion/parquet --remote s3://my-bucket/laion \\
         --bucketed --subfolder machine-00 --processes 16
 
-Reads `--local`: img2dataset's `NNNNN.parquet` shards (with `output_format parquet`, no re-encoding),
-in a folder or in object storage (s3://, gs://, hdfs://...: pyarrow's filesystems, else fsspec's).
-A shard is finished once its `NNNNN_stats.json` exists; the run ends once a `done` file is in
-`--local` and every finished shard is converted (so on a finished download it converts and exits,
-beside a running one it keeps polling every `--poll_interval` seconds).
+Reads `--local` (a folder or object storage): img2dataset's `NNNNN.parquet` shards, each once its
+`NNNNN_stats.json` exists; it polls every `--poll_interval` s until a `done` file is there and every
+finished shard is converted. A LAION-2B shard of 10,000 rows is ~1 GB; memory is about
+processes x (one parquet row batch + buckets x `--size_limit`), whatever the number of shards.
 
-Writes to `--remote` (a folder or any remote streaming uploads to: s3://, gs://, oci://, ...):
+Writes to `--remote` (a folder or any remote streaming uploads to) one StreamingDataset per bucket
+of min(width, height) (edges 0, 64, 128, 256, 512, 768, 1024, 2**20; `0-1048576` without --bucketed):
 
-    <remote>/<lo>-<hi>[/<subfolder>]/index.json          one StreamingDataset per bucket
+    <remote>/<lo>-<hi>[/<subfolder>]/index.json          merged over the recorded shards
     <remote>/<lo>-<hi>[/<subfolder>]/<NNNNN>/...         the part written from input shard NNNNN
     <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of NNNNN are up
-    <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview  with --preview: NNNNN's preview candidates
 
-Buckets are on min(width, height) with edges 0, 64, 128, 256, 512, 768, 1024, 2**20 (one dataset
-`0-1048576` without `--bucketed`). Sizes come from the parquet where img2dataset filled them and
-otherwise from the image header (never decoded). Only `success` rows are written; the others, and
-success rows whose bytes have no readable image header, are counted by reason.
+and a summary, printed and in `--summary` (default `<local>/_cloudwriter/summary[_<subfolder>].json`).
 
-Resume: a shard is done when its `.record` exists at the remote; the merged `index.json` of each
-bucket (rewritten at most every `--merge_interval` s while running and at the end, each bucket on its
-own) lists only done shards, so a reader sees all of a shard or none of it. After any crash, rerun the same
-command (on any machine): done shards are skipped, the others redone, their parts overwritten.
-Without `--keep_parquet`, a parquet is deleted only after the record is up, and its `_stats.json`
-becomes `NNNNN_converted.json` (so a resumed img2dataset still counts the shard as finished).
-Each MDS file is fsynced (folder remote) or written to `--staging` and uploaded with streaming's
-CloudUploader by a thread of its worker as soon as it is complete; a failing upload is retried
-`--retry` times, then the run stops all workers and exits 2, deleting nothing.
+Resume: a shard is done once its `.record` is at the remote, and each `index.json` lists only done
+shards, so a reader sees all of a shard or none of it. After a crash, kill -9 or SIGTERM, rerun the
+same command (on any machine): done shards are skipped, the others redone, their parts overwritten.
+A parquet is deleted (without --keep_parquet) only after its record is up. One run at a time per
+`--local` and per remote (sub)folder: a second one refuses in one line.
 
-Speed: the MDS files are written here, not by streaming's MDSWriter (same bytes, same index.json;
-the tests compare them): arrow kernels encode every column but the image per row batch, and each
-image is copied once, from the parquet's buffer into the MDS shard being filled.
+Exit code: 0 ok; 1 some shards skipped as bad input (kept, named) or parquet files without a
+_stats.json left unconverted (named); 2 fatal (remote failing, missing required column, refused to
+start); 128 + signal when stopped (143 SIGTERM, 130 SIGINT).
 
-Many machines: `--distributor pyspark` (the session spark-submit configures) or `ray` (the cluster
-ray.init finds, e.g. RAY_ADDRESS) runs one task per shard on the cluster, with --local in object
-storage; the workers need requirements.txt, not this file (it travels with the tasks, and so do the
-driver's storage settings: S3_*, AWS_*, FSSPEC_*, GCS_*, OCI_*, AZURE_* variables; `--storage_env
-cluster` leaves the workers' own). A cluster that does not answer within `--connect_timeout` s stops
-the run in one line. A task run twice (an engine's retry) rewrites the same parts under the shard's
-id and returns one record. Or give each independent run its own `--subfolder`, then join them once
-all are finished with
-
-    python laion_cloudwriter.py --remote s3://my-bucket/laion --merge_only
-
-which writes `<remote>/<lo>-<hi>/index.json` over every subfolder's done shards (it refuses while a
-live run.lease says a subfolder is still being written; a run without --subfolder on that --remote
-refuses too, as its index would replace the merged one).
-
-Scale: a LAION-2B shard of 10,000 rows is ~1 GB; each worker holds one parquet row batch plus at
-most one open MDS shard (`--size_limit`) per bucket, so memory is about
-processes x (batch + buckets x size_limit) whatever the number or size of the input shards. The
-driver holds every record (compact: ~1.4 KB per input shard, ~2 GB and ~20 s to read at LAION-2B's
-230k) and streams each index.json out of them (benchmarks/bench_scale.py; README, Running at scale).
-Missing optional columns (and nulls) become: NaN for floats, '' for strings, 0 for `hash`.
-A shard whose parquet is unreadable, or with a value that does not cast to its column (a caption
-that is not UTF-8, text in a float column), is skipped whole: its parquet is kept and the summary
-names the file, row and column; the other shards go on.
-
-One run at a time: a flock on `<local>/_cloudwriter/lock` (a folder --local; gone when the run dies) and
-a lease at `<remote>/_cloudwriter[/<subfolder>]/run.lease` (refreshed every 10 s; stale once its run
-is gone: at once on the same host, else after 60 s) make a second run refuse in one line.
-SIGTERM/SIGINT: no new shard, the shards in flight are abandoned (a rerun redoes them), the index of
-every recorded shard is published, then the summary (marked interrupted) and exit 128 + signal.
-
-At the end a summary is printed and written as JSON to `--summary` (default
-`<local>/_cloudwriter/summary[_<subfolder>].json`). Exit code: 0 ok, 1 some shards skipped as bad
-input (kept, named) or parquet files without a _stats.json left unconverted (named), 2 fatal (remote
-failing, missing required column, refused to start), 143 SIGTERM, 130 SIGINT.
-
-Preview (`--preview N`): a contact sheet per bucket, `preview[_<subfolder>]_<bucket>.png` beside the
-summary: N thumbnails with size, key and caption. The task converting a shard also writes its first
-4 samples of each bucket (128 px JPEG thumbnails, ~5 KB each) to `<NNNNN>.preview`, before its record;
-at the end the run draws one sample from each of N shards spread evenly over the sorted shard ids
-(with fewer shards than N: each shard's first, then second, ...), reading only those files, never an
-MDS shard. The choice depends only on which shards are recorded, so it is the same on every rerun,
-and a resumed run draws from earlier runs' candidates too (shards converted without --preview have
-none and are left out). Without --preview nothing of this is computed or written.
+The long form (engines: --distributor pyspark|ray; --merge_only; --preview; the schema; storage
+settings; errors and what to do): README.md, section laion_cloudwriter.py.
 """
 
 from __future__ import annotations
