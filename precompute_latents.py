@@ -1,81 +1,33 @@
 """Attach VAE image latents and text-encoder caption latents of a diffusion model to an MDS dataset, once.
 
-Training a latent diffusion model for many epochs would otherwise re-encode every image and caption
-every epoch. This script streams one resolution bucket of the dataset that `laion_cloudwriter.py`
-wrote (local or remote), encodes each image with the VAE and each caption with the text encoders of
-a diffusers pipeline, exactly as that pipeline's `encode_prompt` does, and writes a new MDS dataset
-with every input column plus the latents.
+Streams one resolution bucket of what laion_cloudwriter.py wrote through the VAE and text encoders of
+a diffusers pipeline (SD 1/2, SDXL, SD3, FLUX.1, or mosaicml/diffusion's T5 + CLIP), encoding captions
+as its `encode_prompt` does, so that training does not re-encode them every epoch. The full manual
+(columns and shapes, convention.json, aspect buckets, preview, errors) is README.md's section
+"precompute_latents.py".
 
-Example (one GPU, or `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for eight):
+Example (one GPU; `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for eight):
 
     python precompute_latents.py --remote_download s3://my-bucket/laion/mds --bucket 3 \\
         --local /tmp/mds-cache --remote_upload s3://my-bucket/laion/latents \\
         --model_name stabilityai/stable-diffusion-2-base --batch-size 64
 
-Reads `<remote_download>/<bucket name>[/<subfolder>]`, where `--bucket` is an index into the bucket
-list of laion_cloudwriter.py (0 '0-64', 1 '64-128', 2 '128-256', 3 '256-512', 4 '512-768',
-5 '768-1024', 6 '1024-1048576') or a bucket name itself; without `--remote_download` the dataset is
-read from `<local>/<bucket name>` directly. Writes `<remote_upload>/<bucket name>[/<subfolder>]`:
+Reads `<remote_download>/<bucket name>[/<subfolder>]` (`--bucket 3` or `--bucket 256-512`), or
+`<local>/<bucket name>` in place without `--remote_download`, and the model (hub name or folder).
 
-- every input column, unchanged;
-- the text columns of the model's family (FAMILIES below; the family comes from the folder's
-  model_index.json, or `--family`). Shapes for the real models, dtype `--storage_dtype` (float16, or
-  the one dtype the family's consumer reads):
-    sd       caption_latents (77, 768|1024): last hidden state (SD 1/2, byte-identical to before)
-    sdxl     caption_latents (77, 2048): penultimate CLIP-L + CLIP-G; caption_pooled (1280)
-    sd3      caption_clip_latents (77, 2048), caption_t5_latents (256, 4096), caption_pooled (2048);
-             prompt_embeds = cat([pad(clip, (0, 4096 - 2048)), t5], dim=-2)
-    flux     caption_t5_latents (512, 4096), caption_pooled (768)
-    mosaicml caption_T5_LATENTS (512, 4096), caption_T5_ATTENTION_MASK (512) bool, caption_CLIP_LATENTS
-             (77, 768), caption_CLIP_ATTENTION_MASK (77) bool, caption_CLIP_POOLED_TEXT (768); float32,
-             as its reader (StreamingImageCaptionLatentsDataset) does np.frombuffer(..., np.float32)
-  With `--t5_storage trimmed` a T5 column keeps only the caption's n tokens (n in `caption_t5_length`);
-- `latents_<res>` for each `--resolutions` entry (default 256 512): shape (C, res/8, res/8), C the
-  VAE's 4 or 16 latent channels; the image's largest centered square resized to res x res (bilinear),
-  scaled to [-1, 1], VAE-encoded, a sample of the latent distribution (or its mean with
-  `--latent_mode mean`), then `(z - shift_factor) * scaling_factor` from the VAE config; `b''` when the
-  image's shorter side is below res;
-- with `--crop aspect`: `latents_<res>` of shape (C, H/8, W/8), W x H the bucket nearest the image's
-  aspect ratio in the resolution's table (area ~res x res, sides multiples of the VAE factor x 8, from
-  1:--max_aspect to --max_aspect:1), the image resized to cover it and cropped (centred, or
-  --random_crop); `aspect_bucket_<res>` (int32, -1 for b''); `add_time_ids_<res>` (6 x int32: SDXL's
-  original (h, w), crop top-left (top, left), target (h, w)); samples go to one dataset per bucket
-  group, `<out>/<group>/`, listed in `aspect_groups.json` (read them with one Stream each and
-  batching_method='per_stream' for same-shaped batches); `--flip` adds `<column>_flipped`;
-- with `--caption_drop_prob` > 0: `caption_dropped` (int32, 1 where the text columns encode '');
-- `convention.json` beside `index.json`: family, model, every new column's dtype and shape, the VAE
-  scaling and shift (applied once), mean or sample, whether masks were applied, storage dtype.
+Writes `<remote_upload>/<bucket name>[/<subfolder>]`: every input column unchanged, the family's text
+columns, `latents_<res>` per `--resolutions` entry, and `convention.json` (each new column's dtype and
+shape, the VAE scaling and shift: read the data back with it); under `--crop aspect` one dataset per
+bucket group. Ends with a summary, printed and written as JSON (`--summary`); `--preview N` adds a PNG.
 
-Read it back as training code does (bfloat16 is stored as raw 16 bits: widen with `<< 16`):
-    np.frombuffer(sample['caption_latents'], np.float16).reshape(77, 1024)
-    np.frombuffer(sample['latents_256'], np.float16).reshape(4, 32, 32)
-    t5 = np.frombuffer(sample['caption_t5_latents'], np.float16).reshape(-1, 4096)   # trimmed: n rows
-    t5 = np.pad(t5, ((0, 512 - len(t5)), (0, 0)))                                     # padded again
+Resume: the work is split into parts of whole input shards, and each finished part gets a `_done`
+marker with the settings that shape its bytes. Rerun the same command, with any number of processes,
+to skip finished parts; other settings or another input are refused. Rank 0 merges `index.json` after
+all ranks finish.
 
-Images are decoded once per sample in DataLoader workers: EXIF orientation applied, grayscale and
-CMYK converted to RGB, transparency composited over white; JPEGs are decoded at the smallest DCT
-scale (1/2, 1/4, 1/8) that keeps the shorter side at least the largest resolution used. An image that
-does not decode is skipped, counted and named in the summary.
-
-Work is split into parts of whole input shards (`--part_size` samples or more) independent of the
-number of processes; rank r of N takes every N-th unfinished part and writes `<out>/<part>/`, which
-gets a `_done` marker once all of its files are written. Rank 0 merges one `index.json` at `<out>`
-after all ranks finish. A rerun (with any number of processes) skips finished parts. Each marker
-records the settings that shape the part's bytes (model, resolutions, mode, seed, dtype, caption
-dropout, part size, batch size, the input's index); a rerun with other settings or another input is
-refused. Batches never cross a part and sample mode seeds each sample's noise from `--seed` and its
-index in the input, so a resumed part is computed from the same samples in the same batches as in an
-uninterrupted run: the bytes are equal where the kernels are deterministic (on CPU with the same
-thread count), while on GPU float16 latents may differ in the last bits between any two runs (cuDNN
-picks kernels per run). SIGTERM or SIGINT stops a run: finished parts are kept, the summary says it
-was interrupted, exit code 128 + the signal. Input, cache and output must be separate places (checked
-under any spelling), and the output new, empty or this script's own (marked by convention.json).
-Ends with a summary, printed and written as JSON (`--summary`).
-
-`--preview N`: at the end rank 0 reads N samples spread over the finished output back from its shards
-and writes a PNG beside the summary: per stored resolution, the image's documented crop beside the
-stored latent decoded through convention.json (z = stored / scaling_factor + shift_factor, then
-vae.decode), and the caption. `--preview N --preview_only` does only that, on an existing output.
+Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
+line (a flag, the model, the places, a rerun's other settings, parts left unfinished, a failed
+`--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
