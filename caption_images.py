@@ -279,18 +279,22 @@ def places(args: argparse.Namespace) -> Places:
 
 def check_places(pl: Places) -> None:
     """Refuse places that are one another or inside one another: a run would overwrite or delete the
-    other's files (the staging folder may sit inside an input read in place: it deletes only itself)."""
-    roles = [('the output (--remote_upload)', pl.out), ('the input', pl.src)]
-    roles += [('the download cache (--local)', pl.cache)] if pl.cache != pl.src else []
-    roles += [('the staging folder (--local)', pl.staging)]
-    for i, (what_a, a) in enumerate(roles):
-        for what_b, b in roles[i + 1:]:
-            x, y = address(a), address(b)
+    other's files. (An input read in place from --local may hold the staging folder: the clean-up
+    deletes only that folder.)"""
+    roles = {'the output (--remote_upload)': pl.out, 'the input': pl.src,
+             'the download cache (--local)': pl.cache, 'the staging folder (--local)': pl.staging}
+    names = list(roles)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = address(roles[a]), address(roles[b])
             relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
                         else 'holds' if y[:len(x)] == x else '')
-            if relation and (relation, what_a, what_b[:17]) != ('holds', 'the input', 'the staging folder'):
-                raise UserError(f'{what_a} {a} {relation} {what_b} {b}: give --remote_download, --local '
-                                'and --remote_upload places of their own')
+            if (a, b) == ('the input', 'the download cache (--local)') and pl.cache == pl.src \
+                    or (a, b, relation) == ('the input', 'the staging folder (--local)', 'holds'):
+                continue  # read in place: the cache is the input
+            if relation:
+                raise UserError(f'{a} {roles[a]} {relation} {b} {roles[b]}: give --remote_download, '
+                                '--local and --remote_upload places of their own')
 
 
 def first_line(err: BaseException) -> str:
@@ -394,6 +398,8 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
 def read_input(pl: Places, caption_key: str, timeout: float) -> tuple[list[dict], dict[str, str]]:
     """The input's shard list and {column: MDS encoding}, checked (a copy of the index goes to the cache)."""
     url, local = join(pl.src, INDEX), os.path.join(pl.cache, INDEX)
+    if pl.cache != pl.src:  # a shard an earlier run left cannot be checked: every run downloads its own
+        shutil.rmtree(pl.cache, ignore_errors=True)
     os.makedirs(pl.cache, exist_ok=True)
     try:
         if url != local:
@@ -728,7 +734,7 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
             if batch.last:
                 close_part(writer, plan, batch.part, counts, staging, opened)
                 writer = None
-    except (UserError, Interrupted):
+    except UserError:
         raise
     except Exception as err:
         raise UserError(f'reading or captioning failed: {first_line(err)}; rerun the same command to '

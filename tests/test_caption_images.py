@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
-from testbed.readback import read_mds
+from testbed.readback import environ, read_mds
 from testbed.scripts import load_script
 from testbed.vlms import KINDS, build_vlm
 
@@ -326,3 +326,23 @@ def test_an_input_without_one_good_image_gives_an_empty_index(vlms, tmp_path):
     index = json.loads((tmp_path / 'out' / UNBUCKETED / 'index.json').read_text())
     assert code == 0 and sum(s['samples'] for s in index['shards']) == 0  # (streaming opens no empty set)
     assert json.loads((tmp_path / 's.json').read_text())['skipped'] == 1
+
+
+def test_s3_in_and_out(vlms, dataset, s3, tmp_path):
+    """Input and output on S3 (moto on 127.0.0.1), the input by bucket index; shards are downloaded,
+    then evicted."""
+    _, rows = dataset
+    buckets = write_mds_input(f's3://{s3.bucket}/mds', rows[:8], env=s3.env, cache=str(tmp_path / 'w'))
+    cache = tmp_path / 'cache'
+    with environ(s3.env):
+        code, err = in_process('--remote_download', f's3://{s3.bucket}/mds', '--bucket', 2, '--local', cache,
+                               '--remote_upload', f's3://{s3.bucket}/captioned', '--model_name',
+                               vlms['llava'], '--max_new_tokens', 4, '--part_size', 1)
+    assert code == 0, err[-3000:]
+    got = read_mds(f's3://{s3.bucket}/captioned/128-256', env=s3.env)
+    assert [o['key'] for o in got] == [r['key'] for r in buckets['128-256']] and got
+    assert all(o['vlm_caption'] for o in got)
+    keys = s3.list_keys(s3.bucket, 'captioned/128-256/')
+    assert {'captioned/128-256/index.json', 'captioned/128-256/captions.json',
+            'captioned/128-256/00000/_done'} <= set(keys)
+    assert not glob.glob(str(cache / '**' / '*.mds'), recursive=True)  # downloaded shards evicted
