@@ -5,7 +5,8 @@
   tokens, and a 2-layer Llama), LlavaProcessor with CLIPImageProcessor and LLaVA-1.5's chat template.
 - `qwen2_vl`: Qwen2VLForConditionalGeneration (a 1-block vision tower, 2-layer Qwen2 with M-RoPE),
   Qwen2VLProcessor whose image processor keeps images at 56 x 56 to 112 x 112 pixels (4 to 16 image
-  tokens, so a batch of different sizes is left-padded), and Qwen2-VL's chat template.
+  tokens, so a batch of different sizes is left-padded), and Qwen2-VL's chat template; with
+  `full_size`, Qwen2-VL-2B's sizes (for benchmarks/bench_caption_images.py on a GPU).
 
 Each tokenizer is a byte-level BPE trained here with the `tokenizers` library on a fixed text (no hub),
 with the model's special tokens. The weights are random (seeded): the captions are noise, but a real
@@ -104,7 +105,26 @@ def build_llava(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def build_qwen2_vl(folder: Path, seed: int = 0) -> Path:
+# Qwen2-VL-2B-Instruct's sizes (its config.json, written out here: no hub), for the GPU benchmark.
+QWEN2_VL_2B = {'text': dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                            rope_theta=1e6, rope_scaling={'type': 'mrope', 'mrope_section': [16, 24, 24]},
+                            tie_word_embeddings=True),
+               'vision': dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
+                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+               'pixels': (56 * 56, 28 * 28 * 1280)}
+TINY_QWEN2_VL = {'text': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                              rope_scaling={'type': 'mrope', 'mrope_section': [2, 3, 3]},
+                              tie_word_embeddings=True, initializer_range=INIT),
+                 'vision': dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14,
+                                spatial_merge_size=2, temporal_patch_size=2, initializer_range=INIT),
+                 'pixels': (56 * 56, 112 * 112)}
+
+
+def build_qwen2_vl(folder: Path, seed: int = 0, full_size: bool = False) -> Path:
+    """The tiny Qwen2-VL, or with `full_size` one of Qwen2-VL-2B's sizes (random weights, bfloat16 on
+    disk, no end-of-text token in its generation config: every caption runs to max_new_tokens)."""
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -113,30 +133,26 @@ def build_qwen2_vl(folder: Path, seed: int = 0) -> Path:
         Qwen2VLVideoProcessor,
     )
 
+    sizes = QWEN2_VL_2B if full_size else TINY_QWEN2_VL
     special = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|vision_start|>', '<|vision_end|>',
                '<|image_pad|>', '<|video_pad|>']
     tok = bpe_tokenizer(special, None, '<|im_end|>', '<|endoftext|>', cls='Qwen2TokenizerFast')
     tok.add_special_tokens({'additional_special_tokens': special[1:]})
     ids = {t: tok.convert_tokens_to_ids(t) for t in special}
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                rope_scaling={'type': 'mrope', 'mrope_section': [2, 3, 3]}, tie_word_embeddings=True,
-                initializer_range=INIT)
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, initializer_range=INIT)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids['<|image_pad|>'],
+    text = {'vocab_size': len(tok), **sizes['text']}
+    cfg = Qwen2VLConfig(text_config=text, vision_config=sizes['vision'], image_token_id=ids['<|image_pad|>'],
                         video_token_id=ids['<|video_pad|>'], vision_start_token_id=ids['<|vision_start|>'],
                         vision_end_token_id=ids['<|vision_end|>'], bos_token_id=None,
                         eos_token_id=ids['<|im_end|>'], pad_token_id=ids['<|endoftext|>'], **text)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = ids['<|endoftext|>']
-    model.generation_config.eos_token_id = ids['<|im_end|>']
+    model.generation_config.eos_token_id = None if full_size else ids['<|im_end|>']
     model.generation_config.bos_token_id = None
-    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    images = Qwen2VLImageProcessor(min_pixels=sizes['pixels'][0], max_pixels=sizes['pixels'][1])
     processor = Qwen2VLProcessor(image_processor=images, tokenizer=tok, chat_template=QWEN_TEMPLATE,
                                  video_processor=Qwen2VLVideoProcessor())
-    model.save_pretrained(folder)
+    (model.to(torch.bfloat16) if full_size else model).save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
 
