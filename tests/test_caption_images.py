@@ -196,7 +196,9 @@ def test_sigterm_then_kill9_then_two_ranks_equal_an_uninterrupted_run(root, vlms
     after_kill = len(markers(out))
     assert after_term < after_kill < total and not (out / 'index.json').exists()
 
+    finished = {m: Path(m).read_bytes() for m in markers(out)}
     res = ok(run(root, *args, torchrun=2))
+    assert {m: Path(m).read_bytes() for m in finished} == finished  # finished parts were not redone
     summary = json.loads((tmp_path / 's.json').read_text())
     assert summary['parts_before'] == after_kill and summary['world_size'] == 2, res.stdout
     assert {json.loads(Path(m).read_text())['rank'] for m in markers(out)} >= {0, 1}  # both ranks worked
