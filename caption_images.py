@@ -398,8 +398,6 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
 def read_input(pl: Places, caption_key: str, timeout: float) -> tuple[list[dict], dict[str, str]]:
     """The input's shard list and {column: MDS encoding}, checked (a copy of the index goes to the cache)."""
     url, local = join(pl.src, INDEX), os.path.join(pl.cache, INDEX)
-    if pl.cache != pl.src:  # a shard an earlier run left cannot be checked: every run downloads its own
-        shutil.rmtree(pl.cache, ignore_errors=True)
     os.makedirs(pl.cache, exist_ok=True)
     try:
         if url != local:
@@ -467,18 +465,25 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
 # ----------------------------------------------------------------------------------------------
 
 class ShardReader:
-    """Input shards on local disk: downloaded (and decompressed) on first use, removed after their part."""
+    """Input shards on local disk: downloaded (and decompressed) on first use, removed after their shard
+    is read. A rank's parts, hence its shards, are its own: it downloads into `<cache>/rank<r>`, emptied
+    first (a shard an earlier run left there cannot be checked against the input)."""
 
-    def __init__(self, plan: Plan, args: argparse.Namespace):
+    def __init__(self, plan: Plan, args: argparse.Namespace, rank: int):
         from streaming import Stream
         from streaming.base.format import reader_from_json
 
         remote = plan.places.src if plan.places.src != plan.places.cache else None
-        self.readers = [reader_from_json(plan.places.cache, None, s) for s in plan.shards]
+        local = plan.places.cache
+        if remote:
+            local = os.path.join(local, f'rank{rank}')
+            shutil.rmtree(local, ignore_errors=True)
+            os.makedirs(local)
+        self.readers = [reader_from_json(local, None, s) for s in plan.shards]
         self.first = [0]
         for s in plan.shards:
             self.first.append(self.first[-1] + s['samples'])
-        self.stream = Stream(remote=remote, local=plan.places.cache, download_retry=args.download_retry,
+        self.stream = Stream(remote=remote, local=local, download_retry=args.download_retry,
                              download_timeout=args.download_timeout, keep_zip=False)
         self.evict = remote is not None
 
@@ -717,7 +722,7 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
     mine = plan.pending[rank::world]
     staging = os.path.join(plan.places.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
-    reader = ShardReader(plan, args)
+    reader = ShardReader(plan, args, rank)
     bar = tqdm(total=sum(p.last - p.first for p in mine), unit='img', disable=rank != 0, dynamic_ncols=True,
                desc=f'rank 0/{world} captions' if world > 1 else 'captions')
     start, images, tokens = time.time(), 0, 0
