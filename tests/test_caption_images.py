@@ -73,7 +73,8 @@ def flags(local: Path, upload: Path, model: Path, *more) -> list:
 def llava_run(root, vlms, dataset, tmp_path_factory) -> Path:
     """One uninterrupted run with the tiny LLaVA: the reference of the resume test."""
     out = tmp_path_factory.mktemp('llava-out')
-    ok(run(root, *flags(dataset[0], out, vlms['llava'], '--keep_raw', '--summary', out / 's.json')))
+    ok(run(root, *flags(dataset[0], out, vlms['llava'], '--keep_raw', '--summary', out / 's.json',
+                        '--preview', 3)))
     return out
 
 
@@ -137,6 +138,10 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
     assert record['counts']['written'] == len(want) and record['counts']['cut_off'] == summary['cut_off']
     assert summary['rules']['collapse_whitespace'] == sum(' '.join(t.split()) != t for t in raw)
     assert record['columns'] == {'vlm_caption': 'str', 'vlm_caption_raw': 'str'}
+    if kind == 'llava':  # --preview 3: three images spread over the output, beside their captions
+        assert summary['preview']['samples'] == [0, (len(got) - 1) // 2, len(got) - 1]
+        with Image.open(summary['preview']['path']) as png:
+            assert png.format == 'PNG' and png.height > 3 * 160
 
 
 def markers(out: Path) -> list[str]:
