@@ -583,7 +583,9 @@ def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() arguments besides max_new_tokens: greedy, or sampling with its settings and seed."""
     if args.decoding == 'greedy':
         return {'do_sample': False, 'num_beams': 1}
-    return {'do_sample': True, 'temperature': args.temperature, 'top_p': args.top_p, 'seed': args.seed}
+    # top_k 0: nucleus sampling alone, whatever top_k the model's generation_config sets (Qwen2-VL's 1)
+    return {'do_sample': True, 'temperature': args.temperature, 'top_p': args.top_p, 'top_k': 0,
+            'seed': args.seed}
 
 
 def chat_prompt(processor, prompt: str) -> str:
@@ -641,7 +643,7 @@ def generate_transformers(m: HFModel, images: list[Image.Image], ids: list[int],
     texts, counts, cut = [], [], []
     for group, sample_id in groups:
         if sample_id is not None:
-            torch.manual_seed(args.seed * 1_000_003 + sample_id)
+            torch.manual_seed(int(hashlib.sha1(f'{args.seed}/{sample_id}'.encode()).hexdigest()[:15], 16))
         inputs = m.processor(images=group, text=[m.prompt] * len(group), padding=True, return_tensors='pt')
         inputs = inputs.to(m.device, m.model.dtype)  # floating tensors (pixels) take the model's dtype
         with torch.inference_mode():
