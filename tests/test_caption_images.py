@@ -1,9 +1,9 @@
 """caption_images.py as a user runs it: MDS in (as laion_cloudwriter.py writes it), MDS with captions out.
 
-The models are tiny LLaVA and Qwen2-VL folders of real transformers classes (tests/testbed/vlms.py);
-the output is read back with StreamingDataset and checked against `model.generate` called directly
-through the processor. One torchrun x2 run (resume after SIGTERM and kill -9); everything else runs in
-one process.
+The models are tiny LLaVA, Qwen2-VL and Idefics3 (SmolVLM) folders of real transformers classes
+(tests/testbed/vlms.py); the output is read back with StreamingDataset and checked against
+`model.generate` called directly through the processor. One torchrun x2 run (resume after SIGTERM and
+kill -9); everything else runs in one process.
 """
 
 from __future__ import annotations

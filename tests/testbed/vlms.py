@@ -8,6 +8,10 @@
   tokens, so a batch of different sizes is left-padded), and Qwen2-VL's chat template; with
   `full_size`, Qwen2-VL-2B's sizes (for benchmarks/bench_caption_images.py on a GPU).
 
+- `idefics3`: Idefics3ForConditionalGeneration (SmolVLM's architecture: a 1-layer SigLIP-style tower on
+  32 x 32 images, pixel shuffle to 4 image tokens, a 2-layer Llama), Idefics3Processor without image
+  splitting, and SmolVLM's chat template.
+
 Each tokenizer is a byte-level BPE trained here with the `tokenizers` library on a fixed text (no hub),
 with the model's special tokens. The weights are random (seeded): the captions are noise, but a real
 model's code path makes them. `build_vlm(kind, folder)` writes one; both are deterministic.
@@ -32,7 +36,11 @@ QWEN_TEMPLATE = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
     "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% endif %}")
-KINDS = ('llava', 'qwen2_vl')
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+KINDS = ('llava', 'qwen2_vl', 'idefics3')
 INIT = 0.2  # weight std (transformers' 0.02 makes a tiny model write the same caption for every image)
 
 
@@ -157,6 +165,41 @@ def build_qwen2_vl(folder: Path, seed: int = 0, full_size: bool = False) -> Path
     return Path(folder)
 
 
+def build_idefics3(folder: Path, seed: int = 0) -> Path:
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    special = ['<|endoftext|>', '<|im_start|>', '<end_of_utterance>', '<fake_token_around_image>', '<image>',
+               '<global-img>']
+    tok = bpe_tokenizer(special, '<|im_start|>', '<end_of_utterance>', '<|endoftext|>')
+    tok.add_special_tokens({'additional_special_tokens': special[1:]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8, initializer_range=INIT)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                initializer_range=INIT, pad_token_id=ids['<|endoftext|>'], bos_token_id=ids['<|im_start|>'],
+                eos_token_id=ids['<end_of_utterance>'])
+    cfg = Idefics3Config(vision_config=vision, text_config=text, image_token_id=ids['<image>'],
+                         scale_factor=2, pad_token_id=ids['<|endoftext|>'])
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = ids['<|endoftext|>']
+    model.generation_config.eos_token_id = ids['<end_of_utterance>']
+    images = Idefics3ImageProcessor(do_image_splitting=False, size={'longest_edge': 32},
+                                    max_image_size={'longest_edge': 32})
+    processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                  chat_template=IDEFICS3_TEMPLATE)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
 def build_vlm(kind: str, folder: Path, seed: int = 0) -> Path:
     """Write the tiny model `kind` (one of KINDS) with its processor to `folder`."""
-    return {'llava': build_llava, 'qwen2_vl': build_qwen2_vl}[kind](Path(folder), seed)
+    builders = {'llava': build_llava, 'qwen2_vl': build_qwen2_vl, 'idefics3': build_idefics3}
+    return builders[kind](Path(folder), seed)
