@@ -6,7 +6,7 @@
 3. laion_cloudwriter.py converts the shards to resolution-bucketed MDS datasets, with a contact
    sheet of PREVIEW samples per bucket (--preview).
 4. caption_images.py writes a `vlm_caption` column beside the alt-text of one bucket (a tiny random
-   Qwen2-VL, CPU: its captions are noise; a real model's are dense descriptions).
+   LLaVA, CPU: its captions are noise; a real model's are dense descriptions).
 5. precompute_latents.py attaches VAE/CLIP latents to that captioned bucket (a tiny SD-2-shaped model).
 6. convert_coco.py converts a small COCO-shaped sample.
 Then it reads every output back with StreamingDataset and prints one table.
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     items = sample_images(args.images)
     model = build_tiny_sd(out / 'tiny-sd')
-    vlm = build_vlm('qwen2_vl', out / 'tiny-qwen2-vl')
+    vlm = build_vlm('llava', out / 'tiny-llava')
     coco_data, coco_ann = write_coco_sample(out / 'coco', args.coco_images, seed=0)
     with ImageServer(items) as server:
         write_metadata(out / 'metadata', entries_for(server, items), 'full', files=2)
