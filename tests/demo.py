@@ -5,8 +5,10 @@
 2. laion_download_all.sh downloads them with img2dataset into parquet shards.
 3. laion_cloudwriter.py converts the shards to resolution-bucketed MDS datasets, with a contact
    sheet of PREVIEW samples per bucket (--preview).
-4. precompute_latents.py attaches VAE/CLIP latents to one bucket (a tiny SD-2-shaped model, CPU).
-5. convert_coco.py converts a small COCO-shaped sample.
+4. caption_images.py writes a `vlm_caption` column beside the alt-text of one bucket (a tiny random
+   LLaVA, CPU: its captions are noise; a real model's are dense descriptions).
+5. precompute_latents.py attaches VAE/CLIP latents to that captioned bucket (a tiny SD-2-shaped model).
+6. convert_coco.py converts a small COCO-shaped sample.
 Then it reads every output back with StreamingDataset and prints one table.
 
 Usage: .venv/bin/python tests/demo.py [--out demo-output] [--images 300]
@@ -33,9 +35,11 @@ from testbed.http_server import ImageServer  # noqa: E402
 from testbed.laion_meta import entries_for, write_metadata  # noqa: E402
 from testbed.models import build_tiny_sd  # noqa: E402
 from testbed.readback import read_mds  # noqa: E402
+from testbed.vlms import build_vlm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-LATENT_BUCKET = 3  # index of 256-512 in BUCKET_EDGES: the bucket the demo attaches latents to
+LATENT_BUCKET = 3  # index of 256-512 in BUCKET_EDGES: the bucket the demo captions and attaches latents to
+CAPTIONS_SHOWN = 3  # new captions printed in the table
 PREVIEW = 6  # samples per bucket on the cloudwriter's contact sheets (3 x 2; the PNG stays < 200 KB)
 
 
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     items = sample_images(args.images)
     model = build_tiny_sd(out / 'tiny-sd')
+    vlm = build_vlm('llava', out / 'tiny-llava')
     coco_data, coco_ann = write_coco_sample(out / 'coco', args.coco_images, seed=0)
     with ImageServer(items) as server:
         write_metadata(out / 'metadata', entries_for(server, items), 'full', files=2)
@@ -90,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
                         '--remote', str(out / 'mds'), '--bucketed', '--keep_parquet',
                         '--poll_interval', '1', '--preview', str(PREVIEW)], env, timings)
     bucket = f'{BUCKET_EDGES[LATENT_BUCKET]}-{BUCKET_EDGES[LATENT_BUCKET + 1]}'
-    run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'mds'),
+    run('captions', [py, 'caption_images.py', '--remote_download', str(out / 'mds'),
+                     '--remote_upload', str(out / 'captioned'), '--local', str(out / 'captions-cache'),
+                     '--bucket', str(LATENT_BUCKET), '--model_name', str(vlm), '--batch-size', '8',
+                     '--max_new_tokens', '24', '--preview', '4'], env, timings)
+    run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'captioned'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
                     '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
                     '--num_workers', '1', '--preview', '4'], env, timings)
@@ -106,6 +115,7 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
         if (out / 'mds' / f'{lo}-{hi}' / 'index.json').exists():
             counts[f'{lo}-{hi}'] = len(read_mds(str(out / 'mds' / f'{lo}-{hi}')))
     latents = read_mds(str(out / 'latents' / latent_bucket))
+    captioned = read_mds(str(out / 'captioned' / latent_bucket))
     shapes = {}
     for col, res in (('latents_256', 256), ('latents_512', 512)):
         encoded = [np.frombuffer(s[col], np.float16).reshape(4, res // 8, res // 8)
@@ -119,6 +129,12 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     rows = [('metadata rows (images + 404 + 500 + redirect)', str(n_images + 3))]
     rows += [(f'bucket {name}', f'{n} samples') for name, n in counts.items()]
     rows += [('samples in all buckets', str(sum(counts.values())))]
+    rows += [(f'captions {latent_bucket}: vlm_caption', f'{len(captioned)} samples (a tiny random model: '
+              'the captions are noise)')]
+    rows += [(f'  {s["key"]} {s["caption"][:30]!r} ->', repr(s['vlm_caption'][:60]))
+             for s in captioned[:CAPTIONS_SHOWN]]
+    caption_preview = out / 'captions-cache' / f'captions_summary_{latent_bucket}_preview.png'
+    rows += [('captions preview', str(caption_preview))]
     rows += [(f'latents {latent_bucket}: caption_latents', caption_shape)]
     rows += [(f'latents {latent_bucket}: {col}', v) for col, v in shapes.items()]
     rows += [('latents preview', str(out / 'latents-cache' / f'latents_summary_{latent_bucket}_preview.png'))]
@@ -132,7 +148,10 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     for k, v in rows:
         print(f'{k:<{width}}  {v}')
     print('=' * (width + 30))
-    return {'buckets': counts, 'latents': len(latents), 'coco': len(coco), 'previews': previews,
+    return {'buckets': counts, 'latents': len(latents), 'captions': [s['vlm_caption'] for s in captioned],
+            'latents_keys': [s['key'] for s in latents], 'captioned_keys': [s['key'] for s in captioned],
+            'latents_have_vlm_caption': all('vlm_caption' in s for s in latents),
+            'coco': len(coco), 'previews': previews,
             'timings': timings}
 
 

@@ -1,4 +1,4 @@
-"""`make demo` runs the same pipeline as this test: download -> cloudwriter -> latents -> coco."""
+"""`make demo` runs the same pipeline as this test: download -> cloudwriter -> captions -> latents -> coco."""
 
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     want[bucket_of(min(images[0].width, images[0].height))] += 1  # the metadata's redirect row
     assert result['buckets'] == dict(want)  # every downloaded image once, in its bucket
     assert result['latents'] == want['256-512']
+    # the captioned bucket: every sample once, each with a caption, and the latents step read it
+    assert len(result['captions']) == want['256-512'] and all(result['captions'])
+    assert result['latents_keys'] == result['captioned_keys'] and result['latents_have_vlm_caption']
     assert result['coco'] == 8
     assert set(result['previews']) == set(want)  # a contact sheet per bucket, each a PNG
     for png in result['previews'].values():
         assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
     table = capsys.readouterr().out
     assert 'caption_latents' in table and '(4, 32, 32)' in table and 'seconds: latents' in table
+    assert 'the captions are noise' in table and 'seconds: captions' in table
     assert any(line.startswith('preview 256-512 ') and line.endswith(result['previews']['256-512'])
                for line in table.splitlines())

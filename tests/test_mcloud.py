@@ -20,7 +20,7 @@ from testbed.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / 'mcloud').glob('*.yaml'))
-SCRIPTS = {'laion_cloudwriter.py', 'precompute_latents.py', 'convert_coco.py'}
+SCRIPTS = {'laion_cloudwriter.py', 'precompute_latents.py', 'convert_coco.py', 'caption_images.py'}
 SHELL_SCRIPTS = {'laion_download_all.sh', 'laion_download_aesthetic.sh'}
 # The torchvision release built for each torch release a job image may ship.
 TORCHVISION_FOR = {'2.5.1': '0.20.1', '2.6.0': '0.21.0', '2.7.0': '0.22.0', '2.7.1': '0.22.1'}
@@ -59,7 +59,8 @@ def parse_with_script(script: str, argv: list[str]):
 
 
 def test_there_are_both_jobs():
-    assert {p.name for p in JOBS} == {'laion2b-en-interactive.yaml', 'precompute-latents.yaml'}
+    assert {p.name for p in JOBS} == {'laion2b-en-interactive.yaml', 'precompute-latents.yaml',
+                                      'caption-images.yaml'}
 
 
 @pytest.mark.parametrize('path', JOBS, ids=lambda p: p.name)
@@ -113,6 +114,13 @@ def test_latents_job_uses_torchrun_on_8_gpus():
     assert job['compute']['gpus'] == 8
     assert re.search(r'torchrun .*--nproc_per_node 8', job['command'].replace('\\\n', ' '))
     assert '-- precompute_latents.py' in job['command']
+
+
+def test_captions_job_uses_torchrun_on_8_gpus():
+    job = yaml.safe_load((ROOT / 'mcloud' / 'caption-images.yaml').read_text())
+    assert job['compute']['gpus'] == 8
+    assert re.search(r'torchrun .*--nproc_per_node 8', job['command'].replace('\\\n', ' '))
+    assert '-- caption_images.py' in job['command']
 
 
 def image_torch(job: dict) -> tuple[str, str]:
