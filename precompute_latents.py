@@ -101,6 +101,36 @@ class Interrupted(BaseException):
         self.stats: dict[str, Any] | None = None  # this rank's counters so far, when it got that far
 
 
+def number(cast: type, accepted, must: str):
+    """An argparse `type=`: `cast` the text and refuse it, in argparse's own message, unless `accepted`."""
+    def convert(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not accepted(value):
+            raise argparse.ArgumentTypeError(f'{text}: must be {must}')
+        return value
+    return convert
+
+
+POSITIVE = number(int, lambda v: v >= 1, 'a positive integer')
+COUNT = number(int, lambda v: v >= 0, '0 or more')
+SECONDS = number(float, lambda v: v > 0, 'positive seconds')
+RESOLUTION = number(int, lambda v: v > 0 and v % 8 == 0, 'a positive multiple of 8 (the VAE downsamples 8x)')
+PROBABILITY = number(float, lambda v: 0 <= v <= 1, 'a probability in [0, 1]')
+
+
+def bucket_name(bucket: str) -> str:
+    """`--bucket` as a folder name: an index into BUCKET_NAMES, a bucket name, or '' for none."""
+    if bucket.isdigit():
+        if int(bucket) >= len(BUCKET_NAMES):
+            raise argparse.ArgumentTypeError(f'{bucket}: the bucket index must be 0..{len(BUCKET_NAMES) - 1} '
+                                             f'({", ".join(BUCKET_NAMES)})')
+        return BUCKET_NAMES[int(bucket)]
+    return bucket
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the original script's flags keep their names and meaning."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -114,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='remote (or local) root of the input MDS datasets, one per bucket')
     p.add_argument('--remote_upload', default='',
                    help='remote (or local) root to write the output datasets to (required)')
-    p.add_argument('--bucket', default='',
+    p.add_argument('--bucket', default='', type=bucket_name,
                    help="bucket subfolder: an index into the bucket list (0 '0-64' ... 3 '256-512' ... "
                         "6 '1024-1048576') or a name such as '256-512'; empty: the roots are datasets")
     p.add_argument('--subfolder', default='',
@@ -122,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
                    help='diffusers pipeline (hub name or folder) of a known family: vae/ and its text '
                         'encoder and tokenizer subfolders')
-    p.add_argument('--family', default='auto',
+    p.add_argument('--family', default='auto', choices=('auto', *FAMILIES),
                    help='model family: auto (from model_index.json; sd for a folder without one), sd, '
                         'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
                         'FLUX-layout folder)')
@@ -130,22 +160,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
                         "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
                         'the model dtype is --dtype')
-    p.add_argument('--t5_max_length', type=int, default=0,
+    p.add_argument('--t5_max_length', type=COUNT, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
                    help='trimmed: store T5 states only up to the caption token count (incl. </s>), plus '
                         'a <column>_length column; readers pad with zeros (not for mosaicml)')
-    p.add_argument('--text_batch_size', type=int, default=0,
+    p.add_argument('--text_batch_size', type=COUNT, default=0,
                    help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
-    p.add_argument('--batch-size', dest='batch_size', type=int, default=64,
+    p.add_argument('--batch-size', dest='batch_size', type=POSITIVE, default=64,
                    help='samples per batch on each process')
-    p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512],
+    p.add_argument('--resolutions', type=RESOLUTION, nargs='+', default=[256, 512],
                    help='image resolutions to encode, multiples of 8; one latents_<res> column each')
     p.add_argument('--crop', choices=('center', 'aspect'), default='center',
                    help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
                         'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
                         'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
-    p.add_argument('--max_aspect', type=float, default=None,
+    p.add_argument('--max_aspect', type=number(float, lambda v: v >= 1, 'at least 1 (buckets span 1:max to '
+                                                  'max:1)'), default=None,
                    help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
                         f'default {MAX_ASPECT}')
     p.add_argument('--random_crop', action='store_true',
@@ -155,32 +186,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='also store latents_<res>_flipped: the latent of the horizontally mirrored crop')
     p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
                    help='store a sample of the latent distribution (seeded per sample) or its mean')
-    p.add_argument('--seed', type=int, default=0, help='seed of the per-sample noise in sample mode')
-    p.add_argument('--caption_drop_prob', type=float, default=0.0,
+    p.add_argument('--seed', type=COUNT, default=0, help='seed of the per-sample noise in sample mode')
+    p.add_argument('--caption_drop_prob', type=PROBABILITY, default=0.0,
                    help="fraction of captions encoded as '' (the original baked in 0.1; keep 0 and "
                         'drop captions at training time)')
     p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
                    help='where to run the models; auto: cuda:<LOCAL_RANK> when available')
     p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
                    help='model dtype; auto: float16 on GPU, float32 on CPU (latents are stored float16)')
-    p.add_argument('--num_workers', type=int, default=-1,
+    p.add_argument('--num_workers', type=number(int, lambda v: v >= -1, '-1 (one per free core), 0 or more'),
+                   default=-1,
                    help='DataLoader worker processes that read and decode; -1: cores per process - 1')
-    p.add_argument('--threads', type=int, default=0,
+    p.add_argument('--threads', type=COUNT, default=0,
                    help='torch threads of each process on CPU; 0: cores per process minus --num_workers '
                         '(at least 1), so workers and model do not fight over cores')
-    p.add_argument('--prefetch_factor', type=int, default=4, help='batches each worker prepares ahead')
-    p.add_argument('--part_size', type=int, default=5000,
+    p.add_argument('--prefetch_factor', type=POSITIVE, default=4, help='batches each worker prepares ahead')
+    p.add_argument('--part_size', type=POSITIVE, default=5000,
                    help='samples per unit of work and of resume (whole input shards, at least this '
                         'many); keep it the same across reruns of one output')
     p.add_argument('--size_limit', default='256mb', help='output shard size limit')
     p.add_argument('--compression', default='', help='output shard compression, e.g. zstd; empty: none')
-    p.add_argument('--download_timeout', type=float, default=300, help='seconds per file download')
-    p.add_argument('--download_retry', type=int, default=2, help='retries per file download')
-    p.add_argument('--dist_timeout', type=float, default=7 * 24 * 3600,
+    p.add_argument('--download_timeout', type=SECONDS, default=300, help='seconds per file download')
+    p.add_argument('--download_retry', type=COUNT, default=2, help='retries per file download')
+    p.add_argument('--dist_timeout', type=SECONDS, default=7 * 24 * 3600,
                    help='seconds ranks wait for each other at the final barrier')
     p.add_argument('--summary', default='',
                    help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
-    p.add_argument('--preview', type=int, default=0,
+    p.add_argument('--preview', type=COUNT, default=0,
                    help='at the end, rank 0 writes a PNG of this many samples spread over the output: each '
                         'source crop beside its stored latents decoded by the VAE; 0: none')
     p.add_argument('--preview_path', default='',
@@ -208,18 +240,6 @@ class Part:
     shards: tuple[int, ...]
     first: int
     last: int
-
-
-def bucket_name(bucket: str) -> str:
-    """`--bucket` as a folder name: an index into BUCKET_NAMES, a bucket name, or '' for none."""
-    if bucket == '':
-        return ''
-    if bucket.isdigit():
-        if int(bucket) >= len(BUCKET_NAMES):
-            raise UserError(f'--bucket {bucket}: the bucket index must be 0..{len(BUCKET_NAMES) - 1} '
-                            f'({", ".join(BUCKET_NAMES)})')
-        return BUCKET_NAMES[int(bucket)]
-    return bucket
 
 
 def is_remote(path: str) -> bool:
@@ -260,7 +280,7 @@ class Places:
 def places(args: argparse.Namespace) -> Places:
     """The run's places. A download cache belongs to one input and one output, so a run on another
     dataset (or into another output) never meets its shards."""
-    name = bucket_name(args.bucket)
+    name = args.bucket
     out = join(args.remote_upload, name, args.subfolder)
     src = cache = join(args.local, name, args.subfolder)
     if args.remote_download:
@@ -269,11 +289,10 @@ def places(args: argparse.Namespace) -> Places:
     return Places(src, cache, out, join(args.local, '.staging', digest(out)))
 
 
-def check_places(args: argparse.Namespace) -> None:
+def check_places(args: argparse.Namespace, pl: Places) -> None:
     """Refuse a run whose input, download cache, staging folder and output overlap (the same place
     under any spelling, or one inside another): cache eviction, the staging clean-up or the output's
     index would delete or overwrite the other's files."""
-    pl = places(args)
     roles = [('the output', pl.out, '--remote_upload'),
              ('the input', pl.src, '--remote_download' if args.remote_download else '--local')]
     if pl.cache != pl.src:
@@ -966,8 +985,6 @@ def pick_family(model_name: str, flag: str) -> Family:
     index = read_model_index(model_name)
     name = (index or {}).get('_class_name', '')
     if flag != 'auto':
-        if flag not in FAMILIES:
-            raise UserError(f'--family {flag}: unknown family; known: auto, {", ".join(FAMILIES)}')
         family = FAMILIES[flag]
         if name and name not in family.pipelines:
             raise UserError(f'--family {flag}: {model_name}/model_index.json names {name}, but the {flag} '
@@ -1282,7 +1299,6 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
 
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
-    check_model_folder(model_name, family)
     vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
     return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
 
@@ -1600,32 +1616,14 @@ class Prefetcher(threading.Thread):
 class Plan:
     """What rank 0 found and every rank needs."""
 
-    src: str
-    cache_dir: str
-    out_root: str
+    places: Places
+    family: Family
+    tokenizers: list
     shards: list[dict]
     columns: dict[str, str]
     parts: list[Part]
     pending: list[Part]
     settings: dict
-
-
-# (flag, attribute, accepted, what it must be): every number flag, checked before anything loads
-NUMBER_FLAGS = (
-    ('--batch-size', 'batch_size', lambda v: v >= 1, 'a positive number of samples'),
-    ('--part_size', 'part_size', lambda v: v >= 1, 'a positive number of samples'),
-    ('--caption_drop_prob', 'caption_drop_prob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('--seed', 'seed', lambda v: v >= 0, 'a non-negative integer'),
-    ('--num_workers', 'num_workers', lambda v: v >= -1, '-1 (one per free core), 0 (no workers) or more'),
-    ('--threads', 'threads', lambda v: v >= 0, '0 (automatic) or more'),
-    ('--prefetch_factor', 'prefetch_factor', lambda v: v >= 1, 'at least 1'),
-    ('--download_timeout', 'download_timeout', lambda v: v > 0, 'positive seconds'),
-    ('--download_retry', 'download_retry', lambda v: v >= 0, '0 or more'),
-    ('--dist_timeout', 'dist_timeout', lambda v: v > 0, 'positive seconds'),
-    ('--preview', 'preview', lambda v: v >= 0, '0 (no preview) or a number of samples'),
-    ('--t5_max_length', 't5_max_length', lambda v: v >= 0, "0 (the family's) or a number of tokens"),
-    ('--text_batch_size', 'text_batch_size', lambda v: v >= 0, '0 (--batch-size) or a number of captions'),
-)
 
 
 def check_output_format(size_limit: str, compression: str) -> None:
@@ -1646,30 +1644,20 @@ def check_output_format(size_limit: str, compression: str) -> None:
                         'optional level, e.g. zstd:7); leave it empty for none')
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Every flag that can be checked without torch, streaming, the input or the models; raises
-    UserError."""
-    bad = [r for r in args.resolutions if r <= 0 or r % 8]
-    if bad:
-        raise UserError(f'--resolutions {" ".join(map(str, bad))}: each resolution must be a positive '
-                        'multiple of 8 (the VAE downsamples 8x)')
+def check_args(args: argparse.Namespace, pl: Places) -> None:
+    """The checks across flags (each flag alone is checked by its argparse `type=` or `choices=`),
+    before torch, streaming, the input or the models load; raises UserError."""
     twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
     if twice:
         raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
                         'list each resolution once (each makes one latents_<res> column)')
     if not args.remote_upload:
         raise UserError('--remote_upload is required: where to write the output dataset')
-    for flag, attr, accepted, must in NUMBER_FLAGS:
-        if not accepted(getattr(args, attr)):
-            raise UserError(f'{flag} {getattr(args, attr)}: must be {must}')
     if args.random_crop and args.crop != 'aspect':
         raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
     if args.max_aspect is not None and args.crop != 'aspect':
         raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
-    if max_aspect(args) < 1:
-        raise UserError(f'--max_aspect {args.max_aspect}: must be at least 1 (buckets span 1:max to max:1)')
-    bucket_name(args.bucket)
-    check_places(args)
+    check_places(args, pl)
 
 
 def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
@@ -1678,18 +1666,18 @@ def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype
     return getattr(torch, args.dtype)
 
 
-def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
+def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_output_format(args.size_limit, args.compression)
     check_model_name(args.model_name)
     family = pick_family(args.model_name, args.family)
     check_family_flags(args, family)
     check_model_folder(args.model_name, family)
-    pl = places(args)
-    src, cache_dir, out_root = pl.src, pl.cache, pl.out
-    shards = read_input_index(src, cache_dir, args.download_timeout)
+    src, out_root = pl.src, pl.out
+    shards = read_input_index(src, pl.cache, args.download_timeout)
     columns = input_columns(shards, src)
-    convention = make_convention(args, family, load_tokenizers(args.model_name, family))
+    tokenizers = load_tokenizers(args.model_name, family)
+    convention = make_convention(args, family, tokenizers)
     new_columns = convention['columns']
     clash = [c for c in new_columns if c in columns]
     if clash:
@@ -1717,7 +1705,7 @@ def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
     pending = [p for p in parts if p.name not in markers]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
     put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
-    return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
+    return Plan(pl, family, tokenizers, shards, columns, parts, pending, settings)
 
 
 def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
@@ -1744,12 +1732,12 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return torch.device('cpu')
 
 
-def share_plan(args: argparse.Namespace, dtype: torch.dtype, rank: int) -> Plan:
+def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: int) -> Plan:
     """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
     result: list[Any] = [None]
     if rank == 0:
         try:
-            result[0] = make_plan(args, dtype)
+            result[0] = make_plan(args, pl, dtype)
         except UserError as err:
             result[0] = err
     if dist.is_initialized():
@@ -1776,22 +1764,20 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
-    convention = plan.settings['convention']
-    family = FAMILIES[convention['family']]
+    convention, family, pl = plan.settings['convention'], plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype)
-    tokenizers = load_tokenizers(args.model_name, family)
     text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
                     for c in family.columns]
     storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
-    remote = plan.src if plan.src != plan.cache_dir else None
-    cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
+    remote = pl.src if pl.src != pl.cache else None
+    cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
     if remote is not None:
         if int(os.environ.get('LOCAL_RANK', 0)) == 0:
-            empty_cache(plan.cache_dir)
+            empty_cache(pl.cache)
         if dist.is_initialized():
             dist.barrier()  # no rank downloads before its machine's cache is emptied
     jobs = make_jobs(mine, args.batch_size)
-    reader = BatchReader(jobs, cache, tokenizers, [e['tokens'] for e in convention['text_encoders']],
+    reader = BatchReader(jobs, cache, plan.tokenizers, [e['tokens'] for e in convention['text_encoders']],
                          args.resolutions, latent_shape(models[0]), args.latent_mode, args.seed,
                          args.caption_drop_prob, aspect_crop(convention), args.flip)
     workers = default_workers(args)
@@ -1801,9 +1787,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
         reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
         pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
         worker_init_fn=functools.partial(die_with_parent, os.getpid()))
-    staging = os.path.join(places(args).staging, f'rank{rank}')
+    staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(plan.out_root, staging, plan.columns, sorted(args.resolutions), plan.settings,
+    writer = PartWriter(pl.out, staging, plan.columns, sorted(args.resolutions), plan.settings,
                         cache, {p.name: p for p in mine}, evict=remote is not None, args=args,
                         text_columns=text_columns)
     prefetcher = Prefetcher(mine, cache, writer)
@@ -1880,37 +1866,37 @@ def merge_parts(plan: Plan, staging: str) -> None:
     """Rank 0: convention.json, then one index.json at the output root over every part, in part order."""
     from streaming.base.util import merge_index
 
-    put_text(plan.out_root, staging, CONVENTION, json.dumps(plan.settings['convention'], indent=1))
+    put_text(plan.places.out, staging, CONVENTION, json.dumps(plan.settings['convention'], indent=1))
     if plan.settings['convention'].get('crop'):
         merge_groups(plan, staging)
         return
-    urls = [join(plan.out_root, p.name, INDEX) for p in plan.parts]
-    if is_remote(plan.out_root):
-        out = (os.path.join(staging, 'merged'), plan.out_root)
+    urls = [join(plan.places.out, p.name, INDEX) for p in plan.parts]
+    if is_remote(plan.places.out):
+        out = (os.path.join(staging, 'merged'), plan.places.out)
     else:
-        out = plan.out_root
+        out = plan.places.out
         with contextlib.suppress(FileNotFoundError):  # merge_index will not overwrite it
-            os.remove(os.path.join(plan.out_root, INDEX))
+            os.remove(os.path.join(plan.places.out, INDEX))
     if not urls:  # an empty input still gets a readable, empty output
-        put_text(plan.out_root, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
+        put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
         return
     try:
         with quiet_logging():
-            merge_index(urls, out, keep_local=not is_remote(plan.out_root))
+            merge_index(urls, out, keep_local=not is_remote(plan.places.out))
     except Exception as err:
-        raise UserError(f'merging the index at {plan.out_root} failed: {first_line(err)}') from None
+        raise UserError(f'merging the index at {plan.places.out} failed: {first_line(err)}') from None
 
 
 def merge_groups(plan: Plan, staging: str) -> None:
     """Rank 0, --crop aspect: `<out>/<group>/index.json` per bucket group over its parts (a dataset of
     one image shape per resolution), `<out>/index.json` over all of them, and GROUPS listing the groups."""
     timeout = 60
-    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), timeout)
+    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), timeout)
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
         for group in sorted(markers.get(part.name, {}).get('groups', {})):
-            url = join(plan.out_root, group, part.name, INDEX)
+            url = join(plan.places.out, group, part.name, INDEX)
             try:
                 shards = read_json(url, timeout)['shards']
             except Exception as err:
@@ -1920,12 +1906,12 @@ def merge_groups(plan: Plan, staging: str) -> None:
     resolutions = plan.settings['resolutions']
     listing = {}
     for group, shards in sorted(groups.items()):
-        put_text(plan.out_root, staging, f'{group}/{INDEX}', json.dumps({'version': 2, 'shards': shards}))
+        put_text(plan.places.out, staging, f'{group}/{INDEX}', json.dumps({'version': 2, 'shards': shards}))
         sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
         listing[group] = {'samples': sum(s['samples'] for s in shards),
                           'buckets': dict(zip(map(str, resolutions), sizes))}
-    put_text(plan.out_root, staging, GROUPS, json.dumps(listing, indent=1))
-    put_text(plan.out_root, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
+    put_text(plan.places.out, staging, GROUPS, json.dumps(listing, indent=1))
+    put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
 
 
 def prefixed(shards: list[dict], folder: str) -> list[dict]:
@@ -1942,7 +1928,7 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
     """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
-    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), args.download_timeout)
+    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -1952,7 +1938,7 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
         for name, n in m.get('fp32_fallback', {}).items():
             fallback[name] = fallback.get(name, 0) + n
     return {
-        'input': plan.src, 'output': plan.out_root, 'input_samples': plan.settings['input_samples'],
+        'input': plan.places.src, 'output': plan.places.out, 'input_samples': plan.settings['input_samples'],
         'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
         'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
                                          / max(written, 1), 1),
@@ -2009,7 +1995,7 @@ def stop_on_signals() -> None:
 
 
 def summary_path(args: argparse.Namespace) -> str:
-    name = bucket_name(args.bucket) or 'dataset'
+    name = args.bucket or 'dataset'
     return args.summary or os.path.join(args.local, f'latents_summary_{name}.json')
 
 
@@ -2218,8 +2204,9 @@ def import_torch() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    pl = places(args)
     try:
-        check_args(args)
+        check_args(args, pl)
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)
@@ -2233,25 +2220,25 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args)
         if args.preview_only:
             if rank == 0:
-                preview(args, places(args).out, device, None)
+                preview(args, pl.out, device, None)
             return
         dtype = resolve_dtype(args, device)
-        plan = share_plan(args, dtype, rank)
+        plan = share_plan(args, pl, dtype, rank)
         stats = run_rank(args, plan, device, dtype, rank, world)
         if world > 1:
             dist.barrier()
         if rank == 0:
-            staging = os.path.join(places(args).staging, 'merge')
+            staging = os.path.join(pl.staging, 'merge')
             os.makedirs(staging, exist_ok=True)
             merge_parts(plan, staging)
             summary = {**summarize(args, plan, stats, world), 'interrupted': None}
             report(summary, summary_path(args))
-            shutil.rmtree(places(args).staging, ignore_errors=True)
+            shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
             if args.preview:
-                preview(args, plan.out_root, device, summary_path(args))
+                preview(args, pl.out, device, summary_path(args))
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)

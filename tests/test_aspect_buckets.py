@@ -335,7 +335,7 @@ def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_ru
 @pytest.mark.parametrize('flags, phrase', [
     (['--random_crop'], '--random_crop: only with --crop aspect'),
     (['--max_aspect', 2], '--max_aspect: only with --crop aspect'),
-    (['--crop', 'aspect', '--max_aspect', 0.5], '--max_aspect 0.5: must be at least 1'),
+    (['--crop', 'aspect', '--max_aspect', 0.5], 'argument --max_aspect: 0.5: must be at least 1'),
     (['--crop', 'aspect', '--resolutions', 32], '--crop aspect --resolutions 32: below the bucket step 64'),
 ])
 def test_aspect_flags_are_refused_in_one_line(flags, phrase, root, tiny_model, tmp_path):

@@ -264,7 +264,7 @@ def linked(src: Path, dst: Path, skip: set[str]) -> Path:
 
 
 @pytest.mark.parametrize('case, phrase', [
-    ('unknown_family', '--family sd4: unknown family'),
+    ('unknown_family', "argument --family: invalid choice: 'sd4' (choose from 'auto', 'sd', 'sdxl'"),
     ('no_text_encoder_2', 'has no text_encoder_2/'),
     ('no_model_index', 'pass --family'),
     ('unknown_pipeline', "names 'KandinskyPipeline'"),

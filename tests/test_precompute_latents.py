@@ -55,7 +55,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def refused(*args) -> str:
     """The error line of a command line the script refuses, run through its main() in this process
-    (no interpreter and torch start-up per case): exit 2, one `error:` line, no traceback."""
+    (no interpreter and torch start-up per case): exit 2, one `error:` line (the script's, or argparse's
+    `<prog>: error: argument ...` for a flag its `type=` or `choices=` refuses), no traceback."""
     script = load_script('precompute_latents.py')
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
     err = io.StringIO()
@@ -67,7 +68,8 @@ def refused(*args) -> str:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert stop.value.code == 2 and 'Traceback' not in err.getvalue(), err.getvalue()[-3000:]
-    errors = [ln for ln in err.getvalue().splitlines() if ln.startswith('error:')]
+    lines = err.getvalue().splitlines()
+    errors = [ln for ln in lines if ln.startswith('error:') or ': error: argument ' in ln]
     assert len(errors) == 1, err.getvalue()[-3000:]
     return errors[0]
 
@@ -626,7 +628,9 @@ def test_a_worker_whose_handoff_the_stopping_main_drops_prints_no_traceback(as_w
     (['--size_limit', 'banana'], '--size_limit banana: must be a shard size'),
     (['--compression', 'foo'], '--compression foo: streaming knows'),
     (['--resolutions', 256, 256], '256 is given twice'),
-    (['--caption_drop_prob', 1.5], '--caption_drop_prob 1.5: must be a probability in [0, 1]'),
+    (['--caption_drop_prob', 1.5], 'argument --caption_drop_prob: 1.5: must be a probability in [0, 1]'),
+    (['--batch-size', 0], 'argument --batch-size: 0: must be a positive integer'),
+    (['--bucket', 9], 'argument --bucket: 9: the bucket index must be 0..6'),
 ])
 def test_bad_flags_are_refused_before_anything_loads(flags, phrase, root, tiny_input, tmp_path):
     model = tmp_path / 'model'  # a model that cannot load: the flag must be reported first
@@ -649,7 +653,8 @@ def test_a_bad_flag_fails_before_torch_is_imported(root, tmp_path):
             '    print("exit", stop.code, "torch" in sys.modules)\n')
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ['exit', '2', 'False'], proc.stdout + proc.stderr[-3000:]
-    assert proc.stderr.startswith('error: --resolutions 100: each resolution must be a positive multiple')
+    assert proc.stderr.splitlines()[-1] == ('precompute_latents.py: error: argument --resolutions: 100: '
+                                            'must be a positive multiple of 8 (the VAE downsamples 8x)')
 
 
 @pytest.mark.parametrize('name, env, phrase', [
@@ -672,6 +677,8 @@ def test_input_read_in_place_from_local_is_not_taken_for_an_overlap(tmp_path):
     the run's own staging folder below it is harmless; an output inside it is still refused."""
     script = load_script('precompute_latents.py')
     local, out = tmp_path / 'mds', tmp_path / 'out'
-    script.check_places(script.parse_args(['--local', str(local), '--remote_upload', str(out)]))
+    args = script.parse_args(['--local', str(local), '--remote_upload', str(out)])
+    script.check_places(args, script.places(args))
+    args = script.parse_args(['--local', str(local), '--remote_upload', str(local / 'out')])
     with pytest.raises(script.UserError, match=r'the output .* is inside the input'):
-        script.check_places(script.parse_args(['--local', str(local), '--remote_upload', str(local / 'out')]))
+        script.check_places(args, script.places(args))
