@@ -42,7 +42,6 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import queue
@@ -474,21 +473,6 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
 # Reading and decoding (runs in DataLoader workers)
 # ----------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list[int]]:
-    """Decode an image once; returns (RGB image, the resolutions its shorter side reaches).
-
-    JPEGs decode at the smallest DCT scale whose shorter side still reaches the largest of those
-    resolutions (at 1/8 when none does: only check that it decodes). EXIF orientation is applied;
-    transparency goes over white; grayscale (8 or 16 bit), CMYK and palettes become RGB.
-    """
-    img = Image.open(io.BytesIO(data))
-    usable = [r for r in resolutions if r <= min(img.size)]
-    if img.format == 'JPEG':
-        need = max(usable, default=1)
-        img.draft(img.mode, (need, need))
-    return to_rgb(img), usable
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
     img.load()
@@ -505,77 +489,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def center_square(img: Image.Image, res: int) -> np.ndarray:
-    """The largest centered square of `img` resized to res x res (bilinear): uint8 (res, res, 3)."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    out = img.resize((res, res), Image.Resampling.BILINEAR, box=(left, top, left + s, top + s))
-    return np.asarray(out)
-
-
-# ---- --crop aspect: bucket tables, the bucket of an image, and its crop ------------------------
-
-def bucket_table(res: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
-    """The (width, height) buckets of resolution `res`, sorted by aspect ratio (tall first).
-
-    For each shorter side s = step, 2 step, ... <= res, the longer side is the largest multiple of
-    `step` with s x long <= res x res (area close to, never above, the square's); kept while
-    long / s <= max_aspect, in both orientations. `step` is the VAE factor x 8 (64 for every family
-    here), so a latent side is a multiple of 8. E.g. 128 (step 64): 64x256, 128x128, 256x64.
-    """
-    pairs = set()
-    for s in range(step, res + 1, step):
-        long = res * res // s // step * step
-        if long <= max_aspect * s:
-            pairs |= {(long, s), (s, long)}
-    return tuple(sorted(pairs, key=lambda p: p[0] / p[1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where one image goes at one resolution: its bucket, the size it is resized to (covering the
-    bucket, aspect ratio kept), and the crop's top-left in those resized pixels."""
-
-    bucket: int  # index into the resolution's bucket table
-    width: int  # the bucket
-    height: int
-    resized_width: int
-    resized_height: int
-    left: int
-    top: int
-
-    def time_ids(self, original: tuple[int, int], flipped: bool = False) -> list[int]:
-        """SDXL's add_time_ids: original_size (h, w) + crops_coords_top_left (top, left) + target_size
-        (h, w); for the mirrored crop, the left edge in the mirrored resized image."""
-        left = self.resized_width - self.left - self.width if flipped else self.left
-        return [original[1], original[0], self.top, left, self.height, self.width]
-
-
-def nearest_bucket(size: tuple[int, int], table: tuple[tuple[int, int], ...]) -> int:
-    """The bucket whose aspect ratio is nearest the image's (on a log scale; the first on a tie)."""
-    aspect = math.log(size[0] / size[1])
-    return min(range(len(table)), key=lambda i: abs(math.log(table[i][0] / table[i][1]) - aspect))
-
-
-def place(size: tuple[int, int], table: tuple[tuple[int, int], ...],
-          rng: np.random.Generator | None) -> Placement | None:
-    """The image's bucket, resize and crop (centred, or at an offset drawn from `rng`); None when
-    covering the bucket would enlarge the image (too small for this resolution: b'')."""
-    w, h = size
-    i = nearest_bucket(size, table)
-    bw, bh = table[i]
-    scale = max(bw / w, bh / h)
-    if scale > 1:
-        return None
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if rng is None:
-        left, top = (rw - bw) // 2, (rh - bh) // 2
-    else:
-        left, top = int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1))
-    return Placement(i, bw, bh, rw, rh, left, top)
-
-
 def displayed_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened, not yet decoded image as shown: EXIF orientation applied."""
     w, h = img.size
@@ -585,35 +498,204 @@ def displayed_size(img: Image.Image) -> tuple[int, int]:
     return w, h
 
 
-def decode_for_buckets(data: bytes, tables: dict[int, tuple], rngs: dict[int, np.random.Generator | None]
-                       ) -> tuple[Image.Image, tuple[int, int], dict[int, Placement]]:
-    """Decode an image once for --crop aspect: (RGB image, original displayed size, {res: placement}
-    for the resolutions it is large enough for). A JPEG decodes at the smallest DCT scale that still
-    covers every placement's resized size."""
-    img = Image.open(io.BytesIO(data))
-    size = displayed_size(img)
-    full = img.size
-    if img.format == 'JPEG':
+def bucket_table(res: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    """The (width, height) buckets of resolution `res`, sorted by aspect ratio (tall first).
+
+    For each shorter side s = step, 2 step, ... <= res, the longer side is the largest multiple of
+    `step` with s x long <= res x res, kept while long / s <= max_aspect, in both orientations. `step`
+    is the VAE factor x 8, so a latent side is a multiple of 8. E.g. 128 (step 64): 64x256, 128x128, 256x64.
+    """
+    pairs = set()
+    for s in range(step, res + 1, step):
+        long = res * res // s // step * step
+        if long <= max_aspect * s:
+            pairs |= {(long, s), (s, long)}
+    return tuple(sorted(pairs, key=lambda p: p[0] / p[1]))
+
+
+def nearest_bucket(size: tuple[int, int], table: tuple[tuple[int, int], ...]) -> int:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale; the first on a tie)."""
+    aspect = math.log(size[0] / size[1])
+    return min(range(len(table)), key=lambda i: abs(math.log(table[i][0] / table[i][1]) - aspect))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one image goes at one resolution: its bucket, the box of the decoded image resized (bilinear)
+    to it, and for SDXL's add_time_ids the size it is resized to and the crop's top-left there."""
+
+    bucket: int  # index into the resolution's bucket table
+    width: int  # the bucket
+    height: int
+    box: tuple[float, float, float, float]  # in the decoded image
+    resized_width: int
+    resized_height: int
+    left: int
+    top: int
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        return np.asarray(img.resize((self.width, self.height), Image.Resampling.BILINEAR, box=self.box))
+
+    def time_ids(self, original: tuple[int, int], flipped: bool = False) -> list[int]:
+        """SDXL's add_time_ids: original_size (h, w) + crops_coords_top_left (top, left) + target_size
+        (h, w); for the mirrored crop, the left edge in the mirrored resized image."""
+        left = self.resized_width - self.left - self.width if flipped else self.left
+        return [original[1], original[0], self.top, left, self.height, self.width]
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop:
+    """--crop center, a row: one bucket per resolution, the res x res square, cut as the image's largest
+    centred square. The reader, encoder and writer run any crop row alike (see AspectCrop)."""
+
+    tables: dict[int, tuple[tuple[int, int], ...]]
+    random: bool = False
+    grouped = False  # one dataset per bucket group
+
+    def decode(self, data: bytes, rngs: dict[int, np.random.Generator | None]
+               ) -> tuple[Image.Image, tuple[int, int], dict[int, Placement]]:
+        """Decode once: (RGB image, its displayed size, {res: placement} for the resolutions it is large
+        enough for). A JPEG decodes at the smallest DCT scale that still serves every placement."""
+        img = Image.open(io.BytesIO(data))
+        size, full = displayed_size(img), img.size
+        if img.format == 'JPEG':
+            img.draft(img.mode, self.draft(size, full))
+        scaled = img.size != full
+        img = to_rgb(img)
+        if not scaled:  # decoded at full size: its own size is the truth (EXIF read after the pixels too)
+            size = img.size
+        return img, size, {r: p for r in self.tables if (p := self.place(size, img.size, r, rngs[r]))}
+
+    def draft(self, size: tuple[int, int], full: tuple[int, int]) -> tuple[int, int]:
+        """The JPEG decode size asked of PIL: the shorter side reaches the largest usable resolution."""
+        need = max((r for r in self.tables if r <= min(full)), default=1)  # none: only check it decodes
+        return need, need
+
+    def place(self, size: tuple[int, int], decoded: tuple[int, int], res: int,
+              rng: np.random.Generator | None) -> Placement | None:
+        """The largest centred square of the decoded image; None when the shorter side is below `res`."""
+        if res > min(size):
+            return None
+        w, h = decoded
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return Placement(0, res, res, (left, top, left + s, top + s), w, h, left, top)
+
+    def group(self, placed: dict[int, Placement]) -> str:
+        """The dataset below the output a sample goes to ('': the output itself)."""
+        return ''
+
+    def columns(self, placed: dict[int, Placement], size: tuple[int, int], flip: bool) -> dict[str, Any]:
+        """Per-sample columns beside the latents."""
+        return {}
+
+    def specs(self, res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
+        """The convention records of one resolution's columns."""
+        side = res // vae['downsampling']
+        return {LATENT_COLUMN.format(res=res): {
+            'dtype': storage, 'shape': [vae['latent_channels'], side, side],
+            'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the {res}px center square; "
+                    f"b'' when the shorter side is below {res}"}}
+
+    def record(self, seed: int, flip: bool) -> dict:
+        """The convention's `crop` record ({}: none, as center outputs always had)."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectCrop(CenterCrop):
+    """--crop aspect, a row: the nearest bucket of each resolution's table, the image resized to cover it
+    (aspect kept) and cropped, SDXL size conditioning stored, one dataset per bucket group."""
+
+    step: int = 64  # the VAE factor x 8
+    max_aspect: float = MAX_ASPECT
+    grouped = True
+
+    def draft(self, size: tuple[int, int], full: tuple[int, int]) -> tuple[int, int]:
+        """The JPEG decode size asked of PIL: it covers every placement's resized size."""
         scale = max((max(p.resized_width / size[0], p.resized_height / size[1])
-                     for p in (place(size, t, None) for t in tables.values()) if p), default=0.0)
-        need = (max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale)))
-        img.draft(img.mode, need)
-    scaled = img.size != full
-    img = to_rgb(img)
-    if not scaled:  # decoded at full size: its own size is the truth (EXIF read after the pixels too)
-        size = img.size
-    return img, size, {r: p for r, t in tables.items() if (p := place(size, t, rngs[r])) is not None}
+                     for r in self.tables if (p := self.place(size, size, r, None))), default=0.0)
+        return max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale))
+
+    def place(self, size: tuple[int, int], decoded: tuple[int, int], res: int,
+              rng: np.random.Generator | None) -> Placement | None:
+        """The image's bucket, resize and crop (centred, or at an offset drawn from `rng`); None when
+        covering the bucket would enlarge the image. The box maps the crop into the decoded image: the
+        same samples as resizing the whole image and cropping (up to PIL's rounding, at most 1 level)."""
+        table = self.tables[res]
+        i = nearest_bucket(size, table)
+        bw, bh = table[i]
+        scale = max(bw / size[0], bh / size[1])
+        if scale > 1:
+            return None
+        rw, rh = max(bw, round(size[0] * scale)), max(bh, round(size[1] * scale))
+        if rng is None:
+            left, top = (rw - bw) // 2, (rh - bh) // 2
+        else:
+            left, top = int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1))
+        sx, sy = decoded[0] / rw, decoded[1] / rh
+        box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
+        return Placement(i, bw, bh, box, rw, rh, left, top)
+
+    def group(self, placed: dict[int, Placement]) -> str:
+        """Its bucket at every resolution, e.g. '320x192_640x384' ('none' where it is too small), so
+        every latent column of one group has one shape."""
+        return '_'.join(f'{p.width}x{p.height}' if (p := placed.get(r)) else 'none' for r in self.tables)
+
+    def columns(self, placed: dict[int, Placement], size: tuple[int, int], flip: bool) -> dict[str, Any]:
+        """Per resolution its bucket index and SDXL add_time_ids (int32 bytes; also of the mirrored crop
+        with --flip); -1 and b'' when the image is too small for it."""
+        out: dict[str, Any] = {}
+        for r in self.tables:
+            p = placed.get(r)
+            out[BUCKET_COLUMN.format(res=r)] = -1 if p is None else p.bucket
+            for name, mirrored in [(TIME_IDS_COLUMN.format(res=r), False)] + \
+                    [(FLIPPED.format(column=TIME_IDS_COLUMN.format(res=r)), True)] * flip:
+                out[name] = b'' if p is None else np.array(p.time_ids(size, mirrored), np.int32).tobytes()
+        return out
+
+    def specs(self, res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
+        f = vae['downsampling']
+        return {
+            LATENT_COLUMN.format(res=res): {
+                'dtype': storage, 'shape': [vae['latent_channels'], f'H/{f}', f'W/{f}'],
+                'shape_varies': f'per sample: W x H = the bucket (aspect_bucket_{res}; '
+                                f'{TIME_IDS_COLUMN.format(res=res)}[4:6] is H, W)',
+                'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the image resized to cover "
+                        f"its {res}px bucket and cropped to it; b'' when too small"},
+            BUCKET_COLUMN.format(res=res): {'dtype': 'int32', 'shape': [],
+                                            'what': f'index into crop.buckets["{res}"]; -1 when too small'},
+            TIME_IDS_COLUMN.format(res=res): {
+                'dtype': 'int32', 'shape': [6],
+                'what': 'SDXL add_time_ids: original_size (h, w) + crops_coords_top_left (top, left, in '
+                        "resized pixels) + target_size (h, w) = the bucket; b'' when too small"},
+        }
+
+    def record(self, seed: int, flip: bool) -> dict:
+        return {'mode': 'aspect', 'step': self.step, 'max_aspect': self.max_aspect,
+                'buckets': {str(r): [list(b) for b in t] for r, t in self.tables.items()},
+                'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a '
+                          'tie); resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then '
+                          'cropped; computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, '
+                          'top + H) x decoded size / resized size) of the decoded image',
+                'position': f'random (numpy default_rng([{seed}, sample index, res, 2]))'
+                            if self.random else 'centred (offset (resized - bucket) // 2)',
+                'seed': seed, 'flip': flip,
+                'too_small': "b'' (bucket -1) when covering the bucket would enlarge the image",
+                'groups': f'one dataset per bucket group at <out>/<group>/ (see {GROUPS}); '
+                          '<out>/index.json holds them all'}
 
 
-def cover_crop(img: Image.Image, p: Placement) -> np.ndarray:
-    """`img` resized to cover the placement's bucket and cropped to it (bilinear): uint8 (h, w, 3).
-
-    One resize of the crop's box mapped back into `img` (PIL's `box`): the same sample positions as
-    resizing the whole image to (resized_width, resized_height) and cropping (up to PIL's rounding,
-    at most 1 level), at the cost of the bucket's pixels only, as center mode's square."""
-    sx, sy = img.width / p.resized_width, img.height / p.resized_height
-    box = (p.left * sx, p.top * sy, (p.left + p.width) * sx, (p.top + p.height) * sy)
-    return np.asarray(img.resize((p.width, p.height), Image.Resampling.BILINEAR, box=box))
+def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, random: bool) -> CenterCrop:
+    """The row of `--crop`: its bucket tables (refusing a resolution below the bucket step)."""
+    if mode == 'center':
+        return CenterCrop({r: ((r, r),) for r in sorted(resolutions)})
+    tables = {r: bucket_table(r, step, max_aspect) for r in sorted(resolutions)}
+    small = [r for r, t in tables.items() if not t]
+    if small:
+        raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
+                        f'factor {step // 8} x 8); use resolutions of at least {step}')
+    return AspectCrop(tables, random, step, max_aspect)
 
 
 def skip_reason(err: Exception) -> str:
@@ -747,37 +829,21 @@ class ShardCache:
         return self.readers[shard].get_item(sample_id - self.offsets[shard])
 
 
-@dataclasses.dataclass(frozen=True)
-class AspectCrop:
-    """--crop aspect: each resolution's bucket table, and whether the crop is placed at random."""
-
-    tables: dict[int, tuple[tuple[int, int], ...]]
-    random: bool
-
-
-def group_name(placements: dict[int, Placement], resolutions: list[int]) -> str:
-    """The per-bucket dataset a sample goes to: its bucket at every resolution, e.g. '320x192_640x384'
-    ('none' where it is too small), so every latent column of one group has one shape."""
-    return '_'.join(f'{p.width}x{p.height}' if (p := placements.get(r)) else 'none' for r in resolutions)
-
-
 class BatchReader:
-    """Item i = job i read, decoded, preprocessed and tokenized: everything the models need.
+    """Item i = job i read, decoded, cropped and tokenized: everything the models need.
 
-    Per resolution r: `pixels_r` (uint8, N x r x r x 3; with --crop aspect a list of such stacks, one
-    per bucket shape), `rows_r` (the batch row of each image, in that order), `noise_r` (like
-    pixels_r; sample mode), `flip_noise_r` (--flip, sample mode), and with --crop aspect `place_r`
-    ({row: Placement}) and `group` (per row, see group_name) and `original` (per row, (w, h)).
+    Per resolution r, one entry per crop shape in the batch: `pixels_r` (uint8 stacks N x h x w x 3),
+    `noise_r` and `flip_noise_r` (sample mode; --flip), and `rows_r`, the batch row of each image in
+    that order. Per row: `group` (the dataset it goes to) and `columns` (stored as they are).
     """
 
     def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
-                 resolutions: list[int], latent_shape: tuple[int, int], latent_mode: str, seed: int,
-                 caption_drop_prob: float, aspect: AspectCrop | None = None, flip: bool = False):
+                 crop: CenterCrop, latent_shape: tuple[int, int], latent_mode: str, seed: int,
+                 caption_drop_prob: float, flip: bool = False):
         self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
-        self.resolutions = sorted(resolutions)
-        self.channels, self.factor = latent_shape
-        self.latent_mode, self.seed, self.caption_drop_prob = latent_mode, seed, caption_drop_prob
-        self.aspect, self.flip = aspect, flip
+        self.crop, (self.channels, self.factor) = crop, latent_shape
+        self.latent_mode, self.seed, self.flip = latent_mode, seed, flip
+        self.caption_drop_prob = caption_drop_prob
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -787,29 +853,19 @@ class BatchReader:
         return bool(self.caption_drop_prob) and \
             np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
 
-    def images(self, sample_id: int, data: bytes) -> tuple[dict[int, np.ndarray], dict, Any]:
-        """Decode once: ({res: uint8 pixels}, then with --crop aspect {res: Placement} and the original
-        (w, h); center: {} and None)."""
-        if self.aspect is None:
-            img, usable = decode_image(data, self.resolutions)
-            return {r: center_square(img, r) for r in usable}, {}, None
-        rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.aspect.random else None
-                for r in self.resolutions}
-        img, size, placed = decode_for_buckets(data, self.aspect.tables, rngs)
-        return {r: cover_crop(img, p) for r, p in sorted(placed.items())}, placed, size
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
         batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
-                                 'original': []}
-        # per resolution: {(height, width): {'pixels': [], 'rows': [], 'noise': [], 'flip_noise': []}}
-        shapes: dict[int, dict] = {r: {} for r in self.resolutions}
-        for r in self.resolutions:
-            batch[f'place_{r}'] = {}
+                                 'columns': []}
+        shapes: dict[int, dict] = {r: {} for r in self.crop.tables}  # {res: {(h, w): {'pixels': [], ...}}}
+        captions = []
         for sample_id in range(job.start, job.stop):
             sample = self.cache.get(sample_id)
+            rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.crop.random else None
+                    for r in self.crop.tables}
             try:
-                pixels, placed, original = self.images(sample_id, sample['jpg'])
+                img, size, placed = self.crop.decode(sample['jpg'], rngs)
+                pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
                                          'reason': skip_reason(err)})
@@ -825,26 +881,19 @@ class BatchReader:
                     group['noise'].append(sample_noise(self.seed, sample_id, r, shape))
                     if self.flip:
                         group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
-                if r in placed:
-                    batch[f'place_{r}'][row] = placed[r]
+            dropped = self.dropped(sample_id)
             batch['ids'].append(sample_id)
             batch['samples'].append(sample)
-            batch['original'].append(original)
-            batch['group'].append(group_name(placed, self.resolutions) if self.aspect else '')
-        dropped = [self.dropped(i) for i in batch['ids']]
-        if self.caption_drop_prob:  # the writer stores it per sample
-            batch['dropped'] = dropped
-        captions = ['' if d else s['caption'] for d, s in zip(dropped, batch['samples'])]
+            batch['group'].append(self.crop.group(placed))
+            batch['columns'].append({**self.crop.columns(placed, size, self.flip),
+                                     **({DROPPED_COLUMN: int(dropped)} if self.caption_drop_prob else {})})
+            captions.append('' if dropped else sample['caption'])
         batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
             if captions else None
-        for r in self.resolutions:
-            groups = list(shapes[r].values())
-            batch[f'rows_{r}'] = [row for g in groups for row in g['rows']]
+        for r, groups in shapes.items():
+            batch[f'rows_{r}'] = [row for g in groups.values() for row in g['rows']]
             for key in ('pixels', 'noise', 'flip_noise'):
-                stacks = [torch.from_numpy(np.stack(g[key])) for g in groups if g[key]]
-                batch[f'{key}_{r}'] = stacks if self.aspect else stacks[0] if stacks else None
-            if self.aspect and not groups:
-                batch[f'pixels_{r}'] = None
+                batch[f'{key}_{r}'] = [torch.from_numpy(np.stack(g[key])) for g in groups.values() if g[key]]
         return batch
 
 
@@ -1182,33 +1231,27 @@ def storage_dtype(args: argparse.Namespace, family: Family) -> str:
     return args.storage_dtype or family.storage or 'float16'
 
 
-def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) -> dict:
+def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
+                    crop: CenterCrop) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
     configs = encoder_configs(args.model_name, family)
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
     check_tokenizers(family, tokenizers, configs, lengths)
     storage = storage_dtype(args, family)
-    vae = vae_convention(args.model_name)
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
     if args.caption_drop_prob:
         columns[DROPPED_COLUMN] = {
             'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
             'caption_drop_prob, drawn from numpy default_rng([seed, sample index, 0])); `caption` keeps the '
             'text; 0: they encode `caption`'}
-    crop = aspect_convention(args, vae['downsampling']) if args.crop == 'aspect' else {}
-    for r in sorted(args.resolutions):
-        side = r // vae['downsampling']
-        columns[LATENT_COLUMN.format(res=r)] = {
-            'dtype': storage, 'shape': [vae['latent_channels'], side, side],
-            'what': f"(vae {args.latent_mode} - shift_factor) * scaling_factor of the {r}px center square; "
-                    f"b'' when the shorter side is below {r}"}
-        if crop:
-            columns.update(aspect_column_specs(r, vae, storage, args.latent_mode))
-        if args.flip:
-            for name in [LATENT_COLUMN.format(res=r)] + ([TIME_IDS_COLUMN.format(res=r)] if crop else []):
+    for r in crop.tables:
+        columns.update(crop.specs(r, vae, storage, args.latent_mode))
+        for name in (LATENT_COLUMN.format(res=r), TIME_IDS_COLUMN.format(res=r)):
+            if args.flip and name in columns:
                 columns[FLIPPED.format(column=name)] = {
                     **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
-    return {**({'crop': crop} if crop else {}),
+    record = crop.record(args.seed, args.flip)
+    return {**({'crop': record} if record else {}),
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
                            'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
@@ -1218,60 +1261,6 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
         'storage_dtype': storage, 't5_storage': args.t5_storage,
         'caption_drop_prob': args.caption_drop_prob, 'columns': columns,
     }
-
-
-def max_aspect(args: argparse.Namespace) -> float:
-    return MAX_ASPECT if args.max_aspect is None else args.max_aspect
-
-
-def aspect_convention(args: argparse.Namespace, downsampling: int) -> dict:
-    """The --crop aspect record: the bucket table of every resolution and how crops are placed."""
-    step = downsampling * 8
-    tables = {str(r): [list(b) for b in bucket_table(r, step, max_aspect(args))]
-              for r in sorted(args.resolutions)}
-    small = [r for r, t in tables.items() if not t]
-    if small:
-        raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
-                        f'factor {downsampling} x 8); use resolutions of at least {step}')
-    return {'mode': 'aspect', 'step': step, 'max_aspect': max_aspect(args), 'buckets': tables,
-            'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a tie); '
-                      'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped; '
-                      'computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, top + H) x '
-                      'decoded size / resized size) of the decoded image',
-            'position': f'random (numpy default_rng([{args.seed}, sample index, res, 2]))'
-                        if args.random_crop else 'centred (offset (resized - bucket) // 2)',
-            'seed': args.seed, 'flip': args.flip,
-            'too_small': "b'' (bucket -1) when covering the bucket would enlarge the image",
-            'groups': f'one dataset per bucket group at <out>/<group>/ (see {GROUPS}); '
-                      '<out>/index.json holds them all'}
-
-
-def aspect_column_specs(res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
-    """The convention records of one resolution's columns under --crop aspect (shapes vary per sample)."""
-    name = LATENT_COLUMN.format(res=res)
-    f = vae['downsampling']
-    return {
-        name: {'dtype': storage, 'shape': [vae['latent_channels'], f'H/{f}', f'W/{f}'],
-               'shape_varies': f'per sample: W x H = the bucket (aspect_bucket_{res}; '
-                               f'{TIME_IDS_COLUMN.format(res=res)}[4:6] is H, W)',
-               'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the image resized to cover "
-                       f"its {res}px bucket and cropped to it; b'' when too small"},
-        BUCKET_COLUMN.format(res=res): {'dtype': 'int32', 'shape': [],
-                                        'what': f'index into crop.buckets["{res}"]; -1 when too small'},
-        TIME_IDS_COLUMN.format(res=res): {
-            'dtype': 'int32', 'shape': [6],
-            'what': 'SDXL add_time_ids: original_size (h, w) + crops_coords_top_left (top, left, in resized '
-                    "pixels) + target_size (h, w) = the bucket; b'' when too small"},
-    }
-
-
-def aspect_crop(convention: dict) -> AspectCrop | None:
-    """The reader's view of the convention's crop record (None for center squares)."""
-    crop = convention.get('crop')
-    if not crop:
-        return None
-    return AspectCrop({int(r): tuple(map(tuple, t)) for r, t in crop['buckets'].items()},
-                      crop['position'].startswith('random'))
 
 
 def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
@@ -1367,8 +1356,8 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
 
 @inference_mode
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
-                 device: torch.device, storage: torch.dtype, latent_mode: str, text_chunk: int,
-                 fallback: Fallback, flip: bool = False) -> dict[str, Any]:
+                 device: torch.device, storage: torch.dtype, text_chunk: int, fallback: Fallback,
+                 flip: bool = False) -> dict[str, Any]:
     """Stored columns on the CPU (copies may still be in flight on a GPU: sync before reading), plus
     `_fallback`: the models that needed a float32 rerun for this batch."""
     vae, encoders = models
@@ -1380,24 +1369,13 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
             t = t if t.dtype == torch.bool else to_storage(t, storage, name)
             out[name] = t.to('cpu', non_blocking=True)
         out['_lengths'] = [m.sum(1) for _, m in batch['tokens']]
-    for r in resolutions:
-        px = batch[f'pixels_{r}']
-        if px is None:
-            continue
-        name = LATENT_COLUMN.format(res=r)
-        # one VAE call per image shape: one for center squares, one per bucket with --crop aspect
-        stacks = px if isinstance(px, list) else [px]
-        noise = batch[f'noise_{r}'] if latent_mode == 'sample' else [None] * len(stacks)
-        noise = noise if isinstance(noise, list) else [noise]
-        latents = [encode_pixels(vae, p, n, device, storage, name, fallback, used)
-                   for p, n in zip(stacks, noise)]
-        out[name] = latents if isinstance(px, list) else latents[0]
-        if flip:
-            flip_noise = batch[f'flip_noise_{r}'] if latent_mode == 'sample' else [None] * len(stacks)
-            flip_noise = flip_noise if isinstance(flip_noise, list) else [flip_noise]
-            latents = [encode_pixels(vae, p.flip(2), n, device, storage, name, fallback, used)
-                       for p, n in zip(stacks, flip_noise)]
-            out[FLIPPED.format(column=name)] = latents if isinstance(px, list) else latents[0]
+    for r in resolutions:  # one VAE call per crop shape
+        name, stacks = LATENT_COLUMN.format(res=r), batch[f'pixels_{r}']
+        for column, noise, flipped in [(name, batch[f'noise_{r}'], False)] + \
+                [(FLIPPED.format(column=name), batch[f'flip_noise_{r}'], True)] * flip:
+            noise = noise or [None] * len(stacks)  # mean mode
+            out[column] = [encode_pixels(vae, p.flip(2) if flipped else p, n, device, storage, name,
+                                         fallback, used) for p, n in zip(stacks, noise)]
     out['_fallback'] = used
     return out
 
@@ -1431,7 +1409,6 @@ class PartWriter(threading.Thread):
                  settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
                  text_columns: list[tuple[str, str, int]]):
         super().__init__(daemon=True)
-        self.aspect, self.flip = args.crop == 'aspect', args.flip
         self.text_columns = text_columns  # (column, its length column or '' when padded, encoder index)
         self.out_root, self.staging, self.columns = out_root, staging, columns
         self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
@@ -1440,8 +1417,7 @@ class PartWriter(threading.Thread):
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
         self.done_event = threading.Condition()
-        self.writer = None
-        self.group_writers: dict[str, Any] = {}  # --crop aspect: one MDSWriter per bucket group
+        self.writers: dict[str, Any] = {}  # the part's MDSWriter of each group ('': the output itself)
         self.part: Part | None = None
         self.stats: dict[str, Any] = {}
         self.stopping = False
@@ -1463,61 +1439,45 @@ class PartWriter(threading.Thread):
             except queue.Full:
                 continue
 
-    def new_writer(self, folder: str):
-        """An MDSWriter for `<out>/<folder>` (through the staging folder for a remote)."""
-        from streaming import MDSWriter
-
-        local = os.path.join(self.staging, folder) if is_remote(self.out_root) else None
-        target = join(self.out_root, folder)
-        out = (local, target) if local else target
-        return MDSWriter(out=out, columns=self.columns, compression=self.args.compression or None,
-                         size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
-
     def writer_for(self, group: str):
-        """The part's writer; with --crop aspect the one of the sample's group, at <out>/<group>/<part>."""
-        if not self.aspect:
-            return self.writer
-        if group not in self.group_writers:
-            self.group_writers[group] = self.new_writer(f'{group}/{self.part.name}')
-        return self.group_writers[group]
+        """The part's MDSWriter of a group, at <out>/<group>/<part> (via the staging folder for a remote)."""
+        if group not in self.writers:
+            from streaming import MDSWriter
+
+            folder = '/'.join(f for f in (group, self.part.name) if f)
+            target = join(self.out_root, folder)
+            out = (os.path.join(self.staging, folder), target) if is_remote(self.out_root) else target
+            self.writers[group] = MDSWriter(out=out, columns=self.columns, compression=self.args.compression
+                                            or None, size_limit=self.args.size_limit, exist_ok=True,
+                                            max_workers=4)
+        return self.writers[group]
 
     def open_part(self, part: Part) -> None:
-        self.part, self.group_writers = part, {}
-        self.writer = None if self.aspect else self.new_writer(part.name)
+        self.part, self.writers = part, {}
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
                       'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
-                      'started': time.time()}
+                      'groups': {}, 'started': time.time()}
 
-    def write_batch(self, batch: dict[str, Any], latents: dict[str, np.ndarray]) -> None:
-        per_res = {r: dict(zip(batch[f'rows_{r}'], latents.get(LATENT_COLUMN.format(res=r), [])))
-                   for r in self.resolutions}
-        mirrored = {r: FLIPPED.format(column=LATENT_COLUMN.format(res=r)) for r in self.resolutions}
-        flipped = {r: dict(zip(batch[f'rows_{r}'], latents.get(mirrored[r], []))) for r in self.resolutions}
+    def write_batch(self, batch: dict[str, Any], latents: dict[str, Any]) -> None:
+        images = {name: dict(zip(batch[f'rows_{r}'], latents[name])) for r in self.resolutions
+                  for name in [LATENT_COLUMN.format(res=r)] + [FLIPPED.format(column=LATENT_COLUMN.format(
+                      res=r))] * self.args.flip}
         for row, sample in enumerate(batch['samples']):
-            out = dict(sample)
-            if 'dropped' in batch:
-                out[DROPPED_COLUMN] = int(batch['dropped'][row])
+            out = {**sample, **batch['columns'][row]}
             for name, length_column, enc in self.text_columns:
                 value = latents[name][row]
                 if length_column:  # store the first n token states only
                     n = int(latents['_lengths'][enc][row])
                     out[length_column], value = n, value[:n]
                 out[name] = value.tobytes()
+            for name, rows in images.items():
+                out[name] = rows[row].tobytes() if row in rows else b''
             for r in self.resolutions:
-                lat = per_res[r].get(row)
-                out[LATENT_COLUMN.format(res=r)] = b'' if lat is None else lat.tobytes()
-                self.stats['encoded'][str(r)] += lat is not None
-                if self.flip:
-                    lat = flipped[r].get(row)
-                    out[mirrored[r]] = b'' if lat is None else lat.tobytes()
-                if self.aspect:
-                    placed = batch[f'place_{r}'].get(row)
-                    out.update(conditioning(placed, batch['original'][row], r, self.flip))
-            self.writer_for(batch['group'][row]).write(out)
-            if self.aspect:
-                groups = self.stats.setdefault('groups', {})
-                groups[batch['group'][row]] = groups.get(batch['group'][row], 0) + 1
+                self.stats['encoded'][str(r)] += row in images[LATENT_COLUMN.format(res=r)]
+            group = batch['group'][row]
+            self.writer_for(group).write(out)
+            self.stats['groups'][group] = self.stats['groups'].get(group, 0) + 1
             self.stats['latent_bytes'] += sum(len(v) if isinstance(v, bytes) else 4
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
@@ -1527,8 +1487,7 @@ class PartWriter(threading.Thread):
 
     def close_part(self, part: Part) -> None:
         try:
-            writers = [self.writer] if self.writer else [w for _, w in sorted(self.group_writers.items())]
-            for writer in writers:
+            for _, writer in sorted(self.writers.items()):
                 writer.finish()
         except Exception as err:
             raise UserError(f'writing part {part.name} to {self.out_root} failed ({first_line(err)}); '
@@ -1567,22 +1526,10 @@ class PartWriter(threading.Thread):
 
 
 def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
-    """A batch's column as numpy: rows of one array, or (one stack per bucket shape) a list of rows."""
+    """A batch's column as numpy: rows of one array, or (one stack per crop shape) a list of rows."""
     if isinstance(value, list):
         return [row for t in value for row in t.numpy()]
     return value.numpy()
-
-
-def conditioning(p: Placement | None, original: tuple[int, int], res: int, flip: bool) -> dict[str, Any]:
-    """--crop aspect columns of one sample at one resolution: its bucket index and SDXL add_time_ids
-    (int32 bytes); -1 and b'' when the image is too small for the resolution."""
-    names = [(TIME_IDS_COLUMN.format(res=res), False)]
-    if flip:
-        names.append((FLIPPED.format(column=TIME_IDS_COLUMN.format(res=res)), True))
-    out: dict[str, Any] = {BUCKET_COLUMN.format(res=res): -1 if p is None else p.bucket}
-    for name, mirrored in names:
-        out[name] = b'' if p is None else np.array(p.time_ids(original, mirrored), np.int32).tobytes()
-    return out
 
 
 class Prefetcher(threading.Thread):
@@ -1619,6 +1566,7 @@ class Plan:
     places: Places
     family: Family
     tokenizers: list
+    crop: CenterCrop
     shards: list[dict]
     columns: dict[str, str]
     parts: list[Part]
@@ -1677,7 +1625,10 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     shards = read_input_index(src, pl.cache, args.download_timeout)
     columns = input_columns(shards, src)
     tokenizers = load_tokenizers(args.model_name, family)
-    convention = make_convention(args, family, tokenizers)
+    vae = vae_convention(args.model_name)
+    crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
+                     args.random_crop)
+    convention = make_convention(args, family, tokenizers, vae, crop)
     new_columns = convention['columns']
     clash = [c for c in new_columns if c in columns]
     if clash:
@@ -1705,7 +1656,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     pending = [p for p in parts if p.name not in markers]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
     put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
-    return Plan(pl, family, tokenizers, shards, columns, parts, pending, settings)
+    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
 
 
 def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
@@ -1778,8 +1729,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             dist.barrier()  # no rank downloads before its machine's cache is emptied
     jobs = make_jobs(mine, args.batch_size)
     reader = BatchReader(jobs, cache, plan.tokenizers, [e['tokens'] for e in convention['text_encoders']],
-                         args.resolutions, latent_shape(models[0]), args.latent_mode, args.seed,
-                         args.caption_drop_prob, aspect_crop(convention), args.flip)
+                         plan.crop, latent_shape(models[0]), args.latent_mode, args.seed,
+                         args.caption_drop_prob, args.flip)
     workers = default_workers(args)
     if device.type == 'cpu':
         torch.set_num_threads(cpu_threads(args, workers))
@@ -1804,9 +1755,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
         for batch in batches:
-            latents = encode_batch(batch, models, family, sorted(args.resolutions), device, storage,
-                                   args.latent_mode, args.text_batch_size or args.batch_size, fallback,
-                                   args.flip)
+            latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
+                                   args.text_batch_size or args.batch_size, fallback, args.flip)
             event = None
             if device.type == 'cuda':
                 event = torch.cuda.Event()
@@ -1851,66 +1801,31 @@ def start_wandb(args: argparse.Namespace, rank: int):
     return wandb.init(name=args.wandb_name, project=args.wandb_project, entity=args.wandb_entity)
 
 
-@contextlib.contextmanager
-def quiet_logging():
-    """streaming's merge_index logs a warning per call about its temporary folder: hide it."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
-def merge_parts(plan: Plan, staging: str) -> None:
-    """Rank 0: convention.json, then one index.json at the output root over every part, in part order."""
-    from streaming.base.util import merge_index
-
-    put_text(plan.places.out, staging, CONVENTION, json.dumps(plan.settings['convention'], indent=1))
-    if plan.settings['convention'].get('crop'):
-        merge_groups(plan, staging)
-        return
-    urls = [join(plan.places.out, p.name, INDEX) for p in plan.parts]
-    if is_remote(plan.places.out):
-        out = (os.path.join(staging, 'merged'), plan.places.out)
-    else:
-        out = plan.places.out
-        with contextlib.suppress(FileNotFoundError):  # merge_index will not overwrite it
-            os.remove(os.path.join(plan.places.out, INDEX))
-    if not urls:  # an empty input still gets a readable, empty output
-        put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
-        return
-    try:
-        with quiet_logging():
-            merge_index(urls, out, keep_local=not is_remote(plan.places.out))
-    except Exception as err:
-        raise UserError(f'merging the index at {plan.places.out} failed: {first_line(err)}') from None
-
-
-def merge_groups(plan: Plan, staging: str) -> None:
-    """Rank 0, --crop aspect: `<out>/<group>/index.json` per bucket group over its parts (a dataset of
-    one image shape per resolution), `<out>/index.json` over all of them, and GROUPS listing the groups."""
-    timeout = 60
-    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), timeout)
+def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: float) -> None:
+    """Rank 0: index.json at the output root over every part, in part order; with --crop aspect also
+    `<out>/<group>/index.json` per bucket group over its parts, and GROUPS listing the groups."""
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
-        for group in sorted(markers.get(part.name, {}).get('groups', {})):
-            url = join(plan.places.out, group, part.name, INDEX)
+        marker = markers[part.name]
+        for group in sorted(marker.get('groups', {'': 0})):  # no 'groups': an older center run
+            folder = '/'.join(f for f in (group, part.name) if f)
+            url = join(plan.places.out, folder, INDEX)
             try:
                 shards = read_json(url, timeout)['shards']
             except Exception as err:
                 raise UserError(f'reading {url} failed: {first_line(err)}; rerun the same command') from None
             groups.setdefault(group, []).extend(prefixed(shards, part.name))
-            whole.extend(prefixed(shards, f'{group}/{part.name}'))
-    resolutions = plan.settings['resolutions']
-    listing = {}
-    for group, shards in sorted(groups.items()):
-        put_text(plan.places.out, staging, f'{group}/{INDEX}', json.dumps({'version': 2, 'shards': shards}))
-        sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
-        listing[group] = {'samples': sum(s['samples'] for s in shards),
-                          'buckets': dict(zip(map(str, resolutions), sizes))}
-    put_text(plan.places.out, staging, GROUPS, json.dumps(listing, indent=1))
+            whole.extend(prefixed(shards, folder))
+    if plan.crop.grouped:
+        listing = {}
+        for group, shards in sorted(groups.items()):
+            put_text(plan.places.out, staging, f'{group}/{INDEX}',
+                     json.dumps({'version': 2, 'shards': shards}))
+            sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
+            listing[group] = {'samples': sum(s['samples'] for s in shards),
+                              'buckets': dict(zip(map(str, plan.crop.tables), sizes))}
+        put_text(plan.places.out, staging, GROUPS, json.dumps(listing, indent=1))
     put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
 
 
@@ -1926,9 +1841,9 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
     return out
 
 
-def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
+def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], run_stats: dict[str, Any],
+              world: int) -> dict:
     """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
-    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -2003,7 +1918,9 @@ def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, 
     """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
     stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0, 'parts': 0}
     try:
-        report({**summarize(args, plan, stats, world), 'interrupted': str(stop)}, summary_path(args))
+        out = plan.places.out
+        markers = done_markers(out, plan.parts, output_names(out), args.download_timeout)
+        report({**summarize(args, plan, markers, stats, world), 'interrupted': str(stop)}, summary_path(args))
     except Exception as err:  # an unreachable output must not hide the interruption
         print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
@@ -2128,7 +2045,8 @@ def draw_grid(header: list[str], rows: list[tuple[list[Image.Image | str], str]]
 def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int, str]], convention: dict,
                 vae, device: torch.device) -> tuple[list[Image.Image | str], str]:
     """One sample's tiles (per stored resolution: source crop, decoded latent) and its text."""
-    img, _ = decode_image(sample['jpg'], [res for res, _ in columns])
+    crop = CenterCrop({res: ((res, res),) for res, _ in columns})  # decoded as center mode decodes
+    img = crop.decode(sample['jpg'], dict.fromkeys(crop.tables))[0]
     tiles: list[Image.Image | str] = []
     for res, column in columns:
         if not sample[column]:
@@ -2230,8 +2148,10 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             staging = os.path.join(pl.staging, 'merge')
             os.makedirs(staging, exist_ok=True)
-            merge_parts(plan, staging)
-            summary = {**summarize(args, plan, stats, world), 'interrupted': None}
+            markers = done_markers(pl.out, plan.parts, output_names(pl.out), args.download_timeout)
+            summary = {**summarize(args, plan, markers, stats, world), 'interrupted': None}
+            if not summary['parts_missing']:  # no index a reader would take for the whole set
+                merge_parts(plan, markers, staging, args.download_timeout)
             report(summary, summary_path(args))
             shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:
