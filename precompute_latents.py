@@ -72,8 +72,9 @@ BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1
 REQUIRED_COLUMNS = ('jpg', 'caption')
 CAPTION_COLUMN = 'caption_latents'
 LATENT_COLUMN = 'latents_{res}'  # one per resolution
-DONE_MARKER = '_done'  # per part; not *.json, so streaming's merge_index never mistakes it for an index
+DONE_MARKER = '_done'  # per part; not *.json, so nothing takes it for an index
 INDEX = 'index.json'
+CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
 WHITE = (255, 255, 255)
 # --crop aspect: per-sample columns beside latents_<res> (one set per resolution)
 BUCKET_COLUMN = 'aspect_bucket_{res}'  # int32: index into the resolution's bucket table; -1 when b''
@@ -84,6 +85,9 @@ FLIPPED = '{column}_flipped'  # --flip: the same for the horizontally mirrored c
 GROUPS = 'aspect_groups.json'  # beside index.json: the per-bucket datasets <out>/<group>/ and their sizes
 MAX_ASPECT = 4.0  # --crop aspect: the default widest bucket, 4:1 (and 1:4)
 ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
+STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
+HUB_TIMEOUT = 10  # seconds for the one request that asks the hub whether --model_name exists
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class UserError(Exception):
@@ -99,6 +103,101 @@ class Interrupted(BaseException):
         self.signum = signum
         self.stats: dict[str, Any] | None = None  # this rank's counters so far, when it got that far
 
+
+# ----------------------------------------------------------------------------------------------
+# Model families: each one is a row of data; the functions below run any row
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family, and what that family's pipeline takes from it."""
+
+    subfolder: str  # text_encoder, text_encoder_2, ...
+    tokenizer: str  # the subfolder of its tokenizer
+    model_class: str  # a transformers class
+    tokenizer_class: str
+    max_length: int  # tokens after padding and truncation; 0: the tokenizer's model_max_length
+    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]) or '' (not used)
+    pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
+    mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
+    t5: bool = False  # --t5_max_length and --t5_storage apply
+
+
+@dataclasses.dataclass(frozen=True)
+class TextColumn:
+    """A stored text column: output `what` ('hidden', 'pooled' or 'mask') of the listed encoders,
+    concatenated on the last axis."""
+
+    name: str
+    what: str
+    encoders: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its pipeline classes, text encoders, text columns, and how to read them."""
+
+    name: str
+    pipelines: tuple[str, ...]  # model_index.json `_class_name` values that mean this family
+    encoders: tuple[TextEncoder, ...]
+    columns: tuple[TextColumn, ...]
+    prompt_embeds: str  # the pipeline's encode_prompt outputs in terms of the columns
+    storage: str = ''  # the one storage dtype the family's consumer reads ('': any --storage_dtype)
+    trimmable: bool = True  # --t5_storage trimmed applies (False: the consumer reads padded T5 states)
+
+
+def _clip(sub: str, tok: str, cls: str, hidden: str, pooled: str, mask: str = 'no') -> TextEncoder:
+    return TextEncoder(sub, tok, cls, 'CLIPTokenizer', 0, hidden, pooled, mask)
+
+
+def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
+    return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
+
+
+MM = 'caption_'  # the mosaicml consumer's columns are `<caption key>_<name>`
+PROJ = 'CLIPTextModelWithProjection'
+FAMILIES = {f.name: f for f in (
+    Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
+           (TextColumn(CAPTION_COLUMN, 'hidden', (0,)),),
+           'prompt_embeds = caption_latents'),
+    Family('sdxl', ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline'),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', ''),
+            _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds')),
+           (TextColumn(CAPTION_COLUMN, 'hidden', (0, 1)), TextColumn('caption_pooled', 'pooled', (1,))),
+           'prompt_embeds = caption_latents; pooled_prompt_embeds = caption_pooled'),
+    Family('sd3', ('StableDiffusion3Pipeline',),
+           (_clip('text_encoder', 'tokenizer', PROJ, 'penultimate', 'text_embeds'),
+            _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds'),
+            _t5('text_encoder_3', 'tokenizer_3', 256)),
+           (TextColumn('caption_clip_latents', 'hidden', (0, 1)),
+            TextColumn('caption_t5_latents', 'hidden', (2,)),
+            TextColumn('caption_pooled', 'pooled', (0, 1))),
+           'prompt_embeds = cat([pad(caption_clip_latents, (0, t5 width - clip width)), caption_t5_latents], '
+           'dim=-2); pooled_prompt_embeds = caption_pooled'),
+    Family('flux', ('FluxPipeline',),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', '', 'pooler_output'),
+            _t5('text_encoder_2', 'tokenizer_2', 512)),
+           (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
+           'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
+    Family('mosaicml', ('FluxPipeline',),
+           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
+            _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
+           (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
+            TextColumn(MM + 'T5_ATTENTION_MASK', 'mask', (1,)),
+            TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
+            TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
+            TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
+           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns",
+           # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
+           # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
+           storage='float32', trimmable=False),
+)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and their checks (before torch, the input or the models load)
+# ----------------------------------------------------------------------------------------------
 
 def number(cast: type, accepted, must: str):
     """An argparse `type=`: `cast` the text and refuse it, in argparse's own message, unless `accepted`."""
@@ -227,43 +326,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------
-# Paths, remotes and the work plan
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
-
-    name: str
-    shards: tuple[int, ...]
-    first: int
-    last: int
-
-
-def is_remote(path: str) -> bool:
-    return urllib.parse.urlparse(path).scheme not in ('', 'file')
-
-
-def join(root: str, *names: str) -> str:
-    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
-    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
-    return '/'.join(parts)
-
-
-def address(path: str) -> tuple[str, ...]:
-    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
-    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
-    url = urllib.parse.urlparse(path)
-    if url.scheme in ('', 'file'):
-        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
-        return ('',) + tuple(p for p in real.split('/') if p)
-    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
-
-
-def digest(*paths: str) -> str:
-    """A short name for a combination of places (same places, any spelling: same name)."""
-    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+def check_args(args: argparse.Namespace, pl: Places) -> None:
+    """The checks across flags (each flag alone is checked by its argparse `type=` or `choices=`),
+    before torch, streaming, the input or the models load; raises UserError."""
+    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
+    if twice:
+        raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
+                        'list each resolution once (each makes one latents_<res> column)')
+    if not args.remote_upload:
+        raise UserError('--remote_upload is required: where to write the output dataset')
+    if args.random_crop and args.crop != 'aspect':
+        raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
+    if args.max_aspect is not None and args.crop != 'aspect':
+        raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
+    check_places(args, pl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +362,21 @@ def places(args: argparse.Namespace) -> Places:
         src = join(args.remote_download, name, args.subfolder)
         cache = join(args.local, name, args.subfolder, f'download-{digest(src, out)}')
     return Places(src, cache, out, join(args.local, '.staging', digest(out)))
+
+
+def address(path: str) -> tuple[str, ...]:
+    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
+    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
+    url = urllib.parse.urlparse(path)
+    if url.scheme in ('', 'file'):
+        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
+        return ('',) + tuple(p for p in real.split('/') if p)
+    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
+
+
+def digest(*paths: str) -> str:
+    """A short name for a combination of places (same places, any spelling: same name)."""
+    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
 
 
 def check_places(args: argparse.Namespace, pl: Places) -> None:
@@ -315,6 +406,203 @@ def shown(path: str) -> str:
     where = address(path)
     real = '/' + '/'.join(where[1:]) if where[0] == '' else where[0] + '/' + '/'.join(where[1:])
     return path if real.rstrip('/') == path.rstrip('/') else f'{path} (= {real})'
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan (rank 0): the model, the input, the output's finished parts, the convention
+# ----------------------------------------------------------------------------------------------
+
+def check_output_format(size_limit: str, compression: str) -> None:
+    """--size_limit and --compression as streaming's MDSWriter reads them."""
+    from streaming.base.compression import get_compressions, is_compression
+    from streaming.base.util import bytes_to_int
+
+    try:
+        size = bytes_to_int(size_limit)
+    except (ValueError, AttributeError):
+        size = -1
+    if not 0 < size < 2**32:
+        raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
+                        '256mb or 67108864')
+    if compression and not is_compression(compression):
+        names = sorted({c.split(':')[0] for c in get_compressions()})
+        raise UserError(f'--compression {compression}: streaming knows {", ".join(names)} (with an '
+                        'optional level, e.g. zstd:7); leave it empty for none')
+
+
+def check_family_flags(args: argparse.Namespace, family: Family) -> None:
+    """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
+    t5 = any(e.t5 for e in family.encoders)
+    if family.storage and args.storage_dtype not in (None, family.storage):
+        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
+                        f'{family.storage} by its consumer; drop the flag')
+    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
+        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
+        raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
+    if args.t5_max_length and not t5:
+        raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
+                        'drop the flag')
+
+
+def read_model_index(model_name: str) -> dict | None:
+    """model_index.json of a pipeline folder or hub name; None for a folder without one."""
+    path = os.path.join(model_name, 'model_index.json')
+    if not os.path.isdir(model_name):
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(model_name, 'model_index.json')
+        except Exception as err:  # guessing the family of a hub model would be a silent mistake
+            raise UserError(f'cannot read model_index.json of {model_name} ({first_line(err)}): check '
+                            f'the name and the network, or pass --family') from None
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise UserError(f'{path} is not valid JSON ({first_line(err)})') from None
+
+
+def pick_family(model_name: str, flag: str) -> Family:
+    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one);
+    a `--family` whose pipelines do not include the folder's `_class_name` is refused, naming both."""
+    index = read_model_index(model_name)
+    name = (index or {}).get('_class_name', '')
+    if flag != 'auto':
+        family = FAMILIES[flag]
+        if name and name not in family.pipelines:
+            raise UserError(f'--family {flag}: {model_name}/model_index.json names {name}, but the {flag} '
+                            f'layout is that of {" or ".join(family.pipelines)}; pass the family of that '
+                            'folder (or --family auto)')
+        return family
+    if index is None:
+        if os.path.isdir(os.path.join(model_name, 'text_encoder_2')):
+            raise UserError(f'{model_name} has no model_index.json to tell its family: pass --family '
+                            f'({", ".join(FAMILIES)})')
+        return FAMILIES['sd']
+    for family in FAMILIES.values():  # the first family that lists the pipeline (FluxPipeline: flux)
+        if name in family.pipelines:
+            return family
+    known = sorted({p for f in FAMILIES.values() for p in f.pipelines})
+    raise UserError(f'{model_name}/model_index.json names {name!r}, not a pipeline this script knows '
+                    f'({", ".join(known)}); pass --family')
+
+
+def layout(family: Family) -> str:
+    """The folder layout a family reads, for messages: 'vae/, text_encoder/ (CLIPTextModel), ...'."""
+    encoders = [f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/' for e in family.encoders]
+    return ', '.join(['vae/', *encoders])
+
+
+def check_model_folder(model_name: str, family: Family) -> None:
+    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
+    each encoder of the class the family reads (as its config.json `architectures` names it)."""
+    if os.path.isdir(model_name):
+        subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
+        for sub in subs:
+            if not os.path.isdir(os.path.join(model_name, sub)):
+                raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
+                                f'{layout(family)})')
+        for enc in family.encoders:
+            with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
+                with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+                    found = json.load(f).get('architectures') or []
+                if found and enc.model_class not in found:
+                    raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
+                                    f'{family.name} layout expects {enc.model_class} there '
+                                    f'({layout(family)}); pass the family of that folder')
+    elif model_name.startswith(('.', '/', '~')):
+        raise UserError(f'--model_name {model_name}: no such folder')
+
+
+def check_model_name(model_name: str) -> None:
+    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
+    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
+    if os.path.isdir(model_name):
+        return
+    from huggingface_hub import HfApi, constants, utils
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        utils.validate_repo_id(model_name)
+    except utils.HFValidationError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
+                        '(owner/name); pass a model folder or a hub name such as '
+                        'stabilityai/stable-diffusion-2-base') from None
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
+    if os.path.isdir(os.path.join(cached, 'snapshots')):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
+                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
+                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
+    try:
+        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
+    except utils.GatedRepoError:
+        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
+                        'HF_TOKEN') from None
+    except utils.RepositoryNotFoundError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
+                        'model needs HF_TOKEN)') from None
+    except Exception as err:
+        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
+                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
+                        'folder') from None
+
+
+def load_tokenizers(model_name: str, family: Family) -> list:
+    import transformers
+
+    tokenizers = []
+    for enc in family.encoders:
+        try:
+            cls = getattr(transformers, enc.tokenizer_class)
+            tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
+        except Exception as err:
+            raise UserError(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
+                            f'{enc.tokenizer_class}: {first_line(err)}') from None
+    return tokenizers
+
+
+def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[int]:
+    """Tokens per caption for each encoder, as the family's pipeline pads and truncates."""
+    return [(t5_max_length or enc.max_length) if enc.t5 else (enc.max_length or tok.model_max_length)
+            for enc, tok in zip(family.encoders, tokenizers)]
+
+
+def encoder_configs(model_name: str, family: Family) -> list:
+    from transformers import AutoConfig
+
+    configs = []
+    for enc in family.encoders:
+        try:
+            configs.append(AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder))
+        except Exception as err:
+            raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
+                            f'{first_line(err)}') from None
+    return configs
+
+
+def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: list[int]) -> None:
+    """Each tokenizer must fit its encoder: ids inside the embedding table, lengths inside the positions."""
+    for enc, tok, cfg, length in zip(family.encoders, tokenizers, configs, lengths):
+        if len(tok) > cfg.vocab_size:
+            raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
+                            f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
+        positions = getattr(cfg, 'max_position_embeddings', None)
+        if positions is not None and length > positions:
+            raise UserError(f'{enc.tokenizer}/ pads to {length} tokens but {enc.subfolder}/ has only '
+                            f'{positions} positions: the tokenizer does not belong to that text encoder')
+
+
+def is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(path).scheme not in ('', 'file')
+
+
+def join(root: str, *names: str) -> str:
+    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
+    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
+    return '/'.join(parts)
 
 
 def first_line(err: BaseException) -> str:
@@ -368,6 +656,16 @@ def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
         f.write(text)
     CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
     shutil.rmtree(local_dir, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
+
+    name: str
+    shards: tuple[int, ...]
+    first: int
+    last: int
 
 
 def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
@@ -469,9 +767,266 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
         return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
 
 
+def width(cfg, what: str) -> int:
+    """Feature size of an encoder's hidden states or pooled vector ('text_embeds' is projected)."""
+    if what == 'text_embeds':
+        return cfg.projection_dim
+    return getattr(cfg, 'hidden_size', None) or cfg.d_model
+
+
+def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
+                      t5_storage: str) -> dict[str, dict]:
+    """{column: its record in the convention}: dtype, shape, and what it holds."""
+    specs: dict[str, dict] = {}
+    for col in family.columns:
+        encs = [family.encoders[i] for i in col.encoders]
+        length = lengths[col.encoders[0]]
+        if col.what == 'mask':
+            specs[col.name] = {'dtype': 'bool', 'shape': [length],
+                               'what': f'{encs[0].tokenizer} attention mask'}
+            continue
+        dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
+                  for i in col.encoders)
+        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
+        spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
+        if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
+            spec.update(shape=['n', dim], length_column=col.name.removesuffix('_latents') + '_length',
+                        what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
+        specs[col.name] = spec
+        if 'length_column' in spec:
+            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {col.name}'}
+    return specs
+
+
+def vae_convention(model_name: str) -> dict:
+    """The VAE config's latent convention: channels, downsampling, scaling and shift."""
+    from diffusers import AutoencoderKL
+
+    try:
+        cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
+    except Exception as err:
+        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {first_line(err)}') from None
+    return {'latent_channels': cfg.get('latent_channels', 4),
+            'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
+            'scaling_factor': cfg.get('scaling_factor', 0.18215),
+            'shift_factor': cfg.get('shift_factor') or 0.0}
+
+
+def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
+                    crop: CenterCrop) -> dict:
+    """Everything a consumer needs to read the output without guessing (written as convention.json)."""
+    configs = encoder_configs(args.model_name, family)
+    lengths = token_lengths(family, tokenizers, args.t5_max_length)
+    check_tokenizers(family, tokenizers, configs, lengths)
+    storage = args.storage_dtype or family.storage or 'float16'  # else the one its consumer reads
+    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    if args.caption_drop_prob:
+        columns[DROPPED_COLUMN] = {
+            'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
+            'caption_drop_prob, drawn from numpy default_rng([seed, sample index, 0])); `caption` keeps the '
+            'text; 0: they encode `caption`'}
+    for r in crop.tables:
+        columns.update(crop.specs(r, vae, storage, args.latent_mode))
+        for name in (LATENT_COLUMN.format(res=r), TIME_IDS_COLUMN.format(res=r)):
+            if args.flip and name in columns:
+                columns[FLIPPED.format(column=name)] = {
+                    **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
+    record = crop.record(args.seed, args.flip)
+    return {**({'crop': record} if record else {}),
+        'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
+        'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
+                           'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
+                               e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
+                          for e, n, c in zip(family.encoders, lengths, configs)],
+        'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
+        'storage_dtype': storage, 't5_storage': args.t5_storage,
+        'caption_drop_prob': args.caption_drop_prob, 'columns': columns,
+    }
+
+
+@dataclasses.dataclass
+class Plan:
+    """What rank 0 found and every rank needs."""
+
+    places: Places
+    family: Family
+    tokenizers: list
+    crop: CenterCrop
+    shards: list[dict]
+    columns: dict[str, str]
+    parts: list[Part]
+    pending: list[Part]
+    settings: dict
+
+
+def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
+    """Rank 0: find the input, check it and the model, and list the parts still to do."""
+    check_output_format(args.size_limit, args.compression)
+    check_model_name(args.model_name)
+    family = pick_family(args.model_name, args.family)
+    check_family_flags(args, family)
+    check_model_folder(args.model_name, family)
+    src, out_root = pl.src, pl.out
+    shards = read_input_index(src, pl.cache, args.download_timeout)
+    columns = input_columns(shards, src)
+    tokenizers = load_tokenizers(args.model_name, family)
+    vae = vae_convention(args.model_name)
+    crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
+                     args.random_crop)
+    convention = make_convention(args, family, tokenizers, vae, crop)
+    new_columns = convention['columns']
+    clash = [c for c in new_columns if c in columns]
+    if clash:
+        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
+    columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
+                    for c, s in new_columns.items()})
+    parts = plan_parts(shards, args.part_size)
+    settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
+                'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
+                'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
+                'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
+                'input_index': index_digest(shards)}
+    if args.crop != 'center':  # center outputs keep the record they always had
+        settings['crop'] = args.crop
+    settings['convention'] = convention  # last: a flag that differs is named before the record it changes
+    names = output_names(out_root)
+    check_output_is_ours(out_root, names)
+    markers = done_markers(out_root, parts, names, args.download_timeout)
+    for part_name, marker in markers.items():
+        differ = first_difference(marker.get('settings', {}), settings)
+        if differ:
+            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
+            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
+                            'rerun with the same flags or write to a new --remote_upload')
+    pending = [p for p in parts if p.name not in markers]
+    os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
+    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
+    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
+
+
+def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first leaf where two settings records differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [k for k in old if k not in new] + list(new):
+            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
+        return next(first_difference(a, b, f'{path}[{i}]')
+                    for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    return None if old == new else (path, old, new)
+
+
+def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: int) -> Plan:
+    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = make_plan(args, pl, dtype)
+        except UserError as err:
+            result[0] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
 # ----------------------------------------------------------------------------------------------
-# Reading and decoding (runs in DataLoader workers)
+# Reading: shards, decoding, the crop rows, batches (runs in DataLoader workers)
 # ----------------------------------------------------------------------------------------------
+
+class ShardCache:
+    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
+
+    def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
+        from streaming.base.format import reader_from_json
+
+        self.readers = [reader_from_json(local, None, s) for s in shards]
+        self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
+        self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
+        self._stream = None
+        self._stream_pid = -1
+        self._ready: set[int] = set()
+
+    def _get_stream(self):
+        from streaming import Stream
+
+        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
+            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
+                                  download_timeout=self.timeout, keep_zip=False)
+            self._stream_pid = os.getpid()
+            self._ready = set()
+        return self._stream
+
+    def ensure(self, shard: int) -> None:
+        """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
+        if shard in self._ready and self._stream_pid == os.getpid():
+            return
+        stream = self._get_stream()
+        reader = self.readers[shard]
+        lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
+        with open(lock_path, 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stream.prepare_shard(reader)
+        self._ready.add(shard)
+
+    def evict(self, shard: int) -> None:
+        """Delete a shard's local files (only ever called for a downloaded copy)."""
+        for raw, zipped in self.readers[shard].file_pairs:
+            for info in (raw, zipped):
+                if info is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.local, info.basename))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
+
+    def get(self, sample_id: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self.offsets, sample_id) - 1
+        self.ensure(shard)
+        return self.readers[shard].get_item(sample_id - self.offsets[shard])
+
+
+def empty_cache(cache_dir: str) -> None:
+    """Delete what an earlier run left in this run's download folder, except the input's index: a
+    shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
+    hashes), so every shard a run reads is one it downloaded itself."""
+    if not os.path.isdir(cache_dir):
+        return
+    for entry in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, entry)
+        if entry == INDEX:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+class Prefetcher(threading.Thread):
+    """Downloads the shards of the next few parts while the current one is encoded."""
+
+    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
+        super().__init__(daemon=True)
+        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for k, part in enumerate(self.parts):
+                with self.writer.done_event:
+                    self.writer.done_event.wait_for(
+                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
+                        or self.writer.error is not None)
+                if self.writer.error is not None:
+                    return
+                for shard in part.shards:
+                    self.cache.ensure(shard)
+        except BaseException as err:  # the workers will hit (and report) the same problem
+            self.error = err
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
@@ -698,12 +1253,6 @@ def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, r
     return AspectCrop(tables, random, step, max_aspect)
 
 
-def skip_reason(err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):
-        return 'not an image format PIL can read'
-    return f'{type(err).__name__}: {first_line(err)}'
-
-
 def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...],
                  flipped: bool = False) -> np.ndarray:
     """Standard normal noise for one sample and resolution (and its mirrored crop: other noise), the
@@ -732,101 +1281,6 @@ def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
             jobs.append(Job(part.name, start, min(start + batch_size, part.last), i == 0,
                             i == len(starts) - 1))
     return jobs
-
-
-def empty_cache(cache_dir: str) -> None:
-    """Delete what an earlier run left in this run's download folder, except the input's index: a
-    shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
-    hashes), so every shard a run reads is one it downloaded itself."""
-    if not os.path.isdir(cache_dir):
-        return
-    for entry in os.listdir(cache_dir):
-        path = os.path.join(cache_dir, entry)
-        if entry == INDEX:
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def die_with_parent(parent: int, worker_id: int) -> None:
-    """DataLoader worker start: get SIGKILL when the main process dies (kill -9, OOM killer, a lost
-    node) instead of blocking forever on a queue nobody reads. SIGTERM ends a worker as usual (the
-    main process's handler is not for workers); SIGINT is left to the main process."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.excepthook = functools.partial(skip_lost_handoffs, sys.excepthook)
-    if sys.platform.startswith('linux'):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    if os.getppid() != parent:  # the main process died before prctl took effect
-        os._exit(1)
-
-
-def skip_lost_handoffs(hook, exc_type, exc, tb) -> None:
-    """A worker's sys.excepthook. multiprocessing's resource sharer, which hands a batch's tensors to
-    the main process, prints a traceback when the main process drops the connection mid-handoff, as it
-    does when a signal stops it: that is the stop, not an error (a main process that goes on raises
-    its own). Everything else goes to `hook`."""
-    lost = issubclass(exc_type, (EOFError, OSError)) and any(
-        frame.f_code.co_filename.endswith('resource_sharer.py') for frame, _ in walk_tb(tb))
-    if not lost:
-        hook(exc_type, exc, tb)
-
-
-class ShardCache:
-    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
-
-    def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
-        from streaming.base.format import reader_from_json
-
-        self.readers = [reader_from_json(local, None, s) for s in shards]
-        self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
-        self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
-        self._stream = None
-        self._stream_pid = -1
-        self._ready: set[int] = set()
-
-    def _get_stream(self):
-        from streaming import Stream
-
-        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
-            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
-                                  download_timeout=self.timeout, keep_zip=False)
-            self._stream_pid = os.getpid()
-            self._ready = set()
-        return self._stream
-
-    def ensure(self, shard: int) -> None:
-        """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
-        if shard in self._ready and self._stream_pid == os.getpid():
-            return
-        stream = self._get_stream()
-        reader = self.readers[shard]
-        lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
-        with open(lock_path, 'w') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            stream.prepare_shard(reader)
-        self._ready.add(shard)
-
-    def evict(self, shard: int) -> None:
-        """Delete a shard's local files (only ever called for a downloaded copy)."""
-        for raw, zipped in self.readers[shard].file_pairs:
-            for info in (raw, zipped):
-                if info is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.local, info.basename))
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
-
-    def get(self, sample_id: int) -> dict[str, Any]:
-        shard = bisect.bisect_right(self.offsets, sample_id) - 1
-        self.ensure(shard)
-        return self.readers[shard].get_item(sample_id - self.offsets[shard])
 
 
 class BatchReader:
@@ -868,7 +1322,9 @@ class BatchReader:
                 pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
-                                         'reason': skip_reason(err)})
+                                         'reason': 'not an image format PIL can read' if isinstance(
+                                             err, UnidentifiedImageError) else
+                                         f'{type(err).__name__}: {first_line(err)}'})
                 continue
             row = len(batch['samples'])
             for r, px in pixels.items():
@@ -907,361 +1363,33 @@ def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader worker start: get SIGKILL when the main process dies (kill -9, OOM killer, a lost
+    node) instead of blocking forever on a queue nobody reads. SIGTERM ends a worker as usual (the
+    main process's handler is not for workers); SIGINT is left to the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = functools.partial(skip_lost_handoffs, sys.excepthook)
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
+def skip_lost_handoffs(hook, exc_type, exc, tb) -> None:
+    """A worker's sys.excepthook. multiprocessing's resource sharer, which hands a batch's tensors to
+    the main process, prints a traceback when the main process drops the connection mid-handoff, as it
+    does when a signal stops it: that is the stop, not an error (a main process that goes on raises
+    its own). Everything else goes to `hook`."""
+    lost = issubclass(exc_type, (EOFError, OSError)) and any(
+        frame.f_code.co_filename.endswith('resource_sharer.py') for frame, _ in walk_tb(tb))
+    if not lost:
+        hook(exc_type, exc, tb)
+
+
 # ----------------------------------------------------------------------------------------------
-# Model families: each one is a row of data; the functions below run any row
+# Encoding: the VAE and the family's text encoders
 # ----------------------------------------------------------------------------------------------
-
-def inference_mode(fn):
-    """`@torch.inference_mode()` for a function defined before torch is imported."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with torch.inference_mode():
-            return fn(*args, **kwargs)
-    return run
-
-
-@dataclasses.dataclass(frozen=True)
-class TextEncoder:
-    """One text encoder of a family, and what that family's pipeline takes from it."""
-
-    subfolder: str  # text_encoder, text_encoder_2, ...
-    tokenizer: str  # the subfolder of its tokenizer
-    model_class: str  # a transformers class
-    tokenizer_class: str
-    max_length: int  # tokens after padding and truncation; 0: the tokenizer's model_max_length
-    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]) or '' (not used)
-    pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
-    mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
-    t5: bool = False  # --t5_max_length and --t5_storage apply
-
-
-@dataclasses.dataclass(frozen=True)
-class TextColumn:
-    """A stored text column: output `what` ('hidden', 'pooled' or 'mask') of the listed encoders,
-    concatenated on the last axis."""
-
-    name: str
-    what: str
-    encoders: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A model family: its pipeline classes, text encoders, text columns, and how to read them."""
-
-    name: str
-    pipelines: tuple[str, ...]  # model_index.json `_class_name` values that mean this family
-    encoders: tuple[TextEncoder, ...]
-    columns: tuple[TextColumn, ...]
-    prompt_embeds: str  # the pipeline's encode_prompt outputs in terms of the columns
-    storage: str = ''  # the one storage dtype the family's consumer reads ('': any --storage_dtype)
-    trimmable: bool = True  # --t5_storage trimmed applies (False: the consumer reads padded T5 states)
-
-
-def _clip(sub: str, tok: str, cls: str, hidden: str, pooled: str, mask: str = 'no') -> TextEncoder:
-    return TextEncoder(sub, tok, cls, 'CLIPTokenizer', 0, hidden, pooled, mask)
-
-
-def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
-    return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
-
-
-MM = 'caption_'  # the mosaicml consumer's columns are `<caption key>_<name>`
-PROJ = 'CLIPTextModelWithProjection'
-FAMILIES = {f.name: f for f in (
-    Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
-           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
-           (TextColumn(CAPTION_COLUMN, 'hidden', (0,)),),
-           'prompt_embeds = caption_latents'),
-    Family('sdxl', ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline'),
-           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', ''),
-            _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds')),
-           (TextColumn(CAPTION_COLUMN, 'hidden', (0, 1)), TextColumn('caption_pooled', 'pooled', (1,))),
-           'prompt_embeds = caption_latents; pooled_prompt_embeds = caption_pooled'),
-    Family('sd3', ('StableDiffusion3Pipeline',),
-           (_clip('text_encoder', 'tokenizer', PROJ, 'penultimate', 'text_embeds'),
-            _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds'),
-            _t5('text_encoder_3', 'tokenizer_3', 256)),
-           (TextColumn('caption_clip_latents', 'hidden', (0, 1)),
-            TextColumn('caption_t5_latents', 'hidden', (2,)),
-            TextColumn('caption_pooled', 'pooled', (0, 1))),
-           'prompt_embeds = cat([pad(caption_clip_latents, (0, t5 width - clip width)), caption_t5_latents], '
-           'dim=-2); pooled_prompt_embeds = caption_pooled'),
-    Family('flux', ('FluxPipeline',),
-           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', '', 'pooler_output'),
-            _t5('text_encoder_2', 'tokenizer_2', 512)),
-           (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
-           'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
-    Family('mosaicml', ('FluxPipeline',),
-           (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
-            _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
-           (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
-            TextColumn(MM + 'T5_ATTENTION_MASK', 'mask', (1,)),
-            TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
-            TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
-            TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
-           "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns",
-           # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
-           # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
-           storage='float32', trimmable=False),
-)}
-STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
-CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
-
-
-def read_model_index(model_name: str) -> dict | None:
-    """model_index.json of a pipeline folder or hub name; None for a folder without one."""
-    path = os.path.join(model_name, 'model_index.json')
-    if not os.path.isdir(model_name):
-        try:
-            from huggingface_hub import hf_hub_download
-            path = hf_hub_download(model_name, 'model_index.json')
-        except Exception as err:  # guessing the family of a hub model would be a silent mistake
-            raise UserError(f'cannot read model_index.json of {model_name} ({first_line(err)}): check '
-                            f'the name and the network, or pass --family') from None
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as err:
-        raise UserError(f'{path} is not valid JSON ({first_line(err)})') from None
-
-
-def pick_family(model_name: str, flag: str) -> Family:
-    """The family of `--family`, else of model_index.json's `_class_name` ('sd' for a folder without one);
-    a `--family` whose pipelines do not include the folder's `_class_name` is refused, naming both."""
-    index = read_model_index(model_name)
-    name = (index or {}).get('_class_name', '')
-    if flag != 'auto':
-        family = FAMILIES[flag]
-        if name and name not in family.pipelines:
-            raise UserError(f'--family {flag}: {model_name}/model_index.json names {name}, but the {flag} '
-                            f'layout is that of {" or ".join(family.pipelines)}; pass the family of that '
-                            'folder (or --family auto)')
-        return family
-    if index is None:
-        if os.path.isdir(os.path.join(model_name, 'text_encoder_2')):
-            raise UserError(f'{model_name} has no model_index.json to tell its family: pass --family '
-                            f'({", ".join(FAMILIES)})')
-        return FAMILIES['sd']
-    for family in FAMILIES.values():  # the first family that lists the pipeline (FluxPipeline: flux)
-        if name in family.pipelines:
-            return family
-    known = sorted({p for f in FAMILIES.values() for p in f.pipelines})
-    raise UserError(f'{model_name}/model_index.json names {name!r}, not a pipeline this script knows '
-                    f'({", ".join(known)}); pass --family')
-
-
-def layout(family: Family) -> str:
-    """The folder layout a family reads, for messages: 'vae/, text_encoder/ (CLIPTextModel), ...'."""
-    encoders = [f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/' for e in family.encoders]
-    return ', '.join(['vae/', *encoders])
-
-
-def check_model_folder(model_name: str, family: Family) -> None:
-    """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
-    each encoder of the class the family reads (as its config.json `architectures` names it)."""
-    if os.path.isdir(model_name):
-        subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
-        for sub in subs:
-            if not os.path.isdir(os.path.join(model_name, sub)):
-                raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                                f'{layout(family)})')
-        for enc in family.encoders:
-            with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
-                with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
-                    found = json.load(f).get('architectures') or []
-                if found and enc.model_class not in found:
-                    raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
-                                    f'{family.name} layout expects {enc.model_class} there '
-                                    f'({layout(family)}); pass the family of that folder')
-    elif model_name.startswith(('.', '/', '~')):
-        raise UserError(f'--model_name {model_name}: no such folder')
-
-
-HUB_TIMEOUT = 10  # seconds for the one request that asks the hub whether --model_name exists
-
-
-def check_model_name(model_name: str) -> None:
-    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
-    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
-    if os.path.isdir(model_name):
-        return
-    from huggingface_hub import HfApi, constants, utils
-    from huggingface_hub.file_download import repo_folder_name
-
-    try:
-        utils.validate_repo_id(model_name)
-    except utils.HFValidationError:
-        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
-                        '(owner/name); pass a model folder or a hub name such as '
-                        'stabilityai/stable-diffusion-2-base') from None
-    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
-    if os.path.isdir(os.path.join(cached, 'snapshots')):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
-                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
-                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
-    try:
-        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
-    except utils.GatedRepoError:
-        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
-                        'HF_TOKEN') from None
-    except utils.RepositoryNotFoundError:
-        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
-                        'model needs HF_TOKEN)') from None
-    except Exception as err:
-        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
-                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
-                        'folder') from None
-
-
-def load_tokenizers(model_name: str, family: Family) -> list:
-    import transformers
-
-    tokenizers = []
-    for enc in family.encoders:
-        try:
-            cls = getattr(transformers, enc.tokenizer_class)
-            tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
-        except Exception as err:
-            raise UserError(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
-                            f'{enc.tokenizer_class}: {first_line(err)}') from None
-    return tokenizers
-
-
-def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[int]:
-    """Tokens per caption for each encoder, as the family's pipeline pads and truncates."""
-    return [(t5_max_length or enc.max_length) if enc.t5 else (enc.max_length or tok.model_max_length)
-            for enc, tok in zip(family.encoders, tokenizers)]
-
-
-def encoder_configs(model_name: str, family: Family) -> list:
-    from transformers import AutoConfig
-
-    configs = []
-    for enc in family.encoders:
-        try:
-            configs.append(AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder))
-        except Exception as err:
-            raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
-                            f'{first_line(err)}') from None
-    return configs
-
-
-def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: list[int]) -> None:
-    """Each tokenizer must fit its encoder: ids inside the embedding table, lengths inside the positions."""
-    for enc, tok, cfg, length in zip(family.encoders, tokenizers, configs, lengths):
-        if len(tok) > cfg.vocab_size:
-            raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
-                            f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
-        positions = getattr(cfg, 'max_position_embeddings', None)
-        if positions is not None and length > positions:
-            raise UserError(f'{enc.tokenizer}/ pads to {length} tokens but {enc.subfolder}/ has only '
-                            f'{positions} positions: the tokenizer does not belong to that text encoder')
-
-
-def width(cfg, what: str) -> int:
-    """Feature size of an encoder's hidden states or pooled vector ('text_embeds' is projected)."""
-    if what == 'text_embeds':
-        return cfg.projection_dim
-    return getattr(cfg, 'hidden_size', None) or cfg.d_model
-
-
-def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
-                      t5_storage: str) -> dict[str, dict]:
-    """{column: its record in the convention}: dtype, shape, and what it holds."""
-    specs: dict[str, dict] = {}
-    for col in family.columns:
-        encs = [family.encoders[i] for i in col.encoders]
-        length = lengths[col.encoders[0]]
-        if col.what == 'mask':
-            specs[col.name] = {'dtype': 'bool', 'shape': [length],
-                               'what': f'{encs[0].tokenizer} attention mask'}
-            continue
-        dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
-                  for i in col.encoders)
-        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
-        spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
-        if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
-            spec.update(shape=['n', dim], length_column=trim_column(col.name),
-                        what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
-        specs[col.name] = spec
-        if 'length_column' in spec:
-            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {col.name}'}
-    return specs
-
-
-def trim_column(name: str) -> str:
-    return name.removesuffix('_latents') + '_length'
-
-
-def vae_convention(model_name: str) -> dict:
-    """The VAE config's latent convention: channels, downsampling, scaling and shift."""
-    from diffusers import AutoencoderKL
-
-    try:
-        cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
-    except Exception as err:
-        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {first_line(err)}') from None
-    return {'latent_channels': cfg.get('latent_channels', 4),
-            'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
-            'scaling_factor': cfg.get('scaling_factor', 0.18215),
-            'shift_factor': cfg.get('shift_factor') or 0.0}
-
-
-def check_family_flags(args: argparse.Namespace, family: Family) -> None:
-    """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
-    t5 = any(e.t5 for e in family.encoders)
-    if family.storage and args.storage_dtype not in (None, family.storage):
-        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
-                        f'{family.storage} by its consumer; drop the flag')
-    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
-        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
-        raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
-    if args.t5_max_length and not t5:
-        raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
-                        'drop the flag')
-
-
-def storage_dtype(args: argparse.Namespace, family: Family) -> str:
-    """The dtype written: --storage_dtype, else the one its consumer reads, else float16."""
-    return args.storage_dtype or family.storage or 'float16'
-
-
-def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
-                    crop: CenterCrop) -> dict:
-    """Everything a consumer needs to read the output without guessing (written as convention.json)."""
-    configs = encoder_configs(args.model_name, family)
-    lengths = token_lengths(family, tokenizers, args.t5_max_length)
-    check_tokenizers(family, tokenizers, configs, lengths)
-    storage = storage_dtype(args, family)
-    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
-    if args.caption_drop_prob:
-        columns[DROPPED_COLUMN] = {
-            'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
-            'caption_drop_prob, drawn from numpy default_rng([seed, sample index, 0])); `caption` keeps the '
-            'text; 0: they encode `caption`'}
-    for r in crop.tables:
-        columns.update(crop.specs(r, vae, storage, args.latent_mode))
-        for name in (LATENT_COLUMN.format(res=r), TIME_IDS_COLUMN.format(res=r)):
-            if args.flip and name in columns:
-                columns[FLIPPED.format(column=name)] = {
-                    **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
-    record = crop.record(args.seed, args.flip)
-    return {**({'crop': record} if record else {}),
-        'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
-        'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
-                           'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
-                               e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
-                          for e, n, c in zip(family.encoders, lengths, configs)],
-        'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
-        'storage_dtype': storage, 't5_storage': args.t5_storage,
-        'caption_drop_prob': args.caption_drop_prob, 'columns': columns,
-    }
-
 
 def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
@@ -1290,11 +1418,6 @@ def load_models(model_name: str, family: Family, device: torch.device, dtype: to
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
     vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
     return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
-
-
-def latent_shape(vae) -> tuple[int, int]:
-    """(latent channels, downsampling factor) of a diffusers AutoencoderKL."""
-    return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 class Fallback:
@@ -1327,7 +1450,6 @@ def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor
     return out.view(torch.int16) if storage == torch.bfloat16 else out
 
 
-@inference_mode
 def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
                 device: torch.device, chunk: int, fallback: Fallback,
                 used: list[str]) -> dict[str, torch.Tensor]:
@@ -1354,7 +1476,6 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
             for col in family.columns}
 
 
-@inference_mode
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
                  device: torch.device, storage: torch.dtype, text_chunk: int, fallback: Fallback,
                  flip: bool = False) -> dict[str, Any]:
@@ -1399,7 +1520,7 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing: one MDSWriter per part, in a background thread so the models never wait for the disk
+# Writing: one MDSWriter per part and group, in a background thread so the models never wait for the disk
 # ----------------------------------------------------------------------------------------------
 
 class PartWriter(threading.Thread):
@@ -1532,145 +1653,14 @@ def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.n
     return value.numpy()
 
 
-class Prefetcher(threading.Thread):
-    """Downloads the shards of the next few parts while the current one is encoded."""
-
-    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
-        super().__init__(daemon=True)
-        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for k, part in enumerate(self.parts):
-                with self.writer.done_event:
-                    self.writer.done_event.wait_for(
-                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
-                        or self.writer.error is not None)
-                if self.writer.error is not None:
-                    return
-                for shard in part.shards:
-                    self.cache.ensure(shard)
-        except BaseException as err:  # the workers will hit (and report) the same problem
-            self.error = err
-
-
 # ----------------------------------------------------------------------------------------------
-# Orchestration
+# One rank's run
 # ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Plan:
-    """What rank 0 found and every rank needs."""
-
-    places: Places
-    family: Family
-    tokenizers: list
-    crop: CenterCrop
-    shards: list[dict]
-    columns: dict[str, str]
-    parts: list[Part]
-    pending: list[Part]
-    settings: dict
-
-
-def check_output_format(size_limit: str, compression: str) -> None:
-    """--size_limit and --compression as streaming's MDSWriter reads them."""
-    from streaming.base.compression import get_compressions, is_compression
-    from streaming.base.util import bytes_to_int
-
-    try:
-        size = bytes_to_int(size_limit)
-    except (ValueError, AttributeError):
-        size = -1
-    if not 0 < size < 2**32:
-        raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
-                        '256mb or 67108864')
-    if compression and not is_compression(compression):
-        names = sorted({c.split(':')[0] for c in get_compressions()})
-        raise UserError(f'--compression {compression}: streaming knows {", ".join(names)} (with an '
-                        'optional level, e.g. zstd:7); leave it empty for none')
-
-
-def check_args(args: argparse.Namespace, pl: Places) -> None:
-    """The checks across flags (each flag alone is checked by its argparse `type=` or `choices=`),
-    before torch, streaming, the input or the models load; raises UserError."""
-    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
-    if twice:
-        raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
-                        'list each resolution once (each makes one latents_<res> column)')
-    if not args.remote_upload:
-        raise UserError('--remote_upload is required: where to write the output dataset')
-    if args.random_crop and args.crop != 'aspect':
-        raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
-    if args.max_aspect is not None and args.crop != 'aspect':
-        raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
-    check_places(args, pl)
-
 
 def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     if args.dtype == 'auto':
         return torch.float16 if device.type == 'cuda' else torch.float32
     return getattr(torch, args.dtype)
-
-
-def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
-    """Rank 0: find the input, check it and the model, and list the parts still to do."""
-    check_output_format(args.size_limit, args.compression)
-    check_model_name(args.model_name)
-    family = pick_family(args.model_name, args.family)
-    check_family_flags(args, family)
-    check_model_folder(args.model_name, family)
-    src, out_root = pl.src, pl.out
-    shards = read_input_index(src, pl.cache, args.download_timeout)
-    columns = input_columns(shards, src)
-    tokenizers = load_tokenizers(args.model_name, family)
-    vae = vae_convention(args.model_name)
-    crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
-                     args.random_crop)
-    convention = make_convention(args, family, tokenizers, vae, crop)
-    new_columns = convention['columns']
-    clash = [c for c in new_columns if c in columns]
-    if clash:
-        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
-    columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
-                    for c, s in new_columns.items()})
-    parts = plan_parts(shards, args.part_size)
-    settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
-                'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
-                'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
-                'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
-                'input_index': index_digest(shards)}
-    if args.crop != 'center':  # center outputs keep the record they always had
-        settings['crop'] = args.crop
-    settings['convention'] = convention  # last: a flag that differs is named before the record it changes
-    names = output_names(out_root)
-    check_output_is_ours(out_root, names)
-    markers = done_markers(out_root, parts, names, args.download_timeout)
-    for part_name, marker in markers.items():
-        differ = first_difference(marker.get('settings', {}), settings)
-        if differ:
-            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
-            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
-                            'rerun with the same flags or write to a new --remote_upload')
-    pending = [p for p in parts if p.name not in markers]
-    os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
-    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
-    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
-
-
-def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
-    """(dotted key, old value, new value) of the first leaf where two settings records differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in [k for k in old if k not in new] + list(new):
-            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
-            if found:
-                return found
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
-        return next(first_difference(a, b, f'{path}[{i}]')
-                    for i, (a, b) in enumerate(zip(old, new)) if a != b)
-    return None if old == new else (path, old, new)
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
@@ -1683,39 +1673,12 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return torch.device('cpu')
 
 
-def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: int) -> Plan:
-    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
-    result: list[Any] = [None]
-    if rank == 0:
-        try:
-            result[0] = make_plan(args, pl, dtype)
-        except UserError as err:
-            result[0] = err
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
-
-
-def cores_per_process() -> int:
-    return max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-
-
-def default_workers(args: argparse.Namespace) -> int:
-    return args.num_workers if args.num_workers >= 0 else max(1, cores_per_process() - 1)
-
-
-def cpu_threads(args: argparse.Namespace, workers: int) -> int:
-    """Model threads on CPU: oversubscribed cores make torch's thread barriers crawl."""
-    return args.threads if args.threads > 0 else max(1, cores_per_process() - workers)
-
-
 def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: torch.dtype,
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
     convention, family, pl = plan.settings['convention'], plan.family, plan.places
+    image = convention['image_latents']
     models = load_models(args.model_name, family, device, dtype)
     text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
                     for c in family.columns]
@@ -1729,11 +1692,12 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             dist.barrier()  # no rank downloads before its machine's cache is emptied
     jobs = make_jobs(mine, args.batch_size)
     reader = BatchReader(jobs, cache, plan.tokenizers, [e['tokens'] for e in convention['text_encoders']],
-                         plan.crop, latent_shape(models[0]), args.latent_mode, args.seed,
-                         args.caption_drop_prob, args.flip)
-    workers = default_workers(args)
-    if device.type == 'cpu':
-        torch.set_num_threads(cpu_threads(args, workers))
+                         plan.crop, (image['latent_channels'], image['downsampling']), args.latent_mode,
+                         args.seed, args.caption_drop_prob, args.flip)
+    cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
+    workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
+    if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
+        torch.set_num_threads(args.threads or max(1, cores - workers))
     loader = torch.utils.data.DataLoader(
         reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
         pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
@@ -1755,8 +1719,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
         for batch in batches:
-            latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
-                                   args.text_batch_size or args.batch_size, fallback, args.flip)
+            with torch.inference_mode():
+                latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
+                                       args.text_batch_size or args.batch_size, fallback, args.flip)
             event = None
             if device.type == 'cuda':
                 event = torch.cuda.Event()
@@ -1800,6 +1765,21 @@ def start_wandb(args: argparse.Namespace, rank: int):
         return None
     return wandb.init(name=args.wandb_name, project=args.wandb_project, entity=args.wandb_entity)
 
+
+def stop_on_signals() -> None:
+    """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted in the main thread; a second
+    one of the same kind ends the process at once."""
+    def handler(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging and the summary (rank 0)
+# ----------------------------------------------------------------------------------------------
 
 def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: float) -> None:
     """Rank 0: index.json at the output root over every part, in part order; with --crop aspect also
@@ -1898,17 +1878,6 @@ def report(summary: dict, path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
-def stop_on_signals() -> None:
-    """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted in the main thread; a second
-    one of the same kind ends the process at once."""
-    def handler(signum: int, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        raise Interrupted(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
-
-
 def summary_path(args: argparse.Namespace) -> str:
     name = args.bucket or 'dataset'
     return args.summary or os.path.join(args.local, f'latents_summary_{name}.json')
@@ -1978,7 +1947,6 @@ def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
     return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
 
 
-@inference_mode
 def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
     """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
     x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
@@ -2080,7 +2048,8 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
     os.makedirs(args.local, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.local, prefix='preview-') as tmp:
         cache = ShardCache(shards, out_root, tmp, args.download_timeout, args.download_retry)
-        rows = [preview_row(i, cache.get(i), columns, convention, vae, device) for i in ids]
+        with torch.inference_mode():
+            rows = [preview_row(i, cache.get(i), columns, convention, vae, device) for i in ids]
     header = [label for res, c in columns for label in (f'source {res} px', f'decoded {c}')]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     draw_grid(header, rows).save(path)
@@ -2111,6 +2080,10 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
             json.dump({**record, 'preview': {'path': path, 'samples': ids}}, f, indent=2)
     print(f'preview {path} (samples {", ".join(map(str, ids))})', flush=True)
 
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
 
 def import_torch() -> None:
     """torch into this module's namespace. The script does it after checking its flags (importing
