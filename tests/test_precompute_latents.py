@@ -275,19 +275,14 @@ def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_
         assert a == b  # same columns, same bytes: same latents, noise included
     assert summary['skipped'] == 1 and summary['skipped_samples'][0]['key'] == '000000007'
     # Resuming into that output with other settings would mix two kinds of latents: refused.
-    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-                '--latent_mode', 'mean', env=env)
-    assert 'latent_mode' in one_line_error(mixed)
+    rerun = [*common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out']
+    assert 'latent_mode' in refused(*rerun, '--latent_mode', 'mean')
     # So would another --batch-size (float results depend on it) or another input dataset.
-    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-                '--batch-size', 3, env=env)
-    assert 'written with batch_size=2, this run has 3' in one_line_error(mixed)
+    assert 'written with batch_size=2, this run has 3' in refused(*rerun, '--batch-size', 3)
     other = tmp_path / 'other'
     write_mds_input(str(other), [{**rows[0], 'caption': 'another caption'}] + rows[1:], bucketed=False,
                     size_limit=1 << 14)
-    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-                '--remote_download', other, env=env)
-    assert 'written with input_index=' in one_line_error(mixed)
+    assert 'written with input_index=' in refused(*rerun, '--remote_download', other)
     sample = got[0]
     assert sample['latents_64'] == b'' and len(sample['latents_128']) == 0  # 40 px: below both
     big = next(o for o in got if shorter_side(o['jpg']) >= 128)
@@ -320,10 +315,12 @@ def test_s3_in_and_out_by_bucket_index_and_unreachable_remote(root, s3, corpus, 
 
     # The remote goes down: one clear line and a non-zero exit.
     s3.stop()
-    proc = run(root, '--remote_download', f's3://{s3.bucket}/mds', '--bucket', 3,
-               '--local', tmp_path / 'cache2', '--remote_upload', f's3://{s3.bucket}/latents2',
-               '--model_name', tiny_model, env=env)
-    assert 'cannot read the input dataset index' in one_line_error(proc)
+    with pytest.MonkeyPatch.context() as mp:  # in this process, as the run above saw S3
+        for k, v in s3.env.items():
+            mp.setenv(k, v)
+        assert 'cannot read the input dataset index' in refused(
+            '--remote_download', f's3://{s3.bucket}/mds', '--bucket', 3, '--local', tmp_path / 'cache2',
+            '--remote_upload', f's3://{s3.bucket}/latents2', '--model_name', tiny_model)
 
 
 @pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
@@ -466,8 +463,8 @@ def test_an_output_place_holding_another_dataset_is_refused_and_left_alone(bucke
     before = tree(victim)
     flags = ['--remote_download', data, '--local', tmp_path / 'cache', '--bucket', bucket,
              '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0]
-    proc = run(root, *flags, '--remote_upload', victim)
-    assert '--remote_upload' in one_line_error(proc) and 'did not write' in one_line_error(proc)
+    line = refused(*flags, '--remote_upload', victim)
+    assert '--remote_upload' in line and 'did not write' in line
     assert tree(victim) == before  # nothing replaced, nothing added
     if bucket:  # its own output, finished, is rerun (resumed) without a word
         ok(run(root, *flags, '--remote_upload', tmp_path / 'mine'))
@@ -663,11 +660,18 @@ def test_a_bad_flag_fails_before_torch_is_imported(root, tmp_path):
     ('someone/sd-2-typo', {'HF_HUB_OFFLINE': '0', 'HF_ENDPOINT': 'http://127.0.0.1:9'}, 'cannot be reached'),
 ])
 def test_a_model_name_that_cannot_load_fails_fast(name, env, phrase, root, tiny_input, tmp_path):
-    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env}
+    """Run in this process where its hub settings are the case's (conftest sets HF_HUB_OFFLINE=1), else
+    in a process of its own with the case's environment."""
+    from huggingface_hub import constants
+
+    flags = ['--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local', tmp_path / 'cache',
+             '--remote_upload', tmp_path / 'out', '--model_name', name]
     began = time.time()
-    proc = run(root, '--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', name, env=env)
-    assert phrase in one_line_error(proc)
+    if env.get('HF_HUB_OFFLINE', '1') == '1' and 'HF_ENDPOINT' not in env and constants.HF_HUB_OFFLINE:
+        line = refused(*flags)
+    else:
+        line = one_line_error(run(root, *flags, env={**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env}))
+    assert phrase in line
     assert time.time() - began < 120  # no minutes of hub retries
     assert not (tmp_path / 'out').exists()
 
