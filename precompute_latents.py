@@ -69,8 +69,9 @@ from tqdm import tqdm
 # Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
 BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
-REQUIRED_COLUMNS = ('jpg', 'caption')
-CAPTION_COLUMN = 'caption_latents'
+IMAGE_COLUMN = 'jpg'  # and each --caption_keys column
+# A family's text column for caption key k is named k + its suffix: caption_latents, vlm_caption_pooled,
+# caption_T5_LATENTS (the mosaicml consumer's `<caption key>_<NAME>`); `caption` keeps the original names.
 LATENT_COLUMN = 'latents_{res}'  # one per resolution
 DONE_MARKER = '_done'  # per part; not *.json, so nothing takes it for an index
 INDEX = 'index.json'
@@ -125,10 +126,10 @@ class TextEncoder:
 
 @dataclasses.dataclass(frozen=True)
 class TextColumn:
-    """A stored text column: output `what` ('hidden', 'pooled' or 'mask') of the listed encoders,
-    concatenated on the last axis."""
+    """A stored text column per caption key (named key + suffix): output `what` ('hidden', 'pooled' or
+    'mask') of the listed encoders, concatenated on the last axis."""
 
-    name: str
+    suffix: str
     what: str
     encoders: tuple[int, ...]
 
@@ -154,40 +155,39 @@ def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
     return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
 
 
-MM = 'caption_'  # the mosaicml consumer's columns are `<caption key>_<name>`
 PROJ = 'CLIPTextModelWithProjection'
 FAMILIES = {f.name: f for f in (
     Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
-           (TextColumn(CAPTION_COLUMN, 'hidden', (0,)),),
+           (TextColumn('_latents', 'hidden', (0,)),),
            'prompt_embeds = caption_latents'),
     Family('sdxl', ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline'),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', ''),
             _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds')),
-           (TextColumn(CAPTION_COLUMN, 'hidden', (0, 1)), TextColumn('caption_pooled', 'pooled', (1,))),
+           (TextColumn('_latents', 'hidden', (0, 1)), TextColumn('_pooled', 'pooled', (1,))),
            'prompt_embeds = caption_latents; pooled_prompt_embeds = caption_pooled'),
     Family('sd3', ('StableDiffusion3Pipeline',),
            (_clip('text_encoder', 'tokenizer', PROJ, 'penultimate', 'text_embeds'),
             _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds'),
             _t5('text_encoder_3', 'tokenizer_3', 256)),
-           (TextColumn('caption_clip_latents', 'hidden', (0, 1)),
-            TextColumn('caption_t5_latents', 'hidden', (2,)),
-            TextColumn('caption_pooled', 'pooled', (0, 1))),
+           (TextColumn('_clip_latents', 'hidden', (0, 1)),
+            TextColumn('_t5_latents', 'hidden', (2,)),
+            TextColumn('_pooled', 'pooled', (0, 1))),
            'prompt_embeds = cat([pad(caption_clip_latents, (0, t5 width - clip width)), caption_t5_latents], '
            'dim=-2); pooled_prompt_embeds = caption_pooled'),
     Family('flux', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', '', 'pooler_output'),
             _t5('text_encoder_2', 'tokenizer_2', 512)),
-           (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
+           (TextColumn('_t5_latents', 'hidden', (1,)), TextColumn('_pooled', 'pooled', (0,))),
            'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
     Family('mosaicml', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
             _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
-           (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
-            TextColumn(MM + 'T5_ATTENTION_MASK', 'mask', (1,)),
-            TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
-            TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
-            TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
+           (TextColumn('_T5_LATENTS', 'hidden', (1,)),
+            TextColumn('_T5_ATTENTION_MASK', 'mask', (1,)),
+            TextColumn('_CLIP_LATENTS', 'hidden', (0,)),
+            TextColumn('_CLIP_ATTENTION_MASK', 'mask', (0,)),
+            TextColumn('_CLIP_POOLED_TEXT', 'pooled', (0,))),
            "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns",
            # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
            # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
@@ -254,6 +254,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='model family: auto (from model_index.json; sd for a folder without one), sd, '
                         'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
                         'FLUX-layout folder)')
+    p.add_argument('--caption_keys', nargs='+', default=['caption'],
+                   help="text columns of the input to encode, each into the family's text columns named "
+                        '<key>_...: e.g. caption vlm_caption (caption_images.py writes the second)')
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
                    help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
                         "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
@@ -333,6 +336,8 @@ def check_args(args: argparse.Namespace, pl: Places) -> None:
     if twice:
         raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
                         'list each resolution once (each makes one latents_<res> column)')
+    if len(set(args.caption_keys)) < len(args.caption_keys):
+        raise UserError(f'--caption_keys {" ".join(args.caption_keys)}: a key is given twice; list each once')
     if not args.remote_upload:
         raise UserError('--remote_upload is required: where to write the output dataset')
     if args.random_crop and args.crop != 'aspect':
@@ -692,7 +697,7 @@ def index_digest(shards: list[dict]) -> str:
     return hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def input_columns(shards: list[dict], src: str) -> dict[str, str]:
+def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict[str, str]:
     """{column name: MDS encoding} of the input, checked for the columns the script needs."""
     if not shards:
         return {}
@@ -700,9 +705,10 @@ def input_columns(shards: list[dict], src: str) -> dict[str, str]:
     for shard in shards[1:]:
         if dict(zip(shard['column_names'], shard['column_encodings'])) != columns:
             raise UserError(f'{src}: shards disagree on their columns')
-    for name in REQUIRED_COLUMNS:
+    for name in [IMAGE_COLUMN, *caption_keys]:
         if name not in columns:
-            raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)})')
+            raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)}); '
+                            'check --caption_keys')
     return columns
 
 
@@ -775,26 +781,26 @@ def width(cfg, what: str) -> int:
 
 
 def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
-                      t5_storage: str) -> dict[str, dict]:
-    """{column: its record in the convention}: dtype, shape, and what it holds."""
+                      t5_storage: str, keys: list[str]) -> dict[str, dict]:
+    """{column: its record in the convention}: dtype, shape, and what it holds, for each caption key."""
     specs: dict[str, dict] = {}
-    for col in family.columns:
+    for key, col in [(k, c) for k in keys for c in family.columns]:
+        name = key + col.suffix
         encs = [family.encoders[i] for i in col.encoders]
         length = lengths[col.encoders[0]]
         if col.what == 'mask':
-            specs[col.name] = {'dtype': 'bool', 'shape': [length],
-                               'what': f'{encs[0].tokenizer} attention mask'}
+            specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
         dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
                   for i in col.encoders)
         what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
         spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
         if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
-            spec.update(shape=['n', dim], length_column=col.name.removesuffix('_latents') + '_length',
+            spec.update(shape=['n', dim], length_column=name.removesuffix('_latents') + '_length',
                         what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
-        specs[col.name] = spec
+        specs[name] = spec
         if 'length_column' in spec:
-            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {col.name}'}
+            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
 
 
@@ -819,7 +825,7 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
     check_tokenizers(family, tokenizers, configs, lengths)
     storage = args.storage_dtype or family.storage or 'float16'  # else the one its consumer reads
-    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage, args.caption_keys)
     if args.caption_drop_prob:
         columns[DROPPED_COLUMN] = {
             'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
@@ -832,7 +838,8 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
                 columns[FLIPPED.format(column=name)] = {
                     **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
     record = crop.record(args.seed, args.flip)
-    return {**({'crop': record} if record else {}),
+    keys = {} if args.caption_keys == ['caption'] else {'caption_keys': args.caption_keys}  # as it always was
+    return {**({'crop': record} if record else {}), **keys,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
                            'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
@@ -868,7 +875,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     check_model_folder(args.model_name, family)
     src, out_root = pl.src, pl.out
     shards = read_input_index(src, pl.cache, args.download_timeout)
-    columns = input_columns(shards, src)
+    columns = input_columns(shards, src, args.caption_keys)
     tokenizers = load_tokenizers(args.model_name, family)
     vae = vae_convention(args.model_name)
     crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
@@ -1286,6 +1293,8 @@ def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
 class BatchReader:
     """Item i = job i read, decoded, cropped and tokenized: everything the models need.
 
+    `tokens` {caption key: [(ids, mask) per encoder]}, `cut` {caption key: [captions longer than each
+    encoder's tokens]}.
     Per resolution r, one entry per crop shape in the batch: `pixels_r` (uint8 stacks N x h x w x 3),
     `noise_r` and `flip_noise_r` (sample mode; --flip), and `rows_r`, the batch row of each image in
     that order. Per row: `group` (the dataset it goes to) and `columns` (stored as they are).
@@ -1293,11 +1302,11 @@ class BatchReader:
 
     def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
                  crop: CenterCrop, latent_shape: tuple[int, int], latent_mode: str, seed: int,
-                 caption_drop_prob: float, flip: bool = False):
+                 caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',)):
         self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
         self.crop, (self.channels, self.factor) = crop, latent_shape
         self.latent_mode, self.seed, self.flip = latent_mode, seed, flip
-        self.caption_drop_prob = caption_drop_prob
+        self.caption_drop_prob, self.caption_keys = caption_drop_prob, caption_keys
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -1312,7 +1321,7 @@ class BatchReader:
         batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
                                  'columns': []}
         shapes: dict[int, dict] = {r: {} for r in self.crop.tables}  # {res: {(h, w): {'pixels': [], ...}}}
-        captions = []
+        captions: dict[str, list[str]] = {k: [] for k in self.caption_keys}
         for sample_id in range(job.start, job.stop):
             sample = self.cache.get(sample_id)
             rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.crop.random else None
@@ -1343,9 +1352,13 @@ class BatchReader:
             batch['group'].append(self.crop.group(placed))
             batch['columns'].append({**self.crop.columns(placed, size, self.flip),
                                      **({DROPPED_COLUMN: int(dropped)} if self.caption_drop_prob else {})})
-            captions.append('' if dropped else sample['caption'])
-        batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
-            if captions else None
+            for key, texts in captions.items():
+                texts.append('' if dropped else sample[key])
+        present = {k: texts for k, texts in captions.items() if texts}
+        batch['tokens'] = {k: [tokenize(tok, texts, n) for tok, n in zip(self.tokenizers, self.lengths)]
+                           for k, texts in present.items()}
+        batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False).input_ids)
+                            for tok, n in zip(self.tokenizers, self.lengths)] for k, texts in present.items()}
         for r, groups in shapes.items():
             batch[f'rows_{r}'] = [row for g in groups.values() for row in g['rows']]
             for key in ('pixels', 'noise', 'flip_noise'):
@@ -1472,7 +1485,7 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
 
         hidden, pooled = fallback(enc.subfolder, model, run, used)
         outputs.append({'hidden': hidden, 'pooled': pooled, 'mask': mask.to(device).bool()})
-    return {col.name: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
+    return {col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
             for col in family.columns}
 
 
@@ -1484,12 +1497,13 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     vae, encoders = models
     used: list[str] = []
     out: dict[str, Any] = {}
-    if batch['tokens'] is not None:
-        text = encode_text(batch['tokens'], family, encoders, device, text_chunk, fallback, used)
-        for name, t in text.items():
-            t = t if t.dtype == torch.bool else to_storage(t, storage, name)
-            out[name] = t.to('cpu', non_blocking=True)
-        out['_lengths'] = [m.sum(1) for _, m in batch['tokens']]
+    out['_lengths'] = {}
+    for key, tokens in batch['tokens'].items():
+        text = encode_text(tokens, family, encoders, device, text_chunk, fallback, used)
+        for suffix, t in text.items():
+            t = t if t.dtype == torch.bool else to_storage(t, storage, key + suffix)
+            out[key + suffix] = t.to('cpu', non_blocking=True)
+        out['_lengths'][key] = [m.sum(1) for _, m in tokens]
     for r in resolutions:  # one VAE call per crop shape
         name, stacks = LATENT_COLUMN.format(res=r), batch[f'pixels_{r}']
         for column, noise, flipped in [(name, batch[f'noise_{r}'], False)] + \
@@ -1528,9 +1542,9 @@ class PartWriter(threading.Thread):
 
     def __init__(self, out_root: str, staging: str, columns: dict[str, str], resolutions: list[int],
                  settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
-                 text_columns: list[tuple[str, str, int]]):
+                 text_columns: list[tuple[str, str, str, int]]):
         super().__init__(daemon=True)
-        self.text_columns = text_columns  # (column, its length column or '' when padded, encoder index)
+        self.text_columns = text_columns  # (column, its length column or '' when padded, key, encoder index)
         self.out_root, self.staging, self.columns = out_root, staging, columns
         self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
         self.evict, self.args = evict, args
@@ -1578,7 +1592,7 @@ class PartWriter(threading.Thread):
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
                       'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
-                      'groups': {}, 'started': time.time()}
+                      'groups': {}, 'truncated': {}, 'started': time.time()}
 
     def write_batch(self, batch: dict[str, Any], latents: dict[str, Any]) -> None:
         images = {name: dict(zip(batch[f'rows_{r}'], latents[name])) for r in self.resolutions
@@ -1586,10 +1600,10 @@ class PartWriter(threading.Thread):
                       res=r))] * self.args.flip}
         for row, sample in enumerate(batch['samples']):
             out = {**sample, **batch['columns'][row]}
-            for name, length_column, enc in self.text_columns:
+            for name, length_column, key, enc in self.text_columns:
                 value = latents[name][row]
                 if length_column:  # store the first n token states only
-                    n = int(latents['_lengths'][enc][row])
+                    n = int(latents['_lengths'][key][enc][row])
                     out[length_column], value = n, value[:n]
                 out[name] = value.tobytes()
             for name, rows in images.items():
@@ -1603,6 +1617,9 @@ class PartWriter(threading.Thread):
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
         self.stats['skipped'] += batch['skipped']
+        for key, cut in batch['cut'].items():
+            counts = self.stats['truncated'].setdefault(key, [0] * len(cut))
+            self.stats['truncated'][key] = [a + b for a, b in zip(counts, cut)]
         for name in latents['_fallback']:
             self.stats['fp32_fallback'][name] = self.stats['fp32_fallback'].get(name, 0) + 1
 
@@ -1680,8 +1697,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     convention, family, pl = plan.settings['convention'], plan.family, plan.places
     image = convention['image_latents']
     models = load_models(args.model_name, family, device, dtype)
-    text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
-                    for c in family.columns]
+    text_columns = [(k + c.suffix, convention['columns'][k + c.suffix].get('length_column', ''), k,
+                     c.encoders[0]) for k in args.caption_keys for c in family.columns]
     storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
     remote = pl.src if pl.src != pl.cache else None
     cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
@@ -1693,7 +1710,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     jobs = make_jobs(mine, args.batch_size)
     reader = BatchReader(jobs, cache, plan.tokenizers, [e['tokens'] for e in convention['text_encoders']],
                          plan.crop, (image['latent_channels'], image['downsampling']), args.latent_mode,
-                         args.seed, args.caption_drop_prob, args.flip)
+                         args.seed, args.caption_drop_prob, args.flip, tuple(args.caption_keys))
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
     workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
     if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
@@ -1832,12 +1849,19 @@ def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], ru
     for m in markers.values():
         for name, n in m.get('fp32_fallback', {}).items():
             fallback[name] = fallback.get(name, 0) + n
+    encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
+                for e in plan.settings['convention']['text_encoders']]
+    truncated = {key: dict.fromkeys(encoders, 0) for key in args.caption_keys}  # captions cut per encoder
+    for m in markers.values():
+        for key, cut in m.get('truncated', {}).items():
+            for e, n in zip(encoders, cut):
+                truncated[key][e] += n
     return {
         'input': plan.places.src, 'output': plan.places.out, 'input_samples': plan.settings['input_samples'],
         'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
         'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
                                          / max(written, 1), 1),
-        'fp32_fallback_batches': fallback,
+        'fp32_fallback_batches': fallback, 'truncated_captions': truncated,
         'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
         'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
@@ -1864,6 +1888,8 @@ def report(summary: dict, path: str) -> None:
         + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
            if summary['steady_samples_per_s_rank0'] else ')'),
     ]
+    for key, cut in summary['truncated_captions'].items():
+        lines.append(f'{key:<7} cut at the token limit: ' + ', '.join(f'{n} by {e}' for e, n in cut.items()))
     for name, n in summary['fp32_fallback_batches'].items():
         lines.append(f'float32 {name} gave NaN/inf in {summary["settings"]["dtype"]} for {n} batch(es): '
                      'those batches were re-encoded in float32')
@@ -2026,7 +2052,8 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         decoded = decode_latent(vae, unscale(latent, convention['image_latents']), device)
         source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
         tiles += [as_tile(source), as_tile(decoded)]
-    return tiles, f'#{sample_id} (key {sample.get("key", "")}): {sample["caption"]}'
+    caption = sample[convention.get('caption_keys', ['caption'])[0]]
+    return tiles, f'#{sample_id} (key {sample.get("key", "")}): {caption}'
 
 
 def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:

@@ -366,11 +366,14 @@ def partial_model(tiny_model: Path, tmp_path: Path, without: str) -> Path:
     ('no_text_encoder', 'has no text_encoder/'),
     ('no_jpg', 'no `jpg` column'),
     ('no_caption', 'no `caption` column'),
+    ('no_vlm_caption', 'no `vlm_caption` column'),
 ])
 def test_clear_one_line_errors(case, phrase, root, tiny_model, tiny_input, tmp_path):
     data, model, extra = 'ok', tiny_model, []
     if case == 'resolution':
         extra = ['--resolutions', 256, 100]
+    elif case == 'no_vlm_caption':
+        extra = ['--caption_keys', 'caption', 'vlm_caption']
     elif case.startswith('no_') and case[3:] in ('vae', 'text_encoder'):
         model = partial_model(tiny_model, tmp_path, case[3:])
     else:
