@@ -1690,12 +1690,30 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return torch.device('cpu')
 
 
+def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: ShardCache,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """The DataLoader of this rank's batches, its workers and this process's threads sharing its cores."""
+    convention = plan.settings['convention']
+    image = convention['image_latents']
+    reader = BatchReader(make_jobs(parts, args.batch_size), cache, plan.tokenizers,
+                         [e['tokens'] for e in convention['text_encoders']], plan.crop,
+                         (image['latent_channels'], image['downsampling']), args.latent_mode, args.seed,
+                         args.caption_drop_prob, args.flip, tuple(args.caption_keys))
+    cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
+    workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
+    if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
+        torch.set_num_threads(args.threads or max(1, cores - workers))
+    return torch.utils.data.DataLoader(
+        reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
+        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+
+
 def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: torch.dtype,
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
     convention, family, pl = plan.settings['convention'], plan.family, plan.places
-    image = convention['image_latents']
     models = load_models(args.model_name, family, device, dtype)
     text_columns = [(k + c.suffix, convention['columns'][k + c.suffix].get('length_column', ''), k,
                      c.encoders[0]) for k in args.caption_keys for c in family.columns]
@@ -1707,18 +1725,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             empty_cache(pl.cache)
         if dist.is_initialized():
             dist.barrier()  # no rank downloads before its machine's cache is emptied
-    jobs = make_jobs(mine, args.batch_size)
-    reader = BatchReader(jobs, cache, plan.tokenizers, [e['tokens'] for e in convention['text_encoders']],
-                         plan.crop, (image['latent_channels'], image['downsampling']), args.latent_mode,
-                         args.seed, args.caption_drop_prob, args.flip, tuple(args.caption_keys))
-    cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
-    workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
-    if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
-        torch.set_num_threads(args.threads or max(1, cores - workers))
-    loader = torch.utils.data.DataLoader(
-        reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
-        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
-        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+    loader = make_loader(args, plan, mine, cache, device)
     staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
     writer = PartWriter(pl.out, staging, plan.columns, sorted(args.resolutions), plan.settings,
