@@ -361,3 +361,24 @@ def test_vae_overflowing_in_float16_falls_back_to_float32_and_is_counted(root, f
             want = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].numpy()
             lat = np.frombuffer(s['latents_64'], np.float16).reshape(want.shape).astype(np.float32)
             np.testing.assert_allclose(lat, want, atol=1e-2, rtol=1e-2)
+
+
+def test_trimmed_t5_keeps_its_meaning_for_every_caption_key(root, folders, family_input, tmp_path):
+    """--t5_storage trimmed with two caption keys: each key has its own `<key>_t5_length` (the caption's
+    T5 tokens with </s>, cut at 512) and its first n rows are the pipeline's for that key's text."""
+    from transformers import T5TokenizerFast
+
+    flux, out = folders['flux'], tmp_path / 'out'
+    ok(run(root, *args_for(family_input, flux, out, tmp_path, '--t5_storage', 'trimmed', '--dtype', 'float32',
+                           '--storage_dtype', 'float32', '--resolutions', 64, '--caption_keys', *KEYS)))
+    columns = json.loads((out / UNBUCKETED / 'convention.json').read_text())['columns']
+    got = read_mds(str(out / UNBUCKETED))
+    tok = T5TokenizerFast.from_pretrained(flux, subfolder='tokenizer_2')
+    for key in KEYS:
+        assert columns[f'{key}_t5_latents']['length_column'] == f'{key}_t5_length'
+        want = pipeline_text(flux, 'flux', [s[key] for s in got])['prompt_embeds']
+        for i, s in enumerate(got):
+            n = s[f'{key}_t5_length']
+            assert n == min(len(tok(s[key]).input_ids), 512), (key, i)
+            t5 = read_back(s[f'{key}_t5_latents'], columns[f'{key}_t5_latents'])
+            np.testing.assert_allclose(t5, want[i][:n], atol=1e-5, rtol=1e-5, err_msg=f'{key} {i}')
