@@ -42,7 +42,6 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import queue
@@ -70,11 +69,13 @@ from tqdm import tqdm
 # Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
 BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
-REQUIRED_COLUMNS = ('jpg', 'caption')
-CAPTION_COLUMN = 'caption_latents'
+IMAGE_COLUMN = 'jpg'  # and each --caption_keys column
+# A family's text column for caption key k is named k + its suffix: caption_latents, vlm_caption_pooled,
+# caption_T5_LATENTS (the mosaicml consumer's `<caption key>_<NAME>`); `caption` keeps the original names.
 LATENT_COLUMN = 'latents_{res}'  # one per resolution
-DONE_MARKER = '_done'  # per part; not *.json, so streaming's merge_index never mistakes it for an index
+DONE_MARKER = '_done'  # per part; not *.json, so nothing takes it for an index
 INDEX = 'index.json'
+CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
 WHITE = (255, 255, 255)
 # --crop aspect: per-sample columns beside latents_<res> (one set per resolution)
 BUCKET_COLUMN = 'aspect_bucket_{res}'  # int32: index into the resolution's bucket table; -1 when b''
@@ -85,6 +86,9 @@ FLIPPED = '{column}_flipped'  # --flip: the same for the horizontally mirrored c
 GROUPS = 'aspect_groups.json'  # beside index.json: the per-bucket datasets <out>/<group>/ and their sizes
 MAX_ASPECT = 4.0  # --crop aspect: the default widest bucket, 4:1 (and 1:4)
 ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
+STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
+HUB_TIMEOUT = 10  # seconds for the one request that asks the hub whether --model_name exists
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class UserError(Exception):
@@ -101,756 +105,9 @@ class Interrupted(BaseException):
         self.stats: dict[str, Any] | None = None  # this rank's counters so far, when it got that far
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; the original script's flags keep their names and meaning."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--local', default='/tmp/precompute-latents',
-                   help='local cache folder: input shards are downloaded to <local>/<bucket name>/'
-                        'download-<id of input and output>/ (emptied at each start: a run reads only '
-                        'shards it downloaded); without --remote_download the input is read from '
-                        '<local>/<bucket name> in place')
-    p.add_argument('--remote_download', default='',
-                   help='remote (or local) root of the input MDS datasets, one per bucket')
-    p.add_argument('--remote_upload', default='',
-                   help='remote (or local) root to write the output datasets to (required)')
-    p.add_argument('--bucket', default='',
-                   help="bucket subfolder: an index into the bucket list (0 '0-64' ... 3 '256-512' ... "
-                        "6 '1024-1048576') or a name such as '256-512'; empty: the roots are datasets")
-    p.add_argument('--subfolder', default='',
-                   help='subfolder below the bucket folder, as laion_cloudwriter.py --subfolder writes')
-    p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
-                   help='diffusers pipeline (hub name or folder) of a known family: vae/ and its text '
-                        'encoder and tokenizer subfolders')
-    p.add_argument('--family', default='auto',
-                   help='model family: auto (from model_index.json; sd for a folder without one), sd, '
-                        'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
-                        'FLUX-layout folder)')
-    p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
-                   help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
-                        "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
-                        'the model dtype is --dtype')
-    p.add_argument('--t5_max_length', type=int, default=0,
-                   help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
-    p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
-                   help='trimmed: store T5 states only up to the caption token count (incl. </s>), plus '
-                        'a <column>_length column; readers pad with zeros (not for mosaicml)')
-    p.add_argument('--text_batch_size', type=int, default=0,
-                   help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
-    p.add_argument('--batch-size', dest='batch_size', type=int, default=64,
-                   help='samples per batch on each process')
-    p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512],
-                   help='image resolutions to encode, multiples of 8; one latents_<res> column each')
-    p.add_argument('--crop', choices=('center', 'aspect'), default='center',
-                   help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
-                        'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
-                        'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
-    p.add_argument('--max_aspect', type=float, default=None,
-                   help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
-                        f'default {MAX_ASPECT}')
-    p.add_argument('--random_crop', action='store_true',
-                   help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
-                        "sample's index, so a rerun is identical) instead of centred")
-    p.add_argument('--flip', action='store_true',
-                   help='also store latents_<res>_flipped: the latent of the horizontally mirrored crop')
-    p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
-                   help='store a sample of the latent distribution (seeded per sample) or its mean')
-    p.add_argument('--seed', type=int, default=0, help='seed of the per-sample noise in sample mode')
-    p.add_argument('--caption_drop_prob', type=float, default=0.0,
-                   help="fraction of captions encoded as '' (the original baked in 0.1; keep 0 and "
-                        'drop captions at training time)')
-    p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
-                   help='where to run the models; auto: cuda:<LOCAL_RANK> when available')
-    p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
-                   help='model dtype; auto: float16 on GPU, float32 on CPU (latents are stored float16)')
-    p.add_argument('--num_workers', type=int, default=-1,
-                   help='DataLoader worker processes that read and decode; -1: cores per process - 1')
-    p.add_argument('--threads', type=int, default=0,
-                   help='torch threads of each process on CPU; 0: cores per process minus --num_workers '
-                        '(at least 1), so workers and model do not fight over cores')
-    p.add_argument('--prefetch_factor', type=int, default=4, help='batches each worker prepares ahead')
-    p.add_argument('--part_size', type=int, default=5000,
-                   help='samples per unit of work and of resume (whole input shards, at least this '
-                        'many); keep it the same across reruns of one output')
-    p.add_argument('--size_limit', default='256mb', help='output shard size limit')
-    p.add_argument('--compression', default='', help='output shard compression, e.g. zstd; empty: none')
-    p.add_argument('--download_timeout', type=float, default=300, help='seconds per file download')
-    p.add_argument('--download_retry', type=int, default=2, help='retries per file download')
-    p.add_argument('--dist_timeout', type=float, default=7 * 24 * 3600,
-                   help='seconds ranks wait for each other at the final barrier')
-    p.add_argument('--summary', default='',
-                   help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
-    p.add_argument('--preview', type=int, default=0,
-                   help='at the end, rank 0 writes a PNG of this many samples spread over the output: each '
-                        'source crop beside its stored latents decoded by the VAE; 0: none')
-    p.add_argument('--preview_path', default='',
-                   help='where to write the preview PNG; empty: beside the summary, <summary>_preview.png')
-    p.add_argument('--preview_only', action='store_true',
-                   help='only write the --preview of the finished output at --remote_upload (loads the '
-                        'VAE alone, encodes nothing, reads no input)')
-    p.add_argument('--wandb', action='store_true', help='log progress to Weights & Biases (if installed)')
-    p.add_argument('--wandb_disabled', action='store_true', help='never log to wandb (the default)')
-    p.add_argument('--wandb_name', default='baseline', help='wandb run name')
-    p.add_argument('--wandb_project', default='laion-latents', help='wandb project')
-    p.add_argument('--wandb_entity', default='mosaic-ml', help='wandb entity')
-    return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------
-# Paths, remotes and the work plan
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
-
-    name: str
-    shards: tuple[int, ...]
-    first: int
-    last: int
-
-
-def bucket_name(bucket: str) -> str:
-    """`--bucket` as a folder name: an index into BUCKET_NAMES, a bucket name, or '' for none."""
-    if bucket == '':
-        return ''
-    if bucket.isdigit():
-        if int(bucket) >= len(BUCKET_NAMES):
-            raise UserError(f'--bucket {bucket}: the bucket index must be 0..{len(BUCKET_NAMES) - 1} '
-                            f'({", ".join(BUCKET_NAMES)})')
-        return BUCKET_NAMES[int(bucket)]
-    return bucket
-
-
-def is_remote(path: str) -> bool:
-    return urllib.parse.urlparse(path).scheme not in ('', 'file')
-
-
-def join(root: str, *names: str) -> str:
-    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
-    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
-    return '/'.join(parts)
-
-
-def address(path: str) -> tuple[str, ...]:
-    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
-    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
-    url = urllib.parse.urlparse(path)
-    if url.scheme in ('', 'file'):
-        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
-        return ('',) + tuple(p for p in real.split('/') if p)
-    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
-
-
-def digest(*paths: str) -> str:
-    """A short name for a combination of places (same places, any spelling: same name)."""
-    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
-
-
-@dataclasses.dataclass(frozen=True)
-class Places:
-    """Where a run reads, caches, stages and writes."""
-
-    src: str  # the input dataset
-    cache: str  # downloaded input shards; == src when the input is read in place (no --remote_download)
-    out: str  # the output dataset
-    staging: str  # local copies of output files on their way to a remote; deleted at the end
-
-
-def places(args: argparse.Namespace) -> Places:
-    """The run's places. A download cache belongs to one input and one output, so a run on another
-    dataset (or into another output) never meets its shards."""
-    name = bucket_name(args.bucket)
-    out = join(args.remote_upload, name, args.subfolder)
-    src = cache = join(args.local, name, args.subfolder)
-    if args.remote_download:
-        src = join(args.remote_download, name, args.subfolder)
-        cache = join(args.local, name, args.subfolder, f'download-{digest(src, out)}')
-    return Places(src, cache, out, join(args.local, '.staging', digest(out)))
-
-
-def check_places(args: argparse.Namespace) -> None:
-    """Refuse a run whose input, download cache, staging folder and output overlap (the same place
-    under any spelling, or one inside another): cache eviction, the staging clean-up or the output's
-    index would delete or overwrite the other's files."""
-    pl = places(args)
-    roles = [('the output', pl.out, '--remote_upload'),
-             ('the input', pl.src, '--remote_download' if args.remote_download else '--local')]
-    if pl.cache != pl.src:
-        roles.append(('the download cache', pl.cache, '--local'))
-    roles.append(('the staging folder', pl.staging, '--local'))
-    for i, (what_a, a, flag_a) in enumerate(roles):
-        for what_b, b, flag_b in roles[i + 1:]:
-            x, y = address(a), address(b)
-            relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
-                        else 'holds' if y[:len(x)] == x else '')
-            if relation == 'holds' and (what_a, what_b) == ('the input', 'the staging folder'):
-                continue  # an input read in place from --local: the staging clean-up deletes only itself
-            if relation:
-                raise UserError(f'{what_a} {shown(a)} ({flag_a}) {relation} {what_b} {shown(b)} ({flag_b}): '
-                                'the run would delete or overwrite its files; give --remote_download, '
-                                '--local and --remote_upload places of their own')
-
-
-def shown(path: str) -> str:
-    """`path`, and what it resolves to when that differs (a symlink, a relative path)."""
-    where = address(path)
-    real = '/' + '/'.join(where[1:]) if where[0] == '' else where[0] + '/' + '/'.join(where[1:])
-    return path if real.rstrip('/') == path.rstrip('/') else f'{path} (= {real})'
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else text
-
-
-def fetch(url: str, dest: str, timeout: float) -> None:
-    """Download one file from a remote (or copy a local one) to `dest`, atomically."""
-    if not is_remote(url):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f'{url} does not exist')
-        tmp = f'{dest}.tmp{os.getpid()}'
-        shutil.copyfile(url, tmp)
-        os.replace(tmp, dest)
-        return
-    from streaming.base.storage.download import CloudDownloader
-
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
-    try:
-        tmp = os.path.join(tmp_dir, 'f')
-        CloudDownloader.direct_download(url, tmp, timeout)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def read_json(url: str, timeout: float) -> Any:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'f')
-        fetch(url, path, timeout)
-        with open(path) as f:
-            return json.load(f)
-
-
-def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
-    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
-    if not is_remote(out_root):
-        path = os.path.join(out_root, relpath)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + '.tmp', 'w') as f:
-            f.write(text)
-        os.replace(path + '.tmp', path)
-        return
-    from streaming.base.storage.upload import CloudUploader
-
-    folder, name = os.path.split(relpath)
-    local_dir = tempfile.mkdtemp(dir=staging)
-    with open(os.path.join(local_dir, name), 'w') as f:
-        f.write(text)
-    CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
-    shutil.rmtree(local_dir, ignore_errors=True)
-
-
-def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
-    """The shard list of the input dataset at `src` (a copy is kept in `cache`)."""
-    url = join(src, INDEX)
-    os.makedirs(cache, exist_ok=True)
-    local = os.path.join(cache, INDEX)
-    try:
-        if url != local:
-            fetch(url, local, timeout)
-        with open(local) as f:
-            obj = json.load(f)
-    except Exception as err:  # unreachable remote, missing dataset, corrupt index
-        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
-    shards = obj.get('shards', [])
-    for shard in shards:
-        if shard.get('format') != 'mds':
-            raise UserError(f'{url}: only MDS shards are supported, found {shard.get("format")!r}')
-    return shards
-
-
-def index_digest(shards: list[dict]) -> str:
-    """The input's identity as its index states it (shard names, sizes, counts, columns)."""
-    return hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def input_columns(shards: list[dict], src: str) -> dict[str, str]:
-    """{column name: MDS encoding} of the input, checked for the columns the script needs."""
-    if not shards:
-        return {}
-    columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings']))
-    for shard in shards[1:]:
-        if dict(zip(shard['column_names'], shard['column_encodings'])) != columns:
-            raise UserError(f'{src}: shards disagree on their columns')
-    for name in REQUIRED_COLUMNS:
-        if name not in columns:
-            raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)})')
-    return columns
-
-
-def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
-    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
-    parts: list[Part] = []
-    group: list[int] = []
-    first = count = 0
-    for i, shard in enumerate(shards):
-        group.append(i)
-        count += shard['samples']
-        if count >= part_size or i == len(shards) - 1:
-            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
-            first += count
-            group, count = [], 0
-    return parts
-
-
-def output_names(out_root: str) -> list[str] | None:
-    """Every file below `out_root`, as paths relative to it ([] when there is none; None when the
-    store cannot list)."""
-    if not is_remote(out_root):
-        return [os.path.relpath(os.path.join(folder, f), out_root)
-                for folder, _, files in os.walk(out_root) for f in files]
-    from streaming.base.storage.upload import CloudUploader
-
-    prefix = urllib.parse.urlparse(out_root).path.strip('/')
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            keys = CloudUploader.get((tmp, out_root), exist_ok=True).list_objects() or []
-    except NotImplementedError:
-        return None
-    except Exception as err:
-        raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
-    return [k[len(prefix):].lstrip('/') if prefix else k for k in keys]
-
-
-def check_output_is_ours(out_root: str, names: list[str] | None) -> None:
-    """Refuse an output place that holds files, none of them the mark of this script's output (its
-    convention.json, written before the first part, or a part's _done marker): another dataset, which
-    the parts and the merged index would overwrite."""
-    if not names or CONVENTION in names or any(n.endswith(f'/{DONE_MARKER}') for n in names):
-        return
-    shown_names = ', '.join(sorted(names)[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
-    raise UserError(f'--remote_upload {out_root} holds files this script did not write ({shown_names}), '
-                    'perhaps another dataset; pass a new or empty --remote_upload, or remove those files')
-
-
-def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
-                 timeout: float) -> dict[str, dict]:
-    """{part name: marker contents} for the parts of `out_root` that a previous run finished (`names`:
-    the output's files; None: probe every part)."""
-    listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
-
-    def read_marker(name: str) -> tuple[str, dict | None]:
-        try:
-            return name, read_json(join(out_root, name, DONE_MARKER), timeout)
-        except Exception:  # absent or unreadable: the part is simply done again
-            return name, None
-
-    with ThreadPoolExecutor(16) as pool:
-        return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and decoding (runs in DataLoader workers)
-# ----------------------------------------------------------------------------------------------
-
-def decode_image(data: bytes, resolutions: list[int]) -> tuple[Image.Image, list[int]]:
-    """Decode an image once; returns (RGB image, the resolutions its shorter side reaches).
-
-    JPEGs decode at the smallest DCT scale whose shorter side still reaches the largest of those
-    resolutions (at 1/8 when none does: only check that it decodes). EXIF orientation is applied;
-    transparency goes over white; grayscale (8 or 16 bit), CMYK and palettes become RGB.
-    """
-    img = Image.open(io.BytesIO(data))
-    usable = [r for r in resolutions if r <= min(img.size)]
-    if img.format == 'JPEG':
-        need = max(usable, default=1)
-        img.draft(img.mode, (need, need))
-    return to_rgb(img), usable
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
-    img.load()
-    with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
-        ImageOps.exif_transpose(img, in_place=True)
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale: scale to 8 bits
-        arr = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        rgba = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
-    if img.mode != 'RGB':
-        img = img.convert('RGB')
-    return img
-
-
-def center_square(img: Image.Image, res: int) -> np.ndarray:
-    """The largest centered square of `img` resized to res x res (bilinear): uint8 (res, res, 3)."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    out = img.resize((res, res), Image.Resampling.BILINEAR, box=(left, top, left + s, top + s))
-    return np.asarray(out)
-
-
-# ---- --crop aspect: bucket tables, the bucket of an image, and its crop ------------------------
-
-def bucket_table(res: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
-    """The (width, height) buckets of resolution `res`, sorted by aspect ratio (tall first).
-
-    For each shorter side s = step, 2 step, ... <= res, the longer side is the largest multiple of
-    `step` with s x long <= res x res (area close to, never above, the square's); kept while
-    long / s <= max_aspect, in both orientations. `step` is the VAE factor x 8 (64 for every family
-    here), so a latent side is a multiple of 8. E.g. 128 (step 64): 64x256, 128x128, 256x64.
-    """
-    pairs = set()
-    for s in range(step, res + 1, step):
-        long = res * res // s // step * step
-        if long <= max_aspect * s:
-            pairs |= {(long, s), (s, long)}
-    return tuple(sorted(pairs, key=lambda p: p[0] / p[1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where one image goes at one resolution: its bucket, the size it is resized to (covering the
-    bucket, aspect ratio kept), and the crop's top-left in those resized pixels."""
-
-    bucket: int  # index into the resolution's bucket table
-    width: int  # the bucket
-    height: int
-    resized_width: int
-    resized_height: int
-    left: int
-    top: int
-
-    def time_ids(self, original: tuple[int, int], flipped: bool = False) -> list[int]:
-        """SDXL's add_time_ids: original_size (h, w) + crops_coords_top_left (top, left) + target_size
-        (h, w); for the mirrored crop, the left edge in the mirrored resized image."""
-        left = self.resized_width - self.left - self.width if flipped else self.left
-        return [original[1], original[0], self.top, left, self.height, self.width]
-
-
-def nearest_bucket(size: tuple[int, int], table: tuple[tuple[int, int], ...]) -> int:
-    """The bucket whose aspect ratio is nearest the image's (on a log scale; the first on a tie)."""
-    aspect = math.log(size[0] / size[1])
-    return min(range(len(table)), key=lambda i: abs(math.log(table[i][0] / table[i][1]) - aspect))
-
-
-def place(size: tuple[int, int], table: tuple[tuple[int, int], ...],
-          rng: np.random.Generator | None) -> Placement | None:
-    """The image's bucket, resize and crop (centred, or at an offset drawn from `rng`); None when
-    covering the bucket would enlarge the image (too small for this resolution: b'')."""
-    w, h = size
-    i = nearest_bucket(size, table)
-    bw, bh = table[i]
-    scale = max(bw / w, bh / h)
-    if scale > 1:
-        return None
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if rng is None:
-        left, top = (rw - bw) // 2, (rh - bh) // 2
-    else:
-        left, top = int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1))
-    return Placement(i, bw, bh, rw, rh, left, top)
-
-
-def displayed_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened, not yet decoded image as shown: EXIF orientation applied."""
-    w, h = img.size
-    with contextlib.suppress(Exception):  # as in to_rgb: a broken EXIF block means no turn
-        if img.getexif().get(ExifTags.Base.Orientation, 1) in ORIENTATION_SWAPS:
-            return h, w
-    return w, h
-
-
-def decode_for_buckets(data: bytes, tables: dict[int, tuple], rngs: dict[int, np.random.Generator | None]
-                       ) -> tuple[Image.Image, tuple[int, int], dict[int, Placement]]:
-    """Decode an image once for --crop aspect: (RGB image, original displayed size, {res: placement}
-    for the resolutions it is large enough for). A JPEG decodes at the smallest DCT scale that still
-    covers every placement's resized size."""
-    img = Image.open(io.BytesIO(data))
-    size = displayed_size(img)
-    full = img.size
-    if img.format == 'JPEG':
-        scale = max((max(p.resized_width / size[0], p.resized_height / size[1])
-                     for p in (place(size, t, None) for t in tables.values()) if p), default=0.0)
-        need = (max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale)))
-        img.draft(img.mode, need)
-    scaled = img.size != full
-    img = to_rgb(img)
-    if not scaled:  # decoded at full size: its own size is the truth (EXIF read after the pixels too)
-        size = img.size
-    return img, size, {r: p for r, t in tables.items() if (p := place(size, t, rngs[r])) is not None}
-
-
-def cover_crop(img: Image.Image, p: Placement) -> np.ndarray:
-    """`img` resized to cover the placement's bucket and cropped to it (bilinear): uint8 (h, w, 3).
-
-    One resize of the crop's box mapped back into `img` (PIL's `box`): the same sample positions as
-    resizing the whole image to (resized_width, resized_height) and cropping (up to PIL's rounding,
-    at most 1 level), at the cost of the bucket's pixels only, as center mode's square."""
-    sx, sy = img.width / p.resized_width, img.height / p.resized_height
-    box = (p.left * sx, p.top * sy, (p.left + p.width) * sx, (p.top + p.height) * sy)
-    return np.asarray(img.resize((p.width, p.height), Image.Resampling.BILINEAR, box=box))
-
-
-def skip_reason(err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):
-        return 'not an image format PIL can read'
-    return f'{type(err).__name__}: {first_line(err)}'
-
-
-def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...],
-                 flipped: bool = False) -> np.ndarray:
-    """Standard normal noise for one sample and resolution (and its mirrored crop: other noise), the
-    same on every run and machine."""
-    key = [seed, sample_id, res, 1] if flipped else [seed, sample_id, res]
-    return np.random.default_rng(key).standard_normal(shape, dtype=np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One batch: global sample ids [start, stop) of one part."""
-
-    part: str
-    start: int
-    stop: int
-    first: bool
-    last: bool
-
-
-def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
-    """Batches that never cross a part, so a part's batches are the same in every run."""
-    jobs = []
-    for part in parts:
-        starts = list(range(part.first, part.last, batch_size)) or [part.first]
-        for i, start in enumerate(starts):
-            jobs.append(Job(part.name, start, min(start + batch_size, part.last), i == 0,
-                            i == len(starts) - 1))
-    return jobs
-
-
-def empty_cache(cache_dir: str) -> None:
-    """Delete what an earlier run left in this run's download folder, except the input's index: a
-    shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
-    hashes), so every shard a run reads is one it downloaded itself."""
-    if not os.path.isdir(cache_dir):
-        return
-    for entry in os.listdir(cache_dir):
-        path = os.path.join(cache_dir, entry)
-        if entry == INDEX:
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def die_with_parent(parent: int, worker_id: int) -> None:
-    """DataLoader worker start: get SIGKILL when the main process dies (kill -9, OOM killer, a lost
-    node) instead of blocking forever on a queue nobody reads. SIGTERM ends a worker as usual (the
-    main process's handler is not for workers); SIGINT is left to the main process."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.excepthook = functools.partial(skip_lost_handoffs, sys.excepthook)
-    if sys.platform.startswith('linux'):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    if os.getppid() != parent:  # the main process died before prctl took effect
-        os._exit(1)
-
-
-def skip_lost_handoffs(hook, exc_type, exc, tb) -> None:
-    """A worker's sys.excepthook. multiprocessing's resource sharer, which hands a batch's tensors to
-    the main process, prints a traceback when the main process drops the connection mid-handoff, as it
-    does when a signal stops it: that is the stop, not an error (a main process that goes on raises
-    its own). Everything else goes to `hook`."""
-    lost = issubclass(exc_type, (EOFError, OSError)) and any(
-        frame.f_code.co_filename.endswith('resource_sharer.py') for frame, _ in walk_tb(tb))
-    if not lost:
-        hook(exc_type, exc, tb)
-
-
-class ShardCache:
-    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
-
-    def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
-        from streaming.base.format import reader_from_json
-
-        self.readers = [reader_from_json(local, None, s) for s in shards]
-        self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
-        self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
-        self._stream = None
-        self._stream_pid = -1
-        self._ready: set[int] = set()
-
-    def _get_stream(self):
-        from streaming import Stream
-
-        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
-            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
-                                  download_timeout=self.timeout, keep_zip=False)
-            self._stream_pid = os.getpid()
-            self._ready = set()
-        return self._stream
-
-    def ensure(self, shard: int) -> None:
-        """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
-        if shard in self._ready and self._stream_pid == os.getpid():
-            return
-        stream = self._get_stream()
-        reader = self.readers[shard]
-        lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
-        with open(lock_path, 'w') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            stream.prepare_shard(reader)
-        self._ready.add(shard)
-
-    def evict(self, shard: int) -> None:
-        """Delete a shard's local files (only ever called for a downloaded copy)."""
-        for raw, zipped in self.readers[shard].file_pairs:
-            for info in (raw, zipped):
-                if info is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.local, info.basename))
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
-
-    def get(self, sample_id: int) -> dict[str, Any]:
-        shard = bisect.bisect_right(self.offsets, sample_id) - 1
-        self.ensure(shard)
-        return self.readers[shard].get_item(sample_id - self.offsets[shard])
-
-
-@dataclasses.dataclass(frozen=True)
-class AspectCrop:
-    """--crop aspect: each resolution's bucket table, and whether the crop is placed at random."""
-
-    tables: dict[int, tuple[tuple[int, int], ...]]
-    random: bool
-
-
-def group_name(placements: dict[int, Placement], resolutions: list[int]) -> str:
-    """The per-bucket dataset a sample goes to: its bucket at every resolution, e.g. '320x192_640x384'
-    ('none' where it is too small), so every latent column of one group has one shape."""
-    return '_'.join(f'{p.width}x{p.height}' if (p := placements.get(r)) else 'none' for r in resolutions)
-
-
-class BatchReader:
-    """Item i = job i read, decoded, preprocessed and tokenized: everything the models need.
-
-    Per resolution r: `pixels_r` (uint8, N x r x r x 3; with --crop aspect a list of such stacks, one
-    per bucket shape), `rows_r` (the batch row of each image, in that order), `noise_r` (like
-    pixels_r; sample mode), `flip_noise_r` (--flip, sample mode), and with --crop aspect `place_r`
-    ({row: Placement}) and `group` (per row, see group_name) and `original` (per row, (w, h)).
-    """
-
-    def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
-                 resolutions: list[int], latent_shape: tuple[int, int], latent_mode: str, seed: int,
-                 caption_drop_prob: float, aspect: AspectCrop | None = None, flip: bool = False):
-        self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
-        self.resolutions = sorted(resolutions)
-        self.channels, self.factor = latent_shape
-        self.latent_mode, self.seed, self.caption_drop_prob = latent_mode, seed, caption_drop_prob
-        self.aspect, self.flip = aspect, flip
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def dropped(self, sample_id: int) -> bool:
-        """Whether this sample's caption is encoded as '' (--caption_drop_prob; the same in every run)."""
-        return bool(self.caption_drop_prob) and \
-            np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
-
-    def images(self, sample_id: int, data: bytes) -> tuple[dict[int, np.ndarray], dict, Any]:
-        """Decode once: ({res: uint8 pixels}, then with --crop aspect {res: Placement} and the original
-        (w, h); center: {} and None)."""
-        if self.aspect is None:
-            img, usable = decode_image(data, self.resolutions)
-            return {r: center_square(img, r) for r in usable}, {}, None
-        rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.aspect.random else None
-                for r in self.resolutions}
-        img, size, placed = decode_for_buckets(data, self.aspect.tables, rngs)
-        return {r: cover_crop(img, p) for r, p in sorted(placed.items())}, placed, size
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        job = self.jobs[index]
-        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
-                                 'original': []}
-        # per resolution: {(height, width): {'pixels': [], 'rows': [], 'noise': [], 'flip_noise': []}}
-        shapes: dict[int, dict] = {r: {} for r in self.resolutions}
-        for r in self.resolutions:
-            batch[f'place_{r}'] = {}
-        for sample_id in range(job.start, job.stop):
-            sample = self.cache.get(sample_id)
-            try:
-                pixels, placed, original = self.images(sample_id, sample['jpg'])
-            except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
-                batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
-                                         'reason': skip_reason(err)})
-                continue
-            row = len(batch['samples'])
-            for r, px in pixels.items():
-                group = shapes[r].setdefault(px.shape[:2], {'pixels': [], 'rows': [], 'noise': [],
-                                                           'flip_noise': []})
-                group['pixels'].append(px)
-                group['rows'].append(row)
-                if self.latent_mode == 'sample':
-                    shape = (self.channels, px.shape[0] // self.factor, px.shape[1] // self.factor)
-                    group['noise'].append(sample_noise(self.seed, sample_id, r, shape))
-                    if self.flip:
-                        group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
-                if r in placed:
-                    batch[f'place_{r}'][row] = placed[r]
-            batch['ids'].append(sample_id)
-            batch['samples'].append(sample)
-            batch['original'].append(original)
-            batch['group'].append(group_name(placed, self.resolutions) if self.aspect else '')
-        dropped = [self.dropped(i) for i in batch['ids']]
-        if self.caption_drop_prob:  # the writer stores it per sample
-            batch['dropped'] = dropped
-        captions = ['' if d else s['caption'] for d, s in zip(dropped, batch['samples'])]
-        batch['tokens'] = [tokenize(tok, captions, n) for tok, n in zip(self.tokenizers, self.lengths)] \
-            if captions else None
-        for r in self.resolutions:
-            groups = list(shapes[r].values())
-            batch[f'rows_{r}'] = [row for g in groups for row in g['rows']]
-            for key in ('pixels', 'noise', 'flip_noise'):
-                stacks = [torch.from_numpy(np.stack(g[key])) for g in groups if g[key]]
-                batch[f'{key}_{r}'] = stacks if self.aspect else stacks[0] if stacks else None
-            if self.aspect and not groups:
-                batch[f'pixels_{r}'] = None
-        return batch
-
-
-def tokenize(tokenizer, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) padded and truncated to `length`, as every family's encode_prompt does."""
-    out = tokenizer(captions, padding='max_length', truncation=True, max_length=length, return_tensors='pt')
-    return out.input_ids, out.attention_mask
-
-
-def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch
-
-
 # ----------------------------------------------------------------------------------------------
 # Model families: each one is a row of data; the functions below run any row
 # ----------------------------------------------------------------------------------------------
-
-def inference_mode(fn):
-    """`@torch.inference_mode()` for a function defined before torch is imported."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with torch.inference_mode():
-            return fn(*args, **kwargs)
-    return run
-
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
@@ -869,10 +126,10 @@ class TextEncoder:
 
 @dataclasses.dataclass(frozen=True)
 class TextColumn:
-    """A stored text column: output `what` ('hidden', 'pooled' or 'mask') of the listed encoders,
-    concatenated on the last axis."""
+    """A stored text column per caption key (named key + suffix): output `what` ('hidden', 'pooled' or
+    'mask') of the listed encoders, concatenated on the last axis."""
 
-    name: str
+    suffix: str
     what: str
     encoders: tuple[int, ...]
 
@@ -898,47 +155,298 @@ def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
     return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
 
 
-MM = 'caption_'  # the mosaicml consumer's columns are `<caption key>_<name>`
 PROJ = 'CLIPTextModelWithProjection'
 FAMILIES = {f.name: f for f in (
     Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
-           (TextColumn(CAPTION_COLUMN, 'hidden', (0,)),),
+           (TextColumn('_latents', 'hidden', (0,)),),
            'prompt_embeds = caption_latents'),
     Family('sdxl', ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline'),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', ''),
             _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds')),
-           (TextColumn(CAPTION_COLUMN, 'hidden', (0, 1)), TextColumn('caption_pooled', 'pooled', (1,))),
+           (TextColumn('_latents', 'hidden', (0, 1)), TextColumn('_pooled', 'pooled', (1,))),
            'prompt_embeds = caption_latents; pooled_prompt_embeds = caption_pooled'),
     Family('sd3', ('StableDiffusion3Pipeline',),
            (_clip('text_encoder', 'tokenizer', PROJ, 'penultimate', 'text_embeds'),
             _clip('text_encoder_2', 'tokenizer_2', PROJ, 'penultimate', 'text_embeds'),
             _t5('text_encoder_3', 'tokenizer_3', 256)),
-           (TextColumn('caption_clip_latents', 'hidden', (0, 1)),
-            TextColumn('caption_t5_latents', 'hidden', (2,)),
-            TextColumn('caption_pooled', 'pooled', (0, 1))),
+           (TextColumn('_clip_latents', 'hidden', (0, 1)),
+            TextColumn('_t5_latents', 'hidden', (2,)),
+            TextColumn('_pooled', 'pooled', (0, 1))),
            'prompt_embeds = cat([pad(caption_clip_latents, (0, t5 width - clip width)), caption_t5_latents], '
            'dim=-2); pooled_prompt_embeds = caption_pooled'),
     Family('flux', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', '', 'pooler_output'),
             _t5('text_encoder_2', 'tokenizer_2', 512)),
-           (TextColumn('caption_t5_latents', 'hidden', (1,)), TextColumn('caption_pooled', 'pooled', (0,))),
+           (TextColumn('_t5_latents', 'hidden', (1,)), TextColumn('_pooled', 'pooled', (0,))),
            'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
     Family('mosaicml', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
             _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
-           (TextColumn(MM + 'T5_LATENTS', 'hidden', (1,)),
-            TextColumn(MM + 'T5_ATTENTION_MASK', 'mask', (1,)),
-            TextColumn(MM + 'CLIP_LATENTS', 'hidden', (0,)),
-            TextColumn(MM + 'CLIP_ATTENTION_MASK', 'mask', (0,)),
-            TextColumn(MM + 'CLIP_POOLED_TEXT', 'pooled', (0,))),
+           (TextColumn('_T5_LATENTS', 'hidden', (1,)),
+            TextColumn('_T5_ATTENTION_MASK', 'mask', (1,)),
+            TextColumn('_CLIP_LATENTS', 'hidden', (0,)),
+            TextColumn('_CLIP_ATTENTION_MASK', 'mask', (0,)),
+            TextColumn('_CLIP_POOLED_TEXT', 'pooled', (0,))),
            "mosaicml/diffusion's StreamingImageCaptionLatentsDataset reads these columns",
            # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
            # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
            storage='float32', trimmable=False),
 )}
-STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
-CONVENTION = 'convention.json'  # beside index.json: how every column was made and how to read it
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and their checks (before torch, the input or the models load)
+# ----------------------------------------------------------------------------------------------
+
+def number(cast: type, accepted, must: str):
+    """An argparse `type=`: `cast` the text and refuse it, in argparse's own message, unless `accepted`."""
+    def convert(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not accepted(value):
+            raise argparse.ArgumentTypeError(f'{text}: must be {must}')
+        return value
+    return convert
+
+
+POSITIVE = number(int, lambda v: v >= 1, 'a positive integer')
+COUNT = number(int, lambda v: v >= 0, '0 or more')
+SECONDS = number(float, lambda v: v > 0, 'positive seconds')
+RESOLUTION = number(int, lambda v: v > 0 and v % 8 == 0, 'a positive multiple of 8 (the VAE downsamples 8x)')
+PROBABILITY = number(float, lambda v: 0 <= v <= 1, 'a probability in [0, 1]')
+
+
+def bucket_name(bucket: str) -> str:
+    """`--bucket` as a folder name: an index into BUCKET_NAMES, a bucket name, or '' for none."""
+    if bucket.isdigit():
+        if int(bucket) >= len(BUCKET_NAMES):
+            raise argparse.ArgumentTypeError(f'{bucket}: the bucket index must be 0..{len(BUCKET_NAMES) - 1} '
+                                             f'({", ".join(BUCKET_NAMES)})')
+        return BUCKET_NAMES[int(bucket)]
+    return bucket
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; the original script's flags keep their names and meaning."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--local', default='/tmp/precompute-latents',
+                   help='local cache folder: input shards are downloaded to <local>/<bucket name>/'
+                        'download-<id of input and output>/ (emptied at each start: a run reads only '
+                        'shards it downloaded); without --remote_download the input is read from '
+                        '<local>/<bucket name> in place')
+    p.add_argument('--remote_download', default='',
+                   help='remote (or local) root of the input MDS datasets, one per bucket')
+    p.add_argument('--remote_upload', default='',
+                   help='remote (or local) root to write the output datasets to (required)')
+    p.add_argument('--bucket', default='', type=bucket_name,
+                   help="bucket subfolder: an index into the bucket list (0 '0-64' ... 3 '256-512' ... "
+                        "6 '1024-1048576') or a name such as '256-512'; empty: the roots are datasets")
+    p.add_argument('--subfolder', default='',
+                   help='subfolder below the bucket folder, as laion_cloudwriter.py --subfolder writes')
+    p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
+                   help='diffusers pipeline (hub name or folder) of a known family: vae/ and its text '
+                        'encoder and tokenizer subfolders')
+    p.add_argument('--family', default='auto', choices=('auto', *FAMILIES),
+                   help='model family: auto (from model_index.json; sd for a folder without one), sd, '
+                        'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
+                        'FLUX-layout folder)')
+    p.add_argument('--caption_keys', nargs='+', default=['caption'],
+                   help="text columns of the input to encode, each into the family's text columns named "
+                        '<key>_...: e.g. caption vlm_caption (caption_images.py writes the second)')
+    p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
+                   help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
+                        "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
+                        'the model dtype is --dtype')
+    p.add_argument('--t5_max_length', type=COUNT, default=0,
+                   help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
+    p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
+                   help='trimmed: store T5 states only up to the caption token count (incl. </s>), plus '
+                        'a <column>_length column; readers pad with zeros (not for mosaicml)')
+    p.add_argument('--text_batch_size', type=COUNT, default=0,
+                   help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
+    p.add_argument('--batch-size', dest='batch_size', type=POSITIVE, default=64,
+                   help='samples per batch on each process')
+    p.add_argument('--resolutions', type=RESOLUTION, nargs='+', default=[256, 512],
+                   help='image resolutions to encode, multiples of 8; one latents_<res> column each')
+    p.add_argument('--crop', choices=('center', 'aspect'), default='center',
+                   help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
+                        'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
+                        'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
+    p.add_argument('--max_aspect', type=number(float, lambda v: v >= 1, 'at least 1 (buckets span 1:max to '
+                                                  'max:1)'), default=None,
+                   help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
+                        f'default {MAX_ASPECT}')
+    p.add_argument('--random_crop', action='store_true',
+                   help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
+                        "sample's index, so a rerun is identical) instead of centred")
+    p.add_argument('--flip', action='store_true',
+                   help='also store latents_<res>_flipped: the latent of the horizontally mirrored crop')
+    p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
+                   help='store a sample of the latent distribution (seeded per sample) or its mean')
+    p.add_argument('--seed', type=COUNT, default=0, help='seed of the per-sample noise in sample mode')
+    p.add_argument('--caption_drop_prob', type=PROBABILITY, default=0.0,
+                   help="fraction of captions encoded as '' (the original baked in 0.1; keep 0 and "
+                        'drop captions at training time)')
+    p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
+                   help='where to run the models; auto: cuda:<LOCAL_RANK> when available')
+    p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
+                   help='model dtype; auto: float16 on GPU, float32 on CPU (latents are stored float16)')
+    p.add_argument('--num_workers', type=number(int, lambda v: v >= -1, '-1 (one per free core), 0 or more'),
+                   default=-1,
+                   help='DataLoader worker processes that read and decode; -1: cores per process - 1')
+    p.add_argument('--threads', type=COUNT, default=0,
+                   help='torch threads of each process on CPU; 0: cores per process minus --num_workers '
+                        '(at least 1), so workers and model do not fight over cores')
+    p.add_argument('--prefetch_factor', type=POSITIVE, default=4, help='batches each worker prepares ahead')
+    p.add_argument('--part_size', type=POSITIVE, default=5000,
+                   help='samples per unit of work and of resume (whole input shards, at least this '
+                        'many); keep it the same across reruns of one output')
+    p.add_argument('--size_limit', default='256mb', help='output shard size limit')
+    p.add_argument('--compression', default='', help='output shard compression, e.g. zstd; empty: none')
+    p.add_argument('--download_timeout', type=SECONDS, default=300, help='seconds per file download')
+    p.add_argument('--download_retry', type=COUNT, default=2, help='retries per file download')
+    p.add_argument('--dist_timeout', type=SECONDS, default=7 * 24 * 3600,
+                   help='seconds ranks wait for each other at the final barrier')
+    p.add_argument('--summary', default='',
+                   help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
+    p.add_argument('--preview', type=COUNT, default=0,
+                   help='at the end, rank 0 writes a PNG of this many samples spread over the output: each '
+                        'source crop beside its stored latents decoded by the VAE; 0: none')
+    p.add_argument('--preview_path', default='',
+                   help='where to write the preview PNG; empty: beside the summary, <summary>_preview.png')
+    p.add_argument('--preview_only', action='store_true',
+                   help='only write the --preview of the finished output at --remote_upload (loads the '
+                        'VAE alone, encodes nothing, reads no input)')
+    p.add_argument('--wandb', action='store_true', help='log progress to Weights & Biases (if installed)')
+    p.add_argument('--wandb_disabled', action='store_true', help='never log to wandb (the default)')
+    p.add_argument('--wandb_name', default='baseline', help='wandb run name')
+    p.add_argument('--wandb_project', default='laion-latents', help='wandb project')
+    p.add_argument('--wandb_entity', default='mosaic-ml', help='wandb entity')
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace, pl: Places) -> None:
+    """The checks across flags (each flag alone is checked by its argparse `type=` or `choices=`),
+    before torch, streaming, the input or the models load; raises UserError."""
+    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
+    if twice:
+        raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
+                        'list each resolution once (each makes one latents_<res> column)')
+    if len(set(args.caption_keys)) < len(args.caption_keys):
+        raise UserError(f'--caption_keys {" ".join(args.caption_keys)}: a key is given twice; list each once')
+    if not args.remote_upload:
+        raise UserError('--remote_upload is required: where to write the output dataset')
+    if args.random_crop and args.crop != 'aspect':
+        raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
+    if args.max_aspect is not None and args.crop != 'aspect':
+        raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
+    check_places(args, pl)
+
+
+@dataclasses.dataclass(frozen=True)
+class Places:
+    """Where a run reads, caches, stages and writes."""
+
+    src: str  # the input dataset
+    cache: str  # downloaded input shards; == src when the input is read in place (no --remote_download)
+    out: str  # the output dataset
+    staging: str  # local copies of output files on their way to a remote; deleted at the end
+
+
+def places(args: argparse.Namespace) -> Places:
+    """The run's places. A download cache belongs to one input and one output, so a run on another
+    dataset (or into another output) never meets its shards."""
+    name = args.bucket
+    out = join(args.remote_upload, name, args.subfolder)
+    src = cache = join(args.local, name, args.subfolder)
+    if args.remote_download:
+        src = join(args.remote_download, name, args.subfolder)
+        cache = join(args.local, name, args.subfolder, f'download-{digest(src, out)}')
+    return Places(src, cache, out, join(args.local, '.staging', digest(out)))
+
+
+def address(path: str) -> tuple[str, ...]:
+    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
+    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
+    url = urllib.parse.urlparse(path)
+    if url.scheme in ('', 'file'):
+        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
+        return ('',) + tuple(p for p in real.split('/') if p)
+    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
+
+
+def digest(*paths: str) -> str:
+    """A short name for a combination of places (same places, any spelling: same name)."""
+    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+
+
+def check_places(args: argparse.Namespace, pl: Places) -> None:
+    """Refuse a run whose input, download cache, staging folder and output overlap (the same place
+    under any spelling, or one inside another): cache eviction, the staging clean-up or the output's
+    index would delete or overwrite the other's files."""
+    roles = [('the output', pl.out, '--remote_upload'),
+             ('the input', pl.src, '--remote_download' if args.remote_download else '--local')]
+    if pl.cache != pl.src:
+        roles.append(('the download cache', pl.cache, '--local'))
+    roles.append(('the staging folder', pl.staging, '--local'))
+    for i, (what_a, a, flag_a) in enumerate(roles):
+        for what_b, b, flag_b in roles[i + 1:]:
+            x, y = address(a), address(b)
+            relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
+                        else 'holds' if y[:len(x)] == x else '')
+            if relation == 'holds' and (what_a, what_b) == ('the input', 'the staging folder'):
+                continue  # an input read in place from --local: the staging clean-up deletes only itself
+            if relation:
+                raise UserError(f'{what_a} {shown(a)} ({flag_a}) {relation} {what_b} {shown(b)} ({flag_b}): '
+                                'the run would delete or overwrite its files; give --remote_download, '
+                                '--local and --remote_upload places of their own')
+
+
+def shown(path: str) -> str:
+    """`path`, and what it resolves to when that differs (a symlink, a relative path)."""
+    where = address(path)
+    real = '/' + '/'.join(where[1:]) if where[0] == '' else where[0] + '/' + '/'.join(where[1:])
+    return path if real.rstrip('/') == path.rstrip('/') else f'{path} (= {real})'
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan (rank 0): the model, the input, the output's finished parts, the convention
+# ----------------------------------------------------------------------------------------------
+
+def check_output_format(size_limit: str, compression: str) -> None:
+    """--size_limit and --compression as streaming's MDSWriter reads them."""
+    from streaming.base.compression import get_compressions, is_compression
+    from streaming.base.util import bytes_to_int
+
+    try:
+        size = bytes_to_int(size_limit)
+    except (ValueError, AttributeError):
+        size = -1
+    if not 0 < size < 2**32:
+        raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
+                        '256mb or 67108864')
+    if compression and not is_compression(compression):
+        names = sorted({c.split(':')[0] for c in get_compressions()})
+        raise UserError(f'--compression {compression}: streaming knows {", ".join(names)} (with an '
+                        'optional level, e.g. zstd:7); leave it empty for none')
+
+
+def check_family_flags(args: argparse.Namespace, family: Family) -> None:
+    """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
+    t5 = any(e.t5 for e in family.encoders)
+    if family.storage and args.storage_dtype not in (None, family.storage):
+        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
+                        f'{family.storage} by its consumer; drop the flag')
+    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
+        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
+        raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
+    if args.t5_max_length and not t5:
+        raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
+                        'drop the flag')
 
 
 def read_model_index(model_name: str) -> dict | None:
@@ -966,8 +474,6 @@ def pick_family(model_name: str, flag: str) -> Family:
     index = read_model_index(model_name)
     name = (index or {}).get('_class_name', '')
     if flag != 'auto':
-        if flag not in FAMILIES:
-            raise UserError(f'--family {flag}: unknown family; known: auto, {", ".join(FAMILIES)}')
         family = FAMILIES[flag]
         if name and name not in family.pipelines:
             raise UserError(f'--family {flag}: {model_name}/model_index.json names {name}, but the {flag} '
@@ -1012,9 +518,6 @@ def check_model_folder(model_name: str, family: Family) -> None:
                                     f'({layout(family)}); pass the family of that folder')
     elif model_name.startswith(('.', '/', '~')):
         raise UserError(f'--model_name {model_name}: no such folder')
-
-
-HUB_TIMEOUT = 10  # seconds for the one request that asks the hub whether --model_name exists
 
 
 def check_model_name(model_name: str) -> None:
@@ -1097,6 +600,179 @@ def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: l
                             f'{positions} positions: the tokenizer does not belong to that text encoder')
 
 
+def is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(path).scheme not in ('', 'file')
+
+
+def join(root: str, *names: str) -> str:
+    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
+    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
+    return '/'.join(parts)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else text
+
+
+def fetch(url: str, dest: str, timeout: float) -> None:
+    """Download one file from a remote (or copy a local one) to `dest`, atomically."""
+    if not is_remote(url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f'{url} does not exist')
+        tmp = f'{dest}.tmp{os.getpid()}'
+        shutil.copyfile(url, tmp)
+        os.replace(tmp, dest)
+        return
+    from streaming.base.storage.download import CloudDownloader
+
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
+    try:
+        tmp = os.path.join(tmp_dir, 'f')
+        CloudDownloader.direct_download(url, tmp, timeout)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def read_json(url: str, timeout: float) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'f')
+        fetch(url, path, timeout)
+        with open(path) as f:
+            return json.load(f)
+
+
+def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
+    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
+    if not is_remote(out_root):
+        path = os.path.join(out_root, relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)
+        return
+    from streaming.base.storage.upload import CloudUploader
+
+    folder, name = os.path.split(relpath)
+    local_dir = tempfile.mkdtemp(dir=staging)
+    with open(os.path.join(local_dir, name), 'w') as f:
+        f.write(text)
+    CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
+
+    name: str
+    shards: tuple[int, ...]
+    first: int
+    last: int
+
+
+def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
+    """The shard list of the input dataset at `src` (a copy is kept in `cache`)."""
+    url = join(src, INDEX)
+    os.makedirs(cache, exist_ok=True)
+    local = os.path.join(cache, INDEX)
+    try:
+        if url != local:
+            fetch(url, local, timeout)
+        with open(local) as f:
+            obj = json.load(f)
+    except Exception as err:  # unreachable remote, missing dataset, corrupt index
+        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
+    shards = obj.get('shards', [])
+    for shard in shards:
+        if shard.get('format') != 'mds':
+            raise UserError(f'{url}: only MDS shards are supported, found {shard.get("format")!r}')
+    return shards
+
+
+def index_digest(shards: list[dict]) -> str:
+    """The input's identity as its index states it (shard names, sizes, counts, columns)."""
+    return hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict[str, str]:
+    """{column name: MDS encoding} of the input, checked for the columns the script needs."""
+    if not shards:
+        return {}
+    columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings']))
+    for shard in shards[1:]:
+        if dict(zip(shard['column_names'], shard['column_encodings'])) != columns:
+            raise UserError(f'{src}: shards disagree on their columns')
+    for name in [IMAGE_COLUMN, *caption_keys]:
+        if name not in columns:
+            raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)}); '
+                            'check --caption_keys')
+    return columns
+
+
+def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
+    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
+    parts: list[Part] = []
+    group: list[int] = []
+    first = count = 0
+    for i, shard in enumerate(shards):
+        group.append(i)
+        count += shard['samples']
+        if count >= part_size or i == len(shards) - 1:
+            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
+            first += count
+            group, count = [], 0
+    return parts
+
+
+def output_names(out_root: str) -> list[str] | None:
+    """Every file below `out_root`, as paths relative to it ([] when there is none; None when the
+    store cannot list)."""
+    if not is_remote(out_root):
+        return [os.path.relpath(os.path.join(folder, f), out_root)
+                for folder, _, files in os.walk(out_root) for f in files]
+    from streaming.base.storage.upload import CloudUploader
+
+    prefix = urllib.parse.urlparse(out_root).path.strip('/')
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            keys = CloudUploader.get((tmp, out_root), exist_ok=True).list_objects() or []
+    except NotImplementedError:
+        return None
+    except Exception as err:
+        raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
+    return [k[len(prefix):].lstrip('/') if prefix else k for k in keys]
+
+
+def check_output_is_ours(out_root: str, names: list[str] | None) -> None:
+    """Refuse an output place that holds files, none of them the mark of this script's output (its
+    convention.json, written before the first part, or a part's _done marker): another dataset, which
+    the parts and the merged index would overwrite."""
+    if not names or CONVENTION in names or any(n.endswith(f'/{DONE_MARKER}') for n in names):
+        return
+    shown_names = ', '.join(sorted(names)[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+    raise UserError(f'--remote_upload {out_root} holds files this script did not write ({shown_names}), '
+                    'perhaps another dataset; pass a new or empty --remote_upload, or remove those files')
+
+
+def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
+                 timeout: float) -> dict[str, dict]:
+    """{part name: marker contents} for the parts of `out_root` that a previous run finished (`names`:
+    the output's files; None: probe every part)."""
+    listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
+
+    def read_marker(name: str) -> tuple[str, dict | None]:
+        try:
+            return name, read_json(join(out_root, name, DONE_MARKER), timeout)
+        except Exception:  # absent or unreadable: the part is simply done again
+            return name, None
+
+    with ThreadPoolExecutor(16) as pool:
+        return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
+
+
 def width(cfg, what: str) -> int:
     """Feature size of an encoder's hidden states or pooled vector ('text_embeds' is projected)."""
     if what == 'text_embeds':
@@ -1105,31 +781,27 @@ def width(cfg, what: str) -> int:
 
 
 def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
-                      t5_storage: str) -> dict[str, dict]:
-    """{column: its record in the convention}: dtype, shape, and what it holds."""
+                      t5_storage: str, keys: list[str]) -> dict[str, dict]:
+    """{column: its record in the convention}: dtype, shape, and what it holds, for each caption key."""
     specs: dict[str, dict] = {}
-    for col in family.columns:
+    for key, col in [(k, c) for k in keys for c in family.columns]:
+        name = key + col.suffix
         encs = [family.encoders[i] for i in col.encoders]
         length = lengths[col.encoders[0]]
         if col.what == 'mask':
-            specs[col.name] = {'dtype': 'bool', 'shape': [length],
-                               'what': f'{encs[0].tokenizer} attention mask'}
+            specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
         dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
                   for i in col.encoders)
         what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
         spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
         if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
-            spec.update(shape=['n', dim], length_column=trim_column(col.name),
+            spec.update(shape=['n', dim], length_column=name.removesuffix('_latents') + '_length',
                         what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
-        specs[col.name] = spec
+        specs[name] = spec
         if 'length_column' in spec:
-            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {col.name}'}
+            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
-
-
-def trim_column(name: str) -> str:
-    return name.removesuffix('_latents') + '_length'
 
 
 def vae_convention(model_name: str) -> dict:
@@ -1146,52 +818,28 @@ def vae_convention(model_name: str) -> dict:
             'shift_factor': cfg.get('shift_factor') or 0.0}
 
 
-def check_family_flags(args: argparse.Namespace, family: Family) -> None:
-    """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
-    t5 = any(e.t5 for e in family.encoders)
-    if family.storage and args.storage_dtype not in (None, family.storage):
-        raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
-                        f'{family.storage} by its consumer; drop the flag')
-    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
-        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
-        raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
-    if args.t5_max_length and not t5:
-        raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
-                        'drop the flag')
-
-
-def storage_dtype(args: argparse.Namespace, family: Family) -> str:
-    """The dtype written: --storage_dtype, else the one its consumer reads, else float16."""
-    return args.storage_dtype or family.storage or 'float16'
-
-
-def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) -> dict:
+def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
+                    crop: CenterCrop) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
     configs = encoder_configs(args.model_name, family)
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
     check_tokenizers(family, tokenizers, configs, lengths)
-    storage = storage_dtype(args, family)
-    vae = vae_convention(args.model_name)
-    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage)
+    storage = args.storage_dtype or family.storage or 'float16'  # else the one its consumer reads
+    columns = text_column_specs(family, configs, lengths, storage, args.t5_storage, args.caption_keys)
     if args.caption_drop_prob:
         columns[DROPPED_COLUMN] = {
             'dtype': 'int32', 'shape': [], 'what': "1: this sample's text columns encode '' (dropped with "
             'caption_drop_prob, drawn from numpy default_rng([seed, sample index, 0])); `caption` keeps the '
             'text; 0: they encode `caption`'}
-    crop = aspect_convention(args, vae['downsampling']) if args.crop == 'aspect' else {}
-    for r in sorted(args.resolutions):
-        side = r // vae['downsampling']
-        columns[LATENT_COLUMN.format(res=r)] = {
-            'dtype': storage, 'shape': [vae['latent_channels'], side, side],
-            'what': f"(vae {args.latent_mode} - shift_factor) * scaling_factor of the {r}px center square; "
-                    f"b'' when the shorter side is below {r}"}
-        if crop:
-            columns.update(aspect_column_specs(r, vae, storage, args.latent_mode))
-        if args.flip:
-            for name in [LATENT_COLUMN.format(res=r)] + ([TIME_IDS_COLUMN.format(res=r)] if crop else []):
+    for r in crop.tables:
+        columns.update(crop.specs(r, vae, storage, args.latent_mode))
+        for name in (LATENT_COLUMN.format(res=r), TIME_IDS_COLUMN.format(res=r)):
+            if args.flip and name in columns:
                 columns[FLIPPED.format(column=name)] = {
                     **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
-    return {**({'crop': crop} if crop else {}),
+    record = crop.record(args.seed, args.flip)
+    keys = {} if args.caption_keys == ['caption'] else {'caption_keys': args.caption_keys}  # as it always was
+    return {**({'crop': record} if record else {}), **keys,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
                            'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
@@ -1203,59 +851,558 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list) 
     }
 
 
-def max_aspect(args: argparse.Namespace) -> float:
-    return MAX_ASPECT if args.max_aspect is None else args.max_aspect
+@dataclasses.dataclass
+class Plan:
+    """What rank 0 found and every rank needs."""
+
+    places: Places
+    family: Family
+    tokenizers: list
+    crop: CenterCrop
+    shards: list[dict]
+    columns: dict[str, str]
+    parts: list[Part]
+    pending: list[Part]
+    settings: dict
 
 
-def aspect_convention(args: argparse.Namespace, downsampling: int) -> dict:
-    """The --crop aspect record: the bucket table of every resolution and how crops are placed."""
-    step = downsampling * 8
-    tables = {str(r): [list(b) for b in bucket_table(r, step, max_aspect(args))]
-              for r in sorted(args.resolutions)}
+def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
+    """Rank 0: find the input, check it and the model, and list the parts still to do."""
+    check_output_format(args.size_limit, args.compression)
+    check_model_name(args.model_name)
+    family = pick_family(args.model_name, args.family)
+    check_family_flags(args, family)
+    check_model_folder(args.model_name, family)
+    src, out_root = pl.src, pl.out
+    shards = read_input_index(src, pl.cache, args.download_timeout)
+    columns = input_columns(shards, src, args.caption_keys)
+    tokenizers = load_tokenizers(args.model_name, family)
+    vae = vae_convention(args.model_name)
+    crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
+                     args.random_crop)
+    convention = make_convention(args, family, tokenizers, vae, crop)
+    new_columns = convention['columns']
+    clash = [c for c in new_columns if c in columns]
+    if clash:
+        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
+    columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
+                    for c, s in new_columns.items()})
+    parts = plan_parts(shards, args.part_size)
+    settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
+                'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
+                'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
+                'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
+                'input_index': index_digest(shards)}
+    if args.crop != 'center':  # center outputs keep the record they always had
+        settings['crop'] = args.crop
+    settings['convention'] = convention  # last: a flag that differs is named before the record it changes
+    names = output_names(out_root)
+    check_output_is_ours(out_root, names)
+    markers = done_markers(out_root, parts, names, args.download_timeout)
+    for part_name, marker in markers.items():
+        differ = first_difference(marker.get('settings', {}), settings)
+        if differ:
+            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
+            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
+                            'rerun with the same flags or write to a new --remote_upload')
+    pending = [p for p in parts if p.name not in markers]
+    os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
+    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
+    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
+
+
+def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first leaf where two settings records differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [k for k in old if k not in new] + list(new):
+            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
+        return next(first_difference(a, b, f'{path}[{i}]')
+                    for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    return None if old == new else (path, old, new)
+
+
+def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: int) -> Plan:
+    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = make_plan(args, pl, dtype)
+        except UserError as err:
+            result[0] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: shards, decoding, the crop rows, batches (runs in DataLoader workers)
+# ----------------------------------------------------------------------------------------------
+
+class ShardCache:
+    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
+
+    def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
+        from streaming.base.format import reader_from_json
+
+        self.readers = [reader_from_json(local, None, s) for s in shards]
+        self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
+        self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
+        self._stream = None
+        self._stream_pid = -1
+        self._ready: set[int] = set()
+
+    def _get_stream(self):
+        from streaming import Stream
+
+        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
+            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
+                                  download_timeout=self.timeout, keep_zip=False)
+            self._stream_pid = os.getpid()
+            self._ready = set()
+        return self._stream
+
+    def ensure(self, shard: int) -> None:
+        """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
+        if shard in self._ready and self._stream_pid == os.getpid():
+            return
+        stream = self._get_stream()
+        reader = self.readers[shard]
+        lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
+        with open(lock_path, 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stream.prepare_shard(reader)
+        self._ready.add(shard)
+
+    def evict(self, shard: int) -> None:
+        """Delete a shard's local files (only ever called for a downloaded copy)."""
+        for raw, zipped in self.readers[shard].file_pairs:
+            for info in (raw, zipped):
+                if info is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.local, info.basename))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
+
+    def get(self, sample_id: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self.offsets, sample_id) - 1
+        self.ensure(shard)
+        return self.readers[shard].get_item(sample_id - self.offsets[shard])
+
+
+def empty_cache(cache_dir: str) -> None:
+    """Delete what an earlier run left in this run's download folder, except the input's index: a
+    shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
+    hashes), so every shard a run reads is one it downloaded itself."""
+    if not os.path.isdir(cache_dir):
+        return
+    for entry in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, entry)
+        if entry == INDEX:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+class Prefetcher(threading.Thread):
+    """Downloads the shards of the next few parts while the current one is encoded."""
+
+    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
+        super().__init__(daemon=True)
+        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for k, part in enumerate(self.parts):
+                with self.writer.done_event:
+                    self.writer.done_event.wait_for(
+                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
+                        or self.writer.error is not None)
+                if self.writer.error is not None:
+                    return
+                for shard in part.shards:
+                    self.cache.ensure(shard)
+        except BaseException as err:  # the workers will hit (and report) the same problem
+            self.error = err
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
+    img.load()
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
+        ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
+    if img.mode != 'RGB':
+        img = img.convert('RGB')
+    return img
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened, not yet decoded image as shown: EXIF orientation applied."""
+    w, h = img.size
+    with contextlib.suppress(Exception):  # as in to_rgb: a broken EXIF block means no turn
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in ORIENTATION_SWAPS:
+            return h, w
+    return w, h
+
+
+def bucket_table(res: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    """The (width, height) buckets of resolution `res`, sorted by aspect ratio (tall first).
+
+    For each shorter side s = step, 2 step, ... <= res, the longer side is the largest multiple of
+    `step` with s x long <= res x res, kept while long / s <= max_aspect, in both orientations. `step`
+    is the VAE factor x 8, so a latent side is a multiple of 8. E.g. 128 (step 64): 64x256, 128x128, 256x64.
+    """
+    pairs = set()
+    for s in range(step, res + 1, step):
+        long = res * res // s // step * step
+        if long <= max_aspect * s:
+            pairs |= {(long, s), (s, long)}
+    return tuple(sorted(pairs, key=lambda p: p[0] / p[1]))
+
+
+def nearest_bucket(size: tuple[int, int], table: tuple[tuple[int, int], ...]) -> int:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale; the first on a tie)."""
+    aspect = math.log(size[0] / size[1])
+    return min(range(len(table)), key=lambda i: abs(math.log(table[i][0] / table[i][1]) - aspect))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one image goes at one resolution: its bucket, the box of the decoded image resized (bilinear)
+    to it, and for SDXL's add_time_ids the size it is resized to and the crop's top-left there."""
+
+    bucket: int  # index into the resolution's bucket table
+    width: int  # the bucket
+    height: int
+    box: tuple[float, float, float, float]  # in the decoded image
+    resized_width: int
+    resized_height: int
+    left: int
+    top: int
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        return np.asarray(img.resize((self.width, self.height), Image.Resampling.BILINEAR, box=self.box))
+
+    def time_ids(self, original: tuple[int, int], flipped: bool = False) -> list[int]:
+        """SDXL's add_time_ids: original_size (h, w) + crops_coords_top_left (top, left) + target_size
+        (h, w); for the mirrored crop, the left edge in the mirrored resized image."""
+        left = self.resized_width - self.left - self.width if flipped else self.left
+        return [original[1], original[0], self.top, left, self.height, self.width]
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop:
+    """--crop center, a row: one bucket per resolution, the res x res square, cut as the image's largest
+    centred square. The reader, encoder and writer run any crop row alike (see AspectCrop)."""
+
+    tables: dict[int, tuple[tuple[int, int], ...]]
+    random: bool = False
+    grouped = False  # one dataset per bucket group
+
+    def decode(self, data: bytes, rngs: dict[int, np.random.Generator | None]
+               ) -> tuple[Image.Image, tuple[int, int], dict[int, Placement]]:
+        """Decode once: (RGB image, its displayed size, {res: placement} for the resolutions it is large
+        enough for). A JPEG decodes at the smallest DCT scale that still serves every placement."""
+        img = Image.open(io.BytesIO(data))
+        size, full = displayed_size(img), img.size
+        if img.format == 'JPEG':
+            img.draft(img.mode, self.draft(size, full))
+        scaled = img.size != full
+        img = to_rgb(img)
+        if not scaled:  # decoded at full size: its own size is the truth (EXIF read after the pixels too)
+            size = img.size
+        return img, size, {r: p for r in self.tables if (p := self.place(size, img.size, r, rngs[r]))}
+
+    def draft(self, size: tuple[int, int], full: tuple[int, int]) -> tuple[int, int]:
+        """The JPEG decode size asked of PIL: the shorter side reaches the largest usable resolution."""
+        need = max((r for r in self.tables if r <= min(full)), default=1)  # none: only check it decodes
+        return need, need
+
+    def place(self, size: tuple[int, int], decoded: tuple[int, int], res: int,
+              rng: np.random.Generator | None) -> Placement | None:
+        """The largest centred square of the decoded image; None when the shorter side is below `res`."""
+        if res > min(size):
+            return None
+        w, h = decoded
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return Placement(0, res, res, (left, top, left + s, top + s), w, h, left, top)
+
+    def group(self, placed: dict[int, Placement]) -> str:
+        """The dataset below the output a sample goes to ('': the output itself)."""
+        return ''
+
+    def columns(self, placed: dict[int, Placement], size: tuple[int, int], flip: bool) -> dict[str, Any]:
+        """Per-sample columns beside the latents."""
+        return {}
+
+    def specs(self, res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
+        """The convention records of one resolution's columns."""
+        side = res // vae['downsampling']
+        return {LATENT_COLUMN.format(res=res): {
+            'dtype': storage, 'shape': [vae['latent_channels'], side, side],
+            'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the {res}px center square; "
+                    f"b'' when the shorter side is below {res}"}}
+
+    def record(self, seed: int, flip: bool) -> dict:
+        """The convention's `crop` record ({}: none, as center outputs always had)."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectCrop(CenterCrop):
+    """--crop aspect, a row: the nearest bucket of each resolution's table, the image resized to cover it
+    (aspect kept) and cropped, SDXL size conditioning stored, one dataset per bucket group."""
+
+    step: int = 64  # the VAE factor x 8
+    max_aspect: float = MAX_ASPECT
+    grouped = True
+
+    def draft(self, size: tuple[int, int], full: tuple[int, int]) -> tuple[int, int]:
+        """The JPEG decode size asked of PIL: it covers every placement's resized size."""
+        scale = max((max(p.resized_width / size[0], p.resized_height / size[1])
+                     for r in self.tables if (p := self.place(size, size, r, None))), default=0.0)
+        return max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale))
+
+    def place(self, size: tuple[int, int], decoded: tuple[int, int], res: int,
+              rng: np.random.Generator | None) -> Placement | None:
+        """The image's bucket, resize and crop (centred, or at an offset drawn from `rng`); None when
+        covering the bucket would enlarge the image. The box maps the crop into the decoded image: the
+        same samples as resizing the whole image and cropping (up to PIL's rounding, at most 1 level)."""
+        table = self.tables[res]
+        i = nearest_bucket(size, table)
+        bw, bh = table[i]
+        scale = max(bw / size[0], bh / size[1])
+        if scale > 1:
+            return None
+        rw, rh = max(bw, round(size[0] * scale)), max(bh, round(size[1] * scale))
+        if rng is None:
+            left, top = (rw - bw) // 2, (rh - bh) // 2
+        else:
+            left, top = int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1))
+        sx, sy = decoded[0] / rw, decoded[1] / rh
+        box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
+        return Placement(i, bw, bh, box, rw, rh, left, top)
+
+    def group(self, placed: dict[int, Placement]) -> str:
+        """Its bucket at every resolution, e.g. '320x192_640x384' ('none' where it is too small), so
+        every latent column of one group has one shape."""
+        return '_'.join(f'{p.width}x{p.height}' if (p := placed.get(r)) else 'none' for r in self.tables)
+
+    def columns(self, placed: dict[int, Placement], size: tuple[int, int], flip: bool) -> dict[str, Any]:
+        """Per resolution its bucket index and SDXL add_time_ids (int32 bytes; also of the mirrored crop
+        with --flip); -1 and b'' when the image is too small for it."""
+        out: dict[str, Any] = {}
+        for r in self.tables:
+            p = placed.get(r)
+            out[BUCKET_COLUMN.format(res=r)] = -1 if p is None else p.bucket
+            for name, mirrored in [(TIME_IDS_COLUMN.format(res=r), False)] + \
+                    [(FLIPPED.format(column=TIME_IDS_COLUMN.format(res=r)), True)] * flip:
+                out[name] = b'' if p is None else np.array(p.time_ids(size, mirrored), np.int32).tobytes()
+        return out
+
+    def specs(self, res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
+        f = vae['downsampling']
+        return {
+            LATENT_COLUMN.format(res=res): {
+                'dtype': storage, 'shape': [vae['latent_channels'], f'H/{f}', f'W/{f}'],
+                'shape_varies': f'per sample: W x H = the bucket (aspect_bucket_{res}; '
+                                f'{TIME_IDS_COLUMN.format(res=res)}[4:6] is H, W)',
+                'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the image resized to cover "
+                        f"its {res}px bucket and cropped to it; b'' when too small"},
+            BUCKET_COLUMN.format(res=res): {'dtype': 'int32', 'shape': [],
+                                            'what': f'index into crop.buckets["{res}"]; -1 when too small'},
+            TIME_IDS_COLUMN.format(res=res): {
+                'dtype': 'int32', 'shape': [6],
+                'what': 'SDXL add_time_ids: original_size (h, w) + crops_coords_top_left (top, left, in '
+                        "resized pixels) + target_size (h, w) = the bucket; b'' when too small"},
+        }
+
+    def record(self, seed: int, flip: bool) -> dict:
+        return {'mode': 'aspect', 'step': self.step, 'max_aspect': self.max_aspect,
+                'buckets': {str(r): [list(b) for b in t] for r, t in self.tables.items()},
+                'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a '
+                          'tie); resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then '
+                          'cropped; computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, '
+                          'top + H) x decoded size / resized size) of the decoded image',
+                'position': f'random (numpy default_rng([{seed}, sample index, res, 2]))'
+                            if self.random else 'centred (offset (resized - bucket) // 2)',
+                'seed': seed, 'flip': flip,
+                'too_small': "b'' (bucket -1) when covering the bucket would enlarge the image",
+                'groups': f'one dataset per bucket group at <out>/<group>/ (see {GROUPS}); '
+                          '<out>/index.json holds them all'}
+
+
+def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, random: bool) -> CenterCrop:
+    """The row of `--crop`: its bucket tables (refusing a resolution below the bucket step)."""
+    if mode == 'center':
+        return CenterCrop({r: ((r, r),) for r in sorted(resolutions)})
+    tables = {r: bucket_table(r, step, max_aspect) for r in sorted(resolutions)}
     small = [r for r, t in tables.items() if not t]
     if small:
         raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
-                        f'factor {downsampling} x 8); use resolutions of at least {step}')
-    return {'mode': 'aspect', 'step': step, 'max_aspect': max_aspect(args), 'buckets': tables,
-            'assign': 'the bucket nearest the image aspect ratio w/h on a log scale (the first on a tie); '
-                      'resized (bilinear, EXIF orientation applied) to cover it, aspect kept, then cropped; '
-                      'computed as PIL resize((W, H), BILINEAR, box=(left, top, left + W, top + H) x '
-                      'decoded size / resized size) of the decoded image',
-            'position': f'random (numpy default_rng([{args.seed}, sample index, res, 2]))'
-                        if args.random_crop else 'centred (offset (resized - bucket) // 2)',
-            'seed': args.seed, 'flip': args.flip,
-            'too_small': "b'' (bucket -1) when covering the bucket would enlarge the image",
-            'groups': f'one dataset per bucket group at <out>/<group>/ (see {GROUPS}); '
-                      '<out>/index.json holds them all'}
+                        f'factor {step // 8} x 8); use resolutions of at least {step}')
+    return AspectCrop(tables, random, step, max_aspect)
 
 
-def aspect_column_specs(res: int, vae: dict, storage: str, latent_mode: str) -> dict[str, dict]:
-    """The convention records of one resolution's columns under --crop aspect (shapes vary per sample)."""
-    name = LATENT_COLUMN.format(res=res)
-    f = vae['downsampling']
-    return {
-        name: {'dtype': storage, 'shape': [vae['latent_channels'], f'H/{f}', f'W/{f}'],
-               'shape_varies': f'per sample: W x H = the bucket (aspect_bucket_{res}; '
-                               f'{TIME_IDS_COLUMN.format(res=res)}[4:6] is H, W)',
-               'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the image resized to cover "
-                       f"its {res}px bucket and cropped to it; b'' when too small"},
-        BUCKET_COLUMN.format(res=res): {'dtype': 'int32', 'shape': [],
-                                        'what': f'index into crop.buckets["{res}"]; -1 when too small'},
-        TIME_IDS_COLUMN.format(res=res): {
-            'dtype': 'int32', 'shape': [6],
-            'what': 'SDXL add_time_ids: original_size (h, w) + crops_coords_top_left (top, left, in resized '
-                    "pixels) + target_size (h, w) = the bucket; b'' when too small"},
-    }
+def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...],
+                 flipped: bool = False) -> np.ndarray:
+    """Standard normal noise for one sample and resolution (and its mirrored crop: other noise), the
+    same on every run and machine."""
+    key = [seed, sample_id, res, 1] if flipped else [seed, sample_id, res]
+    return np.random.default_rng(key).standard_normal(shape, dtype=np.float32)
 
 
-def aspect_crop(convention: dict) -> AspectCrop | None:
-    """The reader's view of the convention's crop record (None for center squares)."""
-    crop = convention.get('crop')
-    if not crop:
-        return None
-    return AspectCrop({int(r): tuple(map(tuple, t)) for r, t in crop['buckets'].items()},
-                      crop['position'].startswith('random'))
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One batch: global sample ids [start, stop) of one part."""
 
+    part: str
+    start: int
+    stop: int
+    first: bool
+    last: bool
+
+
+def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
+    """Batches that never cross a part, so a part's batches are the same in every run."""
+    jobs = []
+    for part in parts:
+        starts = list(range(part.first, part.last, batch_size)) or [part.first]
+        for i, start in enumerate(starts):
+            jobs.append(Job(part.name, start, min(start + batch_size, part.last), i == 0,
+                            i == len(starts) - 1))
+    return jobs
+
+
+class BatchReader:
+    """Item i = job i read, decoded, cropped and tokenized: everything the models need.
+
+    `tokens` {caption key: [(ids, mask) per encoder]}, `cut` {caption key: [captions longer than each
+    encoder's tokens]}.
+    Per resolution r, one entry per crop shape in the batch: `pixels_r` (uint8 stacks N x h x w x 3),
+    `noise_r` and `flip_noise_r` (sample mode; --flip), and `rows_r`, the batch row of each image in
+    that order. Per row: `group` (the dataset it goes to) and `columns` (stored as they are).
+    """
+
+    def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
+                 crop: CenterCrop, latent_shape: tuple[int, int], latent_mode: str, seed: int,
+                 caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',)):
+        self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
+        self.crop, (self.channels, self.factor) = crop, latent_shape
+        self.latent_mode, self.seed, self.flip = latent_mode, seed, flip
+        self.caption_drop_prob, self.caption_keys = caption_drop_prob, caption_keys
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def dropped(self, sample_id: int) -> bool:
+        """Whether this sample's caption is encoded as '' (--caption_drop_prob; the same in every run)."""
+        return bool(self.caption_drop_prob) and \
+            np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        job = self.jobs[index]
+        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
+                                 'columns': []}
+        shapes: dict[int, dict] = {r: {} for r in self.crop.tables}  # {res: {(h, w): {'pixels': [], ...}}}
+        captions: dict[str, list[str]] = {k: [] for k in self.caption_keys}
+        for sample_id in range(job.start, job.stop):
+            sample = self.cache.get(sample_id)
+            rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.crop.random else None
+                    for r in self.crop.tables}
+            try:
+                img, size, placed = self.crop.decode(sample['jpg'], rngs)
+                pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
+            except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
+                batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
+                                         'reason': 'not an image format PIL can read' if isinstance(
+                                             err, UnidentifiedImageError) else
+                                         f'{type(err).__name__}: {first_line(err)}'})
+                continue
+            row = len(batch['samples'])
+            for r, px in pixels.items():
+                group = shapes[r].setdefault(px.shape[:2], {'pixels': [], 'rows': [], 'noise': [],
+                                                           'flip_noise': []})
+                group['pixels'].append(px)
+                group['rows'].append(row)
+                if self.latent_mode == 'sample':
+                    shape = (self.channels, px.shape[0] // self.factor, px.shape[1] // self.factor)
+                    group['noise'].append(sample_noise(self.seed, sample_id, r, shape))
+                    if self.flip:
+                        group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
+            dropped = self.dropped(sample_id)
+            batch['ids'].append(sample_id)
+            batch['samples'].append(sample)
+            batch['group'].append(self.crop.group(placed))
+            batch['columns'].append({**self.crop.columns(placed, size, self.flip),
+                                     **({DROPPED_COLUMN: int(dropped)} if self.caption_drop_prob else {})})
+            for key, texts in captions.items():
+                texts.append('' if dropped else sample[key])
+        present = {k: texts for k, texts in captions.items() if texts}
+        batch['tokens'] = {k: [tokenize(tok, texts, n) for tok, n in zip(self.tokenizers, self.lengths)]
+                           for k, texts in present.items()}
+        batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False).input_ids)
+                            for tok, n in zip(self.tokenizers, self.lengths)] for k, texts in present.items()}
+        for r, groups in shapes.items():
+            batch[f'rows_{r}'] = [row for g in groups.values() for row in g['rows']]
+            for key in ('pixels', 'noise', 'flip_noise'):
+                batch[f'{key}_{r}'] = [torch.from_numpy(np.stack(g[key])) for g in groups.values() if g[key]]
+        return batch
+
+
+def tokenize(tokenizer, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) padded and truncated to `length`, as every family's encode_prompt does."""
+    out = tokenizer(captions, padding='max_length', truncation=True, max_length=length, return_tensors='pt')
+    return out.input_ids, out.attention_mask
+
+
+def no_collate(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader worker start: get SIGKILL when the main process dies (kill -9, OOM killer, a lost
+    node) instead of blocking forever on a queue nobody reads. SIGTERM ends a worker as usual (the
+    main process's handler is not for workers); SIGINT is left to the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = functools.partial(skip_lost_handoffs, sys.excepthook)
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
+def skip_lost_handoffs(hook, exc_type, exc, tb) -> None:
+    """A worker's sys.excepthook. multiprocessing's resource sharer, which hands a batch's tensors to
+    the main process, prints a traceback when the main process drops the connection mid-handoff, as it
+    does when a signal stops it: that is the stop, not an error (a main process that goes on raises
+    its own). Everything else goes to `hook`."""
+    lost = issubclass(exc_type, (EOFError, OSError)) and any(
+        frame.f_code.co_filename.endswith('resource_sharer.py') for frame, _ in walk_tb(tb))
+    if not lost:
+        hook(exc_type, exc, tb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding: the VAE and the family's text encoders
+# ----------------------------------------------------------------------------------------------
 
 def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
@@ -1282,14 +1429,8 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
 
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
-    check_model_folder(model_name, family)
     vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
     return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
-
-
-def latent_shape(vae) -> tuple[int, int]:
-    """(latent channels, downsampling factor) of a diffusers AutoencoderKL."""
-    return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 class Fallback:
@@ -1322,7 +1463,6 @@ def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor
     return out.view(torch.int16) if storage == torch.bfloat16 else out
 
 
-@inference_mode
 def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
                 device: torch.device, chunk: int, fallback: Fallback,
                 used: list[str]) -> dict[str, torch.Tensor]:
@@ -1345,43 +1485,32 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
 
         hidden, pooled = fallback(enc.subfolder, model, run, used)
         outputs.append({'hidden': hidden, 'pooled': pooled, 'mask': mask.to(device).bool()})
-    return {col.name: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
+    return {col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
             for col in family.columns}
 
 
-@inference_mode
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
-                 device: torch.device, storage: torch.dtype, latent_mode: str, text_chunk: int,
-                 fallback: Fallback, flip: bool = False) -> dict[str, Any]:
+                 device: torch.device, storage: torch.dtype, text_chunk: int, fallback: Fallback,
+                 flip: bool = False) -> dict[str, Any]:
     """Stored columns on the CPU (copies may still be in flight on a GPU: sync before reading), plus
     `_fallback`: the models that needed a float32 rerun for this batch."""
     vae, encoders = models
     used: list[str] = []
     out: dict[str, Any] = {}
-    if batch['tokens'] is not None:
-        text = encode_text(batch['tokens'], family, encoders, device, text_chunk, fallback, used)
-        for name, t in text.items():
-            t = t if t.dtype == torch.bool else to_storage(t, storage, name)
-            out[name] = t.to('cpu', non_blocking=True)
-        out['_lengths'] = [m.sum(1) for _, m in batch['tokens']]
-    for r in resolutions:
-        px = batch[f'pixels_{r}']
-        if px is None:
-            continue
-        name = LATENT_COLUMN.format(res=r)
-        # one VAE call per image shape: one for center squares, one per bucket with --crop aspect
-        stacks = px if isinstance(px, list) else [px]
-        noise = batch[f'noise_{r}'] if latent_mode == 'sample' else [None] * len(stacks)
-        noise = noise if isinstance(noise, list) else [noise]
-        latents = [encode_pixels(vae, p, n, device, storage, name, fallback, used)
-                   for p, n in zip(stacks, noise)]
-        out[name] = latents if isinstance(px, list) else latents[0]
-        if flip:
-            flip_noise = batch[f'flip_noise_{r}'] if latent_mode == 'sample' else [None] * len(stacks)
-            flip_noise = flip_noise if isinstance(flip_noise, list) else [flip_noise]
-            latents = [encode_pixels(vae, p.flip(2), n, device, storage, name, fallback, used)
-                       for p, n in zip(stacks, flip_noise)]
-            out[FLIPPED.format(column=name)] = latents if isinstance(px, list) else latents[0]
+    out['_lengths'] = {}
+    for key, tokens in batch['tokens'].items():
+        text = encode_text(tokens, family, encoders, device, text_chunk, fallback, used)
+        for suffix, t in text.items():
+            t = t if t.dtype == torch.bool else to_storage(t, storage, key + suffix)
+            out[key + suffix] = t.to('cpu', non_blocking=True)
+        out['_lengths'][key] = [m.sum(1) for _, m in tokens]
+    for r in resolutions:  # one VAE call per crop shape
+        name, stacks = LATENT_COLUMN.format(res=r), batch[f'pixels_{r}']
+        for column, noise, flipped in [(name, batch[f'noise_{r}'], False)] + \
+                [(FLIPPED.format(column=name), batch[f'flip_noise_{r}'], True)] * flip:
+            noise = noise or [None] * len(stacks)  # mean mode
+            out[column] = [encode_pixels(vae, p.flip(2) if flipped else p, n, device, storage, name,
+                                         fallback, used) for p, n in zip(stacks, noise)]
     out['_fallback'] = used
     return out
 
@@ -1405,7 +1534,7 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing: one MDSWriter per part, in a background thread so the models never wait for the disk
+# Writing: one MDSWriter per part and group, in a background thread so the models never wait for the disk
 # ----------------------------------------------------------------------------------------------
 
 class PartWriter(threading.Thread):
@@ -1413,10 +1542,9 @@ class PartWriter(threading.Thread):
 
     def __init__(self, out_root: str, staging: str, columns: dict[str, str], resolutions: list[int],
                  settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
-                 text_columns: list[tuple[str, str, int]]):
+                 text_columns: list[tuple[str, str, str, int]]):
         super().__init__(daemon=True)
-        self.aspect, self.flip = args.crop == 'aspect', args.flip
-        self.text_columns = text_columns  # (column, its length column or '' when padded, encoder index)
+        self.text_columns = text_columns  # (column, its length column or '' when padded, key, encoder index)
         self.out_root, self.staging, self.columns = out_root, staging, columns
         self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
         self.evict, self.args = evict, args
@@ -1424,8 +1552,7 @@ class PartWriter(threading.Thread):
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
         self.done_event = threading.Condition()
-        self.writer = None
-        self.group_writers: dict[str, Any] = {}  # --crop aspect: one MDSWriter per bucket group
+        self.writers: dict[str, Any] = {}  # the part's MDSWriter of each group ('': the output itself)
         self.part: Part | None = None
         self.stats: dict[str, Any] = {}
         self.stopping = False
@@ -1447,72 +1574,58 @@ class PartWriter(threading.Thread):
             except queue.Full:
                 continue
 
-    def new_writer(self, folder: str):
-        """An MDSWriter for `<out>/<folder>` (through the staging folder for a remote)."""
-        from streaming import MDSWriter
-
-        local = os.path.join(self.staging, folder) if is_remote(self.out_root) else None
-        target = join(self.out_root, folder)
-        out = (local, target) if local else target
-        return MDSWriter(out=out, columns=self.columns, compression=self.args.compression or None,
-                         size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
-
     def writer_for(self, group: str):
-        """The part's writer; with --crop aspect the one of the sample's group, at <out>/<group>/<part>."""
-        if not self.aspect:
-            return self.writer
-        if group not in self.group_writers:
-            self.group_writers[group] = self.new_writer(f'{group}/{self.part.name}')
-        return self.group_writers[group]
+        """The part's MDSWriter of a group, at <out>/<group>/<part> (via the staging folder for a remote)."""
+        if group not in self.writers:
+            from streaming import MDSWriter
+
+            folder = '/'.join(f for f in (group, self.part.name) if f)
+            target = join(self.out_root, folder)
+            out = (os.path.join(self.staging, folder), target) if is_remote(self.out_root) else target
+            self.writers[group] = MDSWriter(out=out, columns=self.columns, compression=self.args.compression
+                                            or None, size_limit=self.args.size_limit, exist_ok=True,
+                                            max_workers=4)
+        return self.writers[group]
 
     def open_part(self, part: Part) -> None:
-        self.part, self.group_writers = part, {}
-        self.writer = None if self.aspect else self.new_writer(part.name)
+        self.part, self.writers = part, {}
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
                       'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
-                      'started': time.time()}
+                      'groups': {}, 'truncated': {}, 'started': time.time()}
 
-    def write_batch(self, batch: dict[str, Any], latents: dict[str, np.ndarray]) -> None:
-        per_res = {r: dict(zip(batch[f'rows_{r}'], latents.get(LATENT_COLUMN.format(res=r), [])))
-                   for r in self.resolutions}
-        mirrored = {r: FLIPPED.format(column=LATENT_COLUMN.format(res=r)) for r in self.resolutions}
-        flipped = {r: dict(zip(batch[f'rows_{r}'], latents.get(mirrored[r], []))) for r in self.resolutions}
+    def write_batch(self, batch: dict[str, Any], latents: dict[str, Any]) -> None:
+        images = {name: dict(zip(batch[f'rows_{r}'], latents[name])) for r in self.resolutions
+                  for name in [LATENT_COLUMN.format(res=r)] + [FLIPPED.format(column=LATENT_COLUMN.format(
+                      res=r))] * self.args.flip}
         for row, sample in enumerate(batch['samples']):
-            out = dict(sample)
-            if 'dropped' in batch:
-                out[DROPPED_COLUMN] = int(batch['dropped'][row])
-            for name, length_column, enc in self.text_columns:
+            out = {**sample, **batch['columns'][row]}
+            for name, length_column, key, enc in self.text_columns:
                 value = latents[name][row]
                 if length_column:  # store the first n token states only
-                    n = int(latents['_lengths'][enc][row])
+                    n = int(latents['_lengths'][key][enc][row])
                     out[length_column], value = n, value[:n]
                 out[name] = value.tobytes()
+            for name, rows in images.items():
+                out[name] = rows[row].tobytes() if row in rows else b''
             for r in self.resolutions:
-                lat = per_res[r].get(row)
-                out[LATENT_COLUMN.format(res=r)] = b'' if lat is None else lat.tobytes()
-                self.stats['encoded'][str(r)] += lat is not None
-                if self.flip:
-                    lat = flipped[r].get(row)
-                    out[mirrored[r]] = b'' if lat is None else lat.tobytes()
-                if self.aspect:
-                    placed = batch[f'place_{r}'].get(row)
-                    out.update(conditioning(placed, batch['original'][row], r, self.flip))
-            self.writer_for(batch['group'][row]).write(out)
-            if self.aspect:
-                groups = self.stats.setdefault('groups', {})
-                groups[batch['group'][row]] = groups.get(batch['group'][row], 0) + 1
+                self.stats['encoded'][str(r)] += row in images[LATENT_COLUMN.format(res=r)]
+            group = batch['group'][row]
+            self.writer_for(group).write(out)
+            self.stats['groups'][group] = self.stats['groups'].get(group, 0) + 1
             self.stats['latent_bytes'] += sum(len(v) if isinstance(v, bytes) else 4
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
         self.stats['skipped'] += batch['skipped']
+        for key, cut in batch['cut'].items():
+            counts = self.stats['truncated'].setdefault(key, [0] * len(cut))
+            self.stats['truncated'][key] = [a + b for a, b in zip(counts, cut)]
         for name in latents['_fallback']:
             self.stats['fp32_fallback'][name] = self.stats['fp32_fallback'].get(name, 0) + 1
 
     def close_part(self, part: Part) -> None:
         try:
-            writers = [self.writer] if self.writer else [w for _, w in sorted(self.group_writers.items())]
-            for writer in writers:
+            for _, writer in sorted(self.writers.items()):
                 writer.finish()
         except Exception as err:
             raise UserError(f'writing part {part.name} to {self.out_root} failed ({first_line(err)}); '
@@ -1551,187 +1664,20 @@ class PartWriter(threading.Thread):
 
 
 def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
-    """A batch's column as numpy: rows of one array, or (one stack per bucket shape) a list of rows."""
+    """A batch's column as numpy: rows of one array, or (one stack per crop shape) a list of rows."""
     if isinstance(value, list):
         return [row for t in value for row in t.numpy()]
     return value.numpy()
 
 
-def conditioning(p: Placement | None, original: tuple[int, int], res: int, flip: bool) -> dict[str, Any]:
-    """--crop aspect columns of one sample at one resolution: its bucket index and SDXL add_time_ids
-    (int32 bytes); -1 and b'' when the image is too small for the resolution."""
-    names = [(TIME_IDS_COLUMN.format(res=res), False)]
-    if flip:
-        names.append((FLIPPED.format(column=TIME_IDS_COLUMN.format(res=res)), True))
-    out: dict[str, Any] = {BUCKET_COLUMN.format(res=res): -1 if p is None else p.bucket}
-    for name, mirrored in names:
-        out[name] = b'' if p is None else np.array(p.time_ids(original, mirrored), np.int32).tobytes()
-    return out
-
-
-class Prefetcher(threading.Thread):
-    """Downloads the shards of the next few parts while the current one is encoded."""
-
-    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
-        super().__init__(daemon=True)
-        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for k, part in enumerate(self.parts):
-                with self.writer.done_event:
-                    self.writer.done_event.wait_for(
-                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
-                        or self.writer.error is not None)
-                if self.writer.error is not None:
-                    return
-                for shard in part.shards:
-                    self.cache.ensure(shard)
-        except BaseException as err:  # the workers will hit (and report) the same problem
-            self.error = err
-
-
 # ----------------------------------------------------------------------------------------------
-# Orchestration
+# One rank's run
 # ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Plan:
-    """What rank 0 found and every rank needs."""
-
-    src: str
-    cache_dir: str
-    out_root: str
-    shards: list[dict]
-    columns: dict[str, str]
-    parts: list[Part]
-    pending: list[Part]
-    settings: dict
-
-
-# (flag, attribute, accepted, what it must be): every number flag, checked before anything loads
-NUMBER_FLAGS = (
-    ('--batch-size', 'batch_size', lambda v: v >= 1, 'a positive number of samples'),
-    ('--part_size', 'part_size', lambda v: v >= 1, 'a positive number of samples'),
-    ('--caption_drop_prob', 'caption_drop_prob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('--seed', 'seed', lambda v: v >= 0, 'a non-negative integer'),
-    ('--num_workers', 'num_workers', lambda v: v >= -1, '-1 (one per free core), 0 (no workers) or more'),
-    ('--threads', 'threads', lambda v: v >= 0, '0 (automatic) or more'),
-    ('--prefetch_factor', 'prefetch_factor', lambda v: v >= 1, 'at least 1'),
-    ('--download_timeout', 'download_timeout', lambda v: v > 0, 'positive seconds'),
-    ('--download_retry', 'download_retry', lambda v: v >= 0, '0 or more'),
-    ('--dist_timeout', 'dist_timeout', lambda v: v > 0, 'positive seconds'),
-    ('--preview', 'preview', lambda v: v >= 0, '0 (no preview) or a number of samples'),
-    ('--t5_max_length', 't5_max_length', lambda v: v >= 0, "0 (the family's) or a number of tokens"),
-    ('--text_batch_size', 'text_batch_size', lambda v: v >= 0, '0 (--batch-size) or a number of captions'),
-)
-
-
-def check_output_format(size_limit: str, compression: str) -> None:
-    """--size_limit and --compression as streaming's MDSWriter reads them."""
-    from streaming.base.compression import get_compressions, is_compression
-    from streaming.base.util import bytes_to_int
-
-    try:
-        size = bytes_to_int(size_limit)
-    except (ValueError, AttributeError):
-        size = -1
-    if not 0 < size < 2**32:
-        raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
-                        '256mb or 67108864')
-    if compression and not is_compression(compression):
-        names = sorted({c.split(':')[0] for c in get_compressions()})
-        raise UserError(f'--compression {compression}: streaming knows {", ".join(names)} (with an '
-                        'optional level, e.g. zstd:7); leave it empty for none')
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Every flag that can be checked without torch, streaming, the input or the models; raises
-    UserError."""
-    bad = [r for r in args.resolutions if r <= 0 or r % 8]
-    if bad:
-        raise UserError(f'--resolutions {" ".join(map(str, bad))}: each resolution must be a positive '
-                        'multiple of 8 (the VAE downsamples 8x)')
-    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
-    if twice:
-        raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
-                        'list each resolution once (each makes one latents_<res> column)')
-    if not args.remote_upload:
-        raise UserError('--remote_upload is required: where to write the output dataset')
-    for flag, attr, accepted, must in NUMBER_FLAGS:
-        if not accepted(getattr(args, attr)):
-            raise UserError(f'{flag} {getattr(args, attr)}: must be {must}')
-    if args.random_crop and args.crop != 'aspect':
-        raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
-    if args.max_aspect is not None and args.crop != 'aspect':
-        raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
-    if max_aspect(args) < 1:
-        raise UserError(f'--max_aspect {args.max_aspect}: must be at least 1 (buckets span 1:max to max:1)')
-    bucket_name(args.bucket)
-    check_places(args)
-
 
 def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     if args.dtype == 'auto':
         return torch.float16 if device.type == 'cuda' else torch.float32
     return getattr(torch, args.dtype)
-
-
-def make_plan(args: argparse.Namespace, dtype: torch.dtype) -> Plan:
-    """Rank 0: find the input, check it and the model, and list the parts still to do."""
-    check_output_format(args.size_limit, args.compression)
-    check_model_name(args.model_name)
-    family = pick_family(args.model_name, args.family)
-    check_family_flags(args, family)
-    check_model_folder(args.model_name, family)
-    pl = places(args)
-    src, cache_dir, out_root = pl.src, pl.cache, pl.out
-    shards = read_input_index(src, cache_dir, args.download_timeout)
-    columns = input_columns(shards, src)
-    convention = make_convention(args, family, load_tokenizers(args.model_name, family))
-    new_columns = convention['columns']
-    clash = [c for c in new_columns if c in columns]
-    if clash:
-        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
-    columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
-                    for c, s in new_columns.items()})
-    parts = plan_parts(shards, args.part_size)
-    settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
-                'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
-                'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
-                'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
-                'input_index': index_digest(shards)}
-    if args.crop != 'center':  # center outputs keep the record they always had
-        settings['crop'] = args.crop
-    settings['convention'] = convention  # last: a flag that differs is named before the record it changes
-    names = output_names(out_root)
-    check_output_is_ours(out_root, names)
-    markers = done_markers(out_root, parts, names, args.download_timeout)
-    for part_name, marker in markers.items():
-        differ = first_difference(marker.get('settings', {}), settings)
-        if differ:
-            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
-            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
-                            'rerun with the same flags or write to a new --remote_upload')
-    pending = [p for p in parts if p.name not in markers]
-    os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
-    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
-    return Plan(src, cache_dir, out_root, shards, columns, parts, pending, settings)
-
-
-def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
-    """(dotted key, old value, new value) of the first leaf where two settings records differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in [k for k in old if k not in new] + list(new):
-            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
-            if found:
-                return found
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
-        return next(first_difference(a, b, f'{path}[{i}]')
-                    for i, (a, b) in enumerate(zip(old, new)) if a != b)
-    return None if old == new else (path, old, new)
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
@@ -1744,66 +1690,45 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return torch.device('cpu')
 
 
-def share_plan(args: argparse.Namespace, dtype: torch.dtype, rank: int) -> Plan:
-    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
-    result: list[Any] = [None]
-    if rank == 0:
-        try:
-            result[0] = make_plan(args, dtype)
-        except UserError as err:
-            result[0] = err
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
-
-
-def cores_per_process() -> int:
-    return max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-
-
-def default_workers(args: argparse.Namespace) -> int:
-    return args.num_workers if args.num_workers >= 0 else max(1, cores_per_process() - 1)
-
-
-def cpu_threads(args: argparse.Namespace, workers: int) -> int:
-    """Model threads on CPU: oversubscribed cores make torch's thread barriers crawl."""
-    return args.threads if args.threads > 0 else max(1, cores_per_process() - workers)
+def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: ShardCache,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """The DataLoader of this rank's batches, its workers and this process's threads sharing its cores."""
+    convention = plan.settings['convention']
+    image = convention['image_latents']
+    reader = BatchReader(make_jobs(parts, args.batch_size), cache, plan.tokenizers,
+                         [e['tokens'] for e in convention['text_encoders']], plan.crop,
+                         (image['latent_channels'], image['downsampling']), args.latent_mode, args.seed,
+                         args.caption_drop_prob, args.flip, tuple(args.caption_keys))
+    cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
+    workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
+    if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
+        torch.set_num_threads(args.threads or max(1, cores - workers))
+    return torch.utils.data.DataLoader(
+        reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
+        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: torch.dtype,
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
-    convention = plan.settings['convention']
-    family = FAMILIES[convention['family']]
+    convention, family, pl = plan.settings['convention'], plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype)
-    tokenizers = load_tokenizers(args.model_name, family)
-    text_columns = [(c.name, convention['columns'][c.name].get('length_column', ''), c.encoders[0])
-                    for c in family.columns]
+    text_columns = [(k + c.suffix, convention['columns'][k + c.suffix].get('length_column', ''), k,
+                     c.encoders[0]) for k in args.caption_keys for c in family.columns]
     storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
-    remote = plan.src if plan.src != plan.cache_dir else None
-    cache = ShardCache(plan.shards, remote, plan.cache_dir, args.download_timeout, args.download_retry)
+    remote = pl.src if pl.src != pl.cache else None
+    cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
     if remote is not None:
         if int(os.environ.get('LOCAL_RANK', 0)) == 0:
-            empty_cache(plan.cache_dir)
+            empty_cache(pl.cache)
         if dist.is_initialized():
             dist.barrier()  # no rank downloads before its machine's cache is emptied
-    jobs = make_jobs(mine, args.batch_size)
-    reader = BatchReader(jobs, cache, tokenizers, [e['tokens'] for e in convention['text_encoders']],
-                         args.resolutions, latent_shape(models[0]), args.latent_mode, args.seed,
-                         args.caption_drop_prob, aspect_crop(convention), args.flip)
-    workers = default_workers(args)
-    if device.type == 'cpu':
-        torch.set_num_threads(cpu_threads(args, workers))
-    loader = torch.utils.data.DataLoader(
-        reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate,
-        pin_memory=device.type == 'cuda', prefetch_factor=args.prefetch_factor if workers else None,
-        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
-    staging = os.path.join(places(args).staging, f'rank{rank}')
+    loader = make_loader(args, plan, mine, cache, device)
+    staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(plan.out_root, staging, plan.columns, sorted(args.resolutions), plan.settings,
+    writer = PartWriter(pl.out, staging, plan.columns, sorted(args.resolutions), plan.settings,
                         cache, {p.name: p for p in mine}, evict=remote is not None, args=args,
                         text_columns=text_columns)
     prefetcher = Prefetcher(mine, cache, writer)
@@ -1818,9 +1743,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
         for batch in batches:
-            latents = encode_batch(batch, models, family, sorted(args.resolutions), device, storage,
-                                   args.latent_mode, args.text_batch_size or args.batch_size, fallback,
-                                   args.flip)
+            with torch.inference_mode():
+                latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
+                                       args.text_batch_size or args.batch_size, fallback, args.flip)
             event = None
             if device.type == 'cuda':
                 event = torch.cuda.Event()
@@ -1865,67 +1790,47 @@ def start_wandb(args: argparse.Namespace, rank: int):
     return wandb.init(name=args.wandb_name, project=args.wandb_project, entity=args.wandb_entity)
 
 
-@contextlib.contextmanager
-def quiet_logging():
-    """streaming's merge_index logs a warning per call about its temporary folder: hide it."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
+def stop_on_signals() -> None:
+    """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted in the main thread; a second
+    one of the same kind ends the process at once."""
+    def handler(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
-def merge_parts(plan: Plan, staging: str) -> None:
-    """Rank 0: convention.json, then one index.json at the output root over every part, in part order."""
-    from streaming.base.util import merge_index
+# ----------------------------------------------------------------------------------------------
+# Merging and the summary (rank 0)
+# ----------------------------------------------------------------------------------------------
 
-    put_text(plan.out_root, staging, CONVENTION, json.dumps(plan.settings['convention'], indent=1))
-    if plan.settings['convention'].get('crop'):
-        merge_groups(plan, staging)
-        return
-    urls = [join(plan.out_root, p.name, INDEX) for p in plan.parts]
-    if is_remote(plan.out_root):
-        out = (os.path.join(staging, 'merged'), plan.out_root)
-    else:
-        out = plan.out_root
-        with contextlib.suppress(FileNotFoundError):  # merge_index will not overwrite it
-            os.remove(os.path.join(plan.out_root, INDEX))
-    if not urls:  # an empty input still gets a readable, empty output
-        put_text(plan.out_root, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
-        return
-    try:
-        with quiet_logging():
-            merge_index(urls, out, keep_local=not is_remote(plan.out_root))
-    except Exception as err:
-        raise UserError(f'merging the index at {plan.out_root} failed: {first_line(err)}') from None
-
-
-def merge_groups(plan: Plan, staging: str) -> None:
-    """Rank 0, --crop aspect: `<out>/<group>/index.json` per bucket group over its parts (a dataset of
-    one image shape per resolution), `<out>/index.json` over all of them, and GROUPS listing the groups."""
-    timeout = 60
-    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), timeout)
+def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: float) -> None:
+    """Rank 0: index.json at the output root over every part, in part order; with --crop aspect also
+    `<out>/<group>/index.json` per bucket group over its parts, and GROUPS listing the groups."""
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
-        for group in sorted(markers.get(part.name, {}).get('groups', {})):
-            url = join(plan.out_root, group, part.name, INDEX)
+        marker = markers[part.name]
+        for group in sorted(marker.get('groups', {'': 0})):  # no 'groups': an older center run
+            folder = '/'.join(f for f in (group, part.name) if f)
+            url = join(plan.places.out, folder, INDEX)
             try:
                 shards = read_json(url, timeout)['shards']
             except Exception as err:
                 raise UserError(f'reading {url} failed: {first_line(err)}; rerun the same command') from None
             groups.setdefault(group, []).extend(prefixed(shards, part.name))
-            whole.extend(prefixed(shards, f'{group}/{part.name}'))
-    resolutions = plan.settings['resolutions']
-    listing = {}
-    for group, shards in sorted(groups.items()):
-        put_text(plan.out_root, staging, f'{group}/{INDEX}', json.dumps({'version': 2, 'shards': shards}))
-        sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
-        listing[group] = {'samples': sum(s['samples'] for s in shards),
-                          'buckets': dict(zip(map(str, resolutions), sizes))}
-    put_text(plan.out_root, staging, GROUPS, json.dumps(listing, indent=1))
-    put_text(plan.out_root, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
+            whole.extend(prefixed(shards, folder))
+    if plan.crop.grouped:
+        listing = {}
+        for group, shards in sorted(groups.items()):
+            put_text(plan.places.out, staging, f'{group}/{INDEX}',
+                     json.dumps({'version': 2, 'shards': shards}))
+            sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
+            listing[group] = {'samples': sum(s['samples'] for s in shards),
+                              'buckets': dict(zip(map(str, plan.crop.tables), sizes))}
+        put_text(plan.places.out, staging, GROUPS, json.dumps(listing, indent=1))
+    put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
 
 
 def prefixed(shards: list[dict], folder: str) -> list[dict]:
@@ -1940,9 +1845,9 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
     return out
 
 
-def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int) -> dict:
+def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], run_stats: dict[str, Any],
+              world: int) -> dict:
     """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
-    markers = done_markers(plan.out_root, plan.parts, output_names(plan.out_root), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -1951,12 +1856,19 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     for m in markers.values():
         for name, n in m.get('fp32_fallback', {}).items():
             fallback[name] = fallback.get(name, 0) + n
+    encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
+                for e in plan.settings['convention']['text_encoders']]
+    truncated = {key: dict.fromkeys(encoders, 0) for key in args.caption_keys}  # captions cut per encoder
+    for m in markers.values():
+        for key, cut in m.get('truncated', {}).items():
+            for e, n in zip(encoders, cut):
+                truncated[key][e] += n
     return {
-        'input': plan.src, 'output': plan.out_root, 'input_samples': plan.settings['input_samples'],
+        'input': plan.places.src, 'output': plan.places.out, 'input_samples': plan.settings['input_samples'],
         'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
         'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
                                          / max(written, 1), 1),
-        'fp32_fallback_batches': fallback,
+        'fp32_fallback_batches': fallback, 'truncated_captions': truncated,
         'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
         'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
@@ -1983,6 +1895,8 @@ def report(summary: dict, path: str) -> None:
         + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
            if summary['steady_samples_per_s_rank0'] else ')'),
     ]
+    for key, cut in summary['truncated_captions'].items():
+        lines.append(f'{key:<7} cut at the token limit: ' + ', '.join(f'{n} by {e}' for e, n in cut.items()))
     for name, n in summary['fp32_fallback_batches'].items():
         lines.append(f'float32 {name} gave NaN/inf in {summary["settings"]["dtype"]} for {n} batch(es): '
                      'those batches were re-encoded in float32')
@@ -1997,19 +1911,8 @@ def report(summary: dict, path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
-def stop_on_signals() -> None:
-    """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted in the main thread; a second
-    one of the same kind ends the process at once."""
-    def handler(signum: int, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        raise Interrupted(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
-
-
 def summary_path(args: argparse.Namespace) -> str:
-    name = bucket_name(args.bucket) or 'dataset'
+    name = args.bucket or 'dataset'
     return args.summary or os.path.join(args.local, f'latents_summary_{name}.json')
 
 
@@ -2017,7 +1920,9 @@ def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, 
     """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
     stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0, 'parts': 0}
     try:
-        report({**summarize(args, plan, stats, world), 'interrupted': str(stop)}, summary_path(args))
+        out = plan.places.out
+        markers = done_markers(out, plan.parts, output_names(out), args.download_timeout)
+        report({**summarize(args, plan, markers, stats, world), 'interrupted': str(stop)}, summary_path(args))
     except Exception as err:  # an unreachable output must not hide the interruption
         print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
@@ -2075,7 +1980,6 @@ def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
     return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
 
 
-@inference_mode
 def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
     """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
     x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
@@ -2142,7 +2046,8 @@ def draw_grid(header: list[str], rows: list[tuple[list[Image.Image | str], str]]
 def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int, str]], convention: dict,
                 vae, device: torch.device) -> tuple[list[Image.Image | str], str]:
     """One sample's tiles (per stored resolution: source crop, decoded latent) and its text."""
-    img, _ = decode_image(sample['jpg'], [res for res, _ in columns])
+    crop = CenterCrop({res: ((res, res),) for res, _ in columns})  # decoded as center mode decodes
+    img = crop.decode(sample['jpg'], dict.fromkeys(crop.tables))[0]
     tiles: list[Image.Image | str] = []
     for res, column in columns:
         if not sample[column]:
@@ -2154,7 +2059,8 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         decoded = decode_latent(vae, unscale(latent, convention['image_latents']), device)
         source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
         tiles += [as_tile(source), as_tile(decoded)]
-    return tiles, f'#{sample_id} (key {sample.get("key", "")}): {sample["caption"]}'
+    caption = sample[convention.get('caption_keys', ['caption'])[0]]
+    return tiles, f'#{sample_id} (key {sample.get("key", "")}): {caption}'
 
 
 def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:
@@ -2176,7 +2082,8 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
     os.makedirs(args.local, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.local, prefix='preview-') as tmp:
         cache = ShardCache(shards, out_root, tmp, args.download_timeout, args.download_retry)
-        rows = [preview_row(i, cache.get(i), columns, convention, vae, device) for i in ids]
+        with torch.inference_mode():
+            rows = [preview_row(i, cache.get(i), columns, convention, vae, device) for i in ids]
     header = [label for res, c in columns for label in (f'source {res} px', f'decoded {c}')]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     draw_grid(header, rows).save(path)
@@ -2208,6 +2115,10 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
     print(f'preview {path} (samples {", ".join(map(str, ids))})', flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
 def import_torch() -> None:
     """torch into this module's namespace. The script does it after checking its flags (importing
     torch takes seconds: a mistyped flag fails at once); importing the module does it at once."""
@@ -2218,8 +2129,9 @@ def import_torch() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    pl = places(args)
     try:
-        check_args(args)
+        check_args(args, pl)
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)
@@ -2233,25 +2145,27 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args)
         if args.preview_only:
             if rank == 0:
-                preview(args, places(args).out, device, None)
+                preview(args, pl.out, device, None)
             return
         dtype = resolve_dtype(args, device)
-        plan = share_plan(args, dtype, rank)
+        plan = share_plan(args, pl, dtype, rank)
         stats = run_rank(args, plan, device, dtype, rank, world)
         if world > 1:
             dist.barrier()
         if rank == 0:
-            staging = os.path.join(places(args).staging, 'merge')
+            staging = os.path.join(pl.staging, 'merge')
             os.makedirs(staging, exist_ok=True)
-            merge_parts(plan, staging)
-            summary = {**summarize(args, plan, stats, world), 'interrupted': None}
+            markers = done_markers(pl.out, plan.parts, output_names(pl.out), args.download_timeout)
+            summary = {**summarize(args, plan, markers, stats, world), 'interrupted': None}
+            if not summary['parts_missing']:  # no index a reader would take for the whole set
+                merge_parts(plan, markers, staging, args.download_timeout)
             report(summary, summary_path(args))
-            shutil.rmtree(places(args).staging, ignore_errors=True)
+            shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
             if args.preview:
-                preview(args, plan.out_root, device, summary_path(args))
+                preview(args, pl.out, device, summary_path(args))
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)

@@ -23,6 +23,7 @@ On a GPU host, full-size randomly initialised SD-2 VAE + ViT-H text encoder in f
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -188,18 +189,14 @@ def published_item(reader: pl.BatchReader, sample_id: int) -> None:
     published_preprocess(sample['jpg'])
 
 
-def ours_preprocess(data: bytes) -> list[np.ndarray]:
-    img, usable = pl.decode_image(data, [256, 512])
-    return [pl.center_square(img, r) for r in usable]
+CENTER = pl.make_crop('center', [256, 512], 64, 4.0, False)
+ASPECT = pl.make_crop('aspect', [256, 512], 64, 4.0, False)
 
 
-ASPECT = pl.AspectCrop({r: pl.bucket_table(r, 64, 4.0) for r in (256, 512)}, random=False)
-
-
-def ours_aspect_preprocess(data: bytes) -> list[np.ndarray]:
-    """--crop aspect: decode once, nearest bucket per resolution, resize to cover once, crop."""
-    img, _, placed = pl.decode_for_buckets(data, ASPECT.tables, dict.fromkeys(ASPECT.tables))
-    return [pl.cover_crop(img, p) for p in placed.values()]
+def ours_preprocess(data: bytes, crop: pl.CenterCrop = CENTER) -> list[np.ndarray]:
+    """Decode once, place each resolution's crop (its centred square or nearest bucket), resize it once."""
+    img, _, placed = crop.decode(data, dict.fromkeys(crop.tables))
+    return [p.pixels(img) for p in placed.values()]
 
 
 def interleaved_rates(fns: dict, items: list, count, rounds: int = 2) -> dict[str, float]:
@@ -221,14 +218,15 @@ def interleaved_rates(fns: dict, items: list, count, rounds: int = 2) -> dict[st
     return {name: n / spent[name] for name in fns}
 
 
-def make_reader(mds: Path, model: Path, args, vae, aspect: pl.AspectCrop | None = None) -> pl.BatchReader:
+def make_reader(mds: Path, model: Path, args, vae, mode: str = 'center') -> pl.BatchReader:
     shards = pl.read_input_index(str(mds), str(mds), 60)
     parts = pl.plan_parts(shards, 10**9)
     cache = pl.ShardCache(shards, None, str(mds), 60, 1)
     tokenizers = pl.load_tokenizers(str(model), SD)
+    crop = pl.make_crop(mode, args.resolutions, 64, 4.0, False)
+    latent_shape = (vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1))
     return pl.BatchReader(pl.make_jobs(parts, args.batch_size), cache, tokenizers,
-                          pl.token_lengths(SD, tokenizers, 0), args.resolutions, pl.latent_shape(vae),
-                          'sample', 0, 0.0, aspect)
+                          pl.token_lengths(SD, tokenizers, 0), crop, latent_shape, 'sample', 0, 0.0)
 
 
 def loader_alone(reader: pl.BatchReader, workers: int, keep: int = 64) -> tuple[float, list[dict]]:
@@ -255,8 +253,9 @@ def model_alone(batches: list[dict], vae, te, device, dtype, resolutions, min_se
     fallback = pl.Fallback('', SD, device)
 
     def encode(b: dict) -> None:
-        pl.encode_batch(b, (vae, [te]), SD, resolutions, device, torch.float16, 'sample', len(b['samples']),
-                        fallback)
+        with torch.inference_mode():
+            pl.encode_batch(b, (vae, [te]), SD, resolutions, device, torch.float16, len(b['samples']),
+                            fallback)
 
     encode(batches[0])  # warm-up
     if device.type == 'cuda':
@@ -361,12 +360,11 @@ def main() -> None:
     vae, (te,) = pl.load_models(str(model), SD, device, dtype)
 
     image_rates = interleaved_rates({'ours': ours_preprocess, 'published': published_preprocess,
-                                     'aspect': ours_aspect_preprocess},
+                                     'aspect': functools.partial(ours_preprocess, crop=ASPECT)},
                                     images[:args.per_core_images], count=lambda _: 1)
     ours, published, aspect = image_rates['ours'], image_rates['published'], image_rates['aspect']
     reader = make_reader(mds, model, args, vae)
-    tables = {r: pl.bucket_table(r, 64, 4.0) for r in args.resolutions}
-    aspect_reader = make_reader(mds, model, args, vae, pl.AspectCrop(tables, False))
+    aspect_reader = make_reader(mds, model, args, vae, 'aspect')
     jobs = reader.jobs
     item_rates = interleaved_rates(
         {'ours': lambda j: reader[j],

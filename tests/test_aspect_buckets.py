@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from test_precompute_latents import (
     markers,
     models,  # noqa: F401 (a fixture: the tiny model's VAE, text encoder)
     ok,
-    one_line_error,
     one_thread,
     refused,
     run,
@@ -283,7 +281,8 @@ def aspect_rows(n: int = 24) -> list[dict]:
     return rows
 
 
-def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_model, tmp_path):
+def test_random_crops_killed_run_resumed_equals_an_uninterrupted_run(root, tiny_model, tmp_path):
+    """Random crops and bucket groups survive kill -9 and resume (two ranks are test_precompute_latents')."""
     rows = aspect_rows()
     write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 13)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -298,10 +297,10 @@ def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_ru
     done_before = len(markers(out))
     assert 1 <= done_before < len(markers(ref_out))
     ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-           '--summary', tmp_path / 's.json', env=env, torchrun=2))
+           '--summary', tmp_path / 's.json', env=env))
     summary = json.loads((tmp_path / 's.json').read_text())
-    assert summary['parts_before'] == done_before and summary['world_size'] == 2
-    assert {json.loads(Path(m).read_text())['rank'] for m in markers(out)} == {0, 1}
+    total = len(markers(out))
+    assert (summary['parts_before'], summary['parts_this_run']) == (done_before, total - done_before)
 
     ref, got = read_mds(str(ref_out)), read_mds(str(out))
     keys = [o['key'] for o in got]
@@ -323,19 +322,18 @@ def test_random_crops_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_ru
     assert (False, True) in offsets  # some crop with room to move is off centre
 
     # Resuming with center crops into this output is refused in one line.
-    mixed = run(root, *[c for c in common if c not in ('--random_crop',)], '--local', tmp_path / 'c2',
-                '--remote_upload', tmp_path / 'out', env=env)
-    assert 'written with convention.crop.position=' in one_line_error(mixed)
-    mixed = run(root, *common[:6], '--resolutions', 64, 128, '--latent_mode', 'sample', '--batch-size', 2,
-                '--part_size', 3, '--num_workers', 1, '--seed', 5, '--local', tmp_path / 'c2',
-                '--remote_upload', tmp_path / 'out', env=env)
-    assert "written with crop='aspect', this run has None" in one_line_error(mixed)
+    where = ['--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out']
+    assert 'written with convention.crop.position=' in refused(*[c for c in common if c != '--random_crop'],
+                                                               *where)
+    assert "written with crop='aspect', this run has None" in refused(
+        *common[:6], '--resolutions', 64, 128, '--latent_mode', 'sample', '--batch-size', 2, '--part_size', 3,
+        '--num_workers', 1, '--seed', 5, *where)
 
 
 @pytest.mark.parametrize('flags, phrase', [
     (['--random_crop'], '--random_crop: only with --crop aspect'),
     (['--max_aspect', 2], '--max_aspect: only with --crop aspect'),
-    (['--crop', 'aspect', '--max_aspect', 0.5], '--max_aspect 0.5: must be at least 1'),
+    (['--crop', 'aspect', '--max_aspect', 0.5], 'argument --max_aspect: 0.5: must be at least 1'),
     (['--crop', 'aspect', '--resolutions', 32], '--crop aspect --resolutions 32: below the bucket step 64'),
 ])
 def test_aspect_flags_are_refused_in_one_line(flags, phrase, root, tiny_model, tmp_path):

@@ -18,7 +18,6 @@ from test_precompute_latents import (
     kill9_after_first_part,
     markers,
     ok,
-    one_line_error,
     one_thread,
     reference_pixels,
     refused,
@@ -26,11 +25,17 @@ from test_precompute_latents import (
 )
 from testbed.corpus import make_jpeg
 from testbed.families import build_tiny_family, pipeline_of, write_t5
-from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
+from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.readback import read_mds
 
 CAPTIONS = ['a photo of a red cat', '', 'big old house on the beach at sunset with people ' * 12,
             'painting of a city street at night', 'a dog', 'tree 42']
+# Dense captions, as a vision-language model writes them: past CLIP's 77 tokens, and past T5's 256 / 512.
+VLM_CAPTIONS = ['The image shows a small red cat on the beach at sunset, with people in the street. ' * 3,
+                'a big old house with a green tree under a blue sky on a city street at night ' * 9,
+                'a portrait painting of a new yellow car named number one on the beach ' * 60,
+                'a dog', '', 'the sky']
+KEYS = ('caption', 'vlm_caption')
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +56,8 @@ def family_rows(n: int = 6) -> list[dict]:
 @pytest.fixture(scope='module')
 def family_input(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp('family-input')
-    write_mds_input(str(folder), family_rows(), bucketed=False, size_limit=1 << 14)
+    write_mds_input(str(folder), with_vlm_captions(family_rows(), VLM_CAPTIONS), bucketed=False,
+                    size_limit=1 << 14, columns=VLM_COLUMNS)
     return folder
 
 
@@ -85,15 +91,30 @@ def pipeline_text(folder: Path, family: str, captions: list[str]) -> dict[str, n
     return {'prompt_embeds': embeds.numpy(), 'pooled_prompt_embeds': pooled.numpy()}
 
 
-def assemble(sample: dict, columns: dict, family: str) -> dict[str, np.ndarray]:
-    """The pipeline's outputs from the stored columns, as the README documents for each family."""
+def assemble(sample: dict, columns: dict, family: str, key: str = 'caption') -> dict[str, np.ndarray]:
+    """The pipeline's outputs from the stored columns of caption `key` (named `<key>_...`), as the README
+    documents for each family."""
     col = {k: read_back(sample[k], s) for k, s in columns.items() if s['dtype'] != 'int32' and sample[k]}
     if family == 'sd3':
-        clip, t5 = col['caption_clip_latents'], col['caption_t5_latents']
+        clip, t5 = col[f'{key}_clip_latents'], col[f'{key}_t5_latents']
         clip = np.pad(clip, ((0, 0), (0, t5.shape[1] - clip.shape[1])))
-        return {'prompt_embeds': np.concatenate([clip, t5]), 'pooled_prompt_embeds': col['caption_pooled']}
-    key = 'caption_latents' if family == 'sdxl' else 'caption_t5_latents'
-    return {'prompt_embeds': col[key], 'pooled_prompt_embeds': col['caption_pooled']}
+        return {'prompt_embeds': np.concatenate([clip, t5]), 'pooled_prompt_embeds': col[f'{key}_pooled']}
+    latents = f'{key}_latents' if family == 'sdxl' else f'{key}_t5_latents'
+    return {'prompt_embeds': col[latents], 'pooled_prompt_embeds': col[f'{key}_pooled']}
+
+
+def captions_cut(folder: Path, convention: dict, texts: list[str]) -> dict[str, int]:
+    """How many of `texts` each text encoder's tokenizer cuts at its length (its tokens, specials included,
+    beyond the convention's `tokens`), keyed as the summary names the encoders."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    cut = {}
+    for i, enc in enumerate(convention['text_encoders']):
+        cls = T5TokenizerFast if enc['class'] == 'T5EncoderModel' else CLIPTokenizer
+        tok = cls.from_pretrained(folder, subfolder='tokenizer' if i == 0 else f'tokenizer_{i + 1}')
+        cut[f'{enc["subfolder"]} ({enc["tokens"]} tokens)'] = sum(
+            len(tok(t, verbose=False).input_ids) > enc['tokens'] for t in texts)
+    return cut
 
 
 @pytest.mark.parametrize('family', ['sdxl', 'sd3', 'flux'])
@@ -102,18 +123,27 @@ def test_stored_columns_equal_the_family_pipeline(family, root, folders, family_
 
     out = tmp_path / 'out'
     ok(run(root, *args_for(family_input, folders[family], out, tmp_path, '--latent_mode', 'mean',
-                           '--storage_dtype', 'float32', '--dtype', 'float32', '--text_batch_size', 3)))
+                           '--storage_dtype', 'float32', '--dtype', 'float32', '--text_batch_size', 3,
+                           '--caption_keys', *KEYS)))
     got = read_mds(str(out / UNBUCKETED))
     convention = json.loads((out / UNBUCKETED / 'convention.json').read_text())
     assert convention['family'] == family and convention['storage_dtype'] == 'float32'
+    assert convention['caption_keys'] == list(KEYS)
     columns = convention['columns']
+    summary = json.loads((tmp_path / 'summary.json').read_text())
 
-    # Text: what diffusers' own encode_prompt computes for the same captions.
-    want = pipeline_text(folders[family], family, [s['caption'] for s in got])
-    for i, sample in enumerate(got):
-        mine = assemble(sample, columns, family)
-        for k in want:
-            np.testing.assert_allclose(mine[k], want[k][i], atol=1e-5, rtol=1e-5, err_msg=f'{family} {k} {i}')
+    # Text, for each caption key: what diffusers' own encode_prompt computes for that key's texts; the
+    # summary counts the captions each encoder cut at its length.
+    for key in KEYS:
+        texts = [s[key] for s in got]
+        want = pipeline_text(folders[family], family, texts)
+        for i, sample in enumerate(got):
+            mine = assemble(sample, columns, family, key)
+            for k in want:
+                np.testing.assert_allclose(mine[k], want[k][i], atol=1e-5, rtol=1e-5,
+                                           err_msg=f'{family} {key} {k} {i}')
+        assert summary['truncated_captions'][key] == captions_cut(folders[family], convention, texts)
+    assert all(summary['truncated_captions']['vlm_caption'].values())  # every encoder cut some
 
     # Image latents: (mean - shift) * scale of the VAE, with 16 channels where the family has them; b''
     # below a resolution.
@@ -134,7 +164,6 @@ def test_stored_columns_equal_the_family_pipeline(family, root, folders, family_
                 np.testing.assert_allclose(lat, ref, atol=1e-4, rtol=1e-4)
 
     # The summary states the bytes each sample gained, which the convention's shapes predict.
-    summary = json.loads((tmp_path / 'summary.json').read_text())
     per_sample = sum(len(s[c]) for s in got for c in columns) / len(got)
     assert summary['family'] == family and summary['latent_bytes_per_sample'] == round(per_sample, 1)
 
@@ -181,14 +210,16 @@ def consumer_reads(sample: dict, caption_key: str = 'caption',
 
 
 def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input, tmp_path):
-    """The default mosaicml output, read by its consumer's own steps (consumer_reads), is the T5 encoder
-    run with its mask, CLIP-L's penultimate hidden state and pooled output run with its mask, all padded
-    to the tokenizer's length; a --storage_dtype the consumer cannot read is refused in one line."""
+    """The mosaicml output with two caption keys, read by its consumer's own steps (consumer_reads, with
+    its `caption_keys`), is for each key the T5 encoder run with its mask, CLIP-L's penultimate hidden
+    state and pooled output run with its mask, all padded to the tokenizer's length; a --storage_dtype
+    the consumer cannot read is refused in one line."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     flux = folders['flux']
     out = tmp_path / 'out'
-    ok(run(root, *args_for(family_input, flux, out, tmp_path, '--family', 'mosaicml', '--dtype', 'float32')))
+    ok(run(root, *args_for(family_input, flux, out, tmp_path, '--family', 'mosaicml', '--dtype', 'float32',
+                           '--caption_keys', *KEYS)))
     got = read_mds(str(out / UNBUCKETED))
     clip = CLIPTextModel.from_pretrained(flux, subfolder='text_encoder').eval()
     clip_tok = CLIPTokenizer.from_pretrained(flux, subfolder='tokenizer')
@@ -196,11 +227,11 @@ def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input,
     t5_tok = T5TokenizerFast.from_pretrained(flux, subfolder='tokenizer_2')
     shapes = ((512, t5.config.d_model), (77, clip.config.hidden_size))
     with torch.inference_mode(), one_thread():
-        for s in got:
-            read = consumer_reads(s, text_latent_shapes=shapes)
-            t5_in = t5_tok(s['caption'], padding='max_length', max_length=512, truncation=True,
+        for s, key in [(s, key) for s in got for key in KEYS]:
+            read = consumer_reads(s, caption_key=key, text_latent_shapes=shapes)
+            t5_in = t5_tok(s[key], padding='max_length', max_length=512, truncation=True,
                            return_tensors='pt')
-            clip_in = clip_tok(s['caption'], padding='max_length', max_length=77, truncation=True,
+            clip_in = clip_tok(s[key], padding='max_length', max_length=77, truncation=True,
                                return_tensors='pt')
             assert torch.equal(read['T5_ATTENTION_MASK'], t5_in.attention_mask[0].float())
             assert torch.equal(read['CLIP_ATTENTION_MASK'], clip_in.attention_mask[0].float())
@@ -209,15 +240,19 @@ def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input,
             res = clip(clip_in.input_ids, attention_mask=clip_in.attention_mask, output_hidden_states=True)
             torch.testing.assert_close(read['CLIP_LATENTS'], res.hidden_states[-2][0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(read['CLIP_POOLED'], res.pooler_output[0], atol=1e-5, rtol=1e-5)
-    assert json.loads((out / UNBUCKETED / 'convention.json').read_text())['storage_dtype'] == 'float32'
+    convention = json.loads((out / UNBUCKETED / 'convention.json').read_text())
+    assert convention['storage_dtype'] == 'float32'
+    assert [c for c in convention['columns'] if not c.startswith('latents_')] == [  # the text columns
+        f'{key}_{name}' for key in KEYS for name in ('T5_LATENTS', 'T5_ATTENTION_MASK', 'CLIP_LATENTS',
+                                                     'CLIP_ATTENTION_MASK', 'CLIP_POOLED_TEXT')]
     # A dtype its consumer cannot read is refused before anything is written.
-    proc = run(root, *args_for(family_input, flux, tmp_path / 'o2', tmp_path, '--family', 'mosaicml',
-                               '--storage_dtype', 'float16'))
-    assert 'mosaicml layout is read as float32' in one_line_error(proc)
+    assert 'mosaicml layout is read as float32' in refused(*args_for(
+        family_input, flux, tmp_path / 'o2', tmp_path, '--family', 'mosaicml', '--storage_dtype', 'float16'))
     assert not (tmp_path / 'o2').exists()
 
 
-def test_trimmed_t5_killed_and_resumed_on_two_ranks_equals_an_uninterrupted_run(root, folders, tmp_path):
+def test_trimmed_t5_killed_and_resumed_equals_an_uninterrupted_run(root, folders, tmp_path):
+    """Trimmed T5 rows survive kill -9 and resume (two ranks are test_precompute_latents')."""
     rows = family_rows(18)
     write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 13)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -228,12 +263,10 @@ def test_trimmed_t5_killed_and_resumed_on_two_ranks_equals_an_uninterrupted_run(
     out = tmp_path / 'out' / UNBUCKETED
     kill9_after_first_part(root, common, tmp_path / 'c2', tmp_path / 'out', out, env)
     assert 1 <= len(markers(out)) < 6
-    ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out', env=env,
-           torchrun=2))
+    ok(run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out', env=env))
     ref, got = read_mds(str(tmp_path / 'ref' / UNBUCKETED)), read_mds(str(out))
     assert [s['key'] for s in got] == [r['key'] for r in rows]  # each sample once, in order
     assert ref == got
-    assert {json.loads(Path(m).read_text())['rank'] for m in markers(out)} == {0, 1}
 
     # Trimmed T5 rows: n = the caption's tokens (with </s>); padded again with zeros on read-back, the
     # first n rows are the pipeline's.
@@ -250,9 +283,8 @@ def test_trimmed_t5_killed_and_resumed_on_two_ranks_equals_an_uninterrupted_run(
     assert len(got[1]['caption_t5_latents']) < len(got[2]['caption_t5_latents'])  # '' vs a long caption
 
     # Resuming into it with another convention is refused in one line.
-    proc = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-               '--storage_dtype', 'float16', env=env)
-    assert 'storage_dtype' in one_line_error(proc)
+    assert 'storage_dtype' in refused(*common, '--local', tmp_path / 'c2', '--remote_upload',
+                                      tmp_path / 'out', '--storage_dtype', 'float16')
 
 
 def linked(src: Path, dst: Path, skip: set[str]) -> Path:
@@ -264,7 +296,7 @@ def linked(src: Path, dst: Path, skip: set[str]) -> Path:
 
 
 @pytest.mark.parametrize('case, phrase', [
-    ('unknown_family', '--family sd4: unknown family'),
+    ('unknown_family', "argument --family: invalid choice: 'sd4' (choose from 'auto', 'sd', 'sdxl'"),
     ('no_text_encoder_2', 'has no text_encoder_2/'),
     ('no_model_index', 'pass --family'),
     ('unknown_pipeline', "names 'KandinskyPipeline'"),
@@ -329,3 +361,24 @@ def test_vae_overflowing_in_float16_falls_back_to_float32_and_is_counted(root, f
             want = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].numpy()
             lat = np.frombuffer(s['latents_64'], np.float16).reshape(want.shape).astype(np.float32)
             np.testing.assert_allclose(lat, want, atol=1e-2, rtol=1e-2)
+
+
+def test_trimmed_t5_keeps_its_meaning_for_every_caption_key(root, folders, family_input, tmp_path):
+    """--t5_storage trimmed with two caption keys: each key has its own `<key>_t5_length` (the caption's
+    T5 tokens with </s>, cut at 512) and its first n rows are the pipeline's for that key's text."""
+    from transformers import T5TokenizerFast
+
+    flux, out = folders['flux'], tmp_path / 'out'
+    ok(run(root, *args_for(family_input, flux, out, tmp_path, '--t5_storage', 'trimmed', '--dtype', 'float32',
+                           '--storage_dtype', 'float32', '--resolutions', 64, '--caption_keys', *KEYS)))
+    columns = json.loads((out / UNBUCKETED / 'convention.json').read_text())['columns']
+    got = read_mds(str(out / UNBUCKETED))
+    tok = T5TokenizerFast.from_pretrained(flux, subfolder='tokenizer_2')
+    for key in KEYS:
+        assert columns[f'{key}_t5_latents']['length_column'] == f'{key}_t5_length'
+        want = pipeline_text(flux, 'flux', [s[key] for s in got])['prompt_embeds']
+        for i, s in enumerate(got):
+            n = s[f'{key}_t5_length']
+            assert n == min(len(tok(s[key]).input_ids), 512), (key, i)
+            t5 = read_back(s[f'{key}_t5_latents'], columns[f'{key}_t5_latents'])
+            np.testing.assert_allclose(t5, want[i][:n], atol=1e-5, rtol=1e-5, err_msg=f'{key} {i}')

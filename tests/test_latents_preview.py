@@ -173,7 +173,7 @@ def test_preview_only_that_cannot_decode_exits_non_zero(root, finished, tiny_mod
 @pytest.mark.parametrize('flags, phrase', [
     (['--preview', 3], 'cannot read convention.json and index.json of the output'),
     ([], '--preview_only: give --preview N'),
-    (['--preview', -1], '--preview -1: must be 0 (no preview) or a number of samples'),
+    (['--preview', -1], 'argument --preview: -1: must be 0 or more'),
 ])
 def test_preview_flag_refusals(flags, phrase, root, tiny_model, tmp_path):
     assert phrase in refused('--remote_upload', tmp_path / 'nothing', '--bucket', UNBUCKETED, '--local',

@@ -55,7 +55,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def refused(*args) -> str:
     """The error line of a command line the script refuses, run through its main() in this process
-    (no interpreter and torch start-up per case): exit 2, one `error:` line, no traceback."""
+    (no interpreter and torch start-up per case): exit 2, one `error:` line (the script's, or argparse's
+    `<prog>: error: argument ...` for a flag its `type=` or `choices=` refuses), no traceback."""
     script = load_script('precompute_latents.py')
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
     err = io.StringIO()
@@ -67,7 +68,8 @@ def refused(*args) -> str:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert stop.value.code == 2 and 'Traceback' not in err.getvalue(), err.getvalue()[-3000:]
-    errors = [ln for ln in err.getvalue().splitlines() if ln.startswith('error:')]
+    lines = err.getvalue().splitlines()
+    errors = [ln for ln in lines if ln.startswith('error:') or ': error: argument ' in ln]
     assert len(errors) == 1, err.getvalue()[-3000:]
     return errors[0]
 
@@ -273,19 +275,14 @@ def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_
         assert a == b  # same columns, same bytes: same latents, noise included
     assert summary['skipped'] == 1 and summary['skipped_samples'][0]['key'] == '000000007'
     # Resuming into that output with other settings would mix two kinds of latents: refused.
-    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-                '--latent_mode', 'mean', env=env)
-    assert 'latent_mode' in one_line_error(mixed)
+    rerun = [*common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out']
+    assert 'latent_mode' in refused(*rerun, '--latent_mode', 'mean')
     # So would another --batch-size (float results depend on it) or another input dataset.
-    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-                '--batch-size', 3, env=env)
-    assert 'written with batch_size=2, this run has 3' in one_line_error(mixed)
+    assert 'written with batch_size=2, this run has 3' in refused(*rerun, '--batch-size', 3)
     other = tmp_path / 'other'
     write_mds_input(str(other), [{**rows[0], 'caption': 'another caption'}] + rows[1:], bucketed=False,
                     size_limit=1 << 14)
-    mixed = run(root, *common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out',
-                '--remote_download', other, env=env)
-    assert 'written with input_index=' in one_line_error(mixed)
+    assert 'written with input_index=' in refused(*rerun, '--remote_download', other)
     sample = got[0]
     assert sample['latents_64'] == b'' and len(sample['latents_128']) == 0  # 40 px: below both
     big = next(o for o in got if shorter_side(o['jpg']) >= 128)
@@ -318,10 +315,12 @@ def test_s3_in_and_out_by_bucket_index_and_unreachable_remote(root, s3, corpus, 
 
     # The remote goes down: one clear line and a non-zero exit.
     s3.stop()
-    proc = run(root, '--remote_download', f's3://{s3.bucket}/mds', '--bucket', 3,
-               '--local', tmp_path / 'cache2', '--remote_upload', f's3://{s3.bucket}/latents2',
-               '--model_name', tiny_model, env=env)
-    assert 'cannot read the input dataset index' in one_line_error(proc)
+    with pytest.MonkeyPatch.context() as mp:  # in this process, as the run above saw S3
+        for k, v in s3.env.items():
+            mp.setenv(k, v)
+        assert 'cannot read the input dataset index' in refused(
+            '--remote_download', f's3://{s3.bucket}/mds', '--bucket', 3, '--local', tmp_path / 'cache2',
+            '--remote_upload', f's3://{s3.bucket}/latents2', '--model_name', tiny_model)
 
 
 @pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
@@ -367,11 +366,14 @@ def partial_model(tiny_model: Path, tmp_path: Path, without: str) -> Path:
     ('no_text_encoder', 'has no text_encoder/'),
     ('no_jpg', 'no `jpg` column'),
     ('no_caption', 'no `caption` column'),
+    ('no_vlm_caption', 'no `vlm_caption` column'),
 ])
 def test_clear_one_line_errors(case, phrase, root, tiny_model, tiny_input, tmp_path):
     data, model, extra = 'ok', tiny_model, []
     if case == 'resolution':
         extra = ['--resolutions', 256, 100]
+    elif case == 'no_vlm_caption':
+        extra = ['--caption_keys', 'caption', 'vlm_caption']
     elif case.startswith('no_') and case[3:] in ('vae', 'text_encoder'):
         model = partial_model(tiny_model, tmp_path, case[3:])
     else:
@@ -464,8 +466,8 @@ def test_an_output_place_holding_another_dataset_is_refused_and_left_alone(bucke
     before = tree(victim)
     flags = ['--remote_download', data, '--local', tmp_path / 'cache', '--bucket', bucket,
              '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0]
-    proc = run(root, *flags, '--remote_upload', victim)
-    assert '--remote_upload' in one_line_error(proc) and 'did not write' in one_line_error(proc)
+    line = refused(*flags, '--remote_upload', victim)
+    assert '--remote_upload' in line and 'did not write' in line
     assert tree(victim) == before  # nothing replaced, nothing added
     if bucket:  # its own output, finished, is rerun (resumed) without a word
         ok(run(root, *flags, '--remote_upload', tmp_path / 'mine'))
@@ -626,7 +628,9 @@ def test_a_worker_whose_handoff_the_stopping_main_drops_prints_no_traceback(as_w
     (['--size_limit', 'banana'], '--size_limit banana: must be a shard size'),
     (['--compression', 'foo'], '--compression foo: streaming knows'),
     (['--resolutions', 256, 256], '256 is given twice'),
-    (['--caption_drop_prob', 1.5], '--caption_drop_prob 1.5: must be a probability in [0, 1]'),
+    (['--caption_drop_prob', 1.5], 'argument --caption_drop_prob: 1.5: must be a probability in [0, 1]'),
+    (['--batch-size', 0], 'argument --batch-size: 0: must be a positive integer'),
+    (['--bucket', 9], 'argument --bucket: 9: the bucket index must be 0..6'),
 ])
 def test_bad_flags_are_refused_before_anything_loads(flags, phrase, root, tiny_input, tmp_path):
     model = tmp_path / 'model'  # a model that cannot load: the flag must be reported first
@@ -649,7 +653,8 @@ def test_a_bad_flag_fails_before_torch_is_imported(root, tmp_path):
             '    print("exit", stop.code, "torch" in sys.modules)\n')
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ['exit', '2', 'False'], proc.stdout + proc.stderr[-3000:]
-    assert proc.stderr.startswith('error: --resolutions 100: each resolution must be a positive multiple')
+    assert proc.stderr.splitlines()[-1] == ('precompute_latents.py: error: argument --resolutions: 100: '
+                                            'must be a positive multiple of 8 (the VAE downsamples 8x)')
 
 
 @pytest.mark.parametrize('name, env, phrase', [
@@ -658,11 +663,18 @@ def test_a_bad_flag_fails_before_torch_is_imported(root, tmp_path):
     ('someone/sd-2-typo', {'HF_HUB_OFFLINE': '0', 'HF_ENDPOINT': 'http://127.0.0.1:9'}, 'cannot be reached'),
 ])
 def test_a_model_name_that_cannot_load_fails_fast(name, env, phrase, root, tiny_input, tmp_path):
-    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env}
+    """Run in this process where its hub settings are the case's (conftest sets HF_HUB_OFFLINE=1), else
+    in a process of its own with the case's environment."""
+    from huggingface_hub import constants
+
+    flags = ['--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local', tmp_path / 'cache',
+             '--remote_upload', tmp_path / 'out', '--model_name', name]
     began = time.time()
-    proc = run(root, '--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local',
-               tmp_path / 'cache', '--remote_upload', tmp_path / 'out', '--model_name', name, env=env)
-    assert phrase in one_line_error(proc)
+    if env.get('HF_HUB_OFFLINE', '1') == '1' and 'HF_ENDPOINT' not in env and constants.HF_HUB_OFFLINE:
+        line = refused(*flags)
+    else:
+        line = one_line_error(run(root, *flags, env={**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env}))
+    assert phrase in line
     assert time.time() - began < 120  # no minutes of hub retries
     assert not (tmp_path / 'out').exists()
 
@@ -672,6 +684,8 @@ def test_input_read_in_place_from_local_is_not_taken_for_an_overlap(tmp_path):
     the run's own staging folder below it is harmless; an output inside it is still refused."""
     script = load_script('precompute_latents.py')
     local, out = tmp_path / 'mds', tmp_path / 'out'
-    script.check_places(script.parse_args(['--local', str(local), '--remote_upload', str(out)]))
+    args = script.parse_args(['--local', str(local), '--remote_upload', str(out)])
+    script.check_places(args, script.places(args))
+    args = script.parse_args(['--local', str(local), '--remote_upload', str(local / 'out')])
     with pytest.raises(script.UserError, match=r'the output .* is inside the input'):
-        script.check_places(script.parse_args(['--local', str(local), '--remote_upload', str(local / 'out')]))
+        script.check_places(args, script.places(args))

@@ -28,6 +28,7 @@ COLUMNS = {
     'jpg': 'bytes', 'hash': 'int64',
 }
 UNBUCKETED = '0-1048576'
+VLM_COLUMNS = {**COLUMNS, 'vlm_caption': 'str'}  # a second caption column, as caption_images.py adds one
 
 
 def header_size(data: bytes) -> tuple[int, int]:
@@ -48,6 +49,11 @@ def make_row(n: int, data: bytes, name: str, caption: str | None = None) -> dict
         'width': w, 'height': h, 'original_width': w, 'original_height': h, 'jpg': data,
         'hash': 1_000_003 * n - 7,
     }
+
+
+def with_vlm_captions(rows: list[dict], texts: list[str]) -> list[dict]:
+    """`rows` with a `vlm_caption` column (texts[i % len(texts)]): write them with columns=VLM_COLUMNS."""
+    return [{**row, 'vlm_caption': texts[i % len(texts)]} for i, row in enumerate(rows)]
 
 
 def rows_for(items: list[CorpusItem], repeat: int = 1) -> list[dict]:
