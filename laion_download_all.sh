@@ -40,8 +40,9 @@
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
 #   OUTPUT_FOLDER            folder for the shards, not URL_LIST's: local, or s3://… (any fsspec URL;
 #                            needs s3fs, credentials as boto reads them; an S3-compatible endpoint in
-#                            FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL or S3_ENDPOINT_URL, first set
-#                            wins). For pyspark/ray on many machines, storage every node
+#                            S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or
+#                            FSSPEC_S3_ENDPOINT_URL, the first set winning, as in laion_cloudwriter.py).
+#                            For pyspark/ray on many machines, storage every node
 #                            reaches.                                   /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
@@ -50,9 +51,11 @@
 #                            settings through PYSPARK_SUBMIT_ARGS      local[PROCESSES_COUNT,3]
 #   RAY_ADDRESS              (ray) the cluster to join, e.g. head:6379; empty: a one-machine Ray with
 #                            PROCESSES_COUNT CPUs                       (empty)
-#   FORWARD_STORAGE_ENV      (ours; pyspark, ray) carry this process's storage settings (AWS_*, FSSPEC_*,
-#                            S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) to every task; their names
-#                            are printed, never their values. False: the nodes' own settings  True
+#   STORAGE_ENV              (ours; pyspark, ray) forward: carry this process's storage settings (AWS_*,
+#                            FSSPEC_*, S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) to every task;
+#                            their names are printed, never their values. cluster: the nodes' own
+#                            settings (laion_cloudwriter.py's --storage_env; once FORWARD_STORAGE_ENV
+#                            =True/False, still read)                  forward
 #   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
 #                            beforehand; never prompts                  False
 #   NUMBER_SAMPLE_PER_SHARD  rows per shard                             10000
@@ -123,15 +126,18 @@ BLOCKLIST_COLUMN=${BLOCKLIST_COLUMN:-$URL_COL}
 DEDUP=${DEDUP:-False}
 SPARK_MASTER=${SPARK_MASTER:-local[$PROCESSES_COUNT,3]}  # 3: a task whose worker dies runs again
 RAY_ADDRESS=${RAY_ADDRESS:-}
-FORWARD_STORAGE_ENV=${FORWARD_STORAGE_ENV:-True}
+STORAGE_ENV=${STORAGE_ENV:-forward}
 [[ $DISTRIBUTOR == multiprocessing && $OUTPUT_FOLDER != *://* ]] && check_default=True || check_default=False
 CHECK_IMAGES=${CHECK_IMAGES:-$check_default}
 PYTHON=${PYTHON:-python3}
 export NO_ALBUMENTATIONS_UPDATE=${NO_ALBUMENTATIONS_UPDATE:-1}  # no update check in every process
-# An S3-compatible endpoint: s3fs takes fsspec's FSSPEC_S3_ENDPOINT_URL, else botocore's AWS_ENDPOINT_URL;
-# streaming (laion_cloudwriter.py) reads S3_ENDPOINT_URL, which counts here too when neither is set.
-[[ -n ${S3_ENDPOINT_URL:-} && -z ${FSSPEC_S3_ENDPOINT_URL:-}${AWS_ENDPOINT_URL:-} ]] &&
-  export FSSPEC_S3_ENDPOINT_URL=$S3_ENDPOINT_URL
+# An S3-compatible endpoint under any of these names, the first set winning, in laion_cloudwriter.py's
+# order (streaming's, botocore's service-specific then global, fsspec's): the pipeline's scripts then use
+# one endpoint. It becomes FSSPEC_S3_ENDPOINT_URL, which s3fs takes over botocore's, for the metadata
+# step, img2dataset and every engine task.
+for endpoint in S3_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_ENDPOINT_URL FSSPEC_S3_ENDPOINT_URL; do
+  [[ -z ${!endpoint:-} ]] || { export FSSPEC_S3_ENDPOINT_URL=${!endpoint}; break; }
+done
 # Flags this script sets itself: they come from the variables above or are fixed.
 OWN_FLAGS='url_list output_folder processes_count thread_count distributor enable_wandb
   number_sample_per_shard timeout retries url_col caption_col save_additional_columns verify_hash
@@ -172,7 +178,7 @@ print(f"laion_download: ray at {ray.get_runtime_context().gcs_address}", file=sy
 )
 # The storage settings carried to the tasks of pyspark and ray: variables with these names or name
 # prefixes (boto's and s3fs's endpoint, region, profile, config files, credentials; gcsfs's key file).
-# FORWARD_STORAGE_ENV=False carries none (instance roles, or settings the cluster has itself).
+# STORAGE_ENV=cluster carries none (instance roles, or settings the cluster has itself).
 STORAGE_NAMES='AWS_ FSSPEC_ S3_ENDPOINT_URL GOOGLE_APPLICATION_CREDENTIALS'
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
@@ -221,7 +227,11 @@ check_settings() {
   else
     ENABLE_WANDB=False
   fi
-  truthy FORWARD_STORAGE_ENV "$FORWARD_STORAGE_ENV" && FORWARD_STORAGE_ENV=True || FORWARD_STORAGE_ENV=False
+  if [[ -n ${FORWARD_STORAGE_ENV:-} ]]; then  # STORAGE_ENV's old name
+    truthy FORWARD_STORAGE_ENV "$FORWARD_STORAGE_ENV" && STORAGE_ENV=forward || STORAGE_ENV=cluster
+    echo "$PROG: note: FORWARD_STORAGE_ENV is deprecated: read as STORAGE_ENV=$STORAGE_ENV" >&2
+  fi
+  [[ $STORAGE_ENV =~ ^(forward|cluster)$ ]] || die "STORAGE_ENV=$STORAGE_ENV: expected forward or cluster"
   check_output_folder
   if truthy CHECK_IMAGES "$CHECK_IMAGES"; then
     CHECK_IMAGES=True
@@ -576,7 +586,7 @@ main() {
 
   local start=${ENGINE_START[$DISTRIBUTOR]}
   if [[ -n $start ]]; then
-    [[ $FORWARD_STORAGE_ENV == True ]] && engine=("$STORAGE_NAMES") || engine=('')
+    [[ $STORAGE_ENV == forward ]] && engine=("$STORAGE_NAMES") || engine=('')
     for var in ${ENGINE_ARGS[$DISTRIBUTOR]}; do engine+=("${!var}"); done
     engine+=(--)
   fi
