@@ -256,7 +256,7 @@ check_settings() {
 # metadata, and a rerun would read them as metadata). Paths are compared after resolving symlinks.
 check_output_folder() {
   local meta_dir there=$OUTPUT_FOLDER
-  [[ $OUTPUT_FOLDER != *://* ]] || return 0  # a URL: the preflight checks it can be reached
+  [[ $OUTPUT_FOLDER != *://* ]] || return 0  # a URL: claim checks it can be reached
   while [[ ! -e $there && $there != "$(dirname -- "$there")" ]]; do there=$(dirname -- "$there"); done
   [[ -d $there ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: $there exists and is not a folder;" \
     'point OUTPUT_FOLDER at a folder (new or existing)'

@@ -208,7 +208,8 @@ def test_unreachable_output_gets_one_line(image_server, tmp_path):
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if 'error' in line]
     # The first step to touch OUTPUT_FOLDER says so: the metadata step (filter_metadata.py looks for a
-    # filtered copy there even without a FILTER, so that adding one later is caught) or the preflight.
+    # filtered copy there even without a FILTER, so that adding one later is caught) or the script's claim
+    # of the folder.
     one_line = r'(laion_download|filter_metadata): error: OUTPUT_FOLDER=s3://nobucket/out: cannot reach it'
     assert len(errors) == 1 and re.match(one_line, errors[0]), proc.stderr
 
