@@ -104,7 +104,7 @@ def shard_paths(entries: list) -> list[set[str]]:
 def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, image_server, tmp_path):
     # Shard 1 cannot be written (its file name is taken by a folder, as on a full disk): img2dataset
     # on Spark retries it and gives up, on Ray drops it without a word; both exit 0.
-    entries, table = full_entries(image_server)
+    entries, table = full_entries(image_server, slow=False)
     (tmp_path / 'raw').mkdir()
     pq.write_table(table, tmp_path / 'raw' / 'part-00000.parquet')
     out = tmp_path / 'out'
@@ -146,7 +146,7 @@ def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, 
 def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env, image_server, s3):
     # The metadata and the shards both in the bucket, the download on the cluster's workers, which were
     # started without the endpoint or credentials: the job carries them (and never shows the secret).
-    entries, table = full_entries(image_server)
+    entries, table = full_entries(image_server, slow=False)
     client = s3.client()
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -200,7 +200,7 @@ def test_unreachable_output_gets_one_line(image_server, tmp_path):
     # No endpoint answers (a closed port on loopback): the run stops at its first write, before any
     # download.
     (tmp_path / 'raw').mkdir()
-    pq.write_table(full_entries(image_server)[1], tmp_path / 'raw' / 'part-00000.parquet')
+    pq.write_table(full_entries(image_server, slow=False)[1], tmp_path / 'raw' / 'part-00000.parquet')
     env = script_env(tmp_path / 'raw', 's3://nobucket/out', AWS_ENDPOINT_URL='http://127.0.0.1:9',
                      AWS_ACCESS_KEY_ID='x', AWS_SECRET_ACCESS_KEY='x', AWS_DEFAULT_REGION='us-east-1',
                      AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1')
