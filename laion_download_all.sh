@@ -40,8 +40,9 @@
 #   URL_LIST                 metadata folder (or one parquet file)      /tmp/laion2b-raw
 #   OUTPUT_FOLDER            folder for the shards, not URL_LIST's: local, or s3://… (any fsspec URL;
 #                            needs s3fs, credentials as boto reads them; an S3-compatible endpoint in
-#                            FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL or S3_ENDPOINT_URL, first set
-#                            wins). For pyspark/ray on many machines, storage every node
+#                            S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or
+#                            FSSPEC_S3_ENDPOINT_URL, the first set winning, as in laion_cloudwriter.py).
+#                            For pyspark/ray on many machines, storage every node
 #                            reaches.                                   /tmp/laion2b-processed
 #   PROCESSES_COUNT          download processes; half the cores, so laion_cloudwriter.py gets the rest
 #   THREAD_COUNT             download threads per process               64
@@ -50,9 +51,11 @@
 #                            settings through PYSPARK_SUBMIT_ARGS      local[PROCESSES_COUNT,3]
 #   RAY_ADDRESS              (ray) the cluster to join, e.g. head:6379; empty: a one-machine Ray with
 #                            PROCESSES_COUNT CPUs                       (empty)
-#   FORWARD_STORAGE_ENV      (ours; pyspark, ray) carry this process's storage settings (AWS_*, FSSPEC_*,
-#                            S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) to every task; their names
-#                            are printed, never their values. False: the nodes' own settings  True
+#   STORAGE_ENV              (ours; pyspark, ray) forward: carry this process's storage settings (AWS_*,
+#                            FSSPEC_*, S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) to every task;
+#                            their names are printed, never their values. cluster: the nodes' own
+#                            settings (laion_cloudwriter.py's --storage_env; once FORWARD_STORAGE_ENV
+#                            =True/False, still read)                  forward
 #   ENABLE_WANDB             log to Weights & Biases: needs WANDB_API_KEY or a `wandb login` done
 #                            beforehand; never prompts                  False
 #   NUMBER_SAMPLE_PER_SHARD  rows per shard                             10000
@@ -123,53 +126,60 @@ BLOCKLIST_COLUMN=${BLOCKLIST_COLUMN:-$URL_COL}
 DEDUP=${DEDUP:-False}
 SPARK_MASTER=${SPARK_MASTER:-local[$PROCESSES_COUNT,3]}  # 3: a task whose worker dies runs again
 RAY_ADDRESS=${RAY_ADDRESS:-}
-FORWARD_STORAGE_ENV=${FORWARD_STORAGE_ENV:-True}
+STORAGE_ENV=${STORAGE_ENV:-forward}
 [[ $DISTRIBUTOR == multiprocessing && $OUTPUT_FOLDER != *://* ]] && check_default=True || check_default=False
 CHECK_IMAGES=${CHECK_IMAGES:-$check_default}
 PYTHON=${PYTHON:-python3}
 export NO_ALBUMENTATIONS_UPDATE=${NO_ALBUMENTATIONS_UPDATE:-1}  # no update check in every process
-# An S3-compatible endpoint: s3fs takes fsspec's FSSPEC_S3_ENDPOINT_URL, else botocore's AWS_ENDPOINT_URL;
-# streaming (laion_cloudwriter.py) reads S3_ENDPOINT_URL, which counts here too when neither is set.
-[[ -n ${S3_ENDPOINT_URL:-} && -z ${FSSPEC_S3_ENDPOINT_URL:-}${AWS_ENDPOINT_URL:-} ]] &&
-  export FSSPEC_S3_ENDPOINT_URL=$S3_ENDPOINT_URL
+# An S3-compatible endpoint under any of these names, the first set winning, in laion_cloudwriter.py's
+# order (streaming's, botocore's service-specific then global, fsspec's): the pipeline's scripts then use
+# one endpoint. It becomes FSSPEC_S3_ENDPOINT_URL, which s3fs takes over botocore's, for the metadata
+# step, img2dataset and every engine task.
+for endpoint in S3_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_ENDPOINT_URL FSSPEC_S3_ENDPOINT_URL; do
+  [[ -z ${!endpoint:-} ]] || { export FSSPEC_S3_ENDPOINT_URL=${!endpoint}; break; }
+done
 # Flags this script sets itself: they come from the variables above or are fixed.
 OWN_FLAGS='url_list output_folder processes_count thread_count distributor enable_wandb
   number_sample_per_shard timeout retries url_col caption_col save_additional_columns verify_hash
   compute_hash input_format output_format resize_mode disable_all_reencoding incremental_mode'
 
-# How each DISTRIBUTOR starts: python run before img2dataset's own command line, in the same process.
-# img2dataset uses the Spark session that exists instead of making its own local[N] one, and joins the
-# Ray that ray.init started (SPARK_MASTER, RAY_ADDRESS). `storage` is the driver's storage settings
-# (STORAGE_ENV), which every task gets: a cluster's workers run with the environment it started with.
-# Spark hides the values of secrets (spark.redaction.regex) in its UI and logs; Ray gets them inside a
-# function its workers run as they start, which it keeps in its store, as it keeps task arguments.
+# How each DISTRIBUTOR starts: python run before img2dataset's own command line, in the same process,
+# given its arguments ahead of img2dataset's, up to a `--`: the names of the storage settings to carry
+# (STORAGE_NAMES, or none) and the values of the variables ENGINE_ARGS lists. img2dataset uses the Spark
+# session that exists instead of making its own local[N] one, and joins the Ray that ray.init started.
+# `storage` is the driver's storage settings, which every task gets: a cluster's workers run with the
+# environment it started with. Spark hides the values of secrets (spark.redaction.regex) in its UI and
+# logs; Ray gets them inside a function its workers run as they start, which it keeps in its store, as
+# it keeps task arguments.
+ENGINE_TAKE='end = sys.argv.index("--")
+names, *engine = sys.argv[1:end]
+del sys.argv[1:end + 1]
+storage = {k: v for k, v in os.environ.items() if k.startswith(tuple(names.split()))}
+carried = ", ".join(sorted(storage)) or "no storage settings"
+print(f"laion_download: carrying to every task: {carried} (values not shown)", file=sys.stderr)'
+declare -A ENGINE_ARGS=([multiprocessing]='' [pyspark]='SPARK_MASTER' [ray]='RAY_ADDRESS PROCESSES_COUNT')
 declare -A ENGINE_START=(
   [multiprocessing]=''
   [pyspark]='from pyspark.sql import SparkSession
-builder = SparkSession.builder.master(os.environ["SPARK_MASTER"]).appName("laion_download")
+builder = SparkSession.builder.master(engine[0]).appName("laion_download")
 for name, value in storage.items():
     builder = builder.config(f"spark.executorEnv.{name}", value)
 spark = builder.getOrCreate()
 print(f"laion_download: spark master {spark.sparkContext.master}", file=sys.stderr)'
   [ray]='import ray
-address = os.environ["RAY_ADDRESS"] or None
+address = engine[0] or None
 def set_storage_env(storage=storage):  # as the worker starts: not env_vars, which Ray logs in clear
     os.environ.update(storage)
     import fsspec.config  # fsspec read FSSPEC_* when imported
     fsspec.config.set_conf_env(fsspec.config.conf)
-ray.init(address=address, num_cpus=None if address else int(os.environ["PROCESSES_COUNT"]),
+ray.init(address=address, num_cpus=None if address else int(engine[1]),
          runtime_env={"worker_process_setup_hook": set_storage_env} if storage else None)
 print(f"laion_download: ray at {ray.get_runtime_context().gcs_address}", file=sys.stderr)'
 )
 # The storage settings carried to the tasks of pyspark and ray: variables with these names or name
 # prefixes (boto's and s3fs's endpoint, region, profile, config files, credentials; gcsfs's key file).
-# FORWARD_STORAGE_ENV=False carries none (instance roles, or settings the cluster has itself).
-STORAGE_ENV='AWS_ FSSPEC_ S3_ENDPOINT_URL GOOGLE_APPLICATION_CREDENTIALS'
-STORAGE_PY='prefixes = tuple(os.environ["STORAGE_ENV"].split())
-storage = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
-storage = storage if os.environ["FORWARD_STORAGE_ENV"] == "True" else {}
-names = ", ".join(sorted(storage)) or "no storage settings"
-print(f"laion_download: carrying to every task: {names} (values not shown)", file=sys.stderr)'
+# STORAGE_ENV=cluster carries none (instance roles, or settings the cluster has itself).
+STORAGE_NAMES='AWS_ FSSPEC_ S3_ENDPOINT_URL GOOGLE_APPLICATION_CREDENTIALS'
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
 
@@ -197,6 +207,7 @@ check_settings() {
   [[ -v PRESETS[$DATASET] ]] || die "DATASET=$DATASET: expected one of ${!PRESETS[*]}"
   [[ $VERIFY_HASH_TYPE =~ ^(md5|sha256|sha512)$ ]] ||
     die "VERIFY_HASH_TYPE=$VERIFY_HASH_TYPE: expected md5, sha256 or sha512"
+  [[ ! ${VERIFY_HASH,,} =~ ^(0|false|no|off|none)$ ]] || VERIFY_HASH=''  # a column name, or none
   for var in key status width height original_width original_height exif error_message md5; do
     [[ ,$SAVE_ADDITIONAL_COLUMNS, != *,$var,* ]] || die "SAVE_ADDITIONAL_COLUMNS names '$var': img2dataset" \
       "writes that column itself for the image it downloads; drop it (FILTER can still use it)"
@@ -216,7 +227,11 @@ check_settings() {
   else
     ENABLE_WANDB=False
   fi
-  truthy FORWARD_STORAGE_ENV "$FORWARD_STORAGE_ENV" && FORWARD_STORAGE_ENV=True || FORWARD_STORAGE_ENV=False
+  if [[ -n ${FORWARD_STORAGE_ENV:-} ]]; then  # STORAGE_ENV's old name
+    truthy FORWARD_STORAGE_ENV "$FORWARD_STORAGE_ENV" && STORAGE_ENV=forward || STORAGE_ENV=cluster
+    echo "$PROG: note: FORWARD_STORAGE_ENV is deprecated: read as STORAGE_ENV=$STORAGE_ENV" >&2
+  fi
+  [[ $STORAGE_ENV =~ ^(forward|cluster)$ ]] || die "STORAGE_ENV=$STORAGE_ENV: expected forward or cluster"
   check_output_folder
   if truthy CHECK_IMAGES "$CHECK_IMAGES"; then
     CHECK_IMAGES=True
@@ -241,7 +256,7 @@ check_settings() {
 # metadata, and a rerun would read them as metadata). Paths are compared after resolving symlinks.
 check_output_folder() {
   local meta_dir there=$OUTPUT_FOLDER
-  [[ $OUTPUT_FOLDER != *://* ]] || return 0  # a URL: the preflight checks it can be reached
+  [[ $OUTPUT_FOLDER != *://* ]] || return 0  # a URL: claim checks it can be reached
   while [[ ! -e $there && $there != "$(dirname -- "$there")" ]]; do there=$(dirname -- "$there"); done
   [[ -d $there ]] || die "OUTPUT_FOLDER=$OUTPUT_FOLDER: $there exists and is not a folder;" \
     'point OUTPUT_FOLDER at a folder (new or existing)'
@@ -257,54 +272,38 @@ check_output_folder() {
   return 0
 }
 
-# Reads only the parquet footers: fails with one line on a missing/empty folder, a missing column,
-# settings other than those OUTPUT_FOLDER/download_settings.txt records, or an OUTPUT_FOLDER out of
-# reach (no fsspec filesystem for it, no credentials). Then makes OUTPUT_FOLDER, writes that record,
-# removes its `done`, and prints "<md5 column to verify, or -> <expected shards> <rows>".
-preflight() {
-  "$PYTHON" - <<'EOF'
+# The embedded Python pieces, one job each, taking their inputs as arguments. Each fails with one
+# `laion_download: error:` line and a non-zero exit (the caller exits 2 or counts the run unfinished).
+
+# The metadata's plan, from its parquet footers only: one line on a missing or empty folder, a file that
+# does not read or lacks a column. Prints "<hash column to verify, or -> <shards> <rows> <layout>", the
+# layout being the files in order with their rows and sizes, which the shard ids follow.
+# Arguments: URL_LIST, NUMBER_SAMPLE_PER_SHARD, VERIFY_HASH (empty: none), then KNOB=column for each
+# column the download reads.
+plan() {
+  "$PYTHON" - "$@" <<'EOF'
 import hashlib
 import math
-import os
 import sys
 
 import fsspec
 import pyarrow.parquet as pq
 
-env = os.environ
-url_list, per_shard = env['URL_LIST'], int(env['NUMBER_SAMPLE_PER_SHARD'])
-verify = '' if env['VERIFY_HASH'].lower() in ('', '0', 'false', 'no', 'off', 'none') else env['VERIFY_HASH']
-wanted = {'URL_COL': env['URL_COL'], 'CAPTION_COL': env['CAPTION_COL']}
-wanted.update({f'SAVE_ADDITIONAL_COLUMNS {c}': c for c in env['SAVE_ADDITIONAL_COLUMNS'].split(',') if c})
-
-
-def fail(msg: str) -> None:
-    sys.exit(f'laion_download: error: {msg}')
-
-
-def unreachable(knob: str, err: Exception) -> None:
-    fail(f"{knob}={env[knob]}: cannot reach it ({type(err).__name__}: {' '.join(str(err).split())[:300]})")
-
-
-def filesystem(knob: str) -> tuple:
-    """(fsspec filesystem, path, whether it exists) of a knob's URL; one line when out of reach."""
-    try:
-        fs, path = fsspec.core.url_to_fs(env[knob])
-        return fs, path, fs.exists(path)
-    except Exception as err:  # no filesystem for it (s3fs missing), no credentials
-        unreachable(knob, err)
-
-
-out_fs, out, _ = filesystem('OUTPUT_FOLDER')
-fs, path, exists = filesystem('URL_LIST')
+url_list, per_shard, verify, *columns = sys.argv[1:]
+per_shard = int(per_shard)
+try:
+    fs, path = fsspec.core.url_to_fs(url_list)
+    exists = fs.exists(path)
+except Exception as err:  # no filesystem for it (s3fs missing), no credentials
+    sys.exit(f"laion_download: error: URL_LIST={url_list}: cannot reach it "
+             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})")
 if not exists:
-    fail(f'URL_LIST={url_list}: no such folder or file')
+    sys.exit(f'laion_download: error: URL_LIST={url_list}: no such folder or file')
 files = sorted(fs.glob(path.rstrip('/') + '/*.parquet')) if fs.isdir(path) else [path]
 if not files:
-    fail(f'URL_LIST={url_list}: the folder holds no *.parquet metadata files')
-rows = shards = 0
-unhashed = []
-layout = hashlib.sha256()  # the files in order, with their rows (and bytes): what the shard ids follow
+    sys.exit(f'laion_download: error: URL_LIST={url_list}: the folder holds no *.parquet metadata files')
+rows = shards = unhashed = 0
+layout = hashlib.sha256()
 for f in files:
     try:
         with fs.open(f, 'rb') as fh:
@@ -312,79 +311,85 @@ for f in files:
             names, n = meta.schema_arrow.names, meta.metadata.num_rows
         size = fs.size(f)
     except Exception as err:  # any reason a footer does not read: name the file, not the traceback
-        fail(f'{f}: not a readable parquet file ({type(err).__name__}: {err})')
-    for knob, col in wanted.items():
+        sys.exit(f'laion_download: error: {f}: not a readable parquet file ({type(err).__name__}: {err})')
+    for knob, col in (c.split('=', 1) for c in columns):
         if col not in names:
-            fail(f"{f}: no column '{col}' ({knob.split()[0]}); its columns: {', '.join(names)}")
-    if verify and verify not in names:
-        unhashed.append(f)
+            sys.exit(f"laion_download: error: {f}: no column '{col}' ({knob}); its columns: {', '.join(names)}")
+    unhashed += bool(verify) and verify not in names
     rows += n
     shards += math.ceil(n / per_shard)
     layout.update(f"{f.rsplit('/', 1)[-1]}\t{n}\t{size}\n".encode())
-# What decides which metadata rows land in which shard id, and the shards' columns: a rerun into this
-# OUTPUT_FOLDER with other values would repeat or drop rows beside the finished shards. Add a setting
-# that does the same (a filter of the rows) as one more entry here.
-settings = {
-    'NUMBER_SAMPLE_PER_SHARD': str(per_shard),
-    'metadata': f'{len(files)} files, {rows} rows, sha256 {layout.hexdigest()[:16]}',
-    'URL_COL': env['URL_COL'],
-    'CAPTION_COL': env['CAPTION_COL'],
-    'SAVE_ADDITIONAL_COLUMNS': env['SAVE_ADDITIONAL_COLUMNS'],
-}
-record = out + '/download_settings.txt'
-try:
-    lines = out_fs.cat_file(record).decode().splitlines() if out_fs.exists(record) else []
-except Exception as err:
-    unreachable('OUTPUT_FOLDER', err)
-recorded = dict(line.split('=', 1) for line in lines if '=' in line and not line.startswith('#'))
-for key in (k for k in settings if k in recorded and recorded[k] != settings[k]):
-    fail(f"OUTPUT_FOLDER={env['OUTPUT_FOLDER']} holds shards made with {key}={recorded[key]}, not "
-         f'{settings[key]} (download_settings.txt): rerun with those settings, or pick a new OUTPUT_FOLDER')
-if verify and unhashed:
-    print(f'laion_download: note: {len(unhashed)} of {len(files)} metadata files have no column '
-          f"'{verify}' (VERIFY_HASH): the hash is computed but not verified", file=sys.stderr)
+if unhashed:
+    print(f"laion_download: note: {unhashed} of {len(files)} metadata files have no column '{verify}' "
+          '(VERIFY_HASH): the hash is computed but not verified', file=sys.stderr)
     verify = ''
 print(f'laion_download: {len(files)} metadata files, {rows} rows -> {shards} shards of up to {per_shard}'
       + (f", hash verified against column '{verify}'" if verify else ''), file=sys.stderr)
-try:  # the first write: an endpoint, a bucket or credentials that do not work stop the run here
-    out_fs.makedirs(out, exist_ok=True)
-    head = '# laion_download_all.sh: a rerun into this folder must have these settings\n'
-    body = ''.join(f'{k}={v}\n' for k, v in {**recorded, **settings}.items())
-    out_fs.pipe_file(record, (head + body).encode())
-    if out_fs.exists(out + '/done'):
-        out_fs.rm(out + '/done')
-    out_fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes last\n')
-except Exception as err:
-    unreachable('OUTPUT_FOLDER', err)
-print(verify or '-', shards, rows)
+print(verify or '-', shards, rows, f'{len(files)} files, {rows} rows, sha256 {layout.hexdigest()[:16]}')
 EOF
 }
 
-# The one-screen summary over every *_stats.json, printed and written to OUTPUT_FOLDER/download_summary.txt;
-# with CHECK_IMAGES, images that do not decode count as corrupt (checked once per shard; results kept in
-# OUTPUT_FOLDER/.image_check.tsv). Writes `done` when img2dataset exited 0 and every expected shard has
-# its _stats.json, and exits 0; exits 1 otherwise.
-# Arguments: OUTPUT_FOLDER, expected shards, the run's start (epoch s), img2dataset's exit code,
-# CHECK_IMAGES, PROCESSES_COUNT.
-summarize() {
+# Claims OUTPUT_FOLDER for this run: refuses settings other than those its download_settings.txt records
+# (a rerun with them would repeat or drop rows beside the finished shards), then makes the folder (the
+# first write: an endpoint, bucket or credentials that do not work stop the run here), writes the record,
+# removes `done` and leaves a placeholder download_summary.txt.
+# Arguments: OUTPUT_FOLDER, then KEY=value for each setting the record holds.
+claim() {
   "$PYTHON" - "$@" <<'EOF'
+import sys
+
+import fsspec
+
+output_folder, *pairs = sys.argv[1:]
+settings = dict(pair.split('=', 1) for pair in pairs)
+
+
+def unreachable(err: Exception) -> None:
+    sys.exit(f'laion_download: error: OUTPUT_FOLDER={output_folder}: cannot reach it '
+             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})")
+
+
+try:
+    fs, out = fsspec.core.url_to_fs(output_folder)
+    record = out + '/download_settings.txt'
+    lines = fs.cat_file(record).decode().splitlines() if fs.exists(record) else []
+except Exception as err:  # no filesystem for it (s3fs missing), no credentials, no endpoint
+    unreachable(err)
+recorded = dict(line.split('=', 1) for line in lines if '=' in line and not line.startswith('#'))
+for key in (k for k in settings if k in recorded and recorded[k] != settings[k]):
+    sys.exit(f'laion_download: error: OUTPUT_FOLDER={output_folder} holds shards made with '
+             f'{key}={recorded[key]}, not {settings[key]} (download_settings.txt): rerun with those '
+             'settings, or pick a new OUTPUT_FOLDER')
+try:
+    fs.makedirs(out, exist_ok=True)
+    head = '# laion_download_all.sh: a rerun into this folder must have these settings\n'
+    fs.pipe_file(record, (head + ''.join(f'{k}={v}\n' for k, v in {**recorded, **settings}.items())).encode())
+    if fs.exists(out + '/done'):
+        fs.rm(out + '/done')
+    fs.pipe_file(out + '/download_summary.txt', b'laion_download: running; the summary comes last\n')
+except Exception as err:
+    unreachable(err)
+EOF
+}
+
+# CHECK_IMAGES: decodes the 'success' images of each finished shard not checked yet, in PROCESSES_COUNT
+# processes, and records "<shard> <its stats' end_time> <images checked> <corrupt>" lines in the local
+# OUTPUT_FOLDER/.image_check.tsv (a shard downloaded again has a new end_time: it is checked again).
+# Arguments: OUTPUT_FOLDER (a local path), PROCESSES_COUNT.
+check_images() {
+  "$PYTHON" - "$@" <<'EOF'
+import glob
 import io
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
-import fsspec
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-output_folder, expected, start, img2dataset_rc, check, processes = sys.argv[1:]
-fs, out = fsspec.core.url_to_fs(output_folder)
-expected, start = int(expected), float(start)
-check = check == 'True'  # a local OUTPUT_FOLDER only: paths below are then os paths
-CACHE = os.path.join(out, '.image_check.tsv')  # shard, its stats' end_time, images checked, corrupt
-READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
+out, processes = sys.argv[1], int(sys.argv[2])
+CACHE = os.path.join(out, '.image_check.tsv')
 Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
 
 
@@ -415,6 +420,58 @@ def check_shard(path: str) -> tuple[int, int] | None:
     return checked, corrupt
 
 
+def end_time(stats: str) -> str | None:
+    """The shard's end_time as the cache keys it; None when its stats went away (the cloudwriter)."""
+    try:
+        with open(stats) as f:
+            return repr(json.load(f)['end_time'])
+    except FileNotFoundError:
+        return None
+
+
+cache = {}  # (shard, end_time) -> 'images checked\tcorrupt'
+if os.path.exists(CACHE):
+    for line in open(CACHE).read().splitlines():
+        shard, end, counts = line.split('\t', 2)
+        cache[(shard, end)] = counts
+todo = []
+for stats in sorted(glob.glob(os.path.join(out, '*_stats.json'))):
+    shard = os.path.basename(stats).split('_')[0]
+    key = (shard, end_time(stats))
+    if key[1] is not None and key not in cache and os.path.exists(os.path.join(out, shard + '.parquet')):
+        todo.append(key)
+if todo:
+    print(f'laion_download: checking that the images of {len(todo)} new shards decode ...', flush=True)
+    with ProcessPoolExecutor(min(len(todo), processes)) as pool:
+        for key, got in zip(todo, pool.map(check_shard, [os.path.join(out, s + '.parquet') for s, _ in todo])):
+            if got is not None:
+                cache[key] = f'{got[0]}\t{got[1]}'
+    with open(CACHE + '.tmp', 'w') as f:  # then renamed: a run killed while writing leaves the old one
+        f.writelines(f'{s}\t{end}\t{counts}\n' for (s, end), counts in cache.items())
+    os.replace(CACHE + '.tmp', CACHE)
+EOF
+}
+
+# The one-screen summary over every *_stats.json, printed and written to OUTPUT_FOLDER/download_summary.txt,
+# with the corrupt images check_images counted (CHECK_IMAGES). Writes `done` and exits 0 when img2dataset
+# exited 0 and every expected shard has its _stats.json; exits 1 otherwise.
+# Arguments: OUTPUT_FOLDER, expected shards, the run's start (epoch s), img2dataset's exit code,
+# CHECK_IMAGES (True: read OUTPUT_FOLDER/.image_check.tsv).
+summarize() {
+  "$PYTHON" - "$@" <<'EOF'
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+output_folder, expected, start, img2dataset_rc, check = sys.argv[1:]
+fs, out = fsspec.core.url_to_fs(output_folder)
+expected, start, check = int(expected), float(start), check == 'True'
+READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
+
+
 def read_stats(path: str) -> tuple[str, dict] | None:
     """(shard name, its stats); None when the file went away (renamed by the cloudwriter)."""
     try:
@@ -431,23 +488,11 @@ with ThreadPoolExecutor(READERS) as pool:
     stats = dict(got for got in pool.map(read_stats, paths) if got is not None)
 sizes = {f['name'].rsplit('/', 1)[-1][:-len('.parquet')]: f['size']
          for f in fs.ls(out, detail=True) if f['name'].endswith('.parquet')}
-cache = {}
-if check and os.path.exists(CACHE):
-    for line in open(CACHE):
-        fields = line.split()
-        if len(fields) == 4 and line.endswith('\n'):  # a line cut off by a kill is checked again
-            cache[(fields[0], fields[1])] = (int(fields[2]), int(fields[3]))
-todo = [s for s in stats if (s, repr(stats[s]['end_time'])) not in cache and s in sizes] if check else []
-if todo:
-    workers = min(len(todo), int(processes))
-    print(f'laion_download: checking that the images of {len(todo)} new shards decode ...', flush=True)
-    with ProcessPoolExecutor(workers) as pool:
-        results = list(pool.map(check_shard, [os.path.join(out, s + '.parquet') for s in todo]))
-    with open(CACHE, 'a') as f:
-        for s, result in zip(todo, results):
-            if result is not None:
-                cache[(s, repr(stats[s]['end_time']))] = result
-                f.write(f"{s}\t{stats[s]['end_time']!r}\t{result[0]}\t{result[1]}\n")
+checked = {}  # (shard, end_time) -> (images checked, corrupt), as check_images wrote them
+if check and fs.exists(out + '/.image_check.tsv'):
+    for line in fs.cat_file(out + '/.image_check.tsv').decode().splitlines():
+        shard, end, n, bad = line.split('\t')
+        checked[(shard, end)] = (int(n), int(bad))
 
 reasons: dict[str, int] = {}
 count = successes = corrupt = unchecked = 0
@@ -457,7 +502,7 @@ for s, st in stats.items():
     for reason, n in st['status_dict'].items():
         if reason != 'success':
             reasons[reason] = reasons.get(reason, 0) + n
-    got = cache.get((s, repr(st['end_time'])))
+    got = checked.get((s, repr(st['end_time'])))
     corrupt += got[1] if got else 0
     unchecked += 0 if got else st['successes']
 if corrupt:
@@ -496,7 +541,7 @@ if complete:
     if not isinstance(fs, LocalFileSystem) and fs.exists(out + '/_tmp'):
         fs.rm(out + '/_tmp', recursive=True)  # img2dataset's shard inputs: it removes them only locally
     fs.touch(out + '/done')
-raise SystemExit(0 if complete else 1)
+sys.exit(0 if complete else 1)
 EOF
 }
 
@@ -513,12 +558,17 @@ filter_step() {
 
 main() {
   check_settings "$@"
-  local plan verify expected rows rc=0
+  local planned verify expected rows layout col var rc=0 run_start engine=() columns=()
   URL_LIST=$(filter_step) || exit 2
-  plan=$(URL_LIST=$URL_LIST OUTPUT_FOLDER=$OUTPUT_FOLDER NUMBER_SAMPLE_PER_SHARD=$NUMBER_SAMPLE_PER_SHARD \
-    VERIFY_HASH=$VERIFY_HASH URL_COL=$URL_COL CAPTION_COL=$CAPTION_COL \
-    SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS preflight) || exit 2
-  read -r verify expected rows <<<"$plan"
+  columns=("URL_COL=$URL_COL" "CAPTION_COL=$CAPTION_COL")
+  for col in ${SAVE_ADDITIONAL_COLUMNS//,/ }; do columns+=("SAVE_ADDITIONAL_COLUMNS=$col"); done
+  planned=$(plan "$URL_LIST" "$NUMBER_SAMPLE_PER_SHARD" "$VERIFY_HASH" "${columns[@]}") || exit 2
+  read -r verify expected rows layout <<<"$planned"
+  # What decides which metadata rows land in which shard id, and the shards' columns: a rerun into this
+  # OUTPUT_FOLDER with other values would repeat or drop rows. Add a setting that does the same (a filter
+  # of the rows) as one more entry here.
+  claim "$OUTPUT_FOLDER" "NUMBER_SAMPLE_PER_SHARD=$NUMBER_SAMPLE_PER_SHARD" "metadata=$layout" \
+    "URL_COL=$URL_COL" "CAPTION_COL=$CAPTION_COL" "SAVE_ADDITIONAL_COLUMNS=$SAVE_ADDITIONAL_COLUMNS" || exit 2
   trap 'echo "$PROG: interrupted: no done file; run the same command again to resume" >&2; exit 130' INT
 
   local args=(
@@ -534,20 +584,23 @@ main() {
     args+=(--save_additional_columns="[\"${SAVE_ADDITIONAL_COLUMNS//,/\",\"}\"]")
   [[ $verify != - ]] && args+=(--verify_hash="[\"$verify\",\"$VERIFY_HASH_TYPE\"]")
 
-  local run_start
+  local start=${ENGINE_START[$DISTRIBUTOR]}
+  if [[ -n $start ]]; then
+    [[ $STORAGE_ENV == forward ]] && engine=("$STORAGE_NAMES") || engine=('')
+    for var in ${ENGINE_ARGS[$DISTRIBUTOR]}; do engine+=("${!var}"); done
+    engine+=(--)
+  fi
   run_start=$(date +%s)
   # The engine starts first in the same python process (ENGINE_START), then img2dataset's command line.
   # stdin from /dev/null: nothing (wandb included) can wait for an answer in an unattended job.
-  local start=${ENGINE_START[$DISTRIBUTOR]}
-  SPARK_MASTER=$SPARK_MASTER RAY_ADDRESS=$RAY_ADDRESS PROCESSES_COUNT=$PROCESSES_COUNT PYTHONUNBUFFERED=1 \
-    FORWARD_STORAGE_ENV=$FORWARD_STORAGE_ENV STORAGE_ENV=$STORAGE_ENV \
-    "$PYTHON" -c "import os, sys
-${start:+$STORAGE_PY
+  PYTHONUNBUFFERED=1 "$PYTHON" -c "import os, sys
+${start:+$ENGINE_TAKE
 $start}
 from img2dataset import main
-main()" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
+main()" "${engine[@]}" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
   # img2dataset exits 0 even after failed shards (ray does not even retry them): summarize decides.
-  if ! summarize "$OUTPUT_FOLDER" "$expected" "$run_start" "$rc" "$CHECK_IMAGES" "$PROCESSES_COUNT"; then
+  if ! { [[ $CHECK_IMAGES == False ]] || check_images "$OUTPUT_FOLDER" "$PROCESSES_COUNT"; } ||
+    ! summarize "$OUTPUT_FOLDER" "$expected" "$run_start" "$rc" "$CHECK_IMAGES"; then
     echo "$PROG: download incomplete (img2dataset exit code $rc): no done file;" \
       'run the same command again to resume' >&2
     exit $(( rc != 0 ? rc : 1 ))

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -59,10 +60,11 @@ def read_output(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob('*.parquet'))])
 
 
-def full_entries(server) -> tuple[list, pa.Table]:
-    """Every corpus file, a 404, a 500, a redirect and, last in a shard of its own, a slow URL; one row
-    carries a wrong md5. Returns the entries (expect 'mismatch' for that row) and the metadata."""
-    entries = entries_for(server, slow=True)
+def full_entries(server, slow: bool = True) -> tuple[list, pa.Table]:
+    """Every corpus file, a 404, a 500, a redirect and, last in a shard of its own, a slow URL (which
+    only a kill needs: `slow` False leaves it out); one row carries a wrong md5. Returns the entries
+    (expect 'mismatch' for that row) and the metadata."""
+    entries = entries_for(server, slow=slow)
     table = full_table(entries)
     wrong = next(i for i, e in enumerate(entries) if e.item is not None and e.item.name == 'gray.jpg')
     md5 = table.column('md5').to_pylist()
@@ -70,7 +72,7 @@ def full_entries(server) -> tuple[list, pa.Table]:
     table = table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5, pa.string()))
     expect = [e.expect for e in entries]
     expect[wrong] = 'mismatch'
-    assert len(entries) % PER_SHARD == 1  # the slow URL is alone in the last shard
+    assert not slow or len(entries) % PER_SHARD == 1  # the slow URL is alone in the last shard
     return list(zip(entries, expect, strict=True)), table
 
 
@@ -232,6 +234,7 @@ def bad_inputs(tmp_path: Path, server) -> dict[str, tuple]:
         'flag the script sets': ('full', tmp_path / 'full', ['--resize_mode=border'],
                                  'this script sets --resize_mode itself'),
         'bad number': ('full', tmp_path / 'full', [], 'PROCESSES_COUNT=two: expected a positive'),
+        'bad storage env': ('full', tmp_path / 'full', [], 'STORAGE_ENV=both: expected forward or cluster'),
         'output is a file': ('full', tmp_path / 'full', [], 'out.txt exists and is not a folder',
                              tmp_path / 'out.txt'),
         'output under a file': ('full', tmp_path / 'full', [], 'out.txt exists and is not a folder',
@@ -244,7 +247,8 @@ def bad_inputs(tmp_path: Path, server) -> dict[str, tuple]:
 
 BAD = ['missing folder', 'empty folder', 'no caption', 'full metadata, aesthetic script',
        'aesthetic metadata, full script', 'not parquet', 'flag the script sets', 'bad number',
-       'output is a file', 'output under a file', 'output is the metadata folder']
+       'bad storage env', 'output is a file', 'output under a file', 'output is the metadata folder']
+KNOBS = {'bad number': {'PROCESSES_COUNT': 'two'}, 'bad storage env': {'STORAGE_ENV': 'both'}}
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -258,7 +262,7 @@ def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_pat
     (tmp_path / 'out.txt').write_text('my notes')
     (tmp_path / 'link').symlink_to(tmp_path)
     before = snapshot(tmp_path)
-    knobs = {'PROCESSES_COUNT': 'two'} if case == 'bad number' else {}
+    knobs = KNOBS.get(case, {})
     proc = subprocess.run([str(SCRIPTS[flavour]), *args], env={**script_env(meta, out), **knobs},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -269,37 +273,29 @@ def test_bad_input_gets_one_line_before_any_download(case, image_server, tmp_pat
     assert not (tmp_path / 'out').exists()
 
 
-# A rerun into a folder that holds shards, with a setting that moves rows between shard ids or changes
-# the shards' columns: (knobs, a change to the metadata folder, the setting the refusal names).
+# A rerun into the full download's folder with a setting that moves rows between shard ids or changes
+# the shards' columns: (knobs, a change to the metadata folder, the setting the refusal names; {rows}:
+# the metadata's rows).
 CHANGED = {
     'rows per shard': ({'NUMBER_SAMPLE_PER_SHARD': '3'}, None, 'NUMBER_SAMPLE_PER_SHARD=5, not 3'),
-    'a metadata file added': ({}, 'add', 'metadata=1 files, 7 rows, sha256 '),
-    'a metadata file replaced': ({}, 'replace', 'metadata=1 files, 7 rows, sha256 '),
+    'a metadata file added': ({}, 'add', 'metadata=1 files, {rows} rows, sha256 '),
+    'a metadata file replaced': ({}, 'replace', 'metadata=1 files, {rows} rows, sha256 '),
     'kept columns': ({'SAVE_ADDITIONAL_COLUMNS': 'punsafe'}, None,
                      'SAVE_ADDITIONAL_COLUMNS=punsafe,pwatermark,similarity,hash, not punsafe'),
 }
 
 
-@pytest.fixture(scope='module')
-def seven_rows(image_server, tmp_path_factory):
-    """Seven good rows downloaded in shards of PER_SHARD: (metadata folder, output folder, entries)."""
-    entries = entries_for(image_server, good_items()[:7], failures=False, redirect=False)
-    meta, out = tmp_path_factory.mktemp('raw'), tmp_path_factory.mktemp('dl') / 'out'
-    write_metadata(meta, entries, 'full')
-    proc = run('full', meta, out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return meta, out, entries
-
-
 @pytest.mark.parametrize('case', CHANGED)
-def test_rerun_with_other_shard_settings_is_refused_touching_nothing(case, seven_rows, image_server,
-                                                                      tmp_path):
+def test_rerun_with_other_shard_settings_is_refused_touching_nothing(case, full_download, full_meta,
+                                                                      image_server, tmp_path):
     knobs, meta_change, message = CHANGED[case]
-    meta, out, entries = seven_rows
-    if meta_change:  # a second file beside the first, or the same name and rows with other images
-        meta, others = tmp_path / 'raw', entries_for(image_server, good_items()[7:14], failures=False,
-                                                      redirect=False)
-        write_metadata(meta, entries + others[:2] if meta_change == 'add' else others, 'full',
+    meta, entries = full_meta
+    out = full_download[0]
+    rows = [e for e, _ in entries]
+    if meta_change:  # a second file beside the first, or the same name and rows with other URLs
+        meta = tmp_path / 'raw'
+        others = [replace(e, url=e.url + '?v=2') for e in rows]
+        write_metadata(meta, rows + others[:2] if meta_change == 'add' else others, 'full',
                        files=2 if meta_change == 'add' else 1)
     before = snapshot(out)
     proc = subprocess.run([str(SCRIPTS['full'])], env=script_env(meta, out, **knobs),
@@ -308,8 +304,8 @@ def test_rerun_with_other_shard_settings_is_refused_touching_nothing(case, seven
     errors = [line for line in proc.stderr.splitlines() if 'error' in line]
     assert len(errors) == 1 and errors[0].startswith(
         f'laion_download: error: OUTPUT_FOLDER={out} holds shards made with '), proc.stderr
-    assert message in errors[0]
+    assert message.format(rows=len(rows)) in errors[0]
     assert errors[0].endswith('rerun with those settings, or pick a new OUTPUT_FOLDER')
     assert snapshot(out) == before  # `done` still there, nothing downloaded
     assert (out / 'done').exists()
-    check_rows(read_output(out), [(e, e.expect) for e in entries], ['punsafe'])
+    check_rows(read_output(out), entries, ['punsafe'])

@@ -104,13 +104,16 @@ def shard_paths(entries: list) -> list[set[str]]:
 def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, image_server, tmp_path):
     # Shard 1 cannot be written (its file name is taken by a folder, as on a full disk): img2dataset
     # on Spark retries it and gives up, on Ray drops it without a word; both exit 0.
-    entries, table = full_entries(image_server)
+    entries, table = full_entries(image_server, slow=False)
     (tmp_path / 'raw').mkdir()
     pq.write_table(table, tmp_path / 'raw' / 'part-00000.parquet')
     out = tmp_path / 'out'
     (out / '00001.parquet').mkdir(parents=True)
-    first = run(tmp_path / 'raw', out, CHECK_IMAGES='True', **engine_env)
+    # The tasks need no storage settings here: the first run keeps them back as the cloudwriter's
+    # spelling says, the rerun as the old one did.
+    first = run(tmp_path / 'raw', out, CHECK_IMAGES='True', STORAGE_ENV='cluster', **engine_env)
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    assert 'carrying to every task: no storage settings (values not shown)' in first.stdout
     assert 'no done file' in first.stderr and not (out / 'done').exists()
     assert re.search(r'shards unfinished +1 +\(no _stats.json: 00001;', first.stdout)
     assert (out / 'download_summary.txt').read_text() in first.stdout
@@ -120,9 +123,12 @@ def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, 
 
     (out / '00001.parquet').rmdir()
     before = dict(image_server.hits)
-    again = run(tmp_path / 'raw', out, CHECK_IMAGES='True', **engine_env)
+    again = run(tmp_path / 'raw', out, CHECK_IMAGES='True', FORWARD_STORAGE_ENV='False', **engine_env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (out / 'done').exists()
+    assert again.stderr.startswith(
+        'laion_download: note: FORWARD_STORAGE_ENV is deprecated: read as STORAGE_ENV=cluster\n')
+    assert 'carrying to every task: no storage settings (values not shown)' in again.stdout
     per_shard = shard_paths(entries)
     others = set().union(*per_shard[:1], *per_shard[2:]) - per_shard[1]
     fetched = {p: image_server.hits[p] - before.get(p, 0) for p in set().union(*per_shard)}
@@ -140,7 +146,7 @@ def test_engine_counts_a_failed_shard_and_the_rerun_fetches_only_it(engine_env, 
 def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env, image_server, s3):
     # The metadata and the shards both in the bucket, the download on the cluster's workers, which were
     # started without the endpoint or credentials: the job carries them (and never shows the secret).
-    entries, table = full_entries(image_server)
+    entries, table = full_entries(image_server, slow=False)
     client = s3.client()
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -172,12 +178,8 @@ def test_s3_in_and_out_on_a_cluster_started_without_storage_settings(engine_env,
     assert got == want
     assert 'not decoded: laion_cloudwriter.py counts those whose header does not read' in proc.stdout
     assert read('download_summary.txt').decode() in proc.stdout
-
-    before = dict(image_server.hits)
-    again = run(url_list, out, **knobs)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert dict(image_server.hits) == before  # every shard was finished: nothing fetched again
-    assert 'done' in [k.rsplit('/', 1)[1] for k in s3.list_keys(s3.bucket, 'laion2b-processed/')]
+    # (A rerun into the bucket fetches nothing: test_the_first_endpoint_variable_set_wins..., whose
+    # img2dataset lists the finished shards on the driver, as it does here.)
     assert not [k for k in s3.list_keys(s3.bucket) if secret.encode() in client.get_object(
         Bucket=s3.bucket, Key=k)['Body'].read()]
     logs = LOGS[engine_env['DISTRIBUTOR']]
@@ -198,7 +200,7 @@ def test_unreachable_output_gets_one_line(image_server, tmp_path):
     # No endpoint answers (a closed port on loopback): the run stops at its first write, before any
     # download.
     (tmp_path / 'raw').mkdir()
-    pq.write_table(full_entries(image_server)[1], tmp_path / 'raw' / 'part-00000.parquet')
+    pq.write_table(full_entries(image_server, slow=False)[1], tmp_path / 'raw' / 'part-00000.parquet')
     env = script_env(tmp_path / 'raw', 's3://nobucket/out', AWS_ENDPOINT_URL='http://127.0.0.1:9',
                      AWS_ACCESS_KEY_ID='x', AWS_SECRET_ACCESS_KEY='x', AWS_DEFAULT_REGION='us-east-1',
                      AWS_EC2_METADATA_DISABLED='true', AWS_MAX_ATTEMPTS='1')
@@ -206,7 +208,8 @@ def test_unreachable_output_gets_one_line(image_server, tmp_path):
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if 'error' in line]
     # The first step to touch OUTPUT_FOLDER says so: the metadata step (filter_metadata.py looks for a
-    # filtered copy there even without a FILTER, so that adding one later is caught) or the preflight.
+    # filtered copy there even without a FILTER, so that adding one later is caught) or the script's claim
+    # of the folder.
     one_line = r'(laion_download|filter_metadata): error: OUTPUT_FOLDER=s3://nobucket/out: cannot reach it'
     assert len(errors) == 1 and re.match(one_line, errors[0]), proc.stderr
 
@@ -226,22 +229,38 @@ def bucket_rows(s3, prefix: str) -> pa.Table:
         s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read())) for k in keys])
 
 
-# The documented ways of naming an S3-compatible endpoint, one at a time (README, Object storage).
-ENDPOINT_VARIABLES = ['FSSPEC_S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL']
+# The documented ways of naming an S3-compatible endpoint, in the order the first set wins (README,
+# Object storage): laion_cloudwriter.py's S3_ENDPOINT_VARS, so that the two scripts use one endpoint.
+ENDPOINT_VARIABLES = ['S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'FSSPEC_S3_ENDPOINT_URL']
+DEAD = 'http://127.0.0.1:9'  # nothing listens there
 
 
-@pytest.mark.parametrize('variable', ENDPOINT_VARIABLES)
-def test_each_endpoint_variable_reaches_the_bucket(variable, image_server, s3, tmp_path):
-    # Only this one variable names the endpoint: without it boto would go to AWS, which is not there.
-    entries = entries_for(image_server, good_items()[:2], failures=False, redirect=False)
-    url_list = put_metadata(s3, entries)
+def endpoint_in(s3, variable: str) -> dict[str, str]:
+    """The bucket's storage settings with its endpoint in `variable` only and, as a user who set more than
+    one might have, a dead endpoint in each variable that comes after it."""
+    later = ENDPOINT_VARIABLES[ENDPOINT_VARIABLES.index(variable) + 1:]
     storage = {k: v for k, v in s3.env.items() if k != 'S3_ENDPOINT_URL'}
-    proc = run(url_list, f's3://{s3.bucket}/out', **storage, **{variable: s3.endpoint}, AWS_MAX_ATTEMPTS='1')
+    return {**storage, variable: s3.endpoint, **dict.fromkeys(later, DEAD), 'AWS_MAX_ATTEMPTS': '1'}
+
+
+def test_the_first_endpoint_variable_set_wins_for_the_whole_download(image_server, s3):
+    # S3_ENDPOINT_URL, the cloudwriter's first, beside dead endpoints in all the others: the metadata
+    # step, img2dataset's processes (s3fs) and the summary all reach the bucket.
+    entries = entries_for(image_server, good_items()[:2], failures=False, redirect=False)
+    url_list, out = put_metadata(s3, entries), f's3://{s3.bucket}/out'
+    proc = run(url_list, out, **endpoint_in(s3, 'S3_ENDPOINT_URL'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
     check_rows(bucket_rows(s3, 'out/'), [(e, e.expect) for e in entries], ['punsafe'])
-    # The bucket keeps the settings record: a rerun with other rows per shard is refused there too.
-    again = run(url_list, f's3://{s3.bucket}/out', **storage, **{variable: s3.endpoint},
-                NUMBER_SAMPLE_PER_SHARD='1')
-    assert again.returncode == 2 and 'holds shards made with NUMBER_SAMPLE_PER_SHARD=5, not 1' in again.stderr
+    before = dict(image_server.hits)
+    again = run(url_list, out, **endpoint_in(s3, 'S3_ENDPOINT_URL'))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert dict(image_server.hits) == before  # every shard was finished: nothing fetched again
+    assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
+    # Each variable, with dead endpoints after it, reaches the bucket: its download_settings.txt refuses
+    # a rerun with other rows per shard (a dead endpoint would say that it cannot reach OUTPUT_FOLDER).
+    for variable in ENDPOINT_VARIABLES:
+        refused = run(url_list, out, **endpoint_in(s3, variable), NUMBER_SAMPLE_PER_SHARD='1')
+        assert refused.returncode == 2, (variable, refused.stderr)
+        assert 'holds shards made with NUMBER_SAMPLE_PER_SHARD=5, not 1' in refused.stderr, variable
     assert 'out/done' in s3.list_keys(s3.bucket, 'out/')
