@@ -134,6 +134,10 @@ PREVIEW_LINES = 3  # text lines under a tile: size + key, then the caption's sta
 log = logging.getLogger('laion_cloudwriter')
 
 
+# ---------------------------------------------------------------------------------------------
+# Flags: each checked by its argparse type= / choices= before anything heavy is imported.
+# ---------------------------------------------------------------------------------------------
+
 def parse_size(text: str) -> int:
     """'67108864', '64mb', '512kb', '1gb' (binary units, as streaming's size_limit) -> bytes."""
     text = text.strip().lower()
@@ -250,9 +254,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# The remote: a row per kind (a folder: written in place; anything else: streaming's CloudUploader
-# and CloudDownloader), picked once from --remote (args.remote_kind) like the engines.
+# Where things live: --local on a filesystem pyarrow (else fsspec) reaches; the remote as a row of its
+# kind (a folder: written in place; anything else: streaming's CloudUploader / CloudDownloader),
+# picked once from --remote (args.remote_kind), like the engines.
 # ---------------------------------------------------------------------------------------------
+
+def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
+    path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
+    takes it and main() sets it from S3_ENDPOINT_VARS, for S3-compatible stores); any other scheme
+    through fsspec."""
+    if '://' not in url:
+        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
+    parsed = urlparse(url)
+    endpoint = os.environ.get('S3_ENDPOINT_URL')
+    if parsed.scheme == 's3' and endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=urlparse(endpoint).netloc or endpoint,
+                               scheme=urlparse(endpoint).scheme or 'https')
+        return fs, (parsed.netloc + parsed.path).rstrip('/')
+    try:
+        return pafs.FileSystem.from_uri(url)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec  # not a pyarrow scheme: fsspec's (its package for the scheme must be installed)
+        fs, path = fsspec.core.url_to_fs(url)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip('/')
+
+
+def write_file(url: str, data: bytes) -> None:
+    """`data` to a local path or a URL on --local's kind of filesystem (summary, preview sheets)."""
+    fs, where = input_fs(url)
+    fs.create_dir(os.path.dirname(where), recursive=True)
+    with fs.open_output_stream(where) as f:
+        f.write(data)
+
 
 def join(*parts: str) -> str:
     return '/'.join(p.strip('/') if i else p.rstrip('/') for i, p in enumerate(parts) if p)
@@ -383,32 +417,8 @@ def read(args: argparse.Namespace, rel: str) -> bytes:
     return REMOTES[args.remote_kind].read(join(args.remote, rel))
 
 
-def record_subfolder(rel: str) -> str:
-    """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
-    return os.path.dirname(rel)[len(RECORDS):].strip('/')
-
-
-def read_records(args: argparse.Namespace, subfolder: str | None,
-                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
-    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
-    The other subfolders with records that the listing saw are added to `others`."""
-    wanted: dict[str, str] = {}  # rel -> its subfolder
-    for rel in REMOTES[args.remote_kind].list(args.remote, join(RECORDS, subfolder or ''), '.record'):
-        sub = record_subfolder(rel)
-        if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
-            wanted[rel] = sub
-        elif others is not None:
-            others.add(sub)
-    out: dict[str, dict[str, dict]] = {}
-    with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
-        for sub, data in zip(wanted.values(), pool.map(functools.partial(read, args), wanted)):
-            rec = load_record(data)
-            out.setdefault(sub, {})[rec['shard']] = rec
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# One run at a time: a flock on --local (this machine), a lease at the remote (any machine).
+# Checks before any work: --local exists; one run at a time (a flock on --local, a lease at the remote).
 # ---------------------------------------------------------------------------------------------
 
 class RunError(Exception):
@@ -552,37 +562,78 @@ class Lease:
                 self.write(released=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Find work: finished shards in --local, a folder or any filesystem pyarrow (else fsspec) reaches.
-# ---------------------------------------------------------------------------------------------
-
-def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
-    path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
-    takes it and main() sets it from S3_ENDPOINT_VARS, for S3-compatible stores); any other scheme
-    through fsspec."""
-    if '://' not in url:
-        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
-    parsed = urlparse(url)
-    endpoint = os.environ.get('S3_ENDPOINT_URL')
-    if parsed.scheme == 's3' and endpoint:
-        fs = pafs.S3FileSystem(endpoint_override=urlparse(endpoint).netloc or endpoint,
-                               scheme=urlparse(endpoint).scheme or 'https')
-        return fs, (parsed.netloc + parsed.path).rstrip('/')
+def take_ownership(args: argparse.Namespace) -> Lease:
+    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
+    --staging for this process, take the remote's lease."""
+    here = isinstance(check_local(args.local), pafs.LocalFileSystem)
+    if here:
+        lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
+    if args.staging:
+        lock_folder(args.staging, '--staging')
+    elif here:
+        args.staging = os.path.join(args.local, '_cloudwriter_staging')
+    else:  # scratch of this run alone, removed at its end
+        args.staging = tempfile.mkdtemp(prefix='cloudwriter-staging-')
+    os.makedirs(args.staging, exist_ok=True)
+    lease = Lease(args)
     try:
-        return pafs.FileSystem.from_uri(url)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        import fsspec  # not a pyarrow scheme: fsspec's (its package for the scheme must be installed)
-        fs, path = fsspec.core.url_to_fs(url)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip('/')
+        lease.acquire()
+    except RunError:
+        raise
+    except Exception as e:  # e.g. a bucket that does not exist, no credentials
+        raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
+    args.run_token = lease.mine['token']  # the tasks' way to tell that this run still runs
+    return lease
 
 
-def write_file(url: str, data: bytes) -> None:
-    """`data` to a local path or a URL on --local's kind of filesystem (summary, preview sheets)."""
-    fs, where = input_fs(url)
-    fs.create_dir(os.path.dirname(where), recursive=True)
-    with fs.open_output_stream(where) as f:
-        f.write(data)
+# ---------------------------------------------------------------------------------------------
+# The plan: what the remote has recorded, what --local holds finished.
+# ---------------------------------------------------------------------------------------------
+
+_CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver holds 230k records
+
+
+def load_record(data: bytes) -> dict[str, Any]:
+    """A record in the current form (an older one held each part's index.json in full as `index`)."""
+    rec = json.loads(data)
+    if 'index' in rec:
+        shards = {bucket: index['shards'] for bucket, index in rec.pop('index').items()}
+        rec['parts'] = {b: {'bytes': [e['raw_data']['bytes'] for e in entries],
+                            'samples': [e['samples'] for e in entries]} for b, entries in shards.items()}
+        own = ('samples', 'zip_data', 'raw_data')  # an entry's own facts; the rest is the config
+        rec['config'] = next(({k: v for k, v in entries[0].items() if k not in own}
+                              for entries in shards.values() if entries), {})
+    return shared_config(rec)
+
+
+def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with its config replaced by the equal one other records hold (memory, at 230k records)."""
+    rec['config'] = _CONFIGS.setdefault(json.dumps(rec['config']), rec['config'])
+    return rec
+
+
+def record_subfolder(rel: str) -> str:
+    """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
+    return os.path.dirname(rel)[len(RECORDS):].strip('/')
+
+
+def read_records(args: argparse.Namespace, subfolder: str | None,
+                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
+    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
+    The other subfolders with records that the listing saw are added to `others`."""
+    wanted: dict[str, str] = {}  # rel -> its subfolder
+    for rel in REMOTES[args.remote_kind].list(args.remote, join(RECORDS, subfolder or ''), '.record'):
+        sub = record_subfolder(rel)
+        if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
+            wanted[rel] = sub
+        elif others is not None:
+            others.add(sub)
+    out: dict[str, dict[str, dict]] = {}
+    with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
+        for sub, data in zip(wanted.values(), pool.map(functools.partial(read, args), wanted)):
+            rec = load_record(data)
+            out.setdefault(sub, {})[rec['shard']] = rec
+    return out
 
 
 def shard_path(local: str, sid: str) -> str:
@@ -620,8 +671,315 @@ def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
         fs.move(join(root, f'{sid}_stats.json'), join(root, f'{sid}_converted.json'))
 
 
+def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
+    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
+    the input of shards recorded by a run that died before deleting it."""
+    others: set[str] = set()
+    records = read_records(args, args.subfolder, others).get(args.subfolder, {})
+    if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
+        raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
+                       'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
+                       'only; give this run its own --subfolder, then --merge_only')
+    mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
+    if mixed:
+        raise RunError(f'{args.remote} holds shards written {"without" if args.bucketed else "with"} '
+                       f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
+    if not args.keep_parquet:
+        names = list_input(fs, root)
+        for sid in records:
+            if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
+                delete_input(fs, root, sid)
+    return records
+
+
 # ---------------------------------------------------------------------------------------------
-# Read + transform: parquet row batches to MDS samples (in the worker processes).
+# Engines (--distributor): one function per engine with the same signature, picked by name
+# (img2dataset's distributor.py). A task converts, uploads and records one shard (convert_task).
+# ---------------------------------------------------------------------------------------------
+
+RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
+QUEUED_PER_SLOT = 2  # the driver keeps this many tasks submitted per engine slot: the queue stays short
+
+
+@dataclass(frozen=True)
+class Engine:
+    submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
+    slots: int  # tasks it runs at once; the driver keeps at most QUEUED_PER_SLOT x slots submitted
+    stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
+    progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
+
+
+def storage_env(args: argparse.Namespace) -> dict[str, str]:
+    """The driver's storage settings that its engine tasks take over (none with --storage_env cluster)."""
+    if args.storage_env == 'cluster':
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+
+
+def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
+    """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
+    first (they travel in the task's arguments: README). This script travels as `source` and is
+    loaded once per worker process (kept with its buffers for the next task)."""
+    os.environ.update(env)
+    name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        sys.modules[name] = module  # dataclasses look their module up here
+        exec(compile(source, 'laion_cloudwriter.py', 'exec'), module.__dict__)
+    state = sys.modules[name]._WORKER
+    if state.get('args') != args:
+        state.clear()
+        state['args'] = args
+    return sys.modules[name].convert_task(sid)
+
+
+def multiprocessing_engine(args: argparse.Namespace) -> Engine:
+    """--processes forked workers on this machine."""
+    ctx = mp.get_context('fork')
+    progress = ctx.Array('q', 2)
+    executor = ProcessPoolExecutor(args.processes, mp_context=ctx, initializer=init_worker,
+                                   initargs=(progress, args))
+    executor.submit(int).result()  # forks every worker now, before the lease thread starts
+
+    def stop(now: bool) -> None:
+        for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
+            with contextlib.suppress(Exception):  # a failing remote must not keep them busy
+                proc.kill()
+        executor.shutdown(wait=not now, cancel_futures=True)
+    return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
+
+
+def pyspark_engine(args: argparse.Namespace) -> Engine:
+    """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
+    `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
+    Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
+    from pyspark import SparkConf, SparkContext
+    from pyspark.sql import SparkSession
+    if SparkContext._active_spark_context is None:  # a new session: its master must answer first
+        SparkContext._ensure_initialized()  # the JVM that spark-submit (or PYSPARK_SUBMIT_ARGS) set up
+        master = SparkConf().get('spark.master', '')
+        if master.startswith('spark://'):  # standalone (a dead one: ~60 s of retries, then a stack)
+            for address in master[len('spark://'):].split(','):
+                reachable(address, f'Spark master {master}', args.connect_timeout)
+    sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
+        .getOrCreate().sparkContext
+    sc.setLogLevel('ERROR')
+    server = getattr(sc, '_accumulatorServer', None)  # we use no accumulators; a SIGTERM to our process
+    if server is not None:  # group ends the JVM too, and socketserver prints the broken link's traceback
+        server.handle_error = lambda request, client_address: None
+    task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
+    # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
+    # queued task at once, instead of idling while its job returns and the next is built
+    jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
+
+    def stop(now: bool) -> None:
+        if now:
+            with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
+                sc.cancelAllJobs()
+        jobs.shutdown(wait=not now, cancel_futures=True)
+    return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
+                  sc.defaultParallelism, stop)
+
+
+def ray_engine(args: argparse.Namespace) -> Engine:
+    """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
+    `ray start` began on this machine), else a new one on this machine."""
+    import ray
+    address = os.environ.get('RAY_ADDRESS', '')
+    if address not in ('', 'auto', 'local') and not ray.is_initialized():  # a dead one: minutes of retries
+        reachable(address.split('://')[-1], 'RAY_ADDRESS', args.connect_timeout)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    source, env = ray.put(Path(__file__).read_text()), ray.put(storage_env(args))
+    task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
+
+    def stop(now: bool) -> None:
+        if now:  # ends this job: the cluster kills its tasks
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
+                  max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
+
+
+def reachable(address: str, what: str, timeout: float) -> None:
+    """Raise RunError unless something listens at `address` (host:port) within `timeout` s."""
+    host, _, port = address.rpartition(':')
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RunError(f'{what} {address}: nothing answers there within {timeout:g} s '
+                       f'({type(e).__name__}: {e}); start the cluster or fix the address '
+                       '(--connect_timeout waits longer)') from None
+
+
+ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
+
+
+def headline(e: BaseException) -> str:
+    """The first line of an exception's message (a Spark job's: its Java exception's, which says why)."""
+    text = str(getattr(e, 'java_exception', None) or e).strip()
+    return text.splitlines()[0][:300] if text else ''
+
+
+def start_engine(args: argparse.Namespace) -> Engine:
+    """The --distributor's engine, with our stop-signal handlers back; RunError if it does not start."""
+    try:
+        engine = ENGINES[args.distributor](args)
+    except RunError as e:
+        raise RunError(f'--distributor {args.distributor}: {e}') from None
+    except Exception as e:
+        raise RunError(f'--distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
+                       f'{headline(e)})') from None
+    for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
+        signal.signal(sig, on_signal)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver loop: scan --local, submit finished shards, collect their records, merge while running.
+# ---------------------------------------------------------------------------------------------
+
+_STOP = {'signal': 0}  # set by on_signal; the main loop then takes no new shard
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    if not _STOP['signal']:
+        _STOP['signal'] = signum
+        print(f'{signal.Signals(signum).name}: stopping; shards in flight are abandoned (rerun redoes them), '
+              'the index of the recorded ones is published', file=sys.stderr, flush=True)
+
+
+def sleep_unless_stopped(seconds: float) -> None:
+    end = time.time() + seconds
+    while not _STOP['signal'] and time.time() < end:
+        time.sleep(min(0.2, max(end - time.time(), 0)))
+
+
+def wandb_run(args: argparse.Namespace):
+    if not args.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning('wandb is not installed; not logging to wandb')
+        return None
+    return wandb.init(project=args.wandb_project, config=vars(args))
+
+
+@dataclass
+class Work:
+    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
+    fs: pafs.FileSystem
+    root: str
+    records: dict[str, dict]
+    stats: dict[str, Any]
+    futures: dict[Future, str]
+    todo: list[str]  # finished at the last look, not yet submitted
+    bad: set[str]
+    last_scan: float = -math.inf
+
+    def add(self, rec: dict) -> None:
+        self.records[rec['shard']] = shared_config(rec)
+        self.stats['shards'] += 1
+        self.stats['samples'] += sum(rec['samples'].values())
+        self.stats['bytes'] += rec['bytes']
+
+
+def scan(work: Work, args: argparse.Namespace) -> bool:
+    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
+    while tasks run); True if it looked and `done` was there."""
+    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
+        return False
+    work.last_scan = time.time()
+    # `done` before the listing: no shard missed
+    done_flag = work.fs.get_file_info(join(work.root, 'done')).type != pafs.FileType.NotFound
+    busy = set(work.futures.values())
+    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
+                 if sid not in work.records and sid not in work.bad and sid not in busy]
+    return done_flag
+
+
+def submit(work: Work, engine: Engine) -> None:
+    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
+    while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
+        sid = work.todo.pop(0)
+        work.futures[engine.submit(sid)] = sid
+
+
+def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
+    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises. A
+    task the engine gave up on (its worker died more often than the engine retries) is fatal: nothing
+    unrecorded was deleted."""
+    for fut in finished:
+        sid = work.futures.pop(fut)
+        try:
+            out = fut.result()
+        except Exception as e:
+            out = {'error': f'{shard_path(args.local, sid)}: its {args.distributor} task failed '
+                            f'({type(e).__name__}: {headline(e)}); rerun to resume', 'fatal': True}
+        if 'error' not in out:
+            work.add(out)
+            bar.update(1)
+        elif out['fatal']:
+            work.stats['errors'].append(out['error'])
+            raise ShardError(out['error'], fatal=True)
+        else:
+            work.bad.add(sid)
+            work.stats['bad'].append(out['error'])
+            tqdm.write(f'skipped, parquet kept: {out["error"]}', file=sys.stderr)
+
+
+def error(line: str) -> str:
+    """Print a fatal error's line; returns it."""
+    print(f'error: {line}', file=sys.stderr, flush=True)
+    return line
+
+
+def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> str:
+    """The driver loop: scan, submit, collect, and merge while running (at most every
+    --merge_interval, and never more than MERGE_SHARE of the time), until done or a stop signal.
+    Returns '' or the fatal error that ended it."""
+    wb = wandb_run(args)
+    bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
+    last_merge, merged_n, merge_s, fatal = time.time(), len(work.records), 0.0, ''
+    try:
+        while not _STOP['signal']:
+            if lease.lost:
+                raise ShardError(lease.lost, fatal=True)
+            done = scan(work, args)
+            if not work.futures and not work.todo:
+                if done:
+                    break
+                sleep_unless_stopped(args.poll_interval)
+                continue
+            submit(work, engine)
+            bar.total = len(work.records) + len(work.futures) + len(work.todo)
+            finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
+            if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
+                break
+            collect(work, finished, args, bar)
+            el = max(time.time() - start, 1e-9)
+            samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
+            bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
+            if wb is not None and finished:
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
+            if len(work.records) > merged_n and \
+                    time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
+                merge_s = time.time()
+                merge_run(work.records, args)
+                last_merge, merged_n = time.time(), len(work.records)
+                merge_s = last_merge - merge_s
+    except ShardError as e:
+        fatal = e.message
+    finally:
+        bar.close()
+        if wb is not None:
+            wb.finish()
+    return error(fatal) if fatal else ''
+
+
+# ---------------------------------------------------------------------------------------------
+# A task: one input shard read, written as one MDS part per bucket, landed, then recorded.
 # ---------------------------------------------------------------------------------------------
 
 class ShardError(Exception):
@@ -631,6 +989,120 @@ class ShardError(Exception):
         super().__init__(message, fatal)
         self.message, self.fatal = message, fatal
 
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(progress: Any, args: argparse.Namespace) -> None:
+    """Per-process state; workers die with the parent (a killed run leaves no writer behind)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    for sig in STOP_SIGNALS:  # the main process decides what a signal stops
+        signal.signal(sig, signal.SIG_IGN)
+    _WORKER.update(progress=progress, args=args)
+
+
+def still_ours(args: argparse.Namespace) -> bool:
+    """Whether the run that gave this task is still running on (its lease neither stopping nor taken
+    over); a task asks this before it records its shard."""
+    try:
+        lease = json.loads(read(args, join(RECORDS, args.subfolder, LEASE)))
+    except FileNotFoundError:
+        return True
+    return lease.get('token') == args.run_token and not lease.get('stopping')
+
+
+def write_record(record: dict, args: argparse.Namespace) -> None:
+    """The shard's record at the remote: written last, it is what makes the shard done."""
+    rel = join(RECORDS, args.subfolder, f"{record['shard']}.record")
+    put(args, rel, json.dumps(record).encode())
+
+
+def remove_parts(out_root: str, sub: str, sid: str) -> None:
+    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
+    for bucket in BUCKETS + [UNBUCKETED]:
+        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
+
+
+def convert_shard(sid: str) -> dict[str, Any]:
+    """Convert one shard; returns its record once it is written at the remote.
+
+    Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
+    as it is written, beside the conversion of the rest; the record waits for all of them.
+    """
+    args = _WORKER['args']
+    parquet = shard_path(args.local, sid)
+    kind = REMOTES[args.remote_kind]
+    out_root = kind.parts(args)
+    if 'io' not in _WORKER:
+        _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
+    io_threads = _WORKER['io']
+    landing: list[Future] = []
+    bad_input = False
+    preview: dict[str, list[dict]] | None = {} if args.preview else None
+    land_file = kind.land(out_root, args)
+    land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
+    try:
+        try:
+            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
+        except ShardError:
+            raise
+        except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
+            raise ShardError(f'{parquet}: writing to {out_root} failed ({type(e).__name__}: {e})',
+                             fatal=True) from e
+        for fut in landing:
+            fut.result()
+        kind.settle(record, out_root, args)
+        if preview is not None:  # before the record: a recorded shard has its candidates
+            record['preview'] = write_candidates(preview, sid, args)
+        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
+            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
+        write_record(record, args)
+    except ShardError as e:
+        bad_input = not e.fatal
+        raise
+    except Exception as e:
+        raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
+                         fatal=True) from e
+    finally:
+        for fut in landing:
+            fut.cancel()
+        wait(landing)  # nothing still reads the files removed below
+        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
+            remove_parts(out_root, args.subfolder, sid)
+    if not args.keep_parquet:
+        delete_input(*input_fs(args.local), sid)
+    return record
+
+
+def convert_task(sid: str) -> dict[str, Any]:
+    """One input shard as a task of any engine: its record, or {'error': line, 'fatal': bool} (a
+    result, not an exception: an engine retries exceptions, and bad input would fail the same way).
+
+    Idempotent: a shard already recorded (an engine runs a task again after its worker died past
+    the record) returns that record, so the driver counts it once and no part is written twice.
+    """
+    args = _WORKER['args']
+    try:
+        record = load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record')))
+    except FileNotFoundError:
+        record = None
+    except Exception as e:
+        return {'error': f'{shard_path(args.local, sid)}: reading its record at {args.remote} failed '
+                         f'({type(e).__name__}: {e})', 'fatal': True}
+    try:
+        if record is None:
+            return convert_shard(sid)
+        if not args.keep_parquet:
+            delete_input(*input_fs(args.local), sid)
+        return record
+    except ShardError as e:
+        return {'error': e.message, 'fatal': e.fatal}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a shard: parquet row batches to MDS samples (in the worker processes).
+# ---------------------------------------------------------------------------------------------
 
 def input_columns(names: list[str], parquet: str) -> dict[str, str]:
     """Output column -> input column present in the file; stops on a missing required column."""
@@ -701,6 +1173,14 @@ def as_binary(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
 
 
+def _casts(arr: pa.Array, to: pa.DataType) -> bool:
+    try:
+        arr.cast(to)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+
+
 def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
                   first_row: int) -> dict[str, pa.Array]:
     """Every input column present, by output name, cast to its output type (jpg: kept binary). A
@@ -720,14 +1200,6 @@ def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
             raise ShardError(f'{parquet}: bad value in column {name!r} at row {first_row + row}, not '
                              f'{to} ({e})', fatal=False) from e
     return out
-
-
-def _casts(arr: pa.Array, to: pa.DataType) -> bool:
-    try:
-        arr.cast(to)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return False
 
 
 def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
@@ -824,8 +1296,32 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
             for i in rows.tolist()]
 
 
+def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: dict[str, int],
+                    args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
+    """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
+    skippable ShardError (the shard is kept on disk), never a remote error."""
+    batches = pf.iter_batches(batch_size=args.batch_size, columns=sorted(set(found.values())))
+    first_row = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
+        try:
+            yield encode_batch(typed_columns(batch, found, parquet, first_row), batch.num_rows, skipped,
+                               args.bucketed)
+        except ShardError:
+            raise
+        except Exception as e:
+            raise ShardError(f'{parquet}: rows {first_row}-{first_row + batch.num_rows - 1} cannot be '
+                             f'converted ({type(e).__name__}: {e})', fatal=False) from e
+        first_row += batch.num_rows
+
+
 # ---------------------------------------------------------------------------------------------
-# Write: one worker converts one shard into one MDS part per bucket, uploads, then records it.
+# Writing MDS: the bytes and index.json streaming's MDSWriter writes, each sample copied once.
 # ---------------------------------------------------------------------------------------------
 
 def mds_config(size_limit: int) -> dict:
@@ -834,6 +1330,11 @@ def mds_config(size_limit: int) -> dict:
     return {'column_encodings': [COLUMNS[c] for c in MDS_COLUMNS], 'column_names': MDS_COLUMNS,
             'column_sizes': [MDS_SIZES[COLUMNS[c]] for c in MDS_COLUMNS], 'compression': None,
             'format': 'mds', 'hashes': [], 'size_limit': size_limit, 'version': 2}
+
+
+def mds_name(i: int) -> str:
+    """The file of MDS shard `i` of a part (PartWriter's and MDSWriter's naming)."""
+    return f'shard.{i:05}.mds'
 
 
 class PartWriter:
@@ -891,18 +1392,6 @@ class PartWriter:
                 'samples': [s['samples'] for s in self.shards]}
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def init_worker(progress: Any, args: argparse.Namespace) -> None:
-    """Per-process state; workers die with the parent (a killed run leaves no writer behind)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    for sig in STOP_SIGNALS:  # the main process decides what a signal stops
-        signal.signal(sig, signal.SIG_IGN)
-    _WORKER.update(progress=progress, args=args)
-
-
 def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
     """The worker's buffer for one bucket's open MDS shard, reused from input shard to shard
     (anonymous memory: pages are only taken once written)."""
@@ -912,34 +1401,15 @@ def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
     return buffers[bucket]
 
 
-def remove_parts(out_root: str, sub: str, sid: str) -> None:
-    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
-    for bucket in BUCKETS + [UNBUCKETED]:
-        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
+# A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
+# its counts, and per bucket its MDS shards' bytes and samples, their common config kept once (README:
+# LAION-2B on paper).
 
-
-def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: dict[str, int],
-                    args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
-    """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
-    skippable ShardError (the shard is kept on disk), never a remote error."""
-    batches = pf.iter_batches(batch_size=args.batch_size, columns=sorted(set(found.values())))
-    first_row = 0
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:
-            raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
-        try:
-            yield encode_batch(typed_columns(batch, found, parquet, first_row), batch.num_rows, skipped,
-                               args.bucketed)
-        except ShardError:
-            raise
-        except Exception as e:
-            raise ShardError(f'{parquet}: rows {first_row}-{first_row + batch.num_rows - 1} cannot be '
-                             f'converted ({type(e).__name__}: {e})', fatal=False) from e
-        first_row += batch.num_rows
+def shard_record(sid: str, parquet: str, bucketed: bool, samples: dict[str, int], skipped: dict[str, int],
+                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
+    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'samples': samples, 'skipped': skipped,
+            'bytes': nbytes, 'config': config, 'parts': parts}
 
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
@@ -981,163 +1451,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
                         mds_config(limit), parts)
 
 
-# A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
-# its counts, and per bucket its MDS shards' bytes and samples, their common config kept once (README:
-# LAION-2B on paper).
-
-def shard_record(sid: str, parquet: str, bucketed: bool, samples: dict[str, int], skipped: dict[str, int],
-                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
-    """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
-    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'samples': samples, 'skipped': skipped,
-            'bytes': nbytes, 'config': config, 'parts': parts}
-
-
-def mds_name(i: int) -> str:
-    """The file of MDS shard `i` of a part (PartWriter's and MDSWriter's naming)."""
-    return f'shard.{i:05}.mds'
-
-
-_CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver holds 230k records
-
-
-def load_record(data: bytes) -> dict[str, Any]:
-    """A record in the current form (an older one held each part's index.json in full as `index`)."""
-    rec = json.loads(data)
-    if 'index' in rec:
-        shards = {bucket: index['shards'] for bucket, index in rec.pop('index').items()}
-        rec['parts'] = {b: {'bytes': [e['raw_data']['bytes'] for e in entries],
-                            'samples': [e['samples'] for e in entries]} for b, entries in shards.items()}
-        own = ('samples', 'zip_data', 'raw_data')  # an entry's own facts; the rest is the config
-        rec['config'] = next(({k: v for k, v in entries[0].items() if k not in own}
-                              for entries in shards.values() if entries), {})
-    return shared_config(rec)
-
-
-def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
-    """`rec` with its config replaced by the equal one other records hold (memory, at 230k records)."""
-    rec['config'] = _CONFIGS.setdefault(json.dumps(rec['config']), rec['config'])
-    return rec
-
-
-def still_ours(args: argparse.Namespace) -> bool:
-    """Whether the run that gave this task is still running on (its lease neither stopping nor taken
-    over); a task asks this before it records its shard."""
-    try:
-        lease = json.loads(read(args, join(RECORDS, args.subfolder, LEASE)))
-    except FileNotFoundError:
-        return True
-    return lease.get('token') == args.run_token and not lease.get('stopping')
-
-
-def write_record(record: dict, args: argparse.Namespace) -> None:
-    """The shard's record at the remote: written last, it is what makes the shard done."""
-    rel = join(RECORDS, args.subfolder, f"{record['shard']}.record")
-    put(args, rel, json.dumps(record).encode())
-
-
-def convert_shard(sid: str) -> dict[str, Any]:
-    """Convert one shard; returns its record once it is written at the remote.
-
-    Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
-    as it is written, beside the conversion of the rest; the record waits for all of them.
-    """
-    args = _WORKER['args']
-    parquet = shard_path(args.local, sid)
-    kind = REMOTES[args.remote_kind]
-    out_root = kind.parts(args)
-    if 'io' not in _WORKER:
-        _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
-    io_threads = _WORKER['io']
-    landing: list[Future] = []
-    bad_input = False
-    preview: dict[str, list[dict]] | None = {} if args.preview else None
-    land_file = kind.land(out_root, args)
-    land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
-    try:
-        try:
-            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
-        except ShardError:
-            raise
-        except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
-            raise ShardError(f'{parquet}: writing to {out_root} failed ({type(e).__name__}: {e})',
-                             fatal=True) from e
-        for fut in landing:
-            fut.result()
-        kind.settle(record, out_root, args)
-        if preview is not None:  # before the record: a recorded shard has its candidates
-            record['preview'] = write_candidates(preview, sid, args)
-        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
-            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
-        write_record(record, args)
-    except ShardError as e:
-        bad_input = not e.fatal
-        raise
-    except Exception as e:
-        raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
-                         fatal=True) from e
-    finally:
-        for fut in landing:
-            fut.cancel()
-        wait(landing)  # nothing still reads the files removed below
-        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
-            remove_parts(out_root, args.subfolder, sid)
-    if not args.keep_parquet:
-        delete_input(*input_fs(args.local), sid)
-    return record
-
-
-def convert_task(sid: str) -> dict[str, Any]:
-    """One input shard as a task of any engine: its record, or {'error': line, 'fatal': bool} (a
-    result, not an exception: an engine retries exceptions, and bad input would fail the same way).
-
-    Idempotent: a shard already recorded (an engine runs a task again after its worker died past
-    the record) returns that record, so the driver counts it once and no part is written twice.
-    """
-    args = _WORKER['args']
-    try:
-        record = load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record')))
-    except FileNotFoundError:
-        record = None
-    except Exception as e:
-        return {'error': f'{shard_path(args.local, sid)}: reading its record at {args.remote} failed '
-                         f'({type(e).__name__}: {e})', 'fatal': True}
-    try:
-        if record is None:
-            return convert_shard(sid)
-        if not args.keep_parquet:
-            delete_input(*input_fs(args.local), sid)
-        return record
-    except ShardError as e:
-        return {'error': e.message, 'fatal': e.fatal}
-
-
-def storage_env(args: argparse.Namespace) -> dict[str, str]:
-    """The driver's storage settings that its engine tasks take over (none with --storage_env cluster)."""
-    if args.storage_env == 'cluster':
-        return {}
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
-
-
-def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
-    """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
-    first (they travel in the task's arguments: README). This script travels as `source` and is
-    loaded once per worker process (kept with its buffers for the next task)."""
-    os.environ.update(env)
-    name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
-    if name not in sys.modules:
-        module = types.ModuleType(name)
-        sys.modules[name] = module  # dataclasses look their module up here
-        exec(compile(source, 'laion_cloudwriter.py', 'exec'), module.__dict__)
-    state = sys.modules[name]._WORKER
-    if state.get('args') != args:
-        state.clear()
-        state['args'] = args
-    return sys.modules[name].convert_task(sid)
-
-
 # ---------------------------------------------------------------------------------------------
-# Preview (--preview N): workers keep candidates per shard, the main process draws one sheet per
-# bucket from N of them, spread over the shards; it reads only the candidate files it draws from.
+# Preview (--preview N): workers keep candidates per shard; the driver draws one sheet per bucket.
 # ---------------------------------------------------------------------------------------------
 
 def mds_sample(data: bytes) -> dict[str, Any]:
@@ -1279,7 +1594,7 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
 
 
 # ---------------------------------------------------------------------------------------------
-# Merge: one index.json per bucket over done shards only.
+# Merging: one index.json per bucket over done shards only.
 # ---------------------------------------------------------------------------------------------
 
 def index_chunks(parts: list[tuple[str, dict, dict[str, list[int]]]]) -> Iterator[bytes]:
@@ -1345,6 +1660,27 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
     return totals
 
 
+def publish(work: Work, args: argparse.Namespace) -> str:
+    """After the loop: take the records that shards abandoned at a stop signal wrote just before it
+    (else name the parquet files a done download left unconverted), then write every bucket's
+    index.json. Returns '' or the fatal error."""
+    if _STOP['signal']:
+        time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
+        for sid in work.futures.values():
+            with contextlib.suppress(FileNotFoundError):
+                work.add(load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record'))))
+    else:
+        work.stats['ignored'] = [shard_path(args.local, sid)
+                                 for sid in unfinished_shards(list_input(work.fs, work.root), work.records)]
+    try:
+        merge_run(work.records, args)
+    except Exception as e:
+        work.stats['errors'].append(f'writing the merged index.json to {args.remote} failed '
+                                    f'({type(e).__name__}: {e})')
+        return error(work.stats['errors'][-1])
+    return ''
+
+
 # ---------------------------------------------------------------------------------------------
 # Summary.
 # ---------------------------------------------------------------------------------------------
@@ -1398,310 +1734,35 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Engines (--distributor): where the shards' tasks run. One function per engine with the same
-# signature, picked by name (img2dataset's distributor.py); the driver loop never asks which.
-# A task converts, uploads and records one shard (convert_task); the driver merges the records.
-# ---------------------------------------------------------------------------------------------
-
-RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
-QUEUED_PER_SLOT = 2  # the driver keeps this many tasks submitted per engine slot: the queue stays short
-
-
-@dataclass(frozen=True)
-class Engine:
-    submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
-    slots: int  # tasks it runs at once; the driver keeps at most QUEUED_PER_SLOT x slots submitted
-    stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
-    progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
-
-
-def multiprocessing_engine(args: argparse.Namespace) -> Engine:
-    """--processes forked workers on this machine."""
-    ctx = mp.get_context('fork')
-    progress = ctx.Array('q', 2)
-    executor = ProcessPoolExecutor(args.processes, mp_context=ctx, initializer=init_worker,
-                                   initargs=(progress, args))
-    executor.submit(int).result()  # forks every worker now, before the lease thread starts
-
-    def stop(now: bool) -> None:
-        for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
-            with contextlib.suppress(Exception):  # a failing remote must not keep them busy
-                proc.kill()
-        executor.shutdown(wait=not now, cancel_futures=True)
-    return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
-
-
-def pyspark_engine(args: argparse.Namespace) -> Engine:
-    """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
-    `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
-    Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
-    from pyspark import SparkConf, SparkContext
-    from pyspark.sql import SparkSession
-    if SparkContext._active_spark_context is None:  # a new session: its master must answer first
-        SparkContext._ensure_initialized()  # the JVM that spark-submit (or PYSPARK_SUBMIT_ARGS) set up
-        master = SparkConf().get('spark.master', '')
-        if master.startswith('spark://'):  # standalone (a dead one: ~60 s of retries, then a stack)
-            for address in master[len('spark://'):].split(','):
-                reachable(address, f'Spark master {master}', args.connect_timeout)
-    sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
-        .getOrCreate().sparkContext
-    sc.setLogLevel('ERROR')
-    server = getattr(sc, '_accumulatorServer', None)  # we use no accumulators; a SIGTERM to our process
-    if server is not None:  # group ends the JVM too, and socketserver prints the broken link's traceback
-        server.handle_error = lambda request, client_address: None
-    task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
-    # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
-    # queued task at once, instead of idling while its job returns and the next is built
-    jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
-
-    def stop(now: bool) -> None:
-        if now:
-            with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
-                sc.cancelAllJobs()
-        jobs.shutdown(wait=not now, cancel_futures=True)
-    return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
-                  sc.defaultParallelism, stop)
-
-
-def ray_engine(args: argparse.Namespace) -> Engine:
-    """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
-    `ray start` began on this machine), else a new one on this machine."""
-    import ray
-    address = os.environ.get('RAY_ADDRESS', '')
-    if address not in ('', 'auto', 'local') and not ray.is_initialized():  # a dead one: minutes of retries
-        reachable(address.split('://')[-1], 'RAY_ADDRESS', args.connect_timeout)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.ERROR, log_to_driver=False)
-    source, env = ray.put(Path(__file__).read_text()), ray.put(storage_env(args))
-    task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
-
-    def stop(now: bool) -> None:
-        if now:  # ends this job: the cluster kills its tasks
-            with contextlib.suppress(Exception):
-                ray.shutdown()
-    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
-                  max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
-
-
-def reachable(address: str, what: str, timeout: float) -> None:
-    """Raise RunError unless something listens at `address` (host:port) within `timeout` s."""
-    host, _, port = address.rpartition(':')
-    try:
-        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as e:
-        raise RunError(f'{what} {address}: nothing answers there within {timeout:g} s '
-                       f'({type(e).__name__}: {e}); start the cluster or fix the address '
-                       '(--connect_timeout waits longer)') from None
-
-
-ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
-
-
-def headline(e: BaseException) -> str:
-    """The first line of an exception's message (a Spark job's: its Java exception's, which says why)."""
-    text = str(getattr(e, 'java_exception', None) or e).strip()
-    return text.splitlines()[0][:300] if text else ''
-
-
-# ---------------------------------------------------------------------------------------------
-# Main loop: poll --local, convert finished shards in parallel, merge, clean up.
-# ---------------------------------------------------------------------------------------------
-
-def wandb_run(args: argparse.Namespace):
-    if not args.wandb_project:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        log.warning('wandb is not installed; not logging to wandb')
-        return None
-    return wandb.init(project=args.wandb_project, config=vars(args))
-
-
-_STOP = {'signal': 0}  # set by on_signal; the main loop then takes no new shard
-
-
-def on_signal(signum: int, frame: Any) -> None:
-    if not _STOP['signal']:
-        _STOP['signal'] = signum
-        print(f'{signal.Signals(signum).name}: stopping; shards in flight are abandoned (rerun redoes them), '
-              'the index of the recorded ones is published', file=sys.stderr, flush=True)
-
-
-def sleep_unless_stopped(seconds: float) -> None:
-    end = time.time() + seconds
-    while not _STOP['signal'] and time.time() < end:
-        time.sleep(min(0.2, max(end - time.time(), 0)))
-
-
-def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
-    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
-    the input of shards recorded by a run that died before deleting it."""
-    others: set[str] = set()
-    records = read_records(args, args.subfolder, others).get(args.subfolder, {})
-    if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
-        raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
-                       'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
-                       'only; give this run its own --subfolder, then --merge_only')
-    mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
-    if mixed:
-        raise RunError(f'{args.remote} holds shards written {"without" if args.bucketed else "with"} '
-                       f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
-    if not args.keep_parquet:
-        names = list_input(fs, root)
-        for sid in records:
-            if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
-                delete_input(fs, root, sid)
-    return records
-
-
-def start_engine(args: argparse.Namespace) -> Engine:
-    """The --distributor's engine, with our stop-signal handlers back; RunError if it does not start."""
-    try:
-        engine = ENGINES[args.distributor](args)
-    except RunError as e:
-        raise RunError(f'--distributor {args.distributor}: {e}') from None
-    except Exception as e:
-        raise RunError(f'--distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
-                       f'{headline(e)})') from None
-    for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
-        signal.signal(sig, on_signal)
-    return engine
-
-
-@dataclass
-class Work:
-    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
-    fs: pafs.FileSystem
-    root: str
-    records: dict[str, dict]
-    stats: dict[str, Any]
-    futures: dict[Future, str]
-    todo: list[str]  # finished at the last look, not yet submitted
-    bad: set[str]
-    last_scan: float = -math.inf
-
-    def add(self, rec: dict) -> None:
-        self.records[rec['shard']] = shared_config(rec)
-        self.stats['shards'] += 1
-        self.stats['samples'] += sum(rec['samples'].values())
-        self.stats['bytes'] += rec['bytes']
-
-
-def scan(work: Work, args: argparse.Namespace) -> bool:
-    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
-    while tasks run); True if it looked and `done` was there."""
-    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
-        return False
-    work.last_scan = time.time()
-    # `done` before the listing: no shard missed
-    done_flag = work.fs.get_file_info(join(work.root, 'done')).type != pafs.FileType.NotFound
-    busy = set(work.futures.values())
-    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
-                 if sid not in work.records and sid not in work.bad and sid not in busy]
-    return done_flag
-
-
-def submit(work: Work, engine: Engine) -> None:
-    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
-    while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
-        sid = work.todo.pop(0)
-        work.futures[engine.submit(sid)] = sid
-
-
-def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
-    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises. A
-    task the engine gave up on (its worker died more often than the engine retries) is fatal: nothing
-    unrecorded was deleted."""
-    for fut in finished:
-        sid = work.futures.pop(fut)
-        try:
-            out = fut.result()
-        except Exception as e:
-            out = {'error': f'{shard_path(args.local, sid)}: its {args.distributor} task failed '
-                            f'({type(e).__name__}: {headline(e)}); rerun to resume', 'fatal': True}
-        if 'error' not in out:
-            work.add(out)
-            bar.update(1)
-        elif out['fatal']:
-            work.stats['errors'].append(out['error'])
-            raise ShardError(out['error'], fatal=True)
-        else:
-            work.bad.add(sid)
-            work.stats['bad'].append(out['error'])
-            tqdm.write(f'skipped, parquet kept: {out["error"]}', file=sys.stderr)
-
-
-def error(line: str) -> str:
-    """Print a fatal error's line; returns it."""
-    print(f'error: {line}', file=sys.stderr, flush=True)
-    return line
-
-
-def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> str:
-    """The driver loop: scan, submit, collect, and merge while running (at most every
-    --merge_interval, and never more than MERGE_SHARE of the time), until done or a stop signal.
-    Returns '' or the fatal error that ended it."""
-    wb = wandb_run(args)
-    bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
-    last_merge, merged_n, merge_s, fatal = time.time(), len(work.records), 0.0, ''
-    try:
-        while not _STOP['signal']:
-            if lease.lost:
-                raise ShardError(lease.lost, fatal=True)
-            done = scan(work, args)
-            if not work.futures and not work.todo:
-                if done:
-                    break
-                sleep_unless_stopped(args.poll_interval)
-                continue
-            submit(work, engine)
-            bar.total = len(work.records) + len(work.futures) + len(work.todo)
-            finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
-            if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
-                break
-            collect(work, finished, args, bar)
-            el = max(time.time() - start, 1e-9)
-            samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
-            bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
-            if wb is not None and finished:
-                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
-            if len(work.records) > merged_n and \
-                    time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
-                merge_s = time.time()
-                merge_run(work.records, args)
-                last_merge, merged_n = time.time(), len(work.records)
-                merge_s = last_merge - merge_s
-    except ShardError as e:
-        fatal = e.message
-    finally:
-        bar.close()
-        if wb is not None:
-            wb.finish()
-    return error(fatal) if fatal else ''
-
-
-def publish(work: Work, args: argparse.Namespace) -> str:
-    """After the loop: take the records that shards abandoned at a stop signal wrote just before it
-    (else name the parquet files a done download left unconverted), then write every bucket's
-    index.json. Returns '' or the fatal error."""
+def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
+    summary = summarize(records, run_stats, time.time() - start)
+    summary['exit_code'] = code
     if _STOP['signal']:
-        time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
-        for sid in work.futures.values():
-            with contextlib.suppress(FileNotFoundError):
-                work.add(load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record'))))
-    else:
-        work.stats['ignored'] = [shard_path(args.local, sid)
-                                 for sid in unfinished_shards(list_input(work.fs, work.root), work.records)]
+        summary['interrupted'] = signal.Signals(_STOP['signal']).name
+    name = f'summary_{args.subfolder}.json' if args.subfolder else 'summary.json'
+    path = args.summary or join(args.local, SUMMARY_DIR, name)
+    if args.preview and code in (EXIT_OK, EXIT_BAD_INPUT):
+        prefix = f'preview_{args.subfolder}_' if args.subfolder else 'preview_'
+        try:
+            summary['preview'] = write_previews(records, args, os.path.dirname(path) or '.', prefix)
+        except Exception as e:  # the dataset is complete; only its picture is missing
+            summary['preview_error'] = f'{type(e).__name__}: {e}'
     try:
-        merge_run(work.records, args)
-    except Exception as e:
-        work.stats['errors'].append(f'writing the merged index.json to {args.remote} failed '
-                                    f'({type(e).__name__}: {e})')
-        return error(work.stats['errors'][-1])
-    return ''
+        write_file(path, json.dumps(summary, indent=2).encode())
+    except Exception as e:  # the summary is also printed: not a reason to lose the exit code
+        print(f'error: writing the summary to {path} failed ({type(e).__name__}: {headline(e)})',
+              file=sys.stderr)
+    print_summary(summary, path)
+    for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(args.staging)
+    return code
 
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace, lease: Lease) -> int:
     """Convert every finished shard of --local, publish each bucket's index, write the summary."""
@@ -1729,32 +1790,6 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     return finish(work.records, work.stats, start, args, code)
 
 
-def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
-    summary = summarize(records, run_stats, time.time() - start)
-    summary['exit_code'] = code
-    if _STOP['signal']:
-        summary['interrupted'] = signal.Signals(_STOP['signal']).name
-    name = f'summary_{args.subfolder}.json' if args.subfolder else 'summary.json'
-    path = args.summary or join(args.local, SUMMARY_DIR, name)
-    if args.preview and code in (EXIT_OK, EXIT_BAD_INPUT):
-        prefix = f'preview_{args.subfolder}_' if args.subfolder else 'preview_'
-        try:
-            summary['preview'] = write_previews(records, args, os.path.dirname(path) or '.', prefix)
-        except Exception as e:  # the dataset is complete; only its picture is missing
-            summary['preview_error'] = f'{type(e).__name__}: {e}'
-    try:
-        write_file(path, json.dumps(summary, indent=2).encode())
-    except Exception as e:  # the summary is also printed: not a reason to lose the exit code
-        print(f'error: writing the summary to {path} failed ({type(e).__name__}: {headline(e)})',
-              file=sys.stderr)
-    print_summary(summary, path)
-    for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:
-        shutil.rmtree(scratch, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(args.staging)
-    return code
-
-
 def merge_only(args: argparse.Namespace) -> int:
     """--merge_only: join every subfolder's done shards; nothing recorded there is an error, and so is
     a subfolder that a live run still writes (its index would miss what that run records next)."""
@@ -1774,30 +1809,6 @@ def merge_only(args: argparse.Namespace) -> int:
                        'give the --remote the cloudwriter runs wrote to')
     print(json.dumps({'merged_samples_per_bucket': totals}))
     return EXIT_OK
-
-
-def take_ownership(args: argparse.Namespace) -> Lease:
-    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
-    --staging for this process, take the remote's lease."""
-    here = isinstance(check_local(args.local), pafs.LocalFileSystem)
-    if here:
-        lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
-    if args.staging:
-        lock_folder(args.staging, '--staging')
-    elif here:
-        args.staging = os.path.join(args.local, '_cloudwriter_staging')
-    else:  # scratch of this run alone, removed at its end
-        args.staging = tempfile.mkdtemp(prefix='cloudwriter-staging-')
-    os.makedirs(args.staging, exist_ok=True)
-    lease = Lease(args)
-    try:
-        lease.acquire()
-    except RunError:
-        raise
-    except Exception as e:  # e.g. a bucket that does not exist, no credentials
-        raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
-    args.run_token = lease.mine['token']  # the tasks' way to tell that this run still runs
-    return lease
 
 
 def main() -> int:
