@@ -580,7 +580,7 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
     assert records(remote, 'm2') == {'00000', '00001'}
 
 
-@pytest.mark.parametrize('flags, says', [
+BAD_FLAGS = [
     (['--batch_size', '0'], "argument --batch_size: '0': give an integer >= 1"),
     (['--retry', '0'], "argument --retry: '0': give an integer >= 1"),
     (['--preview', '-1'], "argument --preview: '-1': give an integer >= 0"),
@@ -590,6 +590,20 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
     (['--subfolder', '..'], "argument --subfolder: '..': give one plain folder name"),
     (['--subfolder', '/abs'], "argument --subfolder: '/abs': give one plain folder name"),
     (['--subfolder', 'a//b'], "argument --subfolder: 'a//b': give one plain folder name"),
+]
+
+
+@pytest.mark.parametrize('flags, says', BAD_FLAGS[1:])
+def test_bad_flags_fail_in_the_parser_with_argparses_message(tmp_path, capsys, flags, says):
+    """The parser the command line runs first (in-process: one case runs the whole command below)."""
+    cw = load_script('laion_cloudwriter.py')
+    with pytest.raises(SystemExit) as stop:
+        cw.parse_args(['--local', str(tmp_path), '--remote', str(tmp_path / 'mds'), *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in last_line(err) and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('flags, says', BAD_FLAGS[:1] + [
     (['--local', '{missing}'], 'error: --local {missing} does not exist; give the download'),
     (['--local', '{file}'], 'error: --local {file} is a file; give the folder of img2dataset parquet shards'),
 ])
