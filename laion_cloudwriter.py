@@ -1012,12 +1012,6 @@ def still_ours(args: argparse.Namespace) -> bool:
     return lease.get('token') == args.run_token and not lease.get('stopping')
 
 
-def write_record(record: dict, args: argparse.Namespace) -> None:
-    """The shard's record at the remote: written last, it is what makes the shard done."""
-    rel = join(RECORDS, args.subfolder, f"{record['shard']}.record")
-    put(args, rel, json.dumps(record).encode())
-
-
 def remove_parts(out_root: str, sub: str, sid: str) -> None:
     """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
     for bucket in BUCKETS + [UNBUCKETED]:
@@ -1057,7 +1051,7 @@ def convert_shard(sid: str) -> dict[str, Any]:
             record['preview'] = write_candidates(preview, sid, args)
         if not still_ours(args):  # its parts are removed below; a rerun converts the shard
             raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
-        write_record(record, args)
+        put(args, join(RECORDS, args.subfolder, f'{sid}.record'), json.dumps(record).encode())  # done
     except ShardError as e:
         bad_input = not e.fatal
         raise
@@ -1070,8 +1064,6 @@ def convert_shard(sid: str) -> dict[str, Any]:
         wait(landing)  # nothing still reads the files removed below
         if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
             remove_parts(out_root, args.subfolder, sid)
-    if not args.keep_parquet:
-        delete_input(*input_fs(args.local), sid)
     return record
 
 
@@ -1092,8 +1084,8 @@ def convert_task(sid: str) -> dict[str, Any]:
                          f'({type(e).__name__}: {e})', 'fatal': True}
     try:
         if record is None:
-            return convert_shard(sid)
-        if not args.keep_parquet:
+            record = convert_shard(sid)
+        if not args.keep_parquet:  # only once the record is up
             delete_input(*input_fs(args.local), sid)
         return record
     except ShardError as e:
@@ -1109,13 +1101,8 @@ def input_columns(names: list[str], parquet: str) -> dict[str, str]:
     for col in REQUIRED:
         if col not in names:
             raise ShardError(f'{parquet}: missing required column {col!r}', fatal=True)
-    found = {}
-    for col in COLUMNS:
-        for name in ALIASES.get(col, (col,)):
-            if name in names:
-                found[col] = name
-                break
-    return found
+    found = {col: next((n for n in ALIASES.get(col, (col,)) if n in names), None) for col in COLUMNS}
+    return {col: name for col, name in found.items() if name}
 
 
 # JPEG start-of-frame markers (they hold the size); C4, C8 and CC are other segments.
@@ -1498,8 +1485,8 @@ def keep_candidate(preview: dict[str, list[dict]], bucket: str, index: int,
 def write_candidates(preview: dict[str, list[dict]], sid: str, args: argparse.Namespace) -> dict[str, int]:
     """Write the shard's candidates to `<remote>/_cloudwriter[/<sub>]/<sid>.preview`; returns how many
     each bucket has (kept in the shard's record, so the main process never lists these files)."""
-    rel = join(RECORDS, args.subfolder, f'{sid}.preview')
-    put(args, rel, json.dumps({'shard': sid, 'buckets': preview}).encode())
+    put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
+        json.dumps({'shard': sid, 'buckets': preview}).encode())
     return {bucket: len(kept) for bucket, kept in preview.items()}
 
 
@@ -1535,12 +1522,12 @@ def fit_lines(paragraphs: list[str], font: Any, width: int, lines: int) -> list[
     return out
 
 
-def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]], slots: int,
-                  cell: tuple[int, int], lines: int) -> Image.Image:
-    """A grid of `slots` cells (ceil(sqrt(slots)) columns) under a one-line title: tile i's image
-    centred in a `cell` (w, h) box (a grey box when None) above its text paragraphs (`lines` lines).
-    Size: (columns x (cell_w + 8), 20 + rows x (cell_h + 8 + 12 x lines)). Pillow only."""
+def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]]) -> Image.Image:
+    """A grid of the tiles (ceil(sqrt(n)) columns) under a one-line title: tile i's image centred in a
+    PREVIEW_THUMB px square (a grey one when None) above its text paragraphs (PREVIEW_LINES lines).
+    Size: (columns x (cell + 8), 20 + rows x (cell + 8 + 12 x lines)). Pillow only."""
     pad, line_h, title_h = 4, 12, 20
+    cell, lines, slots = (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES, len(tiles)
     font = ImageFont.load_default(size=10)
     cols = max(1, math.ceil(math.sqrt(slots)))
     rows = max(1, math.ceil(slots / cols))
@@ -1549,7 +1536,7 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]],
     draw = ImageDraw.Draw(sheet)
     for line in fit_lines([title], font, sheet.width - 2 * pad, 1):
         draw.text((pad, 4), line, 'black', font)
-    for i, (img, text) in enumerate(tiles[:slots]):
+    for i, (img, text) in enumerate(tiles):
         x, y = (i % cols) * tile_w + pad, title_h + (i // cols) * tile_h + pad
         if img is None:
             draw.rectangle((x, y, x + cell[0] - 1, y + cell[1] - 1), fill=(200, 200, 200))
@@ -1586,8 +1573,7 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
                  f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
         path = join(folder, f'{prefix}{bucket}.png')
         png = io.BytesIO()
-        sheet = contact_sheet(title, tiles, len(tiles), (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
-        sheet.save(png, 'PNG')
+        contact_sheet(title, tiles).save(png, 'PNG')
         write_file(path, png.getvalue())
         out[bucket] = {'png': path, 'keys': [c['key'] for c in shown]}
     return out
@@ -1627,8 +1613,7 @@ def bucket_parts(records: dict[str, dict], bucket: str, prefix: str = '') -> lis
 def publish_index(parts: list[tuple[str, dict, dict]], args: argparse.Namespace, bucket: str,
                   subfolder: str) -> None:
     """Replace the dataset's index.json (one rename or one PUT: readers see the old or the new)."""
-    rel = join(bucket, subfolder, 'index.json')
-    put(args, rel, index_chunks(parts))
+    put(args, join(bucket, subfolder, 'index.json'), index_chunks(parts))
 
 
 def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
