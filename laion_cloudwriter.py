@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -57,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -97,9 +99,8 @@ VAR_COLUMNS = [c for c in MDS_COLUMNS if MDS_SIZES[COLUMNS[c]] is None]
 ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE', 'aesthetic_score_laion_v2'),
            'similarity': ('similarity', 'clip_b32_similarity_score', 'clip_similarity_vitb32')}
 
-# While it runs, the driver rewrites every bucket's index.json (so readers can start early) at most
-# every --merge_interval s, and spends at most this share of its time on it: a merge of t seconds
-# (~25 s at 230k input shards, growing with them) is followed by at least t / MERGE_SHARE without one.
+# A merge while running (so readers can start early) of t seconds waits at least t / MERGE_SHARE
+# after it: the driver spends at most this share of its time merging (README: merge cadence).
 MERGE_SHARE = 0.1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the platform's stop, Ctrl-C
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
@@ -109,40 +110,33 @@ UNREADABLE_HEADER = 'success but no readable image header'
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2  # a signal ends a run with 128 + its number (SIGTERM: 143)
 SUBFOLDER_RE = re.compile(r'(?!\.{1,2}$)(?!\d+$)[A-Za-z0-9._-]+')  # not a shard id: those are digits
 
-# One run at a time per --local (a flock: the kernel drops it when the run dies, it never goes stale)
-# and per <remote>[/<subfolder>] (a lease the run refreshes; another run refuses while it is fresh).
-LOCK = 'lock'  # <local>/_cloudwriter/lock, and <staging>/lock for a --staging of its own
-LEASE = 'run.lease'  # <remote>/_cloudwriter[/<subfolder>]/run.lease
+# One run at a time: a flock on <local>/_cloudwriter/LOCK (and an own --staging's), which the kernel
+# drops when the run dies; a lease at <remote>/_cloudwriter[/<subfolder>]/LEASE, refreshed by the run.
+LOCK, LEASE = 'lock', 'run.lease'
 LEASE_HEARTBEAT_S = 10.0
 LEASE_STALE_S = 60.0  # not refreshed for this long: its run is gone (at once if it ran on this host)
-# A stopping run marks its lease `stopping`; a task still running on a cluster's executor (a signal
-# to the driver does not reach it) then records nothing. The driver waits this long for a record
-# written just before the mark, then publishes the index of every recorded shard.
-STOP_GRACE_S = 2.0
+STOP_GRACE_S = 2.0  # a stopping run waits this long for a record written just before its lease said so
 HOST = socket.gethostname()
-# An S3-compatible endpoint (MinIO, R2, on-prem) may be given under any of these names, the first set
-# wins: streaming's, botocore's (service-specific, then global), fsspec's. It becomes S3_ENDPOINT_URL
-# at start-up, so that reads (pyarrow), writes (streaming) and every engine task use the same one.
+# An S3-compatible endpoint under any of these names (the first set wins) becomes S3_ENDPOINT_URL, the
+# one endpoint of reads (pyarrow), writes (streaming) and every engine task.
 S3_ENDPOINT_VARS = ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'FSSPEC_S3_ENDPOINT_URL')
-# Storage settings the driver's environment holds, carried to every pyspark / ray task (unless
-# --storage_env cluster): a cluster's workers run with the environment their cluster started with.
-# Names that start with one of these (values, secrets included, are never printed or recorded).
+# Storage settings (names starting so) carried to every pyspark / ray task with --storage_env forward.
 STORAGE_ENV = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
 # Input columns are cast to these before encoding; a value that does not cast skips its shard.
 ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
 
-# --preview: each converted shard keeps its first PREVIEW_PER_SHARD samples of each bucket as small
-# JPEG thumbnails in `<remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview` (~5 KB a sample); the run
-# then draws a sheet per bucket from the candidates of shards spread evenly over the shard ids.
-# Candidates per bucket and shard: each costs a thumbnail decode in the worker (~2.5 ms for a 100 KB
-# JPEG at 1/8 scale), so at most 7 x 4 x 2.5 ms = 0.07 s per shard. At scale one per shard is drawn;
-# more only fill a sheet from fewer shards than N (its other cells stay empty).
+# --preview: each shard keeps its first PREVIEW_PER_SHARD samples of each bucket as thumbnails (each
+# ~2.5 ms and ~5 KB) in <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview; sheets are drawn from them.
 PREVIEW_PER_SHARD = 4
 PREVIEW_THUMB = 128  # px, longer side of a thumbnail (its grid cell is square)
 PREVIEW_LINES = 3  # text lines under a tile: size + key, then the caption's start
 
 log = logging.getLogger('laion_cloudwriter')
 
+
+# ---------------------------------------------------------------------------------------------
+# Flags: each checked by its argparse type= / choices= before anything heavy is imported.
+# ---------------------------------------------------------------------------------------------
 
 def parse_size(text: str) -> int:
     """'67108864', '64mb', '512kb', '1gb' (binary units, as streaming's size_limit) -> bytes."""
@@ -220,16 +214,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--wait_before_start', type=at_least(float, 0), default=0.0,
                    help='Seconds to sleep before starting (e.g. while the download creates --local).')
     p.add_argument('--merge_interval', type=at_least(float, 0), default=600.0,
-                   help='Least seconds between rewrites of every bucket\'s index.json while running, so '
-                        'readers can start early (it is always written at the end). A merge also waits 10x '
-                        'as long as the last one took: at 230k input shards one takes ~25 s and writes '
-                        '1.3-3.4 GB, so the driver never spends more than a tenth of its time merging.')
+                   help='Least seconds between rewrites of each bucket\'s index.json while running, so '
+                        'readers can start early (and >= 10x the last merge\'s time); always at the end.')
     p.add_argument('--size_limit', type=parse_size, default='256mb',
-                   help='MDS shard size limit, bytes or e.g. 64mb (streaming size_limit). Each worker holds '
-                        'one open shard per bucket: at most 7 x size_limit (1.8 GB at 256mb, ~1 GB for '
-                        'LAION\'s mix); give 64mb when RAM < 2 GB x --processes. Readers pay for the shard '
-                        'count: at LAION-2B scale and 64mb every reader rank parses a 1.1 GB index.json '
-                        '(~3 min, ~9 GB), at 256mb 314 MB (~3 GB).')
+                   help='MDS shard size limit, bytes or e.g. 64mb (streaming size_limit). A worker holds '
+                        'one open shard per bucket (~1-1.8 GB at 256mb): give 64mb when RAM < 2 GB x '
+                        '--processes (readers then parse a 4x larger index.json).')
     p.add_argument('--batch_size', type=at_least(int, 1), default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
     p.add_argument('--upload_threads', type=at_least(int, 1), default=8,
@@ -257,18 +247,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.distributor != 'multiprocessing' and importlib.util.find_spec(args.distributor) is None:
         p.error(f'--distributor {args.distributor}: the {args.distributor} package is not installed; '
                 f'pip install {args.distributor} (on every machine of the cluster)')
-    if args.local and not is_cloud(args.local):
+    args.remote_kind = 'cloud' if '://' in args.remote else 'folder'
+    if args.local and '://' not in args.local:
         args.local = os.path.abspath(args.local)  # engine workers do not share our working directory
     return args
 
 
 # ---------------------------------------------------------------------------------------------
-# Remote helpers: a local folder is written directly (fsync + rename), anything else through
-# streaming's CloudUploader / CloudDownloader.
+# Where things live: --local on a filesystem pyarrow (else fsspec) reaches; the remote as a row of its
+# kind (a folder: written in place; anything else: streaming's CloudUploader / CloudDownloader),
+# picked once from --remote (args.remote_kind), like the engines.
 # ---------------------------------------------------------------------------------------------
 
-def is_cloud(remote: str) -> bool:
-    return '://' in remote
+def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
+    path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
+    takes it and main() sets it from S3_ENDPOINT_VARS, for S3-compatible stores); any other scheme
+    through fsspec."""
+    if '://' not in url:
+        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
+    parsed = urlparse(url)
+    endpoint = os.environ.get('S3_ENDPOINT_URL')
+    if parsed.scheme == 's3' and endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=urlparse(endpoint).netloc or endpoint,
+                               scheme=urlparse(endpoint).scheme or 'https')
+        return fs, (parsed.netloc + parsed.path).rstrip('/')
+    try:
+        return pafs.FileSystem.from_uri(url)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec  # not a pyarrow scheme: fsspec's (its package for the scheme must be installed)
+        fs, path = fsspec.core.url_to_fs(url)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip('/')
+
+
+def write_file(url: str, data: bytes) -> None:
+    """`data` to a local path or a URL on --local's kind of filesystem (summary, preview sheets)."""
+    fs, where = input_fs(url)
+    fs.create_dir(os.path.dirname(where), recursive=True)
+    with fs.open_output_stream(where) as f:
+        f.write(data)
 
 
 def join(*parts: str) -> str:
@@ -283,8 +300,16 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def write_local_atomic(path: str, chunks: Iterable[bytes]) -> None:
-    """Write a file so that it exists whole or not at all, and is on disk."""
+@functools.cache
+def uploader(staging: str, remote: str, retry: int):
+    """streaming's uploader from a local staging root to a remote root (keeps nothing local)."""
+    os.makedirs(staging, exist_ok=True)
+    from streaming.base.storage.upload import CloudUploader  # imports torch: only for a cloud remote
+    return CloudUploader.get((staging, remote), keep_local=False, retry=retry, exist_ok=True)
+
+
+def put_folder(args: argparse.Namespace, rel: str, chunks: Iterable[bytes]) -> None:
+    path = os.path.join(args.remote, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'wb') as f:
@@ -294,31 +319,12 @@ def write_local_atomic(path: str, chunks: Iterable[bytes]) -> None:
     os.replace(tmp, path)
 
 
-_UPLOADERS: dict[tuple[str, str], Any] = {}
-
-
-def uploader(staging: str, remote: str, retry: int, cache: bool = False):
-    """streaming's uploader from a local staging root to a remote root (keeps nothing local)."""
-    if (staging, remote) in _UPLOADERS:
-        return _UPLOADERS[staging, remote]
-    os.makedirs(staging, exist_ok=True)
-    from streaming.base.storage.upload import CloudUploader  # imports torch: only for a cloud remote
-    up = CloudUploader.get((staging, remote), keep_local=False, retry=retry, exist_ok=True)
-    if cache:
-        _UPLOADERS[staging, remote] = up
-    return up
-
-
-def put_folder(remote: str, rel: str, chunks: Iterable[bytes], staging: str, retry: int) -> None:
-    write_local_atomic(os.path.join(remote, rel), chunks)
-
-
-def put_cloud(remote: str, rel: str, chunks: Iterable[bytes], staging: str, retry: int) -> None:
-    root = os.path.join(staging, f'publish{os.getpid()}')
+def put_cloud(args: argparse.Namespace, rel: str, chunks: Iterable[bytes]) -> None:
+    root = os.path.join(args.staging, f'publish{os.getpid()}')
     os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
     with open(os.path.join(root, rel), 'wb') as f:
         f.writelines(chunks)
-    uploader(root, remote, retry, cache=True).upload_file(rel)  # removes the local copy
+    uploader(root, args.remote, args.retry).upload_file(rel)  # removes the local copy
 
 
 def list_folder(remote: str, prefix: str, suffix: str) -> list[str]:
@@ -332,10 +338,6 @@ def list_cloud(remote: str, prefix: str, suffix: str) -> list[str]:
         keys = CloudUploader.get((tmp, remote), exist_ok=True).list_objects(prefix.strip('/') + '/') or []
     root = urlparse(remote).path.strip('/')
     return sorted(k[len(root):].strip('/') if root else k for k in keys if k.endswith(suffix))
-
-
-def read_folder(url: str) -> bytes:
-    return Path(url).read_bytes()
 
 
 def read_cloud(url: str) -> bytes:
@@ -363,7 +365,7 @@ def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
     """Check that every file of a shard's parts is listed at the remote."""
     sid, sub = record['shard'], args.subfolder
     files, listed = [], set()
-    up = uploader(staging, args.remote, args.retry, cache=True)
+    up = uploader(staging, args.remote, args.retry)
     for bucket, part in record['parts'].items():
         rel = join(bucket, sub, sid)
         files += [join(rel, mds_name(i)) for i in range(len(part['bytes']))] + [join(rel, 'index.json')]
@@ -375,7 +377,7 @@ def check_listed(record: dict, staging: str, args: argparse.Namespace) -> None:
 
 
 def land_cloud(parts: str, args: argparse.Namespace) -> Callable[[str], Any]:
-    up = uploader(parts, args.remote, args.retry, cache=True)
+    up = uploader(parts, args.remote, args.retry)
     return lambda path: up.upload_file(os.path.relpath(path, parts))
 
 
@@ -383,7 +385,7 @@ def land_cloud(parts: str, args: argparse.Namespace) -> Callable[[str], Any]:
 class RemoteKind:
     """One kind of --remote: how a file is put (whole or not at all), read and listed there, and how
     a worker lands a shard's parts, each MDS file as soon as it is written."""
-    put: Callable[[str, str, Iterable[bytes], str, int], None]  # (remote, rel, chunks, staging, retry)
+    put: Callable[[argparse.Namespace, str, Iterable[bytes]], None]  # (args, rel, chunks)
     read: Callable[[str], bytes]  # a file's URL -> its bytes; FileNotFoundError if there is none
     list: Callable[[str, str, str], list[str]]  # (remote, prefix, suffix) -> keys relative to remote
     parts: Callable[[argparse.Namespace], str]  # the root this worker writes a shard's parts below
@@ -394,80 +396,48 @@ class RemoteKind:
 
 REMOTES = {
     # written in place: fsync + rename; a task run twice writes the same bytes under the shard's id
-    'folder': RemoteKind(put_folder, read_folder, list_folder, lambda args: args.remote,
-                         lambda parts, args: fsync_file, settle_folder, staged=False),
+    'folder': RemoteKind(put_folder, lambda url: Path(url).read_bytes(), list_folder,
+                         lambda args: args.remote, lambda parts, args: fsync_file, settle_folder, False),
     # streaming's CloudUploader / CloudDownloader; parts staged per process, so two runs of one
     # shard (an engine's retry beside a slow first try) never share files
     'cloud': RemoteKind(put_cloud, read_cloud, list_cloud,
                         lambda args: os.path.join(args.staging, 'parts', str(os.getpid())),
-                        land_cloud, check_listed, staged=True),
+                        land_cloud, check_listed, True),
 }
 
 
-def remote_kind(url: str) -> RemoteKind:
-    """The row for a --remote (or a file at one): a folder, or anything with a scheme."""
-    return REMOTES['cloud' if is_cloud(url) else 'folder']
+def put(args: argparse.Namespace, rel: str, data: bytes | Iterable[bytes]) -> None:
+    """Write `<remote>/<rel>` whole or not at all (a rename, or one PUT), from its bytes or from chunks
+    of them (never all in memory at once)."""
+    REMOTES[args.remote_kind].put(args, rel, [data] if isinstance(data, bytes) else data)
 
 
-def put_bytes(remote: str, rel: str, data: bytes | Iterable[bytes], staging: str, retry: int) -> None:
-    """Write one file at `remote`/`rel`, whole or not at all (a rename, or one PUT), from its bytes or
-    from chunks of them (never all in memory at once)."""
-    remote_kind(remote).put(remote, rel, [data] if isinstance(data, bytes) else data, staging, retry)
-
-
-def list_records(remote: str, prefix: str, suffix: str = '.record') -> list[str]:
-    """Paths (relative to `remote`) of every *.record (or other `suffix`) below `remote`/`prefix`."""
-    return remote_kind(remote).list(remote, prefix, suffix)
-
-
-def read_remote(remote_file: str) -> bytes:
-    return remote_kind(remote_file).read(remote_file)
-
-
-def record_subfolder(rel: str) -> str:
-    """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
-    return os.path.dirname(rel)[len(RECORDS):].strip('/')
-
-
-def read_records(remote: str, subfolder: str | None,
-                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
-    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
-    The other subfolders with records that the listing saw are added to `others`."""
-    wanted = []
-    for rel in list_records(remote, join(RECORDS, subfolder or '')):
-        sub = record_subfolder(rel)
-        if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
-            wanted.append((sub, join(remote, rel)))
-        elif others is not None:
-            others.add(sub)
-    out: dict[str, dict[str, dict]] = {}
-    with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
-        for (sub, url), data in zip(wanted, pool.map(read_remote, [url for _, url in wanted])):
-            rec = load_record(data, url)
-            out.setdefault(sub, {})[rec['shard']] = rec
-    return out
+def read(args: argparse.Namespace, rel: str) -> bytes:
+    """The bytes of `<remote>/<rel>`; FileNotFoundError if there is none."""
+    return REMOTES[args.remote_kind].read(join(args.remote, rel))
 
 
 # ---------------------------------------------------------------------------------------------
-# One run at a time: a flock on --local (this machine), a lease at the remote (any machine).
+# Checks before any work: --local exists; one run at a time (a flock on --local, a lease at the remote).
 # ---------------------------------------------------------------------------------------------
 
 class RunError(Exception):
     """A reason not to start: printed as one `error:` line, exit 2."""
 
 
-def check_local(local: str) -> None:
-    """--local must be an existing folder (the download's output), here or remote."""
+def check_local(local: str) -> pafs.FileSystem:
+    """--local must be an existing folder (the download's output), here or remote; its filesystem."""
     try:
         fs, root = input_fs(local)
         kind = fs.get_file_info(root).type
     except Exception as e:  # a bucket that does not exist, no credentials, a scheme nothing reads
-        raise RunError(f'--local {local}: cannot be read ({type(e).__name__}: {first_line(e)})') from None
+        raise RunError(f'--local {local}: cannot be read ({type(e).__name__}: {headline(e)})') from None
     if kind == pafs.FileType.NotFound:
         raise RunError(f'--local {local} does not exist; give the download\'s output folder (with '
                        '--wait_before_start if the download creates it)')
     if kind != pafs.FileType.Directory:
         raise RunError(f'--local {local} is a file; give the folder of img2dataset parquet shards')
+    return fs
 
 
 def lock_folder(folder: str, flag: str) -> int:
@@ -518,7 +488,7 @@ class Lease:
 
     def read(self) -> dict | None:
         try:
-            return json.loads(read_remote(self.url))
+            return json.loads(read(self.args, self.rel))
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
@@ -526,7 +496,7 @@ class Lease:
 
     def write(self, released: bool = False) -> None:
         lease = {**self.mine, 'seen': time.time(), 'released': released, 'stopping': self.stopping}
-        put_bytes(self.args.remote, self.rel, json.dumps(lease).encode(), self.args.staging, self.args.retry)
+        put(self.args, self.rel, json.dumps(lease).encode())
 
     def held_by_other(self, lease: dict | None,
                       advice: str = 'wait for it to end or use another --subfolder') -> str:
@@ -555,11 +525,10 @@ class Lease:
         other = self.held_by_other(self.read())
         if other:
             raise RunError(other)
-        self.thread = threading.Thread(target=self._refresh, daemon=True, name='lease')
 
     def start_refreshing(self) -> None:
-        if self.thread is not None and not self.thread.is_alive():
-            self.thread.start()
+        self.thread = threading.Thread(target=self._refresh, daemon=True, name='lease')
+        self.thread.start()
 
     def _refresh(self) -> None:
         while not self.stop.wait(LEASE_HEARTBEAT_S):
@@ -586,49 +555,90 @@ class Lease:
         self.stop.set()
         if not remote_ok:
             return
-        if self.thread is not None and self.thread.is_alive():
+        if self.thread is not None:
             self.thread.join()
         with contextlib.suppress(Exception):
             if not self.lost and self.read().get('token') == self.mine['token']:
                 self.write(released=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Find work: finished shards in --local, a folder or any filesystem pyarrow (else fsspec) reaches.
-# ---------------------------------------------------------------------------------------------
-
-def input_fs(url: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem `url` (a --local folder or a file in it) lives on, and its path there: a local
-    path (memory-mapped reads); s3://, gs://, hdfs://... through pyarrow (S3_ENDPOINT_URL, as streaming
-    takes it and main() sets it from S3_ENDPOINT_VARS, for S3-compatible stores); any other scheme
-    through fsspec."""
-    if not is_cloud(url):
-        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(url)
-    parsed = urlparse(url)
-    endpoint = os.environ.get('S3_ENDPOINT_URL')
-    if parsed.scheme == 's3' and endpoint:
-        fs = pafs.S3FileSystem(endpoint_override=urlparse(endpoint).netloc or endpoint,
-                               scheme=urlparse(endpoint).scheme or 'https')
-        return fs, (parsed.netloc + parsed.path).rstrip('/')
+def take_ownership(args: argparse.Namespace) -> Lease:
+    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
+    --staging for this process, take the remote's lease."""
+    here = isinstance(check_local(args.local), pafs.LocalFileSystem)
+    if here:
+        lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
+    if args.staging:
+        lock_folder(args.staging, '--staging')
+    elif here:
+        args.staging = os.path.join(args.local, '_cloudwriter_staging')
+    else:  # scratch of this run alone, removed at its end
+        args.staging = tempfile.mkdtemp(prefix='cloudwriter-staging-')
+    os.makedirs(args.staging, exist_ok=True)
+    lease = Lease(args)
     try:
-        return pafs.FileSystem.from_uri(url)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        import fsspec  # not a pyarrow scheme: fsspec's (its package for the scheme must be installed)
-        fs, path = fsspec.core.url_to_fs(url)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip('/')
+        lease.acquire()
+    except RunError:
+        raise
+    except Exception as e:  # e.g. a bucket that does not exist, no credentials
+        raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
+    args.run_token = lease.mine['token']  # the tasks' way to tell that this run still runs
+    return lease
 
 
-def write_file(url: str, data: bytes) -> None:
-    """`data` to a local path or a URL on --local's kind of filesystem (summary, preview sheets)."""
-    fs, where = input_fs(url)
-    fs.create_dir(os.path.dirname(where), recursive=True)
-    with fs.open_output_stream(where) as f:
-        f.write(data)
+# ---------------------------------------------------------------------------------------------
+# The plan: what the remote has recorded, what --local holds finished.
+# ---------------------------------------------------------------------------------------------
+
+_CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver holds 230k records
 
 
-def shard_path(local: str, sid: str, suffix: str = '.parquet') -> str:
-    """How messages name a shard's file: `--local` as given (a folder is made absolute) + its name."""
-    return join(local, f'{sid}{suffix}')
+def load_record(data: bytes) -> dict[str, Any]:
+    """A record in the current form (an older one held each part's index.json in full as `index`)."""
+    rec = json.loads(data)
+    if 'index' in rec:
+        shards = {bucket: index['shards'] for bucket, index in rec.pop('index').items()}
+        rec['parts'] = {b: {'bytes': [e['raw_data']['bytes'] for e in entries],
+                            'samples': [e['samples'] for e in entries]} for b, entries in shards.items()}
+        own = ('samples', 'zip_data', 'raw_data')  # an entry's own facts; the rest is the config
+        rec['config'] = next(({k: v for k, v in entries[0].items() if k not in own}
+                              for entries in shards.values() if entries), {})
+    return shared_config(rec)
+
+
+def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with its config replaced by the equal one other records hold (memory, at 230k records)."""
+    rec['config'] = _CONFIGS.setdefault(json.dumps(rec['config']), rec['config'])
+    return rec
+
+
+def record_subfolder(rel: str) -> str:
+    """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
+    return os.path.dirname(rel)[len(RECORDS):].strip('/')
+
+
+def read_records(args: argparse.Namespace, subfolder: str | None,
+                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
+    """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
+    The other subfolders with records that the listing saw are added to `others`."""
+    wanted: dict[str, str] = {}  # rel -> its subfolder
+    for rel in REMOTES[args.remote_kind].list(args.remote, join(RECORDS, subfolder or ''), '.record'):
+        sub = record_subfolder(rel)
+        if subfolder is None or sub == subfolder:  # not a record of another subfolder below ours
+            wanted[rel] = sub
+        elif others is not None:
+            others.add(sub)
+    out: dict[str, dict[str, dict]] = {}
+    with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
+        for sub, data in zip(wanted.values(), pool.map(functools.partial(read, args), wanted)):
+            rec = load_record(data)
+            out.setdefault(sub, {})[rec['shard']] = rec
+    return out
+
+
+def shard_path(local: str, sid: str) -> str:
+    """How messages name a shard's parquet: `--local` as given (a folder is made absolute) + its name."""
+    return join(local, f'{sid}.parquet')
 
 
 def list_input(fs: pafs.FileSystem, root: str) -> set[str]:
@@ -649,10 +659,6 @@ def unfinished_shards(names: set[str], records: dict[str, dict]) -> list[str]:
     return sorted(sid for sid in sids if f'{sid}_stats.json' not in names and sid not in records)
 
 
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
     """Remove a converted shard's parquet, then turn its _stats.json into `NNNNN_converted.json`.
 
@@ -665,8 +671,315 @@ def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
         fs.move(join(root, f'{sid}_stats.json'), join(root, f'{sid}_converted.json'))
 
 
+def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
+    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
+    the input of shards recorded by a run that died before deleting it."""
+    others: set[str] = set()
+    records = read_records(args, args.subfolder, others).get(args.subfolder, {})
+    if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
+        raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
+                       'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
+                       'only; give this run its own --subfolder, then --merge_only')
+    mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
+    if mixed:
+        raise RunError(f'{args.remote} holds shards written {"without" if args.bucketed else "with"} '
+                       f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
+    if not args.keep_parquet:
+        names = list_input(fs, root)
+        for sid in records:
+            if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
+                delete_input(fs, root, sid)
+    return records
+
+
 # ---------------------------------------------------------------------------------------------
-# Read + transform: parquet row batches to MDS samples (in the worker processes).
+# Engines (--distributor): one function per engine with the same signature, picked by name
+# (img2dataset's distributor.py). A task converts, uploads and records one shard (convert_task).
+# ---------------------------------------------------------------------------------------------
+
+RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
+QUEUED_PER_SLOT = 2  # the driver keeps this many tasks submitted per engine slot: the queue stays short
+
+
+@dataclass(frozen=True)
+class Engine:
+    submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
+    slots: int  # tasks it runs at once; the driver keeps at most QUEUED_PER_SLOT x slots submitted
+    stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
+    progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
+
+
+def storage_env(args: argparse.Namespace) -> dict[str, str]:
+    """The driver's storage settings that its engine tasks take over (none with --storage_env cluster)."""
+    if args.storage_env == 'cluster':
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+
+
+def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
+    """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
+    first (they travel in the task's arguments: README). This script travels as `source` and is
+    loaded once per worker process (kept with its buffers for the next task)."""
+    os.environ.update(env)
+    name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        sys.modules[name] = module  # dataclasses look their module up here
+        exec(compile(source, 'laion_cloudwriter.py', 'exec'), module.__dict__)
+    state = sys.modules[name]._WORKER
+    if state.get('args') != args:
+        state.clear()
+        state['args'] = args
+    return sys.modules[name].convert_task(sid)
+
+
+def multiprocessing_engine(args: argparse.Namespace) -> Engine:
+    """--processes forked workers on this machine."""
+    ctx = mp.get_context('fork')
+    progress = ctx.Array('q', 2)
+    executor = ProcessPoolExecutor(args.processes, mp_context=ctx, initializer=init_worker,
+                                   initargs=(progress, args))
+    executor.submit(int).result()  # forks every worker now, before the lease thread starts
+
+    def stop(now: bool) -> None:
+        for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
+            with contextlib.suppress(Exception):  # a failing remote must not keep them busy
+                proc.kill()
+        executor.shutdown(wait=not now, cancel_futures=True)
+    return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
+
+
+def pyspark_engine(args: argparse.Namespace) -> Engine:
+    """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
+    `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
+    Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
+    from pyspark import SparkConf, SparkContext
+    from pyspark.sql import SparkSession
+    if SparkContext._active_spark_context is None:  # a new session: its master must answer first
+        SparkContext._ensure_initialized()  # the JVM that spark-submit (or PYSPARK_SUBMIT_ARGS) set up
+        master = SparkConf().get('spark.master', '')
+        if master.startswith('spark://'):  # standalone (a dead one: ~60 s of retries, then a stack)
+            for address in master[len('spark://'):].split(','):
+                reachable(address, f'Spark master {master}', args.connect_timeout)
+    sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
+        .getOrCreate().sparkContext
+    sc.setLogLevel('ERROR')
+    server = getattr(sc, '_accumulatorServer', None)  # we use no accumulators; a SIGTERM to our process
+    if server is not None:  # group ends the JVM too, and socketserver prints the broken link's traceback
+        server.handle_error = lambda request, client_address: None
+    task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
+    # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
+    # queued task at once, instead of idling while its job returns and the next is built
+    jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
+
+    def stop(now: bool) -> None:
+        if now:
+            with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
+                sc.cancelAllJobs()
+        jobs.shutdown(wait=not now, cancel_futures=True)
+    return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
+                  sc.defaultParallelism, stop)
+
+
+def ray_engine(args: argparse.Namespace) -> Engine:
+    """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
+    `ray start` began on this machine), else a new one on this machine."""
+    import ray
+    address = os.environ.get('RAY_ADDRESS', '')
+    if address not in ('', 'auto', 'local') and not ray.is_initialized():  # a dead one: minutes of retries
+        reachable(address.split('://')[-1], 'RAY_ADDRESS', args.connect_timeout)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    source, env = ray.put(Path(__file__).read_text()), ray.put(storage_env(args))
+    task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
+
+    def stop(now: bool) -> None:
+        if now:  # ends this job: the cluster kills its tasks
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
+                  max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
+
+
+def reachable(address: str, what: str, timeout: float) -> None:
+    """Raise RunError unless something listens at `address` (host:port) within `timeout` s."""
+    host, _, port = address.rpartition(':')
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RunError(f'{what} {address}: nothing answers there within {timeout:g} s '
+                       f'({type(e).__name__}: {e}); start the cluster or fix the address '
+                       '(--connect_timeout waits longer)') from None
+
+
+ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
+
+
+def headline(e: BaseException) -> str:
+    """The first line of an exception's message (a Spark job's: its Java exception's, which says why)."""
+    text = str(getattr(e, 'java_exception', None) or e).strip()
+    return text.splitlines()[0][:300] if text else ''
+
+
+def start_engine(args: argparse.Namespace) -> Engine:
+    """The --distributor's engine, with our stop-signal handlers back; RunError if it does not start."""
+    try:
+        engine = ENGINES[args.distributor](args)
+    except RunError as e:
+        raise RunError(f'--distributor {args.distributor}: {e}') from None
+    except Exception as e:
+        raise RunError(f'--distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
+                       f'{headline(e)})') from None
+    for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
+        signal.signal(sig, on_signal)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver loop: scan --local, submit finished shards, collect their records, merge while running.
+# ---------------------------------------------------------------------------------------------
+
+_STOP = {'signal': 0}  # set by on_signal; the main loop then takes no new shard
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    if not _STOP['signal']:
+        _STOP['signal'] = signum
+        print(f'{signal.Signals(signum).name}: stopping; shards in flight are abandoned (rerun redoes them), '
+              'the index of the recorded ones is published', file=sys.stderr, flush=True)
+
+
+def sleep_unless_stopped(seconds: float) -> None:
+    end = time.time() + seconds
+    while not _STOP['signal'] and time.time() < end:
+        time.sleep(min(0.2, max(end - time.time(), 0)))
+
+
+def wandb_run(args: argparse.Namespace):
+    if not args.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning('wandb is not installed; not logging to wandb')
+        return None
+    return wandb.init(project=args.wandb_project, config=vars(args))
+
+
+@dataclass
+class Work:
+    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
+    fs: pafs.FileSystem
+    root: str
+    records: dict[str, dict]
+    stats: dict[str, Any]
+    futures: dict[Future, str]
+    todo: list[str]  # finished at the last look, not yet submitted
+    bad: set[str]
+    last_scan: float = -math.inf
+
+    def add(self, rec: dict) -> None:
+        self.records[rec['shard']] = shared_config(rec)
+        self.stats['shards'] += 1
+        self.stats['samples'] += sum(rec['samples'].values())
+        self.stats['bytes'] += rec['bytes']
+
+
+def scan(work: Work, args: argparse.Namespace) -> bool:
+    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
+    while tasks run); True if it looked and `done` was there."""
+    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
+        return False
+    work.last_scan = time.time()
+    # `done` before the listing: no shard missed
+    done_flag = work.fs.get_file_info(join(work.root, 'done')).type != pafs.FileType.NotFound
+    busy = set(work.futures.values())
+    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
+                 if sid not in work.records and sid not in work.bad and sid not in busy]
+    return done_flag
+
+
+def submit(work: Work, engine: Engine) -> None:
+    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
+    while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
+        sid = work.todo.pop(0)
+        work.futures[engine.submit(sid)] = sid
+
+
+def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
+    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises. A
+    task the engine gave up on (its worker died more often than the engine retries) is fatal: nothing
+    unrecorded was deleted."""
+    for fut in finished:
+        sid = work.futures.pop(fut)
+        try:
+            out = fut.result()
+        except Exception as e:
+            out = {'error': f'{shard_path(args.local, sid)}: its {args.distributor} task failed '
+                            f'({type(e).__name__}: {headline(e)}); rerun to resume', 'fatal': True}
+        if 'error' not in out:
+            work.add(out)
+            bar.update(1)
+        elif out['fatal']:
+            work.stats['errors'].append(out['error'])
+            raise ShardError(out['error'], fatal=True)
+        else:
+            work.bad.add(sid)
+            work.stats['bad'].append(out['error'])
+            tqdm.write(f'skipped, parquet kept: {out["error"]}', file=sys.stderr)
+
+
+def error(line: str) -> str:
+    """Print a fatal error's line; returns it."""
+    print(f'error: {line}', file=sys.stderr, flush=True)
+    return line
+
+
+def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> str:
+    """The driver loop: scan, submit, collect, and merge while running (at most every
+    --merge_interval, and never more than MERGE_SHARE of the time), until done or a stop signal.
+    Returns '' or the fatal error that ended it."""
+    wb = wandb_run(args)
+    bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
+    last_merge, merged_n, merge_s, fatal = time.time(), len(work.records), 0.0, ''
+    try:
+        while not _STOP['signal']:
+            if lease.lost:
+                raise ShardError(lease.lost, fatal=True)
+            done = scan(work, args)
+            if not work.futures and not work.todo:
+                if done:
+                    break
+                sleep_unless_stopped(args.poll_interval)
+                continue
+            submit(work, engine)
+            bar.total = len(work.records) + len(work.futures) + len(work.todo)
+            finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
+            if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
+                break
+            collect(work, finished, args, bar)
+            el = max(time.time() - start, 1e-9)
+            samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
+            bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
+            if wb is not None and finished:
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
+            if len(work.records) > merged_n and \
+                    time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
+                merge_s = time.time()
+                merge_run(work.records, args)
+                last_merge, merged_n = time.time(), len(work.records)
+                merge_s = last_merge - merge_s
+    except ShardError as e:
+        fatal = e.message
+    finally:
+        bar.close()
+        if wb is not None:
+            wb.finish()
+    return error(fatal) if fatal else ''
+
+
+# ---------------------------------------------------------------------------------------------
+# A task: one input shard read, written as one MDS part per bucket, landed, then recorded.
 # ---------------------------------------------------------------------------------------------
 
 class ShardError(Exception):
@@ -677,18 +990,119 @@ class ShardError(Exception):
         self.message, self.fatal = message, fatal
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(progress: Any, args: argparse.Namespace) -> None:
+    """Per-process state; workers die with the parent (a killed run leaves no writer behind)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    for sig in STOP_SIGNALS:  # the main process decides what a signal stops
+        signal.signal(sig, signal.SIG_IGN)
+    _WORKER.update(progress=progress, args=args)
+
+
+def still_ours(args: argparse.Namespace) -> bool:
+    """Whether the run that gave this task is still running on (its lease neither stopping nor taken
+    over); a task asks this before it records its shard."""
+    try:
+        lease = json.loads(read(args, join(RECORDS, args.subfolder, LEASE)))
+    except FileNotFoundError:
+        return True
+    return lease.get('token') == args.run_token and not lease.get('stopping')
+
+
+def remove_parts(out_root: str, sub: str, sid: str) -> None:
+    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
+    for bucket in BUCKETS + [UNBUCKETED]:
+        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
+
+
+def convert_shard(sid: str) -> dict[str, Any]:
+    """Convert one shard; returns its record once it is written at the remote.
+
+    Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
+    as it is written, beside the conversion of the rest; the record waits for all of them.
+    """
+    args = _WORKER['args']
+    parquet = shard_path(args.local, sid)
+    kind = REMOTES[args.remote_kind]
+    out_root = kind.parts(args)
+    if 'io' not in _WORKER:
+        _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
+    io_threads = _WORKER['io']
+    landing: list[Future] = []
+    bad_input = False
+    preview: dict[str, list[dict]] | None = {} if args.preview else None
+    land_file = kind.land(out_root, args)
+    land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
+    try:
+        try:
+            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
+        except ShardError:
+            raise
+        except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
+            raise ShardError(f'{parquet}: writing to {out_root} failed ({type(e).__name__}: {e})',
+                             fatal=True) from e
+        for fut in landing:
+            fut.result()
+        kind.settle(record, out_root, args)
+        if preview is not None:  # before the record: a recorded shard has its candidates
+            record['preview'] = write_candidates(preview, sid, args)
+        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
+            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
+        put(args, join(RECORDS, args.subfolder, f'{sid}.record'), json.dumps(record).encode())  # done
+    except ShardError as e:
+        bad_input = not e.fatal
+        raise
+    except Exception as e:
+        raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
+                         fatal=True) from e
+    finally:
+        for fut in landing:
+            fut.cancel()
+        wait(landing)  # nothing still reads the files removed below
+        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
+            remove_parts(out_root, args.subfolder, sid)
+    return record
+
+
+def convert_task(sid: str) -> dict[str, Any]:
+    """One input shard as a task of any engine: its record, or {'error': line, 'fatal': bool} (a
+    result, not an exception: an engine retries exceptions, and bad input would fail the same way).
+
+    Idempotent: a shard already recorded (an engine runs a task again after its worker died past
+    the record) returns that record, so the driver counts it once and no part is written twice.
+    """
+    args = _WORKER['args']
+    try:
+        record = load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record')))
+    except FileNotFoundError:
+        record = None
+    except Exception as e:
+        return {'error': f'{shard_path(args.local, sid)}: reading its record at {args.remote} failed '
+                         f'({type(e).__name__}: {e})', 'fatal': True}
+    try:
+        if record is None:
+            record = convert_shard(sid)
+        if not args.keep_parquet:  # only once the record is up
+            delete_input(*input_fs(args.local), sid)
+        return record
+    except ShardError as e:
+        return {'error': e.message, 'fatal': e.fatal}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a shard: parquet row batches to MDS samples (in the worker processes).
+# ---------------------------------------------------------------------------------------------
+
 def input_columns(names: list[str], parquet: str) -> dict[str, str]:
     """Output column -> input column present in the file; stops on a missing required column."""
     for col in REQUIRED:
         if col not in names:
             raise ShardError(f'{parquet}: missing required column {col!r}', fatal=True)
-    found = {}
-    for col in COLUMNS:
-        for name in ALIASES.get(col, (col,)):
-            if name in names:
-                found[col] = name
-                break
-    return found
+    found = {col: next((n for n in ALIASES.get(col, (col,)) if n in names), None) for col in COLUMNS}
+    return {col: name for col, name in found.items() if name}
 
 
 # JPEG start-of-frame markers (they hold the size); C4, C8 and CC are other segments.
@@ -746,6 +1160,14 @@ def as_binary(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
 
 
+def _casts(arr: pa.Array, to: pa.DataType) -> bool:
+    try:
+        arr.cast(to)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+
+
 def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
                   first_row: int) -> dict[str, pa.Array]:
     """Every input column present, by output name, cast to its output type (jpg: kept binary). A
@@ -765,14 +1187,6 @@ def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
             raise ShardError(f'{parquet}: bad value in column {name!r} at row {first_row + row}, not '
                              f'{to} ({e})', fatal=False) from e
     return out
-
-
-def _casts(arr: pa.Array, to: pa.DataType) -> bool:
-    try:
-        arr.cast(to)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return False
 
 
 def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
@@ -869,8 +1283,32 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
             for i in rows.tolist()]
 
 
+def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: dict[str, int],
+                    args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
+    """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
+    skippable ShardError (the shard is kept on disk), never a remote error."""
+    batches = pf.iter_batches(batch_size=args.batch_size, columns=sorted(set(found.values())))
+    first_row = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
+        try:
+            yield encode_batch(typed_columns(batch, found, parquet, first_row), batch.num_rows, skipped,
+                               args.bucketed)
+        except ShardError:
+            raise
+        except Exception as e:
+            raise ShardError(f'{parquet}: rows {first_row}-{first_row + batch.num_rows - 1} cannot be '
+                             f'converted ({type(e).__name__}: {e})', fatal=False) from e
+        first_row += batch.num_rows
+
+
 # ---------------------------------------------------------------------------------------------
-# Write: one worker converts one shard into one MDS part per bucket, uploads, then records it.
+# Writing MDS: the bytes and index.json streaming's MDSWriter writes, each sample copied once.
 # ---------------------------------------------------------------------------------------------
 
 def mds_config(size_limit: int) -> dict:
@@ -879,6 +1317,11 @@ def mds_config(size_limit: int) -> dict:
     return {'column_encodings': [COLUMNS[c] for c in MDS_COLUMNS], 'column_names': MDS_COLUMNS,
             'column_sizes': [MDS_SIZES[COLUMNS[c]] for c in MDS_COLUMNS], 'compression': None,
             'format': 'mds', 'hashes': [], 'size_limit': size_limit, 'version': 2}
+
+
+def mds_name(i: int) -> str:
+    """The file of MDS shard `i` of a part (PartWriter's and MDSWriter's naming)."""
+    return f'shard.{i:05}.mds'
 
 
 class PartWriter:
@@ -915,7 +1358,7 @@ class PartWriter:
         n = len(self.sizes)
         head = 4 + 4 * (n + 1) + len(self.config_data)  # sample count, offsets, config
         offsets = np.cumsum([0] + self.sizes) + head
-        name = f'shard.{len(self.shards):05}.mds'
+        name = mds_name(len(self.shards))
         path = os.path.join(self.folder, name)
         with open(path, 'wb') as f:
             f.write(np.uint32(n).tobytes() + offsets.astype('<u4').tobytes() + self.config_data)
@@ -936,18 +1379,6 @@ class PartWriter:
                 'samples': [s['samples'] for s in self.shards]}
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def init_worker(progress: Any, args: argparse.Namespace) -> None:
-    """Per-process state; workers die with the parent (a killed run leaves no writer behind)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    for sig in STOP_SIGNALS:  # the main process decides what a signal stops
-        signal.signal(sig, signal.SIG_IGN)
-    _WORKER.update(progress=progress, args=args)
-
-
 def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
     """The worker's buffer for one bucket's open MDS shard, reused from input shard to shard
     (anonymous memory: pages are only taken once written)."""
@@ -957,37 +1388,15 @@ def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
     return buffers[bucket]
 
 
-def remove_parts(out_root: str, sub: str, sid: str) -> None:
-    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
-    for bucket in BUCKETS + [UNBUCKETED]:
-        shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
+# A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
+# its counts, and per bucket its MDS shards' bytes and samples, their common config kept once (README:
+# LAION-2B on paper).
 
-
-def read_batches(pf: pq.ParquetFile, parquet: str, columns: list[str], batch_size: int):
-    """Row batches of a parquet; a corrupt file becomes a skippable ShardError."""
-    batches = pf.iter_batches(batch_size=batch_size, columns=columns)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:
-            raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
-        yield batch
-
-
-def encode_input(batch: pa.RecordBatch, found: dict[str, str], parquet: str, first_row: int,
-                 skipped: dict[str, int], bucketed: bool) -> list[tuple[str, tuple[memoryview, ...]]]:
-    """encode_batch on one row batch; whatever fails here is the input's fault: a skippable
-    ShardError (the shard is kept on disk), never a remote error."""
-    try:
-        typed = typed_columns(batch, found, parquet, first_row)
-        return encode_batch(typed, batch.num_rows, skipped, bucketed)
-    except ShardError:
-        raise
-    except Exception as e:
-        raise ShardError(f'{parquet}: rows {first_row}-{first_row + batch.num_rows - 1} cannot be converted '
-                         f'({type(e).__name__}: {e})', fatal=False) from e
+def shard_record(sid: str, parquet: str, bucketed: bool, samples: dict[str, int], skipped: dict[str, int],
+                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
+    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'samples': samples, 'skipped': skipped,
+            'bytes': nbytes, 'config': config, 'parts': parts}
 
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
@@ -1008,11 +1417,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     skipped: dict[str, int] = {}
     nbytes = 0
     progress = _WORKER.get('progress')
-    first_row = 0
-    for batch in read_batches(pf, parquet, sorted(set(found.values())), args.batch_size):
+    for encoded in encoded_batches(pf, found, parquet, skipped, args):
         n0, b0 = sum(counts.values()), nbytes
-        encoded = encode_input(batch, found, parquet, first_row, skipped, args.bucketed)
-        first_row += batch.num_rows
         for bucket, pieces in encoded:
             w = writers.get(bucket)
             if w is None:
@@ -1032,179 +1438,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
                         mds_config(limit), parts)
 
 
-# A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (JSON; its existence makes the shard
-# done), holds what the summary and the merge need: its counts, and per bucket the MDS shards of its
-# part. Their index.json entries differ only in `samples` and `raw_data.bytes` (the files are
-# shard.00000.mds, shard.00001.mds, ... in order; no zip, no hashes), so the rest, the same for all,
-# is kept once as `config` (~550 B an entry otherwise: 230k input shards x ~22 MDS shards at 64 MB
-# made 3.5 GB of records and ~20 GB in the driver). Records of earlier versions, with the part's
-# full index as `index`, are read too (load_record), so a run resumes over an older output.
-
-def shard_record(sid: str, parquet: str, bucketed: bool, samples: dict[str, int], skipped: dict[str, int],
-                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
-    """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
-    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'samples': samples, 'skipped': skipped,
-            'bytes': nbytes, 'config': config, 'parts': parts}
-
-
-def mds_name(i: int) -> str:
-    """The file of MDS shard `i` of a part (PartWriter's and MDSWriter's naming)."""
-    return f'shard.{i:05}.mds'
-
-
-_CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver holds 230k records
-
-
-def load_record(data: bytes, where: str) -> dict[str, Any]:
-    """A record as written (either version), in the current form, its config shared with the others."""
-    rec = json.loads(data)
-    if 'index' in rec:  # written before records were compact: each part's index.json in full
-        rec['config'], rec['parts'] = {}, {}
-        for bucket, index in rec.pop('index').items():
-            part = rec['parts'][bucket] = {'bytes': [], 'samples': []}
-            for i, shard in enumerate(index['shards']):
-                config = {k: v for k, v in shard.items() if k not in ('samples', 'zip_data', 'raw_data')}
-                raw = shard['raw_data']
-                if (rec['config'] and config != rec['config']) or shard['zip_data'] is not None or \
-                        raw['basename'] != mds_name(i) or raw['hashes']:
-                    raise ValueError(f'{where}: shard {i} of bucket {bucket} is not one this script writes')
-                rec['config'] = config
-                part['bytes'].append(raw['bytes'])
-                part['samples'].append(shard['samples'])
-    return shared_config(rec)
-
-
-def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
-    """`rec` with its config replaced by the equal one other records hold (memory, at 230k records)."""
-    rec['config'] = _CONFIGS.setdefault(json.dumps(rec['config']), rec['config'])
-    return rec
-
-
-def still_ours(args: argparse.Namespace) -> bool:
-    """Whether the run that gave this task is still running on (its lease neither stopping nor taken
-    over); a task asks this before it records its shard."""
-    try:
-        lease = json.loads(read_remote(join(args.remote, RECORDS, args.subfolder, LEASE)))
-    except FileNotFoundError:
-        return True
-    return lease.get('token') == args.run_token and not lease.get('stopping')
-
-
-def write_record(record: dict, args: argparse.Namespace) -> None:
-    """The shard's record at the remote: written last, it is what makes the shard done."""
-    rel = join(RECORDS, args.subfolder, f"{record['shard']}.record")
-    put_bytes(args.remote, rel, json.dumps(record).encode(), args.staging, args.retry)
-
-
-def convert_shard(sid: str) -> dict[str, Any]:
-    """Convert one shard; returns its record once it is written at the remote.
-
-    Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
-    as it is written, beside the conversion of the rest; the record waits for all of them.
-    """
-    args = _WORKER['args']
-    parquet = shard_path(args.local, sid)
-    kind = remote_kind(args.remote)
-    out_root = kind.parts(args)
-    if 'io' not in _WORKER:
-        _WORKER['io'] = ThreadPoolExecutor(args.upload_threads)
-    io_threads = _WORKER['io']
-    landing: list[Future] = []
-    bad_input = False
-    preview: dict[str, list[dict]] | None = {} if args.preview else None
-    land_file = kind.land(out_root, args)
-    land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
-    try:
-        try:
-            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
-        except ShardError:
-            raise
-        except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
-            raise ShardError(f'{parquet}: writing to {out_root} failed ({type(e).__name__}: {e})',
-                             fatal=True) from e
-        for fut in landing:
-            fut.result()
-        kind.settle(record, out_root, args)
-        if preview is not None:  # before the record: a recorded shard has its candidates
-            record['preview'] = write_candidates(preview, sid, args)
-        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
-            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
-        write_record(record, args)
-    except ShardError as e:
-        bad_input = not e.fatal
-        raise
-    except Exception as e:
-        raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
-                         fatal=True) from e
-    finally:
-        for fut in landing:
-            fut.cancel()
-        wait(landing)  # nothing still reads the files removed below
-        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
-            remove_parts(out_root, args.subfolder, sid)
-    if not args.keep_parquet:
-        delete_input(*input_fs(args.local), sid)
-    return record
-
-
-def convert_task(sid: str) -> dict[str, Any]:
-    """One input shard as a task of any engine: its record, or {'error': line, 'fatal': bool} (a
-    result, not an exception: an engine retries exceptions, and bad input would fail the same way).
-
-    Idempotent: a shard already recorded (an engine runs a task again after its worker died past
-    the record) returns that record, so the driver counts it once and no part is written twice.
-    """
-    args = _WORKER['args']
-    url = join(args.remote, RECORDS, args.subfolder, f'{sid}.record')
-    try:
-        record = load_record(read_remote(url), url)
-    except FileNotFoundError:
-        record = None
-    except Exception as e:
-        return {'error': f'{shard_path(args.local, sid)}: reading its record at {args.remote} failed '
-                         f'({type(e).__name__}: {e})', 'fatal': True}
-    try:
-        if record is None:
-            return convert_shard(sid)
-        if not args.keep_parquet:
-            delete_input(*input_fs(args.local), sid)
-        return record
-    except ShardError as e:
-        return {'error': e.message, 'fatal': e.fatal}
-
-
-def storage_env(args: argparse.Namespace) -> dict[str, str]:
-    """The driver's storage settings that its engine tasks take over (none with --storage_env cluster)."""
-    if args.storage_env == 'cluster':
-        return {}
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
-
-
-def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
-    """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
-    first. This script travels with the task as `source` and is loaded once per worker process (kept
-    with its buffers for the next task): the workers need requirements.txt installed, not this file.
-    `env` travels inside the task's arguments, not the engine's configuration (Ray's runtime_env and
-    Spark's executorEnv are shown in their dashboards, and an existing SparkContext ignores the latter)."""
-    import hashlib
-    import sys
-    import types
-    os.environ.update(env)
-    name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
-    if name not in sys.modules:
-        module = types.ModuleType(name)
-        sys.modules[name] = module  # dataclasses look their module up here
-        exec(compile(source, 'laion_cloudwriter.py', 'exec'), module.__dict__)
-    state = sys.modules[name]._WORKER
-    if state.get('args') != args:
-        state.clear()
-        state['args'] = args
-    return sys.modules[name].convert_task(sid)
-
-
 # ---------------------------------------------------------------------------------------------
-# Preview (--preview N): workers keep candidates per shard, the main process draws one sheet per
-# bucket from N of them, spread over the shards; it reads only the candidate files it draws from.
+# Preview (--preview N): workers keep candidates per shard; the driver draws one sheet per bucket.
 # ---------------------------------------------------------------------------------------------
 
 def mds_sample(data: bytes) -> dict[str, Any]:
@@ -1250,9 +1485,8 @@ def keep_candidate(preview: dict[str, list[dict]], bucket: str, index: int,
 def write_candidates(preview: dict[str, list[dict]], sid: str, args: argparse.Namespace) -> dict[str, int]:
     """Write the shard's candidates to `<remote>/_cloudwriter[/<sub>]/<sid>.preview`; returns how many
     each bucket has (kept in the shard's record, so the main process never lists these files)."""
-    rel = join(RECORDS, args.subfolder, f'{sid}.preview')
-    put_bytes(args.remote, rel, json.dumps({'shard': sid, 'buckets': preview}).encode(), args.staging,
-              args.retry)
+    put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
+        json.dumps({'shard': sid, 'buckets': preview}).encode())
     return {bucket: len(kept) for bucket, kept in preview.items()}
 
 
@@ -1288,12 +1522,12 @@ def fit_lines(paragraphs: list[str], font: Any, width: int, lines: int) -> list[
     return out
 
 
-def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]], slots: int,
-                  cell: tuple[int, int], lines: int) -> Image.Image:
-    """A grid of `slots` cells (ceil(sqrt(slots)) columns) under a one-line title: tile i's image
-    centred in a `cell` (w, h) box (a grey box when None) above its text paragraphs (`lines` lines).
-    Size: (columns x (cell_w + 8), 20 + rows x (cell_h + 8 + 12 x lines)). Pillow only."""
+def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]]) -> Image.Image:
+    """A grid of the tiles (ceil(sqrt(n)) columns) under a one-line title: tile i's image centred in a
+    PREVIEW_THUMB px square (a grey one when None) above its text paragraphs (PREVIEW_LINES lines).
+    Size: (columns x (cell + 8), 20 + rows x (cell + 8 + 12 x lines)). Pillow only."""
     pad, line_h, title_h = 4, 12, 20
+    cell, lines, slots = (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES, len(tiles)
     font = ImageFont.load_default(size=10)
     cols = max(1, math.ceil(math.sqrt(slots)))
     rows = max(1, math.ceil(slots / cols))
@@ -1302,7 +1536,7 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]],
     draw = ImageDraw.Draw(sheet)
     for line in fit_lines([title], font, sheet.width - 2 * pad, 1):
         draw.text((pad, 4), line, 'black', font)
-    for i, (img, text) in enumerate(tiles[:slots]):
+    for i, (img, text) in enumerate(tiles):
         x, y = (i % cols) * tile_w + pad, title_h + (i // cols) * tile_h + pad
         if img is None:
             draw.rectangle((x, y, x + cell[0] - 1, y + cell[1] - 1), fill=(200, 200, 200))
@@ -1311,13 +1545,6 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]],
         for j, line in enumerate(fit_lines(text, font, cell[0], lines)):
             draw.text((x, y + cell[1] + 1 + j * line_h), line, 'black', font)
     return sheet
-
-
-def read_candidates(sids: set[str], args: argparse.Namespace) -> dict[str, dict]:
-    """The candidate files of these shards (in parallel: one small GET each)."""
-    urls = [join(args.remote, RECORDS, args.subfolder, f'{sid}.preview') for sid in sorted(sids)]
-    with ThreadPoolExecutor(16) as pool:
-        return {sid: json.loads(data) for sid, data in zip(sorted(sids), pool.map(read_remote, urls))}
 
 
 def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: str,
@@ -1330,7 +1557,10 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
             samples[bucket] = samples.get(bucket, 0) + k
     picks = {bucket: spread_picks({sid: r.get('preview', {}).get(bucket, 0) for sid, r in records.items()},
                                   args.preview) for bucket in sorted(samples)}
-    candidates = read_candidates({sid for p in picks.values() for sid, _ in p}, args)
+    sids = sorted({sid for p in picks.values() for sid, _ in p})
+    with ThreadPoolExecutor(16) as pool:  # the candidate files drawn from, one small GET each
+        candidates = dict(zip(sids, pool.map(lambda sid: json.loads(read(args, join(
+            RECORDS, args.subfolder, f'{sid}.preview'))), sids)))
     out = {}
     for bucket, chosen in picks.items():
         if not chosen:  # its shards were converted without --preview
@@ -1343,15 +1573,14 @@ def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: s
                  f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
         path = join(folder, f'{prefix}{bucket}.png')
         png = io.BytesIO()
-        sheet = contact_sheet(title, tiles, len(tiles), (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES)
-        sheet.save(png, 'PNG')
+        contact_sheet(title, tiles).save(png, 'PNG')
         write_file(path, png.getvalue())
         out[bucket] = {'png': path, 'keys': [c['key'] for c in shown]}
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Merge: one index.json per bucket over done shards only.
+# Merging: one index.json per bucket over done shards only.
 # ---------------------------------------------------------------------------------------------
 
 def index_chunks(parts: list[tuple[str, dict, dict[str, list[int]]]]) -> Iterator[bytes]:
@@ -1384,8 +1613,7 @@ def bucket_parts(records: dict[str, dict], bucket: str, prefix: str = '') -> lis
 def publish_index(parts: list[tuple[str, dict, dict]], args: argparse.Namespace, bucket: str,
                   subfolder: str) -> None:
     """Replace the dataset's index.json (one rename or one PUT: readers see the old or the new)."""
-    rel = join(bucket, subfolder, 'index.json')
-    put_bytes(args.remote, rel, index_chunks(parts), args.staging, args.retry)
+    put(args, join(bucket, subfolder, 'index.json'), index_chunks(parts))
 
 
 def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
@@ -1397,7 +1625,7 @@ def merge_run(records: dict[str, dict], args: argparse.Namespace) -> None:
 def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
     """--merge_only: `<remote>/<bucket>/index.json` over every subfolder's done shards (and each
     subfolder's own index.json rewritten too). Returns samples per bucket."""
-    by_sub = read_records(args.remote, None)
+    by_sub = read_records(args, None)
     totals: dict[str, int] = {}
     buckets = sorted({b for recs in by_sub.values() for r in recs.values() for b in r['parts']})
     for bucket in buckets:
@@ -1415,6 +1643,27 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
         tops.sort(key=lambda top: top[0])
         publish_index([part for _, parts in tops for part in parts], args, bucket, '')
     return totals
+
+
+def publish(work: Work, args: argparse.Namespace) -> str:
+    """After the loop: take the records that shards abandoned at a stop signal wrote just before it
+    (else name the parquet files a done download left unconverted), then write every bucket's
+    index.json. Returns '' or the fatal error."""
+    if _STOP['signal']:
+        time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
+        for sid in work.futures.values():
+            with contextlib.suppress(FileNotFoundError):
+                work.add(load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record'))))
+    else:
+        work.stats['ignored'] = [shard_path(args.local, sid)
+                                 for sid in unfinished_shards(list_input(work.fs, work.root), work.records)]
+    try:
+        merge_run(work.records, args)
+    except Exception as e:
+        work.stats['errors'].append(f'writing the merged index.json to {args.remote} failed '
+                                    f'({type(e).__name__}: {e})')
+        return error(work.stats['errors'][-1])
+    return ''
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1470,344 +1719,6 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Engines (--distributor): where the shards' tasks run. One function per engine with the same
-# signature, picked by name (img2dataset's distributor.py); the driver loop never asks which.
-# A task converts, uploads and records one shard (convert_task); the driver merges the records.
-# ---------------------------------------------------------------------------------------------
-
-RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
-QUEUED_PER_SLOT = 2  # the driver keeps this many tasks submitted per engine slot: the queue stays short
-
-
-@dataclass(frozen=True)
-class Engine:
-    submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
-    slots: int  # tasks it runs at once; the driver keeps at most QUEUED_PER_SLOT x slots submitted
-    stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
-    progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
-
-
-def multiprocessing_engine(args: argparse.Namespace) -> Engine:
-    """--processes forked workers on this machine."""
-    ctx = mp.get_context('fork')
-    progress = ctx.Array('q', 2)
-    executor = ProcessPoolExecutor(args.processes, mp_context=ctx, initializer=init_worker,
-                                   initargs=(progress, args))
-    executor.submit(int).result()  # forks every worker now, before the lease thread starts
-
-    def stop(now: bool) -> None:
-        for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
-            with contextlib.suppress(Exception):  # a failing remote must not keep them busy
-                proc.kill()
-        executor.shutdown(wait=not now, cancel_futures=True)
-    return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
-
-
-def pyspark_engine(args: argparse.Namespace) -> Engine:
-    """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
-    `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
-    Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
-    from pyspark import SparkConf, SparkContext
-    from pyspark.sql import SparkSession
-    if SparkContext._active_spark_context is None:  # a new session: its master must answer first
-        SparkContext._ensure_initialized()  # the JVM that spark-submit (or PYSPARK_SUBMIT_ARGS) set up
-        master = SparkConf().get('spark.master', '')
-        if master.startswith('spark://'):  # standalone (a dead one: ~60 s of retries, then a stack)
-            for address in master[len('spark://'):].split(','):
-                reachable(address, f'Spark master {master}', args.connect_timeout)
-    sc = SparkSession.builder.appName('laion_cloudwriter').config('spark.ui.showConsoleProgress', 'false') \
-        .getOrCreate().sparkContext
-    sc.setLogLevel('ERROR')
-    server = getattr(sc, '_accumulatorServer', None)  # we use no accumulators; a SIGTERM to our process
-    if server is not None:  # group ends the JVM too, and socketserver prints the broken link's traceback
-        server.handle_error = lambda request, client_address: None
-    task = functools.partial(in_worker, Path(__file__).read_text(), args, storage_env(args))
-    # every task the driver keeps submitted is a job in flight: a slot that frees takes the next
-    # queued task at once, instead of idling while its job returns and the next is built
-    jobs = ThreadPoolExecutor(QUEUED_PER_SLOT * sc.defaultParallelism, thread_name_prefix='spark-job')
-
-    def stop(now: bool) -> None:
-        if now:
-            with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
-                sc.cancelAllJobs()
-        jobs.shutdown(wait=not now, cancel_futures=True)
-    return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
-                  sc.defaultParallelism, stop)
-
-
-def ray_engine(args: argparse.Namespace) -> Engine:
-    """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
-    `ray start` began on this machine), else a new one on this machine."""
-    import ray
-    address = os.environ.get('RAY_ADDRESS', '')
-    if address not in ('', 'auto', 'local') and not ray.is_initialized():  # a dead one: minutes of retries
-        reachable(address.split('://')[-1], 'RAY_ADDRESS', args.connect_timeout)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.ERROR, log_to_driver=False)
-    source, env = ray.put(Path(__file__).read_text()), ray.put(storage_env(args))
-    task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(in_worker)
-
-    def stop(now: bool) -> None:
-        if now:  # ends this job: the cluster kills its tasks
-            with contextlib.suppress(Exception):
-                ray.shutdown()
-    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
-                  max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
-
-
-def reachable(address: str, what: str, timeout: float) -> None:
-    """Raise RunError unless something listens at `address` (host:port) within `timeout` s."""
-    host, _, port = address.rpartition(':')
-    try:
-        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as e:
-        raise RunError(f'{what} {address}: nothing answers there within {timeout:g} s '
-                       f'({type(e).__name__}: {e}); start the cluster or fix the address '
-                       '(--connect_timeout waits longer)') from None
-
-
-ENGINES = {'multiprocessing': multiprocessing_engine, 'pyspark': pyspark_engine, 'ray': ray_engine}
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (a Spark job's: its Java exception's, which says why)."""
-    text = str(getattr(e, 'java_exception', None) or e).strip()
-    return text.splitlines()[0][:300] if text else ''
-
-
-def task_result(fut: Future, sid: str, args: argparse.Namespace) -> dict[str, Any]:
-    """A finished task's record; its ShardError raised here. A task the engine gave up on (its worker
-    died more often than the engine retries) stops the run: nothing unrecorded was deleted."""
-    try:
-        out = fut.result()
-    except Exception as e:
-        raise ShardError(f'{shard_path(args.local, sid)}: its {args.distributor} task failed '
-                         f'({type(e).__name__}: {first_line(e)}); rerun to resume', fatal=True) from e
-    if 'error' in out:
-        raise ShardError(out['error'], out['fatal'])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Main loop: poll --local, convert finished shards in parallel, merge, clean up.
-# ---------------------------------------------------------------------------------------------
-
-def wandb_run(args: argparse.Namespace):
-    if not args.wandb_project:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        log.warning('wandb is not installed; not logging to wandb')
-        return None
-    return wandb.init(project=args.wandb_project, config=vars(args))
-
-
-_STOP = {'signal': 0}  # set by on_signal; the main loop then takes no new shard
-
-
-def on_signal(signum: int, frame: Any) -> None:
-    if not _STOP['signal']:
-        _STOP['signal'] = signum
-        print(f'{signal.Signals(signum).name}: stopping; shards in flight are abandoned (rerun redoes them), '
-              'the index of the recorded ones is published', file=sys.stderr, flush=True)
-
-
-def sleep_unless_stopped(seconds: float) -> None:
-    end = time.time() + seconds
-    while not _STOP['signal'] and time.time() < end:
-        time.sleep(min(0.2, max(end - time.time(), 0)))
-
-
-def recorded_meanwhile(sids: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    """Records that abandoned shards' workers wrote before they were stopped."""
-    out = {}
-    for sid in sids:
-        url = join(args.remote, RECORDS, args.subfolder, f'{sid}.record')
-        with contextlib.suppress(FileNotFoundError):
-            out[sid] = load_record(read_remote(url), url)
-    return out
-
-
-def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
-    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
-    the input of shards recorded by a run that died before deleting it."""
-    others: set[str] = set()
-    records = read_records(args.remote, args.subfolder, others).get(args.subfolder, {})
-    if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
-        raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
-                       'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
-                       'only; give this run its own --subfolder, then --merge_only')
-    mixed = [sid for sid, r in records.items() if r.get('bucketed') != args.bucketed]
-    if mixed:
-        raise RunError(f'{args.remote} holds shards written {"without" if args.bucketed else "with"} '
-                       f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
-    if not args.keep_parquet:
-        names = list_input(fs, root)
-        for sid in records:
-            if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
-                delete_input(fs, root, sid)
-    return records
-
-
-def start_engine(args: argparse.Namespace) -> Engine:
-    """The --distributor's engine, with our stop-signal handlers back; RunError if it does not start."""
-    try:
-        engine = ENGINES[args.distributor](args)
-    except RunError as e:
-        raise RunError(f'--distributor {args.distributor}: {e}') from None
-    except Exception as e:
-        raise RunError(f'--distributor {args.distributor}: the engine did not start ({type(e).__name__}: '
-                       f'{first_line(e)})') from None
-    for sig in STOP_SIGNALS:  # ours again: ray.init takes SIGTERM (sys.exit), SparkContext SIGINT
-        signal.signal(sig, on_signal)
-    return engine
-
-
-@dataclass
-class Work:
-    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
-    fs: pafs.FileSystem
-    root: str
-    records: dict[str, dict]
-    stats: dict[str, Any]
-    futures: dict[Future, str]
-    todo: list[str]  # finished at the last look, not yet submitted
-    bad: set[str]
-    last_scan: float = -math.inf
-
-    def add(self, rec: dict) -> None:
-        self.records[rec['shard']] = shared_config(rec)
-        self.stats['shards'] += 1
-        self.stats['samples'] += sum(rec['samples'].values())
-        self.stats['bytes'] += rec['bytes']
-
-
-def scan(work: Work, args: argparse.Namespace) -> bool:
-    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
-    while tasks run); True if it looked and `done` was there."""
-    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
-        return False
-    work.last_scan = time.time()
-    done_flag = exists(work.fs, join(work.root, 'done'))  # before the listing: no shard missed
-    busy = set(work.futures.values())
-    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
-                 if sid not in work.records and sid not in work.bad and sid not in busy]
-    return done_flag
-
-
-def submit(work: Work, engine: Engine) -> None:
-    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
-    while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
-        sid = work.todo.pop(0)
-        work.futures[engine.submit(sid)] = sid
-
-
-def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
-    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises."""
-    for fut in finished:
-        sid = work.futures.pop(fut)
-        try:
-            rec = task_result(fut, sid, args)
-        except ShardError as e:
-            if e.fatal:
-                work.stats['errors'].append(e.message)
-                raise
-            work.bad.add(sid)
-            work.stats['bad'].append(e.message)
-            tqdm.write(f'skipped, parquet kept: {e.message}', file=sys.stderr)
-            continue
-        work.add(rec)
-        bar.update(1)
-
-
-def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> None:
-    """The driver loop: scan, submit, collect, and merge while running (at most every
-    --merge_interval, and never more than MERGE_SHARE of the time), until done or a stop signal."""
-    wb = wandb_run(args)
-    bar = tqdm(desc='shards', unit='shard', dynamic_ncols=True, file=sys.stderr)
-    last_merge, merged_n, merge_s = time.time(), len(work.records), 0.0
-    try:
-        while not _STOP['signal']:
-            if lease.lost:
-                raise ShardError(lease.lost, fatal=True)
-            done = scan(work, args)
-            if not work.futures and not work.todo:
-                if done:
-                    break
-                sleep_unless_stopped(args.poll_interval)
-                continue
-            submit(work, engine)
-            bar.total = len(work.records) + len(work.futures) + len(work.todo)
-            finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
-            if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
-                break
-            collect(work, finished, args, bar)
-            el = max(time.time() - start, 1e-9)
-            samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
-            bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
-            if wb is not None and finished:
-                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
-            if len(work.records) > merged_n and \
-                    time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
-                merge_s = time.time()
-                merge_run(work.records, args)
-                last_merge, merged_n = time.time(), len(work.records)
-                merge_s = last_merge - merge_s
-    finally:
-        bar.close()
-        if wb is not None:
-            wb.finish()
-
-
-def run(args: argparse.Namespace, lease: Lease) -> int:
-    """Convert every finished shard of --local, publish each bucket's index, write the summary."""
-    start = time.time()
-    fs, root = input_fs(args.local)
-    stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [], 'ignored': []}
-    try:
-        work = Work(fs, root, prior_records(args, fs, root), stats, {}, [], set())
-        engine = start_engine(args)
-    except RunError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return EXIT_FATAL
-    lease.start_refreshing()
-    fatal = ''
-    try:
-        convert(work, engine, args, lease, start)
-    except ShardError as e:
-        fatal = e.message
-        print(f'error: {fatal}', file=sys.stderr, flush=True)
-    except BaseException:
-        engine.stop(True)
-        raise
-    if _STOP['signal'] and not fatal:
-        lease.halt_tasks()
-    engine.stop(bool(_STOP['signal'] or fatal))
-    if not fatal:  # after a fatal error nothing more is asked of the remote
-        if _STOP['signal']:
-            time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
-            for rec in recorded_meanwhile(list(work.futures.values()), args).values():
-                work.add(rec)
-        else:
-            work.stats['ignored'] = [shard_path(args.local, sid)
-                                     for sid in unfinished_shards(list_input(fs, root), work.records)]
-        try:
-            merge_run(work.records, args)
-        except Exception as e:
-            fatal = f'writing the merged index.json to {args.remote} failed ({type(e).__name__}: {e})'
-            work.stats['errors'].append(fatal)
-            print(f'error: {fatal}', file=sys.stderr, flush=True)
-    if fatal:
-        code = EXIT_FATAL
-    elif _STOP['signal']:
-        code = 128 + _STOP['signal']
-    else:
-        code = EXIT_BAD_INPUT if work.stats['bad'] or work.stats['ignored'] else EXIT_OK
-    return finish(work.records, work.stats, start, args, code)
-
-
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
     summary = summarize(records, run_stats, time.time() - start)
     summary['exit_code'] = code
@@ -1824,7 +1735,7 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     try:
         write_file(path, json.dumps(summary, indent=2).encode())
     except Exception as e:  # the summary is also printed: not a reason to lose the exit code
-        print(f'error: writing the summary to {path} failed ({type(e).__name__}: {first_line(e)})',
+        print(f'error: writing the summary to {path} failed ({type(e).__name__}: {headline(e)})',
               file=sys.stderr)
     print_summary(summary, path)
     for scratch in [Path(args.staging, 'parts'), *Path(args.staging).glob('publish*')]:
@@ -1834,50 +1745,55 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     return code
 
 
+# ---------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, lease: Lease) -> int:
+    """Convert every finished shard of --local, publish each bucket's index, write the summary."""
+    start = time.time()
+    fs, root = input_fs(args.local)
+    stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [], 'ignored': []}
+    work = Work(fs, root, prior_records(args, fs, root), stats, {}, [], set())
+    engine = start_engine(args)
+    lease.start_refreshing()
+    try:
+        fatal = convert(work, engine, args, lease, start)
+    except BaseException:
+        engine.stop(True)
+        raise
+    if _STOP['signal'] and not fatal:
+        lease.halt_tasks()
+    engine.stop(bool(_STOP['signal'] or fatal))
+    fatal = fatal or publish(work, args)  # after a fatal error nothing more is asked of the remote
+    if fatal:
+        code = EXIT_FATAL
+    elif _STOP['signal']:
+        code = 128 + _STOP['signal']
+    else:
+        code = EXIT_BAD_INPUT if work.stats['bad'] or work.stats['ignored'] else EXIT_OK
+    return finish(work.records, work.stats, start, args, code)
+
+
 def merge_only(args: argparse.Namespace) -> int:
     """--merge_only: join every subfolder's done shards; nothing recorded there is an error, and so is
     a subfolder that a live run still writes (its index would miss what that run records next)."""
     try:
-        for rel in list_records(args.remote, RECORDS, LEASE):
+        for rel in REMOTES[args.remote_kind].list(args.remote, RECORDS, LEASE):
             lease = Lease(args, record_subfolder(rel))
             busy = lease.held_by_other(lease.read(), 'run --merge_only once it has ended')
             if busy:
-                print(f'error: --merge_only: {busy}', file=sys.stderr)
-                return EXIT_FATAL
+                raise RunError(f'--merge_only: {busy}')
         totals = merge_subfolders(args)
-    except Exception as e:
-        print(f'error: merging at {args.remote} failed ({type(e).__name__}: {e})', file=sys.stderr)
-        return EXIT_FATAL
-    if not totals:
-        print(f'error: {args.remote}: no converted shards recorded under {join(args.remote, RECORDS)}; '
-              'give the --remote the cloudwriter runs wrote to', file=sys.stderr)
-        return EXIT_FATAL
-    print(json.dumps({'merged_samples_per_bucket': totals}))
-    return EXIT_OK
-
-
-def take_ownership(args: argparse.Namespace) -> Lease:
-    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
-    --staging for this process, take the remote's lease."""
-    check_local(args.local)
-    if not is_cloud(args.local):
-        lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
-    if args.staging:
-        lock_folder(args.staging, '--staging')
-    elif is_cloud(args.local):  # scratch of this run alone, removed at its end
-        args.staging = tempfile.mkdtemp(prefix='cloudwriter-staging-')
-    else:
-        args.staging = os.path.join(args.local, '_cloudwriter_staging')
-    os.makedirs(args.staging, exist_ok=True)
-    lease = Lease(args)
-    try:
-        lease.acquire()
     except RunError:
         raise
-    except Exception as e:  # e.g. a bucket that does not exist, no credentials
-        raise RunError(f'{args.remote}: cannot be read or written ({type(e).__name__}: {e})') from e
-    args.run_token = lease.mine['token']  # the tasks' way to tell that this run still runs
-    return lease
+    except Exception as e:
+        raise RunError(f'merging at {args.remote} failed ({type(e).__name__}: {e})') from None
+    if not totals:
+        raise RunError(f'{args.remote}: no converted shards recorded under {join(args.remote, RECORDS)}; '
+                       'give the --remote the cloudwriter runs wrote to')
+    print(json.dumps({'merged_samples_per_bucket': totals}))
+    return EXIT_OK
 
 
 def main() -> int:
@@ -1886,26 +1802,26 @@ def main() -> int:
     if endpoint:
         os.environ['S3_ENDPOINT_URL'] = endpoint
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
-    if args.merge_only:
-        args.staging = args.staging or tempfile.mkdtemp(prefix='cloudwriter-merge-')
-        return merge_only(args)
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
-    sleep_unless_stopped(args.wait_before_start)
+    if not args.merge_only:
+        sleep_unless_stopped(args.wait_before_start)
     if _STOP['signal']:
         return 128 + _STOP['signal']
+    code, lease = EXIT_FATAL, None
     try:
+        if args.merge_only:
+            args.staging = args.staging or tempfile.mkdtemp(prefix='cloudwriter-merge-')
+            return merge_only(args)
         lease = take_ownership(args)
-    except RunError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_FATAL
-    code = EXIT_FATAL
-    try:
         code = run(args, lease)
+    except RunError as e:  # a reason not to start
+        error(str(e))
     except Exception as e:  # e.g. the remote is unreachable when reading the records
-        print(f'error: {args.remote}: {type(e).__name__}: {e}', file=sys.stderr)
+        error(f'{args.remote}: {type(e).__name__}: {e}')
     finally:
-        lease.release(remote_ok=code != EXIT_FATAL)
+        if lease is not None:
+            lease.release(remote_ok=code != EXIT_FATAL)
     return code
 
 

@@ -112,11 +112,11 @@ def phase(name: str, remote: str) -> dict:
         return {'open_s': time.perf_counter() - t0, 'open_samples': ds.num_samples,
                 'open_shards': len(ds.shards), 'open_rss_mb': peak_rss_mb() - rss0}
     t0 = time.perf_counter()
-    records = cw.read_records(remote, '').get('', {})
+    args = argparse.Namespace(remote=remote, remote_kind='folder', staging=os.path.join(remote, '_staging'),
+                              retry=1, subfolder='')
+    records = cw.read_records(args, '').get('', {})
     out = {'read_s': time.perf_counter() - t0, 'read_rss_mb': peak_rss_mb()}
     if name == 'merge':
-        args = argparse.Namespace(remote=remote, staging=os.path.join(remote, '_staging'), retry=1,
-                                  subfolder='')
         out['merge'] = {}
         for bucket in SHARD_MIX:
             t0 = time.perf_counter()

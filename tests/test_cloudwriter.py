@@ -70,11 +70,12 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
-def wait_for(cond, timeout: float = 120, what: str = '') -> None:
+def wait_for(cond, timeout: float = 120, what: str = '', interval: float = 0.01) -> None:
+    """Poll `cond` every `interval` s (0.2 for a look at the S3 server: it shares the cores)."""
     deadline = time.time() + timeout
     while not cond():
         assert time.time() < deadline, f'timed out waiting for {what}'
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def read_buckets(remote: str, buckets, env=None) -> dict[str, list[dict]]:
@@ -231,7 +232,8 @@ def test_s3_down_mid_run_stops_clearly_deletes_nothing_and_rerun_completes(root,
     args = ('--local', str(local), '--remote', remote, '--processes', '1')
     proc = start(root, *args, env=s3.child_env())
     try:
-        wait_for(lambda: any(k.endswith('.record') for k in s3.list_keys(s3.bucket)), what='a record')
+        wait_for(lambda: any(k.endswith('.record') for k in s3.list_keys(s3.bucket)), what='a record',
+                 interval=0.2)
         s3.stop()
         t0 = time.time()
         out, err = proc.communicate(timeout=120)
@@ -580,7 +582,7 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
     assert records(remote, 'm2') == {'00000', '00001'}
 
 
-@pytest.mark.parametrize('flags, says', [
+BAD_FLAGS = [
     (['--batch_size', '0'], "argument --batch_size: '0': give an integer >= 1"),
     (['--retry', '0'], "argument --retry: '0': give an integer >= 1"),
     (['--preview', '-1'], "argument --preview: '-1': give an integer >= 0"),
@@ -590,6 +592,20 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
     (['--subfolder', '..'], "argument --subfolder: '..': give one plain folder name"),
     (['--subfolder', '/abs'], "argument --subfolder: '/abs': give one plain folder name"),
     (['--subfolder', 'a//b'], "argument --subfolder: 'a//b': give one plain folder name"),
+]
+
+
+@pytest.mark.parametrize('flags, says', BAD_FLAGS[1:])
+def test_bad_flags_fail_in_the_parser_with_argparses_message(tmp_path, capsys, flags, says):
+    """The parser the command line runs first (in-process: one case runs the whole command below)."""
+    cw = load_script('laion_cloudwriter.py')
+    with pytest.raises(SystemExit) as stop:
+        cw.parse_args(['--local', str(tmp_path), '--remote', str(tmp_path / 'mds'), *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in last_line(err) and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('flags, says', BAD_FLAGS[:1] + [
     (['--local', '{missing}'], 'error: --local {missing} does not exist; give the download'),
     (['--local', '{file}'], 'error: --local {file} is a file; give the folder of img2dataset parquet shards'),
 ])

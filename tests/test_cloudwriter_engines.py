@@ -155,7 +155,7 @@ def test_local_on_s3_with_ray_survives_a_driver_kill9_and_deletes_sources_only_a
     proc = start(root, *args, env=env)
     try:
         wait_for(lambda: any(k.endswith('.record') for k in keys('laion/_cloudwriter/'))
-                 or proc.poll() is not None, what='a record')
+                 or proc.poll() is not None, what='a record', interval=0.2)
     finally:
         if proc.poll() is None:
             kill9(proc)
@@ -300,31 +300,37 @@ def test_storage_env_cluster_leaves_the_workers_their_own_settings(root, tmp_pat
     assert not [k for k in s3.list_keys(s3.bucket, 'laion/') if k.endswith('.record')]
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_a_stop_signal_publishes_the_recorded_shards_then_a_rerun_completes(root, tmp_path, cluster_env, sig):
+def test_sigterm_then_sigint_each_publish_the_recorded_shards_and_a_rerun_completes(root, tmp_path,
+                                                                                   cluster_env):
+    """SIGTERM (the platform's stop) to the first run, SIGINT (Ctrl-C) to its rerun, both to the process
+    group: each publishes exactly the shards recorded so far and releases its lease; a last rerun
+    completes."""
     distributor, env_for = cluster_env
     local, remote = tmp_path / 'parquet', tmp_path / 'mds'
     want = make_input(local, range(24), items=good_items())
     args = ('--local', str(local), '--remote', str(remote), '--merge_interval', '3600',
             '--distributor', distributor)
-    proc = start(root, *args, env=env_for())
-    try:
-        wait_for(lambda: len(records(remote)) >= 2 or proc.poll() is not None, what='two records')
-        os.killpg(proc.pid, sig)  # SIGTERM: the platform's stop; SIGINT: Ctrl-C (both to the group)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill9(proc)
-    name = signal.Signals(sig).name
-    assert proc.returncode == 128 + sig, err[-3000:]
-    assert f'{name}: stopping' in err and 'Traceback' not in err and 'KeyboardInterrupt' not in err
-    done = records(remote)
-    assert 2 <= len(done) < 24, 'stopped too late to test anything'
-    assert f'INTERRUPTED by {name}: the index covers the {len(done)} recorded shards' in out
-    got = read_buckets(str(remote), [ALL])  # every recorded shard, whole; nothing else
-    assert_dataset(got, {k: v for k, v in want.items() if f"{v['shard']:05d}" in done}, bucketed=False)
-    assert json.loads((local / '_cloudwriter' / 'summary.json').read_text())['interrupted'] == name
-    assert json.loads((remote / '_cloudwriter' / 'run.lease').read_text())['released'] is True
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        before = len(records(remote))
+        proc = start(root, *args, env=env_for())
+        try:
+            wait_for(lambda: len(records(remote)) >= before + 2 or proc.poll() is not None,  # noqa: B023
+                     what='two more records')
+            os.killpg(proc.pid, sig)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                kill9(proc)
+        name = signal.Signals(sig).name
+        assert proc.returncode == 128 + sig, err[-3000:]
+        assert f'{name}: stopping' in err and 'Traceback' not in err and 'KeyboardInterrupt' not in err
+        done = records(remote)
+        assert before + 2 <= len(done) < 24, 'stopped too late to test anything'
+        assert f'INTERRUPTED by {name}: the index covers the {len(done)} recorded shards' in out
+        got = read_buckets(str(remote), [ALL])  # every recorded shard, whole; nothing else
+        assert_dataset(got, {k: v for k, v in want.items() if f"{v['shard']:05d}" in done}, bucketed=False)
+        assert json.loads((local / '_cloudwriter' / 'summary.json').read_text())['interrupted'] == name
+        assert json.loads((remote / '_cloudwriter' / 'run.lease').read_text())['released'] is True
 
     r = cloudwriter(root, *args, env=env_for())
     assert r.returncode == 0, r.stderr[-3000:]
