@@ -33,6 +33,17 @@ PROMPT = 'Describe this image.'
 NEW_TOKENS = 8  # enough for captions that differ per image and runs cut off or ended early
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """torch in this process on one thread, as ENV gives the script's processes: the same float math in
+    the in-process runs, the reference generate calls and the subprocesses (and no spinning threads on
+    a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope='module')
 def vlms(tmp_path_factory) -> dict[str, Path]:
     return {kind: build_vlm(kind, tmp_path_factory.mktemp(kind)) for kind in KINDS}
