@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'captioned'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
                     '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
-                    '--resolutions', str(RESOLUTION), '--num_workers', '0', '--preview', '3'], env, timings)
+                    '--resolutions', str(RESOLUTION), '--num_workers', '1', '--preview', '3'], env, timings)
     run('coco', [py, 'convert_coco.py', '--data_path', str(coco_data), '--annotation_path',
                  str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'], env, timings)
     return report(out, bucket, timings, args.images)
