@@ -30,7 +30,7 @@ from testbed.vlms import KINDS, build_vlm
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # bitwise-equal float math in every process and rank
 PROMPT = 'Describe this image.'
-NEW_TOKENS = 8  # enough for captions that differ per image and runs cut off or ended early
+NEW_TOKENS = 8  # per caption: enough for the captions to differ per image
 
 
 @pytest.fixture(scope='module', autouse=True)
