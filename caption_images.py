@@ -119,24 +119,17 @@ def collapse_whitespace(text: str) -> str:
     return ' '.join(text.split())
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    name: str
-    apply: Callable[[str], str]
+RULES = (cut_at_note, strip_preamble, drop_repeated_sentences, collapse_whitespace)  # applied in this order
+RULE_NAMES = tuple(rule.__name__ for rule in RULES)
 
 
-RULES = tuple(Rule(f.__name__, f) for f in (cut_at_note, strip_preamble, drop_repeated_sentences,
-                                            collapse_whitespace))
-RULE_NAMES = tuple(r.name for r in RULES)
-
-
-def clean(text: str, rules: tuple[Rule, ...]) -> tuple[str, list[str]]:
+def clean(text: str, rules: tuple[Callable[[str], str], ...]) -> tuple[str, list[str]]:
     """`text` after each rule in order, and the names of the rules that changed it."""
     changed = []
     for rule in rules:
-        new = rule.apply(text)
+        new = rule(text)
         if new != text:
-            changed.append(rule.name)
+            changed.append(rule.__name__)
         text = new
     return text, changed
 
@@ -313,13 +306,6 @@ def fetch(url: str, dest: str, timeout: float) -> None:
     os.replace(tmp, dest)
 
 
-def read_json(url: str, timeout: float) -> Any:
-    with tempfile.TemporaryDirectory() as tmp:
-        fetch(url, os.path.join(tmp, 'f'), timeout)
-        with open(os.path.join(tmp, 'f')) as f:
-            return json.load(f)
-
-
 def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
     """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: through `staging`)."""
     if not is_remote(out_root):
@@ -452,7 +438,10 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
     """{part name: marker} of the given parts that have a readable _done marker."""
     def read(part: Part) -> tuple[str, dict | None]:
         try:
-            return part.name, read_json(join(out_root, part.name, DONE_MARKER), timeout)
+            with tempfile.TemporaryDirectory() as tmp:
+                fetch(join(out_root, part.name, DONE_MARKER), os.path.join(tmp, 'f'), timeout)
+                with open(os.path.join(tmp, 'f')) as f:
+                    return part.name, json.load(f)
         except Exception:  # absent or unreadable: the part is simply done again
             return part.name, None
 
@@ -510,12 +499,6 @@ def decode(data: bytes) -> Image.Image:
     return img.convert('RGB')
 
 
-def skip_reason(err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):
-        return 'not an image format PIL can read'
-    return f'{type(err).__name__}: {first_line(err)}'
-
-
 @dataclasses.dataclass
 class Batch:
     part: Part
@@ -534,8 +517,9 @@ def batches(reader: ShardReader, parts: list[Part], size: int) -> Iterator[Batch
             try:
                 batch.images.append(decode(sample[IMAGE_COLUMN]))
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
-                batch.skipped.append({'id': sample_id, 'key': str(sample.get('key', '')),
-                                      'reason': skip_reason(err)})
+                reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
+                          else f'{type(err).__name__}: {first_line(err)}')
+                batch.skipped.append({'id': sample_id, 'key': str(sample.get('key', '')), 'reason': reason})
                 continue
             batch.ids.append(sample_id)
             batch.samples.append(sample)
@@ -588,12 +572,6 @@ def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
             'seed': args.seed}
 
 
-def chat_prompt(processor, prompt: str) -> str:
-    """One image and `prompt` as a user turn, through the processor's chat template."""
-    turn = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
-    return processor.apply_chat_template(turn, add_generation_prompt=True)
-
-
 @dataclasses.dataclass
 class HFModel:
     """A transformers model, its processor, and the token ids that end a caption."""
@@ -602,7 +580,6 @@ class HFModel:
     processor: Any
     prompt: str  # the chat template applied to --prompt
     stop_ids: set[int]
-    device: Any
 
 
 def load_transformers(args: argparse.Namespace, device: Any, runtime: dict[str, str]) -> HFModel:
@@ -621,14 +598,15 @@ def load_transformers(args: argparse.Namespace, device: Any, runtime: dict[str, 
     tokenizer.padding_side = 'left'  # generation continues every row from its last prompt token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    turn = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': args.prompt}]}]
     try:
-        prompt = chat_prompt(processor, args.prompt)
+        prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
     except Exception as err:
         raise UserError(f'{args.model_name}: its processor has no usable chat template '
                         f'({first_line(err)})') from None
     eos = model.generation_config.eos_token_id
     stops = {*(eos if isinstance(eos, list) else [eos]), tokenizer.pad_token_id} - {None}
-    return HFModel(model, processor, prompt, stops, device)
+    return HFModel(model, processor, prompt, stops)
 
 
 def generate_transformers(m: HFModel, images: list[Image.Image], ids: list[int],
@@ -645,7 +623,7 @@ def generate_transformers(m: HFModel, images: list[Image.Image], ids: list[int],
         if sample_id is not None:
             torch.manual_seed(int(hashlib.sha1(f'{args.seed}/{sample_id}'.encode()).hexdigest()[:15], 16))
         inputs = m.processor(images=group, text=[m.prompt] * len(group), padding=True, return_tensors='pt')
-        inputs = inputs.to(m.device, m.model.dtype)  # floating tensors (pixels) take the model's dtype
+        inputs = inputs.to(m.model.device, m.model.dtype)  # floating tensors (pixels) take the model's dtype
         with torch.inference_mode():
             out = m.model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
         for row in out[:, inputs['input_ids'].shape[1]:].tolist():
@@ -688,7 +666,7 @@ def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
 
 def write_batch(writer, batch: Batch, texts: list[str], tokens: list[int], cut: list[bool],
                 args: argparse.Namespace, counts: dict[str, Any]) -> None:
-    rules = tuple(r for r in RULES if r.name in args.rules)
+    rules = tuple(r for r in RULES if r.__name__ in args.rules)
     for sample, raw, n, cut_off in zip(batch.samples, texts, tokens, cut):
         caption, changed = clean(raw, rules)
         out = {**sample, args.caption_key: caption}
@@ -829,8 +807,8 @@ def report(summary: dict, path: str) -> None:
 
 def write_record(plan: Plan, summary: dict, staging: str) -> None:
     """RECORD beside index.json: how the captions were made (model, prompt, generation, rules), counts."""
-    rules = [{'name': r.name, 'rule': r.apply.__doc__, 'captions_changed': summary['rules'][r.name]}
-             for r in RULES if r.name in plan.settings['rules']]
+    rules = [{'name': r.__name__, 'rule': r.__doc__, 'captions_changed': summary['rules'][r.__name__]}
+             for r in RULES if r.__name__ in plan.settings['rules']]
     key = plan.settings['caption_key']
     counts = {k: summary[k] for k in ('input_samples', 'written', 'skipped', 'cut_off', 'empty', 'tokens')}
     record = {'settings': plan.settings, 'rules': rules, 'counts': counts,

@@ -39,6 +39,7 @@ from testbed.vlms import build_vlm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENT_BUCKET = 3  # index of 256-512 in BUCKET_EDGES: the bucket the demo captions and attaches latents to
+RESOLUTION = 256  # the one latent resolution: 512 would be b'' for every sample of 256-512
 CAPTIONS_SHOWN = 3  # new captions printed in the table
 PREVIEW = 6  # samples per bucket on the cloudwriter's contact sheets (3 x 2; the PNG stays < 200 KB)
 
@@ -56,7 +57,7 @@ def sample_images(n: int, seed: int = 0) -> list[CorpusItem]:
     rng = np.random.default_rng(seed)
     items = []
     for i in range(n):
-        short = int(rng.choice([48, 96, 180, 260, 300, 380, 520]))
+        short = int(rng.choice([48, 96, 180, 300, 520]))  # one size per bucket up to 768
         long = int(short * rng.uniform(1.0, 1.6))
         w, h = (long, short) if i % 2 else (short, long)
         items.append(CorpusItem(f'demo_{i:05d}.jpg', make_jpeg(w, h, seed=i, quality=85), w, h))
@@ -97,12 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     bucket = f'{BUCKET_EDGES[LATENT_BUCKET]}-{BUCKET_EDGES[LATENT_BUCKET + 1]}'
     run('captions', [py, 'caption_images.py', '--remote_download', str(out / 'mds'),
                      '--remote_upload', str(out / 'captioned'), '--local', str(out / 'captions-cache'),
-                     '--bucket', str(LATENT_BUCKET), '--model_name', str(vlm), '--batch-size', '8',
-                     '--max_new_tokens', '24', '--preview', '4'], env, timings)
+                     '--bucket', str(LATENT_BUCKET), '--model_name', str(vlm), '--batch-size', '16',
+                     '--max_new_tokens', '12', '--preview', '3'], env, timings)
     run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'captioned'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
                     '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
-                    '--num_workers', '1', '--preview', '4'], env, timings)
+                    '--resolutions', str(RESOLUTION), '--num_workers', '1', '--preview', '3'], env, timings)
     run('coco', [py, 'convert_coco.py', '--data_path', str(coco_data), '--annotation_path',
                  str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'], env, timings)
     return report(out, bucket, timings, args.images)
@@ -116,12 +117,8 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
             counts[f'{lo}-{hi}'] = len(read_mds(str(out / 'mds' / f'{lo}-{hi}')))
     latents = read_mds(str(out / 'latents' / latent_bucket))
     captioned = read_mds(str(out / 'captioned' / latent_bucket))
-    shapes = {}
-    for col, res in (('latents_256', 256), ('latents_512', 512)):
-        encoded = [np.frombuffer(s[col], np.float16).reshape(4, res // 8, res // 8)
-                   for s in latents if s[col]]
-        shapes[col] = (f'{len(encoded)} x (4, {res // 8}, {res // 8}) fp16, '
-                       f"{len(latents) - len(encoded)} b'' (shorter side < {res})")
+    side = RESOLUTION // 8
+    encoded = [np.frombuffer(s[f'latents_{RESOLUTION}'], np.float16).reshape(4, side, side) for s in latents]
     captions = [np.frombuffer(s['caption_latents'], np.float16).reshape(77, -1) for s in latents]
     caption_shape = f'{len(captions)} x {captions[0].shape} fp16' if captions else '0'
 
@@ -136,7 +133,8 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     caption_preview = out / 'captions-cache' / f'captions_summary_{latent_bucket}_preview.png'
     rows += [('captions preview', str(caption_preview))]
     rows += [(f'latents {latent_bucket}: caption_latents', caption_shape)]
-    rows += [(f'latents {latent_bucket}: {col}', v) for col, v in shapes.items()]
+    rows += [(f'latents {latent_bucket}: latents_{RESOLUTION}', f'{len(encoded)} x {encoded[0].shape} fp16'
+              if encoded else '0')]
     rows += [('latents preview', str(out / 'latents-cache' / f'latents_summary_{latent_bucket}_preview.png'))]
     rows += [('coco samples', f'{len(coco)} ({sum(len(s["captions"]) for s in coco)} captions)')]
     summary = json.loads((out / 'parquet' / '_cloudwriter' / 'summary.json').read_text())

@@ -30,6 +30,18 @@ from testbed.vlms import KINDS, build_vlm
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # bitwise-equal float math in every process and rank
 PROMPT = 'Describe this image.'
+NEW_TOKENS = 8  # per caption: enough for the captions to differ per image
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """torch in this process on one thread, as ENV gives the script's processes: the same float math in
+    the in-process runs, the reference generate calls and the subprocesses (and no spinning threads on
+    a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope='module')
@@ -66,15 +78,17 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def flags(local: Path, upload: Path, model: Path, *more) -> list:
     return ['--local', local, '--bucket', UNBUCKETED, '--remote_upload', upload, '--model_name', model,
-            '--prompt', PROMPT, '--max_new_tokens', 12, '--batch-size', 4, '--part_size', 3, *more]
+            '--prompt', PROMPT, '--max_new_tokens', NEW_TOKENS, '--batch-size', 4, '--part_size', 3, *more]
 
 
 @pytest.fixture(scope='module')
-def llava_run(root, vlms, dataset, tmp_path_factory) -> Path:
-    """One uninterrupted run with the tiny LLaVA: the reference of the resume test."""
+def llava_run(vlms, dataset, tmp_path_factory) -> Path:
+    """One uninterrupted run with the tiny LLaVA (main() in this process): the reference of the resume
+    test."""
     out = tmp_path_factory.mktemp('llava-out')
-    ok(run(root, *flags(dataset[0], out, vlms['llava'], '--keep_raw', '--summary', out / 's.json',
-                        '--preview', 3)))
+    code, err = in_process(*flags(dataset[0], out, vlms['llava'], '--keep_raw', '--summary', out / 's.json',
+                                  '--preview', 3))
+    assert code == 0, err[-3000:]
     return out
 
 
@@ -112,7 +126,7 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
     local, rows = dataset
     if kind == 'llava':
         out = llava_run
-    else:  # through main() in this process: the same command line without another torch start-up
+    else:
         out = tmp_path / 'out'
         code, err = in_process(*flags(local, out, vlms[kind], '--keep_raw', '--summary', out / 's.json'))
         assert code == 0, err[-3000:]
@@ -123,7 +137,7 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
     assert [o['key'] for o in got] == [r['key'] for r in want]  # each decodable image once, in order
     for o, r in zip(got, want):
         assert {k: o[k] for k in COLUMNS} == {k: r[k] for k in COLUMNS}  # every input column unchanged
-    raw = direct_captions(vlms[kind], want, 12)
+    raw = direct_captions(vlms[kind], want, NEW_TOKENS)
     assert [o['vlm_caption_raw'] for o in got] == raw
     assert [o['vlm_caption'] for o in got] == [script.clean(t, script.RULES)[0] for t in raw]
     assert len(set(raw)) > len(raw) // 2  # the images, not only the prompt, shape the text
@@ -134,7 +148,7 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
     assert all(s['reason'] for s in summary['skipped_samples'])
     record = json.loads((out / UNBUCKETED / 'captions.json').read_text())
     assert record['settings']['prompt'] == PROMPT and record['settings']['do_sample'] is False
-    assert [r['name'] for r in record['rules']] == [r.name for r in script.RULES]
+    assert [r['name'] for r in record['rules']] == list(script.RULE_NAMES)
     assert record['counts']['written'] == len(want) and record['counts']['cut_off'] == summary['cut_off']
     assert summary['rules']['collapse_whitespace'] == sum(' '.join(t.split()) != t for t in raw)
     assert record['columns'] == {'vlm_caption': 'str', 'vlm_caption_raw': 'str'}
@@ -250,7 +264,7 @@ def test_sampling_is_seeded_per_sample_whatever_the_batch(script, vlms, dataset)
     ('collapse_whitespace', '  A cat\n\non a\tsofa. ', 'A cat on a sofa.'),
 ])
 def test_each_rule_as_documented(script, rule, text, want):
-    assert {r.name: r for r in script.RULES}[rule].apply(text) == want
+    assert {r.__name__: r for r in script.RULES}[rule](text) == want
 
 
 def test_rules_run_in_table_order_and_each_change_is_named(script):
