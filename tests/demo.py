@@ -7,7 +7,8 @@
    sheet of PREVIEW samples per bucket (--preview).
 4. caption_images.py writes a `vlm_caption` column beside the alt-text of one bucket (a tiny random
    LLaVA, CPU: its captions are noise; a real model's are dense descriptions).
-5. precompute_latents.py attaches VAE/CLIP latents to that captioned bucket (a tiny SD-2-shaped model).
+5. precompute_latents.py attaches VAE latents and the CLIP latents of both captions (`--caption_keys
+   caption vlm_caption`) to that captioned bucket (a tiny SD-2-shaped model).
 6. convert_coco.py converts a small COCO-shaped sample.
 Then it reads every output back with StreamingDataset and prints one table.
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'captioned'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
                     '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
-                    '--resolutions', str(RESOLUTION), '--num_workers', '1', '--preview', '3'], env, timings)
+                    '--resolutions', str(RESOLUTION), '--caption_keys', 'caption', 'vlm_caption',
+                    '--num_workers', '1', '--preview', '3'], env, timings)
     run('coco', [py, 'convert_coco.py', '--data_path', str(coco_data), '--annotation_path',
                  str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'], env, timings)
     return report(out, bucket, timings, args.images)
@@ -119,8 +121,8 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     captioned = read_mds(str(out / 'captioned' / latent_bucket))
     side = RESOLUTION // 8
     encoded = [np.frombuffer(s[f'latents_{RESOLUTION}'], np.float16).reshape(4, side, side) for s in latents]
-    captions = [np.frombuffer(s['caption_latents'], np.float16).reshape(77, -1) for s in latents]
-    caption_shape = f'{len(captions)} x {captions[0].shape} fp16' if captions else '0'
+    text_latents = {key: [np.frombuffer(s[f'{key}_latents'], np.float16).reshape(77, -1) for s in latents]
+                    for key in ('caption', 'vlm_caption')}
 
     coco = read_mds(str(out / 'coco-mds'))
     rows = [('metadata rows (images + 404 + 500 + redirect)', str(n_images + 3))]
@@ -132,7 +134,8 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
              for s in captioned[:CAPTIONS_SHOWN]]
     caption_preview = out / 'captions-cache' / f'captions_summary_{latent_bucket}_preview.png'
     rows += [('captions preview', str(caption_preview))]
-    rows += [(f'latents {latent_bucket}: caption_latents', caption_shape)]
+    rows += [(f'latents {latent_bucket}: {key}_latents', f'{len(t)} x {t[0].shape} fp16' if t else '0')
+             for key, t in text_latents.items()]
     rows += [(f'latents {latent_bucket}: latents_{RESOLUTION}', f'{len(encoded)} x {encoded[0].shape} fp16'
               if encoded else '0')]
     rows += [('latents preview', str(out / 'latents-cache' / f'latents_summary_{latent_bucket}_preview.png'))]
@@ -149,6 +152,7 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
     return {'buckets': counts, 'latents': len(latents), 'captions': [s['vlm_caption'] for s in captioned],
             'latents_keys': [s['key'] for s in latents], 'captioned_keys': [s['key'] for s in captioned],
             'latents_have_vlm_caption': all('vlm_caption' in s for s in latents),
+            'vlm_caption_latents': len(text_latents['vlm_caption']),
             'coco': len(coco), 'previews': previews,
             'timings': timings}
 

@@ -18,12 +18,14 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     # the captioned bucket: every sample once, each with a caption, and the latents step read it
     assert len(result['captions']) == want['256-512'] and all(result['captions'])
     assert result['latents_keys'] == result['captioned_keys'] and result['latents_have_vlm_caption']
+    assert result['vlm_caption_latents'] == want['256-512']  # --caption_keys: text latents of both captions
     assert result['coco'] == 8
     assert set(result['previews']) == set(want)  # a contact sheet per bucket, each a PNG
     for png in result['previews'].values():
         assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
     table = capsys.readouterr().out
-    assert 'caption_latents' in table and '(4, 32, 32)' in table and 'seconds: latents' in table
+    assert ': caption_latents' in table and ': vlm_caption_latents' in table
+    assert '(4, 32, 32)' in table and 'seconds: latents' in table
     assert 'the captions are noise' in table and 'seconds: captions' in table
     assert any(line.startswith('preview 256-512 ') and line.endswith(result['previews']['256-512'])
                for line in table.splitlines())
