@@ -234,38 +234,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--local', default='/tmp/precompute-latents',
-                   help='local cache folder: input shards are downloaded to <local>/<bucket name>/'
-                        'download-<id of input and output>/ (emptied at each start: a run reads only '
-                        'shards it downloaded); without --remote_download the input is read from '
-                        '<local>/<bucket name> in place')
+                   help='local cache folder (downloads, staging); without --remote_download the input '
+                        'is read from <local>/<bucket name> in place')
     p.add_argument('--remote_download', default='',
                    help='remote (or local) root of the input MDS datasets, one per bucket')
     p.add_argument('--remote_upload', default='',
                    help='remote (or local) root to write the output datasets to (required)')
     p.add_argument('--bucket', default='', type=bucket_name,
-                   help="bucket subfolder: an index into the bucket list (0 '0-64' ... 3 '256-512' ... "
-                        "6 '1024-1048576') or a name such as '256-512'; empty: the roots are datasets")
+                   help=f"bucket subfolder: an index into {', '.join(BUCKET_NAMES)} or a name; empty: none")
     p.add_argument('--subfolder', default='',
                    help='subfolder below the bucket folder, as laion_cloudwriter.py --subfolder writes')
     p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
-                   help='diffusers pipeline (hub name or folder) of a known family: vae/ and its text '
-                        'encoder and tokenizer subfolders')
+                   help='diffusers pipeline of a known family (hub name or folder)')
     p.add_argument('--family', default='auto', choices=('auto', *FAMILIES),
-                   help='model family: auto (from model_index.json; sd for a folder without one), sd, '
-                        'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
-                        'FLUX-layout folder)')
+                   help='model family; auto: from model_index.json (sd for a folder without one)')
     p.add_argument('--caption_keys', nargs='+', default=['caption'],
-                   help="text columns of the input to encode, each into the family's text columns named "
-                        '<key>_...: e.g. caption vlm_caption (caption_images.py writes the second)')
+                   help="input text columns to encode, each into the family's columns named <key>_...")
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
-                   help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
-                        "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
-                        'the model dtype is --dtype')
+                   help="dtype of the stored latents; default: the family consumer's (mosaicml: float32), "
+                        'else float16')
     p.add_argument('--t5_max_length', type=COUNT, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
-                   help='trimmed: store T5 states only up to the caption token count (incl. </s>), plus '
-                        'a <column>_length column; readers pad with zeros (not for mosaicml)')
+                   help='trimmed: store T5 states only up to the token count, plus a <column>_length')
     p.add_argument('--text_batch_size', type=COUNT, default=0,
                    help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
     p.add_argument('--batch-size', dest='batch_size', type=POSITIVE, default=64,
@@ -273,24 +264,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--resolutions', type=RESOLUTION, nargs='+', default=[256, 512],
                    help='image resolutions to encode, multiples of 8; one latents_<res> column each')
     p.add_argument('--crop', choices=('center', 'aspect'), default='center',
-                   help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
-                        'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
-                        'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
+                   help='center: the largest centered square; aspect: the nearest aspect-ratio bucket')
     p.add_argument('--max_aspect', type=number(float, lambda v: v >= 1, 'at least 1 (buckets span 1:max to '
                                                   'max:1)'), default=None,
                    help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
                         f'default {MAX_ASPECT}')
     p.add_argument('--random_crop', action='store_true',
-                   help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
-                        "sample's index, so a rerun is identical) instead of centred")
+                   help='--crop aspect: a random crop offset (seeded per sample) instead of centred')
     p.add_argument('--flip', action='store_true',
                    help='also store latents_<res>_flipped: the latent of the horizontally mirrored crop')
     p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
                    help='store a sample of the latent distribution (seeded per sample) or its mean')
     p.add_argument('--seed', type=COUNT, default=0, help='seed of the per-sample noise in sample mode')
     p.add_argument('--caption_drop_prob', type=PROBABILITY, default=0.0,
-                   help="fraction of captions encoded as '' (the original baked in 0.1; keep 0 and "
-                        'drop captions at training time)')
+                   help="fraction of captions encoded as ''")
     p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
                    help='where to run the models; auto: cuda:<LOCAL_RANK> when available')
     p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
@@ -299,12 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=-1,
                    help='DataLoader worker processes that read and decode; -1: cores per process - 1')
     p.add_argument('--threads', type=COUNT, default=0,
-                   help='torch threads of each process on CPU; 0: cores per process minus --num_workers '
-                        '(at least 1), so workers and model do not fight over cores')
+                   help='torch threads per process on CPU; 0: cores per process - --num_workers')
     p.add_argument('--prefetch_factor', type=POSITIVE, default=4, help='batches each worker prepares ahead')
     p.add_argument('--part_size', type=POSITIVE, default=5000,
-                   help='samples per unit of work and of resume (whole input shards, at least this '
-                        'many); keep it the same across reruns of one output')
+                   help='samples per unit of work and of resume (whole input shards); keep it on reruns')
     p.add_argument('--size_limit', default='256mb', help='output shard size limit')
     p.add_argument('--compression', default='', help='output shard compression, e.g. zstd; empty: none')
     p.add_argument('--download_timeout', type=SECONDS, default=300, help='seconds per file download')
@@ -314,13 +299,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--summary', default='',
                    help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
     p.add_argument('--preview', type=COUNT, default=0,
-                   help='at the end, rank 0 writes a PNG of this many samples spread over the output: each '
-                        'source crop beside its stored latents decoded by the VAE; 0: none')
+                   help='write a PNG of this many samples: source crops beside their decoded latents')
     p.add_argument('--preview_path', default='',
-                   help='where to write the preview PNG; empty: beside the summary, <summary>_preview.png')
+                   help='where to write the preview PNG; empty: <summary>_preview.png')
     p.add_argument('--preview_only', action='store_true',
-                   help='only write the --preview of the finished output at --remote_upload (loads the '
-                        'VAE alone, encodes nothing, reads no input)')
+                   help='only write the --preview of the finished output at --remote_upload')
     p.add_argument('--wandb', action='store_true', help='log progress to Weights & Biases (if installed)')
     p.add_argument('--wandb_disabled', action='store_true', help='never log to wandb (the default)')
     p.add_argument('--wandb_name', default='baseline', help='wandb run name')
@@ -1938,13 +1921,6 @@ PREVIEW_CAPTION_LINES = 2
 GREY, BLACK = (128, 128, 128), (0, 0, 0)
 
 
-def preview_ids(total: int, n: int) -> list[int]:
-    """n sample ids spread evenly over [0, total), the first and the last included (all when n >= total)."""
-    if total <= 0 or n <= 0:
-        return []
-    return sorted({int(i) for i in np.linspace(0, total - 1, min(n, total)).round()})
-
-
 def stored_latent(sample: dict[str, Any], column: str, convention: dict,
                   size: tuple[int, int] | None = None) -> np.ndarray:
     """A stored latent as float32, read as its convention record says: dtype, and the shape (C, h, w)
@@ -1971,20 +1947,6 @@ def recorded_crop(img: Image.Image, time_ids: np.ndarray) -> Image.Image:
     sx, sy = img.width / rw, img.height / rh
     return img.resize((tw, th), Image.Resampling.BILINEAR,
                       box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
-
-
-def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
-    """What the VAE decodes: z = stored / scaling_factor + shift_factor, when the record says `scaled`."""
-    if not image_latents['scaled']:
-        return latent
-    return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
-
-
-def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
-    """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
-    x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
-    px = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(px)
 
 
 def source_crop(img: Image.Image, width: int, height: int) -> Image.Image:
@@ -2056,7 +2018,11 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         raw = sample.get(TIME_IDS_COLUMN.format(res=res))  # --crop aspect: the recorded crop
         ids = np.frombuffer(raw, np.int32).tolist() if raw else None
         latent = stored_latent(sample, column, convention, None if ids is None else (ids[4], ids[5]))
-        decoded = decode_latent(vae, unscale(latent, convention['image_latents']), device)
+        vae_scale = convention['image_latents']  # what the VAE decodes: stored / scaling + shift
+        z = latent / vae_scale['scaling_factor'] + vae_scale['shift_factor']
+        x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()  # as diffusers'
+        decoded = Image.fromarray(  # image processor turns it into an RGB picture
+            ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
         source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
         tiles += [as_tile(source), as_tile(decoded)]
     caption = sample[convention.get('caption_keys', ['caption'])[0]]
@@ -2078,7 +2044,8 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
         print(f'warning: --preview decodes with the VAE of {args.model_name}; the output was written with '
               f'{convention["model"]}', file=sys.stderr)
     vae = load_module(args.model_name, 'vae', 'AutoencoderKL', device, torch.float32)
-    ids = preview_ids(sum(s['samples'] for s in shards), args.preview)
+    total = sum(s['samples'] for s in shards)  # ids spread evenly, the first and the last included
+    ids = sorted({int(i) for i in np.linspace(0, total - 1, min(args.preview, total)).round()})
     os.makedirs(args.local, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.local, prefix='preview-') as tmp:
         cache = ShardCache(shards, out_root, tmp, args.download_timeout, args.download_retry)
