@@ -484,23 +484,22 @@ def layout(family: Family) -> str:
 
 def check_model_folder(model_name: str, family: Family) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
-    each encoder of the class the family reads (as its config.json `architectures` names it)."""
-    if os.path.isdir(model_name):
-        subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
-        for sub in subs:
-            if not os.path.isdir(os.path.join(model_name, sub)):
-                raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                                f'{layout(family)})')
-        for enc in family.encoders:
-            with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
-                with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
-                    found = json.load(f).get('architectures') or []
-                if found and enc.model_class not in found:
-                    raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
-                                    f'{family.name} layout expects {enc.model_class} there '
-                                    f'({layout(family)}); pass the family of that folder')
-    elif model_name.startswith(('.', '/', '~')):
-        raise UserError(f'--model_name {model_name}: no such folder')
+    each encoder of the class the family reads (as its config.json `architectures` names it). A path that
+    is no folder was refused by check_model_name."""
+    if not os.path.isdir(model_name):
+        return
+    for sub in ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]:
+        if not os.path.isdir(os.path.join(model_name, sub)):
+            raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
+                            f'{layout(family)})')
+    for enc in family.encoders:
+        with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
+            with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+                found = json.load(f).get('architectures') or []
+            if found and enc.model_class not in found:
+                raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
+                                f'{family.name} layout expects {enc.model_class} there '
+                                f'({layout(family)}); pass the family of that folder')
 
 
 def check_model_name(model_name: str) -> None:
@@ -558,22 +557,18 @@ def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[
             for enc, tok in zip(family.encoders, tokenizers)]
 
 
-def encoder_configs(model_name: str, family: Family) -> list:
+def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: list[int]) -> list:
+    """Each text encoder's config, checked to fit its tokenizer: ids inside the embedding table, lengths
+    inside the positions."""
     from transformers import AutoConfig
 
     configs = []
-    for enc in family.encoders:
+    for enc, tok, length in zip(family.encoders, tokenizers, lengths):
         try:
-            configs.append(AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder))
+            cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
         except Exception as err:
             raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
                             f'{first_line(err)}') from None
-    return configs
-
-
-def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: list[int]) -> None:
-    """Each tokenizer must fit its encoder: ids inside the embedding table, lengths inside the positions."""
-    for enc, tok, cfg, length in zip(family.encoders, tokenizers, configs, lengths):
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -581,6 +576,8 @@ def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: l
         if positions is not None and length > positions:
             raise UserError(f'{enc.tokenizer}/ pads to {length} tokens but {enc.subfolder}/ has only '
                             f'{positions} positions: the tokenizer does not belong to that text encoder')
+        configs.append(cfg)
+    return configs
 
 
 def is_remote(path: str) -> bool:
@@ -756,13 +753,6 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
         return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
 
 
-def width(cfg, what: str) -> int:
-    """Feature size of an encoder's hidden states or pooled vector ('text_embeds' is projected)."""
-    if what == 'text_embeds':
-        return cfg.projection_dim
-    return getattr(cfg, 'hidden_size', None) or cfg.d_model
-
-
 def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
                       t5_storage: str, keys: list[str]) -> dict[str, dict]:
     """{column: its record in the convention}: dtype, shape, and what it holds, for each caption key."""
@@ -774,8 +764,9 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
         if col.what == 'mask':
             specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
-        dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
-                  for i in col.encoders)
+        dim = sum(configs[i].projection_dim if col.what == 'pooled' and e.pooled == 'text_embeds'  # projected
+                  else getattr(configs[i], 'hidden_size', None) or configs[i].d_model  # T5: d_model
+                  for i, e in zip(col.encoders, encs))
         what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
         spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
         if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
@@ -804,9 +795,8 @@ def vae_convention(model_name: str) -> dict:
 def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
                     crop: CenterCrop) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
-    configs = encoder_configs(args.model_name, family)
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
-    check_tokenizers(family, tokenizers, configs, lengths)
+    configs = encoder_configs(args.model_name, family, tokenizers, lengths)
     storage = args.storage_dtype or family.storage or 'float16'  # else the one its consumer reads
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage, args.caption_keys)
     if args.caption_drop_prob:
@@ -1657,20 +1647,16 @@ def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.n
 # One rank's run
 # ----------------------------------------------------------------------------------------------
 
-def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
-    if args.dtype == 'auto':
-        return torch.float16 if device.type == 'cuda' else torch.float32
-    return getattr(torch, args.dtype)
-
-
-def pick_device(args: argparse.Namespace) -> torch.device:
+def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device (auto: cuda:<LOCAL_RANK> when available) and --dtype (auto: float16 on GPU, else float32)."""
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no GPU is visible to torch')
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cpu')
     if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device('cuda', local_rank)
-    return torch.device('cpu')
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    auto = torch.float16 if device.type == 'cuda' else torch.float32
+    return device, auto if args.dtype == 'auto' else getattr(torch, args.dtype)
 
 
 def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: ShardCache,
@@ -2109,12 +2095,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
-        device = pick_device(args)
+        device, dtype = pick_device(args)
         if args.preview_only:
             if rank == 0:
                 preview(args, pl.out, device, None)
             return
-        dtype = resolve_dtype(args, device)
         plan = share_plan(args, pl, dtype, rank)
         stats = run_rank(args, plan, device, dtype, rank, world)
         if world > 1:
