@@ -768,13 +768,13 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
                   else getattr(configs[i], 'hidden_size', None) or configs[i].d_model  # T5: d_model
                   for i, e in zip(col.encoders, encs))
         what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
-        spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
+        shape = [dim] if col.what == 'pooled' else [length, dim]
+        specs[name] = {'dtype': storage, 'shape': shape, 'what': what}
         if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
-            spec.update(shape=['n', dim], length_column=name.removesuffix('_latents') + '_length',
-                        what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
-        specs[name] = spec
-        if 'length_column' in spec:
-            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
+            n = name.removesuffix('_latents') + '_length'
+            specs[name].update(shape=['n', dim], length_column=n,
+                               what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
+            specs[n] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
 
 
@@ -1469,8 +1469,7 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     `_fallback`: the models that needed a float32 rerun for this batch."""
     vae, encoders = models
     used: list[str] = []
-    out: dict[str, Any] = {}
-    out['_lengths'] = {}
+    out: dict[str, Any] = {'_lengths': {}}
     for key, tokens in batch['tokens'].items():
         text = encode_text(tokens, family, encoders, device, text_chunk, fallback, used)
         for suffix, t in text.items():
@@ -1538,14 +1537,11 @@ class PartWriter(threading.Thread):
         self.join(timeout)
 
     def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=1)
-                return
-            except queue.Full:
-                continue
+        """Queue `item` for the thread; raises its error instead of waiting on a thread that stopped."""
+        while self.error is None:
+            with contextlib.suppress(queue.Full):
+                return self.queue.put(item, timeout=1)
+        raise self.error
 
     def writer_for(self, group: str):
         """The part's MDSWriter of a group, at <out>/<group>/<part> (via the staging folder for a remote)."""
@@ -1730,7 +1726,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
         writer.join()
     except Interrupted as stop:
         writer.abandon()
-        stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0, 'parts': len(mine)}
+        stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0}
         raise
     except UserError:
         raise
@@ -1744,7 +1740,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             f'writing failed: {first_line(writer.error)}; rerun the same command to resume')
     end = time.time()
     steady = (seen - first_batch[1]) / max(end - first_batch[0], 1e-9) if first_batch else 0.0
-    return {'samples': seen, 'seconds': end - start, 'steady': steady, 'parts': len(mine)}
+    return {'samples': seen, 'seconds': end - start, 'steady': steady}
 
 
 def start_wandb(args: argparse.Namespace, rank: int):
@@ -1887,7 +1883,7 @@ def summary_path(args: argparse.Namespace) -> str:
 
 def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, world: int) -> None:
     """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
-    stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0, 'parts': 0}
+    stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0}
     try:
         out = plan.places.out
         markers = done_markers(out, plan.parts, output_names(out), args.download_timeout)
