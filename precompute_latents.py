@@ -267,8 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='center: the largest centered square; aspect: the nearest aspect-ratio bucket')
     p.add_argument('--max_aspect', type=number(float, lambda v: v >= 1, 'at least 1 (buckets span 1:max to '
                                                   'max:1)'), default=None,
-                   help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
-                        f'default {MAX_ASPECT}')
+                   help=f'--crop aspect: buckets span 1:max_aspect to max_aspect:1; default {MAX_ASPECT}')
     p.add_argument('--random_crop', action='store_true',
                    help='--crop aspect: a random crop offset (seeded per sample) instead of centred')
     p.add_argument('--flip', action='store_true',
