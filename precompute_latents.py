@@ -1511,14 +1511,16 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 class PartWriter(threading.Thread):
     """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
 
-    def __init__(self, out_root: str, staging: str, columns: dict[str, str], resolutions: list[int],
-                 settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
-                 text_columns: list[tuple[str, str, str, int]]):
+    def __init__(self, plan: Plan, args: argparse.Namespace, staging: str, cache: ShardCache,
+                 parts: list[Part], evict: bool):
         super().__init__(daemon=True)
-        self.text_columns = text_columns  # (column, its length column or '' when padded, key, encoder index)
-        self.out_root, self.staging, self.columns = out_root, staging, columns
-        self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
-        self.evict, self.args = evict, args
+        specs = plan.settings['convention']['columns']
+        self.text_columns = [  # (column, its length column or '' when padded, caption key, encoder index)
+            (k + c.suffix, specs[k + c.suffix].get('length_column', ''), k, c.encoders[0])
+            for k in args.caption_keys for c in plan.family.columns]
+        self.out_root, self.columns, self.settings = plan.places.out, plan.columns, plan.settings
+        self.resolutions, self.parts = list(plan.crop.tables), {p.name: p for p in parts}
+        self.staging, self.cache, self.evict, self.args = staging, cache, evict, args
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
@@ -1679,8 +1681,6 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     mine = plan.pending[rank::world]
     convention, family, pl = plan.settings['convention'], plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype)
-    text_columns = [(k + c.suffix, convention['columns'][k + c.suffix].get('length_column', ''), k,
-                     c.encoders[0]) for k in args.caption_keys for c in family.columns]
     storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
     remote = pl.src if pl.src != pl.cache else None
     cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
@@ -1692,9 +1692,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     loader = make_loader(args, plan, mine, cache, device)
     staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(pl.out, staging, plan.columns, sorted(args.resolutions), plan.settings,
-                        cache, {p.name: p for p in mine}, evict=remote is not None, args=args,
-                        text_columns=text_columns)
+    writer = PartWriter(plan, args, staging, cache, mine, evict=remote is not None)
     prefetcher = Prefetcher(mine, cache, writer)
     batches = iter(loader)  # fork the workers before any thread of ours runs
     writer.start()
