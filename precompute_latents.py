@@ -925,30 +925,24 @@ class ShardCache:
         self.readers = [reader_from_json(local, None, s) for s in shards]
         self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
         self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
-        self._stream = None
-        self._stream_pid = -1
+        self._stream_pid = -1  # the process self._stream belongs to
         self._ready: set[int] = set()
-
-    def _get_stream(self):
-        from streaming import Stream
-
-        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
-            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
-                                  download_timeout=self.timeout, keep_zip=False)
-            self._stream_pid = os.getpid()
-            self._ready = set()
-        return self._stream
 
     def ensure(self, shard: int) -> None:
         """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
-        if shard in self._ready and self._stream_pid == os.getpid():
+        if self._stream_pid != os.getpid():  # one client per process (DataLoader workers are forks)
+            from streaming import Stream
+
+            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
+                                  download_timeout=self.timeout, keep_zip=False)
+            self._stream_pid, self._ready = os.getpid(), set()
+        if shard in self._ready:
             return
-        stream = self._get_stream()
         reader = self.readers[shard]
         lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
         with open(lock_path, 'w') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            stream.prepare_shard(reader)
+            self._stream.prepare_shard(reader)
         self._ready.add(shard)
 
     def evict(self, shard: int) -> None:
@@ -984,27 +978,18 @@ def empty_cache(cache_dir: str) -> None:
                 os.remove(path)
 
 
-class Prefetcher(threading.Thread):
-    """Downloads the shards of the next few parts while the current one is encoded."""
-
-    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
-        super().__init__(daemon=True)
-        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for k, part in enumerate(self.parts):
-                with self.writer.done_event:
-                    self.writer.done_event.wait_for(
-                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
-                        or self.writer.error is not None)
-                if self.writer.error is not None:
-                    return
-                for shard in part.shards:
-                    self.cache.ensure(shard)
-        except BaseException as err:  # the workers will hit (and report) the same problem
-            self.error = err
+def prefetch(parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2) -> None:
+    """A thread's work: download the shards of the next `ahead` parts while the current one is encoded.
+    A failure is the workers' to report: they meet the same problem."""
+    with contextlib.suppress(BaseException):
+        for k, part in enumerate(parts):
+            with writer.done_event:
+                writer.done_event.wait_for(
+                    lambda k=k: len(writer.finished_parts) + ahead > k or writer.error is not None)
+            if writer.error is not None:
+                return
+            for shard in part.shards:
+                cache.ensure(shard)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -1620,7 +1605,9 @@ class PartWriter(threading.Thread):
                 batch, latents, event = item
                 if event is not None:
                     event.synchronize()
-                latents = {k: v if k.startswith('_') else to_numpy(v) for k, v in latents.items()}
+                latents = {k: v if k.startswith('_') else [row for t in v for row in t.numpy()]
+                           if isinstance(v, list) else v.numpy()  # a list: one stack per crop shape
+                           for k, v in latents.items()}
                 part = self.parts[batch['job'].part]
                 if batch['job'].first:
                     self.open_part(part)
@@ -1631,13 +1618,6 @@ class PartWriter(threading.Thread):
             self.error = err
             with self.done_event:
                 self.done_event.notify_all()
-
-
-def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
-    """A batch's column as numpy: rows of one array, or (one stack per crop shape) a list of rows."""
-    if isinstance(value, list):
-        return [row for t in value for row in t.numpy()]
-    return value.numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1693,10 +1673,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
     writer = PartWriter(plan, args, staging, cache, mine, evict=remote is not None)
-    prefetcher = Prefetcher(mine, cache, writer)
     batches = iter(loader)  # fork the workers before any thread of ours runs
     writer.start()
-    prefetcher.start()
+    threading.Thread(target=prefetch, args=(mine, cache, writer), daemon=True).start()
     wandb_run = start_wandb(args, rank)
     total = sum(p.last - p.first for p in mine)
     start, seen = time.time(), 0
