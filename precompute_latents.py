@@ -1786,9 +1786,11 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
     return out
 
 
-def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], run_stats: dict[str, Any],
-              world: int) -> dict:
-    """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
+def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int,
+              interrupted: str | None) -> tuple[dict, dict[str, dict]]:
+    """(summary, markers): totals over every part (this run's and earlier runs'), read from the parts'
+    markers, which the merge reads too."""
+    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -1816,8 +1818,8 @@ def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], ru
         'seconds_rank0': round(run_stats['seconds'], 3),
         'samples_per_s_rank0': round(run_stats['samples'] / max(run_stats['seconds'], 1e-9), 2),
         'steady_samples_per_s_rank0': round(run_stats['steady'], 2),
-        'settings': plan.settings,
-    }
+        'settings': plan.settings, 'interrupted': interrupted,
+    }, markers
 
 
 def report(summary: dict, path: str) -> None:
@@ -1861,9 +1863,7 @@ def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, 
     """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
     stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0}
     try:
-        out = plan.places.out
-        markers = done_markers(out, plan.parts, output_names(out), args.download_timeout)
-        report({**summarize(args, plan, markers, stats, world), 'interrupted': str(stop)}, summary_path(args))
+        report(summarize(args, plan, stats, world, str(stop))[0], summary_path(args))
     except Exception as err:  # an unreachable output must not hide the interruption
         print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
@@ -2079,8 +2079,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             staging = os.path.join(pl.staging, 'merge')
             os.makedirs(staging, exist_ok=True)
-            markers = done_markers(pl.out, plan.parts, output_names(pl.out), args.download_timeout)
-            summary = {**summarize(args, plan, markers, stats, world), 'interrupted': None}
+            summary, markers = summarize(args, plan, stats, world, None)
             if not summary['parts_missing']:  # no index a reader would take for the whole set
                 merge_parts(plan, markers, staging, args.download_timeout)
             report(summary, summary_path(args))
