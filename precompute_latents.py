@@ -102,7 +102,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.stats: dict[str, Any] | None = None  # this rank's counters so far, when it got that far
+        self.stats: dict[str, Any] = {'samples': 0, 'seconds': 0.0, 'steady': 0.0}  # this rank's so far
 
 
 # ----------------------------------------------------------------------------------------------
@@ -965,15 +965,11 @@ def empty_cache(cache_dir: str) -> None:
     """Delete what an earlier run left in this run's download folder, except the input's index: a
     shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
     hashes), so every shard a run reads is one it downloaded itself."""
-    if not os.path.isdir(cache_dir):
-        return
-    for entry in os.listdir(cache_dir):
+    for entry in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
         path = os.path.join(cache_dir, entry)
-        if entry == INDEX:
-            continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
-        else:
+        elif entry != INDEX:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -1861,9 +1857,8 @@ def summary_path(args: argparse.Namespace) -> str:
 
 def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, world: int) -> None:
     """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
-    stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0}
     try:
-        report(summarize(args, plan, stats, world, str(stop))[0], summary_path(args))
+        report(summarize(args, plan, stop.stats, world, str(stop))[0], summary_path(args))
     except Exception as err:  # an unreachable output must not hide the interruption
         print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
