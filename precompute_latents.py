@@ -475,22 +475,18 @@ def pick_family(model_name: str, flag: str) -> Family:
                     f'({", ".join(known)}); pass --family')
 
 
-def layout(family: Family) -> str:
-    """The folder layout a family reads, for messages: 'vae/, text_encoder/ (CLIPTextModel), ...'."""
-    encoders = [f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/' for e in family.encoders]
-    return ', '.join(['vae/', *encoders])
-
-
 def check_model_folder(model_name: str, family: Family) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
     each encoder of the class the family reads (as its config.json `architectures` names it). A path that
     is no folder was refused by check_model_name."""
     if not os.path.isdir(model_name):
         return
+    layout = ', '.join(['vae/', *(f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/'
+                                  for e in family.encoders)])  # for the messages
     for sub in ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]:
         if not os.path.isdir(os.path.join(model_name, sub)):
             raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                            f'{layout(family)})')
+                            f'{layout})')
     for enc in family.encoders:
         with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
             with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
@@ -498,7 +494,7 @@ def check_model_folder(model_name: str, family: Family) -> None:
             if found and enc.model_class not in found:
                 raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
                                 f'{family.name} layout expects {enc.model_class} there '
-                                f'({layout(family)}); pass the family of that folder')
+                                f'({layout}); pass the family of that folder')
 
 
 def check_model_name(model_name: str) -> None:
@@ -1264,11 +1260,6 @@ class BatchReader:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def dropped(self, sample_id: int) -> bool:
-        """Whether this sample's caption is encoded as '' (--caption_drop_prob; the same in every run)."""
-        return bool(self.caption_drop_prob) and \
-            np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
         batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
@@ -1299,7 +1290,8 @@ class BatchReader:
                     group['noise'].append(sample_noise(self.seed, sample_id, r, shape))
                     if self.flip:
                         group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
-            dropped = self.dropped(sample_id)
+            dropped = bool(self.caption_drop_prob) and (  # encoded as ''; the same in every run
+                np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob)
             batch['ids'].append(sample_id)
             batch['samples'].append(sample)
             batch['group'].append(self.crop.group(placed))
