@@ -1219,24 +1219,19 @@ def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...],
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One batch: global sample ids [start, stop) of one part."""
+    """One batch: global sample ids [start, stop) of one part (the part's first when start == part.first,
+    its last when stop == part.last)."""
 
-    part: str
+    part: Part
     start: int
     stop: int
-    first: bool
-    last: bool
 
 
 def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
-    """Batches that never cross a part, so a part's batches are the same in every run."""
-    jobs = []
-    for part in parts:
-        starts = list(range(part.first, part.last, batch_size)) or [part.first]
-        for i, start in enumerate(starts):
-            jobs.append(Job(part.name, start, min(start + batch_size, part.last), i == 0,
-                            i == len(starts) - 1))
-    return jobs
+    """Batches that never cross a part, so a part's batches are the same in every run (an empty part:
+    one empty batch, which opens and closes it)."""
+    return [Job(part, start, min(start + batch_size, part.last))
+            for part in parts for start in range(part.first, part.last, batch_size) or [part.first]]
 
 
 class BatchReader:
@@ -1484,15 +1479,14 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 class PartWriter(threading.Thread):
     """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
 
-    def __init__(self, plan: Plan, args: argparse.Namespace, staging: str, cache: ShardCache,
-                 parts: list[Part], evict: bool):
+    def __init__(self, plan: Plan, args: argparse.Namespace, staging: str, cache: ShardCache, evict: bool):
         super().__init__(daemon=True)
         specs = plan.settings['convention']['columns']
         self.text_columns = [  # (column, its length column or '' when padded, caption key, encoder index)
             (k + c.suffix, specs[k + c.suffix].get('length_column', ''), k, c.encoders[0])
             for k in args.caption_keys for c in plan.family.columns]
         self.out_root, self.columns, self.settings = plan.places.out, plan.columns, plan.settings
-        self.resolutions, self.parts = list(plan.crop.tables), {p.name: p for p in parts}
+        self.resolutions = list(plan.crop.tables)
         self.staging, self.cache, self.evict, self.args = staging, cache, evict, args
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
@@ -1596,12 +1590,12 @@ class PartWriter(threading.Thread):
                 latents = {k: v if k.startswith('_') else [row for t in v for row in t.numpy()]
                            if isinstance(v, list) else v.numpy()  # a list: one stack per crop shape
                            for k, v in latents.items()}
-                part = self.parts[batch['job'].part]
-                if batch['job'].first:
-                    self.open_part(part)
+                job = batch['job']
+                if job.start == job.part.first:
+                    self.open_part(job.part)
                 self.write_batch(batch, latents)
-                if batch['job'].last:
-                    self.close_part(part)
+                if job.stop == job.part.last:
+                    self.close_part(job.part)
         except BaseException as err:  # handed to the main thread, which reports it
             self.error = err
             with self.done_event:
@@ -1660,7 +1654,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     loader = make_loader(args, plan, mine, cache, device)
     staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(plan, args, staging, cache, mine, evict=remote is not None)
+    writer = PartWriter(plan, args, staging, cache, evict=remote is not None)
     batches = iter(loader)  # fork the workers before any thread of ours runs
     writer.start()
     threading.Thread(target=prefetch, args=(mine, cache, writer), daemon=True).start()
