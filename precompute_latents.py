@@ -102,7 +102,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.stats: dict[str, Any] | None = None  # this rank's counters so far, when it got that far
+        self.stats: dict[str, Any] = {'samples': 0, 'seconds': 0.0, 'steady': 0.0}  # this rank's so far
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,38 +234,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--local', default='/tmp/precompute-latents',
-                   help='local cache folder: input shards are downloaded to <local>/<bucket name>/'
-                        'download-<id of input and output>/ (emptied at each start: a run reads only '
-                        'shards it downloaded); without --remote_download the input is read from '
-                        '<local>/<bucket name> in place')
+                   help='local cache folder (downloads, staging); without --remote_download the input '
+                        'is read from <local>/<bucket name> in place')
     p.add_argument('--remote_download', default='',
                    help='remote (or local) root of the input MDS datasets, one per bucket')
     p.add_argument('--remote_upload', default='',
                    help='remote (or local) root to write the output datasets to (required)')
     p.add_argument('--bucket', default='', type=bucket_name,
-                   help="bucket subfolder: an index into the bucket list (0 '0-64' ... 3 '256-512' ... "
-                        "6 '1024-1048576') or a name such as '256-512'; empty: the roots are datasets")
+                   help=f"bucket subfolder: an index into {', '.join(BUCKET_NAMES)} or a name; empty: none")
     p.add_argument('--subfolder', default='',
                    help='subfolder below the bucket folder, as laion_cloudwriter.py --subfolder writes')
     p.add_argument('--model_name', default='stabilityai/stable-diffusion-2-base',
-                   help='diffusers pipeline (hub name or folder) of a known family: vae/ and its text '
-                        'encoder and tokenizer subfolders')
+                   help='diffusers pipeline of a known family (hub name or folder)')
     p.add_argument('--family', default='auto', choices=('auto', *FAMILIES),
-                   help='model family: auto (from model_index.json; sd for a folder without one), sd, '
-                        'sdxl, sd3, flux, or mosaicml (T5 + CLIP-L columns of mosaicml/diffusion, from a '
-                        'FLUX-layout folder)')
+                   help='model family; auto: from model_index.json (sd for a folder without one)')
     p.add_argument('--caption_keys', nargs='+', default=['caption'],
-                   help="text columns of the input to encode, each into the family's text columns named "
-                        '<key>_...: e.g. caption vlm_caption (caption_images.py writes the second)')
+                   help="input text columns to encode, each into the family's columns named <key>_...")
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
-                   help="dtype of the stored latents (bfloat16 is stored as its raw 16 bits); default: the "
-                        "family consumer's dtype where it reads only one (mosaicml: float32), else float16; "
-                        'the model dtype is --dtype')
+                   help="dtype of the stored latents; default: the family consumer's (mosaicml: float32), "
+                        'else float16')
     p.add_argument('--t5_max_length', type=COUNT, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
-                   help='trimmed: store T5 states only up to the caption token count (incl. </s>), plus '
-                        'a <column>_length column; readers pad with zeros (not for mosaicml)')
+                   help='trimmed: store T5 states only up to the token count, plus a <column>_length')
     p.add_argument('--text_batch_size', type=COUNT, default=0,
                    help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
     p.add_argument('--batch-size', dest='batch_size', type=POSITIVE, default=64,
@@ -273,24 +264,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--resolutions', type=RESOLUTION, nargs='+', default=[256, 512],
                    help='image resolutions to encode, multiples of 8; one latents_<res> column each')
     p.add_argument('--crop', choices=('center', 'aspect'), default='center',
-                   help="center: the largest centered square; aspect: the nearest aspect-ratio bucket per "
-                        'resolution (area ~res x res, sides multiples of the VAE factor x 8), resized to '
-                        'cover it and cropped, with SDXL size conditioning and one dataset per bucket')
+                   help='center: the largest centered square; aspect: the nearest aspect-ratio bucket')
     p.add_argument('--max_aspect', type=number(float, lambda v: v >= 1, 'at least 1 (buckets span 1:max to '
                                                   'max:1)'), default=None,
-                   help=f'--crop aspect: buckets range from 1:max_aspect (tall) to max_aspect:1 (wide); '
-                        f'default {MAX_ASPECT}')
+                   help=f'--crop aspect: buckets span 1:max_aspect to max_aspect:1; default {MAX_ASPECT}')
     p.add_argument('--random_crop', action='store_true',
-                   help='--crop aspect: place the crop at a random offset (seeded by --seed and the '
-                        "sample's index, so a rerun is identical) instead of centred")
+                   help='--crop aspect: a random crop offset (seeded per sample) instead of centred')
     p.add_argument('--flip', action='store_true',
                    help='also store latents_<res>_flipped: the latent of the horizontally mirrored crop')
     p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
                    help='store a sample of the latent distribution (seeded per sample) or its mean')
     p.add_argument('--seed', type=COUNT, default=0, help='seed of the per-sample noise in sample mode')
     p.add_argument('--caption_drop_prob', type=PROBABILITY, default=0.0,
-                   help="fraction of captions encoded as '' (the original baked in 0.1; keep 0 and "
-                        'drop captions at training time)')
+                   help="fraction of captions encoded as ''")
     p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
                    help='where to run the models; auto: cuda:<LOCAL_RANK> when available')
     p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
@@ -299,12 +285,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=-1,
                    help='DataLoader worker processes that read and decode; -1: cores per process - 1')
     p.add_argument('--threads', type=COUNT, default=0,
-                   help='torch threads of each process on CPU; 0: cores per process minus --num_workers '
-                        '(at least 1), so workers and model do not fight over cores')
+                   help='torch threads per process on CPU; 0: cores per process - --num_workers')
     p.add_argument('--prefetch_factor', type=POSITIVE, default=4, help='batches each worker prepares ahead')
     p.add_argument('--part_size', type=POSITIVE, default=5000,
-                   help='samples per unit of work and of resume (whole input shards, at least this '
-                        'many); keep it the same across reruns of one output')
+                   help='samples per unit of work and of resume (whole input shards); keep it on reruns')
     p.add_argument('--size_limit', default='256mb', help='output shard size limit')
     p.add_argument('--compression', default='', help='output shard compression, e.g. zstd; empty: none')
     p.add_argument('--download_timeout', type=SECONDS, default=300, help='seconds per file download')
@@ -314,13 +298,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--summary', default='',
                    help='where to write the JSON summary; empty: <local>/latents_summary_<bucket>.json')
     p.add_argument('--preview', type=COUNT, default=0,
-                   help='at the end, rank 0 writes a PNG of this many samples spread over the output: each '
-                        'source crop beside its stored latents decoded by the VAE; 0: none')
+                   help='write a PNG of this many samples: source crops beside their decoded latents')
     p.add_argument('--preview_path', default='',
-                   help='where to write the preview PNG; empty: beside the summary, <summary>_preview.png')
+                   help='where to write the preview PNG; empty: <summary>_preview.png')
     p.add_argument('--preview_only', action='store_true',
-                   help='only write the --preview of the finished output at --remote_upload (loads the '
-                        'VAE alone, encodes nothing, reads no input)')
+                   help='only write the --preview of the finished output at --remote_upload')
     p.add_argument('--wandb', action='store_true', help='log progress to Weights & Biases (if installed)')
     p.add_argument('--wandb_disabled', action='store_true', help='never log to wandb (the default)')
     p.add_argument('--wandb_name', default='baseline', help='wandb run name')
@@ -493,31 +475,26 @@ def pick_family(model_name: str, flag: str) -> Family:
                     f'({", ".join(known)}); pass --family')
 
 
-def layout(family: Family) -> str:
-    """The folder layout a family reads, for messages: 'vae/, text_encoder/ (CLIPTextModel), ...'."""
-    encoders = [f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/' for e in family.encoders]
-    return ', '.join(['vae/', *encoders])
-
-
 def check_model_folder(model_name: str, family: Family) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
-    each encoder of the class the family reads (as its config.json `architectures` names it)."""
-    if os.path.isdir(model_name):
-        subs = ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]
-        for sub in subs:
-            if not os.path.isdir(os.path.join(model_name, sub)):
-                raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                                f'{layout(family)})')
-        for enc in family.encoders:
-            with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
-                with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
-                    found = json.load(f).get('architectures') or []
-                if found and enc.model_class not in found:
-                    raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
-                                    f'{family.name} layout expects {enc.model_class} there '
-                                    f'({layout(family)}); pass the family of that folder')
-    elif model_name.startswith(('.', '/', '~')):
-        raise UserError(f'--model_name {model_name}: no such folder')
+    each encoder of the class the family reads (as its config.json `architectures` names it). A path that
+    is no folder was refused by check_model_name."""
+    if not os.path.isdir(model_name):
+        return
+    layout = ', '.join(['vae/', *(f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/'
+                                  for e in family.encoders)])  # for the messages
+    for sub in ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]:
+        if not os.path.isdir(os.path.join(model_name, sub)):
+            raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
+                            f'{layout})')
+    for enc in family.encoders:
+        with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
+            with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+                found = json.load(f).get('architectures') or []
+            if found and enc.model_class not in found:
+                raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
+                                f'{family.name} layout expects {enc.model_class} there '
+                                f'({layout}); pass the family of that folder')
 
 
 def check_model_name(model_name: str) -> None:
@@ -575,22 +552,18 @@ def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[
             for enc, tok in zip(family.encoders, tokenizers)]
 
 
-def encoder_configs(model_name: str, family: Family) -> list:
+def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: list[int]) -> list:
+    """Each text encoder's config, checked to fit its tokenizer: ids inside the embedding table, lengths
+    inside the positions."""
     from transformers import AutoConfig
 
     configs = []
-    for enc in family.encoders:
+    for enc, tok, length in zip(family.encoders, tokenizers, lengths):
         try:
-            configs.append(AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder))
+            cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
         except Exception as err:
             raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
                             f'{first_line(err)}') from None
-    return configs
-
-
-def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: list[int]) -> None:
-    """Each tokenizer must fit its encoder: ids inside the embedding table, lengths inside the positions."""
-    for enc, tok, cfg, length in zip(family.encoders, tokenizers, configs, lengths):
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -598,6 +571,8 @@ def check_tokenizers(family: Family, tokenizers: list, configs: list, lengths: l
         if positions is not None and length > positions:
             raise UserError(f'{enc.tokenizer}/ pads to {length} tokens but {enc.subfolder}/ has only '
                             f'{positions} positions: the tokenizer does not belong to that text encoder')
+        configs.append(cfg)
+    return configs
 
 
 def is_remote(path: str) -> bool:
@@ -773,13 +748,6 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
         return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
 
 
-def width(cfg, what: str) -> int:
-    """Feature size of an encoder's hidden states or pooled vector ('text_embeds' is projected)."""
-    if what == 'text_embeds':
-        return cfg.projection_dim
-    return getattr(cfg, 'hidden_size', None) or cfg.d_model
-
-
 def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
                       t5_storage: str, keys: list[str]) -> dict[str, dict]:
     """{column: its record in the convention}: dtype, shape, and what it holds, for each caption key."""
@@ -791,16 +759,17 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
         if col.what == 'mask':
             specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
-        dim = sum(width(configs[i], family.encoders[i].pooled if col.what == 'pooled' else 'hidden')
-                  for i in col.encoders)
+        dim = sum(configs[i].projection_dim if col.what == 'pooled' and e.pooled == 'text_embeds'  # projected
+                  else getattr(configs[i], 'hidden_size', None) or configs[i].d_model  # T5: d_model
+                  for i, e in zip(col.encoders, encs))
         what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
-        spec = {'dtype': storage, 'shape': [dim] if col.what == 'pooled' else [length, dim], 'what': what}
+        shape = [dim] if col.what == 'pooled' else [length, dim]
+        specs[name] = {'dtype': storage, 'shape': shape, 'what': what}
         if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
-            spec.update(shape=['n', dim], length_column=name.removesuffix('_latents') + '_length',
-                        what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
-        specs[name] = spec
-        if 'length_column' in spec:
-            specs[spec['length_column']] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
+            n = name.removesuffix('_latents') + '_length'
+            specs[name].update(shape=['n', dim], length_column=n,
+                               what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
+            specs[n] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
 
 
@@ -821,9 +790,8 @@ def vae_convention(model_name: str) -> dict:
 def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
                     crop: CenterCrop) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
-    configs = encoder_configs(args.model_name, family)
     lengths = token_lengths(family, tokenizers, args.t5_max_length)
-    check_tokenizers(family, tokenizers, configs, lengths)
+    configs = encoder_configs(args.model_name, family, tokenizers, lengths)
     storage = args.storage_dtype or family.storage or 'float16'  # else the one its consumer reads
     columns = text_column_specs(family, configs, lengths, storage, args.t5_storage, args.caption_keys)
     if args.caption_drop_prob:
@@ -953,30 +921,24 @@ class ShardCache:
         self.readers = [reader_from_json(local, None, s) for s in shards]
         self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
         self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
-        self._stream = None
-        self._stream_pid = -1
+        self._stream_pid = -1  # the process self._stream belongs to
         self._ready: set[int] = set()
-
-    def _get_stream(self):
-        from streaming import Stream
-
-        if self._stream is None or self._stream_pid != os.getpid():  # one client per process
-            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
-                                  download_timeout=self.timeout, keep_zip=False)
-            self._stream_pid = os.getpid()
-            self._ready = set()
-        return self._stream
 
     def ensure(self, shard: int) -> None:
         """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
-        if shard in self._ready and self._stream_pid == os.getpid():
+        if self._stream_pid != os.getpid():  # one client per process (DataLoader workers are forks)
+            from streaming import Stream
+
+            self._stream = Stream(remote=self.remote, local=self.local, download_retry=self.retry,
+                                  download_timeout=self.timeout, keep_zip=False)
+            self._stream_pid, self._ready = os.getpid(), set()
+        if shard in self._ready:
             return
-        stream = self._get_stream()
         reader = self.readers[shard]
         lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
         with open(lock_path, 'w') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            stream.prepare_shard(reader)
+            self._stream.prepare_shard(reader)
         self._ready.add(shard)
 
     def evict(self, shard: int) -> None:
@@ -999,40 +961,27 @@ def empty_cache(cache_dir: str) -> None:
     """Delete what an earlier run left in this run's download folder, except the input's index: a
     shard a killed run left cannot be checked against the input (an MDS index states sizes, rarely
     hashes), so every shard a run reads is one it downloaded itself."""
-    if not os.path.isdir(cache_dir):
-        return
-    for entry in os.listdir(cache_dir):
+    for entry in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
         path = os.path.join(cache_dir, entry)
-        if entry == INDEX:
-            continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
-        else:
+        elif entry != INDEX:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
 
-class Prefetcher(threading.Thread):
-    """Downloads the shards of the next few parts while the current one is encoded."""
-
-    def __init__(self, parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2):
-        super().__init__(daemon=True)
-        self.parts, self.cache, self.writer, self.ahead = parts, cache, writer, ahead
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for k, part in enumerate(self.parts):
-                with self.writer.done_event:
-                    self.writer.done_event.wait_for(
-                        lambda k=k: len(self.writer.finished_parts) + self.ahead > k
-                        or self.writer.error is not None)
-                if self.writer.error is not None:
-                    return
-                for shard in part.shards:
-                    self.cache.ensure(shard)
-        except BaseException as err:  # the workers will hit (and report) the same problem
-            self.error = err
+def prefetch(parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: int = 2) -> None:
+    """A thread's work: download the shards of the next `ahead` parts while the current one is encoded.
+    A failure is the workers' to report: they meet the same problem."""
+    with contextlib.suppress(BaseException):
+        for k, part in enumerate(parts):
+            with writer.done_event:
+                writer.done_event.wait_for(
+                    lambda k=k: len(writer.finished_parts) + ahead > k or writer.error is not None)
+            if writer.error is not None:
+                return
+            for shard in part.shards:
+                cache.ensure(shard)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -1270,24 +1219,19 @@ def sample_noise(seed: int, sample_id: int, res: int, shape: tuple[int, ...],
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One batch: global sample ids [start, stop) of one part."""
+    """One batch: global sample ids [start, stop) of one part (the part's first when start == part.first,
+    its last when stop == part.last)."""
 
-    part: str
+    part: Part
     start: int
     stop: int
-    first: bool
-    last: bool
 
 
 def make_jobs(parts: list[Part], batch_size: int) -> list[Job]:
-    """Batches that never cross a part, so a part's batches are the same in every run."""
-    jobs = []
-    for part in parts:
-        starts = list(range(part.first, part.last, batch_size)) or [part.first]
-        for i, start in enumerate(starts):
-            jobs.append(Job(part.name, start, min(start + batch_size, part.last), i == 0,
-                            i == len(starts) - 1))
-    return jobs
+    """Batches that never cross a part, so a part's batches are the same in every run (an empty part:
+    one empty batch, which opens and closes it)."""
+    return [Job(part, start, min(start + batch_size, part.last))
+            for part in parts for start in range(part.first, part.last, batch_size) or [part.first]]
 
 
 class BatchReader:
@@ -1310,11 +1254,6 @@ class BatchReader:
 
     def __len__(self) -> int:
         return len(self.jobs)
-
-    def dropped(self, sample_id: int) -> bool:
-        """Whether this sample's caption is encoded as '' (--caption_drop_prob; the same in every run)."""
-        return bool(self.caption_drop_prob) and \
-            np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
@@ -1346,7 +1285,8 @@ class BatchReader:
                     group['noise'].append(sample_noise(self.seed, sample_id, r, shape))
                     if self.flip:
                         group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
-            dropped = self.dropped(sample_id)
+            dropped = bool(self.caption_drop_prob) and (  # encoded as ''; the same in every run
+                np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob)
             batch['ids'].append(sample_id)
             batch['samples'].append(sample)
             batch['group'].append(self.crop.group(placed))
@@ -1496,8 +1436,7 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     `_fallback`: the models that needed a float32 rerun for this batch."""
     vae, encoders = models
     used: list[str] = []
-    out: dict[str, Any] = {}
-    out['_lengths'] = {}
+    out: dict[str, Any] = {'_lengths': {}}
     for key, tokens in batch['tokens'].items():
         text = encode_text(tokens, family, encoders, device, text_chunk, fallback, used)
         for suffix, t in text.items():
@@ -1540,14 +1479,15 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 class PartWriter(threading.Thread):
     """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
 
-    def __init__(self, out_root: str, staging: str, columns: dict[str, str], resolutions: list[int],
-                 settings: dict, cache: ShardCache, parts: dict[str, Part], evict: bool, args,
-                 text_columns: list[tuple[str, str, str, int]]):
+    def __init__(self, plan: Plan, args: argparse.Namespace, staging: str, cache: ShardCache, evict: bool):
         super().__init__(daemon=True)
-        self.text_columns = text_columns  # (column, its length column or '' when padded, key, encoder index)
-        self.out_root, self.staging, self.columns = out_root, staging, columns
-        self.resolutions, self.settings, self.cache, self.parts = resolutions, settings, cache, parts
-        self.evict, self.args = evict, args
+        specs = plan.settings['convention']['columns']
+        self.text_columns = [  # (column, its length column or '' when padded, caption key, encoder index)
+            (k + c.suffix, specs[k + c.suffix].get('length_column', ''), k, c.encoders[0])
+            for k in args.caption_keys for c in plan.family.columns]
+        self.out_root, self.columns, self.settings = plan.places.out, plan.columns, plan.settings
+        self.resolutions = list(plan.crop.tables)
+        self.staging, self.cache, self.evict, self.args = staging, cache, evict, args
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
@@ -1565,14 +1505,11 @@ class PartWriter(threading.Thread):
         self.join(timeout)
 
     def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=1)
-                return
-            except queue.Full:
-                continue
+        """Queue `item` for the thread; raises its error instead of waiting on a thread that stopped."""
+        while self.error is None:
+            with contextlib.suppress(queue.Full):
+                return self.queue.put(item, timeout=1)
+        raise self.error
 
     def writer_for(self, group: str):
         """The part's MDSWriter of a group, at <out>/<group>/<part> (via the staging folder for a remote)."""
@@ -1650,44 +1587,35 @@ class PartWriter(threading.Thread):
                 batch, latents, event = item
                 if event is not None:
                     event.synchronize()
-                latents = {k: v if k.startswith('_') else to_numpy(v) for k, v in latents.items()}
-                part = self.parts[batch['job'].part]
-                if batch['job'].first:
-                    self.open_part(part)
+                latents = {k: v if k.startswith('_') else [row for t in v for row in t.numpy()]
+                           if isinstance(v, list) else v.numpy()  # a list: one stack per crop shape
+                           for k, v in latents.items()}
+                job = batch['job']
+                if job.start == job.part.first:
+                    self.open_part(job.part)
                 self.write_batch(batch, latents)
-                if batch['job'].last:
-                    self.close_part(part)
+                if job.stop == job.part.last:
+                    self.close_part(job.part)
         except BaseException as err:  # handed to the main thread, which reports it
             self.error = err
             with self.done_event:
                 self.done_event.notify_all()
 
 
-def to_numpy(value: torch.Tensor | list[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
-    """A batch's column as numpy: rows of one array, or (one stack per crop shape) a list of rows."""
-    if isinstance(value, list):
-        return [row for t in value for row in t.numpy()]
-    return value.numpy()
-
-
 # ----------------------------------------------------------------------------------------------
 # One rank's run
 # ----------------------------------------------------------------------------------------------
 
-def resolve_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
-    if args.dtype == 'auto':
-        return torch.float16 if device.type == 'cuda' else torch.float32
-    return getattr(torch, args.dtype)
-
-
-def pick_device(args: argparse.Namespace) -> torch.device:
+def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device (auto: cuda:<LOCAL_RANK> when available) and --dtype (auto: float16 on GPU, else float32)."""
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no GPU is visible to torch')
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cpu')
     if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device('cuda', local_rank)
-    return torch.device('cpu')
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    auto = torch.float16 if device.type == 'cuda' else torch.float32
+    return device, auto if args.dtype == 'auto' else getattr(torch, args.dtype)
 
 
 def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: ShardCache,
@@ -1715,8 +1643,6 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     mine = plan.pending[rank::world]
     convention, family, pl = plan.settings['convention'], plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype)
-    text_columns = [(k + c.suffix, convention['columns'][k + c.suffix].get('length_column', ''), k,
-                     c.encoders[0]) for k in args.caption_keys for c in family.columns]
     storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
     remote = pl.src if pl.src != pl.cache else None
     cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
@@ -1728,13 +1654,10 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     loader = make_loader(args, plan, mine, cache, device)
     staging = os.path.join(pl.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(pl.out, staging, plan.columns, sorted(args.resolutions), plan.settings,
-                        cache, {p.name: p for p in mine}, evict=remote is not None, args=args,
-                        text_columns=text_columns)
-    prefetcher = Prefetcher(mine, cache, writer)
+    writer = PartWriter(plan, args, staging, cache, evict=remote is not None)
     batches = iter(loader)  # fork the workers before any thread of ours runs
     writer.start()
-    prefetcher.start()
+    threading.Thread(target=prefetch, args=(mine, cache, writer), daemon=True).start()
     wandb_run = start_wandb(args, rank)
     total = sum(p.last - p.first for p in mine)
     start, seen = time.time(), 0
@@ -1761,7 +1684,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
         writer.join()
     except Interrupted as stop:
         writer.abandon()
-        stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0, 'parts': len(mine)}
+        stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0}
         raise
     except UserError:
         raise
@@ -1775,7 +1698,7 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             f'writing failed: {first_line(writer.error)}; rerun the same command to resume')
     end = time.time()
     steady = (seen - first_batch[1]) / max(end - first_batch[0], 1e-9) if first_batch else 0.0
-    return {'samples': seen, 'seconds': end - start, 'steady': steady, 'parts': len(mine)}
+    return {'samples': seen, 'seconds': end - start, 'steady': steady}
 
 
 def start_wandb(args: argparse.Namespace, rank: int):
@@ -1845,9 +1768,11 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
     return out
 
 
-def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], run_stats: dict[str, Any],
-              world: int) -> dict:
-    """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
+def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int,
+              interrupted: str | None) -> tuple[dict, dict[str, dict]]:
+    """(summary, markers): totals over every part (this run's and earlier runs'), read from the parts'
+    markers, which the merge reads too."""
+    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
@@ -1875,8 +1800,8 @@ def summarize(args: argparse.Namespace, plan: Plan, markers: dict[str, dict], ru
         'seconds_rank0': round(run_stats['seconds'], 3),
         'samples_per_s_rank0': round(run_stats['samples'] / max(run_stats['seconds'], 1e-9), 2),
         'steady_samples_per_s_rank0': round(run_stats['steady'], 2),
-        'settings': plan.settings,
-    }
+        'settings': plan.settings, 'interrupted': interrupted,
+    }, markers
 
 
 def report(summary: dict, path: str) -> None:
@@ -1918,11 +1843,8 @@ def summary_path(args: argparse.Namespace) -> str:
 
 def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, world: int) -> None:
     """Rank 0 after a signal: the summary of what is done, marked interrupted (best effort)."""
-    stats = stop.stats or {'samples': 0, 'seconds': 0.0, 'steady': 0.0, 'parts': 0}
     try:
-        out = plan.places.out
-        markers = done_markers(out, plan.parts, output_names(out), args.download_timeout)
-        report({**summarize(args, plan, markers, stats, world), 'interrupted': str(stop)}, summary_path(args))
+        report(summarize(args, plan, stop.stats, world, str(stop))[0], summary_path(args))
     except Exception as err:  # an unreachable output must not hide the interruption
         print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
 
@@ -1936,13 +1858,6 @@ PREVIEW_GAP = 4  # px between tiles and around the grid
 PREVIEW_LINE = 14  # px per line of text (Pillow's default font): one header line, two caption lines
 PREVIEW_CAPTION_LINES = 2
 GREY, BLACK = (128, 128, 128), (0, 0, 0)
-
-
-def preview_ids(total: int, n: int) -> list[int]:
-    """n sample ids spread evenly over [0, total), the first and the last included (all when n >= total)."""
-    if total <= 0 or n <= 0:
-        return []
-    return sorted({int(i) for i in np.linspace(0, total - 1, min(n, total)).round()})
 
 
 def stored_latent(sample: dict[str, Any], column: str, convention: dict,
@@ -1971,20 +1886,6 @@ def recorded_crop(img: Image.Image, time_ids: np.ndarray) -> Image.Image:
     sx, sy = img.width / rw, img.height / rh
     return img.resize((tw, th), Image.Resampling.BILINEAR,
                       box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
-
-
-def unscale(latent: np.ndarray, image_latents: dict) -> np.ndarray:
-    """What the VAE decodes: z = stored / scaling_factor + shift_factor, when the record says `scaled`."""
-    if not image_latents['scaled']:
-        return latent
-    return latent / image_latents['scaling_factor'] + image_latents['shift_factor']
-
-
-def decode_latent(vae, z: np.ndarray, device: torch.device) -> Image.Image:
-    """vae.decode of one latent, as diffusers' image processor turns it into an RGB picture."""
-    x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()
-    px = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(px)
 
 
 def source_crop(img: Image.Image, width: int, height: int) -> Image.Image:
@@ -2056,7 +1957,11 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         raw = sample.get(TIME_IDS_COLUMN.format(res=res))  # --crop aspect: the recorded crop
         ids = np.frombuffer(raw, np.int32).tolist() if raw else None
         latent = stored_latent(sample, column, convention, None if ids is None else (ids[4], ids[5]))
-        decoded = decode_latent(vae, unscale(latent, convention['image_latents']), device)
+        vae_scale = convention['image_latents']  # what the VAE decodes: stored / scaling + shift
+        z = latent / vae_scale['scaling_factor'] + vae_scale['shift_factor']
+        x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()  # as diffusers'
+        decoded = Image.fromarray(  # image processor turns it into an RGB picture
+            ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
         source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
         tiles += [as_tile(source), as_tile(decoded)]
     caption = sample[convention.get('caption_keys', ['caption'])[0]]
@@ -2078,7 +1983,8 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
         print(f'warning: --preview decodes with the VAE of {args.model_name}; the output was written with '
               f'{convention["model"]}', file=sys.stderr)
     vae = load_module(args.model_name, 'vae', 'AutoencoderKL', device, torch.float32)
-    ids = preview_ids(sum(s['samples'] for s in shards), args.preview)
+    total = sum(s['samples'] for s in shards)  # ids spread evenly, the first and the last included
+    ids = sorted({int(i) for i in np.linspace(0, total - 1, min(args.preview, total)).round()})
     os.makedirs(args.local, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.local, prefix='preview-') as tmp:
         cache = ShardCache(shards, out_root, tmp, args.download_timeout, args.download_retry)
@@ -2142,12 +2048,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
-        device = pick_device(args)
+        device, dtype = pick_device(args)
         if args.preview_only:
             if rank == 0:
                 preview(args, pl.out, device, None)
             return
-        dtype = resolve_dtype(args, device)
         plan = share_plan(args, pl, dtype, rank)
         stats = run_rank(args, plan, device, dtype, rank, world)
         if world > 1:
@@ -2155,8 +2060,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             staging = os.path.join(pl.staging, 'merge')
             os.makedirs(staging, exist_ok=True)
-            markers = done_markers(pl.out, plan.parts, output_names(pl.out), args.download_timeout)
-            summary = {**summarize(args, plan, markers, stats, world), 'interrupted': None}
+            summary, markers = summarize(args, plan, stats, world, None)
             if not summary['parts_missing']:  # no index a reader would take for the whole set
                 merge_parts(plan, markers, staging, args.download_timeout)
             report(summary, summary_path(args))
