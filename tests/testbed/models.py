@@ -26,7 +26,7 @@ def bpe_path() -> Path:
     return Path(open_clip.__file__).with_name('bpe_simple_vocab_16e6.txt.gz')
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable unicode map (the GPT-2 construction)."""
     bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) \
         + list(range(ord('®'), ord('ÿ') + 1))
@@ -46,7 +46,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str = '!') -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(bpe_path()).read().decode('utf-8').split('\n')
     merges = lines[1:49152 - 256 - 2 + 1]
-    vocab = list(_bytes_to_unicode().values())
+    vocab = list(bytes_to_unicode().values())
     vocab += [v + '</w>' for v in vocab]
     vocab += [''.join(m.split()) for m in merges]
     vocab += ['<|startoftext|>', '<|endoftext|>']

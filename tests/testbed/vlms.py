@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from testbed.models import bytes_to_unicode
+
 WORDS = ('a photo of a red cat on a blue sofa next to the window the image shows a dog in the park '
          'in this image there is a man riding a bicycle along the river note this is a caption '
          'detailed description of the picture with trees sky clouds and a small house').split()
@@ -43,20 +45,7 @@ IDEFICS3_TEMPLATE = (
 KINDS = ('llava', 'qwen2_vl', 'idefics3')
 INIT = 0.2  # weight std (transformers' 0.02 makes a tiny model write the same caption for every image)
 
-
-def _byte_chars() -> dict[int, str]:
-    """Byte-level BPE's byte -> printable character map (the GPT-2 construction)."""
-    bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-ASCII = _byte_chars()
+ASCII = bytes_to_unicode()  # byte-level BPE's byte -> printable character map
 
 
 def bpe_tokenizer(special: list[str], bos: str | None, eos: str, pad: str, vocab_size: int = 300,
