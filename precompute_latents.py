@@ -439,7 +439,7 @@ def read_model_index(model_name: str) -> dict | None:
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(model_name, 'model_index.json')
         except Exception as err:  # guessing the family of a hub model would be a silent mistake
-            raise UserError(f'cannot read model_index.json of {model_name} ({first_line(err)}): check '
+            raise UserError(f'cannot read model_index.json of {model_name} ({last_line(err)}): check '
                             f'the name and the network, or pass --family') from None
     if not os.path.isfile(path):
         return None
@@ -447,7 +447,7 @@ def read_model_index(model_name: str) -> dict | None:
         with open(path) as f:
             return json.load(f)
     except ValueError as err:
-        raise UserError(f'{path} is not valid JSON ({first_line(err)})') from None
+        raise UserError(f'{path} is not valid JSON ({last_line(err)})') from None
 
 
 def pick_family(model_name: str, flag: str) -> Family:
@@ -542,7 +542,7 @@ def load_tokenizers(model_name: str, family: Family) -> list:
             tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
         except Exception as err:
             raise UserError(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
-                            f'{enc.tokenizer_class}: {first_line(err)}') from None
+                            f'{enc.tokenizer_class}: {last_line(err)}') from None
     return tokenizers
 
 
@@ -563,7 +563,7 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
             cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
         except Exception as err:
             raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
-                            f'{first_line(err)}') from None
+                            f'{last_line(err)}') from None
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -585,7 +585,8 @@ def join(root: str, *names: str) -> str:
     return '/'.join(parts)
 
 
-def first_line(err: BaseException) -> str:
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an exception's message."""
     text = str(err).strip() or type(err).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else text
@@ -659,7 +660,7 @@ def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
         with open(local) as f:
             obj = json.load(f)
     except Exception as err:  # unreachable remote, missing dataset, corrupt index
-        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
+        raise UserError(f'cannot read the input dataset index {url}: {last_line(err)}') from None
     shards = obj.get('shards', [])
     for shard in shards:
         if shard.get('format') != 'mds':
@@ -717,7 +718,7 @@ def output_names(out_root: str) -> list[str] | None:
     except NotImplementedError:
         return None
     except Exception as err:
-        raise UserError(f'cannot reach the output {out_root}: {first_line(err)}') from None
+        raise UserError(f'cannot reach the output {out_root}: {last_line(err)}') from None
     return [k[len(prefix):].lstrip('/') if prefix else k for k in keys]
 
 
@@ -780,7 +781,7 @@ def vae_convention(model_name: str) -> dict:
     try:
         cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
     except Exception as err:
-        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {first_line(err)}') from None
+        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {last_line(err)}') from None
     return {'latent_channels': cfg.get('latent_channels', 4),
             'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
             'scaling_factor': cfg.get('scaling_factor', 0.18215),
@@ -1272,7 +1273,7 @@ class BatchReader:
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
                                          'reason': 'not an image format PIL can read' if isinstance(
                                              err, UnidentifiedImageError) else
-                                         f'{type(err).__name__}: {first_line(err)}'})
+                                         f'{type(err).__name__}: {last_line(err)}'})
                 continue
             row = len(batch['samples'])
             for r, px in pixels.items():
@@ -1359,7 +1360,7 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
                                                                       dtype=dtype)
     except Exception as err:
         raise UserError(f'cannot load {subfolder}/ of {model_name} as {class_name}: '
-                        f'{first_line(err)}') from None
+                        f'{last_line(err)}') from None
     model = model.to(device).eval()
     if device.type == 'cuda' and class_name == 'AutoencoderKL':
         model = model.to(memory_format=torch.channels_last)
@@ -1565,7 +1566,7 @@ class PartWriter(threading.Thread):
             for _, writer in sorted(self.writers.items()):
                 writer.finish()
         except Exception as err:
-            raise UserError(f'writing part {part.name} to {self.out_root} failed ({first_line(err)}); '
+            raise UserError(f'writing part {part.name} to {self.out_root} failed ({last_line(err)}); '
                             'rerun the same command to resume') from None
         self.stats['seconds'] = round(time.time() - self.stats.pop('started'), 3)
         self.stats['settings'] = self.settings
@@ -1573,7 +1574,7 @@ class PartWriter(threading.Thread):
             put_text(self.out_root, self.staging, f'{part.name}/{DONE_MARKER}', json.dumps(self.stats))
         except Exception as err:
             raise UserError(f'marking part {part.name} done at {self.out_root} failed '
-                            f'({first_line(err)}); rerun the same command to resume') from None
+                            f'({last_line(err)}); rerun the same command to resume') from None
         if self.evict:
             for shard in part.shards:
                 self.cache.evict(shard)
@@ -1689,13 +1690,13 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     except UserError:
         raise
     except Exception as err:
-        raise UserError(f'reading or encoding failed: {first_line(err)}; rerun the same command to '
+        raise UserError(f'reading or encoding failed: {last_line(err)}; rerun the same command to '
                         'resume') from None
     finally:
         bar.close()
     if writer.error is not None:
         raise writer.error if isinstance(writer.error, UserError) else UserError(
-            f'writing failed: {first_line(writer.error)}; rerun the same command to resume')
+            f'writing failed: {last_line(writer.error)}; rerun the same command to resume')
     end = time.time()
     steady = (seen - first_batch[1]) / max(end - first_batch[0], 1e-9) if first_batch else 0.0
     return {'samples': seen, 'seconds': end - start, 'steady': steady}
@@ -1741,7 +1742,7 @@ def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: flo
             try:
                 shards = read_json(url, timeout)['shards']
             except Exception as err:
-                raise UserError(f'reading {url} failed: {first_line(err)}; rerun the same command') from None
+                raise UserError(f'reading {url} failed: {last_line(err)}; rerun the same command') from None
             groups.setdefault(group, []).extend(prefixed(shards, part.name))
             whole.extend(prefixed(shards, folder))
     if plan.crop.grouped:
@@ -1846,7 +1847,7 @@ def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, 
     try:
         report(summarize(args, plan, stop.stats, world, str(stop))[0], summary_path(args))
     except Exception as err:  # an unreachable output must not hide the interruption
-        print(f'warning: no summary: {first_line(err)}', file=sys.stderr)
+        print(f'warning: no summary: {last_line(err)}', file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1976,7 +1977,7 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
         shards = read_json(join(out_root, INDEX), args.download_timeout)['shards']
     except Exception as err:
         raise UserError(f'--preview: cannot read {CONVENTION} and {INDEX} of the output {out_root} '
-                        f'({first_line(err)}); finish the run first (rerun without --preview_only)') from None
+                        f'({last_line(err)}); finish the run first (rerun without --preview_only)') from None
     pattern = re.escape(LATENT_COLUMN).replace(re.escape('{res}'), r'(\d+)')
     columns = sorted((int(m[1]), c) for c in convention['columns'] if (m := re.fullmatch(pattern, c)))
     if convention['model'] != args.model_name:
@@ -2006,7 +2007,7 @@ def preview(args: argparse.Namespace, out_root: str, device: torch.device, summa
     except UserError:
         raise
     except Exception as err:
-        why = f'no preview drawn ({type(err).__name__}: {first_line(err)})'
+        why = f'no preview drawn ({type(err).__name__}: {last_line(err)})'
         if args.preview_only:  # the one step asked for did not happen
             raise UserError(f'--preview_only: {why}; is --model_name the model that wrote the '
                             'output?') from None
