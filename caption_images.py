@@ -403,9 +403,8 @@ def read_input(pl: Places, caption_key: str, timeout: float) -> tuple[list[dict]
     return shards, columns
 
 
-def make_plan(args: argparse.Namespace, runtime: dict[str, str]) -> Plan:
+def make_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str]) -> Plan:
     """Rank 0: check the input and the output, and list the parts still to do."""
-    pl = places(args)
     shards, columns = read_input(pl, args.caption_key, args.download_timeout)
     columns[args.caption_key] = 'str'
     if args.keep_raw:
@@ -884,19 +883,20 @@ def pick_device(args: argparse.Namespace):
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no GPU is visible to torch')
     if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+        return device
     return torch.device('cpu')
 
 
-def share_plan(args: argparse.Namespace, runtime: dict[str, str], rank: int) -> Plan:
+def share_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str], rank: int) -> Plan:
     """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
     import torch.distributed as dist
 
     result: list[Any] = [None]
     if rank == 0:
         try:
-            result[0] = make_plan(args, runtime)
+            result[0] = make_plan(args, pl, runtime)
         except UserError as err:
             result[0] = err
     if dist.is_initialized():
@@ -930,8 +930,9 @@ def finish(args: argparse.Namespace, plan: Plan, speed: dict[str, float], world:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)  # a bad flag ends here, with argparse's message and exit code 2
+    pl = places(args)
     try:
-        check_places(places(args))
+        check_places(pl)
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)
@@ -947,7 +948,7 @@ def main(argv: list[str] | None = None) -> None:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
         device = pick_device(args)
         runtime = pick_runtime(args, device.type)
-        plan = share_plan(args, runtime, rank)
+        plan = share_plan(args, pl, runtime, rank)
         engine = ENGINES[args.engine]
         speed = caption_parts(args, plan, engine, engine.load(args, device, runtime), rank, world)
         if world > 1:
