@@ -22,8 +22,10 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
+# Two workers by default (this machine and CI have 2 cores); JOBS=0 runs them in one process.
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,15 @@ from testbed.models import build_tiny_sd  # noqa: E402
 from testbed.s3 import S3Server  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """`make test` runs two workers (pytest -n 2 --dist loadgroup): a module's tests stay on one worker
+    with its module fixtures, and the two engine modules share one, so that one Spark and one Ray
+    cluster run at a time."""
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group('engines' if name.endswith('_engines') else name))
+
+
 @pytest.fixture(scope='session')
 def root() -> Path:
     """The repository root, where the scripts live."""

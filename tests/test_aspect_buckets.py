@@ -30,7 +30,7 @@ from test_precompute_latents import (
 from testbed.aspect import aspect_items
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, rows_for, write_mds_input
-from testbed.readback import read_mds
+from testbed.readback import one_opening_at_a_time, read_mds
 
 STEP = 64  # the tiny VAE downsamples 8x: buckets in steps of 8 x 8
 
@@ -235,8 +235,9 @@ def test_one_dataset_per_bucket_group_and_same_shaped_batches_from_the_readme_re
 
     def loader(state=None):
         streams = [Stream(local=str(out / g)) for g in usable]
-        ds = StreamingDataset(streams=streams, batch_size=batch_size, batching_method='per_stream',
-                              shuffle=True, shuffle_seed=3, num_canonical_nodes=1)
+        with one_opening_at_a_time():
+            ds = StreamingDataset(streams=streams, batch_size=batch_size, batching_method='per_stream',
+                                  shuffle=True, shuffle_seed=3, num_canonical_nodes=1)
         dl = StreamingDataLoader(ds, batch_size=batch_size, num_workers=0)
         if state:
             dl.load_state_dict(state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -48,15 +49,25 @@ def released_shared_memory():
             atexit.unregister(shm.cleanup)
 
 
+@contextlib.contextmanager
+def one_opening_at_a_time():
+    """Hold a machine-wide lock while a StreamingDataset is constructed. streaming 0.13 picks its
+    shared-memory prefix by looking for the first free one and then creating it
+    (streaming/base/shared/prefix.py, get_shm_prefix), so two processes that open a dataset at the same
+    moment (the test workers, `pytest -n 2`) can pick the same prefix and one fails with FileExistsError."""
+    with open(os.path.join(tempfile.gettempdir(), 'testbed-streaming-open.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def read_mds(path: str, env: dict[str, str] | None = None) -> list[dict]:
     """All samples of the MDS dataset at `path` (a folder or a remote like s3://bucket/prefix), in
     index order. `env` is applied while reading (e.g. S3Server.env)."""
+    where = {'remote': str(path), 'local': tempfile.mkdtemp(prefix='readback-')} if '://' in str(path) \
+        else {'local': str(path)}
     with environ(env), released_shared_memory():
-        if '://' in str(path):
-            cache = tempfile.mkdtemp(prefix='readback-')
-            ds = StreamingDataset(remote=str(path), local=cache, shuffle=False, batch_size=1)
-        else:
-            ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+        with one_opening_at_a_time():
+            ds = StreamingDataset(**where, shuffle=False, batch_size=1)
         try:
             return [ds[i] for i in range(ds.num_samples)]
         finally:
