@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from traceback import walk_tb
@@ -434,13 +435,12 @@ def check_family_flags(args: argparse.Namespace, family: Family) -> None:
 def read_model_index(model_name: str) -> dict | None:
     """model_index.json of a pipeline folder or hub name; None for a folder without one."""
     path = os.path.join(model_name, 'model_index.json')
-    if not os.path.isdir(model_name):
-        try:
+    if not os.path.isdir(model_name):  # guessing the family of a hub model would be a silent mistake
+        check_model_name(model_name)
+        with failing(f'cannot read model_index.json of {model_name} (', '): check the name and the network, '
+                     'or pass --family'):
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(model_name, 'model_index.json')
-        except Exception as err:  # guessing the family of a hub model would be a silent mistake
-            raise UserError(f'cannot read model_index.json of {model_name} ({last_line(err)}): check '
-                            f'the name and the network, or pass --family') from None
     if not os.path.isfile(path):
         return None
     try:
@@ -500,8 +500,6 @@ def check_model_folder(model_name: str, family: Family) -> None:
 def check_model_name(model_name: str) -> None:
     """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
     reachable hub. Fails in one line instead of minutes of retries or a message about None."""
-    if os.path.isdir(model_name):
-        return
     from huggingface_hub import HfApi, constants, utils
     from huggingface_hub.file_download import repo_folder_name
 
@@ -537,12 +535,10 @@ def load_tokenizers(model_name: str, family: Family) -> list:
 
     tokenizers = []
     for enc in family.encoders:
-        try:
+        with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
+                     f'{enc.tokenizer_class}: '):
             cls = getattr(transformers, enc.tokenizer_class)
             tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
-        except Exception as err:
-            raise UserError(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
-                            f'{enc.tokenizer_class}: {last_line(err)}') from None
     return tokenizers
 
 
@@ -559,11 +555,8 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
 
     configs = []
     for enc, tok, length in zip(family.encoders, tokenizers, lengths):
-        try:
+        with failing(f'cannot read the config of {enc.subfolder}/ of {model_name}: '):
             cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
-        except Exception as err:
-            raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
-                            f'{last_line(err)}') from None
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -592,17 +585,23 @@ def last_line(err: BaseException) -> str:
     return lines[-1] if lines else text
 
 
+@contextlib.contextmanager
+def failing(before: str, after: str = ''):
+    """Any failure inside (but a UserError) as the one line `before` + its last line + `after`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f'{before}{last_line(err)}{after}') from None
+
+
 def fetch(url: str, dest: str, timeout: float) -> None:
     """Download one file from a remote (or copy a local one) to `dest`, atomically."""
-    if not is_remote(url):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f'{url} does not exist')
-        tmp = f'{dest}.tmp{os.getpid()}'
-        shutil.copyfile(url, tmp)
-        os.replace(tmp, dest)
-        return
     from streaming.base.storage.download import CloudDownloader
 
+    if not is_remote(url) and not os.path.isfile(url):
+        raise FileNotFoundError(f'{url} does not exist')
     tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
     try:
         tmp = os.path.join(tmp_dir, 'f')
@@ -654,13 +653,11 @@ def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
     url = join(src, INDEX)
     os.makedirs(cache, exist_ok=True)
     local = os.path.join(cache, INDEX)
-    try:
+    with failing(f'cannot read the input dataset index {url}: '):  # unreachable, missing, corrupt
         if url != local:
             fetch(url, local, timeout)
         with open(local) as f:
             obj = json.load(f)
-    except Exception as err:  # unreachable remote, missing dataset, corrupt index
-        raise UserError(f'cannot read the input dataset index {url}: {last_line(err)}') from None
     shards = obj.get('shards', [])
     for shard in shards:
         if shard.get('format') != 'mds':
@@ -778,10 +775,8 @@ def vae_convention(model_name: str) -> dict:
     """The VAE config's latent convention: channels, downsampling, scaling and shift."""
     from diffusers import AutoencoderKL
 
-    try:
+    with failing(f'cannot read the VAE config (vae/) of {model_name}: '):
         cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
-    except Exception as err:
-        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {last_line(err)}') from None
     return {'latent_channels': cfg.get('latent_channels', 4),
             'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
             'scaling_factor': cfg.get('scaling_factor', 0.18215),
@@ -838,7 +833,6 @@ class Plan:
 def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_output_format(args.size_limit, args.compression)
-    check_model_name(args.model_name)
     family = pick_family(args.model_name, args.family)
     check_family_flags(args, family)
     check_model_folder(args.model_name, family)
@@ -1351,16 +1345,13 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
     import transformers
     from diffusers import AutoencoderKL
 
-    try:
+    with failing(f'cannot load {subfolder}/ of {model_name} as {class_name}: '):
         if class_name == 'AutoencoderKL':
             model = AutoencoderKL.from_pretrained(model_name, subfolder=subfolder, torch_dtype=dtype,
                                                   low_cpu_mem_usage=False)
         else:
             model = getattr(transformers, class_name).from_pretrained(model_name, subfolder=subfolder,
                                                                       dtype=dtype)
-    except Exception as err:
-        raise UserError(f'cannot load {subfolder}/ of {model_name} as {class_name}: '
-                        f'{last_line(err)}') from None
     model = model.to(device).eval()
     if device.type == 'cuda' and class_name == 'AutoencoderKL':
         model = model.to(memory_format=torch.channels_last)
@@ -1529,8 +1520,8 @@ class PartWriter(threading.Thread):
         self.part, self.writers = part, {}
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
-                      'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
-                      'groups': {}, 'truncated': {}, 'started': time.time()}
+                      'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': Counter(),
+                      'latent_bytes': 0, 'groups': Counter(), 'truncated': {}, 'started': time.time()}
 
     def write_batch(self, batch: dict[str, Any], latents: dict[str, Any]) -> None:
         images = {name: dict(zip(batch[f'rows_{r}'], latents[name])) for r in self.resolutions
@@ -1550,7 +1541,7 @@ class PartWriter(threading.Thread):
                 self.stats['encoded'][str(r)] += row in images[LATENT_COLUMN.format(res=r)]
             group = batch['group'][row]
             self.writer_for(group).write(out)
-            self.stats['groups'][group] = self.stats['groups'].get(group, 0) + 1
+            self.stats['groups'][group] += 1
             self.stats['latent_bytes'] += sum(len(v) if isinstance(v, bytes) else 4
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
@@ -1558,23 +1549,18 @@ class PartWriter(threading.Thread):
         for key, cut in batch['cut'].items():
             counts = self.stats['truncated'].setdefault(key, [0] * len(cut))
             self.stats['truncated'][key] = [a + b for a, b in zip(counts, cut)]
-        for name in latents['_fallback']:
-            self.stats['fp32_fallback'][name] = self.stats['fp32_fallback'].get(name, 0) + 1
+        self.stats['fp32_fallback'].update(latents['_fallback'])
 
     def close_part(self, part: Part) -> None:
-        try:
+        with failing(f'writing part {part.name} to {self.out_root} failed (', '); rerun the same command to '
+                     'resume'):
             for _, writer in sorted(self.writers.items()):
                 writer.finish()
-        except Exception as err:
-            raise UserError(f'writing part {part.name} to {self.out_root} failed ({last_line(err)}); '
-                            'rerun the same command to resume') from None
         self.stats['seconds'] = round(time.time() - self.stats.pop('started'), 3)
         self.stats['settings'] = self.settings
-        try:
+        with failing(f'marking part {part.name} done at {self.out_root} failed (',
+                     '); rerun the same command to resume'):
             put_text(self.out_root, self.staging, f'{part.name}/{DONE_MARKER}', json.dumps(self.stats))
-        except Exception as err:
-            raise UserError(f'marking part {part.name} done at {self.out_root} failed '
-                            f'({last_line(err)}); rerun the same command to resume') from None
         if self.evict:
             for shard in part.shards:
                 self.cache.evict(shard)
@@ -1666,32 +1652,27 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     bar = tqdm(total=total, unit='sample', disable=rank != 0, dynamic_ncols=True,
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
-        for batch in batches:
-            with torch.inference_mode():
-                latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
-                                       args.text_batch_size or args.batch_size, fallback, args.flip)
-            event = None
-            if device.type == 'cuda':
-                event = torch.cuda.Event()
-                event.record()
-            writer.put((batch, latents, event))
-            n = batch['job'].stop - batch['job'].start
-            seen += n
-            bar.update(n)
-            first_batch = first_batch or (time.time(), seen)
-            if wandb_run is not None:
-                wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
-        writer.put(None)
-        writer.join()
+        with failing('reading or encoding failed: ', '; rerun the same command to resume'):
+            for batch in batches:
+                with torch.inference_mode():
+                    latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
+                                           args.text_batch_size or args.batch_size, fallback, args.flip)
+                event = torch.cuda.Event() if device.type == 'cuda' else None
+                if event is not None:  # the writer waits for the copies to the CPU
+                    event.record()
+                writer.put((batch, latents, event))
+                n = batch['job'].stop - batch['job'].start
+                seen += n
+                bar.update(n)
+                first_batch = first_batch or (time.time(), seen)
+                if wandb_run is not None:
+                    wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
+            writer.put(None)
+            writer.join()
     except Interrupted as stop:
         writer.abandon()
         stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0}
         raise
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f'reading or encoding failed: {last_line(err)}; rerun the same command to '
-                        'resume') from None
     finally:
         bar.close()
     if writer.error is not None:
@@ -1739,10 +1720,8 @@ def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: flo
         for group in sorted(marker.get('groups', {'': 0})):  # no 'groups': an older center run
             folder = '/'.join(f for f in (group, part.name) if f)
             url = join(plan.places.out, folder, INDEX)
-            try:
+            with failing(f'reading {url} failed: ', '; rerun the same command'):
                 shards = read_json(url, timeout)['shards']
-            except Exception as err:
-                raise UserError(f'reading {url} failed: {last_line(err)}; rerun the same command') from None
             groups.setdefault(group, []).extend(prefixed(shards, part.name))
             whole.extend(prefixed(shards, folder))
     if plan.crop.grouped:
@@ -1778,10 +1757,7 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
     written = sum(m['written'] for m in markers.values())
-    fallback: dict[str, int] = {}
-    for m in markers.values():
-        for name, n in m.get('fp32_fallback', {}).items():
-            fallback[name] = fallback.get(name, 0) + n
+    fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
     encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
                 for e in plan.settings['convention']['text_encoders']]
     truncated = {key: dict.fromkeys(encoders, 0) for key in args.caption_keys}  # captions cut per encoder
@@ -1794,7 +1770,7 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
         'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
         'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
                                          / max(written, 1), 1),
-        'fp32_fallback_batches': fallback, 'truncated_captions': truncated,
+        'fp32_fallback_batches': dict(fallback), 'truncated_captions': truncated,
         'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
         'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
@@ -1858,6 +1834,9 @@ PREVIEW_TILE = 128  # px: the longer side of every tile (crops and decodes are r
 PREVIEW_GAP = 4  # px between tiles and around the grid
 PREVIEW_LINE = 14  # px per line of text (Pillow's default font): one header line, two caption lines
 PREVIEW_CAPTION_LINES = 2
+PREVIEW_COLUMN = PREVIEW_TILE + PREVIEW_GAP  # px per tile, left to right
+PREVIEW_ROW = PREVIEW_TILE + PREVIEW_GAP + PREVIEW_CAPTION_LINES * PREVIEW_LINE + PREVIEW_GAP  # px per sample
+PREVIEW_TOP = PREVIEW_GAP + PREVIEW_LINE + PREVIEW_GAP  # px above the first row: the column labels
 GREY, BLACK = (128, 128, 128), (0, 0, 0)
 
 
@@ -1898,20 +1877,6 @@ def source_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
 
 
-def as_tile(img: Image.Image) -> Image.Image:
-    """`img` resized (bilinear) so that its longer side is PREVIEW_TILE."""
-    scale = PREVIEW_TILE / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.BILINEAR)
-
-
-def tile_origin(row: int, col: int) -> tuple[int, int]:
-    """Top-left pixel of tile (row, col) in the preview grid."""
-    row_height = PREVIEW_TILE + PREVIEW_GAP + PREVIEW_CAPTION_LINES * PREVIEW_LINE + PREVIEW_GAP
-    return (PREVIEW_GAP + col * (PREVIEW_TILE + PREVIEW_GAP),
-            PREVIEW_GAP + PREVIEW_LINE + PREVIEW_GAP + row * row_height)
-
-
 def wrap(text: str, font, width: int, lines: int) -> list[str]:
     """`text` in at most `lines` lines of at most `width` px ('...' ends a cut text)."""
     out: list[str] = []
@@ -1924,22 +1889,26 @@ def wrap(text: str, font, width: int, lines: int) -> list[str]:
 
 
 def draw_grid(header: list[str], rows: list[tuple[list[Image.Image | str], str]]) -> Image.Image:
-    """Column labels on top, then per row its tiles (a str: a grey tile with that label) and its text."""
+    """Column labels on top, then per row its tiles (an image, resized (bilinear) so that its longer side
+    is PREVIEW_TILE; a str: a grey tile with that label) and its text."""
     font = ImageFont.load_default()
-    width = tile_origin(0, len(header))[0]
-    grid = Image.new('RGB', (width, tile_origin(len(rows), 0)[1]), WHITE)
+    width = PREVIEW_GAP + len(header) * PREVIEW_COLUMN
+    grid = Image.new('RGB', (width, PREVIEW_TOP + len(rows) * PREVIEW_ROW), WHITE)
     draw = ImageDraw.Draw(grid)
     for col, label in enumerate(header):
-        draw.text((tile_origin(0, col)[0], PREVIEW_GAP), label, fill=BLACK, font=font)
+        draw.text((PREVIEW_GAP + col * PREVIEW_COLUMN, PREVIEW_GAP), label, fill=BLACK, font=font)
     for row, (tiles, text) in enumerate(rows):
+        y = PREVIEW_TOP + row * PREVIEW_ROW
         for col, t in enumerate(tiles):
-            x, y = tile_origin(row, col)
+            x = PREVIEW_GAP + col * PREVIEW_COLUMN
             if isinstance(t, str):
                 draw.rectangle((x, y, x + PREVIEW_TILE - 1, y + PREVIEW_TILE - 1), fill=GREY)
                 draw.text((x + PREVIEW_GAP, y + PREVIEW_GAP), t, fill=WHITE, font=font)
             else:
-                grid.paste(t, (x, y))
-        y = tile_origin(row, 0)[1] + PREVIEW_TILE + PREVIEW_GAP
+                scale = PREVIEW_TILE / max(t.size)
+                size = (max(1, round(t.width * scale)), max(1, round(t.height * scale)))
+                grid.paste(t.resize(size, Image.Resampling.BILINEAR), (x, y))
+        y += PREVIEW_TILE + PREVIEW_GAP  # the text below the tiles
         for i, line in enumerate(wrap(text, font, width - 2 * PREVIEW_GAP, PREVIEW_CAPTION_LINES)):
             draw.text((PREVIEW_GAP, y + i * PREVIEW_LINE), line, fill=BLACK, font=font)
     return grid
@@ -1964,7 +1933,7 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         decoded = Image.fromarray(  # image processor turns it into an RGB picture
             ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
         source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
-        tiles += [as_tile(source), as_tile(decoded)]
+        tiles += [source, decoded]
     caption = sample[convention.get('caption_keys', ['caption'])[0]]
     return tiles, f'#{sample_id} (key {sample.get("key", "")}): {caption}'
 
@@ -1972,12 +1941,10 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
 def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:
     """Read a finished output back (its index.json, convention.json and the shards of the chosen
     samples, copied to a temporary folder) and write the preview PNG to `path`; returns the sample ids."""
-    try:
+    with failing(f'--preview: cannot read {CONVENTION} and {INDEX} of the output {out_root} (',
+                 '); finish the run first (rerun without --preview_only)'):
         convention = read_json(join(out_root, CONVENTION), args.download_timeout)
         shards = read_json(join(out_root, INDEX), args.download_timeout)['shards']
-    except Exception as err:
-        raise UserError(f'--preview: cannot read {CONVENTION} and {INDEX} of the output {out_root} '
-                        f'({last_line(err)}); finish the run first (rerun without --preview_only)') from None
     pattern = re.escape(LATENT_COLUMN).replace(re.escape('{res}'), r'(\d+)')
     columns = sorted((int(m[1]), c) for c in convention['columns'] if (m := re.fullmatch(pattern, c)))
     if convention['model'] != args.model_name:
