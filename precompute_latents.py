@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from traceback import walk_tb
@@ -123,6 +123,11 @@ class TextEncoder:
     pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
     mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
     t5: bool = False  # --t5_max_length and --t5_storage apply
+
+    def masked(self, config) -> bool:
+        """Whether the pipeline gives this encoder (of `config`) the attention mask."""
+        return self.mask == 'yes' or (self.mask == 'config'
+                                      and bool(getattr(config, 'use_attention_mask', False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,8 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace, pl: Places) -> None:
     """The checks across flags (each flag alone is checked by its argparse `type=` or `choices=`),
     before torch, streaming, the input or the models load; raises UserError."""
-    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
-    if twice:
+    if twice := sorted({r for r in args.resolutions if args.resolutions.count(r) > 1}):
         raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
                         'list each resolution once (each makes one latents_<res> column)')
     if len(set(args.caption_keys)) < len(args.caption_keys):
@@ -602,13 +606,9 @@ def fetch(url: str, dest: str, timeout: float) -> None:
 
     if not is_remote(url) and not os.path.isfile(url):
         raise FileNotFoundError(f'{url} does not exist')
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
-    try:
-        tmp = os.path.join(tmp_dir, 'f')
-        CloudDownloader.direct_download(url, tmp, timeout)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or '.', ignore_cleanup_errors=True) as tmp_dir:
+        CloudDownloader.direct_download(url, os.path.join(tmp_dir, 'f'), timeout)
+        os.replace(os.path.join(tmp_dir, 'f'), dest)
 
 
 def read_json(url: str, timeout: float) -> Any:
@@ -631,11 +631,11 @@ def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
     from streaming.base.storage.upload import CloudUploader
 
     folder, name = os.path.split(relpath)
-    local_dir = tempfile.mkdtemp(dir=staging)
-    with open(os.path.join(local_dir, name), 'w') as f:
-        f.write(text)
-    CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
-    shutil.rmtree(local_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=staging, ignore_cleanup_errors=True) as local_dir:
+        with open(os.path.join(local_dir, name), 'w') as f:
+            f.write(text)
+        uploader = CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True)
+        uploader.upload_file(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -737,10 +737,9 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
     listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
 
     def read_marker(name: str) -> tuple[str, dict | None]:
-        try:
+        with contextlib.suppress(Exception):  # absent or unreadable: the part is simply done again
             return name, read_json(join(out_root, name, DONE_MARKER), timeout)
-        except Exception:  # absent or unreadable: the part is simply done again
-            return name, None
+        return name, None
 
     with ThreadPoolExecutor(16) as pool:
         return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
@@ -806,8 +805,7 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
     return {**({'crop': record} if record else {}), **keys,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
-                           'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
-                               e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
+                           'pooled': e.pooled, 'mask_applied': e.masked(c)}
                           for e, n, c in zip(family.encoders, lengths, configs)],
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
         'storage_dtype': storage, 't5_storage': args.t5_storage,
@@ -845,8 +843,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
                      args.random_crop)
     convention = make_convention(args, family, tokenizers, vae, crop)
     new_columns = convention['columns']
-    clash = [c for c in new_columns if c in columns]
-    if clash:
+    if clash := [c for c in new_columns if c in columns]:
         raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
     columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
                     for c, s in new_columns.items()})
@@ -863,8 +860,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     check_output_is_ours(out_root, names)
     markers = done_markers(out_root, parts, names, args.download_timeout)
     for part_name, marker in markers.items():
-        differ = first_difference(marker.get('settings', {}), settings)
-        if differ:
+        if differ := first_difference(marker.get('settings', {}), settings):
             k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
             raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
@@ -939,12 +935,10 @@ class ShardCache:
     def evict(self, shard: int) -> None:
         """Delete a shard's local files (only ever called for a downloaded copy)."""
         for raw, zipped in self.readers[shard].file_pairs:
-            for info in (raw, zipped):
-                if info is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.local, info.basename))
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
+            names = [info.basename for info in (raw, zipped) if info is not None]
+            for name in names + [f'.{raw.basename.replace("/", "_")}.lock']:  # and ensure's lock
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.local, name))
 
     def get(self, sample_id: int) -> dict[str, Any]:
         shard = bisect.bisect_right(self.offsets, sample_id) - 1
@@ -1197,8 +1191,7 @@ def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, r
     if mode == 'center':
         return CenterCrop({r: ((r, r),) for r in sorted(resolutions)})
     tables = {r: bucket_table(r, step, max_aspect) for r in sorted(resolutions)}
-    small = [r for r, t in tables.items() if not t]
-    if small:
+    if small := [r for r, t in tables.items() if not t]:
         raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
                         f'factor {step // 8} x 8); use resolutions of at least {step}')
     return AspectCrop(tables, random, step, max_aspect)
@@ -1252,8 +1245,7 @@ class BatchReader:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
-        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
-                                 'columns': []}
+        batch: dict[str, Any] = {'job': job, 'samples': [], 'skipped': [], 'group': [], 'columns': []}
         shapes: dict[int, dict] = {r: {} for r in self.crop.tables}  # {res: {(h, w): {'pixels': [], ...}}}
         captions: dict[str, list[str]] = {k: [] for k in self.caption_keys}
         for sample_id in range(job.start, job.stop):
@@ -1264,15 +1256,14 @@ class BatchReader:
                 img, size, placed = self.crop.decode(sample['jpg'], rngs)
                 pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
+                reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
+                          else f'{type(err).__name__}: {last_line(err)}')
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
-                                         'reason': 'not an image format PIL can read' if isinstance(
-                                             err, UnidentifiedImageError) else
-                                         f'{type(err).__name__}: {last_line(err)}'})
+                                         'reason': reason})
                 continue
             row = len(batch['samples'])
             for r, px in pixels.items():
-                group = shapes[r].setdefault(px.shape[:2], {'pixels': [], 'rows': [], 'noise': [],
-                                                           'flip_noise': []})
+                group = shapes[r].setdefault(px.shape[:2], defaultdict(list))
                 group['pixels'].append(px)
                 group['rows'].append(row)
                 if self.latent_mode == 'sample':
@@ -1282,7 +1273,6 @@ class BatchReader:
                         group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
             dropped = bool(self.caption_drop_prob) and (  # encoded as ''; the same in every run
                 np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob)
-            batch['ids'].append(sample_id)
             batch['samples'].append(sample)
             batch['group'].append(self.crop.group(placed))
             batch['columns'].append({**self.crop.columns(placed, size, self.flip),
@@ -1361,8 +1351,8 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
 
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
-    vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
-    return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
+    return (load_module(model_name, 'vae', 'AutoencoderKL', device, dtype),
+            [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders])
 
 
 class Fallback:
@@ -1401,14 +1391,11 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
     """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions)."""
     outputs = []
     for enc, model, (ids, mask) in zip(family.encoders, encoders, tokens):
-        use_mask = enc.mask == 'yes' or (
-            enc.mask == 'config' and getattr(model.config, 'use_attention_mask', False))
-
-        def run(m, enc=enc, use_mask=use_mask, ids=ids, mask=mask):
+        def run(m, enc=enc, ids=ids, mask=mask):
             parts = []
             for s in range(0, len(ids), chunk):
                 i, a = ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)
-                res = m(i, attention_mask=a if use_mask else None,
+                res = m(i, attention_mask=a if enc.masked(m.config) else None,
                         output_hidden_states=enc.hidden == 'penultimate')
                 hidden = (res.last_hidden_state if enc.hidden == 'last' else
                           res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
@@ -1430,8 +1417,7 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     used: list[str] = []
     out: dict[str, Any] = {'_lengths': {}}
     for key, tokens in batch['tokens'].items():
-        text = encode_text(tokens, family, encoders, device, text_chunk, fallback, used)
-        for suffix, t in text.items():
+        for suffix, t in encode_text(tokens, family, encoders, device, text_chunk, fallback, used).items():
             t = t if t.dtype == torch.bool else to_storage(t, storage, key + suffix)
             out[key + suffix] = t.to('cpu', non_blocking=True)
         out['_lengths'][key] = [m.sum(1) for _, m in tokens]
@@ -1455,11 +1441,9 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
         d = m.encode(x).latent_dist
         return d.mean.float(), d.std.float()
 
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     mean, std = fallback('vae', vae, run, used)
-    z = mean
-    if noise is not None:
-        z = z + std * noise.to(device, non_blocking=True)
+    z = mean if noise is None else mean + std * noise.to(device, non_blocking=True)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     z = (z - shift) * scale if shift else z * scale
     return to_storage(z, storage, name).to('cpu', non_blocking=True)
 
@@ -1471,7 +1455,7 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 class PartWriter(threading.Thread):
     """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
 
-    def __init__(self, plan: Plan, args: argparse.Namespace, staging: str, cache: ShardCache, evict: bool):
+    def __init__(self, plan: Plan, args: argparse.Namespace, cache: ShardCache, evict: bool):
         super().__init__(daemon=True)
         specs = plan.settings['convention']['columns']
         self.text_columns = [  # (column, its length column or '' when padded, caption key, encoder index)
@@ -1479,7 +1463,7 @@ class PartWriter(threading.Thread):
             for k in args.caption_keys for c in plan.family.columns]
         self.out_root, self.columns, self.settings = plan.places.out, plan.columns, plan.settings
         self.resolutions = list(plan.crop.tables)
-        self.staging, self.cache, self.evict, self.args = staging, cache, evict, args
+        self.staging, self.cache, self.evict, self.args = plan.places.staging, cache, evict, args
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
@@ -1628,9 +1612,10 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
-    convention, family, pl = plan.settings['convention'], plan.family, plan.places
+    family, pl = plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype)
-    storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
+    storage = getattr(torch, plan.settings['convention']['storage_dtype'])
+    fallback = Fallback(args.model_name, family, device)
     remote = pl.src if pl.src != pl.cache else None
     cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
     if remote is not None:
@@ -1638,11 +1623,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             empty_cache(pl.cache)
         if dist.is_initialized():
             dist.barrier()  # no rank downloads before its machine's cache is emptied
-    loader = make_loader(args, plan, mine, cache, device)
-    staging = os.path.join(pl.staging, f'rank{rank}')
-    os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(plan, args, staging, cache, evict=remote is not None)
-    batches = iter(loader)  # fork the workers before any thread of ours runs
+    os.makedirs(pl.staging, exist_ok=True)  # on every machine
+    writer = PartWriter(plan, args, cache, evict=remote is not None)
+    batches = iter(make_loader(args, plan, mine, cache, device))  # fork the workers before our threads run
     writer.start()
     threading.Thread(target=prefetch, args=(mine, cache, writer), daemon=True).start()
     wandb_run = start_wandb(args, rank)
@@ -1710,14 +1693,13 @@ def stop_on_signals() -> None:
 # Merging and the summary (rank 0)
 # ----------------------------------------------------------------------------------------------
 
-def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: float) -> None:
+def merge_parts(plan: Plan, markers: dict[str, dict], timeout: float) -> None:
     """Rank 0: index.json at the output root over every part, in part order; with --crop aspect also
     `<out>/<group>/index.json` per bucket group over its parts, and GROUPS listing the groups."""
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
-        marker = markers[part.name]
-        for group in sorted(marker.get('groups', {'': 0})):  # no 'groups': an older center run
+        for group in sorted(markers[part.name].get('groups', {'': 0})):  # no 'groups': an older center run
             folder = '/'.join(f for f in (group, part.name) if f)
             url = join(plan.places.out, folder, INDEX)
             with failing(f'reading {url} failed: ', '; rerun the same command'):
@@ -1727,13 +1709,13 @@ def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: flo
     if plan.crop.grouped:
         listing = {}
         for group, shards in sorted(groups.items()):
-            put_text(plan.places.out, staging, f'{group}/{INDEX}',
+            put_text(plan.places.out, plan.places.staging, f'{group}/{INDEX}',
                      json.dumps({'version': 2, 'shards': shards}))
             sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
             listing[group] = {'samples': sum(s['samples'] for s in shards),
                               'buckets': dict(zip(map(str, plan.crop.tables), sizes))}
-        put_text(plan.places.out, staging, GROUPS, json.dumps(listing, indent=1))
-    put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
+        put_text(plan.places.out, plan.places.staging, GROUPS, json.dumps(listing, indent=1))
+    put_text(plan.places.out, plan.places.staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
 
 
 def prefixed(shards: list[dict], folder: str) -> list[dict]:
@@ -1814,8 +1796,7 @@ def report(summary: dict, path: str) -> None:
 
 
 def summary_path(args: argparse.Namespace) -> str:
-    name = args.bucket or 'dataset'
-    return args.summary or os.path.join(args.local, f'latents_summary_{name}.json')
+    return args.summary or os.path.join(args.local, f'latents_summary_{args.bucket or "dataset"}.json')
 
 
 def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, world: int) -> None:
@@ -2026,11 +2007,9 @@ def main(argv: list[str] | None = None) -> None:
         if world > 1:
             dist.barrier()
         if rank == 0:
-            staging = os.path.join(pl.staging, 'merge')
-            os.makedirs(staging, exist_ok=True)
             summary, markers = summarize(args, plan, stats, world, None)
             if not summary['parts_missing']:  # no index a reader would take for the whole set
-                merge_parts(plan, markers, staging, args.download_timeout)
+                merge_parts(plan, markers, args.download_timeout)
             report(summary, summary_path(args))
             shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:
