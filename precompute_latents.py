@@ -208,13 +208,10 @@ FAMILIES = {f.name: f for f in (
 def number(cast: type, accepted, must: str):
     """An argparse `type=`: `cast` the text and refuse it, in argparse's own message, unless `accepted`."""
     def convert(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            value = None
-        if value is None or not accepted(value):
-            raise argparse.ArgumentTypeError(f'{text}: must be {must}')
-        return value
+        with contextlib.suppress(ValueError):
+            if accepted(value := cast(text)):
+                return value
+        raise argparse.ArgumentTypeError(f'{text}: must be {must}')
     return convert
 
 
@@ -396,7 +393,7 @@ def check_places(args: argparse.Namespace, pl: Places) -> None:
 def shown(path: str) -> str:
     """`path`, and what it resolves to when that differs (a symlink, a relative path)."""
     where = address(path)
-    real = '/' + '/'.join(where[1:]) if where[0] == '' else where[0] + '/' + '/'.join(where[1:])
+    real = where[0] + '/' + '/'.join(where[1:])  # where[0]: '' for a folder
     return path if real.rstrip('/') == path.rstrip('/') else f'{path} (= {real})'
 
 
@@ -409,10 +406,9 @@ def check_output_format(size_limit: str, compression: str) -> None:
     from streaming.base.compression import get_compressions, is_compression
     from streaming.base.util import bytes_to_int
 
-    try:
+    size = -1
+    with contextlib.suppress(ValueError, AttributeError):
         size = bytes_to_int(size_limit)
-    except (ValueError, AttributeError):
-        size = -1
     if not 0 < size < 2**32:
         raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
                         '256mb or 67108864')
@@ -578,8 +574,7 @@ def is_remote(path: str) -> bool:
 
 def join(root: str, *names: str) -> str:
     """Join path pieces, dropping empty ones (works for local paths and URLs)."""
-    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
-    return '/'.join(parts)
+    return '/'.join([root.rstrip('/')] + [n.strip('/') for n in names if n])
 
 
 def last_line(err: BaseException) -> str:
@@ -675,9 +670,8 @@ def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict
     if not shards:
         return {}
     columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings']))
-    for shard in shards[1:]:
-        if dict(zip(shard['column_names'], shard['column_encodings'])) != columns:
-            raise UserError(f'{src}: shards disagree on their columns')
+    if any(dict(zip(s['column_names'], s['column_encodings'])) != columns for s in shards[1:]):
+        raise UserError(f'{src}: shards disagree on their columns')
     for name in [IMAGE_COLUMN, *caption_keys]:
         if name not in columns:
             raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)}); '
@@ -912,8 +906,7 @@ class ShardCache:
         self.readers = [reader_from_json(local, None, s) for s in shards]
         self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
         self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
-        self._stream_pid = -1  # the process self._stream belongs to
-        self._ready: set[int] = set()
+        self._stream_pid = -1  # the process self._stream and self._ready (shards made readable) belong to
 
     def ensure(self, shard: int) -> None:
         """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
@@ -1468,10 +1461,7 @@ class PartWriter(threading.Thread):
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
         self.done_event = threading.Condition()
-        self.writers: dict[str, Any] = {}  # the part's MDSWriter of each group ('': the output itself)
-        self.part: Part | None = None
-        self.stats: dict[str, Any] = {}
-        self.stopping = False
+        self.stopping = False  # abandon(); open_part() sets the part in hand, its writers and stats
 
     def abandon(self, timeout: float = 60) -> None:
         """Stop after the batch in hand: a part being closed is finished, an open one is left to a rerun."""
@@ -1501,7 +1491,7 @@ class PartWriter(threading.Thread):
         return self.writers[group]
 
     def open_part(self, part: Part) -> None:
-        self.part, self.writers = part, {}
+        self.part, self.writers = part, {}  # the part's MDSWriter of each group ('': the output itself)
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
                       'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': Counter(),
@@ -1530,9 +1520,8 @@ class PartWriter(threading.Thread):
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
         self.stats['skipped'] += batch['skipped']
-        for key, cut in batch['cut'].items():
-            counts = self.stats['truncated'].setdefault(key, [0] * len(cut))
-            self.stats['truncated'][key] = [a + b for a, b in zip(counts, cut)]
+        for key, cut in batch['cut'].items():  # captions cut per encoder
+            self.stats['truncated'][key] = np.add(self.stats['truncated'].get(key, 0), cut).tolist()
         self.stats['fp32_fallback'].update(latents['_fallback'])
 
     def close_part(self, part: Part) -> None:
@@ -1720,14 +1709,9 @@ def merge_parts(plan: Plan, markers: dict[str, dict], timeout: float) -> None:
 
 def prefixed(shards: list[dict], folder: str) -> list[dict]:
     """Shard records of an index, their file names made relative to `folder`'s parent."""
-    out = []
-    for shard in shards:
-        shard = dict(shard)
-        for key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
-            if shard.get(key):
-                shard[key] = {**shard[key], 'basename': f'{folder}/{shard[key]["basename"]}'}
-        out.append(shard)
-    return out
+    files = ('raw_data', 'zip_data', 'raw_meta', 'zip_meta')
+    return [{**s, **{k: {**s[k], 'basename': f'{folder}/{s[k]["basename"]}'} for k in files if s.get(k)}}
+            for s in shards]
 
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int,
@@ -1913,8 +1897,7 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()  # as diffusers'
         decoded = Image.fromarray(  # image processor turns it into an RGB picture
             ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-        source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
-        tiles += [source, decoded]
+        tiles += [source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids), decoded]
     caption = sample[convention.get('caption_keys', ['caption'])[0]]
     return tiles, f'#{sample_id} (key {sample.get("key", "")}): {caption}'
 
