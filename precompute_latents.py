@@ -432,6 +432,39 @@ def check_family_flags(args: argparse.Namespace, family: Family) -> None:
                         'drop the flag')
 
 
+def check_model_name(model_name: str) -> None:
+    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
+    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
+    from huggingface_hub import HfApi, constants, utils
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        utils.validate_repo_id(model_name)
+    except utils.HFValidationError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
+                        '(owner/name); pass a model folder or a hub name such as '
+                        'stabilityai/stable-diffusion-2-base') from None
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
+    if os.path.isdir(os.path.join(cached, 'snapshots')):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
+                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
+                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
+    try:
+        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
+    except utils.GatedRepoError:
+        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
+                        'HF_TOKEN') from None
+    except utils.RepositoryNotFoundError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
+                        'model needs HF_TOKEN)') from None
+    except Exception as err:
+        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
+                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
+                        'folder') from None
+
+
 def read_model_index(model_name: str) -> dict | None:
     """model_index.json of a pipeline folder or hub name; None for a folder without one."""
     path = os.path.join(model_name, 'model_index.json')
@@ -495,39 +528,6 @@ def check_model_folder(model_name: str, family: Family) -> None:
                 raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
                                 f'{family.name} layout expects {enc.model_class} there '
                                 f'({layout}); pass the family of that folder')
-
-
-def check_model_name(model_name: str) -> None:
-    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
-    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
-    from huggingface_hub import HfApi, constants, utils
-    from huggingface_hub.file_download import repo_folder_name
-
-    try:
-        utils.validate_repo_id(model_name)
-    except utils.HFValidationError:
-        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
-                        '(owner/name); pass a model folder or a hub name such as '
-                        'stabilityai/stable-diffusion-2-base') from None
-    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
-    if os.path.isdir(os.path.join(cached, 'snapshots')):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
-                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
-                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
-    try:
-        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
-    except utils.GatedRepoError:
-        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
-                        'HF_TOKEN') from None
-    except utils.RepositoryNotFoundError:
-        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
-                        'model needs HF_TOKEN)') from None
-    except Exception as err:
-        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
-                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
-                        'folder') from None
 
 
 def load_tokenizers(model_name: str, family: Family) -> list:
@@ -868,8 +868,7 @@ def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any]
     """(dotted key, old value, new value) of the first leaf where two settings records differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in [k for k in old if k not in new] + list(new):
-            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
-            if found:
+            if found := first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k):
                 return found
         return None
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
@@ -977,9 +976,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
         rgba = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
-    if img.mode != 'RGB':
-        img = img.convert('RGB')
-    return img
+    return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:
