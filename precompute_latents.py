@@ -344,12 +344,11 @@ class Places:
 def places(args: argparse.Namespace) -> Places:
     """The run's places. A download cache belongs to one input and one output, so a run on another
     dataset (or into another output) never meets its shards."""
-    name = args.bucket
-    out = join(args.remote_upload, name, args.subfolder)
-    src = cache = join(args.local, name, args.subfolder)
+    out = join(args.remote_upload, args.bucket, args.subfolder)
+    src = cache = join(args.local, args.bucket, args.subfolder)
     if args.remote_download:
-        src = join(args.remote_download, name, args.subfolder)
-        cache = join(args.local, name, args.subfolder, f'download-{digest(src, out)}')
+        src = join(args.remote_download, args.bucket, args.subfolder)
+        cache = join(args.local, args.bucket, args.subfolder, f'download-{digest(src, out)}')
     return Places(src, cache, out, join(args.local, '.staging', digest(out)))
 
 
@@ -828,9 +827,8 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     family = pick_family(args.model_name, args.family)
     check_family_flags(args, family)
     check_model_folder(args.model_name, family)
-    src, out_root = pl.src, pl.out
-    shards = read_input_index(src, pl.cache, args.download_timeout)
-    columns = input_columns(shards, src, args.caption_keys)
+    shards = read_input_index(pl.src, pl.cache, args.download_timeout)
+    columns = input_columns(shards, pl.src, args.caption_keys)
     tokenizers = load_tokenizers(args.model_name, family)
     vae = vae_convention(args.model_name)
     crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
@@ -838,7 +836,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     convention = make_convention(args, family, tokenizers, vae, crop)
     new_columns = convention['columns']
     if clash := [c for c in new_columns if c in columns]:
-        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
+        raise UserError(f'{pl.src} already has column(s) {", ".join(clash)}: is it an output of this script?')
     columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
                     for c, s in new_columns.items()})
     parts = plan_parts(shards, args.part_size)
@@ -850,17 +848,17 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
-    names = output_names(out_root)
-    check_output_is_ours(out_root, names)
-    markers = done_markers(out_root, parts, names, args.download_timeout)
+    names = output_names(pl.out)
+    check_output_is_ours(pl.out, names)
+    markers = done_markers(pl.out, parts, names, args.download_timeout)
     for part_name, marker in markers.items():
         if differ := first_difference(marker.get('settings', {}), settings):
             k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
-            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
+            raise UserError(f'{pl.out}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
-    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
+    put_text(pl.out, pl.staging, CONVENTION, json.dumps(convention, indent=1))
     return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
 
 
@@ -1526,8 +1524,7 @@ class PartWriter(threading.Thread):
                      'resume'):
             for _, writer in sorted(self.writers.items()):
                 writer.finish()
-        self.stats['seconds'] = round(time.time() - self.stats.pop('started'), 3)
-        self.stats['settings'] = self.settings
+        self.stats.update(seconds=round(time.time() - self.stats.pop('started'), 3), settings=self.settings)
         with failing(f'marking part {part.name} done at {self.out_root} failed (',
                      '); rerun the same command to resume'):
             put_text(self.out_root, self.staging, f'{part.name}/{DONE_MARKER}', json.dumps(self.stats))
@@ -1723,11 +1720,10 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
     encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
                 for e in plan.settings['convention']['text_encoders']]
-    truncated = {key: dict.fromkeys(encoders, 0) for key in args.caption_keys}  # captions cut per encoder
+    truncated = {key: Counter(dict.fromkeys(encoders, 0)) for key in args.caption_keys}  # captions cut
     for m in markers.values():
         for key, cut in m.get('truncated', {}).items():
-            for e, n in zip(encoders, cut):
-                truncated[key][e] += n
+            truncated[key].update(dict(zip(encoders, cut)))
     return {
         'input': plan.places.src, 'output': plan.places.out, 'input_samples': plan.settings['input_samples'],
         'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
