@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from traceback import walk_tb
@@ -122,6 +123,11 @@ class TextEncoder:
     pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
     mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
     t5: bool = False  # --t5_max_length and --t5_storage apply
+
+    def masked(self, config) -> bool:
+        """Whether the pipeline gives this encoder (of `config`) the attention mask."""
+        return self.mask == 'yes' or (self.mask == 'config'
+                                      and bool(getattr(config, 'use_attention_mask', False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +208,10 @@ FAMILIES = {f.name: f for f in (
 def number(cast: type, accepted, must: str):
     """An argparse `type=`: `cast` the text and refuse it, in argparse's own message, unless `accepted`."""
     def convert(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            value = None
-        if value is None or not accepted(value):
-            raise argparse.ArgumentTypeError(f'{text}: must be {must}')
-        return value
+        with contextlib.suppress(ValueError):
+            if accepted(value := cast(text)):
+                return value
+        raise argparse.ArgumentTypeError(f'{text}: must be {must}')
     return convert
 
 
@@ -314,8 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace, pl: Places) -> None:
     """The checks across flags (each flag alone is checked by its argparse `type=` or `choices=`),
     before torch, streaming, the input or the models load; raises UserError."""
-    twice = sorted({r for r in args.resolutions if args.resolutions.count(r) > 1})
-    if twice:
+    if twice := sorted({r for r in args.resolutions if args.resolutions.count(r) > 1}):
         raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
                         'list each resolution once (each makes one latents_<res> column)')
     if len(set(args.caption_keys)) < len(args.caption_keys):
@@ -342,12 +344,11 @@ class Places:
 def places(args: argparse.Namespace) -> Places:
     """The run's places. A download cache belongs to one input and one output, so a run on another
     dataset (or into another output) never meets its shards."""
-    name = args.bucket
-    out = join(args.remote_upload, name, args.subfolder)
-    src = cache = join(args.local, name, args.subfolder)
+    out = join(args.remote_upload, args.bucket, args.subfolder)
+    src = cache = join(args.local, args.bucket, args.subfolder)
     if args.remote_download:
-        src = join(args.remote_download, name, args.subfolder)
-        cache = join(args.local, name, args.subfolder, f'download-{digest(src, out)}')
+        src = join(args.remote_download, args.bucket, args.subfolder)
+        cache = join(args.local, args.bucket, args.subfolder, f'download-{digest(src, out)}')
     return Places(src, cache, out, join(args.local, '.staging', digest(out)))
 
 
@@ -391,7 +392,7 @@ def check_places(args: argparse.Namespace, pl: Places) -> None:
 def shown(path: str) -> str:
     """`path`, and what it resolves to when that differs (a symlink, a relative path)."""
     where = address(path)
-    real = '/' + '/'.join(where[1:]) if where[0] == '' else where[0] + '/' + '/'.join(where[1:])
+    real = where[0] + '/' + '/'.join(where[1:])  # where[0]: '' for a folder
     return path if real.rstrip('/') == path.rstrip('/') else f'{path} (= {real})'
 
 
@@ -404,10 +405,9 @@ def check_output_format(size_limit: str, compression: str) -> None:
     from streaming.base.compression import get_compressions, is_compression
     from streaming.base.util import bytes_to_int
 
-    try:
+    size = -1
+    with contextlib.suppress(ValueError, AttributeError):
         size = bytes_to_int(size_limit)
-    except (ValueError, AttributeError):
-        size = -1
     if not 0 < size < 2**32:
         raise UserError(f'--size_limit {size_limit}: must be a shard size from 1b to below 4gb, such as '
                         '256mb or 67108864')
@@ -431,16 +431,48 @@ def check_family_flags(args: argparse.Namespace, family: Family) -> None:
                         'drop the flag')
 
 
+def check_model_name(model_name: str) -> None:
+    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
+    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
+    from huggingface_hub import HfApi, constants, utils
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        utils.validate_repo_id(model_name)
+    except utils.HFValidationError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
+                        '(owner/name); pass a model folder or a hub name such as '
+                        'stabilityai/stable-diffusion-2-base') from None
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
+    if os.path.isdir(os.path.join(cached, 'snapshots')):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
+                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
+                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
+    try:
+        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
+    except utils.GatedRepoError:
+        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
+                        'HF_TOKEN') from None
+    except utils.RepositoryNotFoundError:
+        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
+                        'model needs HF_TOKEN)') from None
+    except Exception as err:
+        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
+                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
+                        'folder') from None
+
+
 def read_model_index(model_name: str) -> dict | None:
     """model_index.json of a pipeline folder or hub name; None for a folder without one."""
     path = os.path.join(model_name, 'model_index.json')
-    if not os.path.isdir(model_name):
-        try:
+    if not os.path.isdir(model_name):  # guessing the family of a hub model would be a silent mistake
+        check_model_name(model_name)
+        with failing(f'cannot read model_index.json of {model_name} (', '): check the name and the network, '
+                     'or pass --family'):
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(model_name, 'model_index.json')
-        except Exception as err:  # guessing the family of a hub model would be a silent mistake
-            raise UserError(f'cannot read model_index.json of {model_name} ({last_line(err)}): check '
-                            f'the name and the network, or pass --family') from None
     if not os.path.isfile(path):
         return None
     try:
@@ -497,52 +529,15 @@ def check_model_folder(model_name: str, family: Family) -> None:
                                 f'({layout}); pass the family of that folder')
 
 
-def check_model_name(model_name: str) -> None:
-    """A --model_name that is no folder must be a hub name this machine can get: cached, or on a
-    reachable hub. Fails in one line instead of minutes of retries or a message about None."""
-    if os.path.isdir(model_name):
-        return
-    from huggingface_hub import HfApi, constants, utils
-    from huggingface_hub.file_download import repo_folder_name
-
-    try:
-        utils.validate_repo_id(model_name)
-    except utils.HFValidationError:
-        raise UserError(f'--model_name {model_name}: no such folder, and not a hub model name '
-                        '(owner/name); pass a model folder or a hub name such as '
-                        'stabilityai/stable-diffusion-2-base') from None
-    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=model_name, repo_type='model'))
-    if os.path.isdir(os.path.join(cached, 'snapshots')):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f'--model_name {model_name}: no such folder, and HF_HUB_OFFLINE is set but the hub '
-                        f'cache {constants.HF_HUB_CACHE} has no copy; pass a model folder, or unset '
-                        f'HF_HUB_OFFLINE (or run `huggingface-cli download {model_name}` first)')
-    try:
-        HfApi().model_info(model_name, timeout=HUB_TIMEOUT)
-    except utils.GatedRepoError:
-        raise UserError(f'--model_name {model_name}: a gated model; accept its terms on the hub and set '
-                        'HF_TOKEN') from None
-    except utils.RepositoryNotFoundError:
-        raise UserError(f'--model_name {model_name}: no such folder, and not on the hub (mistyped? a private '
-                        'model needs HF_TOKEN)') from None
-    except Exception as err:
-        raise UserError(f'--model_name {model_name}: no such folder, and the hub {constants.ENDPOINT} '
-                        f'cannot be reached ({type(err).__name__}); check the network or pass a model '
-                        'folder') from None
-
-
 def load_tokenizers(model_name: str, family: Family) -> list:
     import transformers
 
     tokenizers = []
     for enc in family.encoders:
-        try:
+        with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
+                     f'{enc.tokenizer_class}: '):
             cls = getattr(transformers, enc.tokenizer_class)
             tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
-        except Exception as err:
-            raise UserError(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
-                            f'{enc.tokenizer_class}: {last_line(err)}') from None
     return tokenizers
 
 
@@ -559,11 +554,8 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
 
     configs = []
     for enc, tok, length in zip(family.encoders, tokenizers, lengths):
-        try:
+        with failing(f'cannot read the config of {enc.subfolder}/ of {model_name}: '):
             cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
-        except Exception as err:
-            raise UserError(f'cannot read the config of {enc.subfolder}/ of {model_name}: '
-                            f'{last_line(err)}') from None
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -581,8 +573,7 @@ def is_remote(path: str) -> bool:
 
 def join(root: str, *names: str) -> str:
     """Join path pieces, dropping empty ones (works for local paths and URLs)."""
-    parts = [root.rstrip('/')] + [n.strip('/') for n in names if n]
-    return '/'.join(parts)
+    return '/'.join([root.rstrip('/')] + [n.strip('/') for n in names if n])
 
 
 def last_line(err: BaseException) -> str:
@@ -592,24 +583,26 @@ def last_line(err: BaseException) -> str:
     return lines[-1] if lines else text
 
 
+@contextlib.contextmanager
+def failing(before: str, after: str = ''):
+    """Any failure inside (but a UserError) as the one line `before` + its last line + `after`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f'{before}{last_line(err)}{after}') from None
+
+
 def fetch(url: str, dest: str, timeout: float) -> None:
     """Download one file from a remote (or copy a local one) to `dest`, atomically."""
-    if not is_remote(url):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f'{url} does not exist')
-        tmp = f'{dest}.tmp{os.getpid()}'
-        shutil.copyfile(url, tmp)
-        os.replace(tmp, dest)
-        return
     from streaming.base.storage.download import CloudDownloader
 
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(dest) or '.')
-    try:
-        tmp = os.path.join(tmp_dir, 'f')
-        CloudDownloader.direct_download(url, tmp, timeout)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    if not is_remote(url) and not os.path.isfile(url):
+        raise FileNotFoundError(f'{url} does not exist')
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(dest) or '.', ignore_cleanup_errors=True) as tmp_dir:
+        CloudDownloader.direct_download(url, os.path.join(tmp_dir, 'f'), timeout)
+        os.replace(os.path.join(tmp_dir, 'f'), dest)
 
 
 def read_json(url: str, timeout: float) -> Any:
@@ -632,11 +625,11 @@ def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
     from streaming.base.storage.upload import CloudUploader
 
     folder, name = os.path.split(relpath)
-    local_dir = tempfile.mkdtemp(dir=staging)
-    with open(os.path.join(local_dir, name), 'w') as f:
-        f.write(text)
-    CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
-    shutil.rmtree(local_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=staging, ignore_cleanup_errors=True) as local_dir:
+        with open(os.path.join(local_dir, name), 'w') as f:
+            f.write(text)
+        uploader = CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True)
+        uploader.upload_file(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,13 +647,11 @@ def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
     url = join(src, INDEX)
     os.makedirs(cache, exist_ok=True)
     local = os.path.join(cache, INDEX)
-    try:
+    with failing(f'cannot read the input dataset index {url}: '):  # unreachable, missing, corrupt
         if url != local:
             fetch(url, local, timeout)
         with open(local) as f:
             obj = json.load(f)
-    except Exception as err:  # unreachable remote, missing dataset, corrupt index
-        raise UserError(f'cannot read the input dataset index {url}: {last_line(err)}') from None
     shards = obj.get('shards', [])
     for shard in shards:
         if shard.get('format') != 'mds':
@@ -678,9 +669,8 @@ def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict
     if not shards:
         return {}
     columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings']))
-    for shard in shards[1:]:
-        if dict(zip(shard['column_names'], shard['column_encodings'])) != columns:
-            raise UserError(f'{src}: shards disagree on their columns')
+    if any(dict(zip(s['column_names'], s['column_encodings'])) != columns for s in shards[1:]):
+        raise UserError(f'{src}: shards disagree on their columns')
     for name in [IMAGE_COLUMN, *caption_keys]:
         if name not in columns:
             raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)}); '
@@ -740,10 +730,9 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
     listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
 
     def read_marker(name: str) -> tuple[str, dict | None]:
-        try:
+        with contextlib.suppress(Exception):  # absent or unreadable: the part is simply done again
             return name, read_json(join(out_root, name, DONE_MARKER), timeout)
-        except Exception:  # absent or unreadable: the part is simply done again
-            return name, None
+        return name, None
 
     with ThreadPoolExecutor(16) as pool:
         return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
@@ -778,10 +767,8 @@ def vae_convention(model_name: str) -> dict:
     """The VAE config's latent convention: channels, downsampling, scaling and shift."""
     from diffusers import AutoencoderKL
 
-    try:
+    with failing(f'cannot read the VAE config (vae/) of {model_name}: '):
         cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
-    except Exception as err:
-        raise UserError(f'cannot read the VAE config (vae/) of {model_name}: {last_line(err)}') from None
     return {'latent_channels': cfg.get('latent_channels', 4),
             'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
             'scaling_factor': cfg.get('scaling_factor', 0.18215),
@@ -811,8 +798,7 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
     return {**({'crop': record} if record else {}), **keys,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
-                           'pooled': e.pooled, 'mask_applied': e.mask == 'yes' or (
-                               e.mask == 'config' and bool(getattr(c, 'use_attention_mask', False)))}
+                           'pooled': e.pooled, 'mask_applied': e.masked(c)}
                           for e, n, c in zip(family.encoders, lengths, configs)],
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
         'storage_dtype': storage, 't5_storage': args.t5_storage,
@@ -838,22 +824,19 @@ class Plan:
 def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_output_format(args.size_limit, args.compression)
-    check_model_name(args.model_name)
     family = pick_family(args.model_name, args.family)
     check_family_flags(args, family)
     check_model_folder(args.model_name, family)
-    src, out_root = pl.src, pl.out
-    shards = read_input_index(src, pl.cache, args.download_timeout)
-    columns = input_columns(shards, src, args.caption_keys)
+    shards = read_input_index(pl.src, pl.cache, args.download_timeout)
+    columns = input_columns(shards, pl.src, args.caption_keys)
     tokenizers = load_tokenizers(args.model_name, family)
     vae = vae_convention(args.model_name)
     crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
                      args.random_crop)
     convention = make_convention(args, family, tokenizers, vae, crop)
     new_columns = convention['columns']
-    clash = [c for c in new_columns if c in columns]
-    if clash:
-        raise UserError(f'{src} already has column(s) {", ".join(clash)}: is it an output of this script?')
+    if clash := [c for c in new_columns if c in columns]:
+        raise UserError(f'{pl.src} already has column(s) {", ".join(clash)}: is it an output of this script?')
     columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
                     for c, s in new_columns.items()})
     parts = plan_parts(shards, args.part_size)
@@ -865,18 +848,17 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
-    names = output_names(out_root)
-    check_output_is_ours(out_root, names)
-    markers = done_markers(out_root, parts, names, args.download_timeout)
+    names = output_names(pl.out)
+    check_output_is_ours(pl.out, names)
+    markers = done_markers(pl.out, parts, names, args.download_timeout)
     for part_name, marker in markers.items():
-        differ = first_difference(marker.get('settings', {}), settings)
-        if differ:
+        if differ := first_difference(marker.get('settings', {}), settings):
             k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
-            raise UserError(f'{out_root}/{part_name} was written with {k}={old}, this run has {new}: '
+            raise UserError(f'{pl.out}/{part_name} was written with {k}={old}, this run has {new}: '
                             'rerun with the same flags or write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
-    put_text(out_root, pl.staging, CONVENTION, json.dumps(convention, indent=1))
+    put_text(pl.out, pl.staging, CONVENTION, json.dumps(convention, indent=1))
     return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
 
 
@@ -884,8 +866,7 @@ def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any]
     """(dotted key, old value, new value) of the first leaf where two settings records differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in [k for k in old if k not in new] + list(new):
-            found = first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k)
-            if found:
+            if found := first_difference(old.get(k), new.get(k), f'{path}.{k}' if path else k):
                 return found
         return None
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
@@ -922,8 +903,7 @@ class ShardCache:
         self.readers = [reader_from_json(local, None, s) for s in shards]
         self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
         self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
-        self._stream_pid = -1  # the process self._stream belongs to
-        self._ready: set[int] = set()
+        self._stream_pid = -1  # the process self._stream and self._ready (shards made readable) belong to
 
     def ensure(self, shard: int) -> None:
         """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
@@ -945,12 +925,10 @@ class ShardCache:
     def evict(self, shard: int) -> None:
         """Delete a shard's local files (only ever called for a downloaded copy)."""
         for raw, zipped in self.readers[shard].file_pairs:
-            for info in (raw, zipped):
-                if info is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.local, info.basename))
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.local, f'.{raw.basename.replace("/", "_")}.lock'))
+            names = [info.basename for info in (raw, zipped) if info is not None]
+            for name in names + [f'.{raw.basename.replace("/", "_")}.lock']:  # and ensure's lock
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.local, name))
 
     def get(self, sample_id: int) -> dict[str, Any]:
         shard = bisect.bisect_right(self.offsets, sample_id) - 1
@@ -996,9 +974,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
         rgba = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
-    if img.mode != 'RGB':
-        img = img.convert('RGB')
-    return img
+    return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:
@@ -1203,8 +1179,7 @@ def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, r
     if mode == 'center':
         return CenterCrop({r: ((r, r),) for r in sorted(resolutions)})
     tables = {r: bucket_table(r, step, max_aspect) for r in sorted(resolutions)}
-    small = [r for r, t in tables.items() if not t]
-    if small:
+    if small := [r for r, t in tables.items() if not t]:
         raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
                         f'factor {step // 8} x 8); use resolutions of at least {step}')
     return AspectCrop(tables, random, step, max_aspect)
@@ -1258,8 +1233,7 @@ class BatchReader:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
-        batch: dict[str, Any] = {'job': job, 'ids': [], 'samples': [], 'skipped': [], 'group': [],
-                                 'columns': []}
+        batch: dict[str, Any] = {'job': job, 'samples': [], 'skipped': [], 'group': [], 'columns': []}
         shapes: dict[int, dict] = {r: {} for r in self.crop.tables}  # {res: {(h, w): {'pixels': [], ...}}}
         captions: dict[str, list[str]] = {k: [] for k in self.caption_keys}
         for sample_id in range(job.start, job.stop):
@@ -1270,15 +1244,14 @@ class BatchReader:
                 img, size, placed = self.crop.decode(sample['jpg'], rngs)
                 pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
+                reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
+                          else f'{type(err).__name__}: {last_line(err)}')
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
-                                         'reason': 'not an image format PIL can read' if isinstance(
-                                             err, UnidentifiedImageError) else
-                                         f'{type(err).__name__}: {last_line(err)}'})
+                                         'reason': reason})
                 continue
             row = len(batch['samples'])
             for r, px in pixels.items():
-                group = shapes[r].setdefault(px.shape[:2], {'pixels': [], 'rows': [], 'noise': [],
-                                                           'flip_noise': []})
+                group = shapes[r].setdefault(px.shape[:2], defaultdict(list))
                 group['pixels'].append(px)
                 group['rows'].append(row)
                 if self.latent_mode == 'sample':
@@ -1288,7 +1261,6 @@ class BatchReader:
                         group['flip_noise'].append(sample_noise(self.seed, sample_id, r, shape, flipped=True))
             dropped = bool(self.caption_drop_prob) and (  # encoded as ''; the same in every run
                 np.random.default_rng([self.seed, sample_id, 0]).random() < self.caption_drop_prob)
-            batch['ids'].append(sample_id)
             batch['samples'].append(sample)
             batch['group'].append(self.crop.group(placed))
             batch['columns'].append({**self.crop.columns(placed, size, self.flip),
@@ -1351,16 +1323,13 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
     import transformers
     from diffusers import AutoencoderKL
 
-    try:
+    with failing(f'cannot load {subfolder}/ of {model_name} as {class_name}: '):
         if class_name == 'AutoencoderKL':
             model = AutoencoderKL.from_pretrained(model_name, subfolder=subfolder, torch_dtype=dtype,
                                                   low_cpu_mem_usage=False)
         else:
             model = getattr(transformers, class_name).from_pretrained(model_name, subfolder=subfolder,
                                                                       dtype=dtype)
-    except Exception as err:
-        raise UserError(f'cannot load {subfolder}/ of {model_name} as {class_name}: '
-                        f'{last_line(err)}') from None
     model = model.to(device).eval()
     if device.type == 'cuda' and class_name == 'AutoencoderKL':
         model = model.to(memory_format=torch.channels_last)
@@ -1370,8 +1339,8 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
 
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
-    vae = load_module(model_name, 'vae', 'AutoencoderKL', device, dtype)
-    return vae, [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders]
+    return (load_module(model_name, 'vae', 'AutoencoderKL', device, dtype),
+            [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders])
 
 
 class Fallback:
@@ -1410,14 +1379,11 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
     """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions)."""
     outputs = []
     for enc, model, (ids, mask) in zip(family.encoders, encoders, tokens):
-        use_mask = enc.mask == 'yes' or (
-            enc.mask == 'config' and getattr(model.config, 'use_attention_mask', False))
-
-        def run(m, enc=enc, use_mask=use_mask, ids=ids, mask=mask):
+        def run(m, enc=enc, ids=ids, mask=mask):
             parts = []
             for s in range(0, len(ids), chunk):
                 i, a = ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)
-                res = m(i, attention_mask=a if use_mask else None,
+                res = m(i, attention_mask=a if enc.masked(m.config) else None,
                         output_hidden_states=enc.hidden == 'penultimate')
                 hidden = (res.last_hidden_state if enc.hidden == 'last' else
                           res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
@@ -1439,8 +1405,7 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     used: list[str] = []
     out: dict[str, Any] = {'_lengths': {}}
     for key, tokens in batch['tokens'].items():
-        text = encode_text(tokens, family, encoders, device, text_chunk, fallback, used)
-        for suffix, t in text.items():
+        for suffix, t in encode_text(tokens, family, encoders, device, text_chunk, fallback, used).items():
             t = t if t.dtype == torch.bool else to_storage(t, storage, key + suffix)
             out[key + suffix] = t.to('cpu', non_blocking=True)
         out['_lengths'][key] = [m.sum(1) for _, m in tokens]
@@ -1464,11 +1429,9 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
         d = m.encode(x).latent_dist
         return d.mean.float(), d.std.float()
 
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     mean, std = fallback('vae', vae, run, used)
-    z = mean
-    if noise is not None:
-        z = z + std * noise.to(device, non_blocking=True)
+    z = mean if noise is None else mean + std * noise.to(device, non_blocking=True)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     z = (z - shift) * scale if shift else z * scale
     return to_storage(z, storage, name).to('cpu', non_blocking=True)
 
@@ -1480,7 +1443,7 @@ def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: tor
 class PartWriter(threading.Thread):
     """Turns encoded batches into output samples; finishes and marks each part after its last batch."""
 
-    def __init__(self, plan: Plan, args: argparse.Namespace, staging: str, cache: ShardCache, evict: bool):
+    def __init__(self, plan: Plan, args: argparse.Namespace, cache: ShardCache, evict: bool):
         super().__init__(daemon=True)
         specs = plan.settings['convention']['columns']
         self.text_columns = [  # (column, its length column or '' when padded, caption key, encoder index)
@@ -1488,15 +1451,12 @@ class PartWriter(threading.Thread):
             for k in args.caption_keys for c in plan.family.columns]
         self.out_root, self.columns, self.settings = plan.places.out, plan.columns, plan.settings
         self.resolutions = list(plan.crop.tables)
-        self.staging, self.cache, self.evict, self.args = staging, cache, evict, args
+        self.staging, self.cache, self.evict, self.args = plan.places.staging, cache, evict, args
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.finished_parts: list[str] = []
         self.done_event = threading.Condition()
-        self.writers: dict[str, Any] = {}  # the part's MDSWriter of each group ('': the output itself)
-        self.part: Part | None = None
-        self.stats: dict[str, Any] = {}
-        self.stopping = False
+        self.stopping = False  # abandon(); open_part() sets the part in hand, its writers and stats
 
     def abandon(self, timeout: float = 60) -> None:
         """Stop after the batch in hand: a part being closed is finished, an open one is left to a rerun."""
@@ -1526,11 +1486,11 @@ class PartWriter(threading.Thread):
         return self.writers[group]
 
     def open_part(self, part: Part) -> None:
-        self.part, self.writers = part, {}
+        self.part, self.writers = part, {}  # the part's MDSWriter of each group ('': the output itself)
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
                       'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
-                      'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': {}, 'latent_bytes': 0,
-                      'groups': {}, 'truncated': {}, 'started': time.time()}
+                      'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': Counter(),
+                      'latent_bytes': 0, 'groups': Counter(), 'truncated': {}, 'started': time.time()}
 
     def write_batch(self, batch: dict[str, Any], latents: dict[str, Any]) -> None:
         images = {name: dict(zip(batch[f'rows_{r}'], latents[name])) for r in self.resolutions
@@ -1550,31 +1510,24 @@ class PartWriter(threading.Thread):
                 self.stats['encoded'][str(r)] += row in images[LATENT_COLUMN.format(res=r)]
             group = batch['group'][row]
             self.writer_for(group).write(out)
-            self.stats['groups'][group] = self.stats['groups'].get(group, 0) + 1
+            self.stats['groups'][group] += 1
             self.stats['latent_bytes'] += sum(len(v) if isinstance(v, bytes) else 4
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
         self.stats['skipped'] += batch['skipped']
-        for key, cut in batch['cut'].items():
-            counts = self.stats['truncated'].setdefault(key, [0] * len(cut))
-            self.stats['truncated'][key] = [a + b for a, b in zip(counts, cut)]
-        for name in latents['_fallback']:
-            self.stats['fp32_fallback'][name] = self.stats['fp32_fallback'].get(name, 0) + 1
+        for key, cut in batch['cut'].items():  # captions cut per encoder
+            self.stats['truncated'][key] = np.add(self.stats['truncated'].get(key, 0), cut).tolist()
+        self.stats['fp32_fallback'].update(latents['_fallback'])
 
     def close_part(self, part: Part) -> None:
-        try:
+        with failing(f'writing part {part.name} to {self.out_root} failed (', '); rerun the same command to '
+                     'resume'):
             for _, writer in sorted(self.writers.items()):
                 writer.finish()
-        except Exception as err:
-            raise UserError(f'writing part {part.name} to {self.out_root} failed ({last_line(err)}); '
-                            'rerun the same command to resume') from None
-        self.stats['seconds'] = round(time.time() - self.stats.pop('started'), 3)
-        self.stats['settings'] = self.settings
-        try:
+        self.stats.update(seconds=round(time.time() - self.stats.pop('started'), 3), settings=self.settings)
+        with failing(f'marking part {part.name} done at {self.out_root} failed (',
+                     '); rerun the same command to resume'):
             put_text(self.out_root, self.staging, f'{part.name}/{DONE_MARKER}', json.dumps(self.stats))
-        except Exception as err:
-            raise UserError(f'marking part {part.name} done at {self.out_root} failed '
-                            f'({last_line(err)}); rerun the same command to resume') from None
         if self.evict:
             for shard in part.shards:
                 self.cache.evict(shard)
@@ -1642,9 +1595,10 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
-    convention, family, pl = plan.settings['convention'], plan.family, plan.places
+    family, pl = plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype)
-    storage, fallback = getattr(torch, convention['storage_dtype']), Fallback(args.model_name, family, device)
+    storage = getattr(torch, plan.settings['convention']['storage_dtype'])
+    fallback = Fallback(args.model_name, family, device)
     remote = pl.src if pl.src != pl.cache else None
     cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
     if remote is not None:
@@ -1652,11 +1606,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             empty_cache(pl.cache)
         if dist.is_initialized():
             dist.barrier()  # no rank downloads before its machine's cache is emptied
-    loader = make_loader(args, plan, mine, cache, device)
-    staging = os.path.join(pl.staging, f'rank{rank}')
-    os.makedirs(staging, exist_ok=True)
-    writer = PartWriter(plan, args, staging, cache, evict=remote is not None)
-    batches = iter(loader)  # fork the workers before any thread of ours runs
+    os.makedirs(pl.staging, exist_ok=True)  # on every machine
+    writer = PartWriter(plan, args, cache, evict=remote is not None)
+    batches = iter(make_loader(args, plan, mine, cache, device))  # fork the workers before our threads run
     writer.start()
     threading.Thread(target=prefetch, args=(mine, cache, writer), daemon=True).start()
     wandb_run = start_wandb(args, rank)
@@ -1666,32 +1618,27 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     bar = tqdm(total=total, unit='sample', disable=rank != 0, dynamic_ncols=True,
                desc=f'rank 0/{world} latents' if world > 1 else 'latents', smoothing=0.1)
     try:
-        for batch in batches:
-            with torch.inference_mode():
-                latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
-                                       args.text_batch_size or args.batch_size, fallback, args.flip)
-            event = None
-            if device.type == 'cuda':
-                event = torch.cuda.Event()
-                event.record()
-            writer.put((batch, latents, event))
-            n = batch['job'].stop - batch['job'].start
-            seen += n
-            bar.update(n)
-            first_batch = first_batch or (time.time(), seen)
-            if wandb_run is not None:
-                wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
-        writer.put(None)
-        writer.join()
+        with failing('reading or encoding failed: ', '; rerun the same command to resume'):
+            for batch in batches:
+                with torch.inference_mode():
+                    latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
+                                           args.text_batch_size or args.batch_size, fallback, args.flip)
+                event = torch.cuda.Event() if device.type == 'cuda' else None
+                if event is not None:  # the writer waits for the copies to the CPU
+                    event.record()
+                writer.put((batch, latents, event))
+                n = batch['job'].stop - batch['job'].start
+                seen += n
+                bar.update(n)
+                first_batch = first_batch or (time.time(), seen)
+                if wandb_run is not None:
+                    wandb_run.log({'samples': seen, 'progress': seen / max(total, 1)})
+            writer.put(None)
+            writer.join()
     except Interrupted as stop:
         writer.abandon()
         stop.stats = {'samples': seen, 'seconds': time.time() - start, 'steady': 0.0}
         raise
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f'reading or encoding failed: {last_line(err)}; rerun the same command to '
-                        'resume') from None
     finally:
         bar.close()
     if writer.error is not None:
@@ -1729,44 +1676,36 @@ def stop_on_signals() -> None:
 # Merging and the summary (rank 0)
 # ----------------------------------------------------------------------------------------------
 
-def merge_parts(plan: Plan, markers: dict[str, dict], staging: str, timeout: float) -> None:
+def merge_parts(plan: Plan, markers: dict[str, dict], timeout: float) -> None:
     """Rank 0: index.json at the output root over every part, in part order; with --crop aspect also
     `<out>/<group>/index.json` per bucket group over its parts, and GROUPS listing the groups."""
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
-        marker = markers[part.name]
-        for group in sorted(marker.get('groups', {'': 0})):  # no 'groups': an older center run
+        for group in sorted(markers[part.name].get('groups', {'': 0})):  # no 'groups': an older center run
             folder = '/'.join(f for f in (group, part.name) if f)
             url = join(plan.places.out, folder, INDEX)
-            try:
+            with failing(f'reading {url} failed: ', '; rerun the same command'):
                 shards = read_json(url, timeout)['shards']
-            except Exception as err:
-                raise UserError(f'reading {url} failed: {last_line(err)}; rerun the same command') from None
             groups.setdefault(group, []).extend(prefixed(shards, part.name))
             whole.extend(prefixed(shards, folder))
     if plan.crop.grouped:
         listing = {}
         for group, shards in sorted(groups.items()):
-            put_text(plan.places.out, staging, f'{group}/{INDEX}',
+            put_text(plan.places.out, plan.places.staging, f'{group}/{INDEX}',
                      json.dumps({'version': 2, 'shards': shards}))
             sizes = [None if b == 'none' else [int(v) for v in b.split('x')] for b in group.split('_')]
             listing[group] = {'samples': sum(s['samples'] for s in shards),
                               'buckets': dict(zip(map(str, plan.crop.tables), sizes))}
-        put_text(plan.places.out, staging, GROUPS, json.dumps(listing, indent=1))
-    put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
+        put_text(plan.places.out, plan.places.staging, GROUPS, json.dumps(listing, indent=1))
+    put_text(plan.places.out, plan.places.staging, INDEX, json.dumps({'version': 2, 'shards': whole}))
 
 
 def prefixed(shards: list[dict], folder: str) -> list[dict]:
     """Shard records of an index, their file names made relative to `folder`'s parent."""
-    out = []
-    for shard in shards:
-        shard = dict(shard)
-        for key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
-            if shard.get(key):
-                shard[key] = {**shard[key], 'basename': f'{folder}/{shard[key]["basename"]}'}
-        out.append(shard)
-    return out
+    files = ('raw_data', 'zip_data', 'raw_meta', 'zip_meta')
+    return [{**s, **{k: {**s[k], 'basename': f'{folder}/{s[k]["basename"]}'} for k in files if s.get(k)}}
+            for s in shards]
 
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int,
@@ -1778,23 +1717,19 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     skipped = [s for m in markers.values() for s in m['skipped']]
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
     written = sum(m['written'] for m in markers.values())
-    fallback: dict[str, int] = {}
-    for m in markers.values():
-        for name, n in m.get('fp32_fallback', {}).items():
-            fallback[name] = fallback.get(name, 0) + n
+    fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
     encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
                 for e in plan.settings['convention']['text_encoders']]
-    truncated = {key: dict.fromkeys(encoders, 0) for key in args.caption_keys}  # captions cut per encoder
+    truncated = {key: Counter(dict.fromkeys(encoders, 0)) for key in args.caption_keys}  # captions cut
     for m in markers.values():
         for key, cut in m.get('truncated', {}).items():
-            for e, n in zip(encoders, cut):
-                truncated[key][e] += n
+            truncated[key].update(dict(zip(encoders, cut)))
     return {
         'input': plan.places.src, 'output': plan.places.out, 'input_samples': plan.settings['input_samples'],
         'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
         'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
                                          / max(written, 1), 1),
-        'fp32_fallback_batches': fallback, 'truncated_captions': truncated,
+        'fp32_fallback_batches': dict(fallback), 'truncated_captions': truncated,
         'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
         'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
@@ -1838,8 +1773,7 @@ def report(summary: dict, path: str) -> None:
 
 
 def summary_path(args: argparse.Namespace) -> str:
-    name = args.bucket or 'dataset'
-    return args.summary or os.path.join(args.local, f'latents_summary_{name}.json')
+    return args.summary or os.path.join(args.local, f'latents_summary_{args.bucket or "dataset"}.json')
 
 
 def report_interrupted(args: argparse.Namespace, plan: Plan, stop: Interrupted, world: int) -> None:
@@ -1858,6 +1792,9 @@ PREVIEW_TILE = 128  # px: the longer side of every tile (crops and decodes are r
 PREVIEW_GAP = 4  # px between tiles and around the grid
 PREVIEW_LINE = 14  # px per line of text (Pillow's default font): one header line, two caption lines
 PREVIEW_CAPTION_LINES = 2
+PREVIEW_COLUMN = PREVIEW_TILE + PREVIEW_GAP  # px per tile, left to right
+PREVIEW_ROW = PREVIEW_TILE + PREVIEW_GAP + PREVIEW_CAPTION_LINES * PREVIEW_LINE + PREVIEW_GAP  # px per sample
+PREVIEW_TOP = PREVIEW_GAP + PREVIEW_LINE + PREVIEW_GAP  # px above the first row: the column labels
 GREY, BLACK = (128, 128, 128), (0, 0, 0)
 
 
@@ -1898,20 +1835,6 @@ def source_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
 
 
-def as_tile(img: Image.Image) -> Image.Image:
-    """`img` resized (bilinear) so that its longer side is PREVIEW_TILE."""
-    scale = PREVIEW_TILE / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.BILINEAR)
-
-
-def tile_origin(row: int, col: int) -> tuple[int, int]:
-    """Top-left pixel of tile (row, col) in the preview grid."""
-    row_height = PREVIEW_TILE + PREVIEW_GAP + PREVIEW_CAPTION_LINES * PREVIEW_LINE + PREVIEW_GAP
-    return (PREVIEW_GAP + col * (PREVIEW_TILE + PREVIEW_GAP),
-            PREVIEW_GAP + PREVIEW_LINE + PREVIEW_GAP + row * row_height)
-
-
 def wrap(text: str, font, width: int, lines: int) -> list[str]:
     """`text` in at most `lines` lines of at most `width` px ('...' ends a cut text)."""
     out: list[str] = []
@@ -1924,22 +1847,26 @@ def wrap(text: str, font, width: int, lines: int) -> list[str]:
 
 
 def draw_grid(header: list[str], rows: list[tuple[list[Image.Image | str], str]]) -> Image.Image:
-    """Column labels on top, then per row its tiles (a str: a grey tile with that label) and its text."""
+    """Column labels on top, then per row its tiles (an image, resized (bilinear) so that its longer side
+    is PREVIEW_TILE; a str: a grey tile with that label) and its text."""
     font = ImageFont.load_default()
-    width = tile_origin(0, len(header))[0]
-    grid = Image.new('RGB', (width, tile_origin(len(rows), 0)[1]), WHITE)
+    width = PREVIEW_GAP + len(header) * PREVIEW_COLUMN
+    grid = Image.new('RGB', (width, PREVIEW_TOP + len(rows) * PREVIEW_ROW), WHITE)
     draw = ImageDraw.Draw(grid)
     for col, label in enumerate(header):
-        draw.text((tile_origin(0, col)[0], PREVIEW_GAP), label, fill=BLACK, font=font)
+        draw.text((PREVIEW_GAP + col * PREVIEW_COLUMN, PREVIEW_GAP), label, fill=BLACK, font=font)
     for row, (tiles, text) in enumerate(rows):
+        y = PREVIEW_TOP + row * PREVIEW_ROW
         for col, t in enumerate(tiles):
-            x, y = tile_origin(row, col)
+            x = PREVIEW_GAP + col * PREVIEW_COLUMN
             if isinstance(t, str):
                 draw.rectangle((x, y, x + PREVIEW_TILE - 1, y + PREVIEW_TILE - 1), fill=GREY)
                 draw.text((x + PREVIEW_GAP, y + PREVIEW_GAP), t, fill=WHITE, font=font)
             else:
-                grid.paste(t, (x, y))
-        y = tile_origin(row, 0)[1] + PREVIEW_TILE + PREVIEW_GAP
+                scale = PREVIEW_TILE / max(t.size)
+                size = (max(1, round(t.width * scale)), max(1, round(t.height * scale)))
+                grid.paste(t.resize(size, Image.Resampling.BILINEAR), (x, y))
+        y += PREVIEW_TILE + PREVIEW_GAP  # the text below the tiles
         for i, line in enumerate(wrap(text, font, width - 2 * PREVIEW_GAP, PREVIEW_CAPTION_LINES)):
             draw.text((PREVIEW_GAP, y + i * PREVIEW_LINE), line, fill=BLACK, font=font)
     return grid
@@ -1963,8 +1890,7 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()  # as diffusers'
         decoded = Image.fromarray(  # image processor turns it into an RGB picture
             ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-        source = source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids)
-        tiles += [as_tile(source), as_tile(decoded)]
+        tiles += [source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids), decoded]
     caption = sample[convention.get('caption_keys', ['caption'])[0]]
     return tiles, f'#{sample_id} (key {sample.get("key", "")}): {caption}'
 
@@ -1972,12 +1898,10 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
 def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:
     """Read a finished output back (its index.json, convention.json and the shards of the chosen
     samples, copied to a temporary folder) and write the preview PNG to `path`; returns the sample ids."""
-    try:
+    with failing(f'--preview: cannot read {CONVENTION} and {INDEX} of the output {out_root} (',
+                 '); finish the run first (rerun without --preview_only)'):
         convention = read_json(join(out_root, CONVENTION), args.download_timeout)
         shards = read_json(join(out_root, INDEX), args.download_timeout)['shards']
-    except Exception as err:
-        raise UserError(f'--preview: cannot read {CONVENTION} and {INDEX} of the output {out_root} '
-                        f'({last_line(err)}); finish the run first (rerun without --preview_only)') from None
     pattern = re.escape(LATENT_COLUMN).replace(re.escape('{res}'), r'(\d+)')
     columns = sorted((int(m[1]), c) for c in convention['columns'] if (m := re.fullmatch(pattern, c)))
     if convention['model'] != args.model_name:
@@ -2059,11 +1983,9 @@ def main(argv: list[str] | None = None) -> None:
         if world > 1:
             dist.barrier()
         if rank == 0:
-            staging = os.path.join(pl.staging, 'merge')
-            os.makedirs(staging, exist_ok=True)
             summary, markers = summarize(args, plan, stats, world, None)
             if not summary['parts_missing']:  # no index a reader would take for the whole set
-                merge_parts(plan, markers, staging, args.download_timeout)
+                merge_parts(plan, markers, args.download_timeout)
             report(summary, summary_path(args))
             shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:
