@@ -60,6 +60,7 @@ import threading
 import time
 import types
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -82,12 +83,13 @@ BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
 BUCKETS = [f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:])]
 UNBUCKETED = f'{BUCKET_EDGES[0]}-{BUCKET_EDGES[-1]}'
 
-# Output schema (MDS encodings). Floats default to NaN, strings to '', hash to 0.
+# Output schema (MDS encodings), and the value of a missing column or a null.
 FLOAT_COLUMNS = ('punsafe', 'pwatermark', 'similarity', 'aesthetic_score')
 STR_COLUMNS = ('caption', 'url', 'key', 'status', 'error_message', 'exif')
 SIZE_COLUMNS = ('width', 'height', 'original_width', 'original_height')
 COLUMNS = {**{c: 'float64' for c in FLOAT_COLUMNS}, **{c: 'str' for c in STR_COLUMNS},
            **{c: 'int32' for c in SIZE_COLUMNS}, 'jpg': 'bytes', 'hash': 'int64'}
+DEFAULTS = {'float64': math.nan, 'str': '', 'int64': 0}
 REQUIRED = ('jpg', 'caption', 'width', 'height', 'status')
 MDS_COLUMNS = sorted(COLUMNS)  # MDS stores a sample's columns in name order
 FIXED_DTYPES = {'float64': '<f8', 'int32': '<i4', 'int64': '<i8'}
@@ -123,7 +125,8 @@ S3_ENDPOINT_VARS = ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL'
 # Storage settings (names starting so) carried to every pyspark / ray task with --storage_env forward.
 STORAGE_ENV = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
 # Input columns are cast to these before encoding; a value that does not cast skips its shard.
-ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
+ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64(),
+               'bytes': pa.binary()}
 
 # --preview: each shard keeps its first PREVIEW_PER_SHARD samples of each bucket as thumbnails (each
 # ~2.5 ms and ~5 KB) in <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview; sheets are drawn from them.
@@ -1129,22 +1132,8 @@ def jpeg_size(data: memoryview | bytes) -> tuple[int, int] | None:
     return None
 
 
-def header_size(data: memoryview | bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header, without decoding pixels; None if unreadable."""
-    size = jpeg_size(data)
-    if size is not None:
-        return size
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # PNG, WebP, odd JPEGs...
-            return im.size
-    except Exception:
-        return None
-
-
 def binary_buffers(arr: pa.Array) -> tuple[list[int], memoryview]:
-    """(offsets, data) of a binary array's rows, without copying the data."""
-    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        arr = arr.cast(pa.binary())
+    """(offsets, data) of a binary or large binary array's rows, without copying the data."""
     _, offsets, data = arr.buffers()
     dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     offsets = np.frombuffer(offsets, dtype)[arr.offset: arr.offset + len(arr) + 1]
@@ -1176,10 +1165,8 @@ def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
     out = {}
     for col, name in found.items():
         arr = batch.column(name)
-        if col == 'jpg' and (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-            out[col] = arr
-            continue
-        to = pa.binary() if col == 'jpg' else ARROW_TYPES[COLUMNS[col]]
+        large_jpg = col == 'jpg' and pa.types.is_large_binary(arr.type)  # kept: binary's offsets overflow
+        to = arr.type if large_jpg else ARROW_TYPES[COLUMNS[col]]
         try:
             out[col] = arr.cast(to)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
@@ -1189,32 +1176,32 @@ def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
     return out
 
 
-def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
-                   skipped: dict[str, int]) -> None:
+def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray, skipped: Counter) -> None:
     """Count non-success rows by reason: the error message, else the status."""
-    if not len(rows):
-        return
     take = pa.array(rows)
     messages = error.take(take).to_pylist() if error is not None else [None] * len(rows)
-    for message, state in zip(messages, status.take(take).to_pylist()):
-        reason = message or state or 'no status'
-        skipped[reason] = skipped.get(reason, 0) + 1
+    skipped.update(message or state or 'no status'
+                   for message, state in zip(messages, status.take(take).to_pylist()))
 
 
 def image_sizes(cols: dict[str, pa.Array], n: int, ok: np.ndarray, jpg: tuple[list[int], memoryview],
-                skipped: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The four size columns, from the parquet or else from the image header, and the rows of `ok`
-    that have a size (the others are counted in `skipped`)."""
+                skipped: Counter) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The four size columns, from the parquet or else from the image header (no pixel decoded), and
+    the rows of `ok` that have a size (the others are counted in `skipped`)."""
     sizes = {c: (pc.fill_null(cols[c].cast(pa.int64()), -1).to_numpy() if c in cols
                  else np.full(n, -1, np.int64)) for c in SIZE_COLUMNS}
     width, height = sizes['width'].copy(), sizes['height'].copy()
     offsets, data = jpg
     known = ok.copy()
     for i in np.flatnonzero(ok & ((width < 0) | (height < 0))).tolist():
-        size = header_size(data[offsets[i]:offsets[i + 1]])
+        image = data[offsets[i]:offsets[i + 1]]
+        size = jpeg_size(image)
+        if size is None:
+            with contextlib.suppress(Exception), Image.open(io.BytesIO(image)) as im:  # PNG, WebP, odd JPEGs
+                size = im.size
         if size is None:
             known[i] = False
-            skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + 1
+            skipped[UNREADABLE_HEADER] += 1
         else:
             width[i], height[i] = size
     unknown_original = (sizes['original_width'] < 0) | (sizes['original_height'] < 0)
@@ -1230,21 +1217,12 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     An MDS sample is the u32 sizes of its variable-size columns, then every column in name order;
     here all but the jpg are joined per row by arrow kernels, the jpg is added by the writer.
     """
-    cols: dict[str, pa.Array] = {}
-    for col in MDS_COLUMNS:
-        if col == 'jpg':
-            continue
+    cols = {col: as_binary(sizes[col].astype('<i4')) for col in SIZE_COLUMNS}
+    for col in (*FLOAT_COLUMNS, *STR_COLUMNS, 'hash'):
         enc = COLUMNS[col]
-        arr = typed.get(col)
-        if col in SIZE_COLUMNS:
-            cols[col] = as_binary(sizes[col].astype('<i4'))
-        elif enc == 'str':
-            cols[col] = (pc.fill_null(arr, '').cast(pa.binary()) if arr is not None
-                         else pa.array([b''] * n, pa.binary()))
-        else:
-            default = math.nan if enc == 'float64' else 0
-            values = pc.fill_null(arr, default).to_numpy() if arr is not None else np.full(n, default)
-            cols[col] = as_binary(values.astype(FIXED_DTYPES[enc]))
+        arr = pc.fill_null(typed[col] if col in typed else pa.nulls(n, ARROW_TYPES[enc]), DEFAULTS[enc])
+        cols[col] = (arr.cast(pa.binary()) if enc == 'str'
+                     else as_binary(arr.to_numpy().astype(FIXED_DTYPES[enc])))
     lengths = [np.diff(jpg_offsets) if col == 'jpg' else pc.binary_length(cols[col]).to_numpy()
                for col in VAR_COLUMNS]
     head = as_binary(np.stack(lengths, axis=1).astype('<u4'))
@@ -1254,18 +1232,17 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     return before, after
 
 
-def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
+def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter,
                  bucketed: bool) -> list[tuple[str, tuple[memoryview, ...]]]:
     """(bucket, pieces) for each success row with a known size, in row order: the pieces'
     concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`."""
     status = pc.fill_null(typed['status'], '')
     ok = pc.equal(status, 'success').to_numpy(zero_copy_only=False)
     count_failures(status, typed.get('error_message'), np.flatnonzero(~ok), skipped)
-    jpg_col = typed['jpg']
-    jpg = binary_buffers(jpg_col)
-    no_bytes = ok & ~jpg_col.is_valid().to_numpy(zero_copy_only=False) if jpg_col.null_count else None
-    if no_bytes is not None and no_bytes.any():  # success with no bytes: nothing to write
-        skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + int(no_bytes.sum())
+    jpg = binary_buffers(typed['jpg'])
+    no_bytes = ok & ~typed['jpg'].is_valid().to_numpy(zero_copy_only=False)
+    if no_bytes.any():  # success with no bytes: nothing to write
+        skipped[UNREADABLE_HEADER] += int(no_bytes.sum())
         ok &= ~no_bytes
     sizes, ok = image_sizes(typed, n, ok, jpg, skipped)
     rows = np.flatnonzero(ok)
@@ -1283,7 +1260,7 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
             for i in rows.tolist()]
 
 
-def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: dict[str, int],
+def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: Counter,
                     args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
     """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
     skippable ShardError (the shard is kept on disk), never a remote error."""
@@ -1414,7 +1391,7 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     limit = args.size_limit
     writers: dict[str, PartWriter] = {}
     counts: dict[str, int] = {}
-    skipped: dict[str, int] = {}
+    skipped: Counter = Counter()
     nbytes = 0
     progress = _WORKER.get('progress')
     for encoded in encoded_batches(pf, found, parquet, skipped, args):
