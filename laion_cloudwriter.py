@@ -1050,8 +1050,11 @@ def convert_shard(sid: str) -> dict[str, Any]:
         for fut in landing:
             fut.result()
         kind.settle(record, out_root, args)
-        if preview is not None:  # before the record: a recorded shard has its candidates
-            record['preview'] = write_candidates(preview, sid, args)
+        if preview is not None:  # before the record: a recorded shard has its candidates (their count
+            # per bucket is in the record, so the driver never lists these files)
+            put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
+                json.dumps({'shard': sid, 'buckets': preview}).encode())
+            record['preview'] = {bucket: len(kept) for bucket, kept in preview.items()}
         if not still_ours(args):  # its parts are removed below; a rerun converts the shard
             raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
         put(args, join(RECORDS, args.subfolder, f'{sid}.record'), json.dumps(record).encode())  # done
@@ -1356,15 +1359,6 @@ class PartWriter:
                 'samples': [s['samples'] for s in self.shards]}
 
 
-def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
-    """The worker's buffer for one bucket's open MDS shard, reused from input shard to shard
-    (anonymous memory: pages are only taken once written)."""
-    buffers = _WORKER.setdefault('buffers', {})
-    if bucket not in buffers or len(buffers[bucket]) < size_limit:
-        buffers[bucket] = mmap.mmap(-1, size_limit)
-    return buffers[bucket]
-
-
 # A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
 # its counts, and per bucket its MDS shards' bytes and samples, their common config kept once (README:
 # LAION-2B on paper).
@@ -1390,25 +1384,26 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     remove_parts(out_root, sub, sid)  # what a killed run left of this shard
     limit = args.size_limit
     writers: dict[str, PartWriter] = {}
-    counts: dict[str, int] = {}
-    skipped: Counter = Counter()
-    nbytes = 0
+    # each bucket's open MDS shard, in a buffer the worker reuses from input shard to shard (anonymous
+    # memory: pages are only taken once written)
+    buffers = _WORKER.setdefault('buffers', {})
+    counts, skipped, nbytes = Counter(), Counter(), 0
     progress = _WORKER.get('progress')
     for encoded in encoded_batches(pf, found, parquet, skipped, args):
-        n0, b0 = sum(counts.values()), nbytes
+        n0, b0 = counts.total(), nbytes
         for bucket, pieces in encoded:
-            w = writers.get(bucket)
-            if w is None:
-                w = writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit,
-                                                 shard_buffer(bucket, limit), land)
-            w.write(pieces)
+            if bucket not in writers:
+                if len(buffers.get(bucket, b'')) < limit:
+                    buffers[bucket] = mmap.mmap(-1, limit)
+                writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit, buffers[bucket], land)
+            writers[bucket].write(pieces)
             if preview is not None:
-                keep_candidate(preview, bucket, counts.get(bucket, 0), pieces)
-            counts[bucket] = counts.get(bucket, 0) + 1
+                keep_candidate(preview, bucket, counts[bucket], pieces)
+            counts[bucket] += 1
             nbytes += len(pieces[1])
         if progress is not None:
             with progress.get_lock():
-                progress[0] += sum(counts.values()) - n0
+                progress[0] += counts.total() - n0
                 progress[1] += nbytes - b0
     parts = {bucket: w.finish() for bucket, w in writers.items()}
     return shard_record(sid, os.path.basename(parquet), args.bucketed, counts, skipped, nbytes,
@@ -1434,37 +1429,24 @@ def mds_sample(data: bytes) -> dict[str, Any]:
     return out
 
 
-def thumbnail(data: bytes) -> bytes:
-    """A JPEG of the image at most PREVIEW_THUMB px on its longer side; b'' if it does not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft('RGB', (PREVIEW_THUMB, PREVIEW_THUMB))  # JPEG: decode at 1/2..1/8 scale
-            im = im.convert('RGB')
-            im.thumbnail((PREVIEW_THUMB, PREVIEW_THUMB), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, 'JPEG', quality=90)
-            return buf.getvalue()
-    except Exception:  # e.g. a truncated file: its tile says so
-        return b''
-
-
 def keep_candidate(preview: dict[str, list[dict]], bucket: str, index: int,
                    pieces: tuple[memoryview, ...]) -> None:
-    """Keep sample `index` of this shard's `bucket` part if it is one of its first PREVIEW_PER_SHARD."""
+    """Keep sample `index` of this shard's `bucket` part if it is one of its first PREVIEW_PER_SHARD,
+    its image as a JPEG at most PREVIEW_THUMB px on its longer side (b'' if it does not decode)."""
     kept = preview.setdefault(bucket, [])
     if len(kept) >= PREVIEW_PER_SHARD:
         return
     s = mds_sample(b''.join(pieces))
+    thumb = b''  # e.g. a truncated file: its tile says so
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(s['jpg'])) as im:
+        im.draft('RGB', (PREVIEW_THUMB, PREVIEW_THUMB))  # JPEG: decode at 1/2..1/8 scale
+        im = im.convert('RGB')
+        im.thumbnail((PREVIEW_THUMB, PREVIEW_THUMB), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, 'JPEG', quality=90)
+        thumb = buf.getvalue()
     kept.append({'index': index, 'key': s['key'], 'caption': s['caption'], 'width': s['width'],
-                 'height': s['height'], 'thumb': base64.b64encode(thumbnail(s['jpg'])).decode()})
-
-
-def write_candidates(preview: dict[str, list[dict]], sid: str, args: argparse.Namespace) -> dict[str, int]:
-    """Write the shard's candidates to `<remote>/_cloudwriter[/<sub>]/<sid>.preview`; returns how many
-    each bucket has (kept in the shard's record, so the main process never lists these files)."""
-    put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
-        json.dumps({'shard': sid, 'buckets': preview}).encode())
-    return {bucket: len(kept) for bucket, kept in preview.items()}
+                 'height': s['height'], 'thumb': base64.b64encode(thumb).decode()})
 
 
 def spread_picks(available: dict[str, int], n: int) -> list[tuple[str, int]]:
@@ -1503,12 +1485,11 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]])
     """A grid of the tiles (ceil(sqrt(n)) columns) under a one-line title: tile i's image centred in a
     PREVIEW_THUMB px square (a grey one when None) above its text paragraphs (PREVIEW_LINES lines).
     Size: (columns x (cell + 8), 20 + rows x (cell + 8 + 12 x lines)). Pillow only."""
-    pad, line_h, title_h = 4, 12, 20
-    cell, lines, slots = (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES, len(tiles)
+    pad, line_h, title_h, cell = 4, 12, 20, PREVIEW_THUMB
     font = ImageFont.load_default(size=10)
-    cols = max(1, math.ceil(math.sqrt(slots)))
-    rows = max(1, math.ceil(slots / cols))
-    tile_w, tile_h = cell[0] + 2 * pad, cell[1] + 2 * pad + line_h * lines
+    cols = max(1, math.ceil(math.sqrt(len(tiles))))
+    rows = max(1, math.ceil(len(tiles) / cols))
+    tile_w, tile_h = cell + 2 * pad, cell + 2 * pad + line_h * PREVIEW_LINES
     sheet = Image.new('RGB', (cols * tile_w, title_h + rows * tile_h), 'white')
     draw = ImageDraw.Draw(sheet)
     for line in fit_lines([title], font, sheet.width - 2 * pad, 1):
@@ -1516,24 +1497,21 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]])
     for i, (img, text) in enumerate(tiles):
         x, y = (i % cols) * tile_w + pad, title_h + (i // cols) * tile_h + pad
         if img is None:
-            draw.rectangle((x, y, x + cell[0] - 1, y + cell[1] - 1), fill=(200, 200, 200))
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(200, 200, 200))
         else:
-            sheet.paste(img, (x + (cell[0] - img.width) // 2, y + (cell[1] - img.height) // 2))
-        for j, line in enumerate(fit_lines(text, font, cell[0], lines)):
-            draw.text((x, y + cell[1] + 1 + j * line_h), line, 'black', font)
+            sheet.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
+        for j, line in enumerate(fit_lines(text, font, cell, PREVIEW_LINES)):
+            draw.text((x, y + cell + 1 + j * line_h), line, 'black', font)
     return sheet
 
 
-def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: str,
+def write_previews(records: dict[str, dict], samples: dict[str, int], args: argparse.Namespace, folder: str,
                    prefix: str) -> dict[str, dict]:
-    """`<folder>/<prefix><bucket>.png` for each bucket: --preview samples spread over the recorded
-    shards that have candidates. Returns, by bucket, the PNG's path and the keys drawn (in order)."""
-    samples: dict[str, int] = {}
-    for r in records.values():
-        for bucket, k in r['samples'].items():
-            samples[bucket] = samples.get(bucket, 0) + k
+    """`<folder>/<prefix><bucket>.png` for each bucket of `samples` (its sample count, sorted): --preview
+    samples spread over the recorded shards that have candidates. Returns, by bucket, the PNG's path
+    and the keys drawn (in order)."""
     picks = {bucket: spread_picks({sid: r.get('preview', {}).get(bucket, 0) for sid, r in records.items()},
-                                  args.preview) for bucket in sorted(samples)}
+                                  args.preview) for bucket in samples}
     sids = sorted({sid for p in picks.values() for sid, _ in p})
     with ThreadPoolExecutor(16) as pool:  # the candidate files drawn from, one small GET each
         candidates = dict(zip(sids, pool.map(lambda sid: json.loads(read(args, join(
@@ -1706,7 +1684,8 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     if args.preview and code in (EXIT_OK, EXIT_BAD_INPUT):
         prefix = f'preview_{args.subfolder}_' if args.subfolder else 'preview_'
         try:
-            summary['preview'] = write_previews(records, args, os.path.dirname(path) or '.', prefix)
+            summary['preview'] = write_previews(records, summary['samples_per_bucket'], args,
+                                                os.path.dirname(path) or '.', prefix)
         except Exception as e:  # the dataset is complete; only its picture is missing
             summary['preview_error'] = f'{type(e).__name__}: {e}'
     try:
