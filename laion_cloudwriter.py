@@ -428,21 +428,6 @@ class RunError(Exception):
     """A reason not to start: printed as one `error:` line, exit 2."""
 
 
-def check_local(local: str) -> pafs.FileSystem:
-    """--local must be an existing folder (the download's output), here or remote; its filesystem."""
-    try:
-        fs, root = input_fs(local)
-        kind = fs.get_file_info(root).type
-    except Exception as e:  # a bucket that does not exist, no credentials, a scheme nothing reads
-        raise RunError(f'--local {local}: cannot be read ({type(e).__name__}: {headline(e)})') from None
-    if kind == pafs.FileType.NotFound:
-        raise RunError(f'--local {local} does not exist; give the download\'s output folder (with '
-                       '--wait_before_start if the download creates it)')
-    if kind != pafs.FileType.Directory:
-        raise RunError(f'--local {local} is a file; give the folder of img2dataset parquet shards')
-    return fs
-
-
 def lock_folder(folder: str, flag: str) -> int:
     """Hold an exclusive flock on `folder`/lock until this process ends (the kernel drops it even
     after kill -9, so it never goes stale); refuse if another run holds it. Returns the fd."""
@@ -530,19 +515,18 @@ class Lease:
             raise RunError(other)
 
     def start_refreshing(self) -> None:
-        self.thread = threading.Thread(target=self._refresh, daemon=True, name='lease')
+        def refresh() -> None:
+            while not self.stop.wait(LEASE_HEARTBEAT_S):
+                with contextlib.suppress(Exception):  # a failing remote stops the run through its writes
+                    current = self.read()
+                    if current and current.get('token') != self.mine['token']:
+                        self.lost = (f'{self.url}: another run took over this remote (host '
+                                     f'{current.get("host")}, pid {current.get("pid")}); this run stops, '
+                                     'nothing unrecorded was deleted')
+                        return
+                    self.write()
+        self.thread = threading.Thread(target=refresh, daemon=True, name='lease')
         self.thread.start()
-
-    def _refresh(self) -> None:
-        while not self.stop.wait(LEASE_HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # a failing remote stops the run through its writes
-                current = self.read()
-                if current and current.get('token') != self.mine['token']:
-                    self.lost = (f'{self.url}: another run took over this remote (host '
-                                 f'{current.get("host")}, pid {current.get("pid")}); this run stops, '
-                                 'nothing unrecorded was deleted')
-                    return
-                self.write()
 
     def halt_tasks(self) -> None:
         """Mark the lease `stopping` (this run still holds it): a task that has not recorded its shard
@@ -566,9 +550,20 @@ class Lease:
 
 
 def take_ownership(args: argparse.Namespace) -> Lease:
-    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
-    --staging for this process, take the remote's lease."""
-    here = isinstance(check_local(args.local), pafs.LocalFileSystem)
+    """Check that --local is an existing folder (the download's output), here or remote; lock it (a
+    folder here; a remote one is guarded by the lease alone) and an own --staging for this process,
+    take the remote's lease."""
+    try:
+        fs, root = input_fs(args.local)
+        kind = fs.get_file_info(root).type
+    except Exception as e:  # a bucket that does not exist, no credentials, a scheme nothing reads
+        raise RunError(f'--local {args.local}: cannot be read ({type(e).__name__}: {headline(e)})') from None
+    if kind == pafs.FileType.NotFound:
+        raise RunError(f'--local {args.local} does not exist; give the download\'s output folder (with '
+                       '--wait_before_start if the download creates it)')
+    if kind != pafs.FileType.Directory:
+        raise RunError(f'--local {args.local} is a file; give the folder of img2dataset parquet shards')
+    here = isinstance(fs, pafs.LocalFileSystem)
     if here:
         lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
     if args.staging:
@@ -1581,22 +1576,18 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
     """--merge_only: `<remote>/<bucket>/index.json` over every subfolder's done shards (and each
     subfolder's own index.json rewritten too). Returns samples per bucket."""
     by_sub = read_records(args, None)
-    totals: dict[str, int] = {}
-    buckets = sorted({b for recs in by_sub.values() for r in recs.values() for b in r['parts']})
-    for bucket in buckets:
-        tops: list[tuple[str, list]] = []  # (name below <bucket>, its parts), sorted as merge_index does
-        for sub, recs in sorted(by_sub.items()):
-            parts = bucket_parts(recs, bucket, sub)
-            if not parts:
-                continue
-            if sub:
-                publish_index(bucket_parts(recs, bucket), args, bucket, sub)
-                tops.append((sub, parts))
-            else:
-                tops += [(part[0], [part]) for part in parts]
-            totals[bucket] = totals.get(bucket, 0) + sum(r['samples'].get(bucket, 0) for r in recs.values())
-        tops.sort(key=lambda top: top[0])
-        publish_index([part for _, parts in tops for part in parts], args, bucket, '')
+    totals = Counter()
+    for bucket in sorted({b for recs in by_sub.values() for r in recs.values() for b in r['parts']}):
+        parts = []
+        for sub, recs in by_sub.items():
+            own = bucket_parts(recs, bucket)
+            if sub and own:
+                publish_index(own, args, bucket, sub)
+            parts += bucket_parts(recs, bucket, sub)
+            totals[bucket] += sum(r['samples'].get(bucket, 0) for r in recs.values())
+        # in the order merge_index lists them: by the folder below <bucket> (a subfolder or a shard id)
+        parts.sort(key=lambda part: part[0].split('/')[0])
+        publish_index(parts, args, bucket, '')
     return totals
 
 
@@ -1626,13 +1617,10 @@ def publish(work: Work, args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    per_bucket: dict[str, int] = {}
-    skipped: dict[str, int] = {}
+    per_bucket, skipped = Counter(), Counter()
     for r in records.values():
-        for b, n in r['samples'].items():
-            per_bucket[b] = per_bucket.get(b, 0) + n
-        for k, n in r['skipped'].items():
-            skipped[k] = skipped.get(k, 0) + n
+        per_bucket.update(r['samples'])
+        skipped.update(r['skipped'])
     mb = run['bytes'] / 1e6
     return {'shards_done': len(records), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
