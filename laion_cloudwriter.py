@@ -186,13 +186,10 @@ def plain_remote(text: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--local', type=str, default='',
-                   help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json), or the '
-                        'same at s3://, gs://, hdfs://... (pyarrow, else fsspec); it must exist once '
-                        '--wait_before_start has passed.')
+    p.add_argument('--local', default='',
+                   help='Folder or URL (s3://, gs://, hdfs://...) of img2dataset NNNNN.parquet shards.')
     p.add_argument('--remote', type=plain_remote, default='',
-                   help='Where the MDS datasets go: a folder (or file:///folder), s3://bucket/path, '
-                        'gs://..., oci://... (required)')
+                   help='Folder or URL (file://, s3://, gs://, oci://...) to write the MDS datasets to.')
     p.add_argument('--subfolder', type=subfolder_name, default='',
                    help='Write <remote>/<bucket>/<subfolder>: one per machine, joined by --merge_only.')
     p.add_argument('--bucketed', action='store_true',
@@ -200,47 +197,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--keep_parquet', action='store_true',
                    help='Keep parquet shards and their _stats.json after conversion.')
     p.add_argument('--distributor', choices=sorted(ENGINES), default='multiprocessing',
-                   help='Where the shard tasks run: multiprocessing (--processes on this machine), pyspark '
-                        'or ray (the cluster that spark-submit / RAY_ADDRESS gives, else this machine).')
+                   help='Where the shard tasks run: here (--processes), or the pyspark / ray cluster.')
     p.add_argument('--storage_env', choices=('forward', 'cluster'), default='forward',
-                   help='forward: carry this shell\'s storage settings (S3_*, AWS_*, FSSPEC_*, GCS_*, '
-                        'GOOGLE_APPLICATION_CREDENTIALS, OCI_*, AZURE_*) to every pyspark / ray task; '
-                        'cluster: the workers use their own (instance roles, cluster-wide settings).')
+                   help='forward: carry this shell\'s storage settings (S3_*, AWS_*, GCS_*...) to every '
+                        'pyspark / ray task; cluster: the workers use their own.')
     p.add_argument('--connect_timeout', type=at_least(float, 0, strict=True), default=10.0,
-                   help='Seconds to wait for the cluster (RAY_ADDRESS, a spark:// master) to answer before '
-                        'the run stops in one line.')
+                   help='Seconds to wait for the cluster (RAY_ADDRESS, a spark:// master) to answer.')
     p.add_argument('--processes', type=at_least(int, 1), default=os.cpu_count() or 1,
-                   help='Worker processes, each converting one parquet shard at a time (multiprocessing; '
-                        'pyspark and ray use the cluster\'s cores).')
+                   help='Worker processes (multiprocessing), each converting one parquet shard at a time.')
     p.add_argument('--poll_interval', type=at_least(float, 0, strict=True), default=10.0,
                    help='Seconds between looks at --local for newly finished shards.')
     p.add_argument('--wait_before_start', type=at_least(float, 0), default=0.0,
                    help='Seconds to sleep before starting (e.g. while the download creates --local).')
     p.add_argument('--merge_interval', type=at_least(float, 0), default=600.0,
-                   help='Least seconds between rewrites of each bucket\'s index.json while running, so '
-                        'readers can start early (and >= 10x the last merge\'s time); always at the end.')
+                   help='Least seconds between rewrites of each bucket\'s index.json while running.')
     p.add_argument('--size_limit', type=parse_size, default='256mb',
-                   help='MDS shard size limit, bytes or e.g. 64mb (streaming size_limit). A worker holds '
-                        'one open shard per bucket (~1-1.8 GB at 256mb): give 64mb when RAM < 2 GB x '
-                        '--processes (readers then parse a 4x larger index.json).')
+                   help='MDS shard size limit, bytes or e.g. 64mb (64mb when RAM < 2 GB x --processes).')
     p.add_argument('--batch_size', type=at_least(int, 1), default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
     p.add_argument('--upload_threads', type=at_least(int, 1), default=8,
                    help='Parallel uploads per worker for a cloud remote.')
     p.add_argument('--retry', type=at_least(int, 1), default=2,
-                   help="Attempts per upload (streaming's uploader retry; 1: no second try) before the run "
-                        'stops.')
-    p.add_argument('--staging', type=str, default='',
-                   help='Local scratch for parts before upload (default <local>/_cloudwriter_staging, or a '
-                        'temporary folder when --local is remote).')
-    p.add_argument('--summary', type=str, default='',
+                   help='Attempts per upload (1: no second try) before the run stops.')
+    p.add_argument('--staging', default='',
+                   help='Local scratch for parts before upload (default <local>/_cloudwriter_staging).')
+    p.add_argument('--summary', default='',
                    help='Summary JSON path or URL (default <local>/_cloudwriter/summary[_<subfolder>].json).')
     p.add_argument('--merge_only', action='store_true',
                    help='Only write <remote>/<bucket>/index.json over every subfolder\'s done shards.')
     p.add_argument('--preview', type=at_least(int, 0), default=0,
-                   help='Draw N samples of each bucket into preview[_<subfolder>]_<bucket>.png next to the '
-                        'summary (0: off, nothing extra is read or written).')
-    p.add_argument('--wandb_project', type=str, default='',
+                   help='Draw N samples of each bucket into preview[_<subfolder>]_<bucket>.png (0: off).')
+    p.add_argument('--wandb_project', default='',
                    help='Log progress to this wandb project (only if wandb is installed).')
     args = p.parse_args(argv)
     if not args.remote:
