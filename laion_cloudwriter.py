@@ -627,7 +627,6 @@ def shard_path(local: str, sid: str) -> str:
 
 
 def list_input(fs: pafs.FileSystem, root: str) -> set[str]:
-    """Names of the files directly in --local (one listing)."""
     return {info.base_name for info in fs.get_file_info(pafs.FileSelector(root))}
 
 
@@ -915,7 +914,6 @@ def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tq
 
 
 def error(line: str) -> str:
-    """Print a fatal error's line; returns it."""
     print(f'error: {line}', file=sys.stderr, flush=True)
     return line
 
@@ -998,7 +996,6 @@ def still_ours(args: argparse.Namespace) -> bool:
 
 
 def remove_parts(out_root: str, sub: str, sid: str) -> None:
-    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
     for bucket in BUCKETS + [UNBUCKETED]:
         shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
 
@@ -1608,7 +1605,6 @@ def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> 
     for r in records.values():
         per_bucket.update(r['samples'])
         skipped.update(r['skipped'])
-    mb = run['bytes'] / 1e6
     return {'shards_done': len(records), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
             'samples': sum(per_bucket.values()), 'skipped_by_reason': skipped,
@@ -1617,7 +1613,7 @@ def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> 
             'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
             'elapsed_s': round(elapsed, 2),
             'samples_per_s': round(run['samples'] / max(elapsed, 1e-9), 1),
-            'mb_per_s': round(mb / max(elapsed, 1e-9), 1)}
+            'mb_per_s': round(run['bytes'] / 1e6 / max(elapsed, 1e-9), 1)}
 
 
 def print_summary(summary: dict[str, Any], path: str) -> None:
@@ -1629,16 +1625,14 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     if summary['skipped_by_reason']:
         lines.append('skipped:')
         lines += [f'  {n:>8}  {k}' for k, n in sorted(summary['skipped_by_reason'].items())]
-    for bad in summary['skipped_shards']:
-        lines.append(f'SKIPPED (parquet kept): {bad}')
+    lines += [f'SKIPPED (parquet kept): {bad}' for bad in summary['skipped_shards']]
     ignored = summary['ignored_parquet']
     if ignored:
         shown = ', '.join(ignored[:3]) + (', ...' if len(ignored) > 3 else '')
         lines.append(f'IGNORED (not converted): {len(ignored)} parquet file(s) without the _stats.json '
                      f'img2dataset writes once a shard is finished: {shown}; finish them (rerun the '
                      'download) or give each its NNNNN_stats.json if it is whole, then rerun')
-    for err in summary['errors']:
-        lines.append(f'ERROR: {err}')
+    lines += [f'ERROR: {err}' for err in summary['errors']]
     if summary.get('interrupted'):
         lines.append(f"INTERRUPTED by {summary['interrupted']}: the index covers the "
                      f"{summary['shards_done']} recorded shards; rerun the same command to resume")
