@@ -1200,7 +1200,7 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     here all but the jpg are joined per row by arrow kernels, the jpg is added by the writer.
     """
     cols = {col: as_binary(sizes[col].astype('<i4')) for col in SIZE_COLUMNS}
-    for col in (*FLOAT_COLUMNS, *STR_COLUMNS, 'hash'):
+    for col in [c for c in MDS_COLUMNS if c not in cols and c != 'jpg']:
         enc = COLUMNS[col]
         arr = pc.fill_null(typed[col] if col in typed else pa.nulls(n, ARROW_TYPES[enc]), DEFAULTS[enc])
         cols[col] = (arr.cast(pa.binary()) if enc == 'str'
@@ -1486,9 +1486,9 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]])
 
 def write_previews(records: dict[str, dict], samples: dict[str, int], args: argparse.Namespace, folder: str,
                    prefix: str) -> dict[str, dict]:
-    """`<folder>/<prefix><bucket>.png` for each bucket of `samples` (its sample count, sorted): --preview
-    samples spread over the recorded shards that have candidates. Returns, by bucket, the PNG's path
-    and the keys drawn (in order)."""
+    """`<folder>/<prefix><bucket>.png` for each bucket of `samples` (the summary's samples per bucket):
+    --preview samples spread over the recorded shards that have candidates. Returns, by bucket, the
+    PNG's path and the keys drawn (in order)."""
     picks = {bucket: spread_picks({sid: r.get('preview', {}).get(bucket, 0) for sid, r in records.items()},
                                   args.preview) for bucket in samples}
     sids = sorted({sid for p in picks.values() for sid, _ in p})
