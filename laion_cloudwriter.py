@@ -60,6 +60,7 @@ import threading
 import time
 import types
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -82,12 +83,13 @@ BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
 BUCKETS = [f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:])]
 UNBUCKETED = f'{BUCKET_EDGES[0]}-{BUCKET_EDGES[-1]}'
 
-# Output schema (MDS encodings). Floats default to NaN, strings to '', hash to 0.
+# Output schema (MDS encodings), and the value of a missing column or a null.
 FLOAT_COLUMNS = ('punsafe', 'pwatermark', 'similarity', 'aesthetic_score')
 STR_COLUMNS = ('caption', 'url', 'key', 'status', 'error_message', 'exif')
 SIZE_COLUMNS = ('width', 'height', 'original_width', 'original_height')
 COLUMNS = {**{c: 'float64' for c in FLOAT_COLUMNS}, **{c: 'str' for c in STR_COLUMNS},
            **{c: 'int32' for c in SIZE_COLUMNS}, 'jpg': 'bytes', 'hash': 'int64'}
+DEFAULTS = {'float64': math.nan, 'str': '', 'int64': 0}
 REQUIRED = ('jpg', 'caption', 'width', 'height', 'status')
 MDS_COLUMNS = sorted(COLUMNS)  # MDS stores a sample's columns in name order
 FIXED_DTYPES = {'float64': '<f8', 'int32': '<i4', 'int64': '<i8'}
@@ -123,7 +125,8 @@ S3_ENDPOINT_VARS = ('S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL'
 # Storage settings (names starting so) carried to every pyspark / ray task with --storage_env forward.
 STORAGE_ENV = ('S3_', 'AWS_', 'FSSPEC_', 'GOOGLE_APPLICATION_CREDENTIALS', 'GCS_', 'OCI_', 'AZURE_')
 # Input columns are cast to these before encoding; a value that does not cast skips its shard.
-ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64()}
+ARROW_TYPES = {'float64': pa.float64(), 'str': pa.string(), 'int32': pa.int32(), 'int64': pa.int64(),
+               'bytes': pa.binary()}
 
 # --preview: each shard keeps its first PREVIEW_PER_SHARD samples of each bucket as thumbnails (each
 # ~2.5 ms and ~5 KB) in <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.preview; sheets are drawn from them.
@@ -183,13 +186,10 @@ def plain_remote(text: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--local', type=str, default='',
-                   help='Folder of img2dataset parquet shards (NNNNN.parquet + NNNNN_stats.json), or the '
-                        'same at s3://, gs://, hdfs://... (pyarrow, else fsspec); it must exist once '
-                        '--wait_before_start has passed.')
+    p.add_argument('--local', default='',
+                   help='Folder or URL (s3://, gs://, hdfs://...) of img2dataset NNNNN.parquet shards.')
     p.add_argument('--remote', type=plain_remote, default='',
-                   help='Where the MDS datasets go: a folder (or file:///folder), s3://bucket/path, '
-                        'gs://..., oci://... (required)')
+                   help='Folder or URL (file://, s3://, gs://, oci://...) to write the MDS datasets to.')
     p.add_argument('--subfolder', type=subfolder_name, default='',
                    help='Write <remote>/<bucket>/<subfolder>: one per machine, joined by --merge_only.')
     p.add_argument('--bucketed', action='store_true',
@@ -197,47 +197,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--keep_parquet', action='store_true',
                    help='Keep parquet shards and their _stats.json after conversion.')
     p.add_argument('--distributor', choices=sorted(ENGINES), default='multiprocessing',
-                   help='Where the shard tasks run: multiprocessing (--processes on this machine), pyspark '
-                        'or ray (the cluster that spark-submit / RAY_ADDRESS gives, else this machine).')
+                   help='Where the shard tasks run: here (--processes), or the pyspark / ray cluster.')
     p.add_argument('--storage_env', choices=('forward', 'cluster'), default='forward',
-                   help='forward: carry this shell\'s storage settings (S3_*, AWS_*, FSSPEC_*, GCS_*, '
-                        'GOOGLE_APPLICATION_CREDENTIALS, OCI_*, AZURE_*) to every pyspark / ray task; '
-                        'cluster: the workers use their own (instance roles, cluster-wide settings).')
+                   help='forward: carry this shell\'s storage settings (S3_*, AWS_*, GCS_*...) to every '
+                        'pyspark / ray task; cluster: the workers use their own.')
     p.add_argument('--connect_timeout', type=at_least(float, 0, strict=True), default=10.0,
-                   help='Seconds to wait for the cluster (RAY_ADDRESS, a spark:// master) to answer before '
-                        'the run stops in one line.')
+                   help='Seconds to wait for the cluster (RAY_ADDRESS, a spark:// master) to answer.')
     p.add_argument('--processes', type=at_least(int, 1), default=os.cpu_count() or 1,
-                   help='Worker processes, each converting one parquet shard at a time (multiprocessing; '
-                        'pyspark and ray use the cluster\'s cores).')
+                   help='Worker processes (multiprocessing), each converting one parquet shard at a time.')
     p.add_argument('--poll_interval', type=at_least(float, 0, strict=True), default=10.0,
                    help='Seconds between looks at --local for newly finished shards.')
     p.add_argument('--wait_before_start', type=at_least(float, 0), default=0.0,
                    help='Seconds to sleep before starting (e.g. while the download creates --local).')
     p.add_argument('--merge_interval', type=at_least(float, 0), default=600.0,
-                   help='Least seconds between rewrites of each bucket\'s index.json while running, so '
-                        'readers can start early (and >= 10x the last merge\'s time); always at the end.')
+                   help='Least seconds between rewrites of each bucket\'s index.json while running.')
     p.add_argument('--size_limit', type=parse_size, default='256mb',
-                   help='MDS shard size limit, bytes or e.g. 64mb (streaming size_limit). A worker holds '
-                        'one open shard per bucket (~1-1.8 GB at 256mb): give 64mb when RAM < 2 GB x '
-                        '--processes (readers then parse a 4x larger index.json).')
+                   help='MDS shard size limit, bytes or e.g. 64mb (64mb when RAM < 2 GB x --processes).')
     p.add_argument('--batch_size', type=at_least(int, 1), default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
     p.add_argument('--upload_threads', type=at_least(int, 1), default=8,
                    help='Parallel uploads per worker for a cloud remote.')
     p.add_argument('--retry', type=at_least(int, 1), default=2,
-                   help="Attempts per upload (streaming's uploader retry; 1: no second try) before the run "
-                        'stops.')
-    p.add_argument('--staging', type=str, default='',
-                   help='Local scratch for parts before upload (default <local>/_cloudwriter_staging, or a '
-                        'temporary folder when --local is remote).')
-    p.add_argument('--summary', type=str, default='',
+                   help='Attempts per upload (1: no second try) before the run stops.')
+    p.add_argument('--staging', default='',
+                   help='Local scratch for parts before upload (default <local>/_cloudwriter_staging).')
+    p.add_argument('--summary', default='',
                    help='Summary JSON path or URL (default <local>/_cloudwriter/summary[_<subfolder>].json).')
     p.add_argument('--merge_only', action='store_true',
                    help='Only write <remote>/<bucket>/index.json over every subfolder\'s done shards.')
     p.add_argument('--preview', type=at_least(int, 0), default=0,
-                   help='Draw N samples of each bucket into preview[_<subfolder>]_<bucket>.png next to the '
-                        'summary (0: off, nothing extra is read or written).')
-    p.add_argument('--wandb_project', type=str, default='',
+                   help='Draw N samples of each bucket into preview[_<subfolder>]_<bucket>.png (0: off).')
+    p.add_argument('--wandb_project', default='',
                    help='Log progress to this wandb project (only if wandb is installed).')
     args = p.parse_args(argv)
     if not args.remote:
@@ -425,21 +415,6 @@ class RunError(Exception):
     """A reason not to start: printed as one `error:` line, exit 2."""
 
 
-def check_local(local: str) -> pafs.FileSystem:
-    """--local must be an existing folder (the download's output), here or remote; its filesystem."""
-    try:
-        fs, root = input_fs(local)
-        kind = fs.get_file_info(root).type
-    except Exception as e:  # a bucket that does not exist, no credentials, a scheme nothing reads
-        raise RunError(f'--local {local}: cannot be read ({type(e).__name__}: {headline(e)})') from None
-    if kind == pafs.FileType.NotFound:
-        raise RunError(f'--local {local} does not exist; give the download\'s output folder (with '
-                       '--wait_before_start if the download creates it)')
-    if kind != pafs.FileType.Directory:
-        raise RunError(f'--local {local} is a file; give the folder of img2dataset parquet shards')
-    return fs
-
-
 def lock_folder(folder: str, flag: str) -> int:
     """Hold an exclusive flock on `folder`/lock until this process ends (the kernel drops it even
     after kill -9, so it never goes stale); refuse if another run holds it. Returns the fd."""
@@ -527,19 +502,18 @@ class Lease:
             raise RunError(other)
 
     def start_refreshing(self) -> None:
-        self.thread = threading.Thread(target=self._refresh, daemon=True, name='lease')
+        def refresh() -> None:
+            while not self.stop.wait(LEASE_HEARTBEAT_S):
+                with contextlib.suppress(Exception):  # a failing remote stops the run through its writes
+                    current = self.read()
+                    if current and current.get('token') != self.mine['token']:
+                        self.lost = (f'{self.url}: another run took over this remote (host '
+                                     f'{current.get("host")}, pid {current.get("pid")}); this run stops, '
+                                     'nothing unrecorded was deleted')
+                        return
+                    self.write()
+        self.thread = threading.Thread(target=refresh, daemon=True, name='lease')
         self.thread.start()
-
-    def _refresh(self) -> None:
-        while not self.stop.wait(LEASE_HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # a failing remote stops the run through its writes
-                current = self.read()
-                if current and current.get('token') != self.mine['token']:
-                    self.lost = (f'{self.url}: another run took over this remote (host '
-                                 f'{current.get("host")}, pid {current.get("pid")}); this run stops, '
-                                 'nothing unrecorded was deleted')
-                    return
-                self.write()
 
     def halt_tasks(self) -> None:
         """Mark the lease `stopping` (this run still holds it): a task that has not recorded its shard
@@ -563,9 +537,20 @@ class Lease:
 
 
 def take_ownership(args: argparse.Namespace) -> Lease:
-    """Check --local, lock it (a folder here; a remote one is guarded by the lease alone) and an own
-    --staging for this process, take the remote's lease."""
-    here = isinstance(check_local(args.local), pafs.LocalFileSystem)
+    """Check that --local is an existing folder (the download's output), here or remote; lock it (a
+    folder here; a remote one is guarded by the lease alone) and an own --staging for this process,
+    take the remote's lease."""
+    try:
+        fs, root = input_fs(args.local)
+        kind = fs.get_file_info(root).type
+    except Exception as e:  # a bucket that does not exist, no credentials, a scheme nothing reads
+        raise RunError(f'--local {args.local}: cannot be read ({type(e).__name__}: {headline(e)})') from None
+    if kind == pafs.FileType.NotFound:
+        raise RunError(f'--local {args.local} does not exist; give the download\'s output folder (with '
+                       '--wait_before_start if the download creates it)')
+    if kind != pafs.FileType.Directory:
+        raise RunError(f'--local {args.local} is a file; give the folder of img2dataset parquet shards')
+    here = isinstance(fs, pafs.LocalFileSystem)
     if here:
         lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
     if args.staging:
@@ -642,7 +627,6 @@ def shard_path(local: str, sid: str) -> str:
 
 
 def list_input(fs: pafs.FileSystem, root: str) -> set[str]:
-    """Names of the files directly in --local (one listing)."""
     return {info.base_name for info in fs.get_file_info(pafs.FileSelector(root))}
 
 
@@ -930,7 +914,6 @@ def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tq
 
 
 def error(line: str) -> str:
-    """Print a fatal error's line; returns it."""
     print(f'error: {line}', file=sys.stderr, flush=True)
     return line
 
@@ -1013,7 +996,6 @@ def still_ours(args: argparse.Namespace) -> bool:
 
 
 def remove_parts(out_root: str, sub: str, sid: str) -> None:
-    """Remove every bucket's part of shard `sid` below `out_root` (none there is fine)."""
     for bucket in BUCKETS + [UNBUCKETED]:
         shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
 
@@ -1047,8 +1029,11 @@ def convert_shard(sid: str) -> dict[str, Any]:
         for fut in landing:
             fut.result()
         kind.settle(record, out_root, args)
-        if preview is not None:  # before the record: a recorded shard has its candidates
-            record['preview'] = write_candidates(preview, sid, args)
+        if preview is not None:  # before the record: a recorded shard has its candidates (their count
+            # per bucket is in the record, so the driver never lists these files)
+            put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
+                json.dumps({'shard': sid, 'buckets': preview}).encode())
+            record['preview'] = {bucket: len(kept) for bucket, kept in preview.items()}
         if not still_ours(args):  # its parts are removed below; a rerun converts the shard
             raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
         put(args, join(RECORDS, args.subfolder, f'{sid}.record'), json.dumps(record).encode())  # done
@@ -1129,22 +1114,8 @@ def jpeg_size(data: memoryview | bytes) -> tuple[int, int] | None:
     return None
 
 
-def header_size(data: memoryview | bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header, without decoding pixels; None if unreadable."""
-    size = jpeg_size(data)
-    if size is not None:
-        return size
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # PNG, WebP, odd JPEGs...
-            return im.size
-    except Exception:
-        return None
-
-
 def binary_buffers(arr: pa.Array) -> tuple[list[int], memoryview]:
-    """(offsets, data) of a binary array's rows, without copying the data."""
-    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        arr = arr.cast(pa.binary())
+    """(offsets, data) of a binary or large binary array's rows, without copying the data."""
     _, offsets, data = arr.buffers()
     dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     offsets = np.frombuffer(offsets, dtype)[arr.offset: arr.offset + len(arr) + 1]
@@ -1176,10 +1147,8 @@ def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
     out = {}
     for col, name in found.items():
         arr = batch.column(name)
-        if col == 'jpg' and (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-            out[col] = arr
-            continue
-        to = pa.binary() if col == 'jpg' else ARROW_TYPES[COLUMNS[col]]
+        large_jpg = col == 'jpg' and pa.types.is_large_binary(arr.type)  # kept: binary's offsets overflow
+        to = arr.type if large_jpg else ARROW_TYPES[COLUMNS[col]]
         try:
             out[col] = arr.cast(to)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
@@ -1189,32 +1158,32 @@ def typed_columns(batch: pa.RecordBatch, found: dict[str, str], parquet: str,
     return out
 
 
-def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray,
-                   skipped: dict[str, int]) -> None:
+def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray, skipped: Counter) -> None:
     """Count non-success rows by reason: the error message, else the status."""
-    if not len(rows):
-        return
     take = pa.array(rows)
     messages = error.take(take).to_pylist() if error is not None else [None] * len(rows)
-    for message, state in zip(messages, status.take(take).to_pylist()):
-        reason = message or state or 'no status'
-        skipped[reason] = skipped.get(reason, 0) + 1
+    skipped.update(message or state or 'no status'
+                   for message, state in zip(messages, status.take(take).to_pylist()))
 
 
 def image_sizes(cols: dict[str, pa.Array], n: int, ok: np.ndarray, jpg: tuple[list[int], memoryview],
-                skipped: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The four size columns, from the parquet or else from the image header, and the rows of `ok`
-    that have a size (the others are counted in `skipped`)."""
+                skipped: Counter) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The four size columns, from the parquet or else from the image header (no pixel decoded), and
+    the rows of `ok` that have a size (the others are counted in `skipped`)."""
     sizes = {c: (pc.fill_null(cols[c].cast(pa.int64()), -1).to_numpy() if c in cols
                  else np.full(n, -1, np.int64)) for c in SIZE_COLUMNS}
     width, height = sizes['width'].copy(), sizes['height'].copy()
     offsets, data = jpg
     known = ok.copy()
     for i in np.flatnonzero(ok & ((width < 0) | (height < 0))).tolist():
-        size = header_size(data[offsets[i]:offsets[i + 1]])
+        image = data[offsets[i]:offsets[i + 1]]
+        size = jpeg_size(image)
+        if size is None:
+            with contextlib.suppress(Exception), Image.open(io.BytesIO(image)) as im:  # PNG, WebP, odd JPEGs
+                size = im.size
         if size is None:
             known[i] = False
-            skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + 1
+            skipped[UNREADABLE_HEADER] += 1
         else:
             width[i], height[i] = size
     unknown_original = (sizes['original_width'] < 0) | (sizes['original_height'] < 0)
@@ -1230,21 +1199,12 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     An MDS sample is the u32 sizes of its variable-size columns, then every column in name order;
     here all but the jpg are joined per row by arrow kernels, the jpg is added by the writer.
     """
-    cols: dict[str, pa.Array] = {}
-    for col in MDS_COLUMNS:
-        if col == 'jpg':
-            continue
+    cols = {col: as_binary(sizes[col].astype('<i4')) for col in SIZE_COLUMNS}
+    for col in [c for c in MDS_COLUMNS if c not in cols and c != 'jpg']:
         enc = COLUMNS[col]
-        arr = typed.get(col)
-        if col in SIZE_COLUMNS:
-            cols[col] = as_binary(sizes[col].astype('<i4'))
-        elif enc == 'str':
-            cols[col] = (pc.fill_null(arr, '').cast(pa.binary()) if arr is not None
-                         else pa.array([b''] * n, pa.binary()))
-        else:
-            default = math.nan if enc == 'float64' else 0
-            values = pc.fill_null(arr, default).to_numpy() if arr is not None else np.full(n, default)
-            cols[col] = as_binary(values.astype(FIXED_DTYPES[enc]))
+        arr = pc.fill_null(typed[col] if col in typed else pa.nulls(n, ARROW_TYPES[enc]), DEFAULTS[enc])
+        cols[col] = (arr.cast(pa.binary()) if enc == 'str'
+                     else as_binary(arr.to_numpy().astype(FIXED_DTYPES[enc])))
     lengths = [np.diff(jpg_offsets) if col == 'jpg' else pc.binary_length(cols[col]).to_numpy()
                for col in VAR_COLUMNS]
     head = as_binary(np.stack(lengths, axis=1).astype('<u4'))
@@ -1254,18 +1214,17 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     return before, after
 
 
-def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
+def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter,
                  bucketed: bool) -> list[tuple[str, tuple[memoryview, ...]]]:
     """(bucket, pieces) for each success row with a known size, in row order: the pieces'
     concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`."""
     status = pc.fill_null(typed['status'], '')
     ok = pc.equal(status, 'success').to_numpy(zero_copy_only=False)
     count_failures(status, typed.get('error_message'), np.flatnonzero(~ok), skipped)
-    jpg_col = typed['jpg']
-    jpg = binary_buffers(jpg_col)
-    no_bytes = ok & ~jpg_col.is_valid().to_numpy(zero_copy_only=False) if jpg_col.null_count else None
-    if no_bytes is not None and no_bytes.any():  # success with no bytes: nothing to write
-        skipped[UNREADABLE_HEADER] = skipped.get(UNREADABLE_HEADER, 0) + int(no_bytes.sum())
+    jpg = binary_buffers(typed['jpg'])
+    no_bytes = ok & ~typed['jpg'].is_valid().to_numpy(zero_copy_only=False)
+    if no_bytes.any():  # success with no bytes: nothing to write
+        skipped[UNREADABLE_HEADER] += int(no_bytes.sum())
         ok &= ~no_bytes
     sizes, ok = image_sizes(typed, n, ok, jpg, skipped)
     rows = np.flatnonzero(ok)
@@ -1283,7 +1242,7 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: dict[str, int],
             for i in rows.tolist()]
 
 
-def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: dict[str, int],
+def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: Counter,
                     args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
     """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
     skippable ShardError (the shard is kept on disk), never a remote error."""
@@ -1379,15 +1338,6 @@ class PartWriter:
                 'samples': [s['samples'] for s in self.shards]}
 
 
-def shard_buffer(bucket: str, size_limit: int) -> mmap.mmap:
-    """The worker's buffer for one bucket's open MDS shard, reused from input shard to shard
-    (anonymous memory: pages are only taken once written)."""
-    buffers = _WORKER.setdefault('buffers', {})
-    if bucket not in buffers or len(buffers[bucket]) < size_limit:
-        buffers[bucket] = mmap.mmap(-1, size_limit)
-    return buffers[bucket]
-
-
 # A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
 # its counts, and per bucket its MDS shards' bytes and samples, their common config kept once (README:
 # LAION-2B on paper).
@@ -1413,25 +1363,26 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     remove_parts(out_root, sub, sid)  # what a killed run left of this shard
     limit = args.size_limit
     writers: dict[str, PartWriter] = {}
-    counts: dict[str, int] = {}
-    skipped: dict[str, int] = {}
-    nbytes = 0
+    # each bucket's open MDS shard, in a buffer the worker reuses from input shard to shard (anonymous
+    # memory: pages are only taken once written)
+    buffers = _WORKER.setdefault('buffers', {})
+    counts, skipped, nbytes = Counter(), Counter(), 0
     progress = _WORKER.get('progress')
     for encoded in encoded_batches(pf, found, parquet, skipped, args):
-        n0, b0 = sum(counts.values()), nbytes
+        n0, b0 = counts.total(), nbytes
         for bucket, pieces in encoded:
-            w = writers.get(bucket)
-            if w is None:
-                w = writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit,
-                                                 shard_buffer(bucket, limit), land)
-            w.write(pieces)
+            if bucket not in writers:
+                if len(buffers.get(bucket, b'')) < limit:
+                    buffers[bucket] = mmap.mmap(-1, limit)
+                writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit, buffers[bucket], land)
+            writers[bucket].write(pieces)
             if preview is not None:
-                keep_candidate(preview, bucket, counts.get(bucket, 0), pieces)
-            counts[bucket] = counts.get(bucket, 0) + 1
+                keep_candidate(preview, bucket, counts[bucket], pieces)
+            counts[bucket] += 1
             nbytes += len(pieces[1])
         if progress is not None:
             with progress.get_lock():
-                progress[0] += sum(counts.values()) - n0
+                progress[0] += counts.total() - n0
                 progress[1] += nbytes - b0
     parts = {bucket: w.finish() for bucket, w in writers.items()}
     return shard_record(sid, os.path.basename(parquet), args.bucketed, counts, skipped, nbytes,
@@ -1457,37 +1408,24 @@ def mds_sample(data: bytes) -> dict[str, Any]:
     return out
 
 
-def thumbnail(data: bytes) -> bytes:
-    """A JPEG of the image at most PREVIEW_THUMB px on its longer side; b'' if it does not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft('RGB', (PREVIEW_THUMB, PREVIEW_THUMB))  # JPEG: decode at 1/2..1/8 scale
-            im = im.convert('RGB')
-            im.thumbnail((PREVIEW_THUMB, PREVIEW_THUMB), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, 'JPEG', quality=90)
-            return buf.getvalue()
-    except Exception:  # e.g. a truncated file: its tile says so
-        return b''
-
-
 def keep_candidate(preview: dict[str, list[dict]], bucket: str, index: int,
                    pieces: tuple[memoryview, ...]) -> None:
-    """Keep sample `index` of this shard's `bucket` part if it is one of its first PREVIEW_PER_SHARD."""
+    """Keep sample `index` of this shard's `bucket` part if it is one of its first PREVIEW_PER_SHARD,
+    its image as a JPEG at most PREVIEW_THUMB px on its longer side (b'' if it does not decode)."""
     kept = preview.setdefault(bucket, [])
     if len(kept) >= PREVIEW_PER_SHARD:
         return
     s = mds_sample(b''.join(pieces))
+    thumb = b''  # e.g. a truncated file: its tile says so
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(s['jpg'])) as im:
+        im.draft('RGB', (PREVIEW_THUMB, PREVIEW_THUMB))  # JPEG: decode at 1/2..1/8 scale
+        im = im.convert('RGB')
+        im.thumbnail((PREVIEW_THUMB, PREVIEW_THUMB), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, 'JPEG', quality=90)
+        thumb = buf.getvalue()
     kept.append({'index': index, 'key': s['key'], 'caption': s['caption'], 'width': s['width'],
-                 'height': s['height'], 'thumb': base64.b64encode(thumbnail(s['jpg'])).decode()})
-
-
-def write_candidates(preview: dict[str, list[dict]], sid: str, args: argparse.Namespace) -> dict[str, int]:
-    """Write the shard's candidates to `<remote>/_cloudwriter[/<sub>]/<sid>.preview`; returns how many
-    each bucket has (kept in the shard's record, so the main process never lists these files)."""
-    put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
-        json.dumps({'shard': sid, 'buckets': preview}).encode())
-    return {bucket: len(kept) for bucket, kept in preview.items()}
+                 'height': s['height'], 'thumb': base64.b64encode(thumb).decode()})
 
 
 def spread_picks(available: dict[str, int], n: int) -> list[tuple[str, int]]:
@@ -1526,12 +1464,11 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]])
     """A grid of the tiles (ceil(sqrt(n)) columns) under a one-line title: tile i's image centred in a
     PREVIEW_THUMB px square (a grey one when None) above its text paragraphs (PREVIEW_LINES lines).
     Size: (columns x (cell + 8), 20 + rows x (cell + 8 + 12 x lines)). Pillow only."""
-    pad, line_h, title_h = 4, 12, 20
-    cell, lines, slots = (PREVIEW_THUMB, PREVIEW_THUMB), PREVIEW_LINES, len(tiles)
+    pad, line_h, title_h, cell = 4, 12, 20, PREVIEW_THUMB
     font = ImageFont.load_default(size=10)
-    cols = max(1, math.ceil(math.sqrt(slots)))
-    rows = max(1, math.ceil(slots / cols))
-    tile_w, tile_h = cell[0] + 2 * pad, cell[1] + 2 * pad + line_h * lines
+    cols = max(1, math.ceil(math.sqrt(len(tiles))))
+    rows = max(1, math.ceil(len(tiles) / cols))
+    tile_w, tile_h = cell + 2 * pad, cell + 2 * pad + line_h * PREVIEW_LINES
     sheet = Image.new('RGB', (cols * tile_w, title_h + rows * tile_h), 'white')
     draw = ImageDraw.Draw(sheet)
     for line in fit_lines([title], font, sheet.width - 2 * pad, 1):
@@ -1539,24 +1476,21 @@ def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]])
     for i, (img, text) in enumerate(tiles):
         x, y = (i % cols) * tile_w + pad, title_h + (i // cols) * tile_h + pad
         if img is None:
-            draw.rectangle((x, y, x + cell[0] - 1, y + cell[1] - 1), fill=(200, 200, 200))
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(200, 200, 200))
         else:
-            sheet.paste(img, (x + (cell[0] - img.width) // 2, y + (cell[1] - img.height) // 2))
-        for j, line in enumerate(fit_lines(text, font, cell[0], lines)):
-            draw.text((x, y + cell[1] + 1 + j * line_h), line, 'black', font)
+            sheet.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
+        for j, line in enumerate(fit_lines(text, font, cell, PREVIEW_LINES)):
+            draw.text((x, y + cell + 1 + j * line_h), line, 'black', font)
     return sheet
 
 
-def write_previews(records: dict[str, dict], args: argparse.Namespace, folder: str,
+def write_previews(records: dict[str, dict], samples: dict[str, int], args: argparse.Namespace, folder: str,
                    prefix: str) -> dict[str, dict]:
-    """`<folder>/<prefix><bucket>.png` for each bucket: --preview samples spread over the recorded
-    shards that have candidates. Returns, by bucket, the PNG's path and the keys drawn (in order)."""
-    samples: dict[str, int] = {}
-    for r in records.values():
-        for bucket, k in r['samples'].items():
-            samples[bucket] = samples.get(bucket, 0) + k
+    """`<folder>/<prefix><bucket>.png` for each bucket of `samples` (the summary's samples per bucket):
+    --preview samples spread over the recorded shards that have candidates. Returns, by bucket, the
+    PNG's path and the keys drawn (in order)."""
     picks = {bucket: spread_picks({sid: r.get('preview', {}).get(bucket, 0) for sid, r in records.items()},
-                                  args.preview) for bucket in sorted(samples)}
+                                  args.preview) for bucket in samples}
     sids = sorted({sid for p in picks.values() for sid, _ in p})
     with ThreadPoolExecutor(16) as pool:  # the candidate files drawn from, one small GET each
         candidates = dict(zip(sids, pool.map(lambda sid: json.loads(read(args, join(
@@ -1626,22 +1560,18 @@ def merge_subfolders(args: argparse.Namespace) -> dict[str, int]:
     """--merge_only: `<remote>/<bucket>/index.json` over every subfolder's done shards (and each
     subfolder's own index.json rewritten too). Returns samples per bucket."""
     by_sub = read_records(args, None)
-    totals: dict[str, int] = {}
-    buckets = sorted({b for recs in by_sub.values() for r in recs.values() for b in r['parts']})
-    for bucket in buckets:
-        tops: list[tuple[str, list]] = []  # (name below <bucket>, its parts), sorted as merge_index does
-        for sub, recs in sorted(by_sub.items()):
-            parts = bucket_parts(recs, bucket, sub)
-            if not parts:
-                continue
-            if sub:
-                publish_index(bucket_parts(recs, bucket), args, bucket, sub)
-                tops.append((sub, parts))
-            else:
-                tops += [(part[0], [part]) for part in parts]
-            totals[bucket] = totals.get(bucket, 0) + sum(r['samples'].get(bucket, 0) for r in recs.values())
-        tops.sort(key=lambda top: top[0])
-        publish_index([part for _, parts in tops for part in parts], args, bucket, '')
+    totals = Counter()
+    for bucket in sorted({b for recs in by_sub.values() for r in recs.values() for b in r['parts']}):
+        parts = []
+        for sub, recs in by_sub.items():
+            own = bucket_parts(recs, bucket)
+            if sub and own:
+                publish_index(own, args, bucket, sub)
+            parts += bucket_parts(recs, bucket, sub)
+            totals[bucket] += sum(r['samples'].get(bucket, 0) for r in recs.values())
+        # in the order merge_index lists them: by the folder below <bucket> (a subfolder or a shard id)
+        parts.sort(key=lambda part: part[0].split('/')[0])
+        publish_index(parts, args, bucket, '')
     return totals
 
 
@@ -1671,14 +1601,10 @@ def publish(work: Work, args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    per_bucket: dict[str, int] = {}
-    skipped: dict[str, int] = {}
+    per_bucket, skipped = Counter(), Counter()
     for r in records.values():
-        for b, n in r['samples'].items():
-            per_bucket[b] = per_bucket.get(b, 0) + n
-        for k, n in r['skipped'].items():
-            skipped[k] = skipped.get(k, 0) + n
-    mb = run['bytes'] / 1e6
+        per_bucket.update(r['samples'])
+        skipped.update(r['skipped'])
     return {'shards_done': len(records), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
             'samples': sum(per_bucket.values()), 'skipped_by_reason': skipped,
@@ -1687,7 +1613,7 @@ def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> 
             'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
             'elapsed_s': round(elapsed, 2),
             'samples_per_s': round(run['samples'] / max(elapsed, 1e-9), 1),
-            'mb_per_s': round(mb / max(elapsed, 1e-9), 1)}
+            'mb_per_s': round(run['bytes'] / 1e6 / max(elapsed, 1e-9), 1)}
 
 
 def print_summary(summary: dict[str, Any], path: str) -> None:
@@ -1699,16 +1625,14 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     if summary['skipped_by_reason']:
         lines.append('skipped:')
         lines += [f'  {n:>8}  {k}' for k, n in sorted(summary['skipped_by_reason'].items())]
-    for bad in summary['skipped_shards']:
-        lines.append(f'SKIPPED (parquet kept): {bad}')
+    lines += [f'SKIPPED (parquet kept): {bad}' for bad in summary['skipped_shards']]
     ignored = summary['ignored_parquet']
     if ignored:
         shown = ', '.join(ignored[:3]) + (', ...' if len(ignored) > 3 else '')
         lines.append(f'IGNORED (not converted): {len(ignored)} parquet file(s) without the _stats.json '
                      f'img2dataset writes once a shard is finished: {shown}; finish them (rerun the '
                      'download) or give each its NNNNN_stats.json if it is whole, then rerun')
-    for err in summary['errors']:
-        lines.append(f'ERROR: {err}')
+    lines += [f'ERROR: {err}' for err in summary['errors']]
     if summary.get('interrupted'):
         lines.append(f"INTERRUPTED by {summary['interrupted']}: the index covers the "
                      f"{summary['shards_done']} recorded shards; rerun the same command to resume")
@@ -1729,7 +1653,8 @@ def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespac
     if args.preview and code in (EXIT_OK, EXIT_BAD_INPUT):
         prefix = f'preview_{args.subfolder}_' if args.subfolder else 'preview_'
         try:
-            summary['preview'] = write_previews(records, args, os.path.dirname(path) or '.', prefix)
+            summary['preview'] = write_previews(records, summary['samples_per_bucket'], args,
+                                                os.path.dirname(path) or '.', prefix)
         except Exception as e:  # the dataset is complete; only its picture is missing
             summary['preview_error'] = f'{type(e).__name__}: {e}'
     try:
