@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt | $(PY)
 # Two workers by default (this machine and CI have 2 cores); JOBS=0 runs them in one process.
 JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) --dist loadgroup
+	$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
