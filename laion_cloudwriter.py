@@ -1727,6 +1727,9 @@ def main() -> int:
     if endpoint:
         os.environ['S3_ENDPOINT_URL'] = endpoint
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
+    # py4j logs each call into a JVM that has gone (a stop to the process group ends it too) with its
+    # traceback, on the root logger; a task that fails that way is reported in one line by collect
+    logging.getLogger().handlers[0].addFilter(lambda record: f'{os.sep}py4j{os.sep}' not in record.pathname)
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
     if not args.merge_only:

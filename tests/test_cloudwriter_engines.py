@@ -323,7 +323,7 @@ def test_sigterm_then_sigint_each_publish_the_recorded_shards_and_a_rerun_comple
                 kill9(proc)
         name = signal.Signals(sig).name
         assert proc.returncode == 128 + sig, err[-3000:]
-        assert f'{name}: stopping' in err and 'Traceback' not in err and 'KeyboardInterrupt' not in err
+        assert f'{name}: stopping' in err and 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
         done = records(remote)
         assert before + 2 <= len(done) < 24, 'stopped too late to test anything'
         assert f'INTERRUPTED by {name}: the index covers the {len(done)} recorded shards' in out
