@@ -230,7 +230,7 @@ def test_s3_down_mid_run_stops_clearly_deletes_nothing_and_rerun_completes(root,
     want = make_input(local, range(8), items=good_items())
     remote = f's3://{s3.bucket}/laion'
     args = ('--local', str(local), '--remote', remote, '--processes', '1')
-    proc = start(root, *args, env=s3.child_env())
+    proc = start(root, *args, env=s3.child_env(AWS_MAX_ATTEMPTS='1'))  # a store that is down fails at once
     try:
         wait_for(lambda: any(k.endswith('.record') for k in s3.list_keys(s3.bucket)), what='a record',
                  interval=0.2)
