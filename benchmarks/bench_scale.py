@@ -76,8 +76,8 @@ def part(samples: int, nbytes: int, size_limit: int) -> dict[str, list[int]]:
 
 
 def build_remote(cw, remote: Path, n: int, size_limit: int) -> int:
-    """`n` records at `remote`/_cloudwriter as write_parts() + write_record() leave them; returns
-    their total size in bytes."""
+    """`n` records at `remote`/_cloudwriter as convert_shard() leaves them (shard_record() put as
+    <NNNNN>.record); returns their total size in bytes."""
     config = cw.mds_config(size_limit)
     rng = np.random.default_rng(0)
     total = 0
