@@ -1,0 +1,51 @@
+"""Declared twins: machinery that standalone scripts must each carry (they share no library code) is
+written once and copied verbatim between marker comments, so that a fix lands in every copy at once:
+
+    # >>> twin: <name> (copied verbatim in <scripts>; tests/test_twins.py checks the copies)
+    ...
+    # <<< twin: <name>
+
+This test fails when the copies of a twin differ, when a twin stands in one script only, or when its
+markers do not pair up. Edit one copy, then paste it over the others.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OPEN = re.compile(r'^# >>> twin: ([\w-]+)\b.*$')
+CLOSE = re.compile(r'^# <<< twin: ([\w-]+)\s*$')
+
+
+def twins() -> dict[str, dict[str, str]]:
+    """{twin name: {script: the text between its markers}} over the top-level scripts."""
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    for script in sorted(ROOT.glob('*.py')):
+        name, body = None, []
+        for n, line in enumerate(script.read_text().splitlines(), 1):
+            if m := OPEN.match(line):
+                assert name is None, f'{script.name}:{n}: twin {m[1]} opens inside twin {name}'
+                assert m[1] not in found or script.name not in found[m[1]], \
+                    f'{script.name}:{n}: twin {m[1]} stands twice in one script'
+                name, body = m[1], [line]
+            elif m := CLOSE.match(line):
+                assert m[1] == name, f'{script.name}:{n}: closes twin {m[1]}, but {name} is open'
+                found[name][script.name] = '\n'.join(body + [line])
+                name = None
+            elif name is not None:
+                body.append(line)
+        assert name is None, f'{script.name}: twin {name} is never closed'
+    return found
+
+
+def test_every_twin_has_identical_copies():
+    found = twins()
+    for name, copies in found.items():
+        assert len(copies) >= 2, f'twin {name} stands only in {list(copies)}: a twin has two copies or more'
+        (first, text), *others = copies.items()
+        for script, other in others:
+            assert other == text, (f'twin {name}: {script} differs from {first}; edit one copy and paste '
+                                   'it over the others')
