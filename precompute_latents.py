@@ -963,22 +963,44 @@ def prefetch(parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: in
                 cache.ensure(shard)
 
 
+# >>> twin: decode (copied verbatim in caption_images.py, laion_cloudwriter.py, precompute_latents.py;
+# tests/test_twins.py checks the copies). The one decode rule of every script that looks at pixels, stated
+# in README.md's "How images are decoded".
+DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
+SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
+    """The 8-bit RGB picture a viewer shows of an image fresh from Image.open (a draft() allowed; nothing
+    may have loaded it: after a failed load() a second one returns partial pixels without a word):
+    - its first frame (animated GIF, APNG and WebP; MPO), at the size PIL decodes (after any draft());
+    - refused (DecompressionBombError) above DECODE_PIXEL_LIMIT pixels, before anything is decoded;
+    - EXIF orientation applied; a broken EXIF block turns nothing and loses nothing;
+    - 16-bit grayscale scaled by 255/65535 (rounded); 32-bit integer and float grayscale likewise when a
+      value exceeds 255, else taken as 8-bit; clipped to 0..255;
+    - transparency (an alpha band: RGBA, LA, PA; a tRNS chunk or GIF transparent index) over white;
+    - every other mode (CMYK, LAB, YCbCr, palette, 1-bit) by PIL's convert('RGB'), ICC profiles ignored.
+    Raises what PIL raises for bytes it cannot decode (truncated, corrupt, unknown)."""
+    if img.width * img.height > DECODE_PIXEL_LIMIT:
+        raise Image.DecompressionBombError(f'{img.width} x {img.height} pixels is over the limit of '
+                                           f'{DECODE_PIXEL_LIMIT}: a decompression bomb?')
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
         ImageOps.exif_transpose(img, in_place=True)
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale: scale to 8 bits
-        arr = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+    if img.mode in SIXTEEN_BIT or img.mode in ('I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255:
+            arr = arr * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
         rgba = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
+        img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
     return img if img.mode == 'RGB' else img.convert('RGB')
+# <<< twin: decode
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened, not yet decoded image as shown: EXIF orientation applied."""
+    """(width, height) of an opened, not yet decoded JPEG as shown: EXIF orientation applied."""
     w, h = img.size
     with contextlib.suppress(Exception):  # as in to_rgb: a broken EXIF block means no turn
         if img.getexif().get(ExifTags.Base.Orientation, 1) in ORIENTATION_SWAPS:
@@ -1045,8 +1067,9 @@ class CenterCrop:
         """Decode once: (RGB image, its displayed size, {res: placement} for the resolutions it is large
         enough for). A JPEG decodes at the smallest DCT scale that still serves every placement."""
         img = Image.open(io.BytesIO(data))
-        size, full = displayed_size(img), img.size
-        if img.format == 'JPEG':
+        size = full = img.size
+        if img.format == 'JPEG':  # its EXIF is in the header; elsewhere getexif() may load() the pixels,
+            size = displayed_size(img)  # and a second load() after a failed one returns what it got
             img.draft(img.mode, self.draft(size, full))
         scaled = img.size != full
         img = to_rgb(img)
