@@ -611,18 +611,49 @@ class HFModel:
     stop_ids: set[int]
 
 
+def not_a_vlm(model_name: str) -> str | None:
+    """What a local --model_name folder is, when it cannot be an image-text-to-text model (None: it may be
+    one, or it is a hub name: loading tells)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if not os.path.isdir(model_name):
+        return None
+    pipeline = [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
+                                  'vae/config.json', 'text_encoder/config.json')
+                if os.path.exists(os.path.join(model_name, name))]
+    if pipeline:
+        return f'is a diffusers pipeline folder ({", ".join(pipeline)})'
+    try:
+        with open(os.path.join(model_name, 'config.json')) as f:
+            model_type = json.load(f).get('model_type')
+    except (OSError, ValueError, AttributeError):
+        return 'has no readable config.json'
+    if model_type not in CONFIG_MAPPING:
+        return f'holds a model_type {model_type!r} that transformers does not know'
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return f'holds a {model_type} model, which AutoModelForImageTextToText does not load'
+    return None
+
+
 def load_transformers(args: argparse.Namespace, device: Any, runtime: dict[str, str]) -> HFModel:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if what := not_a_vlm(args.model_name):
+        raise UserError(f'--model_name {args.model_name} {what}: pass an image-text-to-text model (a hub '
+                        'name such as Qwen/Qwen2-VL-2B-Instruct, or a folder with its config.json and '
+                        'processor)')
     try:
         processor = AutoProcessor.from_pretrained(args.model_name)
         model = AutoModelForImageTextToText.from_pretrained(
             args.model_name, torch_dtype=getattr(torch, runtime['dtype']),
             attn_implementation=runtime['attention']).to(device).eval()
     except Exception as err:
+        why = first_line(err).split('. ')[0]  # transformers may go on with a list of every model type
+        hint = 'pass --attention eager' if 'attention' in why.lower() else 'check the name'
         raise UserError(f'cannot load {args.model_name} with AutoProcessor and AutoModelForImageTextToText '
-                        f'({first_line(err)}); check the name, or pass --attention eager') from None
+                        f'({why}); {hint}') from None
     tokenizer = processor.tokenizer
     tokenizer.padding_side = 'left'  # generation continues every row from its last prompt token
     if tokenizer.pad_token_id is None:
@@ -830,6 +861,8 @@ def report(summary: dict, path: str) -> None:
     if s['interrupted']:
         lines.append(f'stopped by {s["interrupted"]}: {len(s["parts_missing"])} parts left, no index.json '
                      'yet; rerun the same command to resume')
+    if s.get('preview'):
+        lines.append(f'preview  {s["preview"]["path"]}')
     lines.append(f'summary  {path}')
     print('\n'.join(lines), flush=True)
 

@@ -26,8 +26,8 @@ to skip finished parts; other settings or another input are refused. Rank 0 merg
 all ranks finish.
 
 Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
-line (a flag, the model, the places, a rerun's other settings, parts left unfinished, a failed
-`--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
+line (a flag, the model, the places, a rerun's other settings, parts left unfinished, no latent at all
+because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
@@ -1779,6 +1779,9 @@ def report(summary: dict, path: str) -> None:
         + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
            if summary['steady_samples_per_s_rank0'] else ')'),
     ]
+    if summary['written'] and (empty := [r for r, n in summary['encoded'].items() if not n]):
+        lines.append(f'warning no image is large enough for {", ".join(empty)} px (images are not upscaled): '
+                     + ', '.join(LATENT_COLUMN.format(res=r) for r in empty) + " is b'' in every sample")
     for key, cut in summary['truncated_captions'].items():
         lines.append(f'{key:<7} cut at the token limit: ' + ', '.join(f'{n} by {e}' for e, n in cut.items()))
     for name, n in summary['fp32_fallback_batches'].items():
@@ -1793,6 +1796,15 @@ def report(summary: dict, path: str) -> None:
                      'no index.json yet; rerun the same command to resume')
     lines.append(f'summary {path}')
     print('\n'.join(lines), flush=True)
+
+
+def nothing_encoded(args: argparse.Namespace) -> str:
+    """The error of a run that wrote samples but no latent at all: every image was too small."""
+    bucket = re.fullmatch(r'(\d+)-(\d+)', args.bucket)
+    holds = f' (--bucket {args.bucket}: shorter sides below {bucket[2]} px)' if bucket else ''
+    return (f'no latent written: no image is large enough for --resolutions '
+            f'{" ".join(map(str, args.resolutions))}{holds}, and images are not upscaled; rerun with smaller '
+            '--resolutions and a new --remote_upload')
 
 
 def summary_path(args: argparse.Namespace) -> str:
@@ -2014,6 +2026,8 @@ def main(argv: list[str] | None = None) -> None:
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
+            if summary['written'] and not any(summary['encoded'].values()):
+                raise UserError(nothing_encoded(args))
             if args.preview:
                 preview(args, pl.out, device, summary_path(args))
     except UserError as err:
