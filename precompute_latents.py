@@ -27,7 +27,8 @@ all ranks finish.
 
 Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
 line (a flag, the model, the places, a rerun's other settings, parts left unfinished, no latent at all
-because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
+because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after
+SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
