@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 # Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
@@ -486,16 +487,45 @@ class ShardReader:
                 reader.evict()
 
 
-def decode(data: bytes) -> Image.Image:
-    """RGB with EXIF orientation applied and transparency over white."""
-    img = Image.open(io.BytesIO(data))
+# >>> twin: decode (copied verbatim in caption_images.py, laion_cloudwriter.py, precompute_latents.py;
+# tests/test_twins.py checks the copies). The one decode rule of every script that looks at pixels, stated
+# in README.md's "How images are decoded".
+DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
+SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a viewer shows of an image fresh from Image.open (a draft() allowed; nothing
+    may have loaded it: after a failed load() a second one returns partial pixels without a word):
+    - its first frame (animated GIF, APNG and WebP; MPO), at the size PIL decodes (after any draft());
+    - refused (DecompressionBombError) above DECODE_PIXEL_LIMIT pixels, before anything is decoded;
+    - EXIF orientation applied; a broken EXIF block turns nothing and loses nothing;
+    - 16-bit grayscale scaled by 255/65535 (rounded); 32-bit integer and float grayscale likewise when a
+      value exceeds 255, else taken as 8-bit; clipped to 0..255;
+    - transparency (an alpha band: RGBA, LA, PA; a tRNS chunk or GIF transparent index) over white;
+    - every other mode (CMYK, LAB, YCbCr, palette, 1-bit) by PIL's convert('RGB'), ICC profiles ignored.
+    Raises what PIL raises for bytes it cannot decode (truncated, corrupt, unknown)."""
+    if img.width * img.height > DECODE_PIXEL_LIMIT:
+        raise Image.DecompressionBombError(f'{img.width} x {img.height} pixels is over the limit of '
+                                           f'{DECODE_PIXEL_LIMIT}: a decompression bomb?')
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in SIXTEEN_BIT or img.mode in ('I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255:
+            arr = arr * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
         rgba = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert('RGB')
+    return img if img.mode == 'RGB' else img.convert('RGB')
+# <<< twin: decode
+
+
+def decode(data: bytes) -> Image.Image:
+    """The stored bytes as the model sees them (`to_rgb`)."""
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 @dataclasses.dataclass
@@ -581,18 +611,49 @@ class HFModel:
     stop_ids: set[int]
 
 
+def not_a_vlm(model_name: str) -> str | None:
+    """What a local --model_name folder is, when it cannot be an image-text-to-text model (None: it may be
+    one, or it is a hub name: loading tells)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if not os.path.isdir(model_name):
+        return None
+    pipeline = [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
+                                  'vae/config.json', 'text_encoder/config.json')
+                if os.path.exists(os.path.join(model_name, name))]
+    if pipeline:
+        return f'is a diffusers pipeline folder ({", ".join(pipeline)})'
+    try:
+        with open(os.path.join(model_name, 'config.json')) as f:
+            model_type = json.load(f).get('model_type')
+    except (OSError, ValueError, AttributeError):
+        return 'has no readable config.json'
+    if model_type not in CONFIG_MAPPING:
+        return f'holds a model_type {model_type!r} that transformers does not know'
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return f'holds a {model_type} model, which AutoModelForImageTextToText does not load'
+    return None
+
+
 def load_transformers(args: argparse.Namespace, device: Any, runtime: dict[str, str]) -> HFModel:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if what := not_a_vlm(args.model_name):
+        raise UserError(f'--model_name {args.model_name} {what}: pass an image-text-to-text model (a hub '
+                        'name such as Qwen/Qwen2-VL-2B-Instruct, or a folder with its config.json and '
+                        'processor)')
     try:
         processor = AutoProcessor.from_pretrained(args.model_name)
         model = AutoModelForImageTextToText.from_pretrained(
             args.model_name, torch_dtype=getattr(torch, runtime['dtype']),
             attn_implementation=runtime['attention']).to(device).eval()
     except Exception as err:
+        why = first_line(err).split('. ')[0]  # transformers may go on with a list of every model type
+        hint = 'pass --attention eager' if 'attention' in why.lower() else 'check the name'
         raise UserError(f'cannot load {args.model_name} with AutoProcessor and AutoModelForImageTextToText '
-                        f'({first_line(err)}); check the name, or pass --attention eager') from None
+                        f'({why}); {hint}') from None
     tokenizer = processor.tokenizer
     tokenizer.padding_side = 'left'  # generation continues every row from its last prompt token
     if tokenizer.pad_token_id is None:
@@ -800,6 +861,8 @@ def report(summary: dict, path: str) -> None:
     if s['interrupted']:
         lines.append(f'stopped by {s["interrupted"]}: {len(s["parts_missing"])} parts left, no index.json '
                      'yet; rerun the same command to resume')
+    if s.get('preview'):
+        lines.append(f'preview  {s["preview"]["path"]}')
     lines.append(f'summary  {path}')
     print('\n'.join(lines), flush=True)
 

@@ -26,8 +26,9 @@ to skip finished parts; other settings or another input are refused. Rank 0 merg
 all ranks finish.
 
 Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
-line (a flag, the model, the places, a rerun's other settings, parts left unfinished, a failed
-`--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
+line (a flag, the model, the places, a rerun's other settings, parts left unfinished, no latent at all
+because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after
+SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
@@ -963,22 +964,44 @@ def prefetch(parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: in
                 cache.ensure(shard)
 
 
+# >>> twin: decode (copied verbatim in caption_images.py, laion_cloudwriter.py, precompute_latents.py;
+# tests/test_twins.py checks the copies). The one decode rule of every script that looks at pixels, stated
+# in README.md's "How images are decoded".
+DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
+SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Load an opened image: EXIF orientation applied, transparency over white, then RGB."""
+    """The 8-bit RGB picture a viewer shows of an image fresh from Image.open (a draft() allowed; nothing
+    may have loaded it: after a failed load() a second one returns partial pixels without a word):
+    - its first frame (animated GIF, APNG and WebP; MPO), at the size PIL decodes (after any draft());
+    - refused (DecompressionBombError) above DECODE_PIXEL_LIMIT pixels, before anything is decoded;
+    - EXIF orientation applied; a broken EXIF block turns nothing and loses nothing;
+    - 16-bit grayscale scaled by 255/65535 (rounded); 32-bit integer and float grayscale likewise when a
+      value exceeds 255, else taken as 8-bit; clipped to 0..255;
+    - transparency (an alpha band: RGBA, LA, PA; a tRNS chunk or GIF transparent index) over white;
+    - every other mode (CMYK, LAB, YCbCr, palette, 1-bit) by PIL's convert('RGB'), ICC profiles ignored.
+    Raises what PIL raises for bytes it cannot decode (truncated, corrupt, unknown)."""
+    if img.width * img.height > DECODE_PIXEL_LIMIT:
+        raise Image.DecompressionBombError(f'{img.width} x {img.height} pixels is over the limit of '
+                                           f'{DECODE_PIXEL_LIMIT}: a decompression bomb?')
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
         ImageOps.exif_transpose(img, in_place=True)
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale: scale to 8 bits
-        arr = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+    if img.mode in SIXTEEN_BIT or img.mode in ('I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255:
+            arr = arr * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
         rgba = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', rgba.size, WHITE + (255,)), rgba)
+        img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
     return img if img.mode == 'RGB' else img.convert('RGB')
+# <<< twin: decode
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened, not yet decoded image as shown: EXIF orientation applied."""
+    """(width, height) of an opened, not yet decoded JPEG as shown: EXIF orientation applied."""
     w, h = img.size
     with contextlib.suppress(Exception):  # as in to_rgb: a broken EXIF block means no turn
         if img.getexif().get(ExifTags.Base.Orientation, 1) in ORIENTATION_SWAPS:
@@ -1045,8 +1068,9 @@ class CenterCrop:
         """Decode once: (RGB image, its displayed size, {res: placement} for the resolutions it is large
         enough for). A JPEG decodes at the smallest DCT scale that still serves every placement."""
         img = Image.open(io.BytesIO(data))
-        size, full = displayed_size(img), img.size
-        if img.format == 'JPEG':
+        size = full = img.size
+        if img.format == 'JPEG':  # its EXIF is in the header; elsewhere getexif() may load() the pixels,
+            size = displayed_size(img)  # and a second load() after a failed one returns what it got
             img.draft(img.mode, self.draft(size, full))
         scaled = img.size != full
         img = to_rgb(img)
@@ -1756,6 +1780,9 @@ def report(summary: dict, path: str) -> None:
         + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
            if summary['steady_samples_per_s_rank0'] else ')'),
     ]
+    if summary['written'] and (empty := [r for r, n in summary['encoded'].items() if not n]):
+        lines.append(f'warning no image is large enough for {", ".join(empty)} px (images are not upscaled): '
+                     + ', '.join(LATENT_COLUMN.format(res=r) for r in empty) + " is b'' in every sample")
     for key, cut in summary['truncated_captions'].items():
         lines.append(f'{key:<7} cut at the token limit: ' + ', '.join(f'{n} by {e}' for e, n in cut.items()))
     for name, n in summary['fp32_fallback_batches'].items():
@@ -1770,6 +1797,15 @@ def report(summary: dict, path: str) -> None:
                      'no index.json yet; rerun the same command to resume')
     lines.append(f'summary {path}')
     print('\n'.join(lines), flush=True)
+
+
+def nothing_encoded(args: argparse.Namespace) -> str:
+    """The error of a run that wrote samples but no latent at all: every image was too small."""
+    bucket = re.fullmatch(r'(\d+)-(\d+)', args.bucket)
+    holds = f' (--bucket {args.bucket}: shorter sides below {bucket[2]} px)' if bucket else ''
+    return (f'no latent written: no image is large enough for --resolutions '
+            f'{" ".join(map(str, args.resolutions))}{holds}, and images are not upscaled; rerun with smaller '
+            '--resolutions and a new --remote_upload')
 
 
 def summary_path(args: argparse.Namespace) -> str:
@@ -1991,6 +2027,8 @@ def main(argv: list[str] | None = None) -> None:
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
+            if summary['written'] and not any(summary['encoded'].values()):
+                raise UserError(nothing_encoded(args))
             if args.preview:
                 preview(args, pl.out, device, summary_path(args))
     except UserError as err:

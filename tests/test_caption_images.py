@@ -314,7 +314,7 @@ def test_a_mistyped_flag_fails_before_torch_is_imported(root):
     assert "argument --decoding: invalid choice: 'beam'" in proc.stderr.splitlines()[-1]
 
 
-def test_every_refusal_is_one_line(vlms, dataset, tmp_path):
+def test_every_refusal_is_one_line(vlms, dataset, tiny_model, tmp_path):
     local, _ = dataset
     base = flags(local, tmp_path / 'out', vlms['llava'])
     cases = [
@@ -330,10 +330,16 @@ def test_every_refusal_is_one_line(vlms, dataset, tmp_path):
         (['--local', tmp_path / 'nowhere'], 'cannot read the input dataset index'),
         (['--caption_key', 'caption'], 'already has a column caption: pass another --caption_key'),
         (['--model_name', tmp_path / 'no-model'], 'cannot load'),
+        (['--model_name', tiny_model], f'--model_name {tiny_model} is a diffusers pipeline folder '
+                                       '(vae/config.json, text_encoder/config.json): pass an image-text-to-'
+                                       'text model (a hub name such as Qwen/Qwen2-VL-2B-Instruct, or a '
+                                       'folder with its config.json and processor)'),
+        (['--model_name', tiny_model / 'text_encoder'], 'holds a clip_text_model model, which '
+                                                        'AutoModelForImageTextToText does not load'),
     ]
     for extra, want in cases:
         line = refused(*base, *extra)
-        assert want in line, (extra, line)
+        assert want in line and len(line) < 300, (extra, line)  # not transformers' list of every model
     (tmp_path / 'taken' / UNBUCKETED).mkdir(parents=True)
     (tmp_path / 'taken' / UNBUCKETED / 'index.json').write_text('{}')
     line = refused(*flags(local, tmp_path / 'taken', vlms['llava']))

@@ -3,7 +3,8 @@ mode and format a web crawl brings, and the broken files that a header-only chec
 
 `real_items()` returns them as corpus items: the pixel size from the header (None where even the header
 does not open) and whether Pillow's defaults decode them (`Image.open(...).load()`, the bomb limit
-included). `KINDS` says what each one is, for test ids and messages.
+included). `KINDS` says what each one is, for test ids and messages. `shown(data)` is the picture
+README.md's "How images are decoded" states, computed apart from the scripts' `to_rgb`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .corpus import CorpusItem
@@ -38,14 +40,16 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     'animated_apng.png': ('animated PNG (APNG), 3 frames', 'apng/num_plays.png', True),
     'stereo.mpo': ('MPO (two JPEG frames, a stereo camera)', 'frame_size.mpo', True),
     'lab.tif': ('CIE LAB TIFF', 'lab.tif', True),
-    'tiled_jpeg.tif': ('tiled TIFF with JPEG (YCbCr 2x2) tiles', 'tiff_tiled_ycbcr_jpeg_2x2_sampling.tif', True),
+    'tiled_jpeg.tif': ('tiled TIFF with JPEG (YCbCr 2x2) tiles', 'tiff_tiled_ycbcr_jpeg_2x2_sampling.tif',
+                       True),
     'truncated.jpg': ('truncated JPEG', 'truncated_jpeg.jpg', False),
     'truncated.png': ('truncated PNG', 'truncated_image.png', False),
     'truncated_end_chunk.png': ('PNG cut inside its last chunk', 'truncated_end_chunk.png', False),
     'broken.png': ('80 bytes that are no image', 'broken.png', False),
     'broken_stream.png': ('PNG with a broken zlib data stream, built from hopper.png', 'hopper.png', False),
     'ultrahdr.jpg': ('UltraHDR JPEG (gain map), truncated', 'ultrahdr.jpg', False),
-    'tiled_jpeg_oob.tif': ('tiled-JPEG TIFF whose tiles lie out of bounds', 'tiff_tiled_jpeg_oob_read.tif', False),
+    'tiled_jpeg_oob.tif': ('tiled-JPEG TIFF whose tiles lie out of bounds', 'tiff_tiled_jpeg_oob_read.tif',
+                           False),
     'bmp_bomb.bmp': ('57-byte BMP that declares 3,158,064 x 48 pixels', 'l2rgb_read.bmp', False),
     'gif_bomb.gif': ('44-byte GIF that declares 65,535 x 66,601 pixels (a decompression bomb)',
                      'decompression_bomb.gif', False),
@@ -84,3 +88,34 @@ def real_items() -> tuple[CorpusItem, ...]:
         size = header_size(data)
         items.append(CorpusItem(name, data, *(size or (None, None)), decodable=ok))
     return tuple(items)
+
+
+# EXIF orientation -> the transpose that shows the picture upright (the EXIF 2.3 standard's table)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+           7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def shown(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+    """The README's decode rule, written apart from the scripts: the first frame (a JPEG at the DCT
+    scale of `draft`, as precompute_latents.py asks), 16-bit grayscale / 257 rounded, transparency
+    over white in integer arithmetic, then upright by the EXIF orientation (1 when unreadable)."""
+    img = Image.open(io.BytesIO(data))
+    if draft and img.format == 'JPEG':
+        img.draft(img.mode, draft)
+    img.load()
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    if img.mode.startswith('I;16'):
+        gray = np.rint(np.asarray(img, np.float64) / 257).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    elif 'A' in img.getbands() or 'transparency' in img.info:
+        rgba = np.asarray(img.convert('RGBA'), np.int64)
+        alpha = rgba[..., 3:]
+        rgb = np.rint((rgba[..., :3] * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+    else:
+        rgb = np.asarray(img.convert('RGB'))
+    out = Image.fromarray(rgb, 'RGB')
+    return out.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else out
