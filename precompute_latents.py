@@ -112,22 +112,44 @@ class Interrupted(BaseException):
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
-    """One text encoder of a family, and what that family's pipeline takes from it."""
+    """One text encoder (a CLIP, a T5 or a decoder-only LLM) and what a pipeline takes from it: how the
+    caption becomes its prompt, how that is tokenized, which hidden states are kept, how they are stored."""
 
     subfolder: str  # text_encoder, text_encoder_2, ...
     tokenizer: str  # the subfolder of its tokenizer
     model_class: str  # a transformers class
     tokenizer_class: str
     max_length: int  # tokens after padding and truncation; 0: the tokenizer's model_max_length
-    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]) or '' (not used)
+    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]), 'stack' (the `layers`
+    #              side by side per token, as FLUX.2 reshapes them) or '' (not used)
     pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
     mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
     t5: bool = False  # --t5_max_length and --t5_storage apply
+    # Fields below are written to convention.json only where they differ from their defaults.
+    template: str = ''  # '': the caption; 'chat': the tokenizer's chat template; else a format string ('{}')
+    system: str = ''  # 'chat': the system message before the user's caption ('' none)
+    chat_options: tuple[tuple[str, Any], ...] = ()  # 'chat': apply_chat_template's keyword arguments
+    lower: bool = False  # the caption lower-cased and stripped first (SANA's _text_preprocessing)
+    padding: str = 'max_length'  # or 'longest' (the batch's longest, as Qwen-Image pads)
+    padding_side: str = ''  # set on the tokenizer when given (as the pipeline's __init__ does)
+    layers: tuple[int, ...] = ()  # hidden 'stack': these hidden_states indices
+    drop: int = 0  # tokens dropped from the front of the masked rows (Qwen-Image: its template's first 34)
+    variable: bool = False  # store only the rows under the attention mask (after `drop`) and their count
+    mask_plus: int = 0  # the pipeline's returned mask also covers this many padding tokens (Chroma: 1)
+    backbone: str = ''  # run this submodule (a ...ForCausalLM's `model`: the hidden states without logits)
+    folder: str = ''  # the model folder or hub name ('': --model_name's pipeline)
 
     def masked(self, config) -> bool:
         """Whether the pipeline gives this encoder (of `config`) the attention mask."""
         return self.mask == 'yes' or (self.mask == 'config'
                                       and bool(getattr(config, 'use_attention_mask', False)))
+
+    def record(self) -> dict[str, Any]:
+        """The fields after `t5` that differ from their defaults, as JSON (convention.json)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[9:]  # after `t5`
+               if getattr(self, f.name) != f.default}
+        return {k: dict(v) if k == 'chat_options' else list(v) if isinstance(v, tuple) else v
+                for k, v in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +183,19 @@ def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
     return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
 
 
+def _llm(cls: str, tok: str, max_length: int, hidden: str, **more) -> TextEncoder:
+    """A pipeline's one language model in text_encoder/, masked."""
+    return TextEncoder('text_encoder', 'tokenizer', cls, tok, max_length, hidden, '', 'yes', **more)
+
+
 PROJ = 'CLIPTextModelWithProjection'
+# The pipelines' fixed prompts (diffusers 0.39: Lumina2Pipeline.system_prompt,
+# QwenImagePipeline.prompt_template_encode)
+LUMINA2_SYSTEM = ('You are an assistant designed to generate superior images with the superior degree of '
+                  'image-text alignment based on textual prompts or user prompts.')
+QWEN_IMAGE_TEMPLATE = ('<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, '
+                       'quantity, text, spatial relationships of the objects and background:<|im_end|>\n'
+                       '<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n')
 FAMILIES = {f.name: f for f in (
     Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
@@ -198,6 +232,28 @@ FAMILIES = {f.name: f for f in (
            # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
            # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
            storage='float32', trimmable=False),
+    Family('zimage', ('ZImagePipeline',),  # a list of each caption's rows under the mask
+           (_llm('Qwen3ForCausalLM', 'Qwen2TokenizerFast', 512, 'penultimate', template='chat',
+                 chat_options=(('add_generation_prompt', True), ('enable_thinking', True)), variable=True,
+                 backbone='model'),),
+           (TextColumn('_latents', 'hidden', (0,)),),
+           'prompt_embeds = [caption_latents per sample] (caption_length rows each)'),
+    Family('lumina2', ('Lumina2Pipeline', 'Lumina2Text2ImgPipeline'),
+           (_llm('Gemma2Model', 'GemmaTokenizerFast', 256, 'penultimate',
+                 template=LUMINA2_SYSTEM + ' <Prompt Start> {}', padding_side='right'),),
+           (TextColumn('_latents', 'hidden', (0,)), TextColumn('_mask', 'mask', (0,))),
+           'prompt_embeds = caption_latents; prompt_attention_mask = caption_mask'),
+    Family('chroma', ('ChromaPipeline',),
+           (dataclasses.replace(_t5('text_encoder', 'tokenizer', 512, mask='yes'), mask_plus=1),),
+           (TextColumn('_t5_latents', 'hidden', (0,)), TextColumn('_t5_mask', 'mask', (0,))),
+           'prompt_embeds = caption_t5_latents; prompt_attention_mask = caption_t5_mask (the tokens and the '
+           'first padding token)'),
+    Family('qwenimage', ('QwenImagePipeline',),  # 1024 tokens after the template's first 34
+           (_llm('Qwen2_5_VLForConditionalGeneration', 'Qwen2TokenizerFast', 1024 + 34, 'last',
+                 template=QWEN_IMAGE_TEMPLATE, padding='longest', drop=34, variable=True, backbone='model'),),
+           (TextColumn('_latents', 'hidden', (0,)),),
+           'prompt_embeds = pad_sequence(caption_latents per sample (caption_length rows each)); '
+           'prompt_embeds_mask = the rows each has'),
 )}
 
 
@@ -534,10 +590,12 @@ def load_tokenizers(model_name: str, family: Family) -> list:
 
     tokenizers = []
     for enc in family.encoders:
-        with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
-                     f'{enc.tokenizer_class}: '):
-            cls = getattr(transformers, enc.tokenizer_class)
-            tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
+        folder = enc.folder or model_name
+        with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {folder} as {enc.tokenizer_class}: '):
+            tokenizers.append(getattr(transformers, enc.tokenizer_class).from_pretrained(
+                folder, subfolder=enc.tokenizer))
+        if enc.padding_side:
+            tokenizers[-1].padding_side = enc.padding_side
     return tokenizers
 
 
@@ -554,8 +612,9 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
 
     configs = []
     for enc, tok, length in zip(family.encoders, tokenizers, lengths):
-        with failing(f'cannot read the config of {enc.subfolder}/ of {model_name}: '):
-            cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
+        with failing(f'cannot read the config of {enc.subfolder}/ of {enc.folder or model_name}: '):
+            cfg = AutoConfig.from_pretrained(enc.folder or model_name, subfolder=enc.subfolder)
+        cfg = getattr(cfg, 'text_config', cfg)  # a vision-language model's language part
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -750,15 +809,19 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
             specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
         dim = sum(configs[i].projection_dim if col.what == 'pooled' and e.pooled == 'text_embeds'  # projected
-                  else getattr(configs[i], 'hidden_size', None) or configs[i].d_model  # T5: d_model
+                  else (getattr(configs[i], 'hidden_size', None) or configs[i].d_model)  # T5: d_model
+                  * max(1, len(e.layers) if col.what == 'hidden' else 0)  # 'stack': layers side by side
                   for i, e in zip(col.encoders, encs))
-        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
-        shape = [dim] if col.what == 'pooled' else [length, dim]
+        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}'
+                          + (f' {list(e.layers)}' if e.layers and col.what == 'hidden' else '') for e in encs)
+        shape = [dim] if col.what == 'pooled' else [length - encs[0].drop, dim]
         specs[name] = {'dtype': storage, 'shape': shape, 'what': what}
-        if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
+        if col.what == 'hidden' and (encs[0].variable or t5_storage == 'trimmed' and encs[0].t5):
             n = name.removesuffix('_latents') + '_length'
-            specs[name].update(shape=['n', dim], length_column=n,
-                               what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
+            rows = ('the n rows under the attention mask' + (f' after the first {encs[0].drop}'
+                    * bool(encs[0].drop)) + ', as the pipeline passes them' if encs[0].variable
+                    else 'the first n rows (n = tokens incl. </s>)')
+            specs[name].update(shape=['n', dim], length_column=n, what=f'{what}; only {rows} are stored')
             specs[n] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
 
@@ -798,7 +861,7 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
     return {**({'crop': record} if record else {}), **keys,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
-                           'pooled': e.pooled, 'mask_applied': e.masked(c)}
+                           'pooled': e.pooled, 'mask_applied': e.masked(c), **e.record()}
                           for e, n, c in zip(family.encoders, lengths, configs)],
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
         'storage_dtype': storage, 't5_storage': args.t5_storage,
@@ -1222,8 +1285,10 @@ class BatchReader:
 
     def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
                  crop: CenterCrop, latent_shape: tuple[int, int], latent_mode: str, seed: int,
-                 caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',)):
+                 caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',),
+                 encoders: tuple[TextEncoder, ...] = ()):
         self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
+        self.encoders = encoders or (TextEncoder('', '', '', '', 0, '', '', 'no'),) * len(tokenizers)
         self.crop, (self.channels, self.factor) = crop, latent_shape
         self.latent_mode, self.seed, self.flip = latent_mode, seed, flip
         self.caption_drop_prob, self.caption_keys = caption_drop_prob, caption_keys
@@ -1267,11 +1332,13 @@ class BatchReader:
                                      **({DROPPED_COLUMN: int(dropped)} if self.caption_drop_prob else {})})
             for key, texts in captions.items():
                 texts.append('' if dropped else sample[key])
-        present = {k: texts for k, texts in captions.items() if texts}
-        batch['tokens'] = {k: [tokenize(tok, texts, n) for tok, n in zip(self.tokenizers, self.lengths)]
-                           for k, texts in present.items()}
+        encoders = list(zip(self.encoders, self.tokenizers, self.lengths))
+        present = {k: [prompts(enc, tok, texts) for enc, tok, _ in encoders]
+                   for k, texts in captions.items() if texts}
+        batch['tokens'] = {k: [tokenize(tok, texts, n, enc.padding)
+                               for (enc, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
         batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False).input_ids)
-                            for tok, n in zip(self.tokenizers, self.lengths)] for k, texts in present.items()}
+                            for (_, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
         for r, groups in shapes.items():
             batch[f'rows_{r}'] = [row for g in groups.values() for row in g['rows']]
             for key in ('pixels', 'noise', 'flip_noise'):
@@ -1279,9 +1346,21 @@ class BatchReader:
         return batch
 
 
-def tokenize(tokenizer, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) padded and truncated to `length`, as every family's encode_prompt does."""
-    out = tokenizer(captions, padding='max_length', truncation=True, max_length=length, return_tensors='pt')
+def prompts(enc: TextEncoder, tokenizer, captions: list[str]) -> list[str]:
+    """The texts a pipeline tokenizes for `captions`: each caption in the encoder's template."""
+    captions = [c.lower().strip() for c in captions] if enc.lower else captions
+    if enc.template == 'chat':
+        system = [{'role': 'system', 'content': enc.system}] if enc.system else []
+        return [tokenizer.apply_chat_template(system + [{'role': 'user', 'content': c}], tokenize=False,
+                                              **dict(enc.chat_options)) for c in captions]
+    return [enc.template.format(c) for c in captions] if enc.template else captions
+
+
+def tokenize(tokenizer, texts: list[str], length: int, padding: str = 'max_length',
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) padded (to `length`, or the longest) and truncated to `length`, as every
+    family's encode_prompt does."""
+    out = tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors='pt')
     return out.input_ids, out.attention_mask
 
 
@@ -1340,7 +1419,8 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
     return (load_module(model_name, 'vae', 'AutoencoderKL', device, dtype),
-            [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders])
+            [load_module(e.folder or model_name, e.subfolder, e.model_class, device, dtype)
+             for e in family.encoders])
 
 
 class Fallback:
@@ -1375,25 +1455,40 @@ def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor
 
 def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
                 device: torch.device, chunk: int, fallback: Fallback,
-                used: list[str]) -> dict[str, torch.Tensor]:
-    """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions)."""
-    outputs = []
+                used: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions), and
+    each encoder's rows per caption (the tokens under the mask, less the dropped ones)."""
+    outputs, lengths = [], []
     for enc, model, (ids, mask) in zip(family.encoders, encoders, tokens):
         def run(m, enc=enc, ids=ids, mask=mask):
+            m = getattr(m, enc.backbone) if enc.backbone else m
             parts = []
             for s in range(0, len(ids), chunk):
                 i, a = ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)
-                res = m(i, attention_mask=a if enc.masked(m.config) else None,
-                        output_hidden_states=enc.hidden == 'penultimate')
-                hidden = (res.last_hidden_state if enc.hidden == 'last' else
-                          res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
-                parts.append((hidden, getattr(res, enc.pooled) if enc.pooled else None))
+                res = m(input_ids=i, attention_mask=a if enc.masked(m.config) else None,
+                        output_hidden_states=enc.hidden in ('penultimate', 'stack'))
+                parts.append((hidden_states(res, enc), getattr(res, enc.pooled) if enc.pooled else None))
             return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
 
         hidden, pooled = fallback(enc.subfolder, model, run, used)
         outputs.append({'hidden': hidden, 'pooled': pooled, 'mask': mask.to(device).bool()})
-    return {col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
-            for col in family.columns}
+        lengths.append(mask.sum(1) - enc.drop)
+        if enc.variable:  # the rows under the mask first (left padding too), then the dropped ones gone
+            order = (1 - mask).argsort(dim=1, stable=True).to(device)
+            outputs[-1]['hidden'] = hidden.take_along_dim(order[..., None], 1)[:, enc.drop:]
+        if enc.mask_plus:
+            outputs[-1]['mask'] = torch.arange(mask.shape[1], device=device) < (
+                mask.sum(1, keepdim=True).to(device) + enc.mask_plus)
+    return ({col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
+             for col in family.columns}, lengths)
+
+
+def hidden_states(res, enc: TextEncoder) -> torch.Tensor | None:
+    """The hidden states the pipeline takes from an encoder's output `res`."""
+    if enc.hidden == 'stack':  # (N, L, layers x width): FLUX.2's stack(dim=1).permute(0, 2, 1, 3).reshape
+        return torch.stack([res.hidden_states[k] for k in enc.layers], dim=2).flatten(2)
+    return (res.last_hidden_state if enc.hidden == 'last' else
+            res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
 
 
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
@@ -1405,10 +1500,11 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     used: list[str] = []
     out: dict[str, Any] = {'_lengths': {}}
     for key, tokens in batch['tokens'].items():
-        for suffix, t in encode_text(tokens, family, encoders, device, text_chunk, fallback, used).items():
+        columns, out['_lengths'][key] = encode_text(tokens, family, encoders, device, text_chunk, fallback,
+                                                    used)
+        for suffix, t in columns.items():
             t = t if t.dtype == torch.bool else to_storage(t, storage, key + suffix)
             out[key + suffix] = t.to('cpu', non_blocking=True)
-        out['_lengths'][key] = [m.sum(1) for _, m in tokens]
     for r in resolutions:  # one VAE call per crop shape
         name, stacks = LATENT_COLUMN.format(res=r), batch[f'pixels_{r}']
         for column, noise, flipped in [(name, batch[f'noise_{r}'], False)] + \
@@ -1580,7 +1676,7 @@ def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: 
     reader = BatchReader(make_jobs(parts, args.batch_size), cache, plan.tokenizers,
                          [e['tokens'] for e in convention['text_encoders']], plan.crop,
                          (image['latent_channels'], image['downsampling']), args.latent_mode, args.seed,
-                         args.caption_drop_prob, args.flip, tuple(args.caption_keys))
+                         args.caption_drop_prob, args.flip, tuple(args.caption_keys), plan.family.encoders)
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
     workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
     if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
