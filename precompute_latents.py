@@ -126,18 +126,30 @@ class TextEncoder:
     mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
     t5: bool = False  # --t5_max_length and --t5_storage apply
     # Fields below are written to convention.json only where they differ from their defaults.
-    template: str = ''  # '': the caption; 'chat': the tokenizer's chat template; else a format string ('{}')
+    template: str = ''  # '': the caption; 'chat': the tokenizer's chat template ('chat-parts': with the
+    #                     content as a list of typed parts, as a processor's template takes it); else a
+    #                     format string ('{}': the caption)
     system: str = ''  # 'chat': the system message before the user's caption ('' none)
     chat_options: tuple[tuple[str, Any], ...] = ()  # 'chat': apply_chat_template's keyword arguments
     lower: bool = False  # the caption lower-cased and stripped first (SANA's _text_preprocessing)
+    specials: bool = True  # the tokenizer adds its special tokens (False: the chat template wrote them)
     padding: str = 'max_length'  # or 'longest' (the batch's longest, as Qwen-Image pads)
     padding_side: str = ''  # set on the tokenizer when given (as the pipeline's __init__ does)
+    prefix_tokens: bool = False  # max_length counts after the template's prefix (SANA: its tokens + 298)
+    select: int = 0  # keep the first row and the last select - 1 rows of the padded output (SANA: 300)
     layers: tuple[int, ...] = ()  # hidden 'stack': these hidden_states indices
     drop: int = 0  # tokens dropped from the front of the masked rows (Qwen-Image: its template's first 34)
     variable: bool = False  # store only the rows under the attention mask (after `drop`) and their count
+    trims: bool = False  # --t5_storage trimmed makes it `variable` too (FLUX.2: padded LLM states)
     mask_plus: int = 0  # the pipeline's returned mask also covers this many padding tokens (Chroma: 1)
     backbone: str = ''  # run this submodule (a ...ForCausalLM's `model`: the hidden states without logits)
     folder: str = ''  # the model folder or hub name ('': --model_name's pipeline)
+    recipe: str = ''  # --text_encoder: the RECIPES name it was made from
+
+    @property
+    def source(self) -> str:
+        """How messages and the fallback name it: its subfolder, or folder:subfolder when composed."""
+        return f'{self.folder}:{self.subfolder}' if self.folder else self.subfolder
 
     def masked(self, config) -> bool:
         """Whether the pipeline gives this encoder (of `config`) the attention mask."""
@@ -189,10 +201,28 @@ def _llm(cls: str, tok: str, max_length: int, hidden: str, **more) -> TextEncode
 
 
 PROJ = 'CLIPTextModelWithProjection'
-# The pipelines' fixed prompts (diffusers 0.39: Lumina2Pipeline.system_prompt,
-# QwenImagePipeline.prompt_template_encode)
+# The pipelines' fixed prompts (diffusers 0.39: Lumina2Pipeline.system_prompt, flux2's SYSTEM_MESSAGE,
+# SanaPipeline.__call__'s complex_human_instruction, QwenImagePipeline.prompt_template_encode)
 LUMINA2_SYSTEM = ('You are an assistant designed to generate superior images with the superior degree of '
                   'image-text alignment based on textual prompts or user prompts.')
+FLUX2_SYSTEM = ('You are an AI that reasons about image descriptions. You give structured responses '
+                'focusing on object relationships, object\nattribution and actions without speculation.')
+SANA_INSTRUCTION = '\n'.join((
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable "
+    'for image generation. Evaluate the level of detail in the user prompt:',
+    '- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial '
+    'relationships to create vivid and concrete scenes.',
+    '- If the prompt is already detailed, refine and enhance the existing details slightly without '
+    'overcomplicating.',
+    'Here are examples of how to transform or refine prompts:',
+    '- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, '
+    'sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.',
+    '- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing '
+    'street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by '
+    'towering glass skyscrapers.',
+    'Please generate only the enhanced description for the prompt below and avoid including any additional '
+    'commentary or evaluations:',
+    'User Prompt: '))
 QWEN_IMAGE_TEMPLATE = ('<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, '
                        'quantity, text, spatial relationships of the objects and background:<|im_end|>\n'
                        '<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n')
@@ -248,6 +278,17 @@ FAMILIES = {f.name: f for f in (
            (TextColumn('_t5_latents', 'hidden', (0,)), TextColumn('_t5_mask', 'mask', (0,))),
            'prompt_embeds = caption_t5_latents; prompt_attention_mask = caption_t5_mask (the tokens and the '
            'first padding token)'),
+    Family('sana', ('SanaPipeline',),  # the instruction SanaPipeline.__call__ passes by default
+           (_llm('Gemma2Model', 'GemmaTokenizerFast', 300 - 2, 'last', template=SANA_INSTRUCTION + '{}',
+                 lower=True, padding_side='right', prefix_tokens=True, select=300),),
+           (TextColumn('_latents', 'hidden', (0,)), TextColumn('_mask', 'mask', (0,))),
+           'prompt_embeds = caption_latents; prompt_attention_mask = caption_mask'),
+    Family('flux2', ('Flux2Pipeline',),
+           (_llm('Mistral3ForConditionalGeneration', 'AutoTokenizer', 512, 'stack', layers=(10, 20, 30),
+                 template='chat-parts', system=FLUX2_SYSTEM, chat_options=(('add_generation_prompt', False),),
+                 specials=False, backbone='model', trims=True),),
+           (TextColumn('_latents', 'hidden', (0,)),),
+           'prompt_embeds = caption_latents'),
     Family('qwenimage', ('QwenImagePipeline',),  # 1024 tokens after the template's first 34
            (_llm('Qwen2_5_VLForConditionalGeneration', 'Qwen2TokenizerFast', 1024 + 34, 'last',
                  template=QWEN_IMAGE_TEMPLATE, padding='longest', drop=34, variable=True, backbone='model'),),
@@ -255,6 +296,36 @@ FAMILIES = {f.name: f for f in (
            'prompt_embeds = pad_sequence(caption_latents per sample (caption_length rows each)); '
            'prompt_embeds_mask = the rows each has'),
 )}
+# --text_encoder RECIPE=FOLDER[:SUBFOLDER]: a text encoder taken as a pipeline takes it, from any folder;
+# it writes <caption key>_<recipe>_latents, and _pooled and _mask where it has them.
+RECIPES = {
+    'clip-l': _clip('', '', 'CLIPTextModel', 'last', 'pooler_output'),  # SD 1's; SD 2's (ViT-H) has it too
+    'clip-penultimate': _clip('', '', 'CLIPTextModel', 'penultimate', 'pooler_output'),  # SDXL's CLIP-L
+    'clip-g': _clip('', '', PROJ, 'penultimate', 'text_embeds'),  # SDXL's and SD3's CLIP-G (projected)
+    't5': _t5('', '', 512),  # FLUX.1's: padded, no mask
+    't5-masked': FAMILIES['chroma'].encoders[0],
+    'qwen3-hidden-2': FAMILIES['zimage'].encoders[0],
+    'qwen2.5-vl': FAMILIES['qwenimage'].encoders[0],
+    'gemma2-hidden-2': FAMILIES['lumina2'].encoders[0],
+    'gemma2-sana': FAMILIES['sana'].encoders[0],
+    'mistral3-stack': FAMILIES['flux2'].encoders[0],
+}
+
+
+def composed(specs: list[tuple[str, str, str]]) -> Family:
+    """The family of --text_encoder's (recipe, folder, subfolder) list: each recipe's encoder read from its
+    folder (its tokenizer from the sibling tokenizer* subfolder of a text_encoder* one, else beside it)."""
+    encoders, columns = [], []
+    for i, (name, folder, sub) in enumerate(specs):
+        tokenizer = sub.replace('text_encoder', 'tokenizer', 1) if sub.startswith('text_encoder') else sub
+        encoders.append(enc := dataclasses.replace(RECIPES[name], subfolder=sub, tokenizer=tokenizer,
+                                                   folder=folder, recipe=name))
+        tag = '_' + re.sub(r'\W', '_', name)
+        columns += [TextColumn(f'{tag}_latents', 'hidden', (i,))] + \
+            [TextColumn(f'{tag}_pooled', 'pooled', (i,))] * bool(enc.pooled) + \
+            [TextColumn(f'{tag}_mask', 'mask', (i,))] * (enc.mask == 'yes' and not enc.variable)
+    return Family('composed', (), tuple(encoders), tuple(columns),
+                  "each text column is one encoder's output, as its recipe says (text_encoders)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +359,16 @@ def bucket_name(bucket: str) -> str:
     return bucket
 
 
+def text_encoder_spec(text: str) -> tuple[str, str, str]:
+    """`--text_encoder RECIPE=FOLDER[:SUBFOLDER]` as (recipe, folder, subfolder)."""
+    name, _, where = text.partition('=')
+    if name not in RECIPES or not where:
+        raise argparse.ArgumentTypeError(f'{text}: must be RECIPE=FOLDER[:SUBFOLDER] with a recipe of '
+                                         f'{", ".join(RECIPES)}')
+    folder, _, sub = where.partition(':') if not os.path.isdir(where) else (where, '', '')
+    return name, folder, sub
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the original script's flags keep their names and meaning."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -307,6 +388,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='diffusers pipeline of a known family (hub name or folder)')
     p.add_argument('--family', default='auto', choices=('auto', *FAMILIES),
                    help='model family; auto: from model_index.json (sd for a folder without one)')
+    p.add_argument('--text_encoder', type=text_encoder_spec, action='append', default=[],
+                   metavar='RECIPE=FOLDER[:SUBFOLDER]',
+                   help='compose: encode captions with this text encoder (repeat for several) instead of the '
+                        f"family's; recipes: {', '.join(RECIPES)}; the VAE stays --model_name's")
     p.add_argument('--caption_keys', nargs='+', default=['caption'],
                    help="input text columns to encode, each into the family's columns named <key>_...")
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
@@ -382,6 +467,11 @@ def check_args(args: argparse.Namespace, pl: Places) -> None:
         raise UserError('--remote_upload is required: where to write the output dataset')
     if args.random_crop and args.crop != 'aspect':
         raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
+    if args.text_encoder and args.family != 'auto':
+        raise UserError(f'--family {args.family} with --text_encoder: a composed run has no family preset; '
+                        'drop one of them')
+    if len(recipes := [r for r, _, _ in args.text_encoder]) > len(set(recipes)):
+        raise UserError('--text_encoder: a recipe is given twice; its columns would clash (give each once)')
     if args.max_aspect is not None and args.crop != 'aspect':
         raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
     check_places(args, pl)
@@ -476,11 +566,12 @@ def check_output_format(size_limit: str, compression: str) -> None:
 def check_family_flags(args: argparse.Namespace, family: Family) -> None:
     """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
     t5 = any(e.t5 for e in family.encoders)
+    trims = any(e.t5 or e.trims for e in family.encoders)
     if family.storage and args.storage_dtype not in (None, family.storage):
         raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
                         f'{family.storage} by its consumer; drop the flag')
-    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
-        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
+    if args.t5_storage == 'trimmed' and not (trims and family.trimmable):
+        why = 'has no T5 encoder' if not trims else 'stays padded, as its consumer reads it'
         raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
     if args.t5_max_length and not t5:
         raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
@@ -567,21 +658,22 @@ def check_model_folder(model_name: str, family: Family) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
     each encoder of the class the family reads (as its config.json `architectures` names it). A path that
     is no folder was refused by check_model_name."""
-    if not os.path.isdir(model_name):
-        return
-    layout = ', '.join(['vae/', *(f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/'
+    for enc in family.encoders:
+        if enc.folder and not os.path.isdir(enc.folder):
+            check_model_name(enc.folder)
+    layout = ', '.join(['vae/', *(f'{e.source}/ ({e.model_class}) + {e.tokenizer}/'
                                   for e in family.encoders)])  # for the messages
-    for sub in ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]:
-        if not os.path.isdir(os.path.join(model_name, sub)):
-            raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                            f'{layout})')
+    for folder, sub in [(model_name, 'vae')] + [(e.folder or model_name, s) for e in family.encoders
+                                                 for s in (e.subfolder, e.tokenizer)]:
+        if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, sub)):
+            raise UserError(f'model folder {folder} has no {sub}/ (the {family.name} layout: {layout})')
     for enc in family.encoders:
         with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
-            with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+            with open(os.path.join(enc.folder or model_name, enc.subfolder, 'config.json')) as f:
                 found = json.load(f).get('architectures') or []
             if found and enc.model_class not in found:
-                raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
-                                f'{family.name} layout expects {enc.model_class} there '
+                raise UserError(f'model folder {enc.folder or model_name}: {enc.subfolder or "."}/ holds '
+                                f'{found[0]}, but the {family.name} layout expects {enc.model_class} there '
                                 f'({layout}); pass the family of that folder')
 
 
@@ -602,6 +694,7 @@ def load_tokenizers(model_name: str, family: Family) -> list:
 def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[int]:
     """Tokens per caption for each encoder, as the family's pipeline pads and truncates."""
     return [(t5_max_length or enc.max_length) if enc.t5 else (enc.max_length or tok.model_max_length)
+            + (len(tok.encode(enc.template.split('{}')[0])) if enc.prefix_tokens else 0)
             for enc, tok in zip(family.encoders, tokenizers)]
 
 
@@ -804,7 +897,7 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
     for key, col in [(k, c) for k in keys for c in family.columns]:
         name = key + col.suffix
         encs = [family.encoders[i] for i in col.encoders]
-        length = lengths[col.encoders[0]]
+        length = encs[0].select or lengths[col.encoders[0]] - encs[0].drop  # rows stored when padded
         if col.what == 'mask':
             specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
@@ -812,16 +905,19 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
                   else (getattr(configs[i], 'hidden_size', None) or configs[i].d_model)  # T5: d_model
                   * max(1, len(e.layers) if col.what == 'hidden' else 0)  # 'stack': layers side by side
                   for i, e in zip(col.encoders, encs))
-        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}'
+        what = ' + '.join(f'{e.recipe or e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}'
                           + (f' {list(e.layers)}' if e.layers and col.what == 'hidden' else '') for e in encs)
-        shape = [dim] if col.what == 'pooled' else [length - encs[0].drop, dim]
+        shape = [dim] if col.what == 'pooled' else [length, dim]
         specs[name] = {'dtype': storage, 'shape': shape, 'what': what}
         if col.what == 'hidden' and (encs[0].variable or t5_storage == 'trimmed' and encs[0].t5):
             n = name.removesuffix('_latents') + '_length'
-            rows = ('the n rows under the attention mask' + (f' after the first {encs[0].drop}'
-                    * bool(encs[0].drop)) + ', as the pipeline passes them' if encs[0].variable
+            drop = f' after the first {encs[0].drop}' if encs[0].drop else ''
+            rows = (f'the n rows under the attention mask{drop}' if encs[0].variable
                     else 'the first n rows (n = tokens incl. </s>)')
-            specs[name].update(shape=['n', dim], length_column=n, what=f'{what}; only {rows} are stored')
+            passes = (', as the pipeline passes them' if not encs[0].trims else
+                      ' (--t5_storage trimmed: the pipeline passes the padded rows too)') * encs[0].variable
+            specs[name].update(shape=['n', dim], length_column=n,
+                               what=f'{what}; only {rows} are stored{passes}')
             specs[n] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
 
@@ -887,8 +983,11 @@ class Plan:
 def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_output_format(args.size_limit, args.compression)
-    family = pick_family(args.model_name, args.family)
+    family = composed(args.text_encoder) if args.text_encoder else pick_family(args.model_name, args.family)
     check_family_flags(args, family)
+    if args.t5_storage == 'trimmed':  # an LLM's padded states: keep the rows under the mask, as variable
+        family = dataclasses.replace(family, encoders=tuple(
+            dataclasses.replace(e, variable=e.variable or e.trims) for e in family.encoders))
     check_model_folder(args.model_name, family)
     shards = read_input_index(pl.src, pl.cache, args.download_timeout)
     columns = input_columns(shards, pl.src, args.caption_keys)
@@ -1335,10 +1434,11 @@ class BatchReader:
         encoders = list(zip(self.encoders, self.tokenizers, self.lengths))
         present = {k: [prompts(enc, tok, texts) for enc, tok, _ in encoders]
                    for k, texts in captions.items() if texts}
-        batch['tokens'] = {k: [tokenize(tok, texts, n, enc.padding)
+        batch['tokens'] = {k: [tokenize(tok, texts, n, enc.padding, enc.specials)
                                for (enc, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
-        batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False).input_ids)
-                            for (_, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
+        batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False,
+                                                            add_special_tokens=enc.specials).input_ids)
+                            for (enc, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
         for r, groups in shapes.items():
             batch[f'rows_{r}'] = [row for g in groups.values() for row in g['rows']]
             for key in ('pixels', 'noise', 'flip_noise'):
@@ -1349,18 +1449,22 @@ class BatchReader:
 def prompts(enc: TextEncoder, tokenizer, captions: list[str]) -> list[str]:
     """The texts a pipeline tokenizes for `captions`: each caption in the encoder's template."""
     captions = [c.lower().strip() for c in captions] if enc.lower else captions
-    if enc.template == 'chat':
-        system = [{'role': 'system', 'content': enc.system}] if enc.system else []
-        return [tokenizer.apply_chat_template(system + [{'role': 'user', 'content': c}], tokenize=False,
+    if enc.template.startswith('chat'):
+        def message(role: str, text: str) -> dict:
+            return {'role': role, 'content': [{'type': 'text', 'text': text}] if enc.template == 'chat-parts'
+                    else text}
+        system = [message('system', enc.system)] if enc.system else []
+        return [tokenizer.apply_chat_template(system + [message('user', c)], tokenize=False,
                                               **dict(enc.chat_options)) for c in captions]
     return [enc.template.format(c) for c in captions] if enc.template else captions
 
 
 def tokenize(tokenizer, texts: list[str], length: int, padding: str = 'max_length',
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             specials: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) padded (to `length`, or the longest) and truncated to `length`, as every
     family's encode_prompt does."""
-    out = tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors='pt')
+    out = tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors='pt',
+                    add_special_tokens=specials)
     return out.input_ids, out.attention_mask
 
 
@@ -1428,8 +1532,10 @@ class Fallback:
     copy of it (loaded from the folder once) and counts it. An SDXL VAE in float16 is the known case."""
 
     def __init__(self, model_name: str, family: Family, device: torch.device):
-        self.classes = {'vae': 'AutoencoderKL', **{e.subfolder: e.model_class for e in family.encoders}}
-        self.model_name, self.device = model_name, device
+        self.sources = {'vae': (model_name, 'vae', 'AutoencoderKL'),  # name: (folder, subfolder, class)
+                        **{e.source: (e.folder or model_name, e.subfolder, e.model_class)
+                           for e in family.encoders}}
+        self.device = device
         self.copies: dict[str, torch.nn.Module] = {}
 
     def __call__(self, name: str, model: torch.nn.Module, fn, used: list[str]):
@@ -1439,8 +1545,7 @@ class Fallback:
         if next(model.parameters()).dtype == torch.float32:
             raise UserError(f'{name} gives NaN or inf even in float32: the model weights are broken')
         if name not in self.copies:
-            self.copies[name] = load_module(self.model_name, name, self.classes[name], self.device,
-                                            torch.float32)
+            self.copies[name] = load_module(*self.sources[name], self.device, torch.float32)
         used.append(name)
         return fn(self.copies[name])
 
@@ -1470,7 +1575,7 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
                 parts.append((hidden_states(res, enc), getattr(res, enc.pooled) if enc.pooled else None))
             return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
 
-        hidden, pooled = fallback(enc.subfolder, model, run, used)
+        hidden, pooled = fallback(enc.source, model, run, used)
         outputs.append({'hidden': hidden, 'pooled': pooled, 'mask': mask.to(device).bool()})
         lengths.append(mask.sum(1) - enc.drop)
         if enc.variable:  # the rows under the mask first (left padding too), then the dropped ones gone
@@ -1479,6 +1584,9 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
         if enc.mask_plus:
             outputs[-1]['mask'] = torch.arange(mask.shape[1], device=device) < (
                 mask.sum(1, keepdim=True).to(device) + enc.mask_plus)
+        if enc.select:  # SANA's select_index: the first row and the last select - 1
+            rows = [0, *range(mask.shape[1] - enc.select + 1, mask.shape[1])]
+            outputs[-1].update(hidden=outputs[-1]['hidden'][:, rows], mask=outputs[-1]['mask'][:, rows])
     return ({col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
              for col in family.columns}, lengths)
 
@@ -1814,7 +1922,7 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
     written = sum(m['written'] for m in markers.values())
     fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
-    encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
+    encoders = [f'{e.get("recipe") or e["subfolder"]} ({e["tokens"]} tokens)'  # composed: by recipe
                 for e in plan.settings['convention']['text_encoders']]
     truncated = {key: Counter(dict.fromkeys(encoders, 0)) for key in args.caption_keys}  # captions cut
     for m in markers.values():

@@ -1,8 +1,8 @@
 """precompute_latents.py for the families whose text encoder is a language model (Z-Image, Lumina-Image 2.0,
-Qwen-Image) or a masked T5 (Chroma): each stored text column, read back with StreamingDataset, equals what
-that pipeline's own `encode_prompt` returns for each caption key's captions, including a caption longer
-than the encoder's tokens, an empty one and non-ASCII text; variable-length columns hold exactly the rows
-under the mask and their count.
+Qwen-Image, SANA, FLUX.2) or a masked T5 (Chroma): each stored text column, read back with
+StreamingDataset, equals what that pipeline's own `encode_prompt` returns for each caption key's captions,
+including a caption longer than the encoder's tokens, an empty one and non-ASCII text; variable-length
+columns hold exactly the rows under the mask and their count.
 
 Model folders are tiny but real (tests/testbed/llm_families.py); every run is in-process, once per module.
 """
@@ -10,6 +10,7 @@ Model folders are tiny but real (tests/testbed/llm_families.py); every run is in
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import signal
@@ -19,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 from test_latent_families import read_back
-from test_precompute_latents import one_thread
+from test_precompute_latents import one_thread, refused
 from testbed.corpus import make_jpeg
+from testbed.families import CLIP_L, write_clip
 from testbed.llm_families import PIPELINES, build_llm_family, pipeline_of
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
+from testbed.models import write_clip_tokenizer
 from testbed.readback import read_mds
 from testbed.scripts import load_script
 
@@ -81,8 +84,13 @@ def pipeline_text(pipe, family: str, texts: list[str]) -> list[dict[str, np.ndar
             embeds, mask = pipe.encode_prompt(texts, 'cpu')
             n = mask.sum(1) if mask is not None else [embeds.shape[1]] * len(texts)
             return [{'latents': e[:k].numpy(), 'tail': e[k:].numpy()} for e, k in zip(embeds, n)]
+        if family == 'flux2':  # padded, several layers side by side; no mask
+            return [{'latents': e.numpy()} for e in pipe.encode_prompt(texts, device='cpu')[0]]
         if family == 'lumina2':
             embeds, mask = pipe.encode_prompt(texts, False, device='cpu')[:2]
+        elif family == 'sana':  # with the instruction its __call__ passes by default
+            chi = inspect.signature(type(pipe).__call__).parameters['complex_human_instruction'].default
+            embeds, mask = pipe.encode_prompt(texts, False, device='cpu', complex_human_instruction=chi)[:2]
         else:  # chroma: (prompt_embeds, text_ids, prompt_attention_mask, ...)
             embeds, _, mask = pipe.encode_prompt(texts, None, device='cpu',
                                                  do_classifier_free_guidance=False)[:3]
@@ -90,6 +98,7 @@ def pipeline_text(pipe, family: str, texts: list[str]) -> list[dict[str, np.ndar
 
 
 COLUMNS = {'zimage': {'latents': '_latents'}, 'qwenimage': {'latents': '_latents'},
+           'flux2': {'latents': '_latents'}, 'sana': {'latents': '_latents', 'mask': '_mask'},
            'lumina2': {'latents': '_latents', 'mask': '_mask'},
            'chroma': {'latents': '_t5_latents', 'mask': '_t5_mask'}}
 
@@ -142,3 +151,109 @@ def test_an_sd35_folder_reads_as_sd3(tmp_path):
         'tokenizer_2': ['transformers', 'CLIPTokenizer'], 'tokenizer_3': ['transformers', 'T5TokenizerFast'],
         'transformer': ['diffusers', 'SD3Transformer2DModel'], 'vae': ['diffusers', 'AutoencoderKL']}))
     assert script.pick_family(str(tmp_path), 'auto').name == 'sd3'
+
+
+@pytest.fixture(scope='module')
+def clip_folder(tmp_path_factory) -> Path:
+    """A transformers folder (no pipeline): a CLIPTextModel and its tokenizer side by side."""
+    folder = tmp_path_factory.mktemp('clip')
+    torch.manual_seed(7)
+    write_clip(folder, CLIP_L, projection=False)
+    write_clip_tokenizer(folder)
+    return folder
+
+
+def test_a_composed_run_says_what_each_column_is(outputs, clip_folder, tmp_path):
+    """--text_encoder composes text encoders of other folders with --model_name's VAE: a CLIP from a
+    transformers folder (SDXL's CLIP-L recipe: penultimate hidden state and pooled output, no mask) and
+    Z-Image's Qwen3 from a pipeline folder's text_encoder/ (tokenizer/ beside it). convention.json names
+    each column's recipe, shape and meaning; read back through it, each equals its encoder's output."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    zimage = outputs['zimage'][0]
+    out = tmp_path / 'out'
+    run_in_process('--local', zimage.parent / 'mds', '--bucket', UNBUCKETED, '--model_name', zimage,
+                   '--remote_upload', out, '--text_encoder', f'clip-penultimate={clip_folder}',
+                   '--text_encoder', f'qwen3-hidden-2={zimage}:text_encoder', '--resolutions', 64,
+                   '--batch-size', 3, '--num_workers', 0, '--threads', 1, '--dtype', 'float32',
+                   '--storage_dtype', 'float32', '--summary', tmp_path / 'summary.json')
+    convention = json.loads((out / UNBUCKETED / 'convention.json').read_text())
+    assert convention['family'] == 'composed'
+    assert [(e['recipe'], e['folder'], e['subfolder']) for e in convention['text_encoders']] == [
+        ('clip-penultimate', str(clip_folder), ''), ('qwen3-hidden-2', str(zimage), 'text_encoder')]
+    columns = {c: spec for c, spec in convention['columns'].items() if c.startswith('caption_')}
+    assert columns == {
+        'caption_clip_penultimate_latents': {'dtype': 'float32', 'shape': [77, 32],
+                                             'what': 'clip-penultimate penultimate'},
+        'caption_clip_penultimate_pooled': {'dtype': 'float32', 'shape': [32],
+                                            'what': 'clip-penultimate pooler_output'},
+        'caption_qwen3_hidden_2_latents': {
+            'dtype': 'float32', 'shape': ['n', 32], 'length_column': 'caption_qwen3_hidden_2_length',
+            'what': 'qwen3-hidden-2 penultimate; only the n rows under the attention mask are stored, as the '
+                    'pipeline passes them'},
+        'caption_qwen3_hidden_2_length': {'dtype': 'int32', 'shape': [],
+                                          'what': 'n of caption_qwen3_hidden_2_latents'}}
+    got = read_mds(str(out / UNBUCKETED))
+    texts = [s['caption'] for s in got]
+    clip, tok = CLIPTextModel.from_pretrained(clip_folder).eval(), CLIPTokenizer.from_pretrained(clip_folder)
+    with torch.inference_mode(), one_thread():
+        ids = tok(texts, padding='max_length', max_length=77, truncation=True, return_tensors='pt').input_ids
+        res = clip(ids, output_hidden_states=True)
+    qwen = pipeline_text(pipeline_of(zimage, 'zimage'), 'zimage', texts)
+    for i, sample in enumerate(got):
+        stored = {c: read_back(sample[c], spec) for c, spec in columns.items() if spec['dtype'] != 'int32'}
+        np.testing.assert_allclose(stored['caption_clip_penultimate_latents'], res.hidden_states[-2][i],
+                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(stored['caption_clip_penultimate_pooled'], res.pooler_output[i],
+                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(stored['caption_qwen3_hidden_2_latents'], qwen[i]['latents'],
+                                   atol=1e-5, rtol=1e-5)
+        assert sample['caption_qwen3_hidden_2_length'] == len(qwen[i]['latents'])
+    summary = json.loads((tmp_path / 'summary.json').read_text())  # the long caption cut by both, by recipe
+    assert summary['truncated_captions']['caption'] == {'clip-penultimate (77 tokens)': 1,
+                                                        'qwen3-hidden-2 (512 tokens)': 1}
+
+
+def test_composed_refusals_are_one_line_before_a_model_loads(outputs, clip_folder, tmp_path):
+    zimage = outputs['zimage'][0]
+    base = ['--local', zimage.parent / 'mds', '--bucket', UNBUCKETED, '--model_name', zimage,
+            '--remote_upload', tmp_path / 'out']
+    cases = [  # (flags, what the line says)
+        (['--text_encoder', f'clip-xxl={clip_folder}'], 'must be RECIPE=FOLDER[:SUBFOLDER] with a recipe of'),
+        (['--text_encoder', 'clip-l'], 'must be RECIPE=FOLDER[:SUBFOLDER]'),
+        (['--text_encoder', f't5={clip_folder}', '--text_encoder', f't5={clip_folder}'], 'given twice'),
+        (['--text_encoder', f't5={clip_folder}', '--family', 'zimage'], 'a composed run has no family'),
+        (['--text_encoder', f'clip-g={clip_folder}'],  # a CLIPTextModel where the recipe reads a projection
+         'holds CLIPTextModel, but the composed layout expects CLIPTextModelWithProjection'),
+        (['--text_encoder', f'qwen3-hidden-2={zimage}:text_encoder_2'], f'model folder {zimage} has no '
+         'text_encoder_2/'),
+        (['--text_encoder', f't5={tmp_path}/no-such-folder'], 'no such folder'),
+    ]
+    for flags, phrase in cases:
+        assert phrase in refused(*base, *flags), flags
+    assert not (tmp_path / 'out').exists()
+
+
+def test_flux2_trimmed_keeps_the_rows_under_the_mask(outputs, tmp_path):
+    """FLUX.2's transformer takes the padded Mistral states (the default output above); --t5_storage
+    trimmed keeps only the rows under the attention mask, wherever the tokenizer pads, and their count:
+    exactly those rows of the padded output."""
+    folder, padded_out = outputs['flux2']
+    out = tmp_path / 'out'
+    run_in_process('--local', folder.parent / 'mds', '--bucket', UNBUCKETED, '--model_name', folder,
+                   '--remote_upload', out, '--t5_storage', 'trimmed', '--resolutions', 64, '--batch-size', 3,
+                   '--part_size', 3, '--num_workers', 0, '--threads', 1, '--dtype', 'float32',
+                   '--storage_dtype', 'float32', '--latent_mode', 'mean', '--caption_keys', *KEYS,
+                   '--summary', tmp_path / 'summary.json')
+    columns = json.loads((out / UNBUCKETED / 'convention.json').read_text())['columns']
+    padded_columns = json.loads((padded_out / 'convention.json').read_text())['columns']
+    assert columns['caption_latents']['shape'] == ['n', 96]
+    assert 'the pipeline passes the padded rows too' in columns['caption_latents']['what']
+    side = pipeline_of(folder, 'flux2').tokenizer.tokenizer.padding_side
+    for mine, full in zip(read_mds(str(out / UNBUCKETED)), read_mds(str(padded_out))):
+        for key in KEYS:
+            n = mine[f'{key}_length']
+            rows = read_back(full[f'{key}_latents'], padded_columns[f'{key}_latents'])
+            want = rows[len(rows) - n:] if side == 'left' else rows[:n]
+            np.testing.assert_array_equal(read_back(mine[f'{key}_latents'], columns[f'{key}_latents']), want)
+            assert 0 < n < 512 or mine[key] == LONG

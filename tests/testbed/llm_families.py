@@ -9,12 +9,16 @@ Each folder has a model_index.json naming its pipeline and components, and the R
 - chroma:    text_encoder/ T5EncoderModel, tokenizer/ T5TokenizerFast (families.py's Unigram T5).
 - qwenimage: text_encoder/ Qwen2_5_VLForConditionalGeneration (a one-block vision tower beside the
   language model), tokenizer/ Qwen2TokenizerFast.
+- sana:      text_encoder/ Gemma2Model, tokenizer/ GemmaTokenizerFast.
+- flux2:     text_encoder/ Mistral3ForConditionalGeneration with 31 language layers (FLUX.2 stacks
+  hidden_states 10, 20 and 30), tokenizer/ a PixtralProcessor (LlamaTokenizerFast + a Mistral-style chat
+  template with typed content, as the pipeline's AutoProcessor loads it).
 
 The LLM tokenizers are real byte-level BPEs trained offline with `tokenizers` on a few hundred words (any
 text, non-ASCII included, tokenizes), with the model's special tokens. VAEs: FLUX.1's AutoencoderKL layout
-(16 channels, scaling 0.3611, shift 0.1159) for zimage, lumina2 and chroma; qwenimage also gets that
-AutoencoderKL here, in place of its AutoencoderKLQwenImage (these tests check the text columns; the
-VAE's own tests build the real class).
+(16 channels, scaling 0.3611, shift 0.1159) for zimage, lumina2 and chroma; qwenimage, sana and flux2
+also get that AutoencoderKL here, in place of their AutoencoderKLQwenImage, AutoencoderDC and
+AutoencoderKLFlux2 (these tests check the text columns; the VAEs' own tests build the real classes).
 """
 
 from __future__ import annotations
@@ -33,11 +37,17 @@ LLM = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attent
 QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
              "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
              "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+# Mistral's shape: <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST], content as typed parts.
+MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                "{{ m['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}"
+                "[/INST]{% endif %}{% endfor %}")
 PIPELINES = {'zimage': 'ZImagePipeline', 'lumina2': 'Lumina2Pipeline', 'chroma': 'ChromaPipeline',
-             'qwenimage': 'QwenImagePipeline'}
+             'qwenimage': 'QwenImagePipeline', 'sana': 'SanaPipeline', 'flux2': 'Flux2Pipeline'}
 ENCODERS = {'zimage': ('Qwen3ForCausalLM', 'Qwen2TokenizerFast'),
             'lumina2': ('Gemma2Model', 'GemmaTokenizerFast'), 'chroma': ('T5EncoderModel', 'T5TokenizerFast'),
-            'qwenimage': ('Qwen2_5_VLForConditionalGeneration', 'Qwen2TokenizerFast')}
+            'qwenimage': ('Qwen2_5_VLForConditionalGeneration', 'Qwen2TokenizerFast'),
+            'sana': ('Gemma2Model', 'GemmaTokenizerFast'), 'flux2': ('Mistral3ForConditionalGeneration',
+                                                                      'PixtralProcessor')}
 
 
 def bpe(specials: list[str], vocab_size: int = 400):
@@ -75,12 +85,31 @@ def write_gemma_tokenizer(folder: Path) -> int:
     return len(fast)
 
 
+def write_pixtral_processor(folder: Path) -> int:
+    """A PixtralProcessor: Mistral's special tokens, <s> written by the chat template; returns its size."""
+    from transformers import LlamaTokenizerFast, PixtralImageProcessor, PixtralProcessor
+
+    specials = ['<unk>', '<s>', '</s>', '<pad>', '[INST]', '[/INST]', '[SYSTEM_PROMPT]', '[/SYSTEM_PROMPT]',
+                '[IMG]', '[IMG_BREAK]', '[IMG_END]']
+    tok = LlamaTokenizerFast(tokenizer_object=bpe(specials), bos_token='<s>', eos_token='</s>',
+                             unk_token='<unk>', pad_token='<pad>', model_max_length=2048)
+    PixtralProcessor(PixtralImageProcessor(), tok, patch_size=16, spatial_merge_size=2,
+                     chat_template=MISTRAL_CHAT).save_pretrained(folder)
+    return len(tok)
+
+
 def write_llm(folder: Path, family: str, vocab: int) -> None:
     import transformers
 
     if family == 'zimage':
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(vocab_size=vocab, **LLM))
-    elif family == 'lumina2':
+    elif family == 'flux2':
+        model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+            text_config=dict(model_type='mistral', vocab_size=vocab, **{**LLM, 'num_hidden_layers': 31}),
+            vision_config=dict(model_type='pixtral', hidden_size=16, intermediate_size=16, head_dim=8,
+                               num_hidden_layers=1, num_attention_heads=2, patch_size=16, image_size=64),
+            image_token_index=8, spatial_merge_size=2))
+    elif family in ('lumina2', 'sana'):
         model = transformers.Gemma2Model(transformers.Gemma2Config(vocab_size=vocab, pad_token_id=0, **LLM))
     else:  # qwenimage: mrope sections add up to head_dim / 2
         model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
@@ -101,7 +130,8 @@ def build_llm_family(folder: Path, family: str, seed: int = 0) -> Path:
     if family == 'chroma':
         write_t5(folder / 'text_encoder', write_t5_tokenizer(folder / 'tokenizer'))
     else:
-        vocab = (write_gemma_tokenizer if family == 'lumina2' else write_qwen_tokenizer)(folder / 'tokenizer')
+        vocab = {'lumina2': write_gemma_tokenizer, 'sana': write_gemma_tokenizer,
+                 'flux2': write_pixtral_processor}.get(family, write_qwen_tokenizer)(folder / 'tokenizer')
         write_llm(folder / 'text_encoder', family, vocab)
     FlowMatchEulerDiscreteScheduler().save_pretrained(folder / 'scheduler')
     model, tok = ENCODERS[family]
