@@ -1,7 +1,8 @@
 """Attach VAE image latents and text-encoder caption latents of a diffusion model to an MDS dataset, once.
 
 Streams one resolution bucket of what laion_cloudwriter.py wrote through the VAE and text encoders of
-a diffusers pipeline (SD 1/2, SDXL, SD3, FLUX.1, or mosaicml/diffusion's T5 + CLIP), encoding captions
+a diffusers pipeline (SD 1/2, SDXL, SD3, FLUX.1, mosaicml/diffusion's T5 + CLIP, Z-Image, Lumina 2, Chroma,
+SANA, Qwen-Image, FLUX.2; or text encoders composed with --text_encoder), encoding captions
 as its `encode_prompt` does, so that training does not re-encode them every epoch. The full manual
 (columns and shapes, convention.json, aspect buckets, preview, errors) is README.md's section
 "precompute_latents.py".
@@ -400,7 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--t5_max_length', type=COUNT, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
-                   help='trimmed: store T5 states only up to the token count, plus a <column>_length')
+                   help='trimmed: store T5 states (and flux2\'s) only up to the token count, plus a '
+                        '<column>_length')
     p.add_argument('--text_batch_size', type=COUNT, default=0,
                    help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
     p.add_argument('--batch-size', dest='batch_size', type=POSITIVE, default=64,
