@@ -658,8 +658,8 @@ def pick_family(model_name: str, flag: str) -> Family:
 
 def check_model_folder(model_name: str, family: Family) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
-    each encoder of the class the family reads (as its config.json `architectures` names it). A path that
-    is no folder was refused by check_model_name."""
+    each encoder of the class the family reads, or of its kin (as its config.json `architectures` names
+    it). A path that is no folder was refused by check_model_name."""
     for enc in family.encoders:
         if enc.folder and not os.path.isdir(enc.folder):
             check_model_name(enc.folder)
@@ -673,10 +673,16 @@ def check_model_folder(model_name: str, family: Family) -> None:
         with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
             with open(os.path.join(enc.folder or model_name, enc.subfolder, 'config.json')) as f:
                 found = json.load(f).get('architectures') or []
-            if found and enc.model_class not in found:
+            if found and not any(kin(enc.model_class) == kin(c) for c in found):
                 raise UserError(f'model folder {enc.folder or model_name}: {enc.subfolder or "."}/ holds '
                                 f'{found[0]}, but the {family.name} layout expects {enc.model_class} there '
                                 f'({layout}); pass the family of that folder')
+
+
+def kin(class_name: str) -> str:
+    """A transformers class without its head: Qwen3ForCausalLM and Qwen3Model (loadable from each other's
+    folders) give Qwen3; CLIPTextModel and CLIPTextModelWithProjection stay apart."""
+    return re.sub(r'(For[A-Za-z]+|Model)$', '', class_name)
 
 
 def load_tokenizers(model_name: str, family: Family) -> list:

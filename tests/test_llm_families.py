@@ -257,3 +257,22 @@ def test_flux2_trimmed_keeps_the_rows_under_the_mask(outputs, tmp_path):
             want = rows[len(rows) - n:] if side == 'left' else rows[:n]
             np.testing.assert_array_equal(read_back(mine[f'{key}_latents'], columns[f'{key}_latents']), want)
             assert 0 < n < 512 or mine[key] == LONG
+
+
+def test_a_language_model_folder_of_either_head_is_accepted(tmp_path):
+    """A recipe's folder may hold its class with or without a language-model head (gemma-2-2b is
+    Gemma2ForCausalLM, Lumina 2's text encoder Gemma2Model; from_pretrained loads either as the other);
+    a CLIP without the projection a recipe reads is still refused."""
+    script = load_script('precompute_latents.py')
+    (tmp_path / 'pipeline' / 'vae').mkdir(parents=True)
+    for name, held, accepted in [('gemma2-hidden-2', 'Gemma2ForCausalLM', True), ('t5', 'Qwen3Model', False),
+                                 ('qwen3-hidden-2', 'Qwen3Model', True), ('clip-g', 'CLIPTextModel', False)]:
+        folder = tmp_path / held
+        folder.mkdir(exist_ok=True)
+        (folder / 'config.json').write_text(json.dumps({'architectures': [held]}))
+        family = script.composed([(name, str(folder), '')])
+        if accepted:
+            script.check_model_folder(str(tmp_path / 'pipeline'), family)
+        else:
+            with pytest.raises(script.UserError, match=f'holds {held}, but'):
+                script.check_model_folder(str(tmp_path / 'pipeline'), family)
