@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import io
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -53,6 +54,14 @@ def run_in_process(*args) -> None:
         torch.set_num_threads(threads)
 
 
+def command(root: Path, folder: Path, out: Path, *extra) -> list:
+    """One run's command line over the module's input (several shards: parts to resume)."""
+    return ['--local', root / 'mds', '--bucket', UNBUCKETED, '--model_name', folder, '--remote_upload', out,
+            '--resolutions', 64, '--batch-size', 3, '--part_size', 2, '--num_workers', 0, '--threads', 1,
+            '--dtype', 'float32', '--storage_dtype', 'float32', '--latent_mode', 'mean',
+            '--caption_keys', *KEYS, '--summary', out.parent / f'{out.name}.json', *extra]
+
+
 @pytest.fixture(scope='module')
 def outputs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """{family: (its model folder, its output dataset)}: one run per family over one small input."""
@@ -60,16 +69,11 @@ def outputs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     rows = [make_row(i, make_jpeg(64 + 9 * i, 72, seed=i), f'f{i}.jpg', caption=CAPTIONS[i % 5])
             for i in range(5)]
     write_mds_input(str(root / 'mds'), with_vlm_captions(rows, VLM_CAPTIONS), bucketed=False,
-                    columns=VLM_COLUMNS)
+                    size_limit=1 << 13, columns=VLM_COLUMNS)
     done = {}
     for i, family in enumerate(PIPELINES):
         folder = build_llm_family(root / family, family, seed=i)
-        run_in_process('--local', root / 'mds', '--bucket', UNBUCKETED, '--model_name', folder,
-                       '--remote_upload', root / f'out-{family}', '--resolutions', 64, '--batch-size', 3,
-                       '--part_size', 3,
-                       '--num_workers', 0, '--threads', 1, '--dtype', 'float32', '--storage_dtype', 'float32',
-                       '--latent_mode', 'mean', '--caption_keys', *KEYS,
-                       '--summary', root / f'{family}.json')
+        run_in_process(*command(root, folder, root / f'out-{family}'))
         done[family] = folder, root / f'out-{family}' / UNBUCKETED
     return done
 
@@ -130,7 +134,7 @@ def test_text_columns_equal_the_pipelines_encode_prompt(family, outputs):
                 assert columns[key + '_latents']['shape'][0] == 'n'
                 assert sample[key + '_length'] == len(want[i]['latents']) > 0
                 assert not want[i].get('tail', np.zeros(0)).any()  # the pipeline's padding: zeros
-    summary = json.loads((out.parent.parent / f'{family}.json').read_text())
+    summary = json.loads((out.parent.parent / f'out-{family}.json').read_text())
     assert all(n >= 1 for n in summary['truncated_captions']['caption'].values())  # LONG was cut
     recorded = convention['text_encoders'][0]
     assert recorded['mask_applied'] and (not variable or recorded['variable'])
@@ -240,11 +244,7 @@ def test_flux2_trimmed_keeps_the_rows_under_the_mask(outputs, tmp_path):
     exactly those rows of the padded output."""
     folder, padded_out = outputs['flux2']
     out = tmp_path / 'out'
-    run_in_process('--local', folder.parent / 'mds', '--bucket', UNBUCKETED, '--model_name', folder,
-                   '--remote_upload', out, '--t5_storage', 'trimmed', '--resolutions', 64, '--batch-size', 3,
-                   '--part_size', 3, '--num_workers', 0, '--threads', 1, '--dtype', 'float32',
-                   '--storage_dtype', 'float32', '--latent_mode', 'mean', '--caption_keys', *KEYS,
-                   '--summary', tmp_path / 'summary.json')
+    run_in_process(*command(folder.parent, folder, out, '--t5_storage', 'trimmed'))
     columns = json.loads((out / UNBUCKETED / 'convention.json').read_text())['columns']
     padded_columns = json.loads((padded_out / 'convention.json').read_text())['columns']
     assert columns['caption_latents']['shape'] == ['n', 96]
@@ -276,3 +276,23 @@ def test_a_language_model_folder_of_either_head_is_accepted(tmp_path):
         else:
             with pytest.raises(script.UserError, match=f'holds {held}, but'):
                 script.check_model_folder(str(tmp_path / 'pipeline'), family)
+
+
+def test_a_variable_length_output_resumed_equals_the_uninterrupted_one(outputs, tmp_path):
+    """Z-Image's output with its later parts lost (as a kill leaves it: no _done, no index) is finished by
+    the same command, and every file equals the uninterrupted run's (the _done markers but their times)."""
+    folder, full = outputs['zimage']
+    out = tmp_path / 'out'
+    shutil.copytree(full.parent, out)
+    parts = sorted(p for p in (out / UNBUCKETED).iterdir() if p.is_dir())
+    assert len(parts) >= 2
+    for part in parts[1:]:
+        shutil.rmtree(part)
+    (out / UNBUCKETED / 'index.json').unlink()
+    run_in_process(*command(folder.parent, folder, out))
+    out = out / UNBUCKETED
+    files = sorted(p.relative_to(full) for p in full.rglob('*') if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob('*') if p.is_file())
+    for f in files:
+        if f.name != '_done':
+            assert (full / f).read_bytes() == (out / f).read_bytes(), f
