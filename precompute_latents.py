@@ -1393,9 +1393,9 @@ class BatchReader:
     def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
                  crop: CenterCrop, latent_shape: tuple[int, int], latent_mode: str, seed: int,
                  caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',),
-                 encoders: tuple[TextEncoder, ...] = ()):
+                 *, encoders: tuple[TextEncoder, ...]):
         self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
-        self.encoders = encoders or (TextEncoder('', '', '', '', 0, '', '', 'no'),) * len(tokenizers)
+        self.encoders = encoders  # each tokenizer's: how a caption becomes its prompt and tokens
         self.crop, (self.channels, self.factor) = crop, latent_shape
         self.latent_mode, self.seed, self.flip = latent_mode, seed, flip
         self.caption_drop_prob, self.caption_keys = caption_drop_prob, caption_keys
@@ -1792,7 +1792,8 @@ def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: 
     reader = BatchReader(make_jobs(parts, args.batch_size), cache, plan.tokenizers,
                          [e['tokens'] for e in convention['text_encoders']], plan.crop,
                          (image['latent_channels'], image['downsampling']), args.latent_mode, args.seed,
-                         args.caption_drop_prob, args.flip, tuple(args.caption_keys), plan.family.encoders)
+                         args.caption_drop_prob, args.flip, tuple(args.caption_keys),
+                         encoders=plan.family.encoders)
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
     workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
     if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
