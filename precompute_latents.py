@@ -1528,11 +1528,19 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
     return model
 
 
+def load_encoder(enc: TextEncoder, model_name: str, device: torch.device,
+                 dtype: torch.dtype) -> torch.nn.Module:
+    """A text encoder on `device`: only its `backbone` where it has one (no language-model head there)."""
+    if not enc.backbone:
+        return load_module(enc.folder or model_name, enc.subfolder, enc.model_class, device, dtype)
+    whole = load_module(enc.folder or model_name, enc.subfolder, enc.model_class, torch.device('cpu'), dtype)
+    return getattr(whole, enc.backbone).to(device)
+
+
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
     return (load_module(model_name, 'vae', 'AutoencoderKL', device, dtype),
-            [load_module(e.folder or model_name, e.subfolder, e.model_class, device, dtype)
-             for e in family.encoders])
+            [load_encoder(e, model_name, device, dtype) for e in family.encoders])
 
 
 class Fallback:
@@ -1540,10 +1548,9 @@ class Fallback:
     copy of it (loaded from the folder once) and counts it. An SDXL VAE in float16 is the known case."""
 
     def __init__(self, model_name: str, family: Family, device: torch.device):
-        self.sources = {'vae': (model_name, 'vae', 'AutoencoderKL'),  # name: (folder, subfolder, class)
-                        **{e.source: (e.folder or model_name, e.subfolder, e.model_class)
-                           for e in family.encoders}}
-        self.device = device
+        self.loaders = {'vae': functools.partial(load_module, model_name, 'vae', 'AutoencoderKL', device),
+                        **{e.source: functools.partial(load_encoder, e, model_name, device)
+                           for e in family.encoders}}  # name: loader of a copy in the dtype given
         self.copies: dict[str, torch.nn.Module] = {}
 
     def __call__(self, name: str, model: torch.nn.Module, fn, used: list[str]):
@@ -1553,7 +1560,7 @@ class Fallback:
         if next(model.parameters()).dtype == torch.float32:
             raise UserError(f'{name} gives NaN or inf even in float32: the model weights are broken')
         if name not in self.copies:
-            self.copies[name] = load_module(*self.sources[name], self.device, torch.float32)
+            self.copies[name] = self.loaders[name](torch.float32)
         used.append(name)
         return fn(self.copies[name])
 
@@ -1574,7 +1581,6 @@ def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family,
     outputs, lengths = [], []
     for enc, model, (ids, mask) in zip(family.encoders, encoders, tokens):
         def run(m, enc=enc, ids=ids, mask=mask):
-            m = getattr(m, enc.backbone) if enc.backbone else m
             parts = []
             for s in range(0, len(ids), chunk):
                 i, a = ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)
