@@ -6,8 +6,9 @@ computed (not measured) from the published configs' sizes written below, for REA
 Text: one caption key, float16 (`--storage_dtype` default), rows as precompute_latents.py stores them
 (padded families: every row, plus the bool mask where the family stores one; variable-length families:
 n rows plus the int32 count, n = a 20-token caption plus its template's tokens after any drop). Latents:
-the 256 and 512 px columns both present. Weights: bfloat16 parameters of everything the script loads
-(a ...ForConditionalGeneration loads its vision tower and language head too), counted from the config.
+the 256 and 512 px columns both present. Weights: bfloat16 parameters of what the script puts on the GPU
+(a ...ForConditionalGeneration's backbone keeps its vision tower; the language-model head stays on the
+CPU), counted from the config.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from __future__ import annotations
 LLMS = {
     # Tongyi-MAI/Z-Image-Turbo text_encoder/ = Qwen3-4B (tied embeddings, q/k norms)
     'qwen3-4b': dict(vocab=151936, hidden=2560, layers=36, inter=9728, heads=32, kv=8, head_dim=128,
-                     tied=True, qkv_bias=False, qk_norm=True, norms=2),
+                     qkv_bias=False, qk_norm=True, norms=2),
     # Alpha-VLLM/Lumina-Image-2.0 and SANA text_encoder/ = Gemma-2-2B (Gemma2Model: no head; 4 norms a layer)
     'gemma2-2b': dict(vocab=256000, hidden=2304, layers=26, inter=9216, heads=8, kv=4, head_dim=256,
-                      tied=None, qkv_bias=False, qk_norm=False, norms=4),
+                      qkv_bias=False, qk_norm=False, norms=4),
     # Qwen/Qwen-Image text_encoder/ = Qwen2.5-VL-7B-Instruct's language model (q/k/v biases, own lm_head)
     'qwen2.5-vl-7b': dict(vocab=152064, hidden=3584, layers=28, inter=18944, heads=28, kv=4, head_dim=128,
-                          tied=False, qkv_bias=True, qk_norm=False, norms=2),
+                          qkv_bias=True, qk_norm=False, norms=2),
     # black-forest-labs/FLUX.2-dev text_encoder/ = Mistral-Small-3.1-24B-Instruct-2503's language model
     'mistral-small-3.1': dict(vocab=131072, hidden=5120, layers=40, inter=32768, heads=32, kv=8, head_dim=128,
-                              tied=False, qkv_bias=False, qk_norm=False, norms=2),
+                              qkv_bias=False, qk_norm=False, norms=2),
     # HiDream-I1 text_encoder_4 = Llama-3.1-8B-Instruct
     'llama-3.1-8b': dict(vocab=128256, hidden=4096, layers=32, inter=14336, heads=32, kv=8, head_dim=128,
-                         tied=False, qkv_bias=False, qk_norm=False, norms=2),
+                         qkv_bias=False, qk_norm=False, norms=2),
 }
 # Vision towers the ...ForConditionalGeneration classes load beside the language model (vision config:
 # depth, width, MLP width (gated: 3 matrices), patch merger out width).
@@ -48,8 +49,7 @@ def llm_params(c: dict) -> int:
     attn = c['hidden'] * c['head_dim'] * (2 * c['heads'] + 2 * c['kv'])
     attn += c['head_dim'] * (c['heads'] + 2 * c['kv']) * c['qkv_bias'] + 2 * c['head_dim'] * c['qk_norm']
     layer = attn + 3 * c['hidden'] * c['inter'] + c['norms'] * c['hidden']
-    head = c['vocab'] * c['hidden'] if c['tied'] is False else 0
-    return c['vocab'] * c['hidden'] + c['layers'] * layer + c['hidden'] + head
+    return c['vocab'] * c['hidden'] + c['layers'] * layer + c['hidden']  # the head stays on the CPU
 
 
 def vision_params(v: dict) -> int:
@@ -83,8 +83,8 @@ def main() -> None:
         latents = sum(channels * (r // down) ** 2 * 2 for r in (256, 512))
         params = T5_XXL if lm == 'T5' else llm_params(LLMS[lm]) + (
             vision_params(VISION[lm]) if lm in VISION else 0)
-        if name == 'hidream':
-            params += T5_XXL + CLIP_L + CLIP_G
+        if name == 'hidream':  # as HiDream loads them: Llama with its head, T5-XXL, CLIP-L, CLIP-G
+            params += LLMS[lm]['vocab'] * LLMS[lm]['hidden'] + T5_XXL + CLIP_L + CLIP_G
         variable = f' (n = {rows}; up to {most * width * 2 / 1e6:.2f} MB)' if count else ''
         total = text + latents
         print(f'| `{name}` | {text / 1e6:.2f} MB{variable} | {latents / 1e3:.0f} KB | {total / 1e6:.2f} MB '
