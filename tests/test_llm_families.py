@@ -123,13 +123,12 @@ def test_text_columns_equal_the_pipelines_encode_prompt(family, outputs):
         for i, sample in enumerate(got):
             for part, suffix in COLUMNS[family].items():
                 name = key + suffix
-                mine = read_back(sample[name], columns[name])
                 if part == 'mask':
-                    mine = np.frombuffer(sample[name], np.bool_)
-                    np.testing.assert_array_equal(mine, want[i]['mask'], err_msg=f'{family} {name} {i}')
-                    continue
-                np.testing.assert_allclose(mine, want[i]['latents'], atol=1e-5, rtol=1e-5,
-                                           err_msg=f'{family} {name} {i}')
+                    np.testing.assert_array_equal(np.frombuffer(sample[name], np.bool_), want[i]['mask'],
+                                                  err_msg=f'{family} {name} {i}')
+                else:
+                    np.testing.assert_allclose(read_back(sample[name], columns[name]), want[i]['latents'],
+                                               atol=1e-5, rtol=1e-5, err_msg=f'{family} {name} {i}')
             if variable:  # exactly the rows under the mask, and their count
                 assert columns[key + '_latents']['shape'][0] == 'n'
                 assert sample[key + '_length'] == len(want[i]['latents']) > 0
