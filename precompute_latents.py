@@ -1,7 +1,8 @@
 """Attach VAE image latents and text-encoder caption latents of a diffusion model to an MDS dataset, once.
 
 Streams one resolution bucket of what laion_cloudwriter.py wrote through the VAE and text encoders of
-a diffusers pipeline (SD 1/2, SDXL, SD3, FLUX.1, or mosaicml/diffusion's T5 + CLIP), encoding captions
+a diffusers pipeline (SD 1/2, SDXL, SD3, FLUX.1, mosaicml/diffusion's T5 + CLIP, Z-Image, Lumina 2, Chroma,
+SANA, Qwen-Image, FLUX.2; or text encoders composed with --text_encoder), encoding captions
 as its `encode_prompt` does, so that training does not re-encode them every epoch. The full manual
 (columns and shapes, convention.json, aspect buckets, preview, errors) is README.md's section
 "precompute_latents.py".
@@ -113,22 +114,56 @@ class Interrupted(BaseException):
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
-    """One text encoder of a family, and what that family's pipeline takes from it."""
+    """One text encoder (a CLIP, a T5 or a decoder-only LLM) and what a pipeline takes from it: how the
+    caption becomes its prompt, how that is tokenized, which hidden states are kept, how they are stored."""
 
     subfolder: str  # text_encoder, text_encoder_2, ...
     tokenizer: str  # the subfolder of its tokenizer
     model_class: str  # a transformers class
     tokenizer_class: str
     max_length: int  # tokens after padding and truncation; 0: the tokenizer's model_max_length
-    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]) or '' (not used)
+    hidden: str  # 'last' (last_hidden_state), 'penultimate' (hidden_states[-2]), 'stack' (the `layers`
+    #              side by side per token, as FLUX.2 reshapes them) or '' (not used)
     pooled: str  # '' or the output field of the pooled vector ('text_embeds', 'pooler_output')
     mask: str  # attention mask given to the encoder: 'no', 'yes', or 'config' (config.use_attention_mask)
     t5: bool = False  # --t5_max_length and --t5_storage apply
+    # Fields below are written to convention.json only where they differ from their defaults.
+    template: str = ''  # '': the caption; 'chat': the tokenizer's chat template ('chat-parts': with the
+    #                     content as a list of typed parts, as a processor's template takes it); else a
+    #                     format string ('{}': the caption)
+    system: str = ''  # 'chat': the system message before the user's caption ('' none)
+    chat_options: tuple[tuple[str, Any], ...] = ()  # 'chat': apply_chat_template's keyword arguments
+    lower: bool = False  # the caption lower-cased and stripped first (SANA's _text_preprocessing)
+    specials: bool = True  # the tokenizer adds its special tokens (False: the chat template wrote them)
+    padding: str = 'max_length'  # or 'longest' (the batch's longest, as Qwen-Image pads)
+    padding_side: str = ''  # set on the tokenizer when given (as the pipeline's __init__ does)
+    prefix_tokens: bool = False  # max_length counts after the template's prefix (SANA: its tokens + 298)
+    select: int = 0  # keep the first row and the last select - 1 rows of the padded output (SANA: 300)
+    layers: tuple[int, ...] = ()  # hidden 'stack': these hidden_states indices
+    drop: int = 0  # tokens dropped from the front of the masked rows (Qwen-Image: its template's first 34)
+    variable: bool = False  # store only the rows under the attention mask (after `drop`) and their count
+    trims: bool = False  # --t5_storage trimmed makes it `variable` too (FLUX.2: padded LLM states)
+    mask_plus: int = 0  # the pipeline's returned mask also covers this many padding tokens (Chroma: 1)
+    backbone: str = ''  # run this submodule (a ...ForCausalLM's `model`: the hidden states without logits)
+    folder: str = ''  # the model folder or hub name ('': --model_name's pipeline)
+    recipe: str = ''  # --text_encoder: the RECIPES name it was made from
+
+    @property
+    def source(self) -> str:
+        """How messages and the fallback name it: its subfolder, or folder:subfolder when composed."""
+        return f'{self.folder}:{self.subfolder}' if self.folder else self.subfolder
 
     def masked(self, config) -> bool:
         """Whether the pipeline gives this encoder (of `config`) the attention mask."""
         return self.mask == 'yes' or (self.mask == 'config'
                                       and bool(getattr(config, 'use_attention_mask', False)))
+
+    def record(self) -> dict[str, Any]:
+        """The fields after `t5` that differ from their defaults, as JSON (convention.json)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[9:]  # after `t5`
+               if getattr(self, f.name) != f.default}
+        return {k: dict(v) if k == 'chat_options' else list(v) if isinstance(v, tuple) else v
+                for k, v in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +197,37 @@ def _t5(sub: str, tok: str, max_length: int, mask: str = 'no') -> TextEncoder:
     return TextEncoder(sub, tok, 'T5EncoderModel', 'T5TokenizerFast', max_length, 'last', '', mask, t5=True)
 
 
+def _llm(cls: str, tok: str, max_length: int, hidden: str, **more) -> TextEncoder:
+    """A pipeline's one language model in text_encoder/, masked."""
+    return TextEncoder('text_encoder', 'tokenizer', cls, tok, max_length, hidden, '', 'yes', **more)
+
+
 PROJ = 'CLIPTextModelWithProjection'
+# The pipelines' fixed prompts (diffusers 0.39: Lumina2Pipeline.system_prompt, flux2's SYSTEM_MESSAGE,
+# SanaPipeline.__call__'s complex_human_instruction, QwenImagePipeline.prompt_template_encode)
+LUMINA2_SYSTEM = ('You are an assistant designed to generate superior images with the superior degree of '
+                  'image-text alignment based on textual prompts or user prompts.')
+FLUX2_SYSTEM = ('You are an AI that reasons about image descriptions. You give structured responses '
+                'focusing on object relationships, object\nattribution and actions without speculation.')
+SANA_INSTRUCTION = '\n'.join((
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable "
+    'for image generation. Evaluate the level of detail in the user prompt:',
+    '- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial '
+    'relationships to create vivid and concrete scenes.',
+    '- If the prompt is already detailed, refine and enhance the existing details slightly without '
+    'overcomplicating.',
+    'Here are examples of how to transform or refine prompts:',
+    '- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, '
+    'sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.',
+    '- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing '
+    'street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by '
+    'towering glass skyscrapers.',
+    'Please generate only the enhanced description for the prompt below and avoid including any additional '
+    'commentary or evaluations:',
+    'User Prompt: '))
+QWEN_IMAGE_TEMPLATE = ('<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, '
+                       'quantity, text, spatial relationships of the objects and background:<|im_end|>\n'
+                       '<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n')
 FAMILIES = {f.name: f for f in (
     Family('sd', ('StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline'),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'last', '', mask='config'),),
@@ -199,7 +264,70 @@ FAMILIES = {f.name: f for f in (
            # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
            # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
            storage='float32', trimmable=False),
+    Family('zimage', ('ZImagePipeline',),  # a list of each caption's rows under the mask
+           (_llm('Qwen3ForCausalLM', 'Qwen2TokenizerFast', 512, 'penultimate', template='chat',
+                 chat_options=(('add_generation_prompt', True), ('enable_thinking', True)), variable=True,
+                 backbone='model'),),
+           (TextColumn('_latents', 'hidden', (0,)),),
+           'prompt_embeds = [caption_latents per sample] (caption_length rows each)'),
+    Family('lumina2', ('Lumina2Pipeline', 'Lumina2Text2ImgPipeline'),
+           (_llm('Gemma2Model', 'GemmaTokenizerFast', 256, 'penultimate',
+                 template=LUMINA2_SYSTEM + ' <Prompt Start> {}', padding_side='right'),),
+           (TextColumn('_latents', 'hidden', (0,)), TextColumn('_mask', 'mask', (0,))),
+           'prompt_embeds = caption_latents; prompt_attention_mask = caption_mask'),
+    Family('chroma', ('ChromaPipeline',),
+           (dataclasses.replace(_t5('text_encoder', 'tokenizer', 512, mask='yes'), mask_plus=1),),
+           (TextColumn('_t5_latents', 'hidden', (0,)), TextColumn('_t5_mask', 'mask', (0,))),
+           'prompt_embeds = caption_t5_latents; prompt_attention_mask = caption_t5_mask (the tokens and the '
+           'first padding token)'),
+    Family('sana', ('SanaPipeline',),  # the instruction SanaPipeline.__call__ passes by default
+           (_llm('Gemma2Model', 'GemmaTokenizerFast', 300 - 2, 'last', template=SANA_INSTRUCTION + '{}',
+                 lower=True, padding_side='right', prefix_tokens=True, select=300),),
+           (TextColumn('_latents', 'hidden', (0,)), TextColumn('_mask', 'mask', (0,))),
+           'prompt_embeds = caption_latents; prompt_attention_mask = caption_mask'),
+    Family('flux2', ('Flux2Pipeline',),
+           (_llm('Mistral3ForConditionalGeneration', 'AutoTokenizer', 512, 'stack', layers=(10, 20, 30),
+                 template='chat-parts', system=FLUX2_SYSTEM, chat_options=(('add_generation_prompt', False),),
+                 specials=False, backbone='model', trims=True),),
+           (TextColumn('_latents', 'hidden', (0,)),),
+           'prompt_embeds = caption_latents'),
+    Family('qwenimage', ('QwenImagePipeline',),  # 1024 tokens after the template's first 34
+           (_llm('Qwen2_5_VLForConditionalGeneration', 'Qwen2TokenizerFast', 1024 + 34, 'last',
+                 template=QWEN_IMAGE_TEMPLATE, padding='longest', drop=34, variable=True, backbone='model'),),
+           (TextColumn('_latents', 'hidden', (0,)),),
+           'prompt_embeds = pad_sequence(caption_latents per sample (caption_length rows each)); '
+           'prompt_embeds_mask = the rows each has'),
 )}
+# --text_encoder RECIPE=FOLDER[:SUBFOLDER]: a text encoder taken as a pipeline takes it, from any folder;
+# it writes <caption key>_<recipe>_latents, and _pooled and _mask where it has them.
+RECIPES = {
+    'clip-l': _clip('', '', 'CLIPTextModel', 'last', 'pooler_output'),  # SD 1's; SD 2's (ViT-H) has it too
+    'clip-penultimate': _clip('', '', 'CLIPTextModel', 'penultimate', 'pooler_output'),  # SDXL's CLIP-L
+    'clip-g': _clip('', '', PROJ, 'penultimate', 'text_embeds'),  # SDXL's and SD3's CLIP-G (projected)
+    't5': _t5('', '', 512),  # FLUX.1's: padded, no mask
+    't5-masked': FAMILIES['chroma'].encoders[0],
+    'qwen3-hidden-2': FAMILIES['zimage'].encoders[0],
+    'qwen2.5-vl': FAMILIES['qwenimage'].encoders[0],
+    'gemma2-hidden-2': FAMILIES['lumina2'].encoders[0],
+    'gemma2-sana': FAMILIES['sana'].encoders[0],
+    'mistral3-stack': FAMILIES['flux2'].encoders[0],
+}
+
+
+def composed(specs: list[tuple[str, str, str]]) -> Family:
+    """The family of --text_encoder's (recipe, folder, subfolder) list: each recipe's encoder read from its
+    folder (its tokenizer from the sibling tokenizer* subfolder of a text_encoder* one, else beside it)."""
+    encoders, columns = [], []
+    for i, (name, folder, sub) in enumerate(specs):
+        tokenizer = sub.replace('text_encoder', 'tokenizer', 1) if sub.startswith('text_encoder') else sub
+        encoders.append(enc := dataclasses.replace(RECIPES[name], subfolder=sub, tokenizer=tokenizer,
+                                                   folder=folder, recipe=name))
+        tag = '_' + re.sub(r'\W', '_', name)
+        columns += [TextColumn(f'{tag}_latents', 'hidden', (i,))] + \
+            [TextColumn(f'{tag}_pooled', 'pooled', (i,))] * bool(enc.pooled) + \
+            [TextColumn(f'{tag}_mask', 'mask', (i,))] * (enc.mask == 'yes' and not enc.variable)
+    return Family('composed', (), tuple(encoders), tuple(columns),
+                  "each text column is one encoder's output, as its recipe says (text_encoders)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +361,16 @@ def bucket_name(bucket: str) -> str:
     return bucket
 
 
+def text_encoder_spec(text: str) -> tuple[str, str, str]:
+    """`--text_encoder RECIPE=FOLDER[:SUBFOLDER]` as (recipe, folder, subfolder)."""
+    name, _, where = text.partition('=')
+    if name not in RECIPES or not where:
+        raise argparse.ArgumentTypeError(f'{text}: must be RECIPE=FOLDER[:SUBFOLDER] with a recipe of '
+                                         f'{", ".join(RECIPES)}')
+    folder, _, sub = where.partition(':') if not os.path.isdir(where) else (where, '', '')
+    return name, folder, sub
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the original script's flags keep their names and meaning."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -252,6 +390,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='diffusers pipeline of a known family (hub name or folder)')
     p.add_argument('--family', default='auto', choices=('auto', *FAMILIES),
                    help='model family; auto: from model_index.json (sd for a folder without one)')
+    p.add_argument('--text_encoder', type=text_encoder_spec, action='append', default=[],
+                   metavar='RECIPE=FOLDER[:SUBFOLDER]',
+                   help='compose: encode captions with this text encoder (repeat for several) instead of the '
+                        f"family's; recipes: {', '.join(RECIPES)}; the VAE stays --model_name's")
     p.add_argument('--caption_keys', nargs='+', default=['caption'],
                    help="input text columns to encode, each into the family's columns named <key>_...")
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
@@ -260,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--t5_max_length', type=COUNT, default=0,
                    help="T5 tokens per caption; 0: the family's (sd3 256, flux 512, mosaicml 512)")
     p.add_argument('--t5_storage', choices=('padded', 'trimmed'), default='padded',
-                   help='trimmed: store T5 states only up to the token count, plus a <column>_length')
+                   help='trimmed: store T5 states (and flux2\'s) only up to the token count, plus a '
+                        '<column>_length')
     p.add_argument('--text_batch_size', type=COUNT, default=0,
                    help='captions per text encoder call; 0: --batch-size (lower it for T5-XXL on small GPUs)')
     p.add_argument('--batch-size', dest='batch_size', type=POSITIVE, default=64,
@@ -327,6 +470,11 @@ def check_args(args: argparse.Namespace, pl: Places) -> None:
         raise UserError('--remote_upload is required: where to write the output dataset')
     if args.random_crop and args.crop != 'aspect':
         raise UserError('--random_crop: only with --crop aspect (a center square is always centred)')
+    if args.text_encoder and args.family != 'auto':
+        raise UserError(f'--family {args.family} with --text_encoder: a composed run has no family preset; '
+                        'drop one of them')
+    if len(recipes := [r for r, _, _ in args.text_encoder]) > len(set(recipes)):
+        raise UserError('--text_encoder: a recipe is given twice; its columns would clash (give each once)')
     if args.max_aspect is not None and args.crop != 'aspect':
         raise UserError('--max_aspect: only with --crop aspect (a center square has one aspect ratio)')
     check_places(args, pl)
@@ -421,11 +569,12 @@ def check_output_format(size_limit: str, compression: str) -> None:
 def check_family_flags(args: argparse.Namespace, family: Family) -> None:
     """Refuse the flags the family cannot apply or its consumer cannot read, naming the flag."""
     t5 = any(e.t5 for e in family.encoders)
+    trims = any(e.t5 or e.trims for e in family.encoders)
     if family.storage and args.storage_dtype not in (None, family.storage):
         raise UserError(f'--storage_dtype {args.storage_dtype}: the {family.name} layout is read as '
                         f'{family.storage} by its consumer; drop the flag')
-    if args.t5_storage == 'trimmed' and not (t5 and family.trimmable):
-        why = 'has no T5 encoder' if not t5 else 'stays padded, as its consumer reads it'
+    if args.t5_storage == 'trimmed' and not (trims and family.trimmable):
+        why = 'has no T5 encoder' if not trims else 'stays padded, as its consumer reads it'
         raise UserError(f'--t5_storage trimmed: the {family.name} layout {why}; drop the flag')
     if args.t5_max_length and not t5:
         raise UserError(f'--t5_max_length {args.t5_max_length}: the {family.name} layout has no T5 encoder; '
@@ -510,24 +659,31 @@ def pick_family(model_name: str, flag: str) -> Family:
 
 def check_model_folder(model_name: str, family: Family) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
-    each encoder of the class the family reads (as its config.json `architectures` names it). A path that
-    is no folder was refused by check_model_name."""
-    if not os.path.isdir(model_name):
-        return
-    layout = ', '.join(['vae/', *(f'{e.subfolder}/ ({e.model_class}) + {e.tokenizer}/'
+    each encoder of the class the family reads, or of its kin (as its config.json `architectures` names
+    it). A path that is no folder was refused by check_model_name."""
+    for enc in family.encoders:
+        if enc.folder and not os.path.isdir(enc.folder):
+            check_model_name(enc.folder)
+    layout = ', '.join(['vae/', *(f'{e.source}/ ({e.model_class}) + {e.tokenizer}/'
                                   for e in family.encoders)])  # for the messages
-    for sub in ['vae'] + [s for e in family.encoders for s in (e.subfolder, e.tokenizer)]:
-        if not os.path.isdir(os.path.join(model_name, sub)):
-            raise UserError(f'model folder {model_name} has no {sub}/ (the {family.name} layout: '
-                            f'{layout})')
+    for folder, sub in [(model_name, 'vae')] + [(e.folder or model_name, s) for e in family.encoders
+                                                 for s in (e.subfolder, e.tokenizer)]:
+        if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, sub)):
+            raise UserError(f'model folder {folder} has no {sub}/ (the {family.name} layout: {layout})')
     for enc in family.encoders:
         with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
-            with open(os.path.join(model_name, enc.subfolder, 'config.json')) as f:
+            with open(os.path.join(enc.folder or model_name, enc.subfolder, 'config.json')) as f:
                 found = json.load(f).get('architectures') or []
-            if found and enc.model_class not in found:
-                raise UserError(f'model folder {model_name}: {enc.subfolder}/ holds {found[0]}, but the '
-                                f'{family.name} layout expects {enc.model_class} there '
+            if found and not any(kin(enc.model_class) == kin(c) for c in found):
+                raise UserError(f'model folder {enc.folder or model_name}: {enc.subfolder or "."}/ holds '
+                                f'{found[0]}, but the {family.name} layout expects {enc.model_class} there '
                                 f'({layout}); pass the family of that folder')
+
+
+def kin(class_name: str) -> str:
+    """A transformers class without its head: Qwen3ForCausalLM and Qwen3Model (loadable from each other's
+    folders) give Qwen3; CLIPTextModel and CLIPTextModelWithProjection stay apart."""
+    return re.sub(r'(For[A-Za-z]+|Model)$', '', class_name)
 
 
 def load_tokenizers(model_name: str, family: Family) -> list:
@@ -535,16 +691,19 @@ def load_tokenizers(model_name: str, family: Family) -> list:
 
     tokenizers = []
     for enc in family.encoders:
-        with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {model_name} as '
-                     f'{enc.tokenizer_class}: '):
-            cls = getattr(transformers, enc.tokenizer_class)
-            tokenizers.append(cls.from_pretrained(model_name, subfolder=enc.tokenizer))
+        folder = enc.folder or model_name
+        with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {folder} as {enc.tokenizer_class}: '):
+            tokenizers.append(getattr(transformers, enc.tokenizer_class).from_pretrained(
+                folder, subfolder=enc.tokenizer))
+        if enc.padding_side:
+            tokenizers[-1].padding_side = enc.padding_side
     return tokenizers
 
 
 def token_lengths(family: Family, tokenizers: list, t5_max_length: int) -> list[int]:
     """Tokens per caption for each encoder, as the family's pipeline pads and truncates."""
     return [(t5_max_length or enc.max_length) if enc.t5 else (enc.max_length or tok.model_max_length)
+            + (len(tok.encode(enc.template.split('{}')[0])) if enc.prefix_tokens else 0)
             for enc, tok in zip(family.encoders, tokenizers)]
 
 
@@ -555,8 +714,9 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
 
     configs = []
     for enc, tok, length in zip(family.encoders, tokenizers, lengths):
-        with failing(f'cannot read the config of {enc.subfolder}/ of {model_name}: '):
-            cfg = AutoConfig.from_pretrained(model_name, subfolder=enc.subfolder)
+        with failing(f'cannot read the config of {enc.subfolder}/ of {enc.folder or model_name}: '):
+            cfg = AutoConfig.from_pretrained(enc.folder or model_name, subfolder=enc.subfolder)
+        cfg = getattr(cfg, 'text_config', cfg)  # a vision-language model's language part
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
                             f'{cfg.vocab_size}: the tokenizer does not belong to that text encoder')
@@ -746,20 +906,27 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
     for key, col in [(k, c) for k in keys for c in family.columns]:
         name = key + col.suffix
         encs = [family.encoders[i] for i in col.encoders]
-        length = lengths[col.encoders[0]]
+        length = encs[0].select or lengths[col.encoders[0]] - encs[0].drop  # rows stored when padded
         if col.what == 'mask':
             specs[name] = {'dtype': 'bool', 'shape': [length], 'what': f'{encs[0].tokenizer} attention mask'}
             continue
         dim = sum(configs[i].projection_dim if col.what == 'pooled' and e.pooled == 'text_embeds'  # projected
-                  else getattr(configs[i], 'hidden_size', None) or configs[i].d_model  # T5: d_model
+                  else (getattr(configs[i], 'hidden_size', None) or configs[i].d_model)  # T5: d_model
+                  * max(1, len(e.layers) if col.what == 'hidden' else 0)  # 'stack': layers side by side
                   for i, e in zip(col.encoders, encs))
-        what = ' + '.join(f'{e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}' for e in encs)
+        what = ' + '.join(f'{e.recipe or e.subfolder} {e.pooled if col.what == "pooled" else e.hidden}'
+                          + (f' {list(e.layers)}' if e.layers and col.what == 'hidden' else '') for e in encs)
         shape = [dim] if col.what == 'pooled' else [length, dim]
         specs[name] = {'dtype': storage, 'shape': shape, 'what': what}
-        if col.what == 'hidden' and t5_storage == 'trimmed' and encs[0].t5:
+        if col.what == 'hidden' and (encs[0].variable or t5_storage == 'trimmed' and encs[0].t5):
             n = name.removesuffix('_latents') + '_length'
+            drop = f' after the first {encs[0].drop}' if encs[0].drop else ''
+            rows = (f'the n rows under the attention mask{drop}' if encs[0].variable
+                    else 'the first n rows (n = tokens incl. </s>)')
+            passes = (', as the pipeline passes them' if not encs[0].trims else
+                      ' (--t5_storage trimmed: the pipeline passes the padded rows too)') * encs[0].variable
             specs[name].update(shape=['n', dim], length_column=n,
-                               what=what + '; only the first n rows (n = tokens incl. </s>) are stored')
+                               what=f'{what}; only {rows} are stored{passes}')
             specs[n] = {'dtype': 'int32', 'shape': [], 'what': f'n of {name}'}
     return specs
 
@@ -799,7 +966,7 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
     return {**({'crop': record} if record else {}), **keys,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
-                           'pooled': e.pooled, 'mask_applied': e.masked(c)}
+                           'pooled': e.pooled, 'mask_applied': e.masked(c), **e.record()}
                           for e, n, c in zip(family.encoders, lengths, configs)],
         'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
         'storage_dtype': storage, 't5_storage': args.t5_storage,
@@ -825,8 +992,11 @@ class Plan:
 def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_output_format(args.size_limit, args.compression)
-    family = pick_family(args.model_name, args.family)
+    family = composed(args.text_encoder) if args.text_encoder else pick_family(args.model_name, args.family)
     check_family_flags(args, family)
+    if args.t5_storage == 'trimmed':  # an LLM's padded states: keep the rows under the mask, as variable
+        family = dataclasses.replace(family, encoders=tuple(
+            dataclasses.replace(e, variable=e.variable or e.trims) for e in family.encoders))
     check_model_folder(args.model_name, family)
     shards = read_input_index(pl.src, pl.cache, args.download_timeout)
     columns = input_columns(shards, pl.src, args.caption_keys)
@@ -1246,8 +1416,10 @@ class BatchReader:
 
     def __init__(self, jobs: list[Job], cache: ShardCache, tokenizers: list, lengths: list[int],
                  crop: CenterCrop, latent_shape: tuple[int, int], latent_mode: str, seed: int,
-                 caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',)):
+                 caption_drop_prob: float, flip: bool = False, caption_keys: tuple[str, ...] = ('caption',),
+                 *, encoders: tuple[TextEncoder, ...]):
         self.jobs, self.cache, self.tokenizers, self.lengths = jobs, cache, tokenizers, lengths
+        self.encoders = encoders  # each tokenizer's: how a caption becomes its prompt and tokens
         self.crop, (self.channels, self.factor) = crop, latent_shape
         self.latent_mode, self.seed, self.flip = latent_mode, seed, flip
         self.caption_drop_prob, self.caption_keys = caption_drop_prob, caption_keys
@@ -1291,11 +1463,14 @@ class BatchReader:
                                      **({DROPPED_COLUMN: int(dropped)} if self.caption_drop_prob else {})})
             for key, texts in captions.items():
                 texts.append('' if dropped else sample[key])
-        present = {k: texts for k, texts in captions.items() if texts}
-        batch['tokens'] = {k: [tokenize(tok, texts, n) for tok, n in zip(self.tokenizers, self.lengths)]
-                           for k, texts in present.items()}
-        batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False).input_ids)
-                            for tok, n in zip(self.tokenizers, self.lengths)] for k, texts in present.items()}
+        encoders = list(zip(self.encoders, self.tokenizers, self.lengths))
+        present = {k: [prompts(enc, tok, texts) for enc, tok, _ in encoders]
+                   for k, texts in captions.items() if texts}
+        batch['tokens'] = {k: [tokenize(tok, texts, n, enc.padding, enc.specials)
+                               for (enc, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
+        batch['cut'] = {k: [sum(len(ids) > n for ids in tok(texts, verbose=False,
+                                                            add_special_tokens=enc.specials).input_ids)
+                            for (enc, tok, n), texts in zip(encoders, p)] for k, p in present.items()}
         for r, groups in shapes.items():
             batch[f'rows_{r}'] = [row for g in groups.values() for row in g['rows']]
             for key in ('pixels', 'noise', 'flip_noise'):
@@ -1303,9 +1478,25 @@ class BatchReader:
         return batch
 
 
-def tokenize(tokenizer, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) padded and truncated to `length`, as every family's encode_prompt does."""
-    out = tokenizer(captions, padding='max_length', truncation=True, max_length=length, return_tensors='pt')
+def prompts(enc: TextEncoder, tokenizer, captions: list[str]) -> list[str]:
+    """The texts a pipeline tokenizes for `captions`: each caption in the encoder's template."""
+    captions = [c.lower().strip() for c in captions] if enc.lower else captions
+    if enc.template.startswith('chat'):
+        def message(role: str, text: str) -> dict:
+            return {'role': role, 'content': [{'type': 'text', 'text': text}] if enc.template == 'chat-parts'
+                    else text}
+        system = [message('system', enc.system)] if enc.system else []
+        return [tokenizer.apply_chat_template(system + [message('user', c)], tokenize=False,
+                                              **dict(enc.chat_options)) for c in captions]
+    return [enc.template.format(c) for c in captions] if enc.template else captions
+
+
+def tokenize(tokenizer, texts: list[str], length: int, padding: str = 'max_length',
+             specials: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) padded (to `length`, or the longest) and truncated to `length`, as every
+    family's encode_prompt does."""
+    out = tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors='pt',
+                    add_special_tokens=specials)
     return out.input_ids, out.attention_mask
 
 
@@ -1361,10 +1552,19 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
     return model
 
 
+def load_encoder(enc: TextEncoder, model_name: str, device: torch.device,
+                 dtype: torch.dtype) -> torch.nn.Module:
+    """A text encoder on `device`: only its `backbone` where it has one (no language-model head there)."""
+    if not enc.backbone:
+        return load_module(enc.folder or model_name, enc.subfolder, enc.model_class, device, dtype)
+    whole = load_module(enc.folder or model_name, enc.subfolder, enc.model_class, torch.device('cpu'), dtype)
+    return getattr(whole, enc.backbone).to(device)
+
+
 def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
     return (load_module(model_name, 'vae', 'AutoencoderKL', device, dtype),
-            [load_module(model_name, e.subfolder, e.model_class, device, dtype) for e in family.encoders])
+            [load_encoder(e, model_name, device, dtype) for e in family.encoders])
 
 
 class Fallback:
@@ -1372,8 +1572,9 @@ class Fallback:
     copy of it (loaded from the folder once) and counts it. An SDXL VAE in float16 is the known case."""
 
     def __init__(self, model_name: str, family: Family, device: torch.device):
-        self.classes = {'vae': 'AutoencoderKL', **{e.subfolder: e.model_class for e in family.encoders}}
-        self.model_name, self.device = model_name, device
+        self.loaders = {'vae': functools.partial(load_module, model_name, 'vae', 'AutoencoderKL', device),
+                        **{e.source: functools.partial(load_encoder, e, model_name, device)
+                           for e in family.encoders}}  # name: loader of a copy in the dtype given
         self.copies: dict[str, torch.nn.Module] = {}
 
     def __call__(self, name: str, model: torch.nn.Module, fn, used: list[str]):
@@ -1383,8 +1584,7 @@ class Fallback:
         if next(model.parameters()).dtype == torch.float32:
             raise UserError(f'{name} gives NaN or inf even in float32: the model weights are broken')
         if name not in self.copies:
-            self.copies[name] = load_module(self.model_name, name, self.classes[name], self.device,
-                                            torch.float32)
+            self.copies[name] = self.loaders[name](torch.float32)
         used.append(name)
         return fn(self.copies[name])
 
@@ -1399,25 +1599,42 @@ def to_storage(t: torch.Tensor, storage: torch.dtype, name: str) -> torch.Tensor
 
 def encode_text(tokens: list[tuple[torch.Tensor, torch.Tensor]], family: Family, encoders: list,
                 device: torch.device, chunk: int, fallback: Fallback,
-                used: list[str]) -> dict[str, torch.Tensor]:
-    """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions)."""
-    outputs = []
+                used: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The family's text columns for a batch of tokenized captions (in chunks of `chunk` captions), and
+    each encoder's rows per caption (the tokens under the mask, less the dropped ones)."""
+    outputs, lengths = [], []
     for enc, model, (ids, mask) in zip(family.encoders, encoders, tokens):
         def run(m, enc=enc, ids=ids, mask=mask):
             parts = []
             for s in range(0, len(ids), chunk):
                 i, a = ids[s:s + chunk].to(device), mask[s:s + chunk].to(device)
-                res = m(i, attention_mask=a if enc.masked(m.config) else None,
-                        output_hidden_states=enc.hidden == 'penultimate')
-                hidden = (res.last_hidden_state if enc.hidden == 'last' else
-                          res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
-                parts.append((hidden, getattr(res, enc.pooled) if enc.pooled else None))
+                res = m(input_ids=i, attention_mask=a if enc.masked(m.config) else None,
+                        output_hidden_states=enc.hidden in ('penultimate', 'stack'))
+                parts.append((hidden_states(res, enc), getattr(res, enc.pooled) if enc.pooled else None))
             return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
 
-        hidden, pooled = fallback(enc.subfolder, model, run, used)
+        hidden, pooled = fallback(enc.source, model, run, used)
         outputs.append({'hidden': hidden, 'pooled': pooled, 'mask': mask.to(device).bool()})
-    return {col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
-            for col in family.columns}
+        lengths.append(mask.sum(1) - enc.drop)
+        if enc.variable:  # the rows under the mask first (left padding too), then the dropped ones gone
+            order = (1 - mask).argsort(dim=1, stable=True).to(device)
+            outputs[-1]['hidden'] = hidden.take_along_dim(order[..., None], 1)[:, enc.drop:]
+        if enc.mask_plus:
+            outputs[-1]['mask'] = torch.arange(mask.shape[1], device=device) < (
+                mask.sum(1, keepdim=True).to(device) + enc.mask_plus)
+        if enc.select:  # SANA's select_index: the first row and the last select - 1
+            rows = [0, *range(mask.shape[1] - enc.select + 1, mask.shape[1])]
+            outputs[-1].update(hidden=outputs[-1]['hidden'][:, rows], mask=outputs[-1]['mask'][:, rows])
+    return ({col.suffix: torch.cat([outputs[i][col.what] for i in col.encoders], dim=-1)
+             for col in family.columns}, lengths)
+
+
+def hidden_states(res, enc: TextEncoder) -> torch.Tensor | None:
+    """The hidden states the pipeline takes from an encoder's output `res`."""
+    if enc.hidden == 'stack':  # (N, L, layers x width): FLUX.2's stack(dim=1).permute(0, 2, 1, 3).reshape
+        return torch.stack([res.hidden_states[k] for k in enc.layers], dim=2).flatten(2)
+    return (res.last_hidden_state if enc.hidden == 'last' else
+            res.hidden_states[-2] if enc.hidden == 'penultimate' else None)
 
 
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
@@ -1429,10 +1646,11 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
     used: list[str] = []
     out: dict[str, Any] = {'_lengths': {}}
     for key, tokens in batch['tokens'].items():
-        for suffix, t in encode_text(tokens, family, encoders, device, text_chunk, fallback, used).items():
+        columns, out['_lengths'][key] = encode_text(tokens, family, encoders, device, text_chunk, fallback,
+                                                    used)
+        for suffix, t in columns.items():
             t = t if t.dtype == torch.bool else to_storage(t, storage, key + suffix)
             out[key + suffix] = t.to('cpu', non_blocking=True)
-        out['_lengths'][key] = [m.sum(1) for _, m in tokens]
     for r in resolutions:  # one VAE call per crop shape
         name, stacks = LATENT_COLUMN.format(res=r), batch[f'pixels_{r}']
         for column, noise, flipped in [(name, batch[f'noise_{r}'], False)] + \
@@ -1604,7 +1822,8 @@ def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: 
     reader = BatchReader(make_jobs(parts, args.batch_size), cache, plan.tokenizers,
                          [e['tokens'] for e in convention['text_encoders']], plan.crop,
                          (image['latent_channels'], image['downsampling']), args.latent_mode, args.seed,
-                         args.caption_drop_prob, args.flip, tuple(args.caption_keys))
+                         args.caption_drop_prob, args.flip, tuple(args.caption_keys),
+                         encoders=plan.family.encoders)
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
     workers = args.num_workers if args.num_workers >= 0 else max(1, cores - 1)
     if device.type == 'cpu':  # oversubscribed cores make torch's thread barriers crawl
@@ -1742,7 +1961,7 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
     written = sum(m['written'] for m in markers.values())
     fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
-    encoders = [f'{e["subfolder"]} ({e["tokens"]} tokens)'
+    encoders = [f'{e.get("recipe") or e["subfolder"]} ({e["tokens"]} tokens)'  # composed: by recipe
                 for e in plan.settings['convention']['text_encoders']]
     truncated = {key: Counter(dict.fromkeys(encoders, 0)) for key in args.caption_keys}  # captions cut
     for m in markers.values():

@@ -226,7 +226,8 @@ def make_reader(mds: Path, model: Path, args, vae, mode: str = 'center') -> pl.B
     crop = pl.make_crop(mode, args.resolutions, 64, 4.0, False)
     latent_shape = (vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1))
     return pl.BatchReader(pl.make_jobs(parts, args.batch_size), cache, tokenizers,
-                          pl.token_lengths(SD, tokenizers, 0), crop, latent_shape, 'sample', 0, 0.0)
+                          pl.token_lengths(SD, tokenizers, 0), crop, latent_shape, 'sample', 0, 0.0,
+                          encoders=SD.encoders)
 
 
 def loader_alone(reader: pl.BatchReader, workers: int, keep: int = 64) -> tuple[float, list[dict]]:
