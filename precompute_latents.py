@@ -544,9 +544,9 @@ def vae_place(model_name: str, flag: str) -> tuple[str, str]:
 
 
 def find_vae(model_name: str, flag: str) -> ImageLatents:
-    """The VAE of `--vae` (or the model's vae/): its row by its config's `_class_name` (none: an
-    AutoencoderKL, as older folders are), its latent shape and normalisation; refused in one line when
-    the class is unknown or the config lacks what its row reads."""
+    """The VAE of `--vae` (or the model's vae/): its row by its config's `_class_name`, its latent shape
+    and normalisation; refused in one line when the class is unknown or the config lacks what its row
+    reads."""
     import inspect
 
     import diffusers
@@ -558,7 +558,10 @@ def find_vae(model_name: str, flag: str) -> ImageLatents:
                         '(e.g. black-forest-labs/FLUX.2-dev:vae as a downloaded folder)')
     with failing(f'cannot read the VAE config ({sub or "."}/) of {folder}: '):
         cfg = diffusers.AutoencoderKL.load_config(folder, subfolder=sub or None)
-    name = cfg.get('_class_name', 'AutoencoderKL')
+    name = cfg.get('_class_name', '')
+    if not name:
+        raise UserError(f'{where}/config.json has no `_class_name`: not a diffusers VAE folder; pass --vae '
+                        'FOLDER[:SUBFOLDER] of a VAE')
     if name not in VAES:
         raise UserError(f'{where}/config.json: `_class_name` {name} is not a VAE this script knows '
                         f'({", ".join(VAES)}); pass --vae with one of those')
