@@ -1380,7 +1380,7 @@ def normalised(vae: dict, latent_mode: str) -> str:
     """What a latent column holds, in words (the convention's image_latents says it in full)."""
     if 'normalise' not in vae:  # an AutoencoderKL: the words it always had
         return f'(vae {latent_mode} - shift_factor) * scaling_factor'
-    return f"image_latents.normalise of the {vae['vae_class']} {vae['latent_mode']}"
+    return f"image_latents.normalise ({vae['vae_class']}, {vae['latent_mode']})"
 
 
 def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, random: bool) -> CenterCrop:
