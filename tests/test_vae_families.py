@@ -76,10 +76,11 @@ def finished(request, tiny_model, vaes, vae_input, tmp_path_factory) -> dict:
     also leaves the images out (--drop_columns jpg)."""
     kind, tmp = request.param, tmp_path_factory.mktemp(f'run-{request.param}')
     drop = ['--drop_columns', 'jpg'] if kind == 'sana' else []
-    in_process(*command(vae_input, tiny_model, tmp, '--vae', vaes[kind], '--latent_mode', 'mean', '--dtype',
-                        'float32', '--storage_dtype', 'float32', '--preview', 2, *drop))
+    flags = ['--latent_mode', 'mean', '--dtype', 'float32', '--storage_dtype', 'float32', *drop]
+    in_process(*command(vae_input, tiny_model, tmp, '--vae', vaes[kind], '--preview', 2, *flags))
     out = tmp / 'out' / UNBUCKETED
-    return {'kind': kind, 'out': read_mds(str(out)), 'input': read_mds(str(vae_input / UNBUCKETED)),
+    return {'kind': kind, 'tmp': tmp, 'flags': flags, 'out': read_mds(str(out)),
+            'input': read_mds(str(vae_input / UNBUCKETED)),
             'convention': json.loads((out / 'convention.json').read_text()),
             'png': np.asarray(Image.open(tmp / 'summary_preview.png').convert('RGB')),
             'vae': load_vae(vaes[kind], kind)}
@@ -188,6 +189,14 @@ def test_drop_columns_leaves_the_images_out(finished):
     assert finished['convention'].get('dropped_columns') == (['jpg'] if dropped else None)
     if dropped:  # the preview has no source crop to show
         assert tile(finished['png'], 0, 0).std() < 40  # a grey tile with its label
+
+
+def test_a_rerun_with_another_vae_is_refused(finished, tiny_model, vaes, vae_input):
+    """The VAE is part of what a part's _done marker records: resuming into the output with another
+    --vae stops in one line, naming the convention's VAE record."""
+    other = list(CLASSES)[(list(CLASSES).index(finished['kind']) + 1) % len(CLASSES)]
+    line = refused(*command(vae_input, tiny_model, finished['tmp'], '--vae', vaes[other], *finished['flags']))
+    assert 'was written with convention.image_latents.' in line and 'rerun with the same flags' in line
 
 
 @pytest.mark.parametrize('case, phrase', [
