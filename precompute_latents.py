@@ -15,9 +15,9 @@ Example (one GPU; `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for
 Reads `<remote_download>/<bucket name>[/<subfolder>]` (`--bucket 3` or `--bucket 256-512`), or
 `<local>/<bucket name>` in place without `--remote_download`, and the model (hub name or folder).
 
-Writes `<remote_upload>/<bucket name>[/<subfolder>]`: every input column unchanged, the family's text
+Writes `<remote_upload>/<bucket name>[/<subfolder>]`: each input column but --drop_columns, the family's text
 columns, `latents_<res>` per `--resolutions` entry, and `convention.json` (each new column's dtype and
-shape, the VAE scaling and shift: read the data back with it); under `--crop aspect` one dataset per
+shape, the VAE's normalisation and inverse: read the data back with it); under `--crop aspect` one dataset per
 bucket group. Ends with a summary, printed and written as JSON (`--summary`); `--preview N` adds a PNG.
 
 Resume: the work is split into parts of whole input shards, and each finished part gets a `_done`
@@ -427,8 +427,9 @@ class Vae:
 
 VAES = {v.class_name: v for v in (
     Vae('AutoencoderKL', 'latent_channels', 'block_out_channels', -1, 'factors',
-        "each pipeline's prepare_latents / the training examples: (latent_dist - shift_factor) * "
-        'scaling_factor; inverse latents / scaling_factor + shift_factor', bucket_latents=8),
+        'diffusers/examples (e.g. dreambooth/train_dreambooth_lora_flux.py): (latent_dist.sample() - '
+        "shift_factor) * scaling_factor; inverse: each pipeline's __call__, latents / scaling_factor + "
+        'shift_factor', bucket_latents=8),
     Vae('AutoencoderKLFlux2', 'latent_channels', 'block_out_channels', -1, 'batch_norm',
         'diffusers/pipelines/flux2/pipeline_flux2.py: Flux2Pipeline._encode_vae_image, _patchify_latents; '
         'inverse: __call__ (latents * bn_std + bn_mean), _unpatchify_latents', patch=2),
@@ -2133,11 +2134,11 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
         shards = read_json(join(out_root, INDEX), args.download_timeout)['shards']
     pattern = re.escape(LATENT_COLUMN).replace(re.escape('{res}'), r'(\d+)')
     columns = sorted((int(m[1]), c) for c in convention['columns'] if (m := re.fullmatch(pattern, c)))
-    written = convention['image_latents'].get('vae') or f'{convention["model"]}:vae'
-    image = find_vae(args.model_name, args.vae)
-    if written != (args.vae or f'{args.model_name}:vae'):
+    written = convention['image_latents'].get('vae', '')  # '': the model's own vae/
+    image = find_vae(args.model_name, args.vae or written)  # the writer's VAE unless --vae names another
+    if (args.vae or written) != written or (not written and convention['model'] != args.model_name):
         print(f'warning: --preview decodes with the VAE {image.folder}:{image.subfolder}; the output was '
-              f'written with {written}', file=sys.stderr)
+              f'written with {written or convention["model"] + ":vae"}', file=sys.stderr)
     vae = load_module(image.folder, image.subfolder, image.vae.class_name, device, torch.float32)
     total = sum(s['samples'] for s in shards)  # ids spread evenly, the first and the last included
     ids = sorted({int(i) for i in np.linspace(0, total - 1, min(args.preview, total)).round()})

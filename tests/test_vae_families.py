@@ -177,6 +177,14 @@ def test_preview_decodes_every_vae_through_the_convention(finished):
             assert np.abs(tile(png, row, 1) - want).max() <= 2, (kind, row)
 
 
+def test_preview_only_finds_the_writers_vae_in_the_convention(finished, tiny_model, vae_input):
+    """--preview_only without --vae decodes with the VAE convention.json names: the same picture."""
+    again = finished['tmp'] / 'again.png'
+    in_process(*command(vae_input, tiny_model, finished['tmp'], '--preview', 2, '--preview_only',
+                        '--preview_path', again))
+    assert np.array_equal(np.asarray(Image.open(again).convert('RGB')), finished['png'])
+
+
 def test_drop_columns_leaves_the_images_out(finished):
     """--drop_columns jpg (the DC-AE run): every other input column and the latents, no image bytes; the
     other runs keep every input column, as the default always did."""
