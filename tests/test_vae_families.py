@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_aspect_buckets import displayed, expected_crop, pixels_as_recorded, time_ids
 from test_latents_preview import TILE, tile
 from test_precompute_latents import one_thread, reference_pixels, refused
 from testbed.corpus import make_jpeg
@@ -205,6 +206,32 @@ def test_a_rerun_with_another_vae_is_refused(finished, tiny_model, vaes, vae_inp
     other = list(CLASSES)[(list(CLASSES).index(finished['kind']) + 1) % len(CLASSES)]
     line = refused(*command(vae_input, tiny_model, finished['tmp'], '--vae', vaes[other], *finished['flags']))
     assert 'was written with convention.image_latents.' in line and 'rerun with the same flags' in line
+
+
+def test_aspect_buckets_with_a_video_vae(tiny_model, vaes, vae_input, tmp_path):
+    """--crop aspect --flip with Qwen-Image's VAE: buckets step by its side multiple (8 with the sd
+    denoiser), each latent (4, 1, H/8, W/8) at its sample's bucket is the pipeline's of the recorded crop
+    (and of the mirrored one), and the preview reads each at its bucket shape."""
+    in_process(*command(vae_input, tiny_model, tmp_path, '--vae', vaes['qwenimage'], '--crop', 'aspect',
+                        '--flip', '--latent_mode', 'mean', '--dtype', 'float32', '--storage_dtype', 'float32',
+                        '--preview', 4))
+    out = tmp_path / 'out' / UNBUCKETED
+    convention = json.loads((out / 'convention.json').read_text())
+    assert convention['crop']['step'] == 8 and convention['columns']['latents_64']['shape'] == [4, 1, 'H/8',
+                                                                                               'W/8']
+    assert json.loads((tmp_path / 'summary.json').read_text())['preview']['samples'] == [0, 1, 2, 3]
+    vae, shapes = load_vae(vaes['qwenimage'], 'qwenimage'), set()
+    with torch.inference_mode(), one_thread():
+        for sample in read_mds(str(out)):
+            ids = time_ids(sample['add_time_ids_64'])
+            (rw, rh), _, _ = expected_crop(displayed(sample['jpg']), (ids[5], ids[4]))
+            shapes.add((ids[4], ids[5]))
+            for column, mirrored in (('latents_64', False), ('latents_64_flipped', True)):
+                x = pixels_as_recorded(sample['jpg'], ids, [(rw, rh, 64, ids)], mirrored)
+                stored = np.frombuffer(sample[column], np.float32).reshape(4, 1, ids[4] // 8, ids[5] // 8)
+                np.testing.assert_allclose(stored, pipeline_latents(vae, 'qwenimage', x)[0].numpy(),
+                                           atol=1e-5, rtol=1e-5, err_msg=f'{sample["key"]} {column}')
+    assert len(shapes) > 1  # not only squares
 
 
 @pytest.mark.parametrize('case, phrase', [
