@@ -16,9 +16,9 @@ Example (one GPU; `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for
 Reads `<remote_download>/<bucket name>[/<subfolder>]` (`--bucket 3` or `--bucket 256-512`), or
 `<local>/<bucket name>` in place without `--remote_download`, and the model (hub name or folder).
 
-Writes `<remote_upload>/<bucket name>[/<subfolder>]`: every input column unchanged, the family's text
+Writes `<remote_upload>/<bucket name>[/<subfolder>]`: each input column but --drop_columns, the family's text
 columns, `latents_<res>` per `--resolutions` entry, and `convention.json` (each new column's dtype and
-shape, the VAE scaling and shift: read the data back with it); under `--crop aspect` one dataset per
+shape, the VAE's normalisation and inverse: read the data back with it); under `--crop aspect` one dataset per
 bucket group. Ends with a summary, printed and written as JSON (`--summary`); `--preview N` adds a PNG.
 
 Resume: the work is split into parts of whole input shards, and each finished part gets a `_done`
@@ -422,6 +422,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--latent_mode', choices=('sample', 'mean'), default='sample',
                    help='store a sample of the latent distribution (seeded per sample) or its mean')
     p.add_argument('--seed', type=COUNT, default=0, help='seed of the per-sample noise in sample mode')
+    p.add_argument('--vae', default='',
+                   help='FOLDER[:SUBFOLDER]: take the VAE from there (no SUBFOLDER: FOLDER/vae, else '
+                        'FOLDER), e.g. a FLUX.2 folder beside SDXL text encoders; its class '
+                        f'({", ".join(VAES)}) is read from its config.json; empty: --model_name\'s vae/')
+    p.add_argument('--drop_columns', nargs='+', default=[], metavar='COLUMN',
+                   help='input columns to leave out of the output, e.g. jpg for latents without the images '
+                        '(for trainers that never read them); default: every input column is kept')
     p.add_argument('--caption_drop_prob', type=PROBABILITY, default=0.0,
                    help="fraction of captions encoded as ''")
     p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
@@ -546,6 +553,199 @@ def shown(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The VAE: each diffusers VAE class is a row (read from its config.json `_class_name`); one function
+# normalises any row's latents as its pipeline does, and convention.json states the inverse
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Vae:
+    """A VAE class, and how its pipeline turns what it encodes into what the denoiser sees:
+    stored = (patchify(z) - shift_factor[c]) * scaling_factor[c], per stored channel c."""
+
+    class_name: str  # the diffusers class, its config's `_class_name`
+    channels: str  # config key of the latent channels
+    blocks: str  # config key of a list: the side halves len(list) + `halvings` times
+    halvings: int
+    norm: str  # where shift and scale come from: a key of NORMS
+    code: str  # the diffusers code that states the normalisation (and its inverse)
+    sampled: bool = True  # encode() gives a latent_dist (--latent_mode sample or mean); else a fixed .latent
+    frames: bool = False  # a video VAE: pixels and latents carry a frame axis of 1, (N, C, 1, H, W)
+    patch: int = 1  # its pipeline patchifies p x p before normalising: channels x p^2, side / p
+    bucket_latents: int = 1  # a bucket's latent side is a multiple of this (8 for the UNet families)
+
+
+VAES = {v.class_name: v for v in (
+    Vae('AutoencoderKL', 'latent_channels', 'block_out_channels', -1, 'factors',
+        'diffusers/examples (e.g. dreambooth/train_dreambooth_lora_flux.py): (latent_dist.sample() - '
+        "shift_factor) * scaling_factor; inverse: each pipeline's __call__, latents / scaling_factor + "
+        'shift_factor', bucket_latents=8),
+    Vae('AutoencoderKLFlux2', 'latent_channels', 'block_out_channels', -1, 'batch_norm',
+        'diffusers/pipelines/flux2/pipeline_flux2.py: Flux2Pipeline._encode_vae_image, _patchify_latents; '
+        'inverse: __call__ (latents * bn_std + bn_mean), _unpatchify_latents', patch=2),
+    Vae('AutoencoderKLQwenImage', 'z_dim', 'temperal_downsample', 0, 'mean_std',
+        'diffusers/pipelines/qwenimage/pipeline_qwenimage_img2img.py: QwenImageImg2ImgPipeline.'
+        '_encode_vae_image; inverse: pipeline_qwenimage.py QwenImagePipeline.__call__', frames=True),
+    Vae('AutoencoderDC', 'latent_channels', 'encoder_block_out_channels', -1, 'factors',
+        'diffusers/pipelines/sana/pipeline_sana_sprint_img2img.py: vae.encode(image).latent * '
+        'scaling_factor; inverse: pipeline_sana.py SanaPipeline.__call__, latents / scaling_factor',
+        sampled=False),
+)}
+# The side multiple the denoiser needs beyond the VAE: the 2x2 patches its pipeline packs (FluxPipeline.
+# _pack_latents, QwenImagePipeline._pack_latents) or its transformer's patch_size; 1 for a UNet, SANA and
+# FLUX.2 (whose 2x2 patchify is the VAE row's). A family not named here: 1.
+PATCH = {'sd3': 2, 'flux': 2, 'chroma': 2, 'qwenimage': 2, 'zimage': 2, 'lumina2': 2, 'hidream': 2}
+
+
+def factor_norm(cfg: dict, load) -> tuple[float, float]:
+    """AutoencoderKL, AutoencoderDC: the config's shift_factor (none: 0) and scaling_factor."""
+    return float(cfg.get('shift_factor') or 0.0), float(cfg['scaling_factor'])
+
+
+def batch_norm_norm(cfg: dict, load) -> tuple[list[float], list[float]]:
+    """AutoencoderKLFlux2: its batch norm's running mean, and 1 / sqrt(running_var + batch_norm_eps)
+    (float32, as Flux2Pipeline computes bn_std), per patchified channel; read from the weights."""
+    bn = load().bn
+    std = torch.sqrt(bn.running_var.float() + cfg['batch_norm_eps'])
+    return bn.running_mean.float().tolist(), (1.0 / std).tolist()
+
+
+def mean_std_norm(cfg: dict, load) -> tuple[list[float], list[float]]:
+    """AutoencoderKLQwenImage: the config's latents_mean, and 1.0 / latents_std in float32 (as
+    QwenImageImg2ImgPipeline._encode_vae_image multiplies by it), per channel."""
+    return [float(v) for v in cfg['latents_mean']], (1.0 / torch.tensor(cfg['latents_std'])).tolist()
+
+
+NORMS = {'factors': factor_norm, 'batch_norm': batch_norm_norm, 'mean_std': mean_std_norm}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLatents:
+    """The run's VAE: where it is, its row, its own latent shape, and its pipeline's normalisation."""
+
+    folder: str
+    subfolder: str
+    vae: Vae
+    channels: int  # of the VAE's own latent (before a patchify)
+    factor: int  # the VAE's own downsampling
+    shift: float | tuple[float, ...]  # per stored channel, or one for all
+    scale: float | tuple[float, ...]
+    given: str  # --vae as given; '': the family's own vae/
+
+    @property
+    def stored(self) -> tuple[int, int]:
+        """(channels, downsampling) of the stored latent."""
+        return self.channels * self.vae.patch ** 2, self.factor * self.vae.patch
+
+    def record(self, latent_mode: str, multiple: int) -> dict:
+        """convention.json's `image_latents`: an AutoencoderKL of the model's own vae/ keeps the record
+        it always had; any other VAE states where it is, what it is, the normalisation and its inverse."""
+        channels, factor = self.stored
+        record = {'scaled': True, 'latent_channels': channels, 'downsampling': factor,
+                  'scaling_factor': self.scale if isinstance(self.scale, float) else list(self.scale),
+                  'shift_factor': self.shift if isinstance(self.shift, float) else list(self.shift),
+                  'latent_mode': latent_mode if self.vae.sampled else 'deterministic'}
+        if self.vae.class_name == 'AutoencoderKL' and not self.given:
+            return record
+        return {**record, 'vae': self.given or f'{self.folder}:{self.subfolder}',
+                'vae_class': self.vae.class_name, 'vae_latent_channels': self.channels,
+                'vae_downsampling': self.factor, 'side_multiple': multiple, 'code': self.vae.code,
+                **({'frames': 1} if self.vae.frames else {}),
+                **({'patchify': self.vae.patch} if self.vae.patch > 1 else {}), **self.formulas()}
+
+    def formulas(self) -> dict[str, str]:
+        """The normalisation and its inverse in words a trainer can type (the record's numbers filled in)."""
+        c, f, p, video = self.channels, self.factor, self.vae.patch, self.vae.frames
+        z = f'z ({c}, {"1, " * video}H/{f}, W/{f}) = the VAE\'s ' + (
+            'latent_dist sample or mean (latent_mode)' if self.vae.sampled else 'encode(x).latent') + \
+            ' of x = pixels / 127.5 - 1' + (' with a frame axis, (3, 1, H, W)' if video else '')
+        patchify = f'; patchify(z) = z.view({c}, h/{p}, {p}, w/{p}, {p}).permute(0, 2, 4, 1, 3).reshape(' \
+                   f'{c * p * p}, h/{p}, w/{p}) (batch axis left out)' if p > 1 else ''
+        unpatchify = f'; unpatchify(s) = s.reshape({c}, {p}, {p}, h, w).permute(0, 3, 1, 4, 2).reshape(' \
+                     f'{c}, h*{p}, w*{p})' if p > 1 else ''
+        frame = '[:, :, 0] (the frame axis)' if video else ''
+        return {'normalise': f'stored = ({"patchify(z)" if p > 1 else "z"} - shift_factor[c]) * '
+                             f'scaling_factor[c] per stored channel c (a number: all), {z}{patchify}',
+                'inverse': f'z = {"unpatchify" if p > 1 else ""}(stored / scaling_factor[c] + '
+                           f'shift_factor[c]){unpatchify}; image = vae.decode(z[None]).sample{frame}, '
+                           'in [-1, 1]'}
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """The stored latents of the VAE's latents `z` (float32), as the row's pipeline computes them."""
+        p = self.vae.patch
+        if p > 1:  # Flux2Pipeline._patchify_latents
+            n, c, h, w = z.shape
+            z = z.view(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(n, c * p * p, h // p,
+                                                                                     w // p)
+        shift, scale = (v if isinstance(v, float) else
+                        torch.tensor(v, device=z.device).view(-1, *[1] * (z.dim() - 2))
+                        for v in (self.shift, self.scale))
+        return z * scale if isinstance(shift, float) and not shift else (z - shift) * scale
+
+
+def vae_place(model_name: str, flag: str) -> tuple[str, str]:
+    """(folder, subfolder) of `--vae FOLDER[:SUBFOLDER]` (no subfolder: FOLDER/vae when there is one, else
+    FOLDER itself); without the flag the model's own vae/."""
+    if not flag:
+        return model_name, 'vae'
+    if ':' in flag:
+        folder, _, sub = flag.rpartition(':')
+        return folder, sub
+    return flag, 'vae' if os.path.isdir(os.path.join(flag, 'vae')) else ''
+
+
+def find_vae(model_name: str, flag: str) -> ImageLatents:
+    """The VAE of `--vae` (or the model's vae/): its row by its config's `_class_name`, its latent shape
+    and normalisation; refused in one line when the class is unknown or the config lacks what its row
+    reads."""
+    import inspect
+
+    import diffusers
+
+    folder, sub = vae_place(model_name, flag)
+    where = f'{folder}/{sub}' if sub else folder
+    if flag and not os.path.isdir(where):
+        raise UserError(f'--vae {flag}: no such folder {where}; give a VAE folder or FOLDER:SUBFOLDER '
+                        '(e.g. black-forest-labs/FLUX.2-dev:vae as a downloaded folder)')
+    with failing(f'cannot read the VAE config ({sub or "."}/) of {folder}: '):
+        cfg = diffusers.AutoencoderKL.load_config(folder, subfolder=sub or None)
+    name = cfg.get('_class_name', '')
+    if not name:
+        raise UserError(f'{where}/config.json has no `_class_name`: not a diffusers VAE folder; pass --vae '
+                        'FOLDER[:SUBFOLDER] of a VAE')
+    if name not in VAES:
+        raise UserError(f'{where}/config.json: `_class_name` {name} is not a VAE this script knows '
+                        f'({", ".join(VAES)}); pass --vae with one of those')
+    row = VAES[name]
+    init = inspect.signature(getattr(diffusers, name).__init__).parameters
+    cfg = {**{k: p.default for k, p in init.items()}, **cfg}  # the class's defaults where the file is silent
+    for key in (row.channels, row.blocks):
+        if not isinstance(cfg.get(key), (int, list, tuple)):
+            raise UserError(f'{where}/config.json has no usable `{key}`, which a {name} needs')
+
+    def load():  # the weights, on the CPU, for a row whose constants live there
+        return load_module(folder, sub, name, torch.device('cpu'), torch.float32)
+
+    with failing(f'{where}: cannot read the {name} normalisation ({row.norm}): '):
+        shift, scale = NORMS[row.norm](cfg, load)
+    return ImageLatents(folder, sub, row, int(cfg[row.channels]), 2 ** (len(cfg[row.blocks]) + row.halvings),
+                        shift if isinstance(shift, float) else tuple(shift),
+                        scale if isinstance(scale, float) else tuple(scale), flag)
+
+
+def bucket_rule(image: ImageLatents, family: Family, resolutions: list[int]) -> tuple[int, int]:
+    """(side multiple, bucket step) of a run: a side must be a multiple of the stored latent's factor x the
+    denoiser's patch (PATCH); the aspect buckets step by that, or by factor x 8 where the row keeps latent
+    sides multiples of 8 (the UNet families, as always). Refuses a resolution that is no multiple."""
+    factor = image.stored[1]
+    multiple = factor * PATCH.get(family.name, 1)
+    if bad := [r for r in resolutions if r % multiple]:
+        raise UserError(f'--resolutions {bad[0]}: the {image.vae.class_name} VAE ({factor}x down) with the '
+                        f'{family.name} denoiser (patch {PATCH.get(family.name, 1)}) needs sides that are '
+                        f'multiples of {multiple}; use e.g. {max(multiple, bad[0] // multiple * multiple)}')
+    return multiple, math.lcm(multiple, factor * image.vae.bucket_latents)
+
+
+# ----------------------------------------------------------------------------------------------
 # The plan (rank 0): the model, the input, the output's finished parts, the convention
 # ----------------------------------------------------------------------------------------------
 
@@ -657,7 +857,7 @@ def pick_family(model_name: str, flag: str) -> Family:
                     f'({", ".join(known)}); pass --family')
 
 
-def check_model_folder(model_name: str, family: Family) -> None:
+def check_model_folder(model_name: str, family: Family, own_vae: bool = True) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
     each encoder of the class the family reads, or of its kin (as its config.json `architectures` names
     it). A path that is no folder was refused by check_model_name."""
@@ -666,8 +866,8 @@ def check_model_folder(model_name: str, family: Family) -> None:
             check_model_name(enc.folder)
     layout = ', '.join(['vae/', *(f'{e.source}/ ({e.model_class}) + {e.tokenizer}/'
                                   for e in family.encoders)])  # for the messages
-    for folder, sub in [(model_name, 'vae')] + [(e.folder or model_name, s) for e in family.encoders
-                                                 for s in (e.subfolder, e.tokenizer)]:
+    for folder, sub in [(model_name, 'vae')] * own_vae + [(e.folder or model_name, s) for e in family.encoders
+                                                           for s in (e.subfolder, e.tokenizer)]:
         if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, sub)):
             raise UserError(f'model folder {folder} has no {sub}/ (the {family.name} layout: {layout})')
     for enc in family.encoders:
@@ -931,18 +1131,6 @@ def text_column_specs(family: Family, configs: list, lengths: list[int], storage
     return specs
 
 
-def vae_convention(model_name: str) -> dict:
-    """The VAE config's latent convention: channels, downsampling, scaling and shift."""
-    from diffusers import AutoencoderKL
-
-    with failing(f'cannot read the VAE config (vae/) of {model_name}: '):
-        cfg = AutoencoderKL.load_config(model_name, subfolder='vae')
-    return {'latent_channels': cfg.get('latent_channels', 4),
-            'downsampling': 2 ** (len(cfg.get('block_out_channels', (0,) * 4)) - 1),
-            'scaling_factor': cfg.get('scaling_factor', 0.18215),
-            'shift_factor': cfg.get('shift_factor') or 0.0}
-
-
 def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, vae: dict,
                     crop: CenterCrop) -> dict:
     """Everything a consumer needs to read the output without guessing (written as convention.json)."""
@@ -963,12 +1151,13 @@ def make_convention(args: argparse.Namespace, family: Family, tokenizers: list, 
                     **columns[name], 'what': columns[name]['what'] + '; of the horizontally mirrored crop'}
     record = crop.record(args.seed, args.flip)
     keys = {} if args.caption_keys == ['caption'] else {'caption_keys': args.caption_keys}  # as it always was
-    return {**({'crop': record} if record else {}), **keys,
+    dropped = {'dropped_columns': args.drop_columns} if args.drop_columns else {}
+    return {**({'crop': record} if record else {}), **keys, **dropped,
         'family': family.name, 'model': args.model_name, 'pipeline': family.prompt_embeds,
         'text_encoders': [{'subfolder': e.subfolder, 'class': e.model_class, 'tokens': n, 'hidden': e.hidden,
                            'pooled': e.pooled, 'mask_applied': e.masked(c), **e.record()}
                           for e, n, c in zip(family.encoders, lengths, configs)],
-        'image_latents': {'scaled': True, **vae, 'latent_mode': args.latent_mode},
+        'image_latents': vae,
         'storage_dtype': storage, 't5_storage': args.t5_storage,
         'caption_drop_prob': args.caption_drop_prob, 'columns': columns,
     }
@@ -987,6 +1176,7 @@ class Plan:
     parts: list[Part]
     pending: list[Part]
     settings: dict
+    image: ImageLatents
 
 
 def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
@@ -997,17 +1187,22 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     if args.t5_storage == 'trimmed':  # an LLM's padded states: keep the rows under the mask, as variable
         family = dataclasses.replace(family, encoders=tuple(
             dataclasses.replace(e, variable=e.variable or e.trims) for e in family.encoders))
-    check_model_folder(args.model_name, family)
+    check_model_folder(args.model_name, family, own_vae=not args.vae)
+    image = find_vae(args.model_name, args.vae)
+    multiple, step = bucket_rule(image, family, args.resolutions)
     shards = read_input_index(pl.src, pl.cache, args.download_timeout)
     columns = input_columns(shards, pl.src, args.caption_keys)
+    if unknown := [c for c in args.drop_columns if c not in columns]:
+        raise UserError(f'--drop_columns {unknown[0]}: the input has no such column (columns: '
+                        f'{", ".join(columns)})')
     tokenizers = load_tokenizers(args.model_name, family)
-    vae = vae_convention(args.model_name)
-    crop = make_crop(args.crop, args.resolutions, vae['downsampling'] * 8, args.max_aspect or MAX_ASPECT,
-                     args.random_crop)
-    convention = make_convention(args, family, tokenizers, vae, crop)
+    crop = make_crop(args.crop, args.resolutions, step, args.max_aspect or MAX_ASPECT, args.random_crop)
+    convention = make_convention(args, family, tokenizers, image.record(args.latent_mode, multiple), crop)
     new_columns = convention['columns']
     if clash := [c for c in new_columns if c in columns]:
         raise UserError(f'{pl.src} already has column(s) {", ".join(clash)}: is it an output of this script?')
+    for c in args.drop_columns:
+        del columns[c]
     columns.update({c: 'int32' if s['dtype'] == 'int32' and s['shape'] == [] else 'bytes'
                     for c, s in new_columns.items()})
     parts = plan_parts(shards, args.part_size)
@@ -1018,6 +1213,8 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
                 'input_index': index_digest(shards)}
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop
+    if args.drop_columns:
+        settings['drop_columns'] = args.drop_columns
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
     names = output_names(pl.out)
     check_output_is_ours(pl.out, names)
@@ -1030,7 +1227,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     pending = [p for p in parts if p.name not in markers]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
     put_text(pl.out, pl.staging, CONVENTION, json.dumps(convention, indent=1))
-    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings)
+    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings, image)
 
 
 def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:
@@ -1184,7 +1381,8 @@ def bucket_table(res: int, step: int, max_aspect: float) -> tuple[tuple[int, int
 
     For each shorter side s = step, 2 step, ... <= res, the longer side is the largest multiple of
     `step` with s x long <= res x res, kept while long / s <= max_aspect, in both orientations. `step`
-    is the VAE factor x 8, so a latent side is a multiple of 8. E.g. 128 (step 64): 64x256, 128x128, 256x64.
+    is bucket_rule's: the VAE factor x 8 for the UNet families' VAE (a latent side is a multiple of 8), else
+    the stored latent's factor x the denoiser's patch. E.g. 128 (step 64): 64x256, 128x128, 256x64.
     """
     pairs = set()
     for s in range(step, res + 1, step):
@@ -1275,8 +1473,8 @@ class CenterCrop:
         """The convention records of one resolution's columns."""
         side = res // vae['downsampling']
         return {LATENT_COLUMN.format(res=res): {
-            'dtype': storage, 'shape': [vae['latent_channels'], side, side],
-            'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the {res}px center square; "
+            'dtype': storage, 'shape': latent_shape(vae, side, side),
+            'what': f"{normalised(vae, latent_mode)} of the {res}px center square; "
                     f"b'' when the shorter side is below {res}"}}
 
     def record(self, seed: int, flip: bool) -> dict:
@@ -1289,7 +1487,7 @@ class AspectCrop(CenterCrop):
     """--crop aspect, a row: the nearest bucket of each resolution's table, the image resized to cover it
     (aspect kept) and cropped, SDXL size conditioning stored, one dataset per bucket group."""
 
-    step: int = 64  # the VAE factor x 8
+    step: int = 64  # bucket_rule's: the VAE factor x 8 for AutoencoderKL
     max_aspect: float = MAX_ASPECT
     grouped = True
 
@@ -1340,10 +1538,10 @@ class AspectCrop(CenterCrop):
         f = vae['downsampling']
         return {
             LATENT_COLUMN.format(res=res): {
-                'dtype': storage, 'shape': [vae['latent_channels'], f'H/{f}', f'W/{f}'],
+                'dtype': storage, 'shape': latent_shape(vae, f'H/{f}', f'W/{f}'),
                 'shape_varies': f'per sample: W x H = the bucket (aspect_bucket_{res}; '
                                 f'{TIME_IDS_COLUMN.format(res=res)}[4:6] is H, W)',
-                'what': f"(vae {latent_mode} - shift_factor) * scaling_factor of the image resized to cover "
+                'what': f"{normalised(vae, latent_mode)} of the image resized to cover "
                         f"its {res}px bucket and cropped to it; b'' when too small"},
             BUCKET_COLUMN.format(res=res): {'dtype': 'int32', 'shape': [],
                                             'what': f'index into crop.buckets["{res}"]; -1 when too small'},
@@ -1368,14 +1566,27 @@ class AspectCrop(CenterCrop):
                           '<out>/index.json holds them all'}
 
 
+def latent_shape(vae: dict, height: int | str, width: int | str) -> list:
+    """A stored latent's shape in the convention: (C, h, w); (C, 1, h, w) with a video VAE's frame axis."""
+    return [vae['latent_channels'], *[1] * vae.get('frames', 0), height, width]
+
+
+def normalised(vae: dict, latent_mode: str) -> str:
+    """What a latent column holds, in words (the convention's image_latents says it in full)."""
+    if 'normalise' not in vae:  # an AutoencoderKL: the words it always had
+        return f'(vae {latent_mode} - shift_factor) * scaling_factor'
+    return f"image_latents.normalise ({vae['vae_class']}, {vae['latent_mode']})"
+
+
 def make_crop(mode: str, resolutions: list[int], step: int, max_aspect: float, random: bool) -> CenterCrop:
     """The row of `--crop`: its bucket tables (refusing a resolution below the bucket step)."""
     if mode == 'center':
         return CenterCrop({r: ((r, r),) for r in sorted(resolutions)})
     tables = {r: bucket_table(r, step, max_aspect) for r in sorted(resolutions)}
     if small := [r for r, t in tables.items() if not t]:
-        raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the VAE '
-                        f'factor {step // 8} x 8); use resolutions of at least {step}')
+        raise UserError(f'--crop aspect --resolutions {small[0]}: below the bucket step {step} (the stored '
+                        'latent factor x the patch, x 8 for the UNet families); use resolutions of at least '
+                        f'{step}')
     return AspectCrop(tables, random, step, max_aspect)
 
 
@@ -1535,18 +1746,18 @@ def skip_lost_handoffs(hook, exc_type, exc, tb) -> None:
 def load_module(model_name: str, subfolder: str, class_name: str, device: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
     """One model of the pipeline (the VAE or a text encoder) on `device` in `dtype`, in eval mode."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL
 
     with failing(f'cannot load {subfolder}/ of {model_name} as {class_name}: '):
-        if class_name == 'AutoencoderKL':
-            model = AutoencoderKL.from_pretrained(model_name, subfolder=subfolder, torch_dtype=dtype,
-                                                  low_cpu_mem_usage=False)
+        if class_name in VAES:
+            model = getattr(diffusers, class_name).from_pretrained(
+                model_name, subfolder=subfolder or None, torch_dtype=dtype, low_cpu_mem_usage=False)
         else:
             model = getattr(transformers, class_name).from_pretrained(model_name, subfolder=subfolder,
                                                                       dtype=dtype)
     model = model.to(device).eval()
-    if device.type == 'cuda' and class_name == 'AutoencoderKL':
+    if device.type == 'cuda' and class_name in VAES and not VAES[class_name].frames:  # 4-d weights only
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     return model
@@ -1561,9 +1772,14 @@ def load_encoder(enc: TextEncoder, model_name: str, device: torch.device,
     return getattr(whole, enc.backbone).to(device)
 
 
-def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype):
+def load_vae(image: ImageLatents, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return load_module(image.folder, image.subfolder, image.vae.class_name, device, dtype)
+
+
+def load_models(model_name: str, family: Family, device: torch.device, dtype: torch.dtype,
+                image: ImageLatents):
     """(vae, [text encoders]) on `device` in `dtype`, in eval mode."""
-    return (load_module(model_name, 'vae', 'AutoencoderKL', device, dtype),
+    return (load_vae(image, device, dtype),
             [load_encoder(e, model_name, device, dtype) for e in family.encoders])
 
 
@@ -1571,8 +1787,8 @@ class Fallback:
     """Runs a model; when a reduced-precision model gives NaN or inf, reruns that batch on a float32
     copy of it (loaded from the folder once) and counts it. An SDXL VAE in float16 is the known case."""
 
-    def __init__(self, model_name: str, family: Family, device: torch.device):
-        self.loaders = {'vae': functools.partial(load_module, model_name, 'vae', 'AutoencoderKL', device),
+    def __init__(self, model_name: str, family: Family, device: torch.device, image: ImageLatents):
+        self.loaders = {'vae': functools.partial(load_vae, image, device),
                         **{e.source: functools.partial(load_encoder, e, model_name, device)
                            for e in family.encoders}}  # name: loader of a copy in the dtype given
         self.copies: dict[str, torch.nn.Module] = {}
@@ -1639,7 +1855,7 @@ def hidden_states(res, enc: TextEncoder) -> torch.Tensor | None:
 
 def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutions: list[int],
                  device: torch.device, storage: torch.dtype, text_chunk: int, fallback: Fallback,
-                 flip: bool = False) -> dict[str, Any]:
+                 image: ImageLatents, flip: bool = False) -> dict[str, Any]:
     """Stored columns on the CPU (copies may still be in flight on a GPU: sync before reading), plus
     `_fallback`: the models that needed a float32 rerun for this batch."""
     vae, encoders = models
@@ -1656,26 +1872,28 @@ def encode_batch(batch: dict[str, Any], models: tuple, family: Family, resolutio
         for column, noise, flipped in [(name, batch[f'noise_{r}'], False)] + \
                 [(FLIPPED.format(column=name), batch[f'flip_noise_{r}'], True)] * flip:
             noise = noise or [None] * len(stacks)  # mean mode
-            out[column] = [encode_pixels(vae, p.flip(2) if flipped else p, n, device, storage, name,
+            out[column] = [encode_pixels(vae, image, p.flip(2) if flipped else p, n, device, storage, name,
                                          fallback, used) for p, n in zip(stacks, noise)]
     out['_fallback'] = used
     return out
 
 
-def encode_pixels(vae, px: torch.Tensor, noise: torch.Tensor | None, device: torch.device,
-                  storage: torch.dtype, name: str, fallback: Fallback, used: list[str]) -> torch.Tensor:
+def encode_pixels(vae, image: ImageLatents, px: torch.Tensor, noise: torch.Tensor | None,
+                  device: torch.device, storage: torch.dtype, name: str, fallback: Fallback,
+                  used: list[str]) -> torch.Tensor:
     """Stored latents of a stack of uint8 images (N, H, W, 3): the VAE's mean (plus std x `noise` in
-    sample mode), shifted and scaled as its config says; on the CPU (the copy may be in flight)."""
+    sample mode; a deterministic VAE's latent), normalised as its pipeline does (ImageLatents.normalise);
+    on the CPU (the copy may be in flight)."""
     def run(m):
         x = px.to(device, non_blocking=True).permute(0, 3, 1, 2).to(m.dtype) / 127.5 - 1
-        d = m.encode(x).latent_dist
-        return d.mean.float(), d.std.float()
+        out = m.encode(x.unsqueeze(2) if image.vae.frames else x)
+        if not image.vae.sampled:
+            return out.latent.float(), None
+        return out.latent_dist.mean.float(), out.latent_dist.std.float()
 
     mean, std = fallback('vae', vae, run, used)
-    z = mean if noise is None else mean + std * noise.to(device, non_blocking=True)
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    z = (z - shift) * scale if shift else z * scale
-    return to_storage(z, storage, name).to('cpu', non_blocking=True)
+    z = mean if noise is None else mean + std * noise.to(device, non_blocking=True).view(mean.shape)
+    return to_storage(image.normalise(z), storage, name).to('cpu', non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1739,7 +1957,8 @@ class PartWriter(threading.Thread):
                   for name in [LATENT_COLUMN.format(res=r)] + [FLIPPED.format(column=LATENT_COLUMN.format(
                       res=r))] * self.args.flip}
         for row, sample in enumerate(batch['samples']):
-            out = {**sample, **batch['columns'][row]}
+            out = {**{k: v for k, v in sample.items() if k not in self.args.drop_columns},
+                   **batch['columns'][row]}
             for name, length_column, key, enc in self.text_columns:
                 value = latents[name][row]
                 if length_column:  # store the first n token states only
@@ -1818,10 +2037,11 @@ def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: 
                 device: torch.device) -> torch.utils.data.DataLoader:
     """The DataLoader of this rank's batches, its workers and this process's threads sharing its cores."""
     convention = plan.settings['convention']
-    image = convention['image_latents']
+    image = plan.image  # noise of the VAE's own latent shape; none for a deterministic VAE
     reader = BatchReader(make_jobs(parts, args.batch_size), cache, plan.tokenizers,
                          [e['tokens'] for e in convention['text_encoders']], plan.crop,
-                         (image['latent_channels'], image['downsampling']), args.latent_mode, args.seed,
+                         (image.channels, image.factor),
+                         args.latent_mode if image.vae.sampled else 'mean', args.seed,
                          args.caption_drop_prob, args.flip, tuple(args.caption_keys),
                          encoders=plan.family.encoders)
     cores = max(1, (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # per process
@@ -1839,9 +2059,9 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
     mine = plan.pending[rank::world]
     family, pl = plan.family, plan.places
-    models = load_models(args.model_name, family, device, dtype)
+    models = load_models(args.model_name, family, device, dtype, plan.image)
     storage = getattr(torch, plan.settings['convention']['storage_dtype'])
-    fallback = Fallback(args.model_name, family, device)
+    fallback = Fallback(args.model_name, family, device, plan.image)
     remote = pl.src if pl.src != pl.cache else None
     cache = ShardCache(plan.shards, remote, pl.cache, args.download_timeout, args.download_retry)
     if remote is not None:
@@ -1865,7 +2085,8 @@ def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: 
             for batch in batches:
                 with torch.inference_mode():
                     latents = encode_batch(batch, models, family, list(plan.crop.tables), device, storage,
-                                           args.text_batch_size or args.batch_size, fallback, args.flip)
+                                           args.text_batch_size or args.batch_size, fallback, plan.image,
+                                           args.flip)
                 event = torch.cuda.Event() if device.type == 'cuda' else None
                 if event is not None:  # the writer waits for the copies to the CPU
                     event.record()
@@ -2064,8 +2285,8 @@ def stored_latent(sample: dict[str, Any], column: str, convention: dict,
     else:
         arr = np.frombuffer(blob, np.dtype(spec['dtype'])).astype(np.float32)
     shape = spec['shape']
-    if size is not None and not isinstance(shape[1], int):
-        shape = [shape[0]] + [side // int(str(d).split('/')[1]) for side, d in zip(size, shape[1:])]
+    if size is not None and not isinstance(shape[-1], int):  # the last two are the sides
+        shape = shape[:-2] + [side // int(str(d).split('/')[1]) for side, d in zip(size, shape[-2:])]
     return arr.reshape([d if isinstance(d, int) else -1 for d in shape])
 
 
@@ -2131,7 +2352,7 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
                 vae, device: torch.device) -> tuple[list[Image.Image | str], str]:
     """One sample's tiles (per stored resolution: source crop, decoded latent) and its text."""
     crop = CenterCrop({res: ((res, res),) for res, _ in columns})  # decoded as center mode decodes
-    img = crop.decode(sample['jpg'], dict.fromkeys(crop.tables))[0]
+    img = crop.decode(sample['jpg'], dict.fromkeys(crop.tables))[0] if IMAGE_COLUMN in sample else None
     tiles: list[Image.Image | str] = []
     for res, column in columns:
         if not sample[column]:
@@ -2140,14 +2361,27 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
         raw = sample.get(TIME_IDS_COLUMN.format(res=res))  # --crop aspect: the recorded crop
         ids = np.frombuffer(raw, np.int32).tolist() if raw else None
         latent = stored_latent(sample, column, convention, None if ids is None else (ids[4], ids[5]))
-        vae_scale = convention['image_latents']  # what the VAE decodes: stored / scaling + shift
-        z = latent / vae_scale['scaling_factor'] + vae_scale['shift_factor']
+        z = vae_input(latent, convention['image_latents'])
         x = vae.decode(torch.from_numpy(z)[None].to(device, vae.dtype)).sample[0].float()  # as diffusers'
+        x = x[:, 0] if x.dim() == 4 else x  # a video VAE's frame axis
         decoded = Image.fromarray(  # image processor turns it into an RGB picture
             ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-        tiles += [source_crop(img, *decoded.size) if ids is None else recorded_crop(img, ids), decoded]
-    caption = sample[convention.get('caption_keys', ['caption'])[0]]
+        tiles += ['no jpg column' if img is None else source_crop(img, *decoded.size) if ids is None
+                  else recorded_crop(img, ids), decoded]
+    caption = sample.get(convention.get('caption_keys', ['caption'])[0], '')
     return tiles, f'#{sample_id} (key {sample.get("key", "")}): {caption}'
+
+
+def vae_input(latent: np.ndarray, record: dict) -> np.ndarray:
+    """What the VAE decodes from a stored latent, by convention.json's `image_latents` inverse: stored /
+    scaling_factor[c] + shift_factor[c] (a number: all channels), then unpatchified if it was patchified."""
+    per_channel = (-1,) + (1,) * (latent.ndim - 1)
+    z = (latent / np.asarray(record['scaling_factor'], np.float32).reshape(per_channel)
+         + np.asarray(record['shift_factor'], np.float32).reshape(per_channel))
+    if p := record.get('patchify', 0):  # Flux2Pipeline._unpatchify_latents, without the batch axis
+        c, h, w = z.shape
+        z = z.reshape(c // (p * p), p, p, h, w).transpose(0, 3, 1, 4, 2).reshape(c // (p * p), h * p, w * p)
+    return z
 
 
 def write_preview(args: argparse.Namespace, out_root: str, device: torch.device, path: str) -> list[int]:
@@ -2159,10 +2393,12 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
         shards = read_json(join(out_root, INDEX), args.download_timeout)['shards']
     pattern = re.escape(LATENT_COLUMN).replace(re.escape('{res}'), r'(\d+)')
     columns = sorted((int(m[1]), c) for c in convention['columns'] if (m := re.fullmatch(pattern, c)))
-    if convention['model'] != args.model_name:
-        print(f'warning: --preview decodes with the VAE of {args.model_name}; the output was written with '
-              f'{convention["model"]}', file=sys.stderr)
-    vae = load_module(args.model_name, 'vae', 'AutoencoderKL', device, torch.float32)
+    written = convention['image_latents'].get('vae', '')  # '': the model's own vae/
+    image = find_vae(args.model_name, args.vae or written)  # the writer's VAE unless --vae names another
+    if (args.vae or written) != written or (not written and convention['model'] != args.model_name):
+        print(f'warning: --preview decodes with the VAE {image.folder}:{image.subfolder}; the output was '
+              f'written with {written or convention["model"] + ":vae"}', file=sys.stderr)
+    vae = load_module(image.folder, image.subfolder, image.vae.class_name, device, torch.float32)
     total = sum(s['samples'] for s in shards)  # ids spread evenly, the first and the last included
     ids = sorted({int(i) for i in np.linspace(0, total - 1, min(args.preview, total)).round()})
     os.makedirs(args.local, exist_ok=True)

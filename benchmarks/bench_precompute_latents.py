@@ -18,6 +18,10 @@ On a GPU host, full-size randomly initialised SD-2 VAE + ViT-H text encoder in f
     python benchmarks/bench_precompute_latents.py --device cuda --full_size --bucket 256-512 \\
         --samples 20000 --batch_size 128 --workers 15
     python benchmarks/bench_precompute_latents.py --device cuda --full_size --bucket 512+ ...
+Per VAE (--vaes: FLUX.2, Qwen-Image, SANA's DC-AE through --vae beside the SD-2 text side; samples/s,
+bytes/sample, FLOPs, MFU and the VAE's peak GPU memory per batch), on a GPU at the published sizes:
+    python benchmarks/bench_precompute_latents.py --device cuda --full_size --vaes --bucket 1024+ \
+        --resolutions 512 1024 --samples 2048 --batch_size 32 --workers 15
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ from testbed.corpus import make_jpeg  # noqa: E402
 from testbed.families import build_tiny_family  # noqa: E402
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input  # noqa: E402
 from testbed.models import build_tiny_sd, write_clip_tokenizer  # noqa: E402
+from testbed.vae_families import build_vae  # noqa: E402
 
 import precompute_latents as pl  # noqa: E402
 
 SD = pl.FAMILIES['sd']
 
 # Shorter-side ranges of the generated images per --bucket (the longer side is up to 4/3 of it).
-SIDES = {'mixed': (300, 900), '256-512': (256, 511), '512+': (512, 900)}
+SIDES = {'mixed': (300, 900), '256-512': (256, 511), '512+': (512, 900), '1024+': (1024, 1300)}
 # Dense fp16/bf16 tensor-core peak, FLOP/s, for the MFU column.
 PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12}
 
@@ -75,6 +80,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--families', nargs='*', default=None,
                    help="per family end to end instead of the SD-2 breakdown: e.g. 'sd sdxl sd3 flux "
                         "mosaicml', or none listed for all")
+    p.add_argument('--vaes', nargs='*', default=None, choices=('flux2', 'qwenimage', 'sana'),
+                   help='per VAE end to end through --vae (beside the SD-2 text side) instead of the SD-2 '
+                        'breakdown: flux2, qwenimage, sana, or none listed for all')
     return p.parse_args()
 
 
@@ -137,7 +145,7 @@ def build_full_size_sd2(folder: Path) -> Path:
 
 
 def forward_flops(text_calls, vae, device: torch.device, dtype: torch.dtype,
-                  shares: dict[int, float]) -> float:
+                  shares: dict[int, float], frames: bool = False) -> float:
     """Forward FLOPs per sample: each (text encoder, token length) in `text_calls`, plus the VAE encoder
     at each resolution weighted by the share of samples whose shorter side reaches it (torch's FLOP
     counter, batch of 1)."""
@@ -150,7 +158,8 @@ def forward_flops(text_calls, vae, device: torch.device, dtype: torch.dtype,
 
     with torch.inference_mode():
         total = sum(counted(enc, torch.zeros(1, n, dtype=torch.long, device=device)) for enc, n in text_calls)
-        total += sum(share * counted(vae.encode, torch.zeros(1, 3, res, res, device=device, dtype=dtype))
+        total += sum(share * counted(vae.encode, torch.zeros(1, 3, *[1] * frames, res, res, device=device,
+                                                             dtype=dtype))
                      for res, share in shares.items() if share)
     return total
 
@@ -246,17 +255,19 @@ def loader_alone(reader: pl.BatchReader, workers: int, keep: int = 64) -> tuple[
     return rate, batches
 
 
-def model_alone(batches: list[dict], vae, te, device, dtype, resolutions, min_seconds: float = 5.0) -> float:
+def model_alone(batches: list[dict], vae, te, device, dtype, resolutions, model: Path,
+                min_seconds: float = 5.0) -> float:
     """Encode pre-made batches (pinned on a GPU) until min_seconds have passed; samples/s."""
     if device.type == 'cuda':
         batches = [{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
                    for b in batches]
-    fallback = pl.Fallback('', SD, device)
+    image = pl.find_vae(str(model), '')
+    fallback = pl.Fallback(str(model), SD, device, image)
 
     def encode(b: dict) -> None:
         with torch.inference_mode():
             pl.encode_batch(b, (vae, [te]), SD, resolutions, device, torch.float16, len(b['samples']),
-                            fallback)
+                            fallback, image)
 
     encode(batches[0])  # warm-up
     if device.type == 'cuda':
@@ -310,7 +321,7 @@ def family_model(work: Path, family: str, full_size: bool) -> Path:
 def family_flops(model: Path, family: pl.Family, device: torch.device, dtype: torch.dtype,
                  shares: dict[int, float]) -> float:
     """Forward FLOPs per sample of every text encoder at its token length, plus the VAE encoder."""
-    vae, encoders = pl.load_models(str(model), family, device, dtype)
+    vae, encoders = pl.load_models(str(model), family, device, dtype, pl.find_vae(str(model), ''))
     lengths = pl.token_lengths(family, pl.load_tokenizers(str(model), family), 0)
     return forward_flops(zip(encoders, lengths), vae, device, dtype, shares)
 
@@ -335,8 +346,57 @@ def bench_families(args, work: Path, mds: Path, device: torch.device, dtype: tor
             torch.cuda.empty_cache()
 
 
+def vae_peak_memory(image: pl.ImageLatents, device: torch.device, dtype: torch.dtype, res: int,
+                    batch: int) -> str:
+    """The VAE's peak GPU memory encoding one batch of res x res images (weights included), as the script
+    encodes them; 'n/a' on the CPU."""
+    if device.type != 'cuda':
+        return 'n/a'
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    vae = pl.load_module(image.folder, image.subfolder, image.vae.class_name, device, dtype)
+    x = torch.zeros(batch, 3, *[1] * image.vae.frames, res, res, device=device, dtype=dtype)
+    with torch.inference_mode():
+        vae.encode(x)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    del vae, x
+    torch.cuda.empty_cache()
+    return f'{peak:.1f} GiB'
+
+
+def bench_vaes(args, work: Path, mds: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """End to end per VAE (--vae FOLDER beside the SD-2 text side): samples/s after the first batch,
+    bytes stored per sample, FLOPs and MFU, and the VAE's peak memory per batch at each resolution."""
+    text = family_model(work, 'sd', args.full_size)
+    te = pl.load_module(str(text), 'text_encoder', 'CLIPTextModel', device, dtype)
+    peak = peak_flops(args, device)
+    print(f'{"vae":<10} {"samples/s":>10} {"bytes/sample":>13} {"GFLOP/sample":>13} {"MFU":>7}  '
+          + '  '.join(f'peak {r}px x{args.batch_size}' for r in args.resolutions) + '  wall')
+    for kind in args.vaes or ('flux2', 'qwenimage', 'sana'):
+        folder = build_vae(work / f'vae-{kind}', kind, full_size=args.full_size)
+        run_dir = work / f'run-vae-{kind}'
+        run_dir.mkdir(exist_ok=True)
+        e2e = end_to_end(mds, text, run_dir, args, '--vae', str(folder))
+        rate = e2e['steady_samples_per_s_rank0'] or e2e['samples_per_s_rank0']
+        shares = {int(r): n / max(e2e['written'], 1) for r, n in e2e['encoded'].items()}
+        image = pl.find_vae(str(text), str(folder))
+        vae = pl.load_module(image.folder, image.subfolder, image.vae.class_name, device, dtype)
+        flops = forward_flops([(te, 77)], vae, device, dtype, shares, image.vae.frames)
+        del vae
+        mfu = f'{flops * rate / peak:.1%}' if peak else 'n/a'
+        memory = [vae_peak_memory(image, device, dtype, r, args.batch_size) for r in args.resolutions]
+        print(f'{kind:<10} {rate:>10.1f} {e2e["latent_bytes_per_sample"]:>13.0f} {flops / 1e9:>13.1f} '
+              f'{mfu:>7}  ' + '  '.join(f'{m:>{len(f"peak {r}px x{args.batch_size}")}}'
+                                        for m, r in zip(memory, args.resolutions))
+              + f'  {e2e["wall"]:.0f} s', flush=True)
+
+
 def main() -> None:
     args = parse_args()
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        sys.exit('error: --device cuda: no GPU is visible to torch; run on a GPU host, or drop the flag '
+                 'for the tiny CPU run')
     os.environ.update({'NO_ALBUMENTATIONS_UPDATE': '1', 'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'disabled'})
     work = Path(args.work_dir or tempfile.mkdtemp(prefix='bench-latents-'))
     work.mkdir(parents=True, exist_ok=True)
@@ -354,11 +414,16 @@ def main() -> None:
               f'batch {args.batch_size}, {args.samples} samples, resolutions {args.resolutions}')
         bench_families(args, work, mds, device, dtype)
         return
+    if args.vaes is not None:
+        print(f'device {device}, {"full-size random" if args.full_size else "tiny test bed"} VAEs, '
+              f'batch {args.batch_size}, {args.samples} samples, resolutions {args.resolutions}')
+        bench_vaes(args, work, mds, device, dtype)
+        return
     if args.full_size:
         model = build_full_size_sd2(work / 'sd2-random')
     else:
         model = build_tiny_sd(work / 'tiny-sd')
-    vae, (te,) = pl.load_models(str(model), SD, device, dtype)
+    vae, (te,) = pl.load_models(str(model), SD, device, dtype, pl.find_vae(str(model), ''))
 
     image_rates = interleaved_rates({'ours': ours_preprocess, 'published': published_preprocess,
                                      'aspect': functools.partial(ours_preprocess, crop=ASPECT)},
@@ -377,11 +442,11 @@ def main() -> None:
     loader_rate, batches = loader_alone(reader, args.workers)
     if device.type == 'cpu':  # the threads the script gives its model beside --workers workers
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
-    model_before = model_alone(batches, vae, te, device, dtype, args.resolutions)
+    model_before = model_alone(batches, vae, te, device, dtype, args.resolutions, model)
     if device.type == 'cuda':
         torch.cuda.empty_cache()  # leave the GPU's memory to the script's own process
     e2e = end_to_end(mds, model, work, args)
-    model_rate = (model_before + model_alone(batches, vae, te, device, dtype, args.resolutions)) / 2
+    model_rate = (model_before + model_alone(batches, vae, te, device, dtype, args.resolutions, model)) / 2
     e2e_rate = e2e['steady_samples_per_s_rank0']
 
     n = sum(len(b['samples']) for b in batches)
