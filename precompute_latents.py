@@ -187,6 +187,10 @@ class Family:
     prompt_embeds: str  # the pipeline's encode_prompt outputs in terms of the columns
     storage: str = ''  # the one storage dtype the family's consumer reads ('': any --storage_dtype)
     trimmable: bool = True  # --t5_storage trimmed applies (False: the consumer reads padded T5 states)
+    # The side multiple the denoiser needs beyond the VAE: the 2x2 patches its pipeline packs
+    # (FluxPipeline._pack_latents, QwenImagePipeline._pack_latents) or its transformer's patch_size; 1 for a
+    # UNet, SANA and FLUX.2 (whose 2x2 patchify is the VAE row's).
+    patch: int = 1
 
 
 def _clip(sub: str, tok: str, cls: str, hidden: str, pooled: str, mask: str = 'no') -> TextEncoder:
@@ -246,12 +250,12 @@ FAMILIES = {f.name: f for f in (
             TextColumn('_t5_latents', 'hidden', (2,)),
             TextColumn('_pooled', 'pooled', (0, 1))),
            'prompt_embeds = cat([pad(caption_clip_latents, (0, t5 width - clip width)), caption_t5_latents], '
-           'dim=-2); pooled_prompt_embeds = caption_pooled'),
+           'dim=-2); pooled_prompt_embeds = caption_pooled', patch=2),
     Family('flux', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', '', 'pooler_output'),
             _t5('text_encoder_2', 'tokenizer_2', 512)),
            (TextColumn('_t5_latents', 'hidden', (1,)), TextColumn('_pooled', 'pooled', (0,))),
-           'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled'),
+           'prompt_embeds = caption_t5_latents; pooled_prompt_embeds = caption_pooled', patch=2),
     Family('mosaicml', ('FluxPipeline',),
            (_clip('text_encoder', 'tokenizer', 'CLIPTextModel', 'penultimate', 'pooler_output', mask='yes'),
             _t5('text_encoder_2', 'tokenizer_2', 512, mask='yes')),
@@ -269,17 +273,17 @@ FAMILIES = {f.name: f for f in (
                  chat_options=(('add_generation_prompt', True), ('enable_thinking', True)), variable=True,
                  backbone='model'),),
            (TextColumn('_latents', 'hidden', (0,)),),
-           'prompt_embeds = [caption_latents per sample] (caption_length rows each)'),
+           'prompt_embeds = [caption_latents per sample] (caption_length rows each)', patch=2),
     Family('lumina2', ('Lumina2Pipeline', 'Lumina2Text2ImgPipeline'),
            (_llm('Gemma2Model', 'GemmaTokenizerFast', 256, 'penultimate',
                  template=LUMINA2_SYSTEM + ' <Prompt Start> {}', padding_side='right'),),
            (TextColumn('_latents', 'hidden', (0,)), TextColumn('_mask', 'mask', (0,))),
-           'prompt_embeds = caption_latents; prompt_attention_mask = caption_mask'),
+           'prompt_embeds = caption_latents; prompt_attention_mask = caption_mask', patch=2),
     Family('chroma', ('ChromaPipeline',),
            (dataclasses.replace(_t5('text_encoder', 'tokenizer', 512, mask='yes'), mask_plus=1),),
            (TextColumn('_t5_latents', 'hidden', (0,)), TextColumn('_t5_mask', 'mask', (0,))),
            'prompt_embeds = caption_t5_latents; prompt_attention_mask = caption_t5_mask (the tokens and the '
-           'first padding token)'),
+           'first padding token)', patch=2),
     Family('sana', ('SanaPipeline',),  # the instruction SanaPipeline.__call__ passes by default
            (_llm('Gemma2Model', 'GemmaTokenizerFast', 300 - 2, 'last', template=SANA_INSTRUCTION + '{}',
                  lower=True, padding_side='right', prefix_tokens=True, select=300),),
@@ -296,7 +300,7 @@ FAMILIES = {f.name: f for f in (
                  template=QWEN_IMAGE_TEMPLATE, padding='longest', drop=34, variable=True, backbone='model'),),
            (TextColumn('_latents', 'hidden', (0,)),),
            'prompt_embeds = pad_sequence(caption_latents per sample (caption_length rows each)); '
-           'prompt_embeds_mask = the rows each has'),
+           'prompt_embeds_mask = the rows each has', patch=2),
 )}
 # --text_encoder RECIPE=FOLDER[:SUBFOLDER]: a text encoder taken as a pipeline takes it, from any folder;
 # it writes <caption key>_<recipe>_latents, and _pooled and _mask where it has them.
@@ -590,12 +594,6 @@ VAES = {v.class_name: v for v in (
         'scaling_factor; inverse: pipeline_sana.py SanaPipeline.__call__, latents / scaling_factor',
         sampled=False),
 )}
-# The side multiple the denoiser needs beyond the VAE: the 2x2 patches its pipeline packs (FluxPipeline.
-# _pack_latents, QwenImagePipeline._pack_latents) or its transformer's patch_size; 1 for a UNet, SANA and
-# FLUX.2 (whose 2x2 patchify is the VAE row's). A family not named here: 1.
-PATCH = {'sd3': 2, 'flux': 2, 'chroma': 2, 'qwenimage': 2, 'zimage': 2, 'lumina2': 2, 'hidream': 2}
-
-
 def factor_norm(cfg: dict, load) -> tuple[float, float]:
     """AutoencoderKL, AutoencoderDC: the config's shift_factor (none: 0) and scaling_factor."""
     return float(cfg.get('shift_factor') or 0.0), float(cfg['scaling_factor'])
@@ -734,13 +732,13 @@ def find_vae(model_name: str, flag: str) -> ImageLatents:
 
 def bucket_rule(image: ImageLatents, family: Family, resolutions: list[int]) -> tuple[int, int]:
     """(side multiple, bucket step) of a run: a side must be a multiple of the stored latent's factor x the
-    denoiser's patch (PATCH); the aspect buckets step by that, or by factor x 8 where the row keeps latent
-    sides multiples of 8 (the UNet families, as always). Refuses a resolution that is no multiple."""
+    denoiser's patch (Family.patch); the aspect buckets step by that, or by factor x 8 where the row keeps
+    latent sides multiples of 8 (the UNet families, as always). Refuses a resolution that is no multiple."""
     factor = image.stored[1]
-    multiple = factor * PATCH.get(family.name, 1)
+    multiple = factor * family.patch
     if bad := [r for r in resolutions if r % multiple]:
         raise UserError(f'--resolutions {bad[0]}: the {image.vae.class_name} VAE ({factor}x down) with the '
-                        f'{family.name} denoiser (patch {PATCH.get(family.name, 1)}) needs sides that are '
+                        f'{family.name} denoiser (patch {family.patch}) needs sides that are '
                         f'multiples of {multiple}; use e.g. {max(multiple, bad[0] // multiple * multiple)}')
     return multiple, math.lcm(multiple, factor * image.vae.bucket_latents)
 

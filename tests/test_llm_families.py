@@ -24,7 +24,7 @@ from test_latent_families import read_back
 from test_precompute_latents import one_thread, refused
 from testbed.corpus import make_jpeg
 from testbed.families import CLIP_L, write_clip
-from testbed.llm_families import PIPELINES, build_llm_family, pipeline_of
+from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.models import write_clip_tokenizer
 from testbed.readback import read_mds
@@ -135,6 +135,9 @@ def test_text_columns_equal_the_pipelines_encode_prompt(family, outputs):
                 assert not want[i].get('tail', np.zeros(0)).any()  # the pipeline's padding: zeros
     summary = json.loads((out.parent.parent / f'out-{family}.json').read_text())
     assert all(n >= 1 for n in summary['truncated_captions']['caption'].values())  # LONG was cut
+    image = convention['image_latents']  # the family's own VAE class (an AutoencoderKL: the old record)
+    assert image.get('vae_class', 'AutoencoderKL') == OWN_VAES.get(family, 'AutoencoderKL')
+    assert all(len(s['latents_64']) for s in got)
     recorded = convention['text_encoders'][0]
     assert recorded['mask_applied'] and (not variable or recorded['variable'])
 

@@ -16,9 +16,9 @@ Each folder has a model_index.json naming its pipeline and components, and the R
 
 The LLM tokenizers are real byte-level BPEs trained offline with `tokenizers` on a few hundred words (any
 text, non-ASCII included, tokenizes), with the model's special tokens. VAEs: FLUX.1's AutoencoderKL layout
-(16 channels, scaling 0.3611, shift 0.1159) for zimage, lumina2 and chroma; qwenimage, sana and flux2
-also get that AutoencoderKL here, in place of their AutoencoderKLQwenImage, AutoencoderDC and
-AutoencoderKLFlux2 (these tests check the text columns; the VAEs' own tests build the real classes).
+(16 channels, scaling 0.3611, shift 0.1159) for zimage, lumina2 and chroma; qwenimage, sana and flux2 get
+their own classes, AutoencoderKLQwenImage, AutoencoderDC and AutoencoderKLFlux2 (vae_families.py's tiny
+ones, whose latents tests/test_vae_families.py checks against the pipelines' code).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .families import VAES, WORDS, write_t5, write_t5_tokenizer, write_vae
+from .vae_families import build_vae
 
 LLM = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, head_dim=8)
@@ -120,13 +121,19 @@ def write_llm(folder: Path, family: str, vocab: int) -> None:
     model.save_pretrained(folder)
 
 
+OWN_VAES = {'qwenimage': 'AutoencoderKLQwenImage', 'sana': 'AutoencoderDC', 'flux2': 'AutoencoderKLFlux2'}
+
+
 def build_llm_family(folder: Path, family: str, seed: int = 0) -> Path:
     """A pipeline folder of `family` (one of PIPELINES) under `folder`, deterministic for a seed."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    write_vae(folder / 'vae', *VAES['flux'])
+    if family in OWN_VAES:
+        build_vae(folder / 'vae', family, seed)
+    else:
+        write_vae(folder / 'vae', *VAES['flux'])
     if family == 'chroma':
         write_t5(folder / 'text_encoder', write_t5_tokenizer(folder / 'tokenizer'))
     else:
@@ -137,7 +144,7 @@ def build_llm_family(folder: Path, family: str, seed: int = 0) -> Path:
     model, tok = ENCODERS[family]
     (folder / 'model_index.json').write_text(json.dumps({
         '_class_name': PIPELINES[family], '_diffusers_version': '0.39.0',
-        'vae': ['diffusers', 'AutoencoderKL'], 'text_encoder': ['transformers', model],
+        'vae': ['diffusers', OWN_VAES.get(family, 'AutoencoderKL')], 'text_encoder': ['transformers', model],
         'tokenizer': ['transformers', tok], 'scheduler': ['diffusers', 'FlowMatchEulerDiscreteScheduler'],
         'transformer': [None, None]}))
     return folder
