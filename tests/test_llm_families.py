@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import io
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from test_latent_families import read_back
-from test_precompute_latents import one_thread, refused
+from test_precompute_latents import ok, one_thread, refused, run
 from testbed.corpus import make_jpeg
 from testbed.families import CLIP_L, write_clip
 from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of
@@ -298,3 +299,20 @@ def test_a_variable_length_output_resumed_equals_the_uninterrupted_one(outputs, 
     for f in files:
         if f.name != '_done':
             assert (full / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_two_ranks_under_torchrun_write_the_one_process_output(root, outputs, tmp_path):
+    """Z-Image (variable-length rows) under `torchrun --nproc_per_node 2`: both ranks take parts, and
+    every sample equals the one-process run's byte for byte, text and latent columns alike."""
+    folder, single = outputs['zimage']
+    out = tmp_path / 'out'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # the one-process run's float math: one thread
+    ok(run(root, *command(folder.parent, folder, out), env=env, torchrun=2))
+    ranks = {json.loads(m.read_text())['rank'] for m in (out / UNBUCKETED).glob('*/_done')}
+    assert ranks == {0, 1}
+    want, got = read_mds(str(single)), read_mds(str(out / UNBUCKETED))
+    assert [s['key'] for s in got] == [s['key'] for s in want] and len(got) == 5
+    for a, b in zip(want, got):
+        assert a == b
+    assert json.loads((out / UNBUCKETED / 'convention.json').read_text()) == \
+        json.loads((single / 'convention.json').read_text())
