@@ -133,6 +133,7 @@ class TextEncoder:
     #                     format string ('{}': the caption)
     system: str = ''  # 'chat': the system message before the user's caption ('' none)
     chat_options: tuple[tuple[str, Any], ...] = ()  # 'chat': apply_chat_template's keyword arguments
+    remove: tuple[str, ...] = ()  # strings cut from the caption first (FLUX.2's format_input: '[IMG]')
     lower: bool = False  # the caption lower-cased and stripped first (SANA's _text_preprocessing)
     specials: bool = True  # the tokenizer adds its special tokens (False: the chat template wrote them)
     padding: str = 'max_length'  # or 'longest' (the batch's longest, as Qwen-Image pads)
@@ -292,7 +293,7 @@ FAMILIES = {f.name: f for f in (
     Family('flux2', ('Flux2Pipeline',),
            (_llm('Mistral3ForConditionalGeneration', 'AutoTokenizer', 512, 'stack', layers=(10, 20, 30),
                  template='chat-parts', system=FLUX2_SYSTEM, chat_options=(('add_generation_prompt', False),),
-                 specials=False, backbone='model', trims=True),),
+                 remove=('[IMG]',), specials=False, backbone='model', trims=True),),
            (TextColumn('_latents', 'hidden', (0,)),),
            'prompt_embeds = caption_latents'),
     Family('qwenimage', ('QwenImagePipeline',),  # 1024 tokens after the template's first 34
@@ -1689,6 +1690,8 @@ class BatchReader:
 
 def prompts(enc: TextEncoder, tokenizer, captions: list[str]) -> list[str]:
     """The texts a pipeline tokenizes for `captions`: each caption in the encoder's template."""
+    for cut in enc.remove:
+        captions = [c.replace(cut, '') for c in captions]
     captions = [c.lower().strip() for c in captions] if enc.lower else captions
     if enc.template.startswith('chat'):
         def message(role: str, text: str) -> dict:

@@ -32,7 +32,8 @@ from testbed.readback import read_mds
 from testbed.scripts import load_script
 
 LONG = 'big old house on the beach at sunset with people ' * 120  # past every encoder's tokens (1058 at most)
-CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好き, ÜBER ÄRGER', 'a dog']
+CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好き, ÜBER ÄRGER',
+            'a dog [IMG] on a[IMG]mat']  # FLUX.2's format_input cuts '[IMG]' (Pixtral's image token)
 VLM_CAPTIONS = ['The image shows a small red cat on the beach. ' * 3, 'Ölgemälde', '', 'tree 42', LONG]
 KEYS = ('caption', 'vlm_caption')
 
