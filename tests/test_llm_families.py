@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from test_latent_families import read_back
 from test_precompute_latents import ok, one_thread, refused, run
 from testbed.corpus import make_jpeg
 from testbed.families import CLIP_L, write_clip
-from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of
+from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of, write_openclip
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.models import write_clip_tokenizer
 from testbed.readback import read_mds
@@ -317,3 +318,43 @@ def test_two_ranks_under_torchrun_write_the_one_process_output(root, outputs, tm
         assert a == b
     assert json.loads((out / UNBUCKETED / 'convention.json').read_text()) == \
         json.loads((single / 'convention.json').read_text())
+
+
+def test_an_openclip_folder_composes_as_its_text_tower_encodes(outputs, tmp_path, monkeypatch):
+    """--text_encoder openclip=FOLDER reads OpenCLIP's own folder (open_clip_config.json + weights):
+    caption_openclip_latents is the penultimate block's output (SDXL's reading of ViT-bigG, no final norm),
+    computed here block by block; caption_openclip_pooled is open_clip's own encode_text (projected)."""
+    import open_clip
+
+    folder = write_openclip(tmp_path / 'openclip')
+    zimage = outputs['zimage'][0]
+    out = tmp_path / 'out'
+    base = ['--local', zimage.parent / 'mds', '--bucket', UNBUCKETED, '--model_name', zimage,
+            '--remote_upload', out]
+    run_in_process(*base, '--text_encoder', f'openclip={folder}', '--resolutions', 64, '--batch-size', 3,
+                   '--num_workers', 0, '--threads', 1, '--dtype', 'float32', '--storage_dtype', 'float32',
+                   '--summary', tmp_path / 'summary.json')
+    convention = json.loads((out / UNBUCKETED / 'convention.json').read_text())
+    columns = {c: spec for c, spec in convention['columns'].items() if c.startswith('caption_')}
+    assert columns == {
+        'caption_openclip_latents': {'dtype': 'float32', 'shape': [77, 32], 'what': 'openclip penultimate'},
+        'caption_openclip_pooled': {'dtype': 'float32', 'shape': [16], 'what': 'openclip text_embeds'}}
+    got = read_mds(str(out / UNBUCKETED))
+    model = open_clip.create_model(f'local-dir:{folder}').eval()
+    ids = open_clip.get_tokenizer(f'local-dir:{folder}')([s['caption'] for s in got])
+    with torch.inference_mode(), one_thread():
+        x = model.token_embedding(ids) + model.positional_embedding
+        for block in model.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=model.attn_mask)
+        pooled = model.encode_text(ids)
+    for i, sample in enumerate(got):
+        for column, want in (('caption_openclip_latents', x[i]), ('caption_openclip_pooled', pooled[i])):
+            np.testing.assert_allclose(read_back(sample[column], columns[column]), want, atol=1e-5, rtol=1e-5)
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    assert summary['truncated_captions']['caption'] == {'openclip (77 tokens)': 1}
+    (folder / 'open_clip_model.safetensors').unlink()  # a folder without weights, then no open_clip at all
+    assert 'holds no open_clip_model.safetensors' in refused(*base[:-1], tmp_path / 'o2', '--text_encoder',
+                                                             f'openclip={folder}')
+    monkeypatch.setitem(sys.modules, 'open_clip', None)
+    assert 'needs the open_clip module, which is not installed: pip install open-clip-torch' in refused(
+        *base[:-1], tmp_path / 'o2', '--text_encoder', f'openclip={folder}')
