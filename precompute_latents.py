@@ -409,7 +409,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--text_encoder', type=text_encoder_spec, action='append', default=[],
                    metavar='RECIPE=FOLDER[:SUBFOLDER]',
                    help='compose: encode captions with this text encoder (repeat for several) instead of the '
-                        f"family's; recipes: {', '.join(RECIPES)}; the VAE stays --model_name's")
+                        f"family's; recipes: {', '.join(RECIPES)} (openclip: OpenCLIP's own folder, with "
+                        "pip install open-clip-torch); the VAE stays --model_name's")
     p.add_argument('--caption_keys', nargs='+', default=['caption'],
                    help="input text columns to encode, each into the family's columns named <key>_...")
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
