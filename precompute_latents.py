@@ -42,6 +42,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -133,6 +134,7 @@ class TextEncoder:
     #                     format string ('{}': the caption)
     system: str = ''  # 'chat': the system message before the user's caption ('' none)
     chat_options: tuple[tuple[str, Any], ...] = ()  # 'chat': apply_chat_template's keyword arguments
+    remove: tuple[str, ...] = ()  # strings cut from the caption first (FLUX.2's format_input: '[IMG]')
     lower: bool = False  # the caption lower-cased and stripped first (SANA's _text_preprocessing)
     specials: bool = True  # the tokenizer adds its special tokens (False: the chat template wrote them)
     padding: str = 'max_length'  # or 'longest' (the batch's longest, as Qwen-Image pads)
@@ -145,6 +147,7 @@ class TextEncoder:
     trims: bool = False  # --t5_storage trimmed makes it `variable` too (FLUX.2: padded LLM states)
     mask_plus: int = 0  # the pipeline's returned mask also covers this many padding tokens (Chroma: 1)
     backbone: str = ''  # run this submodule (a ...ForCausalLM's `model`: the hidden states without logits)
+    package: str = ''  # a module it needs beyond transformers (OpenCLIP's folders: open_clip)
     folder: str = ''  # the model folder or hub name ('': --model_name's pipeline)
     recipe: str = ''  # --text_encoder: the RECIPES name it was made from
 
@@ -292,7 +295,7 @@ FAMILIES = {f.name: f for f in (
     Family('flux2', ('Flux2Pipeline',),
            (_llm('Mistral3ForConditionalGeneration', 'AutoTokenizer', 512, 'stack', layers=(10, 20, 30),
                  template='chat-parts', system=FLUX2_SYSTEM, chat_options=(('add_generation_prompt', False),),
-                 specials=False, backbone='model', trims=True),),
+                 remove=('[IMG]',), specials=False, backbone='model', trims=True),),
            (TextColumn('_latents', 'hidden', (0,)),),
            'prompt_embeds = caption_latents'),
     Family('qwenimage', ('QwenImagePipeline',),  # 1024 tokens after the template's first 34
@@ -315,6 +318,11 @@ RECIPES = {
     'gemma2-hidden-2': FAMILIES['lumina2'].encoders[0],
     'gemma2-sana': FAMILIES['sana'].encoders[0],
     'mistral3-stack': FAMILIES['flux2'].encoders[0],
+    # OpenCLIP's own folder (open_clip_config.json + open_clip_model.safetensors or
+    # open_clip_pytorch_model.bin, as its hub repositories hold them), read as SDXL reads ViT-bigG:
+    # the penultimate block's output and the projected pooled vector
+    'openclip': TextEncoder('', '', 'OpenCLIPText', 'OpenCLIPTokenizer', 0, 'penultimate', 'text_embeds',
+                            'no', package='open_clip'),
 }
 
 
@@ -371,6 +379,10 @@ def text_encoder_spec(text: str) -> tuple[str, str, str]:
     if name not in RECIPES or not where:
         raise argparse.ArgumentTypeError(f'{text}: must be RECIPE=FOLDER[:SUBFOLDER] with a recipe of '
                                          f'{", ".join(RECIPES)}')
+    package = RECIPES[name].package
+    if package and importlib.util.find_spec(package) is None:
+        raise argparse.ArgumentTypeError(f'{text}: the {name} recipe needs the {package} module, which is '
+                                         'not installed: pip install open-clip-torch')
     folder, _, sub = where.partition(':') if not os.path.isdir(where) else (where, '', '')
     return name, folder, sub
 
@@ -397,7 +409,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--text_encoder', type=text_encoder_spec, action='append', default=[],
                    metavar='RECIPE=FOLDER[:SUBFOLDER]',
                    help='compose: encode captions with this text encoder (repeat for several) instead of the '
-                        f"family's; recipes: {', '.join(RECIPES)}; the VAE stays --model_name's")
+                        f"family's; recipes: {', '.join(RECIPES)} (openclip: OpenCLIP's own folder, with "
+                        "pip install open-clip-torch); the VAE stays --model_name's")
     p.add_argument('--caption_keys', nargs='+', default=['caption'],
                    help="input text columns to encode, each into the family's columns named <key>_...")
     p.add_argument('--storage_dtype', choices=STORAGE_DTYPES, default=None,
@@ -891,8 +904,8 @@ def load_tokenizers(model_name: str, family: Family) -> list:
     for enc in family.encoders:
         folder = enc.folder or model_name
         with failing(f'cannot load the tokenizer ({enc.tokenizer}/) of {folder} as {enc.tokenizer_class}: '):
-            tokenizers.append(getattr(transformers, enc.tokenizer_class).from_pretrained(
-                folder, subfolder=enc.tokenizer))
+            tokenizers.append((OWN_CLASSES.get(enc.tokenizer_class) or getattr(
+                transformers, enc.tokenizer_class)).from_pretrained(folder, subfolder=enc.tokenizer))
         if enc.padding_side:
             tokenizers[-1].padding_side = enc.padding_side
     return tokenizers
@@ -913,7 +926,8 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
     configs = []
     for enc, tok, length in zip(family.encoders, tokenizers, lengths):
         with failing(f'cannot read the config of {enc.subfolder}/ of {enc.folder or model_name}: '):
-            cfg = AutoConfig.from_pretrained(enc.folder or model_name, subfolder=enc.subfolder)
+            cfg = getattr(OWN_CLASSES.get(enc.model_class), 'read_config', AutoConfig.from_pretrained)(
+                enc.folder or model_name, subfolder=enc.subfolder)
         cfg = getattr(cfg, 'text_config', cfg)  # a vision-language model's language part
         if len(tok) > cfg.vocab_size:
             raise UserError(f'{enc.tokenizer}/ has {len(tok)} tokens but {enc.subfolder}/ embeds only '
@@ -1689,6 +1703,8 @@ class BatchReader:
 
 def prompts(enc: TextEncoder, tokenizer, captions: list[str]) -> list[str]:
     """The texts a pipeline tokenizes for `captions`: each caption in the encoder's template."""
+    for cut in enc.remove:
+        captions = [c.replace(cut, '') for c in captions]
     captions = [c.lower().strip() for c in captions] if enc.lower else captions
     if enc.template.startswith('chat'):
         def message(role: str, text: str) -> dict:
@@ -1752,13 +1768,92 @@ def load_module(model_name: str, subfolder: str, class_name: str, device: torch.
             model = getattr(diffusers, class_name).from_pretrained(
                 model_name, subfolder=subfolder or None, torch_dtype=dtype, low_cpu_mem_usage=False)
         else:
-            model = getattr(transformers, class_name).from_pretrained(model_name, subfolder=subfolder,
-                                                                      dtype=dtype)
+            model = (OWN_CLASSES.get(class_name) or getattr(transformers, class_name)).from_pretrained(
+                model_name, subfolder=subfolder, dtype=dtype)
     model = model.to(device).eval()
     if device.type == 'cuda' and class_name in VAES and not VAES[class_name].frames:  # 4-d weights only
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     return model
+
+
+class OpenCLIPText:
+    """OpenCLIP's CLIP text tower from its own folder, answering as a transformers text model does:
+    hidden_states[-2] the penultimate block's output (no final norm, as transformers' and SDXL's),
+    last_hidden_state ln_final of the last block's, text_embeds encode_text's projected pooled vector (not
+    normalised)."""
+
+    def __init__(self, model: torch.nn.Module, config: Any):
+        self.model, self.config = model, config
+
+    def to(self, *how) -> OpenCLIPText:
+        self.model.to(*how)
+        return self
+
+    def eval(self) -> OpenCLIPText:
+        self.model.eval()
+        return self
+
+    def parameters(self):
+        return self.model.parameters()
+
+    @staticmethod
+    def read_config(folder: str, subfolder: str = '') -> Any:
+        """The sizes the script checks, from open_clip_config.json's model_cfg."""
+        path = os.path.join(folder, subfolder)
+        weights = [n for n in ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')
+                   if os.path.isfile(os.path.join(path, n))]
+        with open(os.path.join(path, 'open_clip_config.json')) as f:
+            cfg = json.load(f)['model_cfg']
+        if not weights or 'hf_model_name' in cfg['text_cfg']:
+            raise UserError(f'{path} holds no open_clip_model.safetensors or open_clip_pytorch_model.bin, '
+                            "or a Hugging Face text tower (use a transformers recipe): not OpenCLIP's CLIP")
+        text = cfg['text_cfg']
+        return argparse.Namespace(vocab_size=text.get('vocab_size', 49408), hidden_size=text['width'],
+                                  max_position_embeddings=text.get('context_length', 77),
+                                  projection_dim=cfg['embed_dim'])
+
+    @classmethod
+    def from_pretrained(cls, folder: str, subfolder: str = '', dtype: torch.dtype | None = None):
+        import open_clip
+
+        config = cls.read_config(folder, subfolder)
+        model = open_clip.create_model('local-dir:' + os.path.join(folder, subfolder), precision='fp32')
+        model.visual = None  # the text tower alone
+        return cls(model, config).to(dtype) if dtype else cls(model, config)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states: bool = True):
+        out = self.model.forward_intermediates(text=input_ids, text_indices=2, normalize=False)
+        penultimate, last = out['text_intermediates']
+        return argparse.Namespace(hidden_states=(penultimate, last), text_embeds=out['text_features'],
+                                  last_hidden_state=self.model.ln_final(last))
+
+
+class OpenCLIPTokenizer:
+    """OpenCLIP's tokenizer of that folder, called as a transformers tokenizer is: ids padded with 0 to
+    its context length, cut there with <end_of_text> kept last (its own __call__); the mask up to that."""
+
+    def __init__(self, tok):
+        self.tok, self.model_max_length = tok, tok.context_length
+
+    @classmethod
+    def from_pretrained(cls, folder: str, subfolder: str = ''):
+        import open_clip
+
+        return cls(open_clip.get_tokenizer('local-dir:' + os.path.join(folder, subfolder)))
+
+    def __len__(self) -> int:
+        return self.tok.vocab_size
+
+    def __call__(self, texts: list[str], max_length: int | None = None, **_) -> argparse.Namespace:
+        if max_length is None:  # every token, uncut (to count the captions cut)
+            return argparse.Namespace(input_ids=[[0] * (len(self.tok.encode(t)) + 2) for t in texts])
+        ids = self.tok(texts, max_length)
+        mask = torch.arange(ids.shape[1]) <= ids.argmax(1, keepdim=True)  # <end_of_text>: the largest id
+        return argparse.Namespace(input_ids=ids, attention_mask=mask.long())
+
+
+OWN_CLASSES = {c.__name__: c for c in (OpenCLIPText, OpenCLIPTokenizer)}  # beside transformers' classes
 
 
 def load_encoder(enc: TextEncoder, model_name: str, device: torch.device,

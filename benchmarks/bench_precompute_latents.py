@@ -22,6 +22,14 @@ Per VAE (--vaes: FLUX.2, Qwen-Image, SANA's DC-AE through --vae beside the SD-2 
 bytes/sample, FLOPs, MFU and the VAE's peak GPU memory per batch), on a GPU at the published sizes:
     python benchmarks/bench_precompute_latents.py --device cuda --full_size --vaes --bucket 1024+ \
         --resolutions 512 1024 --samples 2048 --batch_size 32 --workers 15
+Per language-model family (the script's encode step in this process over batches its loader made, one
+resolution at a time: samples/s and peak GPU memory; --full_size builds the text encoder at its published
+config's sizes with random weights directly on the GPU in bfloat16, e.g. FLUX.2's 23.3 B-parameter
+Mistral backbone, 47 GB, and never on the CPU):
+    python benchmarks/bench_precompute_latents.py --device cuda --full_size --family flux2 --bucket 1024+ \
+        --resolutions 512 1024 --samples 128 --batch_size 32
+    .venv/bin/python benchmarks/bench_precompute_latents.py --family zimage --samples 8 --distinct 8 \
+        --per_core_images 8 --batch_size 4 --min_seconds 1       # tiny, on the CPU: the code path
 """
 
 from __future__ import annotations
@@ -44,8 +52,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
 
+from llm_family_sizes import LLMS, VISION  # noqa: E402
 from testbed.corpus import make_jpeg  # noqa: E402
-from testbed.families import build_tiny_family  # noqa: E402
+from testbed.families import FULL, VAES, build_tiny_family, write_vae  # noqa: E402
+from testbed.llm_families import OWN_VAES, build_llm_family  # noqa: E402
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input  # noqa: E402
 from testbed.models import build_tiny_sd, write_clip_tokenizer  # noqa: E402
 from testbed.vae_families import build_vae  # noqa: E402
@@ -53,6 +63,7 @@ from testbed.vae_families import build_vae  # noqa: E402
 import precompute_latents as pl  # noqa: E402
 
 SD = pl.FAMILIES['sd']
+LLM_FAMILIES = ('zimage', 'lumina2', 'chroma', 'qwenimage', 'sana', 'flux2')
 
 # Shorter-side ranges of the generated images per --bucket (the longer side is up to 4/3 of it).
 SIDES = {'mixed': (300, 900), '256-512': (256, 511), '512+': (512, 900), '1024+': (1024, 1300)}
@@ -75,11 +86,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--workers', type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help='DataLoader workers for loader alone and end to end')
     p.add_argument('--resolutions', type=int, nargs='+', default=[256, 512], help='resolutions')
+    p.add_argument('--min_seconds', type=float, default=5.0, help='per measurement of the encode step')
     p.add_argument('--peak_tflops', type=float, default=0, help='peak for MFU; 0: from the GPU name')
     p.add_argument('--work_dir', default='', help='where inputs and outputs go (default: a temp dir)')
-    p.add_argument('--families', nargs='*', default=None,
-                   help="per family end to end instead of the SD-2 breakdown: e.g. 'sd sdxl sd3 flux "
-                        "mosaicml', or none listed for all")
+    p.add_argument('--families', '--family', nargs='*', default=None,
+                   help="per family instead of the SD-2 breakdown: e.g. 'sd sdxl sd3 flux mosaicml' end "
+                        "to end, or none listed for all; a language-model family (zimage, lumina2, chroma, "
+                        "qwenimage, sana, flux2) runs the script's encode step in this process per "
+                        "resolution (--full_size: its published sizes, random weights built on the device)")
     p.add_argument('--vaes', nargs='*', default=None, choices=('flux2', 'qwenimage', 'sana'),
                    help='per VAE end to end through --vae (beside the SD-2 text side) instead of the SD-2 '
                         'breakdown: flux2, qwenimage, sana, or none listed for all')
@@ -329,6 +343,15 @@ def family_flops(model: Path, family: pl.Family, device: torch.device, dtype: to
 def bench_families(args, work: Path, mds: Path, device: torch.device, dtype: torch.dtype) -> None:
     """End to end per family: samples/s after the first batch, bytes stored per sample, MFU on a GPU."""
     names = args.families or list(pl.FAMILIES)
+    if any(n in LLM_FAMILIES for n in names):
+        print(f'{"family":<10} {"px":>5} {"samples/s":>10} {"peak GPU":>10}  (bytes per sample at full size: '
+              'benchmarks/llm_family_sizes.py)')
+        for name in [n for n in names if n in LLM_FAMILIES]:
+            bench_llm_family(args, work, mds, name, device,
+                             torch.bfloat16 if device.type == 'cuda' else dtype)
+        names = [n for n in names if n not in LLM_FAMILIES]
+        if not names:
+            return
     peak = peak_flops(args, device)
     print(f'{"family":<10} {"samples/s":>10} {"bytes/sample":>13} {"GFLOP/sample":>13} {"MFU":>7}  wall')
     for name in names:
@@ -344,6 +367,107 @@ def bench_families(args, work: Path, mds: Path, device: torch.device, dtype: tor
               f'{mfu:>7}  {e2e["wall"]:.0f} s', flush=True)
         if device.type == 'cuda':
             torch.cuda.empty_cache()
+
+
+# The language-model families at full size: the backbone the script puts on the GPU, as (its language model
+# in llm_family_sizes.py's LLMS, whose sizes it takes; transformers class; config class; the text config's
+# other fields; the config's other fields: a vision tower's, from the published config.json).
+FULL_LLM = {
+    'zimage': ('qwen3-4b', 'Qwen3Model', 'Qwen3Config', {}, {}),
+    'lumina2': ('gemma2-2b', 'Gemma2Model', 'Gemma2Config', {}, {}),
+    'sana': ('gemma2-2b', 'Gemma2Model', 'Gemma2Config', {}, {}),
+    'qwenimage': ('qwen2.5-vl-7b', 'Qwen2_5_VLModel', 'Qwen2_5_VLConfig',
+                  {'rope_scaling': {'type': 'mrope', 'mrope_section': [16, 24, 24]}},
+                  {'vision_config': dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                         out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])}),
+    'flux2': ('mistral-small-3.1', 'Mistral3Model', 'Mistral3Config', {'model_type': 'mistral'},
+              {'vision_config': dict(model_type='pixtral', hidden_size=1024, intermediate_size=4096,
+                                     num_hidden_layers=24, num_attention_heads=16, head_dim=64,
+                                     patch_size=14, image_size=1540)}),
+}
+
+
+def full_size_text_encoder(family: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The family's text encoder at its published sizes with random weights, built directly on `device` in
+    `dtype` (no CPU copy: FLUX.2's Mistral backbone is 48 GB in bfloat16). Chroma: T5-XXL's encoder."""
+    import transformers
+
+    if family == 'chroma':
+        cls, cfg = transformers.T5EncoderModel, transformers.T5Config(vocab_size=32128, **FULL['t5'])
+    else:
+        lm, model, config, text_extra, extra = FULL_LLM[family]
+        c = LLMS[lm]
+        text = dict(vocab_size=c['vocab'], hidden_size=c['hidden'], num_hidden_layers=c['layers'],
+                    intermediate_size=c['inter'], num_attention_heads=c['heads'],
+                    num_key_value_heads=c['kv'], head_dim=c['head_dim'], **text_extra)
+        nested = lm in VISION  # a vision-language model: the language part is its text_config
+        cfg = getattr(transformers, config)(**({'text_config': text, **extra} if nested else text))
+        cls = getattr(transformers, model)
+    with torch.device(device):
+        return cls._from_config(cfg, dtype=dtype).eval()
+
+
+def llm_family_models(work: Path, name: str, full_size: bool, device: torch.device, dtype: torch.dtype):
+    """(folder with the tokenizer, its ImageLatents, VAE, [text encoder]): the test bed's tiny pipeline
+    folder; --full_size swaps in the published VAE's sizes (a folder, random weights, through --vae's path)
+    and the text encoder above (its tokenizer stays the test bed's: token counts of padded families are
+    exact, variable-length ones differ)."""
+    folder = build_llm_family(work / f'{name}-model', name)
+    family = pl.FAMILIES[name]
+    vae_folder = ''
+    if full_size:
+        vae_folder = work / f'{name}-vae'
+        if name in OWN_VAES:
+            build_vae(vae_folder, name, full_size=True)
+        else:
+            write_vae(vae_folder, *VAES['flux'], dims=FULL['vae'], half=True)
+    image = pl.find_vae(str(folder), str(vae_folder))
+    vae = pl.load_vae(image, device, dtype)
+    encoders = [full_size_text_encoder(name, device, dtype)] if full_size else \
+        [pl.load_encoder(e, str(folder), device, dtype) for e in family.encoders]
+    return folder, image, vae, encoders
+
+
+def bench_llm_family(args, work: Path, mds: Path, name: str, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """The script's encode step (text and latents) over batches its loader made, one resolution at a
+    time: samples/s and peak GPU memory (weights included)."""
+    family = pl.FAMILIES[name]
+    folder, image, vae, encoders = llm_family_models(work, name, args.full_size, device, dtype)
+    tokenizers = pl.load_tokenizers(str(folder), family)
+    shards = pl.read_input_index(str(mds), str(mds), 60)
+    def no_fallback(_name, model, fn, _used):  # random weights: no float32 copy to reload
+        return fn(model)
+
+    def encode(b: dict, res: int) -> dict:
+        with torch.inference_mode():
+            return pl.encode_batch(b, (vae, encoders), family, [res], device, torch.float16,
+                                   len(b['samples']), no_fallback, image)
+
+    for res in args.resolutions:
+        reader = pl.BatchReader(pl.make_jobs(pl.plan_parts(shards, 10**9), args.batch_size),
+                                pl.ShardCache(shards, None, str(mds), 60, 1), tokenizers,
+                                pl.token_lengths(family, tokenizers, 0),
+                                pl.make_crop('center', [res], 64, 4.0, False), (image.channels, image.factor),
+                                'mean', 0, 0.0, encoders=family.encoders)
+        batches = [reader[j] for j in range(min(len(reader.jobs), 4))]
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        encode(batches[0], res)  # warm-up
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < args.min_seconds or not n:
+            for b in batches:
+                encode(b, res)
+                n += len(b['samples'])
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t)
+        peak = f'{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB' if device.type == 'cuda' \
+            else 'n/a'
+        shown = len(batches[0][f'rows_{res}'])
+        print(f'{name:<10} {res:>5} {rate:>10.2f} {peak:>10}  '
+              f'({shown}/{len(batches[0]["samples"])} of a batch reach {res} px)', flush=True)
 
 
 def vae_peak_memory(image: pl.ImageLatents, device: torch.device, dtype: torch.dtype, res: int,

@@ -13,25 +13,28 @@ import contextlib
 import inspect
 import io
 import json
+import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_latent_families import read_back
-from test_precompute_latents import one_thread, refused
+from test_precompute_latents import ok, one_thread, refused, run
 from testbed.corpus import make_jpeg
 from testbed.families import CLIP_L, write_clip
-from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of
+from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of, write_openclip
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.models import write_clip_tokenizer
 from testbed.readback import read_mds
 from testbed.scripts import load_script
 
 LONG = 'big old house on the beach at sunset with people ' * 120  # past every encoder's tokens (1058 at most)
-CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好き, ÜBER ÄRGER', 'a dog']
+CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好き, ÜBER ÄRGER',
+            'a dog [IMG] on a[IMG]mat']  # FLUX.2's format_input cuts '[IMG]' (Pixtral's image token)
 VLM_CAPTIONS = ['The image shows a small red cat on the beach. ' * 3, 'Ölgemälde', '', 'tree 42', LONG]
 KEYS = ('caption', 'vlm_caption')
 
@@ -298,3 +301,60 @@ def test_a_variable_length_output_resumed_equals_the_uninterrupted_one(outputs, 
     for f in files:
         if f.name != '_done':
             assert (full / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_two_ranks_under_torchrun_write_the_one_process_output(root, outputs, tmp_path):
+    """Z-Image (variable-length rows) under `torchrun --nproc_per_node 2`: both ranks take parts, and
+    every sample equals the one-process run's byte for byte, text and latent columns alike."""
+    folder, single = outputs['zimage']
+    out = tmp_path / 'out'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # the one-process run's float math: one thread
+    ok(run(root, *command(folder.parent, folder, out), env=env, torchrun=2))
+    ranks = {json.loads(m.read_text())['rank'] for m in (out / UNBUCKETED).glob('*/_done')}
+    assert ranks == {0, 1}
+    want, got = read_mds(str(single)), read_mds(str(out / UNBUCKETED))
+    assert [s['key'] for s in got] == [s['key'] for s in want] and len(got) == 5
+    for a, b in zip(want, got):
+        assert a == b
+    assert json.loads((out / UNBUCKETED / 'convention.json').read_text()) == \
+        json.loads((single / 'convention.json').read_text())
+
+
+def test_an_openclip_folder_composes_as_its_text_tower_encodes(outputs, tmp_path, monkeypatch):
+    """--text_encoder openclip=FOLDER reads OpenCLIP's own folder (open_clip_config.json + weights):
+    caption_openclip_latents is the penultimate block's output (SDXL's reading of ViT-bigG, no final norm),
+    computed here block by block; caption_openclip_pooled is open_clip's own encode_text (projected)."""
+    import open_clip
+
+    folder = write_openclip(tmp_path / 'openclip')
+    zimage = outputs['zimage'][0]
+    out = tmp_path / 'out'
+    base = ['--local', zimage.parent / 'mds', '--bucket', UNBUCKETED, '--model_name', zimage,
+            '--remote_upload', out]
+    run_in_process(*base, '--text_encoder', f'openclip={folder}', '--resolutions', 64, '--batch-size', 3,
+                   '--num_workers', 0, '--threads', 1, '--dtype', 'float32', '--storage_dtype', 'float32',
+                   '--summary', tmp_path / 'summary.json')
+    convention = json.loads((out / UNBUCKETED / 'convention.json').read_text())
+    columns = {c: spec for c, spec in convention['columns'].items() if c.startswith('caption_')}
+    assert columns == {
+        'caption_openclip_latents': {'dtype': 'float32', 'shape': [77, 32], 'what': 'openclip penultimate'},
+        'caption_openclip_pooled': {'dtype': 'float32', 'shape': [16], 'what': 'openclip text_embeds'}}
+    got = read_mds(str(out / UNBUCKETED))
+    model = open_clip.create_model(f'local-dir:{folder}').eval()
+    ids = open_clip.get_tokenizer(f'local-dir:{folder}')([s['caption'] for s in got])
+    with torch.inference_mode(), one_thread():
+        x = model.token_embedding(ids) + model.positional_embedding
+        for block in model.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=model.attn_mask)
+        pooled = model.encode_text(ids)
+    for i, sample in enumerate(got):
+        for column, want in (('caption_openclip_latents', x[i]), ('caption_openclip_pooled', pooled[i])):
+            np.testing.assert_allclose(read_back(sample[column], columns[column]), want, atol=1e-5, rtol=1e-5)
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    assert summary['truncated_captions']['caption'] == {'openclip (77 tokens)': 1}
+    (folder / 'open_clip_model.safetensors').unlink()  # a folder without weights, then no open_clip at all
+    assert 'holds no open_clip_model.safetensors' in refused(*base[:-1], tmp_path / 'o2', '--text_encoder',
+                                                             f'openclip={folder}')
+    monkeypatch.setitem(sys.modules, 'open_clip', None)
+    assert 'needs the open_clip module, which is not installed: pip install open-clip-torch' in refused(
+        *base[:-1], tmp_path / 'o2', '--text_encoder', f'openclip={folder}')

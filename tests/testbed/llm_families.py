@@ -156,3 +156,28 @@ def pipeline_of(folder: Path, family: str):
     import diffusers
 
     return getattr(diffusers, PIPELINES[family]).from_pretrained(folder, transformer=None, vae=None)
+
+
+# OpenCLIP's own layout of a CLIP (open_clip_config.json's model_cfg, as its hub repositories write it) at
+# toy size: ViT-H-14's text tower is width 1024, 24 layers, 16 heads, embed_dim 1024; three layers here so the
+# penultimate block differs from the last. The vocabulary stays OpenCLIP's (its SimpleTokenizer's 49408).
+OPENCLIP_CFG = {'embed_dim': 16,
+                'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 32, 'head_width': 16,
+                               'patch_size': 16},
+                'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 32, 'heads': 2, 'layers': 3}}
+
+
+def write_openclip(folder: Path, seed: int = 0) -> Path:
+    """An OpenCLIP CLIP saved as its hub folders hold one: open_clip_config.json and
+    open_clip_model.safetensors."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = CLIP(**OPENCLIP_CFG)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, folder / 'open_clip_model.safetensors')
+    (folder / 'open_clip_config.json').write_text(json.dumps({'model_cfg': OPENCLIP_CFG,
+                                                              'preprocess_cfg': {}}))
+    return folder
