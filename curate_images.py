@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='DataLoader decoding processes per rank')
     p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
                    help='auto: cuda:<LOCAL_RANK> when available')
-    p.add_argument('--part_size', type=at_least(1), default=10000,
+    p.add_argument('--part_size', type=at_least(1), default=5000,
                    help='samples per unit of work and of resume (whole input shards, at least this many)')
     p.add_argument('--size_limit', default='256mb', help='output shard size limit')
     p.add_argument('--compression', default='', help='output shard compression, e.g. zstd')
@@ -577,7 +577,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     compile_filter(args.filter, filter_schema(columns))
     dim = embedding_dim(args.model_name)
     heads = [load_head(name, path, dim) for name, path in args.heads]
-    work = join(args.remote_upload, args.subfolder if not args.bucket else '', WORK)
+    work = join(args.remote_upload, WORK, args.subfolder)
     clusters = args.clusters or max(1, round(offset / CLUSTER_ROWS))
     settings = {'model_name': args.model_name, 'heads': {h.name: file_sha1(h.path) for h in heads},
                 'caption_keys': args.caption_keys, 'dup_threshold': args.dup_threshold, 'clusters': clusters,
@@ -770,7 +770,9 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
     items, texts = part_items(reader, part, args.caption_keys)
     loader = torch.utils.data.DataLoader(PartImages(items, m.processor), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=unbatched)
-    rows, embs, scores, skipped = [], [], {}, []
+    columns = [h.name for h in plan.heads] + [SIM_COLUMN.format(key=k) for k in args.caption_keys]
+    scores: dict[str, list] = {c: [] for c in columns}
+    rows, embs, skipped = [], [], []
     for batch in loader:
         good = [r for r in batch if 'pixels' in r]
         skipped += [{'id': r['id'], 'key': r['key'], 'reason': r['reason']} for r in batch if 'reason' in r]
@@ -780,16 +782,19 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
             rows += good
             embs.append(emb)
             for h in plan.heads:
-                scores.setdefault(h.name, []).append(h(emb))
+                scores[h.name].append(h(emb))
             for k, v in sims.items():
-                scores.setdefault(SIM_COLUMN.format(key=k), []).append(v)
+                scores[SIM_COLUMN.format(key=k)].append(v)
         bar.update(len(batch))
     emb = np.concatenate(embs) if embs else np.zeros((0, embedding_dim(args.model_name)), np.float32)
     arrays = {c: np.array([r[c] for r in rows], np.int64) for c in ('id', 'sha', 'dhash', 'area')}
     arrays.update(key=np.array([r['key'] for r in rows], str), emb=emb.astype(np.float16))
-    arrays.update({f'score:{c}': np.concatenate(v).astype(np.float32) for c, v in scores.items()})
-    folder = join('embed', bucket.name or '_', part.name)
+    arrays.update({f'score:{c}': np.concatenate(v or [np.zeros(0)]).astype(np.float32)
+                   for c, v in scores.items()})
+    folder = unit_folder('embed', bucket, part)
     put_arrays(plan.work, plan.staging, join(folder, 'rows.npz'), **arrays)
+    put_arrays(plan.work, plan.staging, join(folder, 'sample.npz'),  # what the k-means trains on
+               emb=arrays['emb'][sampled(arrays['id'] + bucket.offset, sample_rate(plan))])
     marker = {'rank': int(os.environ.get('RANK', 0)), 'embedded': len(rows), 'skipped': skipped}
     put_text(plan.work, plan.staging, join(folder, DONE_MARKER), json.dumps(marker))
     return marker
@@ -857,12 +862,9 @@ def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
 
     if 'dedup/centroids.npz' in output_names(plan.work):
         return
-    rate = min(1.0, plan.clusters * SAMPLE_PER_CLUSTER / max(plan.rows, 1))
-    sample = []
-    for b, p in plan.units():
-        z = get_arrays(embed_url(plan, b, p), args.download_timeout)
-        sample.append(z['emb'][sampled(z['id'] + b.offset, rate)].astype(np.float32))
-    x = np.concatenate(sample) if sample else np.zeros((0, 1), np.float32)
+    sample = [get_arrays(join(plan.work, unit_folder('embed', b, p), 'sample.npz'),
+                         args.download_timeout)['emb'] for b, p in plan.units()]
+    x = np.concatenate(sample).astype(np.float32) if sample else np.zeros((0, 1), np.float32)
     k = max(1, min(plan.clusters, len(x)))
     if len(x) and k > 1:
         km = faiss.Kmeans(x.shape[1], k, niter=20, seed=1234, spherical=True, min_points_per_centroid=1)
@@ -871,6 +873,11 @@ def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
     else:  # one cluster: every vector is compared with every other
         centroids = np.ones((1, x.shape[1] if len(x) else 1), np.float32)
     put_arrays(plan.work, plan.staging, 'dedup/centroids.npz', centroids=centroids)
+
+
+def sample_rate(plan: Plan) -> float:
+    """The share of rows the k-means trains on: about SAMPLE_PER_CLUSTER per cluster."""
+    return min(1.0, plan.clusters * SAMPLE_PER_CLUSTER / max(plan.rows, 1))
 
 
 def sampled(gid: np.ndarray, rate: float) -> np.ndarray:

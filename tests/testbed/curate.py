@@ -23,8 +23,10 @@ from PIL import Image
 
 from .corpus import encode, photo_like
 from .models import write_clip_tokenizer
+from .real import real_items
 
 SIZE = 32  # px the tiny towers see
+UNDECODABLE = ('truncated.jpg', 'broken.png', 'gif_bomb.gif')  # from testbed.real: skipped, named
 
 
 def _save(model, processor, folder: Path) -> Path:
@@ -77,7 +79,8 @@ def jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 def planted_corpus(distinct: int = 8) -> tuple[list[tuple[str, bytes]], list[set[str]]]:
     """([(name, bytes)], the planted groups as sets of names). Sizes 64..110 px (bucket '64-128'), the
-    resized copy 48 px (bucket '0-64')."""
+    resized copy 48 px (bucket '0-64'); last, UNDECODABLE real files (truncated.jpg's header says
+    100 x 100: bucket '64-128'; the others' headers do not open: '256-512', as the cloudwriter puts them)."""
     items, groups = [], []
     for i in range(distinct):
         items.append((f'distinct{i}', jpeg(photo_like(72 + 4 * i, 80, seed=100 + i))))
@@ -90,6 +93,8 @@ def planted_corpus(distinct: int = 8) -> tuple[list[tuple[str, bytes]], list[set
     d = jpeg(photo_like(90, 84, seed=4))
     items += [('d', d), ('d-same', d)]
     groups = [{'a', 'a-q60'}, {'b', 'b-small'}, {'c', 'c-crop'}, {'d', 'd-same'}]
+    broken = {it.name: it.data for it in real_items() if it.name in UNDECODABLE}
+    items += [(name, broken[name]) for name in UNDECODABLE]
     return items, groups
 
 
