@@ -24,7 +24,8 @@ shuffled vectors, pairs and groups). Ends with a summary, printed and written as
 
 Resume: every pass works in units with a `_done` marker (embedding: parts of whole input shards; dedup:
 its parts and groups of clusters; writing: parts again). Rerun the same command with any number of
-processes to skip finished units; other settings are refused. Rank 0 merges each index.json at the end.
+processes to skip finished units; other settings are refused, but another `--filter` rewrites only the
+output (the embeddings and the dedup are reused: tune it by looking). Rank 0 merges each index.json last.
 
 Exit codes: 0 done (undecodable images are skipped, counted and named); 2 one `error:` line; 128 + the
 signal after SIGTERM (143) or Ctrl-C (130): finished units are kept.
@@ -581,7 +582,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     clusters = args.clusters or max(1, round(offset / CLUSTER_ROWS))
     settings = {'model_name': args.model_name, 'heads': {h.name: file_sha1(h.path) for h in heads},
                 'caption_keys': args.caption_keys, 'dup_threshold': args.dup_threshold, 'clusters': clusters,
-                'dedup_parts': args.dedup_parts, 'filter': args.filter, 'part_size': args.part_size,
+                'dedup_parts': args.dedup_parts, 'part_size': args.part_size,
                 'buckets': {b.name: file_sha1('', json.dumps(b.shards, sort_keys=True).encode())[:16]
                             for b in buckets}}
     staging = join(args.local, STAGING, digest(work))
@@ -1030,7 +1031,7 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
               'removed_by_clause': removed, 'in_groups': int(np.count_nonzero(new[DUP_GROUP] >= 0)),
               'kept_of_groups': int(np.count_nonzero((new[DUP_GROUP] >= 0) & (new[DUP_KEEP] == 1)))}
     put_text(bucket.places.out, plan.staging, join(part.name, DONE_MARKER),
-             json.dumps({'rank': int(os.environ.get('RANK', 0)), **counts}))
+             json.dumps({'rank': int(os.environ.get('RANK', 0)), 'filter': args.filter, **counts}))
 
 
 def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> None:
@@ -1040,8 +1041,8 @@ def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> N
     groups = get_arrays(join(plan.work, 'dedup/groups.npz'), args.download_timeout)
     todo = []
     for b in plan.buckets:
-        done = done_markers(b.places.out, b.parts, args.download_timeout)
-        todo += [(b, p) for p in b.parts if p.name not in done]
+        done = done_markers(b.places.out, b.parts, args.download_timeout)  # another --filter: written again
+        todo += [(b, p) for p in b.parts if done.get(p.name, {}).get('filter') != args.filter]
     readers: dict[str, ShardReader] = {}
     for bucket, part in tqdm(todo[rank::world], desc='writes', unit='part', disable=rank != 0):
         if bucket.name not in readers:
@@ -1079,7 +1080,8 @@ def summarize(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> 
     _, labels = compile_filter(args.filter, filter_schema(plan.columns))
     buckets, missing = {}, []
     for b in plan.buckets:
-        markers = done_markers(b.places.out, b.parts, args.download_timeout)
+        markers = {name: m for name, m in done_markers(b.places.out, b.parts, args.download_timeout).items()
+                   if m.get('filter') == args.filter}
         missing += [f'{b.name}/{p.name}' for p in b.parts if p.name not in markers]
         total = {'input': 0, 'written': 0, 'skipped': [], 'in_groups': 0, 'kept_of_groups': 0,
                  'removed_by_clause': [0] * len(labels)}

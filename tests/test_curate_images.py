@@ -15,6 +15,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,9 +197,13 @@ def test_siglip_scores_equal_the_model(bed):
 
 def test_filter_removes_what_polars_removes_on_the_read_back_rows(bed, clip_run):
     cond = 'aesthetic > 0 AND dup_keep = 1 AND width >= 80'
-    out = bed['t'] / 'filtered'
+    out = bed['t'] / 'filtered'  # a rerun of the unfiltered run with a filter: only the output is rewritten
+    shutil.copytree(clip_run, out)
+    work = sorted(glob.glob(str(out / '_curate' / '**' / '*.npz'), recursive=True))
+    before = {f: os.stat(f).st_mtime_ns for f in work}
     code, err = in_process(*flags(bed, out, '--filter', cond))
     assert code == 0, err[-3000:]
+    assert {f: os.stat(f).st_mtime_ns for f in work} == before  # embeddings and dedup reused
     full = read_all(clip_run)
     for bucket, rows in read_all(out).items():
         if not full[bucket]:  # only undecodable images: nothing in, nothing out
