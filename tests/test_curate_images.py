@@ -68,6 +68,18 @@ def bed(tmp_path_factory) -> dict:
             'sig_head': write_aesthetic_head(t / 'sig.pth', 32, width=8)}
 
 
+@contextlib.contextmanager
+def quiet_main():
+    """A script's main() in this process: its output swallowed, the signal handlers it installs undone."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def in_process(*args) -> tuple[int, str]:
     script = load_script('curate_images.py')
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -268,3 +280,24 @@ def test_refusals_are_one_line_before_a_model_loads(bed, tmp_path):
     assert 'no `alt` column' in refused('--caption_keys', 'alt')
     assert 'does not evaluate' in refused('--filter', 'nosuch > 1')
     assert 'do not chain' in refused('--heads', f'x={bed["sig_head"]}')  # a 32-wide head on 16-dim CLIP
+
+
+def test_captioner_and_latents_read_the_curated_output(bed, clip_run, tiny_model):
+    """The next steps read the curated buckets as they read the cloudwriter's (one cheap run each)."""
+    from testbed.vlms import build_vlm
+    want = read_all(clip_run)['64-128']
+    read = ['--remote_download', clip_run, '--bucket', '64-128', '--batch-size', 8]
+    llava = build_vlm('llava', bed['t'] / 'llava')
+    with quiet_main():
+        load_script('caption_images.py').main(list(map(str, [
+            *read, '--local', bed['t'] / 'c1', '--remote_upload', bed['t'] / 'captioned',
+            '--model_name', llava, '--max_new_tokens', 2])))
+    got = read_mds(str(bed['t'] / 'captioned' / '64-128'))
+    assert [{k: v for k, v in r.items() if k != 'vlm_caption'} for r in got] == want
+    with quiet_main():
+        load_script('precompute_latents.py').main(list(map(str, [
+            *read, '--local', bed['t'] / 'c2', '--remote_upload', bed['t'] / 'latents',
+            '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0])))
+    got = read_mds(str(bed['t'] / 'latents' / '64-128'))
+    assert [r['key'] for r in got] == [r['key'] for r in want] and all(r['latents_64'] for r in got)
+    assert [r['aesthetic'] for r in got] == [r['aesthetic'] for r in want]  # the new columns travel on
