@@ -722,7 +722,7 @@ def load_model(args: argparse.Namespace, device) -> Model:
 
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     try:
-        model = AutoModel.from_pretrained(args.model_name, torch_dtype=dtype).to(device).eval()
+        model = AutoModel.from_pretrained(args.model_name, dtype=dtype).to(device).eval()
         processor = AutoImageProcessor.from_pretrained(args.model_name)
         tokenizer = AutoTokenizer.from_pretrained(args.model_name) if args.caption_keys else None
     except Exception as err:
