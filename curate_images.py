@@ -40,6 +40,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -67,7 +68,9 @@ WORK = '_curate'  # below --remote_upload: every pass's finished units
 SETTINGS = 'settings.json'  # in WORK: the run's settings; a rerun with others is refused
 SIM_COLUMN = 'clip_{key}'  # float32: cosine of the image and the text of column `key`
 DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member (-1: no duplicate); int32 0/1
-CLUSTER_ROWS = 5000  # --clusters 0: about this many vectors per k-means cluster (compare cost ~ rows^2)
+# --clusters 0: sqrt(2 N) clusters of sqrt(N / 2) vectors for N images. Each vector is compared with the
+# centroids (N k d flops) and with the members of its 2 clusters (2 N (N / k) d): equal at k = sqrt(2 N).
+CLUSTER_RULE = 'sqrt(2 N)'
 SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many vectors per centroid (faiss wants 39..256)
 BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK^2 float32 = 64 MiB)
 HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
@@ -147,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--dup_threshold', type=cosine, default=0.95,
                    help='images whose embeddings have a cosine above this are near-duplicates')
     p.add_argument('--clusters', type=at_least(0), default=0,
-                   help=f'k-means clusters for the dedup; 0: about one per {CLUSTER_ROWS} images')
+                   help=f'k-means clusters for the dedup; 0: {CLUSTER_RULE} for N images')
     p.add_argument('--dedup_parts', type=at_least(1), default=64,
                    help='groups of clusters: the dedup units of work and of resume, shared by the ranks')
     p.add_argument('--filter', default='', help='Polars SQL condition rows must meet (empty: keep every row)')
@@ -579,7 +582,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     dim = embedding_dim(args.model_name)
     heads = [load_head(name, path, dim) for name, path in args.heads]
     work = join(args.remote_upload, WORK, args.subfolder)
-    clusters = args.clusters or max(1, round(offset / CLUSTER_ROWS))
+    clusters = args.clusters or auto_clusters(offset)
     settings = {'model_name': args.model_name, 'heads': {h.name: file_sha1(h.path) for h in heads},
                 'caption_keys': args.caption_keys, 'dup_threshold': args.dup_threshold, 'clusters': clusters,
                 'dedup_parts': args.dedup_parts, 'part_size': args.part_size,
@@ -599,6 +602,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     os.makedirs(staging, exist_ok=True)
     put_text(work, staging, SETTINGS, json.dumps(settings, indent=1))
     return Plan(buckets, work, staging, heads, columns, clusters, settings)
+
+
+def auto_clusters(rows: int) -> int:
+    return max(1, round(math.sqrt(2 * rows)))
 
 
 def file_sha1(path: str, data: bytes | None = None) -> str:

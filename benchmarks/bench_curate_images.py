@@ -167,7 +167,7 @@ PART_ROWS = 50_000
 
 def write_parts(script, work: Path, rows: int, dim: int) -> tuple[list, int]:
     """Random unit vectors in the embedding pass's part files (1% near-copies of their neighbour)."""
-    clusters = max(1, round(rows / script.CLUSTER_ROWS))
+    clusters = script.auto_clusters(rows)
     rate = min(1.0, clusters * script.SAMPLE_PER_CLUSTER / rows)
     rng = np.random.default_rng(0)
     parts = []
@@ -240,7 +240,7 @@ def measured(fn, rows: int, dim: int) -> tuple[float, float, str]:
 def bench_dedup(args: argparse.Namespace) -> None:
     rows = 10_000_000 if args.big else args.rows
     print(f'{rows:,} random unit vectors of {args.dim} dims (float16 parts of {PART_ROWS:,}), '
-          f'1% near-copies, cosine > 0.95, ~{max(1, round(rows / 5000)):,} clusters')
+          f'1% near-copies, cosine > 0.95, {load_script("curate_images.py").auto_clusters(rows):,} clusters')
     print(f'{"":44}{"seconds":>10}{"peak GiB":>10}  found')
     for name, fn in (('curate_images.py dedup pass', ours), ('faiss IVFFlat, nprobe 2, k 8 (floor)', floor)):
         seconds, peak, note = measured(fn, rows, args.dim)
