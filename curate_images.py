@@ -68,9 +68,10 @@ WORK = '_curate'  # below --remote_upload: every pass's finished units
 SETTINGS = 'settings.json'  # in WORK: the run's settings; a rerun with others is refused
 SIM_COLUMN = 'clip_{key}'  # float32: cosine of the image and the text of column `key`
 DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member (-1: no duplicate); int32 0/1
-# --clusters 0: sqrt(2 N) clusters of sqrt(N / 2) vectors for N images. Each vector is compared with the
-# centroids (N k d flops) and with the members of its 2 clusters (2 N (N / k) d): equal at k = sqrt(2 N).
-CLUSTER_RULE = 'sqrt(2 N)'
+# --clusters 0: 2 sqrt(N) clusters for N images. Each vector is compared with the k centroids (N k d
+# multiply-adds in all) and, as it sits in 2 clusters of ~2N/k members, within them (4 N^2 d / k in all):
+# equal at k = 2 sqrt(N), when a cluster holds ~sqrt(N) vectors.
+CLUSTER_RULE = '2 sqrt(N)'
 SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many vectors per centroid (faiss wants 39..256)
 BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK^2 float32 = 64 MiB)
 HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
@@ -605,7 +606,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def auto_clusters(rows: int) -> int:
-    return max(1, round(math.sqrt(2 * rows)))
+    return max(1, round(2 * math.sqrt(rows)))
 
 
 def file_sha1(path: str, data: bytes | None = None) -> str:
