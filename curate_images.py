@@ -73,7 +73,7 @@ DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member
 # equal at k = 2 sqrt(N), when a cluster holds ~sqrt(N) vectors.
 CLUSTER_RULE = '2 sqrt(N)'
 SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many vectors per centroid (faiss wants 39..256)
-BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK^2 float32 = 64 MiB)
+BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK x members, float32)
 HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
 
 
