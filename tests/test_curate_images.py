@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -269,6 +270,32 @@ def test_kill9_in_each_pass_then_two_ranks_equal_an_uninterrupted_run(root, bed,
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert read_all(out) == read_all(clip_run)  # same rows, same scores, same groups with 2 ranks
     assert json.loads((out / 's.json').read_text())['world_size'] == 2
+
+
+def test_sigterm_keeps_finished_parts_and_a_rerun_completes(bed, clip_run):
+    """SIGTERM (how a platform stops a job) to main() in this process, once a part is embedded."""
+    out = bed['t'] / 'stopped'
+
+    def watch() -> None:
+        deadline = time.time() + 120
+        while not markers(out, '_curate/embed/*/*/_done') and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    code, err = in_process(*flags(bed, out))
+    watcher.join()
+    assert code == 128 + signal.SIGTERM and 'Traceback' not in err, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith('error:')] == [
+        'error: stopped by SIGTERM: finished parts are kept, the part in progress is not; rerun the same '
+        'command to resume']
+    kept = {m: Path(m).read_bytes() for m in markers(out, '_curate/embed/*/*/_done')}
+    assert kept and not markers(out, '*/index.json')
+    code, err = in_process(*flags(bed, out))
+    assert code == 0, err[-3000:]
+    assert {m: Path(m).read_bytes() for m in kept} == kept  # finished parts were not redone
+    assert read_all(out) == read_all(clip_run)
 
 
 def test_refusals_are_one_line_before_a_model_loads(bed, tmp_path):
