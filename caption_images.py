@@ -139,6 +139,7 @@ def clean(text: str, rules: tuple[Callable[[str], str], ...]) -> tuple[str, list
 # Flags: argparse types check every value before anything heavy is imported
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: at-least (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     def check(text: str):
         try:
@@ -149,6 +150,7 @@ def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
         return value
     return check
+# <<< twin: at-least
 
 
 def bucket_name(text: str) -> str:
@@ -161,6 +163,7 @@ def bucket_name(text: str) -> str:
     return text
 
 
+# >>> twin: output-flags (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def size_limit(text: str) -> int:
     """'256mb', '64kb', '67108864': bytes per shard, as streaming's MDSWriter reads them."""
     found = re.fullmatch(r'(\d+)\s*(b|kb|mb|gb)?', text.strip().lower())
@@ -175,6 +178,7 @@ def compression(text: str) -> str:
         raise argparse.ArgumentTypeError(f'{text}: streaming knows br, bz2, gz, snappy, zstd (with an '
                                          'optional level, e.g. zstd:7); leave it empty for none')
     return text
+# <<< twin: output-flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

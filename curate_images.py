@@ -93,6 +93,7 @@ class Interrupted(BaseException):
 # Flags
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: at-least (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     def check(text: str):
         try:
@@ -103,6 +104,7 @@ def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
         return value
     return check
+# <<< twin: at-least
 
 
 def cosine(text: str) -> float:
@@ -127,6 +129,24 @@ def head_flag(text: str) -> tuple[str, str]:
     if not re.fullmatch(r'[A-Za-z_]\w*', name) or not path:
         raise argparse.ArgumentTypeError(f'{text}: write NAME=FILE, NAME a column name such as aesthetic')
     return name, path
+
+
+# >>> twin: output-flags (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def size_limit(text: str) -> int:
+    """'256mb', '64kb', '67108864': bytes per shard, as streaming's MDSWriter reads them."""
+    found = re.fullmatch(r'(\d+)\s*(b|kb|mb|gb)?', text.strip().lower())
+    value = int(found[1]) * 1024 ** ('b', 'kb', 'mb', 'gb').index(found[2] or 'b') if found else 0
+    if not 0 < value < 2**32:
+        raise argparse.ArgumentTypeError(f'{text}: must be a shard size from 1b to below 4gb, such as 256mb')
+    return value
+
+
+def compression(text: str) -> str:
+    if text and not re.fullmatch(r'(br|bz2|gz|snappy|zstd)(:\d+)?', text):
+        raise argparse.ArgumentTypeError(f'{text}: streaming knows br, bz2, gz, snappy, zstd (with an '
+                                         'optional level, e.g. zstd:7); leave it empty for none')
+    return text
+# <<< twin: output-flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,8 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='auto: cuda:<LOCAL_RANK> when available')
     p.add_argument('--part_size', type=at_least(1), default=5000,
                    help='samples per unit of work and of resume (whole input shards, at least this many)')
-    p.add_argument('--size_limit', default='256mb', help='output shard size limit')
-    p.add_argument('--compression', default='', help='output shard compression, e.g. zstd')
+    p.add_argument('--size_limit', type=size_limit, default='256mb', help='output shard size limit')
+    p.add_argument('--compression', type=compression, default='', help='output shard compression, e.g. zstd')
     p.add_argument('--download_timeout', type=at_least(1e-3, float), default=300, help='seconds per file')
     p.add_argument('--download_retry', type=at_least(0), default=2, help='retries per file download')
     p.add_argument('--dist_timeout', type=at_least(1, float), default=7 * 24 * 3600,
@@ -813,7 +833,7 @@ def unit_folder(stage: str, bucket: Bucket, part: Part) -> str:
     return join(stage, bucket.name or '_', part.name)
 
 
-def pending(plan: Plan, stage: str, args: argparse.Namespace) -> list[tuple[Bucket, Part]]:
+def pending(plan: Plan, stage: str) -> list[tuple[Bucket, Part]]:
     """The (bucket, part) units of a pass without a _done marker."""
     names = set(output_names(plan.work))
     return [(b, p) for b, p in plan.units() if f'{unit_folder(stage, b, p)}/{DONE_MARKER}' not in names]
@@ -822,7 +842,7 @@ def pending(plan: Plan, stage: str, args: argparse.Namespace) -> list[tuple[Buck
 def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: int) -> dict[str, float]:
     from tqdm import tqdm
 
-    mine = pending(plan, 'embed', args)[rank::world]
+    mine = agreed(lambda: pending(plan, 'embed'), rank)[rank::world]
     if not mine:
         return {'images': 0, 'seconds': 0.0, 'images_per_s': 0.0}
     m = load_model(args, device)
@@ -832,7 +852,7 @@ def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: i
     try:
         for bucket, part in mine:
             if bucket.name not in readers:
-                readers[bucket.name] = ShardReader(ReaderPlan(bucket.places, bucket.shards), args, rank)
+                readers[bucket.name] = ShardReader(bucket, args, rank)
             reader = readers[bucket.name]
             embed_part(m, plan, args, bucket, part, reader, bar)
     except (UserError, Interrupted):
@@ -845,14 +865,6 @@ def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: i
     seconds, images = time.time() - start, sum(p.last - p.first for _, p in mine)
     return {'images': images, 'seconds': round(seconds, 3),
             'images_per_s': round(images / max(seconds, 1e-9), 2)}
-
-
-@dataclasses.dataclass(frozen=True)
-class ReaderPlan:
-    """What ShardReader needs of a plan: one bucket's places and shards."""
-
-    places: Places
-    shards: list[dict]
 
 
 def embed_url(plan: Plan, bucket: Bucket, part: Part) -> str:
@@ -979,6 +991,11 @@ def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
                keep=(group == gid).astype(np.int32))
 
 
+def unpaired(plan: Plan, dedup_parts: int) -> list[int]:
+    names = set(output_names(plan.work))
+    return [g for g in range(dedup_parts) if f'dedup/pairs/{g:05d}.npz' not in names]
+
+
 def dedup_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int,
                barrier: Callable[[], None]) -> None:
     """Every rank its share of the shuffle and of the compare; rank 0 the centroids and the groups. Each
@@ -987,11 +1004,10 @@ def dedup_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int,
         train_centroids(plan, args)
     barrier()
     centroids = get_arrays(join(plan.work, 'dedup/centroids.npz'), args.download_timeout)['centroids']
-    for bucket, part in pending(plan, 'dedup/shuffle', args)[rank::world]:
+    for bucket, part in agreed(lambda: pending(plan, 'dedup/shuffle'), rank)[rank::world]:
         shuffle_part(plan, args, bucket, part, centroids)
     barrier()
-    names = set(output_names(plan.work))
-    for g in [g for g in range(args.dedup_parts) if f'dedup/pairs/{g:05d}.npz' not in names][rank::world]:
+    for g in agreed(lambda: unpaired(plan, args.dedup_parts), rank)[rank::world]:
         compare_group(plan, args, g)
     barrier()
     if rank == 0:
@@ -1042,19 +1058,25 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
              json.dumps({'rank': int(os.environ.get('RANK', 0)), 'filter': args.filter, **counts}))
 
 
+def unwritten(plan: Plan, args: argparse.Namespace) -> list[tuple[Bucket, Part]]:
+    """The output parts without a marker, or written with another --filter (written again)."""
+    todo = []
+    for b in plan.buckets:
+        done = done_markers(b.places.out, b.parts, args.download_timeout)
+        todo += [(b, p) for p in b.parts if done.get(p.name, {}).get('filter') != args.filter]
+    return todo
+
+
 def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> None:
     from tqdm import tqdm
 
     clauses, _ = compile_filter(args.filter, filter_schema(plan.columns))
     groups = get_arrays(join(plan.work, 'dedup/groups.npz'), args.download_timeout)
-    todo = []
-    for b in plan.buckets:
-        done = done_markers(b.places.out, b.parts, args.download_timeout)  # another --filter: written again
-        todo += [(b, p) for p in b.parts if done.get(p.name, {}).get('filter') != args.filter]
+    todo = agreed(lambda: unwritten(plan, args), rank)
     readers: dict[str, ShardReader] = {}
     for bucket, part in tqdm(todo[rank::world], desc='writes', unit='part', disable=rank != 0):
         if bucket.name not in readers:
-            readers[bucket.name] = ShardReader(ReaderPlan(bucket.places, bucket.shards), args, rank)
+            readers[bucket.name] = ShardReader(bucket, args, rank)
         write_part(plan, args, bucket, part, readers[bucket.name], groups, clauses)
 
 
@@ -1240,14 +1262,16 @@ def pick_device(args: argparse.Namespace):
     return torch.device('cpu')
 
 
-def share_plan(args: argparse.Namespace, rank: int) -> Plan:
-    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
+def agreed(compute: Callable[[], Any], rank: int) -> Any:
+    """What rank 0 computes (or the error it meets), on every rank: the plan, and each pass's list of
+    unfinished units, which must be one list (a rank that listed after another had finished a unit
+    would take another share, and a unit could fall between them)."""
     import torch.distributed as dist
 
     result: list[Any] = [None]
     if rank == 0:
         try:
-            result[0] = make_plan(args)
+            result[0] = compute()
         except UserError as err:
             result[0] = err
     if dist.is_initialized():
@@ -1271,7 +1295,7 @@ def main(argv: list[str] | None = None) -> None:
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
         device = pick_device(args)
-        plan = share_plan(args, rank)
+        plan = agreed(lambda: make_plan(args), rank)
         speed = embed_pass(args, plan, device, rank, world)
         barrier()
         dedup_pass(args, plan, rank, world, barrier)
