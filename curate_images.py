@@ -426,19 +426,42 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
 # The plan (rank 0): the buckets, the heads, the filter, the settings; every check before a model loads
 # ----------------------------------------------------------------------------------------------
 
+# Score columns are rows of one table (Plan.scores): each turns a batch's normalised image embeddings
+# and its captions' normalised text features ({caption key: array}) into one float32 per image.
+
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """A score column: Linear layers (state_dict keys in order) applied to the normalised embedding."""
+    """Column `name`: Linear layers (state_dict keys in order) applied to the normalised embedding."""
 
     name: str
     path: str
     layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [out, in], bias [out])
 
-    def __call__(self, emb: np.ndarray) -> np.ndarray:
+    def __call__(self, emb: np.ndarray, texts: dict[str, np.ndarray]) -> np.ndarray:
         x = emb.astype(np.float32)
         for w, b in self.layers:
             x = x @ w.T + b
         return x[:, 0]
+
+    def record(self) -> dict:
+        return {'column': self.name, 'head': self.path, 'layers': [list(w.shape) for w, _ in self.layers]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Similarity:
+    """Column clip_<key> (the CLIP score): the cosine of the image's and caption column key's features."""
+
+    key: str
+
+    @property
+    def name(self) -> str:
+        return SIM_COLUMN.format(key=self.key)
+
+    def __call__(self, emb: np.ndarray, texts: dict[str, np.ndarray]) -> np.ndarray:
+        return (emb * texts[self.key]).sum(-1)
+
+    def record(self) -> dict:
+        return {'column': self.name, 'cosine of the image and the text of': self.key}
 
 
 def load_head(name: str, path: str, dim: int) -> Head:
@@ -569,7 +592,7 @@ class Plan:
     buckets: list[Bucket]
     work: str  # <remote_upload>/_curate
     staging: str
-    heads: list[Head]
+    scores: list[Head | Similarity]  # the score columns, in column order
     columns: dict[str, str]  # every output column
     clusters: int
     settings: dict
@@ -622,7 +645,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                             '--remote_upload')
     os.makedirs(staging, exist_ok=True)
     put_text(work, staging, SETTINGS, json.dumps(settings, indent=1))
-    return Plan(buckets, work, staging, heads, columns, clusters, settings)
+    scores = [*heads, *(Similarity(k) for k in args.caption_keys)]
+    return Plan(buckets, work, staging, scores, columns, clusters, settings)
 
 
 def auto_clusters(rows: int) -> int:
@@ -768,19 +792,19 @@ def text_max_length(model: Any) -> int:
 
 
 def embed_batch(m: Model, pixels, texts: dict[str, list[str]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(normalised image embeddings float32, {caption key: cosine of image and text}) of one batch."""
+    """(normalised image embeddings, {caption key: normalised text features}) of one batch, float32."""
     import torch
 
     with torch.inference_mode():
         img = m.model.get_image_features(pixel_values=pixels.to(m.device, m.dtype)).float()
         img = torch.nn.functional.normalize(img, dim=-1)
-        sims = {}
+        txt = {}
         for key, captions in texts.items():
             tok = m.tokenizer(captions, padding='max_length', truncation=True,
                               max_length=text_max_length(m.model), return_tensors='pt').to(m.device)
-            txt = torch.nn.functional.normalize(m.model.get_text_features(**tok).float(), dim=-1)
-            sims[key] = (img * txt).sum(-1).cpu().numpy()
-    return img.cpu().numpy(), sims
+            features = m.model.get_text_features(**tok).float()
+            txt[key] = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+    return img.cpu().numpy(), txt
 
 
 def part_items(reader: ShardReader, part: Part, caption_keys: list[str]) -> tuple[list, dict[int, dict]]:
@@ -799,21 +823,18 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
     items, texts = part_items(reader, part, args.caption_keys)
     loader = torch.utils.data.DataLoader(PartImages(items, m.processor), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=unbatched)
-    columns = [h.name for h in plan.heads] + [SIM_COLUMN.format(key=k) for k in args.caption_keys]
-    scores: dict[str, list] = {c: [] for c in columns}
+    scores: dict[str, list] = {s.name: [] for s in plan.scores}
     rows, embs, skipped = [], [], []
     for batch in loader:
         good = [r for r in batch if 'pixels' in r]
         skipped += [{'id': r['id'], 'key': r['key'], 'reason': r['reason']} for r in batch if 'reason' in r]
         if good:
-            emb, sims = embed_batch(m, torch.stack([r['pixels'] for r in good]),
-                                    {k: [texts[r['id']][k] for r in good] for k in args.caption_keys})
+            emb, txt = embed_batch(m, torch.stack([r['pixels'] for r in good]),
+                                   {k: [texts[r['id']][k] for r in good] for k in args.caption_keys})
             rows += good
             embs.append(emb)
-            for h in plan.heads:
-                scores[h.name].append(h(emb))
-            for k, v in sims.items():
-                scores[SIM_COLUMN.format(key=k)].append(v)
+            for score in plan.scores:
+                scores[score.name].append(score(emb, txt))
         bar.update(len(batch))
     emb = np.concatenate(embs) if embs else np.zeros((0, embedding_dim(args.model_name)), np.float32)
     arrays = {c: np.array([r[c] for r in rows], np.int64) for c in ('id', 'sha', 'dhash', 'area')}
@@ -1158,10 +1179,7 @@ def report(summary: dict, path: str) -> None:
 
 def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: dict) -> None:
     record = {'model_name': args.model_name,
-              'heads': [{'column': h.name, 'file': h.path, 'sha1': plan.settings['heads'][h.name],
-                         'layers': [list(w.shape) for w, _ in h.layers]} for h in plan.heads],
-              'similarity': {SIM_COLUMN.format(key=k): f'cosine of the image and of column {k}'
-                             for k in args.caption_keys},
+              'scores': [s.record() for s in plan.scores], 'head_sha1': plan.settings['heads'],
               'dedup': {'dup_threshold': args.dup_threshold, 'clusters': plan.clusters, 'neighbours': 2,
                         'also': 'equal content (sha1) and equal 64-bit dHash',
                         'keep': 'largest width x height, then lowest key, then lowest run id',

@@ -185,8 +185,8 @@ def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run)
     summary = json.loads((clip_run / 's.json').read_text())
     assert summary['in_groups'] == 8 and summary['kept_of_groups'] == 4
     record = json.loads((clip_run / '64-128' / 'curation.json').read_text())
-    assert record['dedup']['dup_threshold'] == THRESHOLD and [h['column'] for h in record['heads']] == \
-        ['aesthetic', 'linear']
+    assert record['dedup']['dup_threshold'] == THRESHOLD and [s['column'] for s in record['scores']] == \
+        ['aesthetic', 'linear', 'clip_caption']
     from PIL import Image
     with Image.open(summary['preview']['path']) as png:
         assert png.format == 'PNG' and png.height > 4 * 128
