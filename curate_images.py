@@ -1040,6 +1040,16 @@ def dedup_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int,
 # Pass 3, writing: every input column plus the new ones, the --filter applied, per part (+ _done)
 # ----------------------------------------------------------------------------------------------
 
+def dup_columns(groups: dict[str, np.ndarray], gid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dup_group, dup_keep) of the run ids `gid`: -1 and 1 for an image in no group."""
+    group, keep = np.full(len(gid), -1, np.int64), np.ones(len(gid), np.int32)
+    if len(groups['gid']):
+        at = np.searchsorted(groups['gid'], gid).clip(0, len(groups['gid']) - 1)
+        hit = groups['gid'][at] == gid
+        group[hit], keep[hit] = groups['group'][at[hit]], groups['keep'][at[hit]]
+    return group, keep
+
+
 def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part, reader: ShardReader,
                groups: dict[str, np.ndarray], clauses: list) -> None:
     import polars as pl
@@ -1048,11 +1058,8 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
     z = get_arrays(embed_url(plan, bucket, part), args.download_timeout)
     marker = json.loads(open_text(join(plan.work, unit_folder('embed', bucket, part), DONE_MARKER),
                                   args.download_timeout))
-    at = np.searchsorted(groups['gid'], z['id'] + bucket.offset).clip(0, max(len(groups['gid']) - 1, 0))
-    hit = groups['gid'][at] == z['id'] + bucket.offset if len(groups['gid']) else np.zeros(len(z['id']), bool)
-    new = {**{c[6:]: z[c] for c in z if c.startswith('score:')},
-           DUP_GROUP: np.where(hit, groups['group'][at] if len(groups['gid']) else -1, -1).astype(np.int64),
-           DUP_KEEP: np.where(hit, groups['keep'][at] if len(groups['gid']) else 1, 1).astype(np.int32)}
+    group, keep = dup_columns(groups, z['id'] + bucket.offset)
+    new = {**{c[6:]: z[c] for c in z if c.startswith('score:')}, DUP_GROUP: group, DUP_KEEP: keep}
     row_of = {int(i): r for r, i in enumerate(z['id'])}
     samples = [(sid, s) for sid, s in reader.samples(part) if sid in row_of]
     schema = filter_schema(plan.columns)
