@@ -942,11 +942,13 @@ def shuffle_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Par
     near = index.search(emb.astype(np.float32), k)[1] if len(emb) else np.zeros((0, k), np.int64)
     folder = unit_folder('dedup/shuffle', bucket, part)
     for g in range(args.dedup_parts):
-        rows, cl = np.nonzero(near % args.dedup_parts == g)
-        put_arrays(plan.work, plan.staging, join(folder, f'{g:05d}.npz'), gid=gid[rows],
-                   cluster=near[rows, cl], emb=emb[rows], area=z['area'][rows], key=z['key'][rows],
-                   **{f'{h}_gid': gid[z[h] % args.dedup_parts == g] for h in ('sha', 'dhash')},
-                   **{h: z[h][z[h] % args.dedup_parts == g] for h in ('sha', 'dhash')})
+        rows, cl = np.nonzero(near % args.dedup_parts == g)  # a vector goes to each of its 2 clusters
+        views = {'vec': rows, 'sha': np.flatnonzero(z['sha'] % args.dedup_parts == g),
+                 'dhash': np.flatnonzero(z['dhash'] % args.dedup_parts == g)}
+        put_arrays(plan.work, plan.staging, join(folder, f'{g:05d}.npz'), cluster=near[rows, cl],
+                   emb=emb[rows], sha=z['sha'][views['sha']], dhash=z['dhash'][views['dhash']],
+                   **{f'{v}_{c}': (gid if c == 'gid' else z[c])[r] for v, r in views.items()
+                      for c in ('gid', 'area', 'key')})
     put_text(plan.work, plan.staging, join(folder, DONE_MARKER), '{}')
 
 
@@ -955,28 +957,32 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
     every pair of equal content hash or equal dHash. Written with each member's area and key."""
     zs = [get_arrays(join(plan.work, unit_folder('dedup/shuffle', b, p), f'{g:05d}.npz'),
                      args.download_timeout) for b, p in plan.units()]
-    cat = {k: np.concatenate([z[k] for z in zs]) for k in zs[0]} if zs else {}
-    pairs = []
-    for c in np.unique(cat.get('cluster', np.zeros(0, np.int64))):
-        idx = np.flatnonzero(cat['cluster'] == c)
-        x = cat['emb'][idx].astype(np.float32)
+    if not zs:  # an input without samples
+        put_arrays(plan.work, plan.staging, f'dedup/pairs/{g:05d}.npz', edges=np.zeros((0, 2), np.int64),
+                   gid=np.zeros(0, np.int64), area=np.zeros(0, np.int64), key=np.zeros(0, str))
+        return
+    cat = {k: np.concatenate([z[k] for z in zs]) for k in zs[0]}
+    pairs = [np.zeros((0, 2), np.int64)]
+    order = np.argsort(cat['cluster'], kind='stable')
+    _, starts = np.unique(cat['cluster'][order], return_index=True)
+    for idx in np.split(order, starts[1:]) if len(order) else []:  # the rows of one cluster
+        x, gid = cat['emb'][idx].astype(np.float32), cat['vec_gid'][idx]
         for lo in range(0, len(idx), BLOCK):
-            sim = x[lo:lo + BLOCK] @ x.T
-            i, j = np.nonzero(sim > args.dup_threshold)
+            i, j = np.nonzero(x[lo:lo + BLOCK] @ x.T > args.dup_threshold)
             keep = lo + i < j
-            pairs.append(np.stack([cat['gid'][idx[lo + i[keep]]], cat['gid'][idx[j[keep]]]], 1))
+            pairs.append(np.stack([gid[lo + i[keep]], gid[j[keep]]], 1))
     for h in ('sha', 'dhash'):
-        if zs and len(cat[h]):
-            order = np.lexsort((cat[f'{h}_gid'], cat[h]))
-            vals, ids = cat[h][order], cat[f'{h}_gid'][order]
-            same = vals[1:] == vals[:-1]
-            pairs.append(np.stack([ids[:-1][same], ids[1:][same]], 1))  # a chain links each run of equals
-    edges = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
-    members, first = np.unique(cat['gid'], return_index=True) if zs else (np.zeros(0, np.int64), [])
-    wanted = np.isin(members, edges)
-    put_arrays(plan.work, plan.staging, f'dedup/pairs/{g:05d}.npz', edges=edges.astype(np.int64),
-               gid=members[wanted], area=cat['area'][first][wanted] if zs else members,
-               key=cat['key'][first][wanted] if zs else members.astype(str))
+        order = np.lexsort((cat[f'{h}_gid'], cat[h]))
+        vals, ids = cat[h][order], cat[f'{h}_gid'][order]
+        same = vals[1:] == vals[:-1]
+        pairs.append(np.stack([ids[:-1][same], ids[1:][same]], 1))  # a chain links each run of equals
+    edges = np.unique(np.concatenate(pairs), axis=0)
+    views = ('vec', 'sha', 'dhash')
+    gid, first = np.unique(np.concatenate([cat[f'{v}_gid'] for v in views]), return_index=True)
+    wanted = np.isin(gid, edges)
+    put_arrays(plan.work, plan.staging, f'dedup/pairs/{g:05d}.npz', edges=edges, gid=gid[wanted],
+               **{c: np.concatenate([cat[f'{v}_{c}'] for v in views])[first][wanted]
+                  for c in ('area', 'key')})
 
 
 def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
