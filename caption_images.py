@@ -66,6 +66,7 @@ DEFAULT_PROMPT = ('Describe this image in detail in one paragraph: the main subj
                   'and do, the setting, the colours and lighting, and any text that is visible.')
 
 
+# >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
 class UserError(Exception):
     """A problem with the command line, the input, the model or the environment: reported in one line."""
 
@@ -76,6 +77,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+# <<< twin: errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -894,6 +896,7 @@ def write_preview(args: argparse.Namespace, out_root: str, path: str) -> list[in
 # Orchestration
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: signals-and-device (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def stop_on_signals() -> None:
     """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted; a second one ends the process."""
     def handler(signum: int, frame) -> None:
@@ -914,6 +917,7 @@ def pick_device(args: argparse.Namespace):
         torch.cuda.set_device(device)
         return device
     return torch.device('cpu')
+# <<< twin: signals-and-device
 
 
 def share_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str], rank: int) -> Plan:

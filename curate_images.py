@@ -77,16 +77,18 @@ BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK x me
 HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
 
 
+# >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
 class UserError(Exception):
     """A problem with the command line, the input, the model or the environment: reported in one line."""
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGINT reached the main process: stop, keep finished units, report."""
+    """SIGTERM or SIGINT reached the main process: stop, keep finished parts, report."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+# <<< twin: errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1271,6 +1273,7 @@ def finish(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> Non
 # Orchestration
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: signals-and-device (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def stop_on_signals() -> None:
     """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted; a second one ends the process."""
     def handler(signum: int, frame) -> None:
@@ -1291,6 +1294,7 @@ def pick_device(args: argparse.Namespace):
         torch.cuda.set_device(device)
         return device
     return torch.device('cpu')
+# <<< twin: signals-and-device
 
 
 def agreed(compute: Callable[[], Any], rank: int) -> Any:
