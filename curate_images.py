@@ -1204,49 +1204,60 @@ def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: 
     put_text(bucket.places.out, plan.staging, RECORD, json.dumps(record, indent=1))
 
 
-PREVIEW_TILE = 128
+PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text line, images per row
 
 
-def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
-    """Rows of --preview duplicate groups (kept member first), then the highest and lowest scored."""
-    from streaming import StreamingDataset
-
+def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[tuple[int, str]]]]:
+    """(title, [(run id, label)]): the --preview largest duplicate groups (the kept member first), then
+    the highest and the lowest by the first score column."""
     groups = get_arrays(join(plan.work, 'dedup/groups.npz'), args.download_timeout)
-    sizes = {int(g): int(n) for g, n in zip(*np.unique(groups['group'], return_counts=True))}
-    chosen = sorted(sizes, key=lambda g: (-sizes[g], g))[:args.preview]
-    rows = [[int(x) for x in sorted(groups['gid'][groups['group'] == g], key=lambda x: (x != g, x))][:8]
-            for g in chosen]
-    column = next((c for c in new_columns(args) if c not in (DUP_GROUP, DUP_KEEP)), None)
-    if column:
-        gid, score = [], []
+    sizes = dict(zip(*np.unique(groups['group'], return_counts=True)))
+    rows = []
+    for n, g in enumerate(sorted(sizes, key=lambda g: (-sizes[g], g))[:args.preview], 1):
+        members = sorted(groups['gid'][groups['group'] == g].tolist(), key=lambda x: (x != g, x))
+        rows.append((f'duplicate group {n}: {sizes[g]} images, the kept one first',
+                     [(x, 'kept' if x == g else 'dropped') for x in members[:PREVIEW_PER_ROW]]))
+    if plan.scores:
+        column, gid, score = plan.scores[0].name, [], []
         for b, p in plan.units():
             z = get_arrays(embed_url(plan, b, p), args.download_timeout)
             gid.append(z['id'] + b.offset)
             score.append(z[f'score:{column}'])
         gid, score = np.concatenate(gid), np.concatenate(score)
         order = np.argsort(-score, kind='stable')
-        rows += [gid[order[:8]].tolist(), gid[order[::-1][:8]].tolist()]
-    datasets = {}
-    sheet = Image.new('RGB', (8 * (PREVIEW_TILE + 4) + 4, len(rows) * (PREVIEW_TILE + 18) + 4), 'white')
+        for title, pick in ((f'highest {column}', order[:PREVIEW_PER_ROW]),
+                            (f'lowest {column}', order[::-1][:PREVIEW_PER_ROW])):
+            rows.append((title, [(int(gid[i]), f'{score[i]:.3f}') for i in pick]))
+    return rows
+
+
+def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
+    """A PNG of preview_rows: each row a title line, then its images, each over '<bucket>#<id> label'."""
+    from streaming import StreamingDataset
+
+    rows, datasets = preview_rows(args, plan), {}
+    height = PREVIEW_LINE + PREVIEW_TILE + PREVIEW_LINE + 8
+    sheet = Image.new('RGB', (PREVIEW_PER_ROW * (PREVIEW_TILE + 8) + 8, len(rows) * height + 8), 'white')
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
-    for r, row in enumerate(rows):
-        for c, g in enumerate(row):
+    for r, (title, entries) in enumerate(rows):
+        top = 8 + r * height
+        draw.text((8, top), title, fill='black', font=font)
+        for c, (g, label) in enumerate(entries):
             b = next(b for b in reversed(plan.buckets) if b.offset <= g)
             if b.name not in datasets:
                 remote = None if b.places.cache == b.places.src else b.places.src
                 datasets[b.name] = StreamingDataset(local=b.places.cache, remote=remote, shuffle=False,
                                                     batch_size=1)
-            with contextlib.suppress(Exception):
-                img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN])
-                img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
-                x, y = 4 + c * (PREVIEW_TILE + 4), 4 + r * (PREVIEW_TILE + 18)
-                sheet.paste(img, (x, y))
-                label = f'{b.name}#{g - b.offset}' + (' keep' if r < len(chosen) and c == 0 else '')
-                draw.text((x, y + PREVIEW_TILE + 2), label, fill='black', font=font)
+            img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN])
+            img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
+            x = 8 + c * (PREVIEW_TILE + 8)
+            sheet.paste(img, (x, top + PREVIEW_LINE))
+            draw.text((x, top + PREVIEW_LINE + PREVIEW_TILE + 2), f'{b.name}#{g - b.offset} {label}',
+                      fill='black', font=font)
     del datasets
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sheet.save(path)
-    return {'path': path, 'groups': rows[:len(chosen)], 'score_column': column}
+    return {'path': path, 'rows': [(title, [g for g, _ in entries]) for title, entries in rows]}
 
 
 def summary_path(args: argparse.Namespace) -> str:

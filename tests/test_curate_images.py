@@ -190,7 +190,8 @@ def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run)
     from PIL import Image
     with Image.open(summary['preview']['path']) as png:
         assert png.format == 'PNG' and png.height > 4 * 128
-    assert len(summary['preview']['groups']) == 2
+    shown = [members for title, members in summary['preview']['rows'] if title.startswith('duplicate group')]
+    assert len(shown) == 2 and all(len(m) == 2 for m in shown)  # --preview 2: two planted pairs
 
 
 def test_siglip_scores_equal_the_model(bed):
