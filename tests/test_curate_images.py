@@ -308,6 +308,10 @@ def test_refusals_are_one_line_before_a_model_loads(bed, tmp_path):
     assert 'no `alt` column' in refused('--caption_keys', 'alt')
     assert 'does not evaluate' in refused('--filter', 'nosuch > 1')
     assert 'do not chain' in refused('--heads', f'x={bed["sig_head"]}')  # a 32-wide head on 16-dim CLIP
+    assert 'cannot read the config' in refused('--model_name', tmp_path / 'nothing')
+    if not torch.cuda.is_available():
+        assert refused('--device', 'cuda') == 'error: --device cuda: no GPU is visible to torch'
+    assert not (tmp_path / 'o').exists()  # nothing written by a refused run
 
 
 def test_captioner_and_latents_read_the_curated_output(bed, clip_run, tiny_model):
