@@ -753,8 +753,12 @@ class PartImages:
         return {**row, 'pixels': pixels, 'area': img.width * img.height, 'dhash': dhash(img)}
 
 
-def unbatched(batch: list) -> list:
-    return batch
+def collate(batch: list[dict]) -> tuple[Any, list[dict]]:
+    """In the worker: the decoded images' pixels stacked into one tensor (one shared-memory handoff
+    per batch, not per image), and every sample's row (a skipped one with its reason)."""
+    import torch
+    pixels = [r.pop('pixels') for r in batch if 'pixels' in r]
+    return (torch.stack(pixels) if pixels else None), batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,15 +828,15 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
 
     items, texts = part_items(reader, part, args.caption_keys)
     loader = torch.utils.data.DataLoader(PartImages(items, m.processor), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=unbatched)
+                                         num_workers=args.num_workers, collate_fn=collate)
     scores: dict[str, list] = {s.name: [] for s in plan.scores}
     rows, embs, skipped = [], [], []
-    for batch in loader:
-        good = [r for r in batch if 'pixels' in r]
+    for pixels, batch in loader:
+        good = [r for r in batch if 'reason' not in r]
         skipped += [{'id': r['id'], 'key': r['key'], 'reason': r['reason']} for r in batch if 'reason' in r]
         if good:
-            emb, txt = embed_batch(m, torch.stack([r['pixels'] for r in good]),
-                                   {k: [texts[r['id']][k] for r in good] for k in args.caption_keys})
+            captions = {k: [texts[r['id']][k] for r in good] for k in args.caption_keys}
+            emb, txt = embed_batch(m, pixels, captions)
             rows += good
             embs.append(emb)
             for score in plan.scores:
