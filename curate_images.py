@@ -13,14 +13,14 @@ Example (one GPU; `torchrun --nproc_per_node 8 -- curate_images.py ...` for eigh
     python curate_images.py --remote_download s3://my-bucket/laion/mds --bucket all \\
         --local /tmp/curate-cache --remote_upload s3://my-bucket/laion/curated \\
         --model_name openai/clip-vit-large-patch14 --heads aesthetic=sac+logos+ava1-l14-linearMSE.pth \\
-        --filter 'aesthetic >= 5 AND clip_caption >= 0.2 AND dup_keep = 1'
+        --caption_keys caption --filter 'aesthetic >= 5 AND clip_caption >= 0.2 AND dup_keep = 1'
 
 Reads `<remote_download>/<bucket>[/<subfolder>]` (or `<local>/<bucket>` in place): MDS with a `jpg`
 column. Writes `<remote_upload>/<bucket>[/<subfolder>]`: every input column unchanged plus the new ones,
-and `curation.json` beside each index.json (model, heads, thresholds, filter, counts). The passes keep
-their work below `<remote_upload>/_curate/` (per part: embeddings and scores; the dedup's centroids,
-shuffled vectors, pairs and groups). Ends with a summary, printed and written as JSON (`--summary`);
-`--preview N` adds a PNG of N duplicate groups and the highest and lowest scored images.
+and `curation.json` beside each index.json (model, heads, thresholds, filter, counts). The passes
+keep their work below `<remote_upload>/_curate[/<subfolder>]/` (per part: embeddings and scores; the
+dedup's centroids, shuffled vectors, pairs and groups). Ends with a summary, printed and written as
+JSON (`--summary`); `--preview N` adds a PNG of N duplicate groups and the highest and lowest scored.
 
 Resume: every pass works in units with a `_done` marker (embedding: parts of whole input shards; dedup:
 its parts and groups of clusters; writing: parts again). Rerun the same command with any number of
