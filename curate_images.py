@@ -66,6 +66,8 @@ STAGING = '.staging-curate'  # below --local: output files on their way to a rem
 RECORD = 'curation.json'  # beside each index.json: how the columns were made, and the counts
 WORK = '_curate'  # below --remote_upload: every pass's finished units
 SETTINGS = 'settings.json'  # in WORK: the run's settings; a rerun with others is refused
+# in WORK, each alone in its folder: listing that folder says whether it is there
+CENTROIDS, GROUPS = 'dedup/centroids/centroids.npz', 'dedup/groups/groups.npz'
 SIM_COLUMN = 'clip_{key}'  # float32: cosine of the image and the text of column `key`
 DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member (-1: no duplicate); int32 0/1
 # --clusters 0: 2 sqrt(N) clusters for N images. Each vector is compared with the k centroids (N k d
@@ -862,8 +864,8 @@ def unit_folder(stage: str, bucket: Bucket, part: Part) -> str:
 
 def pending(plan: Plan, stage: str) -> list[tuple[Bucket, Part]]:
     """The (bucket, part) units of a pass without a _done marker."""
-    names = set(output_names(plan.work))
-    return [(b, p) for b, p in plan.units() if f'{unit_folder(stage, b, p)}/{DONE_MARKER}' not in names]
+    names = set(output_names(join(plan.work, stage)))  # this pass's folder only: the work holds millions
+    return [(b, p) for b, p in plan.units() if f'{b.name or "_"}/{p.name}/{DONE_MARKER}' not in names]
 
 
 def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: int) -> dict[str, float]:
@@ -908,7 +910,7 @@ def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
     sample rate; centroids.npz, written once (a rerun reuses it)."""
     import faiss
 
-    if 'dedup/centroids.npz' in output_names(plan.work):
+    if output_names(join(plan.work, os.path.dirname(CENTROIDS))):
         return
     sample = [get_arrays(join(plan.work, unit_folder('embed', b, p), 'sample.npz'),
                          args.download_timeout)['emb'] for b, p in plan.units()]
@@ -920,7 +922,7 @@ def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
         centroids = km.centroids
     else:  # one cluster: every vector is compared with every other
         centroids = np.ones((1, x.shape[1] if len(x) else 1), np.float32)
-    put_arrays(plan.work, plan.staging, 'dedup/centroids.npz', centroids=centroids)
+    put_arrays(plan.work, plan.staging, CENTROIDS, centroids=centroids)
 
 
 def sample_rate(plan: Plan) -> float:
@@ -994,7 +996,7 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
 def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
     """Rank 0: union-find over every pair; in each group the largest image (width x height) is kept,
     then the lowest key, then the lowest run id. groups.npz: gid, dup_group (the kept gid), dup_keep."""
-    if 'dedup/groups.npz' in output_names(plan.work):
+    if output_names(join(plan.work, os.path.dirname(GROUPS))):
         return
     zs = [get_arrays(join(plan.work, f'dedup/pairs/{g:05d}.npz'), args.download_timeout)
           for g in range(args.dedup_parts)]
@@ -1020,13 +1022,13 @@ def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
     for i in order.tolist():
         kept.setdefault(roots[i], gid[i])
     group = np.array([kept[r] for r in roots.tolist()], np.int64)
-    put_arrays(plan.work, plan.staging, 'dedup/groups.npz', gid=gid, group=group,
+    put_arrays(plan.work, plan.staging, GROUPS, gid=gid, group=group,
                keep=(group == gid).astype(np.int32))
 
 
 def unpaired(plan: Plan, dedup_parts: int) -> list[int]:
-    names = set(output_names(plan.work))
-    return [g for g in range(dedup_parts) if f'dedup/pairs/{g:05d}.npz' not in names]
+    names = set(output_names(join(plan.work, 'dedup/pairs')))
+    return [g for g in range(dedup_parts) if f'{g:05d}.npz' not in names]
 
 
 def dedup_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int,
@@ -1036,7 +1038,7 @@ def dedup_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int,
     if rank == 0:
         train_centroids(plan, args)
     barrier()
-    centroids = get_arrays(join(plan.work, 'dedup/centroids.npz'), args.download_timeout)['centroids']
+    centroids = get_arrays(join(plan.work, CENTROIDS), args.download_timeout)['centroids']
     for bucket, part in agreed(lambda: pending(plan, 'dedup/shuffle'), rank)[rank::world]:
         shuffle_part(plan, args, bucket, part, centroids)
     barrier()
@@ -1111,7 +1113,7 @@ def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> N
     from tqdm import tqdm
 
     clauses, _ = compile_filter(args.filter, filter_schema(plan.columns))
-    groups = get_arrays(join(plan.work, 'dedup/groups.npz'), args.download_timeout)
+    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
     todo = agreed(lambda: unwritten(plan, args), rank)
     readers: dict[str, ShardReader] = {}
     for bucket, part in tqdm(todo[rank::world], desc='writes', unit='part', disable=rank != 0):
@@ -1214,7 +1216,7 @@ PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text lin
 def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[tuple[int, str]]]]:
     """(title, [(run id, label)]): the --preview largest duplicate groups (the kept member first), then
     the highest and the lowest by the first score column."""
-    groups = get_arrays(join(plan.work, 'dedup/groups.npz'), args.download_timeout)
+    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
     sizes = dict(zip(*np.unique(groups['group'], return_counts=True)))
     rows = []
     for n, g in enumerate(sorted(sizes, key=lambda g: (-sizes[g], g))[:args.preview], 1):

@@ -202,7 +202,7 @@ def ours(work: str, rows: int, dim: int, out) -> None:
     start = time.time()
     script.dedup_pass(args, plan, 0, 1, lambda: None)
     seconds = time.time() - start
-    groups = np.load(os.path.join(work, 'dedup', 'groups.npz'))
+    groups = np.load(os.path.join(work, script.GROUPS))
     out.send((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               f'{len(groups["gid"]):,} in groups'))
 
