@@ -14,8 +14,10 @@ pass (k-means on the sample, nearest 2 centroids, within-cluster products, union
 fresh process for its peak memory. The floor: faiss IndexIVFFlat with as many lists, trained on the
 same sample, all vectors in memory, every vector searched in its 2 nearest lists for its 8 nearest.
 
-Default (CPU, the tiny test bed CLIP, ~2 min on 2 cores):
+Default (CPU: the tiny test bed CLIP, ~1 min; then 1M vectors, ~25 min and ~8 GB of memory for the
+floor on 2 cores):
     .venv/bin/python benchmarks/bench_curate_images.py
+    .venv/bin/python benchmarks/bench_curate_images.py --what dedup --rows 100000   (~2 min)
 On a GPU host, CLIP ViT-L/14's sizes with random weights (no hub), bfloat16, batch 256 at 224 px:
     python benchmarks/bench_curate_images.py --what embed --full_size --device cuda --samples 4096
 """
