@@ -61,11 +61,13 @@ IMAGE_COLUMN, CAPTION_COLUMN = 'jpg', 'caption'  # the cloudwriter's image bytes
 RAW = '{key}_raw'  # --keep_raw: the decoded text before the rules
 INDEX = 'index.json'
 DONE_MARKER = '_done'  # per part; not *.json, so streaming's merge_index never mistakes it for an index
+STAGING = '.staging-captions'  # below --local: output files on their way to a remote
 RECORD = 'captions.json'  # beside index.json: how the captions were made, and the counts
 DEFAULT_PROMPT = ('Describe this image in detail in one paragraph: the main subjects, what they look like '
                   'and do, the setting, the colours and lighting, and any text that is visible.')
 
 
+# >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
 class UserError(Exception):
     """A problem with the command line, the input, the model or the environment: reported in one line."""
 
@@ -76,6 +78,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+# <<< twin: errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +142,7 @@ def clean(text: str, rules: tuple[Callable[[str], str], ...]) -> tuple[str, list
 # Flags: argparse types check every value before anything heavy is imported
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: at-least (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     def check(text: str):
         try:
@@ -149,6 +153,7 @@ def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
         return value
     return check
+# <<< twin: at-least
 
 
 def bucket_name(text: str) -> str:
@@ -161,6 +166,7 @@ def bucket_name(text: str) -> str:
     return text
 
 
+# >>> twin: output-flags (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def size_limit(text: str) -> int:
     """'256mb', '64kb', '67108864': bytes per shard, as streaming's MDSWriter reads them."""
     found = re.fullmatch(r'(\d+)\s*(b|kb|mb|gb)?', text.strip().lower())
@@ -175,6 +181,7 @@ def compression(text: str) -> str:
         raise argparse.ArgumentTypeError(f'{text}: streaming knows br, bz2, gz, snappy, zstd (with an '
                                          'optional level, e.g. zstd:7); leave it empty for none')
     return text
+# <<< twin: output-flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -233,16 +240,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Places and remotes (as precompute_latents.py names them)
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: paths (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 def is_remote(path: str) -> bool:
     return urllib.parse.urlparse(path).scheme not in ('', 'file')
 
 
 def join(root: str, *names: str) -> str:
+    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
     return '/'.join([root.rstrip('/')] + [n.strip('/') for n in names if n])
+# <<< twin: paths
+
+
+# >>> twin: places (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+@dataclasses.dataclass(frozen=True)
+class Places:
+    """Where a run reads, caches, stages and writes."""
+
+    src: str  # the input dataset
+    cache: str  # downloaded input shards; == src when the input is read in place (no --remote_download)
+    out: str  # the output dataset
+    staging: str  # local copies of output files on their way to a remote; deleted at the end
+
+
+def places(args: argparse.Namespace) -> Places:
+    """The run's places. A download cache belongs to one input and one output, so a run on another
+    dataset (or into another output) never meets its shards."""
+    out = join(args.remote_upload, args.bucket, args.subfolder)
+    src = cache = join(args.local, args.bucket, args.subfolder)
+    if args.remote_download:
+        src = join(args.remote_download, args.bucket, args.subfolder)
+        cache = join(args.local, args.bucket, args.subfolder, f'download-{digest(src, out)}')
+    return Places(src, cache, out, join(args.local, STAGING, digest(out)))
 
 
 def address(path: str) -> tuple[str, ...]:
-    """Where `path` points under any spelling: ('s3://bucket', 'a') or ('', 'tmp', 'x') (resolved)."""
+    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
+    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
     url = urllib.parse.urlparse(path)
     if url.scheme in ('', 'file'):
         real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
@@ -251,26 +284,12 @@ def address(path: str) -> tuple[str, ...]:
 
 
 def digest(*paths: str) -> str:
+    """A short name for a combination of places (same places, any spelling: same name)."""
     return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+# <<< twin: places
 
 
-@dataclasses.dataclass(frozen=True)
-class Places:
-    src: str  # the input dataset
-    cache: str  # downloaded input shards; == src when the input is read in place
-    out: str  # the output dataset
-    staging: str  # local copies of output files on their way to a remote; deleted at the end
-
-
-def places(args: argparse.Namespace) -> Places:
-    out = join(args.remote_upload, args.bucket, args.subfolder)
-    src = cache = join(args.local, args.bucket, args.subfolder)
-    if args.remote_download:
-        src = join(args.remote_download, args.bucket, args.subfolder)
-        cache = join(args.local, args.bucket, args.subfolder, f'download-{digest(src, out)}')
-    return Places(src, cache, out, join(args.local, '.staging-captions', digest(out)))
-
-
+# >>> twin: check-places (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def check_places(pl: Places) -> None:
     """Refuse places that are one another or inside one another: a run would overwrite or delete the
     other's files. (An input read in place from --local may hold the staging folder: the clean-up
@@ -307,25 +326,6 @@ def fetch(url: str, dest: str, timeout: float) -> None:
     os.replace(tmp, dest)
 
 
-def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
-    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: through `staging`)."""
-    if not is_remote(out_root):
-        path = os.path.join(out_root, relpath)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + '.tmp', 'w') as f:
-            f.write(text)
-        os.replace(path + '.tmp', path)
-        return
-    from streaming.base.storage.upload import CloudUploader
-
-    folder, name = os.path.split(relpath)
-    local_dir = tempfile.mkdtemp(dir=staging)
-    with open(os.path.join(local_dir, name), 'w') as f:
-        f.write(text)
-    CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True).upload_file(name)
-    shutil.rmtree(local_dir, ignore_errors=True)
-
-
 def output_names(out_root: str) -> list[str]:
     """Every file below `out_root`, relative to it."""
     if not is_remote(out_root):
@@ -340,12 +340,35 @@ def output_names(out_root: str) -> list[str]:
     except Exception as err:
         raise UserError(f'cannot list the output {out_root}: {first_line(err)}') from None
     return [k[len(prefix):].lstrip('/') for k in keys]
+# <<< twin: check-places
+
+
+# >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
+    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
+    if not is_remote(out_root):
+        path = os.path.join(out_root, relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)
+        return
+    from streaming.base.storage.upload import CloudUploader
+
+    folder, name = os.path.split(relpath)
+    with tempfile.TemporaryDirectory(dir=staging, ignore_cleanup_errors=True) as local_dir:
+        with open(os.path.join(local_dir, name), 'w') as f:
+            f.write(text)
+        uploader = CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True)
+        uploader.upload_file(name)
+# <<< twin: put-text
 
 
 # ----------------------------------------------------------------------------------------------
 # The plan: parts of whole input shards, minus those with a _done marker
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: parts (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 @dataclasses.dataclass(frozen=True)
 class Part:
     """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
@@ -354,6 +377,22 @@ class Part:
     shards: tuple[int, ...]
     first: int
     last: int
+
+
+def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
+    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
+    parts: list[Part] = []
+    group: list[int] = []
+    first = count = 0
+    for i, shard in enumerate(shards):
+        group.append(i)
+        count += shard['samples']
+        if count >= part_size or i == len(shards) - 1:
+            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
+            first += count
+            group, count = [], 0
+    return parts
+# <<< twin: parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,20 +405,6 @@ class Plan:
     parts: list[Part]
     pending: list[Part]
     settings: dict
-
-
-def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
-    """Consecutive shards grouped into parts of at least `part_size` samples (the last may be smaller)."""
-    parts: list[Part] = []
-    group: list[int] = []
-    first = count = 0
-    for i, shard in enumerate(shards):
-        group.append(i)
-        count += shard['samples']
-        if count >= part_size or i == len(shards) - 1:
-            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
-            first, group, count = first + count, [], 0
-    return parts
 
 
 def read_input(pl: Places, caption_key: str, timeout: float) -> tuple[list[dict], dict[str, str]]:
@@ -434,6 +459,7 @@ def make_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str]) -> 
     return Plan(pl, shards, columns, parts, [p for p in parts if p.name not in markers], settings)
 
 
+# >>> twin: done-markers (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
     """{part name: marker} of the given parts that have a readable _done marker."""
     def read(part: Part) -> tuple[str, dict | None]:
@@ -447,12 +473,14 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
 
     with ThreadPoolExecutor(16) as pool:
         return {name: m for name, m in pool.map(read, parts) if m is not None}
+# <<< twin: done-markers
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading: a part's shards, its images decoded once, in batches that never cross a part
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: shard-reader (verbatim in caption_images.py, curate_images.py; test_twins.py)
 class ShardReader:
     """Input shards on local disk: downloaded (and decompressed) on first use, removed after their shard
     is read. A rank's parts, hence its shards, are its own: it downloads into `<cache>/rank<r>`, emptied
@@ -485,6 +513,7 @@ class ShardReader:
                 yield self.first[shard] + i, reader.get_item(i)
             if self.evict:
                 reader.evict()
+# <<< twin: shard-reader
 
 
 # >>> twin: decode (copied verbatim in caption_images.py, laion_cloudwriter.py, precompute_latents.py;
@@ -930,6 +959,7 @@ def write_preview(args: argparse.Namespace, out_root: str, path: str) -> list[in
 # Orchestration
 # ----------------------------------------------------------------------------------------------
 
+# >>> twin: signals-and-device (verbatim in caption_images.py, curate_images.py; test_twins.py)
 def stop_on_signals() -> None:
     """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted; a second one ends the process."""
     def handler(signum: int, frame) -> None:
@@ -950,6 +980,7 @@ def pick_device(args: argparse.Namespace):
         torch.cuda.set_device(device)
         return device
     return torch.device('cpu')
+# <<< twin: signals-and-device
 
 
 def share_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str], rank: int) -> Plan:

@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- the filter: Polars SQL, split into its top-level AND clauses by Polars itself ------------------
 
+# >>> twin: sql-clauses (verbatim in curate_images.py, filter_metadata.py; test_twins.py)
 def split_and(expr) -> list:
     """The top-level AND operands of a Polars expression, in the order written."""
     root = json.loads(expr.meta.serialize(format='json'))
@@ -126,6 +127,7 @@ def clause_labels(text: str, clauses: list) -> list[str]:
     except Exception:
         pass
     return [str(c) for c in clauses]
+# <<< twin: sql-clauses
 
 
 def parse_filter(text: str):

@@ -92,6 +92,7 @@ MAX_ASPECT = 4.0  # --crop aspect: the default widest bucket, 4:1 (and 1:4)
 ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 STORAGE_DTYPES = ('float16', 'bfloat16', 'float32')  # torch dtype names
 HUB_TIMEOUT = 10  # seconds for the one request that asks the hub whether --model_name exists
+STAGING = '.staging'  # below --local: output files on their way to a remote
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -504,6 +505,7 @@ def check_args(args: argparse.Namespace, pl: Places) -> None:
     check_places(args, pl)
 
 
+# >>> twin: places (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 @dataclasses.dataclass(frozen=True)
 class Places:
     """Where a run reads, caches, stages and writes."""
@@ -522,7 +524,7 @@ def places(args: argparse.Namespace) -> Places:
     if args.remote_download:
         src = join(args.remote_download, args.bucket, args.subfolder)
         cache = join(args.local, args.bucket, args.subfolder, f'download-{digest(src, out)}')
-    return Places(src, cache, out, join(args.local, '.staging', digest(out)))
+    return Places(src, cache, out, join(args.local, STAGING, digest(out)))
 
 
 def address(path: str) -> tuple[str, ...]:
@@ -538,6 +540,7 @@ def address(path: str) -> tuple[str, ...]:
 def digest(*paths: str) -> str:
     """A short name for a combination of places (same places, any spelling: same name)."""
     return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+# <<< twin: places
 
 
 def check_places(args: argparse.Namespace, pl: Places) -> None:
@@ -940,6 +943,7 @@ def encoder_configs(model_name: str, family: Family, tokenizers: list, lengths: 
     return configs
 
 
+# >>> twin: paths (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 def is_remote(path: str) -> bool:
     return urllib.parse.urlparse(path).scheme not in ('', 'file')
 
@@ -947,6 +951,7 @@ def is_remote(path: str) -> bool:
 def join(root: str, *names: str) -> str:
     """Join path pieces, dropping empty ones (works for local paths and URLs)."""
     return '/'.join([root.rstrip('/')] + [n.strip('/') for n in names if n])
+# <<< twin: paths
 
 
 def last_line(err: BaseException) -> str:
@@ -986,6 +991,7 @@ def read_json(url: str, timeout: float) -> Any:
             return json.load(f)
 
 
+# >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
     """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
     if not is_remote(out_root):
@@ -1003,8 +1009,10 @@ def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
             f.write(text)
         uploader = CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True)
         uploader.upload_file(name)
+# <<< twin: put-text
 
 
+# >>> twin: parts (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 @dataclasses.dataclass(frozen=True)
 class Part:
     """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
@@ -1013,6 +1021,22 @@ class Part:
     shards: tuple[int, ...]
     first: int
     last: int
+
+
+def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
+    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
+    parts: list[Part] = []
+    group: list[int] = []
+    first = count = 0
+    for i, shard in enumerate(shards):
+        group.append(i)
+        count += shard['samples']
+        if count >= part_size or i == len(shards) - 1:
+            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
+            first += count
+            group, count = [], 0
+    return parts
+# <<< twin: parts
 
 
 def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
@@ -1049,21 +1073,6 @@ def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict
             raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)}); '
                             'check --caption_keys')
     return columns
-
-
-def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
-    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
-    parts: list[Part] = []
-    group: list[int] = []
-    first = count = 0
-    for i, shard in enumerate(shards):
-        group.append(i)
-        count += shard['samples']
-        if count >= part_size or i == len(shards) - 1:
-            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
-            first += count
-            group, count = [], 0
-    return parts
 
 
 def output_names(out_root: str) -> list[str] | None:

@@ -5,11 +5,16 @@
 2. laion_download_all.sh downloads them with img2dataset into parquet shards.
 3. laion_cloudwriter.py converts the shards to resolution-bucketed MDS datasets, with a contact
    sheet of PREVIEW samples per bucket (--preview).
-4. caption_images.py writes a `vlm_caption` column beside the alt-text of one bucket (a tiny random
-   LLaVA, CPU: its captions are noise; a real model's are dense descriptions).
-5. precompute_latents.py attaches VAE latents and the CLIP latents of both captions (`--caption_keys
+4. curate_images.py reads every bucket, adds an aesthetic score (a head in LAION's layout), a CLIP score
+   of the alt-text and the duplicate columns, and drops duplicates (`--filter 'dup_keep = 1'`): the
+   planted copy, and the metadata's redirect row (the first image again); its preview shows them. The
+   tiny random CLIP cannot tell pictures apart, so the demo's cosine threshold is 1 (off) and copies
+   are found by their bytes; a real CLIP at 0.95 also finds re-encoded, resized and cropped copies.
+5. caption_images.py writes a `vlm_caption` column beside the alt-text of one curated bucket (a tiny
+   random LLaVA, CPU: its captions are noise; a real model's are dense descriptions).
+6. precompute_latents.py attaches VAE latents and the CLIP latents of both captions (`--caption_keys
    caption vlm_caption`) to that captioned bucket (a tiny SD-2-shaped model).
-6. convert_coco.py converts a small COCO-shaped sample.
+7. convert_coco.py converts a small COCO-shaped sample.
 Then it reads every output back with StreamingDataset and prints one table.
 
 Usage: .venv/bin/python tests/demo.py [--out demo-output] [--images 300]
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from testbed.coco import write_coco_sample  # noqa: E402
 from testbed.corpus import BUCKET_EDGES, CorpusItem, make_jpeg  # noqa: E402
+from testbed.curate import build_clip, write_aesthetic_head  # noqa: E402
 from testbed.http_server import ImageServer  # noqa: E402
 from testbed.laion_meta import entries_for, write_metadata  # noqa: E402
 from testbed.models import build_tiny_sd  # noqa: E402
@@ -42,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LATENT_BUCKET = 3  # index of 256-512 in BUCKET_EDGES: the bucket the demo captions and attaches latents to
 RESOLUTION = 256  # the one latent resolution: 512 would be b'' for every sample of 256-512
 CAPTIONS_SHOWN = 3  # new captions printed in the table
+PLANTED = 'demo_copy.jpg'  # the planted duplicate
 PREVIEW = 6  # samples per bucket on the cloudwriter's contact sheets (3 x 2; the PNG stays < 200 KB)
 
 
@@ -54,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sample_images(n: int, seed: int = 0) -> list[CorpusItem]:
-    """n JPEGs whose shorter sides spread over the buckets up to 768 px (small, so the demo is fast)."""
+    """n JPEGs whose shorter sides spread over the buckets up to 768 px (small, so the demo is fast), and
+    last a copy of the first 256-512 one under another name (the same bytes at another URL)."""
     rng = np.random.default_rng(seed)
     items = []
     for i in range(n):
@@ -62,7 +70,8 @@ def sample_images(n: int, seed: int = 0) -> list[CorpusItem]:
         long = int(short * rng.uniform(1.0, 1.6))
         w, h = (long, short) if i % 2 else (short, long)
         items.append(CorpusItem(f'demo_{i:05d}.jpg', make_jpeg(w, h, seed=i, quality=85), w, h))
-    return items
+    original = next(it for it in items if 256 <= min(it.width, it.height) < 512)
+    return items + [CorpusItem(PLANTED, original.data, original.width, original.height)]
 
 
 def run(step: str, cmd: list[str], env: dict[str, str], timings: dict[str, float]) -> None:
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     items = sample_images(args.images)
     model = build_tiny_sd(out / 'tiny-sd')
     vlm = build_vlm('llava', out / 'tiny-llava')
+    clip = build_clip(out / 'tiny-clip')
+    head = write_aesthetic_head(out / 'aesthetic.pth', 16)
     coco_data, coco_ann = write_coco_sample(out / 'coco', args.coco_images, seed=0)
     with ImageServer(items) as server:
         write_metadata(out / 'metadata', entries_for(server, items), 'full', files=2)
@@ -97,7 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
                         '--remote', str(out / 'mds'), '--bucketed', '--keep_parquet',
                         '--poll_interval', '1', '--preview', str(PREVIEW)], env, timings)
     bucket = f'{BUCKET_EDGES[LATENT_BUCKET]}-{BUCKET_EDGES[LATENT_BUCKET + 1]}'
-    run('captions', [py, 'caption_images.py', '--remote_download', str(out / 'mds'),
+    run('curate', [py, 'curate_images.py', '--remote_download', str(out / 'mds'), '--bucket', 'all',
+                   '--remote_upload', str(out / 'curated'), '--local', str(out / 'curate-cache'),
+                   '--model_name', str(clip), '--heads', f'aesthetic={head}', '--caption_keys', 'caption',
+                   '--dup_threshold', '1', '--filter', 'dup_keep = 1', '--num_workers', '0',
+                   '--batch-size', '32', '--preview', '1'], env, timings)
+    run('captions', [py, 'caption_images.py', '--remote_download', str(out / 'curated'),
                      '--remote_upload', str(out / 'captioned'), '--local', str(out / 'captions-cache'),
                      '--bucket', str(LATENT_BUCKET), '--model_name', str(vlm), '--batch-size', '16',
                      '--max_new_tokens', '12', '--preview', '3'], env, timings)
@@ -125,9 +141,14 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
                     for key in ('caption', 'vlm_caption')}
 
     coco = read_mds(str(out / 'coco-mds'))
+    curated = json.loads((out / 'curate-cache' / 'curate_summary.json').read_text())
     rows = [('metadata rows (images + 404 + 500 + redirect)', str(n_images + 3))]
     rows += [(f'bucket {name}', f'{n} samples') for name, n in counts.items()]
     rows += [('samples in all buckets', str(sum(counts.values())))]
+    rows += [('curated: duplicates found / dropped', f'{curated["in_groups"]} / '
+              f'{curated["in_groups"] - curated["kept_of_groups"]} (--filter dup_keep = 1)')]
+    rows += [('curated: rows written', str(curated['written']))]
+    rows += [('curate preview', curated['preview']['path'])]
     rows += [(f'captions {latent_bucket}: vlm_caption', f'{len(captioned)} samples (a tiny random model: '
               'the captions are noise)')]
     rows += [(f'  {s["key"]} {s["caption"][:30]!r} ->', repr(s['vlm_caption'][:60]))
@@ -153,7 +174,7 @@ def report(out: Path, latent_bucket: str, timings: dict[str, float], n_images: i
             'latents_keys': [s['key'] for s in latents], 'captioned_keys': [s['key'] for s in captioned],
             'latents_have_vlm_caption': all('vlm_caption' in s for s in latents),
             'vlm_caption_latents': len(text_latents['vlm_caption']),
-            'coco': len(coco), 'previews': previews,
+            'coco': len(coco), 'previews': previews, 'curated': curated,
             'timings': timings}
 
 

@@ -1,0 +1,1371 @@
+"""Score, CLIP-score and near-deduplicate the images of MDS datasets, then filter them: before captions.
+
+Reads one, several or all buckets of what laion_cloudwriter.py wrote, embeds every image once with an
+image-text model of transformers (CLIPModel, SiglipModel: any with get_image_features and
+get_text_features), and adds columns: one per score head (a linear layer or an MLP over the normalised
+embedding, such as LAION's improved aesthetic predictor), one CLIP score per `--caption_keys` column
+(cosine of image and text features), and `dup_group` / `dup_keep` over every bucket together. A
+`--filter` (Polars SQL, as filter_metadata.py reads it) then drops rows. The full manual is README.md's
+section "curate_images.py".
+
+Example (one GPU; `torchrun --nproc_per_node 8 -- curate_images.py ...` for eight):
+
+    python curate_images.py --remote_download s3://my-bucket/laion/mds --bucket all \\
+        --local /tmp/curate-cache --remote_upload s3://my-bucket/laion/curated \\
+        --model_name openai/clip-vit-large-patch14 --heads aesthetic=sac+logos+ava1-l14-linearMSE.pth \\
+        --caption_keys caption --filter 'aesthetic >= 5 AND clip_caption >= 0.2 AND dup_keep = 1'
+
+Reads `<remote_download>/<bucket>[/<subfolder>]` (or `<local>/<bucket>` in place): MDS with a `jpg`
+column. Writes `<remote_upload>/<bucket>[/<subfolder>]`: every input column unchanged plus the new ones,
+and `curation.json` beside each index.json (model, heads, thresholds, filter, counts). The passes
+keep their work below `<remote_upload>/_curate[/<subfolder>]/` (per part: embeddings and scores; the
+dedup's centroids, shuffled vectors, pairs and groups). Ends with a summary, printed and written as
+JSON (`--summary`); `--preview N` adds a PNG of N duplicate groups and the highest and lowest scored.
+
+Resume: every pass works in units with a `_done` marker (embedding: parts of whole input shards; dedup:
+its parts and groups of clusters; writing: parts again). Rerun the same command with any number of
+processes to skip finished units; other settings are refused, but another `--filter` rewrites only the
+output (the embeddings and the dedup are reused: tune it by looking). Rank 0 merges each index.json last.
+
+Exit codes: 0 done (undecodable images are skipped, counted and named); 2 one `error:` line; 128 + the
+signal after SIGTERM (143) or Ctrl-C (130): finished units are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)  # on the shorter side, as the cloudwriter buckets
+BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
+IMAGE_COLUMN, KEY_COLUMN = 'jpg', 'key'  # the cloudwriter's image bytes and sample key
+INDEX = 'index.json'
+DONE_MARKER = '_done'  # per unit of work; not *.json, so streaming's merge_index never takes it for an index
+STAGING = '.staging-curate'  # below --local: output files on their way to a remote
+RECORD = 'curation.json'  # beside each index.json: how the columns were made, and the counts
+WORK = '_curate'  # below --remote_upload: every pass's finished units
+SETTINGS = 'settings.json'  # in WORK: the run's settings; a rerun with others is refused
+# in WORK, each alone in its folder: listing that folder says whether it is there
+CENTROIDS, GROUPS = 'dedup/centroids/centroids.npz', 'dedup/groups/groups.npz'
+SIM_COLUMN = 'clip_{key}'  # float32: cosine of the image and the text of column `key`
+DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member (-1: no duplicate); int32 0/1
+# --clusters 0: 2 sqrt(N) clusters for N images. Each vector is compared with the k centroids (N k d
+# multiply-adds in all) and, as it sits in 2 clusters of ~2N/k members, within them (4 N^2 d / k in all):
+# equal at k = 2 sqrt(N), when a cluster holds ~sqrt(N) vectors.
+CLUSTER_RULE = '2 sqrt(N)'
+SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many vectors per centroid (faiss wants 39..256)
+BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK x members, float32)
+HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
+
+
+# >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
+class UserError(Exception):
+    """A problem with the command line, the input, the model or the environment: reported in one line."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the main process: stop, keep finished parts, report."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+# <<< twin: errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+# >>> twin: at-least (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
+        return value
+    return check
+# <<< twin: at-least
+
+
+def cosine(text: str) -> float:
+    value = at_least(-1.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f'{text}: a cosine is at most 1')
+    return value
+
+
+def bucket_name(text: str) -> str:
+    """An index into BUCKET_NAMES, a bucket name, or 'all' (every bucket the input has)."""
+    if text.isdigit():
+        if int(text) >= len(BUCKET_NAMES):
+            raise argparse.ArgumentTypeError(f'{text}: the bucket index must be 0..{len(BUCKET_NAMES) - 1} '
+                                             f'({", ".join(BUCKET_NAMES)})')
+        return BUCKET_NAMES[int(text)]
+    return text
+
+
+def head_flag(text: str) -> tuple[str, str]:
+    name, _, path = text.partition('=')
+    if not re.fullmatch(r'[A-Za-z_]\w*', name) or not path:
+        raise argparse.ArgumentTypeError(f'{text}: write NAME=FILE, NAME a column name such as aesthetic')
+    return name, path
+
+
+# >>> twin: output-flags (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def size_limit(text: str) -> int:
+    """'256mb', '64kb', '67108864': bytes per shard, as streaming's MDSWriter reads them."""
+    found = re.fullmatch(r'(\d+)\s*(b|kb|mb|gb)?', text.strip().lower())
+    value = int(found[1]) * 1024 ** ('b', 'kb', 'mb', 'gb').index(found[2] or 'b') if found else 0
+    if not 0 < value < 2**32:
+        raise argparse.ArgumentTypeError(f'{text}: must be a shard size from 1b to below 4gb, such as 256mb')
+    return value
+
+
+def compression(text: str) -> str:
+    if text and not re.fullmatch(r'(br|bz2|gz|snappy|zstd)(:\d+)?', text):
+        raise argparse.ArgumentTypeError(f'{text}: streaming knows br, bz2, gz, snappy, zstd (with an '
+                                         'optional level, e.g. zstd:7); leave it empty for none')
+    return text
+# <<< twin: output-flags
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--local', default='/tmp/curate-images',
+                   help='local cache folder; without --remote_download the input is read from '
+                        '<local>/<bucket>')
+    p.add_argument('--remote_download', default='', help='remote (or local) root of the input MDS datasets')
+    p.add_argument('--remote_upload', required=True, help='remote (or local) root to write the output to')
+    p.add_argument('--bucket', type=bucket_name, nargs='*', default=[],
+                   help="buckets to read together: indices (0 '0-64' ... 3 '256-512' ...), names, or 'all'; "
+                        'none: the roots are one dataset')
+    p.add_argument('--subfolder', default='', help='subfolder below each bucket folder')
+    p.add_argument('--model_name', default='openai/clip-vit-large-patch14',
+                   help='image-text model (hub name or folder) with get_image_features / get_text_features')
+    p.add_argument('--heads', type=head_flag, nargs='*', default=[],
+                   help='score heads NAME=FILE: a torch state_dict of Linear layers (layers.0.weight ... '
+                        'layers.7.bias) applied in key order to the normalised image embedding; column NAME')
+    p.add_argument('--caption_keys', nargs='*', default=[],
+                   help='text columns to CLIP-score against their image; column clip_<key>')
+    p.add_argument('--dup_threshold', type=cosine, default=0.95,
+                   help='images whose embeddings have a cosine above this are near-duplicates')
+    p.add_argument('--clusters', type=at_least(0), default=0,
+                   help=f'k-means clusters for the dedup; 0: {CLUSTER_RULE} for N images')
+    p.add_argument('--dedup_parts', type=at_least(1), default=64,
+                   help='groups of clusters: the dedup units of work and of resume, shared by the ranks')
+    p.add_argument('--filter', default='', help='Polars SQL condition rows must meet (empty: keep every row)')
+    p.add_argument('--batch-size', dest='batch_size', type=at_least(1), default=256, help='images per batch')
+    p.add_argument('--num_workers', type=at_least(0), default=4,
+                   help='DataLoader decoding processes per rank')
+    p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
+                   help='auto: cuda:<LOCAL_RANK> when available')
+    p.add_argument('--part_size', type=at_least(1), default=5000,
+                   help='samples per unit of work and of resume (whole input shards, at least this many)')
+    p.add_argument('--size_limit', type=size_limit, default='256mb', help='output shard size limit')
+    p.add_argument('--compression', type=compression, default='', help='output shard compression, e.g. zstd')
+    p.add_argument('--download_timeout', type=at_least(1e-3, float), default=300, help='seconds per file')
+    p.add_argument('--download_retry', type=at_least(0), default=2, help='retries per file download')
+    p.add_argument('--dist_timeout', type=at_least(1, float), default=7 * 24 * 3600,
+                   help='seconds ranks wait for each other at each barrier')
+    p.add_argument('--summary', default='',
+                   help='where to write the JSON summary; empty: <local>/curate_summary.json')
+    p.add_argument('--preview', type=at_least(0), default=0,
+                   help='rank 0 writes a PNG of this many duplicate groups and the highest and lowest scored')
+    p.add_argument('--preview_path', default='', help='empty: beside the summary, <summary>_preview.png')
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Places, remotes, parts and markers: the machinery of caption_images.py and precompute_latents.py
+# ----------------------------------------------------------------------------------------------
+
+# >>> twin: paths (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+def is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(path).scheme not in ('', 'file')
+
+
+def join(root: str, *names: str) -> str:
+    """Join path pieces, dropping empty ones (works for local paths and URLs)."""
+    return '/'.join([root.rstrip('/')] + [n.strip('/') for n in names if n])
+# <<< twin: paths
+
+
+# >>> twin: places (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+@dataclasses.dataclass(frozen=True)
+class Places:
+    """Where a run reads, caches, stages and writes."""
+
+    src: str  # the input dataset
+    cache: str  # downloaded input shards; == src when the input is read in place (no --remote_download)
+    out: str  # the output dataset
+    staging: str  # local copies of output files on their way to a remote; deleted at the end
+
+
+def places(args: argparse.Namespace) -> Places:
+    """The run's places. A download cache belongs to one input and one output, so a run on another
+    dataset (or into another output) never meets its shards."""
+    out = join(args.remote_upload, args.bucket, args.subfolder)
+    src = cache = join(args.local, args.bucket, args.subfolder)
+    if args.remote_download:
+        src = join(args.remote_download, args.bucket, args.subfolder)
+        cache = join(args.local, args.bucket, args.subfolder, f'download-{digest(src, out)}')
+    return Places(src, cache, out, join(args.local, STAGING, digest(out)))
+
+
+def address(path: str) -> tuple[str, ...]:
+    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
+    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
+    url = urllib.parse.urlparse(path)
+    if url.scheme in ('', 'file'):
+        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
+        return ('',) + tuple(p for p in real.split('/') if p)
+    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
+
+
+def digest(*paths: str) -> str:
+    """A short name for a combination of places (same places, any spelling: same name)."""
+    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+# <<< twin: places
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """One input dataset of the run: its places, shards, columns and parts; run ids start at `offset`."""
+
+    name: str
+    places: Places
+    shards: list[dict]
+    columns: dict[str, str]
+    parts: list[Part]
+    offset: int
+
+
+def bucket_places(args: argparse.Namespace) -> dict[str, Places]:
+    """{bucket: its places}; 'all': every bucket whose index.json exists at the input root."""
+    names = args.bucket or ['']
+    if 'all' in names:
+        root = args.remote_download or args.local
+        names = [b for b in BUCKET_NAMES
+                 if exists(join(root, b, args.subfolder, INDEX), args.download_timeout)]
+        if not names:
+            raise UserError(f'--bucket all: no bucket of {", ".join(BUCKET_NAMES)} has an index.json '
+                            f'below {root}')
+    return {b: places(argparse.Namespace(**{**vars(args), 'bucket': b})) for b in dict.fromkeys(names)}
+
+
+def exists(url: str, timeout: float) -> bool:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):
+        fetch(url, os.path.join(tmp, 'f'), timeout)
+        return True
+    return False
+
+
+# >>> twin: check-places (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def check_places(pl: Places) -> None:
+    """Refuse places that are one another or inside one another: a run would overwrite or delete the
+    other's files. (An input read in place from --local may hold the staging folder: the clean-up
+    deletes only that folder.)"""
+    roles = {'the output (--remote_upload)': pl.out, 'the input': pl.src,
+             'the download cache (--local)': pl.cache, 'the staging folder (--local)': pl.staging}
+    names = list(roles)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = address(roles[a]), address(roles[b])
+            relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
+                        else 'holds' if y[:len(x)] == x else '')
+            if (a, b) == ('the input', 'the download cache (--local)') and pl.cache == pl.src \
+                    or (a, b, relation) == ('the input', 'the staging folder (--local)', 'holds'):
+                continue  # read in place: the cache is the input
+            if relation:
+                raise UserError(f'{a} {roles[a]} {relation} {b} {roles[b]}: give --remote_download, '
+                                '--local and --remote_upload places of their own')
+
+
+def first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def fetch(url: str, dest: str, timeout: float) -> None:
+    """Download one file from a remote (or copy a local one) to `dest`, atomically."""
+    tmp = f'{dest}.tmp{os.getpid()}'
+    if is_remote(url):
+        from streaming.base.storage.download import CloudDownloader
+        CloudDownloader.direct_download(url, tmp, timeout)
+    else:
+        shutil.copyfile(url, tmp)
+    os.replace(tmp, dest)
+
+
+def output_names(out_root: str) -> list[str]:
+    """Every file below `out_root`, relative to it."""
+    if not is_remote(out_root):
+        return [os.path.relpath(os.path.join(d, f), out_root)
+                for d, _, files in os.walk(out_root) for f in files]
+    from streaming.base.storage.upload import CloudUploader
+
+    prefix = urllib.parse.urlparse(out_root).path.strip('/')
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            keys = CloudUploader.get((tmp, out_root), exist_ok=True).list_objects() or []
+    except Exception as err:
+        raise UserError(f'cannot list the output {out_root}: {first_line(err)}') from None
+    return [k[len(prefix):].lstrip('/') for k in keys]
+# <<< twin: check-places
+
+
+# >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
+    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
+    if not is_remote(out_root):
+        path = os.path.join(out_root, relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)
+        return
+    from streaming.base.storage.upload import CloudUploader
+
+    folder, name = os.path.split(relpath)
+    with tempfile.TemporaryDirectory(dir=staging, ignore_cleanup_errors=True) as local_dir:
+        with open(os.path.join(local_dir, name), 'w') as f:
+            f.write(text)
+        uploader = CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True)
+        uploader.upload_file(name)
+# <<< twin: put-text
+
+
+def put_arrays(root: str, staging: str, relpath: str, **arrays: np.ndarray) -> None:
+    """Write `arrays` as an .npz to `<root>/<relpath>` (local: atomically; remote: via `staging`)."""
+    os.makedirs(staging, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging) as tmp:
+        np.savez(os.path.join(tmp, 'f.npz'), **arrays)
+        if not is_remote(root):
+            os.makedirs(os.path.dirname(os.path.join(root, relpath)), exist_ok=True)
+            os.replace(os.path.join(tmp, 'f.npz'), os.path.join(root, relpath))
+            return
+        from streaming.base.storage.upload import CloudUploader
+        folder, name = os.path.split(relpath)
+        os.replace(os.path.join(tmp, 'f.npz'), os.path.join(tmp, name))
+        CloudUploader.get((tmp, join(root, folder)), keep_local=False, exist_ok=True).upload_file(name)
+
+
+def get_arrays(url: str, timeout: float) -> dict[str, np.ndarray]:
+    with tempfile.TemporaryDirectory() as tmp:
+        fetch(url, os.path.join(tmp, 'f.npz'), timeout)
+        with np.load(os.path.join(tmp, 'f.npz')) as z:
+            return {k: z[k] for k in z.files}
+
+
+# >>> twin: parts (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A unit of work: consecutive whole input shards, i.e. global sample ids [first, last)."""
+
+    name: str
+    shards: tuple[int, ...]
+    first: int
+    last: int
+
+
+def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
+    """Group consecutive shards into parts of at least `part_size` samples (the last may be smaller)."""
+    parts: list[Part] = []
+    group: list[int] = []
+    first = count = 0
+    for i, shard in enumerate(shards):
+        group.append(i)
+        count += shard['samples']
+        if count >= part_size or i == len(shards) - 1:
+            parts.append(Part(f'{len(parts):05d}', tuple(group), first, first + count))
+            first += count
+            group, count = [], 0
+    return parts
+# <<< twin: parts
+
+
+# >>> twin: done-markers (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
+    """{part name: marker} of the given parts that have a readable _done marker."""
+    def read(part: Part) -> tuple[str, dict | None]:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                fetch(join(out_root, part.name, DONE_MARKER), os.path.join(tmp, 'f'), timeout)
+                with open(os.path.join(tmp, 'f')) as f:
+                    return part.name, json.load(f)
+        except Exception:  # absent or unreadable: the part is simply done again
+            return part.name, None
+
+    with ThreadPoolExecutor(16) as pool:
+        return {name: m for name, m in pool.map(read, parts) if m is not None}
+# <<< twin: done-markers
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan (rank 0): the buckets, the heads, the filter, the settings; every check before a model loads
+# ----------------------------------------------------------------------------------------------
+
+# Score columns are rows of one table (Plan.scores): each turns a batch's normalised image embeddings
+# and its captions' normalised text features ({caption key: array}) into one float32 per image.
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """Column `name`: Linear layers (state_dict keys in order) applied to the normalised embedding."""
+
+    name: str
+    path: str
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [out, in], bias [out])
+
+    def __call__(self, emb: np.ndarray, texts: dict[str, np.ndarray]) -> np.ndarray:
+        x = emb.astype(np.float32)
+        for w, b in self.layers:
+            x = x @ w.T + b
+        return x[:, 0]
+
+    def record(self) -> dict:
+        return {'column': self.name, 'head': self.path, 'layers': [list(w.shape) for w, _ in self.layers]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Similarity:
+    """Column clip_<key> (the CLIP score): the cosine of the image's and caption column key's features."""
+
+    key: str
+
+    @property
+    def name(self) -> str:
+        return SIM_COLUMN.format(key=self.key)
+
+    def __call__(self, emb: np.ndarray, texts: dict[str, np.ndarray]) -> np.ndarray:
+        return (emb * texts[self.key]).sum(-1)
+
+    def record(self) -> dict:
+        return {'column': self.name, 'cosine of the image and the text of': self.key}
+
+
+def load_head(name: str, path: str, dim: int) -> Head:
+    """A head from a torch state_dict of Linear layers only, as LAION publishes its aesthetic predictor
+    (`layers.0.weight` ... `layers.7.bias`; its Dropouts hold no weights and there are no activations)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = state.get('state_dict', state)
+        prefixes = sorted({k[:-len('weight')] for k in state if k.endswith('weight')},
+                          key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', k)])
+        layers = tuple((state[f'{k}weight'].float().numpy(), state[f'{k}bias'].float().numpy())
+                       for k in prefixes)
+    except Exception as err:
+        raise UserError(f'--heads {name}={path}: not a state_dict of Linear layers '
+                        f'({first_line(err)})') from None
+    shapes = [w.shape for w, _ in layers]
+    if any(len(s) != 2 for s in shapes) or shapes[0][1] != dim or shapes[-1][0] != 1 \
+            or any(a[0] != b[1] for a, b in zip(shapes, shapes[1:])):
+        raise UserError(f'--heads {name}={path}: layer shapes {shapes} do not chain from the embedding '
+                        f'size {dim} to one score')
+    return Head(name, path, layers)
+
+
+def embedding_dim(model_name: str) -> int:
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(model_name)
+    except Exception as err:
+        raise UserError(f'cannot read the config of {model_name} ({first_line(err)}); '
+                        'check --model_name') from None
+    return getattr(cfg, 'projection_dim', None) or cfg.vision_config.hidden_size
+
+
+def read_bucket(name: str, pl: Places, args: argparse.Namespace, offset: int) -> Bucket:
+    url, local = join(pl.src, INDEX), os.path.join(pl.cache, INDEX)
+    os.makedirs(pl.cache, exist_ok=True)
+    try:
+        if url != local:
+            fetch(url, local, args.download_timeout)
+        with open(local) as f:
+            shards = json.load(f)['shards']
+    except Exception as err:
+        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
+    columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings'])) if shards else {}
+    if any(s.get('format') != 'mds' or dict(zip(s['column_names'], s['column_encodings'])) != columns
+           for s in shards):
+        raise UserError(f'{url}: the shards must all be MDS with the same columns')
+    for key in [IMAGE_COLUMN, *args.caption_keys]:
+        if shards and key not in columns:
+            raise UserError(f'{url}: the input has no `{key}` column (columns: {", ".join(columns)})')
+    return Bucket(name, pl, shards, columns, plan_parts(shards, args.part_size), offset)
+
+
+def new_columns(args: argparse.Namespace) -> dict[str, str]:
+    return {**{name: 'float32' for name, _ in args.heads},
+            **{SIM_COLUMN.format(key=k): 'float32' for k in args.caption_keys},
+            DUP_GROUP: 'int64', DUP_KEEP: 'int32'}
+
+
+POLARS_TYPES = {'str': 'String', 'int8': 'Int8', 'int16': 'Int16', 'int32': 'Int32', 'int64': 'Int64',
+                'uint8': 'UInt8', 'uint16': 'UInt16', 'uint32': 'UInt32', 'uint64': 'UInt64',
+                'float16': 'Float32', 'float32': 'Float32', 'float64': 'Float64', 'int': 'Int64'}
+
+
+def filter_schema(columns: dict[str, str]) -> dict[str, Any]:
+    """The columns --filter can name: the scalar ones (not bytes, images or arrays)."""
+    import polars as pl
+    return {k: getattr(pl, POLARS_TYPES[v]) for k, v in columns.items() if v in POLARS_TYPES}
+
+
+# >>> twin: sql-clauses (verbatim in curate_images.py, filter_metadata.py; test_twins.py)
+def split_and(expr) -> list:
+    """The top-level AND operands of a Polars expression, in the order written."""
+    root = json.loads(expr.meta.serialize(format='json'))
+    if isinstance(root, dict) and root.get('BinaryExpr', {}).get('op') == 'And':
+        right, left = expr.meta.pop()  # pop() lists a binary node's inputs right first
+        return split_and(left) + split_and(right)
+    return [expr]
+
+
+def clause_labels(text: str, clauses: list) -> list[str]:
+    """The user's own text of each clause where a split at top-level ANDs (outside brackets and quotes)
+    parses to exactly Polars' clauses; Polars' rendering of them otherwise."""
+    import polars as pl
+    pieces, depth, quote, start = [], 0, '', 0
+    for m in re.finditer(r"[()'\"]|\bAND\b", text, re.I):
+        tok = m.group()
+        if quote:
+            quote = '' if tok == quote else quote
+        elif tok in '\'"':
+            quote = tok
+        elif tok in '()':
+            depth += 1 if tok == '(' else -1
+        elif depth == 0:
+            pieces.append(text[start:m.start()].strip())
+            start = m.end()
+    pieces.append(text[start:].strip())
+    try:
+        if len(pieces) == len(clauses) and all(pl.sql_expr(p).meta.eq(c) for p, c in zip(pieces, clauses)):
+            return pieces
+    except Exception:
+        pass
+    return [str(c) for c in clauses]
+# <<< twin: sql-clauses
+
+
+def compile_filter(text: str, schema: dict[str, Any]) -> tuple[list, list[str]]:
+    """(clauses, labels) of --filter, checked on an empty frame of the output's columns."""
+    import polars as pl
+    if not text:
+        return [], []
+    try:
+        expr = pl.sql_expr(text)
+        pl.DataFrame(schema=schema).filter(expr)
+    except Exception as err:
+        raise UserError(f'--filter {text!r} does not evaluate on the columns {", ".join(schema)}: '
+                        f'{first_line(err)}') from None
+    clauses = split_and(expr)
+    return clauses, clause_labels(text, clauses)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What rank 0 found and every rank needs."""
+
+    buckets: list[Bucket]
+    work: str  # <remote_upload>/_curate
+    staging: str
+    scores: list[Head | Similarity]  # the score columns, in column order
+    columns: dict[str, str]  # every output column
+    clusters: int
+    settings: dict
+
+    def units(self) -> list[tuple[Bucket, Part]]:
+        return [(b, p) for b in self.buckets for p in b.parts]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.last - p.first for _, p in self.units())
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Rank 0: check the buckets, the heads, the filter and the output; list the work."""
+    pls = bucket_places(args)
+    for pl in pls.values():
+        check_places(pl)
+    buckets, offset = [], 0
+    for name, pl in pls.items():
+        buckets.append(read_bucket(name, pl, args, offset))
+        offset += buckets[-1].parts[-1].last if buckets[-1].parts else 0
+    columns = {**buckets[0].columns, **new_columns(args)}
+    for b in buckets:
+        clash = sorted(set(b.columns) & set(new_columns(args)))
+        if clash:
+            raise UserError(f'{b.places.src} already has a column {clash[0]}: rename the head or pass other '
+                            '--caption_keys')
+        if b.shards and {**b.columns, **new_columns(args)} != columns:
+            raise UserError(f'{b.places.src}: its columns differ from {buckets[0].places.src}\'s')
+    compile_filter(args.filter, filter_schema(columns))
+    dim = embedding_dim(args.model_name)
+    heads = [load_head(name, path, dim) for name, path in args.heads]
+    work = join(args.remote_upload, WORK, args.subfolder)
+    clusters = args.clusters or auto_clusters(offset)
+    settings = {'model_name': args.model_name, 'heads': {h.name: file_sha1(h.path) for h in heads},
+                'caption_keys': args.caption_keys, 'dup_threshold': args.dup_threshold, 'clusters': clusters,
+                'dedup_parts': args.dedup_parts, 'part_size': args.part_size,
+                'buckets': {b.name: file_sha1('', json.dumps(b.shards, sort_keys=True).encode())[:16]
+                            for b in buckets}}
+    staging = join(args.local, STAGING, digest(work))
+    names = output_names(work)
+    old = json.loads(open_text(join(work, SETTINGS), args.download_timeout)) if SETTINGS in names else None
+    if old is None and any(output_names(b.places.out) for b in buckets):
+        raise UserError(f'--remote_upload {buckets[0].places.out} holds files this script did not write: '
+                        'pass a new or empty --remote_upload')
+    for key in sorted(set(old or {}) | set(settings) if old else ()):
+        if old.get(key) != settings.get(key):
+            raise UserError(f'{work} was written with {key}={str(old.get(key))[:60]!r}, this run has '
+                            f'{str(settings.get(key))[:60]!r}: rerun with the same flags or write to a new '
+                            '--remote_upload')
+    os.makedirs(staging, exist_ok=True)
+    put_text(work, staging, SETTINGS, json.dumps(settings, indent=1))
+    scores = [*heads, *(Similarity(k) for k in args.caption_keys)]
+    return Plan(buckets, work, staging, scores, columns, clusters, settings)
+
+
+def auto_clusters(rows: int) -> int:
+    return max(1, round(2 * math.sqrt(rows)))
+
+
+def file_sha1(path: str, data: bytes | None = None) -> str:
+    if data is None:
+        with open(path, 'rb') as f:
+            data = f.read()
+    return hashlib.sha1(data).hexdigest()
+
+
+def open_text(url: str, timeout: float) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        fetch(url, os.path.join(tmp, 'f'), timeout)
+        with open(os.path.join(tmp, 'f')) as f:
+            return f.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: a part's samples; images decoded in DataLoader workers
+# ----------------------------------------------------------------------------------------------
+
+# >>> twin: shard-reader (verbatim in caption_images.py, curate_images.py; test_twins.py)
+class ShardReader:
+    """Input shards on local disk: downloaded (and decompressed) on first use, removed after their shard
+    is read. A rank's parts, hence its shards, are its own: it downloads into `<cache>/rank<r>`, emptied
+    first (a shard an earlier run left there cannot be checked against the input)."""
+
+    def __init__(self, plan: Plan, args: argparse.Namespace, rank: int):
+        from streaming import Stream
+        from streaming.base.format import reader_from_json
+
+        remote = plan.places.src if plan.places.src != plan.places.cache else None
+        local = plan.places.cache
+        if remote:
+            local = os.path.join(local, f'rank{rank}')
+            shutil.rmtree(local, ignore_errors=True)
+            os.makedirs(local)
+        self.readers = [reader_from_json(local, None, s) for s in plan.shards]
+        self.first = [0]
+        for s in plan.shards:
+            self.first.append(self.first[-1] + s['samples'])
+        self.stream = Stream(remote=remote, local=local, download_retry=args.download_retry,
+                             download_timeout=args.download_timeout, keep_zip=False)
+        self.evict = remote is not None
+
+    def samples(self, part: Part) -> Iterator[tuple[int, dict]]:
+        """(global sample id, sample) of every sample of the part, in order."""
+        for shard in part.shards:
+            reader = self.readers[shard]
+            self.stream.prepare_shard(reader)
+            for i in range(reader.samples):
+                yield self.first[shard] + i, reader.get_item(i)
+            if self.evict:
+                reader.evict()
+# <<< twin: shard-reader
+
+
+# decode rule: becomes the decode twin at merge
+def decode(data: bytes) -> Image.Image:
+    """RGB with EXIF orientation applied and transparency over white."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert('RGB')
+
+
+def dhash(img: Image.Image) -> int:
+    """64-bit difference hash: a 9 x 8 grey thumbnail, one bit per left < right neighbour. A copy
+    re-encoded or resized keeps it; an exact match of it is an edge of the dedup."""
+    px = np.asarray(img.convert('L').resize((HASH_BITS + 1, HASH_BITS), Image.Resampling.BILINEAR), np.int16)
+    bits = (px[:, 1:] > px[:, :-1]).ravel()
+    return int(np.packbits(bits).view('>u8')[0] >> 1)  # 63 bits: fits int64
+
+
+class PartImages:
+    """A part's images for a DataLoader: a worker decodes, hashes and preprocesses one sample."""
+
+    def __init__(self, items: list[tuple[int, str, bytes]], processor: Any):
+        self.items, self.processor = items, processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample_id, key, data = self.items[i]
+        sha = int.from_bytes(hashlib.sha1(data).digest()[:8], 'big') >> 1  # 63 bits: fits int64
+        row = {'id': sample_id, 'key': key, 'sha': sha}
+        try:
+            img = decode(data)
+        except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
+            reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
+                      else f'{type(err).__name__}: {first_line(err)}')
+            return {**row, 'reason': reason}
+        pixels = self.processor(images=img, return_tensors='pt')['pixel_values'][0]
+        return {**row, 'pixels': pixels, 'area': img.width * img.height, 'dhash': dhash(img)}
+
+
+def collate(batch: list[dict]) -> tuple[Any, list[dict]]:
+    """In the worker: the decoded images' pixels stacked into one tensor (one shared-memory handoff
+    per batch, not per image), and every sample's row (a skipped one with its reason)."""
+    import torch
+    pixels = [r.pop('pixels') for r in batch if 'pixels' in r]
+    return (torch.stack(pixels) if pixels else None), batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1, embedding: per part, the normalised embeddings, the scores and the hashes (rows.npz + _done)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Model:
+    model: Any
+    processor: Any
+    tokenizer: Any
+    device: Any
+    dtype: Any
+
+
+def load_model(args: argparse.Namespace, device) -> Model:
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+    try:
+        model = AutoModel.from_pretrained(args.model_name, dtype=dtype).to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(args.model_name)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name) if args.caption_keys else None
+    except Exception as err:
+        raise UserError(f'cannot load {args.model_name} with AutoModel, AutoImageProcessor and AutoTokenizer '
+                        f'({first_line(err)}); check --model_name') from None
+    if not (hasattr(model, 'get_image_features') and hasattr(model, 'get_text_features')):
+        raise UserError(f'{args.model_name} ({type(model).__name__}) has no get_image_features / '
+                        'get_text_features: pass an image-text model such as CLIPModel or SiglipModel')
+    return Model(model, processor, tokenizer, device, dtype)
+
+
+def text_max_length(model: Any) -> int:
+    """Captions are padded to and cut at the text tower's positions (SigLIP was trained padded so)."""
+    return model.config.text_config.max_position_embeddings
+
+
+def embed_batch(m: Model, pixels, texts: dict[str, list[str]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(normalised image embeddings, {caption key: normalised text features}) of one batch, float32."""
+    import torch
+
+    with torch.inference_mode():
+        img = m.model.get_image_features(pixel_values=pixels.to(m.device, m.dtype)).float()
+        img = torch.nn.functional.normalize(img, dim=-1)
+        txt = {}
+        for key, captions in texts.items():
+            tok = m.tokenizer(captions, padding='max_length', truncation=True,
+                              max_length=text_max_length(m.model), return_tensors='pt').to(m.device)
+            features = m.model.get_text_features(**tok).float()
+            txt[key] = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+    return img.cpu().numpy(), txt
+
+
+def part_items(reader: ShardReader, part: Part, caption_keys: list[str]) -> tuple[list, dict[int, dict]]:
+    items, texts = [], {}
+    for sample_id, sample in reader.samples(part):
+        items.append((sample_id, str(sample.get(KEY_COLUMN, sample_id)), sample[IMAGE_COLUMN]))
+        texts[sample_id] = {k: str(sample[k] or '') for k in caption_keys}
+    return items, texts
+
+
+def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
+               reader: ShardReader, bar) -> dict[str, Any]:
+    """Pass 1 for one part: rows.npz (ids, keys, hashes, areas, float16 embeddings, scores) and _done."""
+    import torch
+
+    items, texts = part_items(reader, part, args.caption_keys)
+    loader = torch.utils.data.DataLoader(PartImages(items, m.processor), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=collate)
+    scores: dict[str, list] = {s.name: [] for s in plan.scores}
+    rows, embs, skipped = [], [], []
+    for pixels, batch in loader:
+        good = [r for r in batch if 'reason' not in r]
+        skipped += [{'id': r['id'], 'key': r['key'], 'reason': r['reason']} for r in batch if 'reason' in r]
+        if good:
+            captions = {k: [texts[r['id']][k] for r in good] for k in args.caption_keys}
+            emb, txt = embed_batch(m, pixels, captions)
+            rows += good
+            embs.append(emb)
+            for score in plan.scores:
+                scores[score.name].append(score(emb, txt))
+        bar.update(len(batch))
+    emb = np.concatenate(embs) if embs else np.zeros((0, embedding_dim(args.model_name)), np.float32)
+    arrays = {c: np.array([r[c] for r in rows], np.int64) for c in ('id', 'sha', 'dhash', 'area')}
+    arrays.update(key=np.array([r['key'] for r in rows], str), emb=emb.astype(np.float16))
+    arrays.update({f'score:{c}': np.concatenate(v or [np.zeros(0)]).astype(np.float32)
+                   for c, v in scores.items()})
+    folder = unit_folder('embed', bucket, part)
+    put_arrays(plan.work, plan.staging, join(folder, 'rows.npz'), **arrays)
+    put_arrays(plan.work, plan.staging, join(folder, 'sample.npz'),  # what the k-means trains on
+               emb=arrays['emb'][sampled(arrays['id'] + bucket.offset, sample_rate(plan))])
+    marker = {'rank': int(os.environ.get('RANK', 0)), 'embedded': len(rows), 'skipped': skipped}
+    put_text(plan.work, plan.staging, join(folder, DONE_MARKER), json.dumps(marker))
+    return marker
+
+
+def unit_folder(stage: str, bucket: Bucket, part: Part) -> str:
+    return join(stage, bucket.name or '_', part.name)
+
+
+def pending(plan: Plan, stage: str) -> list[tuple[Bucket, Part]]:
+    """The (bucket, part) units of a pass without a _done marker."""
+    names = set(output_names(join(plan.work, stage)))  # this pass's folder only: the work holds millions
+    return [(b, p) for b, p in plan.units() if f'{b.name or "_"}/{p.name}/{DONE_MARKER}' not in names]
+
+
+def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: int) -> dict[str, float]:
+    from tqdm import tqdm
+
+    mine = agreed(lambda: pending(plan, 'embed'), rank)[rank::world]
+    if not mine:
+        return {'images': 0, 'seconds': 0.0, 'images_per_s': 0.0}
+    m = load_model(args, device)
+    bar = tqdm(total=sum(p.last - p.first for _, p in mine), unit='img', disable=rank != 0,
+               dynamic_ncols=True, desc=f'rank 0/{world} embeds' if world > 1 else 'embeds')
+    start, readers = time.time(), {}
+    try:
+        for bucket, part in mine:
+            if bucket.name not in readers:
+                readers[bucket.name] = ShardReader(bucket, args, rank)
+            reader = readers[bucket.name]
+            embed_part(m, plan, args, bucket, part, reader, bar)
+    except (UserError, Interrupted):
+        raise
+    except Exception as err:
+        raise UserError(f'reading or embedding failed: {first_line(err)}; rerun the same command to '
+                        'resume') from None
+    finally:
+        bar.close()
+    seconds, images = time.time() - start, sum(p.last - p.first for _, p in mine)
+    return {'images': images, 'seconds': round(seconds, 3),
+            'images_per_s': round(images / max(seconds, 1e-9), 2)}
+
+
+def embed_url(plan: Plan, bucket: Bucket, part: Part) -> str:
+    return join(plan.work, unit_folder('embed', bucket, part), 'rows.npz')
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 2, dedup: k-means on a sample (rank 0) -> each part's vectors to the groups of their 2 nearest
+# centroids (shuffle) -> each group compared within its clusters (pairs) -> union-find (rank 0)
+# ----------------------------------------------------------------------------------------------
+
+def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
+    """Rank 0: spherical k-means (faiss, seeded) on every part's rows whose run id hashes under the
+    sample rate; centroids.npz, written once (a rerun reuses it)."""
+    import faiss
+
+    if output_names(join(plan.work, os.path.dirname(CENTROIDS))):
+        return
+    sample = [get_arrays(join(plan.work, unit_folder('embed', b, p), 'sample.npz'),
+                         args.download_timeout)['emb'] for b, p in plan.units()]
+    x = np.concatenate(sample).astype(np.float32) if sample else np.zeros((0, 1), np.float32)
+    k = max(1, min(plan.clusters, len(x)))
+    if len(x) and k > 1:
+        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=1234, spherical=True, min_points_per_centroid=1)
+        km.train(np.ascontiguousarray(x))
+        centroids = km.centroids
+    else:  # one cluster: every vector is compared with every other
+        centroids = np.ones((1, x.shape[1] if len(x) else 1), np.float32)
+    put_arrays(plan.work, plan.staging, CENTROIDS, centroids=centroids)
+
+
+def sample_rate(plan: Plan) -> float:
+    """The share of rows the k-means trains on: about SAMPLE_PER_CLUSTER per cluster."""
+    return min(1.0, plan.clusters * SAMPLE_PER_CLUSTER / max(plan.rows, 1))
+
+
+def sampled(gid: np.ndarray, rate: float) -> np.ndarray:
+    """A deterministic sample of run ids at `rate`: a multiplicative hash under the rate."""
+    h = (gid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
+    return h.astype(np.float64) / 2.0**53 < rate
+
+
+def shuffle_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
+                 centroids: np.ndarray) -> None:
+    """Each vector of the part to the dedup part of each of its 2 nearest clusters; each hash to the
+    dedup part its value picks (exact and perceptual copies meet there whatever their embeddings)."""
+    import faiss
+
+    z = get_arrays(embed_url(plan, bucket, part), args.download_timeout)
+    gid, emb = z['id'] + bucket.offset, z['emb']
+    k = min(2, len(centroids))
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    near = index.search(emb.astype(np.float32), k)[1] if len(emb) else np.zeros((0, k), np.int64)
+    folder = unit_folder('dedup/shuffle', bucket, part)
+    for g in range(args.dedup_parts):
+        rows, cl = np.nonzero(near % args.dedup_parts == g)  # a vector goes to each of its 2 clusters
+        views = {'vec': rows, 'sha': np.flatnonzero(z['sha'] % args.dedup_parts == g),
+                 'dhash': np.flatnonzero(z['dhash'] % args.dedup_parts == g)}
+        put_arrays(plan.work, plan.staging, join(folder, f'{g:05d}.npz'), cluster=near[rows, cl],
+                   emb=emb[rows], sha=z['sha'][views['sha']], dhash=z['dhash'][views['dhash']],
+                   **{f'{v}_{c}': (gid if c == 'gid' else z[c])[r] for v, r in views.items()
+                      for c in ('gid', 'area', 'key')})
+    put_text(plan.work, plan.staging, join(folder, DONE_MARKER), '{}')
+
+
+def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
+    """The pairs of one dedup part: within each of its clusters, every pair above --dup_threshold; and
+    every pair of equal content hash or equal dHash. Written with each member's area and key."""
+    zs = [get_arrays(join(plan.work, unit_folder('dedup/shuffle', b, p), f'{g:05d}.npz'),
+                     args.download_timeout) for b, p in plan.units()]
+    if not zs:  # an input without samples
+        put_arrays(plan.work, plan.staging, f'dedup/pairs/{g:05d}.npz', edges=np.zeros((0, 2), np.int64),
+                   gid=np.zeros(0, np.int64), area=np.zeros(0, np.int64), key=np.zeros(0, str))
+        return
+    cat = {k: np.concatenate([z[k] for z in zs]) for k in zs[0]}
+    pairs = [np.zeros((0, 2), np.int64)]
+    order = np.argsort(cat['cluster'], kind='stable')
+    _, starts = np.unique(cat['cluster'][order], return_index=True)
+    for idx in np.split(order, starts[1:]) if len(order) else []:  # the rows of one cluster
+        x, gid = cat['emb'][idx].astype(np.float32), cat['vec_gid'][idx]
+        for lo in range(0, len(idx), BLOCK):
+            i, j = np.nonzero(x[lo:lo + BLOCK] @ x.T > args.dup_threshold)
+            keep = lo + i < j
+            pairs.append(np.stack([gid[lo + i[keep]], gid[j[keep]]], 1))
+    for h in ('sha', 'dhash'):
+        order = np.lexsort((cat[f'{h}_gid'], cat[h]))
+        vals, ids = cat[h][order], cat[f'{h}_gid'][order]
+        same = vals[1:] == vals[:-1]
+        pairs.append(np.stack([ids[:-1][same], ids[1:][same]], 1))  # a chain links each run of equals
+    edges = np.unique(np.concatenate(pairs), axis=0)
+    views = ('vec', 'sha', 'dhash')
+    gid, first = np.unique(np.concatenate([cat[f'{v}_gid'] for v in views]), return_index=True)
+    wanted = np.isin(gid, edges)
+    put_arrays(plan.work, plan.staging, f'dedup/pairs/{g:05d}.npz', edges=edges, gid=gid[wanted],
+               **{c: np.concatenate([cat[f'{v}_{c}'] for v in views])[first][wanted]
+                  for c in ('area', 'key')})
+
+
+def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
+    """Rank 0: union-find over every pair; in each group the largest image (width x height) is kept,
+    then the lowest key, then the lowest run id. groups.npz: gid, dup_group (the kept gid), dup_keep."""
+    if output_names(join(plan.work, os.path.dirname(GROUPS))):
+        return
+    zs = [get_arrays(join(plan.work, f'dedup/pairs/{g:05d}.npz'), args.download_timeout)
+          for g in range(args.dedup_parts)]
+    edges = np.concatenate([z['edges'] for z in zs])
+    gid, first = np.unique(np.concatenate([z['gid'] for z in zs]), return_index=True)
+    area, key = np.concatenate([z['area'] for z in zs])[first], np.concatenate([z['key'] for z in zs])[first]
+    parent = np.arange(len(gid))
+    a, b = np.searchsorted(gid, edges[:, 0]), np.searchsorted(gid, edges[:, 1])
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(a.tolist(), b.tolist()):
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([root(i) for i in range(len(gid))], np.int64)
+    order = np.lexsort((gid, key, -area, roots))  # within a group: largest, then lowest key, then lowest id
+    kept = {}
+    for i in order.tolist():
+        kept.setdefault(roots[i], gid[i])
+    group = np.array([kept[r] for r in roots.tolist()], np.int64)
+    put_arrays(plan.work, plan.staging, GROUPS, gid=gid, group=group,
+               keep=(group == gid).astype(np.int32))
+
+
+def unpaired(plan: Plan, dedup_parts: int) -> list[int]:
+    names = set(output_names(join(plan.work, 'dedup/pairs')))
+    return [g for g in range(dedup_parts) if f'{g:05d}.npz' not in names]
+
+
+def dedup_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int,
+               barrier: Callable[[], None]) -> None:
+    """Every rank its share of the shuffle and of the compare; rank 0 the centroids and the groups. Each
+    step's units are files written atomically or marked done, so a rerun does only what is missing."""
+    if rank == 0:
+        train_centroids(plan, args)
+    barrier()
+    centroids = get_arrays(join(plan.work, CENTROIDS), args.download_timeout)['centroids']
+    for bucket, part in agreed(lambda: pending(plan, 'dedup/shuffle'), rank)[rank::world]:
+        shuffle_part(plan, args, bucket, part, centroids)
+    barrier()
+    for g in agreed(lambda: unpaired(plan, args.dedup_parts), rank)[rank::world]:
+        compare_group(plan, args, g)
+    barrier()
+    if rank == 0:
+        decide_groups(plan, args)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 3, writing: every input column plus the new ones, the --filter applied, per part (+ _done)
+# ----------------------------------------------------------------------------------------------
+
+def dup_columns(groups: dict[str, np.ndarray], gid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dup_group, dup_keep) of the run ids `gid`: -1 and 1 for an image in no group."""
+    group, keep = np.full(len(gid), -1, np.int64), np.ones(len(gid), np.int32)
+    if len(groups['gid']):
+        at = np.searchsorted(groups['gid'], gid).clip(0, len(groups['gid']) - 1)
+        hit = groups['gid'][at] == gid
+        group[hit], keep[hit] = groups['group'][at[hit]], groups['keep'][at[hit]]
+    return group, keep
+
+
+def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part, reader: ShardReader,
+               groups: dict[str, np.ndarray], clauses: list) -> None:
+    import polars as pl
+    from streaming import MDSWriter
+
+    z = get_arrays(embed_url(plan, bucket, part), args.download_timeout)
+    marker = json.loads(open_text(join(plan.work, unit_folder('embed', bucket, part), DONE_MARKER),
+                                  args.download_timeout))
+    group, keep = dup_columns(groups, z['id'] + bucket.offset)
+    new = {**{c[6:]: z[c] for c in z if c.startswith('score:')}, DUP_GROUP: group, DUP_KEEP: keep}
+    row_of = {int(i): r for r, i in enumerate(z['id'])}
+    samples = [(sid, s) for sid, s in reader.samples(part) if sid in row_of]
+    schema = filter_schema(plan.columns)
+    frame = pl.DataFrame({c: [s[c] for _, s in samples] if c in bucket.columns else new[c] for c in schema},
+                         schema=schema)
+    alive, removed = np.ones(len(samples), bool), []
+    if clauses:
+        masks = frame.select([c.fill_null(False).alias(str(k)) for k, c in enumerate(clauses)])
+        for k in range(len(clauses)):
+            ok = masks.to_series(k).to_numpy()
+            removed.append(int(np.count_nonzero(alive & ~ok)))
+            alive &= ok
+    out = join(bucket.places.out, part.name)
+    target = (os.path.join(plan.staging, bucket.name, part.name), out) if is_remote(out) else out
+    with MDSWriter(out=target, columns=plan.columns, compression=args.compression or None,
+                   size_limit=args.size_limit, exist_ok=True) as writer:
+        for r, (sid, sample) in enumerate(samples):
+            if alive[r]:
+                writer.write({**sample, **{c: v[row_of[sid]] for c, v in new.items()}})
+    counts = {'input': part.last - part.first, 'written': int(alive.sum()), 'skipped': marker['skipped'],
+              'removed_by_clause': removed, 'in_groups': int(np.count_nonzero(new[DUP_GROUP] >= 0)),
+              'kept_of_groups': int(np.count_nonzero((new[DUP_GROUP] >= 0) & (new[DUP_KEEP] == 1)))}
+    put_text(bucket.places.out, plan.staging, join(part.name, DONE_MARKER),
+             json.dumps({'rank': int(os.environ.get('RANK', 0)), 'filter': args.filter, **counts}))
+
+
+def unwritten(plan: Plan, args: argparse.Namespace) -> list[tuple[Bucket, Part]]:
+    """The output parts without a marker, or written with another --filter (written again)."""
+    todo = []
+    for b in plan.buckets:
+        done = done_markers(b.places.out, b.parts, args.download_timeout)
+        todo += [(b, p) for p in b.parts if done.get(p.name, {}).get('filter') != args.filter]
+    return todo
+
+
+def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> None:
+    from tqdm import tqdm
+
+    clauses, _ = compile_filter(args.filter, filter_schema(plan.columns))
+    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
+    todo = agreed(lambda: unwritten(plan, args), rank)
+    readers: dict[str, ShardReader] = {}
+    for bucket, part in tqdm(todo[rank::world], desc='writes', unit='part', disable=rank != 0):
+        if bucket.name not in readers:
+            readers[bucket.name] = ShardReader(bucket, args, rank)
+        write_part(plan, args, bucket, part, readers[bucket.name], groups, clauses)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finishing (rank 0): each bucket's index.json and record, the summary, the preview
+# ----------------------------------------------------------------------------------------------
+
+def merge_bucket(bucket: Bucket, staging: str) -> None:
+    from streaming.base.util import merge_index
+
+    out = bucket.places.out
+    if not bucket.parts:
+        put_text(out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
+        return
+    if not is_remote(out):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, INDEX))
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        merge_index([join(out, p.name, INDEX) for p in bucket.parts],
+                    (os.path.join(staging, 'merged', bucket.name), out) if is_remote(out) else out,
+                    keep_local=not is_remote(out))
+    except Exception as err:
+        raise UserError(f'merging the index at {out} failed: {first_line(err)}') from None
+    finally:
+        logging.disable(previous)
+
+
+def summarize(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> dict:
+    _, labels = compile_filter(args.filter, filter_schema(plan.columns))
+    buckets, missing = {}, []
+    for b in plan.buckets:
+        markers = {name: m for name, m in done_markers(b.places.out, b.parts, args.download_timeout).items()
+                   if m.get('filter') == args.filter}
+        missing += [f'{b.name}/{p.name}' for p in b.parts if p.name not in markers]
+        total = {'input': 0, 'written': 0, 'skipped': [], 'in_groups': 0, 'kept_of_groups': 0,
+                 'removed_by_clause': [0] * len(labels)}
+        for m in markers.values():
+            for k in ('input', 'written', 'skipped', 'in_groups', 'kept_of_groups'):
+                total[k] += m[k]
+            total['removed_by_clause'] = [a + b for a, b in zip(total['removed_by_clause'],
+                                                                m['removed_by_clause'])]
+        buckets[b.name] = {'output': b.places.out, **total,
+                           'removed_by_clause': dict(zip(labels, total['removed_by_clause']))}
+    return {'buckets': buckets, 'input_samples': plan.rows,
+            'written': sum(b['written'] for b in buckets.values()),
+            'skipped': sum(len(b['skipped']) for b in buckets.values()),
+            'in_groups': sum(b['in_groups'] for b in buckets.values()),
+            'kept_of_groups': sum(b['kept_of_groups'] for b in buckets.values()),
+            'parts_missing': missing, 'world_size': world, 'rank0': speed, 'settings': plan.settings,
+            'interrupted': None}
+
+
+def report(summary: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(summary, f, indent=2)
+    s, speed = summary, summary['rank0']
+    lines = [f'input    {s["input_samples"]} samples in {len(s["buckets"])} buckets; {s["skipped"]} '
+             'undecodable images skipped',
+             f'dedup    {s["in_groups"]} images in duplicate groups, {s["kept_of_groups"]} kept by the rule '
+             f'(cosine > {s["settings"]["dup_threshold"]}, equal bytes or dHash)',
+             f'output   {s["written"]} rows written']
+    for name, b in s['buckets'].items():
+        lines.append(f'  {name or "dataset"}: {b["written"]} of {b["input"]} -> {b["output"]}')
+        lines += [f'    removed by clause {n:>10}  {label}' for label, n in b['removed_by_clause'].items()]
+    lines.append(f'speed    rank 0 embedded {speed["images"]} images in {speed["seconds"]:.1f} s '
+                 f'({speed["images_per_s"]:.1f} images/s), world size {s["world_size"]}')
+    skipped = [k for b in s['buckets'].values() for k in b['skipped']]
+    lines += [f'skipped  sample {k["id"]} key={k["key"]!r}: {k["reason"]}' for k in skipped[:10]]
+    if s['interrupted']:
+        lines.append(f'stopped by {s["interrupted"]}: rerun the same command to resume')
+    if s.get('preview'):
+        lines.append(f'preview  {s["preview"]["path"]}')
+    lines.append(f'summary  {path}')
+    print('\n'.join(lines), flush=True)
+
+
+def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: dict) -> None:
+    record = {'model_name': args.model_name,
+              'scores': [s.record() for s in plan.scores], 'head_sha1': plan.settings['heads'],
+              'dedup': {'dup_threshold': args.dup_threshold, 'clusters': plan.clusters, 'neighbours': 2,
+                        'also': 'equal content (sha1) and equal 64-bit dHash',
+                        'keep': 'largest width x height, then lowest key, then lowest run id',
+                        'buckets_together': [b.name for b in plan.buckets]},
+              'filter': args.filter, 'counts': summary['buckets'][bucket.name],
+              'columns': new_columns(args)}
+    put_text(bucket.places.out, plan.staging, RECORD, json.dumps(record, indent=1))
+
+
+PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text line, images per row
+
+
+def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[tuple[int, str]]]]:
+    """(title, [(run id, label)]): the --preview largest duplicate groups (the kept member first), then
+    the highest and the lowest by the first score column."""
+    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
+    sizes = dict(zip(*np.unique(groups['group'], return_counts=True)))
+    rows = []
+    for n, g in enumerate(sorted(sizes, key=lambda g: (-sizes[g], g))[:args.preview], 1):
+        members = sorted(groups['gid'][groups['group'] == g].tolist(), key=lambda x: (x != g, x))
+        rows.append((f'duplicate group {n}: {sizes[g]} images, the kept one first',
+                     [(x, 'kept' if x == g else 'dropped') for x in members[:PREVIEW_PER_ROW]]))
+    if plan.scores:
+        column, gid, score = plan.scores[0].name, [], []
+        for b, p in plan.units():
+            z = get_arrays(embed_url(plan, b, p), args.download_timeout)
+            gid.append(z['id'] + b.offset)
+            score.append(z[f'score:{column}'])
+        gid, score = np.concatenate(gid), np.concatenate(score)
+        order = np.argsort(-score, kind='stable')
+        for title, pick in ((f'highest {column}', order[:PREVIEW_PER_ROW]),
+                            (f'lowest {column}', order[::-1][:PREVIEW_PER_ROW])):
+            rows.append((title, [(int(gid[i]), f'{score[i]:.3f}') for i in pick]))
+    return rows
+
+
+def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
+    """A PNG of preview_rows: each row a title line, then its images, each over '<bucket>#<id> label'."""
+    from streaming import StreamingDataset
+
+    rows, datasets = preview_rows(args, plan), {}
+    height = PREVIEW_LINE + PREVIEW_TILE + PREVIEW_LINE + 8
+    sheet = Image.new('RGB', (PREVIEW_PER_ROW * (PREVIEW_TILE + 8) + 8, len(rows) * height + 8), 'white')
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for r, (title, entries) in enumerate(rows):
+        top = 8 + r * height
+        draw.text((8, top), title, fill='black', font=font)
+        for c, (g, label) in enumerate(entries):
+            b = next(b for b in reversed(plan.buckets) if b.offset <= g)
+            if b.name not in datasets:
+                remote = None if b.places.cache == b.places.src else b.places.src
+                datasets[b.name] = StreamingDataset(local=b.places.cache, remote=remote, shuffle=False,
+                                                    batch_size=1)
+            img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN])
+            img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
+            x = 8 + c * (PREVIEW_TILE + 8)
+            sheet.paste(img, (x, top + PREVIEW_LINE))
+            draw.text((x, top + PREVIEW_LINE + PREVIEW_TILE + 2), f'{b.name}#{g - b.offset} {label}',
+                      fill='black', font=font)
+    del datasets
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return {'path': path, 'rows': [(title, [g for g, _ in entries]) for title, entries in rows]}
+
+
+def summary_path(args: argparse.Namespace) -> str:
+    return args.summary or os.path.join(args.local, 'curate_summary.json')
+
+
+def finish(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> None:
+    summary = summarize(args, plan, speed, world)
+    if summary['parts_missing']:
+        report(summary, summary_path(args))
+        raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; rerun the same '
+                        'command')
+    for b in plan.buckets:
+        merge_bucket(b, plan.staging)
+        write_record(args, plan, b, summary)
+    if args.preview:
+        path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
+        summary['preview'] = write_preview(args, plan, path)
+    report(summary, summary_path(args))
+    shutil.rmtree(plan.staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------
+
+# >>> twin: signals-and-device (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def stop_on_signals() -> None:
+    """SIGTERM (how platforms stop a job) and SIGINT raise Interrupted; a second one ends the process."""
+    def handler(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+def pick_device(args: argparse.Namespace):
+    import torch
+
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: no GPU is visible to torch')
+    if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available()):
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device('cpu')
+# <<< twin: signals-and-device
+
+
+def agreed(compute: Callable[[], Any], rank: int) -> Any:
+    """What rank 0 computes (or the error it meets), on every rank: the plan, and each pass's list of
+    unfinished units, which must be one list (a rank that listed after another had finished a unit
+    would take another share, and a unit could fall between them)."""
+    import torch.distributed as dist
+
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = compute()
+        except UserError as err:
+            result[0] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch.distributed as dist
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    stop_on_signals()
+    plan = None
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    try:
+        if world > 1:
+            dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
+        device = pick_device(args)
+        plan = agreed(lambda: make_plan(args), rank)
+        speed = embed_pass(args, plan, device, rank, world)
+        barrier()
+        dedup_pass(args, plan, rank, world, barrier)
+        write_pass(args, plan, rank, world)
+        barrier()
+        if rank == 0:
+            finish(args, plan, speed, world)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Interrupted as stop:
+        print(f'error: stopped by {stop}: finished parts are kept, the part in progress is not; rerun the '
+              'same command to resume', file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,335 @@
+"""curate_images.py as a user runs it: cloudwriter-shaped MDS buckets in, curated MDS buckets out.
+
+Models are a tiny CLIPModel and SiglipModel of the real classes with the real CLIP tokenizer
+(tests/testbed/curate.py), loaded with from_pretrained; heads are state_dicts in the key layout of
+LAION's improved aesthetic predictor. The output is read back with StreamingDataset and every score
+is checked against the model and head applied to that image alone; the planted duplicates
+(re-encoded, resized into another bucket, cropped, same bytes) must be found whatever the number of
+ranks, and a run killed with -9 in each pass must resume to the same output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from testbed.curate import (
+    UNDECODABLE,
+    build_clip,
+    build_siglip,
+    planted_corpus,
+    write_aesthetic_head,
+    write_linear_head,
+)
+from testbed.mds_input import make_row, write_mds_input
+from testbed.readback import read_mds
+from testbed.scripts import load_script
+
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+# The tiny random CLIP maps every photo-like picture close together: the planted copies sit above
+# 0.9998 and distinct pictures below 0.9993 (measured on this corpus), so the test threshold lies between.
+THRESHOLD = 0.9996
+CAPTION = 'caption'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def bed(tmp_path_factory) -> dict:
+    """Models, heads, and the planted corpus as buckets '0-64' and '64-128' of several shards each."""
+    t = tmp_path_factory.mktemp('curate')
+    clip, siglip = build_clip(t / 'clip'), build_siglip(t / 'siglip')
+    items, groups = planted_corpus()
+    rows = [make_row(n, data, name) for n, (name, data) in enumerate(items)]
+    buckets = write_mds_input(str(t / 'local'), rows, size_limit=1 << 12)
+    return {'t': t, 'clip': clip, 'siglip': siglip, 'local': t / 'local', 'groups': groups,
+            'names': {r['key']: r['url'].rsplit('/', 1)[1] for r in rows}, 'buckets': buckets,
+            'aesthetic': write_aesthetic_head(t / 'aesthetic.pth', 16),
+            'linear': write_linear_head(t / 'lin.pth', 16),
+            'sig_head': write_aesthetic_head(t / 'sig.pth', 32, width=8)}
+
+
+@contextlib.contextmanager
+def quiet_main():
+    """A script's main() in this process: its output swallowed, the signal handlers it installs undone."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def in_process(*args) -> tuple[int, str]:
+    script = load_script('curate_images.py')
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    err, code = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            script.main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, err.getvalue()
+
+
+def flags(bed: dict, out: Path, *more) -> list:
+    return ['--local', bed['local'], '--bucket', 'all', '--remote_upload', out, '--model_name', bed['clip'],
+            '--heads', f'aesthetic={bed["aesthetic"]}', f'linear={bed["linear"]}', '--caption_keys', CAPTION,
+            '--dup_threshold', THRESHOLD, '--part_size', 3, '--batch-size', 4, '--num_workers', 0,
+            '--dedup_parts', 3, '--clusters', 2, '--summary', out / 's.json', *more]
+
+
+def read_all(out: Path) -> dict[str, list[dict]]:
+    """{bucket: its rows read back}; [] for a bucket whose index lists no sample (streaming cannot
+    open one)."""
+    rows = {}
+    for b in sorted(d.name for d in out.iterdir() if (d / 'index.json').exists()):
+        shards = json.loads((out / b / 'index.json').read_text())['shards']
+        rows[b] = read_mds(str(out / b)) if sum(s['samples'] for s in shards) else []
+    return rows
+
+
+@pytest.fixture(scope='module')
+def clip_run(bed) -> Path:
+    out = bed['t'] / 'clip-out'
+    code, err = in_process(*flags(bed, out, '--preview', 2))
+    assert code == 0, err[-3000:]
+    return out
+
+
+def reference(model_dir: Path, samples: list[dict], captions: bool = True):
+    """Each image alone: the processor, get_image_features, L2-normalised; each caption's text features."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    script = load_script('curate_images.py')
+    model = AutoModel.from_pretrained(model_dir).eval()
+    proc, tok = AutoImageProcessor.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    img, txt = [], []
+    with torch.no_grad():
+        for s in samples:
+            px = proc(images=script.decode(s['jpg']), return_tensors='pt')['pixel_values']
+            img.append(torch.nn.functional.normalize(model.get_image_features(pixel_values=px), dim=-1)[0])
+            t = tok([s[CAPTION]], padding='max_length', truncation=True,
+                    max_length=model.config.text_config.max_position_embeddings, return_tensors='pt')
+            txt.append(torch.nn.functional.normalize(model.get_text_features(**t), dim=-1)[0])
+    return torch.stack(img), torch.stack(txt)
+
+
+def laion_mlp(path: Path, dim: int, widths: list[int]) -> torch.nn.Module:
+    """The published predictor's own module (improved-aesthetic-predictor's MLP.layers), loaded as is."""
+    w = [dim, *widths, 1]
+    nn = torch.nn
+    layers = nn.Sequential(nn.Linear(w[0], w[1]), nn.Dropout(0.2), nn.Linear(w[1], w[2]), nn.Dropout(0.2),
+                           nn.Linear(w[2], w[3]), nn.Dropout(0.1), nn.Linear(w[3], w[4]), nn.Linear(w[4], 1))
+    state = torch.load(path)
+    layers.load_state_dict({k.removeprefix('layers.'): v for k, v in state.items()})
+    return layers.eval()
+
+
+def test_scores_and_similarities_equal_the_model_on_each_image_alone(bed, clip_run):
+    rows = [r for rs in read_all(clip_run).values() for r in rs]
+    img, txt = reference(bed['clip'], rows)
+    with torch.no_grad():
+        aesthetic = laion_mlp(bed['aesthetic'], 16, [16, 2, 1, 1])(img)[:, 0]
+        lin = torch.nn.Linear(16, 1)
+        lin.load_state_dict(torch.load(bed['linear']))
+        linear = lin(img)[:, 0]
+    got = {c: np.array([r[c] for r in rows]) for c in ('aesthetic', 'linear', 'clip_caption')}
+    np.testing.assert_allclose(got['aesthetic'], aesthetic.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got['linear'], linear.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got['clip_caption'], (img * txt).sum(-1).numpy(), atol=1e-5)
+    assert len(rows) == sum(len(v) for v in bed['buckets'].values()) - len(UNDECODABLE)  # no image lost
+    summary = json.loads((clip_run / 's.json').read_text())
+    named = sorted(bed['names'][k['key']] for b in summary['buckets'].values() for k in b['skipped'])
+    assert named == sorted(UNDECODABLE) and summary['skipped'] == len(UNDECODABLE)
+
+
+def groups_of(out: Path, names: dict[str, str]) -> tuple[list[set[str]], list[str]]:
+    rows = [r for rs in read_all(out).values() for r in rs]
+    groups: dict[int, set] = {}
+    for r in rows:
+        if r['dup_group'] >= 0:
+            groups.setdefault(int(r['dup_group']), set()).add(names[r['key']])
+    kept = sorted(names[r['key']] for r in rows if r['dup_group'] >= 0 and r['dup_keep'] == 1)
+    return sorted(groups.values(), key=sorted), kept
+
+
+def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run):
+    groups, kept = groups_of(clip_run, bed['names'])
+    assert groups == sorted(bed['groups'], key=sorted)  # every planted group, no distinct image grouped
+    # one per group: the largest image (b beats its 53x48 copy in the other bucket), then the lowest key
+    assert kept == ['a', 'b', 'c', 'd']
+    summary = json.loads((clip_run / 's.json').read_text())
+    assert summary['in_groups'] == 8 and summary['kept_of_groups'] == 4
+    record = json.loads((clip_run / '64-128' / 'curation.json').read_text())
+    assert record['dedup']['dup_threshold'] == THRESHOLD and [s['column'] for s in record['scores']] == \
+        ['aesthetic', 'linear', 'clip_caption']
+    from PIL import Image
+    with Image.open(summary['preview']['path']) as png:
+        assert png.format == 'PNG' and png.height > 4 * 128
+    shown = [members for title, members in summary['preview']['rows'] if title.startswith('duplicate group')]
+    assert len(shown) == 2 and all(len(m) == 2 for m in shown)  # --preview 2: two planted pairs
+
+
+def test_siglip_scores_equal_the_model(bed):
+    out = bed['t'] / 'siglip-out'
+    code, err = in_process('--local', bed['local'], '--bucket', '64-128', '--remote_upload', out,
+                           '--model_name', bed['siglip'], '--heads', f'aesthetic={bed["sig_head"]}',
+                           '--caption_keys', CAPTION,
+                           '--num_workers', 1, '--batch-size', 5, '--summary', out / 's.json')
+    assert code == 0, err[-3000:]
+    rows = read_mds(str(out / '64-128'))
+    img, txt = reference(bed['siglip'], rows)
+    with torch.no_grad():
+        want = laion_mlp(bed['sig_head'], 32, [8, 1, 1, 1])(img)[:, 0]
+    np.testing.assert_allclose([r['aesthetic'] for r in rows], want.numpy(), atol=1e-5)
+    np.testing.assert_allclose([r['clip_caption'] for r in rows], (img * txt).sum(-1).numpy(), atol=1e-5)
+
+
+def test_filter_removes_what_polars_removes_on_the_read_back_rows(bed, clip_run):
+    cond = 'aesthetic > 0 AND dup_keep = 1 AND width >= 80'
+    out = bed['t'] / 'filtered'  # a rerun of the unfiltered run with a filter: only the output is rewritten
+    shutil.copytree(clip_run, out)
+    work = sorted(glob.glob(str(out / '_curate' / '**' / '*.npz'), recursive=True))
+    before = {f: os.stat(f).st_mtime_ns for f in work}
+    code, err = in_process(*flags(bed, out, '--filter', cond))
+    assert code == 0, err[-3000:]
+    assert {f: os.stat(f).st_mtime_ns for f in work} == before  # embeddings and dedup reused
+    full = read_all(clip_run)
+    for bucket, rows in read_all(out).items():
+        if not full[bucket]:  # only undecodable images: nothing in, nothing out
+            assert rows == []
+            continue
+        frame = pl.DataFrame([{k: v for k, v in r.items() if k != 'jpg'} for r in full[bucket]])
+        assert [r['key'] for r in rows] == frame.filter(pl.sql_expr(cond))['key'].to_list()
+        if bucket == '64-128':
+            assert rows and len(rows) < len(full[bucket])
+    summary = json.loads((out / 's.json').read_text())
+    per_clause = {}
+    for b in summary['buckets'].values():
+        for label, n in b['removed_by_clause'].items():
+            per_clause[label] = per_clause.get(label, 0) + n
+    everything = pl.DataFrame([{k: v for k, v in r.items() if k != 'jpg'}
+                               for rs in full.values() for r in rs])
+    alive, want = everything, {}
+    for clause in ('aesthetic > 0', 'dup_keep = 1', 'width >= 80'):
+        want[clause] = alive.height - alive.filter(pl.sql_expr(clause)).height
+        alive = alive.filter(pl.sql_expr(clause))
+    assert per_clause == want
+
+
+def markers(out: Path, pattern: str) -> list[str]:
+    return sorted(glob.glob(str(out / pattern)))
+
+
+def kill9_when(root: Path, args: list, out: Path, pattern: str) -> None:
+    """Run the script in its own process group; kill -9 the group once `pattern` matches under `out`."""
+    proc = subprocess.Popen([sys.executable, str(root / 'curate_images.py'), *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not markers(out, pattern) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+
+
+def test_kill9_in_each_pass_then_two_ranks_equal_an_uninterrupted_run(root, bed, clip_run):
+    out = bed['t'] / 'killed'
+    args = flags(bed, out)
+    kill9_when(root, args, out, '_curate/embed/*/*/_done')  # during the embedding pass
+    embedded = markers(out, '_curate/embed/*/*/_done')
+    assert embedded and not markers(out, '*/index.json')
+    kill9_when(root, args, out, '_curate/dedup/shuffle/*/*/_done')  # during the dedup pass
+    assert markers(out, '_curate/dedup/shuffle/*/*/_done') and not markers(out, '_curate/dedup/groups/*')
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                          '2', '--', str(root / 'curate_images.py'), *map(str, args)], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert read_all(out) == read_all(clip_run)  # same rows, same scores, same groups with 2 ranks
+    assert json.loads((out / 's.json').read_text())['world_size'] == 2
+
+
+def test_sigterm_keeps_finished_parts_and_a_rerun_completes(bed, clip_run):
+    """SIGTERM (how a platform stops a job) to main() in this process, once a part is embedded."""
+    out = bed['t'] / 'stopped'
+
+    def watch() -> None:
+        deadline = time.time() + 120
+        while not markers(out, '_curate/embed/*/*/_done') and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    code, err = in_process(*flags(bed, out))
+    watcher.join()
+    assert code == 128 + signal.SIGTERM and 'Traceback' not in err, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith('error:')] == [
+        'error: stopped by SIGTERM: finished parts are kept, the part in progress is not; rerun the same '
+        'command to resume']
+    kept = {m: Path(m).read_bytes() for m in markers(out, '_curate/embed/*/*/_done')}
+    assert kept and not markers(out, '*/index.json')
+    code, err = in_process(*flags(bed, out))
+    assert code == 0, err[-3000:]
+    assert {m: Path(m).read_bytes() for m in kept} == kept  # finished parts were not redone
+    assert read_all(out) == read_all(clip_run)
+
+
+def test_refusals_are_one_line_before_a_model_loads(bed, tmp_path):
+    def refused(*more) -> str:
+        code, text = in_process(*flags(bed, tmp_path / 'o', *more))
+        assert code == 2 and 'Traceback' not in text, text[-3000:]
+        return [ln for ln in text.splitlines() if ln.startswith('error:')][0]
+
+    assert 'no `alt` column' in refused('--caption_keys', 'alt')
+    assert 'does not evaluate' in refused('--filter', 'nosuch > 1')
+    assert 'do not chain' in refused('--heads', f'x={bed["sig_head"]}')  # a 32-wide head on 16-dim CLIP
+    assert 'cannot read the config' in refused('--model_name', tmp_path / 'nothing')
+    if not torch.cuda.is_available():
+        assert refused('--device', 'cuda') == 'error: --device cuda: no GPU is visible to torch'
+    assert not (tmp_path / 'o').exists()  # nothing written by a refused run
+
+
+def test_captioner_and_latents_read_the_curated_output(bed, clip_run, tiny_model):
+    """The next steps read the curated buckets as they read the cloudwriter's (one cheap run each)."""
+    from testbed.vlms import build_vlm
+    want = read_all(clip_run)['64-128']
+    read = ['--remote_download', clip_run, '--bucket', '64-128', '--batch-size', 8]
+    llava = build_vlm('llava', bed['t'] / 'llava')
+    with quiet_main():
+        load_script('caption_images.py').main(list(map(str, [
+            *read, '--local', bed['t'] / 'c1', '--remote_upload', bed['t'] / 'captioned',
+            '--model_name', llava, '--max_new_tokens', 2])))
+    got = read_mds(str(bed['t'] / 'captioned' / '64-128'))
+    assert [{k: v for k, v in r.items() if k != 'vlm_caption'} for r in got] == want
+    with quiet_main():
+        load_script('precompute_latents.py').main(list(map(str, [
+            *read, '--local', bed['t'] / 'c2', '--remote_upload', bed['t'] / 'latents',
+            '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0])))
+    got = read_mds(str(bed['t'] / 'latents' / '64-128'))
+    assert [r['key'] for r in got] == [r['key'] for r in want] and all(r['latents_64'] for r in got)
+    assert [r['aesthetic'] for r in got] == [r['aesthetic'] for r in want]  # the new columns travel on

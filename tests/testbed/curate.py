@@ -1,0 +1,102 @@
+"""Tiny image-text models of real transformers classes for curate_images.py, its score heads, and a
+corpus with planted duplicates.
+
+- `build_clip(folder)`: a CLIPModel (2-layer towers, 32 px images, 16-dim projection) with the real
+  CLIP BPE tokenizer (testbed.models) and a CLIPImageProcessor; `build_siglip(folder)`: a SiglipModel
+  with the same tokenizer (SigLIP's own is a SentencePiece model we cannot build offline) and a
+  SiglipImageProcessor. Both load with AutoModel / AutoImageProcessor / AutoTokenizer.
+- `write_aesthetic_head(path, dim, width)`: a torch state_dict in the exact key layout of LAION's
+  improved aesthetic predictor (layers.0 Linear(dim, 1024), .1 Dropout, .2 Linear(1024, 128), .3 Dropout,
+  .4 Linear(128, 64), .5 Dropout, .6 Linear(64, 16), .7 Linear(16, 1)); `width` scales 1024/128/64/16
+  down for tests (width=1024: the published sizes).
+- `planted_corpus()`: distinct photo-like images and four planted groups: re-encoded at another JPEG
+  quality, resized into another bucket, slightly cropped, the exact same bytes under another key.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .corpus import encode, photo_like
+from .models import write_clip_tokenizer
+from .real import real_items
+
+SIZE = 32  # px the tiny towers see
+UNDECODABLE = ('truncated.jpg', 'broken.png', 'gif_bomb.gif')  # from testbed.real: skipped, named
+
+
+def _save(model, processor, folder: Path) -> Path:
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    return folder
+
+
+def build_clip(folder: Path, seed: int = 0, dims: dict | None = None) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    d = dims or {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2}
+    cfg = CLIPConfig(text_config={**d, 'vocab_size': 49408, 'max_position_embeddings': 77},
+                     vision_config={**d, 'image_size': SIZE, 'patch_size': 8}, projection_dim=16)
+    torch.manual_seed(seed)
+    return _save(CLIPModel(cfg).eval(), CLIPImageProcessor(size={'shortest_edge': SIZE},
+                                                           crop_size={'height': SIZE, 'width': SIZE}), folder)
+
+
+def build_siglip(folder: Path, seed: int = 0) -> Path:
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+    d = {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2}
+    cfg = SiglipConfig(text_config={**d, 'vocab_size': 49408, 'max_position_embeddings': 16},
+                       vision_config={**d, 'image_size': SIZE, 'patch_size': 8})
+    torch.manual_seed(seed)
+    return _save(SiglipModel(cfg).eval(), SiglipImageProcessor(size={'height': SIZE, 'width': SIZE}), folder)
+
+
+def write_aesthetic_head(path: Path, dim: int, width: int = 16, seed: int = 0) -> Path:
+    """LAION's improved-aesthetic-predictor state_dict layout; width 1024 gives its published sizes."""
+    torch.manual_seed(seed)
+    w = [width, max(width // 8, 1), max(width // 16, 1), max(width // 64, 1)]
+    mlp = torch.nn.Sequential(torch.nn.Linear(dim, w[0]), torch.nn.Dropout(0.2), torch.nn.Linear(w[0], w[1]),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(w[1], w[2]), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(w[2], w[3]), torch.nn.Linear(w[3], 1))
+    torch.save({f'layers.{k}': v for k, v in mlp.state_dict().items()}, path)
+    return Path(path)
+
+
+def write_linear_head(path: Path, dim: int, seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    torch.save(torch.nn.Linear(dim, 1).state_dict(), path)
+    return Path(path)
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    return encode(img, 'JPEG', quality=quality)
+
+
+def planted_corpus(distinct: int = 8) -> tuple[list[tuple[str, bytes]], list[set[str]]]:
+    """([(name, bytes)], the planted groups as sets of names). Sizes 64..110 px (bucket '64-128'), the
+    resized copy 48 px (bucket '0-64'); last, UNDECODABLE real files (truncated.jpg's header says
+    100 x 100: bucket '64-128'; the others' headers do not open: '256-512', as the cloudwriter puts them)."""
+    items, groups = [], []
+    for i in range(distinct):
+        items.append((f'distinct{i}', jpeg(photo_like(72 + 4 * i, 80, seed=100 + i))))
+    a = photo_like(96, 96, seed=1)
+    items += [('a', jpeg(a, 90)), ('a-q60', jpeg(a, 60))]
+    b = photo_like(110, 100, seed=2)
+    items += [('b', jpeg(b)), ('b-small', jpeg(b.resize((53, 48), Image.Resampling.LANCZOS)))]
+    c = photo_like(100, 100, seed=3)
+    items += [('c', jpeg(c)), ('c-crop', jpeg(c.crop((2, 2, 98, 98))))]
+    d = jpeg(photo_like(90, 84, seed=4))
+    items += [('d', d), ('d-same', d)]
+    groups = [{'a', 'a-q60'}, {'b', 'b-small'}, {'c', 'c-crop'}, {'d', 'd-same'}]
+    broken = {it.name: it.data for it in real_items() if it.name in UNDECODABLE}
+    items += [(name, broken[name]) for name in UNDECODABLE]
+    return items, groups
+
+
+def size_of(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
