@@ -516,9 +516,9 @@ class ShardReader:
 # <<< twin: shard-reader
 
 
-# >>> twin: decode (copied verbatim in caption_images.py, laion_cloudwriter.py, precompute_latents.py;
-# tests/test_twins.py checks the copies). The one decode rule of every script that looks at pixels, stated
-# in README.md's "How images are decoded".
+# >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; tests/test_twins.py checks the copies). The one decode rule of every script that
+# looks at pixels, stated in README.md's "How images are decoded".
 DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
 SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
 

@@ -711,17 +711,45 @@ class ShardReader:
 # <<< twin: shard-reader
 
 
-# decode rule: becomes the decode twin at merge
-def decode(data: bytes) -> Image.Image:
-    """RGB with EXIF orientation applied and transparency over white."""
-    img = Image.open(io.BytesIO(data))
+# >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; tests/test_twins.py checks the copies). The one decode rule of every script that
+# looks at pixels, stated in README.md's "How images are decoded".
+DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
+SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a viewer shows of an image fresh from Image.open (a draft() allowed; nothing
+    may have loaded it: after a failed load() a second one returns partial pixels without a word):
+    - its first frame (animated GIF, APNG and WebP; MPO), at the size PIL decodes (after any draft());
+    - refused (DecompressionBombError) above DECODE_PIXEL_LIMIT pixels, before anything is decoded;
+    - EXIF orientation applied; a broken EXIF block turns nothing and loses nothing;
+    - 16-bit grayscale scaled by 255/65535 (rounded); 32-bit integer and float grayscale likewise when a
+      value exceeds 255, else taken as 8-bit; clipped to 0..255;
+    - transparency (an alpha band: RGBA, LA, PA; a tRNS chunk or GIF transparent index) over white;
+    - every other mode (CMYK, LAB, YCbCr, palette, 1-bit) by PIL's convert('RGB'), ICC profiles ignored.
+    Raises what PIL raises for bytes it cannot decode (truncated, corrupt, unknown)."""
+    if img.width * img.height > DECODE_PIXEL_LIMIT:
+        raise Image.DecompressionBombError(f'{img.width} x {img.height} pixels is over the limit of '
+                                           f'{DECODE_PIXEL_LIMIT}: a decompression bomb?')
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in SIXTEEN_BIT or img.mode in ('I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255:
+            arr = arr * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
         rgba = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert('RGB')
+    return img if img.mode == 'RGB' else img.convert('RGB')
+# <<< twin: decode
+
+
+def decode(data: bytes) -> Image.Image:
+    """The stored bytes as the model sees them (`to_rgb`)."""
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def dhash(img: Image.Image) -> int:
