@@ -49,8 +49,10 @@ def summary(stdout: str) -> dict[str, int]:
     """The counts of the end-of-run summary: its labelled lines and one entry per failure reason."""
     counts = {}
     text = stdout.split('== laion_download summary')[1]
-    for label in ('shards finished', 'rows', 'images ok', 'failures'):
-        counts[label] = int(re.search(rf'^  {label} +([\d,]+)', text, re.M).group(1).replace(',', ''))
+    for label in ('shards finished', 'rows', 'images ok', 'failures', 'no hash, unchecked'):
+        found = re.search(rf'^  {label} +([\d,]+)', text, re.M)
+        if found or label != 'no hash, unchecked':  # printed where there is one
+            counts[label] = int(found.group(1).replace(',', ''))
     for n, reason in re.findall(r'^    +([\d,]+)  (.+)$', text, re.M):
         counts[reason] = int(n.replace(',', ''))
     return counts
@@ -62,16 +64,20 @@ def read_output(out: Path) -> pa.Table:
 
 def full_entries(server, slow: bool = True) -> tuple[list, pa.Table]:
     """Every corpus file, a 404, a 500, a redirect and, last in a shard of its own, a slow URL (which
-    only a kill needs: `slow` False leaves it out); one row carries a wrong md5. Returns the entries
-    (expect 'mismatch' for that row) and the metadata."""
+    only a kill needs: `slow` False leaves it out); one row carries a wrong md5 and two none (null, as
+    in metadata a user joins from sources with and without hashes). Returns the entries (expect
+    'mismatch' for the wrong one, 'unhashed' for those without) and the metadata."""
     entries = entries_for(server, slow=slow)
     table = full_table(entries)
-    wrong = next(i for i, e in enumerate(entries) if e.item is not None and e.item.name == 'gray.jpg')
+    named = {e.item.name: i for i, e in enumerate(entries) if e.item is not None}
     md5 = table.column('md5').to_pylist()
-    md5[wrong] = hashlib.md5(b'not these bytes').hexdigest()
-    table = table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5, pa.string()))
     expect = [e.expect for e in entries]
-    expect[wrong] = 'mismatch'
+    md5[named['gray.jpg']] = hashlib.md5(b'not these bytes').hexdigest()
+    expect[named['gray.jpg']] = 'mismatch'
+    for name in ('cmyk.jpg', 'image.webp'):
+        md5[named[name]] = None
+        expect[named[name]] = 'unhashed'
+    table = table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5, pa.string()))
     assert not slow or len(entries) % PER_SHARD == 1  # the slow URL is alone in the last shard
     return list(zip(entries, expect, strict=True)), table
 
@@ -101,7 +107,7 @@ def check_rows(table: pa.Table, entries: list, extra: list[str]) -> None:
     for r in rows:
         entry, expect = by_url[r['url']]
         assert r['caption'] == entry.caption
-        if expect in ('success', 'decode'):  # img2dataset decodes nothing: corrupt files download fine
+        if expect in ('success', 'decode', 'unhashed'):  # img2dataset decodes nothing: corrupt files too
             assert r['status'] == 'success', r
             assert r['jpg'] == entry.item.data, entry.url
             assert r['md5'] == hashlib.md5(entry.item.data).hexdigest()
@@ -115,9 +121,12 @@ def check_rows(table: pa.Table, entries: list, extra: list[str]) -> None:
 def expected_summary(entries: list) -> dict[str, int]:
     want = {'rows': len(entries)}
     for _, expect in entries:
-        if expect != 'success':
+        if expect not in ('success', 'unhashed'):
             want[REASONS[expect]] = want.get(REASONS[expect], 0) + 1
     want['failures'] = sum(v for k, v in want.items() if k != 'rows')
+    unhashed = sum(expect == 'unhashed' for _, expect in entries)
+    if unhashed:  # downloaded without the check, and counted so: a row without a hash is no failure
+        want['no hash, unchecked'] = unhashed
     want['images ok'] = len(entries) - want['failures']
     return want
 
