@@ -18,6 +18,8 @@ of min(width, height) (edges 0, 64, 128, 256, 512, 768, 1024, 2**20; `0-1048576`
     <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of NNNNN are up
 
 and a summary, printed and in `--summary` (default `<local>/_cloudwriter/summary[_<subfolder>].json`).
+Every stored image decodes with PIL's defaults, its pixel limit included (`--verify full`); the others
+are left out, counted by reason and named (`left_out`). `--verify header` reads headers only.
 
 Resume: a shard is done once its `.record` is at the remote, and each `index.json` lists only done
 shards, so a reader sees all of a shard or none of it. After a crash, kill -9 or SIGTERM, rerun the
@@ -115,10 +117,9 @@ RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_inde
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
 SUMMARY_DIR = '_cloudwriter'
 UNREADABLE_HEADER = 'success but no readable image header'
-# Why an image that downloaded (status success) is left out (--verify full; header: the first only).
+# Why an image that downloaded (status success) is left out (--verify header: UNREADABLE_HEADER only).
 DOES_NOT_DECODE = 'success but does not decode with PIL'
 BOMB = f"success but over PIL's pixel limit ({Image.MAX_IMAGE_PIXELS:,} pixels: a decompression bomb)"
-SHARD_RE = re.compile(r'\d+')  # img2dataset's shard names: NNNNN.parquet, NNNNN_stats.json
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2  # a signal ends a run with 128 + its number (SIGTERM: 143)
 SUBFOLDER_RE = re.compile(r'(?!\.{1,2}$)(?!\d+$)[A-Za-z0-9._-]+')  # not a shard id: those are digits
 
