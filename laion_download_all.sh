@@ -79,7 +79,8 @@
 #                            Files without that column are not checked.      md5
 #   VERIFY_HASH_TYPE         the hash VERIFY_HASH holds: md5, sha256 or sha512; img2dataset computes
 #                            it into a column of that name (md5 but for DATASET=datacomp)   md5
-#   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files, read
+#   CHECK_IMAGES             (ours) decode each new image once at the end (as laion_cloudwriter.py does:
+#                            whole, under PIL's pixel limit) to count corrupt files, read
 #                            back through this machine: a local OUTPUT_FOLDER only
 #                            True for multiprocessing into a local folder, else False
 #   PYTHON                   (ours) the interpreter with img2dataset (and pyspark or ray) that runs the
@@ -419,6 +420,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import pyarrow.parquet as pq
@@ -426,16 +428,16 @@ from PIL import Image
 
 out, processes = sys.argv[1], int(sys.argv[2])
 CACHE = os.path.join(out, '.image_check.tsv')
-Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
+# Over PIL's pixel limit is a decompression bomb, refused as laion_cloudwriter.py refuses it.
+warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 
 def decodes(data: bytes) -> bool:
-    """True when PIL decodes the whole file (JPEG at 1/8 scale: every byte is still read)."""
+    """True when PIL's defaults decode the whole file, as laion_cloudwriter.py (--verify full) and a
+    trainer's loader do: Image.open(...).load(), under the pixel limit (no draft(): it skips data)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.draft('RGB', (64, 64))
-            if im.format == 'JPEG' or im.width * im.height <= 50_000_000:
-                im.load()
+            im.load()
         return True
     except Exception:
         return False

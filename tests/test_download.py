@@ -20,9 +20,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from testbed.corpus import good_items
+from testbed.corpus import build_corpus, good_items
 from testbed.i2d_shards import i2d_schema
 from testbed.laion_meta import entries_for, full_table, write_metadata
+from testbed.real import real_items
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {'full': ROOT / 'laion_download_all.sh', 'aesthetic': ROOT / 'laion_download_aesthetic.sh'}
@@ -62,12 +63,23 @@ def read_output(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob('*.parquet'))])
 
 
+# Real broken files (testbed/real.py) in the full download, in place of as many generated JPEGs (the
+# same rows, so no extra shard): the decode check counts each corrupt, the bombs included, by the
+# cloudwriter's rule.
+REAL_BROKEN = ('gif_bomb.gif', 'bmp_bomb.bmp', 'truncated.png', 'broken_stream.png', 'ultrahdr.jpg')
+
+
 def full_entries(server, slow: bool = True) -> tuple[list, pa.Table]:
-    """Every corpus file, a 404, a 500, a redirect and, last in a shard of its own, a slow URL (which
-    only a kill needs: `slow` False leaves it out); one row carries a wrong md5 and two none (null, as
-    in metadata a user joins from sources with and without hashes). Returns the entries (expect
-    'mismatch' for the wrong one, 'unhashed' for those without) and the metadata."""
-    entries = entries_for(server, slow=slow)
+    """Every corpus file but five generated JPEGs, five real broken files (REAL_BROKEN), a 404, a 500,
+    a redirect and, last in a shard of its own, a slow URL (which only a kill needs: `slow` False leaves
+    it out); one row carries a wrong md5 and two none (null, as in metadata a user joins from sources
+    with and without hashes). Returns the entries (expect 'mismatch' for the wrong one, 'unhashed' for
+    those without) and the metadata."""
+    broken = [it for it in real_items() if it.name in REAL_BROKEN]
+    server.files.update({it.name: it.data for it in broken})
+    corpus = list(build_corpus())
+    generated = [it for i, it in enumerate(corpus) if i % 2 == 0 or i > 9]  # portraits of 5 sizes out
+    entries = entries_for(server, [*generated, *broken], slow=slow)
     table = full_table(entries)
     named = {e.item.name: i for i, e in enumerate(entries) if e.item is not None}
     md5 = table.column('md5').to_pylist()
