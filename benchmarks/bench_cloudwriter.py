@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
@@ -184,6 +186,29 @@ def decode(local: str, processes: int) -> None:
     import multiprocessing as mp
     with mp.get_context('fork').Pool(processes) as pool:
         pool.map(decode_one, sorted(Path(local).glob('*.parquet')), chunksize=1)
+
+
+def cpu_per_sample(shard: Path, scratch: Path, repeat: int) -> dict[str, float]:
+    """CPU ms per sample of one shard in this process (best of `repeat`): the decode loop, and the
+    cloudwriter's conversion (write_parts, as its worker runs it) with --verify full and header. CPU time
+    is what other jobs on a shared machine disturb least."""
+    from testbed.scripts import load_script
+    cw = load_script('laion_cloudwriter.py')
+    rows = decode_one(shard)
+    runs: dict[str, Any] = {'decode': lambda: decode_one(shard)}
+    for mode in ('full', 'header'):
+        args = cw.parse_args(['--local', str(shard.parent), '--remote', str(scratch), '--bucketed',
+                              '--verify', mode])
+        runs[f'cloudwriter {mode}'] = (lambda a: lambda: cw.write_parts(str(shard), str(scratch), '', a,
+                                                                          land=lambda path: None))(args)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeat):
+        for name, run in runs.items():
+            t = time.process_time()
+            run()
+            best[name] = min(best[name], (time.process_time() - t) * 1e3 / rows)
+            shutil.rmtree(scratch, ignore_errors=True)
+    return best
 
 
 # ---- the simplest converter ----------------------------------------------------------------------
@@ -436,7 +461,13 @@ def main() -> None:
               f'{over(name, "read+write")} {over(name, "decode") if cloudwriter else " " * 5} '
               f'{over(name, "multiprocessing") if name in ENGINES else " " * 5} '
               + ' '.join(f'{r[k]:>5.2f}G' for k in ('rss_n_gb', 'rss_2n_gb', 'pss_n_gb', 'pss_2n_gb')))
-    print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table}))
+    cpu = cpu_per_sample(cache / '00000.parquet', work / 'cpu', args.repeat)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\nCPU per sample, one process, shard 00000 (best of {args.repeat}): "
+          + ', '.join(f'{name} {ms:.2f} ms' for name, ms in cpu.items())
+          + f"; the decode loop's rate over the cloudwriter's (--verify full): "
+          f"{cpu['decode'] / cpu['cloudwriter full']:.2f}x")
+    print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table, 'cpu_ms': cpu}))
 
 
 if __name__ == '__main__':
