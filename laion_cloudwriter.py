@@ -1478,10 +1478,11 @@ class PartWriter:
 
 def shard_record(sid: str, parquet: str, bucketed: bool, rows: int, samples: dict[str, int],
                  skipped: dict[str, int], left_out: list[dict], nbytes: int, config: dict,
-                 parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+                 parts: dict[str, dict[str, list[int]]], verify: str = 'full') -> dict[str, Any]:
     """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
-    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'rows': rows, 'samples': samples,
-            'skipped': skipped, 'left_out': left_out, 'bytes': nbytes, 'config': config, 'parts': parts}
+    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'verify': verify, 'rows': rows,
+            'samples': samples, 'skipped': skipped, 'left_out': left_out, 'bytes': nbytes, 'config': config,
+            'parts': parts}
 
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
@@ -1525,7 +1526,7 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
         raise ShardError(f'{parquet}: {rows} rows in, but {counts.total()} written and {skipped.total()} '
                          'counted as skipped; report this as a bug', fatal=True)
     return shard_record(sid, os.path.basename(parquet), args.bucketed, rows, counts, skipped, left_out,
-                        nbytes, mds_config(limit), parts)
+                        nbytes, mds_config(limit), parts, args.verify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1740,16 +1741,17 @@ def publish(work: Work, args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    per_bucket, skipped, rows = Counter(), Counter(), 0
+    per_bucket, skipped, rows, verify = Counter(), Counter(), 0, Counter()
     for r in records.values():
         per_bucket.update(r['samples'])
         skipped.update(r['skipped'])
+        verify[r.get('verify', 'header')] += 1  # records of older runs: headers only
         rows += r.get('rows', sum(r['samples'].values()) + sum(r['skipped'].values()))  # older records
     left_out = sorted((x for r in records.values() for x in r.get('left_out', [])), key=lambda x: x['key'])
     return {'shards_done': len(records), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
             'rows': rows, 'samples': sum(per_bucket.values()), 'rows_skipped': skipped.total(),
-            'skipped_by_reason': skipped, 'left_out': left_out,
+            'skipped_by_reason': skipped, 'left_out': left_out, 'verify': dict(verify),
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
             'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
@@ -1764,8 +1766,12 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
              f"this run: {summary['samples_this_run']} samples in {summary['elapsed_s']} s "
              f"({summary['samples_per_s']} samples/s, {summary['mb_per_s']} MB/s)"]
     lines += [f'  {b:>14}: {n}' for b, n in summary['samples_per_bucket'].items()]
+    modes = summary['verify']
     lines.append(f"rows: {summary['rows']} in = {summary['samples']} written + {summary['rows_skipped']} "
-                 f"skipped (verify: {summary['verify']})")
+                 f"skipped (verify: {', '.join(f'{m} {n} shards' for m, n in sorted(modes.items()))})")
+    if modes.get('header'):
+        lines.append(f"NOTE: {modes['header']} shard(s) were converted with --verify header (or by an older "
+                     'version): their images may not decode')
     by_reason: dict[str, list[str]] = {}
     for x in summary['left_out']:
         by_reason.setdefault(x['reason'], []).append(f"{x['key']} {x['url']}".strip())
@@ -1795,7 +1801,6 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
 
 def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
     summary = summarize(records, run_stats, time.time() - start)
-    summary['verify'] = args.verify
     summary['exit_code'] = code
     if _STOP['signal']:
         summary['interrupted'] = signal.Signals(_STOP['signal']).name

@@ -782,8 +782,8 @@ def test_every_stored_sample_decodes_and_each_image_left_out_is_counted_and_name
     record = json.loads((remote / '_cloudwriter' / '00000.record').read_text())
     written, skipped = sum(record['samples'].values()), sum(record['skipped'].values())
     assert record['rows'] == written + skipped == len(REAL) + 1
-    assert f'rows: {len(REAL) + 1} in = {len(stored)} written + {len(left_out) + 1} skipped (verify: full)' \
-        in r.stdout
+    assert f'rows: {len(REAL) + 1} in = {len(stored)} written + {len(left_out) + 1} skipped (verify: full ' \
+           '1 shards)' in r.stdout and summary['verify'] == {'full': 1}
     for reason, n in reasons.items():  # the printed summary counts each reason and names its first files
         line = next(ln for ln in r.stdout.splitlines() if f'{n}  {reason}: ' in ln)
         assert min(k for k, x in left_out.items() if x['reason'] == reason) in line
@@ -802,6 +802,7 @@ def test_verify_header_stores_undecodable_files_and_the_preview_refuses_the_bomb
     assert tile['thumb'] == ''  # refused under PIL's pixel limit: drawn as a grey tile
     # the issue measured 4.5 GB: the preview decoded a thumbnail of the 4.36-gigapixel GIF
     assert peak_kb < 1_000_000, f'peak RSS {peak_kb / 1e6:.1f} GB'
+    assert 'NOTE: 1 shard(s) were converted with --verify header' in r.stdout  # the output says so
 
 
 def test_the_metadata_folder_is_refused_and_an_empty_folder_is_waited_on_without_a_write(root, tmp_path):
