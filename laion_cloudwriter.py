@@ -18,6 +18,8 @@ of min(width, height) (edges 0, 64, 128, 256, 512, 768, 1024, 2**20; `0-1048576`
     <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of NNNNN are up
 
 and a summary, printed and in `--summary` (default `<local>/_cloudwriter/summary[_<subfolder>].json`).
+Every stored image decodes with PIL's defaults, its pixel limit included (`--verify full`); the others
+are left out, counted by reason and named (`left_out`). `--verify header` reads headers only.
 
 Resume: a shard is done once its `.record` is at the remote, and each `index.json` lists only done
 shards, so a reader sees all of a shard or none of it. After a crash, kill -9 or SIGTERM, rerun the
@@ -60,6 +62,7 @@ import threading
 import time
 import types
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -76,7 +79,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-Image.MAX_IMAGE_PIXELS = None  # only headers are read: no decompression bomb to fear
+# Every decode here honours PIL's pixel limit (Image.MAX_IMAGE_PIXELS, 89,478,485): an image over it is
+# refused like one over twice it (PIL's default only warns between the two), as the test bed's decodes() does.
+warnings.simplefilter('error', Image.DecompressionBombWarning)
+# PIL logs what a broken file makes its decoders say (`ERROR PIL.TiffImagePlugin: ...`); such a file is
+# left out, counted and named in the summary instead.
+logging.getLogger('PIL').setLevel(logging.CRITICAL)
 
 # Shorter-side bucket edges; each bucket is its own dataset `<lo>-<hi>`.
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
@@ -109,6 +117,9 @@ RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_inde
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
 SUMMARY_DIR = '_cloudwriter'
 UNREADABLE_HEADER = 'success but no readable image header'
+# Why an image that downloaded (status success) is left out (--verify header: UNREADABLE_HEADER only).
+DOES_NOT_DECODE = 'success but does not decode with PIL'
+BOMB = f"success but over PIL's pixel limit ({Image.MAX_IMAGE_PIXELS:,} pixels: a decompression bomb)"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2  # a signal ends a run with 128 + its number (SIGTERM: 143)
 SUBFOLDER_RE = re.compile(r'(?!\.{1,2}$)(?!\d+$)[A-Za-z0-9._-]+')  # not a shard id: those are digits
 
@@ -225,6 +236,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='Summary JSON path or URL (default <local>/_cloudwriter/summary[_<subfolder>].json).')
     p.add_argument('--merge_only', action='store_true',
                    help='Only write <remote>/<bucket>/index.json over every subfolder\'s done shards.')
+    p.add_argument('--verify', choices=sorted(CHECKS), default='full',
+                   help='full: store only images that PIL\'s defaults decode whole, as a trainer\'s loader '
+                        'does (Image.open(...).load(), its pixel limit included); the others are left out, '
+                        'counted and named. header: read headers only, storing files that may not decode: '
+                        'for data verified elsewhere.')
     p.add_argument('--preview', type=at_least(int, 0), default=0,
                    help='Draw N samples of each bucket into preview[_<subfolder>]_<bucket>.png (0: off).')
     p.add_argument('--wandb_project', default='',
@@ -241,6 +257,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.local and '://' not in args.local:
         args.local = os.path.abspath(args.local)  # engine workers do not share our working directory
     return args
+
+
+def address(path: str) -> tuple[str, ...]:
+    """Where `path` points under any spelling: ('s3://bucket', 'a') or ('', 'tmp', 'x') (resolved)."""
+    url = urlparse(path)
+    if url.scheme in ('', 'file'):
+        real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
+        return ('',) + tuple(p for p in real.split('/') if p)
+    return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
+
+
+def same_place(args: argparse.Namespace) -> str:
+    """'' unless --local and --remote are one place or one holds the other (the parts would be written
+    among the parquet shards, and a run deletes those): then the line that says so."""
+    x, y = address(args.local), address(args.remote)
+    relation = ('is the same place as' if x == y else 'is inside' if x[:len(y)] == y
+                else 'holds' if y[:len(x)] == x else '')
+    return (f'--local {args.local} {relation} --remote {args.remote}: give the MDS output a place of its '
+            'own, outside the download\'s folder') if relation else ''
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,10 +571,36 @@ class Lease:
                 self.write(released=True)
 
 
-def take_ownership(args: argparse.Namespace) -> Lease:
-    """Check that --local is an existing folder (the download's output), here or remote; lock it (a
-    folder here; a remote one is guarded by the lease alone) and an own --staging for this process,
-    take the remote's lease."""
+I2D_FILE = re.compile(r'\d+(\.parquet|_stats\.json|_converted\.json)|done')  # what img2dataset (and we) leave
+
+
+def wait_for_shards(fs: pafs.FileSystem, root: str, args: argparse.Namespace) -> bool:
+    """Wait until --local holds a file of an img2dataset output (a shard, its _stats.json, `done`),
+    saying so once; refuse a folder of other parquet files (e.g. the metadata) at once. Nothing is
+    written there before. False if a stop signal came first."""
+    said = False
+    while not _STOP['signal']:
+        names = list_input(fs, root)
+        if any(I2D_FILE.fullmatch(n) for n in names):
+            return True
+        others = sorted(n for n in names if n.endswith('.parquet'))
+        if others:
+            raise RunError(f'--local {args.local} holds {len(others)} parquet files that are not '
+                           f'img2dataset shards: no _stats.json (e.g. {others[0]}; img2dataset writes '
+                           'NNNNN.parquet, then NNNNN_stats.json); is it the metadata folder? give the '
+                           'download\'s OUTPUT_FOLDER')
+        if not said:
+            print(f'--local {args.local}: no img2dataset shard yet; waiting for the download to write its '
+                  f'first NNNNN.parquet, looking every {args.poll_interval:g} s', file=sys.stderr, flush=True)
+            said = True
+        sleep_unless_stopped(args.poll_interval)
+    return False
+
+
+def take_ownership(args: argparse.Namespace) -> Lease | None:
+    """Check that --local is an existing folder (the download's output), here or remote, and wait for its
+    first shard; lock it (a folder here; a remote one is guarded by the lease alone) and an own --staging
+    for this process, take the remote's lease. None if a stop signal came while waiting."""
     try:
         fs, root = input_fs(args.local)
         kind = fs.get_file_info(root).type
@@ -550,6 +611,8 @@ def take_ownership(args: argparse.Namespace) -> Lease:
                        '--wait_before_start if the download creates it)')
     if kind != pafs.FileType.Directory:
         raise RunError(f'--local {args.local} is a file; give the folder of img2dataset parquet shards')
+    if not wait_for_shards(fs, root, args):
+        return None
     here = isinstance(fs, pafs.LocalFileSystem)
     if here:
         lock_folder(os.path.join(args.local, SUMMARY_DIR), '--local')
@@ -861,6 +924,7 @@ class Work:
     todo: list[str]  # finished at the last look, not yet submitted
     bad: set[str]
     last_scan: float = -math.inf
+    said_waiting: bool = False
 
     def add(self, rec: dict) -> None:
         self.records[rec['shard']] = shared_config(rec)
@@ -933,6 +997,12 @@ def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, 
             if not work.futures and not work.todo:
                 if done:
                     break
+                if not work.said_waiting:
+                    tqdm.write(f'every finished shard is converted; waiting for more (img2dataset writes '
+                               'NNNNN_stats.json when a shard is finished) and for the `done` file the '
+                               f'download writes at its end, looking every {args.poll_interval:g} s',
+                               file=sys.stderr)
+                    work.said_waiting = True
                 sleep_unless_stopped(args.poll_interval)
                 continue
             submit(work, engine)
@@ -1166,30 +1236,85 @@ def count_failures(status: pa.Array, error: pa.Array | None, rows: np.ndarray, s
                    for message, state in zip(messages, status.take(take).to_pylist()))
 
 
+class LeftOut(Exception):
+    """An image that is not stored: its reason (counted) and what PIL said (named with it)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+def what_pil_said(e: BaseException) -> str:
+    """The exception's class and first line, without the address of PIL's file object."""
+    text = re.sub(r' <_io\.BytesIO object at 0x[0-9a-f]+>', '', (str(e).splitlines() or [''])[0])
+    return f'{type(e).__name__}: {text[:200]}'
+
+
+def decoded_size(image: memoryview) -> tuple[int, int]:
+    """(width, height) of an image that PIL's defaults decode whole, exactly as a trainer's loader does
+    (`Image.open(io.BytesIO(b)).load()`: the first frame, every byte of it, under the pixel limit);
+    else LeftOut. ~the decode's own time: a JPEG of 512 x 512 takes ~2 ms."""
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.load()
+            return im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise LeftOut(BOMB, what_pil_said(e)) from None
+    except Image.UnidentifiedImageError as e:
+        raise LeftOut(UNREADABLE_HEADER, what_pil_said(e)) from None
+    except Exception as e:  # truncated, a broken stream, tiles out of bounds, ...: PIL raises many kinds
+        raise LeftOut(DOES_NOT_DECODE, what_pil_said(e)) from None
+
+
+def header_size(image: memoryview) -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded (so no pixel limit either); else LeftOut."""
+    size = jpeg_size(image)
+    if size is not None:
+        return size
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # one thread of a worker decodes
+    try:
+        with Image.open(io.BytesIO(image)) as im:  # PNG, WebP, odd JPEGs
+            return im.size
+    except Exception as e:
+        raise LeftOut(UNREADABLE_HEADER, what_pil_said(e)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+@dataclass(frozen=True)
+class Check:
+    """One --verify mode: how a stored image is checked and sized, and on which rows."""
+    size: Callable[[memoryview], tuple[int, int]]  # (width, height), or LeftOut
+    every_row: bool  # False: only rows whose parquet holds no size (the rest are stored unopened)
+
+
+CHECKS = {'full': Check(decoded_size, True), 'header': Check(header_size, False)}
+
+
 def image_sizes(cols: dict[str, pa.Array], n: int, ok: np.ndarray, jpg: tuple[list[int], memoryview],
-                skipped: Counter) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The four size columns, from the parquet or else from the image header (no pixel decoded), and
-    the rows of `ok` that have a size (the others are counted in `skipped`)."""
+                check: Check, leave_out: Callable[[int, LeftOut], None]) -> tuple[dict[str, np.ndarray],
+                                                                               np.ndarray]:
+    """The four size columns, from the parquet or else from the image, and the rows of `ok` that pass
+    `check` (the others go to `leave_out`)."""
     sizes = {c: (pc.fill_null(cols[c].cast(pa.int64()), -1).to_numpy() if c in cols
                  else np.full(n, -1, np.int64)) for c in SIZE_COLUMNS}
     width, height = sizes['width'].copy(), sizes['height'].copy()
     offsets, data = jpg
-    known = ok.copy()
-    for i in np.flatnonzero(ok & ((width < 0) | (height < 0))).tolist():
-        image = data[offsets[i]:offsets[i + 1]]
-        size = jpeg_size(image)
-        if size is None:
-            with contextlib.suppress(Exception), Image.open(io.BytesIO(image)) as im:  # PNG, WebP, odd JPEGs
-                size = im.size
-        if size is None:
-            known[i] = False
-            skipped[UNREADABLE_HEADER] += 1
-        else:
+    kept = ok.copy()
+    opened = ok if check.every_row else ok & ((width < 0) | (height < 0))
+    for i in np.flatnonzero(opened).tolist():
+        try:
+            size = check.size(data[offsets[i]:offsets[i + 1]])
+        except LeftOut as e:
+            kept[i] = False
+            leave_out(i, e)
+            continue
+        if width[i] < 0 or height[i] < 0:
             width[i], height[i] = size
     unknown_original = (sizes['original_width'] < 0) | (sizes['original_height'] < 0)
     return {'width': width, 'height': height,
             'original_width': np.where(unknown_original, width, sizes['original_width']),
-            'original_height': np.where(unknown_original, height, sizes['original_height'])}, known
+            'original_height': np.where(unknown_original, height, sizes['original_height'])}, kept
 
 
 def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
@@ -1214,35 +1339,44 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     return before, after
 
 
-def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter,
-                 bucketed: bool) -> list[tuple[str, tuple[memoryview, ...]]]:
-    """(bucket, pieces) for each success row with a known size, in row order: the pieces'
-    concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`."""
+def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out: list[dict],
+                 args: argparse.Namespace) -> list[tuple[str, tuple[memoryview, ...]]]:
+    """(bucket, pieces) for each success row that passes --verify, in row order: the pieces'
+    concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`, and
+    names each success row left out (key, url, reason, what PIL said) in `left_out`."""
     status = pc.fill_null(typed['status'], '')
     ok = pc.equal(status, 'success').to_numpy(zero_copy_only=False)
     count_failures(status, typed.get('error_message'), np.flatnonzero(~ok), skipped)
+    names = {c: typed[c] if c in typed else pa.nulls(n, pa.string()) for c in ('key', 'url')}
+
+    def leave_out(i: int, why: LeftOut) -> None:
+        skipped[why.reason] += 1
+        left_out.append({'key': names['key'][i].as_py() or '', 'url': names['url'][i].as_py() or '',
+                         'reason': why.reason, 'error': why.detail})
+
     jpg = binary_buffers(typed['jpg'])
     no_bytes = ok & ~typed['jpg'].is_valid().to_numpy(zero_copy_only=False)
-    if no_bytes.any():  # success with no bytes: nothing to write
-        skipped[UNREADABLE_HEADER] += int(no_bytes.sum())
-        ok &= ~no_bytes
-    sizes, ok = image_sizes(typed, n, ok, jpg, skipped)
+    for i in np.flatnonzero(no_bytes).tolist():  # success with no bytes: nothing to write
+        leave_out(i, LeftOut(UNREADABLE_HEADER, 'no bytes'))
+    ok &= ~no_bytes
+    sizes, ok = image_sizes(typed, n, ok, jpg, CHECKS[args.verify], leave_out)
     rows = np.flatnonzero(ok)
     if not len(rows):
         return []
-    if bucketed:
+    if args.bucketed:
         shorter = np.minimum(sizes['width'], sizes['height'])
         which = np.clip(np.searchsorted(BUCKET_EDGES, shorter, side='right') - 1, 0, len(BUCKETS) - 1)
-        names = [BUCKETS[b] for b in which.tolist()]
+        buckets = [BUCKETS[b] for b in which.tolist()]
     else:
-        names = [UNBUCKETED] * n
+        buckets = [UNBUCKETED] * n
     before, after = mds_pieces(typed, n, sizes, jpg[0])
     (bo, bv), (jo, jv), (ao, av) = binary_buffers(before), jpg, binary_buffers(after)
-    return [(names[i], (bv[bo[i]:bo[i + 1]], jv[jo[i]:jo[i + 1]], av[ao[i]:ao[i + 1]]))
+    return [(buckets[i], (bv[bo[i]:bo[i + 1]], jv[jo[i]:jo[i + 1]], av[ao[i]:ao[i + 1]]))
             for i in rows.tolist()]
 
 
 def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: Counter,
+                    left_out: list[dict],
                     args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
     """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
     skippable ShardError (the shard is kept on disk), never a remote error."""
@@ -1257,7 +1391,7 @@ def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, ski
             raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
         try:
             yield encode_batch(typed_columns(batch, found, parquet, first_row), batch.num_rows, skipped,
-                               args.bucketed)
+                               left_out, args)
         except ShardError:
             raise
         except Exception as e:
@@ -1339,14 +1473,16 @@ class PartWriter:
 
 
 # A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
-# its counts, and per bucket its MDS shards' bytes and samples, their common config kept once (README:
-# LAION-2B on paper).
+# its counts (rows in = samples written + rows skipped), the images left out by name, and per bucket its
+# MDS shards' bytes and samples, their common config kept once (README: LAION-2B on paper).
 
-def shard_record(sid: str, parquet: str, bucketed: bool, samples: dict[str, int], skipped: dict[str, int],
-                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+def shard_record(sid: str, parquet: str, bucketed: bool, rows: int, samples: dict[str, int],
+                 skipped: dict[str, int], left_out: list[dict], nbytes: int, config: dict,
+                 parts: dict[str, dict[str, list[int]]], verify: str = 'full') -> dict[str, Any]:
     """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
-    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'samples': samples, 'skipped': skipped,
-            'bytes': nbytes, 'config': config, 'parts': parts}
+    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'verify': verify, 'rows': rows,
+            'samples': samples, 'skipped': skipped, 'left_out': left_out, 'bytes': nbytes, 'config': config,
+            'parts': parts}
 
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
@@ -1366,9 +1502,9 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     # each bucket's open MDS shard, in a buffer the worker reuses from input shard to shard (anonymous
     # memory: pages are only taken once written)
     buffers = _WORKER.setdefault('buffers', {})
-    counts, skipped, nbytes = Counter(), Counter(), 0
+    counts, skipped, left_out, nbytes = Counter(), Counter(), [], 0
     progress = _WORKER.get('progress')
-    for encoded in encoded_batches(pf, found, parquet, skipped, args):
+    for encoded in encoded_batches(pf, found, parquet, skipped, left_out, args):
         n0, b0 = counts.total(), nbytes
         for bucket, pieces in encoded:
             if bucket not in writers:
@@ -1385,8 +1521,12 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
                 progress[0] += counts.total() - n0
                 progress[1] += nbytes - b0
     parts = {bucket: w.finish() for bucket, w in writers.items()}
-    return shard_record(sid, os.path.basename(parquet), args.bucketed, counts, skipped, nbytes,
-                        mds_config(limit), parts)
+    rows = pf.metadata.num_rows
+    if counts.total() + skipped.total() != rows:  # every row is written or counted, never lost
+        raise ShardError(f'{parquet}: {rows} rows in, but {counts.total()} written and {skipped.total()} '
+                         'counted as skipped; report this as a bug', fatal=True)
+    return shard_record(sid, os.path.basename(parquet), args.bucketed, rows, counts, skipped, left_out,
+                        nbytes, mds_config(limit), parts, args.verify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1637,13 +1777,17 @@ def publish(work: Work, args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    per_bucket, skipped = Counter(), Counter()
+    per_bucket, skipped, rows, verify = Counter(), Counter(), 0, Counter()
     for r in records.values():
         per_bucket.update(r['samples'])
         skipped.update(r['skipped'])
+        verify[r.get('verify', 'header')] += 1  # records of older runs: headers only
+        rows += r.get('rows', sum(r['samples'].values()) + sum(r['skipped'].values()))  # older records
+    left_out = sorted((x for r in records.values() for x in r.get('left_out', [])), key=lambda x: x['key'])
     return {'shards_done': len(records), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
-            'samples': sum(per_bucket.values()), 'skipped_by_reason': skipped,
+            'rows': rows, 'samples': sum(per_bucket.values()), 'rows_skipped': skipped.total(),
+            'skipped_by_reason': skipped, 'left_out': left_out, 'verify': dict(verify),
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
             'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
@@ -1658,9 +1802,21 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
              f"this run: {summary['samples_this_run']} samples in {summary['elapsed_s']} s "
              f"({summary['samples_per_s']} samples/s, {summary['mb_per_s']} MB/s)"]
     lines += [f'  {b:>14}: {n}' for b, n in summary['samples_per_bucket'].items()]
-    if summary['skipped_by_reason']:
-        lines.append('skipped:')
-        lines += [f'  {n:>8}  {k}' for k, n in sorted(summary['skipped_by_reason'].items())]
+    modes = summary['verify']
+    lines.append(f"rows: {summary['rows']} in = {summary['samples']} written + {summary['rows_skipped']} "
+                 f"skipped (verify: {', '.join(f'{m} {n} shards' for m, n in sorted(modes.items()))})")
+    if modes.get('header'):
+        lines.append(f"NOTE: {modes['header']} shard(s) were converted with --verify header (or by an older "
+                     'version): their images may not decode')
+    by_reason: dict[str, list[str]] = {}
+    for x in summary['left_out']:
+        by_reason.setdefault(x['reason'], []).append(f"{x['key']} {x['url']}".strip())
+    for reason, n in sorted(summary['skipped_by_reason'].items()):
+        named = by_reason.get(reason, [])
+        lines.append(f'  {n:>8}  {reason}' + (f": {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}"
+                                               if named else ''))
+    if summary['left_out']:
+        lines.append("  (each image left out is named, with what PIL said, under left_out in the JSON)")
     lines += [f'SKIPPED (parquet kept): {bad}' for bad in summary['skipped_shards']]
     ignored = summary['ignored_parquet']
     if ignored:
@@ -1769,6 +1925,9 @@ def main() -> int:
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
     if not args.merge_only:
+        if same_place(args):
+            error(same_place(args))
+            return EXIT_FATAL
         sleep_unless_stopped(args.wait_before_start)
     if _STOP['signal']:
         return 128 + _STOP['signal']
@@ -1778,7 +1937,7 @@ def main() -> int:
             args.staging = args.staging or tempfile.mkdtemp(prefix='cloudwriter-merge-')
             return merge_only(args)
         lease = take_ownership(args)
-        code = run(args, lease)
+        code = run(args, lease) if lease else 128 + _STOP['signal']
     except RunError as e:  # a reason not to start
         error(str(e))
     except Exception as e:  # e.g. the remote is unreachable when reading the records

@@ -79,7 +79,8 @@
 #                            Files without that column are not checked.      md5
 #   VERIFY_HASH_TYPE         the hash VERIFY_HASH holds: md5, sha256 or sha512; img2dataset computes
 #                            it into a column of that name (md5 but for DATASET=datacomp)   md5
-#   CHECK_IMAGES             (ours) decode each new image once at the end to count corrupt files, read
+#   CHECK_IMAGES             (ours) decode each new image once at the end (as laion_cloudwriter.py does:
+#                            whole, under PIL's pixel limit) to count corrupt files, read
 #                            back through this machine: a local OUTPUT_FOLDER only
 #                            True for multiprocessing into a local folder, else False
 #   PYTHON                   (ours) the interpreter with img2dataset (and pyspark or ray) that runs the
@@ -157,6 +158,42 @@ del sys.argv[1:end + 1]
 storage = {k: v for k, v in os.environ.items() if k.startswith(tuple(names.split()))}
 carried = ", ".join(sorted(storage)) or "no storage settings"
 print(f"laion_download: carrying to every task: {carried} (values not shown)", file=sys.stderr)'
+# A row whose hash column (VERIFY_HASH) is null: img2dataset 1.47 compares the file's hash with None and
+# drops the row as 'hash mismatch'. Here it is downloaded without the check and counted in its shard's
+# _stats.json under UNHASHED; a hash that differs is still refused. The one line of img2dataset's
+# Downloader.download_shard that decides is rewritten (its source, read where it runs); an img2dataset
+# without that line fails every shard (img2dataset names each, and no `done` is written).
+UNHASHED_SHIM='import importlib
+import inspect
+import re
+import textwrap
+
+from img2dataset.downloader import Downloader
+
+UNHASHED = "no hash to verify: downloaded unchecked"
+HASH_CHECK = re.compile(r"^( +)if hash_indice is not None:$", re.M)
+
+
+def unhashed_unchecked(method):
+    """`method` (download_shard) with its hash check skipped where the row has no hash."""
+    source = textwrap.dedent(inspect.getsource(method))
+    if len(HASH_CHECK.findall(source)) != 1:
+        raise RuntimeError("laion_download: this img2dataset checks hashes elsewhere; install the "
+                           "img2dataset version of requirements.txt")
+    source = HASH_CHECK.sub(lambda m: f"{m[1]}if hash_indice is not None and sample_data[hash_indice] is None:\n"
+                                      f"{m[1]}    status_dict.increment(UNHASHED)\n"
+                                      f"{m[1]}elif hash_indice is not None:", source)
+    scope = {**vars(inspect.getmodule(method)), "UNHASHED": UNHASHED}
+    exec(compile(source, inspect.getsourcefile(method), "exec"), scope)
+    return scope[method.__name__]
+
+
+class UnhashedUnchecked(Downloader):
+    def download_shard(self, row):
+        return unhashed_unchecked(Downloader.download_shard)(self, row)
+
+
+importlib.import_module("img2dataset.main").Downloader = UnhashedUnchecked  # the package names a function main'
 declare -A ENGINE_ARGS=([multiprocessing]='' [pyspark]='SPARK_MASTER' [ray]='RAY_ADDRESS PROCESSES_COUNT')
 declare -A ENGINE_START=(
   [multiprocessing]=''
@@ -383,6 +420,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import pyarrow.parquet as pq
@@ -390,16 +428,16 @@ from PIL import Image
 
 out, processes = sys.argv[1], int(sys.argv[2])
 CACHE = os.path.join(out, '.image_check.tsv')
-Image.MAX_IMAGE_PIXELS = None  # huge is not corrupt; draft() keeps JPEG decoding small
+# Over PIL's pixel limit is a decompression bomb, refused as laion_cloudwriter.py refuses it.
+warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 
 def decodes(data: bytes) -> bool:
-    """True when PIL decodes the whole file (JPEG at 1/8 scale: every byte is still read)."""
+    """True when PIL's defaults decode the whole file, as laion_cloudwriter.py (--verify full) and a
+    trainer's loader do: Image.open(...).load(), under the pixel limit (no draft(): it skips data)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.draft('RGB', (64, 64))
-            if im.format == 'JPEG' or im.width * im.height <= 50_000_000:
-                im.load()
+            im.load()
         return True
     except Exception:
         return False
@@ -470,6 +508,7 @@ output_folder, expected, start, img2dataset_rc, check = sys.argv[1:]
 fs, out = fsspec.core.url_to_fs(output_folder)
 expected, start, check = int(expected), float(start), check == 'True'
 READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
+UNHASHED = 'no hash to verify: downloaded unchecked'  # UNHASHED_SHIM's count, in status_dict
 
 
 def read_stats(path: str) -> tuple[str, dict] | None:
@@ -507,6 +546,7 @@ for s, st in stats.items():
     unchecked += 0 if got else st['successes']
 if corrupt:
     reasons['corrupt: downloaded but does not decode'] = corrupt
+unhashed = reasons.pop(UNHASHED, 0)  # downloaded, counted in successes: not a failure
 finished = {int(s) for s in stats}
 missing = [f'{i:05d}' for i in range(expected) if i not in finished]
 partial = sum(s in sizes for s in missing)
@@ -523,6 +563,9 @@ lines.append(f'  rows                {count:>10,}')
 lines.append(f'  images ok           {successes - corrupt:>10,}' + (
     f'  ({unchecked:,} not checked for corruption)' if check and unchecked else '' if check else
     '  (not decoded: laion_cloudwriter.py counts those whose header does not read)'))
+if unhashed:
+    lines.append(f'  no hash, unchecked  {unhashed:>10,}  (of images ok: null in the VERIFY_HASH column, '
+                 'so downloaded without the hash check)')
 lines.append(f'  failures            {count - successes + corrupt:>10,}')
 for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
     lines.append(f"    {n:>10,}  {' '.join(reason.split())[:90]}")
@@ -590,14 +633,18 @@ main() {
     for var in ${ENGINE_ARGS[$DISTRIBUTOR]}; do engine+=("${!var}"); done
     engine+=(--)
   fi
+  # The engine starts first in the same python process (ENGINE_START), then img2dataset's command line,
+  # from a file: multiprocessing's (spawned) workers import it to find UNHASHED_SHIM's Downloader, which
+  # pyspark and ray carry to their workers by value. (Global: the EXIT trap removes it.)
+  launcher=$(mktemp -d)/laion_download_img2dataset.py
+  trap 'rm -rf -- "${launcher%/*}"' EXIT
+  { printf '%s\n' "$UNHASHED_SHIM" "if __name__ == '__main__':"
+    printf '%s\n' 'import os, sys' ${start:+"$ENGINE_TAKE" "$start"} 'from img2dataset import main' 'main()' |
+      sed 's/^/    /'
+  } >"$launcher"
   run_start=$(date +%s)
-  # The engine starts first in the same python process (ENGINE_START), then img2dataset's command line.
   # stdin from /dev/null: nothing (wandb included) can wait for an answer in an unattended job.
-  PYTHONUNBUFFERED=1 "$PYTHON" -c "import os, sys
-${start:+$ENGINE_TAKE
-$start}
-from img2dataset import main
-main()" "${engine[@]}" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
+  PYTHONUNBUFFERED=1 "$PYTHON" "$launcher" "${engine[@]}" "${args[@]}" "$@" </dev/null 2>&1 || rc=$?
   # img2dataset exits 0 even after failed shards (ray does not even retry them): summarize decides.
   if ! { [[ $CHECK_IMAGES == False ]] || check_images "$OUTPUT_FOLDER" "$PROCESSES_COUNT"; } ||
     ! summarize "$OUTPUT_FOLDER" "$expected" "$run_start" "$rc" "$CHECK_IMAGES"; then

@@ -11,13 +11,22 @@ whole process tree is sampled for peak RSS:
   read+write  --processes workers: pyarrow reads each shard's `jpg` column and writes its bytes to one
               file, then `sync`: the least any converter of these shards does (the CPU limit, where
               the disk outruns a parquet decode, as this VM's does);
+  decode      --processes workers: pyarrow reads each shard's `status` and `jpg` columns and decodes
+              every success row's image as a trainer's loader does (`Image.open(BytesIO(b)).load()`),
+              writing nothing: the limit of a converter that verifies every image (the default);
   naive       one process: pyarrow batches -> one MDSWriter per bucket, then `sync`;
   cloudwriter laion_cloudwriter.py --bucketed --keep_parquet (fsyncs its output itself), once per
               --distributor: multiprocessing, pyspark (local[P]), ray (a local node of P CPUs,
-              started once by this script and joined through RAY_ADDRESS, as a cluster is).
+              started once by this script and joined through RAY_ADDRESS, as a cluster is); and
+              `mp header`: multiprocessing with --verify header (headers only, no image decoded).
 Marginal rates use (2N run) - (N run), so interpreter, JVM and engine start-up do not hide the rate;
-`x cp`, `x r+w` and `x mp` are a method's marginal rate over cp+sync's, read+write's and
-multiprocessing's (the goals: an engine >= 0.85 x mp; the cloudwriter >= 0.6 x the limit).
+`x cp`, `x r+w`, `x dec` and `x mp` are a method's marginal rate over cp+sync's, read+write's, decode's
+and multiprocessing's (the goals: the cloudwriter (verifying) >= 0.8 x decode; an engine >= 0.85 x mp;
+`mp header` >= 0.6 x the limit).
+
+Only the cloudwriter against the decode loop (~1 min on 2 cores):
+    .venv/bin/python benchmarks/bench_cloudwriter.py --engines multiprocessing --shards 2 --rows 1000 \
+        --repeat 1 --hold 0 --methods decode,multiprocessing,mp_header
 
 Memory state (--hold): every method should write into the page cache as a long run does, recycling
 pages the kernel evicts. On a VM whose host backs guest memory lazily and takes freed pages back
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -41,6 +51,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
@@ -74,6 +85,11 @@ def parse_args() -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument('--read_write_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
                    help=argparse.SUPPRESS)
+    p.add_argument('--decode_worker', nargs=2, metavar=('LOCAL', 'REMOTE'), default=None,
+                   help=argparse.SUPPRESS)
+    p.add_argument('--methods', type=str, default='',
+                   help='Comma-separated methods to run (default: all; cp+sync, read+write, decode, naive, '
+                        'the engines, mp_header).')
     return p.parse_args()
 
 
@@ -148,6 +164,51 @@ def read_write(local: str, remote: str, processes: int) -> None:
     jobs = [(p, Path(remote) / f'{p.stem}.jpgs') for p in sorted(Path(local).glob('*.parquet'))]
     with mp.get_context('fork').Pool(processes) as pool:
         pool.map(read_write_one, jobs, chunksize=1)
+
+
+def decode_one(path: Path) -> int:
+    """Every success row's image of one shard decoded as a trainer's loader does; returns how many."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=['status', 'jpg']):
+        for status, data in zip(batch.column('status').to_pylist(), batch.column('jpg').to_pylist()):
+            if status == 'success':
+                Image.open(io.BytesIO(data)).load()
+                n += 1
+    return n
+
+
+def decode(local: str, processes: int) -> None:
+    """decode_one over every shard, on `processes` forked workers (the cloudwriter's engine)."""
+    import multiprocessing as mp
+    with mp.get_context('fork').Pool(processes) as pool:
+        pool.map(decode_one, sorted(Path(local).glob('*.parquet')), chunksize=1)
+
+
+def cpu_per_sample(shard: Path, scratch: Path, repeat: int) -> dict[str, float]:
+    """CPU ms per sample of one shard in this process (best of `repeat`): the decode loop, and the
+    cloudwriter's conversion (write_parts, as its worker runs it) with --verify full and header. CPU time
+    is what other jobs on a shared machine disturb least."""
+    from testbed.scripts import load_script
+    cw = load_script('laion_cloudwriter.py')
+    rows = decode_one(shard)
+    runs: dict[str, Any] = {'decode': lambda: decode_one(shard)}
+    for mode in ('full', 'header'):
+        args = cw.parse_args(['--local', str(shard.parent), '--remote', str(scratch), '--bucketed',
+                              '--verify', mode])
+        runs[f'cloudwriter {mode}'] = (lambda a: lambda: cw.write_parts(str(shard), str(scratch), '', a,
+                                                                          land=lambda path: None))(args)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeat):
+        for name, run in runs.items():
+            t = time.process_time()
+            run()
+            best[name] = min(best[name], (time.process_time() - t) * 1e3 / rows)
+            shutil.rmtree(scratch, ignore_errors=True)
+    return best
 
 
 # ---- the simplest converter ----------------------------------------------------------------------
@@ -290,13 +351,18 @@ def methods(args: argparse.Namespace, local: Path, out: Path) -> dict[str, tuple
     out_methods = {'cp+sync': (f'cp -r {local} {out}', None),
                    'read+write': ([py, __file__, '--read_write_worker', str(local), str(out), '--processes',
                                    str(args.processes)], None),
+                   'decode': ([py, __file__, '--decode_worker', str(local), str(out), '--processes',
+                               str(args.processes)], None),
                    'naive': ([py, __file__, '--naive_worker', str(local), str(out)], None)}
     for engine in args.engines:
         env = {**os.environ, **LOOPBACK, **(spark if engine == 'pyspark' else {})}
         out_methods[engine] = ([py, str(ROOT / 'laion_cloudwriter.py'), '--local', str(local), '--remote',
                                 str(out), '--bucketed', '--keep_parquet', '--processes', str(args.processes),
                                 '--distributor', engine, '--summary', str(out.parent / 'summary.json')], env)
-    return out_methods
+    if 'multiprocessing' in out_methods:
+        command, env = out_methods['multiprocessing']
+        out_methods['mp_header'] = ([*command, '--verify', 'header'], env)
+    return {name: m for name, m in out_methods.items() if not args.methods or name in args.methods}
 
 
 def start_ray(processes: int) -> str:
@@ -316,6 +382,10 @@ def main() -> None:
     if args.read_write_worker:
         read_write(*args.read_write_worker, args.processes)
         return
+    if args.decode_worker:
+        decode(args.decode_worker[0], args.processes)
+        return
+    args.methods = [m for m in args.methods.split(',') if m]
     os.environ.update(NO_ALBUMENTATIONS_UPDATE='1', HF_HUB_OFFLINE='1', WANDB_MODE='disabled')
     args.engines = [e for e in args.engines.split(',')
                     if e == 'multiprocessing' or importlib.util.find_spec(e) is not None]
@@ -366,9 +436,10 @@ def main() -> None:
     load = os.getloadavg()
     print(f'\n{memory_note}')
     print(f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores; '
-          f'mean JPEG {results["cp+sync", n1][3] / rows1 / 1e3:.0f} KB; MB are JPEG bytes')
+          f'mean JPEG {results[names[0], n1][3] / rows1 / 1e3:.0f} KB; MB are JPEG bytes')
     head = (f'{"method":<16} {"s@N":>6} {"s@2N":>6} {"MB/s@2N":>8} {"marg MB/s":>10} {"marg smp/s":>10} '
-            f'{"x cp":>5} {"x r+w":>5} {"x mp":>5} {"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
+            f'{"x cp":>5} {"x r+w":>5} {"x dec":>5} {"x mp":>5} '
+            f'{"RSS@N":>6} {"RSS@2N":>6} {"PSS@N":>6} {"PSS@2N":>6}')
     print(head)
     print('-' * len(head))
     table = {}
@@ -378,16 +449,25 @@ def main() -> None:
         table[name] = dict(s_n=s1, s_2n=s2, mb_s_2n=b2 / s2 / 1e6, marginal_mb_s=(b2 - b1) / dt / 1e6,
                            marginal_samples_s=(rows2 - rows1) / dt, rss_n_gb=r1 / 1e9, rss_2n_gb=r2 / 1e9,
                            pss_n_gb=p1 / 1e9, pss_2n_gb=p2 / 1e9)
+    def over(name: str, base: str) -> str:
+        """`name`'s marginal rate over `base`'s, where both ran."""
+        ok = base in table and name in table
+        return f'{table[name]["marginal_mb_s"] / table[base]["marginal_mb_s"]:>5.2f}' if ok else f'{"":>5}'
+
     for name, r in table.items():
-        ratio = r['marginal_mb_s'] / table['cp+sync']['marginal_mb_s']
-        rw_ratio = r['marginal_mb_s'] / table['read+write']['marginal_mb_s']
-        mp_ratio = (f'{r["marginal_mb_s"] / table["multiprocessing"]["marginal_mb_s"]:>5.2f}'
-                    if name in ENGINES and 'multiprocessing' in table else f'{"":>5}')
+        cloudwriter = name in ENGINES or name == 'mp_header'
         print(f'{name:<16} {r["s_n"]:>6.1f} {r["s_2n"]:>6.1f} {r["mb_s_2n"]:>8.0f} '
-              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {ratio:>5.2f} {rw_ratio:>5.2f} '
-              f'{mp_ratio} '
+              f'{r["marginal_mb_s"]:>10.0f} {r["marginal_samples_s"]:>10.0f} {over(name, "cp+sync")} '
+              f'{over(name, "read+write")} {over(name, "decode") if cloudwriter else " " * 5} '
+              f'{over(name, "multiprocessing") if name in ENGINES else " " * 5} '
               + ' '.join(f'{r[k]:>5.2f}G' for k in ('rss_n_gb', 'rss_2n_gb', 'pss_n_gb', 'pss_2n_gb')))
-    print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table}))
+    cpu = cpu_per_sample(cache / '00000.parquet', work / 'cpu', args.repeat)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\nCPU per sample, one process, shard 00000 (best of {args.repeat}): "
+          + ', '.join(f'{name} {ms:.2f} ms' for name, ms in cpu.items())
+          + f"; the decode loop's rate over the cloudwriter's (--verify full): "
+          f"{cpu['decode'] / cpu['cloudwriter full']:.2f}x")
+    print(json.dumps({'shards': [n1, n2], 'rows': args.rows, 'load': load, 'results': table, 'cpu_ms': cpu}))
 
 
 if __name__ == '__main__':

@@ -8,9 +8,11 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ import pytest
 from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import merge_index
-from testbed.corpus import BUCKET_EDGES, bucket_of, build_corpus, good_items
+from testbed.corpus import BUCKET_EDGES, CorpusItem, bucket_of, build_corpus, good_items
 from testbed.i2d_shards import shard_rows, write_shard, write_stats
 from testbed.readback import read_mds
+from testbed.real import FOLDER, decodes, real_items
 from testbed.scripts import load_script
 
 BUCKETS = [f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:])]
@@ -39,14 +42,15 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 def make_input(folder: Path, shards, items=None, flavour: str = 'full', sizes: bool = False,
                done: bool = True, key_offset: int = 0) -> dict[str, dict]:
-    """Write img2dataset shards; return the rows a user expects out, by key (success + header)."""
+    """Write img2dataset shards; return the rows a user expects out, by key (success, and PIL's defaults
+    decode it: --verify full)."""
     items = list(build_corpus() if items is None else items)
     want = {}
     for s in shards:
         rows = shard_rows(s + key_offset, items, failures=1, sizes=sizes, flavour=flavour)
         write_shard(folder, s, rows, flavour)
         for r in rows:
-            if r['status'] == 'success' and header_size(r['jpg']) is not None:
+            if r['status'] == 'success' and decodes(r['jpg']):
                 want[r['key']] = dict(r, shard=s)
     if done:
         (folder / 'done').touch()
@@ -141,10 +145,11 @@ def test_local_bucketed_download_with_broken_files_and_a_corrupt_shard(root, tmp
     summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
     assert summary['shards_done'] == 3 and summary['samples'] == len(want)
     assert summary['samples_per_bucket'] == {b: len(rows) for b, rows in got.items()}
-    # random bytes and an empty file say success but have no header; the truncated JPEG is kept
+    # random bytes and an empty file say success but have no header; the truncated JPEG does not decode
     assert summary['skipped_by_reason'] == {'HTTP Error 404: Not Found': 3,
-                                            'success but no readable image header': 6}
-    assert any('truncated' in s['url'] for rows in got.values() for s in rows)
+                                            'success but no readable image header': 6,
+                                            'success but does not decode with PIL': 3}
+    assert not any('truncated' in s['url'] for rows in got.values() for s in rows)
     assert summary["skipped_shards"] and summary['exit_code'] == 1
     # without --preview nothing of it is written anywhere
     assert 'preview' not in summary and not [p for p in tmp_path.rglob('*preview*')]
@@ -703,3 +708,148 @@ def test_remote_mistakes_refuse_naming_the_remote_and_file_urls_are_folders(root
     r = cloudwriter(root, '--local', str(local), '--remote', f'file://{remote}')
     assert r.returncode == 0, r.stderr
     assert_dataset(read_buckets(str(remote), [ALL]), want, bucketed=False)
+
+
+# ---- Real files from the web (tests/testbed/real.py): what a trainer's loader decodes, and nothing else ----
+
+def many_samples_tiff() -> CorpusItem:
+    """lab.tif with its SamplesPerPixel tag set to 200: PIL refuses to open it and logs
+    `ERROR PIL.TiffImagePlugin: More samples per pixel than can be decoded` on the way."""
+    data = bytearray((FOLDER / 'lab.tif').read_bytes())
+    assert data[:2] == b'II'
+    ifd = struct.unpack('<I', data[4:8])[0]
+    for i in range(struct.unpack('<H', data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack('<H', data[entry:entry + 2])[0] == 277:  # SamplesPerPixel, one SHORT
+            data[entry + 8:entry + 10] = struct.pack('<H', 200)
+    return CorpusItem('samples_per_pixel_200.tif', bytes(data), None, None, decodable=False)
+
+
+REAL = [*real_items(), many_samples_tiff()]
+REAL_BY_KEY = {f'00000{i:04d}': it for i, it in enumerate(REAL)}  # shard_rows' keys of shard 0
+NO_HEADER = {'broken.png', 'samples_per_pixel_200.tif'}
+BOMBS = {'bmp_bomb.bmp', 'gif_bomb.gif'}
+PEAK_RSS = ('import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); '
+            'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)')
+
+
+def expected_reason(name: str) -> str:
+    return ('success but no readable image header' if name in NO_HEADER else
+            "success but over PIL's pixel limit (89,478,485 pixels: a decompression bomb)" if name in BOMBS
+            else 'success but does not decode with PIL')
+
+
+@pytest.fixture(scope='module')
+def real_runs(root, tmp_path_factory) -> dict[str, tuple]:
+    """One shard of every real file (and a 404), converted twice: as the default (--verify full), and
+    with --verify header --preview (its peak memory measured: the children's peak RSS in kB)."""
+    out = {}
+    for mode, flags in (('full', []), ('header', ['--verify', 'header', '--preview', '32'])):
+        base = tmp_path_factory.mktemp(f'real-{mode}')
+        local, remote = base / 'parquet', base / 'mds'
+        write_shard(local, 0, shard_rows(0, REAL))
+        (local / 'done').touch()
+        cmd = [sys.executable, '-c', PEAK_RSS, sys.executable, str(root / 'laion_cloudwriter.py'), '--local',
+               str(local), '--remote', str(remote), '--bucketed', '--processes', '1', *flags]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        peak_kb = int(r.stderr.strip().splitlines()[-1])
+        out[mode] = (r, peak_kb, local, remote)
+    return out
+
+
+def test_every_stored_sample_decodes_and_each_image_left_out_is_counted_and_named(real_runs):
+    r, _, local, remote = real_runs['full']
+    assert r.returncode == 0, r.stderr
+    assert 'ERROR' not in r.stderr and 'PIL' not in r.stderr and 'Traceback' not in r.stderr
+    stored = {s['key']: s for rows in read_buckets(str(remote), BUCKETS).values() for s in rows}
+    # what mosaicml/diffusion's StreamingLAIONDataset and any loader of the raw MDS do to each sample
+    # (`Image.open(BytesIO(sample['jpg']))` then decode), under PIL's defaults: testbed/real.py decodes()
+    assert stored and all(decodes(s['jpg']) for s in stored.values())
+    assert set(stored) == {k for k, it in REAL_BY_KEY.items() if it.decodable}
+    assert all(s['jpg'] == REAL_BY_KEY[k].data for k, s in stored.items())
+
+    summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
+    left_out = {x['key']: x for x in summary['left_out']}
+    assert set(left_out) == {k for k, it in REAL_BY_KEY.items() if not it.decodable}
+    for key, x in left_out.items():
+        name = REAL_BY_KEY[key].name
+        assert x['reason'] == expected_reason(name), name
+        assert x['url'].endswith(f'/{name}') and x['error'], x
+    reasons = Counter(x['reason'] for x in left_out.values())
+    assert summary['skipped_by_reason'] == {**reasons, 'HTTP Error 404: Not Found': 1}
+    assert (summary['rows'], summary['samples'], summary['rows_skipped']) == \
+           (len(REAL) + 1, len(stored), len(left_out) + 1)  # rows in == written + skipped
+    record = json.loads((remote / '_cloudwriter' / '00000.record').read_text())
+    written, skipped = sum(record['samples'].values()), sum(record['skipped'].values())
+    assert record['rows'] == written + skipped == len(REAL) + 1
+    assert f'rows: {len(REAL) + 1} in = {len(stored)} written + {len(left_out) + 1} skipped (verify: full ' \
+           '1 shards)' in r.stdout and summary['verify'] == {'full': 1}
+    for reason, n in reasons.items():  # the printed summary counts each reason and names its first files
+        line = next(ln for ln in r.stdout.splitlines() if f'{n}  {reason}: ' in ln)
+        assert min(k for k, x in left_out.items() if x['reason'] == reason) in line
+
+
+def test_verify_header_stores_undecodable_files_and_the_preview_refuses_the_bomb_in_little_memory(real_runs):
+    r, peak_kb, local, remote = real_runs['header']
+    assert r.returncode == 0, r.stderr
+    assert 'ERROR' not in r.stderr and 'PIL' not in r.stderr and 'Traceback' not in r.stderr
+    stored = {s['key'] for rows in read_buckets(str(remote), BUCKETS).values() for s in rows}
+    # documented: only files without a readable header are left out; the rest are stored unopened
+    assert stored == {k for k, it in REAL_BY_KEY.items() if it.name not in NO_HEADER}
+    bomb = next(k for k, it in REAL_BY_KEY.items() if it.name == 'gif_bomb.gif')
+    candidates = json.loads((remote / '_cloudwriter' / '00000.preview').read_text())['buckets']
+    tile = next(c for cands in candidates.values() for c in cands if c['key'] == bomb)
+    assert tile['thumb'] == ''  # refused under PIL's pixel limit: drawn as a grey tile
+    # the issue measured 4.5 GB: the preview decoded a thumbnail of the 4.36-gigapixel GIF
+    assert peak_kb < 1_000_000, f'peak RSS {peak_kb / 1e6:.1f} GB'
+    assert 'NOTE: 1 shard(s) were converted with --verify header' in r.stdout  # the output says so
+
+
+def test_the_metadata_folder_is_refused_and_an_empty_folder_is_waited_on_without_a_write(root, tmp_path):
+    meta = tmp_path / 'laion2b-raw'
+    meta.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({'url': ['http://x/a.jpg'], 'caption': ['a']}),
+                       meta / f'part-0000{i}.parquet')
+    before = sorted(p.name for p in meta.iterdir())
+    r = cloudwriter(root, '--local', str(meta), '--remote', str(tmp_path / 'mds'), timeout=60)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert last_line(r.stderr) == (
+        f'error: --local {meta} holds 2 parquet files that are not img2dataset shards: no _stats.json (e.g. '
+        'part-00000.parquet; img2dataset writes NNNNN.parquet, then NNNNN_stats.json); is it the metadata '
+        "folder? give the download's OUTPUT_FOLDER")
+    assert sorted(p.name for p in meta.iterdir()) == before and not (tmp_path / 'mds').exists()
+
+    # A download that is starting: its folder is empty; the run says what it waits for, writes nothing
+    # there until the first shard comes, then converts as usual.
+    local, remote = tmp_path / 'parquet', tmp_path / 'mds2'
+    local.mkdir()
+    proc = start(root, '--local', str(local), '--remote', str(remote), '--poll_interval', '0.2',
+                 '--processes', '1')
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None and not list(local.iterdir()) and not remote.exists()
+        want = make_input(local, [0], items=good_items()[:2])
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 0, err
+    assert (f'--local {local}: no img2dataset shard yet; waiting for the download to write its first '
+            'NNNNN.parquet, looking every 0.2 s') in err
+    assert_dataset(read_buckets(str(remote), [ALL]), want, bucketed=False)
+
+
+def test_local_and_remote_in_one_place_are_refused_under_any_spelling(root, tmp_path):
+    local = tmp_path / 'parquet'
+    make_input(local, [0], items=good_items()[:1])
+    (tmp_path / 'link').symlink_to(local)
+    before = sorted(str(p) for p in tmp_path.rglob('*'))
+    for remote in (f'{local}/', 'parquet', str(tmp_path / 'link'), f'file://{local}', f'{local}/mds'):
+        r = subprocess.run([sys.executable, str(root / 'laion_cloudwriter.py'), '--local', str(local),
+                            '--remote', remote], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, remote
+        assert r.stdout == '' and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f'error: --local {local} ') and 'give the MDS output a place of its own' \
+            in r.stderr, r.stderr
+        assert sorted(str(p) for p in tmp_path.rglob('*')) == before, remote  # nothing written

@@ -20,9 +20,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from testbed.corpus import good_items
+from testbed.corpus import build_corpus, good_items
 from testbed.i2d_shards import i2d_schema
 from testbed.laion_meta import entries_for, full_table, write_metadata
+from testbed.real import real_items
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {'full': ROOT / 'laion_download_all.sh', 'aesthetic': ROOT / 'laion_download_aesthetic.sh'}
@@ -49,8 +50,10 @@ def summary(stdout: str) -> dict[str, int]:
     """The counts of the end-of-run summary: its labelled lines and one entry per failure reason."""
     counts = {}
     text = stdout.split('== laion_download summary')[1]
-    for label in ('shards finished', 'rows', 'images ok', 'failures'):
-        counts[label] = int(re.search(rf'^  {label} +([\d,]+)', text, re.M).group(1).replace(',', ''))
+    for label in ('shards finished', 'rows', 'images ok', 'failures', 'no hash, unchecked'):
+        found = re.search(rf'^  {label} +([\d,]+)', text, re.M)
+        if found or label != 'no hash, unchecked':  # printed where there is one
+            counts[label] = int(found.group(1).replace(',', ''))
     for n, reason in re.findall(r'^    +([\d,]+)  (.+)$', text, re.M):
         counts[reason] = int(n.replace(',', ''))
     return counts
@@ -60,18 +63,33 @@ def read_output(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob('*.parquet'))])
 
 
+# Real broken files (testbed/real.py) in the full download, in place of as many generated JPEGs (the
+# same rows, so no extra shard): the decode check counts each corrupt, the bombs included, by the
+# cloudwriter's rule.
+REAL_BROKEN = ('gif_bomb.gif', 'bmp_bomb.bmp', 'truncated.png', 'broken_stream.png', 'ultrahdr.jpg')
+
+
 def full_entries(server, slow: bool = True) -> tuple[list, pa.Table]:
-    """Every corpus file, a 404, a 500, a redirect and, last in a shard of its own, a slow URL (which
-    only a kill needs: `slow` False leaves it out); one row carries a wrong md5. Returns the entries
-    (expect 'mismatch' for that row) and the metadata."""
-    entries = entries_for(server, slow=slow)
+    """Every corpus file but five generated JPEGs, five real broken files (REAL_BROKEN), a 404, a 500,
+    a redirect and, last in a shard of its own, a slow URL (which only a kill needs: `slow` False leaves
+    it out); one row carries a wrong md5 and two none (null, as in metadata a user joins from sources
+    with and without hashes). Returns the entries (expect 'mismatch' for the wrong one, 'unhashed' for
+    those without) and the metadata."""
+    broken = [it for it in real_items() if it.name in REAL_BROKEN]
+    server.files.update({it.name: it.data for it in broken})
+    corpus = list(build_corpus())
+    generated = [it for i, it in enumerate(corpus) if i % 2 == 0 or i > 9]  # portraits of 5 sizes out
+    entries = entries_for(server, [*generated, *broken], slow=slow)
     table = full_table(entries)
-    wrong = next(i for i, e in enumerate(entries) if e.item is not None and e.item.name == 'gray.jpg')
+    named = {e.item.name: i for i, e in enumerate(entries) if e.item is not None}
     md5 = table.column('md5').to_pylist()
-    md5[wrong] = hashlib.md5(b'not these bytes').hexdigest()
-    table = table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5, pa.string()))
     expect = [e.expect for e in entries]
-    expect[wrong] = 'mismatch'
+    md5[named['gray.jpg']] = hashlib.md5(b'not these bytes').hexdigest()
+    expect[named['gray.jpg']] = 'mismatch'
+    for name in ('cmyk.jpg', 'image.webp'):
+        md5[named[name]] = None
+        expect[named[name]] = 'unhashed'
+    table = table.set_column(table.schema.get_field_index('md5'), 'md5', pa.array(md5, pa.string()))
     assert not slow or len(entries) % PER_SHARD == 1  # the slow URL is alone in the last shard
     return list(zip(entries, expect, strict=True)), table
 
@@ -101,7 +119,7 @@ def check_rows(table: pa.Table, entries: list, extra: list[str]) -> None:
     for r in rows:
         entry, expect = by_url[r['url']]
         assert r['caption'] == entry.caption
-        if expect in ('success', 'decode'):  # img2dataset decodes nothing: corrupt files download fine
+        if expect in ('success', 'decode', 'unhashed'):  # img2dataset decodes nothing: corrupt files too
             assert r['status'] == 'success', r
             assert r['jpg'] == entry.item.data, entry.url
             assert r['md5'] == hashlib.md5(entry.item.data).hexdigest()
@@ -115,9 +133,12 @@ def check_rows(table: pa.Table, entries: list, extra: list[str]) -> None:
 def expected_summary(entries: list) -> dict[str, int]:
     want = {'rows': len(entries)}
     for _, expect in entries:
-        if expect != 'success':
+        if expect not in ('success', 'unhashed'):
             want[REASONS[expect]] = want.get(REASONS[expect], 0) + 1
     want['failures'] = sum(v for k, v in want.items() if k != 'rows')
+    unhashed = sum(expect == 'unhashed' for _, expect in entries)
+    if unhashed:  # downloaded without the check, and counted so: a row without a hash is no failure
+        want['no hash, unchecked'] = unhashed
     want['images ok'] = len(entries) - want['failures']
     return want
 
