@@ -646,8 +646,9 @@ def not_a_vlm(model_name: str) -> str | None:
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    if not os.path.isdir(model_name):
-        return None
+    if not os.path.isdir(model_name):  # a hub name is org/name; a path to nothing is neither
+        return 'is no folder, nor a hub name (org/name)' if model_name.count('/') > 1 or \
+            model_name.startswith(('/', '.', '~')) else None
     pipeline = [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
                                   'vae/config.json', 'text_encoder/config.json')
                 if os.path.exists(os.path.join(model_name, name))]

@@ -85,6 +85,7 @@ warnings.simplefilter('error', Image.DecompressionBombWarning)
 # PIL logs what a broken file makes its decoders say (`ERROR PIL.TiffImagePlugin: ...`); such a file is
 # left out, counted and named in the summary instead.
 logging.getLogger('PIL').setLevel(logging.CRITICAL)
+warnings.filterwarnings('ignore', category=UserWarning, module=r'PIL\.')  # e.g. 'Corrupt EXIF data'
 
 # Shorter-side bucket edges; each bucket is its own dataset `<lo>-<hi>`.
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
 from testbed.readback import environ, read_mds
-from testbed.scripts import load_script
+from testbed.scripts import load_script, run_main
 from testbed.vlms import KINDS, build_vlm
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # bitwise-equal float math in every process and rank
@@ -279,19 +279,8 @@ def test_rules_run_in_table_order_and_each_change_is_named(script):
 def in_process(*args) -> tuple[int, str]:
     """(exit code, stderr) of the script's main() run in this process (no interpreter and torch
     start-up per case)."""
-    script = load_script('caption_images.py')
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
-    err = io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            script.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    return code, err.getvalue()
+    code, _, err = run_main('caption_images.py', *args)
+    return code, err
 
 
 def refused(*args) -> str:
@@ -329,7 +318,8 @@ def test_every_refusal_is_one_line(vlms, dataset, tiny_model, tmp_path):
          'the output (--remote_upload)'),
         (['--local', tmp_path / 'nowhere'], 'cannot read the input dataset index'),
         (['--caption_key', 'caption'], 'already has a column caption: pass another --caption_key'),
-        (['--model_name', tmp_path / 'no-model'], 'cannot load'),
+        (['--model_name', tmp_path / 'no-model'], f'--model_name {tmp_path / "no-model"} is no folder, nor a '
+                                                  'hub name (org/name): pass an image-text-to-text model'),
         (['--model_name', tiny_model], f'--model_name {tiny_model} is a diffusers pipeline folder '
                                        '(vae/config.json, text_encoder/config.json): pass an image-text-to-'
                                        'text model (a hub name such as Qwen/Qwen2-VL-2B-Instruct, or a '

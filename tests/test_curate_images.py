@@ -37,7 +37,7 @@ from testbed.curate import (
 )
 from testbed.mds_input import make_row, write_mds_input
 from testbed.readback import read_mds
-from testbed.scripts import load_script
+from testbed.scripts import load_script, run_main
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # The tiny random CLIP maps every photo-like picture close together: the planted copies sit above
@@ -82,18 +82,8 @@ def quiet_main():
 
 
 def in_process(*args) -> tuple[int, str]:
-    script = load_script('curate_images.py')
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    err, code = io.StringIO(), 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            script.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return code, err.getvalue()
+    code, _, err = run_main('curate_images.py', *args)
+    return code, err
 
 
 def flags(bed: dict, out: Path, *more) -> list:

@@ -9,13 +9,10 @@ Model folders are tiny but real (tests/testbed/llm_families.py); every run is in
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.models import write_clip_tokenizer
 from testbed.readback import read_mds
-from testbed.scripts import load_script
+from testbed.scripts import load_script, run_main
 
 LONG = 'big old house on the beach at sunset with people ' * 120  # past every encoder's tokens (1058 at most)
 CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好き, ÜBER ÄRGER',
@@ -40,21 +37,9 @@ KEYS = ('caption', 'vlm_caption')
 
 
 def run_in_process(*args) -> None:
-    """The script's main() on this command line, in this process (no interpreter and torch start-up per
-    run); its signal handlers and torch's thread count are restored after."""
-    script = load_script('precompute_latents.py')
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            script.main([str(a) for a in args])
-    except SystemExit as stop:
-        raise AssertionError(err.getvalue()[-3000:]) from stop
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        torch.set_num_threads(threads)
+    """The script's main() on this command line, in this process, which must succeed."""
+    code, _, err = run_main('precompute_latents.py', *args)
+    assert code == 0, err[-3000:]
 
 
 def command(root: Path, folder: Path, out: Path, *extra) -> list:

@@ -11,10 +11,8 @@ named. One run per script over the whole real set.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,31 +25,12 @@ from testbed.i2d_shards import shard_rows, write_shard
 from testbed.mds_input import UNBUCKETED, rows_for, write_mds_input
 from testbed.readback import read_mds
 from testbed.real import KINDS, real_items, shown
-from testbed.scripts import load_script
+from testbed.scripts import load_script, run_main
 from testbed.vlms import build_vlm
 
 GOOD = [it for it in real_items() if it.decodable]
 BAD = [it for it in real_items() if not it.decodable]
 RESOLUTIONS = (8, 32, 512)  # every good file reaches 8 px, all but the 10 px LAB TIFF 32, none 512
-
-
-def main_in_process(script_name: str, *args) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of the script's main() run in this process, as its command line runs
-    it (no interpreter and torch start-up per run)."""
-    script = load_script(script_name)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
-    threads = torch.get_num_threads()
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            script.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
 
 
 def by_name(rows: list[dict]) -> dict[str, dict]:
@@ -95,7 +74,7 @@ def captioned(llava, tmp_path_factory) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # the run and the reference generate calls: the same float math
     try:
-        code, out, err = main_in_process(
+        code, out, err = run_main(
             'caption_images.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
             tmp / 'out', '--model_name', llava, '--prompt', PROMPT, '--max_new_tokens', NEW_TOKENS,
             '--batch-size', 4, '--keep_raw', '--summary', tmp / 's.json', '--preview', 100)
@@ -165,7 +144,7 @@ def encoded(tiny_model, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp('latents')
     rows = rows_for(list(real_items()))
     write_mds_input(str(tmp / 'local'), rows, bucketed=False)
-    code, out, err = main_in_process(
+    code, out, err = run_main(
         'precompute_latents.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
         tmp / 'out', '--model_name', tiny_model, '--resolutions', *RESOLUTIONS, '--latent_mode', 'mean',
         '--storage_dtype', 'float32', '--num_workers', 0, '--threads', 1, '--batch-size', 8,
@@ -229,7 +208,7 @@ def test_latents_skip_and_name_each_undecodable_real_file_and_warn_of_an_empty_r
 def test_latents_of_a_bucket_below_every_resolution_exit_2_and_say_why(tiny_model, tmp_path):
     """--bucket 1 (64-128 px) with the default --resolutions 256 512: no latent at all is an error."""
     write_mds_input(str(tmp_path / 'local'), rows_for(list(real_items())))  # bucketed by header size
-    code, out, err = main_in_process(
+    code, out, err = run_main(
         'precompute_latents.py', '--local', tmp_path / 'local', '--bucket', 1, '--remote_upload',
         tmp_path / 'out', '--model_name', tiny_model, '--num_workers', 0, '--threads', 1,
         '--summary', tmp_path / 's.json')

@@ -9,10 +9,7 @@ float32. VAE folders are tiny models of the real classes (tests/testbed/vae_fami
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,7 @@ from test_precompute_latents import one_thread, reference_pixels, refused
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
 from testbed.readback import read_mds
-from testbed.scripts import load_script
+from testbed.scripts import run_main
 from testbed.vae_families import build_vae
 
 CLASSES = {'flux2': 'AutoencoderKLFlux2', 'qwenimage': 'AutoencoderKLQwenImage', 'sana': 'AutoencoderDC'}
@@ -50,19 +47,9 @@ def vaes(tmp_path_factory) -> dict[str, Path]:
 
 
 def in_process(*args) -> None:
-    """A successful run of the command line through main() (no exit), its threads and signals restored."""
-    script = load_script('precompute_latents.py')
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
-    threads, err = torch.get_num_threads(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            script.main([str(a) for a in args])
-    except SystemExit as stop:
-        raise AssertionError(f'exit {stop.code}: {err.getvalue()[-3000:]}') from None
-    finally:
-        torch.set_num_threads(threads)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    """A successful run of the command line through main() in this process."""
+    code, _, err = run_main('precompute_latents.py', *args)
+    assert code == 0, f'exit {code}: {err[-3000:]}'
 
 
 def command(data: Path, model: Path, tmp: Path, *extra) -> list:

@@ -1,8 +1,11 @@
-"""Load one of the project's scripts as a module, to call its functions in-process."""
+"""Load one of the project's scripts as a module, to call its functions or its main() in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import signal
 import sys
 from pathlib import Path
 
@@ -16,3 +19,25 @@ def load_script(name: str):
     sys.modules[spec.name] = module  # dataclasses in a script look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+def run_main(name: str, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of script `name`'s main() on this command line, run in this process
+    (no interpreter and torch start-up per run), as its command line runs it. The signal handlers main()
+    installs and torch's thread count it sets are restored after."""
+    script = load_script(name)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch = sys.modules.get('torch')
+    threads = torch.get_num_threads() if torch else None
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            script.main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code or 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if threads is not None:
+            sys.modules['torch'].set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
