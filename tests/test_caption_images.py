@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
 from testbed.readback import environ, read_mds
 from testbed.scripts import load_script, run_main
-from testbed.vlms import KINDS, build_vlm
+from testbed.vlms import KINDS, build_vlm, direct_captions
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # bitwise-equal float math in every process and rank
 PROMPT = 'Describe this image.'
@@ -103,22 +103,6 @@ def reference_image(data: bytes) -> Image.Image:
     return img.convert('RGB')
 
 
-def direct_captions(model_dir: Path, samples: list[dict], max_new_tokens: int) -> list[str]:
-    """Each image alone through the processor and `model.generate` (greedy), decoded."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    turn = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': PROMPT}]}]
-    text = processor.apply_chat_template(turn, add_generation_prompt=True)
-    out = []
-    for s in samples:
-        inputs = processor(images=[reference_image(s['jpg'])], text=[text], return_tensors='pt')
-        with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(processor.decode(ids[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))
-    return out
-
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind, root, vlms, dataset,
@@ -137,7 +121,7 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
     assert [o['key'] for o in got] == [r['key'] for r in want]  # each decodable image once, in order
     for o, r in zip(got, want):
         assert {k: o[k] for k in COLUMNS} == {k: r[k] for k in COLUMNS}  # every input column unchanged
-    raw = direct_captions(vlms[kind], want, NEW_TOKENS)
+    raw = direct_captions(vlms[kind], [reference_image(s['jpg']) for s in want], PROMPT, NEW_TOKENS)
     assert [o['vlm_caption_raw'] for o in got] == raw
     assert [o['vlm_caption'] for o in got] == [script.clean(t, script.RULES)[0] for t in raw]
     assert len(set(raw)) > len(raw) // 2  # the images, not only the prompt, shape the text

@@ -26,7 +26,7 @@ from testbed.mds_input import UNBUCKETED, rows_for, write_mds_input
 from testbed.readback import read_mds
 from testbed.real import KINDS, real_items, shown
 from testbed.scripts import load_script, run_main
-from testbed.vlms import build_vlm
+from testbed.vlms import build_vlm, direct_captions
 
 GOOD = [it for it in real_items() if it.decodable]
 BAD = [it for it in real_items() if not it.decodable]
@@ -80,28 +80,12 @@ def captioned(llava, tmp_path_factory) -> dict:
             '--batch-size', 4, '--keep_raw', '--summary', tmp / 's.json', '--preview', 100)
         assert code == 0, err[-3000:]
         got = read_mds(str(tmp / 'out' / UNBUCKETED))
-        reference = direct_captions(llava, [shown(r['jpg']) for r in got])
+        reference = direct_captions(llava, [shown(r['jpg']) for r in got], PROMPT, NEW_TOKENS)
     finally:
         torch.set_num_threads(before)
     return {'rows': rows, 'got': got, 'stdout': out, 'summary': json.loads((tmp / 's.json').read_text()),
             'reference': reference}
 
-
-def direct_captions(model_dir: Path, images: list[Image.Image]) -> list[str]:
-    """Each picture alone through the processor and `model.generate` (greedy), decoded."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    turn = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': PROMPT}]}]
-    text = processor.apply_chat_template(turn, add_generation_prompt=True)
-    out = []
-    for img in images:
-        inputs = processor(images=[img], text=[text], return_tensors='pt')
-        with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        out.append(processor.decode(ids[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))
-    return out
 
 
 def test_captions_see_each_real_file_as_the_rule_decodes_it(captioned):

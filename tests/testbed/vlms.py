@@ -192,3 +192,21 @@ def build_vlm(kind: str, folder: Path, seed: int = 0) -> Path:
     """Write the tiny model `kind` (one of KINDS) with its processor to `folder`."""
     builders = {'llava': build_llava, 'qwen2_vl': build_qwen2_vl, 'idefics3': build_idefics3}
     return builders[kind](Path(folder), seed)
+
+
+def direct_captions(model_dir: Path, images: list, prompt: str, max_new_tokens: int) -> list[str]:
+    """The reference a captioner is checked against: each PIL image alone through the model's processor
+    (chat template, one user turn of the image and `prompt`) and `model.generate` (greedy), decoded."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    turn = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True)
+    out = []
+    for img in images:
+        inputs = processor(images=[img], text=[text], return_tensors='pt')
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(processor.decode(ids[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))
+    return out
