@@ -61,6 +61,7 @@ import tempfile
 import threading
 import time
 import types
+import urllib.parse
 import uuid
 import warnings
 from collections import Counter
@@ -260,13 +261,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# >>> twin: address (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
 def address(path: str) -> tuple[str, ...]:
-    """Where `path` points under any spelling: ('s3://bucket', 'a') or ('', 'tmp', 'x') (resolved)."""
-    url = urlparse(path)
+    """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
+    ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
+    url = urllib.parse.urlparse(path)
     if url.scheme in ('', 'file'):
         real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
         return ('',) + tuple(p for p in real.split('/') if p)
     return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
+# <<< twin: address
 
 
 def same_place(args: argparse.Namespace) -> str:

@@ -527,6 +527,14 @@ def places(args: argparse.Namespace) -> Places:
     return Places(src, cache, out, join(args.local, STAGING, digest(out)))
 
 
+def digest(*paths: str) -> str:
+    """A short name for a combination of places (same places, any spelling: same name)."""
+    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
+# <<< twin: places
+
+
+# >>> twin: address (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
 def address(path: str) -> tuple[str, ...]:
     """Where `path` points, comparable across spellings: ('s3://bucket', 'a', 'b') for a remote;
     ('', 'tmp', 'x') for a folder, after resolving relative paths, `.`, `..`, `~` and symlinks."""
@@ -535,12 +543,7 @@ def address(path: str) -> tuple[str, ...]:
         real = os.path.realpath(os.path.expanduser(url.path if url.scheme else path))
         return ('',) + tuple(p for p in real.split('/') if p)
     return (f'{url.scheme.lower()}://{url.netloc.lower()}',) + tuple(p for p in url.path.split('/') if p)
-
-
-def digest(*paths: str) -> str:
-    """A short name for a combination of places (same places, any spelling: same name)."""
-    return hashlib.sha1('\n'.join('/'.join(address(p)) for p in paths).encode()).hexdigest()[:12]
-# <<< twin: places
+# <<< twin: address
 
 
 def check_places(args: argparse.Namespace, pl: Places) -> None:
