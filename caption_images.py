@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -44,8 +45,10 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -524,6 +527,27 @@ class ShardReader:
 # looks at pixels, stated in README.md's "How images are decoded".
 DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
 SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
+# 16-bit and 32-bit integer grayscale to 8 bits as tables PIL applies (an `I` image's values clipped to
+# 0..65535 first): scaled by 255/65535 and rounded half to even, or (an `I` image within 0..255) clipped
+EIGHT_BITS = {True: np.rint(np.arange(65536) * (255 / 65535)).astype(int).tolist(),
+              False: np.clip(np.arange(65536), 0, 255).tolist()}
+
+
+def decode(image: bytes | Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """An image column's value as a reader gives it (the stored bytes; a PIL image from streaming's jpeg,
+    png or pil encodings) as the picture `to_rgb` states. What PIL warns and libtiff prints meanwhile is
+    added to `notes` (when given), never printed."""
+    with noted() as said:
+        try:
+            return to_rgb(opened(image))
+        finally:
+            if notes is not None:
+                notes += said
+
+
+def opened(image: bytes | Image.Image) -> Image.Image:
+    """An image column's value as an image fresh from Image.open (a PIL image as it is)."""
+    return image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -532,9 +556,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     - its first frame (animated GIF, APNG and WebP; MPO), at the size PIL decodes (after any draft());
     - refused (DecompressionBombError) above DECODE_PIXEL_LIMIT pixels, before anything is decoded;
     - EXIF orientation applied; a broken EXIF block turns nothing and loses nothing;
-    - 16-bit grayscale scaled by 255/65535 (rounded); 32-bit integer and float grayscale likewise when a
-      value exceeds 255, else taken as 8-bit; clipped to 0..255;
-    - transparency (an alpha band: RGBA, LA, PA; a tRNS chunk or GIF transparent index) over white;
+    - 16-bit grayscale scaled by 255/65535 (rounded half to even); 32-bit integer and float grayscale
+      likewise when a value exceeds 255, else taken as 8-bit; clipped to 0..255; integers by a table (at
+      most 4 bytes a pixel beside the image, not the 8 of a float64 copy);
+    - transparency (an alpha band: RGBA, LA, PA; a tRNS chunk, 16-bit grayscale's key included, or GIF
+      transparent index) over white;
     - every other mode (CMYK, LAB, YCbCr, palette, 1-bit) by PIL's convert('RGB'), ICC profiles ignored.
     Raises what PIL raises for bytes it cannot decode (truncated, corrupt, unknown)."""
     if img.width * img.height > DECODE_PIXEL_LIMIT:
@@ -543,21 +569,84 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img.load()
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
         ImageOps.exif_transpose(img, in_place=True)
-    if img.mode in SIXTEEN_BIT or img.mode in ('I', 'F'):
+    if img.mode in SIXTEEN_BIT or img.mode == 'I':
+        table = EIGHT_BITS[img.mode != 'I' or img.getextrema()[1] > 255]
+        if isinstance(key := img.info.get('transparency'), int) and 0 <= key < len(table):
+            table = table[:key] + [255] + table[key + 1:]  # the tRNS key's pixels: white
+        img = (img if img.mode == 'I' else img.convert('I')).point(table, 'L')
+    elif img.mode == 'F':
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255:
-            arr = arr * (255 / 65535)
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        if arr.max(initial=0) > 255:
+            arr *= 255 / 65535
+        img = Image.fromarray(np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8))
     if img.has_transparency_data:
         rgba = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
     return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+# What PIL warns (each time: a last warnings filter says 'always' for its UserWarnings and
+# DecompressionBombWarning) and libtiff prints (its handlers are pointed here) while an image decodes
+# would land inside progress bars and after summaries: in a thread inside noted() it is kept instead.
+DECODING = threading.local()  # .notes: the list of this thread's innermost noted(); None outside
+
+
+@contextlib.contextmanager
+def noted() -> Iterator[list[str]]:
+    """Inside, what PIL warns and libtiff prints in this thread goes to the list yielded (and then to an
+    enclosing noted()'s), never to the console. Outside, PIL's warnings show as usual and libtiff's
+    words are dropped (the error PIL raises for them stays)."""
+    outer = getattr(DECODING, 'notes', None)
+    DECODING.notes = notes = []
+    try:
+        yield notes
+    finally:
+        DECODING.notes = outer
+        if outer is not None:
+            outer += notes
+
+
+def note_warning(message, category, filename, lineno, file=None, line=None, shown=warnings.showwarning):
+    """warnings.showwarning: inside noted(), the warning is noted; outside, shown as before."""
+    notes = getattr(DECODING, 'notes', None)
+    if notes is None:
+        return shown(message, category, filename, lineno, file, line)
+    if (text := f'{category.__name__}: {str(message).strip()}') not in notes:
+        notes.append(text)
+
+
+def note_libtiff(module: bytes | None, fmt: bytes, args: int | None) -> None:
+    """libtiff's error and warning handler (module, printf format, va_list): noted, or dropped."""
+    notes = getattr(DECODING, 'notes', None)
+    if notes is not None:
+        text = ctypes.create_string_buffer(512)
+        LIBC.vsnprintf(text, len(text), fmt, args)
+        if (said := f'libtiff: {text.value.decode(errors="replace").strip()}') not in notes:
+            notes.append(said)  # once: it may say the same of every strip
+
+
+def quiet_libtiff() -> list:
+    """Point the handlers of the libtiff PIL loaded (found in /proc/self/maps; Linux) at note_libtiff;
+    returns what must stay referenced while they are set (nothing where libtiff is not found)."""
+    with contextlib.suppress(OSError, AttributeError):
+        with open('/proc/self/maps') as maps:
+            path = next((ln.split()[-1] for ln in maps if '/libtiff' in ln), None)
+        if path is not None:
+            libtiff = ctypes.CDLL(path)
+            handler = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)(note_libtiff)
+            libtiff.TIFFSetErrorHandler(handler)
+            libtiff.TIFFSetWarningHandler(handler)
+            return [libtiff, handler]
+    return []
+
+
+LIBC = ctypes.CDLL(None)
+LIBC.vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+LIBTIFF = quiet_libtiff()
+warnings.showwarning = note_warning
+warnings.filterwarnings('always', category=UserWarning, module=r'PIL\.', append=True)
+warnings.filterwarnings('always', category=Image.DecompressionBombWarning, append=True)
 # <<< twin: decode
-
-
-def decode(data: bytes) -> Image.Image:
-    """The stored bytes as the model sees them (`to_rgb`)."""
-    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 @dataclasses.dataclass

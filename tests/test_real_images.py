@@ -7,6 +7,10 @@ named. One run per script over the whole real set.
   the preview's tiles are those pictures;
 - precompute_latents.py: the stored latents equal the tiny VAE's on `shown` crops (what is encoded);
 - laion_cloudwriter.py: the preview's thumbnails are `shown` pictures (the undecodable ones grey).
+
+What PIL warns and libtiff prints on the way is named in the summaries, never printed (libtiff writes
+to file descriptor 2, past sys.stderr: the runs capture it). The decode's peak memory on a 16-bit image
+is measured in a process of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,7 @@ from testbed.i2d_shards import shard_rows, write_shard
 from testbed.mds_input import UNBUCKETED, rows_for, write_mds_input
 from testbed.readback import read_mds
 from testbed.real import KINDS, real_items, shown
-from testbed.scripts import load_script, run_main
+from testbed.scripts import ROOT, c_stderr, load_script, run_main
 from testbed.vlms import build_vlm, direct_captions
 
 GOOD = [it for it in real_items() if it.decodable]
@@ -49,6 +54,10 @@ def test_the_reference_is_the_stated_rule_and_not_what_the_scripts_did_before():
         rgba = np.asarray(Image.open(io.BytesIO(files[name])).convert('RGBA'))
         clear = rgba[..., 3] == 0
         assert clear.any() and (np.asarray(shown(files[name]))[clear] == 255).all(), name  # not black
+    keyed = Image.open(io.BytesIO(files['gray16_trns.png']))  # 16-bit, values 0..255: dark but for the key
+    clear = np.asarray(keyed) == keyed.info['transparency']
+    picture = np.asarray(shown(files['gray16_trns.png']))
+    assert clear.any() and (picture[clear] == 255).all() and (picture[~clear] <= 1).all()
     stored = Image.open(io.BytesIO(files['exif_orientation_6.jpg'])).convert('RGB')
     assert np.array_equal(np.asarray(shown(files['exif_orientation_6.jpg'])),
                           np.asarray(stored.transpose(Image.Transpose.ROTATE_270)))
@@ -74,17 +83,18 @@ def captioned(llava, tmp_path_factory) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # the run and the reference generate calls: the same float math
     try:
-        code, out, err = run_main(
-            'caption_images.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
-            tmp / 'out', '--model_name', llava, '--prompt', PROMPT, '--max_new_tokens', NEW_TOKENS,
-            '--batch-size', 4, '--keep_raw', '--summary', tmp / 's.json', '--preview', 100)
+        with c_stderr() as printed:
+            code, out, err = run_main(
+                'caption_images.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
+                tmp / 'out', '--model_name', llava, '--prompt', PROMPT, '--max_new_tokens', NEW_TOKENS,
+                '--batch-size', 4, '--keep_raw', '--summary', tmp / 's.json', '--preview', 100)
         assert code == 0, err[-3000:]
         got = read_mds(str(tmp / 'out' / UNBUCKETED))
         reference = direct_captions(llava, [shown(r['jpg']) for r in got], PROMPT, NEW_TOKENS)
     finally:
         torch.set_num_threads(before)
     return {'rows': rows, 'got': got, 'stdout': out, 'summary': json.loads((tmp / 's.json').read_text()),
-            'reference': reference}
+            'reference': reference, 'printed': printed[0] + err}
 
 
 
@@ -102,6 +112,7 @@ def test_captions_skip_and_name_each_undecodable_real_file(captioned):
     assert all(s['reason'] for s in summary['skipped_samples'])
     for it in BAD:
         assert f"key={keys[it.name]!r}" in captioned['stdout'], (it.name, KINDS[it.name][0])
+    assert 'WEBP' not in captioned['printed'] and 'Warning' not in captioned['printed']  # libtiff, PIL
 
 
 def test_caption_preview_tiles_are_the_rule_and_its_path_is_printed(captioned):
@@ -206,6 +217,43 @@ def test_latents_of_a_bucket_below_every_resolution_exit_2_and_say_why(tiny_mode
     assert 'warning no image is large enough for 256, 512 px' in out
 
 
+# ---- the decode's memory -------------------------------------------------------------------------
+
+PEAK = textwrap.dedent("""
+    import importlib.util, sys
+    def kb(field):  # of this process, from /proc/self/status
+        return int(next(ln for ln in open('/proc/self/status') if ln.startswith(field)).split()[1])
+    spec = importlib.util.spec_from_file_location('script', sys.argv[1])
+    script = importlib.util.module_from_spec(spec)
+    sys.modules['script'] = script
+    spec.loader.exec_module(script)
+    data = open(sys.argv[2], 'rb').read()
+    before = kb('VmRSS')
+    open('/proc/self/clear_refs', 'w').write('5')  # VmHWM, the peak, starts again from here
+    img = script.decode(data)
+    print((kb('VmHWM') - before) * 1024 / (img.width * img.height))
+""")
+
+
+def test_a_16_bit_image_decodes_in_about_the_memory_of_an_rgb_one(tmp_path):
+    """The issue's 13,000 x 13,000 16-bit PNG took 4.8 GB in precompute_latents.py (RGB: 1.2 GB): the
+    decode rule's 16-bit path worked in float64. Here a 2,000 x 2,000 one and its RGB twin are each decoded
+    by the decode twin in a process of its own: the peak memory the decode adds, in bytes per pixel."""
+    side = 2000
+    ramp = (np.add.outer(np.arange(side) * 7, np.arange(side) * 3) % 65536).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / 'gray16.png')  # I;16, every value
+    Image.fromarray((ramp >> 8).astype(np.uint8)).convert('RGB').save(tmp_path / 'rgb.png')
+    per_pixel = {}
+    for name in ('gray16.png', 'rgb.png'):
+        cmd = [sys.executable, '-c', PEAK, str(ROOT / 'caption_images.py'), str(tmp_path / name)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        per_pixel[name] = float(proc.stdout.split()[-1])
+    # the 16-bit image (2 bytes), its 32-bit copy for PIL's table, the 8-bit result, then RGB (3): ~7 bytes
+    # a pixel, where the float64 copies took ~26; an RGB PNG takes ~4
+    assert per_pixel['gray16.png'] < 10 and per_pixel['gray16.png'] < 2.5 * per_pixel['rgb.png'], per_pixel
+
+
 # ---- laion_cloudwriter.py --preview -------------------------------------------------------------
 
 def test_cloudwriter_preview_shows_each_real_file_as_the_rule_decodes_it(root, tmp_path):
@@ -223,6 +271,7 @@ def test_cloudwriter_preview_shows_each_real_file_as_the_rule_decodes_it(root, t
     proc = subprocess.run([sys.executable, str(root / 'laion_cloudwriter.py'), *map(str, args)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: files left out, counted
+    assert 'WEBP' not in proc.stderr and 'Warning' not in proc.stderr, proc.stderr[-3000:]  # libtiff, PIL
     preview = json.loads((tmp_path / 'parquet' / '_cloudwriter' / 'summary.json').read_text())['preview']
     (sheet_info,) = preview.values()
     keys = sheet_info['keys']

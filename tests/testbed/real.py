@@ -30,6 +30,7 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     'gray16_le.tif': ('16-bit grayscale TIFF, little-endian (I;16)', '16bit.cropped.tif', True),
     'gray16_be.tif': ('16-bit grayscale TIFF, big-endian (I;16B)', '16bit.MM.cropped.tif', True),
     'gray16.png': ('16-bit grayscale PNG (I;16), built from gray16_be.tif', '16bit.MM.cropped.tif', True),
+    'gray16_trns.png': ('16-bit grayscale PNG with a tRNS transparency key', 'i_trns.png', True),
     'rgb48.tiff': ('48-bit RGB TIFF', 'tiff_16bit_RGB.tiff', True),
     'palette_trns.png': ('palette PNG with a tRNS transparency chunk', 'p_trns_single.png', True),
     'rgba.png': ('RGBA PNG', 'transparent.png', True),
@@ -48,6 +49,8 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     'broken.png': ('80 bytes that are no image', 'broken.png', False),
     'broken_stream.png': ('PNG with a broken zlib data stream, built from hopper.png', 'hopper.png', False),
     'ultrahdr.jpg': ('UltraHDR JPEG (gain map), truncated', 'ultrahdr.jpg', False),
+    'webp_compressed.tif': ("TIFF with WebP compression, which Pillow's libtiff cannot decode (it prints so)",
+                            'hopper_webp.tif', False),
     'tiled_jpeg_oob.tif': ('tiled-JPEG TIFF whose tiles lie out of bounds', 'tiff_tiled_jpeg_oob_read.tif',
                            False),
     'bmp_bomb.bmp': ('57-byte BMP that declares 3,158,064 x 48 pixels', 'l2rgb_read.bmp', False),
@@ -98,8 +101,9 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 
 def shown(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
     """The README's decode rule, written apart from the scripts: the first frame (a JPEG at the DCT
-    scale of `draft`, as precompute_latents.py asks), 16-bit grayscale / 257 rounded, transparency
-    over white in integer arithmetic, then upright by the EXIF orientation (1 when unreadable)."""
+    scale of `draft`, as precompute_latents.py asks), 16-bit grayscale / 257 rounded (its tRNS key's
+    pixels white), transparency over white in integer arithmetic, then upright by the EXIF orientation
+    (1 when unreadable)."""
     img = Image.open(io.BytesIO(data))
     if draft and img.format == 'JPEG':
         img.draft(img.mode, draft)
@@ -110,6 +114,8 @@ def shown(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
         orientation = 1
     if img.mode.startswith('I;16'):
         gray = np.rint(np.asarray(img, np.float64) / 257).astype(np.uint8)
+        if 'transparency' in img.info:  # a tRNS key: those pixels fully transparent, over white
+            gray[np.asarray(img) == img.info['transparency']] = 255
         rgb = np.repeat(gray[..., None], 3, axis=2)
     elif 'A' in img.getbands() or 'transparency' in img.info:
         rgba = np.asarray(img.convert('RGBA'), np.int64)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -41,3 +44,21 @@ def run_main(name: str, *args) -> tuple[int, str, str]:
         if threads is not None:
             sys.modules['torch'].set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def c_stderr() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 inside the with-block (C libraries such as libtiff print
+    there, past sys.stderr): the list yielded holds it, as text, once the block ends."""
+    said: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said.append(tmp.read().decode(errors='replace'))
