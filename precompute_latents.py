@@ -14,7 +14,8 @@ Example (one GPU; `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for
         --model_name stabilityai/stable-diffusion-2-base --batch-size 64
 
 Reads `<remote_download>/<bucket name>[/<subfolder>]` (`--bucket 3` or `--bucket 256-512`), or
-`<local>/<bucket name>` in place without `--remote_download`, and the model (hub name or folder).
+`<local>/<bucket name>` in place without `--remote_download`: images from `jpg` (bytes, or streaming's
+jpeg, png or pil encoding), text from each `--caption_keys` column; and the model (hub name or folder).
 
 Writes `<remote_upload>/<bucket name>[/<subfolder>]`: each input column but --drop_columns, the family's text
 columns, `latents_<res>` per `--resolutions` entry, and `convention.json` (each new column's dtype and
@@ -75,7 +76,13 @@ from tqdm import tqdm
 # Bucket edges on the shorter image side, as laion_cloudwriter.py buckets them: `--bucket 3` is '256-512'.
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
 BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
-IMAGE_COLUMN = 'jpg'  # and each --caption_keys column
+IMAGE_COLUMN = 'jpg'  # and each --caption_keys column (encoded 'str')
+# streaming's encodings an image column may have; of the FILE_ENCODINGS the stored bytes are the image file,
+# read as those bytes (decoded once, by the decode twin) and written out the same (never re-encoded)
+FILE_ENCODINGS = ('jpeg', 'png')
+IMAGE_ENCODINGS = ('bytes', *FILE_ENCODINGS, 'pil')
+SHARD_RECORD = ('version', 'format', 'column_names', 'column_encodings', 'column_sizes', 'compression',
+                'hashes', 'raw_data', 'zip_data', 'samples', 'size_limit')  # what streaming's MDSReader reads
 # A family's text column for caption key k is named k + its suffix: caption_latents, vlm_caption_pooled,
 # caption_T5_LATENTS (the mosaicml consumer's `<caption key>_<NAME>`); `caption` keeps the original names.
 LATENT_COLUMN = 'latents_{res}'  # one per resolution
@@ -1294,7 +1301,7 @@ class ShardCache:
     def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
         from streaming.base.format import reader_from_json
 
-        self.readers = [reader_from_json(local, None, s) for s in shards]
+        self.readers = [reader_from_json(local, None, as_stored(s)) for s in shards]
         self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
         self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
         self._stream_pid = -1  # the process self._stream and self._ready (shards made readable) belong to
@@ -1328,6 +1335,25 @@ class ShardCache:
         shard = bisect.bisect_right(self.offsets, sample_id) - 1
         self.ensure(shard)
         return self.readers[shard].get_item(sample_id - self.offsets[shard])
+
+
+def as_stored(shard: dict) -> dict:
+    """An input shard's record, its FILE_ENCODINGS columns read as the bytes stored (the image file)."""
+    return {**shard, 'column_encodings': ['bytes' if e in FILE_ENCODINGS else e
+                                          for e in shard['column_encodings']]}
+
+
+def mds_writer(columns: dict[str, str], **kwargs):
+    """streaming's MDSWriter that writes the FILE_ENCODINGS columns as the bytes ShardCache read (the same
+    image file: no lossy re-encode of a JPEG), recorded under their own encoding."""
+    from streaming import MDSWriter
+
+    class StoredBytesWriter(MDSWriter):
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), 'column_encodings': [columns[c] for c in self.column_names]}
+
+    return StoredBytesWriter(columns={c: 'bytes' if e in FILE_ENCODINGS else e for c, e in columns.items()},
+                             **kwargs)
 
 
 def empty_cache(cache_dir: str) -> None:
@@ -1548,11 +1574,11 @@ class CenterCrop:
     random: bool = False
     grouped = False  # one dataset per bucket group
 
-    def decode(self, data: bytes, rngs: dict[int, np.random.Generator | None]
+    def decode(self, data: bytes | Image.Image, rngs: dict[int, np.random.Generator | None]
                ) -> tuple[Image.Image, tuple[int, int], dict[int, Placement]]:
         """Decode once: (RGB image, its displayed size, {res: placement} for the resolutions it is large
         enough for). A JPEG decodes at the smallest DCT scale that still serves every placement."""
-        img = Image.open(io.BytesIO(data))
+        img = opened(data)
         size = full = img.size
         if img.format == 'JPEG':  # its EXIF is in the header; elsewhere getexif() may load() the pixels,
             size = displayed_size(img)  # and a second load() after a failed one returns what it got
@@ -2133,14 +2159,11 @@ class PartWriter(threading.Thread):
     def writer_for(self, group: str):
         """The part's MDSWriter of a group, at <out>/<group>/<part> (via the staging folder for a remote)."""
         if group not in self.writers:
-            from streaming import MDSWriter
-
             folder = '/'.join(f for f in (group, self.part.name) if f)
             target = join(self.out_root, folder)
             out = (os.path.join(self.staging, folder), target) if is_remote(self.out_root) else target
-            self.writers[group] = MDSWriter(out=out, columns=self.columns, compression=self.args.compression
-                                            or None, size_limit=self.args.size_limit, exist_ok=True,
-                                            max_workers=4)
+            self.writers[group] = mds_writer(self.columns, out=out, compression=self.args.compression or None,
+                                             size_limit=self.args.size_limit, exist_ok=True, max_workers=4)
         return self.writers[group]
 
     def open_part(self, part: Part) -> None:
@@ -2437,6 +2460,14 @@ def report(summary: dict, path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
+def nothing_written(summary: dict) -> str:
+    """The error of a run in which every sample was skipped: no index.json is written."""
+    reasons = Counter(s['reason'].split(';')[0] for s in summary['skipped_samples'])
+    said = ', '.join(f'{n} x {reason}' for reason, n in reasons.most_common(2))
+    return (f'no sample written: each of the {summary["input_samples"]} input images was skipped ({said}), '
+            f"so no {INDEX} either; the summary names each one: check the input's `{IMAGE_COLUMN}` column")
+
+
 def nothing_encoded(args: argparse.Namespace) -> str:
     """The error of a run that wrote samples but no latent at all: every image was too small."""
     bucket = re.fullmatch(r'(\d+)-(\d+)', args.bucket)
@@ -2673,14 +2704,16 @@ def main(argv: list[str] | None = None) -> None:
             dist.barrier()
         if rank == 0:
             summary, markers = summarize(args, plan, stats, world, None)
-            if not summary['parts_missing']:  # no index a reader would take for the whole set
-                merge_parts(plan, markers, args.download_timeout)
+            if not summary['parts_missing'] and summary['written']:  # no index a reader would take for
+                merge_parts(plan, markers, args.download_timeout)  # the whole set, nor one of nothing
             report(summary, summary_path(args))
             shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:
                 raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; '
                                 'rerun the same command')
-            if summary['written'] and not any(summary['encoded'].values()):
+            if not summary['written']:
+                raise UserError(nothing_written(summary))
+            if not any(summary['encoded'].values()):
                 raise UserError(nothing_encoded(args))
             if args.preview:
                 preview(args, pl.out, device, summary_path(args))

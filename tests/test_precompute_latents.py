@@ -33,7 +33,7 @@ from testbed.mds_input import (
     write_mds_input,
 )
 from testbed.readback import read_mds
-from testbed.scripts import load_script
+from testbed.scripts import load_script, run_main
 
 HIDDEN = 1024
 BROKEN = {'truncated.jpg', 'random.bin', 'empty.jpg'}
@@ -689,3 +689,59 @@ def test_input_read_in_place_from_local_is_not_taken_for_an_overlap(tmp_path):
     args = script.parse_args(['--local', str(local), '--remote_upload', str(local / 'out')])
     with pytest.raises(script.UserError, match=r'the output .* is inside the input'):
         script.check_places(args, script.places(args))
+
+# ---- images in streaming's own encodings; a run that writes nothing ----------------------------------------
+
+@pytest.mark.parametrize('encoding', ['jpeg', 'pil'])
+def test_images_in_streamings_jpeg_or_pil_encoding_are_encoded_and_kept_as_they_are(encoding, models,
+                                                                                     tiny_model, tmp_path):
+    """MDS datasets often store images with streaming's `jpeg` (or `png`, `pil`) encoding, which its reader
+    hands out as a PIL image: every sample was skipped ('a bytes-like object is required') and an empty
+    index written with exit 0. Now each image is encoded as its bytes would be, and the output's `jpg`
+    keeps its encoding and the stored picture (a JPEG as stored: never re-encoded, nor left at the
+    smaller DCT scale it was decoded at)."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f'{i}.jpg')
+        files[-1].write_bytes(make_jpeg(150 + 9 * i, 140, seed=i))  # decoded at 1/2 scale for 64 px
+    # jpeg: an image opened from its file is stored as the file's bytes; pil: as its pixels
+    images = [Image.open(f) if encoding == 'jpeg' else Image.open(f).convert('RGB') for f in files]
+    rows = [{**make_row(i, f.read_bytes(), f.name), 'jpg': img}
+            for i, (f, img) in enumerate(zip(files, images))]
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, columns={**COLUMNS, 'jpg': encoding})
+    code, _, err = run_main('precompute_latents.py', '--local', tmp_path / 'mds', '--bucket', UNBUCKETED,
+                            '--remote_upload', tmp_path / 'out', '--model_name', tiny_model, '--resolutions',
+                            64, '--latent_mode', 'mean', '--storage_dtype', 'float32', '--num_workers', 0)
+    assert code == 0, err[-3000:]
+    out = tmp_path / 'out' / UNBUCKETED
+    index = json.loads((out / 'index.json').read_text())['shards'][0]
+    assert dict(zip(index['column_names'], index['column_encodings']))['jpg'] == encoding
+    got = read_mds(str(out))
+    assert [o['key'] for o in got] == [r['key'] for r in rows]
+    vae = models[0]
+    for o, f in zip(got, files):
+        assert np.array_equal(np.asarray(o['jpg']), np.asarray(Image.open(f).convert('RGB'))), f.name
+        stored = f.read_bytes() if encoding == 'jpeg' else encode(Image.open(f).convert('RGB'), 'PNG')
+        with torch.inference_mode(), one_thread():  # a JPEG's at its DCT scale, the pixels' as they are
+            want = vae.encode(reference_pixels(stored, 64, [64])).latent_dist.mean[0].numpy()
+        np.testing.assert_allclose(np.frombuffer(o['latents_64'], np.float32).reshape(want.shape),
+                                   want * vae.config.scaling_factor, atol=1e-4, rtol=1e-3, err_msg=f.name)
+
+
+def test_a_run_that_skips_every_image_fails_and_writes_no_index(tiny_model, tmp_path):
+    """Every image undecodable: exit 2 with one line, the summary naming each sample, and no index.json
+    (which a reader would take for an empty dataset, or refuse: 'Stream contains no samples')."""
+    rows = [make_row(i, b'no image at all', f'broken_{i}.jpg') for i in range(3)]
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False)
+    code, out, err = run_main('precompute_latents.py', '--local', tmp_path / 'mds', '--bucket', UNBUCKETED,
+                              '--remote_upload', tmp_path / 'out', '--model_name', tiny_model,
+                              '--resolutions', 64, '--num_workers', 0, '--summary', tmp_path / 's.json')
+    assert code == 2 and 'Traceback' not in err, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith('error:')] == [
+        'error: no sample written: each of the 3 input images was skipped (3 x not an image format PIL can '
+        "read), so no index.json either; the summary names each one: check the input's `jpg` column"]
+    assert not (tmp_path / 'out' / UNBUCKETED / 'index.json').exists()
+    summary = json.loads((tmp_path / 's.json').read_text())
+    assert summary['written'] == 0
+    assert [s['key'] for s in summary['skipped_samples']] == [r['key'] for r in rows]
+    assert all(f"key={r['key']!r}" in out for r in rows)
