@@ -1783,7 +1783,8 @@ class BatchReader:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
-        batch: dict[str, Any] = {'job': job, 'samples': [], 'skipped': [], 'group': [], 'columns': []}
+        batch: dict[str, Any] = {'job': job, 'samples': [], 'skipped': [], 'noted': [], 'group': [],
+                                 'columns': []}
         shapes: dict[int, dict] = {r: {} for r in self.crop.tables}  # {res: {(h, w): {'pixels': [], ...}}}
         captions: dict[str, list[str]] = {k: [] for k in self.caption_keys}
         for sample_id in range(job.start, job.stop):
@@ -1791,14 +1792,17 @@ class BatchReader:
             rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.crop.random else None
                     for r in self.crop.tables}
             try:
-                img, size, placed = self.crop.decode(sample['jpg'], rngs)
-                pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
+                with noted() as notes:  # PIL's warnings, libtiff's words: named in the summary, not printed
+                    img, size, placed = self.crop.decode(sample['jpg'], rngs)
+                    pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
                 reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
                           else f'{type(err).__name__}: {last_line(err)}')
                 batch['skipped'].append({'id': sample_id, 'key': str(sample.get('key', '')),
-                                         'reason': reason})
+                                         'reason': '; '.join([reason, *notes])})
                 continue
+            if notes:
+                batch['noted'].append({'id': sample_id, 'key': str(sample.get('key', '')), 'notes': notes})
             row = len(batch['samples'])
             for r, px in pixels.items():
                 group = shapes[r].setdefault(px.shape[:2], defaultdict(list))
@@ -2169,8 +2173,8 @@ class PartWriter(threading.Thread):
     def open_part(self, part: Part) -> None:
         self.part, self.writers = part, {}  # the part's MDSWriter of each group ('': the output itself)
         self.stats = {'part': part.name, 'first_sample': part.first, 'num_samples': part.last - part.first,
-                      'written': 0, 'skipped': [], 'encoded': {str(r): 0 for r in self.resolutions},
-                      'rank': int(os.environ.get('RANK', 0)), 'fp32_fallback': Counter(),
+                      'written': 0, 'skipped': [], 'noted': [], 'rank': int(os.environ.get('RANK', 0)),
+                      'encoded': {str(r): 0 for r in self.resolutions}, 'fp32_fallback': Counter(),
                       'latent_bytes': 0, 'groups': Counter(), 'truncated': {}, 'started': time.time()}
 
     def write_batch(self, batch: dict[str, Any], latents: dict[str, Any]) -> None:
@@ -2197,6 +2201,7 @@ class PartWriter(threading.Thread):
                                               for k, v in out.items() if k not in sample)
         self.stats['written'] += len(batch['samples'])
         self.stats['skipped'] += batch['skipped']
+        self.stats['noted'] += batch['noted']
         for key, cut in batch['cut'].items():  # captions cut per encoder
             self.stats['truncated'][key] = np.add(self.stats['truncated'].get(key, 0), cut).tolist()
         self.stats['fp32_fallback'].update(latents['_fallback'])
@@ -2400,6 +2405,8 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
     markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), args.download_timeout)
     missing = [p.name for p in plan.parts if p.name not in markers]
     skipped = [s for m in markers.values() for s in m['skipped']]
+    noted = [s for m in markers.values() for s in m.get('noted', [])]  # decoded with PIL's or libtiff's words
+    before = len(plan.parts) - len(plan.pending)  # finished by earlier runs
     encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
     written = sum(m['written'] for m in markers.values())
     fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
@@ -2415,8 +2422,8 @@ def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], w
         'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
                                          / max(written, 1), 1),
         'fp32_fallback_batches': dict(fallback), 'truncated_captions': truncated,
-        'skipped_samples': skipped, 'encoded': encoded, 'parts': len(plan.parts),
-        'parts_this_run': len(plan.pending), 'parts_before': len(plan.parts) - len(plan.pending),
+        'skipped_samples': skipped, 'noted': len(noted), 'noted_samples': noted, 'encoded': encoded,
+        'parts': len(plan.parts), 'parts_this_run': len(markers) - before, 'parts_before': before,
         'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
         'seconds_rank0': round(run_stats['seconds'], 3),
         'samples_per_s_rank0': round(run_stats['samples'] / max(run_stats['seconds'], 1e-9), 2),
@@ -2434,8 +2441,9 @@ def report(summary: dict, path: str) -> None:
         f'output  {summary["output"]}: {summary["written"]} samples written, {summary["skipped"]} skipped',
         'latents ' + ', '.join(f'{r}px: {n}' for r, n in summary['encoded'].items())
         + f'; family {summary["family"]}, {summary["latent_bytes_per_sample"]:.0f} bytes/sample added',
-        f'parts   {summary["parts"]} ({summary["parts_this_run"]} this run, {summary["parts_before"]} '
-        f'done before), world size {summary["world_size"]}',
+        f'parts   {summary["parts"]}: {summary["parts_this_run"]} done this run, {summary["parts_before"]} '
+        f'before' + f', {len(summary["parts_missing"])} left' * bool(summary['parts_missing'])
+        + f'; world size {summary["world_size"]}',
         f'speed   rank 0: {summary["samples_this_run_rank0"]} samples in {summary["seconds_rank0"]:.1f} s '
         f'({summary["samples_per_s_rank0"]:.1f} samples/s'
         + (f'; {summary["steady_samples_per_s_rank0"]:.1f} after the first batch)'
@@ -2453,6 +2461,12 @@ def report(summary: dict, path: str) -> None:
         lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')
     if summary['skipped'] > 10:
         lines.append(f'... and {summary["skipped"] - 10} more skipped (see the JSON)')
+    if summary['noted']:  # decoded and kept, but PIL warned or libtiff complained: counted, by what was said
+        said = Counter(' '.join(n.split())[:80] for s in summary['noted_samples'] for n in s['notes'])
+        lines.append(f'noted   {summary["noted"]} image(s) decoded with a warning from PIL or libtiff (kept; '
+                     'each named under noted_samples in the JSON): '
+                     + '; '.join(f'{n} x {text}' for text, n in said.most_common(3))
+                     + ' ...' * (len(said) > 3))
     if summary.get('interrupted'):
         lines.append(f'stopped by {summary["interrupted"]}: {len(summary["parts_missing"])} parts left, '
                      'no index.json yet; rerun the same command to resume')
@@ -2581,7 +2595,8 @@ def preview_row(sample_id: int, sample: dict[str, Any], columns: list[tuple[int,
                 vae, device: torch.device) -> tuple[list[Image.Image | str], str]:
     """One sample's tiles (per stored resolution: source crop, decoded latent) and its text."""
     crop = CenterCrop({res: ((res, res),) for res, _ in columns})  # decoded as center mode decodes
-    img = crop.decode(sample['jpg'], dict.fromkeys(crop.tables))[0] if IMAGE_COLUMN in sample else None
+    with noted():  # said of this image when it was encoded (in the summary): not again, after it
+        img = crop.decode(sample['jpg'], dict.fromkeys(crop.tables))[0] if IMAGE_COLUMN in sample else None
     tiles: list[Image.Image | str] = []
     for res, column in columns:
         if not sample[column]:

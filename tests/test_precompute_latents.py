@@ -573,7 +573,7 @@ def test_sigterm_stops_with_a_summary_and_the_rerun_completes(root, tiny_model, 
     try:
         wait_for(lambda: markers(out), proc)
         os.kill(proc.pid, signal.SIGTERM)  # how a platform stops a job
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         kill_group(proc.pid)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -583,6 +583,10 @@ def test_sigterm_stops_with_a_summary_and_the_rerun_completes(root, tiny_model, 
         'command to resume']
     summary = json.loads((tmp_path / 's.json').read_text())
     assert summary['interrupted'] == 'SIGTERM' and summary['parts_missing']
+    done, total = len(markers(out)), summary['parts']  # the summary counts the parts finished, not planned
+    assert (summary['parts_this_run'], summary['parts_before'], len(summary['parts_missing'])) == \
+        (done, 0, total - done)
+    assert f'parts   {total}: {done} done this run, 0 before, {total - done} left; world size 1' in stdout
     assert not (out / 'index.json').exists()  # no index a reader would take for the whole set
     time.sleep(0.5)
     assert not group_alive(proc.pid)  # no worker left behind

@@ -139,14 +139,15 @@ def encoded(tiny_model, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp('latents')
     rows = rows_for(list(real_items()))
     write_mds_input(str(tmp / 'local'), rows, bucketed=False)
-    code, out, err = run_main(
-        'precompute_latents.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
-        tmp / 'out', '--model_name', tiny_model, '--resolutions', *RESOLUTIONS, '--latent_mode', 'mean',
-        '--storage_dtype', 'float32', '--num_workers', 0, '--threads', 1, '--batch-size', 8,
-        '--summary', tmp / 's.json')
+    with c_stderr() as printed:
+        code, out, err = run_main(
+            'precompute_latents.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
+            tmp / 'out', '--model_name', tiny_model, '--resolutions', *RESOLUTIONS, '--latent_mode', 'mean',
+            '--storage_dtype', 'float32', '--num_workers', 0, '--threads', 1, '--batch-size', 8,
+            '--summary', tmp / 's.json')
     assert code == 0, err[-3000:]
     return {'rows': rows, 'got': read_mds(str(tmp / 'out' / UNBUCKETED)), 'stdout': out,
-            'summary': json.loads((tmp / 's.json').read_text())}
+            'summary': json.loads((tmp / 's.json').read_text()), 'printed': printed[0] + err}
 
 
 def shown_crop(data: bytes, res: int) -> torch.Tensor | None:
@@ -198,6 +199,25 @@ def test_latents_skip_and_name_each_undecodable_real_file_and_warn_of_an_empty_r
         assert f"key={keys[it.name]!r}" in encoded['stdout'], (it.name, KINDS[it.name][0])
     assert ("warning no image is large enough for 512 px (images are not upscaled): latents_512 is b'' "
             'in every sample') in encoded['stdout'].splitlines()
+
+
+def test_latents_name_what_pil_and_libtiff_said_and_print_none_of_it(encoded):
+    """libtiff's complaint about the WebP-compressed TIFF, PIL's DecompressionBombWarning about the BMP that
+    declares 151 M pixels and its "Corrupt EXIF data" about a kept JPEG: each named with its sample in the
+    summary (the reason of a skip, a note of a kept image), none printed into the progress bar."""
+    keys = {r['url'].rsplit('/', 1)[1]: r['key'] for r in encoded['rows']}
+    summary = encoded['summary']
+    reasons = {s['key']: s['reason'] for s in summary['skipped_samples']}
+    assert reasons[keys['webp_compressed.tif']] == ('OSError: decoder error -2; libtiff: WEBP compression '
+                                                    'support is not configured')
+    assert 'DecompressionBombWarning: Image size (151587072 pixels) exceeds limit' in \
+        reasons[keys['bmp_bomb.bmp']]
+    noted = {s['key']: s['notes'] for s in summary['noted_samples']}
+    assert summary['noted'] == len(noted) and set(noted) == {keys['bad_exif.jpg']}
+    assert noted[keys['bad_exif.jpg']][0].startswith('UserWarning: Corrupt EXIF data.')
+    assert ('noted   1 image(s) decoded with a warning from PIL or libtiff (kept; each named under '
+            'noted_samples in the JSON): 1 x UserWarning: Corrupt EXIF data.') in encoded['stdout']
+    assert 'WEBP' not in encoded['printed'] and 'Warning' not in encoded['printed'], encoded['printed']
 
 
 def test_latents_of_a_bucket_below_every_resolution_exit_2_and_say_why(tiny_model, tmp_path):
