@@ -28,9 +28,10 @@ to skip finished parts; other settings or another input are refused. Rank 0 merg
 all ranks finish.
 
 Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
-line (a flag, the model, the places, a rerun's other settings, parts left unfinished, no latent at all
-because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after
-SIGTERM (143) or Ctrl-C (130): finished parts are kept.
+line (a flag, the model, the input, the places, a rerun's other settings, parts left unfinished, no
+sample at all because every image was skipped, no latent at all because every image is smaller than
+--resolutions, a failed `--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130):
+finished parts are kept.
 """
 
 from __future__ import annotations
@@ -498,8 +499,9 @@ def check_args(args: argparse.Namespace, pl: Places) -> None:
     if twice := sorted({r for r in args.resolutions if args.resolutions.count(r) > 1}):
         raise UserError(f'--resolutions {" ".join(map(str, args.resolutions))}: {twice[0]} is given twice; '
                         'list each resolution once (each makes one latents_<res> column)')
-    if len(set(args.caption_keys)) < len(args.caption_keys):
-        raise UserError(f'--caption_keys {" ".join(args.caption_keys)}: a key is given twice; list each once')
+    for flag, names in (('--caption_keys', args.caption_keys), ('--drop_columns', args.drop_columns)):
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise UserError(f'{flag} {" ".join(names)}: {twice[0]} is given twice; list each once')
     if not args.remote_upload:
         raise UserError('--remote_upload is required: where to write the output dataset')
     if args.random_crop and args.crop != 'aspect':
@@ -604,6 +606,7 @@ class Vae:
     frames: bool = False  # a video VAE: pixels and latents carry a frame axis of 1, (N, C, 1, H, W)
     patch: int = 1  # its pipeline patchifies p x p before normalising: channels x p^2, side / p
     bucket_latents: int = 1  # a bucket's latent side is a multiple of this (8 for the UNet families)
+    pixels: str = 'in_channels'  # config key of the input channels: 3, as the pictures are RGB
 
 
 VAES = {v.class_name: v for v in (
@@ -616,7 +619,8 @@ VAES = {v.class_name: v for v in (
         'inverse: __call__ (latents * bn_std + bn_mean), _unpatchify_latents', patch=2),
     Vae('AutoencoderKLQwenImage', 'z_dim', 'temperal_downsample', 0, 'mean_std',
         'diffusers/pipelines/qwenimage/pipeline_qwenimage_img2img.py: QwenImageImg2ImgPipeline.'
-        '_encode_vae_image; inverse: pipeline_qwenimage.py QwenImagePipeline.__call__', frames=True),
+        '_encode_vae_image; inverse: pipeline_qwenimage.py QwenImagePipeline.__call__', frames=True,
+        pixels='input_channels'),
     Vae('AutoencoderDC', 'latent_channels', 'encoder_block_out_channels', -1, 'factors',
         'diffusers/pipelines/sana/pipeline_sana_sprint_img2img.py: vae.encode(image).latent * '
         'scaling_factor; inverse: pipeline_sana.py SanaPipeline.__call__, latents / scaling_factor',
@@ -747,6 +751,10 @@ def find_vae(model_name: str, flag: str) -> ImageLatents:
     for key in (row.channels, row.blocks):
         if not isinstance(cfg.get(key), (int, list, tuple)):
             raise UserError(f'{where}/config.json has no usable `{key}`, which a {name} needs')
+    if cfg.get(row.pixels) != 3:
+        raise UserError(f'{where}/config.json: {name} with {row.pixels} {cfg.get(row.pixels)}, but the '
+                        'images are RGB (3 channels): not a VAE of pictures; give '
+                        f'{"--vae" if flag else "--model_name"} one whose config.json says 3')
 
     def load():  # the weights, on the CPU, for a row whose constants live there
         return load_module(folder, sub, name, torch.device('cpu'), torch.float32)
@@ -885,8 +893,8 @@ def pick_family(model_name: str, flag: str) -> Family:
 
 def check_model_folder(model_name: str, family: Family, own_vae: bool = True) -> None:
     """A local model folder must have vae/ and each text encoder and tokenizer subfolder of its family,
-    each encoder of the class the family reads, or of its kin (as its config.json `architectures` names
-    it). A path that is no folder was refused by check_model_name."""
+    each encoder of the class the family reads, or of its kin, and each tokenizer's files (check_encoder).
+    A path that is no folder was refused by check_model_name."""
     for enc in family.encoders:
         if enc.folder and not os.path.isdir(enc.folder):
             check_model_name(enc.folder)
@@ -897,13 +905,82 @@ def check_model_folder(model_name: str, family: Family, own_vae: bool = True) ->
         if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, sub)):
             raise UserError(f'model folder {folder} has no {sub}/ (the {family.name} layout: {layout})')
     for enc in family.encoders:
-        with contextlib.suppress(OSError, ValueError):  # no readable config: from_pretrained says why
-            with open(os.path.join(enc.folder or model_name, enc.subfolder, 'config.json')) as f:
-                found = json.load(f).get('architectures') or []
-            if found and not any(kin(enc.model_class) == kin(c) for c in found):
-                raise UserError(f'model folder {enc.folder or model_name}: {enc.subfolder or "."}/ holds '
-                                f'{found[0]}, but the {family.name} layout expects {enc.model_class} there '
-                                f'({layout}); pass the family of that folder')
+        if os.path.isdir(enc.folder or model_name) and not enc.package:  # OpenCLIP's: read_config says
+            check_encoder(enc, enc.folder or model_name, family.name, layout)
+
+
+def check_encoder(enc: TextEncoder, folder: str, family: str, layout: str) -> None:
+    """A local text encoder: its config.json is that of the class the recipe or layout reads (by
+    `architectures`, else `model_type`), and its tokenizer's files are there; else one line that names
+    what the folder holds and which recipe, subfolder or family would read it."""
+    where = os.path.join(folder, enc.subfolder).rstrip('/')
+    reader = f'the {enc.recipe} recipe' if enc.recipe else f'the {family} layout'
+    config = read_config(where)
+    if config is None or 'model_type' not in config and 'architectures' not in config:
+        pipeline = os.path.isfile(os.path.join(where, 'model_index.json'))
+        what = ('a pipeline (model_index.json)' if pipeline else f'a diffusers {config["_class_name"]}'
+                if config and '_class_name' in config else 'no config.json of a transformers model')
+        raise UserError(f'{where} holds {what}, not a text encoder: {reader} reads a {enc.model_class}'
+                        + encoders_in(folder if enc.subfolder else where, enc))
+    if not holds(config, enc.model_class):
+        held = (config.get('architectures') or [None])[0] or f'a {config["model_type"]} model'
+        if not enc.recipe:
+            raise UserError(f'model folder {folder}: {enc.subfolder or "."}/ holds {held}, but {reader} '
+                            f'expects {enc.model_class} there ({layout}); pass the family of that folder')
+        fitting = [r for r, e in RECIPES.items() if not e.package and holds(config, e.model_class)]
+        raise UserError(f'{where} holds {held}, but {reader} reads {enc.model_class}; ' + (
+            f'give that folder with the recipe of its encoder ({", ".join(fitting)})' if fitting
+            else 'give a folder that holds one'))
+    tokenizer = os.path.join(folder, enc.tokenizer).rstrip('/')
+    files = tokenizer_files(enc.tokenizer_class)
+    if not any(all(os.path.isfile(os.path.join(tokenizer, f)) for f in group) for group in files):
+        held = (read_config(tokenizer, 'tokenizer_config.json') or {}).get('tokenizer_class')
+        raise UserError(f'{tokenizer} holds no {enc.tokenizer_class} files ('
+                        + ' or '.join(' + '.join(g) for g in files) + ')' + f', but a {held}' * bool(held)
+                        + f": {reader} reads {where}'s tokenizer there (a text_encoder* subfolder's in the "
+                        "tokenizer* beside it); save the encoder's own tokenizer there")
+
+
+def read_config(folder: str, name: str = 'config.json') -> dict | None:
+    """A JSON file of a model folder as a dict; None when absent or unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(folder, name)) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    return None
+
+
+def holds(config: dict, model_class: str) -> bool:
+    """Whether a config.json is that of `model_class` or its kin: by `architectures`, else by `model_type`
+    (a composite config's part included, as a CLIP's text model is read from a whole CLIP's folder)."""
+    if found := config.get('architectures'):
+        return any(kin(model_class) == kin(c) for c in found)
+    import transformers
+
+    cfg = getattr(transformers, model_class).config_class
+    part = config.get(cfg.base_config_key) if cfg.base_config_key else None
+    return config.get('model_type') == cfg.model_type or (isinstance(part, dict)
+                                                           and part.get('model_type') == cfg.model_type)
+
+
+def encoders_in(folder: str, enc: TextEncoder) -> str:
+    """A hint naming the text_encoder* subfolders of a pipeline `folder` that hold `enc`'s class."""
+    subs = sorted(d for d in os.listdir(folder) if d.startswith('text_encoder')
+                  and holds(read_config(os.path.join(folder, d)) or {}, enc.model_class)) \
+        if os.path.isdir(folder) else []
+    return f'; e.g. {enc.recipe or "RECIPE"}={folder}:{subs[0]}' if subs else ''
+
+
+def tokenizer_files(class_name: str) -> list[tuple[str, ...]]:
+    """The file sets a tokenizer class loads from (any one set): a fast one's tokenizer.json, or the
+    files of its slow kind."""
+    import transformers
+
+    if class_name == 'AutoTokenizer':
+        return [('tokenizer.json',), ('tokenizer_config.json',)]
+    names = dict(getattr(transformers, class_name).vocab_files_names)
+    fast = [(names.pop('tokenizer_file'),)] if 'tokenizer_file' in names else []
+    return fast + [tuple(names.values())]
 
 
 def kin(class_name: str) -> str:
@@ -1052,8 +1129,11 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
 
 
 def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
-    """The shard list of the input dataset at `src` (a copy is kept in `cache`)."""
+    """The shard list of the input dataset at `src` (a copy is kept in `cache`): an MDS index with shards,
+    and for a local input every shard file it lists there."""
     url = join(src, INDEX)
+    if not is_remote(src) and not os.path.isfile(url):
+        raise UserError(f'no input dataset at {src}: it has no {INDEX}{datasets_below(src)}')
     os.makedirs(cache, exist_ok=True)
     local = os.path.join(cache, INDEX)
     with failing(f'cannot read the input dataset index {url}: '):  # unreachable, missing, corrupt
@@ -1061,11 +1141,35 @@ def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
             fetch(url, local, timeout)
         with open(local) as f:
             obj = json.load(f)
-    shards = obj.get('shards', [])
+    shards = obj.get('shards') if isinstance(obj, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and set(SHARD_RECORD) <= s.keys()
+                                               for s in shards):
+        raise UserError(f'{url} is not an MDS index (a "shards" list of records with '
+                        f'{", ".join(SHARD_RECORD)}); give the output of laion_cloudwriter.py or of '
+                        "streaming's MDSWriter")
+    if not shards:
+        raise UserError(f'{url} lists no shards: the input dataset is empty, nothing to encode; check '
+                        '--remote_download, --local, --bucket and --subfolder')
     for shard in shards:
         if shard.get('format') != 'mds':
             raise UserError(f'{url}: only MDS shards are supported, found {shard.get("format")!r}')
+    gone = [] if is_remote(src) else [s['raw_data']['basename'] for s in shards if not any(
+        os.path.isfile(os.path.join(src, f['basename'])) for f in (s['raw_data'], s['zip_data']) if f)]
+    if gone:
+        raise UserError(f'{src}: {len(gone)} of the {len(shards)} shard files its {INDEX} lists are not '
+                        f'there ({gone[0]}{", ..." * (len(gone) > 1)}): the dataset is incomplete; copy them '
+                        'there again, or rebuild it')
     return shards
+
+
+def datasets_below(src: str) -> str:
+    """A hint naming the datasets one folder below a local `src` (a forgotten --subfolder); '' for none."""
+    below = sorted(d for d in os.listdir(src) if os.path.isfile(os.path.join(src, d, INDEX))) \
+        if os.path.isdir(src) else []
+    if not below:
+        return '' if os.path.isdir(src) else ' (no such folder)'
+    where = ', '.join(f'{src}/{d}/{INDEX}' for d in below[:3]) + ' ...' * (len(below) > 3)
+    return f', but {where} {"exists" if len(below) == 1 else "exist"}: pass --subfolder {below[0]}'
 
 
 def index_digest(shards: list[dict]) -> str:
@@ -1074,16 +1178,25 @@ def index_digest(shards: list[dict]) -> str:
 
 
 def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict[str, str]:
-    """{column name: MDS encoding} of the input, checked for the columns the script needs."""
-    if not shards:
-        return {}
+    """{column name: MDS encoding} of the input, checked for the columns the script reads: images in
+    `jpg`, text in each caption key."""
     columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings']))
     if any(dict(zip(s['column_names'], s['column_encodings'])) != columns for s in shards[1:]):
         raise UserError(f'{src}: shards disagree on their columns')
-    for name in [IMAGE_COLUMN, *caption_keys]:
-        if name not in columns:
-            raise UserError(f'{src}: the input has no `{name}` column (columns: {", ".join(columns)}); '
-                            'check --caption_keys')
+    listed = ', '.join(f'{c} ({e})' for c, e in columns.items())
+    if columns.get(IMAGE_COLUMN) not in IMAGE_ENCODINGS:
+        what = 'has no' if IMAGE_COLUMN not in columns else f'has a {columns[IMAGE_COLUMN]}'
+        raise UserError(f'{src}: the input {what} `{IMAGE_COLUMN}` column of images (columns: {listed}); '
+                        f'this script reads each image from `{IMAGE_COLUMN}` (encoded '
+                        f'{", ".join(IMAGE_ENCODINGS)}): write the dataset with its images there')
+    for key in caption_keys:
+        if key not in columns:
+            raise UserError(f'{src}: the input has no `{key}` column (columns: {listed}); check '
+                            '--caption_keys')
+        if columns[key] != 'str':
+            texts = ', '.join(c for c, e in columns.items() if e == 'str') or 'none'
+            raise UserError(f"--caption_keys {key}: the input's `{key}` column holds {columns[key]}, not "
+                            f"text (str); name text columns (the input's: {texts})")
     return columns
 
 
@@ -1215,6 +1328,11 @@ class Plan:
 def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     """Rank 0: find the input, check it and the model, and list the parts still to do."""
     check_output_format(args.size_limit, args.compression)
+    shards = read_input_index(pl.src, pl.cache, args.download_timeout)
+    columns = input_columns(shards, pl.src, args.caption_keys)
+    if unknown := [c for c in args.drop_columns if c not in columns]:
+        raise UserError(f'--drop_columns {unknown[0]}: the input has no such column (columns: '
+                        f'{", ".join(columns)})')
     family = composed(args.text_encoder) if args.text_encoder else pick_family(args.model_name, args.family)
     check_family_flags(args, family)
     if args.t5_storage == 'trimmed':  # an LLM's padded states: keep the rows under the mask, as variable
@@ -1223,11 +1341,6 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     check_model_folder(args.model_name, family, own_vae=not args.vae)
     image = find_vae(args.model_name, args.vae)
     multiple, step = bucket_rule(image, family, args.resolutions)
-    shards = read_input_index(pl.src, pl.cache, args.download_timeout)
-    columns = input_columns(shards, pl.src, args.caption_keys)
-    if unknown := [c for c in args.drop_columns if c not in columns]:
-        raise UserError(f'--drop_columns {unknown[0]}: the input has no such column (columns: '
-                        f'{", ".join(columns)})')
     tokenizers = load_tokenizers(args.model_name, family)
     crop = make_crop(args.crop, args.resolutions, step, args.max_aspect or MAX_ASPECT, args.random_crop)
     convention = make_convention(args, family, tokenizers, image.record(args.latent_mode, multiple), crop)
@@ -1242,7 +1355,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     settings = {'model_name': args.model_name, 'latent_mode': args.latent_mode, 'seed': args.seed,
                 'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
                 'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
-                'batch_size': args.batch_size, 'input_samples': parts[-1].last if parts else 0,
+                'batch_size': args.batch_size, 'input_samples': parts[-1].last,
                 'input_index': index_digest(shards)}
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop

@@ -218,7 +218,8 @@ def test_composed_refusals_are_one_line_before_a_model_loads(outputs, clip_folde
         (['--text_encoder', f't5={clip_folder}', '--text_encoder', f't5={clip_folder}'], 'given twice'),
         (['--text_encoder', f't5={clip_folder}', '--family', 'zimage'], 'a composed run has no family'),
         (['--text_encoder', f'clip-g={clip_folder}'],  # a CLIPTextModel where the recipe reads a projection
-         'holds CLIPTextModel, but the composed layout expects CLIPTextModelWithProjection'),
+         f'{clip_folder} holds CLIPTextModel, but the clip-g recipe reads CLIPTextModelWithProjection; give '
+         'that folder with the recipe of its encoder (clip-l, clip-penultimate)'),
         (['--text_encoder', f'qwen3-hidden-2={zimage}:text_encoder_2'], f'model folder {zimage} has no '
          'text_encoder_2/'),
         (['--text_encoder', f't5={tmp_path}/no-such-folder'], 'no such folder'),
@@ -260,6 +261,7 @@ def test_a_language_model_folder_of_either_head_is_accepted(tmp_path):
         folder = tmp_path / held
         folder.mkdir(exist_ok=True)
         (folder / 'config.json').write_text(json.dumps({'architectures': [held]}))
+        (folder / 'tokenizer.json').write_text('{}')  # a fast tokenizer's file: the class alone is checked
         family = script.composed([(name, str(folder), '')])
         if accepted:
             script.check_model_folder(str(tmp_path / 'pipeline'), family)

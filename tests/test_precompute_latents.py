@@ -23,6 +23,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from testbed.corpus import build_corpus, encode, make_jpeg, photo_like
+from testbed.families import CLIP_L, build_tiny_family, write_clip
+from testbed.llm_families import build_llm_family
 from testbed.mds_input import (
     COLUMNS,
     ENDPOINT_VARIABLES,
@@ -749,3 +751,109 @@ def test_a_run_that_skips_every_image_fails_and_writes_no_index(tiny_model, tmp_
     assert summary['written'] == 0
     assert [s['key'] for s in summary['skipped_samples']] == [r['key'] for r in rows]
     assert all(f"key={r['key']!r}" in out for r in rows)
+
+
+# ---- mistakes the index, the columns or a config tell: one line each, before a model loads ---------------
+
+@pytest.fixture(scope='module')
+def mistakes(tmp_path_factory, tiny_model, tiny_input) -> Path:
+    """Inputs and model folders, each with one mistake a new user makes (issue 34), beside tiny_input's."""
+    from diffusers import AutoencoderKL
+
+    bed = tmp_path_factory.mktemp('mistakes')
+    rows = [make_row(i, encode(photo_like(80, 70, i), 'JPEG'), f'{i}.jpg') for i in range(2)]
+    no_jpg = {k: v for k, v in COLUMNS.items() if k != 'jpg'}
+    write_mds_input(str(bed / 'png'), [{**r, 'png': Image.open(io.BytesIO(r['jpg']))} for r in rows],
+                    bucketed=False, columns={**no_jpg, 'png': 'png'})  # images, but in `png`
+    write_mds_input(str(bed / 'none_caption'), [{**r, 'caption': None} for r in rows], bucketed=False,
+                    columns={**COLUMNS, 'caption': 'json'})
+    write_mds_input(str(bed / 'sub'), rows, bucketed=False, subfolder='train')  # needs --subfolder train
+    shutil.copytree(tiny_input / 'ok', bed / 'missing')
+    for shard in (bed / 'missing' / UNBUCKETED).glob('*.mds'):
+        shard.unlink()  # listed in its index.json, not there
+    for name, index in (('empty', {'version': 2, 'shards': []}), ('garbage', [1, 2]),
+                        ('garbage_shard', {'version': 2, 'shards': [{'format': 'mds', 'samples': 2}]})):
+        (bed / name / UNBUCKETED).mkdir(parents=True)
+        (bed / name / UNBUCKETED / 'index.json').write_text(json.dumps(index))
+    build_tiny_family(bed / 'flux', 'flux')  # text_encoder/ CLIP-L, text_encoder_2/ T5, tokenizer_2/ T5's
+    build_llm_family(bed / 'qwen', 'qwenimage')  # text_encoder/ Qwen2.5-VL (config.json: no architectures)
+    write_clip(bed / 'clip', CLIP_L, projection=False)  # a CLIP text model without its tokenizer
+    (bed / 't5_tokenizer').mkdir()  # a CLIP text_encoder/ beside a T5 tokenizer/
+    (bed / 't5_tokenizer' / 'text_encoder').symlink_to(tiny_model / 'text_encoder')
+    (bed / 't5_tokenizer' / 'tokenizer').symlink_to(bed / 'flux' / 'tokenizer_2')
+    AutoencoderKL(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(8,),
+                  layers_per_block=1, norm_num_groups=8).save_pretrained(bed / 'vae4')  # of 4-channel inputs
+    return bed
+
+
+def test_mistakes_the_input_or_a_config_tells_are_one_line_each_before_a_model_loads(
+        mistakes, tiny_model, tiny_input, tmp_path, monkeypatch):
+    """Each case once was a traceback, a message about None or 'rerun the same command to resume' (which
+    cannot help), or a run that wrote an empty index with exit 0. Now: exit 2, one line that names the
+    thing and says what to do, nothing written, and no model loaded to find out."""
+    import diffusers
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError('a model was loaded')
+
+    monkeypatch.setattr(transformers.PreTrainedModel, 'from_pretrained', classmethod(no_model))
+    monkeypatch.setattr(diffusers.ModelMixin, 'from_pretrained', classmethod(no_model))
+    bed, flux, qwen = mistakes, mistakes / 'flux', mistakes / 'qwen'
+
+    def given(*flags) -> list:  # the good input and these flags
+        return ['--remote_download', tiny_input / 'ok', *flags]
+
+    cases = {  # name: (flags, what the line says)
+        'an index with "shards": []': (['--remote_download', bed / 'empty'], [
+            f'{bed}/empty/{UNBUCKETED}/index.json lists no shards: the input dataset is empty']),
+        'an index that is a list': (['--remote_download', bed / 'garbage'], ['is not an MDS index']),
+        'a shard record without columns': (['--remote_download', bed / 'garbage_shard'], [
+            'is not an MDS index (a "shards" list of records with version, format, column_names']),
+        'shard files missing': (['--remote_download', bed / 'missing'], [
+            '1 of the 1 shard files its index.json lists are not there (shard.00000.mds): the dataset is '
+            'incomplete']),
+        'a forgotten --subfolder': (['--remote_download', bed / 'sub'], [
+            f'no input dataset at {bed}/sub/{UNBUCKETED}: it has no index.json, but '
+            f'{bed}/sub/{UNBUCKETED}/train/index.json exists: pass --subfolder train']),
+        'images in a png column': (['--remote_download', bed / 'png'], [
+            'the input has no `jpg` column of images', 'png (png)',
+            'write the dataset with its images there']),
+        'an int caption column': (given('--caption_keys', 'width'), [
+            "--caption_keys width: the input's `width` column holds int32, not text (str); name text "
+            "columns (the input's: caption, "]),
+        'a bytes caption column': (given('--caption_keys', 'jpg'), ['`jpg` column holds bytes, not text']),
+        'a caption column of None': (['--remote_download', bed / 'none_caption'], [
+            '`caption` column holds json, not text (str)']),
+        'a column dropped twice': (given('--drop_columns', 'jpg', 'jpg'), [
+            '--drop_columns jpg jpg: jpg is given twice; list each once']),
+        'a VAE of 4-channel inputs': (given('--vae', bed / 'vae4'), [
+            f'{bed}/vae4/config.json: AutoencoderKL with in_channels 4, but the images are RGB (3 channels)',
+            'give --vae one whose config.json says 3']),
+        'a CLIP without its tokenizer': (given('--text_encoder', f'clip-l={bed / "clip"}'), [
+            f'{bed}/clip holds no CLIPTokenizer files (vocab.json + merges.txt): the clip-l recipe reads']),
+        'a pipeline root as a text encoder': (given('--text_encoder', f'clip-l={flux}'), [
+            f'{flux} holds a pipeline (model_index.json), not a text encoder: the clip-l recipe reads a '
+            f'CLIPTextModel; e.g. clip-l={flux}:text_encoder']),
+        'a vae subfolder as a text encoder': (given('--text_encoder', f'clip-l={flux}:vae'), [
+            f'{flux}/vae holds a diffusers AutoencoderKL, not a text encoder',
+            f'e.g. clip-l={flux}:text_encoder']),
+        'a T5 tokenizer beside a CLIP': (given('--text_encoder', f'clip-l={bed}/t5_tokenizer:text_encoder'), [
+            f'{bed}/t5_tokenizer/tokenizer holds no CLIPTokenizer files (vocab.json + merges.txt), but a '
+            'T5Tokenizer']),
+        'a T5 for the clip-l recipe': (given('--text_encoder', f'clip-l={flux}:text_encoder_2'), [
+            f'{flux}/text_encoder_2 holds T5EncoderModel, but the clip-l recipe reads CLIPTextModel; give '
+            'that folder with the recipe of its encoder (t5, t5-masked)']),
+        'mistral3-stack on a Qwen2.5-VL': (given('--text_encoder', f'mistral3-stack={qwen}:text_encoder'), [
+            f'{qwen}/text_encoder holds a qwen2_5_vl model, but the mistral3-stack recipe reads '
+            'Mistral3ForConditionalGeneration; give that folder with the recipe of its encoder '
+            '(qwen2.5-vl)']),
+    }
+    for name, (flags, phrases) in cases.items():
+        out = tmp_path / name.replace(' ', '_')
+        line = refused(*flags, '--bucket', UNBUCKETED, '--local', tmp_path / 'cache', '--remote_upload', out,
+                       '--model_name', tiny_model, '--resolutions', 64)
+        for phrase in phrases:
+            assert phrase in line, (name, line)
+        assert 'rerun' not in line and '--family' not in line and 'NoneType' not in line, (name, line)
+        assert not out.exists(), name
