@@ -1366,14 +1366,48 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     check_output_is_ours(pl.out, names)
     markers = done_markers(pl.out, parts, names, args.download_timeout)
     for part_name, marker in markers.items():
-        if differ := first_difference(marker.get('settings', {}), settings):
-            k, old, new = differ[0], repr(differ[1])[:80], repr(differ[2])[:80]
-            raise UserError(f'{pl.out}/{part_name} was written with {k}={old}, this run has {new}: '
-                            'rerun with the same flags or write to a new --remote_upload')
+        if changed := what_changed(marker.get('settings', {}), settings):
+            raise UserError(f'{pl.out}/{part_name} was written with {changed}: rerun with the same flags or '
+                            'write to a new --remote_upload')
     pending = [p for p in parts if p.name not in markers]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
     put_text(pl.out, pl.staging, CONVENTION, json.dumps(convention, indent=1))
     return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings, image)
+
+
+def what_changed(old: dict, new: dict) -> str:
+    """What differs between a finished part's settings and this run's, said as the user gave it ('' when
+    nothing): the first setting that differs, or where that lies in the convention and the text encoders
+    or the VAE differ, those by name."""
+    if not (differ := first_difference(old, new)):
+        return ''
+    key, a, b = differ
+    before, now = old.get('convention') or {}, new['convention']
+    for part, name, named in (('text_encoders', '--text_encoder' if now['family'] == 'composed' else
+                               'the text encoders', encoders_named), ('image_latents', 'the VAE', vae_named)):
+        if key.startswith('convention.') and before.get(part) != now[part]:
+            return f'{name} {named(before)}, this run has {named(now)}'
+    return f'{key}={shown_value(a)}, this run has {shown_value(b)}'
+
+
+def encoders_named(convention: dict) -> str:
+    """A convention's text encoders as given: RECIPE=FOLDER[:SUBFOLDER] each (a family's: its subfolders)."""
+    return ' '.join(f'{e["recipe"]}={e["folder"]}' + f':{e["subfolder"]}' * bool(e['subfolder'])
+                    if e.get('recipe') else f'{e.get("subfolder")}/ ({e.get("class")})'
+                    for e in convention.get('text_encoders') or []) or 'none'
+
+
+def vae_named(convention: dict) -> str:
+    """A convention's VAE: where it is and its class (the model's own vae/ unless --vae named another)."""
+    image = convention.get('image_latents') or {}
+    where = image.get('vae') or f'{convention.get("model")}:vae'
+    return f'{where} ({image.get("vae_class", "AutoencoderKL")})'
+
+
+def shown_value(value: Any, width: int = 100) -> str:
+    """A setting's value for a message: its repr, cut at the end only when longer than `width`."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + '…'
 
 
 def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any] | None:

@@ -857,3 +857,23 @@ def test_mistakes_the_input_or_a_config_tells_are_one_line_each_before_a_model_l
             assert phrase in line, (name, line)
         assert 'rerun' not in line and '--family' not in line and 'NoneType' not in line, (name, line)
         assert not out.exists(), name
+
+
+def test_a_rerun_with_other_text_encoders_or_another_vae_names_them(mistakes, tiny_model, tiny_input,
+                                                                    tmp_path):
+    """A finished output written with three --text_encoder and the model's VAE: a rerun with two, or with
+    another --vae, is refused naming both sides as the flags give them (not a cut repr of a record)."""
+    flux, out = mistakes / 'flux', tmp_path / 'out'
+    three = [f'clip-l={tiny_model}:text_encoder', f't5={flux}:text_encoder_2',
+             f'clip-penultimate={flux}:text_encoder']
+    flags = ['--remote_download', tiny_input / 'ok', '--bucket', UNBUCKETED, '--local', tmp_path / 'cache',
+             '--remote_upload', out, '--model_name', tiny_model, '--resolutions', 64, '--num_workers', 0]
+    encoders = [a for t in three for a in ('--text_encoder', t)]
+    code, _, err = run_main('precompute_latents.py', *flags, *encoders)
+    assert code == 0, err[-3000:]
+    assert refused(*flags, *encoders[:4]) == (
+        f'error: {out}/{UNBUCKETED}/00000 was written with --text_encoder {" ".join(three)}, this run has '
+        f'{" ".join(three[:2])}: rerun with the same flags or write to a new --remote_upload')
+    assert refused(*flags, *encoders, '--vae', flux) == (
+        f'error: {out}/{UNBUCKETED}/00000 was written with the VAE {tiny_model}:vae (AutoencoderKL), this '
+        f'run has {flux} (AutoencoderKL): rerun with the same flags or write to a new --remote_upload')
