@@ -282,10 +282,10 @@ FAMILIES = {f.name: f for f in (
            # its reader does np.frombuffer(..., dtype=np.float32) on the latents and pooled vector
            # (diffusion/datasets/image_caption_latents.py), as its writer stores .float() bytes
            storage='float32', trimmable=False),
-    Family('zimage', ('ZImagePipeline',),  # a list of each caption's rows under the mask
-           (_llm('Qwen3ForCausalLM', 'Qwen2TokenizerFast', 512, 'penultimate', template='chat',
-                 chat_options=(('add_generation_prompt', True), ('enable_thinking', True)), variable=True,
-                 backbone='model'),),
+    Family('zimage', ('ZImagePipeline',),  # a list of each caption's rows under the mask; Qwen3Model as the
+           # pipeline loads it (model_index.json): no language-model head, which its folder does not hold
+           (_llm('Qwen3Model', 'Qwen2TokenizerFast', 512, 'penultimate', template='chat',
+                 chat_options=(('add_generation_prompt', True), ('enable_thinking', True)), variable=True),),
            (TextColumn('_latents', 'hidden', (0,)),),
            'prompt_embeds = [caption_latents per sample] (caption_length rows each)', patch=2),
     Family('lumina2', ('Lumina2Pipeline', 'Lumina2Text2ImgPipeline'),

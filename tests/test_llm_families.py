@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -34,6 +35,18 @@ CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好�
             'a dog [IMG] on a[IMG]mat']  # FLUX.2's format_input cuts '[IMG]' (Pixtral's image token)
 VLM_CAPTIONS = ['The image shows a small red cat on the beach. ' * 3, 'Ölgemälde', '', 'tree 42', LONG]
 KEYS = ('caption', 'vlm_caption')
+SAID: dict[str, list[str]] = {}  # family: what transformers logged during its run (the user's console)
+
+
+class Said(logging.Handler):
+    """The messages of transformers' loggers, kept."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__()
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def run_in_process(*args) -> None:
@@ -61,7 +74,12 @@ def outputs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     done = {}
     for i, family in enumerate(PIPELINES):
         folder = build_llm_family(root / family, family, seed=i)
-        run_in_process(*command(root, folder, root / f'out-{family}'))
+        said = Said(SAID.setdefault(family, []))
+        logging.getLogger('transformers').addHandler(said)
+        try:
+            run_in_process(*command(root, folder, root / f'out-{family}'))
+        finally:
+            logging.getLogger('transformers').removeHandler(said)
         done[family] = folder, root / f'out-{family}' / UNBUCKETED
     return done
 
@@ -128,6 +146,15 @@ def test_text_columns_equal_the_pipelines_encode_prompt(family, outputs):
     assert all(len(s['latents_64']) for s in got)
     recorded = convention['text_encoders'][0]
     assert recorded['mask_applied'] and (not variable or recorded['variable'])
+
+
+def test_z_image_loads_its_text_encoder_as_its_pipeline_does_without_a_head(outputs):
+    """Z-Image's model_index.json names Qwen3Model, and its text_encoder/ holds no language-model head:
+    loaded as Qwen3ForCausalLM it said 'newly initialized: lm_head ... You should probably TRAIN this model'
+    on every run and held a head nobody uses (151,936 x 2,560 at full size: 0.78 GB in bfloat16)."""
+    _, out = outputs['zimage']
+    assert json.loads((out / 'convention.json').read_text())['text_encoders'][0]['class'] == 'Qwen3Model'
+    assert not [m for m in SAID['zimage'] if 'newly initialized' in m or 'TRAIN' in m], SAID['zimage']
 
 
 def test_an_sd35_folder_reads_as_sd3(tmp_path):

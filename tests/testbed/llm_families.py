@@ -4,7 +4,8 @@
 Each folder has a model_index.json naming its pipeline and components, and the REAL classes at toy sizes
 (two layers, so hidden_states[-2] differs from the last):
 
-- zimage:    text_encoder/ Qwen3ForCausalLM, tokenizer/ Qwen2TokenizerFast with a Qwen3-style chat template.
+- zimage:    text_encoder/ Qwen3Model (Z-Image's model_index.json names it: no language-model head, as its
+  weights hold none), tokenizer/ Qwen2TokenizerFast with a Qwen3-style chat template.
 - lumina2:   text_encoder/ Gemma2Model, tokenizer/ GemmaTokenizerFast (<bos> first).
 - chroma:    text_encoder/ T5EncoderModel, tokenizer/ T5TokenizerFast (families.py's Unigram T5).
 - qwenimage: text_encoder/ Qwen2_5_VLForConditionalGeneration (a one-block vision tower beside the
@@ -44,7 +45,7 @@ MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'syste
                 "[/INST]{% endif %}{% endfor %}")
 PIPELINES = {'zimage': 'ZImagePipeline', 'lumina2': 'Lumina2Pipeline', 'chroma': 'ChromaPipeline',
              'qwenimage': 'QwenImagePipeline', 'sana': 'SanaPipeline', 'flux2': 'Flux2Pipeline'}
-ENCODERS = {'zimage': ('Qwen3ForCausalLM', 'Qwen2TokenizerFast'),
+ENCODERS = {'zimage': ('Qwen3Model', 'Qwen2TokenizerFast'),
             'lumina2': ('Gemma2Model', 'GemmaTokenizerFast'), 'chroma': ('T5EncoderModel', 'T5TokenizerFast'),
             'qwenimage': ('Qwen2_5_VLForConditionalGeneration', 'Qwen2TokenizerFast'),
             'sana': ('Gemma2Model', 'GemmaTokenizerFast'), 'flux2': ('Mistral3ForConditionalGeneration',
@@ -103,7 +104,7 @@ def write_llm(folder: Path, family: str, vocab: int) -> None:
     import transformers
 
     if family == 'zimage':
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(vocab_size=vocab, **LLM))
+        model = transformers.Qwen3Model(transformers.Qwen3Config(vocab_size=vocab, **LLM))
     elif family == 'flux2':
         model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
             text_config=dict(model_type='mistral', vocab_size=vocab, **{**LLM, 'num_hidden_layers': 31}),
