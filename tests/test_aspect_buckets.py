@@ -13,6 +13,10 @@ import io
 import json
 import math
 import os
+import re
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +35,7 @@ from testbed.aspect import aspect_items
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, rows_for, write_mds_input
 from testbed.readback import one_opening_at_a_time, read_mds
+from testbed.scripts import ROOT
 
 STEP = 64  # the tiny VAE downsamples 8x: buckets in steps of 8 x 8
 
@@ -209,6 +214,44 @@ def test_every_image_gets_its_nearest_bucket_with_sdxl_conditioning_and_matching
     assert tables[128][turned['aspect_bucket_128']] == (64, 256)
     summary = json.loads((tmp / 'summary.json').read_text())
     assert summary['encoded']['128'] == sum(o['latents_128'] != b'' for o in got)
+
+
+def readme_col(out: Path) -> Callable:
+    """README.md's read-back helper `col()` (its "Read it back" block up to the end of the function), run as
+    a user pastes it, over the output at `out`."""
+    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
+    (block,) = [textwrap.dedent(b) for b in blocks if 'def col(' in b]
+    lines = block.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('def col('))
+    end = next(i for i, ln in enumerate(lines) if i > start and ln and not ln[0].isspace())
+    scope = {'json': json, 'np': np, 'out': str(out)}
+    exec('\n'.join(lines[:end]), scope)
+    return scope['col']
+
+
+def test_the_readmes_col_reads_every_new_column_of_an_aspect_output(aspect_out):
+    """`col()` reads latents whose shape varies per sample ([4, 'H/8', 'W/8']) at the sample's bucket, b''
+    as None, ints as they are, and the fixed shapes as recorded; each equal to a direct reading."""
+    out, _, _ = aspect_out
+    col = readme_col(out)
+    conv = json.loads((out / 'convention.json').read_text())
+    read = 0
+    for o in read_mds(str(out)):
+        for name, spec in conv['columns'].items():
+            got = col(o, name)
+            if spec['dtype'] == 'int32' and spec['shape'] == []:
+                assert got == o[name], name
+            elif o[name] == b'':
+                assert got is None, name
+            elif name.startswith('latents_'):
+                h, w = time_ids(o[f'add_time_ids_{name.split("_")[1]}'])[4:6]
+                want = np.frombuffer(o[name], np.float16).reshape(4, h // 8, w // 8)
+                np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=name)
+                read += 1
+            else:
+                want = np.frombuffer(o[name], np.dtype(spec['dtype'])).reshape(spec['shape'])
+                np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=name)
+    assert read > 20
 
 
 def test_one_dataset_per_bucket_group_and_same_shaped_batches_from_the_readme_recipe(aspect_out, tmp_path):
