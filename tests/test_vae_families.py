@@ -189,10 +189,12 @@ def test_drop_columns_leaves_the_images_out(finished):
 
 def test_a_rerun_with_another_vae_is_refused(finished, tiny_model, vaes, vae_input):
     """The VAE is part of what a part's _done marker records: resuming into the output with another
-    --vae stops in one line, naming the convention's VAE record."""
-    other = list(CLASSES)[(list(CLASSES).index(finished['kind']) + 1) % len(CLASSES)]
+    --vae stops in one line, naming both VAEs (not a field of their records)."""
+    kind = finished['kind']
+    other = list(CLASSES)[(list(CLASSES).index(kind) + 1) % len(CLASSES)]
     line = refused(*command(vae_input, tiny_model, finished['tmp'], '--vae', vaes[other], *finished['flags']))
-    assert 'was written with convention.image_latents.' in line and 'rerun with the same flags' in line
+    assert f'was written with the VAE {vaes[kind]} ({CLASSES[kind]}), this run has {vaes[other]} ' \
+           f'({CLASSES[other]}): rerun with the same flags' in line
 
 
 def test_aspect_buckets_with_a_video_vae(tiny_model, vaes, vae_input, tmp_path):
