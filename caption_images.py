@@ -149,6 +149,8 @@ def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if value != value:  # NaN: every comparison is false, so it would pass any bound unseen
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number')
         if value < low:
             raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
         return value

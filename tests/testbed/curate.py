@@ -9,6 +9,9 @@ corpus with planted duplicates.
   improved aesthetic predictor (layers.0 Linear(dim, 1024), .1 Dropout, .2 Linear(1024, 128), .3 Dropout,
   .4 Linear(128, 64), .5 Dropout, .6 Linear(64, 16), .7 Linear(16, 1)); `width` scales 1024/128/64/16
   down for tests (width=1024: the published sizes).
+- `LAION_HEADS`: LAION's two published improved-aesthetic-predictor heads, copied byte for byte with their
+  licence and source note (laion_heads/SOURCE): `linear` (sac+logos+ava1-l14-linearMSE.pth) and `relu`
+  (ava+logos-l14-reluMSE.pth), both over CLIP ViT-L/14's 768-dim embedding.
 - `planted_corpus()`: distinct photo-like images and four planted groups: re-encoded at another JPEG
   quality, resized into another bucket, slightly cropped, the exact same bytes under another key.
 """
@@ -26,6 +29,8 @@ from .models import write_clip_tokenizer
 from .real import real_items
 
 SIZE = 32  # px the tiny towers see
+LAION_HEADS = {'linear': Path(__file__).parent / 'laion_heads' / 'sac+logos+ava1-l14-linearMSE.pth',
+               'relu': Path(__file__).parent / 'laion_heads' / 'ava+logos-l14-reluMSE.pth'}
 UNDECODABLE = ('truncated.jpg', 'broken.png', 'gif_bomb.gif')  # from testbed.real: skipped, named
 
 
@@ -37,11 +42,12 @@ def _save(model, processor, folder: Path) -> Path:
     return folder
 
 
-def build_clip(folder: Path, seed: int = 0, dims: dict | None = None) -> Path:
+def build_clip(folder: Path, seed: int = 0, dims: dict | None = None, projection_dim: int = 16) -> Path:
+    """projection_dim 768: the embedding size of CLIP ViT-L/14, which LAION's published heads read."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     d = dims or {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2}
     cfg = CLIPConfig(text_config={**d, 'vocab_size': 49408, 'max_position_embeddings': 77},
-                     vision_config={**d, 'image_size': SIZE, 'patch_size': 8}, projection_dim=16)
+                     vision_config={**d, 'image_size': SIZE, 'patch_size': 8}, projection_dim=projection_dim)
     torch.manual_seed(seed)
     return _save(CLIPModel(cfg).eval(), CLIPImageProcessor(size={'shortest_edge': SIZE},
                                                            crop_size={'height': SIZE, 'width': SIZE}), folder)
@@ -100,3 +106,4 @@ def planted_corpus(distinct: int = 8) -> tuple[list[tuple[str, bytes]], list[set
 
 def size_of(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
+
