@@ -79,6 +79,10 @@ CLUSTER_RULE = '2 sqrt(N)'
 SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many vectors per centroid (faiss wants 39..256)
 BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK x members, float32)
 HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
+# A dHash groups on its own only with detail: at least this many different rows of its 8 and this many
+# bits of each value. Solid colours, gradients, stripes and flags, a blank page share a few hashes with
+# every other such picture (all bits equal, or one row repeated); their copies are the embedding's to find.
+DHASH_ROWS, DHASH_BITS = 4, 8
 
 
 # >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
@@ -994,6 +998,15 @@ def dhash(img: Image.Image) -> int:
     return int(np.packbits(bits).view('>u8')[0] >> 1)  # 63 bits: fits int64
 
 
+def detailed(dhash: np.ndarray) -> np.ndarray:
+    """Which of the dHashes (int64, as dhash() makes them) have DHASH_ROWS different rows and DHASH_BITS
+    bits of each value: those may join images on their own."""
+    rows = (dhash.astype(np.uint64) << np.uint64(1)).astype('>u8').view(np.uint8).reshape(-1, 8) & 0xFE
+    different = 1 + np.count_nonzero(np.diff(np.sort(rows, axis=1), axis=1), axis=1)
+    ones = np.unpackbits(rows, axis=1).sum(axis=1)
+    return (different >= DHASH_ROWS) & (np.minimum(ones, 63 - ones) >= DHASH_BITS)
+
+
 class PartImages:
     """A part's images for a DataLoader: a worker decodes, hashes and preprocesses one sample."""
 
@@ -1235,7 +1248,8 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
     pairs = [np.zeros((0, 2), np.int64)]
     order = np.argsort(cat['cluster'], kind='stable')
     _, starts = np.unique(cat['cluster'][order], return_index=True)
-    for idx in np.split(order, starts[1:]) if len(order) else []:  # the rows of one cluster
+    # each cluster's rows; none at --dup_threshold 1: no cosine is above 1 (float16 rounding gives 1.0002)
+    for idx in np.split(order, starts[1:]) if len(order) and args.dup_threshold < 1 else []:
         x, gid = cat['emb'][idx].astype(np.float32), cat['vec_gid'][idx]
         for lo in range(0, len(idx), BLOCK):
             i, j = np.nonzero(x[lo:lo + BLOCK] @ x.T > args.dup_threshold)
@@ -1243,6 +1257,8 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
             pairs.append(np.stack([gid[lo + i[keep]], gid[j[keep]]], 1))
     for h in ('sha', 'dhash'):
         order = np.lexsort((cat[f'{h}_gid'], cat[h]))
+        if h == 'dhash':
+            order = order[detailed(cat[h][order])]
         vals, ids = cat[h][order], cat[f'{h}_gid'][order]
         same = vals[1:] == vals[:-1]
         pairs.append(np.stack([ids[:-1][same], ids[1:][same]], 1))  # a chain links each run of equals
@@ -1467,7 +1483,8 @@ def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: 
     record = {'model_name': args.model_name,
               'scores': [s.record() for s in plan.scores], 'head_sha1': plan.settings['heads'],
               'dedup': {'dup_threshold': args.dup_threshold, 'clusters': plan.clusters, 'neighbours': 2,
-                        'also': 'equal content (sha1) and equal 64-bit dHash',
+                        'also': f'equal content (sha1) and equal 64-bit dHash (with {DHASH_ROWS} different '
+                                f'rows and {DHASH_BITS} bits of each value)',
                         'keep': 'largest width x height, then lowest key, then lowest run id',
                         'buckets_together': [b.name for b in plan.buckets]},
               'filter': args.filter, 'counts': summary['buckets'][bucket.name],

@@ -33,6 +33,7 @@ from testbed.curate import (
     UNDECODABLE,
     build_clip,
     build_siglip,
+    plain_corpus,
     planted_corpus,
     write_aesthetic_head,
     write_linear_head,
@@ -238,6 +239,31 @@ def test_laion_published_heads_score_as_their_own_mlp(bed, tmp_path):
         "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)",
         "LAION's aesthetic predictor with ReLUs (ReLU, Dropout between its Linear layers)",
         "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)"]
+
+
+@pytest.fixture(scope='module')
+def plain(bed) -> dict:
+    items, groups = plain_corpus()
+    rows = [make_row(n, data, name) for n, (name, data) in enumerate(items)]
+    write_mds_input(str(bed['t'] / 'plain'), rows)
+    return {'local': bed['t'] / 'plain', 'groups': groups, 'names': {r['key']: name for r, (name, _) in
+                                                                     zip(rows, items)}}
+
+
+def test_plain_pictures_are_never_grouped_while_their_copies_are(bed, plain, tmp_path):
+    """Solid colours, gradients, a page of text and two flags share a few dHashes with no detail; none
+    is grouped with another, whatever --dup_threshold says. At 1 (no embedding pair) only the real photo's
+    re-encoded and resized copies are grouped, by the hash they keep; at 0.999 the embedding groups every
+    picture's copies, and still no two distinct pictures (the tiny CLIP's cosine of distinct ones here is
+    at most 0.9989, of copies at least 0.9998, but the flags' copies 0.9977: they have none)."""
+    hopper = [g for g in plain['groups'] if 'hopper' in g]
+    for threshold, want in ((1, hopper), (0.999, plain['groups'])):
+        out = tmp_path / str(threshold)
+        code, err = in_process('--local', plain['local'], '--bucket', 'all', '--remote_upload', out,
+                               '--model_name', bed['clip'], '--dup_threshold', threshold, '--clusters', 1,
+                               '--dedup_parts', 1, '--num_workers', 0, '--summary', out / 's.json')
+        assert code == 0, err[-3000:]
+        assert groups_of(out, plain['names'])[0] == sorted(want, key=sorted), threshold
 
 
 def test_filter_removes_what_polars_removes_on_the_read_back_rows(bed, clip_run):

@@ -21,8 +21,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .corpus import encode, photo_like
 from .models import write_clip_tokenizer
@@ -107,3 +108,52 @@ def planted_corpus(distinct: int = 8) -> tuple[list[tuple[str, bytes]], list[set
 def size_of(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
+
+def plain_pictures() -> dict[str, Image.Image]:
+    """The dullest pictures a data set holds, each distinct from the others: solid colours, gradients, a
+    page of text under uneven light, two vertical tricolour flags. Each has a dHash without detail (all
+    bits equal, or one row repeated), shared with the others of its kind."""
+    w, h = 100, 80
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+
+    def grey(a: np.ndarray) -> Image.Image:
+        return Image.fromarray(a.astype(np.uint8)).convert('RGB')
+
+    def flag(*colours) -> Image.Image:
+        a = np.zeros((h, w, 3), np.uint8)
+        for i, c in enumerate(colours):
+            a[:, i * w // 3:(i + 1) * w // 3] = c
+        return Image.fromarray(a)
+
+    page = Image.new('L', (300, 400), 235)
+    draw = ImageDraw.Draw(page)
+    for top in range(20, 380, 12):
+        draw.text((20, top), 'The quick brown fox jumps over the lazy dog', fill=30)
+    lit = np.asarray(page, np.float32) * np.linspace(0.8, 1.0, page.width)[None, :]  # light from the right
+    return {'red': Image.new('RGB', (w, h), (200, 30, 30)), 'blue': Image.new('RGB', (w, h), (30, 60, 200)),
+            'white': Image.new('RGB', (w, h), 'white'), 'h-gradient': grey(x), 'v-gradient': grey(y),
+            'diagonal': grey((x + y) / 2), 'page': grey(lit),
+            'france': flag((0, 85, 164), (255, 255, 255), (239, 65, 53)),
+            'italy': flag((0, 146, 70), (255, 255, 255), (206, 43, 55))}
+
+
+def copies(name: str, img: Image.Image) -> list[tuple[str, bytes]]:
+    """`img` as a JPEG, re-encoded at quality 60, and resized to 2/3."""
+    small = img.resize((img.width * 2 // 3, img.height * 2 // 3), Image.Resampling.LANCZOS)
+    return [(name, jpeg(img)), (f'{name}-q60', jpeg(img, 60)), (f'{name}-small', jpeg(small))]
+
+
+def plain_corpus() -> tuple[list[tuple[str, bytes]], list[set[str]]]:
+    """([(name, bytes)], the groups of copies): every plain picture (the flags without copies: the tiny
+    CLIP cannot tell their copies from each other), each with its re-encoded and resized copy, and a real
+    photo (Pillow's hopper, from testbed.real) with its copies, whose dHash they keep."""
+    items, groups = [], []
+    for name, img in plain_pictures().items():
+        items += copies(name, img) if name not in ('france', 'italy') else [(name, jpeg(img))]
+    hopper = next(it.data for it in real_items() if it.name == 'plain.webp')
+    items += copies('hopper', Image.open(io.BytesIO(hopper)).convert('RGB'))
+    for name, _ in items:
+        if name.endswith('-q60'):
+            groups.append({name.removesuffix('-q60'), name, name.replace('-q60', '-small')})
+    return items, groups
