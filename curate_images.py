@@ -1407,16 +1407,20 @@ def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> N
 # Finishing (rank 0): each bucket's index.json and record, the summary, the preview
 # ----------------------------------------------------------------------------------------------
 
-def merge_bucket(bucket: Bucket, staging: str) -> None:
+def merge_bucket(bucket: Bucket, staging: str, written: int, timeout: float) -> None:
+    """The bucket's index.json: its parts' indexes merged. A bucket left without rows gets none (and an
+    old one goes; at a remote, where streaming cannot delete, it is overwritten by an index of no shards):
+    StreamingDataset refuses a stream without samples, so a reader takes the buckets with an index.json."""
     from streaming.base.util import merge_index
 
     out = bucket.places.out
-    if not bucket.parts:
-        put_text(out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
-        return
     if not is_remote(out):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, INDEX))
+    if not written:
+        if is_remote(out) and exists(join(out, INDEX), timeout):
+            put_text(out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
+        return
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -1465,7 +1469,8 @@ def report(summary: dict, path: str) -> None:
              f'(cosine > {s["settings"]["dup_threshold"]}, equal bytes or dHash)',
              f'output   {s["written"]} rows written']
     for name, b in s['buckets'].items():
-        lines.append(f'  {name or "dataset"}: {b["written"]} of {b["input"]} -> {b["output"]}')
+        lines.append(f'  {name or "dataset"}: {b["written"]} of {b["input"]} -> {b["output"]}'
+                     + ('' if b['written'] else ' (no index.json: no row is left)'))
         lines += [f'    removed by clause {n:>10}  {label}' for label, n in b['removed_by_clause'].items()]
     lines.append(f'speed    rank 0 embedded {speed["images"]} images in {speed["seconds"]:.1f} s '
                  f'({speed["images_per_s"]:.1f} images/s), world size {s["world_size"]}')
@@ -1565,7 +1570,7 @@ def finish(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> Non
         raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; rerun the same '
                         'command')
     for b in plan.buckets:
-        merge_bucket(b, plan.staging)
+        merge_bucket(b, plan.staging, summary['buckets'][b.name]['written'], args.download_timeout)
         write_record(args, plan, b, summary)
     if args.preview:
         summary['preview'] = write_preview(args, plan, preview_path(args))

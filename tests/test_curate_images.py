@@ -39,7 +39,7 @@ from testbed.curate import (
     write_linear_head,
 )
 from testbed.mds_input import COLUMNS, make_row, write_mds_input
-from testbed.readback import read_mds
+from testbed.readback import read_mds, read_streams
 from testbed.scripts import load_script, run_main
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -97,13 +97,9 @@ def flags(bed: dict, out: Path, *more) -> list:
 
 
 def read_all(out: Path) -> dict[str, list[dict]]:
-    """{bucket: its rows read back}; [] for a bucket whose index lists no sample (streaming cannot
-    open one)."""
-    rows = {}
-    for b in sorted(d.name for d in out.iterdir() if (d / 'index.json').exists()):
-        shards = json.loads((out / b / 'index.json').read_text())['shards']
-        rows[b] = read_mds(str(out / b)) if sum(s['samples'] for s in shards) else []
-    return rows
+    """{bucket: its rows read back} of every bucket with an index.json (a bucket left without rows has
+    none: StreamingDataset cannot open a stream without samples)."""
+    return {d.name: read_mds(str(d)) for d in sorted(out.iterdir()) if (d / 'index.json').exists()}
 
 
 @pytest.fixture(scope='module')
@@ -276,15 +272,23 @@ def test_filter_removes_what_polars_removes_on_the_read_back_rows(bed, clip_run)
     assert code == 0, err[-3000:]
     assert {f: os.stat(f).st_mtime_ns for f in work} == before  # embeddings and dedup reused
     full = read_all(clip_run)
+    assert sorted(full) == ['0-64', '64-128']  # 256-512 holds undecodable images only: nothing to read
     for bucket, rows in read_all(out).items():
-        if not full[bucket]:  # only undecodable images: nothing in, nothing out
-            assert rows == []
-            continue
         frame = pl.DataFrame([{k: v for k, v in r.items() if k != 'jpg'} for r in full[bucket]])
         assert [r['key'] for r in rows] == frame.filter(pl.sql_expr(cond))['key'].to_list()
         if bucket == '64-128':
             assert rows and len(rows) < len(full[bucket])
     summary = json.loads((out / 's.json').read_text())
+    # the filter empties 0-64 (its one image is 53 px wide): it keeps curation.json, and no index.json is
+    # left over from the unfiltered run, so a trainer that reads every bucket with one reads them all
+    emptied = sorted(b for b, counts in summary['buckets'].items() if counts['written'] == 0)
+    assert emptied == ['0-64', '256-512']
+    for b in emptied:
+        assert not (out / b / 'index.json').exists()
+        assert json.loads((out / b / 'curation.json').read_text())['counts']['written'] == 0
+    together = read_streams(sorted(d for d in out.iterdir() if (d / 'index.json').exists()))
+    assert [r['key'] for r in together] == [r['key'] for rs in read_all(out).values() for r in rs]
+    assert len(together) == summary['written']
     per_clause = {}
     for b in summary['buckets'].values():
         for label, n in b['removed_by_clause'].items():
