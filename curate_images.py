@@ -1526,6 +1526,21 @@ def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[t
     return rows
 
 
+# >>> twin: preview-font (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
+def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
+    """The font of every preview: DejaVu Sans, which matplotlib (a requirement) ships. It draws Latin,
+    Greek, Cyrillic, Arabic, Hebrew and more (not Chinese, Japanese or Korean); Pillow's own font
+    (ImageFont.load_default) has ASCII only and draws any other letter, even 'ü', as a box."""
+    try:
+        import matplotlib
+    except ImportError:  # a preview with boxes, rather than none
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'),
+                              size)
+# <<< twin: preview-font
+
+
 def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
     """A PNG of preview_rows: each row a title line, then its images, each over '<bucket>#<id> label'."""
     from streaming import StreamingDataset
@@ -1533,7 +1548,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
     rows, datasets = preview_rows(args, plan), {}
     height = PREVIEW_LINE + PREVIEW_TILE + PREVIEW_LINE + 8
     sheet = Image.new('RGB', (PREVIEW_PER_ROW * (PREVIEW_TILE + 8) + 8, len(rows) * height + 8), 'white')
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(sheet), preview_font()
     for r, (title, entries) in enumerate(rows):
         top = 8 + r * height
         draw.text((8, top), title, fill='black', font=font)
