@@ -68,8 +68,11 @@ STAGING = '.staging-curate'  # below --local: output files on their way to a rem
 RECORD = 'curation.json'  # beside each index.json: how the columns were made, and the counts
 WORK = '_curate'  # below --remote_upload: every pass's finished units
 SETTINGS = 'settings.json'  # in WORK: the run's settings; a rerun with others is refused
-# in WORK, each alone in its folder: listing that folder says whether it is there
-CENTROIDS, GROUPS = 'dedup/centroids/centroids.npz', 'dedup/groups/groups.npz'
+# in WORK: the centroids alone in a folder (listing it says whether they are there); the groups a file per
+# part of the run (a rank's write pass reads its parts' only) and the largest groups, then a _done marker
+CENTROIDS, GROUPS = 'dedup/centroids/centroids.npz', 'dedup/groups'
+PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text line, images per row
+PREVIEW_GROUPS = 100  # at most: the largest groups are kept for the preview when the groups are made
 SIM_COLUMN = 'clip_{key}'  # float32: cosine of the image and the text of column `key`
 DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member (-1: no duplicate); int32 0/1
 # --clusters 0: 2 sqrt(N) clusters for N images. Each vector is compared with the k centroids (N k d
@@ -123,6 +126,13 @@ def cosine(text: str) -> float:
     value = at_least(-1.0, float)(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f'{text}: a cosine is at most 1')
+    return value
+
+
+def preview_groups(text: str) -> int:
+    value = at_least(0)(text)
+    if value > PREVIEW_GROUPS:
+        raise argparse.ArgumentTypeError(f'{text}: the preview shows at most {PREVIEW_GROUPS} groups')
     return value
 
 
@@ -202,8 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='seconds ranks wait for each other at each barrier')
     p.add_argument('--summary', default='',
                    help='where to write the JSON summary; empty: <local>/curate_summary.json')
-    p.add_argument('--preview', type=at_least(0), default=0,
-                   help='rank 0 writes a PNG of this many duplicate groups and the highest and lowest scored')
+    p.add_argument('--preview', type=preview_groups, default=0,
+                   help=f'rank 0 writes a PNG of this many duplicate groups (the largest; at most '
+                        f'{PREVIEW_GROUPS}) and of the highest and lowest scored')
     p.add_argument('--preview_path', default='', help='empty: beside the summary, <summary>_preview.png')
     return p.parse_args(argv)
 
@@ -1098,6 +1109,15 @@ def part_items(reader: ShardReader, part: Part, caption_keys: list[str]) -> tupl
     return items, texts
 
 
+def narrow(keys: np.ndarray) -> np.ndarray:
+    """`keys` at one byte a character where all are ASCII, a quarter of numpy's str, in the same order
+    (the keep rule compares them); as they are otherwise."""
+    try:
+        return keys.astype(f'S{max(keys.dtype.itemsize // 4, 1)}') if keys.dtype.kind == 'U' else keys
+    except UnicodeEncodeError:
+        return keys
+
+
 def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
                reader: ShardReader, bar) -> dict[str, Any]:
     """Pass 1 for one part: rows.npz (ids, keys, hashes, areas, float16 embeddings, scores) and _done."""
@@ -1121,7 +1141,7 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
         bar.update(len(batch))
     emb = np.concatenate(embs) if embs else np.zeros((0, embedding_dim(args.model_name)), np.float32)
     arrays = {c: np.array([r[c] for r in rows], np.int64) for c in ('id', 'sha', 'dhash', 'area')}
-    arrays.update(key=np.array([r['key'] for r in rows], str), emb=emb.astype(np.float16))
+    arrays.update(key=narrow(np.array([r['key'] for r in rows], str)), emb=emb.astype(np.float16))
     arrays.update({f'score:{c}': np.concatenate(v or [np.zeros(0)]).astype(np.float32)
                    for c, v in scores.items()})
     folder = unit_folder('embed', bucket, part)
@@ -1177,7 +1197,7 @@ def embed_url(plan: Plan, bucket: Bucket, part: Part) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Pass 2, dedup: k-means on a sample (rank 0) -> each part's vectors to the groups of their 2 nearest
-# centroids (shuffle) -> each group compared within its clusters (pairs) -> union-find (rank 0)
+# centroids (shuffle) -> each group compared within its clusters (pairs) -> connected components (rank 0)
 # ----------------------------------------------------------------------------------------------
 
 def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
@@ -1272,36 +1292,75 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
 
 
 def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
-    """Rank 0: union-find over every pair; in each group the largest image (width x height) is kept,
-    then the lowest key, then the lowest run id. groups.npz: gid, dup_group (the kept gid), dup_keep."""
-    if output_names(join(plan.work, os.path.dirname(GROUPS))):
+    """Rank 0: the groups of all the pairs (connect), written per part of the run: the run ids of the
+    part's images in a group, each one's group (the kept member's run id) and keep; then the largest
+    groups for the preview; then the _done marker."""
+    if exists(join(plan.work, GROUPS, DONE_MARKER), args.download_timeout):
         return
-    zs = [get_arrays(join(plan.work, f'dedup/pairs/{g:05d}.npz'), args.download_timeout)
-          for g in range(args.dedup_parts)]
-    edges = np.concatenate([z['edges'] for z in zs])
-    gid, first = np.unique(np.concatenate([z['gid'] for z in zs]), return_index=True)
-    area, key = np.concatenate([z['area'] for z in zs])[first], np.concatenate([z['key'] for z in zs])[first]
-    parent = np.arange(len(gid))
-    a, b = np.searchsorted(gid, edges[:, 0]), np.searchsorted(gid, edges[:, 1])
+    pieces: dict[str, list[np.ndarray]] = {'edges': [], 'gid': [], 'area': [], 'key': []}
+    for g in range(args.dedup_parts):
+        z = get_arrays(join(plan.work, f'dedup/pairs/{g:05d}.npz'), args.download_timeout)
+        for column, values in pieces.items():
+            values.append(narrow(z[column]) if column == 'key' else z[column])
+    edges = np.concatenate(pieces.pop('edges'))  # each column's pieces go once it is joined
+    gid, first = np.unique(np.concatenate(pieces.pop('gid')), return_index=True)
+    area, key = np.concatenate(pieces.pop('area'))[first], np.concatenate(pieces.pop('key'))[first]
+    group = connect(edges, gid, area, key)
+    keep = (group == gid).astype(np.int32)
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def put(unit: tuple[Bucket, Part]) -> None:
+        b, p = unit
+        lo, hi = np.searchsorted(gid, [b.offset + p.first, b.offset + p.last])
+        put_arrays(plan.work, plan.staging, groups_file(b, p), gid=gid[lo:hi], group=group[lo:hi],
+                   keep=keep[lo:hi])
 
-    for i, j in zip(a.tolist(), b.tolist()):
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([root(i) for i in range(len(gid))], np.int64)
-    order = np.lexsort((gid, key, -area, roots))  # within a group: largest, then lowest key, then lowest id
-    kept = {}
-    for i in order.tolist():
-        kept.setdefault(roots[i], gid[i])
-    group = np.array([kept[r] for r in roots.tolist()], np.int64)
-    put_arrays(plan.work, plan.staging, GROUPS, gid=gid, group=group,
-               keep=(group == gid).astype(np.int32))
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, plan.units()))
+    put_arrays(plan.work, plan.staging, join(GROUPS, 'largest.npz'), **largest_groups(gid, group))
+    put_text(plan.work, plan.staging, join(GROUPS, DONE_MARKER), '{}')
+
+
+def connect(edges: np.ndarray, gid: np.ndarray, area: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """The group of each image `gid` (sorted run ids; its `area` and `key`): the connected components of
+    the pairs `edges` (scipy's csgraph: no Python loop per pair), each named by the member it keeps: the
+    largest image (width x height), then the lowest key, then the lowest run id."""
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
+
+    n, ends = len(gid), edges.ravel()
+    where = np.argsort(ends)  # looked up in order: at random, a large `gid` is a cache miss per step
+    at = np.empty(len(ends), np.int64)
+    at[where] = np.searchsorted(gid, ends[where])
+    del where
+    graph = coo_array((np.ones(len(edges), np.int8), (at[0::2], at[1::2])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    del graph
+    order = np.lexsort((gid, key, -area, label))  # each component together, the member it keeps first
+    ordered = label[order]
+    first = np.ones(n, bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    kept = np.zeros(label.max(initial=-1) + 1, np.int64)
+    kept[ordered[first]] = gid[order[first]]
+    return kept[label]
+
+
+def largest_groups(gid: np.ndarray, group: np.ndarray) -> dict[str, np.ndarray]:
+    """The PREVIEW_GROUPS largest groups (ties: the lower kept run id): `group` (the kept run id), `size`,
+    `members` (the kept one, then the others by run id, PREVIEW_PER_ROW at most, padded with -1)."""
+    kept, size = np.unique(group, return_counts=True)
+    top = np.lexsort((kept, -size))[:PREVIEW_GROUPS]
+    members = np.full((len(top), PREVIEW_PER_ROW), -1, np.int64)
+    chosen = np.isin(group, kept[top])
+    gid, group = gid[chosen], group[chosen]  # the members of these groups only
+    for row, g in enumerate(kept[top]):
+        others = gid[group == g]
+        ids = np.concatenate([[g], others[others != g]])[:PREVIEW_PER_ROW]
+        members[row, :len(ids)] = ids
+    return {'group': kept[top], 'size': size[top], 'members': members}
+
+
+def groups_file(bucket: Bucket, part: Part) -> str:
+    return join(GROUPS, bucket.name or '_', f'{part.name}.npz')
 
 
 def unpaired(plan: Plan, dedup_parts: int) -> list[int]:
@@ -1343,13 +1402,14 @@ def dup_columns(groups: dict[str, np.ndarray], gid: np.ndarray) -> tuple[np.ndar
 
 
 def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part, reader: ShardReader,
-               groups: dict[str, np.ndarray], clauses: list) -> None:
+               clauses: list) -> None:
     import polars as pl
     from streaming import MDSWriter
 
     z = get_arrays(embed_url(plan, bucket, part), args.download_timeout)
     marker = json.loads(open_text(join(plan.work, unit_folder('embed', bucket, part), DONE_MARKER),
                                   args.download_timeout))
+    groups = get_arrays(join(plan.work, groups_file(bucket, part)), args.download_timeout)
     group, keep = dup_columns(groups, z['id'] + bucket.offset)
     new = {**{c[6:]: z[c] for c in z if c.startswith('score:')}, DUP_GROUP: group, DUP_KEEP: keep}
     row_of = {int(i): r for r, i in enumerate(z['id'])}
@@ -1377,8 +1437,19 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
     counts = {'input': part.last - part.first, 'written': int(alive.sum()), 'skipped': marker['skipped'],
               'removed_by_clause': removed, 'in_groups': int(np.count_nonzero(new[DUP_GROUP] >= 0)),
               'kept_of_groups': int(np.count_nonzero((new[DUP_GROUP] >= 0) & (new[DUP_KEEP] == 1)))}
+    first = f'score:{plan.scores[0].name}' if plan.scores else ''
+    counts['extremes'] = score_extremes(z['id'] + bucket.offset, z[first]) if first else {}
     put_text(bucket.places.out, plan.staging, join(part.name, DONE_MARKER),
              json.dumps({'rank': int(os.environ.get('RANK', 0)), 'filter': args.filter, **counts}))
+
+
+def score_extremes(gid: np.ndarray, score: np.ndarray) -> dict[str, list]:
+    """The part's PREVIEW_PER_ROW highest and lowest of the first score column, [run id, score] each, for
+    the preview (which thus never reads every part's scores): ties go to the lower run id among the
+    highest, to the higher among the lowest."""
+    order = np.argsort(-score, kind='stable')
+    return {k: [[int(gid[i]), float(score[i])] for i in pick] for k, pick in
+            (('highest', order[:PREVIEW_PER_ROW]), ('lowest', order[::-1][:PREVIEW_PER_ROW]))}
 
 
 def unwritten(plan: Plan, args: argparse.Namespace) -> list[tuple[Bucket, Part]]:
@@ -1394,13 +1465,12 @@ def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> N
     from tqdm import tqdm
 
     clauses, _ = compile_filter(args.filter, filter_schema(plan.columns))
-    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
     todo = agreed(lambda: unwritten(plan, args), rank)
     readers: dict[str, ShardReader] = {}
     for bucket, part in tqdm(todo[rank::world], desc='writes', unit='part', disable=rank != 0):
         if bucket.name not in readers:
             readers[bucket.name] = ShardReader(bucket, args, rank)
-        write_part(plan, args, bucket, part, readers[bucket.name], groups, clauses)
+        write_part(plan, args, bucket, part, readers[bucket.name], clauses)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1497,32 +1567,22 @@ def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: 
     put_text(bucket.places.out, plan.staging, RECORD, json.dumps(record, indent=1))
 
 
-
-
-PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text line, images per row
-
-
 def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[tuple[int, str]]]]:
     """(title, [(run id, label)]): the --preview largest duplicate groups (the kept member first), then
     the highest and the lowest by the first score column."""
-    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
-    sizes = dict(zip(*np.unique(groups['group'], return_counts=True)))
+    largest = get_arrays(join(plan.work, GROUPS, 'largest.npz'), args.download_timeout)
     rows = []
-    for n, g in enumerate(sorted(sizes, key=lambda g: (-sizes[g], g))[:args.preview], 1):
-        members = sorted(groups['gid'][groups['group'] == g].tolist(), key=lambda x: (x != g, x))
-        rows.append((f'duplicate group {n}: {sizes[g]} images, the kept one first',
-                     [(x, 'kept' if x == g else 'dropped') for x in members[:PREVIEW_PER_ROW]]))
+    for n in range(min(args.preview, len(largest['group']))):
+        g, members = largest['group'][n], largest['members'][n]
+        rows.append((f'duplicate group {n + 1}: {largest["size"][n]} images, the kept one first',
+                     [(int(x), 'kept' if x == g else 'dropped') for x in members if x >= 0]))
     if plan.scores:
-        column, gid, score = plan.scores[0].name, [], []
-        for b, p in plan.units():
-            z = get_arrays(embed_url(plan, b, p), args.download_timeout)
-            gid.append(z['id'] + b.offset)
-            score.append(z[f'score:{column}'])
-        gid, score = np.concatenate(gid), np.concatenate(score)
-        order = np.argsort(-score, kind='stable')
-        for title, pick in ((f'highest {column}', order[:PREVIEW_PER_ROW]),
-                            (f'lowest {column}', order[::-1][:PREVIEW_PER_ROW])):
-            rows.append((title, [(int(gid[i]), f'{score[i]:.3f}') for i in pick]))
+        markers = [m for b in plan.buckets for m in done_markers(b.places.out, b.parts,
+                                                                  args.download_timeout).values()]
+        for end, rule in (('highest', lambda x: (-x[1], x[0])), ('lowest', lambda x: (x[1], -x[0]))):
+            best = sorted({tuple(x) for m in markers for x in m.get('extremes', {}).get(end, [])}, key=rule)
+            rows.append((f'{end} {plan.scores[0].name}',
+                         [(g, f'{v:.3f}') for g, v in best[:PREVIEW_PER_ROW]]))
     return rows
 
 

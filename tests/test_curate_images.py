@@ -174,6 +174,14 @@ def groups_of(out: Path, names: dict[str, str]) -> tuple[list[set[str]], list[st
 
 def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run):
     groups, kept = groups_of(clip_run, bed['names'])
+    # a rank's write pass reads the groups of its own parts: a file per part, each image in one of them
+    work = clip_run / '_curate'
+    files = sorted((work / 'dedup' / 'groups').glob('*/*.npz'))
+    assert [f.relative_to(work / 'dedup' / 'groups').with_suffix('') for f in files] == \
+        [d.relative_to(work / 'embed') for d in sorted((work / 'embed').glob('*/*'))]
+    gids = np.concatenate([np.load(f)['gid'] for f in files])
+    assert len(gids) == len(set(gids.tolist())) == 8  # the planted groups' members
+    assert groups == sorted(bed['groups'], key=sorted)  # every planted group, no distinct image grouped
     # one per group: the largest image (b beats its 53x48 copy in the other bucket), then the lowest key
     assert kept == ['a', 'b', 'c', 'd']
     summary = json.loads((clip_run / 's.json').read_text())
@@ -186,6 +194,42 @@ def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run)
         assert png.format == 'PNG' and png.height > 4 * 128
     shown = [members for title, members in summary['preview']['rows'] if title.startswith('duplicate group')]
     assert len(shown) == 2 and all(len(m) == 2 for m in shown)  # --preview 2: two planted pairs
+    # the highest and lowest scored: every embedded image's score (bucket offsets: 0-64 holds one image)
+    offsets = {'0-64': 0, '64-128': 1, '256-512': 1 + len(bed['buckets']['64-128'])}
+    scored = [(float(score), int(i) + offsets[f.parent.parent.name]) for f in work.glob('embed/*/*/rows.npz')
+              for z in [np.load(f)] for i, score in zip(z['id'], z['score:aesthetic'])]
+    rows = dict(summary['preview']['rows'])
+    assert rows['highest aesthetic'] == [g for _, g in sorted(scored, key=lambda x: (-x[0], x[1]))[:8]]
+    assert rows['lowest aesthetic'] == [g for _, g in sorted(scored, key=lambda x: (x[0], -x[1]))[:8]]
+
+
+def test_groups_are_the_connected_components_of_the_pairs():
+    """The groups (connect(): scipy's connected components) on a random graph with ties of area and
+    key, against a breadth-first search and the keep rule written out: largest area, then lowest key,
+    then lowest run id."""
+    script = load_script('curate_images.py')
+    rng = np.random.default_rng(0)
+    gid = np.sort(rng.choice(10**6, 3000, replace=False))
+    edges = np.unique(np.sort(rng.choice(gid, (1200, 2)), axis=1), axis=0)
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    area, key = rng.integers(1, 4, len(gid)), np.array([f'k{k}' for k in rng.integers(0, 4, len(gid))])
+    neighbours: dict[int, set[int]] = {}
+    for a, b in edges.tolist():
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    rank = {g: (-a, k, g) for g, a, k in zip(gid.tolist(), area.tolist(), key.tolist())}
+    want: dict[int, int] = {}
+    for start in gid.tolist():
+        component, todo = {start}, [start]
+        while todo:
+            new = neighbours.get(todo.pop(), set()) - component
+            component |= new
+            todo += new
+        want.update(dict.fromkeys(component, min(component, key=rank.get)))
+    got = script.connect(edges, gid, area, key)
+    assert got.tolist() == [want[g] for g in gid.tolist()]
+    sizes = np.unique(got, return_counts=True)[1]
+    assert sizes.max() > 5 and (sizes == 2).sum() > 100  # large and small groups, many ties broken
 
 
 def test_siglip_scores_equal_the_model(bed):
