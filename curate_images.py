@@ -639,14 +639,22 @@ def read_bucket(name: str, pl: Places, args: argparse.Namespace, offset: int) ->
         if columns[key] != 'str':
             raise UserError(f'--caption_keys {key}: the column holds {columns[key]}, not text (str); the '
                             f'text columns of {url} are {texts}')
-    gone = [] if pl.cache != pl.src or is_remote(pl.src) else [
-        s['raw_data']['basename'] for s in shards
-        if not any(d and os.path.exists(os.path.join(pl.src, d['basename']))
-                   for d in (s['raw_data'], s.get('zip_data')))]
-    if gone:
-        raise UserError(f'{url} lists {len(gone)} shard files that are not there ({", ".join(gone[:3])}'
-                        f'{", ..." if len(gone) > 3 else ""}): restore them or write the dataset again')
+    local = pl.cache == pl.src and not is_remote(pl.src)
+    damaged = [s['raw_data']['basename'] for s in shards if local and not intact(pl.src, s)]
+    if damaged:
+        raise UserError(f'{url} lists {len(damaged)} shard files that are missing or not of the size it says '
+                        f'({", ".join(damaged[:3])}{", ..." if len(damaged) > 3 else ""}): restore them or '
+                        'write the dataset again')
     return Bucket(name, pl, shards, columns, plan_parts(shards, args.part_size), offset)
+
+
+def intact(folder: str, shard: dict) -> bool:
+    """Whether `folder` holds the shard's raw or compressed file, of the size its index entry says."""
+    for data in filter(None, (shard['raw_data'], shard.get('zip_data'))):
+        path = os.path.join(folder, data['basename'])
+        if os.path.isfile(path) and os.path.getsize(path) == data.get('bytes', os.path.getsize(path)):
+            return True
+    return False
 
 
 def read_index(url: str, local: str, timeout: float, folder: str) -> list[dict]:
@@ -1181,9 +1189,10 @@ def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: i
             embed_part(m, plan, args, bucket, part, reader, bar)
     except (UserError, Interrupted):
         raise
-    except Exception as err:
-        raise UserError(f'reading or embedding failed: {first_line(err)}; rerun the same command to '
-                        'resume') from None
+    except Exception as err:  # a network or disk error passes, a damaged input does not: say which part
+        raise UserError(f'reading or embedding part {part.name} of {bucket.name or "the dataset"} failed: '
+                        f'{first_line(err)}; finished parts are kept, and once the cause is gone a rerun of '
+                        'the same command resumes') from None
     finally:
         bar.close()
     seconds, images = time.time() - start, sum(p.last - p.first for _, p in mine)

@@ -419,6 +419,8 @@ def mistakes(bed) -> dict[str, Path]:
     (t / 'garbage' / '64-128' / 'index.json').write_text('{"version": 2}')
     shutil.copytree(bed['local'] / '64-128', t / 'missing' / '64-128')
     (t / 'missing' / '64-128' / 'shard.00001.mds').unlink()
+    with open(t / 'missing' / '64-128' / 'shard.00002.mds', 'r+b') as f:
+        f.truncate(100)  # cut short
     for folder, name, text in (('pipeline', 'model_index.json', '{"_class_name": "StableDiffusionPipeline"}'),
                                ('text_encoder', 'config.json', '{"model_type": "clip_text_model"}')):
         (t / folder).mkdir()
@@ -482,7 +484,8 @@ def test_refusals_are_one_line_before_a_model_loads(bed, mistakes, tmp_path):
     assert f'{nested} exists: pass --subfolder train' in refused('--local', m['nested'])
     assert f'{nested} exists: pass --subfolder train' in refused('--local', m['nested'], '--bucket', '64-128')
     assert 'its images seem to be in `png` (bytes)' in refused('--local', m['png'])
-    assert 'lists 1 shard files that are not there (shard.00001.mds)' in refused('--local', m['missing'])
+    assert 'lists 2 shard files that are missing or not of the size it says (shard.00001.mds, ' \
+        'shard.00002.mds)' in refused('--local', m['missing'])
     assert not (tmp_path / 'o').exists()  # nothing written by a refused run
 
 
