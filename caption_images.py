@@ -152,6 +152,8 @@ def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if value != value:  # NaN: every comparison is false, so it would pass any bound unseen
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number')
         if value < low:
             raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
         return value
@@ -1016,6 +1018,21 @@ def wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int, lines: int) -> 
     return out[:lines - 1] + [out[lines - 1] + ' ...'] if len(out) > lines else out
 
 
+# >>> twin: preview-font (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
+def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
+    """The font of every preview: DejaVu Sans, which matplotlib (a requirement) ships. It draws Latin,
+    Greek, Cyrillic, Arabic, Hebrew and more (not Chinese, Japanese or Korean); Pillow's own font
+    (ImageFont.load_default) has ASCII only and draws any other letter, even 'ü', as a box."""
+    try:
+        import matplotlib
+    except ImportError:  # a preview with boxes, rather than none
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'),
+                              size)
+# <<< twin: preview-font
+
+
 def write_preview(args: argparse.Namespace, out_root: str, path: str) -> list[int]:
     """A PNG of --preview images spread over the output, each beside its alt-text and new caption."""
     from streaming import StreamingDataset
@@ -1027,7 +1044,7 @@ def write_preview(args: argparse.Namespace, out_root: str, path: str) -> list[in
         ids = sorted({round(i * (ds.num_samples - 1) / max(n - 1, 1)) for i in range(n)})
         samples = [ds[i] for i in ids]
         del ds
-    font = ImageFont.load_default()
+    font = preview_font()
     row_h = max(PREVIEW_TILE, 14 * (2 * PREVIEW_LINES + 2)) + 8
     sheet = Image.new('RGB', (PREVIEW_TILE + PREVIEW_TEXT_WIDTH + 24, 8 + row_h * len(samples) + 14), 'white')
     draw = ImageDraw.Draw(sheet)

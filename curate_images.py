@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -63,14 +64,18 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)  # on the shorter side, as the cloudwriter buckets
 BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
 IMAGE_COLUMN, KEY_COLUMN = 'jpg', 'key'  # the cloudwriter's image bytes and sample key
+IMAGE_ENCODINGS = ('bytes', 'jpeg', 'png')  # of IMAGE_COLUMN: a file's bytes, or PIL opened on them
 INDEX = 'index.json'
 DONE_MARKER = '_done'  # per unit of work; not *.json, so streaming's merge_index never takes it for an index
 STAGING = '.staging-curate'  # below --local: output files on their way to a remote
 RECORD = 'curation.json'  # beside each index.json: how the columns were made, and the counts
 WORK = '_curate'  # below --remote_upload: every pass's finished units
 SETTINGS = 'settings.json'  # in WORK: the run's settings; a rerun with others is refused
-# in WORK, each alone in its folder: listing that folder says whether it is there
-CENTROIDS, GROUPS = 'dedup/centroids/centroids.npz', 'dedup/groups/groups.npz'
+# in WORK: the centroids alone in a folder (listing it says whether they are there); the groups a file per
+# part of the run (a rank's write pass reads its parts' only) and the largest groups, then a _done marker
+CENTROIDS, GROUPS = 'dedup/centroids/centroids.npz', 'dedup/groups'
+PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text line, images per row
+PREVIEW_GROUPS = 100  # at most: the largest groups are kept for the preview when the groups are made
 SIM_COLUMN = 'clip_{key}'  # float32: cosine of the image and the text of column `key`
 DUP_GROUP, DUP_KEEP = 'dup_group', 'dup_keep'  # int64 run id of the kept member (-1: no duplicate); int32 0/1
 # --clusters 0: 2 sqrt(N) clusters for N images. Each vector is compared with the k centroids (N k d
@@ -80,6 +85,10 @@ CLUSTER_RULE = '2 sqrt(N)'
 SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many vectors per centroid (faiss wants 39..256)
 BLOCK = 4096  # rows per block of a within-cluster similarity matrix (BLOCK x members, float32)
 HASH_BITS = 8  # dHash grid: 8 x 8 = 64 bits
+# A dHash groups on its own only with detail: at least this many different rows of its 8 and this many
+# bits of each value. Solid colours, gradients, stripes and flags, a blank page share a few hashes with
+# every other such picture (all bits equal, or one row repeated); their copies are the embedding's to find.
+DHASH_ROWS, DHASH_BITS = 4, 8
 
 
 # >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
@@ -107,6 +116,8 @@ def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if value != value:  # NaN: every comparison is false, so it would pass any bound unseen
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number')
         if value < low:
             raise argparse.ArgumentTypeError(f'{text} must be at least {low}')
         return value
@@ -118,6 +129,13 @@ def cosine(text: str) -> float:
     value = at_least(-1.0, float)(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f'{text}: a cosine is at most 1')
+    return value
+
+
+def preview_groups(text: str) -> int:
+    value = at_least(0)(text)
+    if value > PREVIEW_GROUPS:
+        raise argparse.ArgumentTypeError(f'{text}: the preview shows at most {PREVIEW_GROUPS} groups')
     return value
 
 
@@ -197,8 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='seconds ranks wait for each other at each barrier')
     p.add_argument('--summary', default='',
                    help='where to write the JSON summary; empty: <local>/curate_summary.json')
-    p.add_argument('--preview', type=at_least(0), default=0,
-                   help='rank 0 writes a PNG of this many duplicate groups and the highest and lowest scored')
+    p.add_argument('--preview', type=preview_groups, default=0,
+                   help=f'rank 0 writes a PNG of this many duplicate groups (the largest; at most '
+                        f'{PREVIEW_GROUPS}) and of the highest and lowest scored')
     p.add_argument('--preview_path', default='', help='empty: beside the summary, <summary>_preview.png')
     return p.parse_args(argv)
 
@@ -279,8 +298,10 @@ def bucket_places(args: argparse.Namespace) -> dict[str, Places]:
         names = [b for b in BUCKET_NAMES
                  if exists(join(root, b, args.subfolder, INDEX), args.download_timeout)]
         if not names:
+            hints = (subfolder_hint(join(root, b, args.subfolder)) for b in BUCKET_NAMES)
+            hint = next(filter(None, hints), '')
             raise UserError(f'--bucket all: no bucket of {", ".join(BUCKET_NAMES)} has an index.json '
-                            f'below {root}')
+                            f'below {root}{hint}')
     return {b: places(argparse.Namespace(**{**vars(args), 'bucket': b})) for b in dict.fromkeys(names)}
 
 
@@ -440,21 +461,57 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
 # and its captions' normalised text features ({caption key: array}) into one float32 per image.
 
 @dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """How a head's own code puts its Linear layers together. A state_dict holds the Linear layers only:
+    what sits between them (activations, Dropouts) shows as gaps in the N of their `layers.N` keys, and
+    a gap does not say whether it is an activation or a Dropout. So a head is read only by a layout whose
+    code we know, matched by its gaps; any other is refused."""
+
+    name: str
+    between: int  # the gap between two Linear layers (modules without weights) ...
+    before_last: int  # ... and between the last two
+    min_layers: int  # Linear layers
+    relu: bool  # a ReLU after every Linear layer but the last (Dropouts do nothing at inference)
+
+    def fits(self, gaps: tuple[int, ...]) -> bool:
+        return (len(gaps) + 1 >= self.min_layers and all(g == self.between for g in gaps[:-1])
+                and gaps[-1:] in ((), (self.before_last,)))
+
+
+HEAD_LAYOUTS = (
+    HeadLayout('Linear layers one after another', 0, 0, 1, relu=False),
+    # christophschuhmann/improved-aesthetic-predictor, train_predictor.py's MLP (its ReLUs commented out):
+    # Linear, Dropout, ..., Linear, Dropout, Linear, Linear; sac+logos+ava1-l14-linearMSE.pth (0, 2, 4, 6, 7)
+    HeadLayout("LAION's aesthetic predictor, linear (Dropouts between its Linear layers)", 1, 0, 3,
+               relu=False),
+    # the same MLP trained with its ReLUs: Linear, ReLU, Dropout, ..., Linear, ReLU, Linear;
+    # ava+logos-l14-reluMSE.pth (0, 3, 6, 9, 11)
+    HeadLayout("LAION's aesthetic predictor with ReLUs (ReLU, Dropout between its Linear layers)", 2, 1, 3,
+               relu=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Head:
-    """Column `name`: Linear layers (state_dict keys in order) applied to the normalised embedding."""
+    """Column `name`: Linear layers (in the order of their keys), put together as `layout` says, applied
+    to the normalised embedding."""
 
     name: str
     path: str
     layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [out, in], bias [out])
+    layout: HeadLayout
 
     def __call__(self, emb: np.ndarray, texts: dict[str, np.ndarray]) -> np.ndarray:
         x = emb.astype(np.float32)
-        for w, b in self.layers:
+        for i, (w, b) in enumerate(self.layers):
             x = x @ w.T + b
+            if self.layout.relu and i < len(self.layers) - 1:
+                x = np.maximum(x, 0)
         return x[:, 0]
 
     def record(self) -> dict:
-        return {'column': self.name, 'head': self.path, 'layers': [list(w.shape) for w, _ in self.layers]}
+        return {'column': self.name, 'head': self.path, 'layout': self.layout.name,
+                'layers': [list(w.shape) for w, _ in self.layers]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,62 +532,194 @@ class Similarity:
 
 
 def load_head(name: str, path: str, dim: int) -> Head:
-    """A head from a torch state_dict of Linear layers only, as LAION publishes its aesthetic predictor
-    (`layers.0.weight` ... `layers.7.bias`; its Dropouts hold no weights and there are no activations)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        state = state.get('state_dict', state)
-        prefixes = sorted({k[:-len('weight')] for k in state if k.endswith('weight')},
-                          key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', k)])
-        layers = tuple((state[f'{k}weight'].float().numpy(), state[f'{k}bias'].float().numpy())
-                       for k in prefixes)
-    except Exception as err:
-        raise UserError(f'--heads {name}={path}: not a state_dict of Linear layers '
-                        f'({first_line(err)})') from None
+    """Column `name` from a torch state_dict (or a checkpoint dict holding one) of Linear layers, keyed
+    `weight`/`bias` or `[prefix]N.weight`/`[prefix]N.bias`, whose gaps in N match a row of HEAD_LAYOUTS;
+    the shapes must chain from the embedding size `dim` to one score."""
+    flag = f'--heads {name}={path}'
+    state = read_state_dict(path, flag)
+    found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r'(?:(.*?)(\d+)\.)?(weight|bias)', key)
+        if not m:
+            raise UserError(f'{flag}: {key!r} is not the weight or bias of a Linear layer; a head is Linear '
+                            'layers (layers.N.weight, layers.N.bias), as LAION\'s aesthetic predictor')
+        found.setdefault(m[1] or '', {}).setdefault(int(m[2] or 0), {})[m[3]] = value.float().numpy()
+    if len(found) != 1:
+        raise UserError(f'{flag}: its layers sit under {len(found)} prefixes ({", ".join(found)}); a head is '
+                        'one chain of Linear layers')
+    numbered = sorted(found.popitem()[1].items())
+    if any(set(wb) != {'weight', 'bias'} for _, wb in numbered):
+        raise UserError(f'{flag}: every Linear layer needs a weight and a bias')
+    layers = tuple((wb['weight'], wb['bias']) for _, wb in numbered)
     shapes = [w.shape for w, _ in layers]
     if any(len(s) != 2 for s in shapes) or shapes[0][1] != dim or shapes[-1][0] != 1 \
             or any(a[0] != b[1] for a, b in zip(shapes, shapes[1:])):
-        raise UserError(f'--heads {name}={path}: layer shapes {shapes} do not chain from the embedding '
-                        f'size {dim} to one score')
-    return Head(name, path, layers)
+        raise UserError(f'{flag}: layer shapes {shapes} do not chain from the embedding size {dim} to one '
+                        'score')
+    ns = [n for n, _ in numbered]
+    gaps = tuple(b - a - 1 for a, b in zip(ns, ns[1:]))
+    layout = next((row for row in HEAD_LAYOUTS if row.fits(gaps)), None)
+    if layout is None:
+        raise UserError(f'{flag}: between its Linear layers ({", ".join(map(str, ns))}) sit modules that '
+                        'hold no weights, which a state_dict does not name; this script reads Linear layers '
+                        "one after another and LAION's two aesthetic-predictor layouts (0, 2, 4, 6, 7 and 0, "
+                        '3, 6, 9, 11); score other heads from the embeddings it keeps in _curate/embed')
+    return Head(name, path, layers, layout)
+
+
+def read_state_dict(path: str, flag: str) -> dict:
+    """The tensors torch.save wrote to `path`: a state_dict, or the one state_dict a checkpoint dict holds
+    ({'model': ..., 'epoch': 3}). Loaded with weights_only: a pickled module (code) is refused."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f'{flag}: no such file')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        pickled = isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path)
+        what = ('holds pickled Python objects (a whole nn.Module?), which this script does not unpickle'
+                if pickled else 'is not a file torch.save wrote')
+        raise UserError(f'{flag}: {what}: save the head with torch.save(module.state_dict(), path)') from None
+
+    def tensors(d: Any) -> bool:
+        return isinstance(d, dict) and bool(d) and all(torch.is_tensor(v) for v in d.values())
+
+    inner = [v for v in obj.values() if tensors(v)] if isinstance(obj, dict) else []
+    if tensors(obj) or len(inner) == 1:
+        return obj if tensors(obj) else inner[0]
+    what = f'a dict of {", ".join(map(str, obj))}' if isinstance(obj, dict) else f'a {type(obj).__name__}'
+    raise UserError(f'{flag}: holds {what}, not one state_dict of tensors: save the head with '
+                    'torch.save(module.state_dict(), path)')
 
 
 def embedding_dim(model_name: str) -> int:
+    """The size of the image embedding, from the model's config (read before the model loads)."""
     from transformers import AutoConfig
+
+    config = os.path.join(model_name, 'config.json')
+    if os.path.isdir(model_name) and not os.path.isfile(config):
+        what = ('a diffusers pipeline (model_index.json)' if os.path.isfile(os.path.join(model_name,
+                'model_index.json')) else 'no config.json')
+        raise UserError(f'--model_name {model_name} holds {what}, not an image-text model: pass a folder or '
+                        'hub name of one such as CLIPModel or SiglipModel (openai/clip-vit-large-patch14)')
+    typed = True
+    with contextlib.suppress(Exception), open(config) as f:
+        typed = 'model_type' in json.load(f)
+    if not typed:
+        raise UserError(f'--model_name {model_name}: its config.json names no model_type (a diffusers '
+                        'component?): pass an image-text model such as CLIPModel or SiglipModel')
     try:
         cfg = AutoConfig.from_pretrained(model_name)
     except Exception as err:
-        raise UserError(f'cannot read the config of {model_name} ({first_line(err)}); '
-                        'check --model_name') from None
+        raise UserError(f'cannot read the config of {model_name} ({first_line(err)}); check '
+                        '--model_name') from None
+    if not (hasattr(cfg, 'vision_config') and hasattr(cfg, 'text_config')):
+        raise UserError(f'--model_name {model_name} is a {cfg.model_type} model, not an image-text model '
+                        'with an image and a text tower: pass one such as CLIPModel or SiglipModel')
     return getattr(cfg, 'projection_dim', None) or cfg.vision_config.hidden_size
 
 
 def read_bucket(name: str, pl: Places, args: argparse.Namespace, offset: int) -> Bucket:
-    url, local = join(pl.src, INDEX), os.path.join(pl.cache, INDEX)
+    """One input dataset, checked as far as its index.json can tell: MDS shards with one set of columns,
+    an image column, text in every --caption_keys column, and (read in place) every shard file there."""
+    url = join(pl.src, INDEX)
     os.makedirs(pl.cache, exist_ok=True)
-    try:
-        if url != local:
-            fetch(url, local, args.download_timeout)
-        with open(local) as f:
-            shards = json.load(f)['shards']
-    except Exception as err:
-        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
+    shards = read_index(url, os.path.join(pl.cache, INDEX), args.download_timeout, pl.src)
     columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings'])) if shards else {}
-    if any(s.get('format') != 'mds' or dict(zip(s['column_names'], s['column_encodings'])) != columns
+    if any(s['format'] != 'mds' or dict(zip(s['column_names'], s['column_encodings'])) != columns
            for s in shards):
         raise UserError(f'{url}: the shards must all be MDS with the same columns')
-    for key in [IMAGE_COLUMN, *args.caption_keys]:
-        if shards and key not in columns:
-            raise UserError(f'{url}: the input has no `{key}` column (columns: {", ".join(columns)})')
+    texts = ', '.join(c for c, e in columns.items() if e == 'str')
+    if shards and columns.get(IMAGE_COLUMN) not in IMAGE_ENCODINGS:
+        raise UserError(f'{url}: {image_column_problem(columns)}')
+    for key in args.caption_keys if shards else ():
+        if key not in columns:
+            raise UserError(f'{url}: the input has no `{key}` column (text columns: {texts})')
+        if columns[key] != 'str':
+            raise UserError(f'--caption_keys {key}: the column holds {columns[key]}, not text (str); the '
+                            f'text columns of {url} are {texts}')
+    local = pl.cache == pl.src and not is_remote(pl.src)
+    damaged = [s['raw_data']['basename'] for s in shards if local and not intact(pl.src, s)]
+    if damaged:
+        raise UserError(f'{url} lists {len(damaged)} shard files that are missing or not of the size it says '
+                        f'({", ".join(damaged[:3])}{", ..." if len(damaged) > 3 else ""}): restore them or '
+                        'write the dataset again')
     return Bucket(name, pl, shards, columns, plan_parts(shards, args.part_size), offset)
 
 
+def intact(folder: str, shard: dict) -> bool:
+    """Whether `folder` holds the shard's raw or compressed file, of the size its index entry says."""
+    for data in filter(None, (shard['raw_data'], shard.get('zip_data'))):
+        path = os.path.join(folder, data['basename'])
+        if os.path.isfile(path) and os.path.getsize(path) == data.get('bytes', os.path.getsize(path)):
+            return True
+    return False
+
+
+def read_index(url: str, local: str, timeout: float, folder: str) -> list[dict]:
+    """The shards an MDS index.json lists (fetched from `url` to `local`)."""
+    try:
+        if url != local:
+            fetch(url, local, timeout)
+        with open(local) as f:
+            text = f.read()
+    except Exception as err:
+        raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}'
+                        f'{subfolder_hint(folder)}') from None
+    try:
+        shards = json.loads(text)['shards']
+        assert all(isinstance(s['format'], str) and s['samples'] >= 0 and s['raw_data']['basename']
+                   and len(s['column_names']) == len(s['column_encodings']) for s in shards)
+    except Exception:
+        raise UserError(f'{url} is not an MDS index.json (a list of "shards"): point --remote_download or '
+                        '--local at datasets such as laion_cloudwriter.py writes') from None
+    return shards
+
+
+def subfolder_hint(folder: str) -> str:
+    """'; <folder>/<sub>/index.json exists: pass --subfolder <sub>' when a folder one level down holds an
+    index (a --subfolder forgotten), else ''. It lists below `folder`: only on the way to an error."""
+    with contextlib.suppress(Exception):
+        if is_remote(folder):
+            names = output_names(folder)
+        else:
+            found = glob.glob(os.path.join(glob.escape(folder), '*', INDEX))
+            names = [os.path.relpath(p, folder) for p in found]
+        subs = sorted(n.split('/')[0] for n in names if n.count('/') == 1 and n.endswith('/' + INDEX))
+        if subs:
+            return f'; {join(folder, subs[0], INDEX)} exists: pass --subfolder {subs[0]}'
+    return ''
+
+
+def image_column_problem(columns: dict[str, str]) -> str:
+    """Why the input's `jpg` column is not one this script reads, and what to do."""
+    if IMAGE_COLUMN in columns:
+        return (f'its `{IMAGE_COLUMN}` column is stored as {columns[IMAGE_COLUMN]}; this script reads image '
+                f'files there: {", ".join(IMAGE_ENCODINGS)} (streaming\'s encodings)')
+    images = [f'`{c}` ({e})' for c, e in columns.items()
+              if e in ('jpeg', 'png', 'pil') or c in ('png', 'webp', 'image', 'img', 'jpeg')]
+    return (f'the input has no `{IMAGE_COLUMN}` column, where this script reads the images as '
+            'laion_cloudwriter.py writes them' + (f'; its images seem to be in {", ".join(images)}: store '
+                                                  f'them as `{IMAGE_COLUMN}`' if images else
+                                                  f' (columns: {", ".join(columns)})'))
+
+
 def new_columns(args: argparse.Namespace) -> dict[str, str]:
-    return {**{name: 'float32' for name, _ in args.heads},
-            **{SIM_COLUMN.format(key=k): 'float32' for k in args.caption_keys},
-            DUP_GROUP: 'int64', DUP_KEEP: 'int32'}
+    """{column: encoding} of the columns this run adds; a column two flags would make is refused."""
+    made = [*((name, f'--heads {name}={path}', 'float32') for name, path in args.heads),
+            *((SIM_COLUMN.format(key=k), f'--caption_keys {k}', 'float32') for k in args.caption_keys),
+            (DUP_GROUP, 'the dedup', 'int64'), (DUP_KEEP, 'the dedup', 'int32')]
+    columns, maker = {}, {}
+    for column, flag, encoding in made:
+        if column in maker:
+            raise UserError(f'the column {column} would be written twice, by {maker[column]} and by {flag}: '
+                            'give each head a column name of its own and name each caption column once')
+        columns[column], maker[column] = encoding, flag
+    return columns
 
 
 POLARS_TYPES = {'str': 'String', 'int8': 'Int8', 'int16': 'Int16', 'int32': 'Int32', 'int64': 'Int64',
@@ -616,7 +805,9 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    """Rank 0: check the buckets, the heads, the filter and the output; list the work."""
+    """Rank 0: check the flags, the buckets, the heads, the filter and the output; list the work."""
+    added = new_columns(args)
+    check_outputs(args)
     pls = bucket_places(args)
     for pl in pls.values():
         check_places(pl)
@@ -624,13 +815,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for name, pl in pls.items():
         buckets.append(read_bucket(name, pl, args, offset))
         offset += buckets[-1].parts[-1].last if buckets[-1].parts else 0
-    columns = {**buckets[0].columns, **new_columns(args)}
+    columns = {**buckets[0].columns, **added}
     for b in buckets:
-        clash = sorted(set(b.columns) & set(new_columns(args)))
+        clash = sorted(set(b.columns) & set(added))
         if clash:
             raise UserError(f'{b.places.src} already has a column {clash[0]}: rename the head or pass other '
                             '--caption_keys')
-        if b.shards and {**b.columns, **new_columns(args)} != columns:
+        if b.shards and {**b.columns, **added} != columns:
             raise UserError(f'{b.places.src}: its columns differ from {buckets[0].places.src}\'s')
     compile_filter(args.filter, filter_schema(columns))
     dim = embedding_dim(args.model_name)
@@ -640,23 +831,64 @@ def make_plan(args: argparse.Namespace) -> Plan:
     settings = {'model_name': args.model_name, 'heads': {h.name: file_sha1(h.path) for h in heads},
                 'caption_keys': args.caption_keys, 'dup_threshold': args.dup_threshold, 'clusters': clusters,
                 'dedup_parts': args.dedup_parts, 'part_size': args.part_size,
-                'buckets': {b.name: file_sha1('', json.dumps(b.shards, sort_keys=True).encode())[:16]
+                'buckets': {b.name: {'shards': len(b.shards), 'samples': sum(s['samples'] for s in b.shards),
+                                     'sha1': file_sha1('', json.dumps(b.shards, sort_keys=True).encode())}
                             for b in buckets}}
     staging = join(args.local, STAGING, digest(work))
-    names = output_names(work)
-    old = json.loads(open_text(join(work, SETTINGS), args.download_timeout)) if SETTINGS in names else None
+    old = json.loads(open_text(join(work, SETTINGS), args.download_timeout)) \
+        if exists(join(work, SETTINGS), args.download_timeout) else None
     if old is None and any(output_names(b.places.out) for b in buckets):
         raise UserError(f'--remote_upload {buckets[0].places.out} holds files this script did not write: '
                         'pass a new or empty --remote_upload')
-    for key in sorted(set(old or {}) | set(settings) if old else ()):
-        if old.get(key) != settings.get(key):
-            raise UserError(f'{work} was written with {key}={str(old.get(key))[:60]!r}, this run has '
-                            f'{str(settings.get(key))[:60]!r}: rerun with the same flags or write to a new '
-                            '--remote_upload')
+    if old is not None and old != settings:
+        raise UserError(f'{work} holds the work of a run with other settings: '
+                        f'{"; ".join(changes(old, settings))}. Rerun with the flags and input it was made '
+                        'with, or write to a new --remote_upload')
     os.makedirs(staging, exist_ok=True)
     put_text(work, staging, SETTINGS, json.dumps(settings, indent=1))
     scores = [*heads, *(Similarity(k) for k in args.caption_keys)]
     return Plan(buckets, work, staging, scores, columns, clusters, settings)
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """What differs between the settings the work was made with and this run's, in the user's words."""
+    def bucket(b: dict | None) -> str:
+        n, rows = (b['shards'], b['samples']) if b else (0, 0)
+        return f'{n} shard{"s" * (n != 1)} of {rows} sample{"s" * (rows != 1)}' if b else 'not in the run'
+
+    said = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == 'heads' and isinstance(a, dict):
+            said += [f'--heads {n}: ' + ('not in this run' if n not in b else 'not in that run' if n not in a
+                                         else 'another file (its sha1 differs)')
+                     for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        elif key == 'buckets' and all(isinstance(v, dict) for v in [*a.values(), *b.values()]):
+            said += [f'input {n or "dataset"}: {bucket(a.get(n))} then, {bucket(b.get(n))} now'
+                     + (' (other shards)' if n in a and n in b and bucket(a[n]) == bucket(b[n]) else '')
+                     for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        else:
+            said.append(f'--{key} {json.dumps(a)} then, {json.dumps(b)} now')
+    return said
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a folder that is a file and a file that is a folder: the run would
+    otherwise fail after hours, or after writing its output."""
+    folders = {'--remote_upload': args.remote_upload, '--local': args.local}
+    files = {'--summary': summary_path(args), '--preview_path': preview_path(args) if args.preview else ''}
+    for flag, path in [*folders.items(), *files.items()]:
+        if not path or is_remote(path):
+            continue
+        if flag in files and os.path.isdir(path):
+            raise UserError(f'{flag} {path} is a folder: pass a file name')
+        up = path if flag in folders else os.path.dirname(os.path.abspath(path))
+        while up and not os.path.exists(up):
+            up = os.path.dirname(up)
+        if up and not os.path.isdir(up):
+            raise UserError(f'{flag} {path}: {up} is a file, not a folder')
 
 
 def auto_clusters(rows: int) -> int:
@@ -844,12 +1076,43 @@ warnings.filterwarnings('always', category=Image.DecompressionBombWarning, appen
 # <<< twin: decode
 
 
+def image_bytes(value: bytes | Image.Image) -> bytes:
+    """The file's bytes of an IMAGE_COLUMN value: as stored (`bytes`), or the buffer that streaming's
+    `jpeg` and `png` encodings open a PIL image on (Image.open(BytesIO(data)): their decode() in
+    streaming/base/format/mds/encodings.py). Every image is hashed and decoded from its file's bytes."""
+    return value.fp.getvalue() if isinstance(value, Image.Image) else value
+
+
+@contextlib.contextmanager
+def as_stored(sample: dict, encoding: str, folder: str) -> Iterator[dict]:
+    """`sample` as MDSWriter writes its image back unchanged. Streaming's `jpeg` encoding re-encodes a PIL
+    image at quality 75 unless it was opened from a file, whose bytes it copies (JPEG.encode, ibid.):
+    so the image is opened from a file of its own bytes."""
+    if encoding != 'jpeg':
+        yield sample
+        return
+    path = os.path.join(folder, 'image')
+    with open(path, 'wb') as f:
+        f.write(image_bytes(sample[IMAGE_COLUMN]))
+    with Image.open(path) as img:
+        yield {**sample, IMAGE_COLUMN: img}
+
+
 def dhash(img: Image.Image) -> int:
     """64-bit difference hash: a 9 x 8 grey thumbnail, one bit per left < right neighbour. A copy
     re-encoded or resized keeps it; an exact match of it is an edge of the dedup."""
     px = np.asarray(img.convert('L').resize((HASH_BITS + 1, HASH_BITS), Image.Resampling.BILINEAR), np.int16)
     bits = (px[:, 1:] > px[:, :-1]).ravel()
     return int(np.packbits(bits).view('>u8')[0] >> 1)  # 63 bits: fits int64
+
+
+def detailed(dhash: np.ndarray) -> np.ndarray:
+    """Which of the dHashes (int64, as dhash() makes them) have DHASH_ROWS different rows and DHASH_BITS
+    bits of each value: those may join images on their own."""
+    rows = (dhash.astype(np.uint64) << np.uint64(1)).astype('>u8').view(np.uint8).reshape(-1, 8) & 0xFE
+    different = 1 + np.count_nonzero(np.diff(np.sort(rows, axis=1), axis=1), axis=1)
+    ones = np.unpackbits(rows, axis=1).sum(axis=1)
+    return (different >= DHASH_ROWS) & (np.minimum(ones, 63 - ones) >= DHASH_BITS)
 
 
 class PartImages:
@@ -938,9 +1201,18 @@ def embed_batch(m: Model, pixels, texts: dict[str, list[str]]) -> tuple[np.ndarr
 def part_items(reader: ShardReader, part: Part, caption_keys: list[str]) -> tuple[list, dict[int, dict]]:
     items, texts = [], {}
     for sample_id, sample in reader.samples(part):
-        items.append((sample_id, str(sample.get(KEY_COLUMN, sample_id)), sample[IMAGE_COLUMN]))
+        items.append((sample_id, str(sample.get(KEY_COLUMN, sample_id)), image_bytes(sample[IMAGE_COLUMN])))
         texts[sample_id] = {k: str(sample[k] or '') for k in caption_keys}
     return items, texts
+
+
+def narrow(keys: np.ndarray) -> np.ndarray:
+    """`keys` at one byte a character where all are ASCII, a quarter of numpy's str, in the same order
+    (the keep rule compares them); as they are otherwise."""
+    try:
+        return keys.astype(f'S{max(keys.dtype.itemsize // 4, 1)}') if keys.dtype.kind == 'U' else keys
+    except UnicodeEncodeError:
+        return keys
 
 
 def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
@@ -966,7 +1238,7 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
         bar.update(len(batch))
     emb = np.concatenate(embs) if embs else np.zeros((0, embedding_dim(args.model_name)), np.float32)
     arrays = {c: np.array([r[c] for r in rows], np.int64) for c in ('id', 'sha', 'dhash', 'area')}
-    arrays.update(key=np.array([r['key'] for r in rows], str), emb=emb.astype(np.float16))
+    arrays.update(key=narrow(np.array([r['key'] for r in rows], str)), emb=emb.astype(np.float16))
     arrays.update({f'score:{c}': np.concatenate(v or [np.zeros(0)]).astype(np.float32)
                    for c, v in scores.items()})
     folder = unit_folder('embed', bucket, part)
@@ -1006,9 +1278,10 @@ def embed_pass(args: argparse.Namespace, plan: Plan, device, rank: int, world: i
             embed_part(m, plan, args, bucket, part, reader, bar)
     except (UserError, Interrupted):
         raise
-    except Exception as err:
-        raise UserError(f'reading or embedding failed: {first_line(err)}; rerun the same command to '
-                        'resume') from None
+    except Exception as err:  # a network or disk error passes, a damaged input does not: say which part
+        raise UserError(f'reading or embedding part {part.name} of {bucket.name or "the dataset"} failed: '
+                        f'{first_line(err)}; finished parts are kept, and once the cause is gone a rerun of '
+                        'the same command resumes') from None
     finally:
         bar.close()
     seconds, images = time.time() - start, sum(p.last - p.first for _, p in mine)
@@ -1022,7 +1295,7 @@ def embed_url(plan: Plan, bucket: Bucket, part: Part) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Pass 2, dedup: k-means on a sample (rank 0) -> each part's vectors to the groups of their 2 nearest
-# centroids (shuffle) -> each group compared within its clusters (pairs) -> union-find (rank 0)
+# centroids (shuffle) -> each group compared within its clusters (pairs) -> connected components (rank 0)
 # ----------------------------------------------------------------------------------------------
 
 def train_centroids(plan: Plan, args: argparse.Namespace) -> None:
@@ -1093,7 +1366,8 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
     pairs = [np.zeros((0, 2), np.int64)]
     order = np.argsort(cat['cluster'], kind='stable')
     _, starts = np.unique(cat['cluster'][order], return_index=True)
-    for idx in np.split(order, starts[1:]) if len(order) else []:  # the rows of one cluster
+    # each cluster's rows; none at --dup_threshold 1: no cosine is above 1 (float16 rounding gives 1.0002)
+    for idx in np.split(order, starts[1:]) if len(order) and args.dup_threshold < 1 else []:
         x, gid = cat['emb'][idx].astype(np.float32), cat['vec_gid'][idx]
         for lo in range(0, len(idx), BLOCK):
             i, j = np.nonzero(x[lo:lo + BLOCK] @ x.T > args.dup_threshold)
@@ -1101,6 +1375,8 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
             pairs.append(np.stack([gid[lo + i[keep]], gid[j[keep]]], 1))
     for h in ('sha', 'dhash'):
         order = np.lexsort((cat[f'{h}_gid'], cat[h]))
+        if h == 'dhash':
+            order = order[detailed(cat[h][order])]
         vals, ids = cat[h][order], cat[f'{h}_gid'][order]
         same = vals[1:] == vals[:-1]
         pairs.append(np.stack([ids[:-1][same], ids[1:][same]], 1))  # a chain links each run of equals
@@ -1114,36 +1390,75 @@ def compare_group(plan: Plan, args: argparse.Namespace, g: int) -> None:
 
 
 def decide_groups(plan: Plan, args: argparse.Namespace) -> None:
-    """Rank 0: union-find over every pair; in each group the largest image (width x height) is kept,
-    then the lowest key, then the lowest run id. groups.npz: gid, dup_group (the kept gid), dup_keep."""
-    if output_names(join(plan.work, os.path.dirname(GROUPS))):
+    """Rank 0: the groups of all the pairs (connect), written per part of the run: the run ids of the
+    part's images in a group, each one's group (the kept member's run id) and keep; then the largest
+    groups for the preview; then the _done marker."""
+    if exists(join(plan.work, GROUPS, DONE_MARKER), args.download_timeout):
         return
-    zs = [get_arrays(join(plan.work, f'dedup/pairs/{g:05d}.npz'), args.download_timeout)
-          for g in range(args.dedup_parts)]
-    edges = np.concatenate([z['edges'] for z in zs])
-    gid, first = np.unique(np.concatenate([z['gid'] for z in zs]), return_index=True)
-    area, key = np.concatenate([z['area'] for z in zs])[first], np.concatenate([z['key'] for z in zs])[first]
-    parent = np.arange(len(gid))
-    a, b = np.searchsorted(gid, edges[:, 0]), np.searchsorted(gid, edges[:, 1])
+    pieces: dict[str, list[np.ndarray]] = {'edges': [], 'gid': [], 'area': [], 'key': []}
+    for g in range(args.dedup_parts):
+        z = get_arrays(join(plan.work, f'dedup/pairs/{g:05d}.npz'), args.download_timeout)
+        for column, values in pieces.items():
+            values.append(narrow(z[column]) if column == 'key' else z[column])
+    edges = np.concatenate(pieces.pop('edges'))  # each column's pieces go once it is joined
+    gid, first = np.unique(np.concatenate(pieces.pop('gid')), return_index=True)
+    area, key = np.concatenate(pieces.pop('area'))[first], np.concatenate(pieces.pop('key'))[first]
+    group = connect(edges, gid, area, key)
+    keep = (group == gid).astype(np.int32)
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def put(unit: tuple[Bucket, Part]) -> None:
+        b, p = unit
+        lo, hi = np.searchsorted(gid, [b.offset + p.first, b.offset + p.last])
+        put_arrays(plan.work, plan.staging, groups_file(b, p), gid=gid[lo:hi], group=group[lo:hi],
+                   keep=keep[lo:hi])
 
-    for i, j in zip(a.tolist(), b.tolist()):
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([root(i) for i in range(len(gid))], np.int64)
-    order = np.lexsort((gid, key, -area, roots))  # within a group: largest, then lowest key, then lowest id
-    kept = {}
-    for i in order.tolist():
-        kept.setdefault(roots[i], gid[i])
-    group = np.array([kept[r] for r in roots.tolist()], np.int64)
-    put_arrays(plan.work, plan.staging, GROUPS, gid=gid, group=group,
-               keep=(group == gid).astype(np.int32))
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, plan.units()))
+    put_arrays(plan.work, plan.staging, join(GROUPS, 'largest.npz'), **largest_groups(gid, group))
+    put_text(plan.work, plan.staging, join(GROUPS, DONE_MARKER), '{}')
+
+
+def connect(edges: np.ndarray, gid: np.ndarray, area: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """The group of each image `gid` (sorted run ids; its `area` and `key`): the connected components of
+    the pairs `edges` (scipy's csgraph: no Python loop per pair), each named by the member it keeps: the
+    largest image (width x height), then the lowest key, then the lowest run id."""
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
+
+    n, ends = len(gid), edges.ravel()
+    where = np.argsort(ends)  # looked up in order: at random, a large `gid` is a cache miss per step
+    at = np.empty(len(ends), np.int64)
+    at[where] = np.searchsorted(gid, ends[where])
+    del where
+    graph = coo_array((np.ones(len(edges), np.int8), (at[0::2], at[1::2])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    del graph
+    order = np.lexsort((gid, key, -area, label))  # each component together, the member it keeps first
+    ordered = label[order]
+    first = np.ones(n, bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    kept = np.zeros(label.max(initial=-1) + 1, np.int64)
+    kept[ordered[first]] = gid[order[first]]
+    return kept[label]
+
+
+def largest_groups(gid: np.ndarray, group: np.ndarray) -> dict[str, np.ndarray]:
+    """The PREVIEW_GROUPS largest groups (ties: the lower kept run id): `group` (the kept run id), `size`,
+    `members` (the kept one, then the others by run id, PREVIEW_PER_ROW at most, padded with -1)."""
+    kept, size = np.unique(group, return_counts=True)
+    top = np.lexsort((kept, -size))[:PREVIEW_GROUPS]
+    members = np.full((len(top), PREVIEW_PER_ROW), -1, np.int64)
+    chosen = np.isin(group, kept[top])
+    gid, group = gid[chosen], group[chosen]  # the members of these groups only
+    for row, g in enumerate(kept[top]):
+        others = gid[group == g]
+        ids = np.concatenate([[g], others[others != g]])[:PREVIEW_PER_ROW]
+        members[row, :len(ids)] = ids
+    return {'group': kept[top], 'size': size[top], 'members': members}
+
+
+def groups_file(bucket: Bucket, part: Part) -> str:
+    return join(GROUPS, bucket.name or '_', f'{part.name}.npz')
 
 
 def unpaired(plan: Plan, dedup_parts: int) -> list[int]:
@@ -1185,13 +1500,14 @@ def dup_columns(groups: dict[str, np.ndarray], gid: np.ndarray) -> tuple[np.ndar
 
 
 def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part, reader: ShardReader,
-               groups: dict[str, np.ndarray], clauses: list) -> None:
+               clauses: list) -> None:
     import polars as pl
     from streaming import MDSWriter
 
     z = get_arrays(embed_url(plan, bucket, part), args.download_timeout)
     marker = json.loads(open_text(join(plan.work, unit_folder('embed', bucket, part), DONE_MARKER),
                                   args.download_timeout))
+    groups = get_arrays(join(plan.work, groups_file(bucket, part)), args.download_timeout)
     group, keep = dup_columns(groups, z['id'] + bucket.offset)
     new = {**{c[6:]: z[c] for c in z if c.startswith('score:')}, DUP_GROUP: group, DUP_KEEP: keep}
     row_of = {int(i): r for r, i in enumerate(z['id'])}
@@ -1208,16 +1524,30 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
             alive &= ok
     out = join(bucket.places.out, part.name)
     target = (os.path.join(plan.staging, bucket.name, part.name), out) if is_remote(out) else out
+    encoding = bucket.columns[IMAGE_COLUMN]
     with MDSWriter(out=target, columns=plan.columns, compression=args.compression or None,
-                   size_limit=args.size_limit, exist_ok=True) as writer:
+                   size_limit=args.size_limit, exist_ok=True) as writer, \
+            tempfile.TemporaryDirectory() as tmp:
         for r, (sid, sample) in enumerate(samples):
             if alive[r]:
-                writer.write({**sample, **{c: v[row_of[sid]] for c, v in new.items()}})
+                with as_stored(sample, encoding, tmp) as stored:
+                    writer.write({**stored, **{c: v[row_of[sid]] for c, v in new.items()}})
     counts = {'input': part.last - part.first, 'written': int(alive.sum()), 'skipped': marker['skipped'],
               'removed_by_clause': removed, 'in_groups': int(np.count_nonzero(new[DUP_GROUP] >= 0)),
               'kept_of_groups': int(np.count_nonzero((new[DUP_GROUP] >= 0) & (new[DUP_KEEP] == 1)))}
+    first = f'score:{plan.scores[0].name}' if plan.scores else ''
+    counts['extremes'] = score_extremes(z['id'] + bucket.offset, z[first]) if first else {}
     put_text(bucket.places.out, plan.staging, join(part.name, DONE_MARKER),
              json.dumps({'rank': int(os.environ.get('RANK', 0)), 'filter': args.filter, **counts}))
+
+
+def score_extremes(gid: np.ndarray, score: np.ndarray) -> dict[str, list]:
+    """The part's PREVIEW_PER_ROW highest and lowest of the first score column, [run id, score] each, for
+    the preview (which thus never reads every part's scores): ties go to the lower run id among the
+    highest, to the higher among the lowest."""
+    order = np.argsort(-score, kind='stable')
+    return {k: [[int(gid[i]), float(score[i])] for i in pick] for k, pick in
+            (('highest', order[:PREVIEW_PER_ROW]), ('lowest', order[::-1][:PREVIEW_PER_ROW]))}
 
 
 def unwritten(plan: Plan, args: argparse.Namespace) -> list[tuple[Bucket, Part]]:
@@ -1233,29 +1563,32 @@ def write_pass(args: argparse.Namespace, plan: Plan, rank: int, world: int) -> N
     from tqdm import tqdm
 
     clauses, _ = compile_filter(args.filter, filter_schema(plan.columns))
-    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
     todo = agreed(lambda: unwritten(plan, args), rank)
     readers: dict[str, ShardReader] = {}
     for bucket, part in tqdm(todo[rank::world], desc='writes', unit='part', disable=rank != 0):
         if bucket.name not in readers:
             readers[bucket.name] = ShardReader(bucket, args, rank)
-        write_part(plan, args, bucket, part, readers[bucket.name], groups, clauses)
+        write_part(plan, args, bucket, part, readers[bucket.name], clauses)
 
 
 # ----------------------------------------------------------------------------------------------
 # Finishing (rank 0): each bucket's index.json and record, the summary, the preview
 # ----------------------------------------------------------------------------------------------
 
-def merge_bucket(bucket: Bucket, staging: str) -> None:
+def merge_bucket(bucket: Bucket, staging: str, written: int, timeout: float) -> None:
+    """The bucket's index.json: its parts' indexes merged. A bucket left without rows gets none (and an
+    old one goes; at a remote, where streaming cannot delete, it is overwritten by an index of no shards):
+    StreamingDataset refuses a stream without samples, so a reader takes the buckets with an index.json."""
     from streaming.base.util import merge_index
 
     out = bucket.places.out
-    if not bucket.parts:
-        put_text(out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
-        return
     if not is_remote(out):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, INDEX))
+    if not written:
+        if is_remote(out) and exists(join(out, INDEX), timeout):
+            put_text(out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
+        return
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -1304,7 +1637,8 @@ def report(summary: dict, path: str) -> None:
              f'(cosine > {s["settings"]["dup_threshold"]}, equal bytes or dHash)',
              f'output   {s["written"]} rows written']
     for name, b in s['buckets'].items():
-        lines.append(f'  {name or "dataset"}: {b["written"]} of {b["input"]} -> {b["output"]}')
+        lines.append(f'  {name or "dataset"}: {b["written"]} of {b["input"]} -> {b["output"]}'
+                     + ('' if b['written'] else ' (no index.json: no row is left)'))
         lines += [f'    removed by clause {n:>10}  {label}' for label, n in b['removed_by_clause'].items()]
     lines.append(f'speed    rank 0 embedded {speed["images"]} images in {speed["seconds"]:.1f} s '
                  f'({speed["images_per_s"]:.1f} images/s), world size {s["world_size"]}')
@@ -1322,7 +1656,8 @@ def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: 
     record = {'model_name': args.model_name,
               'scores': [s.record() for s in plan.scores], 'head_sha1': plan.settings['heads'],
               'dedup': {'dup_threshold': args.dup_threshold, 'clusters': plan.clusters, 'neighbours': 2,
-                        'also': 'equal content (sha1) and equal 64-bit dHash',
+                        'also': f'equal content (sha1) and equal 64-bit dHash (with {DHASH_ROWS} different '
+                                f'rows and {DHASH_BITS} bits of each value)',
                         'keep': 'largest width x height, then lowest key, then lowest run id',
                         'buckets_together': [b.name for b in plan.buckets]},
               'filter': args.filter, 'counts': summary['buckets'][bucket.name],
@@ -1330,31 +1665,38 @@ def write_record(args: argparse.Namespace, plan: Plan, bucket: Bucket, summary: 
     put_text(bucket.places.out, plan.staging, RECORD, json.dumps(record, indent=1))
 
 
-PREVIEW_TILE, PREVIEW_LINE, PREVIEW_PER_ROW = 128, 14, 8  # px, px of a text line, images per row
-
-
 def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[tuple[int, str]]]]:
     """(title, [(run id, label)]): the --preview largest duplicate groups (the kept member first), then
     the highest and the lowest by the first score column."""
-    groups = get_arrays(join(plan.work, GROUPS), args.download_timeout)
-    sizes = dict(zip(*np.unique(groups['group'], return_counts=True)))
+    largest = get_arrays(join(plan.work, GROUPS, 'largest.npz'), args.download_timeout)
     rows = []
-    for n, g in enumerate(sorted(sizes, key=lambda g: (-sizes[g], g))[:args.preview], 1):
-        members = sorted(groups['gid'][groups['group'] == g].tolist(), key=lambda x: (x != g, x))
-        rows.append((f'duplicate group {n}: {sizes[g]} images, the kept one first',
-                     [(x, 'kept' if x == g else 'dropped') for x in members[:PREVIEW_PER_ROW]]))
+    for n in range(min(args.preview, len(largest['group']))):
+        g, members = largest['group'][n], largest['members'][n]
+        rows.append((f'duplicate group {n + 1}: {largest["size"][n]} images, the kept one first',
+                     [(int(x), 'kept' if x == g else 'dropped') for x in members if x >= 0]))
     if plan.scores:
-        column, gid, score = plan.scores[0].name, [], []
-        for b, p in plan.units():
-            z = get_arrays(embed_url(plan, b, p), args.download_timeout)
-            gid.append(z['id'] + b.offset)
-            score.append(z[f'score:{column}'])
-        gid, score = np.concatenate(gid), np.concatenate(score)
-        order = np.argsort(-score, kind='stable')
-        for title, pick in ((f'highest {column}', order[:PREVIEW_PER_ROW]),
-                            (f'lowest {column}', order[::-1][:PREVIEW_PER_ROW])):
-            rows.append((title, [(int(gid[i]), f'{score[i]:.3f}') for i in pick]))
+        markers = [m for b in plan.buckets for m in done_markers(b.places.out, b.parts,
+                                                                  args.download_timeout).values()]
+        for end, rule in (('highest', lambda x: (-x[1], x[0])), ('lowest', lambda x: (x[1], -x[0]))):
+            best = sorted({tuple(x) for m in markers for x in m.get('extremes', {}).get(end, [])}, key=rule)
+            rows.append((f'{end} {plan.scores[0].name}',
+                         [(g, f'{v:.3f}') for g, v in best[:PREVIEW_PER_ROW]]))
     return rows
+
+
+# >>> twin: preview-font (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
+def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
+    """The font of every preview: DejaVu Sans, which matplotlib (a requirement) ships. It draws Latin,
+    Greek, Cyrillic, Arabic, Hebrew and more (not Chinese, Japanese or Korean); Pillow's own font
+    (ImageFont.load_default) has ASCII only and draws any other letter, even 'ü', as a box."""
+    try:
+        import matplotlib
+    except ImportError:  # a preview with boxes, rather than none
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'),
+                              size)
+# <<< twin: preview-font
 
 
 def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
@@ -1364,7 +1706,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
     rows, datasets = preview_rows(args, plan), {}
     height = PREVIEW_LINE + PREVIEW_TILE + PREVIEW_LINE + 8
     sheet = Image.new('RGB', (PREVIEW_PER_ROW * (PREVIEW_TILE + 8) + 8, len(rows) * height + 8), 'white')
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(sheet), preview_font()
     for r, (title, entries) in enumerate(rows):
         top = 8 + r * height
         draw.text((8, top), title, fill='black', font=font)
@@ -1374,7 +1716,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
                 remote = None if b.places.cache == b.places.src else b.places.src
                 datasets[b.name] = StreamingDataset(local=b.places.cache, remote=remote, shuffle=False,
                                                     batch_size=1)
-            img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN])
+            img = decode(image_bytes(datasets[b.name][g - b.offset][IMAGE_COLUMN]))
             img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
             x = 8 + c * (PREVIEW_TILE + 8)
             sheet.paste(img, (x, top + PREVIEW_LINE))
@@ -1390,6 +1732,10 @@ def summary_path(args: argparse.Namespace) -> str:
     return args.summary or os.path.join(args.local, 'curate_summary.json')
 
 
+def preview_path(args: argparse.Namespace) -> str:
+    return args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
+
+
 def finish(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> None:
     summary = summarize(args, plan, speed, world)
     if summary['parts_missing']:
@@ -1397,11 +1743,10 @@ def finish(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> Non
         raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; rerun the same '
                         'command')
     for b in plan.buckets:
-        merge_bucket(b, plan.staging)
+        merge_bucket(b, plan.staging, summary['buckets'][b.name]['written'], args.download_timeout)
         write_record(args, plan, b, summary)
     if args.preview:
-        path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
-        summary['preview'] = write_preview(args, plan, path)
+        summary['preview'] = write_preview(args, plan, preview_path(args))
     report(summary, summary_path(args))
     shutil.rmtree(plan.staging, ignore_errors=True)
 

@@ -1733,12 +1733,27 @@ def fit_lines(paragraphs: list[str], font: Any, width: int, lines: int) -> list[
     return out
 
 
+# >>> twin: preview-font (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
+def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
+    """The font of every preview: DejaVu Sans, which matplotlib (a requirement) ships. It draws Latin,
+    Greek, Cyrillic, Arabic, Hebrew and more (not Chinese, Japanese or Korean); Pillow's own font
+    (ImageFont.load_default) has ASCII only and draws any other letter, even 'ü', as a box."""
+    try:
+        import matplotlib
+    except ImportError:  # a preview with boxes, rather than none
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'),
+                              size)
+# <<< twin: preview-font
+
+
 def contact_sheet(title: str, tiles: list[tuple[Image.Image | None, list[str]]]) -> Image.Image:
     """A grid of the tiles (ceil(sqrt(n)) columns) under a one-line title: tile i's image centred in a
     PREVIEW_THUMB px square (a grey one when None) above its text paragraphs (PREVIEW_LINES lines).
     Size: (columns x (cell + 8), 20 + rows x (cell + 8 + 12 x lines)). Pillow only."""
     pad, line_h, title_h, cell = 4, 12, 20, PREVIEW_THUMB
-    font = ImageFont.load_default(size=10)
+    font = preview_font()
     cols = max(1, math.ceil(math.sqrt(len(tiles))))
     rows = max(1, math.ceil(len(tiles) / cols))
     tile_w, tile_h = cell + 2 * pad, cell + 2 * pad + line_h * PREVIEW_LINES

@@ -2712,10 +2712,25 @@ def wrap(text: str, font, width: int, lines: int) -> list[str]:
     return out if len(out) <= lines else out[:lines - 1] + [out[lines - 1] + ' ...']
 
 
+# >>> twin: preview-font (verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
+# precompute_latents.py; test_twins.py)
+def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
+    """The font of every preview: DejaVu Sans, which matplotlib (a requirement) ships. It draws Latin,
+    Greek, Cyrillic, Arabic, Hebrew and more (not Chinese, Japanese or Korean); Pillow's own font
+    (ImageFont.load_default) has ASCII only and draws any other letter, even 'ü', as a box."""
+    try:
+        import matplotlib
+    except ImportError:  # a preview with boxes, rather than none
+        return ImageFont.load_default(size)
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'),
+                              size)
+# <<< twin: preview-font
+
+
 def draw_grid(header: list[str], rows: list[tuple[list[Image.Image | str], str]]) -> Image.Image:
     """Column labels on top, then per row its tiles (an image, resized (bilinear) so that its longer side
     is PREVIEW_TILE; a str: a grey tile with that label) and its text."""
-    font = ImageFont.load_default()
+    font = preview_font()
     width = PREVIEW_GAP + len(header) * PREVIEW_COLUMN
     grid = Image.new('RGB', (width, PREVIEW_TOP + len(rows) * PREVIEW_ROW), WHITE)
     draw = ImageDraw.Draw(grid)

@@ -10,7 +10,7 @@ workers, and get_image_features on each batch; nothing read, scored or written.
 
 Dedup (`--what dedup`): random unit vectors (1M, `--big` 10M; 768 dims as CLIP ViT-L/14's) stored as
 the embedding pass stores them (float16 part files, 1% planted near-copies), then the script's dedup
-pass (k-means on the sample, nearest 2 centroids, within-cluster products, union-find), each in a
+pass (k-means on the sample, nearest 2 centroids, within-cluster products, connected components), each in a
 fresh process for its peak memory. The floor: faiss IndexIVFFlat with as many lists, trained on the
 same sample, all vectors in memory, every vector searched in its 2 nearest lists for its 8 nearest.
 
@@ -204,9 +204,8 @@ def ours(work: str, rows: int, dim: int, out) -> None:
     start = time.time()
     script.dedup_pass(args, plan, 0, 1, lambda: None)
     seconds = time.time() - start
-    groups = np.load(os.path.join(work, script.GROUPS))
-    out.send((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              f'{len(groups["gid"]):,} in groups'))
+    grouped = sum(len(np.load(f)['gid']) for f in Path(work, script.GROUPS).glob('*/*.npz'))
+    out.send((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, f'{grouped:,} in groups'))
 
 
 def floor(work: str, rows: int, dim: int, out) -> None:

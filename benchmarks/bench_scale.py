@@ -16,17 +16,31 @@ process whose peak RSS is reported, it times the cloudwriter's own functions:
          (the index only: the shard files are not there, and nothing asks for them).
 The last row extrapolates linearly (all three are linear in shards) from the two largest sizes to
 230,000 input shards: LAION-2B-en at 10,000 rows per shard.
+
+Curation groups (`--curate_groups`; curate_images.py's dedup, no images needed): for G duplicate groups
+(90% pairs, the rest 3-8 images; a third of the run's rows in a group) it writes the pair files the
+compare step leaves (64 files of edges with each member's run id, area and key), then, each in a fresh
+process whose peak RSS is reported, times the script's own functions:
+  groups  decide_groups(): rank 0 joins the pairs into groups and writes them;
+  write   what rank 0 of 8 does with the groups in the write pass: for each of its parts (5,000 rows),
+          the groups of the part's rows (dup_columns), as write_part() does before it writes.
+`--before REV` measures curate_images.py at git revision REV too. The last row extrapolates to 1e9
+pairs, linearly in pairs from the two largest rows.
+    .venv/bin/python benchmarks/bench_scale.py --curate_groups 10000 1000000          # ~1 min
+    .venv/bin/python benchmarks/bench_scale.py --curate_groups 10000 1000000 10000000 --before 877e40a
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +70,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--work', type=str, default='/tmp/bench_scale',
                    help='Scratch folder for the records and indexes (emptied after each size).')
     p.add_argument('--phase', nargs=2, metavar=('PHASE', 'REMOTE'), default=None, help=argparse.SUPPRESS)
+    p.add_argument('--curate_groups', type=int, nargs='+', default=[],
+                   help="curate_images.py's duplicate groups to simulate, one row each (not the shards)")
+    p.add_argument('--before', default='', help='with --curate_groups: curate_images.py at this revision too')
+    p.add_argument('--curate_phase', nargs=3, default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -185,8 +203,143 @@ def print_table(rows: list[dict], size_limit: str) -> None:
               f"{r['open_s']:,.1f} / {r['open_rss_gb']:.2f} |")
 
 
+# ---- curate_images.py's duplicate groups ----------------------------------------------------------
+
+CURATE_PART = 5_000  # curate_images.py's default --part_size: rows per part
+CURATE_PAIR_FILES = 64  # its default --dedup_parts: the compare step writes one pair file each
+WORLD = 8  # ranks of the write pass (one 8-GPU node); rank 0's share is measured
+
+
+def curate_script(rev: str):
+    """curate_images.py as it is, or as it was at git revision `rev`."""
+    if not rev:
+        from testbed.scripts import load_script
+        return load_script('curate_images.py')
+    path = Path(tempfile.mkdtemp(prefix='curate-before-')) / 'curate_images.py'
+    path.write_bytes(subprocess.run(['git', '-C', str(ROOT), 'show', f'{rev}:curate_images.py'],
+                                    capture_output=True, check=True).stdout)
+    spec = importlib.util.spec_from_file_location('curate_images_before', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_pairs(work: Path, groups: int) -> dict:
+    """The compare step's pair files for `groups` groups: each group's members chained in a random order,
+    the edges spread over the files at random; returns the sizes."""
+    rng = np.random.default_rng(0)
+    sizes = np.where(rng.random(groups) < 0.9, 2, rng.integers(3, 9, groups))
+    members = int(sizes.sum())
+    gid = np.arange(members, dtype=np.int64) * 3 + rng.integers(0, 3, members)  # a third of the rows
+    chain = gid[rng.permutation(members)]
+    same = np.diff(np.repeat(np.arange(groups), sizes)) == 0
+    edges = np.sort(np.stack([chain[:-1][same], chain[1:][same]], 1), axis=1)
+    area = rng.integers(1, 4, members) * 65536
+    where = rng.integers(0, CURATE_PAIR_FILES, len(edges))
+    (work / 'dedup' / 'pairs').mkdir(parents=True)
+    for g in range(CURATE_PAIR_FILES):
+        mine = np.unique(edges[where == g], axis=0)  # sorted, as the compare step writes them
+        ids = np.unique(mine)
+        np.savez(work / 'dedup' / 'pairs' / f'{g:05d}.npz', edges=mine, gid=ids,
+                 area=area[np.searchsorted(gid, ids)], key=np.char.zfill(ids.astype(str), 9))
+    return {'groups': groups, 'pairs': len(edges), 'grouped': members, 'rows': 3 * members}
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). ru_maxrss would count the parent's too: Linux
+    carries the high-water mark of the forked parent's memory across exec."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
+
+
+def curate_phase(name: str, work: str, rev: str) -> dict:
+    """One phase (groups, write) of curate_images.py at `rev` ('' as it is) on the pair files in `work`."""
+    script = curate_script(rev)
+    rows = json.loads(Path(work, 'sizes.json').read_text())['rows']
+    parts = [script.Part(f'{n:05d}', (), first, min(rows, first + CURATE_PART))
+             for n, first in enumerate(range(0, rows, CURATE_PART))]
+    bucket = script.Bucket('', None, [], {}, parts, 0)
+    plan = script.Plan([bucket], work, os.path.join(work, 'staging'), [], {}, 1, {})
+    args = argparse.Namespace(download_timeout=600, dedup_parts=CURATE_PAIR_FILES)
+    t0 = time.perf_counter()
+    if name == 'groups':
+        script.decide_groups(plan, args)
+    else:
+        per_part = hasattr(script, 'groups_file')  # before: one groups.npz that every rank loads whole
+        groups = None if per_part else script.get_arrays(os.path.join(work, script.GROUPS), 600)
+        for p in parts[0::WORLD]:
+            if per_part:
+                groups = script.get_arrays(os.path.join(work, script.groups_file(bucket, p)), 600)
+            script.dup_columns(groups, np.arange(p.first, p.last))
+    return {'s': time.perf_counter() - t0, 'rss_mb': vm_hwm_mb()}
+
+
+def curation_row(groups: int, rev: str, work: Path) -> dict:
+    folder = work / f'curate-{groups}'
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sizes = build_pairs(folder, groups)
+    (folder / 'sizes.json').write_text(json.dumps(sizes))
+    row = dict(sizes)
+    for tag, r in (('after', ''), ('before', rev)) if rev else (('after', ''),):
+        shutil.rmtree(folder / 'dedup' / 'groups', ignore_errors=True)
+        for name in ('groups', 'write'):
+            proc = subprocess.run([sys.executable, __file__, '--curate_phase', name, str(folder), r],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f'curate phase {name} ({tag}) failed:\n{proc.stderr[-3000:]}')
+            row[f'{tag}_{name}'] = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(folder)
+    return row
+
+
+def print_curation(rows: list[dict], rev: str) -> None:
+    tags = ('before', 'after') if rev else ('after',)
+    print(f'\ncurate_images.py duplicate groups ({f"{rev} -> " if rev else ""}this tree); this machine, '
+          'one process per phase')
+    print('| groups | pairs | images in groups | run rows | groups pass (rank 0): s / peak GB | '
+          f'write pass, rank 0 of {WORLD}: peak MB with the groups |')
+    print('|---:|---:|---:|---:|---:|---:|')
+    for r in rows:
+        tag = ' (extrapolated)' if r.get('extrapolated') else ''
+        passes = [(r[f'{t}_groups'], r[f'{t}_write']) for t in tags]
+        groups = ' -> '.join(f"{g['s']:,.1f} / {g['rss_mb'] / 1024:.2f}" for g, _ in passes)
+        write = ' -> '.join(f"{w['rss_mb']:,.0f}" for _, w in passes)
+        print(f"| {r['groups']:,.0f}{tag} | {r['pairs']:,.0f} | {r['grouped']:,.0f} | {r['rows']:,.0f} | "
+              f"{groups} | {write} |")
+
+
+def curation_on_paper(rows: list[dict], pairs: float = 1e9) -> dict:
+    """The after figures at `pairs` pairs, on the line through the two largest rows (the write pass's
+    memory stays the largest row's: a part's groups do not grow with the run)."""
+    a, b = rows[-2], rows[-1]
+    k = (pairs - a['pairs']) / (b['pairs'] - a['pairs'])
+    line = {key: a[key] + k * (b[key] - a[key]) for key in ('groups', 'pairs', 'grouped', 'rows')}
+    ga, gb = a['after_groups'], b['after_groups']
+    groups = {m: ga[m] + k * (gb[m] - ga[m]) for m in ('s', 'rss_mb')}
+    return {**line, 'after_groups': groups, 'after_write': b['after_write'], 'extrapolated': True}
+
+
+def curation_table(args: argparse.Namespace) -> None:
+    work = Path(args.work)
+    rows = []
+    for groups in sorted(args.curate_groups):
+        rows.append(curation_row(groups, args.before, work))
+        print_curation(rows, args.before)
+    if len(rows) > 1:
+        print_curation([{k: v for k, v in r.items() if not k.startswith('before')} for r in rows]
+                       + [curation_on_paper(rows)], '')
+
+
 def main() -> None:
     args = parse_args()
+    if args.curate_phase:
+        print(json.dumps(curate_phase(*args.curate_phase)))
+        return
+    if args.curate_groups:
+        curation_table(args)
+        return
     if args.phase:
         print(json.dumps(phase(*args.phase)))
         return

@@ -27,16 +27,19 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from PIL import Image
 from testbed.curate import (
+    LAION_HEADS,
     UNDECODABLE,
     build_clip,
     build_siglip,
+    plain_corpus,
     planted_corpus,
     write_aesthetic_head,
     write_linear_head,
 )
-from testbed.mds_input import make_row, write_mds_input
-from testbed.readback import read_mds
+from testbed.mds_input import COLUMNS, make_row, write_mds_input
+from testbed.readback import read_mds, read_streams
 from testbed.scripts import load_script, run_main
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -94,13 +97,9 @@ def flags(bed: dict, out: Path, *more) -> list:
 
 
 def read_all(out: Path) -> dict[str, list[dict]]:
-    """{bucket: its rows read back}; [] for a bucket whose index lists no sample (streaming cannot
-    open one)."""
-    rows = {}
-    for b in sorted(d.name for d in out.iterdir() if (d / 'index.json').exists()):
-        shards = json.loads((out / b / 'index.json').read_text())['shards']
-        rows[b] = read_mds(str(out / b)) if sum(s['samples'] for s in shards) else []
-    return rows
+    """{bucket: its rows read back} of every bucket with an index.json (a bucket left without rows has
+    none: StreamingDataset cannot open a stream without samples)."""
+    return {d.name: read_mds(str(d)) for d in sorted(out.iterdir()) if (d / 'index.json').exists()}
 
 
 @pytest.fixture(scope='module')
@@ -120,30 +119,36 @@ def reference(model_dir: Path, samples: list[dict], captions: bool = True):
     img, txt = [], []
     with torch.no_grad():
         for s in samples:
-            px = proc(images=script.decode(s['jpg']), return_tensors='pt')['pixel_values']
+            px = proc(images=script.decode(script.image_bytes(s['jpg'])), return_tensors='pt')['pixel_values']
             img.append(torch.nn.functional.normalize(model.get_image_features(pixel_values=px), dim=-1)[0])
-            t = tok([s[CAPTION]], padding='max_length', truncation=True,
-                    max_length=model.config.text_config.max_position_embeddings, return_tensors='pt')
-            txt.append(torch.nn.functional.normalize(model.get_text_features(**t), dim=-1)[0])
-    return torch.stack(img), torch.stack(txt)
+            if captions:
+                t = tok([s[CAPTION]], padding='max_length', truncation=True,
+                        max_length=model.config.text_config.max_position_embeddings, return_tensors='pt')
+                txt.append(torch.nn.functional.normalize(model.get_text_features(**t), dim=-1)[0])
+    return torch.stack(img), torch.stack(txt) if captions else None
 
 
-def laion_mlp(path: Path, dim: int, widths: list[int]) -> torch.nn.Module:
-    """The published predictor's own module (improved-aesthetic-predictor's MLP.layers), loaded as is."""
-    w = [dim, *widths, 1]
-    nn = torch.nn
-    layers = nn.Sequential(nn.Linear(w[0], w[1]), nn.Dropout(0.2), nn.Linear(w[1], w[2]), nn.Dropout(0.2),
-                           nn.Linear(w[2], w[3]), nn.Dropout(0.1), nn.Linear(w[3], w[4]), nn.Linear(w[4], 1))
-    state = torch.load(path)
-    layers.load_state_dict({k.removeprefix('layers.'): v for k, v in state.items()})
-    return layers.eval()
+def laion_mlp(path: Path, sizes: list[int], relu: bool = False) -> torch.nn.Module:
+    """improved-aesthetic-predictor's MLP.layers as its SOURCE note (testbed/laion_heads/SOURCE) describes
+    it: Linear, Dropout(0.2), Linear, Dropout(0.2), Linear, Dropout(0.1), Linear, Linear; with `relu` a
+    ReLU after each Linear but the last (before its Dropout). Loaded strictly: the file's layer indices
+    must be this module's."""
+    nn, layers = torch.nn, []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        layers += [nn.ReLU()] if relu and i < len(sizes) - 2 else []
+        layers += [nn.Dropout(0.2 if i < 2 else 0.1)] if i < len(sizes) - 3 else []
+    mlp = nn.Sequential(*layers)
+    state = torch.load(path, map_location='cpu')  # LAION saved its tensors on a GPU
+    mlp.load_state_dict({k.removeprefix('layers.'): v for k, v in state.items()})
+    return mlp.eval()
 
 
 def test_scores_and_similarities_equal_the_model_on_each_image_alone(bed, clip_run):
     rows = [r for rs in read_all(clip_run).values() for r in rs]
     img, txt = reference(bed['clip'], rows)
     with torch.no_grad():
-        aesthetic = laion_mlp(bed['aesthetic'], 16, [16, 2, 1, 1])(img)[:, 0]
+        aesthetic = laion_mlp(bed['aesthetic'], [16, 16, 2, 1, 1, 1])(img)[:, 0]
         lin = torch.nn.Linear(16, 1)
         lin.load_state_dict(torch.load(bed['linear']))
         linear = lin(img)[:, 0]
@@ -169,6 +174,13 @@ def groups_of(out: Path, names: dict[str, str]) -> tuple[list[set[str]], list[st
 
 def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run):
     groups, kept = groups_of(clip_run, bed['names'])
+    # a rank's write pass reads the groups of its own parts: a file per part, each image in one of them
+    work = clip_run / '_curate'
+    files = sorted((work / 'dedup' / 'groups').glob('*/*.npz'))
+    assert [f.relative_to(work / 'dedup' / 'groups').with_suffix('') for f in files] == \
+        [d.relative_to(work / 'embed') for d in sorted((work / 'embed').glob('*/*'))]
+    gids = np.concatenate([np.load(f)['gid'] for f in files])
+    assert len(gids) == len(set(gids.tolist())) == 8  # the planted groups' members
     assert groups == sorted(bed['groups'], key=sorted)  # every planted group, no distinct image grouped
     # one per group: the largest image (b beats its 53x48 copy in the other bucket), then the lowest key
     assert kept == ['a', 'b', 'c', 'd']
@@ -182,6 +194,42 @@ def test_planted_duplicates_are_found_across_buckets_and_one_kept(bed, clip_run)
         assert png.format == 'PNG' and png.height > 4 * 128
     shown = [members for title, members in summary['preview']['rows'] if title.startswith('duplicate group')]
     assert len(shown) == 2 and all(len(m) == 2 for m in shown)  # --preview 2: two planted pairs
+    # the highest and lowest scored: every embedded image's score (bucket offsets: 0-64 holds one image)
+    offsets = {'0-64': 0, '64-128': 1, '256-512': 1 + len(bed['buckets']['64-128'])}
+    scored = [(float(score), int(i) + offsets[f.parent.parent.name]) for f in work.glob('embed/*/*/rows.npz')
+              for z in [np.load(f)] for i, score in zip(z['id'], z['score:aesthetic'])]
+    rows = dict(summary['preview']['rows'])
+    assert rows['highest aesthetic'] == [g for _, g in sorted(scored, key=lambda x: (-x[0], x[1]))[:8]]
+    assert rows['lowest aesthetic'] == [g for _, g in sorted(scored, key=lambda x: (x[0], -x[1]))[:8]]
+
+
+def test_groups_are_the_connected_components_of_the_pairs():
+    """The groups (connect(): scipy's connected components) on a random graph with ties of area and
+    key, against a breadth-first search and the keep rule written out: largest area, then lowest key,
+    then lowest run id."""
+    script = load_script('curate_images.py')
+    rng = np.random.default_rng(0)
+    gid = np.sort(rng.choice(10**6, 3000, replace=False))
+    edges = np.unique(np.sort(rng.choice(gid, (1200, 2)), axis=1), axis=0)
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    area, key = rng.integers(1, 4, len(gid)), np.array([f'k{k}' for k in rng.integers(0, 4, len(gid))])
+    neighbours: dict[int, set[int]] = {}
+    for a, b in edges.tolist():
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    rank = {g: (-a, k, g) for g, a, k in zip(gid.tolist(), area.tolist(), key.tolist())}
+    want: dict[int, int] = {}
+    for start in gid.tolist():
+        component, todo = {start}, [start]
+        while todo:
+            new = neighbours.get(todo.pop(), set()) - component
+            component |= new
+            todo += new
+        want.update(dict.fromkeys(component, min(component, key=rank.get)))
+    got = script.connect(edges, gid, area, key)
+    assert got.tolist() == [want[g] for g in gid.tolist()]
+    sizes = np.unique(got, return_counts=True)[1]
+    assert sizes.max() > 5 and (sizes == 2).sum() > 100  # large and small groups, many ties broken
 
 
 def test_siglip_scores_equal_the_model(bed):
@@ -194,9 +242,68 @@ def test_siglip_scores_equal_the_model(bed):
     rows = read_mds(str(out / '64-128'))
     img, txt = reference(bed['siglip'], rows)
     with torch.no_grad():
-        want = laion_mlp(bed['sig_head'], 32, [8, 1, 1, 1])(img)[:, 0]
+        want = laion_mlp(bed['sig_head'], [32, 8, 1, 1, 1, 1])(img)[:, 0]
     np.testing.assert_allclose([r['aesthetic'] for r in rows], want.numpy(), atol=1e-5)
     np.testing.assert_allclose([r['clip_caption'] for r in rows], (img * txt).sum(-1).numpy(), atol=1e-5)
+
+
+def test_laion_published_heads_score_as_their_own_mlp(bed, tmp_path):
+    """LAION's two published heads (testbed/laion_heads), the linear one and the one with ReLUs, each
+    scored as the predictor's own MLP scores it; the linear one also inside a checkpoint dict. The input
+    stores its images with streaming's `jpeg` encoding (a PIL image per row): they are read, and
+    written back byte for byte."""
+    clip = build_clip(tmp_path / 'clip768', projection_dim=768)  # CLIP ViT-L/14's embedding size
+    torch.save({'model': torch.load(LAION_HEADS['linear'], map_location='cpu'), 'epoch': 3},
+               tmp_path / 'checkpoint.pth')
+    items, _ = planted_corpus(distinct=4)
+    rows = [make_row(n, data, name) for n, (name, data) in enumerate(items[:6])]
+    write_mds_input(str(tmp_path / 'in'), [{**r, 'jpg': Image.open(io.BytesIO(r['jpg']))} for r in rows],
+                    columns={**COLUMNS, 'jpg': 'jpeg'})
+    out = tmp_path / 'out'
+    code, err = in_process('--local', tmp_path / 'in', '--bucket', 'all', '--remote_upload', out,
+                           '--model_name', clip, '--heads', f'linear={LAION_HEADS["linear"]}',
+                           f'relu={LAION_HEADS["relu"]}', f'checkpoint={tmp_path / "checkpoint.pth"}',
+                           '--dup_threshold', 1, '--clusters', 1, '--dedup_parts', 1, '--num_workers', 0,
+                           '--summary', out / 's.json')
+    assert code == 0, err[-3000:]
+    got = [r for rs in read_all(out).values() for r in rs]
+    img, _ = reference(clip, got, captions=False)
+    with torch.no_grad():
+        for column, relu in (('linear', False), ('relu', True), ('checkpoint', False)):
+            mlp = laion_mlp(LAION_HEADS['relu' if relu else 'linear'], [768, 1024, 128, 64, 16, 1], relu)
+            np.testing.assert_allclose([r[column] for r in got], mlp(img)[:, 0].numpy(), atol=1e-4)
+    stored = {r['key']: r['jpg'].fp.getvalue() for rs in read_all(tmp_path / 'in').values() for r in rs}
+    assert {r['key']: r['jpg'].fp.getvalue() for r in got} == stored  # every image, unchanged
+    record = json.loads((out / '64-128' / 'curation.json').read_text())
+    assert [s['layout'] for s in record['scores']] == [
+        "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)",
+        "LAION's aesthetic predictor with ReLUs (ReLU, Dropout between its Linear layers)",
+        "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)"]
+
+
+@pytest.fixture(scope='module')
+def plain(bed) -> dict:
+    items, groups = plain_corpus()
+    rows = [make_row(n, data, name) for n, (name, data) in enumerate(items)]
+    write_mds_input(str(bed['t'] / 'plain'), rows)
+    return {'local': bed['t'] / 'plain', 'groups': groups, 'names': {r['key']: name for r, (name, _) in
+                                                                     zip(rows, items)}}
+
+
+def test_plain_pictures_are_never_grouped_while_their_copies_are(bed, plain, tmp_path):
+    """Solid colours, gradients, a page of text and two flags share a few dHashes with no detail; none
+    is grouped with another, whatever --dup_threshold says. At 1 (no embedding pair) only the real photo's
+    re-encoded and resized copies are grouped, by the hash they keep; at 0.999 the embedding groups every
+    picture's copies, and still no two distinct pictures (the tiny CLIP's cosine of distinct ones here is
+    at most 0.9989, of copies at least 0.9998, but the flags' copies 0.9977: they have none)."""
+    hopper = [g for g in plain['groups'] if 'hopper' in g]
+    for threshold, want in ((1, hopper), (0.999, plain['groups'])):
+        out = tmp_path / str(threshold)
+        code, err = in_process('--local', plain['local'], '--bucket', 'all', '--remote_upload', out,
+                               '--model_name', bed['clip'], '--dup_threshold', threshold, '--clusters', 1,
+                               '--dedup_parts', 1, '--num_workers', 0, '--summary', out / 's.json')
+        assert code == 0, err[-3000:]
+        assert groups_of(out, plain['names'])[0] == sorted(want, key=sorted), threshold
 
 
 def test_filter_removes_what_polars_removes_on_the_read_back_rows(bed, clip_run):
@@ -209,15 +316,23 @@ def test_filter_removes_what_polars_removes_on_the_read_back_rows(bed, clip_run)
     assert code == 0, err[-3000:]
     assert {f: os.stat(f).st_mtime_ns for f in work} == before  # embeddings and dedup reused
     full = read_all(clip_run)
+    assert sorted(full) == ['0-64', '64-128']  # 256-512 holds undecodable images only: nothing to read
     for bucket, rows in read_all(out).items():
-        if not full[bucket]:  # only undecodable images: nothing in, nothing out
-            assert rows == []
-            continue
         frame = pl.DataFrame([{k: v for k, v in r.items() if k != 'jpg'} for r in full[bucket]])
         assert [r['key'] for r in rows] == frame.filter(pl.sql_expr(cond))['key'].to_list()
         if bucket == '64-128':
             assert rows and len(rows) < len(full[bucket])
     summary = json.loads((out / 's.json').read_text())
+    # the filter empties 0-64 (its one image is 53 px wide): it keeps curation.json, and no index.json is
+    # left over from the unfiltered run, so a trainer that reads every bucket with one reads them all
+    emptied = sorted(b for b, counts in summary['buckets'].items() if counts['written'] == 0)
+    assert emptied == ['0-64', '256-512']
+    for b in emptied:
+        assert not (out / b / 'index.json').exists()
+        assert json.loads((out / b / 'curation.json').read_text())['counts']['written'] == 0
+    together = read_streams(sorted(d for d in out.iterdir() if (d / 'index.json').exists()))
+    assert [r['key'] for r in together] == [r['key'] for rs in read_all(out).values() for r in rs]
+    assert len(together) == summary['written']
     per_clause = {}
     for b in summary['buckets'].values():
         for label, n in b['removed_by_clause'].items():
@@ -289,19 +404,109 @@ def test_sigterm_keeps_finished_parts_and_a_rerun_completes(bed, clip_run):
     assert read_all(out) == read_all(clip_run)
 
 
-def test_refusals_are_one_line_before_a_model_loads(bed, tmp_path):
+@pytest.fixture(scope='module')
+def mistakes(bed) -> dict[str, Path]:
+    """Inputs, heads and models a user gets wrong, each a few rows or bytes."""
+    t = bed['t'] / 'mistakes'
+    items, _ = planted_corpus(distinct=2)
+    rows = [make_row(n, data, name) for n, (name, data) in enumerate(items[:3])]  # all in bucket 64-128
+    write_mds_input(str(t / 'nested'), rows, subfolder='train')
+    write_mds_input(str(t / 'png'), [{**r, 'png': r['jpg']} for r in rows],
+                    columns={**{k: v for k, v in COLUMNS.items() if k != 'jpg'}, 'png': 'bytes'})
+    write_mds_input(str(t / 'json'), [{**r, 'caption': None} for r in rows],
+                    columns={**COLUMNS, 'caption': 'json'})
+    (t / 'garbage' / '64-128').mkdir(parents=True)
+    (t / 'garbage' / '64-128' / 'index.json').write_text('{"version": 2}')
+    shutil.copytree(bed['local'] / '64-128', t / 'missing' / '64-128')
+    (t / 'missing' / '64-128' / 'shard.00001.mds').unlink()
+    with open(t / 'missing' / '64-128' / 'shard.00002.mds', 'r+b') as f:
+        f.truncate(100)  # cut short
+    for folder, name, text in (('pipeline', 'model_index.json', '{"_class_name": "StableDiffusionPipeline"}'),
+                               ('text_encoder', 'config.json', '{"model_type": "clip_text_model"}')):
+        (t / folder).mkdir()
+        (t / folder / name).write_text(text)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(16, 1)), t / 'module.pth')  # the module, pickled
+    (t / 'notes.pth').write_text('aesthetic head: see the wiki\n')
+    torch.save({f'layers.{n}.{p}': torch.zeros(o, i) if p == 'weight' else torch.zeros(o)  # gaps 1, 2
+                for n, (o, i) in ((0, (4, 16)), (2, (2, 4)), (5, (1, 2))) for p in ('weight', 'bias')},
+               t / 'unknown_layout.pth')
+    (t / 'a_file').write_text('')
+    return {p.name: p for p in t.iterdir()}
+
+
+def test_refusals_are_one_line_before_a_model_loads(bed, mistakes, tmp_path):
+    """Each mistake is refused in one line that names it and says what to do, before the model loads
+    (no case here takes a second), and nothing is written."""
     def refused(*more) -> str:
         code, text = in_process(*flags(bed, tmp_path / 'o', *more))
         assert code == 2 and 'Traceback' not in text, text[-3000:]
-        return [ln for ln in text.splitlines() if ln.startswith('error:')][0]
+        [line] = [ln for ln in text.splitlines() if 'error:' in ln]
+        assert 'rerun the same command' not in line  # a rerun cannot fix any of these
+        return line
 
+    m, head = mistakes, f'x={bed["linear"]}'
     assert 'no `alt` column' in refused('--caption_keys', 'alt')
     assert 'does not evaluate' in refused('--filter', 'nosuch > 1')
     assert 'do not chain' in refused('--heads', f'x={bed["sig_head"]}')  # a 32-wide head on 16-dim CLIP
     assert 'cannot read the config' in refused('--model_name', tmp_path / 'nothing')
     if not torch.cuda.is_available():
         assert refused('--device', 'cuda') == 'error: --device cuda: no GPU is visible to torch'
+    assert "--dup_threshold: 'nan' is not a number" in refused('--dup_threshold', 'nan')
+    # what the index's column encodings tell: a caption column must hold text
+    assert '--caption_keys width: the column holds int32, not text' in refused('--caption_keys', 'width')
+    assert '--caption_keys jpg: the column holds bytes, not text' in refused('--caption_keys', 'jpg')
+    assert '--caption_keys caption: the column holds json, not text' in refused('--local', m['json'])
+    # columns two flags would make
+    assert refused('--heads', head, head).endswith(
+        f'column x would be written twice, by --heads {head} and by --heads {head}: give each head a column '
+        'name of its own and name each caption column once')
+    assert 'column clip_caption would be written twice, by --caption_keys caption and by --caption_keys ' \
+        'caption' in refused('--caption_keys', CAPTION, CAPTION)
+    assert f'by --heads clip_caption={bed["linear"]} and by --caption_keys caption' in \
+        refused('--heads', f'clip_caption={bed["linear"]}')
+    assert 'dup_keep would be written twice' in refused('--heads', f'dup_keep={bed["linear"]}')
+    # places
+    assert f'{m["a_file"]} is a file, not a folder' in refused('--remote_upload', m['a_file'] / 'out')
+    assert f'--preview_path {tmp_path} is a folder' in refused('--preview', 1, '--preview_path', tmp_path)
+    assert f'--summary {tmp_path} is a folder' in refused('--summary', tmp_path)
+    # heads
+    assert 'holds pickled Python objects (a whole nn.Module?)' in refused('--heads', f'x={m["module.pth"]}')
+    assert 'is not a file torch.save wrote' in refused('--heads', f'x={m["notes.pth"]}')
+    assert refused('--heads', f'x={m["a_file"]}.pth').endswith('.pth: no such file')
+    assert 'between its Linear layers (0, 2, 5) sit modules' in \
+        refused('--heads', f'x={m["unknown_layout.pth"]}')
+    # models
+    assert 'holds a diffusers pipeline (model_index.json)' in refused('--model_name', m['pipeline'])
+    assert 'is a clip_text_model model, not an image-text model' in refused('--model_name', m['text_encoder'])
+    # inputs
+    assert 'is not an MDS index.json' in refused('--local', m['garbage'])
+    nested = str(m['nested'] / '64-128' / 'train' / 'index.json')
+    assert f'{nested} exists: pass --subfolder train' in refused('--local', m['nested'])
+    assert f'{nested} exists: pass --subfolder train' in refused('--local', m['nested'], '--bucket', '64-128')
+    assert 'its images seem to be in `png` (bytes)' in refused('--local', m['png'])
+    assert 'lists 2 shard files that are missing or not of the size it says (shard.00001.mds, ' \
+        'shard.00002.mds)' in refused('--local', m['missing'])
     assert not (tmp_path / 'o').exists()  # nothing written by a refused run
+
+
+def test_a_rerun_with_other_settings_says_what_changed(bed, clip_run, tmp_path):
+    """The work of a run is reused only by the same settings; a rerun with others is told each one."""
+    out, grown = tmp_path / 'out', tmp_path / 'input'
+    shutil.copytree(clip_run, out)
+    shutil.copytree(bed['local'], grown)
+    shutil.rmtree(grown / '0-64')
+    shutil.copytree(bed['local'] / '64-128', grown / '0-64')  # the bucket now holds other shards
+    before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
+    code, err = in_process(*flags(bed, out, '--local', grown, '--dup_threshold', 0.9,
+                                  '--heads', f'aesthetic={bed["linear"]}', f'more={bed["linear"]}'))
+    n = len(bed['buckets']['64-128'])
+    shards = len(json.loads((grown / '0-64' / 'index.json').read_text())['shards'])
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f'error: {out}/_curate holds the work of a run with other settings: input 0-64: 1 shard of 1 sample '
+        f'then, {shards} shards of {n} samples now; --dup_threshold 0.9996 then, 0.9 now; --heads '
+        'aesthetic: another file (its sha1 differs); --heads linear: not in this run; --heads more: not in '
+        'that run. Rerun with the flags and input it was made with, or write to a new --remote_upload')
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
 
 
 def test_captioner_and_latents_read_the_curated_output(bed, clip_run, tiny_model):

@@ -44,12 +44,28 @@ def twins() -> dict[str, dict[str, str]]:
 def test_every_twin_has_identical_copies():
     found = twins()
     # the machinery every step carries: a lost marker would leave a copy free to drift unseen
-    assert {'decode', 'address', 'paths', 'places', 'put-text', 'parts'} <= set(found), sorted(found)
+    assert {'decode', 'address', 'paths', 'places', 'put-text', 'parts', 'preview-font'} <= set(found), \
+        sorted(found)
     copies = {n: sorted(c) for n, c in found.items()}
-    assert len(found['decode']) == len(found['address']) == 4 and len(found['parts']) == 3, copies
+    assert len(found['decode']) == len(found['address']) == len(found['preview-font']) == 4 \
+        and len(found['parts']) == 3, copies
     for name, copies in found.items():
         assert len(copies) >= 2, f'twin {name} stands only in {list(copies)}: a twin has two copies or more'
         (first, text), *others = copies.items()
         for script, other in others:
             assert other == text, (f'twin {name}: {script} differs from {first}; edit one copy and paste '
                                    'it over the others')
+
+
+def test_previews_draw_letters_beyond_ascii():
+    """Every preview draws with the preview-font twin's font, which has the letters of captions beyond
+    ASCII; Pillow's own font draws each of them as the box it draws for a letter it lacks."""
+    from PIL import ImageFont
+    from testbed.scripts import load_script
+
+    def boxed(font) -> list[str]:
+        box = bytes(font.getmask('\U0010fffd'))  # a code point no font has: its box
+        return [c for c in 'üßéñçøЖλשع' if bytes(font.getmask(c)) == box]
+
+    assert boxed(load_script('curate_images.py').preview_font()) == []
+    assert boxed(ImageFont.load_default()) == list('üßéñçøЖλשع')

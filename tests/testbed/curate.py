@@ -9,6 +9,9 @@ corpus with planted duplicates.
   improved aesthetic predictor (layers.0 Linear(dim, 1024), .1 Dropout, .2 Linear(1024, 128), .3 Dropout,
   .4 Linear(128, 64), .5 Dropout, .6 Linear(64, 16), .7 Linear(16, 1)); `width` scales 1024/128/64/16
   down for tests (width=1024: the published sizes).
+- `LAION_HEADS`: LAION's two published improved-aesthetic-predictor heads, copied byte for byte with their
+  licence and source note (laion_heads/SOURCE): `linear` (sac+logos+ava1-l14-linearMSE.pth) and `relu`
+  (ava+logos-l14-reluMSE.pth), both over CLIP ViT-L/14's 768-dim embedding.
 - `planted_corpus()`: distinct photo-like images and four planted groups: re-encoded at another JPEG
   quality, resized into another bucket, slightly cropped, the exact same bytes under another key.
 """
@@ -18,14 +21,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .corpus import encode, photo_like
 from .models import write_clip_tokenizer
 from .real import real_items
 
 SIZE = 32  # px the tiny towers see
+LAION_HEADS = {'linear': Path(__file__).parent / 'laion_heads' / 'sac+logos+ava1-l14-linearMSE.pth',
+               'relu': Path(__file__).parent / 'laion_heads' / 'ava+logos-l14-reluMSE.pth'}
 UNDECODABLE = ('truncated.jpg', 'broken.png', 'gif_bomb.gif')  # from testbed.real: skipped, named
 
 
@@ -37,11 +43,12 @@ def _save(model, processor, folder: Path) -> Path:
     return folder
 
 
-def build_clip(folder: Path, seed: int = 0, dims: dict | None = None) -> Path:
+def build_clip(folder: Path, seed: int = 0, dims: dict | None = None, projection_dim: int = 16) -> Path:
+    """projection_dim 768: the embedding size of CLIP ViT-L/14, which LAION's published heads read."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     d = dims or {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 2}
     cfg = CLIPConfig(text_config={**d, 'vocab_size': 49408, 'max_position_embeddings': 77},
-                     vision_config={**d, 'image_size': SIZE, 'patch_size': 8}, projection_dim=16)
+                     vision_config={**d, 'image_size': SIZE, 'patch_size': 8}, projection_dim=projection_dim)
     torch.manual_seed(seed)
     return _save(CLIPModel(cfg).eval(), CLIPImageProcessor(size={'shortest_edge': SIZE},
                                                            crop_size={'height': SIZE, 'width': SIZE}), folder)
@@ -100,3 +107,53 @@ def planted_corpus(distinct: int = 8) -> tuple[list[tuple[str, bytes]], list[set
 
 def size_of(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
+
+
+def plain_pictures() -> dict[str, Image.Image]:
+    """The dullest pictures a data set holds, each distinct from the others: solid colours, gradients, a
+    page of text under uneven light, two vertical tricolour flags. Each has a dHash without detail (all
+    bits equal, or one row repeated), shared with the others of its kind."""
+    w, h = 100, 80
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+
+    def grey(a: np.ndarray) -> Image.Image:
+        return Image.fromarray(a.astype(np.uint8)).convert('RGB')
+
+    def flag(*colours) -> Image.Image:
+        a = np.zeros((h, w, 3), np.uint8)
+        for i, c in enumerate(colours):
+            a[:, i * w // 3:(i + 1) * w // 3] = c
+        return Image.fromarray(a)
+
+    page = Image.new('L', (300, 400), 235)
+    draw = ImageDraw.Draw(page)
+    for top in range(20, 380, 12):
+        draw.text((20, top), 'The quick brown fox jumps over the lazy dog', fill=30)
+    lit = np.asarray(page, np.float32) * np.linspace(0.8, 1.0, page.width)[None, :]  # light from the right
+    return {'red': Image.new('RGB', (w, h), (200, 30, 30)), 'blue': Image.new('RGB', (w, h), (30, 60, 200)),
+            'white': Image.new('RGB', (w, h), 'white'), 'h-gradient': grey(x), 'v-gradient': grey(y),
+            'diagonal': grey((x + y) / 2), 'page': grey(lit),
+            'france': flag((0, 85, 164), (255, 255, 255), (239, 65, 53)),
+            'italy': flag((0, 146, 70), (255, 255, 255), (206, 43, 55))}
+
+
+def copies(name: str, img: Image.Image) -> list[tuple[str, bytes]]:
+    """`img` as a JPEG, re-encoded at quality 60, and resized to 2/3."""
+    small = img.resize((img.width * 2 // 3, img.height * 2 // 3), Image.Resampling.LANCZOS)
+    return [(name, jpeg(img)), (f'{name}-q60', jpeg(img, 60)), (f'{name}-small', jpeg(small))]
+
+
+def plain_corpus() -> tuple[list[tuple[str, bytes]], list[set[str]]]:
+    """([(name, bytes)], the groups of copies): every plain picture (the flags without copies: the tiny
+    CLIP cannot tell their copies from each other), each with its re-encoded and resized copy, and a real
+    photo (Pillow's hopper, from testbed.real) with its copies, whose dHash they keep."""
+    items, groups = [], []
+    for name, img in plain_pictures().items():
+        items += copies(name, img) if name not in ('france', 'italy') else [(name, jpeg(img))]
+    hopper = next(it.data for it in real_items() if it.name == 'plain.webp')
+    items += copies('hopper', Image.open(io.BytesIO(hopper)).convert('RGB'))
+    for name, _ in items:
+        if name.endswith('-q60'):
+            groups.append({name.removesuffix('-q60'), name, name.replace('-q60', '-small')})
+    return items, groups

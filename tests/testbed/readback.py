@@ -73,3 +73,16 @@ def read_mds(path: str, env: dict[str, str] | None = None) -> list[dict]:
         finally:
             del ds
 
+
+
+def read_streams(paths: list[str]) -> list[dict]:
+    """All samples of one StreamingDataset over a Stream per folder in `paths` (as a trainer reads
+    several buckets together), in stream order."""
+    from streaming import Stream
+    with released_shared_memory():
+        with one_opening_at_a_time():
+            ds = StreamingDataset(streams=[Stream(local=str(p)) for p in paths], shuffle=False, batch_size=1)
+        try:
+            return [ds[i] for i in range(ds.num_samples)]
+        finally:
+            del ds
