@@ -504,7 +504,7 @@ class ShardReader:
             local = os.path.join(local, f'rank{rank}')
             shutil.rmtree(local, ignore_errors=True)
             os.makedirs(local)
-        self.readers = [reader_from_json(local, None, s) for s in plan.shards]
+        self.readers = [reader_from_json(local, None, as_stored(s)) for s in plan.shards]
         self.first = [0]
         for s in plan.shards:
             self.first.append(self.first[-1] + s['samples'])
@@ -522,6 +522,33 @@ class ShardReader:
             if self.evict:
                 reader.evict()
 # <<< twin: shard-reader
+
+
+# >>> twin: stored-files (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
+# streaming's encodings whose stored bytes are a whole image file: read as those bytes and written back the
+# same, never decoded to write them again (its writer saves a PIL image as a new JPEG at quality 75)
+FILE_ENCODINGS = ('jpeg', 'png')
+
+
+def as_stored(shard: dict) -> dict:
+    """An input shard's record (of index.json), its FILE_ENCODINGS columns read as the bytes stored."""
+    return {**shard, 'column_encodings': ['bytes' if e in FILE_ENCODINGS else e
+                                          for e in shard['column_encodings']]}
+
+
+def mds_writer(columns: dict[str, str], **kwargs):
+    """streaming's MDSWriter that writes the FILE_ENCODINGS columns as the bytes `as_stored` read (the same
+    image file), recorded under their own encoding, so a reader decodes them as before."""
+    from streaming import MDSWriter
+
+    class StoredBytesWriter(MDSWriter):
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), 'column_encodings': [columns[c] for c in self.column_names]}
+
+    return StoredBytesWriter(columns={c: 'bytes' if e in FILE_ENCODINGS else e for c, e in columns.items()},
+                             **kwargs)
+# <<< twin: stored-files
 
 
 # >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
@@ -840,12 +867,10 @@ def new_counts() -> dict[str, Any]:
 
 
 def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
-    from streaming import MDSWriter
-
     out = (os.path.join(staging, part.name), join(plan.places.out, part.name)) \
         if is_remote(plan.places.out) else join(plan.places.out, part.name)
-    return MDSWriter(out=out, columns=plan.columns, compression=args.compression or None,
-                     size_limit=args.size_limit, exist_ok=True)
+    return mds_writer(plan.columns, out=out, compression=args.compression or None,
+                      size_limit=args.size_limit, exist_ok=True)
 
 
 def write_batch(writer, batch: Batch, texts: list[str], tokens: list[int], cut: list[bool],

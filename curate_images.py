@@ -64,7 +64,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)  # on the shorter side, as the cloudwriter buckets
 BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
 IMAGE_COLUMN, KEY_COLUMN = 'jpg', 'key'  # the cloudwriter's image bytes and sample key
-IMAGE_ENCODINGS = ('bytes', 'jpeg', 'png')  # of IMAGE_COLUMN: a file's bytes, or PIL opened on them
+IMAGE_ENCODINGS = ('bytes', 'jpeg', 'png')  # of IMAGE_COLUMN: each a file's bytes (see stored-files)
 INDEX = 'index.json'
 DONE_MARKER = '_done'  # per unit of work; not *.json, so streaming's merge_index never takes it for an index
 STAGING = '.staging-curate'  # below --local: output files on their way to a remote
@@ -929,7 +929,7 @@ class ShardReader:
             local = os.path.join(local, f'rank{rank}')
             shutil.rmtree(local, ignore_errors=True)
             os.makedirs(local)
-        self.readers = [reader_from_json(local, None, s) for s in plan.shards]
+        self.readers = [reader_from_json(local, None, as_stored(s)) for s in plan.shards]
         self.first = [0]
         for s in plan.shards:
             self.first.append(self.first[-1] + s['samples'])
@@ -947,6 +947,33 @@ class ShardReader:
             if self.evict:
                 reader.evict()
 # <<< twin: shard-reader
+
+
+# >>> twin: stored-files (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
+# streaming's encodings whose stored bytes are a whole image file: read as those bytes and written back the
+# same, never decoded to write them again (its writer saves a PIL image as a new JPEG at quality 75)
+FILE_ENCODINGS = ('jpeg', 'png')
+
+
+def as_stored(shard: dict) -> dict:
+    """An input shard's record (of index.json), its FILE_ENCODINGS columns read as the bytes stored."""
+    return {**shard, 'column_encodings': ['bytes' if e in FILE_ENCODINGS else e
+                                          for e in shard['column_encodings']]}
+
+
+def mds_writer(columns: dict[str, str], **kwargs):
+    """streaming's MDSWriter that writes the FILE_ENCODINGS columns as the bytes `as_stored` read (the same
+    image file), recorded under their own encoding, so a reader decodes them as before."""
+    from streaming import MDSWriter
+
+    class StoredBytesWriter(MDSWriter):
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), 'column_encodings': [columns[c] for c in self.column_names]}
+
+    return StoredBytesWriter(columns={c: 'bytes' if e in FILE_ENCODINGS else e for c, e in columns.items()},
+                             **kwargs)
+# <<< twin: stored-files
 
 
 # >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
@@ -1076,28 +1103,6 @@ warnings.filterwarnings('always', category=Image.DecompressionBombWarning, appen
 # <<< twin: decode
 
 
-def image_bytes(value: bytes | Image.Image) -> bytes:
-    """The file's bytes of an IMAGE_COLUMN value: as stored (`bytes`), or the buffer that streaming's
-    `jpeg` and `png` encodings open a PIL image on (Image.open(BytesIO(data)): their decode() in
-    streaming/base/format/mds/encodings.py). Every image is hashed and decoded from its file's bytes."""
-    return value.fp.getvalue() if isinstance(value, Image.Image) else value
-
-
-@contextlib.contextmanager
-def as_stored(sample: dict, encoding: str, folder: str) -> Iterator[dict]:
-    """`sample` as MDSWriter writes its image back unchanged. Streaming's `jpeg` encoding re-encodes a PIL
-    image at quality 75 unless it was opened from a file, whose bytes it copies (JPEG.encode, ibid.):
-    so the image is opened from a file of its own bytes."""
-    if encoding != 'jpeg':
-        yield sample
-        return
-    path = os.path.join(folder, 'image')
-    with open(path, 'wb') as f:
-        f.write(image_bytes(sample[IMAGE_COLUMN]))
-    with Image.open(path) as img:
-        yield {**sample, IMAGE_COLUMN: img}
-
-
 def dhash(img: Image.Image) -> int:
     """64-bit difference hash: a 9 x 8 grey thumbnail, one bit per left < right neighbour. A copy
     re-encoded or resized keeps it; an exact match of it is an edge of the dedup."""
@@ -1201,7 +1206,7 @@ def embed_batch(m: Model, pixels, texts: dict[str, list[str]]) -> tuple[np.ndarr
 def part_items(reader: ShardReader, part: Part, caption_keys: list[str]) -> tuple[list, dict[int, dict]]:
     items, texts = [], {}
     for sample_id, sample in reader.samples(part):
-        items.append((sample_id, str(sample.get(KEY_COLUMN, sample_id)), image_bytes(sample[IMAGE_COLUMN])))
+        items.append((sample_id, str(sample.get(KEY_COLUMN, sample_id)), sample[IMAGE_COLUMN]))
         texts[sample_id] = {k: str(sample[k] or '') for k in caption_keys}
     return items, texts
 
@@ -1502,7 +1507,6 @@ def dup_columns(groups: dict[str, np.ndarray], gid: np.ndarray) -> tuple[np.ndar
 def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part, reader: ShardReader,
                clauses: list) -> None:
     import polars as pl
-    from streaming import MDSWriter
 
     z = get_arrays(embed_url(plan, bucket, part), args.download_timeout)
     marker = json.loads(open_text(join(plan.work, unit_folder('embed', bucket, part), DONE_MARKER),
@@ -1524,14 +1528,11 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
             alive &= ok
     out = join(bucket.places.out, part.name)
     target = (os.path.join(plan.staging, bucket.name, part.name), out) if is_remote(out) else out
-    encoding = bucket.columns[IMAGE_COLUMN]
-    with MDSWriter(out=target, columns=plan.columns, compression=args.compression or None,
-                   size_limit=args.size_limit, exist_ok=True) as writer, \
-            tempfile.TemporaryDirectory() as tmp:
+    with mds_writer(plan.columns, out=target, compression=args.compression or None,
+                    size_limit=args.size_limit, exist_ok=True) as writer:
         for r, (sid, sample) in enumerate(samples):
             if alive[r]:
-                with as_stored(sample, encoding, tmp) as stored:
-                    writer.write({**stored, **{c: v[row_of[sid]] for c, v in new.items()}})
+                writer.write({**sample, **{c: v[row_of[sid]] for c, v in new.items()}})
     counts = {'input': part.last - part.first, 'written': int(alive.sum()), 'skipped': marker['skipped'],
               'removed_by_clause': removed, 'in_groups': int(np.count_nonzero(new[DUP_GROUP] >= 0)),
               'kept_of_groups': int(np.count_nonzero((new[DUP_GROUP] >= 0) & (new[DUP_KEEP] == 1)))}
@@ -1716,7 +1717,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
                 remote = None if b.places.cache == b.places.src else b.places.src
                 datasets[b.name] = StreamingDataset(local=b.places.cache, remote=remote, shuffle=False,
                                                     batch_size=1)
-            img = decode(image_bytes(datasets[b.name][g - b.offset][IMAGE_COLUMN]))
+            img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN])
             img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
             x = 8 + c * (PREVIEW_TILE + 8)
             sheet.paste(img, (x, top + PREVIEW_LINE))

@@ -78,10 +78,8 @@ from tqdm import tqdm
 BUCKET_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2**20)
 BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1:]))
 IMAGE_COLUMN = 'jpg'  # and each --caption_keys column (encoded 'str')
-# streaming's encodings an image column may have; of the FILE_ENCODINGS the stored bytes are the image file,
-# read as those bytes (decoded once, by the decode twin) and written out the same (never re-encoded)
-FILE_ENCODINGS = ('jpeg', 'png')
-IMAGE_ENCODINGS = ('bytes', *FILE_ENCODINGS, 'pil')
+# streaming's encodings an image column may have (the file's bytes, or PIL opened on them; see stored-files)
+IMAGE_ENCODINGS = ('bytes', 'jpeg', 'png', 'pil')
 SHARD_RECORD = ('version', 'format', 'column_names', 'column_encodings', 'column_sizes', 'compression',
                 'hashes', 'raw_data', 'zip_data', 'samples', 'size_limit')  # what streaming's MDSReader reads
 # A family's text column for caption key k is named k + its suffix: caption_latents, vlm_caption_pooled,
@@ -1484,15 +1482,22 @@ class ShardCache:
         return self.readers[shard].get_item(sample_id - self.offsets[shard])
 
 
+# >>> twin: stored-files (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
+# streaming's encodings whose stored bytes are a whole image file: read as those bytes and written back the
+# same, never decoded to write them again (its writer saves a PIL image as a new JPEG at quality 75)
+FILE_ENCODINGS = ('jpeg', 'png')
+
+
 def as_stored(shard: dict) -> dict:
-    """An input shard's record, its FILE_ENCODINGS columns read as the bytes stored (the image file)."""
+    """An input shard's record (of index.json), its FILE_ENCODINGS columns read as the bytes stored."""
     return {**shard, 'column_encodings': ['bytes' if e in FILE_ENCODINGS else e
                                           for e in shard['column_encodings']]}
 
 
 def mds_writer(columns: dict[str, str], **kwargs):
-    """streaming's MDSWriter that writes the FILE_ENCODINGS columns as the bytes ShardCache read (the same
-    image file: no lossy re-encode of a JPEG), recorded under their own encoding."""
+    """streaming's MDSWriter that writes the FILE_ENCODINGS columns as the bytes `as_stored` read (the same
+    image file), recorded under their own encoding, so a reader decodes them as before."""
     from streaming import MDSWriter
 
     class StoredBytesWriter(MDSWriter):
@@ -1501,6 +1506,7 @@ def mds_writer(columns: dict[str, str], **kwargs):
 
     return StoredBytesWriter(columns={c: 'bytes' if e in FILE_ENCODINGS else e for c, e in columns.items()},
                              **kwargs)
+# <<< twin: stored-files
 
 
 def empty_cache(cache_dir: str) -> None:

@@ -119,7 +119,7 @@ def reference(model_dir: Path, samples: list[dict], captions: bool = True):
     img, txt = [], []
     with torch.no_grad():
         for s in samples:
-            px = proc(images=script.decode(script.image_bytes(s['jpg'])), return_tensors='pt')['pixel_values']
+            px = proc(images=script.decode(s['jpg']), return_tensors='pt')['pixel_values']
             img.append(torch.nn.functional.normalize(model.get_image_features(pixel_values=px), dim=-1)[0])
             if captions:
                 t = tok([s[CAPTION]], padding='max_length', truncation=True,
@@ -267,13 +267,14 @@ def test_laion_published_heads_score_as_their_own_mlp(bed, tmp_path):
                            '--summary', out / 's.json')
     assert code == 0, err[-3000:]
     got = [r for rs in read_all(out).values() for r in rs]
+    files = {r['key']: r['jpg'].fp.getvalue() for r in got}  # before decoding loads (and closes) them
     img, _ = reference(clip, got, captions=False)
     with torch.no_grad():
         for column, relu in (('linear', False), ('relu', True), ('checkpoint', False)):
             mlp = laion_mlp(LAION_HEADS['relu' if relu else 'linear'], [768, 1024, 128, 64, 16, 1], relu)
             np.testing.assert_allclose([r[column] for r in got], mlp(img)[:, 0].numpy(), atol=1e-4)
     stored = {r['key']: r['jpg'].fp.getvalue() for rs in read_all(tmp_path / 'in').values() for r in rs}
-    assert {r['key']: r['jpg'].fp.getvalue() for r in got} == stored  # every image, unchanged
+    assert files == stored  # every image, unchanged
     record = json.loads((out / '64-128' / 'curation.json').read_text())
     assert [s['layout'] for s in record['scores']] == [
         "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)",
