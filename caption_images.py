@@ -866,6 +866,7 @@ def summarize(args: argparse.Namespace, plan: Plan, speed: dict[str, float], wor
             'input_samples': plan.settings['input_samples'], **total, 'skipped': len(skipped),
             'skipped_samples': skipped, 'parts': len(plan.parts),
             'parts_before': len(plan.parts) - len(plan.pending),
+            'parts_this_run': len(markers) - (len(plan.parts) - len(plan.pending)),
             'parts_missing': [p.name for p in plan.parts if p.name not in markers], 'world_size': world,
             'rank0': speed, 'settings': plan.settings, 'interrupted': None}
 
@@ -884,8 +885,8 @@ def report(summary: dict, path: str) -> None:
              f'{s["empty"]} empty',
              'rules    ' + (', '.join(f'{name} {n}' for name, n in s['rules'].items() if name in
                                       s['settings']['rules']) or 'none') + ' (captions changed)',
-             f'parts    {s["parts"]} ({s["parts"] - s["parts_before"]} this run, {s["parts_before"]} done '
-             f'before), world size {s["world_size"]}',
+             f'parts    {s["parts_before"] + s["parts_this_run"]} of {s["parts"]} done ({s["parts_this_run"]} this '
+             f'run, {s["parts_before"]} before), world size {s["world_size"]}',
              f'speed    rank 0: {speed["images"]} images in {speed["seconds"]:.1f} s, '
              f'{speed["images_per_s"]:.2f} images/s, {speed["tokens_per_s"]:.1f} tokens/s']
     lines += [f'skipped  sample {k["id"]} key={k["key"]!r}: {k["reason"]}' for k in s['skipped_samples'][:10]]

@@ -194,6 +194,7 @@ def test_sigterm_then_kill9_then_two_ranks_equal_an_uninterrupted_run(root, vlms
     assert not (out / 'index.json').exists()  # no index a reader would take for the whole set
     after_term = len(markers(out))
     assert 1 <= after_term < total
+    assert summary['parts_this_run'] == after_term and summary['parts_before'] == 0  # issue 34, item 13
 
     kill9_after(root, args, out, after=after_term + 1)
     after_kill = len(markers(out))
@@ -204,6 +205,7 @@ def test_sigterm_then_kill9_then_two_ranks_equal_an_uninterrupted_run(root, vlms
     assert {m: Path(m).read_bytes() for m in finished} == finished  # finished parts were not redone
     summary = json.loads((tmp_path / 's.json').read_text())
     assert summary['parts_before'] == after_kill and summary['world_size'] == 2, res.stdout
+    assert summary['parts_this_run'] == total - after_kill
     assert {json.loads(Path(m).read_text())['rank'] for m in markers(out)} >= {0, 1}  # both ranks worked
     ref, got = read_mds(str(llava_run / UNBUCKETED)), read_mds(str(out))
     assert len({o['key'] for o in got}) == len(got)  # no duplicates
