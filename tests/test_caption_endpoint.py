@@ -298,7 +298,6 @@ def test_every_refusal_is_one_line(server, llava, dataset, tmp_path):
         (['--engine', 'openai'], '--engine openai needs --endpoint URL'),
         (['--engine', 'openai', '--endpoint', 'ftp://h/v1'], 'an endpoint is the http(s) URL of an API'),
         (['--upload', 'jpeg:0'], 'png (lossless) or jpeg:QUALITY (1-100)'),
-        (['--prompt', 'a=x', '--prompt', 'a=y'], 'two prompts for one caption column'),
         (['--prompt', 'caption=Say it.', '--model_name', llava], 'already has a column caption'),
         (['--engine', 'openai', '--endpoint', server.url], f'{server.url}/models lists 12 models (Menlo/'),
         (['--engine', 'openai', '--endpoint', dead], f'no endpoint answered GET /models ({dead}: '),

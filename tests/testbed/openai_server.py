@@ -219,3 +219,4 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
