@@ -220,3 +220,74 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+
+class BatchingServer:
+    """A stand-in for a batching serving engine, without a model (benchmarks/bench_caption_images.py
+    --engine openai): a request needs 16..48 decode steps (from the hash of its body); every `step` s the
+    server advances up to `slots` requests by one token each, as continuous batching does, so that its
+    throughput grows with the requests in flight up to `slots`, and the slowest request of a batch of
+    requests holds up a client that waits for the whole batch. It answers whole (JSON, with usage), or as
+    server-sent events when asked to stream. Runs in its own process: `python openai_server.py PORT`."""
+
+    def __init__(self, step: float = 0.05, slots: int = 256):
+        self.step, self.slots, self.active = step, slots, []
+
+    async def _chat(self, request):
+        import asyncio
+
+        from starlette.responses import JSONResponse, Response
+
+        body = await request.json()
+        digest = body_key(body)
+        tokens = 16 + int(digest, 16) % 33
+        done = asyncio.get_running_loop().create_future()
+        self.active.append([tokens, done])
+        await done
+        usage = {'prompt_tokens': 300, 'completion_tokens': tokens, 'total_tokens': 300 + tokens}
+        text, model = f'A picture {digest[:tokens // 4]}.', body['model']
+        if body.get('stream'):
+            events = [{'model': model, 'choices': [{'index': 0, 'delta': {'content': text}}]},
+                      {'model': model, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}],
+                       'usage': usage}]
+            return Response(''.join(f'data: {json.dumps(e)}\n\n' for e in events) + 'data: [DONE]\n\n',
+                            media_type='text/event-stream')
+        return JSONResponse({'object': 'chat.completion', 'model': model, 'usage': usage, 'choices': [
+            {'index': 0, 'message': {'role': 'assistant', 'content': text}, 'finish_reason': 'stop'}]})
+
+    async def _steps(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.step)
+            for item in self.active[:self.slots]:
+                item[0] -= 1
+                if item[0] == 0 and not item[1].done():  # (done: its client went away)
+                    item[1].set_result(None)
+            self.active = [item for item in self.active if item[0] > 0]
+
+    async def _models(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({'object': 'list', 'data': [{'id': 'stand-in', 'object': 'model'}]})
+
+    def run(self, port: int) -> None:
+        import asyncio
+        import contextlib as cl
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        @cl.asynccontextmanager
+        async def lifespan(app):
+            task = asyncio.create_task(self._steps())
+            yield
+            task.cancel()
+
+        app = Starlette(routes=[Route('/v1/chat/completions', self._chat, methods=['POST']),
+                                Route('/v1/models', self._models)], lifespan=lifespan)
+        uvicorn.run(app, host='127.0.0.1', port=port, log_level='warning', backlog=4096)
+
+
+if __name__ == '__main__':
+    BatchingServer(float(sys.argv[2]) if len(sys.argv) > 2 else 0.05).run(int(sys.argv[1]))
