@@ -241,8 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--model_name', default='',
                    help=f'transformers: a hub name or folder (empty: {DEFAULT_MODEL}); openai: the served '
                         'name (empty: the one the endpoint lists at /models)')
-    p.add_argument('--prompt', type=prompt, action='append', metavar='[KEY=]TEXT',
-                   help='the user turn beside the image; KEY=TEXT, repeated: a caption column per KEY')
+    p.add_argument('--prompt', type=prompt, action='append', metavar='[KEY=]TEXT', default=argparse.SUPPRESS,
+                   help='the user turn beside the image; KEY=TEXT, repeated: a caption column per KEY '
+                        '(default: DEFAULT_PROMPT, a detailed paragraph, in --caption_key)')
     p.add_argument('--caption_key', default='vlm_caption', help='the column of a --prompt without KEY=')
     p.add_argument('--keep_raw', action='store_true',
                    help='also store <key>_raw per caption column: the decoded text before the rules')
@@ -289,7 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--preview_path', default='', help='empty: beside the summary, <summary>_preview.png')
     args = p.parse_args(argv)
     # one caption column per key; a later --prompt for a key replaces an earlier one, as for any flag
-    args.prompts = {key or args.caption_key: text for key, text in args.prompt or [(None, DEFAULT_PROMPT)]}
+    pairs = vars(args).pop('prompt', [(None, DEFAULT_PROMPT)])
+    args.prompts = {key or args.caption_key: text for key, text in pairs}
     if args.engine == 'openai' and not args.endpoint:
         p.error('--engine openai needs --endpoint URL [URL ...]')
     return args
@@ -1209,8 +1211,8 @@ def report(summary: dict, path: str) -> None:
               f'speed    {speed["images"]} images in {speed["seconds"]:.1f} s, {speed["images_per_s"]:.2f} '
               f'images/s, {speed["tokens_per_s"]:.1f} tokens/s (all ranks)']
     for what, found in (('skipped', s['skipped_samples']), ('failed', s['failed_samples'])):
-        lines += [f'{what:<8} sample {k["id"]} key={k["key"]!r}: {k["reason"]}' + (
-            f' (part {k["part"]} left unfinished)' if 'part' in k else '') for k in found[:10]]
+        lines += [f'{what:<8} sample {k["id"]} key={k["key"]!r}' + (f' (part {k["part"]} left unfinished)'
+                  if 'part' in k else '') + f': {k["reason"]}' for k in found[:10]]
         if len(found) > 10:
             lines.append(f'... and {len(found) - 10} more {what} (see the JSON)')
     if s['stopped']:
@@ -1344,11 +1346,11 @@ def finish(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) 
     summary = summarize(args, plan, ranks, world)
     if missing := summary['parts_missing']:
         report(summary, summary_path(args))
-        why = summary['stopped'] or (f'{summary["failed"]} images failed after their retries, named above'
+        why = summary['stopped'] or (f'images failed after their retries: {summary["failed"]}, named above'
                                      if summary['failed'] else '')
         named = ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else '')
-        raise UserError(f'{len(missing)} parts ({named}) have no _done marker' + (f' ({why})' if why else '')
-                        + '; rerun the same command')
+        raise UserError(f'parts {named} ({len(missing)} of {len(plan.parts)}) have no _done marker'
+                        + (f' ({why})' if why else '') + '; rerun the same command')
     merge_parts(plan, staging)
     write_record(plan, summary, staging)
     if args.preview:

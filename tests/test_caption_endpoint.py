@@ -114,23 +114,53 @@ def markers(out: Path) -> list[str]:
 
 @pytest.fixture(scope='module')
 def proxied_run(server, llava, dataset, pictures, tmp_path_factory):
-    """One uninterrupted run through the fault proxy, beside a dead endpoint whose URL holds the planted
-    secret as its password; the key comes from an environment variable. The proxy refuses the alpha PNG."""
+    """A run through the fault proxy, beside a dead endpoint whose URL holds the planted secret as its
+    password; the key comes from an environment variable. The proxy refuses the alpha PNG, and answers 500
+    to every request for one JPEG until the first run has ended; the same command then finishes."""
     local, rows = dataset
     out = tmp_path_factory.mktemp('proxied')
     refused = next(r['key'] for r in rows if r['url'].endswith('alpha.png'))
+    failing = list(pictures)[4]
     dead = f'http://captioner:{SECRET}@127.0.0.1:{free_port()}/v1'
-    with FaultProxy(server.url, refuse={pixels(pictures[refused])}) as proxy, environ({'TEST_KEY': SECRET}):
-        started = time.time()
-        code, stdout, stderr = run_main('caption_images.py', *flags(
-            local, out, llava, '--endpoint', dead, proxy.url, '--api_key_env', 'TEST_KEY', '--retries', 3,
-            '--price', 1.5, 4, '--summary', out / 'summary.json'))
-        seconds = time.time() - started
+    first = {}
+    faults = {'refuse': {pixels(pictures[refused])}, 'fail': {pixels(pictures[failing])}}
+    with FaultProxy(server.url, **faults) as proxy, environ({'TEST_KEY': SECRET}):
+        args = flags(local, out, llava, '--endpoint', dead, proxy.url, '--api_key_env', 'TEST_KEY',
+                     '--retries', 2, '--price', 1.5, 4, '--summary', out / 'summary.json')
+        first['code'], first['stdout'], first['stderr'] = run_main('caption_images.py', *args)
+        first['summary'] = json.loads((out / 'summary.json').read_text())
+        first['markers'] = {m: Path(m).read_bytes() for m in markers(out / UNBUCKETED)}
+        first['index'] = (out / UNBUCKETED / 'index.json').exists()
+        proxy.fail.clear()
+        rerun = time.time()
+        code, stdout, stderr = run_main('caption_images.py', *args)
     return {'out': out, 'code': code, 'stdout': stdout, 'stderr': stderr, 'proxy': proxy, 'refused': refused,
-            'seconds': seconds, 'local': local}
+            'failing': failing, 'first': first, 'rerun': rerun, 'local': local}
 
 
 # ---- what a user relies on -------------------------------------------------------------------
+
+def test_a_request_that_keeps_failing_leaves_its_part_to_a_rerun_which_does_only_that_part(
+        proxied_run, pictures):
+    first, proxy = proxied_run['first'], proxied_run['proxy']
+    assert first['code'] == 2 and 'Traceback' not in first['stderr'], first['stderr'][-3000:]
+    errors = [ln for ln in first['stderr'].splitlines() if ln.startswith('error:')]
+    failed, = first['summary']['failed_samples']
+    assert errors == [f"error: parts {failed['part']} (1 of 4) have no _done marker (images failed after "
+                      'their retries: 1, named above); rerun the same command']
+    assert failed['key'] == proxied_run['failing'] and 'HTTP 500' in failed['reason']
+    assert failed['reason'].endswith('(after 2 retries)')
+    assert first['summary']['parts_missing'] == [failed['part']] and len(first['markers']) == 3
+    assert f"key='{failed['key']}' (part {failed['part']} left unfinished)" in first['stdout']
+    assert not first['index']  # no index a reader would take for the whole set
+
+    # The rerun: the finished parts untouched, and only the unfinished part's images asked for again.
+    assert {m: Path(m).read_bytes() for m in first['markers']} == first['markers']
+    again = {pixels_of(proxy.bodies[k]) for k, a in proxy.arrivals.items() if a[-1][0] > proxied_run['rerun']}
+    part = [o['key'] for o in read_mds(str(proxied_run['out'] / UNBUCKETED / failed['part']))]
+    refused = {pixels(pictures[proxied_run['refused']])}  # refused again if it is in that part
+    assert again - refused == {pixels(pictures[k]) for k in part} and failed['key'] in part
+
 
 def test_each_caption_is_the_servers_answer_through_429s_cuts_a_refusal_and_a_dead_endpoint(
         script, proxied_run, served, pictures, llava, dataset):
@@ -154,6 +184,7 @@ def test_each_caption_is_the_servers_answer_through_429s_cuts_a_refusal_and_a_de
         assert [what for _, what in arrivals][:2] == ['429', 'cut'] and len(arrivals) == 3
         assert arrivals[1][0] - arrivals[0][0] >= RETRY_AFTER
     assert {what for a in proxy.arrivals.values() for _, what in a[-1:]} == {'whole', 'stream', '400'}
+    assert sum(what == '500' for a in proxy.arrivals.values() for _, what in a) == 3  # 1 + --retries 2
     assert proxy.auth == {f'Bearer {SECRET}'}  # the key was sent, as a bearer token
 
     # The refused image is a counted, named skip beside the undecodable one.
@@ -171,7 +202,10 @@ def test_each_caption_is_the_servers_answer_through_429s_cuts_a_refusal_and_a_de
     assert summary['cost_usd'] == round((summary['prompt_tokens'] * 1.5 + summary['tokens'] * 4) / 1e6, 4)
     parts = [json.loads(Path(m).read_text()) for m in markers(run['out'] / UNBUCKETED)]
     assert sum(p['tokens'] for p in parts) == summary['tokens'] and len(parts) == 4
-    assert summary['speed']['images'] == len(got) and summary['speed']['images_per_s'] > 0
+    part = run['first']['summary']['failed_samples'][0]['part']
+    rerun = read_mds(str(run['out'] / UNBUCKETED / part))
+    assert run['first']['summary']['speed']['images'] == len(got) - 1  # all but the failing image
+    assert summary['speed']['images'] == len(rerun) and summary['speed']['images_per_s'] > 0  # this run's
     assert 'images/s' in run['stdout'] and f'cost ${summary["cost_usd"]:.4f}' in run['stdout']
 
     # The record: endpoints without credentials, the served model's name, the decoding and the upload.
@@ -245,6 +279,11 @@ def test_server_killed_mid_run_then_two_ranks_finish_equal_to_one_process(root, 
 
 
 # ---- the picture sent, and refusals ----------------------------------------------------------
+
+def pixels_of(body: dict) -> str:
+    """pixels() of the picture a request sent."""
+    return pixels(sent(body['messages'][0]['content'][0]['image_url']['url'])[1])
+
 
 def sent(url: str):
     from PIL import Image

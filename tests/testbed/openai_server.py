@@ -14,8 +14,8 @@
   is cut off in the middle of its answer, the third goes through. A third of the answers asked for
   whole (`"stream": false`) are gathered into one JSON answer, as vLLM gives it, with a made-up usage
   (`usage`) the test can add up; the rest pass the server's stream through. A request whose image has
-  pixels listed in `refuse` (`pixels()`) gets 400, as a content filter answers. `arrivals`, `bodies`
-  and `auth` record what came in.
+  pixels listed in `refuse` (`pixels()`) gets 400, as a content filter answers; one listed in `fail`
+  gets 500, every time. `arrivals`, `bodies` and `auth` record what came in.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ class TransformersServe:
 class FaultProxy:
     """The proxy of the module docstring, on 127.0.0.1 (a uvicorn server in a thread of this process)."""
 
-    def __init__(self, upstream: str, refuse: set[str] = frozenset()):
-        self.upstream, self.refuse, self.port = upstream, set(refuse), free_port()
+    def __init__(self, upstream: str, refuse: set[str] = frozenset(), fail: set[str] = frozenset()):
+        self.upstream, self.refuse, self.fail, self.port = upstream, set(refuse), set(fail), free_port()
         self.arrivals: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)  # key: (t, answer)
         self.usage: dict[str, dict] = {}  # key: the usage of its whole answer that went out complete
         self.bodies: dict[str, dict] = {}  # key: the request
@@ -144,10 +144,14 @@ class FaultProxy:
         from PIL import Image
 
         urls = [c['image_url']['url'] for c in body['messages'][0]['content'] if c['type'] == 'image_url']
-        if {pixels(Image.open(io.BytesIO(base64.b64decode(u.split(',', 1)[1])))) for u in urls} & self.refuse:
+        sent = {pixels(Image.open(io.BytesIO(base64.b64decode(u.split(',', 1)[1])))) for u in urls}
+        if sent & self.refuse:
             self.arrivals[key].append((time.time(), '400'))
             return Response(json.dumps({'error': {'message': 'this image is not allowed'}}), status_code=400,
                             media_type='application/json')
+        if sent & self.fail:
+            self.arrivals[key].append((time.time(), '500'))
+            return Response('{"error": "internal error"}', status_code=500, media_type='application/json')
         if faulty and n == 1:
             self.arrivals[key].append((time.time(), '429'))
             return Response('{"error": "slow down"}', status_code=429, media_type='application/json',
