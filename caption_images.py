@@ -1,45 +1,56 @@
-"""Write a dense synthetic caption of every image of an MDS dataset with a vision-language model, once.
+"""Write dense synthetic captions of every image of an MDS dataset with a vision-language model, once.
 
-Reads one bucket of what laion_cloudwriter.py wrote, asks an image-text-to-text model of transformers
-(LLaVA-1.5/NeXT, Qwen2-VL / Qwen2.5-VL, SmolVLM / Idefics3: any that loads with AutoProcessor and
-AutoModelForImageTextToText) to describe each image, cleans the text with a table of rules and stores
-it as a new column, so that training can pick the alt-text or the new caption per sample and
-precompute_latents.py can encode both. The full manual is README.md's section "caption_images.py".
+Reads one bucket of what laion_cloudwriter.py wrote, asks a vision-language model to describe each image
+(one caption column per prompt), cleans the text with a table of rules and stores it beside the alt-text,
+so that training can pick a caption per sample and precompute_latents.py can encode them. Two engines
+(`ENGINES`): `transformers` runs an image-text-to-text model (LLaVA-1.5/NeXT, Qwen2-VL / Qwen2.5-VL,
+SmolVLM / Idefics3: any that loads with AutoProcessor and AutoModelForImageTextToText) in this process;
+`openai` sends each image to OpenAI-compatible servers (`vllm serve`, SGLang, TGI, llama.cpp,
+`transformers serve`, a hosted API) with `--concurrency` requests in flight. The full manual is
+README.md's section "caption_images.py".
 
-Example (one GPU; `torchrun --nproc_per_node 8 -- caption_images.py ...` for eight):
+Examples (one GPU; `torchrun --nproc_per_node 8 -- caption_images.py ...` for eight):
 
     python caption_images.py --remote_download s3://my-bucket/laion/mds --bucket 3 \\
         --local /tmp/caption-cache --remote_upload s3://my-bucket/laion/captioned \\
         --model_name Qwen/Qwen2-VL-2B-Instruct --batch-size 32
+    python caption_images.py ... --engine openai --endpoint http://127.0.0.1:8000/v1 --concurrency 128 \\
+        --prompt short='Describe this image in one sentence.' --prompt long='Describe this image in detail.'
 
 Reads `<remote_download>/<bucket name>[/<subfolder>]`, or `<local>/<bucket name>` in place without
-`--remote_download`: MDS shards with a `jpg` column; and the model (hub name or folder).
+`--remote_download`: MDS shards with a `jpg` column; and the model (hub name or folder), or its servers.
 
-Writes `<remote_upload>/<bucket name>[/<subfolder>]`: every input column unchanged plus `--caption_key`
-(str; with `--keep_raw` also `<caption_key>_raw`, the text before the rules), and `captions.json`
-beside index.json (model, prompt, generation settings, rules, counts). Ends with a summary, printed
-and written as JSON (`--summary`); `--preview N` adds a PNG.
+Writes `<remote_upload>/<bucket name>[/<subfolder>]`: every input column unchanged plus a str column per
+prompt (`--prompt KEY=TEXT`; `--caption_key` names the column of a `--prompt TEXT`; with `--keep_raw` also
+`<key>_raw`, the text before the rules), and `captions.json` beside index.json (model, prompts, decoding
+settings, rules, counts, token usage, endpoints without credentials). Ends with a summary, printed and
+written as JSON (`--summary`); `--preview N` adds a PNG.
 
 Resume: the work is split into parts of whole input shards; each finished part gets a `_done` marker
 with the settings that shape its text. Rerun the same command, with any number of processes, to skip
 finished parts; other settings or another input are refused. Rank 0 merges index.json at the end.
 
-Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
-line (a flag, the model, the places, a rerun's other settings, parts left unfinished); 128 + the signal
-after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
+Exit codes: 0 done (undecodable images, and images a server refuses with a 4xx, are skipped, counted
+and named in the summary); 2 one `error:` line (a flag, the model, the places, a rerun's other settings,
+parts left unfinished: a request that failed after its retries, or endpoints that stopped answering);
+128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import collections
 import contextlib
 import ctypes
 import dataclasses
+import email.utils
 import hashlib
 import io
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -68,6 +79,11 @@ STAGING = '.staging-captions'  # below --local: output files on their way to a r
 RECORD = 'captions.json'  # beside index.json: how the captions were made, and the counts
 DEFAULT_PROMPT = ('Describe this image in detail in one paragraph: the main subjects, what they look like '
                   'and do, the setting, the colours and lighting, and any text that is visible.')
+DEFAULT_MODEL = 'Qwen/Qwen2-VL-2B-Instruct'  # --engine transformers without --model_name
+# --engine openai: a request is retried after BACKOFF[0] s, doubling up to BACKOFF[1] s (times 0.5..1, so that
+# processes that failed together do not retry together), or after the Retry-After a server asks for (at most
+# MAX_RETRY_AFTER s); an endpoint that did not answer (refused or timed-out connection) sits out DOWN_SECONDS.
+BACKOFF, MAX_RETRY_AFTER, DOWN_SECONDS = (0.5, 30.0), 600.0, 30.0
 
 
 # >>> twin: errors (verbatim in caption_images.py, curate_images.py; test_twins.py)
@@ -189,6 +205,29 @@ def compression(text: str) -> str:
 # <<< twin: output-flags
 
 
+def prompt(text: str) -> tuple[str | None, str]:
+    """`--prompt KEY=TEXT` (the caption column KEY) or `--prompt TEXT` (the column --caption_key)."""
+    key, sep, rest = text.partition('=')
+    if sep and re.fullmatch(r'\w+', key):
+        if not rest.strip():
+            raise argparse.ArgumentTypeError(f'{text}: the prompt of {key} is empty')
+        return key, rest
+    return None, text
+
+
+def endpoint(text: str) -> str:
+    if urllib.parse.urlsplit(text).scheme not in ('http', 'https'):
+        raise argparse.ArgumentTypeError(f'{redact(text)}: an endpoint is the http(s) URL of an API, such as '
+                                         'http://127.0.0.1:8000/v1')
+    return text.rstrip('/')
+
+
+def upload(text: str) -> str:
+    if text != 'png' and not re.fullmatch(r'jpeg:([1-9]\d?|100)', text):
+        raise argparse.ArgumentTypeError(f'{text}: png (lossless) or jpeg:QUALITY (1-100), such as jpeg:90')
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -201,13 +240,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bucket subfolder: an index (0 '0-64' ... 3 '256-512' ...) or a name such as "
                         "'256-512'; empty: the roots are datasets")
     p.add_argument('--subfolder', default='', help='subfolder below the bucket folder')
-    p.add_argument('--model_name', default='Qwen/Qwen2-VL-2B-Instruct',
-                   help='image-text-to-text model (hub name or folder) with a processor and a chat template')
-    p.add_argument('--prompt', default=DEFAULT_PROMPT, help="the user turn beside the image, through the "
-                                                            "processor's chat template")
-    p.add_argument('--caption_key', default='vlm_caption', help='name of the new text column')
+    p.add_argument('--engine', choices=('transformers', 'openai'), default='transformers',
+                   help='transformers: the model in this process; openai: OpenAI-compatible servers')
+    p.add_argument('--model_name', default='',
+                   help=f'transformers: a hub name or folder (empty: {DEFAULT_MODEL}); openai: the served '
+                        'name (empty: the one the endpoint lists at /models)')
+    p.add_argument('--prompt', type=prompt, action='append', metavar='[KEY=]TEXT', default=argparse.SUPPRESS,
+                   help='the user turn beside the image; KEY=TEXT, repeated: a caption column per KEY '
+                        '(default: DEFAULT_PROMPT, a detailed paragraph, in --caption_key)')
+    p.add_argument('--caption_key', default='vlm_caption', help='the column of a --prompt without KEY=')
     p.add_argument('--keep_raw', action='store_true',
-                   help='also store <caption_key>_raw: the decoded text before the rules (to tune them)')
+                   help='also store <key>_raw per caption column: the decoded text before the rules')
     p.add_argument('--rules', nargs='*', choices=RULE_NAMES, default=list(RULE_NAMES),
                    help='post-processing rules to apply, in table order; none: store the decoded text')
     p.add_argument('--max_new_tokens', type=at_least(1), default=256, help='generated tokens per caption')
@@ -217,14 +260,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--top_p', type=at_least(1e-6, float), default=0.9, help='--decoding sample')
     p.add_argument('--seed', type=at_least(0), default=0, help='--decoding sample: seed of each sample')
     p.add_argument('--batch-size', dest='batch_size', type=at_least(1), default=16,
-                   help='images per generate call on each process (left-padded)')
-    p.add_argument('--engine', choices=('transformers',), default='transformers', help='generation engine')
+                   help='images per generate call (transformers, left-padded) or per read (openai)')
     p.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto',
-                   help='auto: cuda:<LOCAL_RANK> when available')
+                   help='transformers: auto is cuda:<LOCAL_RANK> when available')
     p.add_argument('--dtype', choices=('auto', 'float32', 'float16', 'bfloat16'), default='auto',
-                   help='auto: the device row of RUNTIMES (bfloat16 on GPU, float32 on CPU)')
+                   help='transformers: auto is the device row of RUNTIMES')
     p.add_argument('--attention', choices=('auto', 'flash_attention_2', 'sdpa', 'eager'), default='auto',
-                   help='auto: the first of the device row of RUNTIMES that is installed')
+                   help='transformers: auto is the first installed of the device row of RUNTIMES')
+    p.add_argument('--endpoint', type=endpoint, nargs='+', default=[],
+                   help='openai: API base URLs, e.g. http://HOST:8000/v1 (one per vllm serve)')
+    p.add_argument('--api_key_env', default='OPENAI_API_KEY',
+                   help='openai: the variable holding the API key (never printed or written)')
+    p.add_argument('--concurrency', type=at_least(1), default=64, help='openai: requests in flight per rank')
+    p.add_argument('--retries', type=at_least(0), default=6, help='openai: retries of a request (BACKOFF)')
+    p.add_argument('--request_timeout', type=at_least(1, float), default=600, help='openai: s per request')
+    p.add_argument('--upload', type=upload, default='png',
+                   help='openai: png, the decoded pixels, lossless; jpeg:QUALITY, smaller (hosted APIs)')
+    p.add_argument('--upload_side', type=at_least(0), default=0, help='openai: longest side sent (0: as is)')
+    p.add_argument('--price', type=at_least(0, float), nargs=2, metavar=('INPUT', 'OUTPUT'),
+                   help='USD per million input and output tokens: the summary states the cost')
     p.add_argument('--part_size', type=at_least(1), default=2000,
                    help='samples per unit of work and of resume (whole input shards, at least this many)')
     p.add_argument('--size_limit', type=size_limit, default='256mb', help='output shard size limit')
@@ -238,7 +292,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--preview', type=at_least(0), default=0,
                    help='rank 0 writes a PNG of this many images, each beside its alt-text and new caption')
     p.add_argument('--preview_path', default='', help='empty: beside the summary, <summary>_preview.png')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # one caption column per key; a later --prompt for a key replaces an earlier one, as for any flag
+    pairs = vars(args).pop('prompt', [(None, DEFAULT_PROMPT)])
+    args.prompts = {key or args.caption_key: text for key, text in pairs}
+    if args.engine == 'openai' and not args.endpoint:
+        p.error('--engine openai needs --endpoint URL [URL ...]')
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +475,7 @@ class Plan:
     settings: dict
 
 
-def read_input(pl: Places, caption_key: str, timeout: float) -> tuple[list[dict], dict[str, str]]:
+def read_input(pl: Places, new_columns: list[str], timeout: float) -> tuple[list[dict], dict[str, str]]:
     """The input's shard list and {column: MDS encoding}, checked (a copy of the index goes to the cache)."""
     url, local = join(pl.src, INDEX), os.path.join(pl.cache, INDEX)
     os.makedirs(pl.cache, exist_ok=True)
@@ -432,22 +492,20 @@ def read_input(pl: Places, caption_key: str, timeout: float) -> tuple[list[dict]
         raise UserError(f'{url}: the shards must all be MDS with the same columns')
     if shards and IMAGE_COLUMN not in columns:
         raise UserError(f'{url}: the input has no `{IMAGE_COLUMN}` column (columns: {", ".join(columns)})')
-    if caption_key in columns or RAW.format(key=caption_key) in columns:
-        raise UserError(f'{url} already has a column {caption_key}: pass another --caption_key')
+    if taken := [c for c in new_columns if c in columns]:
+        raise UserError(f'{url} already has a column {taken[0]}: pass another --caption_key (or KEY=)')
     return shards, columns
 
 
-def make_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str]) -> Plan:
+def make_plan(args: argparse.Namespace, pl: Places, engine_settings: dict) -> Plan:
     """Rank 0: check the input and the output, and list the parts still to do."""
-    shards, columns = read_input(pl, args.caption_key, args.download_timeout)
-    columns[args.caption_key] = 'str'
-    if args.keep_raw:
-        columns[RAW.format(key=args.caption_key)] = 'str'
+    new = [c for key in args.prompts for c in (key, RAW.format(key=key))[:1 + args.keep_raw]]
+    shards, columns = read_input(pl, new, args.download_timeout)
+    columns.update(dict.fromkeys(new, 'str'))
     parts = plan_parts(shards, args.part_size)
-    settings = {'model_name': args.model_name, 'prompt': args.prompt, 'caption_key': args.caption_key,
-                'keep_raw': args.keep_raw, 'rules': args.rules, 'max_new_tokens': args.max_new_tokens,
-                **decoding_settings(args), 'batch_size': args.batch_size, 'engine': args.engine, **runtime,
-                'part_size': args.part_size, 'input_samples': parts[-1].last if parts else 0,
+    settings = {'engine': args.engine, **engine_settings, 'prompts': args.prompts, 'keep_raw': args.keep_raw,
+                'rules': args.rules, 'max_new_tokens': args.max_new_tokens, 'part_size': args.part_size,
+                'input_samples': parts[-1].last if parts else 0,
                 'input_index': hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]}
     names = output_names(pl.out)
     if names and RECORD not in names and not any(n.endswith(f'/{DONE_MARKER}') for n in names):
@@ -719,16 +777,39 @@ def prefetched(items: Iterator[Batch]) -> Iterator[Batch]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation: the device row picks dtype and attention; the engine row loads and generates
+# Captioning: a row of ENGINES per engine; each turns a stream of batches into replies, in order
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Runtime:
-    dtype: str
-    attention: tuple[str, ...]  # in order of preference; the first that is installed is used
+class Reply:
+    """One caption as an engine returns it."""
+
+    text: str  # decoded, before the rules
+    tokens: int | None  # generated tokens (None: the server did not say)
+    prompt_tokens: int | None  # tokens of the prompt with the image
+    cut: bool  # stopped at --max_new_tokens
 
 
-RUNTIMES = {'cuda': Runtime('bfloat16', ('flash_attention_2', 'sdpa')), 'cpu': Runtime('float32', ('sdpa',))}
+@dataclasses.dataclass(frozen=True)
+class Lost:
+    """An image without captions: refused by the server (a skip), or failed after every retry (its part
+    is left unfinished for a rerun)."""
+
+    reason: str
+    refused: bool
+
+
+class EndpointsDown(Exception):
+    """No endpoint answers: the run stops, its unfinished parts are left for a rerun."""
+
+
+def sample_seed(seed: int, sample_id: int) -> int:
+    """The seed of a sample's captions under --decoding sample: the same in any batch, run or engine."""
+    return int(hashlib.sha1(f'{seed}/{sample_id}'.encode()).hexdigest()[:15], 16)
+
+
+# device: (dtype, attention in order of preference: the first that is installed is used)
+RUNTIMES = {'cuda': ('bfloat16', ('flash_attention_2', 'sdpa')), 'cpu': ('float32', ('sdpa',))}
 ATTENTION_INSTALLED = {'flash_attention_2': 'is_flash_attn_2_available', 'sdpa': 'is_torch_sdpa_available'}
 
 
@@ -736,10 +817,10 @@ def pick_runtime(args: argparse.Namespace, device: str) -> dict[str, str]:
     """{'dtype', 'attention'}: the flags, or for 'auto' the device's row of RUNTIMES."""
     import transformers.utils
 
-    row = RUNTIMES[device]
-    available = [a for a in row.attention if getattr(transformers.utils, ATTENTION_INSTALLED[a])()]
-    attention = args.attention if args.attention != 'auto' else (available or ['eager'])[0]
-    return {'dtype': row.dtype if args.dtype == 'auto' else args.dtype, 'attention': attention}
+    dtype, preferred = RUNTIMES[device]
+    available = [a for a in preferred if getattr(transformers.utils, ATTENTION_INSTALLED[a])()]
+    return {'dtype': dtype if args.dtype == 'auto' else args.dtype,
+            'attention': args.attention if args.attention != 'auto' else (available or ['eager'])[0]}
 
 
 def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -751,14 +832,21 @@ def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
             'seed': args.seed}
 
 
+def transformers_settings(args: argparse.Namespace) -> dict:
+    """What shapes a transformers caption: model, decoding, batch (padding), dtype, attention."""
+    return {'model_name': args.model_name or DEFAULT_MODEL, **decoding_settings(args),
+            'batch_size': args.batch_size, **pick_runtime(args, pick_device(args).type)}
+
+
 @dataclasses.dataclass
 class HFModel:
     """A transformers model, its processor, and the token ids that end a caption."""
 
     model: Any
     processor: Any
-    prompt: str  # the chat template applied to --prompt
+    prompts: dict[str, str]  # caption key -> the chat template applied to its prompt
     stop_ids: set[int]
+    about: dict  # for the markers: where it ran
 
 
 def not_a_vlm(model_name: str) -> str | None:
@@ -787,83 +875,296 @@ def not_a_vlm(model_name: str) -> str | None:
     return None
 
 
-def load_transformers(args: argparse.Namespace, device: Any, runtime: dict[str, str]) -> HFModel:
+def load_transformers(args: argparse.Namespace, settings: dict) -> HFModel:
     import torch
+    import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if what := not_a_vlm(args.model_name):
-        raise UserError(f'--model_name {args.model_name} {what}: pass an image-text-to-text model (a hub '
-                        'name such as Qwen/Qwen2-VL-2B-Instruct, or a folder with its config.json and '
-                        'processor)')
+    transformers.logging.set_verbosity_error()  # generate()'s advice on unused settings, per batch
+    name, device = settings['model_name'], pick_device(args)
+    if what := not_a_vlm(name):
+        raise UserError(f'--model_name {name} {what}: pass an image-text-to-text model (a hub name such as '
+                        f'{DEFAULT_MODEL}, or a folder with its config.json and processor)')
     try:
-        processor = AutoProcessor.from_pretrained(args.model_name)
+        processor = AutoProcessor.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(
-            args.model_name, torch_dtype=getattr(torch, runtime['dtype']),
-            attn_implementation=runtime['attention']).to(device).eval()
+            name, torch_dtype=getattr(torch, settings['dtype']),
+            attn_implementation=settings['attention']).to(device).eval()
     except Exception as err:
         why = first_line(err).split('. ')[0]  # transformers may go on with a list of every model type
         hint = 'pass --attention eager' if 'attention' in why.lower() else 'check the name'
-        raise UserError(f'cannot load {args.model_name} with AutoProcessor and AutoModelForImageTextToText '
+        raise UserError(f'cannot load {name} with AutoProcessor and AutoModelForImageTextToText '
                         f'({why}); {hint}') from None
     tokenizer = processor.tokenizer
     tokenizer.padding_side = 'left'  # generation continues every row from its last prompt token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    turn = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': args.prompt}]}]
     try:
-        prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+        prompts = {key: processor.apply_chat_template([{'role': 'user', 'content': [
+            {'type': 'image'}, {'type': 'text', 'text': text}]}], add_generation_prompt=True)
+            for key, text in args.prompts.items()}
     except Exception as err:
-        raise UserError(f'{args.model_name}: its processor has no usable chat template '
-                        f'({first_line(err)})') from None
+        raise UserError(f'{name}: its processor has no usable chat template ({first_line(err)})') from None
     eos = model.generation_config.eos_token_id
     stops = {*(eos if isinstance(eos, list) else [eos]), tokenizer.pad_token_id} - {None}
-    return HFModel(model, processor, prompt, stops)
+    return HFModel(model, processor, prompts, stops, {'device': str(device)})
 
 
 def generate_transformers(m: HFModel, images: list[Image.Image], ids: list[int],
-                          args: argparse.Namespace) -> tuple[list[str], list[int], list[bool]]:
-    """(decoded text, generated token count, cut off at --max_new_tokens) per image. Greedy: one
-    left-padded batch; sampling: one image at a time after seeding with (--seed, its sample id), so
-    a caption depends on its image and seed alone."""
+                          args: argparse.Namespace) -> list[dict[str, Reply]]:
+    """{caption key: Reply} per image. Greedy: one left-padded batch per prompt; sampling: one image at a
+    time after seeding with (--seed, its sample id), so a caption depends on its image and seed alone."""
     import torch
 
     kwargs = {k: v for k, v in decoding_settings(args).items() if k != 'seed'}
-    groups = [(images, None)] if args.decoding == 'greedy' else [([im], i) for im, i in zip(images, ids)]
-    texts, counts, cut = [], [], []
-    for group, sample_id in groups:
-        if sample_id is not None:
-            torch.manual_seed(int(hashlib.sha1(f'{args.seed}/{sample_id}'.encode()).hexdigest()[:15], 16))
-        inputs = m.processor(images=group, text=[m.prompt] * len(group), padding=True, return_tensors='pt')
-        inputs = inputs.to(m.model.device, m.model.dtype)  # floating tensors (pixels) take the model's dtype
-        with torch.inference_mode():
-            out = m.model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
-        for row in out[:, inputs['input_ids'].shape[1]:].tolist():
-            end = next((i for i, t in enumerate(row) if t in m.stop_ids), None)
-            counts.append(len(row) if end is None else end + 1)
-            cut.append(end is None and len(row) >= args.max_new_tokens)
-            texts.append(m.processor.decode(row[:end], skip_special_tokens=True))
-    return texts, counts, cut
+    rows = [range(len(images))] if args.decoding == 'greedy' else [[i] for i in range(len(images))]
+    replies: list[dict[str, Reply]] = [{} for _ in images]
+    for key, prompt in m.prompts.items():
+        for group in rows:
+            if args.decoding == 'sample':
+                torch.manual_seed(sample_seed(args.seed, ids[group[0]]))
+            inputs = m.processor(images=[images[i] for i in group], text=[prompt] * len(group), padding=True,
+                                 return_tensors='pt')
+            inputs = inputs.to(m.model.device, m.model.dtype)  # floating tensors (pixels): the model's dtype
+            with torch.inference_mode():
+                out = m.model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
+            prompt_tokens = inputs['attention_mask'].sum(1).tolist()
+            for i, row, n_in in zip(group, out[:, inputs['input_ids'].shape[1]:].tolist(), prompt_tokens):
+                end = next((j for j, t in enumerate(row) if t in m.stop_ids), None)
+                replies[i][key] = Reply(m.processor.decode(row[:end], skip_special_tokens=True),
+                                        len(row) if end is None else end + 1, n_in,
+                                        end is None and len(row) >= args.max_new_tokens)
+    return replies
+
+
+def caption_transformers(m: HFModel, stream: Iterator[Batch], args: argparse.Namespace):
+    for batch in stream:
+        yield batch, generate_transformers(m, batch.images, batch.ids, args) if batch.ids else []
+
+
+def redact(url: str) -> str:
+    """`url` as records and messages show it: without user:password@ and without a ?query."""
+    u = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition('@')[2], u.path, '', ''))
+
+
+def retry_after(value: str | None) -> float | None:
+    """The seconds a Retry-After header asks for (a number or an HTTP date), at most MAX_RETRY_AFTER."""
+    with contextlib.suppress(TypeError, ValueError):  # none, or none that can be read
+        seconds = float(value) if re.fullmatch(r'[\d.]+', value) else \
+            email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return None
+
+
+def data_url(img: Image.Image, args: argparse.Namespace) -> str:
+    """The picture a server receives: by default a lossless PNG of exactly the decoded image."""
+    if args.upload_side and max(img.size) > args.upload_side:
+        img = img.copy()
+        img.thumbnail((args.upload_side, args.upload_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if args.upload == 'png':
+        img.save(buf, 'PNG', compress_level=0)  # stored, not deflated: the same pixels at a third of the CPU
+    else:
+        img.save(buf, 'JPEG', quality=int(args.upload[5:]))
+    return f'data:image/{args.upload[:4]};base64,{base64.b64encode(buf.getvalue()).decode()}'
+
+
+class Client:
+    """The run's OpenAI-compatible endpoints behind one httpx client (thread-safe, keep-alive): a request
+    goes to the endpoint with the fewest in flight among those answering, and is retried (BACKOFF)."""
+
+    def __init__(self, args: argparse.Namespace, settings: dict):
+        import httpx
+
+        key = os.environ.get(args.api_key_env, '')
+        self.secrets = [s for s in (key, *(urllib.parse.urlsplit(u).password for u in args.endpoint)) if s]
+        self.http = httpx.Client(
+            headers={'Authorization': f'Bearer {key}'} if key else None,
+            timeout=httpx.Timeout(args.request_timeout, connect=min(10.0, args.request_timeout)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=args.concurrency))
+        self.args, self.settings, self.lock, self.stopped = args, settings, threading.Lock(), False
+        self.busy = dict.fromkeys(args.endpoint, 0)  # requests in flight per endpoint
+        self.down = dict.fromkeys(args.endpoint, 0.0)  # out of the rotation until then
+        self.about = {'endpoints': [redact(u) for u in args.endpoint], 'served_model': None}
+
+    def scrub(self, text: str) -> str:
+        """A server's message or an error without the API key or an endpoint's password in it."""
+        for secret in self.secrets:
+            text = text.replace(secret, '***')
+        return text
+
+    def refuse(self, url: str, status: int, text: str) -> None:
+        """401, 403, 404 say the same for every image: the key, or the URL or model, is wrong."""
+        if status in (401, 403, 404):
+            what = (f'refused the API key in ${self.args.api_key_env}' if status != 404 else
+                    'knows no such path or model: check --endpoint (the API base, e.g. http://HOST:8000/v1) '
+                    'and --model_name')
+            raise UserError(f'{redact(url)} {what} (HTTP {status}: {self.scrub(text)[:200]})')
+
+    def listed_model(self) -> str:
+        """The one model that the first endpoint to answer lists at /models."""
+        import httpx
+
+        why = ''
+        for url in self.down:
+            try:
+                r = self.http.get(f'{url}/models')
+                self.refuse(url, r.status_code, r.text)
+                names = [m['id'] for m in r.json()['data']]
+            except (httpx.RequestError, ValueError, LookupError, TypeError) as err:
+                why = f'{redact(url)}: {self.scrub(first_line(err))}'
+                continue
+            if len(names) == 1:
+                return names[0]
+            raise UserError(f'{redact(url)}/models lists {len(names)} models ({", ".join(names[:3])}, '
+                            '...): pass --model_name')
+        raise UserError(f'no endpoint answered GET /models ({why}): start the server, or pass --model_name')
+
+    def pick(self) -> str:
+        """The answering endpoint with the fewest requests in flight (none answering: the first back)."""
+        with self.lock:
+            now = time.time()
+            url = min(self.down, key=lambda u: (self.down[u] > now, max(self.down[u], now), self.busy[u]))
+            self.busy[url] += 1
+            return url
+
+    def answering(self) -> bool:
+        return any(t <= time.time() for t in self.down.values())
+
+    def post(self, body: dict) -> Reply | Lost:
+        """One chat completion, retried after a connection error, a timeout, a cut answer, 5xx or 429."""
+        import httpx
+
+        tries, why = 0, ''
+        while not self.stopped:
+            url, wait = self.pick(), None
+            try:
+                with self.http.stream('POST', f'{url}/chat/completions', json=body) as r:
+                    if r.status_code == 200:
+                        return self.reply(r)
+                    text = r.read().decode(errors='replace')
+                    self.refuse(url, r.status_code, text)
+                    why = f'HTTP {r.status_code} from {redact(url)}: {self.scrub(text)[:200]}'
+                    if r.status_code < 500 and r.status_code not in (408, 429):
+                        return Lost(why, refused=True)  # the image's own: too large, content policy, ...
+                    wait = retry_after(r.headers.get('retry-after'))
+            except (httpx.RequestError, ValueError) as err:  # no answer, or one cut short or malformed
+                why = f'{type(err).__name__} from {redact(url)}: {self.scrub(first_line(err))}'
+                if isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout)):
+                    with self.lock:
+                        self.down[url] = time.time() + DOWN_SECONDS
+                    if self.answering():
+                        continue  # the others take its requests, at once
+            finally:
+                with self.lock:
+                    self.busy[url] -= 1
+            tries += 1
+            if tries > self.args.retries:
+                break
+            time.sleep(wait if wait is not None else
+                       min(BACKOFF[1], BACKOFF[0] * 2 ** (tries - 1)) * random.uniform(0.5, 1))
+        if not self.answering():
+            raise EndpointsDown(why)
+        return Lost(f'{why} (after {tries - 1} retries)', refused=False)
+
+    def reply(self, r) -> Reply:
+        """The caption of a 200 answer, whole (JSON) or streamed (server-sent events)."""
+        lines = r.iter_lines() if r.headers.get('content-type', '').startswith('text/event-stream') else None
+        events = [json.loads(ln[5:]) for ln in lines if ln[:5] == 'data:' and ln[5:].strip() != '[DONE]'] \
+            if lines else [json.loads(r.read())]
+        if errors := [e['error'] for e in events if 'error' in e]:
+            raise ValueError(f'the answer holds an error: {str(errors[0])[:200]}')
+        choices = [c for e in events for c in e.get('choices') or ()]
+        finish = [c['finish_reason'] for c in choices if c.get('finish_reason')]
+        if not finish:
+            raise ValueError('the answer ended before its finish_reason')
+        usage = next((e['usage'] for e in events[::-1] if e.get('usage')), {})
+        self.about['served_model'] = next((e['model'] for e in events if e.get('model')), None)
+        text = ''.join((c.get('message') or c.get('delta') or {}).get('content') or '' for c in choices)
+        return Reply(text, usage.get('completion_tokens'), usage.get('prompt_tokens'), finish[-1] == 'length')
+
+    def caption(self, img: Image.Image, sample_id: int) -> dict[str, Reply] | Lost:
+        """Every prompt's caption of one image (encoded once), or why it has none."""
+        s, image = self.settings, {'type': 'image_url', 'image_url': {'url': data_url(img, self.args)}}
+        asked = {'model': s['model_name'], 'max_tokens': self.args.max_new_tokens,
+                 **{k: s[k] for k in ('temperature', 'top_p') if k in s}}
+        if 'seed' in s:
+            asked['seed'] = sample_seed(s['seed'], sample_id)
+        replies = {}
+        for key, text in self.args.prompts.items():
+            turn = {'role': 'user', 'content': [image, {'type': 'text', 'text': text}]}
+            replies[key] = self.post({**asked, 'messages': [turn]})
+            if isinstance(replies[key], Lost):
+                return replies[key]
+        return replies
+
+
+def openai_settings(args: argparse.Namespace) -> dict:
+    """What shapes a served caption: the model's name, the decoding (greedy: temperature 0; sampling: a
+    seed per sample from --seed) and the picture sent."""
+    decoding = ({'temperature': 0} if args.decoding == 'greedy' else
+                {'temperature': args.temperature, 'top_p': args.top_p, 'seed': args.seed})
+    return {'model_name': args.model_name or Client(args, {}).listed_model(), **decoding,
+            'upload': args.upload, 'upload_side': args.upload_side}
+
+
+def caption_openai(client: Client, stream: Iterator[Batch], args: argparse.Namespace):
+    """Each batch's replies in order, while --concurrency requests are in flight across batches and parts:
+    later images are sent while a slow caption holds up an earlier batch. At most 2 x --concurrency images
+    wait to be sent or answered (decoded pictures), and 16 x --concurrency for an earlier one (samples)."""
+    pool, waiting = ThreadPoolExecutor(args.concurrency), collections.deque()
+
+    def full() -> bool:
+        return sum(not f.done() for _, fs in waiting for f in fs) > 2 * args.concurrency or \
+            sum(len(fs) for _, fs in waiting) > 16 * args.concurrency
+
+    def oldest():
+        batch, futures = waiting.popleft()
+        return batch, [f.result() for f in futures]
+
+    try:
+        for batch in stream:
+            waiting.append((batch, [pool.submit(client.caption, *a) for a in zip(batch.images, batch.ids)]))
+            batch.images = []  # each request holds its picture until it is encoded
+            while waiting and (all(f.done() for f in waiting[0][1]) or full()):
+                yield oldest()
+        while waiting:
+            yield oldest()
+    finally:
+        client.stopped = True  # the workers' requests end with the connections
+        pool.shutdown(wait=False, cancel_futures=True)
+        client.http.close()
 
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
-    """A generation engine: load once per process, then captions for a batch of images."""
+    """A captioning engine: what shapes its text (asked once, on rank 0, for the plan), a load per process,
+    then (batch, a {caption key: Reply} or Lost per image) for each batch of a stream, in order."""
 
-    load: Callable[[argparse.Namespace, Any, dict[str, str]], Any]
-    generate: Callable[[Any, list[Image.Image], list[int], argparse.Namespace],
-                       tuple[list[str], list[int], list[bool]]]
+    settings: Callable[[argparse.Namespace], dict]
+    load: Callable[[argparse.Namespace, dict], Any]
+    caption: Callable[[Any, Iterator[Batch], argparse.Namespace], Iterator[tuple[Batch, list]]]
 
 
-ENGINES = {'transformers': Engine(load_transformers, generate_transformers)}
+ENGINES = {'transformers': Engine(transformers_settings, load_transformers, caption_transformers),
+           'openai': Engine(openai_settings, Client, caption_openai)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing: one MDSWriter per part, then its _done marker with the part's counts
 # ----------------------------------------------------------------------------------------------
 
-def new_counts() -> dict[str, Any]:
-    return {'written': 0, 'skipped': [], 'cut_off': 0, 'empty': 0, 'tokens': 0,
-            'rules': {name: 0 for name in RULE_NAMES}}
+def new_counts(keys) -> dict[str, Any]:
+    return {'written': 0, 'skipped': [], 'failed': [], 'tokens': 0, 'prompt_tokens': 0, 'no_usage': 0,
+            'captions': {k: {'cut_off': 0, 'empty': 0, 'rules': dict.fromkeys(RULE_NAMES, 0)} for k in keys}}
+
+
+def add(total: dict, more: dict) -> dict:
+    """`more`'s counts added into `total`: numbers summed, lists joined, dicts key by key."""
+    for k, v in more.items():
+        total[k] = add(total[k], v) if isinstance(v, dict) else total[k] + v
+    return total
 
 
 def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
@@ -873,39 +1174,46 @@ def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
                       size_limit=args.size_limit, exist_ok=True)
 
 
-def write_batch(writer, batch: Batch, texts: list[str], tokens: list[int], cut: list[bool],
-                args: argparse.Namespace, counts: dict[str, Any]) -> None:
+def write_batch(writer, batch: Batch, replies: list, args: argparse.Namespace, counts: dict) -> None:
+    """Each captioned sample with its columns after the rules, counted; a refused image is a skip, a failed
+    one is noted (its part gets no marker)."""
     rules = tuple(r for r in RULES if r.__name__ in args.rules)
-    for sample, raw, n, cut_off in zip(batch.samples, texts, tokens, cut):
-        caption, changed = clean(raw, rules)
-        out = {**sample, args.caption_key: caption}
-        if args.keep_raw:
-            out[RAW.format(key=args.caption_key)] = raw
-        writer.write(out)
-        for name in changed:
-            counts['rules'][name] += 1
-        counts['cut_off'] += cut_off
-        counts['empty'] += not caption
-        counts['tokens'] += n
-    counts['written'] += len(batch.samples)
     counts['skipped'] += batch.skipped
+    for sample_id, sample, reply in zip(batch.ids, batch.samples, replies):
+        if isinstance(reply, Lost):
+            lost = {'id': sample_id, 'key': str(sample.get('key', '')), 'reason': reply.reason}
+            counts['skipped' if reply.refused else 'failed'].append(lost)
+            continue
+        row = dict(sample)
+        for key, r in reply.items():
+            row[key], changed = clean(r.text, rules)
+            if args.keep_raw:
+                row[RAW.format(key=key)] = r.text
+            add(counts, {'tokens': r.tokens or 0, 'prompt_tokens': r.prompt_tokens or 0,
+                         'no_usage': r.tokens is None, 'captions': {key: {
+                             'cut_off': r.cut, 'empty': not row[key], 'rules': dict.fromkeys(changed, 1)}}})
+        writer.write(row)
+        counts['written'] += 1
 
 
-def close_part(writer, plan: Plan, part: Part, counts: dict[str, Any], staging: str, started: float) -> None:
-    """Finish the part's shards, then its marker: a part with a marker is whole."""
+def close_part(writer, plan: Plan, part: Part, counts: dict[str, Any], staging: str, started: float,
+               about: dict) -> None:
+    """Finish the part's shards, then its marker: a part with a marker is whole (none if an image failed)."""
     try:
         writer.finish()
-        marker = {'part': part.name, 'rank': int(os.environ.get('RANK', 0)), **counts,
-                  'seconds': round(time.time() - started, 3), 'settings': plan.settings}
-        put_text(plan.places.out, staging, f'{part.name}/{DONE_MARKER}', json.dumps(marker))
+        if not counts['failed']:
+            marker = {'part': part.name, 'rank': int(os.environ.get('RANK', 0)), **counts,
+                      'seconds': round(time.time() - started, 3), 'about': about, 'settings': plan.settings}
+            put_text(plan.places.out, staging, f'{part.name}/{DONE_MARKER}', json.dumps(marker))
     except Exception as err:
         raise UserError(f'writing part {part.name} to {plan.places.out} failed ({first_line(err)}); rerun '
                         'the same command to resume') from None
 
 
 def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: Any, rank: int,
-                  world: int) -> dict[str, float]:
-    """Caption this rank's share of the unfinished parts (every world-th); returns its speed."""
+                  world: int) -> dict[str, Any]:
+    """Caption this rank's share of the unfinished parts (every world-th); returns its speed, the images
+    that failed, and why it stopped early (endpoints that stopped answering), if it did."""
     from tqdm import tqdm
 
     mine = plan.pending[rank::world]
@@ -914,20 +1222,24 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
     reader = ShardReader(plan, args, rank)
     bar = tqdm(total=sum(p.last - p.first for p in mine), unit='img', disable=rank != 0, dynamic_ncols=True,
                desc=f'rank 0/{world} captions' if world > 1 else 'captions')
-    start, images, tokens = time.time(), 0, 0
+    start, images, tokens, failed, stopped = time.time(), 0, 0, [], None
     writer = counts = None
     try:
-        for batch in prefetched(batches(reader, mine, args.batch_size)):
+        stream = prefetched(batches(reader, mine, args.batch_size))
+        for batch, replies in engine.caption(model, stream, args):
             if writer is None:
-                writer, counts, opened = open_part(plan, batch.part, args, staging), new_counts(), time.time()
-            texts, n, cut = engine.generate(model, batch.images, batch.ids, args) if batch.ids else ([],) * 3
-            write_batch(writer, batch, texts, n, cut, args, counts)
-            images, tokens = images + len(batch.ids), tokens + sum(n)
+                writer, opened = open_part(plan, batch.part, args, staging), time.time()
+                counts = new_counts(args.prompts)
+            before = counts['written'], counts['tokens']
+            write_batch(writer, batch, replies, args, counts)
+            images, tokens = images + counts['written'] - before[0], tokens + counts['tokens'] - before[1]
             bar.update(len(batch.ids) + len(batch.skipped))
             bar.set_postfix_str(f'{tokens / max(time.time() - start, 1e-9):.1f} tok/s', refresh=False)
             if batch.last:
-                close_part(writer, plan, batch.part, counts, staging, opened)
-                writer = None
+                close_part(writer, plan, batch.part, counts, staging, opened, model.about)
+                failed, writer = failed + [{**f, 'part': batch.part.name} for f in counts['failed']], None
+    except EndpointsDown as err:
+        stopped = f'every endpoint stopped answering (last: {err})'
     except UserError:
         raise
     except Exception as err:
@@ -935,10 +1247,8 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
                         'resume') from None
     finally:
         bar.close()
-    seconds = time.time() - start
-    return {'images': images, 'tokens': tokens, 'seconds': round(seconds, 3),
-            'images_per_s': round(images / max(seconds, 1e-9), 3),
-            'tokens_per_s': round(tokens / max(seconds, 1e-9), 1)}
+    return {'images': images, 'tokens': tokens, 'seconds': round(time.time() - start, 3), 'failed': failed,
+            'stopped': stopped}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -968,22 +1278,29 @@ def merge_parts(plan: Plan, staging: str) -> None:
         logging.disable(previous)
 
 
-def summarize(args: argparse.Namespace, plan: Plan, speed: dict[str, float], world: int) -> dict:
-    """Totals over every part (this run's and earlier runs'), read from the parts' markers."""
+def summarize(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) -> dict:
+    """Totals over every part (this run's and earlier runs'), read from the parts' markers; the speed of
+    this run over every rank, and the images that failed on any."""
     markers = done_markers(plan.places.out, plan.parts, args.download_timeout)
-    total = new_counts()
+    total = new_counts(plan.settings['prompts'])
     for m in markers.values():
-        for key in ('written', 'skipped', 'cut_off', 'empty', 'tokens'):
-            total[key] += m[key]
-        for name, n in m['rules'].items():
-            total['rules'][name] += n
-    skipped = total.pop('skipped')
-    return {'input': plan.places.src, 'output': plan.places.out,
-            'input_samples': plan.settings['input_samples'], **total, 'skipped': len(skipped),
-            'skipped_samples': skipped, 'parts': len(plan.parts),
-            'parts_before': len(plan.parts) - len(plan.pending),
-            'parts_missing': [p.name for p in plan.parts if p.name not in markers], 'world_size': world,
-            'rank0': speed, 'settings': plan.settings, 'interrupted': None}
+        add(total, {k: m[k] for k in total})
+    images, tokens = (sum(r[k] for r in ranks) for k in ('images', 'tokens'))
+    seconds = max(r['seconds'] for r in ranks)
+    speed = {'images': images, 'tokens': tokens, 'seconds': seconds, 'images_per_s': round(images / max(
+        seconds, 1e-9), 3), 'tokens_per_s': round(tokens / max(seconds, 1e-9), 1)}
+    cost = args.price and round(total['prompt_tokens'] * args.price[0] / 1e6 + total['tokens'] * args.price[1]
+                                / 1e6, 4)
+    skipped, failed = total.pop('skipped'), total.pop('failed') + [f for r in ranks for f in r['failed']]
+    before = len(plan.parts) - len(plan.pending)
+    return {'input': plan.places.src, 'output': plan.places.out, **total, 'skipped': len(skipped),
+            'skipped_samples': skipped, 'failed': len(failed), 'failed_samples': failed,
+            'stopped': next((r['stopped'] for r in ranks if r['stopped']), None), 'price': args.price,
+            'cost_usd': cost, 'input_samples': plan.settings['input_samples'], 'parts': len(plan.parts),
+            'parts_before': before, 'parts_this_run': len(markers) - before, 'world_size': world,
+            'speed': speed, 'parts_missing': [p.name for p in plan.parts if p.name not in markers],
+            'settings': plan.settings, 'interrupted': None,
+            'about': list({json.dumps(m['about']): m['about'] for m in markers.values()}.values())}
 
 
 def report(summary: dict, path: str) -> None:
@@ -991,22 +1308,30 @@ def report(summary: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'w') as f:
         json.dump(summary, f, indent=2)
-    s, speed = summary, summary['rank0']
+    s, speed, settings = summary, summary['speed'], summary['settings']
     lines = [f'input    {s["input"]}: {s["input_samples"]} samples',
-             f'output   {s["output"]}: {s["written"]} captions in {s["settings"]["caption_key"]}, '
-             f'{s["skipped"]} images skipped',
-             f'captions {s["tokens"]} tokens generated ({s["tokens"] / max(s["written"], 1):.1f} per '
-             f'caption); {s["cut_off"]} cut off at --max_new_tokens {s["settings"]["max_new_tokens"]}, '
-             f'{s["empty"]} empty',
-             'rules    ' + (', '.join(f'{name} {n}' for name, n in s['rules'].items() if name in
-                                      s['settings']['rules']) or 'none') + ' (captions changed)',
-             f'parts    {s["parts"]} ({s["parts"] - s["parts_before"]} this run, {s["parts_before"]} done '
-             f'before), world size {s["world_size"]}',
-             f'speed    rank 0: {speed["images"]} images in {speed["seconds"]:.1f} s, '
-             f'{speed["images_per_s"]:.2f} images/s, {speed["tokens_per_s"]:.1f} tokens/s']
-    lines += [f'skipped  sample {k["id"]} key={k["key"]!r}: {k["reason"]}' for k in s['skipped_samples'][:10]]
-    if s['skipped'] > 10:
-        lines.append(f'... and {s["skipped"] - 10} more skipped (see the JSON)')
+             f'output   {s["output"]}: {s["written"]} images captioned in {", ".join(s["captions"])}, '
+             f'{s["skipped"]} skipped' + (f', {s["failed"]} failed' if s['failed'] else ''),
+             f'tokens   {s["prompt_tokens"]} in, {s["tokens"]} generated '
+             f'({s["tokens"] / max(s["written"], 1):.1f} per image)'
+             + (f'; the server reported none for {s["no_usage"]} captions' if s['no_usage'] else '')
+             + (f'; cost ${s["cost_usd"]:.4f} (${s["price"][0]} / ${s["price"][1]} per million in / out)'
+                if s['price'] else '')]
+    for key, c in s['captions'].items():
+        rules = [f'{name} {n}' for name, n in c['rules'].items() if name in settings['rules']]
+        lines.append(f'{key:<8} {c["cut_off"]} cut off at --max_new_tokens {settings["max_new_tokens"]}, '
+                     f'{c["empty"]} empty; rules {", ".join(rules) or "none"} (captions changed)')
+    lines += [f'parts    {s["parts_before"] + s["parts_this_run"]} of {s["parts"]} done '
+              f'({s["parts_this_run"]} this run, {s["parts_before"]} before), world size {s["world_size"]}',
+              f'speed    {speed["images"]} images in {speed["seconds"]:.1f} s, {speed["images_per_s"]:.2f} '
+              f'images/s, {speed["tokens_per_s"]:.1f} tokens/s (all ranks)']
+    for what, found in (('skipped', s['skipped_samples']), ('failed', s['failed_samples'])):
+        lines += [f'{what:<8} sample {k["id"]} key={k["key"]!r}' + (f' (part {k["part"]} left unfinished)'
+                  if 'part' in k else '') + f': {k["reason"]}' for k in found[:10]]
+        if len(found) > 10:
+            lines.append(f'... and {len(found) - 10} more {what} (see the JSON)')
+    if s['stopped']:
+        lines.append(f'stopped  {s["stopped"]}')
     if s['interrupted']:
         lines.append(f'stopped by {s["interrupted"]}: {len(s["parts_missing"])} parts left, no index.json '
                      'yet; rerun the same command to resume')
@@ -1017,13 +1342,15 @@ def report(summary: dict, path: str) -> None:
 
 
 def write_record(plan: Plan, summary: dict, staging: str) -> None:
-    """RECORD beside index.json: how the captions were made (model, prompt, generation, rules), counts."""
-    rules = [{'name': r.__name__, 'rule': r.__doc__, 'captions_changed': summary['rules'][r.__name__]}
-             for r in RULES if r.__name__ in plan.settings['rules']]
-    key = plan.settings['caption_key']
-    counts = {k: summary[k] for k in ('input_samples', 'written', 'skipped', 'cut_off', 'empty', 'tokens')}
-    record = {'settings': plan.settings, 'rules': rules, 'counts': counts,
-              'columns': {k: plan.columns[k] for k in (key, RAW.format(key=key)) if k in plan.columns}}
+    """RECORD beside index.json: how the captions were made (model, prompts, decoding, rules, the endpoints
+    without credentials), the counts and the token usage."""
+    rules = [{'name': r.__name__, 'rule': r.__doc__} for r in RULES if r.__name__ in plan.settings['rules']]
+    counts = {k: summary[k] for k in ('input_samples', 'written', 'skipped', 'captions', 'prompt_tokens',
+                                      'tokens', 'no_usage', 'price', 'cost_usd')}
+    columns = {c: plan.columns[c] for key in plan.settings['prompts'] for c in (key, RAW.format(key=key))
+               if c in plan.columns}
+    record = {'settings': plan.settings, 'about': summary['about'], 'rules': rules, 'counts': counts,
+              'columns': columns}
     put_text(plan.places.out, staging, RECORD, json.dumps(record, indent=1))
 
 
@@ -1058,10 +1385,11 @@ def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
 # <<< twin: preview-font
 
 
-def write_preview(args: argparse.Namespace, out_root: str, path: str) -> list[int]:
-    """A PNG of --preview images spread over the output, each beside its alt-text and new caption."""
+def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> list[int]:
+    """A PNG of --preview images spread over the output, each beside its alt-text and new captions."""
     from streaming import StreamingDataset
 
+    out_root, keys = plan.places.out, list(plan.settings['prompts'])
     with tempfile.TemporaryDirectory() as cache:
         where = {'remote': out_root, 'local': cache} if is_remote(out_root) else {'local': out_root}
         ds = StreamingDataset(**where, shuffle=False, batch_size=1)
@@ -1073,16 +1401,18 @@ def write_preview(args: argparse.Namespace, out_root: str, path: str) -> list[in
     row_h = max(PREVIEW_TILE, 14 * (2 * PREVIEW_LINES + 2)) + 8
     sheet = Image.new('RGB', (PREVIEW_TILE + PREVIEW_TEXT_WIDTH + 24, 8 + row_h * len(samples) + 14), 'white')
     draw = ImageDraw.Draw(sheet)
-    draw.text((8, 4), f'{args.model_name}: {args.prompt}'[:110], fill='black', font=font)
+    title = f'{plan.settings["model_name"]}: {" | ".join(args.prompts.values())}'
+    draw.text((8, 4), title[:110], fill='black', font=font)
     for row, sample in enumerate(samples):
         top = 22 + row * row_h
         img = decode(sample[IMAGE_COLUMN])
         img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
         sheet.paste(img, (8, top))
         lines = ['alt-text: ' + ' / '.join(wrap(str(sample.get(CAPTION_COLUMN, '')), draw, font,
-                                                PREVIEW_TEXT_WIDTH, 2)),
-                 f'{args.caption_key}:', *wrap(sample[args.caption_key], draw, font, PREVIEW_TEXT_WIDTH,
-                                              PREVIEW_LINES)]
+                                                PREVIEW_TEXT_WIDTH, 2))]
+        for key in keys:  # the caption lines are shared by the columns
+            lines += [f'{key}:', *wrap(sample[key], draw, font, PREVIEW_TEXT_WIDTH,
+                                       min(PREVIEW_LINES, 2 * PREVIEW_LINES // len(keys) - 1))]
         for i, line in enumerate(lines):
             draw.text((PREVIEW_TILE + 16, top + 14 * i), line, fill='black', font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1118,14 +1448,14 @@ def pick_device(args: argparse.Namespace):
 # <<< twin: signals-and-device
 
 
-def share_plan(args: argparse.Namespace, pl: Places, runtime: dict[str, str], rank: int) -> Plan:
+def share_plan(args: argparse.Namespace, pl: Places, engine: Engine, rank: int) -> Plan:
     """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
     import torch.distributed as dist
 
     result: list[Any] = [None]
     if rank == 0:
         try:
-            result[0] = make_plan(args, pl, runtime)
+            result[0] = make_plan(args, pl, engine.settings(args))
         except UserError as err:
             result[0] = err
     if dist.is_initialized():
@@ -1139,64 +1469,58 @@ def summary_path(args: argparse.Namespace) -> str:
     return args.summary or os.path.join(args.local, f'captions_summary_{args.bucket or "dataset"}.json')
 
 
-def finish(args: argparse.Namespace, plan: Plan, speed: dict[str, float], world: int) -> None:
+def finish(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) -> None:
     """Rank 0 after every rank is done: the index, the record, the summary, the preview."""
     staging = os.path.join(plan.places.staging, 'merge')
     os.makedirs(staging, exist_ok=True)
-    summary = summarize(args, plan, speed, world)
-    if summary['parts_missing']:
+    summary = summarize(args, plan, ranks, world)
+    if missing := summary['parts_missing']:
         report(summary, summary_path(args))
-        raise UserError(f'parts {", ".join(summary["parts_missing"])} have no _done marker; rerun the same '
-                        'command')
+        why = summary['stopped'] or (f'images failed after their retries: {summary["failed"]}, named above'
+                                     if summary['failed'] else '')
+        named = ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else '')
+        raise UserError(f'parts {named} ({len(missing)} of {len(plan.parts)}) have no _done marker'
+                        + (f' ({why})' if why else '') + '; rerun the same command')
     merge_parts(plan, staging)
     write_record(plan, summary, staging)
     if args.preview:
         path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
-        summary['preview'] = {'path': path, 'samples': write_preview(args, plan.places.out, path)}
+        summary['preview'] = {'path': path, 'samples': write_preview(args, plan, path)}
     report(summary, summary_path(args))
     shutil.rmtree(plan.places.staging, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)  # a bad flag ends here, with argparse's message and exit code 2
-    pl = places(args)
-    try:
-        check_places(pl)
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr, flush=True)
-        sys.exit(2)
-    import torch.distributed as dist
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # generate()'s advice on unused settings, per batch
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     stop_on_signals()
-    plan = None
+    engine, plan, dist = ENGINES[args.engine], None, None
     try:
+        check_places(pl := places(args))  # before torch is imported
+        import torch.distributed as dist
+
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
-        device = pick_device(args)
-        runtime = pick_runtime(args, device.type)
-        plan = share_plan(args, pl, runtime, rank)
-        engine = ENGINES[args.engine]
-        speed = caption_parts(args, plan, engine, engine.load(args, device, runtime), rank, world)
-        if world > 1:
-            dist.barrier()
+        plan = share_plan(args, pl, engine, rank)
+        ranks = [caption_parts(args, plan, engine, engine.load(args, plan.settings), rank, world)]
+        if world > 1:  # every rank's speed and failed images, for rank 0's summary
+            ranks = ranks * world
+            dist.all_gather_object(ranks, ranks[rank])
         if rank == 0:
-            finish(args, plan, speed, world)
+            finish(args, plan, ranks, world)
     except UserError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as stop:
         if rank == 0 and plan is not None:
             with contextlib.suppress(Exception):  # an unreachable output must not hide the interruption
-                idle = {'images': 0, 'tokens': 0, 'seconds': 0.0, 'images_per_s': 0.0, 'tokens_per_s': 0.0}
-                report({**summarize(args, plan, idle, world), 'interrupted': str(stop)}, summary_path(args))
+                idle = {'images': 0, 'tokens': 0, 'seconds': 0.0, 'failed': [], 'stopped': None}
+                report({**summarize(args, plan, [idle], world), 'interrupted': str(stop)}, summary_path(args))
         print(f'error: stopped by {stop}: finished parts are kept, the part in progress is not; rerun the '
               'same command to resume', file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)
     finally:
-        if dist.is_initialized():
+        if dist and dist.is_initialized():
             dist.destroy_process_group()
 
 

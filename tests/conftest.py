@@ -30,7 +30,8 @@ from testbed.s3 import S3Server  # noqa: E402
 # so that the short ones fill the gaps at the end. A module stays on one worker with its module fixtures.
 LONGEST = ('test_cloudwriter_engines', 'test_download_engines', 'test_precompute_latents',
            'test_filter_metadata', 'test_convert_coco', 'test_latent_families', 'test_curate_images',
-           'test_cloudwriter', 'test_download', 'test_llm_families', 'test_vae_families')
+           'test_cloudwriter', 'test_download', 'test_llm_families', 'test_vae_families',
+           'test_caption_endpoint')
 
 
 def pytest_collection_modifyitems(items):

@@ -131,10 +131,12 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
     assert {s['key'] for s in summary['skipped_samples']} == broken
     assert all(s['reason'] for s in summary['skipped_samples'])
     record = json.loads((out / UNBUCKETED / 'captions.json').read_text())
-    assert record['settings']['prompt'] == PROMPT and record['settings']['do_sample'] is False
+    assert record['settings']['prompts'] == {'vlm_caption': PROMPT}
+    assert record['settings']['do_sample'] is False
     assert [r['name'] for r in record['rules']] == list(script.RULE_NAMES)
-    assert record['counts']['written'] == len(want) and record['counts']['cut_off'] == summary['cut_off']
-    assert summary['rules']['collapse_whitespace'] == sum(' '.join(t.split()) != t for t in raw)
+    assert record['counts']['written'] == len(want) and record['counts']['captions'] == summary['captions']
+    assert summary['captions']['vlm_caption']['rules']['collapse_whitespace'] == \
+        sum(' '.join(t.split()) != t for t in raw)
     assert record['columns'] == {'vlm_caption': 'str', 'vlm_caption_raw': 'str'}
     if kind == 'llava':  # --preview 3: three images spread over the output, beside their captions
         assert summary['preview']['samples'] == [0, (len(got) - 1) // 2, len(got) - 1]
@@ -194,6 +196,7 @@ def test_sigterm_then_kill9_then_two_ranks_equal_an_uninterrupted_run(root, vlms
     assert not (out / 'index.json').exists()  # no index a reader would take for the whole set
     after_term = len(markers(out))
     assert 1 <= after_term < total
+    assert summary['parts_this_run'] == after_term and summary['parts_before'] == 0  # issue 34, item 13
 
     kill9_after(root, args, out, after=after_term + 1)
     after_kill = len(markers(out))
@@ -204,6 +207,7 @@ def test_sigterm_then_kill9_then_two_ranks_equal_an_uninterrupted_run(root, vlms
     assert {m: Path(m).read_bytes() for m in finished} == finished  # finished parts were not redone
     summary = json.loads((tmp_path / 's.json').read_text())
     assert summary['parts_before'] == after_kill and summary['world_size'] == 2, res.stdout
+    assert summary['parts_this_run'] == total - after_kill
     assert {json.loads(Path(m).read_text())['rank'] for m in markers(out)} >= {0, 1}  # both ranks worked
     ref, got = read_mds(str(llava_run / UNBUCKETED)), read_mds(str(out))
     assert len({o['key'] for o in got}) == len(got)  # no duplicates
@@ -212,7 +216,7 @@ def test_sigterm_then_kill9_then_two_ranks_equal_an_uninterrupted_run(root, vlms
 
     # Resuming into that output with another prompt would mix two kinds of captions: refused.
     err = refused(*args, '--prompt', 'Say something.')
-    assert 'was written with prompt=' in err and "'Say something.'" in err
+    assert 'was written with prompts=' in err and "'Say something.'" in err
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -222,15 +226,17 @@ def test_sampling_is_seeded_per_sample_whatever_the_batch(script, vlms, dataset)
     _, rows = dataset
     args = script.parse_args(['--remote_upload', 'x', '--model_name', str(vlms['qwen2_vl']), '--prompt',
                               PROMPT, '--decoding', 'sample', '--max_new_tokens', '10', '--seed', '3'])
-    runtime = script.pick_runtime(args, 'cpu')
-    model = script.load_transformers(args, torch.device('cpu'), runtime)
+    model = script.load_transformers(args, script.transformers_settings(args))
     images = [script.decode(r['jpg']) for r in rows[4:7]]
-    together, _, _ = script.generate_transformers(model, images, [4, 5, 6], args)
-    alone, _, _ = script.generate_transformers(model, images[2:], [6], args)
-    again, _, _ = script.generate_transformers(model, images, [4, 5, 6], args)
+
+    def captions(imgs, ids, a=args):
+        return [r['vlm_caption'].text for r in script.generate_transformers(model, imgs, ids, a)]
+
+    together, alone = captions(images, [4, 5, 6]), captions(images[2:], [6])
+    again = captions(images, [4, 5, 6])
     assert together[2] == alone[0] and together == again
-    other, _, _ = script.generate_transformers(model, images, [4, 5, 6], script.parse_args(
-        ['--remote_upload', 'x', '--decoding', 'sample', '--max_new_tokens', '10', '--seed', '4']))
+    other = captions(images, [4, 5, 6], script.parse_args(['--remote_upload', 'x', '--decoding', 'sample',
+                                                            '--max_new_tokens', '10', '--seed', '4']))
     assert other != together  # another seed, other captions
 
 

@@ -60,7 +60,7 @@ def parse_with_script(script: str, argv: list[str]):
 
 def test_there_are_both_jobs():
     assert {p.name for p in JOBS} == {'laion2b-en-interactive.yaml', 'precompute-latents.yaml',
-                                      'caption-images.yaml'}
+                                      'caption-images.yaml', 'caption-images-vllm.yaml'}
 
 
 @pytest.mark.parametrize('path', JOBS, ids=lambda p: p.name)
@@ -121,6 +121,30 @@ def test_captions_job_uses_torchrun_on_8_gpus():
     assert job['compute']['gpus'] == 8
     assert re.search(r'torchrun .*--nproc_per_node 8', job['command'].replace('\\\n', ' '))
     assert '-- caption_images.py' in job['command']
+
+
+def test_vllm_captions_job_starts_the_server_waits_captions_and_stops_it():
+    """vLLM in an environment of its own (it needs transformers >= 5), started in the background on
+    127.0.0.1; the job waits until /v1/models answers (or stops if the server died), then captions through
+    that endpoint on 8 ranks, and a trap stops the server however the job ends."""
+    job = yaml.safe_load((ROOT / 'mcloud' / 'caption-images-vllm.yaml').read_text())
+    command = job['command'].replace('\\\n', ' ')
+    venv = re.search(r'^python -m venv (\S+)$', command, re.M)[1]
+    assert f'{venv}/bin/pip install --quiet "vllm==$VLLM_VERSION"' in command
+    assert re.fullmatch(r'\d+\.\d+\.\d+', job['env_variables']['VLLM_VERSION'])
+    serve = re.search(rf'^{venv}/bin/vllm serve "\$MODEL_NAME" --host 127\.0\.0\.1 --port (\d+) .*'
+                      r'--data-parallel-size 8 .*&$', command, re.M)
+    assert serve and job['compute']['gpus'] == 8
+    assert re.search(r'^SERVER=\$!$', command, re.M)
+    assert re.search(r'^trap .*kill "\$SERVER".* EXIT$', command, re.M)
+    wait = re.search(rf'until curl -sf http://127\.0\.0\.1:{serve[1]}/v1/models .*kill -0 "\$SERVER"',
+                     command, re.S)
+    (script, argv), = script_invocations(job)
+    args = parse_with_script(script, argv)
+    assert args.engine == 'openai' and args.endpoint == [f'http://127.0.0.1:{serve[1]}/v1']
+    assert args.model_name == job['env_variables']['MODEL_NAME']
+    assert serve.start() < wait.start() < command.index('-- caption_images.py')
+    assert re.search(r'torchrun --nproc_per_node 8 -- caption_images\.py', command)
 
 
 def image_torch(job: dict) -> tuple[str, str]:
