@@ -353,3 +353,21 @@ def test_s3_in_and_out(vlms, dataset, s3, tmp_path):
     assert {'captioned/128-256/index.json', 'captioned/128-256/captions.json',
             'captioned/128-256/00000/_done'} <= set(keys)
     assert not glob.glob(str(cache / '**' / '*.mds'), recursive=True)  # downloaded shards evicted
+
+
+def test_an_input_in_streamings_jpeg_encoding_is_captioned_and_its_images_kept_byte_for_byte(vlms, corpus,
+                                                                                            tmp_path):
+    """Many MDS datasets store images with streaming's `jpeg` encoding (its reader gives a PIL image):
+    each is captioned, and written back as the very file stored (streaming's writer would save the PIL
+    image again as a new JPEG at quality 75)."""
+    jpegs = [it for it in corpus if it.data[:3] == b'\xff\xd8\xff'][:4]
+    rows = rows_for(jpegs)
+    write_mds_input(str(tmp_path / 'in'), [{**r, 'jpg': Image.open(io.BytesIO(r['jpg']))} for r in rows],
+                    bucketed=False, columns={**COLUMNS, 'jpg': 'jpeg'})
+    out = tmp_path / 'out'
+    code, err = in_process(*flags(tmp_path / 'in', out, vlms['llava'], '--summary', out / 's.json'))
+    assert code == 0, err[-3000:]
+    stored = [s['jpg'].fp.getvalue() for s in read_mds(str(tmp_path / 'in' / UNBUCKETED))]
+    got = read_mds(str(out / UNBUCKETED))
+    assert [s['jpg'].fp.getvalue() for s in got] == stored  # the files, unchanged
+    assert all(s['vlm_caption'] for s in got) and len(got) == len(rows)
