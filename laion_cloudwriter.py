@@ -798,7 +798,10 @@ def multiprocessing_engine(args: argparse.Namespace) -> Engine:
         for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
             with contextlib.suppress(Exception):  # a failing remote must not keep them busy
                 proc.kill()
-        executor.shutdown(wait=not now, cancel_futures=True)
+        # wait even after the kill: the executor's manager thread then closes its wakeup pipe before
+        # we return, not while the interpreter exits (CPython 3.11's _python_exit writes to that pipe
+        # unlocked: "OSError: handle is closed" printed after our last line on a loaded machine)
+        executor.shutdown(wait=True, cancel_futures=True)
     return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
 
 

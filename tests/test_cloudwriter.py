@@ -24,6 +24,7 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from testbed.corpus import BUCKET_EDGES, CorpusItem, bucket_of, build_corpus, good_items
 from testbed.i2d_shards import shard_rows, write_shard, write_stats
+from testbed.loaded import exit_race_env
 from testbed.readback import read_mds
 from testbed.real import FOLDER, decodes, real_items
 from testbed.scripts import load_script
@@ -265,7 +266,9 @@ def test_missing_required_column_stops_with_one_line(root, tmp_path):
     table = pq.read_table(local / '00000.parquet').drop_columns(['jpg'])
     pq.write_table(table, local / '00000.parquet')
 
-    r = cloudwriter(root, '--local', str(local), '--remote', str(remote))
+    # as on a loaded machine: the worker pool's thread is still closing as the interpreter exits
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote),
+                    env=exit_race_env(tmp_path / 'loaded'))
 
     assert r.returncode == 2
     assert 'Traceback' not in r.stderr
