@@ -19,7 +19,8 @@ of min(width, height) (edges 0, 64, 128, 256, 512, 768, 1024, 2**20; `0-1048576`
 
 and a summary, printed and in `--summary` (default `<local>/_cloudwriter/summary[_<subfolder>].json`).
 Every stored image decodes with PIL's defaults, its pixel limit included (`--verify full`); the others
-are left out, counted by reason and named (`left_out`). `--verify header` reads headers only.
+are left out, counted by reason and named in `<remote>/_cloudwriter[/<subfolder>]/<NNNNN>.left_out.jsonl`
+(the summary keeps their count and the first 20 per reason). `--verify header` reads headers only.
 
 Resume: a shard is done once its `.record` is at the remote, and each `index.json` lists only done
 shards, so a reader sees all of a shard or none of it. After a crash, kill -9 or SIGTERM, rerun the
@@ -44,6 +45,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import heapq
 import importlib.util
 import io
 import json
@@ -122,6 +124,12 @@ UNREADABLE_HEADER = 'success but no readable image header'
 # Why an image that downloaded (status success) is left out (--verify header: UNREADABLE_HEADER only).
 DOES_NOT_DECODE = 'success but does not decode with PIL'
 BOMB = f"success but over PIL's pixel limit ({Image.MAX_IMAGE_PIXELS:,} pixels: a decompression bomb)"
+# Each image left out is named (key, url, reason, what PIL said) in one JSON line of
+# <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.left_out.jsonl beside its record; the record and the
+# summary keep its count and the first FIRST_NAMED names per reason (by key), so the driver's memory and
+# the summary stay the same size whatever the number left out (~20M at LAION-2B's ~1%).
+LEFT_OUT = '.left_out.jsonl'
+FIRST_NAMED = 20
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2  # a signal ends a run with 128 + its number (SIGTERM: 143)
 SUBFOLDER_RE = re.compile(r'(?!\.{1,2}$)(?!\d+$)[A-Za-z0-9._-]+')  # not a shard id: those are digits
 
@@ -648,8 +656,15 @@ _CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver hol
 
 
 def load_record(data: bytes) -> dict[str, Any]:
-    """A record in the current form (an older one held each part's index.json in full as `index`)."""
+    """A record in the current form (an older one held each part's index.json in full as `index`, and
+    one version named every image left out in it as `left_out`)."""
     rec = json.loads(data)
+    if isinstance(rec.get('left_out'), list):
+        names, rec['left_out'], rec['left_out_first'] = rec['left_out'], len(rec['left_out']), {}
+        for x in sorted(names, key=lambda x: x['key']):
+            first = rec['left_out_first'].setdefault(x['reason'], [])
+            if len(first) < FIRST_NAMED:
+                first.append(x)
     if 'index' in rec:
         shards = {bucket: index['shards'] for bucket, index in rec.pop('index').items()}
         rec['parts'] = {b: {'bytes': [e['raw_data']['bytes'] for e in entries],
@@ -666,15 +681,24 @@ def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+def fold_left_out(rec: dict[str, Any], first: dict[str, list[dict]]) -> dict[str, Any]:
+    """`rec` without its first names left out, which join `first` (the FIRST_NAMED smallest keys per
+    reason over every record folded): what the driver keeps of them, whatever their number."""
+    for reason, names in rec.pop('left_out_first', {}).items():
+        first[reason] = heapq.nsmallest(FIRST_NAMED, first.get(reason, []) + names, key=lambda x: x['key'])
+    return rec
+
+
 def record_subfolder(rel: str) -> str:
     """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
     return os.path.dirname(rel)[len(RECORDS):].strip('/')
 
 
-def read_records(args: argparse.Namespace, subfolder: str | None,
-                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
+def read_records(args: argparse.Namespace, subfolder: str | None, others: set[str] | None = None,
+                 first: dict[str, list[dict]] | None = None) -> dict[str, dict[str, dict]]:
     """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
-    The other subfolders with records that the listing saw are added to `others`."""
+    The other subfolders with records that the listing saw are added to `others`; the records' first
+    names left out are folded into `first`."""
     wanted: dict[str, str] = {}  # rel -> its subfolder
     for rel in REMOTES[args.remote_kind].list(args.remote, join(RECORDS, subfolder or ''), '.record'):
         sub = record_subfolder(rel)
@@ -685,7 +709,7 @@ def read_records(args: argparse.Namespace, subfolder: str | None,
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
         for sub, data in zip(wanted.values(), pool.map(functools.partial(read, args), wanted)):
-            rec = load_record(data)
+            rec = fold_left_out(load_record(data), {} if first is None else first)
             out.setdefault(sub, {})[rec['shard']] = rec
     return out
 
@@ -724,11 +748,13 @@ def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
         fs.move(join(root, f'{sid}_stats.json'), join(root, f'{sid}_converted.json'))
 
 
-def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
-    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
-    the input of shards recorded by a run that died before deleting it."""
+def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str,
+                  first: dict[str, list[dict]]) -> dict[str, dict]:
+    """This (sub)folder's recorded shards (their first names left out folded into `first`), or RunError
+    where this run must not write there. Deletes the input of shards recorded by a run that died before
+    deleting it."""
     others: set[str] = set()
-    records = read_records(args, args.subfolder, others).get(args.subfolder, {})
+    records = read_records(args, args.subfolder, others, first).get(args.subfolder, {})
     if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
         raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
                        'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
@@ -932,11 +958,12 @@ class Work:
     futures: dict[Future, str]
     todo: list[str]  # finished at the last look, not yet submitted
     bad: set[str]
+    first_left_out: dict[str, list[dict]]  # the first names per reason over every record
     last_scan: float = -math.inf
     said_waiting: bool = False
 
     def add(self, rec: dict) -> None:
-        self.records[rec['shard']] = shared_config(rec)
+        self.records[rec['shard']] = shared_config(fold_left_out(rec, self.first_left_out))
         self.stats['shards'] += 1
         self.stats['samples'] += sum(rec['samples'].values())
         self.stats['bytes'] += rec['bytes']
@@ -1095,11 +1122,12 @@ def convert_shard(sid: str) -> dict[str, Any]:
     landing: list[Future] = []
     bad_input = False
     preview: dict[str, list[dict]] | None = {} if args.preview else None
+    left_out = LeftOutNames()
     land_file = kind.land(out_root, args)
     land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
     try:
         try:
-            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
+            record = write_parts(parquet, out_root, args.subfolder, args, land, preview, left_out)
         except ShardError:
             raise
         except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
@@ -1108,6 +1136,8 @@ def convert_shard(sid: str) -> dict[str, Any]:
         for fut in landing:
             fut.result()
         kind.settle(record, out_root, args)
+        if left_out.count:  # before the record, as the preview: a recorded shard has its names
+            put(args, join(RECORDS, args.subfolder, f'{sid}{LEFT_OUT}'), left_out.chunks())
         if preview is not None:  # before the record: a recorded shard has its candidates (their count
             # per bucket is in the record, so the driver never lists these files)
             put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
@@ -1123,6 +1153,7 @@ def convert_shard(sid: str) -> dict[str, Any]:
         raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
                          fatal=True) from e
     finally:
+        left_out.file.close()
         for fut in landing:
             fut.cancel()
         wait(landing)  # nothing still reads the files removed below
@@ -1253,6 +1284,31 @@ class LeftOut(Exception):
         self.reason, self.detail = reason, detail
 
 
+class LeftOutNames:
+    """The names of the images a task leaves out: every one a JSON line in an unnamed temporary file
+    (not memory), counted, and the first FIRST_NAMED per reason by key kept for the record."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.count = 0
+        self.first: dict[str, list[dict]] = {}
+
+    def append(self, entry: dict[str, str]) -> None:
+        self.file.write(json.dumps(entry).encode() + b'\n')
+        self.count += 1
+        first = self.first.setdefault(entry['reason'], [])
+        if len(first) < FIRST_NAMED or entry['key'] < first[-1]['key']:
+            first.append(entry)
+            first.sort(key=lambda x: x['key'])
+            del first[FIRST_NAMED:]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The JSON lines, in the order appended, a MB at a time."""
+        self.file.flush()
+        self.file.seek(0)
+        yield from iter(lambda: self.file.read(2**20), b'')
+
+
 def what_pil_said(e: BaseException) -> str:
     """The exception's class and first line, without the address of PIL's file object."""
     text = re.sub(r' <_io\.BytesIO object at 0x[0-9a-f]+>', '', (str(e).splitlines() or [''])[0])
@@ -1348,7 +1404,7 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     return before, after
 
 
-def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out: list[dict],
+def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out: LeftOutNames,
                  args: argparse.Namespace) -> list[tuple[str, tuple[memoryview, ...]]]:
     """(bucket, pieces) for each success row that passes --verify, in row order: the pieces'
     concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`, and
@@ -1385,7 +1441,7 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out:
 
 
 def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: Counter,
-                    left_out: list[dict],
+                    left_out: LeftOutNames,
                     args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
     """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
     skippable ShardError (the shard is kept on disk), never a remote error."""
@@ -1482,22 +1538,26 @@ class PartWriter:
 
 
 # A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
-# its counts (rows in = samples written + rows skipped), the images left out by name, and per bucket its
-# MDS shards' bytes and samples, their common config kept once (README: LAION-2B on paper).
+# its counts (rows in = samples written + rows skipped), how many images it left out and the first of
+# them by reason (all are named in <NNNNN>.left_out.jsonl), and per bucket its MDS shards' bytes and
+# samples, their common config kept once (README: LAION-2B on paper).
 
 def shard_record(sid: str, parquet: str, bucketed: bool, rows: int, samples: dict[str, int],
-                 skipped: dict[str, int], left_out: list[dict], nbytes: int, config: dict,
-                 parts: dict[str, dict[str, list[int]]], verify: str = 'full') -> dict[str, Any]:
+                 skipped: dict[str, int], left_out: int, left_out_first: dict[str, list[dict]],
+                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]],
+                 verify: str = 'full') -> dict[str, Any]:
     """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
     return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'verify': verify, 'rows': rows,
-            'samples': samples, 'skipped': skipped, 'left_out': left_out, 'bytes': nbytes, 'config': config,
-            'parts': parts}
+            'samples': samples, 'skipped': skipped, 'left_out': left_out, 'left_out_first': left_out_first,
+            'bytes': nbytes, 'config': config, 'parts': parts}
 
 
 def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
-                land: Callable[[str], Any], preview: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+                land: Callable[[str], Any], preview: dict[str, list[dict]] | None = None,
+                left_out: LeftOutNames | None = None) -> dict[str, Any]:
     """Read one parquet (a path or URL) in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`;
-    with a `preview` dict, also keep the first samples of each bucket there as candidates."""
+    with a `preview` dict, also keep the first samples of each bucket there as candidates; the images
+    left out are named in `left_out`."""
     sid = Path(parquet).stem
     try:
         fs, path = input_fs(parquet)
@@ -1511,7 +1571,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     # each bucket's open MDS shard, in a buffer the worker reuses from input shard to shard (anonymous
     # memory: pages are only taken once written)
     buffers = _WORKER.setdefault('buffers', {})
-    counts, skipped, left_out, nbytes = Counter(), Counter(), [], 0
+    counts, skipped, nbytes = Counter(), Counter(), 0
+    left_out = LeftOutNames() if left_out is None else left_out
     progress = _WORKER.get('progress')
     for encoded in encoded_batches(pf, found, parquet, skipped, left_out, args):
         n0, b0 = counts.total(), nbytes
@@ -1534,8 +1595,8 @@ def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
     if counts.total() + skipped.total() != rows:  # every row is written or counted, never lost
         raise ShardError(f'{parquet}: {rows} rows in, but {counts.total()} written and {skipped.total()} '
                          'counted as skipped; report this as a bug', fatal=True)
-    return shard_record(sid, os.path.basename(parquet), args.bucketed, rows, counts, skipped, left_out,
-                        nbytes, mds_config(limit), parts, args.verify)
+    return shard_record(sid, os.path.basename(parquet), args.bucketed, rows, counts, skipped, left_out.count,
+                        left_out.first, nbytes, mds_config(limit), parts, args.verify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1785,18 +1846,23 @@ def publish(work: Work, args: argparse.Namespace) -> str:
 # Summary.
 # ---------------------------------------------------------------------------------------------
 
-def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    per_bucket, skipped, rows, verify = Counter(), Counter(), 0, Counter()
+def summarize(work: Work, names: str, elapsed: float) -> dict[str, Any]:
+    """The summary of the recorded shards and this run; `names`: where the images left out are named."""
+    records, run = work.records, work.stats
+    per_bucket, skipped, rows, verify, left_out = Counter(), Counter(), 0, Counter(), 0
     for r in records.values():
         per_bucket.update(r['samples'])
         skipped.update(r['skipped'])
         verify[r.get('verify', 'header')] += 1  # records of older runs: headers only
         rows += r.get('rows', sum(r['samples'].values()) + sum(r['skipped'].values()))  # older records
-    left_out = sorted((x for r in records.values() for x in r.get('left_out', [])), key=lambda x: x['key'])
+        left_out += r.get('left_out', 0)
     return {'shards_done': len(records), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
             'rows': rows, 'samples': sum(per_bucket.values()), 'rows_skipped': skipped.total(),
-            'skipped_by_reason': skipped, 'left_out': left_out, 'verify': dict(verify),
+            'skipped_by_reason': skipped,
+            'left_out': {'images': left_out, 'names': names,
+                         'first': dict(sorted(work.first_left_out.items()))},
+            'verify': dict(verify),
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
             'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
@@ -1817,15 +1883,14 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     if modes.get('header'):
         lines.append(f"NOTE: {modes['header']} shard(s) were converted with --verify header (or by an older "
                      'version): their images may not decode')
-    by_reason: dict[str, list[str]] = {}
-    for x in summary['left_out']:
-        by_reason.setdefault(x['reason'], []).append(f"{x['key']} {x['url']}".strip())
+    left_out = summary['left_out']
     for reason, n in sorted(summary['skipped_by_reason'].items()):
-        named = by_reason.get(reason, [])
-        lines.append(f'  {n:>8}  {reason}' + (f": {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}"
+        named = [f"{x['key']} {x['url']}".strip() for x in left_out['first'].get(reason, [])]
+        lines.append(f'  {n:>8}  {reason}' + (f": {', '.join(named[:3])}{', ...' if n > 3 else ''}"
                                                if named else ''))
-    if summary['left_out']:
-        lines.append("  (each image left out is named, with what PIL said, under left_out in the JSON)")
+    if left_out['images']:
+        lines.append(f"  (each of the {left_out['images']} images left out is named, with what PIL said, in "
+                     f"{left_out['names']})")
     lines += [f'SKIPPED (parquet kept): {bad}' for bad in summary['skipped_shards']]
     ignored = summary['ignored_parquet']
     if ignored:
@@ -1844,8 +1909,11 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
-def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
-    summary = summarize(records, run_stats, time.time() - start)
+def finish(work: Work, start: float, args: argparse.Namespace, code: int) -> int:
+    names = (f'{join(args.remote, RECORDS, args.subfolder, "NNNNN" + LEFT_OUT)}: one JSON line per image '
+             '(key, url, reason, error), one file per input shard that left any out')
+    summary = summarize(work, names, time.time() - start)
+    records = work.records
     summary['exit_code'] = code
     if _STOP['signal']:
         summary['interrupted'] = signal.Signals(_STOP['signal']).name
@@ -1880,7 +1948,8 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     start = time.time()
     fs, root = input_fs(args.local)
     stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [], 'ignored': []}
-    work = Work(fs, root, prior_records(args, fs, root), stats, {}, [], set())
+    first: dict[str, list[dict]] = {}
+    work = Work(fs, root, prior_records(args, fs, root, first), stats, {}, [], set(), first)
     engine = start_engine(args)
     lease.start_refreshing()
     try:
@@ -1898,7 +1967,7 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
         code = 128 + _STOP['signal']
     else:
         code = EXIT_BAD_INPUT if work.stats['bad'] or work.stats['ignored'] else EXIT_OK
-    return finish(work.records, work.stats, start, args, code)
+    return finish(work, start, args, code)
 
 
 def merge_only(args: argparse.Namespace) -> int:

@@ -88,7 +88,7 @@ def build_remote(cw, remote: Path, n: int, size_limit: int) -> int:
         nbytes = {b: int(counts[b] * mean * rng.uniform(0.8, 1.2)) for b, (_, mean) in SHARD_MIX.items()}
         sid = f'{s:05d}'
         record = cw.shard_record(sid, f'{sid}.parquet', True, ROWS, counts,
-                                 {'failed_to_download': ROWS - images}, [], sum(nbytes.values()), config,
+                                 {'failed_to_download': ROWS - images}, 0, {}, sum(nbytes.values()), config,
                                  {b: part(counts[b], nbytes[b], size_limit) for b in SHARD_MIX})
         total += (remote / cw.RECORDS / f'{sid}.record').write_text(json.dumps(record))  # no fsync: set-up
     return total

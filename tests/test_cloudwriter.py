@@ -728,9 +728,12 @@ def many_samples_tiff() -> CorpusItem:
     return CorpusItem('samples_per_pixel_200.tif', bytes(data), None, None, decodable=False)
 
 
-REAL = [*real_items(), many_samples_tiff()]
+# more of one reason than the summary names (FIRST_NAMED, 20): the rest are named in the files only
+JUNK = [CorpusItem(f'not_an_image_{i:02d}.jpg', b'<html>%d</html>' % i, None, None, decodable=False)
+        for i in range(25)]
+REAL = [*real_items(), many_samples_tiff(), *JUNK]
 REAL_BY_KEY = {f'00000{i:04d}': it for i, it in enumerate(REAL)}  # shard_rows' keys of shard 0
-NO_HEADER = {'broken.png', 'samples_per_pixel_200.tif'}
+NO_HEADER = {'broken.png', 'samples_per_pixel_200.tif', *(it.name for it in JUNK)}
 BOMBS = {'bmp_bomb.bmp', 'gif_bomb.gif'}
 PEAK_RSS = ('import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); '
             'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)')
@@ -772,7 +775,10 @@ def test_every_stored_sample_decodes_and_each_image_left_out_is_counted_and_name
     assert all(s['jpg'] == REAL_BY_KEY[k].data for k, s in stored.items())
 
     summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
-    left_out = {x['key']: x for x in summary['left_out']}
+    # every image left out is named, one JSON line each, in a file beside its shard's record
+    names = (remote / '_cloudwriter' / '00000.left_out.jsonl').read_text().splitlines()
+    left_out = {x['key']: x for x in map(json.loads, names)}
+    assert len(names) == len(left_out) == sum(not it.decodable for it in REAL)
     assert set(left_out) == {k for k, it in REAL_BY_KEY.items() if not it.decodable}
     for key, x in left_out.items():
         name = REAL_BY_KEY[key].name
@@ -780,9 +786,16 @@ def test_every_stored_sample_decodes_and_each_image_left_out_is_counted_and_name
         assert x['url'].endswith(f'/{name}') and x['error'], x
     reasons = Counter(x['reason'] for x in left_out.values())
     assert summary['skipped_by_reason'] == {**reasons, 'HTTP Error 404: Not Found': 1}
+    # the summary and the record keep the count, where the names are, and the first 20 of each reason
+    assert summary['left_out']['images'] == len(left_out) and max(reasons.values()) > 20
+    assert summary['left_out']['names'].startswith(f'{remote}/_cloudwriter/NNNNN.left_out.jsonl: ')
+    assert summary['left_out']['first'] == {
+        reason: sorted((x for x in left_out.values() if x['reason'] == reason), key=lambda x: x['key'])[:20]
+        for reason in reasons}
+    record = json.loads((remote / '_cloudwriter' / '00000.record').read_text())
+    assert record['left_out'] == len(left_out) and record['left_out_first'] == summary['left_out']['first']
     assert (summary['rows'], summary['samples'], summary['rows_skipped']) == \
            (len(REAL) + 1, len(stored), len(left_out) + 1)  # rows in == written + skipped
-    record = json.loads((remote / '_cloudwriter' / '00000.record').read_text())
     written, skipped = sum(record['samples'].values()), sum(record['skipped'].values())
     assert record['rows'] == written + skipped == len(REAL) + 1
     assert f'rows: {len(REAL) + 1} in = {len(stored)} written + {len(left_out) + 1} skipped (verify: full ' \
