@@ -119,6 +119,11 @@ ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE', 'aesthetic_
 # A merge while running (so readers can start early) of t seconds waits at least t / MERGE_SHARE
 # after it: the driver spends at most this share of its time merging (README: merge cadence).
 MERGE_SHARE = 0.1
+# A look at --local of t seconds is followed by the next at least t / SCAN_SHARE later (and --poll_interval):
+# the listing grows with every shard converted (their NNNNN_converted.json stay): 1.1-1.5 s for 230k files
+# in a local folder here, ~1 s per 5,000 in the test bed's S3 (~50 s at 230k). Without this a run's listing
+# grew as shards x looks; the driver spends at most this share of its time listing.
+SCAN_SHARE = 0.1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the platform's stop, Ctrl-C
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
@@ -976,7 +981,7 @@ class Work:
     done: set[str] = field(default_factory=set)  # the shards the records hold
     done_flag: bool = False  # the download's `done` file was seen: no shard comes after the last look
     waiting_since: float = math.inf  # when the shards in `todo` began to wait for a task
-    last_scan: float = -math.inf
+    next_scan: float = -math.inf  # no look at --local before this time
     said_waiting: str = ''
 
     def __post_init__(self) -> None:
@@ -996,18 +1001,19 @@ class Work:
 
 
 def scan(work: Work, args: argparse.Namespace) -> None:
-    """Look at --local for newly finished shards, unless a task's worth waits already or, while tasks
-    run, it looked less than --poll_interval ago; note when the download's `done` file is there."""
-    if len(work.todo) >= args.shards_per_task or \
-            (work.futures and time.time() - work.last_scan < args.poll_interval):
+    """Look at --local for newly finished shards, unless a task's worth waits already or the last look
+    was less than max(--poll_interval, its own time / SCAN_SHARE) ago; note when the download's `done`
+    file is there."""
+    start = time.time()
+    if len(work.todo) >= args.shards_per_task or start < work.next_scan:
         return
-    work.last_scan = time.time()
     # `done` before the listing: no shard missed
     work.done_flag = work.done_flag or \
         work.fs.get_file_info(join(work.root, 'done')).type != pafs.FileType.NotFound
     busy = {sid for sids in work.futures.values() for sid in sids}
     work.wait_in_todo(sid for sid in finished_shards(list_input(work.fs, work.root))
                       if sid not in work.done and sid not in work.bad and sid not in busy)
+    work.next_scan = start + max(args.poll_interval, (time.time() - start) / SCAN_SHARE)
 
 
 def next_task(work: Work, engine: Engine, args: argparse.Namespace) -> list[str]:
@@ -1101,8 +1107,8 @@ def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, 
             submit(work, engine, args)
             if not work.futures:  # nothing finished to convert, or too few shards for a task yet
                 say_waiting(work, args)
-                sleep_unless_stopped(min(args.poll_interval, max(
-                    work.waiting_since + args.merge_interval - time.time(), 0.05)))
+                sleep_unless_stopped(max(min(work.next_scan, work.waiting_since + args.merge_interval)
+                                         - time.time(), 0.05))
                 continue
             bar.total = len(work.done) + sum(map(len, work.futures.values())) + len(work.todo)
             finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
