@@ -16,8 +16,11 @@ Then, each in a fresh process whose peak RSS is reported, it times the cloudwrit
   read   read_records(): what the driver does at start-up (and holds for the rest of the run);
   merge  bucket_parts() + publish_index() for every bucket, as merge_run() does at each
          --merge_interval and at the end; the biggest bucket's index.json size and time are shown;
-  open   streaming's StreamingDataset(local=<biggest bucket>): what every reader rank does first
-         (the index only: the shard files are not there, and nothing asks for them).
+  open   streaming's StreamingDataset(local=<bucket>): what every reader rank does first (the index
+         only: the shard files are not there, and nothing asks for them), for the biggest bucket (the
+         most MDS shards, ties broken by samples) and for the one with the most samples: streaming 0.13
+         also builds an array of 8 bytes per sample as it opens (Spanner's sample-to-shard map), so
+         that one may cost a reader the most memory whatever its shards.
 The last rows extrapolate linearly (all three are linear in shards) from the two largest sizes to
 230,000 input shards: LAION-2B-en at 10,000 rows per shard. `floor` is the biggest bucket's bytes /
 --size_limit: the fewest MDS shards that hold it.
@@ -110,13 +113,14 @@ def shard_mix(rng: np.random.Generator) -> tuple[dict[str, int], dict[str, int],
     return counts, nbytes, images
 
 
-def build_remote(cw, remote: Path, n: int, size_limit: int, per_task: int) -> tuple[int, dict[str, int]]:
+def build_remote(cw, remote: Path, n: int, size_limit: int,
+                 per_task: int) -> tuple[int, dict[str, int], dict[str, int]]:
     """The records of `n` input shards converted in tasks of `per_task` at `remote`/_cloudwriter, as
     convert_group() leaves them (shard_record() put as <NNNNN>.record); returns their total size in bytes
-    and each bucket's bytes."""
+    and each bucket's bytes and samples."""
     config = cw.mds_config(size_limit)
     rng = np.random.default_rng(0)
-    total, bucket_bytes = 0, dict.fromkeys(SHARD_MIX, 0)
+    total, bucket_bytes, bucket_samples = 0, dict.fromkeys(SHARD_MIX, 0), dict.fromkeys(SHARD_MIX, 0)
     (remote / cw.RECORDS).mkdir(parents=True)
     for first in range(0, n, per_task):
         sids = [f'{s:05d}' for s in range(first, min(first + per_task, n))]
@@ -134,7 +138,8 @@ def build_remote(cw, remote: Path, n: int, size_limit: int, per_task: int) -> tu
         total += (remote / cw.RECORDS / f'{sids[0]}.record').write_text(json.dumps(record))  # no fsync
         for bucket in SHARD_MIX:
             bucket_bytes[bucket] += nbytes[bucket]
-    return total, bucket_bytes
+            bucket_samples[bucket] += counts[bucket]
+    return total, bucket_bytes, bucket_samples
 
 
 def build_left_out(cw, remote: Path, left_out: int) -> None:
@@ -195,7 +200,7 @@ def phase(name: str, remote: str, script: str) -> dict:
     cw = cloudwriter(script)
     if name == 'open':
         from streaming import StreamingDataset
-        bucket = json.loads(Path(remote, 'biggest').read_text())
+        bucket = json.loads(Path(remote, 'open').read_text())
         rss0 = peak_rss_mb()
         t0 = time.perf_counter()
         ds = StreamingDataset(local=os.path.join(remote, bucket), shuffle=False, batch_size=1)
@@ -235,16 +240,19 @@ def measure(n: int, size_limit: int, per_task: int, work: Path) -> dict:
     remote = work / f'remote-{n}-{per_task}'
     shutil.rmtree(remote, ignore_errors=True)
     t0 = time.perf_counter()
-    records_bytes, bucket_bytes = build_remote(cloudwriter(), remote, n, size_limit, per_task)
+    records_bytes, bucket_bytes, bucket_samples = build_remote(cloudwriter(), remote, n, size_limit, per_task)
     print(f'  {n:,} input shards in tasks of {per_task}: records built in {time.perf_counter() - t0:.0f} s',
           file=sys.stderr, flush=True)
     read = run_phase('read', remote)
     merge = run_phase('merge', remote)
-    biggest = max(merge['merge'], key=lambda b: merge['merge'][b]['shards'])
-    Path(remote, 'biggest').write_text(json.dumps(biggest))
-    opened = run_phase('open', remote)
-    shutil.rmtree(remote)
     m = merge['merge']
+    biggest = max(m, key=lambda b: (m[b]['shards'], bucket_samples[b]))
+    heaviest = max(m, key=lambda b: bucket_samples[b])
+    opened = {}
+    for bucket in dict.fromkeys((biggest, heaviest)):
+        Path(remote, 'open').write_text(json.dumps(bucket))
+        opened[bucket] = run_phase('open', remote)
+    shutil.rmtree(remote)
     return {'n': n, 'records_mb': records_bytes / 1e6, 'read_s': read['read_s'],
             'read_rss_gb': read['read_rss_mb'] / 1024,
             'merge_all_s': sum(v['s'] for v in m.values()), 'merge_rss_gb': merge['merge_rss_mb'] / 1024,
@@ -253,7 +261,10 @@ def measure(n: int, size_limit: int, per_task: int, work: Path) -> dict:
             'big_merge_s': m[biggest]['s'], 'all_mb': sum(v['mb'] for v in m.values()),
             'mds_shards': sum(v['shards'] for v in m.values()),
             'floor': sum(-(-b // size_limit) for b in bucket_bytes.values()),
-            'open_s': opened['open_s'], 'open_rss_gb': opened['open_rss_mb'] / 1024}
+            'open_s': opened[biggest]['open_s'], 'open_rss_gb': opened[biggest]['open_rss_mb'] / 1024,
+            'heavy': heaviest, 'heavy_shards': m[heaviest]['shards'],
+            'heavy_samples': bucket_samples[heaviest], 'heavy_open_s': opened[heaviest]['open_s'],
+            'heavy_open_rss_gb': opened[heaviest]['open_rss_mb'] / 1024}
 
 
 def extrapolate(rows: list[dict], n: int) -> dict:
@@ -266,19 +277,21 @@ def extrapolate(rows: list[dict], n: int) -> dict:
 
 
 def print_table(rows: list[dict], size_limit: str, per_task: int) -> None:
-    print(f'\nsize_limit {size_limit}, shards_per_task {per_task}; biggest bucket = most MDS shards; times '
-          'on this machine, one process')
+    print(f'\nsize_limit {size_limit}, shards_per_task {per_task}; biggest bucket = most MDS shards (then '
+          'samples), heaviest = most samples; times on this machine, one process')
     print('| input shards | MDS shards (all buckets) / floor | records MB | driver reads records: s / peak '
           'GB | merge + write every index.json: s / peak GB | biggest bucket: MDS shards / floor / '
-          'index.json MB / merge s | all index.json MB | StreamingDataset opens biggest: s / GB |')
-    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
+          'index.json MB / merge s | all index.json MB | StreamingDataset opens biggest: s / GB | heaviest '
+          'bucket: MDS shards / M samples; StreamingDataset opens it: s / GB |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for r in rows:
         tag = ' (extrapolated)' if r.get('extrapolated') else ''
         print(f"| {r['n']:,}{tag} | {r['mds_shards']:,.0f} / {r['floor']:,.0f} | {r['records_mb']:,.0f} | "
               f"{r['read_s']:,.1f} / {r['read_rss_gb']:.2f} | "
               f"{r['merge_all_s']:,.1f} / {r['merge_rss_gb']:.2f} | {r['bucket']}: {r['big_shards']:,.0f} / "
               f"{r['big_floor']:,.0f} / {r['big_mb']:,.0f} / {r['big_merge_s']:,.1f} | {r['all_mb']:,.0f} | "
-              f"{r['open_s']:,.1f} / {r['open_rss_gb']:.2f} |")
+              f"{r['open_s']:,.1f} / {r['open_rss_gb']:.2f} | {r['heavy']}: {r['heavy_shards']:,.0f} / "
+              f"{r['heavy_samples'] / 1e6:,.1f}; {r['heavy_open_s']:,.1f} / {r['heavy_open_rss_gb']:.2f} |")
 
 
 def left_out_table(counts: list[int], script: str, work: Path) -> None:
