@@ -110,7 +110,7 @@ def measure(name: str, n: int, work: Path) -> dict:
         proc = subprocess.run(['/usr/bin/time', '-f', '%M', sys.executable, str(work.parent / 'summarize.py'),
                                str(work), str(n), '0', '0', 'False'], capture_output=True, text=True)
         empty = work.parent / 'empty'  # the same interpreter and imports over no shard: the base
-        empty.mkdir()
+        empty.mkdir(exist_ok=True)
         none = subprocess.run(['/usr/bin/time', '-f', '%M', sys.executable, str(work.parent / 'summarize.py'),
                                str(empty), '0', '0', '0', 'False'], capture_output=True, text=True)
         return {'s': time.perf_counter() - t0, 'size_mb': 0.0,
