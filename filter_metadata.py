@@ -20,7 +20,7 @@ Filter: one Polars SQL condition (pl.sql_expr) over the metadata's columns; the 
 Blocklist: text files (one URL or hash per line; blank lines and lines starting with # are skipped) or
   parquet files (the column named as --blocklist_column, or their only column); a row whose
   --blocklist_column value, as text, is listed is dropped. The list is held in memory (a removal list of
-  10M URLs: ~1 GB).
+  10M URLs: ~2 GB).
 Dedup: the first row of each URL is kept, in file order; holds 8 bytes per distinct URL (a 64-bit hash;
   2.3B URLs: ~19 GB, up to ~1.7x that while runs merge; two distinct URLs sharing a hash, about 1 in 7
   at 2.3B rows, drop one of them).

@@ -1119,7 +1119,7 @@ def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, 
             samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
             bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
-                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.done)})
             if len(work.records) > merged_n and \
                     time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
                 merge_s = time.time()

@@ -16,7 +16,8 @@ Then, each in a fresh process whose peak RSS is reported, it times the cloudwrit
   read   read_records(): what the driver does at start-up (and holds for the rest of the run);
   merge  bucket_parts() + publish_index() for every bucket, as merge_run() does at each
          --merge_interval and at the end; the biggest bucket's index.json size and time are shown;
-  open   streaming's StreamingDataset(local=<bucket>): what every reader rank does first (the index
+  open   streaming's StreamingDataset(local=<bucket>), its CPU time (a shared machine's wall clock
+         swings 2x) and peak RSS: what every reader rank does first (the index
          only: the shard files are not there, and nothing asks for them), for the biggest bucket (the
          most MDS shards, ties broken by samples) and for the one with the most samples: streaming 0.13
          also builds an array of 8 bytes per sample as it opens (Spanner's sample-to-shard map), so
@@ -172,6 +173,10 @@ def build_left_out(cw, remote: Path, left_out: int) -> None:
 # ---- the phases, each in its own process -------------------------------------------------------------
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: its own; getrusage's ru_maxrss keeps the parent's from before exec)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -202,9 +207,9 @@ def phase(name: str, remote: str, script: str) -> dict:
         from streaming import StreamingDataset
         bucket = json.loads(Path(remote, 'open').read_text())
         rss0 = peak_rss_mb()
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU seconds: the wall clock of a shared machine swings 2x
         ds = StreamingDataset(local=os.path.join(remote, bucket), shuffle=False, batch_size=1)
-        return {'open_s': time.perf_counter() - t0, 'open_samples': ds.num_samples,
+        return {'open_s': time.process_time() - t0, 'open_samples': ds.num_samples,
                 'open_shards': len(ds.shards), 'open_rss_mb': peak_rss_mb() - rss0}
     if name == 'driver':
         return driver_summary(cw, remote)
@@ -281,8 +286,8 @@ def print_table(rows: list[dict], size_limit: str, per_task: int) -> None:
           'samples), heaviest = most samples; times on this machine, one process')
     print('| input shards | MDS shards (all buckets) / floor | records MB | driver reads records: s / peak '
           'GB | merge + write every index.json: s / peak GB | biggest bucket: MDS shards / floor / '
-          'index.json MB / merge s | all index.json MB | StreamingDataset opens biggest: s / GB | heaviest '
-          'bucket: MDS shards / M samples; StreamingDataset opens it: s / GB |')
+          'index.json MB / merge s | all index.json MB | StreamingDataset opens biggest: CPU s / GB | '
+          'heaviest bucket: MDS shards / M samples; StreamingDataset opens it: CPU s / GB |')
     print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for r in rows:
         tag = ' (extrapolated)' if r.get('extrapolated') else ''

@@ -54,6 +54,10 @@ def script(name: str):
 
 
 def peak_mb() -> float:
+    """This process's peak RSS (VmHWM: its own; getrusage's ru_maxrss keeps the parent's from before exec)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
