@@ -13,18 +13,22 @@ processes x (one parquet row batch + buckets x `--size_limit`), whatever the num
 Writes to `--remote` (a folder or any remote streaming uploads to) one StreamingDataset per bucket
 of min(width, height) (edges 0, 64, 128, 256, 512, 768, 1024, 2**20; `0-1048576` without --bucketed):
 
-    <remote>/<lo>-<hi>[/<subfolder>]/index.json          merged over the recorded shards
-    <remote>/<lo>-<hi>[/<subfolder>]/<NNNNN>/...         the part written from input shard NNNNN
-    <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of NNNNN are up
+    <remote>/<lo>-<hi>[/<subfolder>]/index.json          merged over the recorded tasks
+    <remote>/<lo>-<hi>[/<subfolder>]/<NNNNN>/...         the part a task wrote (NNNNN: its first shard)
+    <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.record   written once all parts of the task are up
 
 and a summary, printed and in `--summary` (default `<local>/_cloudwriter/summary[_<subfolder>].json`).
+A task converts up to `--shards_per_task` (16) input shards one after another, each bucket's open MDS
+shard carried from one to the next: a bucket holds about its bytes / `--size_limit` MDS shards plus one
+per task, not one partly filled shard per input shard.
 Every stored image decodes with PIL's defaults, its pixel limit included (`--verify full`); the others
-are left out, counted by reason and named (`left_out`). `--verify header` reads headers only.
+are left out, counted by reason and named in `<remote>/_cloudwriter[/<subfolder>]/<NNNNN>.left_out.jsonl`
+(the summary keeps their count and the first 20 per reason). `--verify header` reads headers only.
 
-Resume: a shard is done once its `.record` is at the remote, and each `index.json` lists only done
-shards, so a reader sees all of a shard or none of it. After a crash, kill -9 or SIGTERM, rerun the
-same command (on any machine): done shards are skipped, the others redone, their parts overwritten.
-A parquet is deleted (without --keep_parquet) only after its record is up. One run at a time per
+Resume: a shard is done once its task's `.record` is at the remote, and each `index.json` lists only
+recorded tasks, so a reader sees all of a shard or none of it. After a crash, kill -9 or SIGTERM, rerun
+the same command (on any machine): done shards are skipped, the others redone in new tasks. A parquet is
+deleted (without --keep_parquet) only after its task's record is up. One run at a time per
 `--local` and per remote (sub)folder: a second one refuses in one line.
 
 Exit code: 0 ok; 1 some shards skipped as bad input (kept, named) or parquet files without a
@@ -44,6 +48,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import heapq
 import importlib.util
 import io
 import json
@@ -67,7 +72,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -114,6 +119,11 @@ ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE', 'aesthetic_
 # A merge while running (so readers can start early) of t seconds waits at least t / MERGE_SHARE
 # after it: the driver spends at most this share of its time merging (README: merge cadence).
 MERGE_SHARE = 0.1
+# A look at --local of t seconds is followed by the next at least t / SCAN_SHARE later (and --poll_interval):
+# the listing grows with every shard converted (their NNNNN_converted.json stay): 1.1-1.5 s for 230k files
+# in a local folder here, ~1 s per 5,000 in the test bed's S3 (~50 s at 230k). Without this a run's listing
+# grew as shards x looks; the driver spends at most this share of its time listing.
+SCAN_SHARE = 0.1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the platform's stop, Ctrl-C
 RECORDS = '_cloudwriter'  # record area under --remote; not *.json so merge_index never sees it
 # Summary folder under --local: img2dataset parses a shard number from every *.json directly in it.
@@ -122,6 +132,12 @@ UNREADABLE_HEADER = 'success but no readable image header'
 # Why an image that downloaded (status success) is left out (--verify header: UNREADABLE_HEADER only).
 DOES_NOT_DECODE = 'success but does not decode with PIL'
 BOMB = f"success but over PIL's pixel limit ({Image.MAX_IMAGE_PIXELS:,} pixels: a decompression bomb)"
+# Each image left out is named (key, url, reason, what PIL said) in one JSON line of
+# <remote>/_cloudwriter[/<subfolder>]/<NNNNN>.left_out.jsonl beside its record; the record and the
+# summary keep its count and the first FIRST_NAMED names per reason (by key), so the driver's memory and
+# the summary stay the same size whatever the number left out (~20M at LAION-2B's ~1%).
+LEFT_OUT = '.left_out.jsonl'
+FIRST_NAMED = 20
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FATAL = 0, 1, 2  # a signal ends a run with 128 + its number (SIGTERM: 143)
 SUBFOLDER_RE = re.compile(r'(?!\.{1,2}$)(?!\d+$)[A-Za-z0-9._-]+')  # not a shard id: those are digits
 
@@ -226,6 +242,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='Least seconds between rewrites of each bucket\'s index.json while running.')
     p.add_argument('--size_limit', type=parse_size, default='256mb',
                    help='MDS shard size limit, bytes or e.g. 64mb (64mb when RAM < 2 GB x --processes).')
+    p.add_argument('--shards_per_task', type=at_least(int, 1), default=16,
+                   help='Input shards one task converts one after another into one MDS part per bucket, each '
+                        'bucket\'s open MDS shard carried from one to the next: one partly filled MDS shard '
+                        'per bucket and task, not per input shard, so readers open a bucket faster. Its '
+                        'parquets are deleted once its record is up; beside a running download a finished '
+                        'shard waits at most --merge_interval s for its task to fill.')
     p.add_argument('--batch_size', type=at_least(int, 1), default=256,
                    help='Parquet rows read at a time per worker (bounds memory).')
     p.add_argument('--upload_threads', type=at_least(int, 1), default=8,
@@ -648,8 +670,16 @@ _CONFIGS: dict[str, dict] = {}  # one object per distinct config: the driver hol
 
 
 def load_record(data: bytes) -> dict[str, Any]:
-    """A record in the current form (an older one held each part's index.json in full as `index`)."""
+    """A record in the current form (an older one held each part's index.json in full as `index`, one
+    version named every image left out in it as `left_out`, and before tasks of several input shards a
+    record held one, without `shards`)."""
     rec = json.loads(data)
+    if isinstance(rec.get('left_out'), list):
+        names, rec['left_out'], rec['left_out_first'] = rec['left_out'], len(rec['left_out']), {}
+        for x in sorted(names, key=lambda x: x['key']):
+            first = rec['left_out_first'].setdefault(x['reason'], [])
+            if len(first) < FIRST_NAMED:
+                first.append(x)
     if 'index' in rec:
         shards = {bucket: index['shards'] for bucket, index in rec.pop('index').items()}
         rec['parts'] = {b: {'bytes': [e['raw_data']['bytes'] for e in entries],
@@ -657,6 +687,10 @@ def load_record(data: bytes) -> dict[str, Any]:
         own = ('samples', 'zip_data', 'raw_data')  # an entry's own facts; the rest is the config
         rec['config'] = next(({k: v for k, v in entries[0].items() if k not in own}
                               for entries in shards.values() if entries), {})
+    if 'shards' not in rec:  # a record of one input shard, before tasks converted several
+        rec['shards'] = [rec['shard']]
+        if 'preview' in rec:
+            rec['preview'] = {rec['shard']: rec['preview']}
     return shared_config(rec)
 
 
@@ -666,15 +700,24 @@ def shared_config(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+def fold_left_out(rec: dict[str, Any], first: dict[str, list[dict]]) -> dict[str, Any]:
+    """`rec` without its first names left out, which join `first` (the FIRST_NAMED smallest keys per
+    reason over every record folded): what the driver keeps of them, whatever their number."""
+    for reason, names in rec.pop('left_out_first', {}).items():
+        first[reason] = heapq.nsmallest(FIRST_NAMED, first.get(reason, []) + names, key=lambda x: x['key'])
+    return rec
+
+
 def record_subfolder(rel: str) -> str:
     """The --subfolder ('' = none) of a file `<RECORDS>[/<subfolder>]/<name>`."""
     return os.path.dirname(rel)[len(RECORDS):].strip('/')
 
 
-def read_records(args: argparse.Namespace, subfolder: str | None,
-                 others: set[str] | None = None) -> dict[str, dict[str, dict]]:
+def read_records(args: argparse.Namespace, subfolder: str | None, others: set[str] | None = None,
+                 first: dict[str, list[dict]] | None = None) -> dict[str, dict[str, dict]]:
     """Done shards' records, by subfolder ('' = none) then shard id. `subfolder=None`: every one.
-    The other subfolders with records that the listing saw are added to `others`."""
+    The other subfolders with records that the listing saw are added to `others`; the records' first
+    names left out are folded into `first`."""
     wanted: dict[str, str] = {}  # rel -> its subfolder
     for rel in REMOTES[args.remote_kind].list(args.remote, join(RECORDS, subfolder or ''), '.record'):
         sub = record_subfolder(rel)
@@ -685,7 +728,7 @@ def read_records(args: argparse.Namespace, subfolder: str | None,
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(16) as pool:  # one small GET each: in parallel
         for sub, data in zip(wanted.values(), pool.map(functools.partial(read, args), wanted)):
-            rec = load_record(data)
+            rec = fold_left_out(load_record(data), {} if first is None else first)
             out.setdefault(sub, {})[rec['shard']] = rec
     return out
 
@@ -705,11 +748,11 @@ def finished_shards(names: set[str]) -> list[str]:
                   if n.endswith('_stats.json') and f"{n[:-len('_stats.json')]}.parquet" in names)
 
 
-def unfinished_shards(names: set[str], records: dict[str, dict]) -> list[str]:
+def unfinished_shards(names: set[str], done: set[str]) -> list[str]:
     """Ids of the parquet files without a _stats.json (img2dataset writes it once a shard is finished)
     that are not converted either: what a finished run leaves unconverted."""
     sids = (n[:-len('.parquet')] for n in names if n.endswith('.parquet'))
-    return sorted(sid for sid in sids if f'{sid}_stats.json' not in names and sid not in records)
+    return sorted(sid for sid in sids if f'{sid}_stats.json' not in names and sid not in done)
 
 
 def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
@@ -724,11 +767,13 @@ def delete_input(fs: pafs.FileSystem, root: str, sid: str) -> None:
         fs.move(join(root, f'{sid}_stats.json'), join(root, f'{sid}_converted.json'))
 
 
-def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> dict[str, dict]:
-    """This (sub)folder's recorded shards, or RunError where this run must not write there. Deletes
-    the input of shards recorded by a run that died before deleting it."""
+def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str,
+                  first: dict[str, list[dict]]) -> dict[str, dict]:
+    """This (sub)folder's recorded shards (their first names left out folded into `first`), or RunError
+    where this run must not write there. Deletes the input of shards recorded by a run that died before
+    deleting it."""
     others: set[str] = set()
-    records = read_records(args, args.subfolder, others).get(args.subfolder, {})
+    records = read_records(args, args.subfolder, others, first).get(args.subfolder, {})
     if not args.subfolder and others:  # --merge_only publishes their shards in <remote>/<bucket>
         raise RunError(f'{args.remote} holds the runs of --subfolder {", ".join(sorted(others))}: a run '
                        'without --subfolder would replace <remote>/<bucket>/index.json with its own shards '
@@ -739,7 +784,7 @@ def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> d
                        f'--bucketed (e.g. {mixed[0]}); use the same setting or another --remote/--subfolder')
     if not args.keep_parquet:
         names = list_input(fs, root)
-        for sid in records:
+        for sid in (sid for rec in records.values() for sid in rec['shards']):
             if {f'{sid}.parquet', f'{sid}_stats.json'} & names:
                 delete_input(fs, root, sid)
     return records
@@ -747,7 +792,7 @@ def prior_records(args: argparse.Namespace, fs: pafs.FileSystem, root: str) -> d
 
 # ---------------------------------------------------------------------------------------------
 # Engines (--distributor): one function per engine with the same signature, picked by name
-# (img2dataset's distributor.py). A task converts, uploads and records one shard (convert_task).
+# (img2dataset's distributor.py). A task converts, uploads and records a group of shards (convert_task).
 # ---------------------------------------------------------------------------------------------
 
 RAY_TASK_RETRIES = 3  # a ray task whose worker dies is run again this often (spark: its maxFailures)
@@ -756,7 +801,7 @@ QUEUED_PER_SLOT = 2  # the driver keeps this many tasks submitted per engine slo
 
 @dataclass(frozen=True)
 class Engine:
-    submit: Callable[[str], Future]  # shard id -> the future of its convert_task result
+    submit: Callable[[list[str]], Future]  # a task's shard ids -> the future of its convert_task result
     slots: int  # tasks it runs at once; the driver keeps at most QUEUED_PER_SLOT x slots submitted
     stop: Callable[[bool], None]  # stop(now): now = drop the tasks in flight, else let them end
     progress: Any = None  # live (samples, bytes) counters, where the workers share memory with us
@@ -769,7 +814,7 @@ def storage_env(args: argparse.Namespace) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
 
 
-def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: str) -> dict[str, Any]:
+def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sids: list[str]) -> dict[str, Any]:
     """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
     first (they travel in the task's arguments: README). This script travels as `source` and is
     loaded once per worker process (kept with its buffers for the next task)."""
@@ -783,7 +828,7 @@ def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sid: s
     if state.get('args') != args:
         state.clear()
         state['args'] = args
-    return sys.modules[name].convert_task(sid)
+    return sys.modules[name].convert_task(sids)
 
 
 def multiprocessing_engine(args: argparse.Namespace) -> Engine:
@@ -798,12 +843,15 @@ def multiprocessing_engine(args: argparse.Namespace) -> Engine:
         for proc in list(getattr(executor, '_processes', {}).values()) if now else []:
             with contextlib.suppress(Exception):  # a failing remote must not keep them busy
                 proc.kill()
-        executor.shutdown(wait=not now, cancel_futures=True)
-    return Engine(lambda sid: executor.submit(convert_task, sid), args.processes, stop, progress)
+        # wait even after the kill: the executor's manager thread then closes its wakeup pipe before
+        # we return, not while the interpreter exits (CPython 3.11's _python_exit writes to that pipe
+        # unlocked: "OSError: handle is closed" printed after our last line on a loaded machine)
+        executor.shutdown(wait=True, cancel_futures=True)
+    return Engine(lambda sids: executor.submit(convert_task, sids), args.processes, stop, progress)
 
 
 def pyspark_engine(args: argparse.Namespace) -> Engine:
-    """One Spark job of one task per shard, on the session that spark-submit configures (e.g.
+    """One Spark job of one task per group of shards, on the session that spark-submit configures (e.g.
     `--master spark://host:7077`, `--conf spark.task.maxFailures=4`) or one already running, else
     Spark's default local[*] (which retries no task: give `--master local[N,4]` for that)."""
     from pyspark import SparkConf, SparkContext
@@ -830,12 +878,12 @@ def pyspark_engine(args: argparse.Namespace) -> Engine:
             with contextlib.suppress(Exception):  # its JVM may be gone already (a SIGTERM to the group)
                 sc.cancelAllJobs()
         jobs.shutdown(wait=not now, cancel_futures=True)
-    return Engine(lambda sid: jobs.submit(lambda: sc.parallelize([sid], 1).map(task).collect()[0]),
+    return Engine(lambda sids: jobs.submit(lambda: sc.parallelize([sids], 1).map(task).collect()[0]),
                   sc.defaultParallelism, stop)
 
 
 def ray_engine(args: argparse.Namespace) -> Engine:
-    """One Ray task per shard (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
+    """One Ray task per group of shards (1 CPU), on the cluster ray.init finds (RAY_ADDRESS, or one that
     `ray start` began on this machine), else a new one on this machine."""
     import ray
     address = os.environ.get('RAY_ADDRESS', '')
@@ -850,7 +898,7 @@ def ray_engine(args: argparse.Namespace) -> Engine:
         if now:  # ends this job: the cluster kills its tasks
             with contextlib.suppress(Exception):
                 ray.shutdown()
-    return Engine(lambda sid: task.remote(source, args, env, sid).future(),
+    return Engine(lambda sids: task.remote(source, args, env, sids).future(),
                   max(int(ray.cluster_resources().get('CPU', 1)), 1), stop)
 
 
@@ -921,71 +969,125 @@ def wandb_run(args: argparse.Namespace):
 
 @dataclass
 class Work:
-    """What the driver loop knows: recorded shards, tasks in flight, shards waiting or skipped."""
+    """What the driver loop knows: recorded tasks, tasks in flight, shards waiting or skipped."""
     fs: pafs.FileSystem
     root: str
-    records: dict[str, dict]
+    records: dict[str, dict]  # by the first shard of the task that wrote them
     stats: dict[str, Any]
-    futures: dict[Future, str]
+    futures: dict[Future, list[str]]  # a task in flight -> its shards
     todo: list[str]  # finished at the last look, not yet submitted
     bad: set[str]
-    last_scan: float = -math.inf
-    said_waiting: bool = False
+    first_left_out: dict[str, list[dict]]  # the first names per reason over every record
+    done: set[str] = field(default_factory=set)  # the shards the records hold
+    done_flag: bool = False  # the download's `done` file was seen: no shard comes after the last look
+    waiting_since: float = math.inf  # when the shards in `todo` began to wait for a task
+    next_scan: float = -math.inf  # no look at --local before this time
+    said_waiting: str = ''
+
+    def __post_init__(self) -> None:
+        self.done = {sid for rec in self.records.values() for sid in rec['shards']}
 
     def add(self, rec: dict) -> None:
-        self.records[rec['shard']] = shared_config(rec)
-        self.stats['shards'] += 1
+        self.records[rec['shard']] = shared_config(fold_left_out(rec, self.first_left_out))
+        self.done.update(rec['shards'])
+        self.stats['shards'] += len(rec['shards'])
         self.stats['samples'] += sum(rec['samples'].values())
         self.stats['bytes'] += rec['bytes']
 
+    def wait_in_todo(self, sids: Iterable[str]) -> None:
+        """Put shards (back) among those waiting, in order."""
+        self.todo = sorted(set(self.todo) | set(sids))
+        self.waiting_since = min(self.waiting_since, time.time()) if self.todo else math.inf
 
-def scan(work: Work, args: argparse.Namespace) -> bool:
-    """Look at --local for newly finished shards, when none waits (at most every --poll_interval
-    while tasks run); True if it looked and `done` was there."""
-    if work.todo or (work.futures and time.time() - work.last_scan < args.poll_interval):
-        return False
-    work.last_scan = time.time()
+
+def scan(work: Work, args: argparse.Namespace) -> None:
+    """Look at --local for newly finished shards, unless a task's worth waits already or the last look
+    was less than max(--poll_interval, its own time / SCAN_SHARE) ago; note when the download's `done`
+    file is there."""
+    start = time.time()
+    if len(work.todo) >= args.shards_per_task or start < work.next_scan:
+        return
     # `done` before the listing: no shard missed
-    done_flag = work.fs.get_file_info(join(work.root, 'done')).type != pafs.FileType.NotFound
-    busy = set(work.futures.values())
-    work.todo = [sid for sid in finished_shards(list_input(work.fs, work.root))
-                 if sid not in work.records and sid not in work.bad and sid not in busy]
-    return done_flag
+    work.done_flag = work.done_flag or \
+        work.fs.get_file_info(join(work.root, 'done')).type != pafs.FileType.NotFound
+    busy = {sid for sids in work.futures.values() for sid in sids}
+    work.wait_in_todo(sid for sid in finished_shards(list_input(work.fs, work.root))
+                      if sid not in work.done and sid not in work.bad and sid not in busy)
+    work.next_scan = start + max(args.poll_interval, (time.time() - start) / SCAN_SHARE)
 
 
-def submit(work: Work, engine: Engine) -> None:
-    """Hand waiting shards to the engine, keeping QUEUED_PER_SLOT tasks per slot submitted."""
+def next_task(work: Work, engine: Engine, args: argparse.Namespace) -> list[str]:
+    """The shards of the next task: --shards_per_task of those waiting; fewer only once no more can come
+    (`done`) or the first has waited --merge_interval s (no longer than a merge would keep it from
+    readers), then spread over the engine's free slots. [] while they wait."""
+    k, waiting = args.shards_per_task, len(work.todo)
+    if waiting < k and not (work.done_flag or time.time() - work.waiting_since >= args.merge_interval):
+        return []
+    free = max(QUEUED_PER_SLOT * engine.slots - len(work.futures), 1)
+    n = min(k, -(-waiting // free))
+    sids, work.todo = work.todo[:n], work.todo[n:]
+    return sids
+
+
+def submit(work: Work, engine: Engine, args: argparse.Namespace) -> None:
+    """Hand waiting shards to the engine as tasks, keeping QUEUED_PER_SLOT tasks per slot submitted."""
     while work.todo and len(work.futures) < QUEUED_PER_SLOT * engine.slots:
-        sid = work.todo.pop(0)
-        work.futures[engine.submit(sid)] = sid
+        sids = next_task(work, engine, args)
+        if not sids:
+            break
+        work.futures[engine.submit(sids)] = sids
+    if not work.todo:
+        work.waiting_since = math.inf
+
+
+def task_name(local: str, sids: list[str]) -> str:
+    """How messages name a task: its first shard's parquet, and how many more it converts."""
+    more = f' (and the {len(sids) - 1} shards after it in its task)' if len(sids) > 1 else ''
+    return f'{shard_path(local, sids[0])}{more}'
 
 
 def collect(work: Work, finished: set[Future], args: argparse.Namespace, bar: tqdm) -> None:
-    """Record the finished tasks' shards; a bad one is skipped (kept, named), a fatal one raises. A
-    task the engine gave up on (its worker died more often than the engine retries) is fatal: nothing
-    unrecorded was deleted."""
+    """Record the finished tasks' shards; a bad shard is skipped (kept, named) and the others of its
+    task wait for another, a fatal error raises. A task the engine gave up on (its worker died more often
+    than the engine retries) is fatal: nothing unrecorded was deleted."""
     for fut in finished:
-        sid = work.futures.pop(fut)
+        sids = work.futures.pop(fut)
         try:
             out = fut.result()
         except Exception as e:
-            out = {'error': f'{shard_path(args.local, sid)}: its {args.distributor} task failed '
+            out = {'error': f'{task_name(args.local, sids)}: its {args.distributor} task failed '
                             f'({type(e).__name__}: {headline(e)}); rerun to resume', 'fatal': True}
         if 'error' not in out:
             work.add(out)
-            bar.update(1)
+            bar.update(len(out['shards']))
+            work.wait_in_todo(set(sids) - work.done)  # none, unless an earlier record held others
         elif out['fatal']:
             work.stats['errors'].append(out['error'])
             raise ShardError(out['error'], fatal=True)
         else:
-            work.bad.add(sid)
-            work.stats['bad'].append(out['error'])
-            tqdm.write(f'skipped, parquet kept: {out["error"]}', file=sys.stderr)
+            if out.get('shard'):
+                work.bad.add(out['shard'])
+                work.stats['bad'].append(out['error'])
+                tqdm.write(f'skipped, parquet kept: {out["error"]}', file=sys.stderr)
+            work.wait_in_todo(set(sids) - work.bad)
 
 
 def error(line: str) -> str:
     print(f'error: {line}', file=sys.stderr, flush=True)
     return line
+
+
+def say_waiting(work: Work, args: argparse.Namespace) -> None:
+    """Say once what the run waits for (again only when that changes)."""
+    what = (f'{len(work.todo)} finished shard(s) wait for a task of --shards_per_task '
+            f'{args.shards_per_task} to fill (at most --merge_interval {args.merge_interval:g} s, or until '
+            'the `done` file)' if work.todo else
+            'every finished shard is converted; waiting for more (img2dataset writes NNNNN_stats.json when a '
+            'shard is finished) and for the `done` file the download writes at its end')
+    kind = 'task' if work.todo else 'more'
+    if kind != work.said_waiting:
+        tqdm.write(f'{what}, looking every {args.poll_interval:g} s', file=sys.stderr)
+        work.said_waiting = kind
 
 
 def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, start: float) -> str:
@@ -999,20 +1101,16 @@ def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, 
         while not _STOP['signal']:
             if lease.lost:
                 raise ShardError(lease.lost, fatal=True)
-            done = scan(work, args)
-            if not work.futures and not work.todo:
-                if done:
-                    break
-                if not work.said_waiting:
-                    tqdm.write(f'every finished shard is converted; waiting for more (img2dataset writes '
-                               'NNNNN_stats.json when a shard is finished) and for the `done` file the '
-                               f'download writes at its end, looking every {args.poll_interval:g} s',
-                               file=sys.stderr)
-                    work.said_waiting = True
-                sleep_unless_stopped(args.poll_interval)
+            scan(work, args)
+            if not work.futures and not work.todo and work.done_flag:
+                break
+            submit(work, engine, args)
+            if not work.futures:  # nothing finished to convert, or too few shards for a task yet
+                say_waiting(work, args)
+                sleep_unless_stopped(max(min(work.next_scan, work.waiting_since + args.merge_interval)
+                                         - time.time(), 0.05))
                 continue
-            submit(work, engine)
-            bar.total = len(work.records) + len(work.futures) + len(work.todo)
+            bar.total = len(work.done) + sum(map(len, work.futures.values())) + len(work.todo)
             finished, _ = wait(list(work.futures), timeout=0.5, return_when=FIRST_COMPLETED)
             if _STOP['signal']:  # tasks that failed as the engine stopped: abandoned, not fatal
                 break
@@ -1021,7 +1119,7 @@ def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, 
             samples, nbytes = engine.progress or (work.stats['samples'], work.stats['bytes'])
             bar.set_postfix_str(f'{samples / el:,.0f} samples/s, {nbytes / el / 1e6:,.1f} MB/s')
             if wb is not None and finished:
-                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.records)})
+                wb.log({'samples': samples, 'bytes': nbytes, 'shards': len(work.done)})
             if len(work.records) > merged_n and \
                     time.time() - last_merge > max(args.merge_interval, merge_s / MERGE_SHARE):
                 merge_s = time.time()
@@ -1038,15 +1136,17 @@ def convert(work: Work, engine: Engine, args: argparse.Namespace, lease: Lease, 
 
 
 # ---------------------------------------------------------------------------------------------
-# A task: one input shard read, written as one MDS part per bucket, landed, then recorded.
+# A task: a group of input shards read one after another, written as one MDS part per bucket, landed,
+# then recorded once (the commit point of every shard in it).
 # ---------------------------------------------------------------------------------------------
 
 class ShardError(Exception):
-    """A shard that cannot be converted; `fatal` stops the run, else the shard is skipped."""
+    """A shard that cannot be converted; `fatal` stops the run, else `shard` is skipped (its task's
+    other shards wait for another task; none when the task was abandoned)."""
 
-    def __init__(self, message: str, fatal: bool):
+    def __init__(self, message: str, fatal: bool, shard: str = ''):
         super().__init__(message, fatal)
-        self.message, self.fatal = message, fatal
+        self.message, self.fatal, self.shard = message, fatal, shard
 
 
 _WORKER: dict[str, Any] = {}
@@ -1076,14 +1176,15 @@ def remove_parts(out_root: str, sub: str, sid: str) -> None:
         shutil.rmtree(join(out_root, bucket, sub, sid), ignore_errors=True)
 
 
-def convert_shard(sid: str) -> dict[str, Any]:
-    """Convert one shard; returns its record once it is written at the remote.
+def convert_group(sids: list[str]) -> dict[str, Any]:
+    """Convert a task's input shards into one part per bucket, `<bucket>[/<sub>]/<first shard>`; returns
+    its record once that is written at the remote.
 
     Each MDS file is fsynced (folder remote) or uploaded (cloud) by a thread of the worker as soon
     as it is written, beside the conversion of the rest; the record waits for all of them.
     """
     args = _WORKER['args']
-    parquet = shard_path(args.local, sid)
+    name = task_name(args.local, sids)
     kind = REMOTES[args.remote_kind]
     out_root = kind.parts(args)
     if 'io' not in _WORKER:
@@ -1091,66 +1192,75 @@ def convert_shard(sid: str) -> dict[str, Any]:
     io_threads = _WORKER['io']
     landing: list[Future] = []
     bad_input = False
-    preview: dict[str, list[dict]] | None = {} if args.preview else None
+    preview: dict[str, dict[str, list[dict]]] | None = {} if args.preview else None
+    left_out = LeftOutNames()
     land_file = kind.land(out_root, args)
     land = lambda path: landing.append(io_threads.submit(land_file, path))  # noqa: E731
+    records = join(RECORDS, args.subfolder, sids[0])
     try:
         try:
-            record = write_parts(parquet, out_root, args.subfolder, args, land, preview)
+            record = write_parts([shard_path(args.local, sid) for sid in sids], out_root, args.subfolder,
+                                 args, land, preview, left_out)
         except ShardError:
             raise
         except Exception as e:  # our own writes: the folder remote, or staging for a cloud one
-            raise ShardError(f'{parquet}: writing to {out_root} failed ({type(e).__name__}: {e})',
+            raise ShardError(f'{name}: writing to {out_root} failed ({type(e).__name__}: {e})',
                              fatal=True) from e
         for fut in landing:
             fut.result()
         kind.settle(record, out_root, args)
+        if left_out.count:  # before the record, as the preview: a recorded shard has its names
+            put(args, f'{records}{LEFT_OUT}', left_out.chunks())
         if preview is not None:  # before the record: a recorded shard has its candidates (their count
-            # per bucket is in the record, so the driver never lists these files)
-            put(args, join(RECORDS, args.subfolder, f'{sid}.preview'),
-                json.dumps({'shard': sid, 'buckets': preview}).encode())
-            record['preview'] = {bucket: len(kept) for bucket, kept in preview.items()}
-        if not still_ours(args):  # its parts are removed below; a rerun converts the shard
-            raise ShardError(f'{parquet}: abandoned, the run is stopping', fatal=False)
-        put(args, join(RECORDS, args.subfolder, f'{sid}.record'), json.dumps(record).encode())  # done
+            # per shard and bucket is in the record, so the driver never lists these files)
+            put(args, f'{records}.preview', json.dumps({'shard': sids[0], 'shards': preview}).encode())
+            record['preview'] = {sid: {bucket: len(kept) for bucket, kept in buckets.items()}
+                                 for sid, buckets in preview.items()}
+        if not still_ours(args):  # its parts are removed below; a rerun converts the shards
+            raise ShardError(f'{name}: abandoned, the run is stopping', fatal=False)
+        put(args, f'{records}.record', json.dumps(record).encode())  # done
     except ShardError as e:
         bad_input = not e.fatal
         raise
     except Exception as e:
-        raise ShardError(f'{parquet}: writing to {args.remote} failed ({type(e).__name__}: {e})',
+        raise ShardError(f'{name}: writing to {args.remote} failed ({type(e).__name__}: {e})',
                          fatal=True) from e
     finally:
+        left_out.file.close()
         for fut in landing:
             fut.cancel()
         wait(landing)  # nothing still reads the files removed below
-        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped shard
-            remove_parts(out_root, args.subfolder, sid)
+        if kind.staged or bad_input:  # staging, or the unindexed start of a skipped task
+            remove_parts(out_root, args.subfolder, sids[0])
     return record
 
 
-def convert_task(sid: str) -> dict[str, Any]:
-    """One input shard as a task of any engine: its record, or {'error': line, 'fatal': bool} (a
-    result, not an exception: an engine retries exceptions, and bad input would fail the same way).
+def convert_task(sids: list[str]) -> dict[str, Any]:
+    """A group of input shards as a task of any engine: its record, or {'error': line, 'fatal': bool,
+    'shard': the bad one} (a result, not an exception: an engine retries exceptions, and bad input would
+    fail the same way). Its parquets are deleted, one after another, only once its record is up.
 
-    Idempotent: a shard already recorded (an engine runs a task again after its worker died past
-    the record) returns that record, so the driver counts it once and no part is written twice.
+    Idempotent: a task already recorded (an engine runs a task again after its worker died past the
+    record) returns that record, so the driver counts it once and no part is written twice.
     """
     args = _WORKER['args']
     try:
-        record = load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record')))
+        record = load_record(read(args, join(RECORDS, args.subfolder, f'{sids[0]}.record')))
     except FileNotFoundError:
         record = None
     except Exception as e:
-        return {'error': f'{shard_path(args.local, sid)}: reading its record at {args.remote} failed '
+        return {'error': f'{task_name(args.local, sids)}: reading its record at {args.remote} failed '
                          f'({type(e).__name__}: {e})', 'fatal': True}
     try:
         if record is None:
-            record = convert_shard(sid)
+            record = convert_group(sids)
         if not args.keep_parquet:  # only once the record is up
-            delete_input(*input_fs(args.local), sid)
+            fs, root = input_fs(args.local)
+            for sid in record['shards']:
+                delete_input(fs, root, sid)
         return record
     except ShardError as e:
-        return {'error': e.message, 'fatal': e.fatal}
+        return {'error': e.message, 'fatal': e.fatal, 'shard': e.shard}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1250,6 +1360,31 @@ class LeftOut(Exception):
         self.reason, self.detail = reason, detail
 
 
+class LeftOutNames:
+    """The names of the images a task leaves out: every one a JSON line in an unnamed temporary file
+    (not memory), counted, and the first FIRST_NAMED per reason by key kept for the record."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.count = 0
+        self.first: dict[str, list[dict]] = {}
+
+    def append(self, entry: dict[str, str]) -> None:
+        self.file.write(json.dumps(entry).encode() + b'\n')
+        self.count += 1
+        first = self.first.setdefault(entry['reason'], [])
+        if len(first) < FIRST_NAMED or entry['key'] < first[-1]['key']:
+            first.append(entry)
+            first.sort(key=lambda x: x['key'])
+            del first[FIRST_NAMED:]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The JSON lines, in the order appended, a MB at a time."""
+        self.file.flush()
+        self.file.seek(0)
+        yield from iter(lambda: self.file.read(2**20), b'')
+
+
 def what_pil_said(e: BaseException) -> str:
     """The exception's class and first line, without the address of PIL's file object."""
     text = re.sub(r' <_io\.BytesIO object at 0x[0-9a-f]+>', '', (str(e).splitlines() or [''])[0])
@@ -1345,7 +1480,7 @@ def mds_pieces(typed: dict[str, pa.Array], n: int, sizes: dict[str, np.ndarray],
     return before, after
 
 
-def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out: list[dict],
+def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out: LeftOutNames,
                  args: argparse.Namespace) -> list[tuple[str, tuple[memoryview, ...]]]:
     """(bucket, pieces) for each success row that passes --verify, in row order: the pieces'
     concatenation is the row's MDS sample (views of arrow buffers). Counts the rest in `skipped`, and
@@ -1382,7 +1517,7 @@ def encode_batch(typed: dict[str, pa.Array], n: int, skipped: Counter, left_out:
 
 
 def encoded_batches(pf: pq.ParquetFile, found: dict[str, str], parquet: str, skipped: Counter,
-                    left_out: list[dict],
+                    left_out: LeftOutNames,
                     args: argparse.Namespace) -> Iterator[list[tuple[str, tuple[memoryview, ...]]]]:
     """encode_batch on each row batch of a parquet; whatever fails here is the input's fault: a
     skippable ShardError (the shard is kept on disk), never a remote error."""
@@ -1478,61 +1613,86 @@ class PartWriter:
                 'samples': [s['samples'] for s in self.shards]}
 
 
-# A shard's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record` (its existence makes the shard done):
-# its counts (rows in = samples written + rows skipped), the images left out by name, and per bucket its
-# MDS shards' bytes and samples, their common config kept once (README: LAION-2B on paper).
+# A task's record, `<remote>/_cloudwriter[/<sub>]/<NNNNN>.record`, NNNNN its first input shard (its
+# existence makes every shard of the task done): the shards, their counts (rows in = samples written +
+# rows skipped), how many images they left out and the first of them by reason (all are named in
+# <NNNNN>.left_out.jsonl), and per bucket its part's MDS shards' bytes and samples, their common config
+# kept once (README: LAION-2B on paper).
 
-def shard_record(sid: str, parquet: str, bucketed: bool, rows: int, samples: dict[str, int],
-                 skipped: dict[str, int], left_out: list[dict], nbytes: int, config: dict,
-                 parts: dict[str, dict[str, list[int]]], verify: str = 'full') -> dict[str, Any]:
-    """A shard's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
-    return {'shard': sid, 'parquet': parquet, 'bucketed': bucketed, 'verify': verify, 'rows': rows,
-            'samples': samples, 'skipped': skipped, 'left_out': left_out, 'bytes': nbytes, 'config': config,
-            'parts': parts}
+def shard_record(sids: list[str], bucketed: bool, rows: int, samples: dict[str, int],
+                 skipped: dict[str, int], left_out: int, left_out_first: dict[str, list[dict]],
+                 nbytes: int, config: dict, parts: dict[str, dict[str, list[int]]],
+                 verify: str = 'full') -> dict[str, Any]:
+    """A task's record; `parts`: bucket -> {'bytes': [...], 'samples': [...]}, one item per MDS shard."""
+    return {'shard': sids[0], 'shards': sids, 'bucketed': bucketed, 'verify': verify, 'rows': rows,
+            'samples': samples, 'skipped': skipped, 'left_out': left_out, 'left_out_first': left_out_first,
+            'bytes': nbytes, 'config': config, 'parts': parts}
 
 
-def write_parts(parquet: str, out_root: str, sub: str, args: argparse.Namespace,
-                land: Callable[[str], Any], preview: dict[str, list[dict]] | None = None) -> dict[str, Any]:
-    """Read one parquet (a path or URL) in batches into MDS parts `<out_root>/<bucket>[/<sub>]/<shard>`;
-    with a `preview` dict, also keep the first samples of each bucket there as candidates."""
-    sid = Path(parquet).stem
+def open_shard(parquet: str) -> tuple[pq.ParquetFile, dict[str, str]]:
+    """A parquet (a path or URL) and its columns by output name; a skippable ShardError if unreadable."""
     try:
         fs, path = input_fs(parquet)
         pf = pq.ParquetFile(path, filesystem=fs)
     except Exception as e:
         raise ShardError(f'{parquet}: unreadable parquet ({type(e).__name__}: {e})', fatal=False) from e
-    found = input_columns(pf.schema_arrow.names, parquet)
-    remove_parts(out_root, sub, sid)  # what a killed run left of this shard
+    return pf, input_columns(pf.schema_arrow.names, parquet)
+
+
+def write_parts(parquets: list[str], out_root: str, sub: str, args: argparse.Namespace,
+                land: Callable[[str], Any], preview: dict[str, dict[str, list[dict]]] | None = None,
+                left_out: LeftOutNames | None = None) -> dict[str, Any]:
+    """Read parquets (paths or URLs) one after another, in batches, into one MDS part per bucket,
+    `<out_root>/<bucket>[/<sub>]/<first shard>`: each bucket's open MDS shard is carried from one parquet
+    to the next, so only the last MDS shard of a part is partly filled. With a `preview` dict, also keep
+    each shard's first samples of each bucket there (by shard id) as candidates; the images left out are
+    named in `left_out`. Returns the task's record."""
+    sids = [Path(parquet).stem for parquet in parquets]
+    for sid in sids:  # what a killed run left of a task that began with one of them
+        remove_parts(out_root, sub, sid)
     limit = args.size_limit
     writers: dict[str, PartWriter] = {}
-    # each bucket's open MDS shard, in a buffer the worker reuses from input shard to shard (anonymous
-    # memory: pages are only taken once written)
+    # each bucket's open MDS shard, in a buffer the worker reuses from task to task (anonymous memory:
+    # pages are only taken once written)
     buffers = _WORKER.setdefault('buffers', {})
-    counts, skipped, left_out, nbytes = Counter(), Counter(), [], 0
+    counts, skipped, rows, nbytes = Counter(), Counter(), 0, 0
+    left_out = LeftOutNames() if left_out is None else left_out
     progress = _WORKER.get('progress')
-    for encoded in encoded_batches(pf, found, parquet, skipped, left_out, args):
-        n0, b0 = counts.total(), nbytes
-        for bucket, pieces in encoded:
-            if bucket not in writers:
-                if len(buffers.get(bucket, b'')) < limit:
-                    buffers[bucket] = mmap.mmap(-1, limit)
-                writers[bucket] = PartWriter(join(out_root, bucket, sub, sid), limit, buffers[bucket], land)
-            writers[bucket].write(pieces)
-            if preview is not None:
-                keep_candidate(preview, bucket, counts[bucket], pieces)
-            counts[bucket] += 1
-            nbytes += len(pieces[1])
-        if progress is not None:
-            with progress.get_lock():
-                progress[0] += counts.total() - n0
-                progress[1] += nbytes - b0
+    for parquet, sid in zip(parquets, sids):
+        try:
+            pf, found = open_shard(parquet)
+            written, dropped = Counter(), Counter()  # this shard's
+            candidates = None if preview is None else preview.setdefault(sid, {})
+            for encoded in encoded_batches(pf, found, parquet, dropped, left_out, args):
+                n0, b0 = written.total(), nbytes
+                for bucket, pieces in encoded:
+                    if bucket not in writers:
+                        if len(buffers.get(bucket, b'')) < limit:
+                            buffers[bucket] = mmap.mmap(-1, limit)
+                        writers[bucket] = PartWriter(join(out_root, bucket, sub, sids[0]), limit,
+                                                     buffers[bucket], land)
+                    writers[bucket].write(pieces)
+                    if candidates is not None:
+                        keep_candidate(candidates, bucket, written[bucket], pieces)
+                    written[bucket] += 1
+                    nbytes += len(pieces[1])
+                if progress is not None:
+                    with progress.get_lock():
+                        progress[0] += written.total() - n0
+                        progress[1] += nbytes - b0
+        except ShardError as e:
+            e.shard = sid
+            raise
+        n = pf.metadata.num_rows
+        if written.total() + dropped.total() != n:  # every row is written or counted, never lost
+            raise ShardError(f'{parquet}: {n} rows in, but {written.total()} written and {dropped.total()} '
+                             'counted as skipped; report this as a bug', fatal=True)
+        counts.update(written)
+        skipped.update(dropped)
+        rows += n
     parts = {bucket: w.finish() for bucket, w in writers.items()}
-    rows = pf.metadata.num_rows
-    if counts.total() + skipped.total() != rows:  # every row is written or counted, never lost
-        raise ShardError(f'{parquet}: {rows} rows in, but {counts.total()} written and {skipped.total()} '
-                         'counted as skipped; report this as a bug', fatal=True)
-    return shard_record(sid, os.path.basename(parquet), args.bucketed, rows, counts, skipped, left_out,
-                        nbytes, mds_config(limit), parts, args.verify)
+    return shard_record(sids, args.bucketed, rows, counts, skipped, left_out.count, left_out.first, nbytes,
+                        mds_config(limit), parts, args.verify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1777,20 +1937,23 @@ def write_previews(records: dict[str, dict], samples: dict[str, int], args: argp
     """`<folder>/<prefix><bucket>.png` for each bucket of `samples` (the summary's samples per bucket):
     --preview samples spread over the recorded shards that have candidates. Returns, by bucket, the
     PNG's path and the keys drawn (in order)."""
-    picks = {bucket: spread_picks({sid: r.get('preview', {}).get(bucket, 0) for sid, r in records.items()},
-                                  args.preview) for bucket in samples}
-    sids = sorted({sid for p in picks.values() for sid, _ in p})
-    with ThreadPoolExecutor(16) as pool:  # the candidate files drawn from, one small GET each
-        candidates = dict(zip(sids, pool.map(lambda sid: json.loads(read(args, join(
-            RECORDS, args.subfolder, f'{sid}.preview'))), sids)))
+    counts = {sid: (task, n) for task, r in records.items() for sid, n in r.get('preview', {}).items()}
+    picks = {bucket: spread_picks({sid: n.get(bucket, 0) for sid, (_, n) in counts.items()}, args.preview)
+             for bucket in samples}
+    tasks = sorted({counts[sid][0] for p in picks.values() for sid, _ in p})
+    candidates: dict[str, dict[str, list[dict]]] = {}  # shard -> bucket -> its candidates
+    with ThreadPoolExecutor(16) as pool:  # the candidate files drawn from, one small GET per task
+        for got in pool.map(lambda task: json.loads(read(args, join(RECORDS, args.subfolder,
+                                                                   f'{task}.preview'))), tasks):
+            candidates.update(got['shards'] if 'shards' in got else {got['shard']: got['buckets']})
     out = {}
     for bucket, chosen in picks.items():
         if not chosen:  # its shards were converted without --preview
             continue
-        shown = [candidates[sid]['buckets'][bucket][rank] for sid, rank in chosen]
+        shown = [candidates[sid][bucket][rank] for sid, rank in chosen]
         tiles = [(Image.open(io.BytesIO(base64.b64decode(c['thumb']))) if c['thumb'] else None,
                   [f"{c['width']}x{c['height']}  {c['key']}", c['caption']]) for c in shown]
-        shards = len({sid for sid, r in records.items() if r.get('preview', {}).get(bucket)})
+        shards = sum(1 for _, n in counts.values() if n.get(bucket))
         title = (f'bucket {bucket} (shorter side): {len(shown)} of {samples[bucket]:,} samples, '
                  f'from {len({sid for sid, _ in chosen})} of {shards:,} shards')
         path = join(folder, f'{prefix}{bucket}.png')
@@ -1869,12 +2032,12 @@ def publish(work: Work, args: argparse.Namespace) -> str:
     index.json. Returns '' or the fatal error."""
     if _STOP['signal']:
         time.sleep(STOP_GRACE_S)  # a record written just before the lease said stopping
-        for sid in work.futures.values():
+        for sids in work.futures.values():
             with contextlib.suppress(FileNotFoundError):
-                work.add(load_record(read(args, join(RECORDS, args.subfolder, f'{sid}.record'))))
+                work.add(load_record(read(args, join(RECORDS, args.subfolder, f'{sids[0]}.record'))))
     else:
         work.stats['ignored'] = [shard_path(args.local, sid)
-                                 for sid in unfinished_shards(list_input(work.fs, work.root), work.records)]
+                                 for sid in unfinished_shards(list_input(work.fs, work.root), work.done)]
     try:
         merge_run(work.records, args)
     except Exception as e:
@@ -1888,18 +2051,23 @@ def publish(work: Work, args: argparse.Namespace) -> str:
 # Summary.
 # ---------------------------------------------------------------------------------------------
 
-def summarize(records: dict[str, dict], run: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    per_bucket, skipped, rows, verify = Counter(), Counter(), 0, Counter()
+def summarize(work: Work, names: str, elapsed: float) -> dict[str, Any]:
+    """The summary of the recorded shards and this run; `names`: where the images left out are named."""
+    records, run = work.records, work.stats
+    per_bucket, skipped, rows, verify, left_out = Counter(), Counter(), 0, Counter(), 0
     for r in records.values():
         per_bucket.update(r['samples'])
         skipped.update(r['skipped'])
-        verify[r.get('verify', 'header')] += 1  # records of older runs: headers only
+        verify[r.get('verify', 'header')] += len(r['shards'])  # records of older runs: headers only
         rows += r.get('rows', sum(r['samples'].values()) + sum(r['skipped'].values()))  # older records
-    left_out = sorted((x for r in records.values() for x in r.get('left_out', [])), key=lambda x: x['key'])
-    return {'shards_done': len(records), 'shards_this_run': run['shards'],
+        left_out += r.get('left_out', 0)
+    return {'shards_done': len(work.done), 'shards_this_run': run['shards'],
             'samples_per_bucket': dict(sorted(per_bucket.items())),
             'rows': rows, 'samples': sum(per_bucket.values()), 'rows_skipped': skipped.total(),
-            'skipped_by_reason': skipped, 'left_out': left_out, 'verify': dict(verify),
+            'skipped_by_reason': skipped,
+            'left_out': {'images': left_out, 'names': names,
+                         'first': dict(sorted(work.first_left_out.items()))},
+            'verify': dict(verify),
             'bytes': sum(r['bytes'] for r in records.values()),
             'bytes_this_run': run['bytes'], 'samples_this_run': run['samples'],
             'skipped_shards': run['bad'], 'ignored_parquet': run['ignored'], 'errors': run['errors'],
@@ -1920,15 +2088,14 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     if modes.get('header'):
         lines.append(f"NOTE: {modes['header']} shard(s) were converted with --verify header (or by an older "
                      'version): their images may not decode')
-    by_reason: dict[str, list[str]] = {}
-    for x in summary['left_out']:
-        by_reason.setdefault(x['reason'], []).append(f"{x['key']} {x['url']}".strip())
+    left_out = summary['left_out']
     for reason, n in sorted(summary['skipped_by_reason'].items()):
-        named = by_reason.get(reason, [])
-        lines.append(f'  {n:>8}  {reason}' + (f": {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}"
+        named = [f"{x['key']} {x['url']}".strip() for x in left_out['first'].get(reason, [])]
+        lines.append(f'  {n:>8}  {reason}' + (f": {', '.join(named[:3])}{', ...' if n > 3 else ''}"
                                                if named else ''))
-    if summary['left_out']:
-        lines.append("  (each image left out is named, with what PIL said, under left_out in the JSON)")
+    if left_out['images']:
+        lines.append(f"  (each of the {left_out['images']} images left out is named, with what PIL said, in "
+                     f"{left_out['names']})")
     lines += [f'SKIPPED (parquet kept): {bad}' for bad in summary['skipped_shards']]
     ignored = summary['ignored_parquet']
     if ignored:
@@ -1947,8 +2114,11 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
     print('\n'.join(lines), flush=True)
 
 
-def finish(records: dict, run_stats: dict, start: float, args: argparse.Namespace, code: int) -> int:
-    summary = summarize(records, run_stats, time.time() - start)
+def finish(work: Work, start: float, args: argparse.Namespace, code: int) -> int:
+    names = (f'{join(args.remote, RECORDS, args.subfolder, "NNNNN" + LEFT_OUT)}: one JSON line per image '
+             '(key, url, reason, error), one file per task (NNNNN its first shard) that left any out')
+    summary = summarize(work, names, time.time() - start)
+    records = work.records
     summary['exit_code'] = code
     if _STOP['signal']:
         summary['interrupted'] = signal.Signals(_STOP['signal']).name
@@ -1983,7 +2153,8 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
     start = time.time()
     fs, root = input_fs(args.local)
     stats: dict[str, Any] = {'shards': 0, 'samples': 0, 'bytes': 0, 'bad': [], 'errors': [], 'ignored': []}
-    work = Work(fs, root, prior_records(args, fs, root), stats, {}, [], set())
+    first: dict[str, list[dict]] = {}
+    work = Work(fs, root, prior_records(args, fs, root, first), stats, {}, [], set(), first)
     engine = start_engine(args)
     lease.start_refreshing()
     try:
@@ -2001,7 +2172,7 @@ def run(args: argparse.Namespace, lease: Lease) -> int:
         code = 128 + _STOP['signal']
     else:
         code = EXIT_BAD_INPUT if work.stats['bad'] or work.stats['ignored'] else EXIT_OK
-    return finish(work.records, work.stats, start, args, code)
+    return finish(work, start, args, code)
 
 
 def merge_only(args: argparse.Namespace) -> int:

@@ -508,6 +508,7 @@ output_folder, expected, start, img2dataset_rc, check = sys.argv[1:]
 fs, out = fsspec.core.url_to_fs(output_folder)
 expected, start, check = int(expected), float(start), check == 'True'
 READERS = 32  # _stats.json files read at once: at 230k shards in a bucket, one by one takes hours
+CHUNK = 4096  # files handed to the readers at a time: their stats are counted, then dropped
 UNHASHED = 'no hash to verify: downloaded unchecked'  # UNHASHED_SHIM's count, in status_dict
 
 
@@ -523,8 +524,6 @@ def read_stats(path: str) -> tuple[str, dict] | None:
 # stats to NNNNN_converted.json (same content), so a parquet seen after its stats were missed is a
 # shard img2dataset did not finish. Converted after stats: a rename between the two listings is caught.
 paths = sorted(fs.glob(out + '/*_stats.json')) + sorted(fs.glob(out + '/*_converted.json'))
-with ThreadPoolExecutor(READERS) as pool:
-    stats = dict(got for got in pool.map(read_stats, paths) if got is not None)
 sizes = {f['name'].rsplit('/', 1)[-1][:-len('.parquet')]: f['size']
          for f in fs.ls(out, detail=True) if f['name'].endswith('.parquet')}
 checked = {}  # (shard, end_time) -> (images checked, corrupt), as check_images wrote them
@@ -533,29 +532,40 @@ if check and fs.exists(out + '/.image_check.tsv'):
         shard, end, n, bad = line.split('\t')
         checked[(shard, end)] = (int(n), int(bad))
 
+# Each shard's stats are counted as they are read, then dropped: only the ids stay (230k stats files hold
+# ~1.5 GB as Python objects)
 reasons: dict[str, int] = {}
-count = successes = corrupt = unchecked = 0
-for s, st in stats.items():
-    count += st['count']
-    successes += st['successes']
-    for reason, n in st['status_dict'].items():
-        if reason != 'success':
-            reasons[reason] = reasons.get(reason, 0) + n
-    got = checked.get((s, repr(st['end_time'])))
-    corrupt += got[1] if got else 0
-    unchecked += 0 if got else st['successes']
+finished: set[str] = set()
+count = successes = corrupt = unchecked = nbytes = n_new = n_new_shards = 0
+new_start, new_end = float('inf'), float('-inf')
+with ThreadPoolExecutor(READERS) as pool:
+    for i in range(0, len(paths), CHUNK):
+        for s, st in filter(None, pool.map(read_stats, paths[i:i + CHUNK])):
+            if s in finished:  # renamed to _converted.json between the two listings: read twice
+                continue
+            finished.add(s)
+            count += st['count']
+            successes += st['successes']
+            for reason, n in st['status_dict'].items():
+                if reason != 'success':
+                    reasons[reason] = reasons.get(reason, 0) + n
+            got = checked.get((s, repr(st['end_time'])))
+            corrupt += got[1] if got else 0
+            unchecked += 0 if got else st['successes']
+            nbytes += sizes.get(s, 0)
+            if st['end_time'] >= start:  # finished by this run
+                n_new, n_new_shards = n_new + st['count'], n_new_shards + 1
+                new_start, new_end = min(new_start, st['start_time']), max(new_end, st['end_time'])
 if corrupt:
     reasons['corrupt: downloaded but does not decode'] = corrupt
 unhashed = reasons.pop(UNHASHED, 0)  # downloaded, counted in successes: not a failure
-finished = {int(s) for s in stats}
-missing = [f'{i:05d}' for i in range(expected) if i not in finished]
+done_ids = {int(s) for s in finished}
+missing = [f'{i:05d}' for i in range(expected) if i not in done_ids]
 partial = sum(s in sizes for s in missing)
-nbytes = sum(n for s, n in sizes.items() if s in stats)
-new = [st for st in stats.values() if st['end_time'] >= start]
 complete = not missing and img2dataset_rc == '0'
 
 lines = [f'== laion_download summary: {output_folder}',
-         f'  shards finished     {len(stats):>10,}  of {expected:,} expected']
+         f'  shards finished     {len(finished):>10,}  of {expected:,} expected']
 if missing:
     lines.append(f"  shards unfinished   {len(missing):>10,}  (no _stats.json: {', '.join(missing[:5])}"
                  f"{' ...' if len(missing) > 5 else ''}; {partial:,} of them left a parquet)")
@@ -572,10 +582,9 @@ for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
 if len(reasons) > 8:
     lines.append(f'    {sum(sorted(reasons.values())[:-8]):>10,}  ({len(reasons) - 8} other reasons)')
 lines.append(f'  bytes               {nbytes:>10,}  ({nbytes / 2**20:,.1f} MiB of finished shards here)')
-if new:
-    secs = max(st['end_time'] for st in new) - min(st['start_time'] for st in new)
-    n_new = sum(st['count'] for st in new)
-    lines.append(f'  this run            {n_new:>10,}  rows in {len(new)} shards, {secs:.1f} s, '
+if n_new_shards:
+    secs = new_end - new_start
+    lines.append(f'  this run            {n_new:>10,}  rows in {n_new_shards} shards, {secs:.1f} s, '
                  f'{n_new / max(secs, 1e-9):,.0f} rows/s')
 text = '\n'.join(lines) + '\n'
 print('\n' + text, end='', flush=True)

@@ -4,6 +4,7 @@ and many machines merged into one dataset."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from testbed.corpus import BUCKET_EDGES, CorpusItem, bucket_of, build_corpus, good_items
 from testbed.i2d_shards import shard_rows, write_shard, write_stats
+from testbed.loaded import exit_race_env
 from testbed.readback import read_mds
 from testbed.real import FOLDER, decodes, real_items
 from testbed.scripts import load_script
@@ -118,8 +120,16 @@ def assert_dataset(got: dict[str, list[dict]], want: dict[str, dict], bucketed: 
 
 
 def records(remote: Path, sub: str = '') -> set[str]:
+    """The input shards recorded at `remote`: each record holds its task's (an older one, its own)."""
     folder = remote / '_cloudwriter' / sub
-    return {p.stem for p in folder.glob('*.record')} if folder.is_dir() else set()
+    return {sid for p in folder.glob('*.record') for sid in json.loads(p.read_text()).get('shards', [p.stem])}
+
+
+def s3_records(s3, prefix: str) -> set[str]:
+    """The input shards recorded under s3://<s3.bucket>/<prefix>/_cloudwriter/ (as records() does)."""
+    keys = [k for k in s3.list_keys(s3.bucket, f'{prefix}/_cloudwriter/') if k.endswith('.record')]
+    return {sid for k in keys for sid in json.loads(
+        s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read())['shards']}
 
 
 def test_local_bucketed_download_with_broken_files_and_a_corrupt_shard(root, tmp_path):
@@ -181,7 +191,7 @@ def test_shards_appearing_over_time_then_done_end_the_run(root, tmp_path):
     local, remote = tmp_path / 'parquet', tmp_path / 'mds'
     want = make_input(local, [0], items=good_items(), done=False)
     proc = start(root, '--local', str(local), '--remote', str(remote), '--bucketed',
-                 '--poll_interval', '0.3', '--processes', '1')
+                 '--poll_interval', '0.3', '--processes', '1', '--merge_interval', '0')
     try:
         wait_for(lambda: records(remote) == {'00000'}, what='shard 0')
         # img2dataset writes the parquet first and its _stats.json when the shard is finished.
@@ -202,16 +212,51 @@ def test_shards_appearing_over_time_then_done_end_the_run(root, tmp_path):
     assert_dataset(read_buckets(str(remote), BUCKETS), want)
 
 
+def mds_keys(path: Path) -> list[str] | None:
+    """The keys of the samples in one MDS shard file, as streaming's MDSReader finds them (a sample count,
+    its offsets, each sample's columns in name order); None while the file is not whole yet."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:4], 'little') if len(data) >= 4 else 0
+    head = data[4:4 + 4 * (n + 1)]
+    offsets = np.frombuffer(head, '<u4') if n and len(head) == 4 * (n + 1) else []
+    if not len(offsets) or offsets[-1] != len(data):
+        return None
+    return [cloudwriter_module().mds_sample(data[a:b])['key'] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+@functools.cache
+def cloudwriter_module():
+    return load_script('laion_cloudwriter.py')
+
+
+def carried_shards(remote: Path) -> dict[Path, set[str]]:
+    """The MDS shards at `remote` that hold rows of several input shards (a bucket's open MDS shard carried
+    from one input shard to the next), with those shards' ids."""
+    out = {}
+    for f in remote.glob('*/0000?/shard.*.mds'):
+        sids = {k[:5] for k in mds_keys(f) or []}
+        if len(sids) > 1:
+            out[f] = sids
+    return out
+
+
 def test_kill9_at_several_points_then_rerun_equals_an_uninterrupted_run(root, tmp_path):
+    """kill -9 once an MDS file is written, once a shard carried across input shards is (before their
+    task's record), and once records are up (while their sources are deleted); then the moments between
+    the deletions of a task's sources, which a kill leaves as they are: each rerun equals an uninterrupted
+    run, and no source is gone before its record is up."""
     local, remote = tmp_path / 'parquet', tmp_path / 'mds'
     want = make_input(local, range(10), items=good_items())
+    # 1 MB MDS shards: one of 256-512 or 512-768 fills over two input shards; merge after every task, so
+    # a reader sees every state
     args = ('--local', str(local), '--remote', str(remote), '--bucketed', '--processes', '2',
-            '--merge_interval', '0')  # merge after every shard, so a reader sees every state
+            '--size_limit', '1mb', '--merge_interval', '0')
     by_part = {}  # (shard, bucket) -> keys
     for k, r in want.items():
         by_part.setdefault((r['shard'], bucket_of(min(header_size(r['jpg'])))), set()).add(k)
     parts_written = lambda: any(remote.glob('*/0000?/shard.00000.mds'))  # noqa: E731
-    for trigger in (parts_written, lambda: len(records(remote)) >= 4):
+    carried = lambda: any(not sids <= records(remote) for sids in carried_shards(remote).values())  # noqa: E731
+    for trigger in (parts_written, carried, lambda: len(records(remote)) >= 4):
         proc = start(root, *args)
         wait_for(lambda: trigger() or proc.poll() is not None, what='the kill point')  # noqa: B023
         kill9(proc)
@@ -224,10 +269,25 @@ def test_kill9_at_several_points_then_rerun_equals_an_uninterrupted_run(root, tm
         for (s, b), keys in by_part.items():
             found = {k for k in keys if (b, k) in seen}
             assert found in (set(), keys), f'shard {s} partly visible in {b}'
+    # four more shards come; one process converts them (and what is left) in tasks of two or more, whose
+    # sources all stay (--keep_parquet)
+    want.update(make_input(local, range(10, 14), items=good_items()))
+    r = cloudwriter(root, *args, '--keep_parquet', '--processes', '1')
+    assert r.returncode == 0, r.stderr
+    # A kill between the deletions of a task's sources leaves them as delete_input() does one by one:
+    # the first's parquet gone and its _stats.json renamed, the second's parquet gone, the rest there.
+    tasks = [json.loads(p.read_text()) for p in (remote / '_cloudwriter').glob('*.record')]
+    task = next(t for t in tasks if len(t['shards']) > 1 and all((local / f'{s}.parquet').exists()
+                                                                  for s in t['shards']))
+    first, second = task['shards'][:2]
+    (local / f'{first}.parquet').unlink()
+    (local / f'{first}_stats.json').rename(local / f'{first}_converted.json')
+    (local / f'{second}.parquet').unlink()
     r = cloudwriter(root, *args)
     assert r.returncode == 0, r.stderr
+    assert json.loads((local / '_cloudwriter' / 'summary.json').read_text())['shards_this_run'] == 0
     assert_dataset(read_buckets(str(remote), BUCKETS), want)
-    assert not list(local.glob('*.parquet'))
+    assert sorted(p.name for p in local.glob('0*')) == [f'{s:05d}_converted.json' for s in range(14)]
 
 
 def test_s3_down_mid_run_stops_clearly_deletes_nothing_and_rerun_completes(root, tmp_path, s3):
@@ -248,7 +308,7 @@ def test_s3_down_mid_run_stops_clearly_deletes_nothing_and_rerun_completes(root,
     assert proc.returncode == 2 and time.time() - t0 < 120
     assert err.strip().splitlines()[-1].startswith('error:') and remote in err
     s3.start()
-    done = {Path(k).stem for k in s3.list_keys(s3.bucket, 'laion/_cloudwriter/') if k.endswith('.record')}
+    done = s3_records(s3, 'laion')
     assert 1 <= len(done) < 8
     for s in range(8):  # a source is gone only once its record is up (the rerun deletes any left over)
         assert (local / f'{s:05d}.parquet').exists() or f'{s:05d}' in done
@@ -265,7 +325,9 @@ def test_missing_required_column_stops_with_one_line(root, tmp_path):
     table = pq.read_table(local / '00000.parquet').drop_columns(['jpg'])
     pq.write_table(table, local / '00000.parquet')
 
-    r = cloudwriter(root, '--local', str(local), '--remote', str(remote))
+    # as on a loaded machine: the worker pool's thread is still closing as the interpreter exits
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote),
+                    env=exit_race_env(tmp_path / 'loaded'))
 
     assert r.returncode == 2
     assert 'Traceback' not in r.stderr
@@ -443,17 +505,19 @@ def test_the_output_reads_as_mosaicml_diffusions_streaming_laion_dataset_reads_i
 def test_mds_files_are_byte_equal_to_streamings_mdswriter(tmp_path):
     """The script writes MDS files and merges indexes itself (for speed); for the same rows they
     must be what streaming's MDSWriter and merge_index write: shards byte for byte, their
-    boundaries, index.json."""
+    boundaries, index.json. A task of two input shards writes what one MDSWriter writes for the rows of
+    both in turn: each bucket's open shard is carried from one to the next, no partly filled shard
+    between them."""
     cw = load_script('laion_cloudwriter.py')
-    want = make_input(tmp_path / 'in', [0], items=list(build_corpus()) * 3)
-    parquet = tmp_path / 'in' / '00000.parquet'
+    want = make_input(tmp_path / 'in', [0, 1], items=list(build_corpus()) * 3)
+    parquets = [tmp_path / 'in' / '00000.parquet', tmp_path / 'in' / '00001.parquet']
     limit = 2 * max(len(r['jpg']) for r in want.values()) + 4096  # no sample alone over the limit
     args = cw.parse_args(['--local', str(tmp_path / 'in'), '--remote', str(tmp_path / 'out'), '--bucketed',
                           '--size_limit', str(limit)])
-    record = cw.write_parts(str(parquet), str(tmp_path / 'out'), '', args, land=lambda path: None)
+    record = cw.write_parts(list(map(str, parquets)), str(tmp_path / 'out'), '', args, land=lambda path: None)
 
     writers = {}
-    for r in pq.read_table(parquet).to_pylist():
+    for r in pq.read_table(parquets[0]).to_pylist() + pq.read_table(parquets[1]).to_pylist():
         if r['key'] not in want:
             continue
         w, h = header_size(r['jpg'])
@@ -469,8 +533,11 @@ def test_mds_files_are_byte_equal_to_streamings_mdswriter(tmp_path):
     for writer in writers.values():
         writer.finish()
 
-    assert set(record['parts']) == set(writers)
+    assert set(record['parts']) == set(writers) and record['shards'] == ['00000', '00001']
     assert max(len(part['samples']) for part in record['parts'].values()) >= 3
+    carried = [f for f in (tmp_path / 'out').glob('*/00000/*.mds') if {k[:5] for k in mds_keys(f)} == {
+        '00000', '00001'}]
+    assert carried, 'no MDS shard holds rows of both input shards'
     for bucket in writers:
         ours, ref = tmp_path / 'out' / bucket / '00000', tmp_path / 'ref' / bucket
         assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in ref.iterdir())
@@ -487,7 +554,7 @@ def test_a_sample_over_the_size_limit_gets_a_shard_of_its_own(tmp_path):
     want = make_input(tmp_path / 'in', [0])
     args = cw.parse_args(['--local', str(tmp_path / 'in'), '--remote', str(tmp_path / 'out'),
                           '--size_limit', '1kb'])
-    record = cw.write_parts(str(tmp_path / 'in' / '00000.parquet'), str(tmp_path / 'out'), '', args,
+    record = cw.write_parts([str(tmp_path / 'in' / '00000.parquet')], str(tmp_path / 'out'), '', args,
                             land=lambda path: None)
     assert record['parts'][ALL]['samples'] == [1] * len(want)
     got = read_mds(str(tmp_path / 'out' / ALL / '00000'))
@@ -501,7 +568,7 @@ def test_a_run_resumes_over_records_of_the_older_full_format(root, tmp_path):
     local, remote = tmp_path / 'parquet', tmp_path / 'mds'
     want = make_input(local, range(3), items=list(build_corpus()) * 2)
     args = ('--local', str(local), '--remote', str(remote), '--bucketed', '--keep_parquet',
-            '--size_limit', '40kb', '--processes', '1')
+            '--size_limit', '40kb', '--processes', '1', '--shards_per_task', '1')
     assert cloudwriter(root, *args).returncode == 0
     all_new = {b: (remote / b / 'index.json').read_bytes() for b in BUCKETS if (remote / b).is_dir()}
     assert max(len(json.loads(index)['shards']) for index in all_new.values()) >= 6  # several per part
@@ -547,7 +614,8 @@ def test_two_runs_at_once_the_second_refuses_and_the_first_ends_complete(root, t
     want = make_input(local, range(3), items=good_items()[:4], done=False)
     other = tmp_path / 'other-machine'  # a second machine's download, pointed at the same remote
     make_input(other, range(2), items=good_items()[:2], key_offset=50)
-    args = ('--remote', str(remote), '--bucketed', '--poll_interval', '0.3', '--processes', '1')
+    args = ('--remote', str(remote), '--bucketed', '--poll_interval', '0.3', '--processes', '1',
+            '--merge_interval', '0')
     first = start(root, '--local', str(local), *args)
     try:
         wait_for(lambda: records(remote) == {'00000', '00001', '00002'} or first.poll() is not None,
@@ -643,7 +711,8 @@ def test_a_bad_value_in_one_shard_skips_that_shard_and_the_others_go_on(root, tm
                    local / '00002.parquet')
     bad = {'00001', '00002'}
 
-    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--processes', '2')
+    # one process: tasks of two shards ([0, 1], [2, 3]), each meeting its bad shard after or before a good one
+    r = cloudwriter(root, '--local', str(local), '--remote', str(remote), '--processes', '1')
 
     assert r.returncode == 1, r.stderr  # input skipped, kept, named: not a remote failure
     assert 'writing to' not in r.stderr + r.stdout and 'Traceback' not in r.stderr
@@ -656,6 +725,7 @@ def test_a_bad_value_in_one_shard_skips_that_shard_and_the_others_go_on(root, tm
     for s in bad:
         assert (local / f'{s}.parquet').exists() and (local / f'{s}_stats.json').exists()
         assert not list(remote.glob(f'*/{s}'))  # no half-written part left at the remote
+    assert records(remote) == {'00000', '00003'} and not (local / '00000.parquet').exists()
     assert_dataset(read_buckets(str(remote), [ALL]), {k: v for k, v in want.items()
                                                       if f"{v['shard']:05d}" not in bad}, bucketed=False)
 
@@ -725,9 +795,12 @@ def many_samples_tiff() -> CorpusItem:
     return CorpusItem('samples_per_pixel_200.tif', bytes(data), None, None, decodable=False)
 
 
-REAL = [*real_items(), many_samples_tiff()]
+# more of one reason than the summary names (FIRST_NAMED, 20): the rest are named in the files only
+JUNK = [CorpusItem(f'not_an_image_{i:02d}.jpg', b'<html>%d</html>' % i, None, None, decodable=False)
+        for i in range(25)]
+REAL = [*real_items(), many_samples_tiff(), *JUNK]
 REAL_BY_KEY = {f'00000{i:04d}': it for i, it in enumerate(REAL)}  # shard_rows' keys of shard 0
-NO_HEADER = {'broken.png', 'samples_per_pixel_200.tif'}
+NO_HEADER = {'broken.png', 'samples_per_pixel_200.tif', *(it.name for it in JUNK)}
 BOMBS = {'bmp_bomb.bmp', 'gif_bomb.gif'}
 PEAK_RSS = ('import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); '
             'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)')
@@ -769,7 +842,10 @@ def test_every_stored_sample_decodes_and_each_image_left_out_is_counted_and_name
     assert all(s['jpg'] == REAL_BY_KEY[k].data for k, s in stored.items())
 
     summary = json.loads((local / '_cloudwriter' / 'summary.json').read_text())
-    left_out = {x['key']: x for x in summary['left_out']}
+    # every image left out is named, one JSON line each, in a file beside its shard's record
+    names = (remote / '_cloudwriter' / '00000.left_out.jsonl').read_text().splitlines()
+    left_out = {x['key']: x for x in map(json.loads, names)}
+    assert len(names) == len(left_out) == sum(not it.decodable for it in REAL)
     assert set(left_out) == {k for k, it in REAL_BY_KEY.items() if not it.decodable}
     for key, x in left_out.items():
         name = REAL_BY_KEY[key].name
@@ -777,9 +853,16 @@ def test_every_stored_sample_decodes_and_each_image_left_out_is_counted_and_name
         assert x['url'].endswith(f'/{name}') and x['error'], x
     reasons = Counter(x['reason'] for x in left_out.values())
     assert summary['skipped_by_reason'] == {**reasons, 'HTTP Error 404: Not Found': 1}
+    # the summary and the record keep the count, where the names are, and the first 20 of each reason
+    assert summary['left_out']['images'] == len(left_out) and max(reasons.values()) > 20
+    assert summary['left_out']['names'].startswith(f'{remote}/_cloudwriter/NNNNN.left_out.jsonl: ')
+    assert summary['left_out']['first'] == {
+        reason: sorted((x for x in left_out.values() if x['reason'] == reason), key=lambda x: x['key'])[:20]
+        for reason in reasons}
+    record = json.loads((remote / '_cloudwriter' / '00000.record').read_text())
+    assert record['left_out'] == len(left_out) and record['left_out_first'] == summary['left_out']['first']
     assert (summary['rows'], summary['samples'], summary['rows_skipped']) == \
            (len(REAL) + 1, len(stored), len(left_out) + 1)  # rows in == written + skipped
-    record = json.loads((remote / '_cloudwriter' / '00000.record').read_text())
     written, skipped = sum(record['samples'].values()), sum(record['skipped'].values())
     assert record['rows'] == written + skipped == len(REAL) + 1
     assert f'rows: {len(REAL) + 1} in = {len(stored)} written + {len(left_out) + 1} skipped (verify: full ' \
@@ -797,7 +880,7 @@ def test_verify_header_stores_undecodable_files_and_the_preview_refuses_the_bomb
     # documented: only files without a readable header are left out; the rest are stored unopened
     assert stored == {k for k, it in REAL_BY_KEY.items() if it.name not in NO_HEADER}
     bomb = next(k for k, it in REAL_BY_KEY.items() if it.name == 'gif_bomb.gif')
-    candidates = json.loads((remote / '_cloudwriter' / '00000.preview').read_text())['buckets']
+    candidates = json.loads((remote / '_cloudwriter' / '00000.preview').read_text())['shards']['00000']
     tile = next(c for cands in candidates.values() for c in cands if c['key'] == bomb)
     assert tile['thumb'] == ''  # refused under PIL's pixel limit: drawn as a grey tile
     # the issue measured 4.5 GB: the preview decoded a thumbnail of the 4.36-gigapixel GIF

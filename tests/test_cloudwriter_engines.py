@@ -27,6 +27,7 @@ from test_cloudwriter import (
     make_input,
     read_buckets,
     records,
+    s3_records,
     start,
     wait_for,
 )
@@ -160,7 +161,7 @@ def test_local_on_s3_with_ray_survives_a_driver_kill9_and_deletes_sources_only_a
         if proc.poll() is None:
             kill9(proc)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    done = {k[:-len('.record')] for k in keys('laion/_cloudwriter/') if k.endswith('.record')}
+    done = s3_records(s3, 'laion')
     left = keys('download/')
     assert len(done) < 8, 'killed too late to test anything'
     for s in range(8):  # a source shard is gone only once its record is up

@@ -7,4 +7,5 @@
 - `s3`: moto's S3 server on loopback behind a proxy that can be cut and restored mid-run.
 - `models`: a tiny Stable-Diffusion-2-shaped model folder (vae/, text_encoder/, tokenizer/).
 - `readback`: open any MDS output (local or s3://) with streaming's StreamingDataset.
+- `loaded`: what a loaded machine does to a child's threads (CPython's executor exit race), forced.
 """
