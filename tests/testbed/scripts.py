@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import logging
@@ -63,15 +64,45 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _library_state(saved: tuple | None = None) -> tuple:
+    """What a fresh process's libraries hold that outlives a run in this one: fsspec's settings (read
+    from FSSPEC_* variables on import) and its cached filesystems (an S3FileSystem keeps the endpoint
+    and credentials it was made with), boto3's default session. Returns the state as it was and sets it
+    to a fresh process's for the environment now (or back to `saved`). What other libraries read from
+    the environment on import (huggingface_hub's HF_HUB_OFFLINE) stays as this process has it: a test
+    of those settings needs a process of its own."""
+    fsspec, boto3 = sys.modules.get('fsspec'), sys.modules.get('boto3')
+    was = (copy.deepcopy(fsspec.config.conf) if fsspec else None,
+           boto3.DEFAULT_SESSION if boto3 else None)
+    if fsspec:
+        import fsspec.config
+        import fsspec.spec
+
+        fsspec.config.conf.clear()
+        if saved is None or saved[0] is None:  # as read on import
+            fsspec.config.set_conf_files(fsspec.config.conf_dir, fsspec.config.conf)
+            fsspec.config.set_conf_env(fsspec.config.conf)
+        else:
+            fsspec.config.conf.update(saved[0])
+        classes = [fsspec.spec.AbstractFileSystem]
+        while classes:
+            cls = classes.pop()
+            cls.clear_instance_cache()
+            classes += cls.__subclasses__()
+    if boto3:
+        boto3.DEFAULT_SESSION = saved[1] if saved else None
+    return was
+
+
 @contextlib.contextmanager
 def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
                         argv: list[str]) -> Iterator[list[str]]:
     """This process dressed, for a with-block, as `python argv...` would start: `env` as the whole
     environment, `cwd`, sys.argv, file descriptors 1 and 2 on temporary files (sys.stdout and sys.stderr
     write there too, so forked workers and C libraries land in the same place), a fresh interpreter's
-    warning filters printing to stderr, no root log handlers and every stream handler on that stderr.
-    The list yielded holds what was written to 1 and 2, as text, once the block ends; everything else is
-    restored then."""
+    warning filters printing to stderr, no root log handlers and every stream handler on that stderr,
+    fsspec and boto3 as a fresh process has them (_library_state). The list yielded holds what was
+    written to 1 and 2, as text, once the block ends; everything else is restored then."""
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     handlers = {s: signal.getsignal(s) for s in SIGNALS}
     torch = sys.modules.get('torch')
@@ -86,6 +117,7 @@ def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
     py_err.flush()
     fds = os.dup(1), os.dup(2)
     said: list[str] = []
+    libraries = None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, warnings.catch_warnings():
         try:
             os.dup2(out.fileno(), 1)
@@ -105,6 +137,7 @@ def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
                 os.environ.update(env)
             if cwd is not None:
                 os.chdir(cwd)
+            libraries = _library_state()
             sys.argv = argv
             yield said
         finally:
@@ -119,6 +152,8 @@ def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
             os.chdir(saved_cwd)
             os.environ.clear()
             os.environ.update(saved_env)
+            if libraries is not None:
+                _library_state(libraries)
             for handler, stream in streams:
                 handler.setStream(stream)
             for lg, (hs, level, disabled) in kept.items():
