@@ -43,9 +43,9 @@ BROKEN = {'truncated.jpg', 'random.bin', 'empty.jpg'}
 
 def run(root: Path, *args, env: dict | None = None, timeout: float = 300, torchrun: int = 0,
         own_process: bool = False) -> subprocess.CompletedProcess:
-    """The script's command line, as a user types it: under torchrun, or in a process of its own, in
-    processes of their own; else run in this process as its own process would run it
-    (testbed.scripts.run_script: no interpreter, torch and model-library start-up per run)."""
+    """The script's command line as a user types it: in processes of its own under torchrun or with
+    `own_process`; else in this process as its own process would run it (testbed.scripts.run_script:
+    no interpreter, torch and model-library start-up per run)."""
     if not (torchrun or own_process):
         return run_script('precompute_latents.py', *args, env=env)
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
