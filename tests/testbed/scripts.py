@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+TESTS = ROOT / 'tests'
 
 
 def load_script(name: str):
@@ -98,12 +99,12 @@ def _library_state(saved: tuple | None = None) -> tuple:
 def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
                         argv: list[str]) -> Iterator[list[str]]:
     """This process dressed, for a with-block, as `python argv...` would start: `env` as the whole
-    environment, `cwd`, sys.argv, file descriptors 1 and 2 on temporary files (sys.stdout and sys.stderr
-    write there too, so forked workers and C libraries land in the same place), a fresh interpreter's
-    warning filters printing to stderr, no root log handlers and every stream handler on that stderr,
-    fsspec and boto3 as a fresh process has them (_library_state). The list yielded holds what was
-    written to 1 and 2, as text, once the block ends; everything else is restored then."""
-    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    environment, `cwd`, sys.argv and sys.path, file descriptors 1 and 2 on temporary files (sys.stdout
+    and sys.stderr write there too, so forked workers and C libraries land in the same place), a fresh
+    interpreter's warning filters printing to stderr, no root log handlers and every stream handler on
+    that stderr, fsspec and boto3 as a fresh process has them (_library_state). The list yielded holds
+    what was written to 1 and 2, as text, once the block ends; everything else is restored then."""
+    saved_env, saved_cwd, saved_argv, saved_path = dict(os.environ), os.getcwd(), sys.argv, sys.path
     handlers = {s: signal.getsignal(s) for s in SIGNALS}
     torch = sys.modules.get('torch')
     threads = torch.get_num_threads() if torch else None
@@ -130,8 +131,8 @@ def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
                 warnings.filterwarnings(action, category=category, module=module)
             warnings.showwarning = _show_warning
             logging.getLogger().handlers = []
-            for handler, _ in streams:
-                handler.setStream(sys.stderr)
+            for handler, _ in streams:  # not setStream: it flushes the old one, which may be closed
+                handler.stream = sys.stderr
             if env is not None:
                 os.environ.clear()
                 os.environ.update(env)
@@ -139,6 +140,8 @@ def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
                 os.chdir(cwd)
             libraries = _library_state()
             sys.argv = argv
+            # As `python script.py` has it: the script's folder first, not the tests' (no test bed).
+            sys.path = [str(Path(argv[0]).parent)] + [p for p in saved_path if p and Path(p) != TESTS]
             yield said
         finally:
             sys.stdout.flush()
@@ -148,14 +151,14 @@ def _as_a_fresh_process(env: dict[str, str] | None, cwd: str | Path | None,
             os.dup2(fds[1], 2)
             for fd in fds:
                 os.close(fd)
-            sys.argv = saved_argv
+            sys.argv, sys.path = saved_argv, saved_path
             os.chdir(saved_cwd)
             os.environ.clear()
             os.environ.update(saved_env)
             if libraries is not None:
                 _library_state(libraries)
             for handler, stream in streams:
-                handler.setStream(stream)
+                handler.stream = stream
             for lg, (hs, level, disabled) in kept.items():
                 lg.handlers, lg.level, lg.disabled = hs, level, disabled
             for signum, handler in handlers.items():
