@@ -42,6 +42,7 @@ from testbed.http_server import ImageServer  # noqa: E402
 from testbed.laion_meta import entries_for, write_metadata  # noqa: E402
 from testbed.models import build_tiny_sd  # noqa: E402
 from testbed.readback import read_mds  # noqa: E402
+from testbed.scripts import run_script  # noqa: E402
 from testbed.vlms import build_vlm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,15 +75,24 @@ def sample_images(n: int, seed: int = 0) -> list[CorpusItem]:
     return items + [CorpusItem(PLANTED, original.data, original.width, original.height)]
 
 
-def run(step: str, cmd: list[str], env: dict[str, str], timings: dict[str, float]) -> None:
-    """Run one pipeline step as a user would; stop the demo if it fails."""
+def run(step: str, cmd: list[str], env: dict[str, str], timings: dict[str, float],
+        in_process: bool = False) -> None:
+    """Run one pipeline step as a user would; stop the demo if it fails. `in_process` (the test's): a
+    Python step runs in this process as its own would (testbed.scripts.run_script), without the
+    interpreter and library start-up."""
     print(f'\n=== {step}: {" ".join(cmd)}', flush=True)
     t = time.time()
-    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    if in_process and cmd[0] == sys.executable:
+        done = run_script(cmd[1], *cmd[2:], env=env, cwd=ROOT)
+        print(done.stdout + done.stderr, end='', flush=True)
+        done.check_returncode()
+    else:
+        subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     timings[step] = time.time() - t
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, in_process: bool = False) -> dict:
+    """The demo on this command line; `in_process` runs its Python steps in this process (see run)."""
     args = parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -103,27 +113,29 @@ def main(argv: list[str] | None = None) -> dict:
         write_metadata(out / 'metadata', entries_for(server, items), 'full', files=2)
         run('download', ['bash', 'laion_download_all.sh'],
             {**env, 'URL_LIST': str(out / 'metadata'), 'OUTPUT_FOLDER': str(out / 'parquet'),
-             'PROCESSES_COUNT': '1', 'THREAD_COUNT': '16', 'NUMBER_SAMPLE_PER_SHARD': '100'}, timings)
+             'PROCESSES_COUNT': '1', 'THREAD_COUNT': '16', 'NUMBER_SAMPLE_PER_SHARD': '100'},
+            timings, in_process)
     run('cloudwriter', [py, 'laion_cloudwriter.py', '--local', str(out / 'parquet'),
                         '--remote', str(out / 'mds'), '--bucketed', '--keep_parquet',
-                        '--poll_interval', '1', '--preview', str(PREVIEW)], env, timings)
+                        '--poll_interval', '1', '--preview', str(PREVIEW)], env, timings, in_process)
     bucket = f'{BUCKET_EDGES[LATENT_BUCKET]}-{BUCKET_EDGES[LATENT_BUCKET + 1]}'
     run('curate', [py, 'curate_images.py', '--remote_download', str(out / 'mds'), '--bucket', 'all',
                    '--remote_upload', str(out / 'curated'), '--local', str(out / 'curate-cache'),
                    '--model_name', str(clip), '--heads', f'aesthetic={head}', '--caption_keys', 'caption',
                    '--dup_threshold', '1', '--filter', 'dup_keep = 1', '--num_workers', '0',
-                   '--batch-size', '32', '--preview', '1'], env, timings)
+                   '--batch-size', '32', '--preview', '1'], env, timings, in_process)
     run('captions', [py, 'caption_images.py', '--remote_download', str(out / 'curated'),
                      '--remote_upload', str(out / 'captioned'), '--local', str(out / 'captions-cache'),
                      '--bucket', str(LATENT_BUCKET), '--model_name', str(vlm), '--batch-size', '16',
-                     '--max_new_tokens', '12', '--preview', '3'], env, timings)
+                     '--max_new_tokens', '12', '--preview', '3'], env, timings, in_process)
     run('latents', [py, 'precompute_latents.py', '--remote_download', str(out / 'captioned'),
                     '--remote_upload', str(out / 'latents'), '--local', str(out / 'latents-cache'),
                     '--bucket', str(LATENT_BUCKET), '--model_name', str(model), '--batch-size', '16',
                     '--resolutions', str(RESOLUTION), '--caption_keys', 'caption', 'vlm_caption',
-                    '--num_workers', '1', '--preview', '3'], env, timings)
+                    '--num_workers', '1', '--preview', '3'], env, timings, in_process)
     run('coco', [py, 'convert_coco.py', '--data_path', str(coco_data), '--annotation_path',
-                 str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'], env, timings)
+                 str(coco_ann), '--remote', str(out / 'coco-mds'), '--num_samples', '0'],
+        env, timings, in_process)
     return report(out, bucket, timings, args.images)
 
 

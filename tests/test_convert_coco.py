@@ -20,6 +20,7 @@ from streaming import MDSWriter
 from testbed.coco import normalize_caption, write_coco_sample
 from testbed.mds_input import ENDPOINT_VARIABLES, endpoint_only_in
 from testbed.readback import read_mds
+from testbed.scripts import run_script
 
 N_IMAGES = 24
 
@@ -41,9 +42,10 @@ def coco_copy(coco, tmp_path) -> tuple[Path, Path]:
 
 def run(root: Path, data: Path, ann: Path, remote: str, *extra: str,
         env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(root / 'convert_coco.py'), '--data_path', str(data),
-           '--annotation_path', str(ann), '--remote', remote, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    """The command line, run in this process as its own would run it (testbed.scripts.run_script: no
+    interpreter and streaming start-up per run); Ctrl-C's test runs a process of its own."""
+    return run_script('convert_coco.py', '--data_path', data, '--annotation_path', ann, '--remote', remote,
+                      *extra, env=env)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -10,7 +10,10 @@ from testbed.corpus import bucket_of
 
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
-    result = demo.main(['--out', str(tmp_path / 'demo'), '--images', '40', '--coco_images', '8'])
+    # The Python steps run in this process as their own would (run_script): the pipeline and its data
+    # are the test's; each step's process is its own tests'.
+    result = demo.main(['--out', str(tmp_path / 'demo'), '--images', '40', '--coco_images', '8'],
+                       in_process=True)
     images = demo.sample_images(40)
     want = collections.Counter(bucket_of(min(it.width, it.height)) for it in images)
     want[bucket_of(min(images[0].width, images[0].height))] += 1  # the metadata's redirect row

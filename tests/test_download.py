@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from testbed.corpus import build_corpus, good_items
-from testbed.i2d_shards import i2d_schema
+from testbed.i2d_shards import i2d_schema, write_i2d_output
 from testbed.laion_meta import entries_for, full_table, write_metadata
 from testbed.real import real_items
 
@@ -143,12 +143,20 @@ def expected_summary(entries: list) -> dict[str, int]:
     return want
 
 
-def test_full_set_downloads_exact_bytes_and_counts_failures(full_download):
+def built_schema(flavour: str, folder: Path) -> pa.Schema:
+    """The schema of a shard the test bed's builder (testbed/i2d_shards.py) writes: what the other tests
+    take for img2dataset's output, so it must equal the real one's."""
+    write_i2d_output(folder, 1, flavour=flavour)
+    return pq.read_schema(folder / '00000.parquet').remove_metadata()
+
+
+def test_full_set_downloads_exact_bytes_and_counts_failures(full_download, tmp_path):
     out, proc, entries = full_download
     assert (out / 'done').exists()
     shards = -(-len(entries) // PER_SHARD)
     assert sorted(p.name for p in out.glob('*_stats.json')) == [f'{s:05d}_stats.json' for s in range(shards)]
-    assert pq.read_schema(out / '00000.parquet').remove_metadata() == i2d_schema('full')
+    real = pq.read_schema(out / '00000.parquet').remove_metadata()
+    assert real == i2d_schema('full') == built_schema('full', tmp_path / 'built')
     table = read_output(out)
     check_rows(table, entries, ['punsafe', 'pwatermark', 'similarity', 'hash'])
     assert len(set(table.column('key').to_pylist())) == len(entries)
@@ -164,7 +172,8 @@ def test_aesthetic_set_downloads_exact_bytes_with_its_columns(image_server, tmp_
     proc = run('aesthetic', tmp_path / 'laion2b-4.5-raw', out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / 'done').exists()
-    assert pq.read_schema(out / '00000.parquet').remove_metadata() == i2d_schema('aesthetic')
+    real = pq.read_schema(out / '00000.parquet').remove_metadata()
+    assert real == i2d_schema('aesthetic') == built_schema('aesthetic', tmp_path / 'built')
     table = read_output(out)
     check_rows(table, entries, ['AESTHETIC_SCORE', 'punsafe', 'hash'])
     scores = {r['url']: r['AESTHETIC_SCORE'] for r in table.select(['url', 'AESTHETIC_SCORE']).to_pylist()}

@@ -21,6 +21,7 @@ from testbed.corpus import good_items
 from testbed.laion_meta import entries_for
 from testbed.presets import PRESET_TABLES, preset_table
 from testbed.readback import read_mds
+from testbed.scripts import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / 'laion_download_all.sh'
@@ -47,9 +48,9 @@ def download(meta: Path, out: Path, **knobs: str) -> subprocess.CompletedProcess
                           timeout=300)
 
 
-def filter_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(FILTER_PY), *args], capture_output=True, text=True,
-                          timeout=120)
+def filter_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """filter_metadata.py's command line, run in this process as its own would run it (run_script)."""
+    return run_script('filter_metadata.py', *args, env=env)
 
 
 def read_shards(out: Path) -> pa.Table:
@@ -160,9 +161,8 @@ def test_each_preset_downloads_its_columns_and_exact_bytes(preset, entries, tmp_
             assert r['status'] == 'success' and r['jpg'] == e.item.data
     assert not (out / '_metadata').exists()  # no filter asked: img2dataset read URL_LIST itself
     if preset in MDS_NAMES:  # the cloudwriter's MDS keeps them under its one spelling
-        proc = subprocess.run([sys.executable, str(ROOT / 'laion_cloudwriter.py'), '--local', str(out),
-                               '--remote', str(tmp_path / 'mds'), '--keep_parquet', '--processes', '1'],
-                              capture_output=True, text=True, timeout=240)
+        proc = run_script('laion_cloudwriter.py', '--local', out, '--remote', tmp_path / 'mds',
+                          '--keep_parquet', '--processes', '1')
         assert proc.returncode == 0, proc.stderr[-2000:]
         samples = read_mds(str(tmp_path / 'mds' / '0-1048576'))  # unbucketed: the one dataset
         assert len(samples) == sum(r['status'] == 'success' for r in by_url.values())
@@ -310,9 +310,9 @@ def test_filter_reads_and_writes_object_storage(s3, tmp_path):
     for p in sorted((tmp_path / 'raw').iterdir()):
         s3.client().upload_file(str(p), s3.bucket, f'raw/{p.name}')
     env = s3.child_env(AWS_ENDPOINT_URL=s3.endpoint)  # botocore's endpoint variable, which s3fs reads
-    args = [sys.executable, str(FILTER_PY), '--url_list', f's3://{s3.bucket}/raw',
-            '--output_folder', f's3://{s3.bucket}/out', '--filter', 'punsafe >= 0.5']
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    args = ['--url_list', f's3://{s3.bucket}/raw', '--output_folder', f's3://{s3.bucket}/out',
+            '--filter', 'punsafe >= 0.5']
+    proc = filter_cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f's3://{s3.bucket}/out/_metadata'
     keys = s3.list_keys(s3.bucket, 'out/')
@@ -323,8 +323,7 @@ def test_filter_reads_and_writes_object_storage(s3, tmp_path):
         s3.client().download_file(s3.bucket, k, str(tmp_path / 'got.parquet'))
         got.append(pq.read_table(tmp_path / 'got.parquet'))
     assert pa.concat_tables(got) == table.filter(pc.greater_equal(table['punsafe'], 0.5))
-    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    rerun = filter_cli(*args, env=env)
     assert rerun.returncode == 0 and 'reusing the filtered metadata' in rerun.stderr
-    other = subprocess.run(args[:-1] + ['punsafe >= 0.6'], env=env, capture_output=True, text=True,
-                           timeout=120)
+    other = filter_cli(*args[:-1], 'punsafe >= 0.6', env=env)
     assert other.returncode == 2 and 'shard ids would mean other rows' in other.stderr

@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from test_precompute_latents import refused
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
 from testbed.readback import read_mds
-from testbed.scripts import load_script
+from testbed.scripts import load_script, run_script
 
 RESOLUTIONS = (64, 128)
 N = 3
@@ -30,8 +29,8 @@ TILE, GAP, LINE, LINES = G.PREVIEW_TILE, G.PREVIEW_GAP, G.PREVIEW_LINE, G.PREVIE
 
 
 def run(root: Path, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(root / 'precompute_latents.py'), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """The command line, run in this process as its own would run it (testbed.scripts.run_script)."""
+    return run_script('precompute_latents.py', *args)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -35,15 +35,19 @@ from testbed.mds_input import (
     write_mds_input,
 )
 from testbed.readback import read_mds
-from testbed.scripts import load_script, run_main
+from testbed.scripts import load_script, run_main, run_script
 
 HIDDEN = 1024
 BROKEN = {'truncated.jpg', 'random.bin', 'empty.jpg'}
 
 
-def run(root: Path, *args, env: dict | None = None, timeout: float = 300,
-        torchrun: int = 0) -> subprocess.CompletedProcess:
-    """The script's command line (optionally under torchrun), as a user types it."""
+def run(root: Path, *args, env: dict | None = None, timeout: float = 300, torchrun: int = 0,
+        own_process: bool = False) -> subprocess.CompletedProcess:
+    """The script's command line as a user types it: in processes of its own under torchrun or with
+    `own_process`; else in this process as its own process would run it (testbed.scripts.run_script:
+    no interpreter, torch and model-library start-up per run)."""
+    if not (torchrun or own_process):
+        return run_script('precompute_latents.py', *args, env=env)
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                 '--nproc_per_node', str(torchrun), '--'] if torchrun else [sys.executable]
     cmd = launcher + [str(root / 'precompute_latents.py'), *map(str, args)]
@@ -448,9 +452,8 @@ def test_input_cache_and_output_in_one_place_are_refused(case, root, tiny_model,
             ['--remote_download', 's3://bucket/laion', '--local', tmp_path / 'cache',
              '--remote_upload', 's3://bucket//laion/'],
     }[case]
-    proc = subprocess.run([sys.executable, str(root / 'precompute_latents.py'), *map(str, flags),
-                           '--bucket', UNBUCKETED, '--model_name', tiny_model],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_script('precompute_latents.py', *flags, '--bucket', UNBUCKETED, '--model_name', tiny_model,
+                      cwd=tmp_path)
     line = one_line_error(proc)
     assert 'places of their own' in line and ('same place' in line or 'inside' in line or 'holds' in line)
     assert tree(data) == before  # nothing deleted, nothing added
@@ -679,7 +682,8 @@ def test_a_model_name_that_cannot_load_fails_fast(name, env, phrase, root, tiny_
     if env.get('HF_HUB_OFFLINE', '1') == '1' and 'HF_ENDPOINT' not in env and constants.HF_HUB_OFFLINE:
         line = refused(*flags)
     else:
-        line = one_line_error(run(root, *flags, env={**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env}))
+        line = one_line_error(run(root, *flags, env={**os.environ, 'HF_HOME': str(tmp_path / 'hf'), **env},
+                                  own_process=True))  # huggingface_hub reads them as it is imported
     assert phrase in line
     assert time.time() - began < 120  # no minutes of hub retries
     assert not (tmp_path / 'out').exists()

@@ -1,8 +1,8 @@
 """img2dataset-shaped output shards (NNNNN.parquet + NNNNN_stats.json) made without a download.
 
 The schema is what img2dataset 1.47 writes with `output_format parquet`, `disable_all_reencoding`,
-`compute_hash md5` and the additional columns of DOWNLOAD_ARGS (tests/test_testbed.py checks it
-against a real img2dataset run): the saved input columns, caption, url, then key, status,
+`compute_hash md5` and the additional columns of DOWNLOAD_ARGS (tests/test_download.py checks it
+against the download scripts' real img2dataset runs): the saved input columns, caption, url, then key, status,
 error_message, width, height, original_width, original_height, exif, jpg, with md5 before url
 (full set, verified) or after exif (aesthetic set, computed only). Without re-encoding,
 img2dataset leaves the four size columns null; `sizes=True` fills them as a resizing run would.
