@@ -7,7 +7,7 @@ so that training can pick a caption per sample and precompute_latents.py can enc
 SmolVLM / Idefics3: any that loads with AutoProcessor and AutoModelForImageTextToText) in this process;
 `openai` sends each image to OpenAI-compatible servers (`vllm serve`, SGLang, TGI, llama.cpp,
 `transformers serve`, a hosted API) with `--concurrency` requests in flight. The full manual is
-README.md's section "caption_images.py".
+docs/caption_images.md.
 
 Examples (one GPU; `torchrun --nproc_per_node 8 -- caption_images.py ...` for eight):
 
@@ -611,7 +611,7 @@ def mds_writer(columns: dict[str, str], **kwargs):
 
 # >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
 # precompute_latents.py; tests/test_twins.py checks the copies). The one decode rule of every script that
-# looks at pixels, stated in README.md's "How images are decoded".
+# looks at pixels, stated in docs/decoding.md.
 DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
 SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
 # 16-bit and 32-bit integer grayscale to 8 bits as tables PIL applies (an `I` image's values clipped to

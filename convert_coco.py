@@ -30,7 +30,8 @@ such as another dataset, is refused in one line. A rerun replaces its own output
 earlier run's shards that the new index does not list. In `--local` it touches only its staging
 subfolder. A local remote that is, holds or lies inside an input is refused (real paths compared, so
 symlinks and other spellings of a path count).
-Exit: 0 written; 2 refused or failed (one `error:` line says why); 1 interrupted.
+Exit: 0 written; 2 refused or failed (one `error:` line says why); 1 interrupted. The full manual is
+docs/convert_coco.md.
 
 Read back:
     from streaming import StreamingDataset

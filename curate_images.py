@@ -5,8 +5,8 @@ image-text model of transformers (CLIPModel, SiglipModel: any with get_image_fea
 get_text_features), and adds columns: one per score head (a linear layer or an MLP over the normalised
 embedding, such as LAION's improved aesthetic predictor), one CLIP score per `--caption_keys` column
 (cosine of image and text features), and `dup_group` / `dup_keep` over every bucket together. A
-`--filter` (Polars SQL, as filter_metadata.py reads it) then drops rows. The full manual is README.md's
-section "curate_images.py".
+`--filter` (Polars SQL, as filter_metadata.py reads it) then drops rows. The full manual is
+docs/curate_images.md.
 
 Example (one GPU; `torchrun --nproc_per_node 8 -- curate_images.py ...` for eight):
 
@@ -978,7 +978,7 @@ def mds_writer(columns: dict[str, str], **kwargs):
 
 # >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
 # precompute_latents.py; tests/test_twins.py checks the copies). The one decode rule of every script that
-# looks at pixels, stated in README.md's "How images are decoded".
+# looks at pixels, stated in docs/decoding.md.
 DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
 SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
 # 16-bit and 32-bit integer grayscale to 8 bits as tables PIL applies (an `I` image's values clipped to

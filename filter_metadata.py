@@ -7,6 +7,7 @@ remove, and writes what is left once, beside the download: <output_folder>/_meta
 out, removed per clause, by the blocklist and by the dedup), filter_histograms.png (before/after) and, last,
 `settings`, the record of what made it. laion_download_all.sh runs this step (FILTER, BLOCKLIST, DEDUP)
 and hands the result to img2dataset; run it by hand to look at a filter before downloading anything.
+The full manual is docs/download.md#filtering-the-metadata-first-filter-blocklist-dedup.
 
 Example:
   python filter_metadata.py --url_list /data/relaion2b-raw --output_folder /data/relaion2b-processed \

@@ -36,7 +36,7 @@ _stats.json left unconverted (named); 2 fatal (remote failing, missing required 
 start); 128 + signal when stopped (143 SIGTERM, 130 SIGINT).
 
 The long form (engines: --distributor pyspark|ray; --merge_only; --preview; the schema; storage
-settings; errors and what to do): README.md, section laion_cloudwriter.py.
+settings): docs/laion_cloudwriter.md; errors and what to do: docs/errors.md.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ ALIASES = {'aesthetic_score': ('aesthetic_score', 'AESTHETIC_SCORE', 'aesthetic_
            'similarity': ('similarity', 'clip_b32_similarity_score', 'clip_similarity_vitb32')}
 
 # A merge while running (so readers can start early) of t seconds waits at least t / MERGE_SHARE
-# after it: the driver spends at most this share of its time merging (README: merge cadence).
+# after it: the driver spends at most this share of its time merging (docs/scale.md: merge cadence).
 MERGE_SHARE = 0.1
 # A look at --local of t seconds is followed by the next at least t / SCAN_SHARE later (and --poll_interval):
 # the listing grows with every shard converted (their NNNNN_converted.json stay): 1.1-1.5 s for 230k files
@@ -816,8 +816,8 @@ def storage_env(args: argparse.Namespace) -> dict[str, str]:
 
 def in_worker(source: str, args: argparse.Namespace, env: dict[str, str], sids: list[str]) -> dict[str, Any]:
     """convert_task in a pyspark or ray worker process, with the driver's storage settings `env` set
-    first (they travel in the task's arguments: README). This script travels as `source` and is
-    loaded once per worker process (kept with its buffers for the next task)."""
+    first (they travel in the task's arguments: docs/laion_cloudwriter.md). This script travels as
+    `source` and is loaded once per worker process (kept with its buffers for the next task)."""
     os.environ.update(env)
     name = f'laion_cloudwriter_{hashlib.sha1(source.encode()).hexdigest()[:12]}'
     if name not in sys.modules:
@@ -1617,7 +1617,7 @@ class PartWriter:
 # existence makes every shard of the task done): the shards, their counts (rows in = samples written +
 # rows skipped), how many images they left out and the first of them by reason (all are named in
 # <NNNNN>.left_out.jsonl), and per bucket its part's MDS shards' bytes and samples, their common config
-# kept once (README: LAION-2B on paper).
+# kept once (docs/scale.md: LAION-2B on paper).
 
 def shard_record(sids: list[str], bucketed: bool, rows: int, samples: dict[str, int],
                  skipped: dict[str, int], left_out: int, left_out_first: dict[str, list[dict]],
@@ -1716,7 +1716,7 @@ def mds_sample(data: bytes) -> dict[str, Any]:
 
 # >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
 # precompute_latents.py; tests/test_twins.py checks the copies). The one decode rule of every script that
-# looks at pixels, stated in README.md's "How images are decoded".
+# looks at pixels, stated in docs/decoding.md.
 DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
 SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
 # 16-bit and 32-bit integer grayscale to 8 bits as tables PIL applies (an `I` image's values clipped to

@@ -17,6 +17,7 @@
 #   URL_COL, CAPTION_COL     URL, TEXT
 #   SAVE_ADDITIONAL_COLUMNS  punsafe,pwatermark,similarity,hash,AESTHETIC_SCORE
 #   VERIFY_HASH              empty (nothing to verify against)
+# Manual: docs/download.md.
 set -euo pipefail
 
 export URL_LIST=${URL_LIST:-/tmp/laion2b-4.5-raw}

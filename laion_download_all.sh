@@ -33,6 +33,7 @@
 #         into a local folder) images that downloaded but do not decode (img2dataset marks them
 #         'success', as it decodes nothing here) are counted as corrupt; otherwise they count as ok here
 #         and laion_cloudwriter.py counts those whose header does not read, where it reads them anyway.
+# Manual: docs/download.md (datasets, filtering, every knob, the summary, running on a cluster).
 #
 # Knobs: environment variables named as the img2dataset flag they set (upper case), with defaults.
 # Any arguments are passed on to img2dataset (e.g. --min_image_size=64 or --user_agent_token=me);
@@ -101,9 +102,9 @@ TIMEOUT=${TIMEOUT:-10}
 RETRIES=${RETRIES:-0}
 # DATASET presets: URL column, caption column, metadata columns kept (SAVE_ADDITIONAL_COLUMNS), the column
 # with each image's hash (VERIFY_HASH; - for none) and that hash (VERIFY_HASH_TYPE). Where and how big each
-# set is: README "Datasets". Columns img2dataset writes itself (key status width height original_width
-# original_height exif error_message md5) are never kept from the metadata: it records them for the file
-# it downloads; FILTER can still use them.
+# set is: docs/download.md, "Datasets". Columns img2dataset writes itself (key status width height
+# original_width original_height exif error_message md5) are never kept from the metadata: it records them
+# for the file it downloads; FILTER can still use them.
 declare -A PRESETS=(
   [laion2b-en]='url caption punsafe,pwatermark,similarity,hash md5 md5'
   [relaion2b-en-research]='url caption punsafe,pwatermark,similarity,hash - md5'

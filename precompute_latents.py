@@ -4,8 +4,8 @@ Streams one resolution bucket of what laion_cloudwriter.py wrote through the VAE
 a diffusers pipeline (SD 1/2, SDXL, SD3, FLUX.1, mosaicml/diffusion's T5 + CLIP, Z-Image, Lumina 2, Chroma,
 SANA, Qwen-Image, FLUX.2; or text encoders composed with --text_encoder), encoding captions
 as its `encode_prompt` does, so that training does not re-encode them every epoch. The full manual
-(columns and shapes, convention.json, aspect buckets, preview, errors) is README.md's section
-"precompute_latents.py".
+(columns and shapes, convention.json, aspect buckets, preview) is docs/precompute_latents.md; errors
+and what to do: docs/errors.md.
 
 Example (one GPU; `torchrun --nproc_per_node 8 -- precompute_latents.py ...` for eight):
 
@@ -1538,7 +1538,7 @@ def prefetch(parts: list[Part], cache: ShardCache, writer: PartWriter, ahead: in
 
 # >>> twin: decode (copied verbatim in caption_images.py, curate_images.py, laion_cloudwriter.py,
 # precompute_latents.py; tests/test_twins.py checks the copies). The one decode rule of every script that
-# looks at pixels, stated in README.md's "How images are decoded".
+# looks at pixels, stated in docs/decoding.md.
 DECODE_PIXEL_LIMIT = 2 * 89_478_485  # PIL's default bomb limit (2 x MAX_IMAGE_PIXELS), even if lifted
 SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')  # grayscale modes, 0..65535
 # 16-bit and 32-bit integer grayscale to 8 bits as tables PIL applies (an `I` image's values clipped to

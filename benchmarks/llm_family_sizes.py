@@ -1,5 +1,6 @@
 """Bytes per sample and GPU memory of the weights for the families whose text encoder is a language model,
-computed (not measured) from the published configs' sizes written below, for README.md's tables.
+computed (not measured) from the published configs' sizes written below, for the tables of
+docs/precompute_latents.md.
 
     python benchmarks/llm_family_sizes.py
 
@@ -37,7 +38,7 @@ VISION = {
     'qwen2.5-vl-7b': dict(layers=32, hidden=1280, inter=3420, gated=True, merge_in=1280 * 4, out=3584),
     'mistral-small-3.1': dict(layers=24, hidden=1024, inter=4096, gated=True, merge_in=1024 * 4, out=5120),
 }
-T5_XXL = 4_762_310_656  # T5 v1.1 XXL encoder (README: the flux row), as Chroma loads it
+T5_XXL = 4_762_310_656  # T5 v1.1 XXL encoder (docs/precompute_latents.md: the flux row), as Chroma loads it
 CLIP_L, CLIP_G = 123_060_480, 694_659_840
 # VAEs: (latent channels, downsampling, parameters). FLUX.1's and FLUX.2's AutoencoderKL widths (128, 256,
 # 512, 512) count 84 M; AutoencoderKLQwenImage (Wan-2.1's video VAE) 127 M; DC-AE f32c32 (SANA) ~312 M.

@@ -81,7 +81,7 @@ def pixels_as_recorded(data: bytes, time_ids: list[int], resolutions_placed: lis
                        mirrored: bool = False) -> torch.Tensor:
     """The image decoded as documented (a JPEG at the DCT scale that covers every resolution's resized
     size), resized to cover the bucket in `time_ids` and cropped at the recorded top-left, as the
-    README states it (one resize of the crop's box); [-1, 1]."""
+    manual states it (docs/precompute_latents.md: one resize of the crop's box); [-1, 1]."""
     oh, ow, top, left, bh, bw = time_ids
     img = Image.open(io.BytesIO(data))
     if img.format == 'JPEG':
@@ -107,7 +107,7 @@ def time_ids(blob: bytes) -> list[int]:
 
 
 def test_the_documented_box_resize_is_resize_to_cover_then_crop(corpus):
-    """The README's exact rule (one resize of the crop's box mapped into the image) takes the same
+    """The manual's exact rule (one resize of the crop's box mapped into the image) takes the same
     samples as resizing the whole image to cover the bucket and cropping: within one level per pixel
     for every image, bucket and crop offset (a box off by one resized pixel is tens of levels)."""
     checked = 0
@@ -216,10 +216,10 @@ def test_every_image_gets_its_nearest_bucket_with_sdxl_conditioning_and_matching
     assert summary['encoded']['128'] == sum(o['latents_128'] != b'' for o in got)
 
 
-def readme_col(out: Path) -> Callable:
-    """README.md's read-back helper `col()` (its "Read it back" block up to the end of the function), run as
-    a user pastes it, over the output at `out`."""
-    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
+def manual_col(out: Path) -> Callable:
+    """docs/precompute_latents.md's read-back helper `col()` (its "Read it back" block up to the end of the
+    function), run as a user pastes it, over the output at `out`."""
+    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'docs' / 'precompute_latents.md').read_text(), re.S)
     (block,) = [textwrap.dedent(b) for b in blocks if 'def col(' in b]
     lines = block.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith('def col('))
@@ -229,11 +229,11 @@ def readme_col(out: Path) -> Callable:
     return scope['col']
 
 
-def test_the_readmes_col_reads_every_new_column_of_an_aspect_output(aspect_out):
+def test_the_manuals_col_reads_every_new_column_of_an_aspect_output(aspect_out):
     """`col()` reads latents whose shape varies per sample ([4, 'H/8', 'W/8']) at the sample's bucket, b''
     as None, ints as they are, and the fixed shapes as recorded; each equal to a direct reading."""
     out, _, _ = aspect_out
-    col = readme_col(out)
+    col = manual_col(out)
     conv = json.loads((out / 'convention.json').read_text())
     read = 0
     for o in read_mds(str(out)):
@@ -254,7 +254,7 @@ def test_the_readmes_col_reads_every_new_column_of_an_aspect_output(aspect_out):
     assert read > 20
 
 
-def test_one_dataset_per_bucket_group_and_same_shaped_batches_from_the_readme_recipe(aspect_out, tmp_path):
+def test_one_dataset_per_bucket_group_and_same_shaped_batches_from_the_manuals_recipe(aspect_out, tmp_path):
     out, by_key, _ = aspect_out
     groups = json.loads((out / 'aspect_groups.json').read_text())
     whole = read_mds(str(out))
@@ -268,8 +268,9 @@ def test_one_dataset_per_bucket_group_and_same_shaped_batches_from_the_readme_re
             assert shapes == ({0} if bucket is None else {4 * bucket[0] * bucket[1] // 64 * 2}), (name, r)
     assert sorted(keys) == sorted(o['key'] for o in whole)  # each sample in exactly one group
 
-    # The README's recipe: one Stream per group with a bucket at the training resolution, per_stream
-    # batching. Every batch has one latent shape, and the epoch covers each group's full batches.
+    # The manual's recipe (docs/precompute_latents.md): one Stream per group with a bucket at the training
+    # resolution, per_stream batching. Every batch has one latent shape, and the epoch covers each group's
+    # full batches.
     from streaming import Stream, StreamingDataLoader, StreamingDataset
 
     res, batch_size = 128, 2

@@ -229,8 +229,8 @@ def bucket_rows(s3, prefix: str) -> pa.Table:
         s3.client().get_object(Bucket=s3.bucket, Key=k)['Body'].read())) for k in keys])
 
 
-# The documented ways of naming an S3-compatible endpoint, in the order the first set wins (README,
-# Object storage): laion_cloudwriter.py's S3_ENDPOINT_VARS, so that the two scripts use one endpoint.
+# The documented ways of naming an S3-compatible endpoint, in the order the first set wins
+# (docs/storage.md): laion_cloudwriter.py's S3_ENDPOINT_VARS, so that the two scripts use one endpoint.
 ENDPOINT_VARIABLES = ['S3_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'FSSPEC_S3_ENDPOINT_URL']
 DEAD = 'http://127.0.0.1:9'  # nothing listens there
 

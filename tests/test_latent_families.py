@@ -70,7 +70,8 @@ def args_for(data: Path, model: Path, out: Path | None, tmp: Path, *extra) -> li
 
 
 def read_back(blob: bytes, spec: dict) -> np.ndarray:
-    """A column as the README's read-back snippet reads it (bfloat16: raw 16 bits, widened)."""
+    """A column as docs/precompute_latents.md's read-back snippet reads it (bfloat16: raw 16 bits,
+    widened)."""
     if spec['dtype'] == 'bfloat16':
         arr = (np.frombuffer(blob, np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
@@ -92,8 +93,8 @@ def pipeline_text(folder: Path, family: str, captions: list[str]) -> dict[str, n
 
 
 def assemble(sample: dict, columns: dict, family: str, key: str = 'caption') -> dict[str, np.ndarray]:
-    """The pipeline's outputs from the stored columns of caption `key` (named `<key>_...`), as the README
-    documents for each family."""
+    """The pipeline's outputs from the stored columns of caption `key` (named `<key>_...`), as
+    docs/precompute_latents.md documents for each family."""
     col = {k: read_back(sample[k], s) for k, s in columns.items() if s['dtype'] != 'int32' and sample[k]}
     if family == 'sd3':
         clip, t5 = col[f'{key}_clip_latents'], col[f'{key}_t5_latents']

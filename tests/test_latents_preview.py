@@ -1,7 +1,7 @@
 """precompute_latents.py --preview: a user looks at the stored latents decoded back into pictures.
 
 One small run (10 images, 64 and 128 px, the tiny SD-2-shaped model) writes the preview; the tests
-read the PNG, decode the stored latents themselves as the README documents, and compare tiles.
+read the PNG, decode the stored latents themselves as docs/precompute_latents.md documents, and compare tiles.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def source_tile(jpg: bytes, res: int) -> np.ndarray:
 
 
 def decoded_tile(vae, blob: bytes, res: int) -> np.ndarray:
-    """The stored float16 latent converted back as the README says (z = stored / scaling_factor +
-    shift_factor), vae.decode, to 8 bits as diffusers' image processor does, resized to TILE."""
+    """The stored float16 latent converted back as docs/precompute_latents.md says
+    (z = stored / scaling_factor + shift_factor), vae.decode, to 8 bits as diffusers' image processor does,
+    resized to TILE."""
     stored = np.frombuffer(blob, np.float16).reshape(4, res // 8, res // 8).astype(np.float32)
     z = stored / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     with torch.inference_mode():

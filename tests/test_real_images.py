@@ -1,7 +1,7 @@
 """Every script that decodes images, on real files of every kind (tests/testbed/real.py: Pillow's own
-test images), through its command line: what it uses is the picture README.md's "How images are decoded"
-states (`shown`, written apart from the scripts' `to_rgb`), and the undecodable files are skipped and
-named. One run per script over the whole real set.
+test images), through its command line: what it uses is the picture docs/decoding.md states (`shown`,
+written apart from the scripts' `to_rgb`), and the undecodable files are skipped and named. One run
+per script over the whole real set.
 
 - caption_images.py: the captions equal the tiny LLaVA's on `shown` pictures (what the model sees), and
   the preview's tiles are those pictures;

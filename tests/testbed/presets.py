@@ -99,7 +99,7 @@ def _coyo(entries: list[Entry]) -> pa.Table:
 
 
 def _cc12m(entries: list[Entry]) -> pa.Table:
-    """CC12M's TSV (url, caption) as the README tells to convert it to parquet."""
+    """CC12M's TSV (url, caption) as docs/download.md tells to convert it to parquet."""
     return pa.table({'url': pa.array([e.url for e in entries], pa.string()),
                      'caption': pa.array([e.caption for e in entries], pa.string())})
 

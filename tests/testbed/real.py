@@ -4,7 +4,7 @@ mode and format a web crawl brings, and the broken files that a header-only chec
 `real_items()` returns them as corpus items: the pixel size from the header (None where even the header
 does not open) and whether Pillow's defaults decode them (`Image.open(...).load()`, the bomb limit
 included). `KINDS` says what each one is, for test ids and messages. `shown(data)` is the picture
-README.md's "How images are decoded" states, computed apart from the scripts' `to_rgb`.
+docs/decoding.md states, computed apart from the scripts' `to_rgb`.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 
 
 def shown(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
-    """The README's decode rule, written apart from the scripts: the first frame (a JPEG at the DCT
+    """docs/decoding.md's rule, written apart from the scripts: the first frame (a JPEG at the DCT
     scale of `draft`, as precompute_latents.py asks), 16-bit grayscale / 257 rounded (its tRNS key's
     pixels white), transparency over white in integer arithmetic, then upright by the EXIF orientation
     (1 when unreadable)."""
