@@ -93,8 +93,9 @@ def captioned(llava, tmp_path_factory) -> dict:
         reference = direct_captions(llava, [shown(r['jpg']) for r in got], PROMPT, NEW_TOKENS)
     finally:
         torch.set_num_threads(before)
+    parts = [json.loads(m.read_text()) for m in sorted((tmp / 'out' / UNBUCKETED).glob('*/_done'))]
     return {'rows': rows, 'got': got, 'stdout': out, 'summary': json.loads((tmp / 's.json').read_text()),
-            'reference': reference, 'printed': printed[0] + err}
+            'reference': reference, 'printed': printed[0] + err, 'markers': parts}
 
 
 
@@ -106,12 +107,25 @@ def test_captions_see_each_real_file_as_the_rule_decodes_it(captioned):
 
 
 def test_captions_skip_and_name_each_undecodable_real_file(captioned):
+    """Each undecodable file named in its part's marker, with what PIL and libtiff said; the summary counts
+    them by reason and names the first of each; the JPEG with a broken EXIF block is captioned, and PIL's
+    warning about it is counted and named (issue 34's "count and name, do not print"), not printed."""
     keys = {r['url'].rsplit('/', 1)[1]: r['key'] for r in captioned['rows']}
-    summary = captioned['summary']
-    assert {s['key'] for s in summary['skipped_samples']} == {keys[it.name] for it in BAD}
-    assert all(s['reason'] for s in summary['skipped_samples'])
-    for it in BAD:
-        assert f"key={keys[it.name]!r}" in captioned['stdout'], (it.name, KINDS[it.name][0])
+    summary, parts = captioned['summary'], captioned['markers']
+    skipped = {s['key']: s['reason'] for m in parts for s in m['skipped']}
+    assert set(skipped) == {keys[it.name] for it in BAD} and summary['skipped'] == len(BAD)
+    assert skipped[keys['webp_compressed.tif']] == ('OSError: decoder error -2; libtiff: WEBP compression '
+                                                    'support is not configured')
+    assert 'DecompressionBombWarning: Image size (151587072 pixels)' in skipped[keys['bmp_bomb.bmp']]
+    by_reason = summary['skipped_names']['by_reason']
+    assert sum(by_reason.values()) == len(BAD) and 'DecompressionBombError' in by_reason
+    for reason, first in summary['skipped_names']['first'].items():
+        assert f"key={first[0]['key']!r}" in captioned['stdout'], reason
+    noted = {s['key']: s['notes'] for m in parts for s in m['noted']}
+    assert set(noted) == {keys['bad_exif.jpg']} and summary['noted'] == 1
+    assert noted[keys['bad_exif.jpg']][0].startswith('UserWarning: Corrupt EXIF data.')
+    assert f"noted    1 x UserWarning: sample {summary['noted_names']['first']['UserWarning'][0]['id']} " \
+           f"key={keys['bad_exif.jpg']!r} (first: UserWarning: Corrupt EXIF data." in captioned['stdout']
     assert 'WEBP' not in captioned['printed'] and 'Warning' not in captioned['printed']  # libtiff, PIL
 
 
