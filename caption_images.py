@@ -30,9 +30,10 @@ Resume: the work is split into parts of whole input shards; each finished part g
 with the settings that shape its text. Rerun the same command, with any number of processes, to skip
 finished parts; other settings or another input are refused. Rank 0 merges index.json at the end.
 
-Exit codes: 0 done (undecodable images, and images a server refuses with a 4xx, are skipped, counted
-and named in the summary); 2 one `error:` line (a flag, the model, the places, a rerun's other settings,
-parts left unfinished: a request that failed after its retries, or endpoints that stopped answering);
+Exit codes: 0 done (undecodable images, and images a server refuses with a 4xx, are skipped: each named
+in its part's `_done` marker, counted by reason in the summary); 2 one `error:` line (a flag, the model,
+the places, a rerun's other settings, parts left unfinished: a request that failed after its retries,
+named in the part's `_failed`, or endpoints that stopped answering);
 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 

@@ -27,8 +27,9 @@ its parts and groups of clusters; writing: parts again). Rerun the same command 
 processes to skip finished units; other settings are refused, but another `--filter` rewrites only the
 output (the embeddings and the dedup are reused: tune it by looking). Rank 0 merges each index.json last.
 
-Exit codes: 0 done (undecodable images are skipped, counted and named); 2 one `error:` line; 128 + the
-signal after SIGTERM (143) or Ctrl-C (130): finished units are kept.
+Exit codes: 0 done (undecodable images are skipped: each named in its part's `_done` marker, counted by
+reason in the summary); 2 one `error:` line; 128 + the signal after SIGTERM (143) or Ctrl-C (130):
+finished units are kept.
 """
 
 from __future__ import annotations

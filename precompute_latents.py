@@ -27,11 +27,11 @@ marker with the settings that shape its bytes. Rerun the same command, with any 
 to skip finished parts; other settings or another input are refused. Rank 0 merges `index.json` after
 all ranks finish.
 
-Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
-line (a flag, the model, the input, the places, a rerun's other settings, parts left unfinished, no
-sample at all because every image was skipped, no latent at all because every image is smaller than
---resolutions, a failed `--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130):
-finished parts are kept.
+Exit codes: 0 done (undecodable images are skipped: each named in its part's `_done` marker, counted by
+reason in the summary); 2 one `error:` line (a flag, the model, the input, the places, a rerun's other
+settings, parts left unfinished, no sample at all because every image was skipped, no latent at all
+because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after
+SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
@@ -2049,7 +2049,7 @@ class BatchReader:
             rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.crop.random else None
                     for r in self.crop.tables}
             try:
-                with noted() as notes:  # PIL's warnings, libtiff's words: named in the summary, not printed
+                with noted() as notes:  # PIL's warnings, libtiff's words: named in the marker, not printed
                     img, size, placed = self.crop.decode(sample['jpg'], rngs)
                     pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
