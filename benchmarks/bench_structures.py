@@ -303,7 +303,8 @@ def measure_script(name: str, which: str, n: int, work: Path, rev: str, rank: in
         size = len(json.dumps(summary, indent=2)) / 1e6
     elif name == 'merge' and which == 'caption':
         os.makedirs(pl.staging, exist_ok=True)
-        sc.merge_parts(plan, pl.staging)
+        timeout = [60.0] if 'timeout' in inspect.signature(sc.merge_parts).parameters else []  # now
+        sc.merge_parts(plan, pl.staging, *timeout)
     elif name == 'merge':  # one group, as a centre crop writes
         old = 'markers' in inspect.signature(sc.merge_parts).parameters  # each part's marker, then
         sc.merge_parts(made(sc.Plan, **{**vars(plan), 'crop': ap.Namespace(grouped=False)}),
