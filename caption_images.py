@@ -30,9 +30,10 @@ Resume: the work is split into parts of whole input shards; each finished part g
 with the settings that shape its text. Rerun the same command, with any number of processes, to skip
 finished parts; other settings or another input are refused. Rank 0 merges index.json at the end.
 
-Exit codes: 0 done (undecodable images, and images a server refuses with a 4xx, are skipped, counted
-and named in the summary); 2 one `error:` line (a flag, the model, the places, a rerun's other settings,
-parts left unfinished: a request that failed after its retries, or endpoints that stopped answering);
+Exit codes: 0 done (undecodable images, and images a server refuses with a 4xx, are skipped: each named
+in its part's `_done` marker, counted by reason in the summary); 2 one `error:` line (a flag, the model,
+the places, a rerun's other settings, parts left unfinished: a request that failed after its retries,
+named in the part's `_failed`, or endpoints that stopped answering);
 128 + the signal after SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
@@ -48,7 +49,6 @@ import email.utils
 import hashlib
 import io
 import json
-import logging
 import os
 import random
 import re
@@ -74,7 +74,9 @@ BUCKET_NAMES = tuple(f'{lo}-{hi}' for lo, hi in zip(BUCKET_EDGES, BUCKET_EDGES[1
 IMAGE_COLUMN, CAPTION_COLUMN = 'jpg', 'caption'  # the cloudwriter's image bytes and alt-text
 RAW = '{key}_raw'  # --keep_raw: the decoded text before the rules
 INDEX = 'index.json'
-DONE_MARKER = '_done'  # per part; not *.json, so streaming's merge_index never mistakes it for an index
+DONE_MARKER = '_done'  # per part; not *.json, so no reader takes it for an index
+FAILED = '_failed'  # instead of DONE_MARKER in a part left unfinished: its images that failed, named
+NAMED = ('skipped', 'noted', 'failed')  # the images a part names (sample id, key, why): see twin named
 STAGING = '.staging-captions'  # below --local: output files on their way to a remote
 RECORD = 'captions.json'  # beside index.json: how the captions were made, and the counts
 DEFAULT_PROMPT = ('Describe this image in detail in one paragraph: the main subjects, what they look like '
@@ -465,13 +467,14 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What rank 0 found and every rank needs."""
+    """What rank 0 found; each rank receives it with only its own share of the work."""
 
     places: Places
-    shards: list[dict]
+    shards: list[dict] | dict[int, dict]  # the input's shard records by number (a rank: its parts' only)
     columns: dict[str, str]
-    parts: list[Part]
-    pending: list[Part]
+    parts: list[Part]  # every part (rank 0 only)
+    pending: list[Part]  # the parts without a _done marker (a rank: its share, every world-th)
+    finished: int  # the parts with one before this run
     settings: dict
 
 
@@ -483,7 +486,7 @@ def read_input(pl: Places, new_columns: list[str], timeout: float) -> tuple[list
         if url != local:
             fetch(url, local, timeout)
         with open(local) as f:
-            shards = json.load(f)['shards']
+            shards = json.load(f, object_hook=shared_lists())['shards']
     except Exception as err:  # unreachable remote, missing dataset, corrupt index
         raise UserError(f'cannot read the input dataset index {url}: {first_line(err)}') from None
     columns = dict(zip(shards[0]['column_names'], shards[0]['column_encodings'])) if shards else {}
@@ -497,6 +500,37 @@ def read_input(pl: Places, new_columns: list[str], timeout: float) -> tuple[list
     return shards, columns
 
 
+# >>> twin: shared-lists (verbatim in caption_images.py, precompute_latents.py; test_twins.py)
+def shared_lists() -> Callable[[dict], dict]:
+    """An object_hook for json.load of an MDS index.json: the lists its shard records repeat (the column
+    names, encodings and sizes) are held once, so that a record takes ~0.9 KB instead of ~3.5 (rank 0
+    holds the input's index while it plans: ~470k records in LAION-2B's biggest bucket). Nothing may
+    change such a list in place."""
+    seen: dict[tuple, list] = {}
+
+    def shared(obj: dict) -> dict:
+        for key, value in obj.items():
+            if isinstance(value, list) and not any(isinstance(v, (dict, list)) for v in value):
+                obj[key] = seen.setdefault((key, *value), value)
+        return obj
+    return shared
+# <<< twin: shared-lists
+
+
+# >>> twin: index-digest (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
+def index_digest(shards: list[dict]) -> str:
+    """The sha1 of an input's shard records as `json.dumps(shards, sort_keys=True)` writes them (its
+    identity in the markers), taken record by record: never the whole index as one string, 0.6 GB at
+    LAION-2B's biggest bucket."""
+    digest = hashlib.sha1(b'[')
+    for i, shard in enumerate(shards):
+        digest.update((', ' * bool(i) + json.dumps(shard, sort_keys=True)).encode())
+    digest.update(b']')
+    return digest.hexdigest()
+# <<< twin: index-digest
+
+
 def make_plan(args: argparse.Namespace, pl: Places, engine_settings: dict) -> Plan:
     """Rank 0: check the input and the output, and list the parts still to do."""
     new = [c for key in args.prompts for c in (key, RAW.format(key=key))[:1 + args.keep_raw]]
@@ -505,29 +539,30 @@ def make_plan(args: argparse.Namespace, pl: Places, engine_settings: dict) -> Pl
     parts = plan_parts(shards, args.part_size)
     settings = {'engine': args.engine, **engine_settings, 'prompts': args.prompts, 'keep_raw': args.keep_raw,
                 'rules': args.rules, 'max_new_tokens': args.max_new_tokens, 'part_size': args.part_size,
-                'input_samples': parts[-1].last if parts else 0,
-                'input_index': hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]}
-    names = output_names(pl.out)
+                'input_samples': parts[-1].last if parts else 0, 'input_index': index_digest(shards)[:16]}
+    names = set(output_names(pl.out))
     if names and RECORD not in names and not any(n.endswith(f'/{DONE_MARKER}') for n in names):
         raise UserError(f'--remote_upload {pl.out} holds files this script did not write '
                         f'({sorted(names)[0]}, ...): pass a new or empty --remote_upload')
-    finished = [p for p in parts if f'{p.name}/{DONE_MARKER}' in names]
-    markers = done_markers(pl.out, finished, args.download_timeout)
-    for name, marker in markers.items():
+    done = set()
+    for name, marker in done_markers(pl.out, [p for p in parts if f'{p.name}/{DONE_MARKER}' in names],
+                                     args.download_timeout):
         old = marker['settings']
         for key in sorted(set(old) | set(settings)):
             if old.get(key) != settings.get(key):
                 raise UserError(f'{pl.out}/{name} was written with {key}={str(old.get(key))[:60]!r}, '
                                 f'this run has {str(settings.get(key))[:60]!r}: rerun with the same flags '
                                 'or write to a new --remote_upload')
+        done.add(name)
     os.makedirs(pl.staging, exist_ok=True)
     put_text(pl.out, pl.staging, RECORD, json.dumps({'settings': settings}, indent=1))  # the output is ours
-    return Plan(pl, shards, columns, parts, [p for p in parts if p.name not in markers], settings)
+    return Plan(pl, shards, columns, parts, [p for p in parts if p.name not in done], len(done), settings)
 
 
 # >>> twin: done-markers (verbatim in caption_images.py, curate_images.py; test_twins.py)
-def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
-    """{part name: marker} of the given parts that have a readable _done marker."""
+def done_markers(out_root: str, parts: list[Part], timeout: float) -> Iterator[tuple[str, dict]]:
+    """(part name, marker) of each of the given parts that has a readable _done marker, in part order:
+    read 16 at a time and at most 256 ahead, so that a caller holds one marker at a time."""
     def read(part: Part) -> tuple[str, dict | None]:
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -538,8 +573,49 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
             return part.name, None
 
     with ThreadPoolExecutor(16) as pool:
-        return {name: m for name, m in pool.map(read, parts) if m is not None}
+        for start in range(0, len(parts), 256):
+            yield from ((name, m) for name, m in pool.map(read, parts[start:start + 256]) if m is not None)
 # <<< twin: done-markers
+
+
+# >>> twin: named (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+# An image skipped, refused, failed or decoded with a warning (from PIL or libtiff) is named (sample id, key,
+# reason or notes) in its part's marker or file, which holds at most --part_size names. A summary keeps
+# their count per reason and the first FIRST_NAMED per reason (in part order) and says where the rest are,
+# as laion_cloudwriter.py does its left-outs: the summary, and rank 0's memory as it reads the markers one
+# at a time, stay the same size whatever their number (~20M images at 1% of LAION-2B).
+FIRST_NAMED = 20
+
+
+def named() -> dict:
+    """No image named yet: {'by_reason': {reason: count}, 'first': {reason: [entry, ...]}}; a summary adds
+    'in', where each one is named."""
+    return {'by_reason': {}, 'first': {}}
+
+
+def add_named(names: dict, entries: list[dict]) -> dict:
+    """`names` with `entries` ({'id', 'key', and 'reason' or 'notes'}) added, each under its reason: the words
+    before the first ': ' of its reason or first note (an error's type, 'HTTP 400 from <endpoint>', a
+    warning's category)."""
+    for entry in entries:
+        reason = (entry.get('reason') or entry['notes'][0]).split(': ')[0][:100]
+        names['by_reason'][reason] = names['by_reason'].get(reason, 0) + 1
+        if len(first := names['first'].setdefault(reason, [])) < FIRST_NAMED:
+            first.append(entry)
+    return names
+
+
+def named_lines(names: dict) -> list[str]:
+    """The screen's account of named images: per reason, its count and its first three (the first with
+    what was said of it)."""
+    lines = []
+    for reason, n in names['by_reason'].items():
+        first = names['first'][reason]
+        said = ' '.join((first[0].get('reason') or '; '.join(first[0]['notes'])).split())
+        lines.append(f'{n} x {reason}: ' + ', '.join(f'sample {e["id"]} key={e["key"]!r}' for e in first[:3])
+                     + ', ...' * (n > 3) + f' (first: {said[:120]})' * (said != reason))
+    return lines + [f'(each named in {names["in"]})'] * bool(lines)
+# <<< twin: named
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,33 +626,33 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
 class ShardReader:
     """Input shards on local disk: downloaded (and decompressed) on first use, removed after their shard
     is read. A rank's parts, hence its shards, are its own: it downloads into `<cache>/rank<r>`, emptied
-    first (a shard an earlier run left there cannot be checked against the input)."""
+    first (a shard an earlier run left there cannot be checked against the input). `plan.shards` holds the
+    index records of at least those shards, by number (a list, or a dict of a rank's own)."""
 
     def __init__(self, plan: Plan, args: argparse.Namespace, rank: int):
         from streaming import Stream
-        from streaming.base.format import reader_from_json
 
         remote = plan.places.src if plan.places.src != plan.places.cache else None
-        local = plan.places.cache
+        self.local, self.shards = plan.places.cache, plan.shards
         if remote:
-            local = os.path.join(local, f'rank{rank}')
-            shutil.rmtree(local, ignore_errors=True)
-            os.makedirs(local)
-        self.readers = [reader_from_json(local, None, as_stored(s)) for s in plan.shards]
-        self.first = [0]
-        for s in plan.shards:
-            self.first.append(self.first[-1] + s['samples'])
-        self.stream = Stream(remote=remote, local=local, download_retry=args.download_retry,
+            self.local = os.path.join(self.local, f'rank{rank}')
+            shutil.rmtree(self.local, ignore_errors=True)
+            os.makedirs(self.local)
+        self.stream = Stream(remote=remote, local=self.local, download_retry=args.download_retry,
                              download_timeout=args.download_timeout, keep_zip=False)
         self.evict = remote is not None
 
     def samples(self, part: Part) -> Iterator[tuple[int, dict]]:
         """(global sample id, sample) of every sample of the part, in order."""
+        from streaming.base.format import reader_from_json
+
+        sample_id = part.first
         for shard in part.shards:
-            reader = self.readers[shard]
+            reader = reader_from_json(self.local, None, as_stored(self.shards[shard]))
             self.stream.prepare_shard(reader)
             for i in range(reader.samples):
-                yield self.first[shard] + i, reader.get_item(i)
+                yield sample_id + i, reader.get_item(i)
+            sample_id += reader.samples
             if self.evict:
                 reader.evict()
 # <<< twin: shard-reader
@@ -743,26 +819,31 @@ class Batch:
     samples: list[dict]
     images: list[Image.Image]
     skipped: list[dict]
+    noted: list[dict]  # decoded, with what PIL warned or libtiff said
     last: bool  # the part's last batch
 
 
 def batches(reader: ShardReader, parts: list[Part], size: int) -> Iterator[Batch]:
-    """Every part's decodable images in batches of `size` (undecodable ones skipped, named)."""
+    """Every part's decodable images in batches of `size` (undecodable ones skipped, named; what PIL or
+    libtiff said of one named, never printed)."""
     for part in parts:
-        batch = Batch(part, [], [], [], [], False)
+        batch = Batch(part, [], [], [], [], [], False)
         for sample_id, sample in reader.samples(part):
+            name, notes = {'id': sample_id, 'key': str(sample.get('key', ''))}, []
             try:
-                batch.images.append(decode(sample[IMAGE_COLUMN]))
+                batch.images.append(decode(sample[IMAGE_COLUMN], notes))
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
                 reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
                           else f'{type(err).__name__}: {first_line(err)}')
-                batch.skipped.append({'id': sample_id, 'key': str(sample.get('key', '')), 'reason': reason})
+                batch.skipped.append({**name, 'reason': '; '.join([reason, *notes])})
                 continue
+            if notes:
+                batch.noted.append({**name, 'notes': notes})
             batch.ids.append(sample_id)
             batch.samples.append(sample)
             if len(batch.ids) == size:
                 yield batch
-                batch = Batch(part, [], [], [], [], False)
+                batch = Batch(part, [], [], [], [], [], False)
         batch.last = True
         yield batch
 
@@ -1156,14 +1237,14 @@ ENGINES = {'transformers': Engine(transformers_settings, load_transformers, capt
 # ----------------------------------------------------------------------------------------------
 
 def new_counts(keys) -> dict[str, Any]:
-    return {'written': 0, 'skipped': [], 'failed': [], 'tokens': 0, 'prompt_tokens': 0, 'no_usage': 0,
+    return {'written': 0, 'tokens': 0, 'prompt_tokens': 0, 'no_usage': 0, **{k: [] for k in NAMED},
             'captions': {k: {'cut_off': 0, 'empty': 0, 'rules': dict.fromkeys(RULE_NAMES, 0)} for k in keys}}
 
 
 def add(total: dict, more: dict) -> dict:
     """`more`'s counts added into `total`: numbers summed, lists joined, dicts key by key."""
     for k, v in more.items():
-        total[k] = add(total[k], v) if isinstance(v, dict) else total[k] + v
+        total[k] = v if k not in total else add(total[k], v) if isinstance(v, dict) else total[k] + v
     return total
 
 
@@ -1176,9 +1257,10 @@ def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
 
 def write_batch(writer, batch: Batch, replies: list, args: argparse.Namespace, counts: dict) -> None:
     """Each captioned sample with its columns after the rules, counted; a refused image is a skip, a failed
-    one is noted (its part gets no marker)."""
+    one is named in counts['failed'] (its part gets no marker)."""
     rules = tuple(r for r in RULES if r.__name__ in args.rules)
     counts['skipped'] += batch.skipped
+    counts['noted'] += batch.noted
     for sample_id, sample, reply in zip(batch.ids, batch.samples, replies):
         if isinstance(reply, Lost):
             lost = {'id': sample_id, 'key': str(sample.get('key', '')), 'reason': reply.reason}
@@ -1198,10 +1280,13 @@ def write_batch(writer, batch: Batch, replies: list, args: argparse.Namespace, c
 
 def close_part(writer, plan: Plan, part: Part, counts: dict[str, Any], staging: str, started: float,
                about: dict) -> None:
-    """Finish the part's shards, then its marker: a part with a marker is whole (none if an image failed)."""
+    """Finish the part's shards, then its marker: a part with a marker is whole. A part in which an image
+    failed gets none, but FAILED naming those images."""
     try:
         writer.finish()
-        if not counts['failed']:
+        if counts['failed']:
+            put_text(plan.places.out, staging, f'{part.name}/{FAILED}', json.dumps(counts['failed']))
+        else:
             marker = {'part': part.name, 'rank': int(os.environ.get('RANK', 0)), **counts,
                       'seconds': round(time.time() - started, 3), 'about': about, 'settings': plan.settings}
             put_text(plan.places.out, staging, f'{part.name}/{DONE_MARKER}', json.dumps(marker))
@@ -1212,17 +1297,18 @@ def close_part(writer, plan: Plan, part: Part, counts: dict[str, Any], staging: 
 
 def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: Any, rank: int,
                   world: int) -> dict[str, Any]:
-    """Caption this rank's share of the unfinished parts (every world-th); returns its speed, the images
-    that failed, and why it stopped early (endpoints that stopped answering), if it did."""
+    """Caption this rank's share of the unfinished parts; returns its speed, the images that failed (counted
+    and the first named: each is named in its part's FAILED), and why it stopped early (endpoints that
+    stopped answering), if it did."""
     from tqdm import tqdm
 
-    mine = plan.pending[rank::world]
+    mine = plan.pending
     staging = os.path.join(plan.places.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
     reader = ShardReader(plan, args, rank)
     bar = tqdm(total=sum(p.last - p.first for p in mine), unit='img', disable=rank != 0, dynamic_ncols=True,
                desc=f'rank 0/{world} captions' if world > 1 else 'captions')
-    start, images, tokens, failed, stopped = time.time(), 0, 0, [], None
+    start, images, tokens, failed, stopped = time.time(), 0, 0, named(), None
     writer = counts = None
     try:
         stream = prefetched(batches(reader, mine, args.batch_size))
@@ -1237,7 +1323,8 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
             bar.set_postfix_str(f'{tokens / max(time.time() - start, 1e-9):.1f} tok/s', refresh=False)
             if batch.last:
                 close_part(writer, plan, batch.part, counts, staging, opened, model.about)
-                failed, writer = failed + [{**f, 'part': batch.part.name} for f in counts['failed']], None
+                add_named(failed, [{**f, 'part': batch.part.name} for f in counts['failed']])
+                writer = None
     except EndpointsDown as err:
         stopped = f'every endpoint stopped answering (last: {err})'
     except UserError:
@@ -1255,52 +1342,55 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
 # Merging, the record, the summary and the preview (rank 0)
 # ----------------------------------------------------------------------------------------------
 
-def merge_parts(plan: Plan, staging: str) -> None:
-    """One index.json at the output root over every part, in part order."""
-    from streaming.base.util import merge_index
+def merge_parts(plan: Plan, staging: str, timeout: float) -> None:
+    """One index.json at the output root over every part's, in part order (none: an empty, readable one)."""
+    def shards(part: Part) -> list[dict]:
+        with tempfile.TemporaryDirectory() as tmp:
+            fetch(join(plan.places.out, part.name, INDEX), os.path.join(tmp, INDEX), timeout)
+            with open(os.path.join(tmp, INDEX)) as f:
+                found = json.load(f)['shards']
+        return [{**s, **{k: {**s[k], 'basename': f'{part.name}/{s[k]["basename"]}'}
+                         for k in ('raw_data', 'zip_data') if s.get(k)}} for s in found]
 
-    out = plan.places.out
-    if not plan.parts:  # an empty input still gets a readable, empty output
-        put_text(out, staging, INDEX, json.dumps({'version': 2, 'shards': []}))
-        return
-    if not is_remote(out):
-        with contextlib.suppress(FileNotFoundError):  # merge_index will not overwrite it
-            os.remove(os.path.join(out, INDEX))
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # merge_index warns about its temporary folder on every call
     try:
-        merge_index([join(out, p.name, INDEX) for p in plan.parts],
-                    (os.path.join(staging, 'merged'), out) if is_remote(out) else out,
-                    keep_local=not is_remote(out))
+        with ThreadPoolExecutor(16) as pool:
+            merged = [s for found in pool.map(shards, plan.parts) for s in found]
     except Exception as err:
-        raise UserError(f'merging the index at {out} failed: {first_line(err)}') from None
-    finally:
-        logging.disable(previous)
+        raise UserError(f'merging the index at {plan.places.out} failed: {first_line(err)}') from None
+    put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': merged}))
 
 
 def summarize(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) -> dict:
-    """Totals over every part (this run's and earlier runs'), read from the parts' markers; the speed of
-    this run over every rank, and the images that failed on any."""
-    markers = done_markers(plan.places.out, plan.parts, args.download_timeout)
-    total = new_counts(plan.settings['prompts'])
-    for m in markers.values():
-        add(total, {k: m[k] for k in total})
+    """Totals over every part (this run's and earlier runs'), read from the parts' markers one at a time;
+    the speed of this run over every rank, and the images that failed on any."""
+    out, total, done, about = plan.places.out, new_counts(plan.settings['prompts']), set(), {}
+    names = {k: named() for k in NAMED}
+    for name, m in done_markers(out, plan.parts, args.download_timeout):
+        for k in NAMED:
+            add_named(names[k], m.pop(k, []))
+        add(total, {k: m[k] for k in total if k in m})
+        about[json.dumps(m['about'])] = m['about']
+        done.add(name)
+    for r in ranks:  # a part's failed images are in its FAILED, not a marker
+        add(names['failed'], r['failed'])
+    names['failed']['first'] = {k: sorted(v, key=lambda f: f['id'])[:FIRST_NAMED]
+                                for k, v in names['failed']['first'].items()}
+    where = {k: f'{out}/NNNNN/{DONE_MARKER}, under "{k}"' for k in NAMED}
+    where['failed'] = f'{out}/NNNNN/{FAILED} of each part left unfinished'
     images, tokens = (sum(r[k] for r in ranks) for k in ('images', 'tokens'))
     seconds = max(r['seconds'] for r in ranks)
     speed = {'images': images, 'tokens': tokens, 'seconds': seconds, 'images_per_s': round(images / max(
         seconds, 1e-9), 3), 'tokens_per_s': round(tokens / max(seconds, 1e-9), 1)}
     cost = args.price and round(total['prompt_tokens'] * args.price[0] / 1e6 + total['tokens'] * args.price[1]
                                 / 1e6, 4)
-    skipped, failed = total.pop('skipped'), total.pop('failed') + [f for r in ranks for f in r['failed']]
-    before = len(plan.parts) - len(plan.pending)
-    return {'input': plan.places.src, 'output': plan.places.out, **total, 'skipped': len(skipped),
-            'skipped_samples': skipped, 'failed': len(failed), 'failed_samples': failed,
+    for k in NAMED:
+        total[k], total[f'{k}_names'] = sum(names[k]['by_reason'].values()), {**names[k], 'in': where[k]}
+    return {'input': plan.places.src, 'output': out, **total,
             'stopped': next((r['stopped'] for r in ranks if r['stopped']), None), 'price': args.price,
             'cost_usd': cost, 'input_samples': plan.settings['input_samples'], 'parts': len(plan.parts),
-            'parts_before': before, 'parts_this_run': len(markers) - before, 'world_size': world,
-            'speed': speed, 'parts_missing': [p.name for p in plan.parts if p.name not in markers],
-            'settings': plan.settings, 'interrupted': None,
-            'about': list({json.dumps(m['about']): m['about'] for m in markers.values()}.values())}
+            'parts_before': plan.finished, 'parts_this_run': len(done) - plan.finished, 'world_size': world,
+            'speed': speed, 'parts_missing': [p.name for p in plan.parts if p.name not in done],
+            'settings': plan.settings, 'interrupted': None, 'about': list(about.values())}
 
 
 def report(summary: dict, path: str) -> None:
@@ -1325,11 +1415,7 @@ def report(summary: dict, path: str) -> None:
               f'({s["parts_this_run"]} this run, {s["parts_before"]} before), world size {s["world_size"]}',
               f'speed    {speed["images"]} images in {speed["seconds"]:.1f} s, {speed["images_per_s"]:.2f} '
               f'images/s, {speed["tokens_per_s"]:.1f} tokens/s (all ranks)']
-    for what, found in (('skipped', s['skipped_samples']), ('failed', s['failed_samples'])):
-        lines += [f'{what:<8} sample {k["id"]} key={k["key"]!r}' + (f' (part {k["part"]} left unfinished)'
-                  if 'part' in k else '') + f': {k["reason"]}' for k in found[:10]]
-        if len(found) > 10:
-            lines.append(f'... and {len(found) - 10} more {what} (see the JSON)')
+    lines += [f'{k:<8} {line}' for k in NAMED for line in named_lines(s[f'{k}_names'])]
     if s['stopped']:
         lines.append(f'stopped  {s["stopped"]}')
     if s['interrupted']:
@@ -1405,7 +1491,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> list[int]:
     draw.text((8, 4), title[:110], fill='black', font=font)
     for row, sample in enumerate(samples):
         top = 22 + row * row_h
-        img = decode(sample[IMAGE_COLUMN])
+        img = decode(sample[IMAGE_COLUMN], [])
         img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
         sheet.paste(img, (8, top))
         lines = ['alt-text: ' + ' / '.join(wrap(str(sample.get(CAPTION_COLUMN, '')), draw, font,
@@ -1448,21 +1534,29 @@ def pick_device(args: argparse.Namespace):
 # <<< twin: signals-and-device
 
 
-def share_plan(args: argparse.Namespace, pl: Places, engine: Engine, rank: int) -> Plan:
-    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
+def share_plan(args: argparse.Namespace, pl: Places, engine: Engine, rank: int, world: int) -> Plan:
+    """Rank 0 makes the plan (or meets the error); each rank receives it with only its share of the parts
+    to do (every world-th) and their input shards, scattered: the input's index, ~0.5M shard records in
+    LAION-2B's biggest bucket, stays whole on rank 0 alone, and only while it plans."""
     import torch.distributed as dist
 
-    result: list[Any] = [None]
+    shares: list[Any] = [None] * world
     if rank == 0:
         try:
-            result[0] = make_plan(args, pl, engine.settings(args))
+            plan = make_plan(args, pl, engine.settings(args))
+            for r in range(world):
+                mine = plan.pending[r::world]
+                shares[r] = dataclasses.replace(plan, parts=plan.parts if r == 0 else [], pending=mine,
+                                                shards={i: plan.shards[i] for p in mine for i in p.shards})
         except UserError as err:
-            result[0] = err
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
+            shares = [err] * world
+    received = shares[:1]  # rank 0 keeps its own
+    if world > 1:
+        dist.scatter_object_list(received, [None, *shares[1:]] if rank == 0 else None, src=0)
+    mine = shares[0] if rank == 0 else received[0]
+    if isinstance(mine, UserError):
+        raise mine
+    return mine
 
 
 def summary_path(args: argparse.Namespace) -> str:
@@ -1481,7 +1575,7 @@ def finish(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) 
         named = ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else '')
         raise UserError(f'parts {named} ({len(missing)} of {len(plan.parts)}) have no _done marker'
                         + (f' ({why})' if why else '') + '; rerun the same command')
-    merge_parts(plan, staging)
+    merge_parts(plan, staging, args.download_timeout)
     write_record(plan, summary, staging)
     if args.preview:
         path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
@@ -1501,7 +1595,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if world > 1:
             dist.init_process_group('gloo', timeout=timedelta(seconds=args.dist_timeout))
-        plan = share_plan(args, pl, engine, rank)
+        plan = share_plan(args, pl, engine, rank, world)
         ranks = [caption_parts(args, plan, engine, engine.load(args, plan.settings), rank, world)]
         if world > 1:  # every rank's speed and failed images, for rank 0's summary
             ranks = ranks * world
@@ -1514,7 +1608,7 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as stop:
         if rank == 0 and plan is not None:
             with contextlib.suppress(Exception):  # an unreachable output must not hide the interruption
-                idle = {'images': 0, 'tokens': 0, 'seconds': 0.0, 'failed': [], 'stopped': None}
+                idle = {'images': 0, 'tokens': 0, 'seconds': 0.0, 'failed': named(), 'stopped': None}
                 report({**summarize(args, plan, [idle], world), 'interrupted': str(stop)}, summary_path(args))
         print(f'error: stopped by {stop}: finished parts are kept, the part in progress is not; rerun the '
               'same command to resume', file=sys.stderr, flush=True)

@@ -27,8 +27,9 @@ its parts and groups of clusters; writing: parts again). Rerun the same command 
 processes to skip finished units; other settings are refused, but another `--filter` rewrites only the
 output (the embeddings and the dedup are reused: tune it by looking). Rank 0 merges each index.json last.
 
-Exit codes: 0 done (undecodable images are skipped, counted and named); 2 one `error:` line; 128 + the
-signal after SIGTERM (143) or Ctrl-C (130): finished units are kept.
+Exit codes: 0 done (undecodable images are skipped: each named in its part's `_done` marker, counted by
+reason in the summary); 2 one `error:` line; 128 + the signal after SIGTERM (143) or Ctrl-C (130):
+finished units are kept.
 """
 
 from __future__ import annotations
@@ -437,8 +438,9 @@ def plan_parts(shards: list[dict], part_size: int) -> list[Part]:
 
 
 # >>> twin: done-markers (verbatim in caption_images.py, curate_images.py; test_twins.py)
-def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, dict]:
-    """{part name: marker} of the given parts that have a readable _done marker."""
+def done_markers(out_root: str, parts: list[Part], timeout: float) -> Iterator[tuple[str, dict]]:
+    """(part name, marker) of each of the given parts that has a readable _done marker, in part order:
+    read 16 at a time and at most 256 ahead, so that a caller holds one marker at a time."""
     def read(part: Part) -> tuple[str, dict | None]:
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -449,8 +451,49 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> dict[str, 
             return part.name, None
 
     with ThreadPoolExecutor(16) as pool:
-        return {name: m for name, m in pool.map(read, parts) if m is not None}
+        for start in range(0, len(parts), 256):
+            yield from ((name, m) for name, m in pool.map(read, parts[start:start + 256]) if m is not None)
 # <<< twin: done-markers
+
+
+# >>> twin: named (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+# An image skipped, refused, failed or decoded with a warning (from PIL or libtiff) is named (sample id, key,
+# reason or notes) in its part's marker or file, which holds at most --part_size names. A summary keeps
+# their count per reason and the first FIRST_NAMED per reason (in part order) and says where the rest are,
+# as laion_cloudwriter.py does its left-outs: the summary, and rank 0's memory as it reads the markers one
+# at a time, stay the same size whatever their number (~20M images at 1% of LAION-2B).
+FIRST_NAMED = 20
+
+
+def named() -> dict:
+    """No image named yet: {'by_reason': {reason: count}, 'first': {reason: [entry, ...]}}; a summary adds
+    'in', where each one is named."""
+    return {'by_reason': {}, 'first': {}}
+
+
+def add_named(names: dict, entries: list[dict]) -> dict:
+    """`names` with `entries` ({'id', 'key', and 'reason' or 'notes'}) added, each under its reason: the words
+    before the first ': ' of its reason or first note (an error's type, 'HTTP 400 from <endpoint>', a
+    warning's category)."""
+    for entry in entries:
+        reason = (entry.get('reason') or entry['notes'][0]).split(': ')[0][:100]
+        names['by_reason'][reason] = names['by_reason'].get(reason, 0) + 1
+        if len(first := names['first'].setdefault(reason, [])) < FIRST_NAMED:
+            first.append(entry)
+    return names
+
+
+def named_lines(names: dict) -> list[str]:
+    """The screen's account of named images: per reason, its count and its first three (the first with
+    what was said of it)."""
+    lines = []
+    for reason, n in names['by_reason'].items():
+        first = names['first'][reason]
+        said = ' '.join((first[0].get('reason') or '; '.join(first[0]['notes'])).split())
+        lines.append(f'{n} x {reason}: ' + ', '.join(f'sample {e["id"]} key={e["key"]!r}' for e in first[:3])
+                     + ', ...' * (n > 3) + f' (first: {said[:120]})' * (said != reason))
+    return lines + [f'(each named in {names["in"]})'] * bool(lines)
+# <<< twin: named
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,7 +875,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 'caption_keys': args.caption_keys, 'dup_threshold': args.dup_threshold, 'clusters': clusters,
                 'dedup_parts': args.dedup_parts, 'part_size': args.part_size,
                 'buckets': {b.name: {'shards': len(b.shards), 'samples': sum(s['samples'] for s in b.shards),
-                                     'sha1': file_sha1('', json.dumps(b.shards, sort_keys=True).encode())}
+                                     'sha1': index_digest(b.shards)}
                             for b in buckets}}
     staging = join(args.local, STAGING, digest(work))
     old = json.loads(open_text(join(work, SETTINGS), args.download_timeout)) \
@@ -895,11 +938,23 @@ def auto_clusters(rows: int) -> int:
     return max(1, round(2 * math.sqrt(rows)))
 
 
-def file_sha1(path: str, data: bytes | None = None) -> str:
-    if data is None:
-        with open(path, 'rb') as f:
-            data = f.read()
-    return hashlib.sha1(data).hexdigest()
+def file_sha1(path: str) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+# >>> twin: index-digest (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
+def index_digest(shards: list[dict]) -> str:
+    """The sha1 of an input's shard records as `json.dumps(shards, sort_keys=True)` writes them (its
+    identity in the markers), taken record by record: never the whole index as one string, 0.6 GB at
+    LAION-2B's biggest bucket."""
+    digest = hashlib.sha1(b'[')
+    for i, shard in enumerate(shards):
+        digest.update((', ' * bool(i) + json.dumps(shard, sort_keys=True)).encode())
+    digest.update(b']')
+    return digest.hexdigest()
+# <<< twin: index-digest
 
 
 def open_text(url: str, timeout: float) -> str:
@@ -917,33 +972,33 @@ def open_text(url: str, timeout: float) -> str:
 class ShardReader:
     """Input shards on local disk: downloaded (and decompressed) on first use, removed after their shard
     is read. A rank's parts, hence its shards, are its own: it downloads into `<cache>/rank<r>`, emptied
-    first (a shard an earlier run left there cannot be checked against the input)."""
+    first (a shard an earlier run left there cannot be checked against the input). `plan.shards` holds the
+    index records of at least those shards, by number (a list, or a dict of a rank's own)."""
 
     def __init__(self, plan: Plan, args: argparse.Namespace, rank: int):
         from streaming import Stream
-        from streaming.base.format import reader_from_json
 
         remote = plan.places.src if plan.places.src != plan.places.cache else None
-        local = plan.places.cache
+        self.local, self.shards = plan.places.cache, plan.shards
         if remote:
-            local = os.path.join(local, f'rank{rank}')
-            shutil.rmtree(local, ignore_errors=True)
-            os.makedirs(local)
-        self.readers = [reader_from_json(local, None, as_stored(s)) for s in plan.shards]
-        self.first = [0]
-        for s in plan.shards:
-            self.first.append(self.first[-1] + s['samples'])
-        self.stream = Stream(remote=remote, local=local, download_retry=args.download_retry,
+            self.local = os.path.join(self.local, f'rank{rank}')
+            shutil.rmtree(self.local, ignore_errors=True)
+            os.makedirs(self.local)
+        self.stream = Stream(remote=remote, local=self.local, download_retry=args.download_retry,
                              download_timeout=args.download_timeout, keep_zip=False)
         self.evict = remote is not None
 
     def samples(self, part: Part) -> Iterator[tuple[int, dict]]:
         """(global sample id, sample) of every sample of the part, in order."""
+        from streaming.base.format import reader_from_json
+
+        sample_id = part.first
         for shard in part.shards:
-            reader = self.readers[shard]
+            reader = reader_from_json(self.local, None, as_stored(self.shards[shard]))
             self.stream.prepare_shard(reader)
             for i in range(reader.samples):
-                yield self.first[shard] + i, reader.get_item(i)
+                yield sample_id + i, reader.get_item(i)
+            sample_id += reader.samples
             if self.evict:
                 reader.evict()
 # <<< twin: shard-reader
@@ -1132,15 +1187,15 @@ class PartImages:
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample_id, key, data = self.items[i]
         sha = int.from_bytes(hashlib.sha1(data).digest()[:8], 'big') >> 1  # 63 bits: fits int64
-        row = {'id': sample_id, 'key': key, 'sha': sha}
+        row, notes = {'id': sample_id, 'key': key, 'sha': sha}, []
         try:
-            img = decode(data)
+            img = decode(data, notes)
         except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
             reason = ('not an image format PIL can read' if isinstance(err, UnidentifiedImageError)
                       else f'{type(err).__name__}: {first_line(err)}')
-            return {**row, 'reason': reason}
+            return {**row, 'reason': '; '.join([reason, *notes])}
         pixels = self.processor(images=img, return_tensors='pt')['pixel_values'][0]
-        return {**row, 'pixels': pixels, 'area': img.width * img.height, 'dhash': dhash(img)}
+        return {**row, 'pixels': pixels, 'area': img.width * img.height, 'dhash': dhash(img), 'notes': notes}
 
 
 def collate(batch: list[dict]) -> tuple[Any, list[dict]]:
@@ -1229,10 +1284,11 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
     loader = torch.utils.data.DataLoader(PartImages(items, m.processor), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=collate)
     scores: dict[str, list] = {s.name: [] for s in plan.scores}
-    rows, embs, skipped = [], [], []
+    rows, embs, skipped, noted = [], [], [], []
     for pixels, batch in loader:
         good = [r for r in batch if 'reason' not in r]
         skipped += [{'id': r['id'], 'key': r['key'], 'reason': r['reason']} for r in batch if 'reason' in r]
+        noted += [{'id': r['id'], 'key': r['key'], 'notes': r['notes']} for r in good if r['notes']]
         if good:
             captions = {k: [texts[r['id']][k] for r in good] for k in args.caption_keys}
             emb, txt = embed_batch(m, pixels, captions)
@@ -1250,7 +1306,8 @@ def embed_part(m: Model, plan: Plan, args: argparse.Namespace, bucket: Bucket, p
     put_arrays(plan.work, plan.staging, join(folder, 'rows.npz'), **arrays)
     put_arrays(plan.work, plan.staging, join(folder, 'sample.npz'),  # what the k-means trains on
                emb=arrays['emb'][sampled(arrays['id'] + bucket.offset, sample_rate(plan))])
-    marker = {'rank': int(os.environ.get('RANK', 0)), 'embedded': len(rows), 'skipped': skipped}
+    marker = {'rank': int(os.environ.get('RANK', 0)), 'embedded': len(rows), 'skipped': skipped,
+              'noted': noted}
     put_text(plan.work, plan.staging, join(folder, DONE_MARKER), json.dumps(marker))
     return marker
 
@@ -1534,6 +1591,7 @@ def write_part(plan: Plan, args: argparse.Namespace, bucket: Bucket, part: Part,
             if alive[r]:
                 writer.write({**sample, **{c: v[row_of[sid]] for c, v in new.items()}})
     counts = {'input': part.last - part.first, 'written': int(alive.sum()), 'skipped': marker['skipped'],
+              'noted': marker.get('noted', []),  # an embedding of an earlier version named none
               'removed_by_clause': removed, 'in_groups': int(np.count_nonzero(new[DUP_GROUP] >= 0)),
               'kept_of_groups': int(np.count_nonzero((new[DUP_GROUP] >= 0) & (new[DUP_KEEP] == 1)))}
     first = f'score:{plan.scores[0].name}' if plan.scores else ''
@@ -1555,8 +1613,9 @@ def unwritten(plan: Plan, args: argparse.Namespace) -> list[tuple[Bucket, Part]]
     """The output parts without a marker, or written with another --filter (written again)."""
     todo = []
     for b in plan.buckets:
-        done = done_markers(b.places.out, b.parts, args.download_timeout)
-        todo += [(b, p) for p in b.parts if done.get(p.name, {}).get('filter') != args.filter]
+        done = {name for name, m in done_markers(b.places.out, b.parts, args.download_timeout)
+                if m.get('filter') == args.filter}
+        todo += [(b, p) for p in b.parts if p.name not in done]
     return todo
 
 
@@ -1603,24 +1662,35 @@ def merge_bucket(bucket: Bucket, staging: str, written: int, timeout: float) -> 
 
 
 def summarize(args: argparse.Namespace, plan: Plan, speed: dict, world: int) -> dict:
+    """Totals per bucket over its parts' markers, read one at a time: the images each part skipped or decoded
+    with a warning are named in its marker, counted by reason here (twin named)."""
     _, labels = compile_filter(args.filter, filter_schema(plan.columns))
-    buckets, missing = {}, []
+    buckets, missing, names = {}, [], {'skipped': named(), 'noted': named()}
     for b in plan.buckets:
-        markers = {name: m for name, m in done_markers(b.places.out, b.parts, args.download_timeout).items()
-                   if m.get('filter') == args.filter}
-        missing += [f'{b.name}/{p.name}' for p in b.parts if p.name not in markers]
-        total = {'input': 0, 'written': 0, 'skipped': [], 'in_groups': 0, 'kept_of_groups': 0,
+        total = {'input': 0, 'written': 0, 'skipped': 0, 'noted': 0, 'in_groups': 0, 'kept_of_groups': 0,
                  'removed_by_clause': [0] * len(labels)}
-        for m in markers.values():
-            for k in ('input', 'written', 'skipped', 'in_groups', 'kept_of_groups'):
+        done = set()
+        for name, m in done_markers(b.places.out, b.parts, args.download_timeout):
+            if m.get('filter') != args.filter:
+                continue
+            for k, fold in names.items():
+                total[k] += len(m.get(k, []))
+                add_named(fold, m.get(k, []))
+            for k in ('input', 'written', 'in_groups', 'kept_of_groups'):
                 total[k] += m[k]
             total['removed_by_clause'] = [a + b for a, b in zip(total['removed_by_clause'],
                                                                 m['removed_by_clause'])]
+            done.add(name)
+        missing += [f'{b.name}/{p.name}' for p in b.parts if p.name not in done]
         buckets[b.name] = {'output': b.places.out, **total,
                            'removed_by_clause': dict(zip(labels, total['removed_by_clause']))}
+    outs = join(args.remote_upload, '<bucket>' if len(plan.buckets) > 1 else plan.buckets[0].name,
+                args.subfolder)
     return {'buckets': buckets, 'input_samples': plan.rows,
             'written': sum(b['written'] for b in buckets.values()),
-            'skipped': sum(len(b['skipped']) for b in buckets.values()),
+            **{k: sum(b[k] for b in buckets.values()) for k in names},
+            **{f'{k}_names': {**fold, 'in': f'{outs}/NNNNN/{DONE_MARKER}, under "{k}"'}
+               for k, fold in names.items()},
             'in_groups': sum(b['in_groups'] for b in buckets.values()),
             'kept_of_groups': sum(b['kept_of_groups'] for b in buckets.values()),
             'parts_missing': missing, 'world_size': world, 'rank0': speed, 'settings': plan.settings,
@@ -1633,7 +1703,7 @@ def report(summary: dict, path: str) -> None:
         json.dump(summary, f, indent=2)
     s, speed = summary, summary['rank0']
     lines = [f'input    {s["input_samples"]} samples in {len(s["buckets"])} buckets; {s["skipped"]} '
-             'undecodable images skipped',
+             f'undecodable images skipped, {s["noted"]} decoded with a warning from PIL or libtiff',
              f'dedup    {s["in_groups"]} images in duplicate groups, {s["kept_of_groups"]} kept by the rule '
              f'(cosine > {s["settings"]["dup_threshold"]}, equal bytes or dHash)',
              f'output   {s["written"]} rows written']
@@ -1643,8 +1713,7 @@ def report(summary: dict, path: str) -> None:
         lines += [f'    removed by clause {n:>10}  {label}' for label, n in b['removed_by_clause'].items()]
     lines.append(f'speed    rank 0 embedded {speed["images"]} images in {speed["seconds"]:.1f} s '
                  f'({speed["images_per_s"]:.1f} images/s), world size {s["world_size"]}')
-    skipped = [k for b in s['buckets'].values() for k in b['skipped']]
-    lines += [f'skipped  sample {k["id"]} key={k["key"]!r}: {k["reason"]}' for k in skipped[:10]]
+    lines += [f'{k:<8} {line}' for k in ('skipped', 'noted') for line in named_lines(s[f'{k}_names'])]
     if s['interrupted']:
         lines.append(f'stopped by {s["interrupted"]}: rerun the same command to resume')
     if s.get('preview'):
@@ -1676,10 +1745,10 @@ def preview_rows(args: argparse.Namespace, plan: Plan) -> list[tuple[str, list[t
         rows.append((f'duplicate group {n + 1}: {largest["size"][n]} images, the kept one first',
                      [(int(x), 'kept' if x == g else 'dropped') for x in members if x >= 0]))
     if plan.scores:
-        markers = [m for b in plan.buckets for m in done_markers(b.places.out, b.parts,
-                                                                  args.download_timeout).values()]
+        extremes = [m.get('extremes', {}) for b in plan.buckets
+                    for _, m in done_markers(b.places.out, b.parts, args.download_timeout)]
         for end, rule in (('highest', lambda x: (-x[1], x[0])), ('lowest', lambda x: (x[1], -x[0]))):
-            best = sorted({tuple(x) for m in markers for x in m.get('extremes', {}).get(end, [])}, key=rule)
+            best = sorted({tuple(x) for e in extremes for x in e.get(end, [])}, key=rule)
             rows.append((f'{end} {plan.scores[0].name}',
                          [(g, f'{v:.3f}') for g, v in best[:PREVIEW_PER_ROW]]))
     return rows
@@ -1717,7 +1786,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
                 remote = None if b.places.cache == b.places.src else b.places.src
                 datasets[b.name] = StreamingDataset(local=b.places.cache, remote=remote, shuffle=False,
                                                     batch_size=1)
-            img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN])
+            img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN], [])  # counted in the markers
             img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
             x = 8 + c * (PREVIEW_TILE + 8)
             sheet.paste(img, (x, top + PREVIEW_LINE))

@@ -27,11 +27,11 @@ marker with the settings that shape its bytes. Rerun the same command, with any 
 to skip finished parts; other settings or another input are refused. Rank 0 merges `index.json` after
 all ranks finish.
 
-Exit codes: 0 done (undecodable images are skipped, counted and named in the summary); 2 one `error:`
-line (a flag, the model, the input, the places, a rerun's other settings, parts left unfinished, no
-sample at all because every image was skipped, no latent at all because every image is smaller than
---resolutions, a failed `--preview_only`); 128 + the signal after SIGTERM (143) or Ctrl-C (130):
-finished parts are kept.
+Exit codes: 0 done (undecodable images are skipped: each named in its part's `_done` marker, counted by
+reason in the summary); 2 one `error:` line (a flag, the model, the input, the places, a rerun's other
+settings, parts left unfinished, no sample at all because every image was skipped, no latent at all
+because every image is smaller than --resolutions, a failed `--preview_only`); 128 + the signal after
+SIGTERM (143) or Ctrl-C (130): finished parts are kept.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import time
 import urllib.parse
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from traceback import walk_tb
@@ -1138,7 +1138,7 @@ def read_input_index(src: str, cache: str, timeout: float) -> list[dict]:
         if url != local:
             fetch(url, local, timeout)
         with open(local) as f:
-            obj = json.load(f)
+            obj = json.load(f, object_hook=shared_lists())
     shards = obj.get('shards') if isinstance(obj, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and set(SHARD_RECORD) <= s.keys()
                                                for s in shards):
@@ -1170,9 +1170,35 @@ def datasets_below(src: str) -> str:
     return f', but {where} {"exists" if len(below) == 1 else "exist"}: pass --subfolder {below[0]}'
 
 
+# >>> twin: shared-lists (verbatim in caption_images.py, precompute_latents.py; test_twins.py)
+def shared_lists() -> Callable[[dict], dict]:
+    """An object_hook for json.load of an MDS index.json: the lists its shard records repeat (the column
+    names, encodings and sizes) are held once, so that a record takes ~0.9 KB instead of ~3.5 (rank 0
+    holds the input's index while it plans: ~470k records in LAION-2B's biggest bucket). Nothing may
+    change such a list in place."""
+    seen: dict[tuple, list] = {}
+
+    def shared(obj: dict) -> dict:
+        for key, value in obj.items():
+            if isinstance(value, list) and not any(isinstance(v, (dict, list)) for v in value):
+                obj[key] = seen.setdefault((key, *value), value)
+        return obj
+    return shared
+# <<< twin: shared-lists
+
+
+# >>> twin: index-digest (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
 def index_digest(shards: list[dict]) -> str:
-    """The input's identity as its index states it (shard names, sizes, counts, columns)."""
-    return hashlib.sha1(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+    """The sha1 of an input's shard records as `json.dumps(shards, sort_keys=True)` writes them (its
+    identity in the markers), taken record by record: never the whole index as one string, 0.6 GB at
+    LAION-2B's biggest bucket."""
+    digest = hashlib.sha1(b'[')
+    for i, shard in enumerate(shards):
+        digest.update((', ' * bool(i) + json.dumps(shard, sort_keys=True)).encode())
+    digest.update(b']')
+    return digest.hexdigest()
+# <<< twin: index-digest
 
 
 def input_columns(shards: list[dict], src: str, caption_keys: list[str]) -> dict[str, str]:
@@ -1229,10 +1255,12 @@ def check_output_is_ours(out_root: str, names: list[str] | None) -> None:
 
 
 def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
-                 timeout: float) -> dict[str, dict]:
-    """{part name: marker contents} for the parts of `out_root` that a previous run finished (`names`:
-    the output's files; None: probe every part)."""
-    listed = [p.name for p in parts if names is None or f'{p.name}/{DONE_MARKER}' in names]
+                 timeout: float) -> Iterator[tuple[str, dict]]:
+    """(part name, marker) of each part of `out_root` that a previous run finished (`names`: the output's
+    files; None: probe every part), in part order: read 16 at a time and at most 256 ahead, so that a
+    caller holds one marker at a time."""
+    done = None if names is None else {n for n in names if n.endswith(f'/{DONE_MARKER}')}
+    listed = [p.name for p in parts if done is None or f'{p.name}/{DONE_MARKER}' in done]
 
     def read_marker(name: str) -> tuple[str, dict | None]:
         with contextlib.suppress(Exception):  # absent or unreadable: the part is simply done again
@@ -1240,7 +1268,48 @@ def done_markers(out_root: str, parts: list[Part], names: list[str] | None,
         return name, None
 
     with ThreadPoolExecutor(16) as pool:
-        return {name: m for name, m in pool.map(read_marker, listed) if m is not None}
+        for start in range(0, len(listed), 256):
+            yield from ((n, m) for n, m in pool.map(read_marker, listed[start:start + 256]) if m is not None)
+
+
+# >>> twin: named (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+# An image skipped, refused, failed or decoded with a warning (from PIL or libtiff) is named (sample id, key,
+# reason or notes) in its part's marker or file, which holds at most --part_size names. A summary keeps
+# their count per reason and the first FIRST_NAMED per reason (in part order) and says where the rest are,
+# as laion_cloudwriter.py does its left-outs: the summary, and rank 0's memory as it reads the markers one
+# at a time, stay the same size whatever their number (~20M images at 1% of LAION-2B).
+FIRST_NAMED = 20
+
+
+def named() -> dict:
+    """No image named yet: {'by_reason': {reason: count}, 'first': {reason: [entry, ...]}}; a summary adds
+    'in', where each one is named."""
+    return {'by_reason': {}, 'first': {}}
+
+
+def add_named(names: dict, entries: list[dict]) -> dict:
+    """`names` with `entries` ({'id', 'key', and 'reason' or 'notes'}) added, each under its reason: the words
+    before the first ': ' of its reason or first note (an error's type, 'HTTP 400 from <endpoint>', a
+    warning's category)."""
+    for entry in entries:
+        reason = (entry.get('reason') or entry['notes'][0]).split(': ')[0][:100]
+        names['by_reason'][reason] = names['by_reason'].get(reason, 0) + 1
+        if len(first := names['first'].setdefault(reason, [])) < FIRST_NAMED:
+            first.append(entry)
+    return names
+
+
+def named_lines(names: dict) -> list[str]:
+    """The screen's account of named images: per reason, its count and its first three (the first with
+    what was said of it)."""
+    lines = []
+    for reason, n in names['by_reason'].items():
+        first = names['first'][reason]
+        said = ' '.join((first[0].get('reason') or '; '.join(first[0]['notes'])).split())
+        lines.append(f'{n} x {reason}: ' + ', '.join(f'sample {e["id"]} key={e["key"]!r}' for e in first[:3])
+                     + ', ...' * (n > 3) + f' (first: {said[:120]})' * (said != reason))
+    return lines + [f'(each named in {names["in"]})'] * bool(lines)
+# <<< twin: named
 
 
 def text_column_specs(family: Family, configs: list, lengths: list[int], storage: str,
@@ -1315,10 +1384,11 @@ class Plan:
     family: Family
     tokenizers: list
     crop: CenterCrop
-    shards: list[dict]
+    shards: list[dict] | dict[int, tuple[int, dict]]  # the input's (a rank's: its parts', see numbered)
     columns: dict[str, str]
-    parts: list[Part]
-    pending: list[Part]
+    parts: list[Part]  # every part (rank 0 only)
+    pending: list[Part]  # the parts without a _done marker (a rank: its share, every world-th)
+    finished: int  # the parts with one before this run
     settings: dict
     image: ImageLatents
 
@@ -1354,7 +1424,7 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
                 'resolutions': sorted(args.resolutions), 'dtype': str(dtype).replace('torch.', ''),
                 'caption_drop_prob': args.caption_drop_prob, 'part_size': args.part_size,
                 'batch_size': args.batch_size, 'input_samples': parts[-1].last,
-                'input_index': index_digest(shards)}
+                'input_index': index_digest(shards)[:16]}
     if args.crop != 'center':  # center outputs keep the record they always had
         settings['crop'] = args.crop
     if args.drop_columns:
@@ -1362,15 +1432,16 @@ def make_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype) -> Plan:
     settings['convention'] = convention  # last: a flag that differs is named before the record it changes
     names = output_names(pl.out)
     check_output_is_ours(pl.out, names)
-    markers = done_markers(pl.out, parts, names, args.download_timeout)
-    for part_name, marker in markers.items():
+    done = set()
+    for part_name, marker in done_markers(pl.out, parts, names, args.download_timeout):
         if changed := what_changed(marker.get('settings', {}), settings):
             raise UserError(f'{pl.out}/{part_name} was written with {changed}: rerun with the same flags or '
                             'write to a new --remote_upload')
-    pending = [p for p in parts if p.name not in markers]
+        done.add(part_name)
+    pending = [p for p in parts if p.name not in done]
     os.makedirs(pl.staging, exist_ok=True)  # the mark that the output is ours, before its first part:
     put_text(pl.out, pl.staging, CONVENTION, json.dumps(convention, indent=1))
-    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, settings, image)
+    return Plan(pl, family, tokenizers, crop, shards, columns, parts, pending, len(done), settings, image)
 
 
 def what_changed(old: dict, new: dict) -> str:
@@ -1421,19 +1492,43 @@ def first_difference(old: Any, new: Any, path: str = '') -> tuple[str, Any, Any]
     return None if old == new else (path, old, new)
 
 
-def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: int) -> Plan:
-    """Rank 0 makes the plan (or meets the error) and every rank receives the same."""
-    result: list[Any] = [None]
+def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: int, world: int) -> Plan:
+    """Rank 0 makes the plan (or meets the error). Every rank receives what all need (the model's
+    tokenizers, the convention: broadcast), then, scattered, only its share of the parts to do (every
+    world-th) and their input shards: the input's index, ~0.5M shard records in LAION-2B's biggest bucket,
+    stays whole on rank 0 alone, and only while it plans."""
+    plan: Any = None
+    shares: list[Any] = [None] * world
     if rank == 0:
         try:
-            result[0] = make_plan(args, pl, dtype)
+            plan = make_plan(args, pl, dtype)
+            for r in range(world):
+                shares[r] = (mine := plan.pending[r::world], numbered(mine, plan.shards))
         except UserError as err:
-            result[0] = err
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
+            plan = err
+    if world > 1:
+        common = [plan if rank or isinstance(plan, UserError) else
+                  dataclasses.replace(plan, shards={}, parts=[], pending=[])]
+        dist.broadcast_object_list(common, src=0)
+        plan = plan if rank == 0 else common[0]
+    if isinstance(plan, UserError):
+        raise plan
+    received = shares[:1]  # rank 0 keeps its own
+    if world > 1:
+        dist.scatter_object_list(received, [None, *shares[1:]] if rank == 0 else None, src=0)
+    pending, shards = shares[0] if rank == 0 else received[0]
+    return dataclasses.replace(plan, pending=pending, shards=shards)
+
+
+def numbered(parts: list[Part], shards: list[dict]) -> dict[int, tuple[int, dict]]:
+    """{shard number: (its first sample id, its index record)} of the shards of `parts`."""
+    table = {}
+    for part in parts:
+        first = part.first
+        for n in part.shards:
+            table[n] = (first, shards[n])
+            first += shards[n]['samples']
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1441,15 +1536,23 @@ def share_plan(args: argparse.Namespace, pl: Places, dtype: torch.dtype, rank: i
 # ----------------------------------------------------------------------------------------------
 
 class ShardCache:
-    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine."""
+    """Input shards on local disk: downloaded (and decompressed) on first use, once per machine. `shards`:
+    {shard number: (its first sample id, its index record)} of the shards this process reads (numbered)."""
 
-    def __init__(self, shards: list[dict], remote: str | None, local: str, timeout: float, retry: int):
-        from streaming.base.format import reader_from_json
-
-        self.readers = [reader_from_json(local, None, as_stored(s)) for s in shards]
-        self.offsets = np.cumsum([0] + [s['samples'] for s in shards]).tolist()
+    def __init__(self, shards: dict[int, tuple[int, dict]], remote: str | None, local: str, timeout: float,
+                 retry: int):
+        self.shards, self.readers = shards, {}
+        self.starts = sorted((first, n) for n, (first, _) in shards.items())  # get()'s sample -> shard
         self.remote, self.local, self.timeout, self.retry = remote, local, timeout, retry
         self._stream_pid = -1  # the process self._stream and self._ready (shards made readable) belong to
+
+    def reader(self, shard: int):
+        """Shard `shard`'s streaming reader, made on first use."""
+        if shard not in self.readers:
+            from streaming.base.format import reader_from_json
+
+            self.readers[shard] = reader_from_json(self.local, None, as_stored(self.shards[shard][1]))
+        return self.readers[shard]
 
     def ensure(self, shard: int) -> None:
         """Make shard `shard` readable; a file lock keeps processes from fetching it twice."""
@@ -1461,7 +1564,7 @@ class ShardCache:
             self._stream_pid, self._ready = os.getpid(), set()
         if shard in self._ready:
             return
-        reader = self.readers[shard]
+        reader = self.reader(shard)
         lock_path = os.path.join(self.local, f'.{reader.raw_data.basename.replace("/", "_")}.lock')
         with open(lock_path, 'w') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -1470,16 +1573,17 @@ class ShardCache:
 
     def evict(self, shard: int) -> None:
         """Delete a shard's local files (only ever called for a downloaded copy)."""
-        for raw, zipped in self.readers[shard].file_pairs:
+        for raw, zipped in self.reader(shard).file_pairs:
             names = [info.basename for info in (raw, zipped) if info is not None]
             for name in names + [f'.{raw.basename.replace("/", "_")}.lock']:  # and ensure's lock
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.local, name))
+        self.readers.pop(shard, None)
 
     def get(self, sample_id: int) -> dict[str, Any]:
-        shard = bisect.bisect_right(self.offsets, sample_id) - 1
+        first, shard = self.starts[bisect.bisect_right(self.starts, (sample_id, math.inf)) - 1]
         self.ensure(shard)
-        return self.readers[shard].get_item(sample_id - self.offsets[shard])
+        return self.reader(shard).get_item(sample_id - first)
 
 
 # >>> twin: stored-files (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
@@ -1945,7 +2049,7 @@ class BatchReader:
             rngs = {r: np.random.default_rng([self.seed, sample_id, r, 2]) if self.crop.random else None
                     for r in self.crop.tables}
             try:
-                with noted() as notes:  # PIL's warnings, libtiff's words: named in the summary, not printed
+                with noted() as notes:  # PIL's warnings, libtiff's words: named in the marker, not printed
                     img, size, placed = self.crop.decode(sample['jpg'], rngs)
                     pixels = {r: p.pixels(img) for r, p in sorted(placed.items())}
             except Exception as err:  # PIL raises many types for bad bytes: every one is a skip
@@ -2436,7 +2540,7 @@ def make_loader(args: argparse.Namespace, plan: Plan, parts: list[Part], cache: 
 def run_rank(args: argparse.Namespace, plan: Plan, device: torch.device, dtype: torch.dtype,
              rank: int, world: int) -> dict[str, Any]:
     """Encode this rank's share of the unfinished parts; returns this rank's counters."""
-    mine = plan.pending[rank::world]
+    mine = plan.pending
     family, pl = plan.family, plan.places
     models = load_models(args.model_name, family, device, dtype, plan.image)
     storage = getattr(torch, plan.settings['convention']['storage_dtype'])
@@ -2519,13 +2623,13 @@ def stop_on_signals() -> None:
 # Merging and the summary (rank 0)
 # ----------------------------------------------------------------------------------------------
 
-def merge_parts(plan: Plan, markers: dict[str, dict], timeout: float) -> None:
+def merge_parts(plan: Plan, part_groups: dict[str, list[str]], timeout: float) -> None:
     """Rank 0: index.json at the output root over every part, in part order; with --crop aspect also
     `<out>/<group>/index.json` per bucket group over its parts, and GROUPS listing the groups."""
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
     for part in plan.parts:
-        for group in sorted(markers[part.name].get('groups', {'': 0})):  # no 'groups': an older center run
+        for group in part_groups[part.name]:
             folder = '/'.join(f for f in (group, part.name) if f)
             url = join(plan.places.out, folder, INDEX)
             with failing(f'reading {url} failed: ', '; rerun the same command'):
@@ -2552,37 +2656,42 @@ def prefixed(shards: list[dict], folder: str) -> list[dict]:
 
 
 def summarize(args: argparse.Namespace, plan: Plan, run_stats: dict[str, Any], world: int,
-              interrupted: str | None) -> tuple[dict, dict[str, dict]]:
-    """(summary, markers): totals over every part (this run's and earlier runs'), read from the parts'
-    markers, which the merge reads too."""
-    markers = done_markers(plan.places.out, plan.parts, output_names(plan.places.out), args.download_timeout)
-    missing = [p.name for p in plan.parts if p.name not in markers]
-    skipped = [s for m in markers.values() for s in m['skipped']]
-    noted = [s for m in markers.values() for s in m.get('noted', [])]  # decoded with PIL's or libtiff's words
-    before = len(plan.parts) - len(plan.pending)  # finished by earlier runs
-    encoded = {str(r): sum(m['encoded'].get(str(r), 0) for m in markers.values()) for r in args.resolutions}
-    written = sum(m['written'] for m in markers.values())
-    fallback = sum((Counter(m.get('fp32_fallback', {})) for m in markers.values()), Counter())
+              interrupted: str | None) -> tuple[dict, dict[str, list[str]]]:
+    """(summary, {part: its groups}, which the merge reads): totals over every part (this run's and earlier
+    runs'), read from the parts' markers one at a time. The images a part skipped or decoded with PIL's or
+    libtiff's words are named in its marker; the summary counts them by reason and names the first."""
+    out = plan.places.out
     encoders = [f'{e.get("recipe") or e["subfolder"]} ({e["tokens"]} tokens)'  # composed: by recipe
                 for e in plan.settings['convention']['text_encoders']]
     truncated = {key: Counter(dict.fromkeys(encoders, 0)) for key in args.caption_keys}  # captions cut
-    for m in markers.values():
+    encoded, fallback, names = Counter(), Counter(), {'skipped': named(), 'noted': named()}
+    written = latent_bytes = 0
+    groups: dict[str, list[str]] = {}
+    for part, m in done_markers(out, plan.parts, output_names(out), args.download_timeout):
+        groups[part] = sorted(m.get('groups', {'': 0}))  # no 'groups': an older center run
+        for k, fold in names.items():
+            add_named(fold, m.get(k, []))
+        encoded.update({r: m['encoded'].get(r, 0) for r in map(str, args.resolutions)})
+        written, latent_bytes = written + m['written'], latent_bytes + m.get('latent_bytes', 0)
+        fallback.update(m.get('fp32_fallback', {}))
         for key, cut in m.get('truncated', {}).items():
             truncated[key].update(dict(zip(encoders, cut)))
+    count = {k: sum(fold['by_reason'].values()) for k, fold in names.items()}
     return {
-        'input': plan.places.src, 'output': plan.places.out, 'input_samples': plan.settings['input_samples'],
-        'written': written, 'skipped': len(skipped), 'family': plan.settings['convention']['family'],
-        'latent_bytes_per_sample': round(sum(m.get('latent_bytes', 0) for m in markers.values())
-                                         / max(written, 1), 1),
-        'fp32_fallback_batches': dict(fallback), 'truncated_captions': truncated,
-        'skipped_samples': skipped, 'noted': len(noted), 'noted_samples': noted, 'encoded': encoded,
-        'parts': len(plan.parts), 'parts_this_run': len(markers) - before, 'parts_before': before,
-        'parts_missing': missing, 'world_size': world, 'samples_this_run_rank0': run_stats['samples'],
-        'seconds_rank0': round(run_stats['seconds'], 3),
+        'input': plan.places.src, 'output': out, 'input_samples': plan.settings['input_samples'],
+        'written': written, 'skipped': count['skipped'], 'family': plan.settings['convention']['family'],
+        'latent_bytes_per_sample': round(latent_bytes / max(written, 1), 1),
+        'fp32_fallback_batches': dict(fallback), 'truncated_captions': truncated, 'noted': count['noted'],
+        **{f'{k}_names': {**fold, 'in': f'{out}/NNNNN/{DONE_MARKER}, under "{k}"'}
+           for k, fold in names.items()},
+        'encoded': {str(r): encoded[str(r)] for r in args.resolutions}, 'parts': len(plan.parts),
+        'parts_this_run': len(groups) - plan.finished, 'parts_before': plan.finished,
+        'parts_missing': [p.name for p in plan.parts if p.name not in groups], 'world_size': world,
+        'samples_this_run_rank0': run_stats['samples'], 'seconds_rank0': round(run_stats['seconds'], 3),
         'samples_per_s_rank0': round(run_stats['samples'] / max(run_stats['seconds'], 1e-9), 2),
         'steady_samples_per_s_rank0': round(run_stats['steady'], 2),
         'settings': plan.settings, 'interrupted': interrupted,
-    }, markers
+    }, groups
 
 
 def report(summary: dict, path: str) -> None:
@@ -2610,16 +2719,10 @@ def report(summary: dict, path: str) -> None:
     for name, n in summary['fp32_fallback_batches'].items():
         lines.append(f'float32 {name} gave NaN/inf in {summary["settings"]["dtype"]} for {n} batch(es): '
                      'those batches were re-encoded in float32')
-    for s in summary['skipped_samples'][:10]:
-        lines.append(f'skipped sample {s["id"]} key={s["key"]!r}: {s["reason"]}')
-    if summary['skipped'] > 10:
-        lines.append(f'... and {summary["skipped"] - 10} more skipped (see the JSON)')
+    lines += [f'skipped {line}' for line in named_lines(summary['skipped_names'])]
     if summary['noted']:  # decoded and kept, but PIL warned or libtiff complained: counted, by what was said
-        said = Counter(' '.join(n.split())[:80] for s in summary['noted_samples'] for n in s['notes'])
-        lines.append(f'noted   {summary["noted"]} image(s) decoded with a warning from PIL or libtiff (kept; '
-                     'each named under noted_samples in the JSON): '
-                     + '; '.join(f'{n} x {text}' for text, n in said.most_common(3))
-                     + ' ...' * (len(said) > 3))
+        lines.append(f'noted   {summary["noted"]} image(s) decoded with a warning from PIL or libtiff (kept)')
+        lines += [f'noted   {line}' for line in named_lines(summary['noted_names'])]
     if summary.get('interrupted'):
         lines.append(f'stopped by {summary["interrupted"]}: {len(summary["parts_missing"])} parts left, '
                      'no index.json yet; rerun the same command to resume')
@@ -2629,10 +2732,11 @@ def report(summary: dict, path: str) -> None:
 
 def nothing_written(summary: dict) -> str:
     """The error of a run in which every sample was skipped: no index.json is written."""
-    reasons = Counter(s['reason'].split(';')[0] for s in summary['skipped_samples'])
+    reasons = Counter(summary['skipped_names']['by_reason'])
     said = ', '.join(f'{n} x {reason}' for reason, n in reasons.most_common(2))
     return (f'no sample written: each of the {summary["input_samples"]} input images was skipped ({said}), '
-            f"so no {INDEX} either; the summary names each one: check the input's `{IMAGE_COLUMN}` column")
+            f"so no {INDEX} either; each is named in {summary['skipped_names']['in']}: check the input's "
+            f'`{IMAGE_COLUMN}` column')
 
 
 def nothing_encoded(args: argparse.Namespace) -> str:
@@ -2815,7 +2919,8 @@ def write_preview(args: argparse.Namespace, out_root: str, device: torch.device,
     ids = sorted({int(i) for i in np.linspace(0, total - 1, min(args.preview, total)).round()})
     os.makedirs(args.local, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.local, prefix='preview-') as tmp:
-        cache = ShardCache(shards, out_root, tmp, args.download_timeout, args.download_retry)
+        cache = ShardCache(numbered(plan_parts(shards, 1), shards), out_root, tmp, args.download_timeout,
+                           args.download_retry)
         with torch.inference_mode():
             rows = [preview_row(i, cache.get(i), columns, convention, vae, device) for i in ids]
     header = [label for res, c in columns for label in (f'source {res} px', f'decoded {c}')]
@@ -2881,14 +2986,14 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 preview(args, pl.out, device, None)
             return
-        plan = share_plan(args, pl, dtype, rank)
+        plan = share_plan(args, pl, dtype, rank, world)
         stats = run_rank(args, plan, device, dtype, rank, world)
         if world > 1:
             dist.barrier()
         if rank == 0:
-            summary, markers = summarize(args, plan, stats, world, None)
+            summary, groups = summarize(args, plan, stats, world, None)
             if not summary['parts_missing'] and summary['written']:  # no index a reader would take for
-                merge_parts(plan, markers, args.download_timeout)  # the whole set, nor one of nothing
+                merge_parts(plan, groups, args.download_timeout)  # the whole set, nor one of nothing
             report(summary, summary_path(args))
             shutil.rmtree(pl.staging, ignore_errors=True)
             if summary['parts_missing']:

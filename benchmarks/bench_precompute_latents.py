@@ -244,7 +244,7 @@ def interleaved_rates(fns: dict, items: list, count, rounds: int = 2) -> dict[st
 def make_reader(mds: Path, model: Path, args, vae, mode: str = 'center') -> pl.BatchReader:
     shards = pl.read_input_index(str(mds), str(mds), 60)
     parts = pl.plan_parts(shards, 10**9)
-    cache = pl.ShardCache(shards, None, str(mds), 60, 1)
+    cache = pl.ShardCache(pl.numbered(parts, shards), None, str(mds), 60, 1)
     tokenizers = pl.load_tokenizers(str(model), SD)
     crop = pl.make_crop(mode, args.resolutions, 64, 4.0, False)
     latent_shape = (vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1))
@@ -445,8 +445,9 @@ def bench_llm_family(args, work: Path, mds: Path, name: str, device: torch.devic
                                    len(b['samples']), no_fallback, image)
 
     for res in args.resolutions:
-        reader = pl.BatchReader(pl.make_jobs(pl.plan_parts(shards, 10**9), args.batch_size),
-                                pl.ShardCache(shards, None, str(mds), 60, 1), tokenizers,
+        parts = pl.plan_parts(shards, 10**9)
+        reader = pl.BatchReader(pl.make_jobs(parts, args.batch_size),
+                                pl.ShardCache(pl.numbered(parts, shards), None, str(mds), 60, 1), tokenizers,
                                 pl.token_lengths(family, tokenizers, 0),
                                 pl.make_crop('center', [res], 64, 4.0, False), (image.channels, image.factor),
                                 'mean', 0, 0.0, encoders=family.encoders)

@@ -131,6 +131,7 @@ def proxied_run(server, llava, dataset, pictures, tmp_path_factory):
         first['summary'] = json.loads((out / 'summary.json').read_text())
         first['markers'] = {m: Path(m).read_bytes() for m in markers(out / UNBUCKETED)}
         first['index'] = (out / UNBUCKETED / 'index.json').exists()
+        first['failed_files'] = [json.loads(f.read_text()) for f in (out / UNBUCKETED).glob('*/_failed')]
         proxy.fail.clear()
         rerun = time.time()
         code, stdout, stderr = run_main('caption_images.py', *args)
@@ -145,14 +146,19 @@ def test_a_request_that_keeps_failing_leaves_its_part_to_a_rerun_which_does_only
     first, proxy = proxied_run['first'], proxied_run['proxy']
     assert first['code'] == 2 and 'Traceback' not in first['stderr'], first['stderr'][-3000:]
     errors = [ln for ln in first['stderr'].splitlines() if ln.startswith('error:')]
-    failed, = first['summary']['failed_samples']
+    (failed,), = first['summary']['failed_names']['first'].values()
     assert errors == [f"error: parts {failed['part']} (1 of 4) have no _done marker (images failed after "
                       'their retries: 1, named above); rerun the same command']
     assert failed['key'] == proxied_run['failing'] and 'HTTP 500' in failed['reason']
     assert failed['reason'].endswith('(after 2 retries)')
     assert first['summary']['parts_missing'] == [failed['part']] and len(first['markers']) == 3
-    assert f"key='{failed['key']}' (part {failed['part']} left unfinished)" in first['stdout']
+    assert first['failed_files'] == [[{k: failed[k] for k in ('id', 'key', 'reason')}]]  # named in its part
+    where = f"{proxied_run['out'] / UNBUCKETED}/NNNNN/_failed of each part left unfinished"
+    assert first['summary']['failed_names']['in'] == where
+    assert f"sample {failed['id']} key='{failed['key']}'" in first['stdout']
+    assert f'failed   (each named in {where})' in first['stdout']
     assert not first['index']  # no index a reader would take for the whole set
+    assert not (proxied_run['out'] / UNBUCKETED / failed['part'] / '_failed').exists()  # gone once done
 
     # The rerun: the finished parts untouched, and only the unfinished part's images asked for again.
     assert {m: Path(m).read_bytes() for m in first['markers']} == first['markers']
@@ -189,7 +195,8 @@ def test_each_caption_is_the_servers_answer_through_429s_cuts_a_refusal_and_a_de
 
     # The refused image is a counted, named skip beside the undecodable one.
     summary = json.loads((run['out'] / 'summary.json').read_text())
-    reasons = {s['key']: s['reason'] for s in summary['skipped_samples']}
+    reasons = {s['key']: s['reason'] for m in markers(run['out'] / UNBUCKETED)
+               for s in json.loads(Path(m).read_text())['skipped']}  # each named in its part's marker
     assert summary['skipped'] == 2 and 'HTTP 400' in reasons[run['refused']]
     assert 'this image is not allowed' in reasons[run['refused']]
     assert summary['written'] == len(got) and summary['failed'] == 0 and not summary['parts_missing']
@@ -202,7 +209,7 @@ def test_each_caption_is_the_servers_answer_through_429s_cuts_a_refusal_and_a_de
     assert summary['cost_usd'] == round((summary['prompt_tokens'] * 1.5 + summary['tokens'] * 4) / 1e6, 4)
     parts = [json.loads(Path(m).read_text()) for m in markers(run['out'] / UNBUCKETED)]
     assert sum(p['tokens'] for p in parts) == summary['tokens'] and len(parts) == 4
-    part = run['first']['summary']['failed_samples'][0]['part']
+    (part,), = [[f['part'] for f in fs] for fs in run['first']['summary']['failed_names']['first'].values()]
     rerun = read_mds(str(run['out'] / UNBUCKETED / part))
     assert run['first']['summary']['speed']['images'] == len(got) - 1  # all but the failing image
     assert summary['speed']['images'] == len(rerun) and summary['speed']['images_per_s'] > 0  # this run's

@@ -128,8 +128,11 @@ def test_each_caption_equals_generate_through_the_processor_then_the_rules(kind,
 
     summary = json.loads((out / 's.json').read_text())
     assert summary['written'] == len(want) and summary['skipped'] == 3
-    assert {s['key'] for s in summary['skipped_samples']} == broken
-    assert all(s['reason'] for s in summary['skipped_samples'])
+    skipped = [s for m in markers(out / UNBUCKETED) for s in json.loads(Path(m).read_text())['skipped']]
+    assert {s['key'] for s in skipped} == broken and all(s['reason'] for s in skipped)  # in their parts
+    first = [s for f in summary['skipped_names']['first'].values() for s in f]  # the summary: the first
+    assert sorted(first, key=lambda s: s['id']) == skipped  # per reason (at most 20), counted by reason
+    assert sum(summary['skipped_names']['by_reason'].values()) == 3
     record = json.loads((out / UNBUCKETED / 'captions.json').read_text())
     assert record['settings']['prompts'] == {'vlm_caption': PROMPT}
     assert record['settings']['do_sample'] is False
@@ -327,12 +330,25 @@ def test_every_refusal_is_one_line(vlms, dataset, tiny_model, tmp_path):
 
 
 def test_an_input_without_one_good_image_gives_an_empty_index(vlms, tmp_path):
-    write_mds_input(str(tmp_path / 'local'), [make_row(0, b'not an image', 'bad.jpg')], bucketed=False)
-    code, _ = in_process(*flags(tmp_path / 'local', tmp_path / 'out', vlms['llava'], '--summary',
-                                tmp_path / 's.json'))
+    """... and a summary of one screen that counts the undecodable images by reason and names the first
+    20, each one being named in its part's marker (issue 36: ~20M at LAION-2B's 1%)."""
+    rows = [make_row(i, b'not an image', f'bad{i}.jpg') for i in range(25)]
+    write_mds_input(str(tmp_path / 'local'), rows, bucketed=False, size_limit=1 << 11)
+    code, out, _ = run_main('caption_images.py', *flags(tmp_path / 'local', tmp_path / 'out', vlms['llava'],
+                                                        '--part_size', 10, '--summary', tmp_path / 's.json'))
     index = json.loads((tmp_path / 'out' / UNBUCKETED / 'index.json').read_text())
     assert code == 0 and sum(s['samples'] for s in index['shards']) == 0  # (streaming opens no empty set)
-    assert json.loads((tmp_path / 's.json').read_text())['skipped'] == 1
+    summary, reason = json.loads((tmp_path / 's.json').read_text()), 'not an image format PIL can read'
+    assert summary['skipped'] == 25 and summary['skipped_names']['by_reason'] == {reason: 25}
+    assert [s['key'] for s in summary['skipped_names']['first'][reason]] == [r['key'] for r in rows[:20]]
+    parts = markers(tmp_path / 'out' / UNBUCKETED)
+    assert len(parts) > 1 and [s['key'] for m in parts for s in json.loads(Path(m).read_text())['skipped']] \
+        == [r['key'] for r in rows]
+    where = f'{tmp_path / "out" / UNBUCKETED}/NNNNN/_done, under "skipped"'
+    assert summary['skipped_names']['in'] == where and f'skipped  (each named in {where})' in out
+    assert f"skipped  25 x {reason}: sample 0 key='000000000', sample 1 key='000000001', sample 2 " \
+           "key='000000002', ..." in out.splitlines()
+    assert len(out.splitlines()) < 15 and len(json.dumps(summary)) < 8000  # the 20 first, not all 25
 
 
 def test_s3_in_and_out(vlms, dataset, s3, tmp_path):

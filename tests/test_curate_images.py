@@ -40,7 +40,8 @@ from testbed.curate import (
 )
 from testbed.mds_input import COLUMNS, make_row, write_mds_input
 from testbed.readback import read_mds, read_streams
-from testbed.scripts import load_script, run_main
+from testbed.real import real_items
+from testbed.scripts import c_stderr, load_script, run_main
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # The tiny random CLIP maps every photo-like picture close together: the planted copies sit above
@@ -158,8 +159,12 @@ def test_scores_and_similarities_equal_the_model_on_each_image_alone(bed, clip_r
     np.testing.assert_allclose(got['clip_caption'], (img * txt).sum(-1).numpy(), atol=1e-5)
     assert len(rows) == sum(len(v) for v in bed['buckets'].values()) - len(UNDECODABLE)  # no image lost
     summary = json.loads((clip_run / 's.json').read_text())
-    named = sorted(bed['names'][k['key']] for b in summary['buckets'].values() for k in b['skipped'])
+    parts = [json.loads(Path(m).read_text()) for m in markers(clip_run, '*/*/_done')]
+    named = sorted(bed['names'][k['key']] for m in parts for k in m['skipped'])  # each in its part's marker
     assert named == sorted(UNDECODABLE) and summary['skipped'] == len(UNDECODABLE)
+    first = [k for f in summary['skipped_names']['first'].values() for k in f]  # the first per reason
+    assert sorted(bed['names'][k['key']] for k in first) == named
+    assert sum(summary['skipped_names']['by_reason'].values()) == len(UNDECODABLE)
 
 
 def groups_of(out: Path, names: dict[str, str]) -> tuple[list[set[str]], list[str]]:
@@ -280,6 +285,33 @@ def test_laion_published_heads_score_as_their_own_mlp(bed, tmp_path):
         "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)",
         "LAION's aesthetic predictor with ReLUs (ReLU, Dropout between its Linear layers)",
         "LAION's aesthetic predictor, linear (Dropouts between its Linear layers)"]
+
+
+def test_what_pil_says_of_a_kept_image_is_counted_and_named_never_printed(bed, tmp_path):
+    """A JPEG with a broken EXIF block is curated, and PIL's warning about it (issue 34: "count and name,
+    do not print") is named in its part's marker and counted by reason in the summary, as an undecodable
+    file's reason carries what libtiff or PIL said of it."""
+    real = {it.name: it.data for it in real_items()}
+    items = [(name, real[name]) for name in ('bad_exif.jpg', 'webp_compressed.tif')]
+    rows = [make_row(n, data, name) for n, (name, data) in enumerate(items + planted_corpus(2)[0][:2])]
+    write_mds_input(str(tmp_path / 'in'), rows)
+    with c_stderr() as printed:
+        code, out, err = run_main('curate_images.py', '--local', tmp_path / 'in', '--bucket', 'all',
+                                  '--remote_upload', tmp_path / 'out', '--model_name', bed['clip'],
+                                  '--clusters', 1, '--dedup_parts', 1, '--num_workers', 0,
+                                  '--summary', tmp_path / 's.json')
+    assert code == 0, err[-3000:]
+    parts = [json.loads(Path(m).read_text()) for m in markers(tmp_path / 'out', '*/*/_done')]
+    (noted,), (skipped,) = ([x for m in parts for x in m[k]] for k in ('noted', 'skipped'))
+    assert noted['key'] == rows[0]['key'] and noted['notes'][0].startswith('UserWarning: Corrupt EXIF data.')
+    assert skipped['key'] == rows[1]['key'] and skipped['reason'] == (
+        'OSError: decoder error -2; libtiff: WEBP compression support is not configured')
+    summary = json.loads((tmp_path / 's.json').read_text())
+    assert summary['noted'] == 1 and summary['noted_names']['first'] == {'UserWarning': [noted]}
+    assert f"noted    1 x UserWarning: sample {noted['id']} key={noted['key']!r} (first: UserWarning: " \
+           'Corrupt EXIF data.' in out
+    assert len([r for rs in read_all(tmp_path / 'out').values() for r in rs]) == 3  # the EXIF one kept
+    assert 'Warning' not in printed[0] + err and 'WEBP' not in printed[0] + err
 
 
 @pytest.fixture(scope='module')

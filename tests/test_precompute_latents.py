@@ -166,7 +166,10 @@ def test_mean_mode_output_is_the_input_plus_latents_training_can_read(root, corp
     summary = json.loads(summary_path.read_text())
     broken_keys = {r['key'] for r, name in zip(rows, names) if name in BROKEN}
     assert summary['skipped'] == 3 and summary['written'] == len(good)
-    assert {s['key'] for s in summary['skipped_samples']} == broken_keys
+    named = [s['key'] for m in markers(tmp_path / 'latents' / UNBUCKETED) for s in json.loads(
+        Path(m).read_text())['skipped']]  # each in its part's marker; the summary: the first by reason
+    first = {s['key'] for f in summary['skipped_names']['first'].values() for s in f}
+    assert set(named) == broken_keys == first
     assert all(k in proc.stdout for k in broken_keys)
 
     # Read as training code does; b'' below each resolution.
@@ -279,7 +282,8 @@ def test_killed_run_resumed_on_two_ranks_equals_an_uninterrupted_run(root, tiny_
     assert keys == [r['key'] for r in rows if r['key'] != '000000007']  # union equals the input
     for a, b in zip(ref, got):
         assert a == b  # same columns, same bytes: same latents, noise included
-    assert summary['skipped'] == 1 and summary['skipped_samples'][0]['key'] == '000000007'
+    assert summary['skipped'] == 1
+    assert [s['key'] for f in summary['skipped_names']['first'].values() for s in f] == ['000000007']
     # Resuming into that output with other settings would mix two kinds of latents: refused.
     rerun = [*common, '--local', tmp_path / 'c2', '--remote_upload', tmp_path / 'out']
     assert 'latent_mode' in refused(*rerun, '--latent_mode', 'mean')
@@ -739,22 +743,30 @@ def test_images_in_streamings_jpeg_or_pil_encoding_are_encoded_and_kept_as_they_
 
 
 def test_a_run_that_skips_every_image_fails_and_writes_no_index(tiny_model, tmp_path):
-    """Every image undecodable: exit 2 with one line, the summary naming each sample, and no index.json
-    (which a reader would take for an empty dataset, or refuse: 'Stream contains no samples')."""
-    rows = [make_row(i, b'no image at all', f'broken_{i}.jpg') for i in range(3)]
-    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False)
+    """Every image undecodable: exit 2 with one line, each sample named in its part's marker, and no
+    index.json (which a reader would take for an empty dataset, or refuse: 'Stream contains no samples').
+    The summary counts them by reason and names the first 20 (issue 36: ~20M at LAION-2B's 1%)."""
+    rows = [make_row(i, b'no image at all', f'broken_{i}.jpg') for i in range(25)]
+    write_mds_input(str(tmp_path / 'mds'), rows, bucketed=False, size_limit=1 << 11)
     code, out, err = run_main('precompute_latents.py', '--local', tmp_path / 'mds', '--bucket', UNBUCKETED,
-                              '--remote_upload', tmp_path / 'out', '--model_name', tiny_model,
-                              '--resolutions', 64, '--num_workers', 0, '--summary', tmp_path / 's.json')
+                              '--remote_upload', tmp_path / 'out', '--model_name', tiny_model, '--part_size',
+                              10, '--resolutions', 64, '--num_workers', 0, '--summary', tmp_path / 's.json')
     assert code == 2 and 'Traceback' not in err, err[-3000:]
+    where = f'{tmp_path / "out" / UNBUCKETED}/NNNNN/_done, under "skipped"'
     assert [ln for ln in err.splitlines() if ln.startswith('error:')] == [
-        'error: no sample written: each of the 3 input images was skipped (3 x not an image format PIL can '
-        "read), so no index.json either; the summary names each one: check the input's `jpg` column"]
+        'error: no sample written: each of the 25 input images was skipped (25 x not an image format PIL can '
+        f"read), so no index.json either; each is named in {where}: check the input's `jpg` column"]
     assert not (tmp_path / 'out' / UNBUCKETED / 'index.json').exists()
     summary = json.loads((tmp_path / 's.json').read_text())
-    assert summary['written'] == 0
-    assert [s['key'] for s in summary['skipped_samples']] == [r['key'] for r in rows]
-    assert all(f"key={r['key']!r}" in out for r in rows)
+    parts = markers(tmp_path / 'out' / UNBUCKETED)
+    assert summary['written'] == 0 and len(parts) > 1
+    assert [s['key'] for m in parts for s in json.loads(Path(m).read_text())['skipped']] == \
+        [r['key'] for r in rows]
+    reason = 'not an image format PIL can read'
+    assert summary['skipped_names'] == {'by_reason': {reason: 25}, 'in': where, 'first': {reason: [
+        {'id': i, 'key': r['key'], 'reason': reason} for i, r in enumerate(rows[:20])]}}
+    assert f"skipped 25 x {reason}: sample 0 key='000000000', sample 1 key='000000001', sample 2 " \
+           "key='000000002', ..." in out.splitlines() and f'skipped (each named in {where})' in out
 
 
 # ---- mistakes the index, the columns or a config tell: one line each, before a model loads ---------------

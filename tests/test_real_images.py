@@ -93,8 +93,9 @@ def captioned(llava, tmp_path_factory) -> dict:
         reference = direct_captions(llava, [shown(r['jpg']) for r in got], PROMPT, NEW_TOKENS)
     finally:
         torch.set_num_threads(before)
+    parts = [json.loads(m.read_text()) for m in sorted((tmp / 'out' / UNBUCKETED).glob('*/_done'))]
     return {'rows': rows, 'got': got, 'stdout': out, 'summary': json.loads((tmp / 's.json').read_text()),
-            'reference': reference, 'printed': printed[0] + err}
+            'reference': reference, 'printed': printed[0] + err, 'markers': parts}
 
 
 
@@ -106,12 +107,25 @@ def test_captions_see_each_real_file_as_the_rule_decodes_it(captioned):
 
 
 def test_captions_skip_and_name_each_undecodable_real_file(captioned):
+    """Each undecodable file named in its part's marker, with what PIL and libtiff said; the summary counts
+    them by reason and names the first of each; the JPEG with a broken EXIF block is captioned, and PIL's
+    warning about it is counted and named (issue 34's "count and name, do not print"), not printed."""
     keys = {r['url'].rsplit('/', 1)[1]: r['key'] for r in captioned['rows']}
-    summary = captioned['summary']
-    assert {s['key'] for s in summary['skipped_samples']} == {keys[it.name] for it in BAD}
-    assert all(s['reason'] for s in summary['skipped_samples'])
-    for it in BAD:
-        assert f"key={keys[it.name]!r}" in captioned['stdout'], (it.name, KINDS[it.name][0])
+    summary, parts = captioned['summary'], captioned['markers']
+    skipped = {s['key']: s['reason'] for m in parts for s in m['skipped']}
+    assert set(skipped) == {keys[it.name] for it in BAD} and summary['skipped'] == len(BAD)
+    assert skipped[keys['webp_compressed.tif']] == ('OSError: decoder error -2; libtiff: WEBP compression '
+                                                    'support is not configured')
+    assert 'DecompressionBombWarning: Image size (151587072 pixels)' in skipped[keys['bmp_bomb.bmp']]
+    by_reason = summary['skipped_names']['by_reason']
+    assert sum(by_reason.values()) == len(BAD) and 'DecompressionBombError' in by_reason
+    for reason, first in summary['skipped_names']['first'].items():
+        assert f"key={first[0]['key']!r}" in captioned['stdout'], reason
+    noted = {s['key']: s['notes'] for m in parts for s in m['noted']}
+    assert set(noted) == {keys['bad_exif.jpg']} and summary['noted'] == 1
+    assert noted[keys['bad_exif.jpg']][0].startswith('UserWarning: Corrupt EXIF data.')
+    assert f"noted    1 x UserWarning: sample {summary['noted_names']['first']['UserWarning'][0]['id']} " \
+           f"key={keys['bad_exif.jpg']!r} (first: UserWarning: Corrupt EXIF data." in captioned['stdout']
     assert 'WEBP' not in captioned['printed'] and 'Warning' not in captioned['printed']  # libtiff, PIL
 
 
@@ -146,8 +160,10 @@ def encoded(tiny_model, tmp_path_factory) -> dict:
             '--storage_dtype', 'float32', '--num_workers', 0, '--threads', 1, '--batch-size', 8,
             '--summary', tmp / 's.json')
     assert code == 0, err[-3000:]
+    parts = [json.loads(m.read_text()) for m in sorted((tmp / 'out' / UNBUCKETED).glob('*/_done'))]
     return {'rows': rows, 'got': read_mds(str(tmp / 'out' / UNBUCKETED)), 'stdout': out,
-            'summary': json.loads((tmp / 's.json').read_text()), 'printed': printed[0] + err}
+            'summary': json.loads((tmp / 's.json').read_text()), 'printed': printed[0] + err,
+            'markers': parts}
 
 
 def shown_crop(data: bytes, res: int) -> torch.Tensor | None:
@@ -194,9 +210,9 @@ def test_latents_encode_each_real_file_as_the_rule_decodes_it(encoded, tiny_mode
 def test_latents_skip_and_name_each_undecodable_real_file_and_warn_of_an_empty_resolution(encoded):
     keys = {r['url'].rsplit('/', 1)[1]: r['key'] for r in encoded['rows']}
     summary = encoded['summary']
-    assert {s['key'] for s in summary['skipped_samples']} == {keys[it.name] for it in BAD}
-    for it in BAD:
-        assert f"key={keys[it.name]!r}" in encoded['stdout'], (it.name, KINDS[it.name][0])
+    assert {s['key'] for m in encoded['markers'] for s in m['skipped']} == {keys[it.name] for it in BAD}
+    for reason, first in summary['skipped_names']['first'].items():  # the first of each, on the screen
+        assert f"key={first[0]['key']!r}" in encoded['stdout'], reason
     assert ("warning no image is large enough for 512 px (images are not upscaled): latents_512 is b'' "
             'in every sample') in encoded['stdout'].splitlines()
 
@@ -207,16 +223,17 @@ def test_latents_name_what_pil_and_libtiff_said_and_print_none_of_it(encoded):
     summary (the reason of a skip, a note of a kept image), none printed into the progress bar."""
     keys = {r['url'].rsplit('/', 1)[1]: r['key'] for r in encoded['rows']}
     summary = encoded['summary']
-    reasons = {s['key']: s['reason'] for s in summary['skipped_samples']}
+    reasons = {s['key']: s['reason'] for m in encoded['markers'] for s in m['skipped']}
     assert reasons[keys['webp_compressed.tif']] == ('OSError: decoder error -2; libtiff: WEBP compression '
                                                     'support is not configured')
     assert 'DecompressionBombWarning: Image size (151587072 pixels) exceeds limit' in \
         reasons[keys['bmp_bomb.bmp']]
-    noted = {s['key']: s['notes'] for s in summary['noted_samples']}
+    noted = {s['key']: s['notes'] for m in encoded['markers'] for s in m['noted']}
     assert summary['noted'] == len(noted) and set(noted) == {keys['bad_exif.jpg']}
     assert noted[keys['bad_exif.jpg']][0].startswith('UserWarning: Corrupt EXIF data.')
-    assert ('noted   1 image(s) decoded with a warning from PIL or libtiff (kept; each named under '
-            'noted_samples in the JSON): 1 x UserWarning: Corrupt EXIF data.') in encoded['stdout']
+    assert 'noted   1 image(s) decoded with a warning from PIL or libtiff (kept)' in encoded['stdout']
+    assert f"noted   1 x UserWarning: sample {summary['noted_names']['first']['UserWarning'][0]['id']} key=" \
+           f"{keys['bad_exif.jpg']!r} (first: UserWarning: Corrupt EXIF data." in encoded['stdout']
     assert 'WEBP' not in encoded['printed'] and 'Warning' not in encoded['printed'], encoded['printed']
 
 

@@ -45,11 +45,11 @@ def test_every_twin_has_identical_copies():
     found = twins()
     # the machinery every step carries: a lost marker would leave a copy free to drift unseen
     assert {'decode', 'address', 'paths', 'places', 'put-text', 'parts', 'preview-font',
-            'stored-files'} <= set(found), \
+            'stored-files', 'named', 'index-digest'} <= set(found), \
         sorted(found)
     copies = {n: sorted(c) for n, c in found.items()}
     assert len(found['decode']) == len(found['address']) == len(found['preview-font']) == 4 \
-        and len(found['parts']) == len(found['stored-files']) == 3, copies
+        and len(found['parts']) == len(found['stored-files']) == len(found['named']) == 3, copies
     for name, copies in found.items():
         assert len(copies) >= 2, f'twin {name} stands only in {list(copies)}: a twin has two copies or more'
         (first, text), *others = copies.items()
