@@ -564,10 +564,14 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> Iterator[t
     """(part name, marker) of each of the given parts that has a readable _done marker, in part order:
     read 16 at a time and at most 256 ahead, so that a caller holds one marker at a time."""
     def read(part: Part) -> tuple[str, dict | None]:
+        url = join(out_root, part.name, DONE_MARKER)
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                fetch(join(out_root, part.name, DONE_MARKER), os.path.join(tmp, 'f'), timeout)
-                with open(os.path.join(tmp, 'f')) as f:
+            with contextlib.ExitStack() as stack:  # a folder's marker is read in place
+                if is_remote(url):
+                    local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), 'f')
+                    fetch(url, local, timeout)
+                    url = local
+                with open(url) as f:
                     return part.name, json.load(f)
         except Exception:  # absent or unreadable: the part is simply done again
             return part.name, None
@@ -1344,11 +1348,17 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
 
 def merge_parts(plan: Plan, staging: str, timeout: float) -> None:
     """One index.json at the output root over every part's, in part order (none: an empty, readable one)."""
+    hook = shared_lists()
+
     def shards(part: Part) -> list[dict]:
-        with tempfile.TemporaryDirectory() as tmp:
-            fetch(join(plan.places.out, part.name, INDEX), os.path.join(tmp, INDEX), timeout)
-            with open(os.path.join(tmp, INDEX)) as f:
-                found = json.load(f)['shards']
+        url = join(plan.places.out, part.name, INDEX)
+        with contextlib.ExitStack() as stack:
+            if is_remote(url):
+                local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), INDEX)
+                fetch(url, local, timeout)
+                url = local
+            with open(url) as f:
+                found = json.load(f, object_hook=hook)['shards']
         return [{**s, **{k: {**s[k], 'basename': f'{part.name}/{s[k]["basename"]}'}
                          for k in ('raw_data', 'zip_data') if s.get(k)}} for s in found]
 

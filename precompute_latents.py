@@ -1070,12 +1070,15 @@ def fetch(url: str, dest: str, timeout: float) -> None:
         os.replace(os.path.join(tmp_dir, 'f'), dest)
 
 
-def read_json(url: str, timeout: float) -> Any:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'f')
-        fetch(url, path, timeout)
-        with open(path) as f:
-            return json.load(f)
+def read_json(url: str, timeout: float, object_hook: Callable[[dict], Any] | None = None) -> Any:
+    """A JSON file at a remote (fetched to a temporary file) or in a folder (read in place)."""
+    with contextlib.ExitStack() as stack:
+        if is_remote(url):
+            local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), 'f')
+            fetch(url, local, timeout)
+            url = local
+        with open(url) as f:
+            return json.load(f, object_hook=object_hook)
 
 
 # >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
@@ -2628,12 +2631,13 @@ def merge_parts(plan: Plan, part_groups: dict[str, list[str]], timeout: float) -
     `<out>/<group>/index.json` per bucket group over its parts, and GROUPS listing the groups."""
     whole: list[dict] = []
     groups: dict[str, list[dict]] = {}
+    hook = shared_lists()
     for part in plan.parts:
         for group in part_groups[part.name]:
             folder = '/'.join(f for f in (group, part.name) if f)
             url = join(plan.places.out, folder, INDEX)
             with failing(f'reading {url} failed: ', '; rerun the same command'):
-                shards = read_json(url, timeout)['shards']
+                shards = read_json(url, timeout, hook)['shards']
             groups.setdefault(group, []).extend(prefixed(shards, part.name))
             whole.extend(prefixed(shards, folder))
     if plan.crop.grouped:
