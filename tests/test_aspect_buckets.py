@@ -27,7 +27,6 @@ from test_precompute_latents import (
     markers,
     models,  # noqa: F401 (a fixture: the tiny model's VAE, text encoder)
     ok,
-    one_thread,
     refused,
     run,
 )
@@ -35,7 +34,7 @@ from testbed.aspect import aspect_items
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, rows_for, write_mds_input
 from testbed.readback import one_opening_at_a_time, read_mds
-from testbed.scripts import ROOT
+from testbed.scripts import ROOT, one_torch_thread
 
 STEP = 64  # the tiny VAE downsamples 8x: buckets in steps of 8 x 8
 
@@ -174,7 +173,7 @@ def test_every_image_gets_its_nearest_bucket_with_sdxl_conditioning_and_matching
     assert sorted(o['key'] for o in got) == sorted(by_key)  # every decodable image once
     vae = models[0]
     seen_buckets: dict[int, set] = {r: set() for r in tables}
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for o in got:
             size = displayed(o['jpg'])
             placed = []

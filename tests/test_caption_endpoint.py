@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from testbed.mds_input import COLUMNS, UNBUCKETED, rows_for, write_mds_input
 from testbed.openai_server import RETRY_AFTER, FaultProxy, TransformersServe, free_port, pixels, png_data_url
 from testbed.readback import environ, read_mds
-from testbed.scripts import load_script, run_main
+from testbed.scripts import load_script, one_torch_thread, run_main
 from testbed.vlms import build_vlm, direct_captions
 
 PROMPTS = {'short': 'Describe this image.', 'long': 'Say what you see in this picture, in detail.'}
@@ -40,10 +39,8 @@ ROWS = (0, 1, 2, 5, 8, 14, 15, 16, 17, 18, 19)
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
     """One torch thread here, as the server has (OMP_NUM_THREADS=1): the same float math."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope='module')

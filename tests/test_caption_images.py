@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image, ImageOps
 from testbed.mds_input import COLUMNS, UNBUCKETED, make_row, rows_for, write_mds_input
 from testbed.readback import environ, read_mds
-from testbed.scripts import load_script, run_main
+from testbed.scripts import load_script, one_torch_thread, run_main
 from testbed.vlms import KINDS, build_vlm, direct_captions
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # bitwise-equal float math in every process and rank
@@ -35,13 +34,8 @@ NEW_TOKENS = 8  # per caption: enough for the captions to differ per image
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
-    """torch in this process on one thread, as ENV gives the script's processes: the same float math in
-    the in-process runs, the reference generate calls and the subprocesses (and no spinning threads on
-    a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope='module')

@@ -41,7 +41,7 @@ from testbed.curate import (
 from testbed.mds_input import COLUMNS, make_row, write_mds_input
 from testbed.readback import read_mds, read_streams
 from testbed.real import real_items
-from testbed.scripts import c_stderr, load_script, run_main
+from testbed.scripts import c_stderr, load_script, one_torch_thread, run_main
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # The tiny random CLIP maps every photo-like picture close together: the planted copies sit above
@@ -52,10 +52,8 @@ CAPTION = 'caption'
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope='module')

@@ -18,7 +18,6 @@ from test_precompute_latents import (
     kill9_after_first_part,
     markers,
     ok,
-    one_thread,
     reference_pixels,
     refused,
     run,
@@ -27,6 +26,7 @@ from testbed.corpus import make_jpeg
 from testbed.families import build_tiny_family, pipeline_of, write_t5
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.readback import read_mds
+from testbed.scripts import one_torch_thread
 
 CAPTIONS = ['a photo of a red cat', '', 'big old house on the beach at sunset with people ' * 12,
             'painting of a city street at night', 'a dog', 'tree 42']
@@ -82,7 +82,7 @@ def read_back(blob: bytes, spec: dict) -> np.ndarray:
 def pipeline_text(folder: Path, family: str, captions: list[str]) -> dict[str, np.ndarray]:
     """prompt_embeds and pooled_prompt_embeds from diffusers' pipeline of the family."""
     pipe = pipeline_of(folder, family)
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         if family == 'flux':
             embeds, pooled, _ = pipe.encode_prompt(captions, device='cpu')
         else:
@@ -154,7 +154,7 @@ def test_stored_columns_equal_the_family_pipeline(family, root, folders, family_
     assert (image['scaling_factor'], image['shift_factor']) == (scale, shift)
     assert image['latent_mode'] == 'mean' and image['scaled']
     assert columns['latents_64']['shape'] == [16 if family != 'sdxl' else 4, 8, 8]
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for sample in got:
             short = min(sample['width'], sample['height'])
             assert (sample['latents_128'] == b'') == (short < 128)
@@ -176,7 +176,7 @@ def test_sd2_caption_latents_equal_stable_diffusion_pipeline(root, tiny_model, f
     ok(run(root, *args_for(family_input, tiny_model, out, tmp_path, '--dtype', 'float32')))
     got = read_mds(str(out / UNBUCKETED))
     pipe = pipeline_of(tiny_model, 'sd')
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         want, _ = pipe.encode_prompt([s['caption'] for s in got], 'cpu', 1, False)
     for i, sample in enumerate(got):
         mine = np.frombuffer(sample['caption_latents'], np.float16).reshape(77, 1024).astype(np.float32)
@@ -227,7 +227,7 @@ def test_mosaicml_layout_is_what_its_consumer_reads(root, folders, family_input,
     t5 = T5EncoderModel.from_pretrained(flux, subfolder='text_encoder_2').eval()
     t5_tok = T5TokenizerFast.from_pretrained(flux, subfolder='tokenizer_2')
     shapes = ((512, t5.config.d_model), (77, clip.config.hidden_size))
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for s, key in [(s, key) for s in got for key in KEYS]:
             read = consumer_reads(s, caption_key=key, text_latent_shapes=shapes)
             t5_in = t5_tok(s[key], padding='max_length', max_length=512, truncation=True,
@@ -356,7 +356,7 @@ def test_vae_overflowing_in_float16_falls_back_to_float32_and_is_counted(root, f
     # Two parts of one batch each, both with 64 and 128 px images: four VAE batches, all re-encoded.
     assert summary['fp32_fallback_batches'] == {'vae': 4} and 'float32 vae' in proc.stdout
     got = read_mds(str(tmp_path / 'out' / UNBUCKETED))
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for s in got:
             x = reference_pixels(s['jpg'], 64, [64, 128])
             want = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0].numpy()

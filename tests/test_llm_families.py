@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 from test_latent_families import read_back
-from test_precompute_latents import ok, one_thread, refused, run
+from test_precompute_latents import ok, refused, run
 from testbed.corpus import make_jpeg
 from testbed.families import CLIP_L, write_clip
 from testbed.llm_families import OWN_VAES, PIPELINES, build_llm_family, pipeline_of, write_openclip
 from testbed.mds_input import UNBUCKETED, VLM_COLUMNS, make_row, with_vlm_captions, write_mds_input
 from testbed.models import write_clip_tokenizer
 from testbed.readback import read_mds
-from testbed.scripts import load_script, run_main
+from testbed.scripts import load_script, one_torch_thread, run_main
 
 LONG = 'big old house on the beach at sunset with people ' * 120  # past every encoder's tokens (1058 at most)
 CAPTIONS = ['a photo of a red cat', '', LONG, 'déjà vu: ein Café, 猫が好き, ÜBER ÄRGER',
@@ -87,7 +87,7 @@ def outputs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def pipeline_text(pipe, family: str, texts: list[str]) -> list[dict[str, np.ndarray]]:
     """Per caption, what the pipeline's encode_prompt hands its transformer: the embeddings (only the
     rows the mask keeps where the pipeline returns a list or a padded batch with a mask) and the mask."""
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         if family == 'zimage':  # a list of (rows under the mask, width)
             return [{'latents': e.numpy()} for e in pipe.encode_prompt(texts, 'cpu', False)[0]]
         if family == 'qwenimage':  # padded to the longest, with a mask (None: none padded)
@@ -217,7 +217,7 @@ def test_a_composed_run_says_what_each_column_is(outputs, clip_folder, tmp_path)
     got = read_mds(str(out / UNBUCKETED))
     texts = [s['caption'] for s in got]
     clip, tok = CLIPTextModel.from_pretrained(clip_folder).eval(), CLIPTokenizer.from_pretrained(clip_folder)
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         ids = tok(texts, padding='max_length', max_length=77, truncation=True, return_tensors='pt').input_ids
         res = clip(ids, output_hidden_states=True)
     qwen = pipeline_text(pipeline_of(zimage, 'zimage'), 'zimage', texts)
@@ -356,7 +356,7 @@ def test_an_openclip_folder_composes_as_its_text_tower_encodes(outputs, tmp_path
     got = read_mds(str(out / UNBUCKETED))
     model = open_clip.create_model(f'local-dir:{folder}').eval()
     ids = open_clip.get_tokenizer(f'local-dir:{folder}')([s['caption'] for s in got])
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         x = model.token_embedding(ids) + model.positional_embedding
         for block in model.transformer.resblocks[:-1]:
             x = block(x, attn_mask=model.attn_mask)

@@ -35,7 +35,7 @@ from testbed.mds_input import (
     write_mds_input,
 )
 from testbed.readback import read_mds
-from testbed.scripts import load_script, run_main, run_script
+from testbed.scripts import load_script, one_torch_thread, run_main, run_script
 
 HIDDEN = 1024
 BROKEN = {'truncated.jpg', 'random.bin', 'empty.jpg'}
@@ -119,17 +119,6 @@ def shorter_side(data: bytes) -> int:
     return min(Image.open(io.BytesIO(data)).size)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Direct model calls in this process on one thread: on loaded cores more threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def models(tiny_model):
     from diffusers import AutoencoderKL
@@ -192,7 +181,7 @@ def test_mean_mode_output_is_the_input_plus_latents_training_can_read(root, corp
     # caption latents equal a direct text-encoder call.
     check = ['exif_rotated.jpg', 'cmyk.jpg', 'gray.jpg', 'alpha.png', 'image.webp',
              'portrait_300_progressive.jpg', 'landscape_600_baseline.jpg', 'portrait_1030_baseline.jpg']
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for name in check:
             o = by_name[name]
             for res in [r for r in (256, 512) if r <= shorter_side(o['jpg'])]:
@@ -208,7 +197,7 @@ def test_mean_mode_output_is_the_input_plus_latents_training_can_read(root, corp
 
     # Orientation matters: the rotated image's latents are not those of its stored pixels.
     o = by_name['exif_rotated.jpg']
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         raw = Image.open(io.BytesIO(o['jpg'])).convert('RGB')  # no EXIF transpose
         x = torch.from_numpy(np.asarray(raw.crop((50, 0, 350, 300)).resize((256, 256),
                                                                        Image.Resampling.BILINEAR)).copy())
@@ -736,7 +725,7 @@ def test_images_in_streamings_jpeg_or_pil_encoding_are_encoded_and_kept_as_they_
     for o, f in zip(got, files):
         assert np.array_equal(np.asarray(o['jpg']), np.asarray(Image.open(f).convert('RGB'))), f.name
         stored = f.read_bytes() if encoding == 'jpeg' else encode(Image.open(f).convert('RGB'), 'PNG')
-        with torch.inference_mode(), one_thread():  # a JPEG's at its DCT scale, the pixels' as they are
+        with torch.inference_mode(), one_torch_thread():  # a JPEG's at its DCT scale, the pixels' as they are
             want = vae.encode(reference_pixels(stored, 64, [64])).latent_dist.mean[0].numpy()
         np.testing.assert_allclose(np.frombuffer(o['latents_64'], np.float32).reshape(want.shape),
                                    want * vae.config.scaling_factor, atol=1e-4, rtol=1e-3, err_msg=f.name)

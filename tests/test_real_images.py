@@ -30,7 +30,7 @@ from testbed.i2d_shards import shard_rows, write_shard
 from testbed.mds_input import UNBUCKETED, rows_for, write_mds_input
 from testbed.readback import read_mds
 from testbed.real import KINDS, real_items, shown
-from testbed.scripts import ROOT, c_stderr, load_script, run_main
+from testbed.scripts import ROOT, c_stderr, load_script, one_torch_thread, run_main
 from testbed.vlms import build_vlm, direct_captions
 
 GOOD = [it for it in real_items() if it.decodable]
@@ -80,9 +80,7 @@ def captioned(llava, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp('captions')
     rows = rows_for(list(real_items()))
     write_mds_input(str(tmp / 'local'), rows, bucketed=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the run and the reference generate calls: the same float math
-    try:
+    with one_torch_thread():  # the run and the reference generate calls: the same float math
         with c_stderr() as printed:
             code, out, err = run_main(
                 'caption_images.py', '--local', tmp / 'local', '--bucket', UNBUCKETED, '--remote_upload',
@@ -91,8 +89,6 @@ def captioned(llava, tmp_path_factory) -> dict:
         assert code == 0, err[-3000:]
         got = read_mds(str(tmp / 'out' / UNBUCKETED))
         reference = direct_captions(llava, [shown(r['jpg']) for r in got], PROMPT, NEW_TOKENS)
-    finally:
-        torch.set_num_threads(before)
     parts = [json.loads(m.read_text()) for m in sorted((tmp / 'out' / UNBUCKETED).glob('*/_done'))]
     return {'rows': rows, 'got': got, 'stdout': out, 'summary': json.loads((tmp / 's.json').read_text()),
             'reference': reference, 'printed': printed[0] + err, 'markers': parts}
@@ -187,9 +183,7 @@ def test_latents_encode_each_real_file_as_the_rule_decodes_it(encoded, tiny_mode
     got = by_name(encoded['got'])
     assert sorted(got) == sorted(it.name for it in GOOD)
     vae = AutoencoderKL.from_pretrained(tiny_model, subfolder='vae').eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for it in GOOD:
             for res in RESOLUTIONS:
                 stored = got[it.name][f'latents_{res}']
@@ -202,8 +196,6 @@ def test_latents_encode_each_real_file_as_the_rule_decodes_it(encoded, tiny_mode
                 have = np.frombuffer(stored, np.float32).reshape(want.shape)
                 np.testing.assert_allclose(have, want, atol=1e-4, rtol=1e-3,
                                            err_msg=f'{it.name} ({KINDS[it.name][0]}) at {res} px')
-    finally:
-        torch.set_num_threads(threads)
     assert encoded['summary']['encoded'] == {'8': len(GOOD), '32': len(GOOD) - 1, '512': 0}
 
 

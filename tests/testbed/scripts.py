@@ -215,3 +215,17 @@ def c_stderr() -> Iterator[list[str]]:
             os.close(saved)
             tmp.seek(0)
             said.append(tmp.read().decode(errors='replace'))
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch in this process on one thread, as ENV gives the scripts' own processes: the same float math in
+    in-process runs, reference model calls and subprocesses (and no spinning threads on loaded cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
