@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from test_aspect_buckets import displayed, expected_crop, pixels_as_recorded, time_ids
 from test_latents_preview import TILE, tile
-from test_precompute_latents import one_thread, reference_pixels, refused
+from test_precompute_latents import reference_pixels, refused
 from testbed.corpus import make_jpeg
 from testbed.mds_input import UNBUCKETED, make_row, write_mds_input
 from testbed.readback import read_mds
-from testbed.scripts import run_main
+from testbed.scripts import one_torch_thread, run_main
 from testbed.vae_families import build_vae
 
 CLASSES = {'flux2': 'AutoencoderKLFlux2', 'qwenimage': 'AutoencoderKLQwenImage', 'sana': 'AutoencoderDC'}
@@ -139,7 +139,7 @@ def test_stored_latents_are_the_pipelines_and_decode_through_the_convention(fini
     assert finished['convention']['family'] == 'sd'  # the text side is the model's
     assert record['latent_mode'] == ('deterministic' if kind == 'sana' else 'mean')
     jpgs = {s['key']: s['jpg'] for s in finished['input']}
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for sample in finished['out']:
             stored = np.frombuffer(sample['latents_64'], np.float32).reshape(spec['shape']).copy()
             want = pipeline_latents(vae, kind, reference_pixels(jpgs[sample['key']], 64, [64]))[0]
@@ -156,7 +156,7 @@ def test_preview_decodes_every_vae_through_the_convention(finished):
     kind, vae, png = finished['kind'], finished['vae'], finished['png']
     spec = finished['convention']['columns']['latents_64']
     shown = [finished['out'][0], finished['out'][-1]]  # 2 of 4: the first and the last
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for row, sample in enumerate(shown):
             stored = torch.tensor(np.frombuffer(sample['latents_64'], np.float32)).view(spec['shape'])
             x = image(vae, pipeline_inverse(vae, kind, stored[None]))[0]
@@ -210,7 +210,7 @@ def test_aspect_buckets_with_a_video_vae(tiny_model, vaes, vae_input, tmp_path):
                                                                                                'W/8']
     assert json.loads((tmp_path / 'summary.json').read_text())['preview']['samples'] == [0, 1, 2, 3]
     vae, shapes = load_vae(vaes['qwenimage'], 'qwenimage'), set()
-    with torch.inference_mode(), one_thread():
+    with torch.inference_mode(), one_torch_thread():
         for sample in read_mds(str(out)):
             ids = time_ids(sample['add_time_ids_64'])
             (rw, rh), _, _ = expected_crop(displayed(sample['jpg']), (ids[5], ids[4]))
