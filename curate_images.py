@@ -54,7 +54,7 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -368,13 +368,14 @@ def output_names(out_root: str) -> list[str]:
 
 
 # >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
-def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
-    """Write `text` to `<out_root>/<relpath>` (local: atomically; remote: via `staging`)."""
+def put_text(out_root: str, staging: str, relpath: str, text: str | Iterable[str]) -> None:
+    """Write `text`, or its pieces in order, to `<out_root>/<relpath>` (local: atomically; remote: via
+    `staging`)."""
     if not is_remote(out_root):
         path = os.path.join(out_root, relpath)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + '.tmp', 'w') as f:
-            f.write(text)
+            f.writelines([text] if isinstance(text, str) else text)
         os.replace(path + '.tmp', path)
         return
     from streaming.base.storage.upload import CloudUploader
@@ -382,7 +383,7 @@ def put_text(out_root: str, staging: str, relpath: str, text: str) -> None:
     folder, name = os.path.split(relpath)
     with tempfile.TemporaryDirectory(dir=staging, ignore_cleanup_errors=True) as local_dir:
         with open(os.path.join(local_dir, name), 'w') as f:
-            f.write(text)
+            f.writelines([text] if isinstance(text, str) else text)
         uploader = CloudUploader.get((local_dir, join(out_root, folder)), keep_local=False, exist_ok=True)
         uploader.upload_file(name)
 # <<< twin: put-text
