@@ -129,14 +129,10 @@ def strip_preamble(text: str) -> str:
 
 def drop_repeated_sentences(text: str) -> str:
     """Keep the first of sentences that repeat (ignoring case and spacing); greedy decoding loops."""
-    sentences = SENTENCE_END.split(text.strip())
-    seen, kept = set(), []
+    sentences, kept = SENTENCE_END.split(text.strip()), {}
     for s in sentences:
-        norm = ' '.join(s.lower().split())
-        if norm not in seen:
-            seen.add(norm)
-            kept.append(s)
-    return text if len(kept) == len(sentences) else ' '.join(kept)
+        kept.setdefault(' '.join(s.lower().split()), s)
+    return text if len(kept) == len(sentences) else ' '.join(kept.values())
 
 
 def collapse_whitespace(text: str) -> str:
@@ -898,16 +894,6 @@ RUNTIMES = {'cuda': ('bfloat16', ('flash_attention_2', 'sdpa')), 'cpu': ('float3
 ATTENTION_INSTALLED = {'flash_attention_2': 'is_flash_attn_2_available', 'sdpa': 'is_torch_sdpa_available'}
 
 
-def pick_runtime(args: argparse.Namespace, device: str) -> dict[str, str]:
-    """{'dtype', 'attention'}: the flags, or for 'auto' the device's row of RUNTIMES."""
-    import transformers.utils
-
-    dtype, preferred = RUNTIMES[device]
-    available = [a for a in preferred if getattr(transformers.utils, ATTENTION_INSTALLED[a])()]
-    return {'dtype': dtype if args.dtype == 'auto' else args.dtype,
-            'attention': args.attention if args.attention != 'auto' else (available or ['eager'])[0]}
-
-
 def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() arguments besides max_new_tokens: greedy, or sampling with its settings and seed."""
     if args.decoding == 'greedy':
@@ -918,9 +904,15 @@ def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def transformers_settings(args: argparse.Namespace) -> dict:
-    """What shapes a transformers caption: model, decoding, batch (padding), dtype, attention."""
+    """What shapes a transformers caption: model, decoding, batch (padding), dtype, attention (the flags, or
+    for 'auto' the device's row of RUNTIMES)."""
+    import transformers.utils
+
+    dtype, preferred = RUNTIMES[pick_device(args).type]
+    available = [a for a in preferred if getattr(transformers.utils, ATTENTION_INSTALLED[a])()]
     return {'model_name': args.model_name or DEFAULT_MODEL, **decoding_settings(args),
-            'batch_size': args.batch_size, **pick_runtime(args, pick_device(args).type)}
+            'batch_size': args.batch_size, 'dtype': dtype if args.dtype == 'auto' else args.dtype,
+            'attention': args.attention if args.attention != 'auto' else (available or ['eager'])[0]}
 
 
 @dataclasses.dataclass
