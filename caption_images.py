@@ -1249,8 +1249,9 @@ def add(total: dict, more: dict) -> dict:
 
 
 def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
-    out = (os.path.join(staging, part.name), join(plan.places.out, part.name)) \
-        if is_remote(plan.places.out) else join(plan.places.out, part.name)
+    """The part's MDSWriter (to a remote output: through a folder in `staging`)."""
+    out = join(plan.places.out, part.name)
+    out = (os.path.join(staging, part.name), out) if is_remote(out) else out
     return mds_writer(plan.columns, out=out, compression=args.compression or None,
                       size_limit=args.size_limit, exist_ok=True)
 
@@ -1259,8 +1260,7 @@ def write_batch(writer, batch: Batch, replies: list, args: argparse.Namespace, c
     """Each captioned sample with its columns after the rules, counted; a refused image is a skip, a failed
     one is named in counts['failed'] (its part gets no marker)."""
     rules = tuple(r for r in RULES if r.__name__ in args.rules)
-    counts['skipped'] += batch.skipped
-    counts['noted'] += batch.noted
+    add(counts, {'skipped': batch.skipped, 'noted': batch.noted})
     for sample_id, sample, reply in zip(batch.ids, batch.samples, replies):
         if isinstance(reply, Lost):
             lost = {'id': sample_id, 'key': str(sample.get('key', '')), 'reason': reply.reason}
