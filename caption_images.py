@@ -939,10 +939,9 @@ def not_a_vlm(model_name: str) -> str | None:
     if not os.path.isdir(model_name):  # a hub name is org/name; a path to nothing is neither
         return 'is no folder, nor a hub name (org/name)' if model_name.count('/') > 1 or \
             model_name.startswith(('/', '.', '~')) else None
-    pipeline = [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
-                                  'vae/config.json', 'text_encoder/config.json')
-                if os.path.exists(os.path.join(model_name, name))]
-    if pipeline:
+    if pipeline := [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
+                                      'vae/config.json', 'text_encoder/config.json')
+                    if os.path.exists(os.path.join(model_name, name))]:
         return f'is a diffusers pipeline folder ({", ".join(pipeline)})'
     try:
         with open(os.path.join(model_name, 'config.json')) as f:
@@ -1004,9 +1003,9 @@ def generate_transformers(m: HFModel, images: list[Image.Image], ids: list[int],
         for group in rows:
             if args.decoding == 'sample':
                 torch.manual_seed(sample_seed(args.seed, ids[group[0]]))
+            # floating tensors (pixels) in the model's dtype
             inputs = m.processor(images=[images[i] for i in group], text=[prompt] * len(group), padding=True,
-                                 return_tensors='pt')
-            inputs = inputs.to(m.model.device, m.model.dtype)  # floating tensors (pixels): the model's dtype
+                                 return_tensors='pt').to(m.model.device, m.model.dtype)
             with torch.inference_mode():
                 out = m.model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
             prompt_tokens = inputs['attention_mask'].sum(1).tolist()
