@@ -129,14 +129,10 @@ def strip_preamble(text: str) -> str:
 
 def drop_repeated_sentences(text: str) -> str:
     """Keep the first of sentences that repeat (ignoring case and spacing); greedy decoding loops."""
-    sentences = SENTENCE_END.split(text.strip())
-    seen, kept = set(), []
+    sentences, kept = SENTENCE_END.split(text.strip()), {}
     for s in sentences:
-        norm = ' '.join(s.lower().split())
-        if norm not in seen:
-            seen.add(norm)
-            kept.append(s)
-    return text if len(kept) == len(sentences) else ' '.join(kept)
+        kept.setdefault(' '.join(s.lower().split()), s)
+    return text if len(kept) == len(sentences) else ' '.join(kept.values())
 
 
 def collapse_whitespace(text: str) -> str:
@@ -298,6 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # one caption column per key; a later --prompt for a key replaces an earlier one, as for any flag
     pairs = vars(args).pop('prompt', [(None, DEFAULT_PROMPT)])
     args.prompts = {key or args.caption_key: text for key, text in pairs}
+    # the places every rank and the final report use, derived once
+    default = f'captions_summary_{args.bucket or "dataset"}.json'
+    args.summary = args.summary or os.path.join(args.local, default)
+    args.preview_path = args.preview_path or os.path.splitext(args.summary)[0] + '_preview.png'
     if args.engine == 'openai' and not args.endpoint:
         p.error('--engine openai needs --endpoint URL [URL ...]')
     return args
@@ -909,16 +909,6 @@ RUNTIMES = {'cuda': ('bfloat16', ('flash_attention_2', 'sdpa')), 'cpu': ('float3
 ATTENTION_INSTALLED = {'flash_attention_2': 'is_flash_attn_2_available', 'sdpa': 'is_torch_sdpa_available'}
 
 
-def pick_runtime(args: argparse.Namespace, device: str) -> dict[str, str]:
-    """{'dtype', 'attention'}: the flags, or for 'auto' the device's row of RUNTIMES."""
-    import transformers.utils
-
-    dtype, preferred = RUNTIMES[device]
-    available = [a for a in preferred if getattr(transformers.utils, ATTENTION_INSTALLED[a])()]
-    return {'dtype': dtype if args.dtype == 'auto' else args.dtype,
-            'attention': args.attention if args.attention != 'auto' else (available or ['eager'])[0]}
-
-
 def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() arguments besides max_new_tokens: greedy, or sampling with its settings and seed."""
     if args.decoding == 'greedy':
@@ -929,9 +919,15 @@ def decoding_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def transformers_settings(args: argparse.Namespace) -> dict:
-    """What shapes a transformers caption: model, decoding, batch (padding), dtype, attention."""
+    """What shapes a transformers caption: model, decoding, batch (padding), dtype, attention (the flags, or
+    for 'auto' the device's row of RUNTIMES)."""
+    import transformers.utils
+
+    dtype, preferred = RUNTIMES[pick_device(args).type]
+    available = [a for a in preferred if getattr(transformers.utils, ATTENTION_INSTALLED[a])()]
     return {'model_name': args.model_name or DEFAULT_MODEL, **decoding_settings(args),
-            'batch_size': args.batch_size, **pick_runtime(args, pick_device(args).type)}
+            'batch_size': args.batch_size, 'dtype': dtype if args.dtype == 'auto' else args.dtype,
+            'attention': args.attention if args.attention != 'auto' else (available or ['eager'])[0]}
 
 
 @dataclasses.dataclass
@@ -954,10 +950,9 @@ def not_a_vlm(model_name: str) -> str | None:
     if not os.path.isdir(model_name):  # a hub name is org/name; a path to nothing is neither
         return 'is no folder, nor a hub name (org/name)' if model_name.count('/') > 1 or \
             model_name.startswith(('/', '.', '~')) else None
-    pipeline = [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
-                                  'vae/config.json', 'text_encoder/config.json')
-                if os.path.exists(os.path.join(model_name, name))]
-    if pipeline:
+    if pipeline := [name for name in ('model_index.json', 'unet/config.json', 'transformer/config.json',
+                                      'vae/config.json', 'text_encoder/config.json')
+                    if os.path.exists(os.path.join(model_name, name))]:
         return f'is a diffusers pipeline folder ({", ".join(pipeline)})'
     try:
         with open(os.path.join(model_name, 'config.json')) as f:
@@ -1019,9 +1014,9 @@ def generate_transformers(m: HFModel, images: list[Image.Image], ids: list[int],
         for group in rows:
             if args.decoding == 'sample':
                 torch.manual_seed(sample_seed(args.seed, ids[group[0]]))
+            # floating tensors (pixels) in the model's dtype
             inputs = m.processor(images=[images[i] for i in group], text=[prompt] * len(group), padding=True,
-                                 return_tensors='pt')
-            inputs = inputs.to(m.model.device, m.model.dtype)  # floating tensors (pixels): the model's dtype
+                                 return_tensors='pt').to(m.model.device, m.model.dtype)
             with torch.inference_mode():
                 out = m.model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
             prompt_tokens = inputs['attention_mask'].sum(1).tolist()
@@ -1264,8 +1259,9 @@ def add(total: dict, more: dict) -> dict:
 
 
 def open_part(plan: Plan, part: Part, args: argparse.Namespace, staging: str):
-    out = (os.path.join(staging, part.name), join(plan.places.out, part.name)) \
-        if is_remote(plan.places.out) else join(plan.places.out, part.name)
+    """The part's MDSWriter (to a remote output: through a folder in `staging`)."""
+    out = join(plan.places.out, part.name)
+    out = (os.path.join(staging, part.name), out) if is_remote(out) else out
     return mds_writer(plan.columns, out=out, compression=args.compression or None,
                       size_limit=args.size_limit, exist_ok=True)
 
@@ -1274,8 +1270,7 @@ def write_batch(writer, batch: Batch, replies: list, args: argparse.Namespace, c
     """Each captioned sample with its columns after the rules, counted; a refused image is a skip, a failed
     one is named in counts['failed'] (its part gets no marker)."""
     rules = tuple(r for r in RULES if r.__name__ in args.rules)
-    counts['skipped'] += batch.skipped
-    counts['noted'] += batch.noted
+    add(counts, {'skipped': batch.skipped, 'noted': batch.noted})
     for sample_id, sample, reply in zip(batch.ids, batch.samples, replies):
         if isinstance(reply, Lost):
             lost = {'id': sample_id, 'key': str(sample.get('key', '')), 'reason': reply.reason}
@@ -1317,16 +1312,15 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
     stopped answering), if it did."""
     from tqdm import tqdm
 
-    mine = plan.pending
     staging = os.path.join(plan.places.staging, f'rank{rank}')
     os.makedirs(staging, exist_ok=True)
     reader = ShardReader(plan, args, rank)
-    bar = tqdm(total=sum(p.last - p.first for p in mine), unit='img', disable=rank != 0, dynamic_ncols=True,
-               desc=f'rank 0/{world} captions' if world > 1 else 'captions')
+    bar = tqdm(total=sum(p.last - p.first for p in plan.pending), unit='img', disable=rank != 0,
+               dynamic_ncols=True, desc=f'rank 0/{world} captions' if world > 1 else 'captions')
     start, images, tokens, failed, stopped = time.time(), 0, 0, named(), None
     writer = counts = None
     try:
-        stream = prefetched(batches(reader, mine, args.batch_size))
+        stream = prefetched(batches(reader, plan.pending, args.batch_size))
         for batch, replies in engine.caption(model, stream, args):
             if writer is None:
                 writer, opened = open_part(plan, batch.part, args, staging), time.time()
@@ -1464,11 +1458,11 @@ def write_record(plan: Plan, summary: dict, staging: str) -> None:
 PREVIEW_TILE, PREVIEW_TEXT_WIDTH, PREVIEW_LINES = 160, 520, 5  # px, px, lines of text per caption
 
 
-def wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int, lines: int) -> list[str]:
-    """`text` in at most `lines` lines of at most `width` px ('...' where it is cut)."""
+def wrap(text: str, draw: ImageDraw.ImageDraw, font, lines: int) -> list[str]:
+    """`text` in at most `lines` lines of at most PREVIEW_TEXT_WIDTH px ('...' where it is cut)."""
     out, line = [], ''
     for word in text.split():
-        if draw.textlength(f'{line} {word}'.strip(), font=font) > width and line:
+        if draw.textlength(f'{line} {word}'.strip(), font=font) > PREVIEW_TEXT_WIDTH and line:
             out.append(line)
             line = word
         else:
@@ -1492,11 +1486,13 @@ def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
 # <<< twin: preview-font
 
 
-def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> list[int]:
-    """A PNG of --preview images spread over the output, each beside its alt-text and new captions."""
+def write_preview(args: argparse.Namespace, plan: Plan) -> list[int]:
+    """A PNG of --preview images spread over the output, each beside its alt-text and new captions, at
+    --preview_path."""
     from streaming import StreamingDataset
 
     out_root, keys = plan.places.out, list(plan.settings['prompts'])
+    per_caption = min(PREVIEW_LINES, 2 * PREVIEW_LINES // len(keys) - 1)  # the columns share the lines
     with tempfile.TemporaryDirectory() as cache:
         where = {'remote': out_root, 'local': cache} if is_remote(out_root) else {'local': out_root}
         ds = StreamingDataset(**where, shuffle=False, batch_size=1)
@@ -1515,15 +1511,13 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> list[int]:
         img = decode(sample[IMAGE_COLUMN], [])
         img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
         sheet.paste(img, (8, top))
-        lines = ['alt-text: ' + ' / '.join(wrap(str(sample.get(CAPTION_COLUMN, '')), draw, font,
-                                                PREVIEW_TEXT_WIDTH, 2))]
-        for key in keys:  # the caption lines are shared by the columns
-            lines += [f'{key}:', *wrap(sample[key], draw, font, PREVIEW_TEXT_WIDTH,
-                                       min(PREVIEW_LINES, 2 * PREVIEW_LINES // len(keys) - 1))]
+        lines = ['alt-text: ' + ' / '.join(wrap(str(sample.get(CAPTION_COLUMN, '')), draw, font, 2))]
+        for key in keys:
+            lines += [f'{key}:', *wrap(sample[key], draw, font, per_caption)]
         for i, line in enumerate(lines):
             draw.text((PREVIEW_TILE + 16, top + 14 * i), line, fill='black', font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
+    os.makedirs(os.path.dirname(os.path.abspath(args.preview_path)), exist_ok=True)
+    sheet.save(args.preview_path)
     return ids
 
 
@@ -1580,28 +1574,23 @@ def share_plan(args: argparse.Namespace, pl: Places, engine: Engine, rank: int, 
     return mine
 
 
-def summary_path(args: argparse.Namespace) -> str:
-    return args.summary or os.path.join(args.local, f'captions_summary_{args.bucket or "dataset"}.json')
-
-
 def finish(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) -> None:
     """Rank 0 after every rank is done: the index, the record, the summary, the preview."""
     staging = os.path.join(plan.places.staging, 'merge')
     os.makedirs(staging, exist_ok=True)
     summary = summarize(args, plan, ranks, world)
     if missing := summary['parts_missing']:
-        report(summary, summary_path(args))
+        report(summary, args.summary)
         why = summary['stopped'] or (f'images failed after their retries: {summary["failed"]}, named above'
                                      if summary['failed'] else '')
-        named = ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else '')
-        raise UserError(f'parts {named} ({len(missing)} of {len(plan.parts)}) have no _done marker'
+        listed = ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else '')
+        raise UserError(f'parts {listed} ({len(missing)} of {len(plan.parts)}) have no _done marker'
                         + (f' ({why})' if why else '') + '; rerun the same command')
     merge_parts(plan, staging, args.download_timeout)
     write_record(plan, summary, staging)
     if args.preview:
-        path = args.preview_path or os.path.splitext(summary_path(args))[0] + '_preview.png'
-        summary['preview'] = {'path': path, 'samples': write_preview(args, plan, path)}
-    report(summary, summary_path(args))
+        summary['preview'] = {'path': args.preview_path, 'samples': write_preview(args, plan)}
+    report(summary, args.summary)
     shutil.rmtree(plan.places.staging, ignore_errors=True)
 
 
@@ -1630,7 +1619,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0 and plan is not None:
             with contextlib.suppress(Exception):  # an unreachable output must not hide the interruption
                 idle = {'images': 0, 'tokens': 0, 'seconds': 0.0, 'failed': named(), 'stopped': None}
-                report({**summarize(args, plan, [idle], world), 'interrupted': str(stop)}, summary_path(args))
+                report({**summarize(args, plan, [idle], world), 'interrupted': str(stop)}, args.summary)
         print(f'error: stopped by {stop}: finished parts are kept, the part in progress is not; rerun the '
               'same command to resume', file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)
