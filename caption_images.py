@@ -1352,7 +1352,8 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
 # ----------------------------------------------------------------------------------------------
 
 def merge_parts(plan: Plan, staging: str, timeout: float) -> None:
-    """One index.json at the output root over every part's, in part order (none: an empty, readable one)."""
+    """One index.json at the output root over every part's, in part order (none: an empty, readable one),
+    written record by record as the parts' indexes are read."""
     hook = shared_lists()
 
     def shards(part: Part) -> list[dict]:
@@ -1367,12 +1368,15 @@ def merge_parts(plan: Plan, staging: str, timeout: float) -> None:
         return [{**s, **{k: {**s[k], 'basename': f'{part.name}/{s[k]["basename"]}'}
                          for k in ('raw_data', 'zip_data') if s.get(k)}} for s in found]
 
-    try:
+    def merged() -> Iterator[dict]:  # read 16 at a time, at most 256 parts ahead of the writing
         with ThreadPoolExecutor(16) as pool:
-            merged = [s for found in pool.map(shards, plan.parts) for s in found]
+            for start in range(0, len(plan.parts), 256):
+                yield from (s for found in pool.map(shards, plan.parts[start:start + 256]) for s in found)
+
+    try:
+        put_text(plan.places.out, staging, INDEX, index_text(merged()))
     except Exception as err:
         raise UserError(f'merging the index at {plan.places.out} failed: {first_line(err)}') from None
-    put_text(plan.places.out, staging, INDEX, json.dumps({'version': 2, 'shards': merged}))
 
 
 def summarize(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) -> dict:
