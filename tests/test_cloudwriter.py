@@ -733,7 +733,10 @@ def test_a_bad_value_in_one_shard_skips_that_shard_and_the_others_go_on(root, tm
 def test_sigterm_publishes_the_recorded_shards_then_a_rerun_completes(root, tmp_path):
     local, remote = tmp_path / 'parquet', tmp_path / 'mds'
     want = make_input(local, range(12), items=good_items())
-    args = ('--local', str(local), '--remote', str(remote), '--processes', '1', '--merge_interval', '3600')
+    # tasks of 2 shards (each carrying its open MDS shards): 6 tasks, so that the signal lands mid-run; with
+    # the default 16, one process gets two tasks of 6 and a loaded machine may finish both before it lands
+    args = ('--local', str(local), '--remote', str(remote), '--processes', '1', '--merge_interval', '3600',
+            '--shards_per_task', '2')
     proc = start(root, *args)
     try:
         wait_for(lambda: len(records(remote)) >= 2 or proc.poll() is not None, what='two records')
