@@ -1489,17 +1489,32 @@ def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
                               size)
 # <<< twin: preview-font
 
+# >>> twin: streaming-dataset (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def streaming_dataset(**where: Any) -> Any:
+    """streaming's StreamingDataset over `where` (local, remote), in order, one sample a batch. Opened again
+    when another process on this machine took the same shared-memory name at that moment: streaming 0.13
+    looks for a free name, then creates it (mosaicml/streaming#884), so previews of jobs side by side
+    would fail at the end of a finished run."""
+    from streaming import StreamingDataset
+
+    for attempt in range(8):
+        try:
+            return StreamingDataset(**where, shuffle=False, batch_size=1)
+        except FileExistsError:
+            if attempt == 7:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+# <<< twin: streaming-dataset
+
 
 def write_preview(args: argparse.Namespace, plan: Plan) -> list[int]:
     """A PNG of --preview images spread over the output, each beside its alt-text and new captions, at
     --preview_path."""
-    from streaming import StreamingDataset
-
     out_root, keys = plan.places.out, list(plan.settings['prompts'])
     per_caption = min(PREVIEW_LINES, 2 * PREVIEW_LINES // len(keys) - 1)  # the columns share the lines
     with tempfile.TemporaryDirectory() as cache:
         where = {'remote': out_root, 'local': cache} if is_remote(out_root) else {'local': out_root}
-        ds = StreamingDataset(**where, shuffle=False, batch_size=1)
+        ds = streaming_dataset(**where)
         n = min(args.preview, ds.num_samples)
         ids = sorted({round(i * (ds.num_samples - 1) / max(n - 1, 1)) for i in range(n)})
         samples = [ds[i] for i in ids]

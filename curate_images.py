@@ -1773,11 +1773,26 @@ def preview_font(size: float = 10) -> ImageFont.FreeTypeFont:
                               size)
 # <<< twin: preview-font
 
+# >>> twin: streaming-dataset (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def streaming_dataset(**where: Any) -> Any:
+    """streaming's StreamingDataset over `where` (local, remote), in order, one sample a batch. Opened again
+    when another process on this machine took the same shared-memory name at that moment: streaming 0.13
+    looks for a free name, then creates it (mosaicml/streaming#884), so previews of jobs side by side
+    would fail at the end of a finished run."""
+    from streaming import StreamingDataset
+
+    for attempt in range(8):
+        try:
+            return StreamingDataset(**where, shuffle=False, batch_size=1)
+        except FileExistsError:
+            if attempt == 7:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+# <<< twin: streaming-dataset
+
 
 def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
     """A PNG of preview_rows: each row a title line, then its images, each over '<bucket>#<id> label'."""
-    from streaming import StreamingDataset
-
     rows, datasets = preview_rows(args, plan), {}
     height = PREVIEW_LINE + PREVIEW_TILE + PREVIEW_LINE + 8
     sheet = Image.new('RGB', (PREVIEW_PER_ROW * (PREVIEW_TILE + 8) + 8, len(rows) * height + 8), 'white')
@@ -1789,8 +1804,7 @@ def write_preview(args: argparse.Namespace, plan: Plan, path: str) -> dict:
             b = next(b for b in reversed(plan.buckets) if b.offset <= g)
             if b.name not in datasets:
                 remote = None if b.places.cache == b.places.src else b.places.src
-                datasets[b.name] = StreamingDataset(local=b.places.cache, remote=remote, shuffle=False,
-                                                    batch_size=1)
+                datasets[b.name] = streaming_dataset(local=b.places.cache, remote=remote)
             img = decode(datasets[b.name][g - b.offset][IMAGE_COLUMN], [])  # counted in the markers
             img.thumbnail((PREVIEW_TILE, PREVIEW_TILE))
             x = 8 + c * (PREVIEW_TILE + 8)

@@ -45,7 +45,8 @@ def test_every_twin_has_identical_copies():
     found = twins()
     # the machinery every step carries: a lost marker would leave a copy free to drift unseen
     assert {'decode', 'address', 'paths', 'places', 'put-text', 'parts', 'preview-font',
-            'stored-files', 'named', 'index-digest'} <= set(found), \
+            'stored-files', 'named', 'index-digest', 'index-text', 'shared-lists',
+            'streaming-dataset'} <= set(found), \
         sorted(found)
     copies = {n: sorted(c) for n, c in found.items()}
     assert len(found['decode']) == len(found['address']) == len(found['preview-font']) == 4 \
@@ -70,3 +71,33 @@ def test_previews_draw_letters_beyond_ascii():
 
     assert boxed(load_script('curate_images.py').preview_font()) == []
     assert boxed(ImageFont.load_default()) == list('üßéñçøЖλשع')
+
+
+def test_a_preview_opens_its_dataset_though_another_process_took_the_same_shared_memory_name(tmp_path):
+    """streaming 0.13 looks for a free shared-memory name, then creates it (mosaicml/streaming#884): another
+    process on the machine that creates that name in between (here, this test does, at that very moment)
+    must not fail a preview at the end of a finished run. The twin opens the dataset again."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    from streaming import MDSWriter
+    from streaming.base.shared import prefix
+    from testbed.scripts import load_script
+
+    with MDSWriter(out=str(tmp_path), columns={'x': 'int'}) as w:
+        w.write({'x': 7})
+    create, raced = prefix.SharedMemory, []
+
+    def other_process_first(name=None, create_it=None, size=0, *args, **kwargs):
+        if create_it is True and not raced:  # the other process creates the name this one found free
+            raced.append(SharedMemory(name, create=True, size=size))
+        return create(name, create_it, size, *args, **kwargs)
+
+    prefix.SharedMemory = other_process_first
+    try:
+        ds = load_script('curate_images.py').streaming_dataset(local=str(tmp_path))
+        assert raced and ds.num_samples == 1 and ds[0]['x'] == 7
+    finally:
+        prefix.SharedMemory = create
+        for shm in raced:
+            shm.close()
+            shm.unlink()
