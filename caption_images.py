@@ -413,6 +413,19 @@ def output_names(out_root: str) -> list[str]:
 # <<< twin: check-places
 
 
+# >>> twin: read-json (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
+def read_json(url: str, timeout: float, object_hook: Callable[[dict], Any] | None = None) -> Any:
+    """A JSON file at a remote (fetched to a temporary file) or in a folder (read in place)."""
+    with contextlib.ExitStack() as stack:
+        if is_remote(url):
+            local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), 'f')
+            fetch(url, local, timeout)
+            url = local
+        with open(url) as f:
+            return json.load(f, object_hook=object_hook)
+# <<< twin: read-json
+
+
 # >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 def put_text(out_root: str, staging: str, relpath: str, text: str | Iterable[str]) -> None:
     """Write `text`, or its pieces in order, to `<out_root>/<relpath>` (local: atomically; remote: via
@@ -575,15 +588,8 @@ def done_markers(out_root: str, parts: list[Part], timeout: float) -> Iterator[t
     """(part name, marker) of each of the given parts that has a readable _done marker, in part order:
     read 16 at a time and at most 256 ahead, so that a caller holds one marker at a time."""
     def read(part: Part) -> tuple[str, dict | None]:
-        url = join(out_root, part.name, DONE_MARKER)
         try:
-            with contextlib.ExitStack() as stack:  # a folder's marker is read in place
-                if is_remote(url):
-                    local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), 'f')
-                    fetch(url, local, timeout)
-                    url = local
-                with open(url) as f:
-                    return part.name, json.load(f)
+            return part.name, read_json(join(out_root, part.name, DONE_MARKER), timeout)
         except Exception:  # absent or unreadable: the part is simply done again
             return part.name, None
 
@@ -1357,14 +1363,7 @@ def merge_parts(plan: Plan, staging: str, timeout: float) -> None:
     hook = shared_lists()
 
     def shards(part: Part) -> list[dict]:
-        url = join(plan.places.out, part.name, INDEX)
-        with contextlib.ExitStack() as stack:
-            if is_remote(url):
-                local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), INDEX)
-                fetch(url, local, timeout)
-                url = local
-            with open(url) as f:
-                found = json.load(f, object_hook=hook)['shards']
+        found = read_json(join(plan.places.out, part.name, INDEX), timeout, hook)['shards']
         return [{**s, **{k: {**s[k], 'basename': f'{part.name}/{s[k]["basename"]}'}
                          for k in ('raw_data', 'zip_data') if s.get(k)}} for s in found]
 

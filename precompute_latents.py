@@ -1070,6 +1070,7 @@ def fetch(url: str, dest: str, timeout: float) -> None:
         os.replace(os.path.join(tmp_dir, 'f'), dest)
 
 
+# >>> twin: read-json (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
 def read_json(url: str, timeout: float, object_hook: Callable[[dict], Any] | None = None) -> Any:
     """A JSON file at a remote (fetched to a temporary file) or in a folder (read in place)."""
     with contextlib.ExitStack() as stack:
@@ -1079,6 +1080,7 @@ def read_json(url: str, timeout: float, object_hook: Callable[[dict], Any] | Non
             url = local
         with open(url) as f:
             return json.load(f, object_hook=object_hook)
+# <<< twin: read-json
 
 
 # >>> twin: put-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py; test_twins.py)
