@@ -514,7 +514,8 @@ def read_input(pl: Places, new_columns: list[str], timeout: float) -> tuple[list
     return shards, columns
 
 
-# >>> twin: shared-lists (verbatim in caption_images.py, precompute_latents.py; test_twins.py)
+# >>> twin: shared-lists (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
 def shared_lists() -> Callable[[dict], dict]:
     """An object_hook for json.load of an MDS index.json: the lists its shard records repeat (the column
     names, encodings and sizes) are held once, so that a record takes ~0.9 KB instead of ~3.5 (rank 0
@@ -530,7 +531,8 @@ def shared_lists() -> Callable[[dict], dict]:
     return shared
 # <<< twin: shared-lists
 
-# >>> twin: index-text (verbatim in caption_images.py, precompute_latents.py; test_twins.py)
+# >>> twin: index-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
 def index_text(shards: Iterable[dict]) -> Iterator[str]:
     """The text of an MDS index.json over `shards` (as `json.dumps({'version': 2, 'shards': [...]})` writes
     it), piece by piece: a merge writes each record as it reads it (~644k in LAION-2B's biggest bucket)."""
@@ -1357,25 +1359,27 @@ def caption_parts(args: argparse.Namespace, plan: Plan, engine: Engine, model: A
 # Merging, the record, the summary and the preview (rank 0)
 # ----------------------------------------------------------------------------------------------
 
-def merge_parts(plan: Plan, staging: str, timeout: float) -> None:
-    """One index.json at the output root over every part's, in part order (none: an empty, readable one),
-    written record by record as the parts' indexes are read."""
+# >>> twin: merge-parts (verbatim in caption_images.py, curate_images.py; test_twins.py)
+def merge_parts(out_root: str, parts: list[Part], staging: str, timeout: float) -> None:
+    """One index.json at `out_root` over its parts' (none: an empty, readable one), in part order, written
+    record by record as the parts' indexes are read (16 at a time, at most 256 parts ahead)."""
     hook = shared_lists()
 
     def shards(part: Part) -> list[dict]:
-        found = read_json(join(plan.places.out, part.name, INDEX), timeout, hook)['shards']
+        found = read_json(join(out_root, part.name, INDEX), timeout, hook)['shards']
         return [{**s, **{k: {**s[k], 'basename': f'{part.name}/{s[k]["basename"]}'}
                          for k in ('raw_data', 'zip_data') if s.get(k)}} for s in found]
 
-    def merged() -> Iterator[dict]:  # read 16 at a time, at most 256 parts ahead of the writing
+    def merged() -> Iterator[dict]:
         with ThreadPoolExecutor(16) as pool:
-            for start in range(0, len(plan.parts), 256):
-                yield from (s for found in pool.map(shards, plan.parts[start:start + 256]) for s in found)
+            for start in range(0, len(parts), 256):
+                yield from (s for found in pool.map(shards, parts[start:start + 256]) for s in found)
 
     try:
-        put_text(plan.places.out, staging, INDEX, index_text(merged()))
+        put_text(out_root, staging, INDEX, index_text(merged()))
     except Exception as err:
-        raise UserError(f'merging the index at {plan.places.out} failed: {first_line(err)}') from None
+        raise UserError(f'merging the index at {out_root} failed: {first_line(err)}') from None
+# <<< twin: merge-parts
 
 
 def summarize(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) -> dict:
@@ -1604,7 +1608,7 @@ def finish(args: argparse.Namespace, plan: Plan, ranks: list[dict], world: int) 
         listed = ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else '')
         raise UserError(f'parts {listed} ({len(missing)} of {len(plan.parts)}) have no _done marker'
                         + (f' ({why})' if why else '') + '; rerun the same command')
-    merge_parts(plan, staging, args.download_timeout)
+    merge_parts(plan.places.out, plan.parts, staging, args.download_timeout)
     write_record(plan, summary, staging)
     if args.preview:
         summary['preview'] = {'path': args.preview_path, 'samples': write_preview(args, plan)}

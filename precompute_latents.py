@@ -1176,7 +1176,8 @@ def datasets_below(src: str) -> str:
     return f', but {where} {"exists" if len(below) == 1 else "exist"}: pass --subfolder {below[0]}'
 
 
-# >>> twin: shared-lists (verbatim in caption_images.py, precompute_latents.py; test_twins.py)
+# >>> twin: shared-lists (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
 def shared_lists() -> Callable[[dict], dict]:
     """An object_hook for json.load of an MDS index.json: the lists its shard records repeat (the column
     names, encodings and sizes) are held once, so that a record takes ~0.9 KB instead of ~3.5 (rank 0
@@ -1192,7 +1193,8 @@ def shared_lists() -> Callable[[dict], dict]:
     return shared
 # <<< twin: shared-lists
 
-# >>> twin: index-text (verbatim in caption_images.py, precompute_latents.py; test_twins.py)
+# >>> twin: index-text (verbatim in caption_images.py, curate_images.py, precompute_latents.py;
+# test_twins.py)
 def index_text(shards: Iterable[dict]) -> Iterator[str]:
     """The text of an MDS index.json over `shards` (as `json.dumps({'version': 2, 'shards': [...]})` writes
     it), piece by piece: a merge writes each record as it reads it (~644k in LAION-2B's biggest bucket)."""

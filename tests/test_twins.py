@@ -46,7 +46,8 @@ def test_every_twin_has_identical_copies():
     # the machinery every step carries: a lost marker would leave a copy free to drift unseen
     assert {'decode', 'address', 'paths', 'places', 'put-text', 'parts', 'preview-font',
             'stored-files', 'named', 'index-digest', 'index-text', 'shared-lists',
-            'streaming-dataset', 'read-json'} <= set(found), \
+            'streaming-dataset', 'read-json',
+            'merge-parts'} <= set(found), \
         sorted(found)
     copies = {n: sorted(c) for n, c in found.items()}
     assert len(found['decode']) == len(found['address']) == len(found['preview-font']) == 4 \
